@@ -1,0 +1,48 @@
+SHELL := bash
+GO ?= go
+BIN := bin/agentmesh
+# The PKCS#11 KMS compiles only with cgo.
+export CGO_ENABLED := 1
+
+.PHONY: deps build test test-short check check-static fuzz demo bench clean
+
+## deps: install missing system packages (softhsm2, opensc, iptables, curl, ...) and Go modules
+deps:
+	@scripts/deps.sh
+
+## build: build bin/agentmesh
+build:
+	$(GO) build -o $(BIN) ./cmd/agentmesh
+
+## test: unit and end-to-end tests with the race detector
+test:
+	$(GO) test -race -shuffle=on -count=1 -timeout 40m ./...
+
+## test-short: unit tests only
+test-short:
+	$(GO) test -race -short -count=1 ./...
+
+## check-static: formatting, vet and the package dependency rules
+check-static:
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	  if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
+	$(GO) vet ./...
+	@scripts/depcheck.sh
+
+## check: check-static then test
+check: check-static test
+
+## fuzz: a short run of every fuzz target
+fuzz:
+	@scripts/fuzz.sh $${FUZZTIME:-20s}
+
+## demo: a CA with SoftHSM, two proxies, a service and a client loop; DEMO_DURATION=90s stops it
+demo: build
+	@scripts/demo.sh
+
+## bench: benchmarks, -count=6 for benchstat
+bench:
+	$(GO) test -run='^$$' -bench=. -benchmem -count=6 ./bench/ ./audit/
+
+clean:
+	rm -rf bin

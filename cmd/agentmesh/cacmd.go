@@ -1,0 +1,89 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/ca"
+)
+
+func newCACmd() *cobra.Command {
+	var (
+		cfg         ca.Config
+		trustDomain string
+		logLevel    string
+		logFormat   string
+	)
+	cmd := &cobra.Command{
+		Use:   "ca",
+		Short: "Run the embedded step-ca with its keys in a PKCS#11 token",
+		Long: `Run the agentmesh CA: step-ca embedded in-process, its root, intermediate and
+provisioner keys generated inside a PKCS#11 token (a SoftHSM2 token in the state directory
+unless --kms names another), serving step-ca's API with the CRL enabled. The first start
+creates the token, keys, certificates and database in --state; later starts reuse them.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			td, err := spiffeid.TrustDomainFromString(trustDomain)
+			if err != nil {
+				return fmt.Errorf("--trust-domain: %w", err)
+			}
+			level, err := parseLevel(logLevel)
+			if err != nil {
+				return fmt.Errorf("--log-level: %w", err)
+			}
+			logger := newLogger(os.Stderr, level, logFormat)
+			cfg.TrustDomain = td
+			cfg.Logger = logger.With("component", "ca")
+			srv, err := ca.New(cmd.Context(), cfg)
+			if err != nil {
+				return err
+			}
+			logger.Info("ca ready", "url", srv.URL(), "trust_domain", td.String(), "state", cfg.StateDir)
+			return srv.Run(cmd.Context())
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&cfg.StateDir, "state", "", "state directory (token, certificates, database)")
+	f.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain, e.g. example.org")
+	f.StringVar(&cfg.Listen, "listen", ":9443", "address of the step-ca API")
+	f.StringSliceVar(&cfg.DNSNames, "dns-name", nil, "names for the CA's TLS certificate (default: localhost, loopback addresses, the listen host, the hostname)")
+	f.StringVar(&cfg.KMS, "kms", "", "PKCS#11 URI of the token holding the keys (default: a SoftHSM2 token in --state)")
+	f.DurationVar(&cfg.SVIDLifetime, "svid-lifetime", time.Hour, "lifetime of issued X509-SVIDs (at least 10s)")
+	f.DurationVar(&cfg.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	_ = cmd.MarkFlagRequired("state")
+	_ = cmd.MarkFlagRequired("trust-domain")
+	return cmd
+}
+
+func newTokenCmd() *cobra.Command {
+	var state string
+	cmd := &cobra.Command{
+		Use:   "token SPIFFE-ID",
+		Short: "Print a short-lived, one-time bootstrap token for exactly one identity",
+		Long: `Ask the agentmesh CA running on this host (through the admin socket in its state
+directory) for a one-time bootstrap token for SPIFFE-ID and print it. The token is
+short-lived and can enrol exactly that identity once.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			id, err := spiffeid.FromString(args[0])
+			if err != nil {
+				return fmt.Errorf("invalid SPIFFE ID %q: %w", args[0], err)
+			}
+			tok, err := ca.RequestToken(cmd.Context(), state, id)
+			if err != nil {
+				return err
+			}
+			_, err = fmt.Fprintln(cmd.OutOrStdout(), tok)
+			return err
+		},
+	}
+	cmd.Flags().StringVar(&state, "state", "", "state directory of the running agentmesh ca")
+	_ = cmd.MarkFlagRequired("state")
+	return cmd
+}

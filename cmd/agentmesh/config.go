@@ -1,0 +1,238 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/policy"
+	"github.com/agentmesh/agentmesh/proxy"
+)
+
+// proxyFile is the YAML shape of `agentmesh proxy --config FILE`.
+type proxyFile struct {
+	ID       string          `yaml:"id"`
+	State    string          `yaml:"state"`
+	CA       caFile          `yaml:"ca"`
+	Tunnel   string          `yaml:"tunnel"`
+	Admin    string          `yaml:"admin"`
+	Audit    auditFile       `yaml:"audit"`
+	Log      logFile         `yaml:"log"`
+	Rotation policy.Rotation `yaml:"rotation"`
+	Routes   []routeFile     `yaml:"routes"`
+	Services []serviceFile   `yaml:"services"`
+}
+
+type caFile struct {
+	URL       string `yaml:"url"`
+	Root      string `yaml:"root"`
+	TokenFile string `yaml:"token_file"`
+}
+
+type auditFile struct {
+	Path string `yaml:"path"`
+}
+
+type logFile struct {
+	Level  string `yaml:"level"`
+	Format string `yaml:"format"`
+}
+
+type routeFile struct {
+	Listen     string `yaml:"listen"`
+	Peer       string `yaml:"peer"`
+	PeerID     string `yaml:"peer_id"`
+	TargetPort int    `yaml:"target_port"`
+}
+
+type serviceFile struct {
+	Port  int      `yaml:"port"`
+	Allow []string `yaml:"allow"`
+}
+
+// proxyConfig is a validated proxy configuration with paths resolved.
+type proxyConfig struct {
+	ID        spiffeid.ID
+	State     string
+	CAURL     string
+	CARoot    string
+	TokenFile string
+	Tunnel    string
+	Admin     string
+	AuditPath string
+	Log       logFile
+	Rotation  policy.Rotation
+	Routes    []proxy.Route
+	Services  []proxy.Service
+}
+
+// loadProxyConfig reads and validates a proxy configuration file. Every error names the
+// file, and where it can, the line and the field.
+func loadProxyConfig(path string) (*proxyConfig, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	var f proxyFile
+	doc, err := decodeYAML(path, data, &f)
+	if err != nil {
+		return nil, err
+	}
+	return f.validate(doc, filepath.Dir(path))
+}
+
+func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
+	c := &proxyConfig{
+		State:     resolve(base, f.State),
+		CAURL:     f.CA.URL,
+		CARoot:    resolve(base, f.CA.Root),
+		TokenFile: resolve(base, f.CA.TokenFile),
+		Tunnel:    orDefault(f.Tunnel, ":15008"),
+		Admin:     orDefault(f.Admin, "127.0.0.1:15020"),
+		AuditPath: resolve(base, f.Audit.Path),
+		Log:       f.Log,
+		Rotation:  f.Rotation,
+	}
+	var err error
+	if c.ID, err = parseID(f.ID); err != nil {
+		return nil, doc.fieldError("id", err)
+	}
+	if f.State == "" {
+		return nil, doc.fieldError("state", errors.New("required: the proxy's state directory"))
+	}
+	if c.AuditPath == "" {
+		c.AuditPath = filepath.Join(c.State, "audit.log")
+	}
+	if u, err := url.Parse(f.CA.URL); err != nil || u.Scheme != "https" || u.Host == "" {
+		return nil, doc.fieldError("ca.url", errors.New("must be an https:// URL of agentmesh ca"))
+	}
+	if f.CA.Root == "" {
+		return nil, doc.fieldError("ca.root", errors.New("required: the CA's root certificate file"))
+	}
+	if err := checkHostPort(c.Tunnel); err != nil {
+		return nil, doc.fieldError("tunnel", err)
+	}
+	if err := checkHostPort(c.Admin); err != nil {
+		return nil, doc.fieldError("admin", err)
+	}
+	if err := f.Rotation.Validate(); err != nil {
+		var fe *policy.FieldError
+		if errors.As(err, &fe) {
+			return nil, doc.fieldError("rotation."+fe.Field, errors.New(fe.Reason))
+		}
+		return nil, doc.fieldError("rotation", err)
+	}
+	if _, err := parseLevel(f.Log.Level); err != nil {
+		return nil, doc.fieldError("log.level", err)
+	}
+	if f.Log.Format != "" && f.Log.Format != "json" && f.Log.Format != "text" {
+		return nil, doc.fieldError("log.format", errors.New(`must be "json" or "text"`))
+	}
+	for i, r := range f.Routes {
+		route, field, err := r.route()
+		if err != nil {
+			return nil, doc.fieldError(fmt.Sprintf("routes[%d].%s", i, field), err)
+		}
+		c.Routes = append(c.Routes, route)
+	}
+	for i, s := range f.Services {
+		svc, field, err := s.service()
+		if err != nil {
+			return nil, doc.fieldError(fmt.Sprintf("services[%d].%s", i, field), err)
+		}
+		c.Services = append(c.Services, svc)
+	}
+	return c, nil
+}
+
+func (r routeFile) route() (proxy.Route, string, error) {
+	out := proxy.Route{Listen: r.Listen, Peer: r.Peer}
+	if err := checkHostPort(r.Listen); err != nil {
+		return out, "listen", err
+	}
+	if err := checkHostPort(r.Peer); err != nil {
+		return out, "peer", err
+	}
+	id, err := parseID(r.PeerID)
+	if err != nil {
+		return out, "peer_id", err
+	}
+	out.PeerID = id
+	port, err := checkPort(r.TargetPort)
+	if err != nil {
+		return out, "target_port", err
+	}
+	out.TargetPort = port
+	return out, "", nil
+}
+
+func (s serviceFile) service() (proxy.Service, string, error) {
+	port, err := checkPort(s.Port)
+	if err != nil {
+		return proxy.Service{}, "port", err
+	}
+	out := proxy.Service{Port: port}
+	if len(s.Allow) == 0 {
+		return out, "allow", errors.New("at least one SPIFFE ID is required (the default is deny)")
+	}
+	for i, a := range s.Allow {
+		id, err := parseID(a)
+		if err != nil {
+			return out, fmt.Sprintf("allow[%d]", i), err
+		}
+		out.Allow = append(out.Allow, id)
+	}
+	return out, "", nil
+}
+
+func parseID(s string) (spiffeid.ID, error) {
+	if s == "" {
+		return spiffeid.ID{}, fmt.Errorf("required: a SPIFFE ID (spiffe://trust-domain/path)")
+	}
+	id, err := spiffeid.FromString(s)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("invalid SPIFFE ID %q: %w", s, err)
+	}
+	return id, nil
+}
+
+func checkHostPort(addr string) error {
+	if addr == "" {
+		return errors.New("required: host:port")
+	}
+	_, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("invalid address %q: %w", addr, err)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("invalid port in %q", addr)
+	}
+	return nil
+}
+
+func checkPort(p int) (uint16, error) {
+	if p < 1 || p > 65535 {
+		return 0, fmt.Errorf("port %d out of range 1-65535", p)
+	}
+	return uint16(p), nil
+}
+
+func resolve(base, p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(base, p)
+}
+
+func orDefault(s, def string) string {
+	if s == "" {
+		return def
+	}
+	return s
+}

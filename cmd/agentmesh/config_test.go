@@ -1,0 +1,131 @@
+package main
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+const goodConfig = `id: spiffe://example.org/host/a
+state: state
+ca:
+  url: https://127.0.0.1:9443
+  root: root.crt
+  token_file: token
+rotation:
+  overlap: 10s
+routes:
+  - listen: 127.0.0.1:18080
+    peer: 127.0.0.1:15008
+    peer_id: spiffe://example.org/host/b
+    target_port: 8080
+services:
+  - port: 9090
+    allow: [spiffe://example.org/host/b]
+`
+
+func writeConfig(t *testing.T, content string) string {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "proxy.yaml")
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return path
+}
+
+func TestLoadProxyConfig(t *testing.T) {
+	t.Parallel()
+	path := writeConfig(t, goodConfig)
+	c, err := loadProxyConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Dir(path)
+	switch {
+	case c.ID.String() != "spiffe://example.org/host/a":
+		t.Errorf("ID = %s", c.ID)
+	case c.State != filepath.Join(dir, "state") || c.CARoot != filepath.Join(dir, "root.crt"):
+		t.Errorf("relative paths not resolved against the file: state=%s root=%s", c.State, c.CARoot)
+	case c.AuditPath != filepath.Join(dir, "state", "audit.log"):
+		t.Errorf("AuditPath = %s", c.AuditPath)
+	case c.Tunnel != ":15008" || c.Admin != "127.0.0.1:15020":
+		t.Errorf("defaults: tunnel=%s admin=%s", c.Tunnel, c.Admin)
+	case c.Rotation.Overlap != 10*time.Second:
+		t.Errorf("overlap = %v", c.Rotation.Overlap)
+	case len(c.Routes) != 1 || c.Routes[0].TargetPort != 8080 || c.Routes[0].PeerID.String() != "spiffe://example.org/host/b":
+		t.Errorf("routes = %+v", c.Routes)
+	case len(c.Services) != 1 || c.Services[0].Port != 9090 || len(c.Services[0].Allow) != 1:
+		t.Errorf("services = %+v", c.Services)
+	}
+}
+
+// TestLoadProxyConfigErrors checks that every malformed file is refused with the file,
+// the line and the field that is wrong.
+func TestLoadProxyConfigErrors(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name  string
+		edit  func(string) string
+		line  int
+		field string
+	}{
+		{name: "bad SPIFFE ID", edit: replace("id: spiffe://example.org/host/a", "id: http://example.org/a"), line: 1, field: "id"},
+		{name: "missing id", edit: replace("id: spiffe://example.org/host/a\n", ""), line: 0, field: "id"},
+		{name: "plain http CA", edit: replace("https://127.0.0.1:9443", "http://127.0.0.1:9443"), line: 4, field: "ca.url"},
+		{name: "negative overlap", edit: replace("overlap: 10s", "overlap: -1s"), line: 8, field: "rotation.overlap"},
+		{name: "renew fraction out of range", edit: replace("overlap: 10s", "renew_fraction: 2"), line: 8, field: "rotation.renew_fraction"},
+		{name: "route without port", edit: replace("listen: 127.0.0.1:18080", "listen: 127.0.0.1"), line: 10, field: "routes[0].listen"},
+		{name: "route target port out of range", edit: replace("target_port: 8080", "target_port: 70000"), line: 13, field: "routes[0].target_port"},
+		{name: "route peer id not SPIFFE", edit: replace("peer_id: spiffe://example.org/host/b", "peer_id: b"), line: 12, field: "routes[0].peer_id"},
+		{name: "service allows a bad id", edit: replace("allow: [spiffe://example.org/host/b]", "allow: [spiffe://example.org/host/b, nope]"), line: 16, field: "services[0].allow[1]"},
+		{name: "service allows nobody", edit: replace("allow: [spiffe://example.org/host/b]", "allow: []"), line: 16, field: "services[0].allow"},
+		{name: "unknown field", edit: replace("state: state", "stat: state"), line: 2},
+		{name: "wrong type", edit: replace("target_port: 8080", "target_port: eighty"), line: 13},
+		{name: "bad duration", edit: replace("overlap: 10s", "overlap: ten"), line: 8},
+		{name: "not YAML", edit: func(string) string { return "id: [unclosed\n" }, line: 1},
+		{name: "empty file", edit: func(string) string { return "" }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			path := writeConfig(t, tc.edit(goodConfig))
+			_, err := loadProxyConfig(path)
+			var fe *FileError
+			if !errors.As(err, &fe) {
+				t.Fatalf("err = %v, want *FileError", err)
+			}
+			if fe.File != path || fe.Line != tc.line || fe.Field != tc.field {
+				t.Fatalf("error at %s:%d field %q, want line %d field %q (%v)", fe.File, fe.Line, fe.Field, tc.line, tc.field, err)
+			}
+			if !strings.HasPrefix(err.Error(), path) {
+				t.Fatalf("message %q does not start with the file name", err)
+			}
+		})
+	}
+}
+
+func replace(old, new string) func(string) string {
+	return func(s string) string {
+		if !strings.Contains(s, old) {
+			panic("test config lacks " + old)
+		}
+		return strings.Replace(s, old, new, 1)
+	}
+}
+
+// TestDeployExamplesParse loads every example configuration shipped in deploy/.
+func TestDeployExamplesParse(t *testing.T) {
+	t.Parallel()
+	paths, err := filepath.Glob("../../deploy/examples/*.yaml")
+	if err != nil || len(paths) == 0 {
+		t.Fatalf("no example configs found: %v", err)
+	}
+	for _, p := range paths {
+		if _, err := loadProxyConfig(p); err != nil {
+			t.Errorf("%s: %v", p, err)
+		}
+	}
+}

@@ -1,0 +1,127 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/spf13/cobra"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/proxy"
+	"github.com/agentmesh/agentmesh/rotator"
+)
+
+func newProxyCmd() *cobra.Command {
+	var configPath string
+	cmd := &cobra.Command{
+		Use:   "proxy",
+		Short: "Run the per-host mTLS proxy and its identity rotator",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := loadProxyConfig(configPath)
+			if err != nil {
+				return err
+			}
+			return runProxy(cmd.Context(), cfg)
+		},
+	}
+	cmd.Flags().StringVar(&configPath, "config", "", "proxy configuration file (YAML)")
+	_ = cmd.MarkFlagRequired("config")
+	return cmd
+}
+
+func runProxy(ctx context.Context, cfg *proxyConfig) error {
+	level, _ := parseLevel(cfg.Log.Level) // validated with the config
+	logger := newLogger(os.Stderr, level, cfg.Log.Format)
+	if err := os.MkdirAll(cfg.State, 0o700); err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	bundle, err := x509bundle.Load(cfg.ID.TrustDomain(), cfg.CARoot)
+	if err != nil {
+		return fmt.Errorf("load ca.root %s: %w", cfg.CARoot, err)
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	auditLog, err := audit.Open(audit.Config{Path: cfg.AuditPath, Registerer: reg, Logger: logger.With("component", "audit")})
+	if err != nil {
+		return err
+	}
+	client, err := ca.NewClient(ca.ClientConfig{
+		URL:    cfg.CAURL,
+		Roots:  bundle.X509Authorities(),
+		Token:  tokenFromFile(cfg.TokenFile),
+		Logger: logger.With("component", "ca_client"),
+	})
+	if err != nil {
+		return err
+	}
+	rot, err := rotator.New(rotator.Config{
+		ID:         cfg.ID,
+		Issuer:     client,
+		Bundle:     bundle,
+		Policy:     cfg.Rotation,
+		Audit:      auditLog,
+		Registerer: reg,
+		Logger:     logger.With("component", "rotator"),
+	})
+	if err != nil {
+		return err
+	}
+	px, err := proxy.New(proxy.Config{
+		ID:           cfg.ID,
+		Credentials:  rot,
+		TunnelListen: cfg.Tunnel,
+		Routes:       cfg.Routes,
+		Services:     cfg.Services,
+		Audit:        auditLog,
+		Registerer:   reg,
+		Logger:       logger.With("component", "proxy"),
+	})
+	if err != nil {
+		return err
+	}
+	adm, err := newAdmin(cfg.Admin, reg, rot, px, logger.With("component", "admin"))
+	if err != nil {
+		return err
+	}
+	logger.Info("proxy starting", "tunnel", px.TunnelAddr().String(), "admin", adm.Addr().String())
+
+	// The audit log outlives everything that writes to it, so records of connections
+	// closed during shutdown are still written.
+	auditCtx, stopAudit := context.WithCancel(context.WithoutCancel(ctx))
+	auditDone := make(chan error, 1)
+	go func() { auditDone <- auditLog.Run(auditCtx) }()
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return rot.Run(gctx) })
+	g.Go(func() error { return px.Run(gctx) })
+	g.Go(func() error { return adm.Run(gctx) })
+	err = g.Wait()
+	stopAudit()
+	return errors.Join(err, <-auditDone)
+}
+
+// tokenFromFile reads the bootstrap token when the rotator enrols, so an operator can
+// drop a fresh token in place for a re-enrolment without restarting the proxy.
+func tokenFromFile(path string) func(context.Context) (string, error) {
+	return func(context.Context) (string, error) {
+		if path == "" {
+			return "", errors.New("no ca.token_file configured for enrolment")
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return "", fmt.Errorf("read bootstrap token: %w", err)
+		}
+		return strings.TrimSpace(string(b)), nil
+	}
+}

@@ -1,0 +1,198 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// binary is the agentmesh binary under test, built once by TestMain.
+var binary string
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	if testing.Short() || os.Getenv("AGENTMESH_SKIP_E2E") != "" {
+		fmt.Println("e2e: skipped (-short)")
+		return m.Run()
+	}
+	dir, err := os.MkdirTemp("", "agentmesh-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(dir)
+	binary = filepath.Join(dir, "agentmesh")
+	args := []string{"build", "-o", binary}
+	if raceEnabled {
+		args = append(args, "-race")
+	}
+	build := exec.Command("go", append(args, "../cmd/agentmesh")...)
+	build.Stdout, build.Stderr = os.Stderr, os.Stderr
+	if err := build.Run(); err != nil {
+		fmt.Fprintln(os.Stderr, "e2e: build agentmesh:", err)
+		return 1
+	}
+	return m.Run()
+}
+
+func requireE2E(t *testing.T) {
+	t.Helper()
+	if binary == "" {
+		t.Skip("e2e tests need the built binary (not with -short)")
+	}
+	if _, err := os.Stat("/usr/lib/softhsm/libsofthsm2.so"); err != nil {
+		t.Skip("SoftHSM2 is not installed: run make deps")
+	}
+}
+
+// process is a running agentmesh subcommand whose log lines can be awaited.
+type process struct {
+	t    *testing.T
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+	err  error
+
+	mu       sync.Mutex
+	lines    []string
+	watchers []*watcher
+}
+
+type watcher struct {
+	re *regexp.Regexp
+	ch chan string
+}
+
+// start runs the binary with args; its stderr is logged into the test and can be
+// waited on with await. It is stopped with SIGTERM when the test ends.
+func start(t *testing.T, name string, args ...string) *process {
+	t.Helper()
+	p := &process{t: t, name: name, cmd: exec.Command(binary, args...), done: make(chan struct{})}
+	stderr, err := p.cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.cmd.Stdout = io.Discard
+	if err := p.cmd.Start(); err != nil {
+		t.Fatalf("start %s: %v", name, err)
+	}
+	go p.read(stderr)
+	t.Cleanup(func() { p.stop() })
+	return p
+}
+
+func (p *process) read(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64*1024), 1024*1024)
+	for sc.Scan() {
+		line := sc.Text()
+		p.mu.Lock()
+		p.lines = append(p.lines, line)
+		for _, w := range p.watchers {
+			if w.re.MatchString(line) {
+				select {
+				case w.ch <- line:
+				default:
+				}
+			}
+		}
+		p.mu.Unlock()
+	}
+	p.err = p.cmd.Wait()
+	close(p.done)
+}
+
+// watch returns a channel that receives every later log line matching pattern (lines
+// are dropped when the channel's buffer is full).
+func (p *process) watch(pattern string) <-chan string {
+	w := &watcher{re: regexp.MustCompile(pattern), ch: make(chan string, 1024)}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.lines {
+		if w.re.MatchString(l) {
+			w.ch <- l
+		}
+	}
+	p.watchers = append(p.watchers, w)
+	return w.ch
+}
+
+// await waits for a log line matching pattern and returns it.
+func (p *process) await(pattern string, timeout time.Duration) string {
+	p.t.Helper()
+	ch := p.watch(pattern)
+	select {
+	case l := <-ch:
+		return l
+	case <-p.done:
+		p.t.Fatalf("%s exited (%v) before logging %q:\n%s", p.name, p.err, pattern, p.output())
+	case <-time.After(timeout):
+		p.t.Fatalf("%s did not log %q within %v:\n%s", p.name, pattern, timeout, p.output())
+	}
+	return ""
+}
+
+func (p *process) output() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.lines, "\n")
+}
+
+// stop sends SIGTERM and waits for the process to exit, killing it after 15 s.
+func (p *process) stop() error {
+	select {
+	case <-p.done:
+		return p.err
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-p.done
+		p.t.Errorf("%s did not stop within 15 s of SIGTERM", p.name)
+	}
+	return p.err
+}
+
+// runCmd runs the binary to completion and returns its stdout, stderr and exit error.
+func runCmd(ctx context.Context, args ...string) (string, string, error) {
+	cmd := exec.CommandContext(ctx, binary, args...)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	return out.String(), errb.String(), err
+}
+
+// freePort returns a loopback port that was free a moment ago.
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+}

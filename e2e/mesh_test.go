@@ -1,0 +1,125 @@
+package e2e
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+const trustDomain = "example.org"
+
+// meshCA is a running `agentmesh ca`.
+type meshCA struct {
+	*process
+	state string
+	url   string
+}
+
+func startCA(t *testing.T, lifetime time.Duration) *meshCA {
+	t.Helper()
+	state := filepath.Join(t.TempDir(), "ca")
+	port := freePort(t)
+	p := start(t, "ca", "ca", "--state", state, "--trust-domain", trustDomain,
+		"--listen", fmt.Sprintf("127.0.0.1:%d", port), "--svid-lifetime", lifetime.String(), "--log-level", "debug")
+	p.await(`ca ready`, 60*time.Second)
+	return &meshCA{process: p, state: state, url: fmt.Sprintf("https://127.0.0.1:%d", port)}
+}
+
+// token asks the CA for a bootstrap token for id and writes it to a file.
+func (c *meshCA) token(t *testing.T, id, path string) {
+	t.Helper()
+	out, errOut, err := runCmd(t.Context(), "token", "--state", c.state, id)
+	if err != nil {
+		t.Fatalf("agentmesh token %s: %v\n%s", id, err, errOut)
+	}
+	writeFile(t, path, strings.TrimSpace(out)+"\n")
+}
+
+// meshProxy is a running `agentmesh proxy`.
+type meshProxy struct {
+	*process
+	id     string
+	dir    string
+	tunnel string
+	admin  string
+}
+
+type route struct {
+	listen, peer, peerID string
+	targetPort           int
+}
+
+type service struct {
+	port  int
+	allow []string
+}
+
+// startProxy enrols a proxy for spiffe://example.org/host/<name> and waits until it holds
+// an SVID.
+func startProxy(t *testing.T, ca *meshCA, name string, routes []route, services []service, extra string) *meshProxy {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	px := &meshProxy{
+		id:     "spiffe://" + trustDomain + "/host/" + name,
+		dir:    dir,
+		tunnel: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		admin:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+	}
+	ca.token(t, px.id, filepath.Join(dir, "token"))
+	var b strings.Builder
+	fmt.Fprintf(&b, "id: %s\nstate: %s\ntunnel: %s\nadmin: %s\n", px.id, dir, px.tunnel, px.admin)
+	fmt.Fprintf(&b, "ca:\n  url: %s\n  root: %s\n  token_file: token\n", ca.url, filepath.Join(ca.state, "root.crt"))
+	fmt.Fprintf(&b, "log:\n  level: debug\n")
+	b.WriteString(extra)
+	if len(routes) > 0 {
+		b.WriteString("routes:\n")
+		for _, r := range routes {
+			fmt.Fprintf(&b, "  - listen: %s\n    peer: %s\n    peer_id: %s\n    target_port: %d\n", r.listen, r.peer, r.peerID, r.targetPort)
+		}
+	}
+	if len(services) > 0 {
+		b.WriteString("services:\n")
+		for _, s := range services {
+			fmt.Fprintf(&b, "  - port: %d\n    allow: [%s]\n", s.port, strings.Join(s.allow, ", "))
+		}
+	}
+	cfg := filepath.Join(dir, "proxy.yaml")
+	writeFile(t, cfg, b.String())
+	px.process = start(t, name, "proxy", "--config", cfg)
+	px.await(`msg=rotated .*trigger=enroll`, 60*time.Second)
+	return px
+}
+
+func (p *meshProxy) auditPath() string { return filepath.Join(p.dir, "audit.log") }
+
+// listenerPort starts a TCP listener on loopback and returns it with its port.
+func listenerPort(t *testing.T) (net.Listener, int) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln, ln.Addr().(*net.TCPAddr).Port
+}
+
+var serialRe = regexp.MustCompile(`serial=(\d+)`)
+
+// serialOf extracts the serial from a "rotated" log line.
+func serialOf(line string) string {
+	if m := serialRe.FindStringSubmatch(line); m != nil {
+		return m[1]
+	}
+	return ""
+}
+
+func itoa(n int) string { return strconv.Itoa(n) }

@@ -1,0 +1,235 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestRotationUnderLoad runs a CA and two proxies with short-lived SVIDs while a stock
+// HTTP client makes new connections through the pair at 50+ requests/s and long-lived
+// TCP streams echo data, until each proxy has rotated at least ten times.
+func TestRotationUnderLoad(t *testing.T) {
+	requireE2E(t)
+	const (
+		lifetime     = 15 * time.Second
+		minRotations = 10
+		streams      = 4
+		rate         = 60 // requests per second
+	)
+	ca := startCA(t, lifetime)
+
+	httpLn, httpPort := listenerPort(t)
+	go func() {
+		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "hello %s", r.URL.Path)
+		}))
+	}()
+	echoLn, echoPort := listenerPort(t)
+	go serveEcho(echoLn)
+
+	idA := "spiffe://" + trustDomain + "/host/a"
+	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}, {port: echoPort, allow: []string{idA}}}, "")
+	httpRoute := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	echoRoute := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	a := startProxy(t, ca, "a", []route{
+		{listen: httpRoute, peer: b.tunnel, peerID: b.id, targetPort: httpPort},
+		{listen: echoRoute, peer: b.tunnel, peerID: b.id, targetPort: echoPort},
+	}, nil, "")
+
+	ctx, stopLoad := context.WithCancel(t.Context())
+	defer stopLoad()
+
+	// Long-lived streams start first and run through every rotation.
+	var wg sync.WaitGroup
+	streamErrs := make([]error, streams)
+	for i := range streams {
+		wg.Go(func() { streamErrs[i] = echoStream(ctx, echoRoute) })
+	}
+
+	// Each request opens a new connection, hence a new mTLS handshake between proxies.
+	var requests, failed atomic.Int64
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	wg.Go(func() {
+		tick := time.NewTicker(time.Second / rate)
+		defer tick.Stop()
+		var inflight sync.WaitGroup
+		defer inflight.Wait()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+			inflight.Go(func() {
+				requests.Add(1)
+				resp, err := client.Get("http://" + httpRoute + "/ping")
+				if err == nil {
+					body, rerr := io.ReadAll(resp.Body)
+					resp.Body.Close()
+					if rerr != nil || resp.StatusCode != 200 || string(body) != "hello /ping" {
+						err = fmt.Errorf("status %d body %q err %v", resp.StatusCode, body, rerr)
+					}
+				}
+				if err != nil {
+					if failed.Add(1) <= 5 {
+						t.Errorf("request failed: %v", err)
+					}
+				}
+			})
+		}
+	})
+
+	// Wait for ten renewals on each proxy, as their logs report them.
+	started := time.Now()
+	deadline := time.After(4 * time.Minute)
+	rotA, rotB := a.watch(`msg=rotated .*trigger=time`), b.watch(`msg=rotated .*trigger=time`)
+	var nA, nB int
+	for nA < minRotations || nB < minRotations {
+		select {
+		case <-rotA:
+			nA++
+		case <-rotB:
+			nB++
+		case <-deadline:
+			t.Fatalf("after %v only %d and %d rotations", time.Since(started).Round(time.Second), nA, nB)
+		}
+	}
+	elapsed := time.Since(started)
+	stopLoad()
+	wg.Wait()
+	for i, err := range streamErrs {
+		if err != nil {
+			t.Errorf("stream %d: %v", i, err)
+		}
+	}
+
+	// Stopping flushes the audit logs; then both must verify and hold one rotation
+	// record per rotation (the enrolment included).
+	for _, p := range []*meshProxy{a, b} {
+		if err := p.stop(); err != nil {
+			t.Errorf("%s exited with %v", p.name, err)
+		}
+		out, errOut, err := runCmd(context.Background(), "audit", "verify", p.auditPath())
+		if err != nil {
+			t.Errorf("audit verify %s: %v\n%s%s", p.name, err, out, errOut)
+		}
+		rotations, handshakes := countAudit(t, p.auditPath())
+		logged := len(p.watch(`msg=rotated `))
+		if rotations != logged {
+			t.Errorf("%s: %d rotation audit records for %d rotations", p.name, rotations, logged)
+		}
+		if handshakes == 0 {
+			t.Errorf("%s: no handshake audit records", p.name)
+		}
+	}
+	if perSecond := float64(requests.Load()) / elapsed.Seconds(); failed.Load() != 0 || perSecond < 50 {
+		t.Errorf("requests=%d (%.0f/s) failed=%d", requests.Load(), perSecond, failed.Load())
+	}
+	fmt.Printf("rotations=%d requests=%d failed=%d\n", nA+nB, requests.Load(), failed.Load())
+}
+
+// echoStream writes random data through the mesh while reading the echo back, then
+// half-closes and checks that both directions carried the same bytes.
+func echoStream(ctx context.Context, addr string) error {
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	recv := sha256.New()
+	readDone := make(chan error, 1)
+	var received atomic.Int64
+	go func() {
+		n, err := io.Copy(recv, conn)
+		received.Store(n)
+		readDone <- err
+	}()
+	sent := sha256.New()
+	var total int64
+	buf := make([]byte, 16*1024)
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for ctx.Err() == nil {
+		if _, err := rand.Read(buf); err != nil {
+			return err
+		}
+		if _, err := conn.Write(buf); err != nil {
+			return fmt.Errorf("write after %d bytes: %w", total, err)
+		}
+		sent.Write(buf)
+		total += int64(len(buf))
+		select {
+		case <-ctx.Done():
+		case <-tick.C:
+		}
+	}
+	if err := conn.(*net.TCPConn).CloseWrite(); err != nil {
+		return err
+	}
+	select {
+	case err := <-readDone:
+		if err != nil {
+			return fmt.Errorf("read: %w", err)
+		}
+	case <-time.After(30 * time.Second):
+		return fmt.Errorf("echo did not finish: %d of %d bytes back", received.Load(), total)
+	}
+	if received.Load() != total || string(sent.Sum(nil)) != string(recv.Sum(nil)) {
+		return fmt.Errorf("sent %d bytes, received %d; hashes equal: %v", total, received.Load(), string(sent.Sum(nil)) == string(recv.Sum(nil)))
+	}
+	return nil
+}
+
+// serveEcho echoes every connection, half-closing when the client does.
+func serveEcho(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			_, _ = io.Copy(c, c)
+			_ = c.(*net.TCPConn).CloseWrite()
+		}()
+	}
+}
+
+// countAudit counts successful rotation records and handshake records in an audit log.
+func countAudit(t *testing.T, path string) (rotations, handshakes int) {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	sc.Buffer(make([]byte, 64*1024), 1024*1024)
+	for sc.Scan() {
+		var r struct{ Type, Result string }
+		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+		switch r.Type {
+		case "rotation":
+			if r.Result == "ok" {
+				rotations++
+			}
+		case "handshake":
+			handshakes++
+		}
+	}
+	return rotations, handshakes
+}

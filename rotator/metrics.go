@@ -1,0 +1,54 @@
+package rotator
+
+import (
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+type metrics struct {
+	rotations *prometheus.CounterVec
+	expiry    prometheus.Gauge
+	renewAt   prometheus.Gauge
+	overlap   prometheus.Gauge
+}
+
+func newMetrics(reg prometheus.Registerer, id spiffeid.ID) (*metrics, error) {
+	labels := prometheus.Labels{labelSPIFFEID: id.String()}
+	m := &metrics{
+		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricRotations, Help: "SVID rotation attempts by trigger and result.", ConstLabels: labels,
+		}, []string{labelTrigger, labelResult}),
+		expiry: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: metricExpiry, Help: "NotAfter of the current SVID, as a Unix timestamp.", ConstLabels: labels,
+		}),
+		renewAt: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: metricRenewAt, Help: "When the current SVID is due for renewal, as a Unix timestamp.", ConstLabels: labels,
+		}),
+		overlap: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: metricOverlap, Help: "Superseded SVIDs still in overlap.", ConstLabels: labels,
+		}),
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{m.rotations, m.expiry, m.renewAt, m.overlap} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("rotator: register metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+func (m *metrics) rotated(trigger, result string) {
+	m.rotations.WithLabelValues(trigger, result).Inc()
+}
+
+func (m *metrics) published(s *snapshot) {
+	if s.current != nil {
+		m.expiry.Set(float64(s.current.notAfter().Unix()))
+		m.renewAt.Set(float64(s.renewAt.Unix()))
+	}
+	m.overlap.Set(float64(len(s.overlap)))
+}

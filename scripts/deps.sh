@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what agentmesh's build, tests and demo need and the machine lacks; a no-op
+# when everything is present.
+set -euo pipefail
+
+need=()
+have() { command -v "$1" >/dev/null 2>&1; }
+have softhsm2-util || need+=(softhsm2)
+[ -e /usr/lib/softhsm/libsofthsm2.so ] || need+=(softhsm2)
+have pkcs11-tool || need+=(opensc)
+have iptables || need+=(iptables)
+have curl || need+=(curl)
+have ip || need+=(iproute2)
+have gcc || need+=(gcc)
+have make || need+=(make)
+
+if [ ${#need[@]} -eq 0 ]; then
+  echo "deps: all present"
+else
+  mapfile -t need < <(printf '%s\n' "${need[@]}" | sort -u)
+  echo "deps: installing ${need[*]}"
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
+fi
+go mod download
