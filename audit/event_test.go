@@ -1,0 +1,115 @@
+package audit_test
+
+import (
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/agentmesh/agentmesh/audit"
+)
+
+func TestOwnEventsHaveNoHeaderKeys(t *testing.T) {
+	t.Parallel()
+	now := time.Now()
+	full := []audit.Event{
+		audit.Handshake{Direction: "d", Result: "r", Reason: "x", Transport: "t", LocalID: "l", PeerID: "p",
+			PeerSerial: "s", PeerAddr: "a", TLSVersion: "v", Cipher: "c", Resumed: true, Duration: 1},
+		audit.Rotation{SPIFFEID: "i", Trigger: "t", Initiator: "i", OldSerial: "o", NewSerial: "n",
+			NotAfter: now, Result: "r", Reason: "x", Started: now, Finished: now},
+		audit.Connection{Direction: "d", PeerID: "p", Target: "t", BytesIn: 1, BytesOut: 2, Duration: 3, Reason: "r"},
+	}
+	for _, e := range full {
+		b, err := json.Marshal(e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range topLevelKeys(t, b) {
+			switch strings.ToLower(k) {
+			case "seq", "time", "type", "prev", "hash":
+				t.Errorf("%T has header key %q", e, k)
+			}
+		}
+	}
+}
+
+type badKind struct{}
+
+func (badKind) Kind() string { return "Bad Kind" }
+
+type seqField struct {
+	Seq int `json:"seq"`
+}
+
+func (seqField) Kind() string { return "custom" }
+
+type upperType struct{ Type string }
+
+func (upperType) Kind() string { return "custom" }
+
+type notObject string
+
+func (notObject) Kind() string { return "custom" }
+
+type unmarshalable struct{ C chan int }
+
+func (unmarshalable) Kind() string { return "custom" }
+
+type big struct {
+	Blob string `json:"blob"`
+}
+
+func (big) Kind() string { return "custom" }
+
+type okCustom struct {
+	Policy string `json:"policy"`
+}
+
+func (okCustom) Kind() string { return "policy.reload" }
+
+func TestAppendInvalidEvent(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name string
+		e    audit.Event
+	}{
+		{name: "nil", e: nil},
+		{name: "bad kind", e: badKind{}},
+		{name: "header key", e: seqField{Seq: 7}},
+		{name: "header key in other case", e: upperType{Type: "x"}},
+		{name: "not an object", e: notObject("x")},
+		{name: "unmarshalable", e: unmarshalable{}},
+		{name: "too large", e: big{Blob: strings.Repeat("x", 1<<20)}},
+	}
+	reg := prometheus.NewRegistry()
+	path := tempLog(t)
+	l := start(t, audit.Config{Path: path, Registerer: reg})
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if err := l.Append(tc.e); !errors.Is(err, audit.ErrInvalidEvent) {
+				t.Errorf("Append = %v, want ErrInvalidEvent", err)
+			}
+		})
+	}
+	if err := l.Err(); err != nil {
+		t.Errorf("Err after invalid events = %v, want nil", err)
+	}
+	if err := l.Append(okCustom{Policy: "v2"}); err != nil {
+		t.Errorf("Append(custom event) = %v", err)
+	}
+	if err := l.stop(); err != nil {
+		t.Fatal(err)
+	}
+	if got := counter(t, reg, "agentmesh_audit_errors_total", "encode"); got != float64(len(tests)) {
+		t.Errorf("errors_total{op=encode} = %v, want %d", got, len(tests))
+	}
+	if got := counter(t, reg, "agentmesh_audit_records_total", ""); got != 1 {
+		t.Errorf("records_total = %v, want 1", got)
+	}
+	if n, err := verifyFile(t, path); n != 1 || err != nil {
+		t.Errorf("Verify = %d, %v; want 1, nil", n, err)
+	}
+}

@@ -1,0 +1,88 @@
+package audit
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metric names, label keys and log attribute keys.
+const (
+	metricRecords = "agentmesh_audit_records_total"
+	metricFsync   = "agentmesh_audit_fsync_seconds"
+	metricErrors  = "agentmesh_audit_errors_total"
+
+	labelOp = "op"
+
+	opEncode = "encode" // Append refused an invalid event
+	opWrite  = "write"
+	opFsync  = "fsync"
+	opClose  = "close"
+
+	keyPath         = "path"
+	keyErr          = "err"
+	keyOp           = "op"
+	keySeq          = "seq"
+	keyDroppedBytes = "dropped_bytes"
+)
+
+// metrics always exist so the hot path never checks for nil; they are registered only when
+// Config.Registerer is set.
+type metrics struct {
+	records prometheus.Counter
+	fsync   prometheus.Histogram
+	errors  *prometheus.CounterVec
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		records: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricRecords,
+			Help: "Audit records written and fsynced.",
+		}),
+		fsync: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: metricFsync,
+			Help: "Duration of the fsync that commits one batch of audit records.",
+			// 100µs (cached or battery-backed) to ~3s (a struggling volume).
+			Buckets: prometheus.ExponentialBuckets(0.0001, 2, 16),
+		}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricErrors,
+			Help: "Audit log failures by operation: encode (event refused), write, fsync, close.",
+		}, []string{labelOp}),
+	}
+	// Pre-create the series so dashboards see zeros instead of gaps.
+	for _, op := range []string{opEncode, opWrite, opFsync, opClose} {
+		m.errors.WithLabelValues(op)
+	}
+	if reg == nil {
+		return m, nil
+	}
+	var err error
+	if m.records, err = register(reg, m.records); err != nil {
+		return nil, err
+	}
+	if m.fsync, err = register(reg, m.fsync); err != nil {
+		return nil, err
+	}
+	if m.errors, err = register(reg, m.errors); err != nil {
+		return nil, err
+	}
+	return m, nil
+}
+
+// register registers c, or returns the collector already registered under the same name so
+// that a log reopened in the same process (a config reload) keeps counting in one series.
+func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
+	err := reg.Register(c)
+	if err == nil {
+		return c, nil
+	}
+	if are, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); ok {
+		if existing, ok := are.ExistingCollector.(C); ok {
+			return existing, nil
+		}
+	}
+	return c, fmt.Errorf("register metrics: %w", err)
+}

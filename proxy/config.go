@@ -1,0 +1,160 @@
+package proxy
+
+import (
+	"crypto/tls"
+	"fmt"
+	"log/slog"
+	"net"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Credentials is what the proxy needs from the rotator. The proxy calls
+// TLSCertificate on every handshake and never caches the result, so a
+// rotation takes effect on the next handshake while established connections
+// keep the credential they authenticated with. Both methods are called
+// concurrently from many handshakes and must not block on I/O.
+type Credentials interface {
+	// TLSCertificate returns the current SVID with Leaf set. An error means
+	// there is no valid SVID: the handshake is refused.
+	TLSCertificate() (*tls.Certificate, error)
+	// GetX509BundleForTrustDomain returns the trust bundle peers of td are
+	// verified against; an error means td is not trusted.
+	x509bundle.Source
+}
+
+// Route is an explicit outbound listener: agents connect to Listen and are
+// tunnelled to TargetPort on the host of the peer proxy at Peer. Transparent
+// capture will produce the same (peer, identity, port) triple later.
+type Route struct {
+	// Listen is the local address agents connect to, e.g. "127.0.0.1:18080".
+	// Required; port 0 picks a free port (see Proxy.RouteAddr).
+	Listen string
+	// Peer is the peer proxy's tunnel address, host:port. Required.
+	Peer string
+	// PeerID is the SPIFFE ID the peer proxy must present. Any other SVID,
+	// however valid, is refused: that is what stops impersonation by
+	// another member of the trust domain. Required.
+	PeerID spiffeid.ID
+	// TargetPort is the port on the peer's host to deliver to. Required.
+	TargetPort uint16
+}
+
+// Service is an inbound meshed port on this host.
+type Service struct {
+	// Port is delivered to Config.TargetHost:Port. Required, unique.
+	Port uint16
+	// Allow lists the peers allowed to reach Port (exact SPIFFE IDs).
+	// Required: an empty list would be a port nobody can reach.
+	Allow []spiffeid.ID
+}
+
+// Config configures a Proxy. The zero value of every optional field is a
+// usable default.
+type Config struct {
+	// ID is this proxy's SPIFFE ID, written to audit records as local_id.
+	// Required.
+	ID spiffeid.ID
+	// Credentials supplies the SVID and the trust bundles. Required.
+	Credentials Credentials
+	// TunnelListen is the address inbound tunnels are accepted on.
+	// Default ":15008"; port 0 picks a free port (see Proxy.TunnelAddr).
+	TunnelListen string
+	// Routes are the explicit outbound listeners. Optional.
+	Routes []Route
+	// Services are the inbound meshed ports. With none, every inbound
+	// tunnel is refused (and audited).
+	Services []Service
+	// TargetHost is where inbound tunnels are delivered. Default "127.0.0.1".
+	TargetHost string
+	// Audit receives one record per handshake (success and failure) and per
+	// closed connection. Nil disables auditing. While Audit.Err() is not nil
+	// new handshakes are refused, so no handshake goes unrecorded.
+	Audit Auditor
+	// Registerer registers the proxy's metrics. Nil: metrics are kept but
+	// not registered.
+	Registerer prometheus.Registerer
+	// Logger receives Debug per connection and Warn per refused handshake.
+	// Nil discards.
+	Logger *slog.Logger
+	// HandshakeTimeout bounds the TLS handshake plus the tunnel header
+	// exchange; slow or silent peers are cut. Default 10s; must be >= 0.
+	HandshakeTimeout time.Duration
+	// DialTimeout bounds dialing a peer proxy or a local target.
+	// Default 5s; must be >= 0.
+	DialTimeout time.Duration
+	// MaxConnections caps concurrent connections, inbound and outbound
+	// together, handshaking ones included. When reached, each listener
+	// keeps at most one accepted connection waiting for a slot and stops
+	// accepting; the rest wait in the kernel backlog. Default 0: unlimited.
+	MaxConnections int
+}
+
+func (c Config) withDefaults() Config {
+	if c.TunnelListen == "" {
+		c.TunnelListen = ":15008"
+	}
+	if c.TargetHost == "" {
+		c.TargetHost = "127.0.0.1"
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.HandshakeTimeout == 0 {
+		c.HandshakeTimeout = 10 * time.Second
+	}
+	if c.DialTimeout == 0 {
+		c.DialTimeout = 5 * time.Second
+	}
+	return c
+}
+
+// validate checks a Config after withDefaults. Errors wrap ErrInvalidConfig.
+func (c Config) validate() error {
+	switch {
+	case c.ID.IsZero():
+		return fmt.Errorf("%w: ID is required", ErrInvalidConfig)
+	case c.Credentials == nil:
+		return fmt.Errorf("%w: Credentials is required", ErrInvalidConfig)
+	case c.HandshakeTimeout < 0:
+		return fmt.Errorf("%w: HandshakeTimeout %s is negative", ErrInvalidConfig, c.HandshakeTimeout)
+	case c.DialTimeout < 0:
+		return fmt.Errorf("%w: DialTimeout %s is negative", ErrInvalidConfig, c.DialTimeout)
+	case c.MaxConnections < 0:
+		return fmt.Errorf("%w: MaxConnections %d is negative", ErrInvalidConfig, c.MaxConnections)
+	}
+	for i, r := range c.Routes {
+		switch {
+		case r.Listen == "":
+			return fmt.Errorf("%w: route %d: Listen is required", ErrInvalidConfig, i)
+		case r.PeerID.IsZero():
+			return fmt.Errorf("%w: route %d: PeerID is required", ErrInvalidConfig, i)
+		case r.TargetPort == 0:
+			return fmt.Errorf("%w: route %d: TargetPort is required", ErrInvalidConfig, i)
+		}
+		if _, _, err := net.SplitHostPort(r.Peer); err != nil {
+			return fmt.Errorf("%w: route %d: Peer %q: %w", ErrInvalidConfig, i, r.Peer, err)
+		}
+	}
+	seen := make(map[uint16]bool, len(c.Services))
+	for _, s := range c.Services {
+		switch {
+		case s.Port == 0:
+			return fmt.Errorf("%w: service: Port is required", ErrInvalidConfig)
+		case seen[s.Port]:
+			return fmt.Errorf("%w: service port %d listed twice", ErrInvalidConfig, s.Port)
+		case len(s.Allow) == 0:
+			return fmt.Errorf("%w: service port %d: Allow is empty", ErrInvalidConfig, s.Port)
+		}
+		for _, id := range s.Allow {
+			if id.IsZero() {
+				return fmt.Errorf("%w: service port %d: zero SPIFFE ID in Allow", ErrInvalidConfig, s.Port)
+			}
+		}
+		seen[s.Port] = true
+	}
+	return nil
+}

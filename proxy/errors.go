@@ -1,0 +1,46 @@
+package proxy
+
+import "errors"
+
+var (
+	// ErrInvalidConfig is wrapped by New when the Config is unusable.
+	ErrInvalidConfig = errors.New("proxy: invalid config")
+	// ErrAlreadyStarted is returned by a second call to Run.
+	ErrAlreadyStarted = errors.New("proxy: already started")
+
+	// ErrNoSVID means Credentials had no valid SVID to present.
+	ErrNoSVID = errors.New("proxy: no valid svid")
+	// ErrAuditUnavailable means the audit log is failing, so new handshakes
+	// are refused rather than left unrecorded.
+	ErrAuditUnavailable = errors.New("proxy: audit log unavailable")
+	// ErrBadHeader means a tunnel header was malformed.
+	ErrBadHeader = errors.New("proxy: bad tunnel header")
+	// ErrUnsupportedVersion means a tunnel header had an unknown version.
+	ErrUnsupportedVersion = errors.New("proxy: unsupported tunnel version")
+	// ErrBadCertificate means the peer's certificate is not a valid X509-SVID
+	// of a trusted trust domain.
+	ErrBadCertificate = errors.New("proxy: bad peer certificate")
+	// ErrPeerNotAllowed means a verified peer may not reach what it asked for.
+	ErrPeerNotAllowed = errors.New("proxy: peer not allowed")
+	// ErrPeerMismatch means the peer proxy presented a valid SVID of another
+	// identity than the route expects (impersonation).
+	ErrPeerMismatch = errors.New("proxy: unexpected peer identity")
+	// ErrALPN means the peer did not negotiate the tunnel protocol.
+	ErrALPN = errors.New("proxy: tunnel protocol not negotiated")
+	// ErrTunnelRefused means the peer proxy answered a non-zero status.
+	ErrTunnelRefused = errors.New("proxy: tunnel refused by peer")
+)
+
+// refusal carries why a handshake or tunnel setup was refused together with
+// what is known about the peer, so one audit record can say both. It is
+// returned from the TLS callbacks; crypto/tls hands callback errors back from
+// Handshake unchanged, which is how the reason survives the handshake.
+type refusal struct {
+	reason     string
+	peerID     string
+	peerSerial string
+	err        error
+}
+
+func (r *refusal) Error() string { return r.err.Error() }
+func (r *refusal) Unwrap() error { return r.err }

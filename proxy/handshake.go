@@ -1,0 +1,134 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/audit"
+)
+
+// setup collects what is known about one tunnel setup (TLS handshake plus
+// header exchange) for its single handshake record.
+type setup struct {
+	dir      Direction
+	start    time.Time // TCP connection established; HandshakeTimeout runs from here
+	peerAddr string
+
+	tlsVersion string
+	cipher     string
+	resumed    bool
+	peerID     string
+	peerSerial string
+}
+
+// fill copies what the TLS state knows. It is safe on a failed handshake: it
+// takes whatever was negotiated before the failure.
+func (s *setup) fill(cs tls.ConnectionState) {
+	if cs.Version != 0 {
+		s.tlsVersion = tls.VersionName(cs.Version)
+		s.cipher = tls.CipherSuiteName(cs.CipherSuite)
+	}
+	s.resumed = cs.DidResume
+	if len(cs.PeerCertificates) > 0 {
+		leaf := cs.PeerCertificates[0]
+		s.peerSerial = leaf.SerialNumber.String()
+		if id, err := x509svid.IDFromCert(leaf); err == nil {
+			s.peerID = id.String()
+		}
+	}
+}
+
+// record audits, counts and logs the outcome of a setup; reason "" is
+// success. A success that cannot be audited becomes a failure with reason
+// audit_unavailable and record returns the error: the caller must drop the
+// connection, because a handshake that cannot be recorded must not carry
+// traffic.
+//
+// Order: a success is appended before it is counted (the append decides
+// whether it is one); a failure is counted and logged before it is appended,
+// so whoever sees the record also sees the metric.
+func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error) error {
+	var r *refusal
+	if errors.As(cause, &r) {
+		if s.peerID == "" {
+			s.peerID = r.peerID
+		}
+		if s.peerSerial == "" {
+			s.peerSerial = r.peerSerial
+		}
+	}
+	d := time.Since(s.start)
+	auditing := p.cfg.Audit != nil
+
+	var auditErr error
+	if reason == "" && auditing {
+		if err := p.cfg.Audit.Append(s.event(p, reason, d)); err != nil {
+			auditErr = fmt.Errorf("%w: %w", ErrAuditUnavailable, err)
+			reason, cause = ReasonAuditUnavailable, auditErr
+		}
+	}
+
+	result := resultFor(reason)
+	p.metrics.handshakes.WithLabelValues(string(s.dir), result).Inc()
+	p.metrics.duration.WithLabelValues(string(s.dir)).Observe(d.Seconds())
+	p.logSetup(ctx, s, reason, result, d, cause)
+
+	// With the log failed there is nothing to append to; the refusal is
+	// still counted and logged.
+	if reason != "" && auditing && reason != ReasonAuditUnavailable {
+		if err := p.cfg.Audit.Append(s.event(p, reason, d)); err != nil {
+			p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit handshake record",
+				slog.String(keyDirection, string(s.dir)), slog.String(keyReason, reason), slog.Any(keyErr, err))
+		}
+	}
+	return auditErr
+}
+
+func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake {
+	return audit.Handshake{
+		Direction:  string(s.dir),
+		Result:     resultFor(reason),
+		Reason:     reason,
+		Transport:  transportTLS,
+		LocalID:    p.cfg.ID.String(),
+		PeerID:     s.peerID,
+		PeerSerial: s.peerSerial,
+		PeerAddr:   s.peerAddr,
+		TLSVersion: s.tlsVersion,
+		Cipher:     s.cipher,
+		Resumed:    s.resumed,
+		Duration:   d,
+	}
+}
+
+// logSetup logs a success at Debug and a refusal at Warn (a shutdown is not
+// the peer's fault: Debug).
+func (p *Proxy) logSetup(ctx context.Context, s *setup, reason, result string, d time.Duration, cause error) {
+	level, msg := slog.LevelWarn, "tunnel refused"
+	switch reason {
+	case "":
+		level, msg = slog.LevelDebug, "tunnel established"
+	case ReasonShutdown:
+		level, msg = slog.LevelDebug, "tunnel setup interrupted by shutdown"
+	}
+	if !p.cfg.Logger.Enabled(ctx, level) {
+		return
+	}
+	attrs := []slog.Attr{
+		slog.String(keyDirection, string(s.dir)),
+		slog.String(keyPeerAddr, s.peerAddr),
+		slog.String(keyPeerID, s.peerID),
+		slog.String(keySerial, s.peerSerial),
+		slog.Duration(keyDuration, d),
+	}
+	if reason != "" {
+		attrs = append(attrs, slog.String(keyResult, result), slog.String(keyReason, reason), slog.Any(keyErr, cause))
+	}
+	p.cfg.Logger.LogAttrs(ctx, level, msg, attrs...)
+}

@@ -1,0 +1,282 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strconv"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/testca"
+	"github.com/agentmesh/agentmesh/proxy"
+)
+
+// waitLimit bounds every wait in these tests; reaching it is a failure, not
+// a synchronisation mechanism.
+const waitLimit = 20 * time.Second
+
+var (
+	idA = spiffeid.RequireFromString("spiffe://example.org/host/a")
+	idB = spiffeid.RequireFromString("spiffe://example.org/host/b")
+	idC = spiffeid.RequireFromString("spiffe://example.org/host/c")
+)
+
+// recorder is an in-memory Auditor. Tests wait on it for records instead of
+// sleeping.
+type recorder struct {
+	mu     sync.Mutex
+	events []audit.Event
+	err    error
+	notify chan struct{} // coalesced: one pending wake-up is enough
+}
+
+func newRecorder() *recorder { return &recorder{notify: make(chan struct{}, 1)} }
+
+func (r *recorder) Append(e audit.Event) error {
+	r.mu.Lock()
+	if r.err != nil {
+		r.mu.Unlock()
+		return r.err
+	}
+	r.events = append(r.events, e)
+	r.mu.Unlock()
+	select {
+	case r.notify <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+func (r *recorder) Err() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.err
+}
+
+func (r *recorder) fail(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.err = err
+}
+
+func (r *recorder) handshakes() []audit.Handshake {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []audit.Handshake
+	for _, e := range r.events {
+		if h, ok := e.(audit.Handshake); ok {
+			out = append(out, h)
+		}
+	}
+	return out
+}
+
+// waitFor waits until some record satisfies match (records already appended
+// count) and returns the first one that does.
+func waitFor[E audit.Event](t testing.TB, r *recorder, what string, match func(E) bool) E {
+	t.Helper()
+	timer := time.NewTimer(waitLimit)
+	defer timer.Stop()
+	for {
+		r.mu.Lock()
+		for _, e := range r.events {
+			if ev, ok := e.(E); ok && match(ev) {
+				r.mu.Unlock()
+				return ev
+			}
+		}
+		r.mu.Unlock()
+		select {
+		case <-r.notify:
+		case <-timer.C:
+			var zero E
+			t.Fatalf("no %s record matching %s after %s; have %+v", zero.Kind(), what, waitLimit, r.snapshot())
+			return zero
+		}
+	}
+}
+
+func (r *recorder) snapshot() []audit.Event {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]audit.Event(nil), r.events...)
+}
+
+// node is one proxy under test with everything needed to inspect it.
+type node struct {
+	*proxy.Proxy
+	id    spiffeid.ID
+	creds *testca.Credentials
+	audit *recorder
+	reg   *prometheus.Registry
+	stop  func() // cancels Run and waits for it; idempotent
+}
+
+// start creates a proxy from cfg (filling in Credentials, Audit, Registerer
+// and loopback listeners) and runs it until the test ends.
+func start(t testing.TB, ca *testca.CA, id spiffeid.ID, cfg proxy.Config) *node {
+	t.Helper()
+	n := &node{id: id, audit: newRecorder(), reg: prometheus.NewRegistry()}
+	if cfg.Credentials == nil {
+		n.creds = testca.NewCredentials(ca, ca.SVID(t, id))
+		cfg.Credentials = n.creds
+	}
+	cfg.ID = id
+	cfg.Audit = n.audit
+	cfg.Registerer = n.reg
+	if cfg.TunnelListen == "" {
+		cfg.TunnelListen = "127.0.0.1:0"
+	}
+	p, err := proxy.New(cfg)
+	if err != nil {
+		t.Fatalf("proxy.New: %v", err)
+	}
+	n.Proxy = p
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	n.stop = sync.OnceFunc(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(waitLimit):
+			t.Errorf("Run did not return within %s of cancellation", waitLimit)
+		}
+	})
+	t.Cleanup(n.stop)
+	return n
+}
+
+// metric returns the value of the counter or gauge name{labels}, 0 when
+// absent.
+func (n *node) metric(t testing.TB, name string, labels map[string]string) float64 {
+	t.Helper()
+	families, err := n.reg.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	for _, f := range families {
+		if f.GetName() != name {
+			continue
+		}
+		for _, m := range f.GetMetric() {
+			if !labelsMatch(m, labels) {
+				continue
+			}
+			switch {
+			case m.Counter != nil:
+				return m.Counter.GetValue()
+			case m.Gauge != nil:
+				return m.Gauge.GetValue()
+			case m.Histogram != nil:
+				return float64(m.Histogram.GetSampleCount())
+			}
+		}
+	}
+	return 0
+}
+
+func labelsMatch(m *dto.Metric, want map[string]string) bool {
+	have := map[string]string{}
+	for _, l := range m.GetLabel() {
+		have[l.GetName()] = l.GetValue()
+	}
+	for k, v := range want {
+		if have[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+// target is a local TCP server standing in for an agent behind proxy B.
+type target struct {
+	ln   net.Listener
+	port uint16
+}
+
+// startTarget serves every connection with handle until the test ends.
+func startTarget(t testing.TB, handle func(*net.TCPConn)) *target {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	t.Cleanup(func() {
+		_ = ln.Close()
+		wg.Wait()
+	})
+	wg.Go(func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Go(func() {
+				defer func() { _ = c.Close() }()
+				handle(c.(*net.TCPConn))
+			})
+		}
+	})
+	_, portStr, _ := net.SplitHostPort(ln.Addr().String())
+	port, _ := strconv.Atoi(portStr)
+	return &target{ln: ln, port: uint16(port)}
+}
+
+// echo copies everything back and half-closes when the client did.
+func echo(c *net.TCPConn) {
+	if _, err := c.ReadFrom(c); err == nil {
+		_ = c.CloseWrite()
+	}
+}
+
+// mesh is A (a route to B) and B (a service in front of a target).
+type mesh struct {
+	ca     *testca.CA
+	a, b   *node
+	target *target
+}
+
+func newMesh(t testing.TB, handle func(*net.TCPConn)) *mesh {
+	t.Helper()
+	ca := testca.New(t)
+	tg := startTarget(t, handle)
+	b := start(t, ca, idB, proxy.Config{
+		Services: []proxy.Service{{Port: tg.port, Allow: []spiffeid.ID{idA}}},
+	})
+	a := start(t, ca, idA, proxy.Config{
+		Routes: []proxy.Route{{Listen: "127.0.0.1:0", Peer: b.TunnelAddr().String(), PeerID: idB, TargetPort: tg.port}},
+	})
+	return &mesh{ca: ca, a: a, b: b, target: tg}
+}
+
+// dialRoute connects to A's route as an agent would.
+func (m *mesh) dialRoute(t testing.TB) *net.TCPConn {
+	t.Helper()
+	c, err := net.Dial("tcp", m.a.RouteAddr(0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c.Close() })
+	_ = c.SetDeadline(time.Now().Add(waitLimit))
+	return c.(*net.TCPConn)
+}
+
+var errTest = errors.New("test: injected failure")
+
+// The real implementations satisfy the consumer-side interfaces.
+var (
+	_ proxy.Credentials = (*testca.Credentials)(nil)
+	_ proxy.Auditor     = (*audit.Log)(nil)
+)

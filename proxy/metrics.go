@@ -1,0 +1,63 @@
+package proxy
+
+import (
+	"fmt"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// metrics are the proxy's Prometheus collectors. They always exist so the hot
+// path never checks for nil; registering them is optional.
+type metrics struct {
+	handshakes *prometheus.CounterVec   // direction, result
+	duration   *prometheus.HistogramVec // direction
+	active     *prometheus.GaugeVec     // direction
+	bytes      *prometheus.CounterVec   // direction
+}
+
+func newMetrics(reg prometheus.Registerer) (*metrics, error) {
+	m := &metrics{
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricHandshakes,
+			Help: "Tunnel handshakes by direction and result (ok, refused, error).",
+		}, []string{labelDirection, labelResult}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: metricHandshakeDuration,
+			Help: "Time from the start of the TLS handshake until the tunnel was established or refused.",
+			// 1 ms .. ~8 s: loopback handshakes take about a millisecond,
+			// HandshakeTimeout defaults to 10 s.
+			Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+		}, []string{labelDirection}),
+		active: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: metricActiveConnections,
+			Help: "Proxied connections currently open, by direction.",
+		}, []string{labelDirection}),
+		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricBytes,
+			Help: "Payload bytes through tunnels: direction=inbound counts bytes received from peer proxies, outbound bytes sent to them.",
+		}, []string{labelDirection}),
+	}
+	// Create every child up front so dashboards see zeros, not gaps.
+	for _, d := range []Direction{Inbound, Outbound} {
+		for _, r := range []string{resultOK, resultRefused, resultError} {
+			m.handshakes.WithLabelValues(string(d), r)
+		}
+		m.duration.WithLabelValues(string(d))
+		m.active.WithLabelValues(string(d))
+		m.bytes.WithLabelValues(string(d))
+	}
+	if reg == nil {
+		return m, nil
+	}
+	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes}
+	for i, c := range collectors {
+		if err := reg.Register(c); err != nil {
+			// Leave the Registerer as it was, so a corrected New can retry.
+			for _, done := range collectors[:i] {
+				reg.Unregister(done)
+			}
+			return nil, fmt.Errorf("register metrics: %w", err)
+		}
+	}
+	return m, nil
+}

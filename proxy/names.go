@@ -1,0 +1,44 @@
+package proxy
+
+// Metric names, label keys and log attribute keys: stable strings that
+// dashboards, alerts and log queries depend on, kept in one place.
+const (
+	metricHandshakes        = "agentmesh_proxy_handshakes_total"
+	metricHandshakeDuration = "agentmesh_proxy_handshake_duration_seconds"
+	metricActiveConnections = "agentmesh_proxy_active_connections"
+	metricBytes             = "agentmesh_proxy_bytes_total"
+
+	labelDirection = "direction"
+	labelResult    = "result"
+)
+
+// Log attribute keys.
+const (
+	keyDirection = "direction"
+	keyPeerID    = "peer_id"
+	keySerial    = "serial"
+	keyPeerAddr  = "peer_addr"
+	keyDst       = "dst"
+	keyReason    = "reason"
+	keyResult    = "result"
+	keyDuration  = "duration"
+	keyBytesIn   = "bytes_in"
+	keyBytesOut  = "bytes_out"
+	keyListen    = "listen"
+	keyBackoff   = "backoff"
+	keyErr       = "err"
+)
+
+// Handshake results, as in audit.Handshake.Result and the result label.
+const (
+	resultOK      = "ok"
+	resultRefused = "refused" // a verification or policy decision said no, or the peer misbehaved
+	resultError   = "error"   // an operational failure: no SVID, unreachable target, shutdown
+)
+
+// Connection close reasons (audit.Connection.Reason).
+const (
+	closeEOF    = "eof"    // both directions finished with a clean EOF
+	closeClosed = "closed" // closed by CloseWhere or shutdown
+	closeError  = "error"  // a read or write failed
+)

@@ -1,0 +1,192 @@
+package proxy_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/testca"
+	"github.com/agentmesh/agentmesh/proxy"
+)
+
+func TestNewValidates(t *testing.T) {
+	t.Parallel()
+	ca := testca.New(t)
+	creds := testca.NewCredentials(ca, ca.SVID(t, idA))
+	valid := func() proxy.Config {
+		return proxy.Config{
+			ID:           idA,
+			Credentials:  creds,
+			TunnelListen: "127.0.0.1:0",
+			Routes:       []proxy.Route{{Listen: "127.0.0.1:0", Peer: "127.0.0.1:15008", PeerID: idB, TargetPort: 80}},
+			Services:     []proxy.Service{{Port: 80, Allow: []spiffeid.ID{idB}}},
+		}
+	}
+	tests := []struct {
+		name   string
+		mutate func(*proxy.Config)
+	}{
+		{name: "no_id", mutate: func(c *proxy.Config) { c.ID = spiffeid.ID{} }},
+		{name: "no_credentials", mutate: func(c *proxy.Config) { c.Credentials = nil }},
+		{name: "negative_handshake_timeout", mutate: func(c *proxy.Config) { c.HandshakeTimeout = -time.Second }},
+		{name: "negative_dial_timeout", mutate: func(c *proxy.Config) { c.DialTimeout = -time.Second }},
+		{name: "negative_max_connections", mutate: func(c *proxy.Config) { c.MaxConnections = -1 }},
+		{name: "route_without_listen", mutate: func(c *proxy.Config) { c.Routes[0].Listen = "" }},
+		{name: "route_without_peer_id", mutate: func(c *proxy.Config) { c.Routes[0].PeerID = spiffeid.ID{} }},
+		{name: "route_without_target_port", mutate: func(c *proxy.Config) { c.Routes[0].TargetPort = 0 }},
+		{name: "route_peer_without_port", mutate: func(c *proxy.Config) { c.Routes[0].Peer = "10.0.0.1" }},
+		{name: "service_port_zero", mutate: func(c *proxy.Config) { c.Services[0].Port = 0 }},
+		{name: "service_twice", mutate: func(c *proxy.Config) { c.Services = append(c.Services, c.Services[0]) }},
+		{name: "service_empty_allow", mutate: func(c *proxy.Config) { c.Services[0].Allow = nil }},
+		{name: "service_zero_id", mutate: func(c *proxy.Config) { c.Services[0].Allow = []spiffeid.ID{{}} }},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cfg := valid()
+			tc.mutate(&cfg)
+			if _, err := proxy.New(cfg); !errors.Is(err, proxy.ErrInvalidConfig) {
+				t.Fatalf("New error = %v, want ErrInvalidConfig", err)
+			}
+		})
+	}
+	t.Run("valid", func(t *testing.T) {
+		t.Parallel()
+		p, err := proxy.New(valid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := p.Close(); err != nil {
+			t.Fatal(err)
+		}
+	})
+}
+
+func TestNewReleasesOnFailure(t *testing.T) {
+	t.Parallel()
+	ca := testca.New(t)
+	reg := prometheus.NewRegistry()
+	cfg := proxy.Config{
+		ID:           idA,
+		Credentials:  testca.NewCredentials(ca, ca.SVID(t, idA)),
+		TunnelListen: "127.0.0.1:0",
+		Registerer:   reg,
+	}
+	first, err := proxy.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = first.Close() })
+	// Same registry: the metrics collide, New fails and releases its port.
+	cfg.TunnelListen = "127.0.0.1:0"
+	if _, err := proxy.New(cfg); err == nil {
+		t.Fatal("second New on the same Registerer succeeded")
+	}
+	// The tunnel port of a failed New is free again.
+	cfg.TunnelListen = first.TunnelAddr().String()
+	cfg.Registerer = nil
+	if _, err := proxy.New(cfg); err == nil {
+		t.Fatal("New on a port in use succeeded")
+	}
+}
+
+func TestRunTwice(t *testing.T) {
+	t.Parallel()
+	ca := testca.New(t)
+	p, err := proxy.New(proxy.Config{ID: idA, Credentials: testca.NewCredentials(ca, ca.SVID(t, idA)), TunnelListen: "127.0.0.1:0"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel() // Run returns at once
+	if err := p.Run(ctx); err != nil {
+		t.Fatalf("first Run = %v", err)
+	}
+	if err := p.Run(ctx); !errors.Is(err, proxy.ErrAlreadyStarted) {
+		t.Fatalf("second Run = %v, want ErrAlreadyStarted", err)
+	}
+}
+
+func TestReady(t *testing.T) {
+	t.Parallel()
+	ca := testca.New(t)
+	n := start(t, ca, idA, proxy.Config{})
+	if err := n.Ready(); err != nil {
+		t.Fatalf("Ready = %v", err)
+	}
+	n.creds.Set(nil)
+	if err := n.Ready(); !errors.Is(err, proxy.ErrNoSVID) {
+		t.Fatalf("Ready without SVID = %v, want ErrNoSVID", err)
+	}
+	n.creds.Set(ca.SVID(t, idA))
+	n.audit.fail(errTest)
+	if err := n.Ready(); !errors.Is(err, proxy.ErrAuditUnavailable) || !errors.Is(err, errTest) {
+		t.Fatalf("Ready with a failed audit log = %v, want ErrAuditUnavailable wrapping the cause", err)
+	}
+}
+
+// TestAuditUnavailableRefuses: with the audit log failed, neither side lets a
+// handshake through, and the refusals are still counted.
+func TestAuditUnavailableRefuses(t *testing.T) {
+	t.Parallel()
+	tests := []struct {
+		name    string
+		failing func(*mesh) *node
+		dir     string
+	}{
+		{name: "inbound", failing: func(m *mesh) *node { return m.b }, dir: "inbound"},
+		{name: "outbound", failing: func(m *mesh) *node { return m.a }, dir: "outbound"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			m := newMesh(t, echo)
+			n := tc.failing(m)
+			n.audit.fail(errTest)
+			c := m.dialRoute(t)
+			_, _ = c.Write([]byte("must not arrive"))
+			if got, _ := io.ReadAll(c); len(got) != 0 {
+				t.Fatalf("agent got %q through a proxy whose audit log failed", got)
+			}
+			if tc.dir == "inbound" {
+				// A saw B hang up before any TLS.
+				waitFor(t, m.a.audit, "peer_closed", func(h audit.Handshake) bool { return h.Reason == proxy.ReasonPeerClosed })
+			}
+			labels := map[string]string{"direction": tc.dir, "result": "error"}
+			if got := n.metric(t, "agentmesh_proxy_handshakes_total", labels); got != 1 {
+				t.Fatalf("handshakes_total%v = %v, want 1", labels, got)
+			}
+		})
+	}
+}
+
+// TestMaxConnections: with one slot, connections are served one after the
+// other and the slot is released when a connection ends.
+func TestMaxConnections(t *testing.T) {
+	t.Parallel()
+	ca := testca.New(t)
+	tg := startTarget(t, echo)
+	b := start(t, ca, idB, proxy.Config{
+		Services:       []proxy.Service{{Port: tg.port, Allow: []spiffeid.ID{idA}}},
+		MaxConnections: 1,
+	})
+	a := start(t, ca, idA, proxy.Config{
+		Routes:         []proxy.Route{{Listen: "127.0.0.1:0", Peer: b.TunnelAddr().String(), PeerID: idB, TargetPort: tg.port}},
+		MaxConnections: 1,
+	})
+	m := &mesh{ca: ca, a: a, b: b, target: tg}
+	for i := range 3 {
+		c := m.dialRoute(t)
+		if err := ping(t, c, "one at a time"); err != nil {
+			t.Fatalf("connection %d: %v", i, err)
+		}
+		// The next connection needs the slot this one frees when it ends.
+		_ = c.Close()
+	}
+}

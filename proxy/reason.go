@@ -1,0 +1,102 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"syscall"
+)
+
+// Handshake refusal reasons (audit.Handshake.Reason). Stable identifiers.
+const (
+	ReasonNotTLS            = "not_tls"             // the first bytes were not a TLS handshake
+	ReasonTimeout           = "timeout"             // handshake or header not done within HandshakeTimeout
+	ReasonPeerClosed        = "peer_closed"         // the peer hung up during setup
+	ReasonHandshakeFailed   = "handshake_failed"    // any other TLS failure (versions, ciphers, ...)
+	ReasonBadCertificate    = "bad_certificate"     // not a valid X509-SVID (two URI SANs, CA leaf, ...)
+	ReasonCertExpired       = "certificate_expired" // chain outside its validity period
+	ReasonUnknownAuthority  = "unknown_authority"   // no chain to the bundle of the peer's trust domain
+	ReasonALPN              = "alpn_mismatch"       // the tunnel protocol was not negotiated
+	ReasonPeerNotAllowed    = "peer_not_allowed"    // inbound: no Service (or not the asked port's) allows the peer
+	ReasonPeerMismatch      = "peer_id_mismatch"    // outbound: valid SVID but not Route.PeerID
+	ReasonPortNotMeshed     = "port_not_meshed"     // inbound: the asked port is not a Service
+	ReasonBadRequest        = "bad_request"         // malformed header or unknown command
+	ReasonUnsupported       = "unsupported_version" // unknown header version
+	ReasonTargetUnreachable = "target_unreachable"  // the target (or, outbound, the peer's target) did not answer
+	ReasonPeerUnreachable   = "peer_unreachable"    // outbound: the peer proxy could not be dialed
+	ReasonPeerRefused       = "peer_refused"        // outbound: the peer sent an alert or refused the tunnel
+	ReasonNoSVID            = "no_svid"             // Credentials had no valid SVID
+	ReasonAuditUnavailable  = "audit_unavailable"   // Audit.Err() != nil, or appending the record failed
+	ReasonShutdown          = "shutdown"            // Run's context ended during setup
+)
+
+// resultFor maps a reason to the handshake result: "" is success,
+// operational failures are errors, everything else is a refusal.
+func resultFor(reason string) string {
+	switch reason {
+	case "":
+		return resultOK
+	case ReasonNoSVID, ReasonTargetUnreachable, ReasonPeerUnreachable, ReasonAuditUnavailable, ReasonShutdown:
+		return resultError
+	default:
+		return resultRefused
+	}
+}
+
+// classify names why a handshake or tunnel setup failed. Typed errors come
+// first (a refusal from our own callbacks is the most precise), then the
+// shapes crypto/tls and net give us. ctx is the connection's context: once
+// it is done, failures are a consequence of the shutdown, whatever they look
+// like.
+func classify(ctx context.Context, err error) string {
+	var r *refusal
+	var rh tls.RecordHeaderError
+	var op *net.OpError
+	switch {
+	case errors.As(err, &r):
+		return r.reason
+	case ctx.Err() != nil:
+		return ReasonShutdown
+	case errors.As(err, &rh):
+		return ReasonNotTLS
+	case isTimeout(err):
+		return ReasonTimeout
+	case errors.As(err, &op) && op.Op == "remote error":
+		// The peer sent a TLS alert: it refused our certificate or
+		// something else about the handshake.
+		return ReasonPeerRefused
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
+		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		return ReasonPeerClosed
+	case errors.Is(err, ErrUnsupportedVersion):
+		return ReasonUnsupported
+	case errors.Is(err, ErrBadHeader):
+		return ReasonBadRequest
+	default:
+		return ReasonHandshakeFailed
+	}
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout())
+}
+
+// classifyVerify names why x509svid.Verify rejected a chain.
+func classifyVerify(err error) string {
+	var ua x509.UnknownAuthorityError
+	var ci x509.CertificateInvalidError
+	switch {
+	case errors.As(err, &ua):
+		return ReasonUnknownAuthority
+	case errors.As(err, &ci) && ci.Reason == x509.Expired:
+		return ReasonCertExpired
+	default:
+		return ReasonBadCertificate
+	}
+}

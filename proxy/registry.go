@@ -1,0 +1,96 @@
+package proxy
+
+import (
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// Direction says which side opened a proxied connection.
+type Direction string
+
+const (
+	// Inbound connections arrive from a peer proxy on the tunnel port and
+	// are delivered to a local Service.
+	Inbound Direction = "inbound"
+	// Outbound connections arrive from a local agent on a Route and are
+	// tunnelled to a peer proxy.
+	Outbound Direction = "outbound"
+)
+
+// ConnInfo describes a live proxied connection. It is a copy; changing it
+// changes nothing.
+type ConnInfo struct {
+	Direction Direction
+	// PeerID and PeerSerial identify the certificate the peer proxy
+	// authenticated with (serial in decimal, as step-ca prints it).
+	PeerID     spiffeid.ID
+	PeerSerial string
+	// PeerAddr is the peer proxy's address.
+	PeerAddr string
+	// Target is where the bytes go: the local host:port for inbound
+	// connections, the peer's host with Route.TargetPort for outbound ones.
+	Target string
+	// Start is when the connection was accepted.
+	Start time.Time
+}
+
+// registry tracks established proxied connections so that revocation and
+// drain can close the ones a credential authenticated.
+type registry struct {
+	mu    sync.Mutex
+	next  uint64
+	conns map[uint64]*tunnelConn
+}
+
+func (r *registry) add(c *tunnelConn) uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.conns == nil {
+		r.conns = make(map[uint64]*tunnelConn)
+	}
+	r.next++
+	r.conns[r.next] = c
+	return r.next
+}
+
+func (r *registry) remove(id uint64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.conns, id)
+}
+
+// CloseWhere closes every established proxied connection for which match
+// returns true and returns how many it closed. match runs under the
+// registry lock: it must be quick and must not call back into the Proxy.
+// Closing (socket I/O) happens after the lock is released. Each closed
+// connection is audited with reason "closed". Connections still in their
+// handshake are not covered; they are bounded by HandshakeTimeout.
+// Safe for concurrent use.
+func (p *Proxy) CloseWhere(match func(ConnInfo) bool) int {
+	var victims []*tunnelConn
+	p.registry.mu.Lock()
+	for _, c := range p.registry.conns {
+		if match(c.info) {
+			victims = append(victims, c)
+		}
+	}
+	p.registry.mu.Unlock()
+	for _, c := range victims {
+		c.abort()
+	}
+	return len(victims)
+}
+
+// Connections returns a snapshot of the established proxied connections, in
+// no particular order. Safe for concurrent use.
+func (p *Proxy) Connections() []ConnInfo {
+	p.registry.mu.Lock()
+	defer p.registry.mu.Unlock()
+	out := make([]ConnInfo, 0, len(p.registry.conns))
+	for _, c := range p.registry.conns {
+		out = append(out, c.info)
+	}
+	return out
+}

@@ -1,0 +1,201 @@
+package proxy
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/agentmesh/agentmesh/audit"
+)
+
+// spliceBufferSize is the copy buffer per direction: large enough for a TLS
+// record (16 KiB) plus change, small enough to keep many idle connections.
+const spliceBufferSize = 32 << 10
+
+// tunnelConn is one proxied connection: a TLS tunnel to a peer proxy and a
+// plain TCP connection to the local agent (outbound) or target (inbound).
+type tunnelConn struct {
+	p      *Proxy
+	info   ConnInfo // immutable once registered
+	tunnel *tls.Conn
+	local  net.Conn // set before the copiers start
+
+	in  atomic.Int64 // bytes read from the tunnel (peer to local)
+	out atomic.Int64 // bytes written to the tunnel (local to peer)
+
+	copiers sync.WaitGroup
+
+	mu      sync.Mutex
+	sockets []net.Conn // everything that must be closed at the end
+	state   connState
+}
+
+// connState is how a connection ended; the first transition wins.
+type connState int
+
+const (
+	connOpen    connState = iota
+	connDone              // both directions ended with EOF
+	connFailed            // a copier hit an I/O error
+	connAborted           // CloseWhere or shutdown closed it
+)
+
+// attach adds a socket to close at the end. If the connection has already
+// ended it closes s at once and reports false: the caller must give up.
+func (c *tunnelConn) attach(s net.Conn) bool {
+	c.mu.Lock()
+	open := c.state == connOpen
+	if open {
+		c.sockets = append(c.sockets, s)
+	}
+	c.mu.Unlock()
+	if !open {
+		_ = s.Close()
+	}
+	return open
+}
+
+// abort closes the connection from outside (CloseWhere, shutdown, a refused
+// setup). Closing the sockets unblocks every Read and Write on them.
+func (c *tunnelConn) abort() { c.end(connAborted) }
+
+// fail records an I/O error and closes everything so the other direction
+// stops too.
+func (c *tunnelConn) fail() { c.end(connFailed) }
+
+// finish closes a connection whose copiers have both returned.
+func (c *tunnelConn) finish() { c.end(connDone) }
+
+// end records why the connection ended (first caller wins) and closes every
+// socket. It closes the raw TCP connection rather than the tls.Conn because
+// tls.Conn.Close may wait to send close_notify behind a blocked Write; on a
+// clean end close_notify was already sent by CloseWrite.
+func (c *tunnelConn) end(s connState) {
+	c.mu.Lock()
+	if c.state == connOpen {
+		c.state = s
+	}
+	sockets := c.sockets
+	c.sockets = nil
+	c.mu.Unlock()
+	for _, s := range sockets {
+		_ = s.Close()
+	}
+}
+
+// closeReason says why the connection ended, for the audit record.
+func (c *tunnelConn) closeReason() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch c.state {
+	case connFailed:
+		return closeError
+	case connAborted:
+		return closeClosed
+	default:
+		return closeEOF
+	}
+}
+
+// localToTunnel copies agent/target bytes into the tunnel. A clean EOF from
+// the local side is carried as TLS close_notify (tls.Conn.CloseWrite), so the
+// peer sees a half-close and can still answer.
+func (c *tunnelConn) localToTunnel() {
+	c.copy(c.tunnel, c.local, &c.out, Outbound, c.tunnel.CloseWrite)
+}
+
+// tunnelToLocal copies tunnel bytes to the agent/target. close_notify from
+// the peer becomes a TCP half-close (FIN) towards the local side.
+func (c *tunnelConn) tunnelToLocal() {
+	c.copy(c.local, c.tunnel, &c.in, Inbound, func() error { return closeWrite(c.local) })
+}
+
+func (c *tunnelConn) copy(dst io.Writer, src io.Reader, n *atomic.Int64, bytesDir Direction, halfClose func() error) {
+	bufp := c.p.buffers.Get().(*[]byte)
+	defer c.p.buffers.Put(bufp)
+	buf := *bufp
+	counter := c.p.metrics.bytes.WithLabelValues(string(bytesDir))
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			n.Add(int64(nw))
+			counter.Add(float64(nw))
+			if werr != nil {
+				c.fail()
+				return
+			}
+		}
+		if errors.Is(rerr, io.EOF) {
+			if err := halfClose(); err != nil {
+				c.fail()
+			}
+			return
+		}
+		if rerr != nil {
+			c.fail()
+			return
+		}
+	}
+}
+
+// closeWrite half-closes s, or closes it when it cannot half-close.
+func closeWrite(s net.Conn) error {
+	if cw, ok := s.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return s.Close()
+}
+
+// serve runs an established connection to the end: it registers it, copies
+// both ways (localToTunnel may already run: the client sends payload before
+// the status byte arrives), then closes, unregisters and audits it.
+func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
+	id := p.registry.add(c)
+	active := p.metrics.active.WithLabelValues(string(c.info.Direction))
+	active.Inc()
+	if !copierStarted {
+		c.copiers.Go(c.localToTunnel)
+	}
+	c.tunnelToLocal()
+	c.copiers.Wait()
+	c.finish()
+	p.registry.remove(id)
+	active.Dec()
+
+	rec := audit.Connection{
+		Direction: string(c.info.Direction),
+		PeerID:    c.info.PeerID.String(),
+		Target:    c.info.Target,
+		BytesIn:   c.in.Load(),
+		BytesOut:  c.out.Load(),
+		Duration:  time.Since(c.info.Start),
+		Reason:    c.closeReason(),
+	}
+	if rec.Reason == closeEOF {
+		rec.Reason = "" // audit.Connection: a reason only when not a clean EOF
+	}
+	p.cfg.Logger.LogAttrs(ctx, slog.LevelDebug, "connection closed",
+		slog.String(keyDirection, rec.Direction),
+		slog.String(keyPeerID, rec.PeerID),
+		slog.String(keyDst, rec.Target),
+		slog.Int64(keyBytesIn, rec.BytesIn),
+		slog.Int64(keyBytesOut, rec.BytesOut),
+		slog.Duration(keyDuration, rec.Duration),
+		slog.String(keyReason, c.closeReason()),
+	)
+	if p.cfg.Audit != nil {
+		if err := p.cfg.Audit.Append(rec); err != nil {
+			// The connection is already gone; the failure also shows in
+			// Audit.Err(), which stops new handshakes.
+			p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit connection record",
+				slog.String(keyDirection, rec.Direction), slog.Any(keyErr, err))
+		}
+	}
+}
