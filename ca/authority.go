@@ -1,0 +1,153 @@
+package ca
+
+import (
+	"crypto"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/smallstep/certificates/authority"
+	"github.com/smallstep/certificates/authority/config"
+	"github.com/smallstep/certificates/authority/provisioner"
+	"github.com/smallstep/certificates/db"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"go.step.sm/crypto/jose"
+)
+
+// svidTemplate is the provisioner's X.509 template: a SPIFFE X509-SVID with exactly the
+// one URI SAN that the (CA-signed) bootstrap token names, an empty subject, no DNS, IP
+// or email SANs, digitalSignature, serverAuth+clientAuth, not a CA. The checks restate
+// what Token guarantees, so a token minted by other means cannot widen a certificate.
+// step-ca separately checks that the CSR asks for exactly the token's SANs.
+const svidTemplate = `{{- if ne (len .SANs) 1 }}{{ fail "the token must name exactly one SPIFFE ID" }}{{ end }}
+{{- $id := index .SANs 0 }}
+{{- if ne $id.Type "uri" }}{{ fail "the token SAN must be a SPIFFE ID" }}{{ end }}
+{{- if not (hasPrefix %s $id.Value) }}{{ fail "the SPIFFE ID is outside the trust domain" }}{{ end }}
+{
+	"subject": {},
+	"uris": {{ toJson $id.Value }},
+	"keyUsage": ["digitalSignature"],
+	"extKeyUsage": ["serverAuth", "clientAuth"],
+	"basicConstraints": {"isCA": false}
+}`
+
+// provisionerJWK is the public JWK of the provisioner key in the token, with its
+// thumbprint as key ID (the "kid" header step-ca looks tokens up by).
+func provisionerJWK(pub crypto.PublicKey) (*jose.JSONWebKey, error) {
+	jwk := &jose.JSONWebKey{Key: pub, Algorithm: jose.ES256, Use: "sig"}
+	kid, err := jose.Thumbprint(jwk)
+	if err != nil {
+		return nil, fmt.Errorf("provisioner key thumbprint: %w", err)
+	}
+	jwk.KeyID = kid
+	return jwk, nil
+}
+
+// svidClaims bounds SVID lifetimes: default and maximum are the configured lifetime, the
+// minimum is small enough for any lifetime New accepts. Renewal (mTLS /renew, /rekey)
+// is allowed only while the certificate is valid: after expiry the workload re-enrols
+// with a new token.
+func svidClaims(lifetime time.Duration) *provisioner.Claims {
+	no := false
+	return &provisioner.Claims{
+		MinTLSDur:               &provisioner.Duration{Duration: min(minSVIDLifetime, lifetime)},
+		MaxTLSDur:               &provisioner.Duration{Duration: lifetime},
+		DefaultTLSDur:           &provisioner.Duration{Duration: lifetime},
+		DisableRenewal:          &no,
+		AllowRenewalAfterExpiry: &no,
+		EnableSSHCA:             &no,
+		// Keep the provisioner extension: step-ca finds the provisioner of a certificate
+		// presented for renewal through it.
+		DisableSmallstepExtensions: &no,
+	}
+}
+
+// newProvisioner is the single JWK provisioner "agentmesh". It has no encrypted key: the
+// private key is the provisioner key in the token, used only by Server.Token.
+func newProvisioner(jwk *jose.JSONWebKey, td spiffeid.TrustDomain, lifetime time.Duration) *provisioner.JWK {
+	prefix := strconv.Quote(td.ID().String() + "/")
+	return &provisioner.JWK{
+		Type:   provisioner.TypeJWK.String(),
+		Name:   provisionerName,
+		Key:    jwk,
+		Claims: svidClaims(lifetime),
+		Options: &provisioner.Options{
+			X509: &provisioner.X509Options{Template: fmt.Sprintf(svidTemplate, prefix)},
+		},
+	}
+}
+
+// authorityConfig is step-ca's configuration for this CA. The certificate paths and
+// the intermediate key URI only satisfy step-ca's validation: the certificates and the
+// HSM signer are handed over as options.
+func (s *Server) authorityConfig() *config.Config {
+	return &config.Config{
+		Root:             []string{filepath.Join(s.cfg.StateDir, fileRoot)},
+		IntermediateCert: filepath.Join(s.cfg.StateDir, fileIntermediate),
+		IntermediateKey:  keyURIIntermediate,
+		Address:          s.ln.Addr().String(),
+		DNSNames:         s.dnsNames,
+		CommonName:       "agentmesh CA " + s.cfg.TrustDomain.Name(),
+		AuthorityConfig: &config.AuthConfig{
+			Provisioners: provisioner.List{s.provisioner},
+			Backdate:     &provisioner.Duration{Duration: backdate(s.cfg.SVIDLifetime)},
+			// step-ca refuses tokens issued before it started, a stop-gap for its
+			// in-memory DB. Used token IDs are in the persistent database here, so a
+			// token handed out just before a restart stays usable (once).
+			DisableIssuedAtCheck: true,
+		},
+		CRL: &config.CRLConfig{
+			Enabled:          true,
+			GenerateOnRevoke: true,
+		},
+	}
+}
+
+// newAuthority builds step-ca's authority on the state New prepared. It starts step-ca's
+// CRL goroutine, which is why Run, not New, calls it; authority.Shutdown stops it and
+// closes the KMS and the database.
+func (s *Server) newAuthority() (*authority.Authority, error) {
+	return authority.New(s.authorityConfig(),
+		authority.WithKeyManager(s.kms),
+		authority.WithX509RootCerts(s.certs.root),
+		authority.WithX509Signer(s.certs.intermediate, s.certs.intermediateSigner),
+		authority.WithDatabase(s.db),
+		authority.WithQuietInit(),
+	)
+}
+
+// authDB is step-ca's database with one change: a used bootstrap token is recorded by
+// its ID with a SHA-256 of the token as value, where step-ca stores the token itself.
+// Reuse detection only needs the key; no token is kept in plain text on disk.
+type authDB struct {
+	*db.DB
+}
+
+// UseToken marks the token ID as used; it reports false when it was used before.
+func (d authDB) UseToken(id, tok string) (bool, error) {
+	sum := sha256.Sum256([]byte(tok))
+	return d.DB.UseToken(id, "sha256:"+hex.EncodeToString(sum[:]))
+}
+
+// openDB opens (creating on first start) the bbolt database in StateDir/db.
+func openDB(stateDir string) (authDB, error) {
+	dir := filepath.Join(stateDir, dirDB)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return authDB{}, fmt.Errorf("create database directory: %w", err)
+	}
+	path := filepath.Join(dir, fileDB)
+	d, err := db.New(&db.Config{Type: "bbolt", DataSource: path})
+	if err != nil {
+		return authDB{}, fmt.Errorf("open database %s: %w", path, err)
+	}
+	sdb, ok := d.(*db.DB)
+	if !ok {
+		_ = d.Shutdown()
+		return authDB{}, fmt.Errorf("open database %s: unexpected type %T", path, d)
+	}
+	return authDB{sdb}, nil
+}

@@ -1,0 +1,274 @@
+package ca
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+)
+
+// maxResponse bounds what the client reads from the CA.
+const maxResponse = 1 << 20
+
+// ClientConfig configures a Client.
+type ClientConfig struct {
+	// URL is the https://host:port base URL of agentmesh ca. Required.
+	URL string
+	// Roots are the trust anchors for the CA's TLS serving certificate (the CA's root).
+	// Required.
+	Roots []*x509.Certificate
+	// Token returns a bootstrap token for Enroll; it is called once per Enroll. Default
+	// nil: Enroll fails with ErrNoToken.
+	Token func(ctx context.Context) (string, error)
+	// Timeout bounds each request to the CA. Default 10s.
+	Timeout time.Duration
+	// Logger receives Debug lines for issued certificates. Default: discard.
+	Logger *slog.Logger
+}
+
+// Client obtains X509-SVIDs from agentmesh ca: Enroll with a bootstrap token, Renew
+// over mTLS with the current SVID. It satisfies rotator.Issuer. It does not check what
+// it receives beyond parsing: the caller verifies key, ID, validity and chain. Safe for
+// concurrent use.
+type Client struct {
+	base    string
+	roots   *x509.CertPool
+	token   func(ctx context.Context) (string, error)
+	timeout time.Duration
+	log     *slog.Logger
+	enroll  *http.Client
+}
+
+// NewClient checks cfg and returns a Client. It does not contact the CA.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	u, err := url.Parse(cfg.URL)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("%w: URL %q: %w", ErrInvalidConfig, cfg.URL, err)
+	case u.Scheme != "https" || u.Host == "":
+		return nil, fmt.Errorf("%w: URL %q is not https://host:port", ErrInvalidConfig, cfg.URL)
+	case len(cfg.Roots) == 0:
+		return nil, fmt.Errorf("%w: Roots are required", ErrInvalidConfig)
+	case cfg.Timeout < 0:
+		return nil, fmt.Errorf("%w: negative Timeout", ErrInvalidConfig)
+	}
+	if cfg.Timeout == 0 {
+		cfg.Timeout = defaultClientTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	pool := x509.NewCertPool()
+	for _, r := range cfg.Roots {
+		pool.AddCert(r)
+	}
+	c := &Client{
+		base:    strings.TrimSuffix(u.Scheme+"://"+u.Host+u.Path, "/"),
+		roots:   pool,
+		token:   cfg.Token,
+		timeout: cfg.Timeout,
+		log:     cfg.Logger,
+	}
+	c.enroll = &http.Client{Transport: c.transport(nil, false)}
+	return c, nil
+}
+
+// transport builds an HTTPS transport to the CA, presenting clientCert when not nil.
+func (c *Client) transport(clientCert *tls.Certificate, keepAlive bool) *http.Transport {
+	tc := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: c.roots}
+	if clientCert != nil {
+		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return clientCert, nil
+		}
+	}
+	return &http.Transport{
+		// Never through HTTP(S)_PROXY: on a meshed host that is the agentmesh proxy,
+		// whose credentials this client is renewing.
+		Proxy:               nil,
+		TLSClientConfig:     tc,
+		ForceAttemptHTTP2:   true,
+		TLSHandshakeTimeout: c.timeout,
+		DisableKeepAlives:   !keepAlive,
+		MaxIdleConnsPerHost: 2,
+		IdleConnTimeout:     90 * time.Second,
+	}
+}
+
+// signRequest is step-ca's POST /1.0/sign body; rekey uses the csr field only.
+type signRequest struct {
+	CSR string `json:"csr"`
+	OTT string `json:"ott,omitempty"`
+}
+
+// Enroll asks for a first SVID for id and the public half of key, authenticated by a
+// bootstrap token from ClientConfig.Token: a CSR with the single URI SAN id, signed by
+// key, to POST /1.0/sign. It returns the chain, leaf first. A refusal (bad, expired or
+// used token, wrong ID) is a *ResponseError whose Permanent() is true.
+func (c *Client) Enroll(ctx context.Context, id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
+	if c.token == nil {
+		return nil, ErrNoToken
+	}
+	tok, err := c.token(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("ca: sign: bootstrap token: %w", err)
+	}
+	csr, err := newCSR(id, key)
+	if err != nil {
+		return nil, fmt.Errorf("ca: sign: %w", err)
+	}
+	return c.post(ctx, c.enroll, "sign", "/1.0/sign", signRequest{CSR: csr, OTT: tok})
+}
+
+// Renew asks for an SVID for the public half of key (a new key each rotation),
+// authenticated by presenting current over mTLS: POST /1.0/rekey with a CSR signed by
+// key. The new certificate keeps current's ID and lifetime. It returns the chain, leaf
+// first. An expired, revoked or unknown current SVID is a *ResponseError whose
+// Permanent() is true: re-enrol.
+func (c *Client) Renew(ctx context.Context, current *x509svid.SVID, key crypto.Signer) ([]*x509.Certificate, error) {
+	if current == nil || len(current.Certificates) == 0 || current.PrivateKey == nil {
+		return nil, errors.New("ca: rekey: no current SVID")
+	}
+	id := current.ID
+	if id.IsZero() {
+		var err error
+		if id, err = x509svid.IDFromCert(current.Certificates[0]); err != nil {
+			return nil, fmt.Errorf("ca: rekey: current SVID: %w", err)
+		}
+	}
+	csr, err := newCSR(id, key)
+	if err != nil {
+		return nil, fmt.Errorf("ca: rekey: %w", err)
+	}
+	cert := &tls.Certificate{PrivateKey: current.PrivateKey, Leaf: current.Certificates[0]}
+	for _, crt := range current.Certificates {
+		cert.Certificate = append(cert.Certificate, crt.Raw)
+	}
+	// A transport per call: the client certificate changes with every rotation.
+	tr := c.transport(cert, false)
+	defer tr.CloseIdleConnections()
+	return c.post(ctx, &http.Client{Transport: tr}, "rekey", "/1.0/rekey", signRequest{CSR: csr})
+}
+
+func (c *Client) post(ctx context.Context, hc *http.Client, op, path string, body signRequest) ([]*x509.Certificate, error) {
+	ctx, cancel := context.WithTimeout(ctx, c.timeout)
+	defer cancel()
+	b, err := json.Marshal(body)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path, bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	start := time.Now()
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	answer, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse))
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
+	}
+	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
+		return nil, &ResponseError{Op: op, Status: resp.StatusCode, Message: stepErrorMessage(answer)}
+	}
+	chain, err := parseSignResponse(answer)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
+	}
+	c.log.LogAttrs(ctx, slog.LevelDebug, "certificate issued", slog.String(keyOp, op),
+		slog.String(keySerial, chain[0].SerialNumber.String()), slog.Time(keyNotAfter, chain[0].NotAfter),
+		slog.Duration(keyDuration, time.Since(start)))
+	return chain, nil
+}
+
+// newCSR returns a PEM CSR for the single URI SAN id, signed by key (which may live in
+// a token: only Sign is used).
+func newCSR(id spiffeid.ID, key crypto.Signer) (string, error) {
+	if key == nil {
+		return "", errors.New("no key")
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+		URIs: []*url.URL{id.URL()},
+	}, key)
+	if err != nil {
+		return "", fmt.Errorf("create csr: %w", err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), nil
+}
+
+// signResponse is the part of step-ca's sign/renew/rekey answer the client reads.
+type signResponse struct {
+	Crt       string   `json:"crt"`
+	CA        string   `json:"ca"`
+	CertChain []string `json:"certChain"`
+}
+
+// parseSignResponse returns the certificates of a step-ca sign/rekey answer, leaf
+// first: certChain when present, else crt then ca.
+func parseSignResponse(b []byte) ([]*x509.Certificate, error) {
+	var r signResponse
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("malformed answer: %w", err)
+	}
+	pems := r.CertChain
+	if len(pems) == 0 {
+		pems = []string{r.Crt, r.CA}
+	}
+	var chain []*x509.Certificate
+	for _, p := range pems {
+		rest := []byte(p)
+		for {
+			var block *pem.Block
+			block, rest = pem.Decode(rest)
+			if block == nil {
+				break
+			}
+			if block.Type != "CERTIFICATE" {
+				continue
+			}
+			crt, err := x509.ParseCertificate(block.Bytes)
+			if err != nil {
+				return nil, fmt.Errorf("malformed certificate in answer: %w", err)
+			}
+			chain = append(chain, crt)
+		}
+	}
+	if len(chain) == 0 {
+		return nil, errors.New("answer holds no certificate")
+	}
+	return chain, nil
+}
+
+// stepErrorMessage extracts the message of a step-ca error body ({"status":N,
+// "message":"..."}), or a bounded prefix of a body that is not one.
+func stepErrorMessage(b []byte) string {
+	var e struct {
+		Message string `json:"message"`
+	}
+	if json.Unmarshal(b, &e) == nil && e.Message != "" {
+		return e.Message
+	}
+	s := strings.TrimSpace(string(b))
+	if len(s) > 200 {
+		s = s[:200] + "..."
+	}
+	return s
+}

@@ -1,0 +1,172 @@
+package ca
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+const (
+	defaultListen        = ":9443"
+	defaultSVIDLifetime  = time.Hour
+	minSVIDLifetime      = 10 * time.Second
+	defaultTokenLifetime = 5 * time.Minute
+	maxTokenLifetime     = 24 * time.Hour
+	defaultClientTimeout = 10 * time.Second
+
+	// softHSMModule is the SoftHSM2 PKCS#11 module used for the embedded token
+	// (Debian/Ubuntu path of the softhsm2 package).
+	softHSMModule = "/usr/lib/softhsm/libsofthsm2.so"
+
+	// rootValidity is the lifetime of the self-signed root; the intermediate ends
+	// with it.
+	rootValidity = 10 * 365 * 24 * time.Hour
+)
+
+// Config configures a Server. The zero value of every optional field selects the
+// documented default.
+type Config struct {
+	// StateDir holds the CA's state: root.crt, intermediate.crt, the database (db/),
+	// the SoftHSM2 token (tokens/, softhsm2.conf, hsm.pin) unless KMS is set, the lock
+	// and the admin socket. Required; created 0700 if missing.
+	StateDir string
+
+	// TrustDomain is the SPIFFE trust domain the CA issues for. Required. A state
+	// directory belongs to one trust domain for life.
+	TrustDomain spiffeid.TrustDomain
+
+	// Listen is the TCP address of step-ca's HTTPS API. Default ":9443". Port 0 picks a
+	// free port: New binds before anything uses the port (token audiences, URL).
+	Listen string
+
+	// DNSNames are the names (host names or IP addresses) in the CA's TLS serving
+	// certificate; the first one is the host in bootstrap-token audiences. Default:
+	// "localhost", "127.0.0.1", "::1", the listen host if it is specific, and
+	// os.Hostname(). The host of URL() is appended when missing, so URL() always works.
+	DNSNames []string
+
+	// KMS is the PKCS#11 URI of the token holding the root, intermediate and
+	// provisioner keys, for example
+	// "pkcs11:module-path=/usr/lib/libyubihsm_pkcs11.so;token=agentmesh?pin-source=file:///etc/agentmesh/pin".
+	// Missing keys are generated inside it on first start, as objects labelled
+	// agentmesh-root, agentmesh-intermediate and agentmesh-provisioner: give each CA its
+	// own token. The URI is never logged with a pin-value. Default "": a SoftHSM2 token
+	// created inside StateDir on first start, its random PIN in StateDir/hsm.pin (0600).
+	KMS string
+
+	// SVIDLifetime is the default and the maximum lifetime of issued X509-SVIDs.
+	// Default 1h; at least 10s.
+	SVIDLifetime time.Duration
+
+	// TokenLifetime is how long a bootstrap token from Token is valid. Default 5m; at
+	// most 24h.
+	TokenLifetime time.Duration
+
+	// Logger receives the CA's logs, including step-ca's per-request errors and
+	// net/http's server errors. Default: discard.
+	Logger *slog.Logger
+}
+
+func (c Config) withDefaults() Config {
+	if c.Listen == "" {
+		c.Listen = defaultListen
+	}
+	if c.SVIDLifetime == 0 {
+		c.SVIDLifetime = defaultSVIDLifetime
+	}
+	if c.TokenLifetime == 0 {
+		c.TokenLifetime = defaultTokenLifetime
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.StateDir != "" {
+		if abs, err := filepath.Abs(c.StateDir); err == nil {
+			// Absolute, because the path goes into file:// URIs and softhsm2.conf.
+			c.StateDir = abs
+		}
+	}
+	c.DNSNames = slices.Clone(c.DNSNames)
+	return c
+}
+
+func (c Config) validate() error {
+	switch {
+	case c.StateDir == "":
+		return fmt.Errorf("%w: StateDir is required", ErrInvalidConfig)
+	case c.TrustDomain.IsZero():
+		return fmt.Errorf("%w: TrustDomain is required", ErrInvalidConfig)
+	case c.SVIDLifetime < minSVIDLifetime:
+		return fmt.Errorf("%w: SVIDLifetime %v is below the minimum of %v", ErrInvalidConfig, c.SVIDLifetime, minSVIDLifetime)
+	case c.TokenLifetime < 0 || c.TokenLifetime > maxTokenLifetime:
+		return fmt.Errorf("%w: TokenLifetime %v is outside (0, %v]", ErrInvalidConfig, c.TokenLifetime, maxTokenLifetime)
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return fmt.Errorf("%w: Listen %q: %w", ErrInvalidConfig, c.Listen, err)
+	}
+	return nil
+}
+
+// backdate is how far before "now" an SVID's NotBefore is set, to absorb clock skew
+// between the CA and its peers. step-ca's default of 1m would make a 1-minute SVID valid
+// for 2 minutes, so it scales with the lifetime: min(1m, lifetime/10).
+//
+// It is whole seconds: certificate times are encoded to the second, and a fractional
+// backdate makes step-ca see a requested duration up to a second over its maximum.
+func backdate(lifetime time.Duration) time.Duration {
+	return max(time.Second, min(time.Minute, lifetime/10).Truncate(time.Second))
+}
+
+// specificHost returns the host of a listen address when it names one interface (not
+// empty, not 0.0.0.0 or ::).
+func specificHost(listen string) (string, bool) {
+	host, _, err := net.SplitHostPort(listen)
+	if err != nil || host == "" {
+		return "", false
+	}
+	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
+		return "", false
+	}
+	return host, true
+}
+
+// serverNames returns the names of the serving certificate: the configured ones or
+// the defaults, plus urlHost when missing.
+func serverNames(configured []string, listen, urlHost string) []string {
+	names := configured
+	if len(names) == 0 {
+		names = []string{"localhost", "127.0.0.1", "::1"}
+		if h, ok := specificHost(listen); ok {
+			names = append(names, h)
+		}
+		if h, err := os.Hostname(); err == nil && h != "" {
+			names = append(names, h)
+		}
+	}
+	names = append(names, urlHost)
+	out := make([]string, 0, len(names))
+	for _, n := range names {
+		if n != "" && !slices.Contains(out, n) {
+			out = append(out, n)
+		}
+	}
+	return out
+}
+
+// localURLHost is the host local clients should use to reach a listener bound at
+// bound, configured as listen: the listen host when specific, else loopback.
+func localURLHost(listen string, bound net.Addr) string {
+	if h, ok := specificHost(listen); ok {
+		return h
+	}
+	if tcp, ok := bound.(*net.TCPAddr); ok && tcp.IP != nil && !tcp.IP.IsUnspecified() {
+		return tcp.IP.String()
+	}
+	return "127.0.0.1"
+}

@@ -1,0 +1,233 @@
+package ca
+
+import (
+	"errors"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/smallstep/certificates/authority/config"
+	"github.com/smallstep/certificates/authority/provisioner"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+func TestConfigValidate(t *testing.T) {
+	t.Parallel()
+	valid := Config{StateDir: "/var/lib/agentmesh-ca", TrustDomain: testTD}
+	for _, tc := range []struct {
+		name   string
+		mutate func(*Config)
+		ok     bool
+	}{
+		{"defaults", func(*Config) {}, true},
+		{"no state dir", func(c *Config) { c.StateDir = "" }, false},
+		{"no trust domain", func(c *Config) { c.TrustDomain = spiffeid.TrustDomain{} }, false},
+		{"lifetime at the 10s minimum", func(c *Config) { c.SVIDLifetime = 10 * time.Second }, true},
+		{"lifetime below the minimum", func(c *Config) { c.SVIDLifetime = 9 * time.Second }, false},
+		{"negative lifetime", func(c *Config) { c.SVIDLifetime = -time.Minute }, false},
+		{"negative token lifetime", func(c *Config) { c.TokenLifetime = -time.Minute }, false},
+		{"token lifetime above 24h", func(c *Config) { c.TokenLifetime = 25 * time.Hour }, false},
+		{"listen without port", func(c *Config) { c.Listen = "localhost" }, false},
+		{"listen port 0", func(c *Config) { c.Listen = "127.0.0.1:0" }, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cfg := valid
+			tc.mutate(&cfg)
+			err := cfg.withDefaults().validate()
+			if tc.ok && err != nil {
+				t.Fatalf("validate: %v", err)
+			}
+			if !tc.ok && !errors.Is(err, ErrInvalidConfig) {
+				t.Fatalf("validate: %v, want ErrInvalidConfig", err)
+			}
+		})
+	}
+}
+
+func TestConfigDefaults(t *testing.T) {
+	t.Parallel()
+	c := Config{StateDir: "relative/state"}.withDefaults()
+	switch {
+	case c.Listen != ":9443", c.SVIDLifetime != time.Hour, c.TokenLifetime != 5*time.Minute, c.Logger == nil:
+		t.Errorf("defaults: %+v", c)
+	case !strings.HasPrefix(c.StateDir, "/"):
+		t.Errorf("StateDir %q not made absolute", c.StateDir)
+	}
+}
+
+func TestBackdate(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		lifetime, want time.Duration
+	}{
+		{10 * time.Second, time.Second},
+		{time.Minute, 6 * time.Second},
+		{10 * time.Minute, time.Minute},
+		{time.Hour, time.Minute},
+		{24 * time.Hour, time.Minute},
+	} {
+		if got := backdate(tc.lifetime); got != tc.want {
+			t.Errorf("backdate(%v) = %v, want %v", tc.lifetime, got, tc.want)
+		}
+	}
+}
+
+// The provisioner's claims pass step-ca's own validation for every accepted lifetime,
+// with a minimum of at most 10s and default = maximum = the lifetime.
+func TestSVIDClaims(t *testing.T) {
+	t.Parallel()
+	for _, lifetime := range []time.Duration{10 * time.Second, time.Minute, time.Hour, 24 * time.Hour, 90 * 24 * time.Hour} {
+		c, err := provisioner.NewClaimer(svidClaims(lifetime), config.GlobalProvisionerClaims)
+		if err != nil {
+			t.Fatalf("claims for %v: %v", lifetime, err)
+		}
+		if c.MinTLSCertDuration() > 10*time.Second || c.DefaultTLSCertDuration() != lifetime ||
+			c.MaxTLSCertDuration() != lifetime || c.IsDisableRenewal() || c.AllowRenewalAfterExpiry() {
+			t.Errorf("claims for %v: %+v", lifetime, c.Claims())
+		}
+	}
+}
+
+func TestServerNames(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name       string
+		configured []string
+		listen     string
+		urlHost    string
+		want       []string // prefix of the result, then urlHost must be present
+	}{
+		{"defaults, wildcard listen", nil, ":9443", "127.0.0.1", []string{"localhost", "127.0.0.1", "::1"}},
+		{"defaults, specific listen", nil, "10.1.2.3:9443", "10.1.2.3", []string{"localhost", "127.0.0.1", "::1", "10.1.2.3"}},
+		{"configured, url host appended", []string{"ca.mesh.test"}, "10.1.2.3:9443", "10.1.2.3", []string{"ca.mesh.test", "10.1.2.3"}},
+		{"configured, duplicates dropped", []string{"ca", "ca", "127.0.0.1"}, ":0", "127.0.0.1", []string{"ca", "127.0.0.1"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			got := serverNames(tc.configured, tc.listen, tc.urlHost)
+			if len(got) < len(tc.want) || !slices.Equal(got[:len(tc.want)], tc.want) {
+				t.Errorf("serverNames = %v, want prefix %v", got, tc.want)
+			}
+			if !slices.Contains(got, tc.urlHost) {
+				t.Errorf("serverNames = %v lacks the URL host %s", got, tc.urlHost)
+			}
+			for i, n := range got {
+				if slices.Contains(got[i+1:], n) {
+					t.Errorf("serverNames = %v repeats %s", got, n)
+				}
+			}
+		})
+	}
+}
+
+func TestLocalURLHost(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		listen string
+		bound  net.Addr
+		want   string
+	}{
+		{":9443", &net.TCPAddr{IP: net.IPv6unspecified, Port: 9443}, "127.0.0.1"},
+		{"0.0.0.0:0", &net.TCPAddr{IP: net.IPv4zero, Port: 4000}, "127.0.0.1"},
+		{"127.0.0.1:0", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 4000}, "127.0.0.1"},
+		{"[::1]:0", &net.TCPAddr{IP: net.IPv6loopback, Port: 4000}, "::1"},
+		{"ca.mesh.test:9443", &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 9443}, "ca.mesh.test"},
+	} {
+		if got := localURLHost(tc.listen, tc.bound); got != tc.want {
+			t.Errorf("localURLHost(%q, %v) = %q, want %q", tc.listen, tc.bound, got, tc.want)
+		}
+	}
+}
+
+func TestServingRenewIn(t *testing.T) {
+	t.Parallel()
+	nb := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	na := nb.Add(24 * time.Hour)
+	for _, tc := range []struct {
+		name     string
+		now      time.Time
+		failures int
+		want     time.Duration
+	}{
+		{"fresh", nb, 0, 16 * time.Hour},
+		{"half way", nb.Add(12 * time.Hour), 0, 4 * time.Hour},
+		{"past two thirds", nb.Add(20 * time.Hour), 0, 0},
+		{"expired", na.Add(time.Hour), 0, 0},
+		{"first retry", nb.Add(20 * time.Hour), 1, time.Second},
+		{"third retry", nb.Add(20 * time.Hour), 3, 4 * time.Second},
+		{"retry capped", nb.Add(20 * time.Hour), 30, time.Minute},
+	} {
+		if got := servingRenewIn(nb, na, tc.now, tc.failures); got != tc.want {
+			t.Errorf("%s: servingRenewIn = %v, want %v", tc.name, got, tc.want)
+		}
+	}
+}
+
+func TestRedactKMSURI(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		in, mustNot string
+	}{
+		{"pkcs11:module-path=/m.so;token=t?pin-value=s3cret", "s3cret"},
+		{"pkcs11:module-path=/m.so;token=t;pin-value=s3cret", "s3cret"},
+		{"pkcs11:token=t?pin-source=file:///p&pin-value=s3cret", "s3cret"},
+		{"%zz:pin-value=s3cret", "s3cret"},
+	} {
+		if got := redactKMSURI(tc.in); strings.Contains(got, tc.mustNot) {
+			t.Errorf("redactKMSURI(%q) = %q", tc.in, got)
+		}
+	}
+	if got := redactKMSURI("pkcs11:token=t?pin-source=file:///p"); !strings.Contains(got, "pin-source") {
+		t.Errorf("pin-source dropped: %q", got)
+	}
+}
+
+func TestSoftHSMKMSURI(t *testing.T) {
+	t.Parallel()
+	got := softHSMKMSURI("/state dir/a+b;c/hsm.pin")
+	want := "pkcs11:module-path=/usr/lib/softhsm/libsofthsm2.so;token=agentmesh?pin-source=file:///state%20dir/a%2Bb%3Bc/hsm.pin"
+	if got != want {
+		t.Errorf("softHSMKMSURI = %q, want %q", got, want)
+	}
+}
+
+func TestPeerAllowed(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		peer, self int
+		want       bool
+	}{
+		{0, 1000, true},
+		{1000, 1000, true},
+		{1001, 1000, false},
+		{-1, 1000, false},
+		{0, 0, true},
+	} {
+		if got := peerAllowed(tc.peer, tc.self); got != tc.want {
+			t.Errorf("peerAllowed(%d, %d) = %v", tc.peer, tc.self, got)
+		}
+	}
+}
+
+func TestCheckIssuable(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name string
+		id   spiffeid.ID
+		ok   bool
+	}{
+		{"workload", spiffeid.RequireFromPath(testTD, "/agent/a"), true},
+		{"host", spiffeid.RequireFromPath(testTD, "/host/h1"), true},
+		{"trust domain ID", testTD.ID(), false},
+		{"other trust domain", spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("mesh.test.evil"), "/a"), false},
+		{"zero", spiffeid.ID{}, false},
+	} {
+		err := checkIssuable(testTD, tc.id)
+		if tc.ok != (err == nil) || (err != nil && !errors.Is(err, ErrInvalidID)) {
+			t.Errorf("%s: checkIssuable(%q) = %v", tc.name, tc.id, err)
+		}
+	}
+}

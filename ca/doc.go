@@ -1,0 +1,52 @@
+// Package ca is agentmesh's certificate authority: it embeds step-ca
+// (github.com/smallstep/certificates, its authority and api packages on our own
+// listener) with the root, intermediate and provisioner keys generated and used inside a
+// PKCS#11 token (go.step.sm/crypto/kms/pkcs11; by default a SoftHSM2 token created in the
+// state directory), and issues short-lived SPIFFE X509-SVIDs. It also provides the
+// Client proxies use to enrol (one-time bootstrap token) and renew (mTLS rekey, a new key
+// each time), and the admin unix socket behind `agentmesh token`. It does not decide when
+// to renew, verify what it is given back, keep workload keys, or implement the mesh API
+// (registration entries, revocation feed, fleet commands): those belong to the rotator
+// and later parts of the CA.
+//
+// # Server
+//
+// New prepares everything on disk and in the token and binds the HTTPS listener and
+// the admin socket; Run builds step-ca's authority and serves until its context is done.
+// The HTTPS API is step-ca's own (/roots, /sign, /renew, /rekey, /revoke, /crl,
+// /health, at / and /1.0), so the step CLI works against it. Its TLS certificate is
+// issued by the authority and renewed at two thirds of its life. Client certificates
+// are requested, not required: every request that presents one must chain to the root
+// for client authentication at that moment, or it gets a 401 (an expired SVID is thus
+// a permanent error telling the rotator to re-enrol, not a handshake failure).
+//
+// One JWK provisioner, "agentmesh", whose key is the provisioner key in the token,
+// signs bootstrap tokens (Server.Token, RequestToken). Its template makes X509-SVIDs:
+// exactly the token's one URI SAN, empty subject, digitalSignature,
+// serverAuth+clientAuth, not a CA; its claims make Config.SVIDLifetime the default and
+// maximum lifetime, allow renewal only before expiry, and step-ca's backdate is
+// min(1m, lifetime/10). The root and the intermediate carry the trust domain's URI SAN
+// and name constraints permitting only URIs in the trust domain. Token IDs are
+// recorded as used in the bbolt database (StateDir/db) by a hash, never in plain text.
+//
+// # State directory
+//
+//	root.crt, intermediate.crt   public certificates (0644), written atomically
+//	db/ca.db                     step-ca's database (bbolt): issued and revoked
+//	                             certificates, used token IDs, the CRL
+//	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS)
+//	hsm.pin                      its random user PIN (0600); the SO PIN is discarded
+//	admin.sock                   admin API (0600; root or the CA's uid, via SO_PEERCRED)
+//	lock                         flock held while a Server owns the directory
+//
+// # SoftHSM and the process environment
+//
+// SoftHSM2 reads its configuration from the SOFTHSM2_CONF environment variable, once,
+// when the module is initialised (C_Initialize). New therefore sets SOFTHSM2_CONF before
+// the first PKCS#11 call, and a process can serve the embedded token of one state
+// directory at a time (ErrSoftHSMInUse). A hardware token named by Config.KMS has no such
+// limit.
+//
+// The package needs cgo: the PKCS#11 KMS is compiled only with cgo (without it New fails
+// with "unsupported kms type").
+package ca

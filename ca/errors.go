@@ -1,0 +1,68 @@
+package ca
+
+import (
+	"errors"
+	"fmt"
+	"net/http"
+)
+
+// ErrInvalidConfig is returned by New and NewClient for a configuration that cannot work
+// (a missing required field, a lifetime out of range, a malformed URL). The message names
+// the field.
+var ErrInvalidConfig = errors.New("ca: invalid configuration")
+
+// ErrTrustDomainMismatch is returned by New when the state directory holds a root for
+// another trust domain than Config.TrustDomain. Use the state directory of that trust
+// domain, or a new one.
+var ErrTrustDomainMismatch = errors.New("ca: state directory belongs to another trust domain")
+
+// ErrStateInUse is returned by New when another CA (in this process or another one) holds
+// the lock on the state directory.
+var ErrStateInUse = errors.New("ca: state directory in use by another agentmesh ca")
+
+// ErrHSM wraps every failure to reach or use the PKCS#11 token in New: module not
+// loadable, token not found, wrong PIN, a key missing or not matching its certificate.
+// The underlying PKCS#11 error is wrapped too.
+var ErrHSM = errors.New("ca: hsm")
+
+// ErrSoftHSMInUse is returned by New when this process already has the SoftHSM2 module
+// initialised with another configuration. SoftHSM reads SOFTHSM2_CONF once per
+// process (at C_Initialize), so one process can serve the embedded SoftHSM token of one
+// state directory at a time; close the other Server first, or use Config.KMS.
+var ErrSoftHSMInUse = errors.New("ca: softhsm2 module already in use with another configuration")
+
+// ErrInvalidID is returned by Token and the admin API for a SPIFFE ID outside the CA's
+// trust domain or without a path (the trust domain's own ID is not a workload).
+var ErrInvalidID = errors.New("ca: spiffe id not issuable by this ca")
+
+// ErrServerClosed is returned by Run when it is called a second time or after Close.
+var ErrServerClosed = errors.New("ca: server already run or closed")
+
+// ErrNoToken is returned by Client.Enroll when ClientConfig.Token is nil.
+var ErrNoToken = errors.New("ca: no bootstrap token source configured")
+
+// ResponseError is an answer of the CA that is not a success: a step-ca API error on the
+// HTTPS API, or an admin-socket error for RequestToken. Message is the CA's own message
+// (step-ca keeps the details in its log).
+type ResponseError struct {
+	Op      string // "sign", "rekey", "token"
+	Status  int    // HTTP status code
+	Message string
+}
+
+func (e *ResponseError) Error() string {
+	msg := e.Message
+	if msg == "" {
+		msg = http.StatusText(e.Status)
+	}
+	return fmt.Sprintf("ca: %s: %d %s", e.Op, e.Status, msg)
+}
+
+// Permanent reports whether retrying the same request cannot succeed: true for 4xx
+// answers (bad or used token, expired or revoked certificate, refused request) except 408
+// Request Timeout and 429 Too Many Requests. The rotator switches from Renew to Enroll on
+// a permanent error.
+func (e *ResponseError) Permanent() bool {
+	return e.Status >= 400 && e.Status < 500 &&
+		e.Status != http.StatusRequestTimeout && e.Status != http.StatusTooManyRequests
+}

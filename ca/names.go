@@ -1,0 +1,49 @@
+package ca
+
+// Log attribute keys.
+const (
+	keySPIFFEID    = "spiffe_id"
+	keySerial      = "serial"
+	keyNotAfter    = "not_after"
+	keyErr         = "err"
+	keyAddr        = "addr"
+	keyURL         = "url"
+	keyStateDir    = "state_dir"
+	keyTrustDomain = "trust_domain"
+	keyPeerUID     = "peer_uid"
+	keyStatus      = "status"
+	keyPath        = "path"
+	keyMethod      = "method"
+	keyDuration    = "duration"
+	keyRetryIn     = "retry_in"
+	keyKMS         = "kms"
+	keyFirstStart  = "first_start"
+	keyExpires     = "expires"
+	keyRootSPKI    = "root_spki_sha256"
+	keyOp          = "op"
+	keyMode        = "mode"
+	keyAdminSocket = "admin_socket"
+)
+
+// Files and directories inside Config.StateDir.
+const (
+	fileRoot         = "root.crt"
+	fileIntermediate = "intermediate.crt"
+	fileSoftHSMConf  = "softhsm2.conf"
+	filePIN          = "hsm.pin"
+	fileAdminSocket  = "admin.sock"
+	fileLock         = "lock"
+	dirTokens        = "tokens"
+	dirDB            = "db"
+	fileDB           = "ca.db"
+)
+
+// Names inside the PKCS#11 token and step-ca.
+const (
+	tokenLabel      = "agentmesh"
+	provisionerName = "agentmesh"
+	// Key objects: CKA_ID (hex) and CKA_LABEL. One token holds the keys of one CA.
+	keyURIRoot         = "pkcs11:id=a901;object=agentmesh-root"
+	keyURIIntermediate = "pkcs11:id=a902;object=agentmesh-intermediate"
+	keyURIProvisioner  = "pkcs11:id=a903;object=agentmesh-provisioner"
+)

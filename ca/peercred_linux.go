@@ -1,0 +1,32 @@
+package ca
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"syscall"
+)
+
+// peerUID returns the uid of the process on the other end of a unix socket connection
+// (SO_PEERCRED: the credentials at connect time, set by the kernel).
+func peerUID(c net.Conn) (int, error) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return -1, errors.New("not a unix socket connection")
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return -1, fmt.Errorf("peer credentials: %w", err)
+	}
+	var cred *syscall.Ucred
+	var serr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, serr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	}); err != nil {
+		return -1, fmt.Errorf("peer credentials: %w", err)
+	}
+	if serr != nil {
+		return -1, fmt.Errorf("peer credentials: %w", serr)
+	}
+	return int(cred.Uid), nil
+}

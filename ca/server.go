@@ -1,0 +1,371 @@
+package ca
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/smallstep/certificates/authority"
+	"github.com/smallstep/certificates/authority/config"
+	"github.com/smallstep/certificates/authority/provisioner"
+	"go.step.sm/crypto/kms/pkcs11"
+	"go.step.sm/crypto/x509util"
+	"golang.org/x/sync/errgroup"
+)
+
+// shutdownTimeout bounds the graceful part of Run's shutdown; connections still open
+// afterwards are closed.
+const shutdownTimeout = 5 * time.Second
+
+type serverState int
+
+const (
+	stateNew serverState = iota
+	stateRunning
+	stateClosed
+)
+
+// Server is an agentmesh CA: step-ca's authority with its keys in a PKCS#11 token,
+// serving step-ca's API over HTTPS and the admin API on a unix socket. Addr, URL, Roots
+// and Token are safe for concurrent use.
+type Server struct {
+	cfg      Config
+	log      *slog.Logger
+	dnsNames []string
+	url      string
+
+	lock           *os.File
+	releaseSoftHSM func()
+	kms            *pkcs11.PKCS11
+	certs          caCerts
+	provisioner    *provisioner.JWK
+	tokens         *tokenIssuer
+	db             authDB
+	ln             net.Listener
+	adminLn        *net.UnixListener
+
+	clientRoots, clientIntermediates *x509.CertPool
+	servingCert                      atomic.Pointer[tls.Certificate]
+
+	mu          sync.Mutex
+	state       serverState
+	auth        *authority.Authority // set by Run; Shutdown closes the KMS and the DB
+	releaseOnce sync.Once
+}
+
+// New prepares a CA in cfg.StateDir without serving it.
+//
+// On first start it creates the state directory, a SoftHSM2 token (unless cfg.KMS names
+// one) with a random PIN in StateDir/hsm.pin, generates the root, intermediate and
+// provisioner keys inside the token, self-signs the root (URI SAN spiffe://TD, name
+// constraints permitting URIs in TD only), signs the intermediate with the root key,
+// writes StateDir/root.crt and StateDir/intermediate.crt atomically and creates the
+// database. Later starts reuse all of it and fail with ErrTrustDomainMismatch when the
+// stored root belongs to another trust domain.
+//
+// New sets SOFTHSM2_CONF in the process environment for the embedded token, before the
+// PKCS#11 module initialises: SoftHSM reads its configuration only from that variable,
+// only in C_Initialize, and the system default needs root or the softhsm group. Hence one
+// process serves one embedded SoftHSM state directory at a time (ErrSoftHSMInUse).
+//
+// New binds the HTTPS listener (cfg.Listen; port 0 picks a free port) and the admin
+// socket StateDir/admin.sock (0600) but starts no goroutines. Call Run to serve, or
+// Close to release everything.
+func New(ctx context.Context, cfg Config) (_ *Server, err error) {
+	started := time.Now()
+	cfg = cfg.withDefaults()
+	if err := cfg.validate(); err != nil {
+		return nil, err
+	}
+	s := &Server{cfg: cfg, log: cfg.Logger}
+	defer func() {
+		if err != nil {
+			_ = s.release()
+			err = boundary(err)
+		}
+	}()
+
+	if err := prepareStateDir(cfg.StateDir, s.log); err != nil {
+		return nil, err
+	}
+	if s.lock, err = lockStateDir(cfg.StateDir); err != nil {
+		return nil, err
+	}
+
+	kmsURI := cfg.KMS
+	if kmsURI == "" {
+		if s.releaseSoftHSM, err = acquireSoftHSM(filepath.Join(cfg.StateDir, fileSoftHSMConf)); err != nil {
+			return nil, err
+		}
+		created, err := prepareSoftHSM(cfg.StateDir)
+		if err != nil {
+			return nil, err
+		}
+		if created {
+			s.log.Info("softhsm2 token created", keyStateDir, cfg.StateDir)
+		}
+		kmsURI = softHSMKMSURI(filepath.Join(cfg.StateDir, filePIN))
+	}
+	if s.kms, err = openKMS(ctx, kmsURI); err != nil {
+		return nil, err
+	}
+	certs, firstStart, err := loadOrCreatePKI(s.kms, cfg.StateDir, cfg.TrustDomain, time.Now())
+	if err != nil {
+		return nil, err
+	}
+	s.certs = certs
+	provKey, err := loadOrCreateKey(s.kms, keyURIProvisioner)
+	if err != nil {
+		return nil, err
+	}
+	jwk, err := provisionerJWK(provKey.Public())
+	if err != nil {
+		return nil, err
+	}
+	s.provisioner = newProvisioner(jwk, cfg.TrustDomain, cfg.SVIDLifetime)
+	if err := checkClaims(s.provisioner); err != nil {
+		return nil, err
+	}
+	if s.db, err = openDB(cfg.StateDir); err != nil {
+		return nil, err
+	}
+
+	var lc net.ListenConfig
+	if s.ln, err = lc.Listen(ctx, "tcp", cfg.Listen); err != nil {
+		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	port := strconv.Itoa(s.ln.Addr().(*net.TCPAddr).Port)
+	urlHost := localURLHost(cfg.Listen, s.ln.Addr())
+	s.url = "https://" + net.JoinHostPort(urlHost, port)
+	s.dnsNames = serverNames(cfg.DNSNames, cfg.Listen, urlHost)
+	audience := "https://" + net.JoinHostPort(s.dnsNames[0], port) + "/1.0/sign"
+	s.tokens, err = newTokenIssuer(cfg.TrustDomain, provKey, jwk.KeyID, audience,
+		x509util.Fingerprint(certs.root), cfg.TokenLifetime)
+	if err != nil {
+		return nil, err
+	}
+	if s.adminLn, err = listenAdmin(filepath.Join(cfg.StateDir, fileAdminSocket)); err != nil {
+		return nil, err
+	}
+
+	s.clientRoots = x509.NewCertPool()
+	s.clientRoots.AddCert(certs.root)
+	s.clientIntermediates = x509.NewCertPool()
+	s.clientIntermediates.AddCert(certs.intermediate)
+
+	s.log.Info("ca prepared",
+		keyTrustDomain, cfg.TrustDomain.Name(),
+		keyStateDir, cfg.StateDir,
+		keyKMS, redactKMSURI(kmsURI),
+		keyFirstStart, firstStart,
+		keyAddr, s.ln.Addr().String(),
+		keyRootSPKI, spkiSHA256(certs.root),
+		keyDuration, time.Since(started))
+	return s, nil
+}
+
+// checkClaims validates the provisioner's lifetime claims as step-ca will, so a bad
+// lifetime fails in New rather than in Run.
+func checkClaims(p *provisioner.JWK) error {
+	if _, err := provisioner.NewClaimer(p.Claims, config.GlobalProvisionerClaims); err != nil {
+		return fmt.Errorf("%w: SVIDLifetime: %w", ErrInvalidConfig, err)
+	}
+	return nil
+}
+
+// prepareStateDir creates the state directory 0700, or warns when an existing one is
+// readable by others (its PIN file and token are 0600, but the directory should be too).
+func prepareStateDir(dir string, log *slog.Logger) error {
+	fi, err := os.Stat(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return fmt.Errorf("create state directory: %w", err)
+		}
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("state directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%w: StateDir %s is not a directory", ErrInvalidConfig, dir)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		log.Warn("state directory is accessible to other users; chmod 0700 recommended",
+			keyStateDir, dir, keyMode, fi.Mode().Perm().String())
+	}
+	return nil
+}
+
+// Addr is the bound address of the HTTPS API.
+func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+
+// URL is the base URL local clients use for the HTTPS API, https://127.0.0.1:PORT when
+// the listener is on all interfaces, else https://LISTEN-HOST:PORT. Its host is always in
+// the serving certificate.
+func (s *Server) URL() string { return s.url }
+
+// Roots returns the CA's trust anchors (the root certificate). The caller may not
+// modify them.
+func (s *Server) Roots() []*x509.Certificate { return []*x509.Certificate{s.certs.root} }
+
+// Close releases what New acquired (listeners, admin socket, token session, database,
+// state lock) when Run will not be called. Once Run has been called, Run owns these and
+// releases them when it returns; Close then does nothing. Close is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.state != stateNew {
+		s.mu.Unlock()
+		return nil
+	}
+	s.state = stateClosed
+	s.mu.Unlock()
+	return s.release()
+}
+
+// Run serves step-ca's API over HTTPS and the admin API on the unix socket until ctx is
+// done, then shuts the servers down, stops the authority (closing the KMS and the
+// database) and returns once every goroutine it started has exited. It returns nil after
+// a shutdown caused by ctx, the first serving error otherwise. Run may be called once.
+func (s *Server) Run(ctx context.Context) (err error) {
+	s.mu.Lock()
+	if s.state != stateNew {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	s.state = stateRunning
+	s.mu.Unlock()
+	defer func() {
+		if rerr := s.release(); err == nil && rerr != nil {
+			err = boundary(rerr)
+		}
+	}()
+
+	auth, err := s.newAuthority()
+	if err != nil {
+		return fmt.Errorf("ca: start step-ca authority: %w", err)
+	}
+	s.mu.Lock()
+	s.auth = auth
+	s.mu.Unlock()
+	if err := s.issueServingCert(auth); err != nil {
+		return boundary(err)
+	}
+
+	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
+	apiSrv := &http.Server{
+		Handler:           s.apiHandler(),
+		TLSConfig:         s.serverTLSConfig(),
+		BaseContext:       func(net.Listener) context.Context { return s.apiContext(auth) },
+		ErrorLog:          errLog,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+	}
+	adminSrv := &http.Server{
+		Handler:           s.adminHandler(),
+		ConnContext:       withPeerCred,
+		ErrorLog:          errLog,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+	}
+
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return serveErr("https api", apiSrv.ServeTLS(s.ln, "", "")) })
+	g.Go(func() error { return serveErr("admin api", adminSrv.Serve(s.adminLn)) })
+	g.Go(func() error { s.renewServingCert(gctx, auth); return nil })
+	g.Go(func() error {
+		<-gctx.Done()
+		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
+		defer cancel()
+		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv))
+	})
+	s.log.Info("ca serving", keyURL, s.url, keyAddr, s.ln.Addr().String(),
+		keyAdminSocket, s.adminLn.Addr().String())
+	if err := g.Wait(); err != nil {
+		return boundary(err)
+	}
+	s.log.Info("ca stopped")
+	return nil
+}
+
+func serveErr(what string, err error) error {
+	if errors.Is(err, http.ErrServerClosed) {
+		return nil
+	}
+	return fmt.Errorf("serve %s: %w", what, err)
+}
+
+// shutdown stops srv gracefully within ctx, then forcibly.
+func shutdown(ctx context.Context, srv *http.Server) error {
+	if err := srv.Shutdown(ctx); err != nil {
+		_ = srv.Close()
+		if !errors.Is(err, context.DeadlineExceeded) {
+			return err
+		}
+	}
+	return nil
+}
+
+// release frees everything New and Run acquired, once.
+func (s *Server) release() error {
+	var errs []error
+	s.releaseOnce.Do(func() {
+		if s.adminLn != nil {
+			_ = s.adminLn.Close() // also unlinks the socket
+		}
+		if s.ln != nil {
+			_ = s.ln.Close()
+		}
+		s.mu.Lock()
+		auth := s.auth
+		s.mu.Unlock()
+		if auth != nil {
+			// Closes the KMS (ending the token session) and the database.
+			if err := auth.Shutdown(); err != nil {
+				errs = append(errs, fmt.Errorf("stop authority: %w", err))
+			}
+		} else {
+			if s.kms != nil {
+				if err := s.kms.Close(); err != nil {
+					errs = append(errs, fmt.Errorf("close kms: %w", err))
+				}
+			}
+			if s.db.DB != nil {
+				if err := s.db.Shutdown(); err != nil {
+					errs = append(errs, fmt.Errorf("close database: %w", err))
+				}
+			}
+		}
+		if s.releaseSoftHSM != nil {
+			s.releaseSoftHSM()
+		}
+		if s.lock != nil {
+			_ = s.lock.Close() // drops the flock
+		}
+	})
+	return errors.Join(errs...)
+}
+
+// boundary prefixes err with "ca: " unless it already carries the prefix (errors built on
+// this package's sentinels do).
+func boundary(err error) error {
+	if err == nil || strings.HasPrefix(err.Error(), "ca: ") {
+		return err
+	}
+	return fmt.Errorf("ca: %w", err)
+}
