@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"flag"
 	"context"
 	"fmt"
 	"io"
@@ -25,6 +26,7 @@ func TestMain(m *testing.M) {
 }
 
 func run(m *testing.M) int {
+	flag.Parse()
 	if testing.Short() || os.Getenv("AGENTMESH_SKIP_E2E") != "" {
 		fmt.Println("e2e: skipped (-short)")
 		return m.Run()

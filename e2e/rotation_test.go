@@ -1,16 +1,13 @@
 package e2e
 
 import (
-	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -210,24 +207,11 @@ func serveEcho(ln net.Listener) {
 // countAudit counts successful rotation records and handshake records in an audit log.
 func countAudit(t *testing.T, path string) (rotations, handshakes int) {
 	t.Helper()
-	f, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64*1024), 1024*1024)
-	for sc.Scan() {
-		var r struct{ Type, Result string }
-		if err := json.Unmarshal(sc.Bytes(), &r); err != nil {
-			t.Fatalf("%s: %v", path, err)
-		}
-		switch r.Type {
-		case "rotation":
-			if r.Result == "ok" {
-				rotations++
-			}
-		case "handshake":
+	for _, r := range readAudit(t, path) {
+		switch {
+		case r["type"] == "rotation" && r["result"] == "ok":
+			rotations++
+		case r["type"] == "handshake":
 			handshakes++
 		}
 	}

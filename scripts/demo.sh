@@ -53,7 +53,10 @@ say "CA: embedded step-ca, root/intermediate/provisioner keys generated inside a
 pids+=($!)
 wait_for "the CA" test -S "$work/ca/admin.sock"
 wait_for "the CA's API" curl -sf --cacert "$work/ca/root.crt" "https://$CA_ADDR/health"
-echo "    token objects: $(SOFTHSM2_CONF="$work/ca/softhsm2.conf" pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --list-objects --type privkey 2>/dev/null | grep -c 'Private Key Object' || true) private keys in the token, none on disk"
+echo "    private keys in the token (sensitive, never extractable; none on disk):"
+SOFTHSM2_CONF="$work/ca/softhsm2.conf" pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so \
+  --login --pin "$(cat "$work/ca/hsm.pin")" --list-objects --type privkey 2>/dev/null |
+  awk '/^Private Key Object/ {k=$0} /label:/ {l=$2} /Access:/ {print "      " l ": " $0}' | sed 's/  *Access: */ /' || true
 
 proxy_config() { # name, tunnel, admin, extra
   mkdir -p "$work/$1"
@@ -96,8 +99,12 @@ wait_for "proxy b" curl -sf "http://$B_ADMIN/readyz"
 "$BIN" status --admin "$B_ADMIN"
 
 say "rotations as they happen (one-minute SVIDs renew when about a third is left):"
-( tail -n0 -F "$work/a.log" "$work/b.log" 2>/dev/null | grep --line-buffered 'msg=rotated' |
-    sed -u -E 's/.*time=([^ ]+).*trigger=([^ ]+).*spiffe_id=([^ ]+).*old_serial=([^ ]+) serial=([^ ]+).*/    \1 rotated \3 (\2): serial \4 -> \5/' ) &
+( tail -n0 -F "$work/a.log" "$work/b.log" 2>/dev/null | grep --line-buffered 'msg=rotated' | awk '{
+    delete kv
+    for (i = 1; i <= NF; i++) { eq = index($i, "="); if (eq) kv[substr($i, 1, eq - 1)] = substr($i, eq + 1) }
+    printf "    %s rotated %s (trigger %s): serial %s -> %s\n", substr(kv["time"], 12, 8), kv["spiffe_id"], kv["trigger"], kv["old_serial"], kv["serial"]
+    fflush()
+  }' ) &
 pids+=($!)
 
 say "client: curl http://$A_ROUTE/ in a loop${duration:+ for $duration}"
