@@ -74,7 +74,8 @@ func yamlError(file string, err error) error {
 }
 
 // fieldError reports err against the field at path (e.g. "routes[0].peer_id"), with
-// the line where the field, or the nearest enclosing one that exists, is written.
+// the line where the field, or the nearest enclosing one that exists, is written (0 when
+// even the top-level field is missing).
 func (d *yamlDoc) fieldError(path string, err error) error {
 	return &FileError{File: d.file, Line: d.line(path), Field: path, Err: err}
 }
@@ -84,7 +85,7 @@ func (d *yamlDoc) line(path string) int {
 	if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
 		n = n.Content[0]
 	}
-	line := n.Line
+	line := 0 // a missing top-level field has no line to point at
 	for _, seg := range strings.Split(strings.ReplaceAll(path, "[", ".["), ".") {
 		if seg == "" {
 			continue
