@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -93,7 +94,13 @@ func start(t *testing.T, name string, args ...string) *process {
 		t.Fatalf("start %s: %v", name, err)
 	}
 	go p.read(stderr)
-	t.Cleanup(func() { p.stop() })
+	t.Cleanup(func() {
+		p.stop()
+		if t.Failed() {
+			t.Logf("%s: rotation log lines:\n%s", name, p.grep("rotat", 20))
+			t.Logf("%s: last log lines:\n%s", name, p.tail(20))
+		}
+	})
 	return p
 }
 
@@ -146,6 +153,33 @@ func (p *process) await(pattern string, timeout time.Duration) string {
 		p.t.Fatalf("%s did not log %q within %v:\n%s", p.name, pattern, timeout, p.output())
 	}
 	return ""
+}
+
+// tail returns the last n log lines that are not at Debug level.
+func (p *process) tail(n int) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for i := len(p.lines) - 1; i >= 0 && len(out) < n; i-- {
+		if !strings.Contains(p.lines[i], "level=DEBUG") {
+			out = append(out, p.lines[i])
+		}
+	}
+	slices.Reverse(out)
+	return strings.Join(out, "\n")
+}
+
+// grep returns the first n log lines containing s.
+func (p *process) grep(s string, n int) string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for _, l := range p.lines {
+		if strings.Contains(l, s) && len(out) < n {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
 }
 
 func (p *process) output() string {

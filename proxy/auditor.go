@@ -11,7 +11,3 @@ type Auditor interface {
 	// refused.
 	Err() error
 }
-
-// transportTLS is audit.Handshake.Transport for one TLS connection per
-// proxied connection (the only transport so far).
-const transportTLS = "tls"

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"time"
 
@@ -28,7 +29,8 @@ type Credentials interface {
 
 // Route is an explicit outbound listener: agents connect to Listen and are
 // tunnelled to TargetPort on the host of the peer proxy at Peer. Transparent
-// capture will produce the same (peer, identity, port) triple later.
+// and explicit capture end in the same tunnel code, with the (peer, identity,
+// port) triple taken from the Directory instead.
 type Route struct {
 	// Listen is the local address agents connect to, e.g. "127.0.0.1:18080".
 	// Required; port 0 picks a free port (see Proxy.RouteAddr).
@@ -65,6 +67,34 @@ type Config struct {
 	TunnelListen string
 	// Routes are the explicit outbound listeners. Optional.
 	Routes []Route
+	// Outbound is the transparent-capture listener, where iptables REDIRECTs
+	// agent traffic (conventionally ":15001"). The proxy reads each
+	// connection's original destination with SO_ORIGINAL_DST and carries it
+	// as Directory and Unknown say (docs/capture.md). Linux only. Default
+	// "": off. Port 0 picks a free port (see Proxy.OutboundAddr).
+	Outbound string
+	// Explicit is the explicit-capture listener for agents that are
+	// configured with a proxy rather than redirected (conventionally
+	// "127.0.0.1:15080"): it speaks SOCKS5 (CONNECT) and HTTP/1.1 (CONNECT
+	// and absolute-URI requests), so HTTPS_PROXY, http_proxy and ALL_PROXY
+	// work. Anyone who can connect to it can use the host's identity, so
+	// bind it to loopback unless the network is trusted. Default "": off.
+	// Port 0 picks a free port (see Proxy.ExplicitAddr).
+	Explicit string
+	// Directory says which proxy lives at a captured destination. Routes do
+	// not use it. Default nil: no proxy is known anywhere, so every captured
+	// connection goes to the Unknown policy.
+	Directory Directory
+	// Unknown is what happens to a captured connection whose destination
+	// the Directory does not know. Default UnknownDeny.
+	Unknown UnknownPolicy
+	// Mark, when not 0, is set as SO_MARK on every socket the proxy dials
+	// (peer tunnels, passthrough destinations, local targets), so that an
+	// iptables rule such as "-m mark --mark <Mark> -j RETURN" keeps the
+	// proxy's own traffic out of capture without relying on its uid. Needs
+	// CAP_NET_ADMIN, checked by New. Linux only. Default 0: no mark; range
+	// 0..4294967295.
+	Mark int
 	// Services are the inbound meshed ports. With none, every inbound
 	// tunnel is refused (and audited).
 	Services []Service
@@ -81,10 +111,13 @@ type Config struct {
 	// Nil discards.
 	Logger *slog.Logger
 	// HandshakeTimeout bounds the TLS handshake plus the tunnel header
-	// exchange; slow or silent peers are cut. Default 10s; must be >= 0.
+	// exchange, and the time an explicit-capture client has to send its
+	// complete request; slow or silent peers are cut. Default 10s; must be
+	// >= 0.
 	HandshakeTimeout time.Duration
-	// DialTimeout bounds dialing a peer proxy or a local target.
-	// Default 5s; must be >= 0.
+	// DialTimeout bounds dialing a peer proxy, a passthrough destination or
+	// a local target, and resolving a host name an explicit-capture client
+	// asked for. Default 5s; must be >= 0.
 	DialTimeout time.Duration
 	// MaxConnections caps concurrent connections, inbound and outbound
 	// together, handshaking ones included. When reached, each listener
@@ -125,6 +158,14 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: DialTimeout %s is negative", ErrInvalidConfig, c.DialTimeout)
 	case c.MaxConnections < 0:
 		return fmt.Errorf("%w: MaxConnections %d is negative", ErrInvalidConfig, c.MaxConnections)
+	case c.Unknown != UnknownDeny && c.Unknown != UnknownPassthrough:
+		return fmt.Errorf("%w: Unknown %s is not a policy", ErrInvalidConfig, c.Unknown)
+	case c.Mark < 0 || int64(c.Mark) > math.MaxUint32:
+		return fmt.Errorf("%w: Mark %d is outside 0..%d", ErrInvalidConfig, c.Mark, uint32(math.MaxUint32))
+	case c.Mark != 0 && !markSupported:
+		return fmt.Errorf("%w: Mark needs Linux", ErrInvalidConfig)
+	case c.Outbound != "" && !origDstSupported:
+		return fmt.Errorf("%w: Outbound (transparent capture) needs Linux", ErrInvalidConfig)
 	}
 	for i, r := range c.Routes {
 		switch {

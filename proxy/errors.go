@@ -29,6 +29,23 @@ var (
 	ErrALPN = errors.New("proxy: tunnel protocol not negotiated")
 	// ErrTunnelRefused means the peer proxy answered a non-zero status.
 	ErrTunnelRefused = errors.New("proxy: tunnel refused by peer")
+
+	// ErrNoOriginalDst means a connection to the Outbound port has no
+	// original destination: it was not redirected by iptables, or the
+	// platform cannot tell.
+	ErrNoOriginalDst = errors.New("proxy: no original destination")
+	// ErrLoop means a captured destination is the proxy itself.
+	ErrLoop = errors.New("proxy: destination is this proxy (loop)")
+	// ErrUnknownDestination means no proxy lives at a captured destination
+	// and Config.Unknown is UnknownDeny.
+	ErrUnknownDestination = errors.New("proxy: no proxy at destination")
+	// ErrBadRequest means an explicit-capture client sent a malformed
+	// SOCKS5 or HTTP request.
+	ErrBadRequest = errors.New("proxy: malformed proxy request")
+	// ErrUnsupportedRequest means an explicit-capture client sent a valid
+	// request the proxy does not serve (a SOCKS5 BIND, an authentication
+	// method other than none, ...).
+	ErrUnsupportedRequest = errors.New("proxy: unsupported proxy request")
 )
 
 // refusal carries why a handshake or tunnel setup was refused together with
@@ -44,3 +61,15 @@ type refusal struct {
 
 func (r *refusal) Error() string { return r.err.Error() }
 func (r *refusal) Unwrap() error { return r.err }
+
+// requestError is a malformed or unsupported explicit-capture request: the
+// reason for the audit record and the exact bytes the client gets back (a
+// SOCKS5 reply or an HTTP response), decided by the pure parsers.
+type requestError struct {
+	reason string // ReasonBadRequest or ReasonUnsupportedRequest
+	reply  []byte // written to the client before closing; nil for none
+	err    error  // wraps ErrBadRequest or ErrUnsupportedRequest
+}
+
+func (e *requestError) Error() string { return e.err.Error() }
+func (e *requestError) Unwrap() error { return e.err }

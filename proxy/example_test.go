@@ -5,6 +5,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"net/url"
 	"strconv"
 	"sync"
 	"testing"
@@ -85,6 +89,77 @@ func Example() {
 	fmt.Println(string(reply))
 	// Output: hello through the mesh
 }
+
+// Example_explicitCapture: an agent that only knows HTTP_PROXY reaches a web
+// service on B's host. Proxy A listens as an explicit proxy; its Directory
+// says proxy B lives at the service's address, so the request travels
+// through an mTLS tunnel to B, which delivers it locally.
+func Example_explicitCapture() {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ca := testca.New(exampleTB{})
+	hostA := spiffeid.RequireFromString("spiffe://example.org/host/a")
+	hostB := spiffeid.RequireFromString("spiffe://example.org/host/b")
+
+	web := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = fmt.Fprintf(w, "hello from B's host, %s", r.URL.Path)
+	}))
+	defer web.Close()
+	webAddr := netip.MustParseAddrPort(web.Listener.Addr().String())
+
+	b, err := proxy.New(proxy.Config{
+		ID:           hostB,
+		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostB)),
+		TunnelListen: "127.0.0.1:0",
+		Services:     []proxy.Service{{Port: webAddr.Port(), Allow: []spiffeid.ID{hostA}}},
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	a, err := proxy.New(proxy.Config{
+		ID:           hostA,
+		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostA)),
+		TunnelListen: "127.0.0.1:0",
+		Explicit:     "127.0.0.1:0", // ":15080" in production
+		// In production the registry feeds the Directory.
+		Directory: directoryFunc(func(addr netip.Addr) (proxy.Peer, bool) {
+			if addr == webAddr.Addr() {
+				return proxy.Peer{ID: hostB, Tunnel: b.TunnelAddr().String()}, true
+			}
+			return proxy.Peer{}, false
+		}),
+		Unknown: proxy.UnknownDeny, // nothing leaves unauthenticated
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	wg.Go(func() { _ = a.Run(ctx) })
+	wg.Go(func() { _ = b.Run(ctx) })
+
+	// What HTTP_PROXY=http://127.0.0.1:15080 does for most clients.
+	proxyURL := &url.URL{Scheme: "http", Host: a.ExplicitAddr().String()}
+	tr := &http.Transport{Proxy: http.ProxyURL(proxyURL)}
+	defer tr.CloseIdleConnections()
+	resp, err := (&http.Client{Transport: tr}).Get(web.URL + "/greeting")
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	body, _ := io.ReadAll(resp.Body)
+	_ = resp.Body.Close()
+	fmt.Println(resp.Status, string(body))
+	// Output: 200 OK hello from B's host, /greeting
+}
+
+// directoryFunc adapts a function to proxy.Directory.
+type directoryFunc func(netip.Addr) (proxy.Peer, bool)
+
+func (f directoryFunc) PeerFor(a netip.Addr) (proxy.Peer, bool) { return f(a) }
 
 // exampleTB lets testca run outside a test function; it panics where a test
 // would fail.

@@ -14,11 +14,16 @@ import (
 )
 
 // setup collects what is known about one tunnel setup (TLS handshake plus
-// header exchange) for its single handshake record.
+// header exchange) for its single handshake record. Outbound, it also
+// covers what comes before a tunnel (capture, the destination decision) and
+// what replaces it (passthrough, a refusal before any dial).
 type setup struct {
-	dir      Direction
-	start    time.Time // TCP connection established; HandshakeTimeout runs from here
-	peerAddr string
+	dir       Direction
+	start     time.Time // TCP connection established; HandshakeTimeout runs from here
+	peerAddr  string
+	transport string      // transportTLS, or outbound transportTCP / transportNone
+	mode      captureMode // outbound only: how the agent's connection arrived
+	dst       string      // outbound only: the destination, once known
 
 	tlsVersion string
 	cipher     string
@@ -44,11 +49,12 @@ func (s *setup) fill(cs tls.ConnectionState) {
 	}
 }
 
-// record audits, counts and logs the outcome of a setup; reason "" is
-// success. A success that cannot be audited becomes a failure with reason
-// audit_unavailable and record returns the error: the caller must drop the
-// connection, because a handshake that cannot be recorded must not carry
-// traffic.
+// record audits, counts and logs the outcome of a setup; reason "" (and
+// passthrough) is success. A success that cannot be audited becomes a
+// failure with reason audit_unavailable and record returns the error: the
+// caller must drop the connection, because a handshake that cannot be
+// recorded must not carry traffic. Only TLS setups count as handshakes in
+// the metrics; outbound outcomes are counted by conclude.
 //
 // Order: a success is appended before it is counted (the append decides
 // whether it is one); a failure is counted and logged before it is appended,
@@ -67,7 +73,7 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 	auditing := p.cfg.Audit != nil
 
 	var auditErr error
-	if reason == "" && auditing {
+	if resultFor(reason) == resultOK && auditing {
 		if err := p.cfg.Audit.Append(s.event(p, reason, d)); err != nil {
 			auditErr = fmt.Errorf("%w: %w", ErrAuditUnavailable, err)
 			reason, cause = ReasonAuditUnavailable, auditErr
@@ -75,13 +81,15 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 	}
 
 	result := resultFor(reason)
-	p.metrics.handshakes.WithLabelValues(string(s.dir), result).Inc()
-	p.metrics.duration.WithLabelValues(string(s.dir)).Observe(d.Seconds())
+	if s.transport == transportTLS {
+		p.metrics.handshakes.WithLabelValues(string(s.dir), result).Inc()
+		p.metrics.duration.WithLabelValues(string(s.dir)).Observe(d.Seconds())
+	}
 	p.logSetup(ctx, s, reason, result, d, cause)
 
 	// With the log failed there is nothing to append to; the refusal is
 	// still counted and logged.
-	if reason != "" && auditing && reason != ReasonAuditUnavailable {
+	if result != resultOK && auditing && reason != ReasonAuditUnavailable {
 		if err := p.cfg.Audit.Append(s.event(p, reason, d)); err != nil {
 			p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit handshake record",
 				slog.String(keyDirection, string(s.dir)), slog.String(keyReason, reason), slog.Any(keyErr, err))
@@ -95,7 +103,7 @@ func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake 
 		Direction:  string(s.dir),
 		Result:     resultFor(reason),
 		Reason:     reason,
-		Transport:  transportTLS,
+		Transport:  s.transport,
 		LocalID:    p.cfg.ID.String(),
 		PeerID:     s.peerID,
 		PeerSerial: s.peerSerial,
@@ -111,11 +119,17 @@ func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake 
 // the peer's fault: Debug).
 func (p *Proxy) logSetup(ctx context.Context, s *setup, reason, result string, d time.Duration, cause error) {
 	level, msg := slog.LevelWarn, "tunnel refused"
-	switch reason {
-	case "":
+	switch {
+	case reason == "":
 		level, msg = slog.LevelDebug, "tunnel established"
-	case ReasonShutdown:
+	case reason == ReasonPassthrough:
+		level, msg = slog.LevelDebug, "passthrough established"
+	case reason == ReasonShutdown:
 		level, msg = slog.LevelDebug, "tunnel setup interrupted by shutdown"
+	case s.transport == transportNone:
+		msg = "outbound connection refused"
+	case s.transport == transportTCP:
+		msg = "passthrough failed"
 	}
 	if !p.cfg.Logger.Enabled(ctx, level) {
 		return
@@ -127,7 +141,11 @@ func (p *Proxy) logSetup(ctx context.Context, s *setup, reason, result string, d
 		slog.String(keySerial, s.peerSerial),
 		slog.Duration(keyDuration, d),
 	}
-	if reason != "" {
+	if s.mode != "" {
+		attrs = append(attrs, slog.String(keyMode, string(s.mode)), slog.String(keyDst, s.dst),
+			slog.String(keyTransport, s.transport))
+	}
+	if result != resultOK {
 		attrs = append(attrs, slog.String(keyResult, result), slog.String(keyReason, reason), slog.Any(keyErr, cause))
 	}
 	p.cfg.Logger.LogAttrs(ctx, level, msg, attrs...)

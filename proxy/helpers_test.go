@@ -82,11 +82,17 @@ func (r *recorder) handshakes() []audit.Handshake {
 // count) and returns the first one that does.
 func waitFor[E audit.Event](t testing.TB, r *recorder, what string, match func(E) bool) E {
 	t.Helper()
+	return waitForFrom(t, r, 0, what, match)
+}
+
+// waitForFrom is waitFor among the records appended after the first from.
+func waitForFrom[E audit.Event](t testing.TB, r *recorder, from int, what string, match func(E) bool) E {
+	t.Helper()
 	timer := time.NewTimer(waitLimit)
 	defer timer.Stop()
 	for {
 		r.mu.Lock()
-		for _, e := range r.events {
+		for _, e := range r.events[min(from, len(r.events)):] {
 			if ev, ok := e.(E); ok && match(ev) {
 				r.mu.Unlock()
 				return ev
@@ -101,6 +107,13 @@ func waitFor[E audit.Event](t testing.TB, r *recorder, what string, match func(E
 			return zero
 		}
 	}
+}
+
+// len returns how many records have been appended.
+func (r *recorder) len() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.events)
 }
 
 func (r *recorder) snapshot() []audit.Event {
@@ -208,7 +221,13 @@ type target struct {
 // startTarget serves every connection with handle until the test ends.
 func startTarget(t testing.TB, handle func(*net.TCPConn)) *target {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	return startTargetAt(t, "127.0.0.1:0", handle)
+}
+
+// startTargetAt is startTarget listening on addr.
+func startTargetAt(t testing.TB, addr string, handle func(*net.TCPConn)) *target {
+	t.Helper()
+	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}

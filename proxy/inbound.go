@@ -21,7 +21,7 @@ const refuseDrainLimit = 64 << 10
 // per-port check, the target dial, then the status byte and the splice. Every
 // outcome is recorded exactly once.
 func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
-	s := &setup{dir: Inbound, start: time.Now(), peerAddr: raw.RemoteAddr().String()}
+	s := &setup{dir: Inbound, start: time.Now(), peerAddr: raw.RemoteAddr().String(), transport: transportTLS}
 	c := &tunnelConn{p: p}
 	c.attach(raw)
 	stop := context.AfterFunc(ctx, c.abort)
@@ -77,8 +77,7 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 	}
 
 	target := net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(h.Port)))
-	d := net.Dialer{Timeout: p.cfg.DialTimeout}
-	local, err := d.DialContext(ctx, "tcp", target)
+	local, err := p.dialer.DialContext(ctx, "tcp", target)
 	if err != nil {
 		reason := ReasonTargetUnreachable
 		if ctx.Err() != nil {

@@ -13,6 +13,7 @@ type metrics struct {
 	duration   *prometheus.HistogramVec // direction
 	active     *prometheus.GaugeVec     // direction
 	bytes      *prometheus.CounterVec   // direction
+	captured   *prometheus.CounterVec   // mode, result
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -34,8 +35,12 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{labelDirection}),
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricBytes,
-			Help: "Payload bytes through tunnels: direction=inbound counts bytes received from peer proxies, outbound bytes sent to them.",
+			Help: "Payload bytes of proxied connections: direction=inbound counts bytes received from peer proxies (or passthrough destinations), outbound bytes sent to them.",
 		}, []string{labelDirection}),
+		captured: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricCaptured,
+			Help: "Outbound agent connections by how they reached the proxy (mode: route, transparent, explicit) and what became of them (result: ok = tunnelled, passthrough, denied = no proxy at the destination, refused, error).",
+		}, []string{labelMode, labelResult}),
 	}
 	// Create every child up front so dashboards see zeros, not gaps.
 	for _, d := range []Direction{Inbound, Outbound} {
@@ -46,10 +51,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.active.WithLabelValues(string(d))
 		m.bytes.WithLabelValues(string(d))
 	}
+	for _, mode := range []captureMode{modeRoute, modeTransparent, modeExplicit} {
+		for _, r := range []string{resultOK, resultPassthrough, resultDenied, resultRefused, resultError} {
+			m.captured.WithLabelValues(string(mode), r)
+		}
+	}
 	if reg == nil {
 		return m, nil
 	}
-	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes}
+	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {
 			// Leave the Registerer as it was, so a corrected New can retry.

@@ -7,9 +7,11 @@ const (
 	metricHandshakeDuration = "agentmesh_proxy_handshake_duration_seconds"
 	metricActiveConnections = "agentmesh_proxy_active_connections"
 	metricBytes             = "agentmesh_proxy_bytes_total"
+	metricCaptured          = "agentmesh_proxy_captured_total"
 
 	labelDirection = "direction"
 	labelResult    = "result"
+	labelMode      = "mode"
 )
 
 // Log attribute keys.
@@ -27,6 +29,8 @@ const (
 	keyListen    = "listen"
 	keyBackoff   = "backoff"
 	keyErr       = "err"
+	keyMode      = "mode"
+	keyTransport = "transport"
 )
 
 // Handshake results, as in audit.Handshake.Result and the result label.
@@ -34,6 +38,21 @@ const (
 	resultOK      = "ok"
 	resultRefused = "refused" // a verification or policy decision said no, or the peer misbehaved
 	resultError   = "error"   // an operational failure: no SVID, unreachable target, shutdown
+)
+
+// Outcomes of an outbound connection that exist only in the result label of
+// agentmesh_proxy_captured_total (the audit record says result ok and reason
+// passthrough, or result refused and reason unknown_destination).
+const (
+	resultPassthrough = "passthrough" // dialed directly in plain TCP (UnknownPassthrough)
+	resultDenied      = "denied"      // no proxy at the destination (UnknownDeny)
+)
+
+// Transports, as in audit.Handshake.Transport.
+const (
+	transportTLS  = "tls"  // one TLS connection per proxied connection
+	transportTCP  = "tcp"  // passthrough: plain TCP to the destination, no tunnel
+	transportNone = "none" // refused before anything was dialed
 )
 
 // Connection close reasons (audit.Connection.Reason).

@@ -8,101 +8,118 @@ import (
 	"net"
 	"strconv"
 	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// serveOutbound carries one agent connection to the route's peer proxy: dial,
-// TLS handshake (x509svid chain and exact PeerID in VerifyConnection), header,
-// status, splice. The agent's first bytes go out right behind the header,
-// without waiting for the status (one round trip saved for client-first
-// protocols); if the peer refuses, they are discarded with the tunnel.
-func (p *Proxy) serveOutbound(ctx context.Context, agent net.Conn, r *route) {
-	accepted := time.Now()
-	s := &setup{dir: Outbound, start: accepted, peerAddr: r.Peer}
-	c := &tunnelConn{p: p, local: agent}
-	c.attach(agent)
-	stop := context.AfterFunc(ctx, c.abort)
+// serveRoute carries one agent connection from a Route's listener to the
+// route's peer proxy.
+func (p *Proxy) serveRoute(ctx context.Context, agent net.Conn, r *route) {
+	o, stop := p.newOutbound(ctx, agent, modeRoute)
 	defer stop()
+	peerHost, _, _ := net.SplitHostPort(r.Peer) // validated in New
+	p.tunnel(ctx, o, Peer{ID: r.PeerID, Tunnel: r.Peer}, r.TargetPort,
+		net.JoinHostPort(peerHost, strconv.Itoa(int(r.TargetPort))))
+}
+
+// tunnel carries an outbound connection to peer, whichever way it arrived
+// (route, transparent or explicit capture): dial, TLS handshake (x509svid
+// chain and exactly peer.ID in VerifyConnection), header naming port, status,
+// splice. target is what ConnInfo and the connection record name as the
+// destination.
+//
+// For routes and transparent capture the agent's first bytes go out right
+// behind the header, without waiting for the status (one round trip saved
+// for client-first protocols); if the peer refuses, they are discarded with
+// the tunnel. An explicit-capture client waits for our answer anyway, and
+// must get it: its bytes (the rewritten HTTP request, say) only start once
+// the peer said yes, so a refusal can still be answered.
+func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, port uint16, target string) {
+	s, c := o.s, o.c
+	s.transport = transportTLS
+	s.peerAddr = peer.Tunnel
 
 	if err := p.auditErr(); err != nil {
-		_ = p.record(ctx, s, ReasonAuditUnavailable, err)
-		c.abort()
+		p.conclude(ctx, o, ReasonAuditUnavailable, err)
 		return
 	}
 	// Without an SVID the handshake would fail anyway; don't bother the peer.
 	if _, err := p.currentCertificate(); err != nil {
-		_ = p.record(ctx, s, ReasonNoSVID, err)
-		c.abort()
+		p.conclude(ctx, o, ReasonNoSVID, err)
 		return
 	}
 
-	d := net.Dialer{Timeout: p.cfg.DialTimeout}
-	raw, err := d.DialContext(ctx, "tcp", r.Peer)
+	raw, err := p.dialer.DialContext(ctx, "tcp", peer.Tunnel)
 	if err != nil {
 		reason := ReasonPeerUnreachable
 		if ctx.Err() != nil {
 			reason = ReasonShutdown
 		}
-		_ = p.record(ctx, s, reason, fmt.Errorf("dial peer %s: %w", r.Peer, err))
-		c.abort()
+		p.conclude(ctx, o, reason, fmt.Errorf("dial peer %s: %w", peer.Tunnel, err))
 		return
 	}
 	if !c.attach(raw) {
-		_ = p.record(ctx, s, ReasonShutdown, ctx.Err())
+		p.conclude(ctx, o, ReasonShutdown, ctx.Err())
 		return
 	}
 	s.peerAddr = raw.RemoteAddr().String()
 	s.start = time.Now() // as inbound: the handshake clock starts on an established TCP connection
 	_ = raw.SetDeadline(s.start.Add(p.cfg.HandshakeTimeout))
-	tc := tls.Client(raw, r.tls)
+	tc := tls.Client(raw, p.clientTLS(peer.ID))
 	c.tunnel = tc
 	if err := tc.HandshakeContext(ctx); err != nil {
 		s.fill(tc.ConnectionState())
-		_ = p.record(ctx, s, classify(ctx, err), err)
-		c.abort()
+		p.conclude(ctx, o, classify(ctx, err), err)
 		return
 	}
-	cs := tc.ConnectionState()
-	s.fill(cs)
-	if _, err := tc.Write(appendHeader(make([]byte, 0, headerLen), r.TargetPort)); err != nil {
-		_ = p.record(ctx, s, classify(ctx, err), fmt.Errorf("write tunnel header: %w", err))
-		c.abort()
+	s.fill(tc.ConnectionState())
+	if _, err := tc.Write(appendHeader(make([]byte, 0, headerLen), port)); err != nil {
+		p.conclude(ctx, o, classify(ctx, err), fmt.Errorf("write tunnel header: %w", err))
 		return
 	}
 
-	peerHost, _, _ := net.SplitHostPort(r.Peer) // validated in New
 	c.info = ConnInfo{
 		Direction:  Outbound,
-		PeerID:     r.PeerID, // VerifyConnection allowed nothing else
+		PeerID:     peer.ID, // VerifyConnection allowed nothing else
 		PeerSerial: s.peerSerial,
 		PeerAddr:   s.peerAddr,
-		Target:     net.JoinHostPort(peerHost, strconv.Itoa(int(r.TargetPort))),
-		Start:      accepted,
+		Target:     target,
+		Start:      o.accepted,
 	}
-	c.copiers.Go(c.localToTunnel)
+	early := o.reply == nil
+	if early {
+		c.copiers.Go(c.localToTunnel)
+	}
 
 	var st [1]byte
 	if _, err := io.ReadFull(tc, st[:]); err != nil {
 		// In TLS 1.3 the client finishes its handshake before the server
 		// has checked the client certificate, so a peer refusing us shows
 		// up here, as an alert (classified peer_refused).
-		_ = p.record(ctx, s, classify(ctx, err), fmt.Errorf("read tunnel status: %w", err))
-		c.abort()
-		c.copiers.Wait()
+		p.conclude(ctx, o, classify(ctx, err), fmt.Errorf("read tunnel status: %w", err))
 		return
 	}
 	if reason := statusReason(status(st[0])); reason != "" {
-		_ = p.record(ctx, s, reason, fmt.Errorf("%w: status %#02x", ErrTunnelRefused, st[0]))
-		c.abort()
-		c.copiers.Wait()
+		p.conclude(ctx, o, reason, fmt.Errorf("%w: status %#02x", ErrTunnelRefused, st[0]))
 		return
 	}
-	if err := p.record(ctx, s, "", nil); err != nil {
-		c.abort()
-		c.copiers.Wait()
+	if !p.conclude(ctx, o, "", nil) {
 		return
 	}
 	_ = raw.SetDeadline(time.Time{})
-	p.serve(ctx, c, true)
+	p.serve(ctx, c, early)
+}
+
+// clientTLS returns the tls.Config that originates tunnels to peers that
+// must present id, built once per identity: Routes and captures to the same
+// peer share it (and, once resumption is on, its session cache). The cache
+// grows with the number of peer identities, which the Directory bounds.
+func (p *Proxy) clientTLS(id spiffeid.ID) *tls.Config {
+	if cfg, ok := p.clientConfigs.Load(id); ok {
+		return cfg.(*tls.Config)
+	}
+	cfg, _ := p.clientConfigs.LoadOrStore(id, p.clientTLSConfig(id))
+	return cfg.(*tls.Config)
 }
 
 // statusReason maps the peer's status byte to a refusal reason ("" for ok).

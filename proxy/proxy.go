@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 
@@ -14,16 +15,22 @@ import (
 )
 
 // Proxy carries agent connections through mTLS tunnels: outbound from its
-// Routes to peer proxies, inbound from peer proxies to its Services.
+// Routes and its capture listeners (transparent and explicit) to peer
+// proxies, inbound from peer proxies to its Services.
 type Proxy struct {
 	cfg     Config
 	metrics *metrics
 	limit   limiter
-	buffers sync.Pool // *[]byte of spliceBufferSize
+	buffers sync.Pool  // *[]byte of spliceBufferSize
+	dialer  net.Dialer // every dial: DialTimeout, and SO_MARK when Mark is set
 
-	serverTLS *tls.Config
-	tunnelLn  net.Listener
-	routes    []*route
+	serverTLS     *tls.Config
+	clientConfigs sync.Map // spiffeid.ID -> *tls.Config, see clientTLS
+	tunnelLn      net.Listener
+	outboundLn    net.Listener // nil when transparent capture is off
+	explicitLn    net.Listener // nil when explicit capture is off
+	routes        []*route
+	self          []netip.AddrPort // tunnel, outbound and explicit listeners: loop detection
 
 	services        map[uint16]map[spiffeid.ID]struct{} // port -> allowed peers
 	allowedAnywhere map[spiffeid.ID]struct{}            // union of every Allow
@@ -35,17 +42,16 @@ type Proxy struct {
 	closeErr  error // set once by closeListeners
 }
 
-// route is a Route with its listener and its tls.Config, built once.
+// route is a Route with its listener.
 type route struct {
 	Route
-	ln  net.Listener
-	tls *tls.Config
+	ln net.Listener
 }
 
-// New validates cfg, binds the tunnel and route listeners (so port 0 works
-// and the addresses are known before Run) and builds the TLS configurations.
-// It starts no goroutines. If Run is never called, Close releases the
-// listeners.
+// New validates cfg, binds the tunnel, capture and route listeners (so port
+// 0 works and the addresses are known before Run) and builds the TLS
+// configurations. It starts no goroutines. If Run is never called, Close
+// releases the listeners.
 func New(cfg Config) (*Proxy, error) {
 	cfg = cfg.withDefaults()
 	if err := cfg.validate(); err != nil {
@@ -54,8 +60,15 @@ func New(cfg Config) (*Proxy, error) {
 	p := &Proxy{
 		cfg:             cfg,
 		limit:           newLimiter(cfg.MaxConnections),
+		dialer:          net.Dialer{Timeout: cfg.DialTimeout},
 		services:        make(map[uint16]map[spiffeid.ID]struct{}, len(cfg.Services)),
 		allowedAnywhere: make(map[spiffeid.ID]struct{}),
+	}
+	if cfg.Mark != 0 {
+		if err := checkMark(cfg.Mark); err != nil {
+			return nil, fmt.Errorf("proxy: %w", err)
+		}
+		p.dialer.Control = markControl(cfg.Mark)
 	}
 	p.buffers.New = func() any {
 		b := make([]byte, spliceBufferSize)
@@ -75,17 +88,36 @@ func New(cfg Config) (*Proxy, error) {
 	if p.tunnelLn, err = net.Listen("tcp", cfg.TunnelListen); err != nil {
 		return nil, fmt.Errorf("proxy: listen tunnel %s: %w", cfg.TunnelListen, err)
 	}
+	p.self = append(p.self, addrPortOf(p.tunnelLn.Addr()))
+	for _, l := range []struct {
+		what, addr string
+		ln         *net.Listener
+	}{
+		{what: "outbound", addr: cfg.Outbound, ln: &p.outboundLn},
+		{what: "explicit", addr: cfg.Explicit, ln: &p.explicitLn},
+	} {
+		if l.addr == "" {
+			continue
+		}
+		ln, lerr := net.Listen("tcp", l.addr)
+		if lerr != nil {
+			_ = p.closeListeners()
+			return nil, fmt.Errorf("proxy: listen %s %s: %w", l.what, l.addr, lerr)
+		}
+		*l.ln = ln
+		p.self = append(p.self, addrPortOf(ln.Addr()))
+	}
 	for _, r := range cfg.Routes {
 		ln, lerr := net.Listen("tcp", r.Listen)
 		if lerr != nil {
-			p.closeListeners()
+			_ = p.closeListeners()
 			return nil, fmt.Errorf("proxy: listen route %s: %w", r.Listen, lerr)
 		}
-		p.routes = append(p.routes, &route{Route: r, ln: ln, tls: p.clientTLSConfig(r.PeerID)})
+		p.routes = append(p.routes, &route{Route: r, ln: ln})
 	}
 	// Metrics last: a failed New must not leave collectors registered.
 	if p.metrics, err = newMetrics(cfg.Registerer); err != nil {
-		p.closeListeners()
+		_ = p.closeListeners()
 		return nil, fmt.Errorf("proxy: %w", err)
 	}
 	return p, nil
@@ -93,6 +125,21 @@ func New(cfg Config) (*Proxy, error) {
 
 // TunnelAddr returns the address inbound tunnels are accepted on.
 func (p *Proxy) TunnelAddr() net.Addr { return p.tunnelLn.Addr() }
+
+// OutboundAddr returns the transparent-capture listener's address, nil when
+// Config.Outbound is empty.
+func (p *Proxy) OutboundAddr() net.Addr { return listenerAddr(p.outboundLn) }
+
+// ExplicitAddr returns the explicit-capture (SOCKS5 and HTTP proxy)
+// listener's address, nil when Config.Explicit is empty.
+func (p *Proxy) ExplicitAddr() net.Addr { return listenerAddr(p.explicitLn) }
+
+func listenerAddr(ln net.Listener) net.Addr {
+	if ln == nil {
+		return nil
+	}
+	return ln.Addr()
+}
 
 // RouteAddr returns the listening address of Config.Routes[i].
 func (p *Proxy) RouteAddr(i int) net.Addr { return p.routes[i].ln.Addr() }
@@ -137,9 +184,19 @@ func (p *Proxy) Run(ctx context.Context) error {
 	g.Go(func() error {
 		return p.acceptLoop(gctx, p.tunnelLn, func(c net.Conn) { p.serveInbound(gctx, c) })
 	})
+	if p.outboundLn != nil {
+		g.Go(func() error {
+			return p.acceptLoop(gctx, p.outboundLn, func(c net.Conn) { p.serveTransparent(gctx, c) })
+		})
+	}
+	if p.explicitLn != nil {
+		g.Go(func() error {
+			return p.acceptLoop(gctx, p.explicitLn, func(c net.Conn) { p.serveExplicit(gctx, c) })
+		})
+	}
 	for _, r := range p.routes {
 		g.Go(func() error {
-			return p.acceptLoop(gctx, r.ln, func(c net.Conn) { p.serveOutbound(gctx, c, r) })
+			return p.acceptLoop(gctx, r.ln, func(c net.Conn) { p.serveRoute(gctx, c, r) })
 		})
 	}
 	err := g.Wait()
@@ -158,8 +215,10 @@ func (p *Proxy) Close() error {
 func (p *Proxy) closeListeners() error {
 	p.closeOnce.Do(func() {
 		var errs []error
-		if p.tunnelLn != nil {
-			errs = append(errs, p.tunnelLn.Close())
+		for _, ln := range []net.Listener{p.tunnelLn, p.outboundLn, p.explicitLn} {
+			if ln != nil {
+				errs = append(errs, ln.Close())
+			}
 		}
 		for _, r := range p.routes {
 			errs = append(errs, r.ln.Close())

@@ -32,15 +32,26 @@ const (
 	ReasonNoSVID            = "no_svid"             // Credentials had no valid SVID
 	ReasonAuditUnavailable  = "audit_unavailable"   // Audit.Err() != nil, or appending the record failed
 	ReasonShutdown          = "shutdown"            // Run's context ended during setup
+
+	// Outbound capture (docs/capture.md).
+	ReasonPassthrough        = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)
+	ReasonUnknownDestination = "unknown_destination" // no proxy at the destination and Unknown is UnknownDeny
+	ReasonNoOriginalDst      = "no_original_dst"     // a connection to the Outbound port that iptables did not redirect
+	ReasonLoop               = "loop"                // the destination is this proxy itself (or, captured, the peer's own tunnel)
+	ReasonUnsupportedRequest = "unsupported_request" // explicit: a valid request the proxy does not serve (SOCKS BIND, auth, ...)
+	ReasonResolveFailed      = "resolve_failed"      // explicit: the requested host name did not resolve
 )
 
-// resultFor maps a reason to the handshake result: "" is success,
-// operational failures are errors, everything else is a refusal.
+// resultFor maps a reason to the handshake result: "" and passthrough are
+// success, operational failures are errors, everything else is a refusal.
 func resultFor(reason string) string {
 	switch reason {
 	case "":
 		return resultOK
-	case ReasonNoSVID, ReasonTargetUnreachable, ReasonPeerUnreachable, ReasonAuditUnavailable, ReasonShutdown:
+	case ReasonPassthrough:
+		return resultOK
+	case ReasonNoSVID, ReasonTargetUnreachable, ReasonPeerUnreachable, ReasonAuditUnavailable, ReasonShutdown,
+		ReasonResolveFailed:
 		return resultError
 	default:
 		return resultRefused
@@ -54,11 +65,14 @@ func resultFor(reason string) string {
 // like.
 func classify(ctx context.Context, err error) string {
 	var r *refusal
+	var re *requestError
 	var rh tls.RecordHeaderError
 	var op *net.OpError
 	switch {
 	case errors.As(err, &r):
 		return r.reason
+	case errors.As(err, &re):
+		return re.reason
 	case ctx.Err() != nil:
 		return ReasonShutdown
 	case errors.As(err, &rh):
@@ -98,5 +112,19 @@ func classifyVerify(err error) string {
 		return ReasonCertExpired
 	default:
 		return ReasonBadCertificate
+	}
+}
+
+// capturedResult maps a reason to the result label of
+// agentmesh_proxy_captured_total, which tells passthrough from a tunnel and
+// the Unknown policy's denial from other refusals.
+func capturedResult(reason string) string {
+	switch reason {
+	case ReasonPassthrough:
+		return resultPassthrough
+	case ReasonUnknownDestination:
+		return resultDenied
+	default:
+		return resultFor(reason)
 	}
 }

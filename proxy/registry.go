@@ -14,8 +14,9 @@ const (
 	// Inbound connections arrive from a peer proxy on the tunnel port and
 	// are delivered to a local Service.
 	Inbound Direction = "inbound"
-	// Outbound connections arrive from a local agent on a Route and are
-	// tunnelled to a peer proxy.
+	// Outbound connections arrive from a local agent (on a Route or a
+	// capture listener) and are tunnelled to a peer proxy, or passed
+	// through to their destination.
 	Outbound Direction = "outbound"
 )
 
@@ -24,13 +25,16 @@ const (
 type ConnInfo struct {
 	Direction Direction
 	// PeerID and PeerSerial identify the certificate the peer proxy
-	// authenticated with (serial in decimal, as step-ca prints it).
+	// authenticated with (serial in decimal, as step-ca prints it). Both
+	// are zero for a passthrough connection, which has no peer proxy.
 	PeerID     spiffeid.ID
 	PeerSerial string
-	// PeerAddr is the peer proxy's address.
+	// PeerAddr is the peer proxy's address (for passthrough, the
+	// destination's).
 	PeerAddr string
 	// Target is where the bytes go: the local host:port for inbound
-	// connections, the peer's host with Route.TargetPort for outbound ones.
+	// connections; outbound, the original destination of a captured
+	// connection, or the peer's host with Route.TargetPort for a Route.
 	Target string
 	// Start is when the connection was accepted.
 	Start time.Time

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"context"
-	"crypto/tls"
 	"errors"
 	"io"
 	"log/slog"
@@ -18,12 +17,13 @@ import (
 // record (16 KiB) plus change, small enough to keep many idle connections.
 const spliceBufferSize = 32 << 10
 
-// tunnelConn is one proxied connection: a TLS tunnel to a peer proxy and a
-// plain TCP connection to the local agent (outbound) or target (inbound).
+// tunnelConn is one proxied connection: a TLS tunnel to a peer proxy (or,
+// for passthrough, a plain TCP connection to the destination) and a plain
+// TCP connection to the local agent (outbound) or target (inbound).
 type tunnelConn struct {
 	p      *Proxy
 	info   ConnInfo // immutable once registered
-	tunnel *tls.Conn
+	tunnel halfConn // *tls.Conn, or *net.TCPConn for passthrough
 	local  net.Conn // set before the copiers start
 
 	in  atomic.Int64 // bytes read from the tunnel (peer to local)
@@ -34,6 +34,13 @@ type tunnelConn struct {
 	mu      sync.Mutex
 	sockets []net.Conn // everything that must be closed at the end
 	state   connState
+}
+
+// halfConn is a connection that can end its sending side alone: TLS sends
+// close_notify, TCP sends FIN.
+type halfConn interface {
+	net.Conn
+	CloseWrite() error
 }
 
 // connState is how a connection ended; the first transition wins.

@@ -37,8 +37,8 @@ func (p *Proxy) serverTLSConfig() *tls.Config {
 	}
 }
 
-// clientTLSConfig originates tunnels for one route; peerID is the only
-// identity it accepts.
+// clientTLSConfig originates tunnels to one peer identity (see clientTLS);
+// peerID is the only identity it accepts.
 func (p *Proxy) clientTLSConfig(peerID spiffeid.ID) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
@@ -50,7 +50,8 @@ func (p *Proxy) clientTLSConfig(peerID spiffeid.ID) *tls.Config {
 		// check, which cannot work here: SVIDs carry no DNS names and chain
 		// to per-trust-domain bundles. VerifyConnection replaces it: it
 		// verifies the x509svid chain against the current bundle and
-		// requires the exact Route.PeerID, and it runs on every handshake.
+		// requires the exact Route.PeerID or Peer.ID, and it runs on every
+		// handshake.
 		InsecureSkipVerify: true, //nolint:gosec // replaced by VerifyConnection, see above
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			return p.verifyOutbound(cs, peerID)
