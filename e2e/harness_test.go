@@ -2,8 +2,8 @@ package e2e
 
 import (
 	"bufio"
-	"flag"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net"
