@@ -49,11 +49,16 @@ func (r *Rotator) Run(ctx context.Context) error {
 		}
 		reenroll = trigger != TriggerTime || permanent(err)
 		wait := Backoff(s.attempts, r.cfg.Policy, r.cfg.Rand.Float64())
-		next = time.Now().Add(wait)
 		if s.current != nil && !expired(s.current.notAfter(), now) {
-			// Wake at expiry at the latest: from then on the identity is not ready
-			// and only enrolment can bring it back.
-			next = minTime(next, s.current.notAfter().Add(time.Nanosecond))
+			// Short-lived SVIDs leave little time: wait at most a quarter of what
+			// remains (but not less than RetryMin), so several attempts fit before
+			// expiry, and wake at expiry at the latest: from then on the identity is
+			// not ready and only enrolment helps.
+			left := s.current.notAfter().Sub(now)
+			wait = min(wait, max(left/4, r.cfg.Policy.RetryMin))
+			next = minTime(now.Add(wait), s.current.notAfter().Add(time.Nanosecond))
+		} else {
+			next = now.Add(wait)
 		}
 		r.cfg.Logger.LogAttrs(ctx, slog.LevelWarn, "rotation failed, will retry",
 			slog.String(keySPIFFEID, r.cfg.ID.String()), slog.String(keyTrigger, trigger),
