@@ -81,6 +81,11 @@ type Config struct {
 	// bind it to loopback unless the network is trusted. Default "": off.
 	// Port 0 picks a free port (see Proxy.ExplicitAddr).
 	Explicit string
+	// Strict is the strict-mode listener (conventionally ":15006"): plain TCP
+	// that iptables REDIRECTed from other hosts to a meshed agent port lands
+	// here and is refused and audited (reason plaintext_refused), so nothing
+	// unauthenticated reaches an agent. Default "" = off.
+	Strict string
 	// Directory says which proxy lives at a captured destination. Routes do
 	// not use it. Default nil: no proxy is known anywhere, so every captured
 	// connection goes to the Unknown policy.

@@ -29,6 +29,7 @@ type Proxy struct {
 	tunnelLn      net.Listener
 	outboundLn    net.Listener // nil when transparent capture is off
 	explicitLn    net.Listener // nil when explicit capture is off
+	strictLn      net.Listener // nil when strict mode is off
 	routes        []*route
 	self          []netip.AddrPort // tunnel, outbound and explicit listeners: loop detection
 
@@ -95,6 +96,7 @@ func New(cfg Config) (*Proxy, error) {
 	}{
 		{what: "outbound", addr: cfg.Outbound, ln: &p.outboundLn},
 		{what: "explicit", addr: cfg.Explicit, ln: &p.explicitLn},
+		{what: "strict", addr: cfg.Strict, ln: &p.strictLn},
 	} {
 		if l.addr == "" {
 			continue
@@ -133,6 +135,10 @@ func (p *Proxy) OutboundAddr() net.Addr { return listenerAddr(p.outboundLn) }
 // ExplicitAddr returns the explicit-capture (SOCKS5 and HTTP proxy)
 // listener's address, nil when Config.Explicit is empty.
 func (p *Proxy) ExplicitAddr() net.Addr { return listenerAddr(p.explicitLn) }
+
+// StrictAddr returns the strict-mode listener's address, nil when
+// Config.Strict is empty.
+func (p *Proxy) StrictAddr() net.Addr { return listenerAddr(p.strictLn) }
 
 func listenerAddr(ln net.Listener) net.Addr {
 	if ln == nil {
@@ -194,6 +200,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 			return p.acceptLoop(gctx, p.explicitLn, func(c net.Conn) { p.serveExplicit(gctx, c) })
 		})
 	}
+	if p.strictLn != nil {
+		g.Go(func() error {
+			return p.acceptLoop(gctx, p.strictLn, func(c net.Conn) { p.serveStrict(gctx, c) })
+		})
+	}
 	for _, r := range p.routes {
 		g.Go(func() error {
 			return p.acceptLoop(gctx, r.ln, func(c net.Conn) { p.serveRoute(gctx, c, r) })
@@ -215,7 +226,7 @@ func (p *Proxy) Close() error {
 func (p *Proxy) closeListeners() error {
 	p.closeOnce.Do(func() {
 		var errs []error
-		for _, ln := range []net.Listener{p.tunnelLn, p.outboundLn, p.explicitLn} {
+		for _, ln := range []net.Listener{p.tunnelLn, p.outboundLn, p.explicitLn, p.strictLn} {
 			if ln != nil {
 				errs = append(errs, ln.Close())
 			}

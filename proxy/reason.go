@@ -32,6 +32,7 @@ const (
 	ReasonNoSVID            = "no_svid"             // Credentials had no valid SVID
 	ReasonAuditUnavailable  = "audit_unavailable"   // Audit.Err() != nil, or appending the record failed
 	ReasonShutdown          = "shutdown"            // Run's context ended during setup
+	ReasonPlaintextRefused  = "plaintext_refused"   // strict mode: plain TCP to a meshed port from another host
 
 	// Outbound capture (docs/capture.md).
 	ReasonPassthrough        = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)
