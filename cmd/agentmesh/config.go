@@ -4,10 +4,12 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -22,6 +24,12 @@ type proxyFile struct {
 	CA       caFile          `yaml:"ca"`
 	Tunnel   string          `yaml:"tunnel"`
 	Admin    string          `yaml:"admin"`
+	Outbound string          `yaml:"outbound"`
+	Explicit string          `yaml:"explicit"`
+	Strict   string          `yaml:"strict"`
+	Unknown  string          `yaml:"unknown"`
+	Mark     int             `yaml:"mark"`
+	Dir      directoryFile   `yaml:"directory"`
 	Audit    auditFile       `yaml:"audit"`
 	Log      logFile         `yaml:"log"`
 	Rotation policy.Rotation `yaml:"rotation"`
@@ -33,6 +41,11 @@ type caFile struct {
 	URL       string `yaml:"url"`
 	Root      string `yaml:"root"`
 	TokenFile string `yaml:"token_file"`
+}
+
+type directoryFile struct {
+	Advertise []string      `yaml:"advertise"`
+	Heartbeat time.Duration `yaml:"heartbeat"`
 }
 
 type auditFile struct {
@@ -65,6 +78,13 @@ type proxyConfig struct {
 	TokenFile string
 	Tunnel    string
 	Admin     string
+	Outbound  string
+	Explicit  string
+	Strict    string
+	Unknown   proxy.UnknownPolicy
+	Mark      int
+	Advertise []netip.Addr
+	Heartbeat time.Duration
 	AuditPath string
 	Log       logFile
 	Rotation  policy.Rotation
@@ -95,6 +115,11 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		TokenFile: resolve(base, f.CA.TokenFile),
 		Tunnel:    orDefault(f.Tunnel, ":15008"),
 		Admin:     orDefault(f.Admin, "127.0.0.1:15020"),
+		Outbound:  f.Outbound,
+		Explicit:  f.Explicit,
+		Strict:    f.Strict,
+		Mark:      f.Mark,
+		Heartbeat: f.Dir.Heartbeat,
 		AuditPath: resolve(base, f.Audit.Path),
 		Log:       f.Log,
 		Rotation:  f.Rotation,
@@ -120,6 +145,35 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 	}
 	if err := checkHostPort(c.Admin); err != nil {
 		return nil, doc.fieldError("admin", err)
+	}
+	for _, l := range []struct{ field, addr string }{{"outbound", f.Outbound}, {"explicit", f.Explicit}, {"strict", f.Strict}} {
+		if l.addr == "" {
+			continue
+		}
+		if err := checkHostPort(l.addr); err != nil {
+			return nil, doc.fieldError(l.field, err)
+		}
+	}
+	switch f.Unknown {
+	case "", "deny":
+		c.Unknown = proxy.UnknownDeny
+	case "passthrough":
+		c.Unknown = proxy.UnknownPassthrough
+	default:
+		return nil, doc.fieldError("unknown", fmt.Errorf(`must be "deny" or "passthrough", not %q`, f.Unknown))
+	}
+	if f.Mark < 0 || int64(f.Mark) > 0xffffffff {
+		return nil, doc.fieldError("mark", errors.New("must be a 32-bit firewall mark"))
+	}
+	for i, a := range f.Dir.Advertise {
+		ip, err := netip.ParseAddr(a)
+		if err != nil || ip.IsUnspecified() || ip.IsMulticast() {
+			return nil, doc.fieldError(fmt.Sprintf("directory.advertise[%d]", i), fmt.Errorf("not a unicast IP address: %q", a))
+		}
+		c.Advertise = append(c.Advertise, ip.Unmap())
+	}
+	if f.Dir.Heartbeat < 0 {
+		return nil, doc.fieldError("directory.heartbeat", errors.New("must not be negative"))
 	}
 	if err := f.Rotation.Validate(); err != nil {
 		var fe *policy.FieldError

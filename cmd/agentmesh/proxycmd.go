@@ -4,7 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
+	"strconv"
 	"strings"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -77,16 +80,42 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 	if err != nil {
 		return err
 	}
-	px, err := proxy.New(proxy.Config{
+	var dir *ca.Directory
+	pcfg := proxy.Config{
 		ID:           cfg.ID,
 		Credentials:  rot,
 		TunnelListen: cfg.Tunnel,
+		Outbound:     cfg.Outbound,
+		Explicit:     cfg.Explicit,
+		Strict:       cfg.Strict,
+		Unknown:      cfg.Unknown,
+		Mark:         cfg.Mark,
 		Routes:       cfg.Routes,
 		Services:     cfg.Services,
 		Audit:        auditLog,
 		Registerer:   reg,
 		Logger:       logger.With("component", "proxy"),
-	})
+	}
+	if len(cfg.Advertise) > 0 {
+		tunnelPort, err := portOf(cfg.Tunnel)
+		if err != nil {
+			return err
+		}
+		dir, err = ca.NewDirectory(ca.DirectoryConfig{
+			URL:         cfg.CAURL,
+			Roots:       bundle.X509Authorities(),
+			Certificate: rot.TLSCertificate,
+			Addresses:   cfg.Advertise,
+			TunnelPort:  tunnelPort,
+			Heartbeat:   cfg.Heartbeat,
+			Logger:      logger.With("component", "directory"),
+		})
+		if err != nil {
+			return err
+		}
+		pcfg.Directory = directory{dir}
+	}
+	px, err := proxy.New(pcfg)
 	if err != nil {
 		return err
 	}
@@ -106,9 +135,32 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 	g.Go(func() error { return rot.Run(gctx) })
 	g.Go(func() error { return px.Run(gctx) })
 	g.Go(func() error { return adm.Run(gctx) })
+	if dir != nil {
+		g.Go(func() error { return dir.Run(gctx) })
+	}
 	err = g.Wait()
 	stopAudit()
 	return errors.Join(err, <-auditDone)
+}
+
+// directory adapts the CA's directory client to the proxy's lookup interface.
+type directory struct{ d *ca.Directory }
+
+func (x directory) PeerFor(a netip.Addr) (proxy.Peer, bool) {
+	id, tunnel, ok := x.d.PeerFor(a)
+	return proxy.Peer{ID: id, Tunnel: tunnel}, ok
+}
+
+func portOf(addr string) (uint16, error) {
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0, fmt.Errorf("tunnel address %q: %w", addr, err)
+	}
+	n, err := strconv.ParseUint(p, 10, 16)
+	if err != nil || n == 0 {
+		return 0, fmt.Errorf("tunnel address %q: the directory needs a fixed port", addr)
+	}
+	return uint16(n), nil
 }
 
 // tokenFromFile reads the bootstrap token when the rotator enrols, so an operator can
