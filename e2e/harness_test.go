@@ -19,8 +19,9 @@ import (
 	"time"
 )
 
-// binary is the agentmesh binary under test, built once by TestMain.
-var binary string
+// binary is the agentmesh binary under test, built once by TestMain; demoService is
+// a plain HTTP server that knows nothing of the mesh.
+var binary, demoService string
 
 func TestMain(m *testing.M) {
 	os.Exit(run(m))
@@ -47,6 +48,11 @@ func run(m *testing.M) int {
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "e2e: build agentmesh:", err)
+		return 1
+	}
+	demoService = filepath.Join(dir, "demoservice")
+	if out, err := exec.Command("go", "build", "-o", demoService, "../internal/demoservice").CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: build demoservice: %v\n%s", err, out)
 		return 1
 	}
 	return m.Run()
@@ -84,7 +90,13 @@ type watcher struct {
 // waited on with await. It is stopped with SIGTERM when the test ends.
 func start(t *testing.T, name string, args ...string) *process {
 	t.Helper()
-	p := &process{t: t, name: name, cmd: exec.Command(binary, args...), done: make(chan struct{})}
+	return startCmd(t, name, exec.Command(binary, args...))
+}
+
+// startCmd runs cmd as start does.
+func startCmd(t *testing.T, name string, cmd *exec.Cmd) *process {
+	t.Helper()
+	p := &process{t: t, name: name, cmd: cmd, done: make(chan struct{})}
 	stderr, err := p.cmd.StderrPipe()
 	if err != nil {
 		t.Fatal(err)

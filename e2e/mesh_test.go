@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -23,12 +24,28 @@ type meshCA struct {
 
 func startCA(t *testing.T, lifetime time.Duration) *meshCA {
 	t.Helper()
+	return startCAOn(t, host{}, fmt.Sprintf("127.0.0.1:%d", freePort(t)), lifetime)
+}
+
+// startCAOn runs the CA on h, listening on listen (host:port).
+func startCAOn(t *testing.T, h host, listen string, lifetime time.Duration) *meshCA {
+	t.Helper()
 	state := filepath.Join(t.TempDir(), "ca")
-	port := freePort(t)
-	p := start(t, "ca", "ca", "--state", state, "--trust-domain", trustDomain,
-		"--listen", fmt.Sprintf("127.0.0.1:%d", port), "--svid-lifetime", lifetime.String(), "--log-level", "debug")
+	ip, _, _ := net.SplitHostPort(listen)
+	p := startCmd(t, "ca", h.command(binary, "ca", "--state", state, "--trust-domain", trustDomain,
+		"--listen", listen, "--dns-name", ip, "--svid-lifetime", lifetime.String(), "--log-level", "debug"))
 	p.await(`ca ready`, 60*time.Second)
-	return &meshCA{process: p, state: state, url: fmt.Sprintf("https://127.0.0.1:%d", port)}
+	return &meshCA{process: p, state: state, url: "https://" + listen}
+}
+
+// host is where a process runs: the test's own network namespace, or ns.
+type host struct{ ns string }
+
+func (h host) command(name string, args ...string) *exec.Cmd {
+	if h.ns == "" {
+		return exec.Command(name, args...)
+	}
+	return exec.Command("ip", append([]string{"netns", "exec", h.ns, name}, args...)...)
 }
 
 // token asks the CA for a bootstrap token for id and writes it to a file.
@@ -64,6 +81,12 @@ type service struct {
 // an SVID.
 func startProxy(t *testing.T, ca *meshCA, name string, routes []route, services []service, extra string) *meshProxy {
 	t.Helper()
+	return startProxyOn(t, host{}, ca, name, fmt.Sprintf("127.0.0.1:%d", freePort(t)), fmt.Sprintf("127.0.0.1:%d", freePort(t)), routes, services, extra)
+}
+
+// startProxyOn is startProxy on h with the given tunnel and admin addresses.
+func startProxyOn(t *testing.T, h host, ca *meshCA, name, tunnel, admin string, routes []route, services []service, extra string) *meshProxy {
+	t.Helper()
 	dir := filepath.Join(t.TempDir(), name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		t.Fatal(err)
@@ -71,8 +94,8 @@ func startProxy(t *testing.T, ca *meshCA, name string, routes []route, services 
 	px := &meshProxy{
 		id:     "spiffe://" + trustDomain + "/host/" + name,
 		dir:    dir,
-		tunnel: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		admin:  fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		tunnel: tunnel,
+		admin:  admin,
 	}
 	ca.token(t, px.id, filepath.Join(dir, "token"))
 	var b strings.Builder
@@ -94,7 +117,7 @@ func startProxy(t *testing.T, ca *meshCA, name string, routes []route, services 
 	}
 	cfg := filepath.Join(dir, "proxy.yaml")
 	writeFile(t, cfg, b.String())
-	px.process = start(t, name, "proxy", "--config", cfg)
+	px.process = startCmd(t, name, h.command(binary, "proxy", "--config", cfg))
 	px.await(`msg=rotated .*trigger=enroll`, 60*time.Second)
 	return px
 }

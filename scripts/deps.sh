@@ -13,6 +13,8 @@ have curl || need+=(curl)
 have ip || need+=(iproute2)
 have gcc || need+=(gcc)
 have make || need+=(make)
+have tcpdump || need+=(tcpdump)
+have setpriv || need+=(util-linux)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "deps: all present"

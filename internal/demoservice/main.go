@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"log"
+	"net"
 	"net/http"
 	"sync/atomic"
 	"time"
@@ -23,5 +24,10 @@ func main() {
 			fmt.Fprintf(w, "hello from %s, request %d\n", *name, n.Add(1))
 		}),
 	}
-	log.Fatal(srv.ListenAndServe())
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		log.Fatal(err)
+	}
+	log.Printf("%s listening on %s", *name, ln.Addr())
+	log.Fatal(srv.Serve(ln))
 }

@@ -1,0 +1,136 @@
+package e2e
+
+import (
+	"bytes"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestTransparent puts two hosts on the mesh transparently, in network namespaces: on
+// host A an unmodified curl reaches an HTTP server on host B by B's plain address and
+// port, and the bytes cross the wire only as mutual TLS. Host C, which has no proxy,
+// cannot reach B's meshed port (strict mode). The explicit port serves an unprivileged
+// curl through its proxy settings. Removing the redirect leaves no rule behind.
+func TestTransparent(t *testing.T) {
+	requireE2E(t)
+	requireRoot(t)
+	if _, err := os.Stat("/usr/bin/tcpdump"); err != nil {
+		t.Skip("tcpdump not installed: run make deps")
+	}
+	l := newLAN(t)
+	a, b, c := l.add("a"), l.add("b"), l.add("c")
+	idA, idB := "spiffe://"+trustDomain+"/host/a", "spiffe://"+trustDomain+"/host/b"
+
+	ca := startCAOn(t, a.host, a.ip+":9443", time.Minute)
+	svc := startCmd(t, "service-b", b.command(demoService, "-listen", "0.0.0.0:8080", "-name", "service-b"))
+	svc.await("listening", 30*time.Second)
+
+	meshed := func(ip string) string {
+		return fmt.Sprintf("mark: 1337\ndirectory:\n  advertise: [%s]\n  heartbeat: 1s\n", ip)
+	}
+	pb := startProxyOn(t, b.host, ca, "b", "0.0.0.0:15008", "127.0.0.1:15020", nil,
+		[]service{{port: 8080, allow: []string{idA}}}, "strict: 0.0.0.0:15006\n"+meshed(b.ip))
+	pa := startProxyOn(t, a.host, ca, "a", "0.0.0.0:15008", "127.0.0.1:15020", nil, nil,
+		"outbound: 127.0.0.1:15001\nexplicit: 127.0.0.1:15080\nunknown: deny\n"+meshed(a.ip))
+	pa.await(`directory version applied.*peers=1`, 30*time.Second)
+
+	// A rule of someone else's, which install and remove must leave alone.
+	for _, h := range []*lanHost{a, b} {
+		h.mustRun(t, "iptables", "-t", "nat", "-A", "POSTROUTING", "-p", "udp", "--dport", "9", "-j", "RETURN")
+	}
+	before := map[*lanHost]string{a: iptablesSave(t, a), b: iptablesSave(t, b)}
+	a.mustRun(t, binary, "redirect", "install", "--exclude-mark", "1337", "--include-port", "8080")
+	b.mustRun(t, binary, "redirect", "install", "--exclude-mark", "1337", "--include-port", "8080", "--strict-port", "8080")
+
+	pcap := filepath.Join(t.TempDir(), "b.pcap")
+	dump := startCmd(t, "tcpdump", b.command("tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-s", "0", "-w", pcap, "tcp"))
+	dump.await("listening on", 30*time.Second)
+
+	marker := "agentmesh-marker-" + l.id
+	url := "http://" + b.ip + ":8080/" + marker
+	out := a.mustRun(t, "curl", "-sS", "--max-time", "10", "-H", "X-Marker: "+marker, url)
+	if !strings.Contains(out, "hello from service-b") {
+		t.Fatalf("transparent curl answered %q", out)
+	}
+
+	// Explicit capture for an unprivileged agent, through its proxy settings only.
+	nobody := []string{"--reuid=65534", "--regid=65534", "--clear-groups", "env"}
+	for _, proxyEnv := range [][]string{
+		{"ALL_PROXY=socks5h://127.0.0.1:15080", "curl"},
+		{"http_proxy=http://127.0.0.1:15080", "curl"},
+		{"HTTPS_PROXY=http://127.0.0.1:15080", "curl", "--proxytunnel", "--proxy", "http://127.0.0.1:15080"},
+	} {
+		args := append(append(append([]string{}, nobody...), proxyEnv...), "-sS", "--max-time", "10", url)
+		if out := a.mustRun(t, "setpriv", args...); !strings.Contains(out, "hello from service-b") {
+			t.Fatalf("curl via %s answered %q", proxyEnv[0], out)
+		}
+	}
+
+	// Strict mode: a host without a proxy cannot reach the meshed port.
+	if out, err := c.run(t, 20*time.Second, "curl", "-sS", "--max-time", "5", "http://"+b.ip+":8080/"); err == nil {
+		t.Fatalf("host c reached the meshed port in clear: %q", out)
+	}
+
+	if err := dump.stop(); err != nil {
+		t.Logf("tcpdump: %v", err)
+	}
+	wire, err := os.ReadFile(pcap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(wire, []byte(marker)) {
+		t.Fatal("the marker crossed the wire in clear")
+	}
+	// The ALPN name travels in clear in the ClientHello: the capture saw the tunnel.
+	if !bytes.Contains(wire, []byte("agentmesh-tunnel/1")) {
+		t.Fatal("the capture did not see the mTLS tunnel: it proves nothing")
+	}
+
+	for _, p := range []*meshProxy{pa, pb} {
+		if err := p.stop(); err != nil {
+			t.Errorf("%s exited with %v", p.name, err)
+		}
+	}
+	wantRecord(t, pa, map[string]string{"type": "handshake", "direction": "outbound", "result": "ok", "peer_id": idB})
+	wantRecord(t, pb, map[string]string{"type": "handshake", "direction": "inbound", "result": "ok", "peer_id": idA})
+	wantRecord(t, pb, map[string]string{"type": "handshake", "direction": "inbound", "result": "refused", "reason": "plaintext_refused"})
+
+	for _, h := range []*lanHost{a, b} {
+		h.mustRun(t, binary, "redirect", "remove")
+		h.mustRun(t, binary, "redirect", "remove") // idempotent
+		if after := iptablesSave(t, h); after != before[h] {
+			t.Errorf("%s: iptables-save after remove differs:\n%s\nbefore:\n%s", h.ns, after, before[h])
+		}
+	}
+}
+
+var saveNoise = regexp.MustCompile(`(?m)^#.*\n|\[\d+:\d+\]`)
+
+// iptablesSave returns iptables-save of h without comments and counters.
+func iptablesSave(t *testing.T, h *lanHost) string {
+	t.Helper()
+	return saveNoise.ReplaceAllString(h.mustRun(t, "iptables-save"), "")
+}
+
+// wantRecord fails unless p's audit log holds a record with all the given fields.
+func wantRecord(t *testing.T, p *meshProxy, want map[string]string) {
+	t.Helper()
+	for _, r := range readAudit(t, p.auditPath()) {
+		match := true
+		for k, v := range want {
+			if fmt.Sprint(r[k]) != v {
+				match = false
+				break
+			}
+		}
+		if match {
+			return
+		}
+	}
+	t.Errorf("%s: no audit record with %v", p.name, want)
+}
