@@ -20,7 +20,7 @@ import (
 func TestRotationUnderLoad(t *testing.T) {
 	requireE2E(t)
 	const (
-		lifetime     = 15 * time.Second
+		lifetime     = 20 * time.Second
 		minRotations = 10
 		streams      = 4
 		rate         = 60 // requests per second
@@ -37,13 +37,16 @@ func TestRotationUnderLoad(t *testing.T) {
 	go serveEcho(echoLn)
 
 	idA := "spiffe://" + trustDomain + "/host/a"
-	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}, {port: echoPort, allow: []string{idA}}}, "")
+	// Renewing at half the lifetime keeps ten rotations within two minutes while
+	// leaving ten seconds for a renewal on a loaded machine under -race.
+	const policy = "rotation:\n  renew_fraction: 0.5\n"
+	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}, {port: echoPort, allow: []string{idA}}}, policy)
 	httpRoute := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	echoRoute := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	a := startProxy(t, ca, "a", []route{
 		{listen: httpRoute, peer: b.tunnel, peerID: b.id, targetPort: httpPort},
 		{listen: echoRoute, peer: b.tunnel, peerID: b.id, targetPort: echoPort},
-	}, nil, "")
+	}, nil, policy)
 
 	ctx, stopLoad := context.WithCancel(t.Context())
 	defer stopLoad()
