@@ -23,6 +23,7 @@ import (
 // the CA's own user.
 const (
 	adminTokenPath     = "/token"
+	adminDirectoryPath = "/directory"
 	adminMaxBody       = 4 << 10
 	adminClientTimeout = 30 * time.Second
 	// maxSocketPath is the longest unix socket path Linux accepts (sun_path is 108
@@ -92,17 +93,31 @@ func peerAllowed(peerUID, selfUID int) bool {
 
 func (s *Server) adminHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST "+adminTokenPath, s.handleToken)
+	mux.HandleFunc("POST "+adminTokenPath, s.adminOnly(s.handleToken))
+	mux.HandleFunc("GET "+adminDirectoryPath, s.adminOnly(s.handleAdminDirectory))
 	return mux
+}
+
+// adminOnly admits root and the CA's own user (SO_PEERCRED), and no one else.
+func (s *Server) adminOnly(next http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
+		if cred.err != nil || !peerAllowed(cred.uid, os.Getuid()) {
+			s.log.Warn("admin request refused", keyPath, r.URL.Path, keyPeerUID, cred.uid, keyErr, cred.err)
+			writeAdminError(w, http.StatusForbidden, "caller is neither root nor the ca's user")
+			return
+		}
+		next(w, r)
+	}
+}
+
+// handleAdminDirectory answers with the current mesh directory, at once.
+func (s *Server) handleAdminDirectory(w http.ResponseWriter, _ *http.Request) {
+	writeJSON(w, s.dir.snapshot(time.Now()))
 }
 
 func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	if cred.err != nil || !peerAllowed(cred.uid, os.Getuid()) {
-		s.log.Warn("admin request refused", keyPath, r.URL.Path, keyPeerUID, cred.uid, keyErr, cred.err)
-		writeAdminError(w, http.StatusForbidden, "caller is neither root nor the ca's user")
-		return
-	}
 	var req tokenRequest
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, adminMaxBody))
 	dec.DisallowUnknownFields()
@@ -142,44 +157,87 @@ func writeAdminError(w http.ResponseWriter, status int, msg string) {
 // runs). The caller must be root or the CA's user. A refusal is a *ResponseError with
 // Op "token".
 func RequestToken(ctx context.Context, stateDir string, id spiffeid.ID) (string, error) {
-	path := filepath.Join(stateDir, fileAdminSocket)
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", path)
-		},
-		DisableKeepAlives: true,
-	}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: adminClientTimeout}
-
 	body, err := json.Marshal(tokenRequest{SPIFFEID: id.String()})
 	if err != nil {
 		return "", fmt.Errorf("ca: token: %w", err)
 	}
-	// The host is a placeholder: the transport always dials the socket.
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://agentmesh-ca"+adminTokenPath, bytes.NewReader(body))
+	b, err := adminRequest(ctx, stateDir, "token", http.MethodPost, adminTokenPath, body, adminMaxBody)
 	if err != nil {
-		return "", fmt.Errorf("ca: token: %w", err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	resp, err := client.Do(req)
-	if err != nil {
-		return "", fmt.Errorf("ca: token: admin socket %s (is agentmesh ca running with this state directory?): %w", path, err)
-	}
-	defer func() { _ = resp.Body.Close() }()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, adminMaxBody))
-	if err != nil {
-		return "", fmt.Errorf("ca: token: read answer: %w", err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		var ae adminError
-		_ = json.Unmarshal(b, &ae)
-		return "", &ResponseError{Op: "token", Status: resp.StatusCode, Message: ae.Error}
+		return "", err
 	}
 	var ans tokenResponse
 	if err := json.Unmarshal(b, &ans); err != nil || ans.Token == "" {
 		return "", fmt.Errorf("ca: token: malformed answer from the admin socket")
 	}
 	return ans.Token, nil
+}
+
+// RequestDirectory returns the mesh directory of the CA running with state directory
+// stateDir, read through its admin socket (what `agentmesh status` shows). The caller
+// must be root or the CA's user. A refusal is a *ResponseError with Op "directory".
+func RequestDirectory(ctx context.Context, stateDir string) (*DirectoryDocument, error) {
+	b, err := adminRequest(ctx, stateDir, "directory", http.MethodGet, adminDirectoryPath, nil, maxDirectoryResponse)
+	if err != nil {
+		return nil, err
+	}
+	var doc DirectoryDocument
+	if err := json.Unmarshal(b, &doc); err != nil {
+		return nil, fmt.Errorf("ca: directory: malformed answer from the admin socket: %w", err)
+	}
+	return &doc, nil
+}
+
+// adminRequest sends one request to the admin socket of stateDir and returns the
+// answer's body (at most limit bytes) when it is a 200.
+func adminRequest(ctx context.Context, stateDir, op, method, path string, body []byte, limit int64) ([]byte, error) {
+	sock := filepath.Join(stateDir, fileAdminSocket)
+	tr := &http.Transport{
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		},
+		DisableKeepAlives: true,
+	}
+	defer tr.CloseIdleConnections()
+	client := &http.Client{Transport: tr, Timeout: adminClientTimeout}
+
+	var rd io.Reader
+	if body != nil {
+		rd = bytes.NewReader(body)
+	}
+	// The host is a placeholder: the transport always dials the socket.
+	req, err := http.NewRequestWithContext(ctx, method, "http://agentmesh-ca"+path, rd)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: admin socket %s (is agentmesh ca running with this state directory?): %w", op, sock, err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	b, err := readLimited(resp.Body, limit)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		var ae adminError
+		_ = json.Unmarshal(b, &ae)
+		return nil, &ResponseError{Op: op, Status: resp.StatusCode, Message: ae.Error}
+	}
+	return b, nil
+}
+
+// readLimited reads r to the end, failing rather than truncating past limit bytes.
+func readLimited(r io.Reader, limit int64) ([]byte, error) {
+	b, err := io.ReadAll(io.LimitReader(r, limit+1))
+	if err != nil {
+		return nil, err
+	}
+	if int64(len(b)) > limit {
+		return nil, fmt.Errorf("answer exceeds %d bytes", limit)
+	}
+	return b, nil
 }

@@ -19,6 +19,7 @@ const (
 	defaultTokenLifetime = 5 * time.Minute
 	maxTokenLifetime     = 24 * time.Hour
 	defaultClientTimeout = 10 * time.Second
+	defaultDirectoryTTL  = 30 * time.Second
 
 	// softHSMModule is the SoftHSM2 PKCS#11 module used for the embedded token
 	// (Debian/Ubuntu path of the softhsm2 package).
@@ -68,6 +69,11 @@ type Config struct {
 	// most 24h.
 	TokenLifetime time.Duration
 
+	// DirectoryTTL is how long a mesh directory entry lives without a heartbeat;
+	// proxies heartbeat every 10s by default, so three missed heartbeats drop an entry.
+	// Default 30s; must be positive.
+	DirectoryTTL time.Duration
+
 	// Logger receives the CA's logs, including step-ca's per-request errors and
 	// net/http's server errors. Default: discard.
 	Logger *slog.Logger
@@ -82,6 +88,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.TokenLifetime == 0 {
 		c.TokenLifetime = defaultTokenLifetime
+	}
+	if c.DirectoryTTL == 0 {
+		c.DirectoryTTL = defaultDirectoryTTL
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -106,6 +115,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: SVIDLifetime %v is below the minimum of %v", ErrInvalidConfig, c.SVIDLifetime, minSVIDLifetime)
 	case c.TokenLifetime < 0 || c.TokenLifetime > maxTokenLifetime:
 		return fmt.Errorf("%w: TokenLifetime %v is outside (0, %v]", ErrInvalidConfig, c.TokenLifetime, maxTokenLifetime)
+	case c.DirectoryTTL < 0:
+		return fmt.Errorf("%w: DirectoryTTL %v is negative", ErrInvalidConfig, c.DirectoryTTL)
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("%w: Listen %q: %w", ErrInvalidConfig, c.Listen, err)

@@ -31,6 +31,8 @@ func TestConfigValidate(t *testing.T) {
 		{"token lifetime above 24h", func(c *Config) { c.TokenLifetime = 25 * time.Hour }, false},
 		{"listen without port", func(c *Config) { c.Listen = "localhost" }, false},
 		{"listen port 0", func(c *Config) { c.Listen = "127.0.0.1:0" }, true},
+		{"short directory ttl", func(c *Config) { c.DirectoryTTL = time.Second }, true},
+		{"negative directory ttl", func(c *Config) { c.DirectoryTTL = -time.Second }, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -51,7 +53,8 @@ func TestConfigDefaults(t *testing.T) {
 	t.Parallel()
 	c := Config{StateDir: "relative/state"}.withDefaults()
 	switch {
-	case c.Listen != ":9443", c.SVIDLifetime != time.Hour, c.TokenLifetime != 5*time.Minute, c.Logger == nil:
+	case c.Listen != ":9443", c.SVIDLifetime != time.Hour, c.TokenLifetime != 5*time.Minute, c.Logger == nil,
+		c.DirectoryTTL != 30*time.Second:
 		t.Errorf("defaults: %+v", c)
 	case !strings.HasPrefix(c.StateDir, "/"):
 		t.Errorf("StateDir %q not made absolute", c.StateDir)

@@ -4,10 +4,12 @@
 // PKCS#11 token (go.step.sm/crypto/kms/pkcs11; by default a SoftHSM2 token created in the
 // state directory), and issues short-lived SPIFFE X509-SVIDs. It also provides the
 // Client proxies use to enrol (one-time bootstrap token) and renew (mTLS rekey, a new key
-// each time), and the admin unix socket behind `agentmesh token`. It does not decide when
-// to renew, verify what it is given back, keep workload keys, or implement the mesh API
-// (registration entries, revocation feed, fleet commands): those belong to the rotator
-// and later parts of the CA.
+// each time), and the admin unix socket behind `agentmesh token`; and it keeps the mesh
+// directory (which proxy lives at which address), with the Directory client proxies run
+// to register in it and watch it. It does not decide when to renew, verify
+// what it is given back, keep workload keys, route or dial peers, or implement the rest
+// of the mesh API (registration entries, revocation feed, fleet commands): those belong
+// to the rotator, the proxy and later parts of the CA.
 //
 // # Server
 //
@@ -19,6 +21,18 @@
 // are requested, not required: every request that presents one must chain to the root
 // for client authentication at that moment, or it gets a 401 (an expired SVID is thus
 // a permanent error telling the rotator to re-enrol, not a handshake failure).
+//
+// # Mesh directory
+//
+// Under /mesh/v1 on the same HTTPS API, proxies register (POST /mesh/v1/register,
+// repeated as a heartbeat) and long-poll the directory (GET /mesh/v1/directory?since=V).
+// Every mesh request must present an X509-SVID of the trust domain, verified at request
+// time; the registered ID is the certificate's, never the body's, and only /host/ IDs
+// may register. An address belongs to at most one live entry; entries not refreshed
+// within Config.DirectoryTTL are dropped. The registry is in memory only: proxies
+// re-register within a heartbeat after a restart, and versions are seeded from the
+// clock so that they still increase. The admin socket serves GET /directory. See
+// docs/directory.md.
 //
 // One JWK provisioner, "agentmesh", whose key is the provisioner key in the token,
 // signs bootstrap tokens (Server.Token, RequestToken). Its template makes X509-SVIDs:
@@ -36,7 +50,8 @@
 //	                             certificates, used token IDs, the CRL
 //	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS)
 //	hsm.pin                      its random user PIN (0600); the SO PIN is discarded
-//	admin.sock                   admin API (0600; root or the CA's uid, via SO_PEERCRED)
+//	admin.sock                   admin API: POST /token, GET /directory (0600; root or
+//	                             the CA's uid, via SO_PEERCRED)
 //	lock                         flock held while a Server owns the directory
 //
 // # SoftHSM and the process environment

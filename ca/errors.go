@@ -41,11 +41,19 @@ var ErrServerClosed = errors.New("ca: server already run or closed")
 // ErrNoToken is returned by Client.Enroll when ClientConfig.Token is nil.
 var ErrNoToken = errors.New("ca: no bootstrap token source configured")
 
+// ErrDirectoryRunning is returned by Directory.Run when it is already running.
+var ErrDirectoryRunning = errors.New("ca: directory client already running")
+
+// ErrDirectoryRollback is wrapped by the error a Directory logs when the CA answers
+// with an older directory version than the one held. The answer is refused: a stale or
+// replayed directory must never bring back removed peers.
+var ErrDirectoryRollback = errors.New("ca: directory version older than the one held")
+
 // ResponseError is an answer of the CA that is not a success: a step-ca API error on the
 // HTTPS API, or an admin-socket error for RequestToken. Message is the CA's own message
 // (step-ca keeps the details in its log).
 type ResponseError struct {
-	Op      string // "sign", "rekey", "token"
+	Op      string // "sign", "rekey", "token", "register", "directory"
 	Status  int    // HTTP status code
 	Message string
 }

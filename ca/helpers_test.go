@@ -87,6 +87,13 @@ type runningCA struct {
 // startCA creates and runs a CA; the test's cleanup stops it and waits for Run.
 func startCA(tb testing.TB, cfg Config) *runningCA {
 	tb.Helper()
+	return startCAWith(tb, cfg, nil)
+}
+
+// startCAWith is startCA with a hook that can adjust the Server between New and Run
+// (before any goroutine of Run reads it).
+func startCAWith(tb testing.TB, cfg Config, beforeRun func(*Server)) *runningCA {
+	tb.Helper()
 	requireSoftHSM(tb)
 	start := time.Now()
 	srv, err := New(context.Background(), cfg)
@@ -94,6 +101,9 @@ func startCA(tb testing.TB, cfg Config) *runningCA {
 		tb.Fatalf("New: %v", err)
 	}
 	tb.Logf("New: %v", time.Since(start))
+	if beforeRun != nil {
+		beforeRun(srv)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- srv.Run(ctx) }()

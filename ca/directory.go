@@ -1,0 +1,392 @@
+package ca
+
+import (
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// DirectoryDocument is the mesh directory as GET /mesh/v1/directory (and the admin
+// socket's GET /directory) serve it: every live proxy, at one version. Later sections
+// (revocations, trust bundle) will be added as further fields; readers ignore fields
+// they do not know.
+type DirectoryDocument struct {
+	// Version increases (never repeats) on every change that matters to a peer: an
+	// entry added or removed, its addresses, tunnel port or transports changed. A
+	// heartbeat that changes nothing else does not bump it.
+	Version uint64 `json:"version"`
+	// Peers are the live entries, sorted by SPIFFE ID.
+	Peers []DirectoryEntry `json:"peers"`
+}
+
+// DirectoryEntry is one registered proxy.
+type DirectoryEntry struct {
+	// SPIFFEID is the ID of the proxy's client certificate when it registered.
+	SPIFFEID spiffeid.ID `json:"spiffe_id"`
+	// Addresses are the IP addresses the proxy advertises, sorted; no other live
+	// entry holds any of them.
+	Addresses []netip.Addr `json:"addresses"`
+	// TunnelPort is the port of the proxy's tunnel listener on those addresses.
+	TunnelPort uint16 `json:"tunnel_port"`
+	// Transports are the tunnel transports the proxy accepts, in its order of
+	// preference ("tls", "h2", "quic").
+	Transports []string `json:"transports"`
+	// LastHeartbeat is when the CA last heard from the proxy. Informational: it
+	// changes without a version bump.
+	LastHeartbeat time.Time `json:"last_heartbeat"`
+	// BundleVersion is the trust-bundle version the proxy reported holding.
+	// Informational: it changes without a version bump.
+	BundleVersion string `json:"bundle_version,omitempty"`
+}
+
+// registration is a validated register request: what a proxy claims, under the ID
+// its certificate proves. Addresses are unmapped, zone-less, sorted and unique.
+type registration struct {
+	ID            spiffeid.ID
+	Addresses     []netip.Addr
+	TunnelPort    uint16
+	Transports    []string
+	BundleVersion string
+}
+
+// material reports whether r and o differ in what peers route by (not the bundle
+// version, which only the CA reads).
+func (r registration) material(o registration) bool {
+	return !slices.Equal(r.Addresses, o.Addresses) || r.TunnelPort != o.TunnelPort ||
+		!slices.Equal(r.Transports, o.Transports)
+}
+
+// dirEntry is a registration and when it was last refreshed.
+type dirEntry struct {
+	registration
+	lastSeen time.Time
+}
+
+// conflictError refuses a registration claiming an address another live entry holds.
+type conflictError struct {
+	addr  netip.Addr
+	owner spiffeid.ID
+}
+
+func (e *conflictError) Error() string {
+	return fmt.Sprintf("address %s is registered by %s", e.addr, e.owner)
+}
+
+// registerResult says what a registration changed.
+type registerResult int
+
+const (
+	regHeartbeat registerResult = iota // known entry, nothing material changed
+	regNew                             // entry added
+	regChanged                         // addresses, port or transports changed
+)
+
+// dirState is the registry's pure core: no clock, no lock, no I/O. An entry is live
+// while now < lastSeen + ttl. Every material change increments version.
+type dirState struct {
+	ttl      time.Duration
+	version  uint64
+	entries  map[spiffeid.ID]*dirEntry
+	owners   map[netip.Addr]spiffeid.ID
+	earliest time.Time // no entry expires before this; zero when there are none
+}
+
+// newDirState returns an empty registry at version seed. The caller seeds it from the
+// wall clock in microseconds, so that versions keep increasing across CA restarts
+// (each change takes far more than a microsecond) and proxies, which never accept an
+// older version than the one they hold, accept the restarted CA's directory.
+func newDirState(seed uint64, ttl time.Duration) *dirState {
+	return &dirState{
+		ttl:     ttl,
+		version: max(seed, 1),
+		entries: make(map[spiffeid.ID]*dirEntry),
+		owners:  make(map[netip.Addr]spiffeid.ID),
+	}
+}
+
+func (s *dirState) deadline(e *dirEntry) time.Time { return e.lastSeen.Add(s.ttl) }
+
+// expire drops the entries not refreshed within ttl before now and returns them. Cheap
+// when nothing can have expired yet.
+func (s *dirState) expire(now time.Time) []dirEntry {
+	if len(s.entries) == 0 || now.Before(s.earliest) {
+		return nil
+	}
+	var removed []dirEntry
+	s.earliest = time.Time{}
+	for id, e := range s.entries {
+		d := s.deadline(e)
+		if !now.Before(d) {
+			removed = append(removed, *e)
+			delete(s.entries, id)
+			for _, a := range e.Addresses {
+				delete(s.owners, a)
+			}
+			continue
+		}
+		if s.earliest.IsZero() || d.Before(s.earliest) {
+			s.earliest = d
+		}
+	}
+	if len(removed) > 0 {
+		s.version++
+		slices.SortFunc(removed, func(a, b dirEntry) int { return cmp.Compare(a.ID.String(), b.ID.String()) })
+	}
+	return removed
+}
+
+// register upserts reg as refreshed at now, after dropping expired entries (so a dead
+// proxy's addresses are free to claim). An address held by another live entry refuses
+// the whole registration with a *conflictError and changes nothing but the expiry.
+func (s *dirState) register(reg registration, now time.Time) (registerResult, []dirEntry, error) {
+	removed := s.expire(now)
+	for _, a := range reg.Addresses {
+		if owner, ok := s.owners[a]; ok && owner != reg.ID {
+			return regHeartbeat, removed, &conflictError{addr: a, owner: owner}
+		}
+	}
+	result := regNew
+	if old, ok := s.entries[reg.ID]; ok {
+		result = regHeartbeat
+		if old.material(reg) {
+			result = regChanged
+		}
+		for _, a := range old.Addresses {
+			delete(s.owners, a)
+		}
+	}
+	e := &dirEntry{registration: reg, lastSeen: now}
+	s.entries[reg.ID] = e
+	for _, a := range reg.Addresses {
+		s.owners[a] = reg.ID
+	}
+	if d := s.deadline(e); s.earliest.IsZero() || d.Before(s.earliest) {
+		s.earliest = d
+	}
+	if result != regHeartbeat {
+		s.version++
+	}
+	return result, removed, nil
+}
+
+// snapshot returns the directory as served, sorted by SPIFFE ID. It shares nothing
+// with the state.
+func (s *dirState) snapshot() DirectoryDocument {
+	doc := DirectoryDocument{Version: s.version, Peers: make([]DirectoryEntry, 0, len(s.entries))}
+	for _, e := range s.entries {
+		doc.Peers = append(doc.Peers, DirectoryEntry{
+			SPIFFEID:      e.ID,
+			Addresses:     slices.Clone(e.Addresses),
+			TunnelPort:    e.TunnelPort,
+			Transports:    slices.Clone(e.Transports),
+			LastHeartbeat: e.lastSeen.Round(0), // wall clock only
+			BundleVersion: e.BundleVersion,
+		})
+	}
+	slices.SortFunc(doc.Peers, func(a, b DirectoryEntry) int { return cmp.Compare(a.SPIFFEID.String(), b.SPIFFEID.String()) })
+	return doc
+}
+
+// encodedDoc is the JSON of one directory version, built once however many watchers
+// a change wakes.
+type encodedDoc struct {
+	once sync.Once
+	body []byte
+	err  error
+}
+
+// registry is the CA's live directory: dirState behind a mutex, with a broadcast
+// channel that is closed and replaced on every version change to wake long-poll
+// watchers. Safe for concurrent use.
+type registry struct {
+	log *slog.Logger
+
+	mu      sync.Mutex
+	state   *dirState
+	changed chan struct{} // closed (and replaced, unless closed) when the version changes
+	doc     *encodedDoc   // encoding of the current version, built on first use
+	closed  bool          // shutting down: watchers answer at once
+	// testHookWaiting, when set before Run, is called each time a watcher starts
+	// blocking (tests use it to know a long-poll is parked without sleeping).
+	testHookWaiting func()
+}
+
+func newRegistry(ttl time.Duration, log *slog.Logger, now time.Time) *registry {
+	return &registry{
+		log:     log,
+		state:   newDirState(uint64(max(now.UnixMicro(), 1)), ttl),
+		changed: make(chan struct{}),
+		doc:     &encodedDoc{},
+	}
+}
+
+// publishedLocked must be called with r.mu held after any state change: it wakes the
+// watchers and drops the cached encoding when the version moved.
+func (r *registry) publishedLocked(before uint64) {
+	if r.state.version == before {
+		return
+	}
+	r.doc = &encodedDoc{}
+	if !r.closed {
+		close(r.changed)
+		r.changed = make(chan struct{})
+	}
+}
+
+// register applies a registration at now and returns its result and the version
+// after it. It logs additions, changes, expiries and conflicts (never under the lock).
+func (r *registry) register(reg registration, now time.Time) (registerResult, uint64, error) {
+	r.mu.Lock()
+	before := r.state.version
+	res, removed, err := r.state.register(reg, now)
+	r.publishedLocked(before)
+	version := r.state.version
+	r.mu.Unlock()
+
+	r.logExpired(removed, version)
+	var ce *conflictError
+	switch {
+	case errors.As(err, &ce):
+		r.log.Warn("directory registration refused: address already registered",
+			keySPIFFEID, reg.ID.String(), keyAddress, ce.addr.String(), keyClaimedBy, ce.owner.String())
+	case res == regNew:
+		r.log.Info("directory peer registered", keySPIFFEID, reg.ID.String(),
+			keyAddresses, reg.Addresses, keyTunnelPort, reg.TunnelPort, keyVersion, version)
+	case res == regChanged:
+		r.log.Info("directory peer updated", keySPIFFEID, reg.ID.String(),
+			keyAddresses, reg.Addresses, keyTunnelPort, reg.TunnelPort, keyVersion, version)
+	}
+	return res, version, err
+}
+
+// expire drops entries not refreshed within the TTL.
+func (r *registry) expire(now time.Time) {
+	r.mu.Lock()
+	removed := r.expireLocked(now)
+	version := r.state.version
+	r.mu.Unlock()
+	r.logExpired(removed, version)
+}
+
+func (r *registry) expireLocked(now time.Time) []dirEntry {
+	before := r.state.version
+	removed := r.state.expire(now)
+	r.publishedLocked(before)
+	return removed
+}
+
+func (r *registry) logExpired(removed []dirEntry, version uint64) {
+	for _, e := range removed {
+		r.log.Info("directory peer expired", keySPIFFEID, e.ID.String(),
+			keyLastHeartbeat, e.lastSeen, keyVersion, version)
+	}
+}
+
+// snapshot returns the current directory, expiring first.
+func (r *registry) snapshot(now time.Time) DirectoryDocument {
+	r.mu.Lock()
+	removed := r.expireLocked(now)
+	doc := r.state.snapshot()
+	r.mu.Unlock()
+	r.logExpired(removed, doc.Version)
+	return doc
+}
+
+// watch is the long-poll: it returns the encoded directory at once when its version
+// is not since, else when the version changes, wait has passed or the registry closes,
+// whichever is first. It returns ctx's error when ctx ends first (the caller is gone).
+func (r *registry) watch(ctx context.Context, since uint64, wait time.Duration) ([]byte, error) {
+	r.mu.Lock()
+	removed := r.expireLocked(time.Now())
+	version, ch, closed, hook := r.state.version, r.changed, r.closed, r.testHookWaiting
+	r.mu.Unlock()
+	r.logExpired(removed, version)
+
+	if version == since && !closed && wait > 0 {
+		if hook != nil {
+			hook()
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-ch:
+		case <-t.C:
+		case <-ctx.Done():
+		}
+		t.Stop()
+		if err := ctx.Err(); err != nil {
+			return nil, err
+		}
+	}
+	return r.encoded()
+}
+
+// encoded returns the JSON of the current version, encoding it once per version.
+func (r *registry) encoded() ([]byte, error) {
+	r.mu.Lock()
+	d := r.doc
+	r.mu.Unlock()
+	d.once.Do(func() {
+		// The version may have moved on since d was current: then this encodes a
+		// newer one, which is as good an answer.
+		r.mu.Lock()
+		doc := r.state.snapshot()
+		r.mu.Unlock()
+		d.body, d.err = json.Marshal(doc)
+	})
+	return d.body, d.err
+}
+
+// run is the janitor: it drops each entry when its TTL runs out (so watchers hear of
+// it without anyone polling) until ctx is done or the registry closes.
+func (r *registry) run(ctx context.Context) {
+	for {
+		r.mu.Lock()
+		removed := r.expireLocked(time.Now())
+		next, ch, closed, version := r.state.earliest, r.changed, r.closed, r.state.version
+		r.mu.Unlock()
+		r.logExpired(removed, version)
+		if closed {
+			return
+		}
+		// Deadlines only move later (a refresh extends one, a new entry expires after
+		// every existing one), so sleeping until the earliest known one misses nothing;
+		// with no entries, the next registration wakes the janitor.
+		var timer *time.Timer
+		var fire <-chan time.Time
+		if !next.IsZero() {
+			timer = time.NewTimer(time.Until(next))
+			fire, ch = timer.C, nil
+		}
+		select {
+		case <-ctx.Done():
+		case <-fire:
+		case <-ch:
+		}
+		if timer != nil {
+			timer.Stop()
+		}
+		if ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+// close wakes every watcher for good: they answer at once so that the HTTPS server
+// can shut down without waiting for long-polls.
+func (r *registry) close() {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !r.closed {
+		r.closed = true
+		close(r.changed)
+	}
+}
