@@ -297,7 +297,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	g.Go(func() error {
 		<-gctx.Done()
 		// Long-polls answer now rather than hold the graceful shutdown up.
-		// s.dir.close() TEMP
+		s.dir.close()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
 		defer cancel()
 		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv))
