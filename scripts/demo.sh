@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # The agentmesh quick start: an embedded CA with its keys in SoftHSM, two proxies with
-# one-minute SVIDs, a plain HTTP service behind proxy B and a plain curl loop through
-# proxy A. Rotations are printed as they happen. DEMO_DURATION=90s stops it by itself;
-# without it, Ctrl-C stops it. Every process and file it makes is removed at the end.
+# one-minute SVIDs, a plain HTTP service behind proxy B and a plain curl loop on host A.
+#
+# As root (with ip and iptables), hosts A and B are two network namespaces joined by a
+# veth pair and capture is transparent: curl asks for http://B:8080/ with no proxy
+# setting, iptables hands the connection to proxy A, and it crosses as mutual TLS.
+# Otherwise (or with DEMO_MODE=explicit) both hosts share this machine's loopback and
+# curl uses proxy A's explicit port (http_proxy), as an unprivileged agent would.
+#
+# Rotations are printed as they happen. DEMO_DURATION=90s stops it by itself; without
+# it, Ctrl-C stops it. Every process, namespace, rule and file it makes is removed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-BIN=${BIN:-bin/agentmesh}
+BIN=$(realpath "${BIN:-bin/agentmesh}")
 duration=${DEMO_DURATION:-}
 secs=0
 if [ -n "$duration" ]; then
@@ -17,18 +24,24 @@ if [ -n "$duration" ]; then
   esac
 fi
 TD=demo.agentmesh.local
-CA_ADDR=127.0.0.1:${DEMO_CA_PORT:-19443}
-B_TUNNEL=127.0.0.1:${DEMO_TUNNEL_PORT:-15108}
-A_ROUTE=127.0.0.1:${DEMO_ROUTE_PORT:-18080}
-SERVICE_PORT=${DEMO_SERVICE_PORT:-18081}
-A_ADMIN=127.0.0.1:${DEMO_ADMIN_A_PORT:-15120}
-B_ADMIN=127.0.0.1:${DEMO_ADMIN_B_PORT:-15220}
+MARK=1337
+
+mode=${DEMO_MODE:-}
+if [ -z "$mode" ]; then
+  mode=explicit
+  if [ "$(id -u)" -eq 0 ] && command -v ip >/dev/null && command -v iptables >/dev/null; then
+    mode=transparent
+  fi
+fi
 
 work=$(mktemp -d /tmp/agentmesh-demo.XXXXXX)
+suffix=$(basename "$work" | cut -d. -f2 | tr 'A-Z' 'a-z')
 pids=()
+namespaces=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  for ns in "${namespaces[@]}"; do ip netns del "$ns" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -46,60 +59,116 @@ wait_for() { # description, command...
   exit 1
 }
 
+if [ "$mode" = transparent ]; then
+  A_IP=198.18.250.1 B_IP=198.18.250.2
+  NS_A=amdemo-a-$suffix NS_B=amdemo-b-$suffix
+  on_a=(ip netns exec "$NS_A") on_b=(ip netns exec "$NS_B")
+  CA_ADDR=$A_IP:9443
+  B_TUNNEL=0.0.0.0:15008
+  A_ADMIN=127.0.0.1:15020 B_ADMIN=127.0.0.1:15020
+  SERVICE_LISTEN=0.0.0.0:8080 SERVICE_PORT=8080
+  URL=http://$B_IP:8080/
+  curl_a=("${on_a[@]}" curl)
+  say "hosts: network namespaces $NS_A ($A_IP) and $NS_B ($B_IP), joined by a veth pair"
+  ip netns add "$NS_A"; namespaces+=("$NS_A")
+  ip netns add "$NS_B"; namespaces+=("$NS_B")
+  ip link add eth0 netns "$NS_A" type veth peer name eth0 netns "$NS_B"
+  ip -n "$NS_A" addr add "$A_IP/24" dev eth0
+  ip -n "$NS_B" addr add "$B_IP/24" dev eth0
+  for ns in "$NS_A" "$NS_B"; do ip -n "$ns" link set eth0 up; ip -n "$ns" link set lo up; done
+else
+  A_IP=127.0.0.1 B_IP=127.0.0.2
+  on_a=() on_b=()
+  CA_ADDR=127.0.0.1:${DEMO_CA_PORT:-19443}
+  B_TUNNEL=127.0.0.2:${DEMO_TUNNEL_PORT:-15108}
+  A_ADMIN=127.0.0.1:${DEMO_ADMIN_A_PORT:-15120} B_ADMIN=127.0.0.1:${DEMO_ADMIN_B_PORT:-15220}
+  SERVICE_PORT=${DEMO_SERVICE_PORT:-18081}
+  SERVICE_LISTEN=127.0.0.1:$SERVICE_PORT
+  EXPLICIT=127.0.0.1:${DEMO_EXPLICIT_PORT:-15180}
+  # Host B's address is 127.0.0.2: nothing listens there, so only the mesh reaches the service.
+  URL=http://127.0.0.2:$SERVICE_PORT/
+  curl_a=(env "http_proxy=http://$EXPLICIT" curl)
+fi
+
 go build -o "$work/demoservice" ./internal/demoservice
 
 say "CA: embedded step-ca, root/intermediate/provisioner keys generated inside a SoftHSM2 token"
-"$BIN" ca --state "$work/ca" --trust-domain "$TD" --listen "$CA_ADDR" --svid-lifetime 1m 2>"$work/ca.log" &
+"${on_a[@]}" "$BIN" ca --state "$work/ca" --trust-domain "$TD" --listen "$CA_ADDR" --dns-name "${CA_ADDR%:*}" \
+  --svid-lifetime 1m 2>"$work/ca.log" &
 pids+=($!)
 wait_for "the CA" test -S "$work/ca/admin.sock"
-wait_for "the CA's API" curl -sf --cacert "$work/ca/root.crt" "https://$CA_ADDR/health"
+wait_for "the CA's API" "${on_a[@]}" curl -sf --cacert "$work/ca/root.crt" "https://$CA_ADDR/health"
 echo "    private keys in the token (sensitive, never extractable; none on disk):"
 SOFTHSM2_CONF="$work/ca/softhsm2.conf" pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so \
   --login --pin "$(cat "$work/ca/hsm.pin")" --list-objects --type privkey 2>/dev/null |
-  awk '/^Private Key Object/ {k=$0} /label:/ {l=$2} /Access:/ {print "      " l ": " $0}' | sed 's/  *Access: */ /' || true
+  awk '/label:/ {l=$2} /Access:/ {sub(/^ *Access: */, ""); print "      " l ": " $0}' || true
 
-proxy_config() { # name, tunnel, admin, extra
+proxy_config() { # name, admin, yaml
   mkdir -p "$work/$1"
   "$BIN" token --state "$work/ca" "spiffe://$TD/host/$1" >"$work/$1/token"
   cat >"$work/$1/proxy.yaml" <<YAML
 id: spiffe://$TD/host/$1
 state: $work/$1
-tunnel: $2
-admin: $3
+admin: $2
 ca:
   url: https://$CA_ADDR
   root: $work/ca/root.crt
   token_file: token
-$4
+$3
 YAML
 }
 
-say "service-b: a plain HTTP server on 127.0.0.1:$SERVICE_PORT (knows nothing of the mesh)"
-"$work/demoservice" -listen "127.0.0.1:$SERVICE_PORT" 2>"$work/service.log" &
+say "service-b: a plain HTTP server on $SERVICE_LISTEN of host B (knows nothing of the mesh)"
+"${on_b[@]}" "$work/demoservice" -listen "$SERVICE_LISTEN" 2>"$work/service.log" &
 pids+=($!)
 
-say "proxy b: terminates mTLS on $B_TUNNEL, lets spiffe://$TD/host/a reach port $SERVICE_PORT"
-proxy_config b "$B_TUNNEL" "$B_ADMIN" "services:
+say "proxy b: accepts mTLS on $B_TUNNEL; only spiffe://$TD/host/a may reach port $SERVICE_PORT"
+strict=""
+[ "$mode" = transparent ] && strict="strict: 0.0.0.0:15006"
+proxy_config b "$B_ADMIN" "tunnel: $B_TUNNEL
+mark: $MARK
+$strict
+directory:
+  advertise: [$B_IP]
+  heartbeat: 2s
+services:
   - port: $SERVICE_PORT
     allow: [spiffe://$TD/host/a]"
-"$BIN" proxy --config "$work/b/proxy.yaml" 2>"$work/b.log" &
+"${on_b[@]}" "$BIN" proxy --config "$work/b/proxy.yaml" 2>"$work/b.log" &
 pids+=($!)
 
-say "proxy a: plain TCP on $A_ROUTE -> mTLS to proxy b, which must be spiffe://$TD/host/b"
-proxy_config a "127.0.0.1:0" "$A_ADMIN" "routes:
-  - listen: $A_ROUTE
-    peer: $B_TUNNEL
-    peer_id: spiffe://$TD/host/b
-    target_port: $SERVICE_PORT"
-"$BIN" proxy --config "$work/a/proxy.yaml" 2>"$work/a.log" &
+if [ "$mode" = transparent ]; then
+  say "proxy a: iptables REDIRECTs host A's outbound TCP to 127.0.0.1:15001; the directory says who lives at $B_IP"
+  capture="outbound: 127.0.0.1:15001"
+else
+  say "proxy a: explicit port $EXPLICIT (http_proxy); the directory says who lives at $B_IP"
+  capture="explicit: $EXPLICIT"
+fi
+proxy_config a "$A_ADMIN" "tunnel: $A_IP:15008
+mark: $MARK
+$capture
+directory:
+  advertise: [$A_IP]
+  heartbeat: 2s"
+"${on_a[@]}" "$BIN" proxy --config "$work/a/proxy.yaml" 2>"$work/a.log" &
 pids+=($!)
-wait_for "proxy a" curl -sf "http://$A_ADMIN/readyz"
-wait_for "proxy b" curl -sf "http://$B_ADMIN/readyz"
-"$BIN" status --admin "$A_ADMIN"
-"$BIN" status --admin "$B_ADMIN"
+wait_for "proxy a" "${on_a[@]}" curl -sf "http://$A_ADMIN/readyz"
+wait_for "proxy b" "${on_b[@]}" curl -sf "http://$B_ADMIN/readyz"
+"${on_a[@]}" "$BIN" status --admin "$A_ADMIN"
+"${on_b[@]}" "$BIN" status --admin "$B_ADMIN"
+
+if [ "$mode" = transparent ]; then
+  say "iptables on both hosts: agentmesh redirect install (strict mode for port 8080 on B)"
+  "${on_a[@]}" "$BIN" redirect install --exclude-mark "$MARK" --exclude-port 9443
+  "${on_b[@]}" "$BIN" redirect install --exclude-mark "$MARK" --exclude-port 9443 --strict-port 8080
+  "${on_a[@]}" iptables -t nat -S AGENTMESH_OUTPUT | sed 's/^/    /'
+fi
+
+# The first request waits for proxy A's directory watch to learn where proxy B lives.
+wait_for "the mesh path" "${curl_a[@]}" -sf --max-time 2 "$URL"
 
 say "rotations as they happen (one-minute SVIDs renew when about a third is left):"
-( tail -n0 -F "$work/a.log" "$work/b.log" 2>/dev/null | grep --line-buffered 'msg=rotated' | awk '{
+( tail -n0 -F --pid=$$ "$work/a.log" "$work/b.log" 2>/dev/null | grep --line-buffered 'msg=rotated' | awk '{
     delete kv
     for (i = 1; i <= NF; i++) { eq = index($i, "="); if (eq) kv[substr($i, 1, eq - 1)] = substr($i, eq + 1) }
     printf "    %s rotated %s (trigger %s): serial %s -> %s\n", substr(kv["time"], 12, 8), kv["spiffe_id"], kv["trigger"], kv["old_serial"], kv["serial"]
@@ -107,17 +176,17 @@ say "rotations as they happen (one-minute SVIDs renew when about a third is left
   }' ) &
 pids+=($!)
 
-say "client: curl http://$A_ROUTE/ in a loop${duration:+ for $duration}"
+say "client on host A: ${curl_a[*]} $URL in a loop${duration:+ for $duration}"
 requests=0 failed=0
 start=$(date +%s)
 while :; do
   now=$(date +%s)
   if [ "$secs" -gt 0 ] && [ $((now - start)) -ge "$secs" ]; then break; fi
-  if out=$(curl -sS --max-time 5 "http://$A_ROUTE/" 2>&1); then
-    requests=$((requests + 1))
+  requests=$((requests + 1))
+  if out=$("${curl_a[@]}" -sS --max-time 5 "$URL" 2>&1); then
     if [ $((requests % 50)) -eq 1 ]; then echo "    $(date +%T) request $requests: $out"; fi
   else
-    requests=$((requests + 1)); failed=$((failed + 1))
+    failed=$((failed + 1))
     echo "    $(date +%T) request $requests FAILED: $out"
   fi
   sleep 0.1
@@ -130,5 +199,9 @@ wait "${pids[2]}" "${pids[3]}" 2>/dev/null || true
 for p in a b; do
   echo "    audit log of proxy $p: $("$BIN" audit verify "$work/$p/audit.log")"
 done
+if [ "$mode" = transparent ]; then
+  "${on_a[@]}" "$BIN" redirect remove
+  "${on_b[@]}" "$BIN" redirect remove
+fi
 echo "requests=$requests failed=$failed rotations=$rotations"
 [ "$failed" -eq 0 ]
