@@ -54,16 +54,31 @@ type Client struct {
 	enroll  *http.Client
 }
 
-// NewClient checks cfg and returns a Client. It does not contact the CA.
-func NewClient(cfg ClientConfig) (*Client, error) {
-	u, err := url.Parse(cfg.URL)
+// endpoint validates the CA address and trust anchors every client needs and returns
+// the base URL and the pool to verify the CA's serving certificate with.
+func endpoint(rawURL string, roots []*x509.Certificate) (string, *x509.CertPool, error) {
+	u, err := url.Parse(rawURL)
 	switch {
 	case err != nil:
-		return nil, fmt.Errorf("%w: URL %q: %w", ErrInvalidConfig, cfg.URL, err)
+		return "", nil, fmt.Errorf("%w: URL %q: %w", ErrInvalidConfig, rawURL, err)
 	case u.Scheme != "https" || u.Host == "":
-		return nil, fmt.Errorf("%w: URL %q is not https://host:port", ErrInvalidConfig, cfg.URL)
-	case len(cfg.Roots) == 0:
-		return nil, fmt.Errorf("%w: Roots are required", ErrInvalidConfig)
+		return "", nil, fmt.Errorf("%w: URL %q is not https://host:port", ErrInvalidConfig, rawURL)
+	case len(roots) == 0:
+		return "", nil, fmt.Errorf("%w: Roots are required", ErrInvalidConfig)
+	}
+	pool := x509.NewCertPool()
+	for _, r := range roots {
+		pool.AddCert(r)
+	}
+	return strings.TrimSuffix(u.Scheme+"://"+u.Host+u.Path, "/"), pool, nil
+}
+
+// NewClient checks cfg and returns a Client. It does not contact the CA.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	base, pool, err := endpoint(cfg.URL, cfg.Roots)
+	switch {
+	case err != nil:
+		return nil, err
 	case cfg.Timeout < 0:
 		return nil, fmt.Errorf("%w: negative Timeout", ErrInvalidConfig)
 	}
@@ -73,12 +88,8 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
-	pool := x509.NewCertPool()
-	for _, r := range cfg.Roots {
-		pool.AddCert(r)
-	}
 	c := &Client{
-		base:    strings.TrimSuffix(u.Scheme+"://"+u.Host+u.Path, "/"),
+		base:    base,
 		roots:   pool,
 		token:   cfg.Token,
 		timeout: cfg.Timeout,

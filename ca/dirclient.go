@@ -13,10 +13,8 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -122,14 +120,10 @@ type Directory struct {
 // starts no goroutine: call Run.
 func NewDirectory(cfg DirectoryConfig) (*Directory, error) {
 	cfg = cfg.withDefaults()
-	u, err := url.Parse(cfg.URL)
+	base, pool, err := endpoint(cfg.URL, cfg.Roots)
 	switch {
 	case err != nil:
-		return nil, fmt.Errorf("%w: URL %q: %w", ErrInvalidConfig, cfg.URL, err)
-	case u.Scheme != "https" || u.Host == "":
-		return nil, fmt.Errorf("%w: URL %q is not https://host:port", ErrInvalidConfig, cfg.URL)
-	case len(cfg.Roots) == 0:
-		return nil, fmt.Errorf("%w: Roots are required", ErrInvalidConfig)
+		return nil, err
 	case cfg.Certificate == nil:
 		return nil, fmt.Errorf("%w: Certificate is required", ErrInvalidConfig)
 	case len(cfg.Addresses) == 0 || len(cfg.Addresses) > maxAddresses:
@@ -160,13 +154,9 @@ func NewDirectory(cfg DirectoryConfig) (*Directory, error) {
 	cfg.Addresses = slices.Clone(cfg.Addresses)
 	cfg.Roots = slices.Clone(cfg.Roots)
 
-	pool := x509.NewCertPool()
-	for _, r := range cfg.Roots {
-		pool.AddCert(r)
-	}
 	d := &Directory{
 		cfg:     cfg,
-		base:    strings.TrimSuffix(u.Scheme+"://"+u.Host+u.Path, "/"),
+		base:    base,
 		log:     cfg.Logger,
 		body:    body,
 		updated: make(chan struct{}, 1),
