@@ -168,12 +168,12 @@ fi
 wait_for "the mesh path" "${curl_a[@]}" -sf --max-time 2 "$URL"
 
 say "rotations as they happen (one-minute SVIDs renew when about a third is left):"
-( tail -n0 -F --pid=$$ "$work/a.log" "$work/b.log" 2>/dev/null | grep --line-buffered 'msg=rotated' | awk '{
-    delete kv
-    for (i = 1; i <= NF; i++) { eq = index($i, "="); if (eq) kv[substr($i, 1, eq - 1)] = substr($i, eq + 1) }
-    printf "    %s rotated %s (trigger %s): serial %s -> %s\n", substr(kv["time"], 12, 8), kv["spiffe_id"], kv["trigger"], kv["old_serial"], kv["serial"]
-    fflush()
-  }' ) &
+field() { [[ $1 =~ (^| )$2=([^ ]*) ]] && printf '%s' "${BASH_REMATCH[2]}"; }
+( tail -n0 -F --pid=$$ "$work/a.log" "$work/b.log" 2>/dev/null | grep --line-buffered 'msg=rotated' |
+  while IFS= read -r line; do
+    t=$(field "$line" time)
+    echo "    ${t:11:8} rotated $(field "$line" spiffe_id) (trigger $(field "$line" trigger)): serial $(field "$line" old_serial) -> $(field "$line" serial)"
+  done ) &
 pids+=($!)
 
 say "client on host A: ${curl_a[*]} $URL in a loop${duration:+ for $duration}"
@@ -199,6 +199,10 @@ wait "${pids[2]}" "${pids[3]}" 2>/dev/null || true
 for p in a b; do
   echo "    audit log of proxy $p: $("$BIN" audit verify "$work/$p/audit.log")"
 done
+# Tunnel setup time (TLS 1.3 handshake and header exchange) as proxy A audited it.
+grep '"type":"handshake"' "$work/a/audit.log" | grep '"direction":"outbound"' | grep '"result":"ok"' |
+  grep -o '"duration_ns":[0-9]*' | cut -d: -f2 | sort -n |
+  awk '{d[NR] = $1} END {if (NR) {i = int(NR * 0.99); if (i < 1) i = 1; printf "    tunnel handshakes: %d, p50 %.2f ms, p99 %.2f ms\n", NR, d[int((NR + 1) / 2)] / 1e6, d[i] / 1e6}}'
 if [ "$mode" = transparent ]; then
   "${on_a[@]}" "$BIN" redirect remove
   "${on_b[@]}" "$BIN" redirect remove
