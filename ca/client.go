@@ -13,9 +13,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -39,6 +41,10 @@ type ClientConfig struct {
 	Timeout time.Duration
 	// Logger receives Debug lines for issued certificates. Default: discard.
 	Logger *slog.Logger
+	// Control, when set, is called on every socket dialed to the CA before it
+	// connects; the proxy sets its SO_MARK there so capture rules skip this traffic.
+	// Default nil.
+	Control func(network, address string, c syscall.RawConn) error
 }
 
 // Client obtains X509-SVIDs from agentmesh ca: Enroll with a bootstrap token, Renew
@@ -50,6 +56,7 @@ type Client struct {
 	roots   *x509.CertPool
 	token   func(ctx context.Context) (string, error)
 	timeout time.Duration
+	control func(network, address string, c syscall.RawConn) error
 	log     *slog.Logger
 	enroll  *http.Client
 }
@@ -93,6 +100,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		roots:   pool,
 		token:   cfg.Token,
 		timeout: cfg.Timeout,
+		control: cfg.Control,
 		log:     cfg.Logger,
 	}
 	c.enroll = &http.Client{Transport: c.transport(nil, false)}
@@ -111,6 +119,7 @@ func (c *Client) transport(clientCert *tls.Certificate, keepAlive bool) *http.Tr
 		// Never through HTTP(S)_PROXY: on a meshed host that is the agentmesh proxy,
 		// whose credentials this client is renewing.
 		Proxy:               nil,
+		DialContext:         (&net.Dialer{Timeout: c.timeout, Control: c.control}).DialContext,
 		TLSClientConfig:     tc,
 		ForceAttemptHTTP2:   true,
 		TLSHandshakeTimeout: c.timeout,

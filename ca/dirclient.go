@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -64,6 +65,10 @@ type DirectoryConfig struct {
 	// so that proxies started together spread out), and the cap of the retry backoff.
 	// Keep it well under the CA's DirectoryTTL (30s by default). Default 10s.
 	Heartbeat time.Duration
+	// Control, when set, is called on every socket dialed to the CA before it
+	// connects; the proxy sets its SO_MARK there so capture rules skip this traffic.
+	// Default nil.
+	Control func(network, address string, c syscall.RawConn) error
 	// Logger receives retries at Warn, (re-)registrations at Info and applied
 	// directory versions at Debug. Default: discard.
 	Logger *slog.Logger
@@ -164,7 +169,8 @@ func NewDirectory(cfg DirectoryConfig) (*Directory, error) {
 	d.snap.Store(&dirSnapshot{})
 	d.tr = &http.Transport{
 		// Never through HTTP(S)_PROXY: on a meshed host that is the agentmesh proxy.
-		Proxy: nil,
+		Proxy:       nil,
+		DialContext: (&net.Dialer{Timeout: defaultClientTimeout, Control: cfg.Control}).DialContext,
 		TLSClientConfig: &tls.Config{
 			MinVersion:           tls.VersionTLS13,
 			RootCAs:              pool,

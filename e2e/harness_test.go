@@ -181,6 +181,20 @@ func (p *process) tail(n int) string {
 	return strings.Join(out, "\n")
 }
 
+// count returns how many log lines so far match pattern.
+func (p *process) count(pattern string) int {
+	re := regexp.MustCompile(pattern)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for _, l := range p.lines {
+		if re.MatchString(l) {
+			n++
+		}
+	}
+	return n
+}
+
 // grep returns the first n log lines containing s.
 func (p *process) grep(s string, n int) string {
 	p.mu.Lock()
@@ -221,6 +235,17 @@ func (p *process) stop() error {
 // runCmd runs the binary to completion and returns its stdout, stderr and exit error.
 func runCmd(ctx context.Context, args ...string) (string, string, error) {
 	cmd := exec.CommandContext(ctx, binary, args...)
+	var out, errb strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	err := cmd.Run()
+	return out.String(), errb.String(), err
+}
+
+// runCmdOut runs any command to completion and returns its stdout, stderr and error.
+func runCmdOut(t *testing.T, name string, args ...string) (string, string, error) {
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, name, args...)
 	var out, errb strings.Builder
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -47,8 +48,13 @@ func TestTransparent(t *testing.T) {
 	}
 	before := map[*lanHost]string{a: iptablesSave(t, a), b: iptablesSave(t, b)}
 	direct := curlLatency(t, a, "http://"+b.ip+":8080/", 100)
-	a.mustRun(t, binary, "redirect", "install", "--exclude-mark", "1337", "--include-port", "8080")
-	b.mustRun(t, binary, "redirect", "install", "--exclude-mark", "1337", "--include-port", "8080", "--strict-port", "8080")
+	// Capture every TCP port: the proxies' own tunnels, renewals and directory
+	// heartbeats stay out only because they carry the mark.
+	const caFailures = `directory (registration|watch) failed|rotation failed`
+	failuresBefore := pa.count(caFailures) + pb.count(caFailures)
+	installed := time.Now()
+	a.mustRun(t, binary, "redirect", "install", "--exclude-mark", "1337")
+	b.mustRun(t, binary, "redirect", "install", "--exclude-mark", "1337", "--strict-port", "8080")
 
 	pcap := filepath.Join(t.TempDir(), "b.pcap")
 	dump := startCmd(t, "tcpdump", b.command("tcpdump", "-i", "eth0", "-n", "-U", "--immediate-mode", "-s", "0", "-w", pcap, "tcp"))
@@ -81,6 +87,12 @@ func TestTransparent(t *testing.T) {
 	// Strict mode: a host without a proxy cannot reach the meshed port.
 	if out, err := c.run(t, 20*time.Second, "curl", "-sS", "--max-time", "5", "http://"+b.ip+":8080/"); err == nil {
 		t.Fatalf("host c reached the meshed port in clear: %q", out)
+	}
+
+	// Heartbeats every second reach the CA through the rules without a failure.
+	ca.awaitHeartbeats(t, installed, idA, idB)
+	if n := pa.count(caFailures) + pb.count(caFailures) - failuresBefore; n != 0 {
+		t.Errorf("%d CA or directory failures once capture was on", n)
 	}
 
 	if err := dump.stop(); err != nil {
@@ -134,6 +146,38 @@ func curlLatency(t *testing.T, h *lanHost, url string, n int) float64 {
 	}
 	slices.Sort(times)
 	return times[n/2]
+}
+
+// awaitHeartbeats waits until the CA has heard from every id after since.
+func (c *meshCA) awaitHeartbeats(t *testing.T, since time.Time, ids ...string) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		out, _, err := runCmdOut(t, "curl", "-sS", "--unix-socket", filepath.Join(c.state, "admin.sock"), "http://ca/directory")
+		var doc struct {
+			Peers []struct {
+				ID   string    `json:"spiffe_id"`
+				Last time.Time `json:"last_heartbeat"`
+			} `json:"peers"`
+		}
+		if err == nil && json.Unmarshal([]byte(out), &doc) == nil {
+			fresh := 0
+			for _, p := range doc.Peers {
+				if slices.Contains(ids, p.ID) && p.Last.After(since) {
+					fresh++
+				}
+			}
+			if fresh == len(ids) {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the CA heard no heartbeat from %v since %v: %s %v", ids, since, out, err)
+		}
+		<-tick.C
+	}
 }
 
 var saveNoise = regexp.MustCompile(`(?m)^#.*\n|\[\d+:\d+\]`)

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -129,6 +130,13 @@ type Config struct {
 	// keeps at most one accepted connection waiting for a slot and stops
 	// accepting; the rest wait in the kernel backlog. Default 0: unlimited.
 	MaxConnections int
+}
+
+// MarkControl returns a net.Dialer.Control that sets SO_MARK to mark on every
+// socket before it connects (Linux only), for the proxy's other clients (the CA
+// and directory) to carry the same mark as its tunnels, so capture skips them too.
+func MarkControl(mark int) func(network, address string, c syscall.RawConn) error {
+	return markControl(mark)
 }
 
 func (c Config) withDefaults() Config {

@@ -159,8 +159,8 @@ wait_for "proxy b" "${on_b[@]}" curl -sf "http://$B_ADMIN/readyz"
 
 if [ "$mode" = transparent ]; then
   say "iptables on both hosts: agentmesh redirect install (strict mode for port 8080 on B)"
-  "${on_a[@]}" "$BIN" redirect install --exclude-mark "$MARK" --exclude-port 9443
-  "${on_b[@]}" "$BIN" redirect install --exclude-mark "$MARK" --exclude-port 9443 --strict-port 8080
+  "${on_a[@]}" "$BIN" redirect install --exclude-mark "$MARK"
+  "${on_b[@]}" "$BIN" redirect install --exclude-mark "$MARK" --strict-port 8080
   "${on_a[@]}" iptables -t nat -S AGENTMESH_OUTPUT | sed 's/^/    /'
 fi
 

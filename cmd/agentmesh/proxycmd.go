@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -59,11 +60,18 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 	if err != nil {
 		return err
 	}
+	// The CA clients carry the proxy's mark like its tunnels, so capture rules that
+	// exclude the mark never redirect the proxy's renewals back to itself.
+	var control func(network, address string, c syscall.RawConn) error
+	if cfg.Mark != 0 {
+		control = proxy.MarkControl(cfg.Mark)
+	}
 	client, err := ca.NewClient(ca.ClientConfig{
-		URL:    cfg.CAURL,
-		Roots:  bundle.X509Authorities(),
-		Token:  tokenFromFile(cfg.TokenFile),
-		Logger: logger.With("component", "ca_client"),
+		URL:     cfg.CAURL,
+		Roots:   bundle.X509Authorities(),
+		Token:   tokenFromFile(cfg.TokenFile),
+		Control: control,
+		Logger:  logger.With("component", "ca_client"),
 	})
 	if err != nil {
 		return err
@@ -108,6 +116,7 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 			Addresses:   cfg.Advertise,
 			TunnelPort:  tunnelPort,
 			Heartbeat:   cfg.Heartbeat,
+			Control:     control,
 			Logger:      logger.With("component", "directory"),
 		})
 		if err != nil {
