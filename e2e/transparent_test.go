@@ -148,7 +148,8 @@ func curlLatency(t *testing.T, h *lanHost, url string, n int) float64 {
 	return times[n/2]
 }
 
-// awaitHeartbeats waits until the CA has heard from every id after since.
+// awaitHeartbeats waits until the CA has heard from every id after since, each
+// reporting the version of the trust bundle it holds.
 func (c *meshCA) awaitHeartbeats(t *testing.T, since time.Time, ids ...string) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
@@ -158,14 +159,15 @@ func (c *meshCA) awaitHeartbeats(t *testing.T, since time.Time, ids ...string) {
 		out, _, err := runCmdOut(t, "curl", "-sS", "--unix-socket", filepath.Join(c.state, "admin.sock"), "http://ca/directory")
 		var doc struct {
 			Peers []struct {
-				ID   string    `json:"spiffe_id"`
-				Last time.Time `json:"last_heartbeat"`
+				ID     string    `json:"spiffe_id"`
+				Last   time.Time `json:"last_heartbeat"`
+				Bundle string    `json:"bundle_version"`
 			} `json:"peers"`
 		}
 		if err == nil && json.Unmarshal([]byte(out), &doc) == nil {
 			fresh := 0
 			for _, p := range doc.Peers {
-				if slices.Contains(ids, p.ID) && p.Last.After(since) {
+				if slices.Contains(ids, p.ID) && p.Last.After(since) && p.Bundle != "" {
 					fresh++
 				}
 			}

@@ -2,6 +2,9 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -109,15 +112,18 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 		if err != nil {
 			return err
 		}
+		// The bundle is the CA's root file for now: its digest names its version.
+		bv := bundleVersion(bundle.X509Authorities())
 		dir, err = ca.NewDirectory(ca.DirectoryConfig{
-			URL:         cfg.CAURL,
-			Roots:       bundle.X509Authorities(),
-			Certificate: rot.TLSCertificate,
-			Addresses:   cfg.Advertise,
-			TunnelPort:  tunnelPort,
-			Heartbeat:   cfg.Heartbeat,
-			Control:     control,
-			Logger:      logger.With("component", "directory"),
+			URL:           cfg.CAURL,
+			Roots:         bundle.X509Authorities(),
+			Certificate:   rot.TLSCertificate,
+			Addresses:     cfg.Advertise,
+			TunnelPort:    tunnelPort,
+			Heartbeat:     cfg.Heartbeat,
+			Control:       control,
+			BundleVersion: func() string { return bv },
+			Logger:        logger.With("component", "directory"),
 		})
 		if err != nil {
 			return err
@@ -150,6 +156,16 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 	err = g.Wait()
 	stopAudit()
 	return errors.Join(err, <-auditDone)
+}
+
+// bundleVersion names a set of trust anchors by the SHA-256 of their DER, so the
+// directory shows which proxies hold which bundle.
+func bundleVersion(roots []*x509.Certificate) string {
+	h := sha256.New()
+	for _, r := range roots {
+		h.Write(r.Raw)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16]
 }
 
 // directory adapts the CA's directory client to the proxy's lookup interface.
