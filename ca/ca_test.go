@@ -2,6 +2,7 @@ package ca
 
 import (
 	"context"
+	"crypto"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
@@ -83,11 +84,7 @@ func TestEnrollAndRenew(t *testing.T) {
 		t.Fatalf("Enroll: %v", err)
 	}
 	t.Logf("Token+Enroll (first request, includes step-ca start): %v", time.Since(before))
-	checkSVID(t, ca, chain, id)
-	checkLifetime(t, chain[0], cfg.SVIDLifetime, backdate(cfg.SVIDLifetime), before, time.Now())
-	if !samePublicKey(key, chain[0].PublicKey) {
-		t.Fatal("enrolled certificate is not for the enrolled key")
-	}
+	checkIssued(t, ca, chain, id, key, cfg.SVIDLifetime, before)
 
 	svid := &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key}
 	newKey := newKey(t)
@@ -97,11 +94,7 @@ func TestEnrollAndRenew(t *testing.T) {
 		t.Fatalf("Renew: %v", err)
 	}
 	t.Logf("Renew: %v", time.Since(before))
-	checkSVID(t, ca, renewed, id)
-	checkLifetime(t, renewed[0], cfg.SVIDLifetime, backdate(cfg.SVIDLifetime), before, time.Now())
-	if !samePublicKey(newKey, renewed[0].PublicKey) {
-		t.Fatal("renewed certificate is not for the new key")
-	}
+	checkIssued(t, ca, renewed, id, newKey, cfg.SVIDLifetime, before)
 	if renewed[0].SerialNumber.Cmp(chain[0].SerialNumber) == 0 {
 		t.Fatal("renewal reused the serial")
 	}
@@ -467,5 +460,16 @@ func TestExpiredClientCertificateIsRefused(t *testing.T) {
 	var ie x509.CertificateInvalidError
 	if err := ca.verifyClientChain(svid.Certificates, leaf.NotAfter.Add(time.Second)); !errors.As(err, &ie) || ie.Reason != x509.Expired {
 		t.Fatalf("expired SVID: %v, want an expiry error", err)
+	}
+}
+
+// checkIssued checks that chain is a valid SVID for id and key with the configured
+// lifetime, issued after before.
+func checkIssued(t *testing.T, ca *runningCA, chain []*x509.Certificate, id spiffeid.ID, key crypto.Signer, lifetime time.Duration, before time.Time) {
+	t.Helper()
+	checkSVID(t, ca, chain, id)
+	checkLifetime(t, chain[0], lifetime, backdate(lifetime), before, time.Now())
+	if !samePublicKey(key, chain[0].PublicKey) {
+		t.Fatal("certificate is not for the key it was asked for")
 	}
 }

@@ -255,8 +255,7 @@ func (d *Directory) heartbeatLoop(ctx context.Context) {
 			return
 		case err != nil:
 			failures++
-			wait = retryDelay(failures, d.retryBase(), d.cfg.Heartbeat, rand.Float64())
-			d.log.Warn("directory registration failed", keyErr, err, keyAttempt, failures, keyRetryIn, wait)
+			wait = d.retryAfter("directory registration failed", failures, err)
 		default:
 			if failures > 0 || !registered {
 				d.log.Info("registered in the mesh directory", keyAddresses, d.body.Addresses,
@@ -287,8 +286,7 @@ func (d *Directory) watchLoop(ctx context.Context) {
 			return
 		case err != nil:
 			failures++
-			wait = retryDelay(failures, d.retryBase(), d.cfg.Heartbeat, rand.Float64())
-			d.log.Warn("directory watch failed", keyErr, err, keyAttempt, failures, keyRetryIn, wait)
+			wait = d.retryAfter("directory watch failed", failures, err)
 		default:
 			failures = 0
 			if !changed {
@@ -299,6 +297,14 @@ func (d *Directory) watchLoop(ctx context.Context) {
 			return
 		}
 	}
+}
+
+// retryAfter logs a failed attempt of a loop and returns how long it waits before
+// the next one: capped backoff with jitter, never longer than a heartbeat.
+func (d *Directory) retryAfter(msg string, failures int, err error) time.Duration {
+	wait := retryDelay(failures, d.retryBase(), d.cfg.Heartbeat, rand.Float64())
+	d.log.Warn(msg, keyErr, err, keyAttempt, failures, keyRetryIn, wait)
+	return wait
 }
 
 func (d *Directory) retryBase() time.Duration { return min(maxRetryBase, d.cfg.Heartbeat) }
