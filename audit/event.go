@@ -11,18 +11,20 @@ type Event interface{ Kind() string }
 
 // Handshake records one TLS handshake the proxy accepted, refused or failed.
 type Handshake struct {
-	Direction  string        `json:"direction"` // "inbound" | "outbound"
-	Result     string        `json:"result"`    // "ok" | "refused" | "error"
-	Reason     string        `json:"reason,omitempty"`
-	Transport  string        `json:"transport"` // "tls" for now
-	LocalID    string        `json:"local_id,omitempty"`
-	PeerID     string        `json:"peer_id,omitempty"`
-	PeerSerial string        `json:"peer_serial,omitempty"`
-	PeerAddr   string        `json:"peer_addr,omitempty"`
-	TLSVersion string        `json:"tls_version,omitempty"` // "TLS 1.3"
-	Cipher     string        `json:"cipher,omitempty"`
-	Resumed    bool          `json:"resumed"`
-	Duration   time.Duration `json:"duration_ns"`
+	Direction string `json:"direction"` // "inbound" | "outbound"
+	Result    string `json:"result"`    // "ok" | "refused" | "error"
+	Reason    string `json:"reason,omitempty"`
+	Transport string `json:"transport"` // "tls" for now
+	LocalID   string `json:"local_id,omitempty"`
+	// LocalSerial is the serial (decimal) of the SVID this proxy presented.
+	LocalSerial string        `json:"local_serial,omitempty"`
+	PeerID      string        `json:"peer_id,omitempty"`
+	PeerSerial  string        `json:"peer_serial,omitempty"`
+	PeerAddr    string        `json:"peer_addr,omitempty"`
+	TLSVersion  string        `json:"tls_version,omitempty"` // "TLS 1.3"
+	Cipher      string        `json:"cipher,omitempty"`
+	Resumed     bool          `json:"resumed"`
+	Duration    time.Duration `json:"duration_ns"`
 }
 
 // Kind returns "handshake".
@@ -47,14 +49,76 @@ func (Rotation) Kind() string { return "rotation" }
 
 // Connection records a proxied connection when it closes.
 type Connection struct {
-	Direction string        `json:"direction"` // "inbound" | "outbound"
-	PeerID    string        `json:"peer_id,omitempty"`
-	Target    string        `json:"target,omitempty"` // host:port the connection was spliced to
-	BytesIn   int64         `json:"bytes_in"`
-	BytesOut  int64         `json:"bytes_out"`
-	Duration  time.Duration `json:"duration_ns"`
-	Reason    string        `json:"reason,omitempty"` // why it closed, when not a clean EOF
+	Direction string `json:"direction"` // "inbound" | "outbound"
+	PeerID    string `json:"peer_id,omitempty"`
+	// PeerSerial and LocalSerial are the serials (decimal) of the two SVIDs that
+	// authenticated the tunnel.
+	PeerSerial  string        `json:"peer_serial,omitempty"`
+	LocalSerial string        `json:"local_serial,omitempty"`
+	Target      string        `json:"target,omitempty"` // host:port the connection was spliced to
+	BytesIn     int64         `json:"bytes_in"`
+	BytesOut    int64         `json:"bytes_out"`
+	Duration    time.Duration `json:"duration_ns"`
+	Reason      string        `json:"reason,omitempty"` // why it closed, when not a clean EOF
 }
 
 // Kind returns "connection".
 func (Connection) Kind() string { return "connection" }
+
+// Revocation records one revocation request at the CA: who asked, what, why, and what
+// it did.
+type Revocation struct {
+	// Initiator is who asked: "uid:0" for the local admin socket, or the caller's
+	// SPIFFE ID for the mTLS API.
+	Initiator string `json:"initiator"`
+	SPIFFEID  string `json:"spiffe_id,omitempty"` // the identity revoked, when by identity
+	Serial    string `json:"serial,omitempty"`    // the serial revoked, when by serial
+	Reason    string `json:"reason,omitempty"`
+	Result    string `json:"result"` // "ok" | "refused" | "error"
+	Error     string `json:"error,omitempty"`
+	// Serials are the certificate serials revoked in step-ca (and listed in the CRL).
+	Serials []string `json:"serials,omitempty"`
+	// ListVersion is the deny-list version that carries the revocation.
+	ListVersion uint64 `json:"list_version,omitempty"`
+}
+
+// Kind returns "revocation".
+func (Revocation) Kind() string { return "revocation" }
+
+// DenyList records a proxy accepting or refusing a signed deny-list from the CA.
+type DenyList struct {
+	Version  uint64 `json:"version"`  // the version received
+	Previous uint64 `json:"previous"` // the version held before
+	Result   string `json:"result"`   // "applied" | "refused"
+	// Reason says why a list was refused: "bad_signature", "stale_version",
+	// "conflict", "gap", "malformed".
+	Reason  string `json:"reason,omitempty"`
+	Error   string `json:"error,omitempty"`
+	IDs     int    `json:"ids"`     // identities the list denies
+	Serials int    `json:"serials"` // serials the list denies
+	// Closed is how many live connections applying the list closed.
+	Closed int `json:"closed"`
+	// Lag is the time from the list's signing at the CA to its application here.
+	Lag time.Duration `json:"lag_ns,omitempty"`
+}
+
+// Kind returns "deny_list".
+func (DenyList) Kind() string { return "deny_list" }
+
+// KeyState records one lifecycle transition of a key (NIST SP 800-57 states):
+// pre-activation → active → overlap → destroyed, or compromised at any point.
+type KeyState struct {
+	Key      string `json:"key"`                 // "svid" | "ticket"
+	SPIFFEID string `json:"spiffe_id,omitempty"` // the identity an SVID key belongs to
+	Version  uint64 `json:"version"`             // per identity (svid) or per proxy (ticket), from 1
+	Serial   string `json:"serial,omitempty"`    // the SVID's certificate serial, once certified
+	From     string `json:"from,omitempty"`      // previous state; empty for a new key
+	To       string `json:"to"`
+	// Cause says why: "enroll", "time", "usage", "operator", "compromise", "config",
+	// "fleet", "revoked", "overlap_end", "expired", "schedule", ...
+	Cause    string    `json:"cause"`
+	NotAfter time.Time `json:"not_after,omitzero"`
+}
+
+// Kind returns "key_state".
+func (KeyState) Kind() string { return "key_state" }

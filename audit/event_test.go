@@ -16,11 +16,18 @@ func TestOwnEventsHaveNoHeaderKeys(t *testing.T) {
 	t.Parallel()
 	now := time.Now()
 	full := []audit.Event{
-		audit.Handshake{Direction: "d", Result: "r", Reason: "x", Transport: "t", LocalID: "l", PeerID: "p",
+		audit.Handshake{Direction: "d", Result: "r", Reason: "x", Transport: "t", LocalID: "l", LocalSerial: "ls", PeerID: "p",
 			PeerSerial: "s", PeerAddr: "a", TLSVersion: "v", Cipher: "c", Resumed: true, Duration: 1},
 		audit.Rotation{SPIFFEID: "i", Trigger: "t", Initiator: "i", OldSerial: "o", NewSerial: "n",
 			NotAfter: now, Result: "r", Reason: "x", Started: now, Finished: now},
-		audit.Connection{Direction: "d", PeerID: "p", Target: "t", BytesIn: 1, BytesOut: 2, Duration: 3, Reason: "r"},
+		audit.Connection{Direction: "d", PeerID: "p", PeerSerial: "s", LocalSerial: "l", Target: "t",
+			BytesIn: 1, BytesOut: 2, Duration: 3, Reason: "r"},
+		audit.Revocation{Initiator: "i", SPIFFEID: "s", Serial: "n", Reason: "r", Result: "ok", Error: "e",
+			Serials: []string{"1"}, ListVersion: 2},
+		audit.DenyList{Version: 2, Previous: 1, Result: "refused", Reason: "gap", Error: "e", IDs: 1, Serials: 2,
+			Closed: 3, Lag: 4},
+		audit.KeyState{Key: "svid", SPIFFEID: "s", Version: 1, Serial: "n", From: "active", To: "overlap",
+			Cause: "time", NotAfter: now},
 	}
 	for _, e := range full {
 		b, err := json.Marshal(e)

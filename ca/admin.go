@@ -13,9 +13,12 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/internal/peercred"
 )
 
 // The admin API is HTTP over the unix socket StateDir/admin.sock (0600, in a 0700
@@ -24,6 +27,8 @@ import (
 const (
 	adminTokenPath     = "/token"
 	adminDirectoryPath = "/directory"
+	adminRevokePath    = "/revoke"
+	adminRotatePath    = "/rotate"
 	adminMaxBody       = 4 << 10
 	adminClientTimeout = 30 * time.Second
 	// maxSocketPath is the longest unix socket path Linux accepts (sun_path is 108
@@ -82,7 +87,7 @@ type peerCred struct {
 
 // withPeerCred records the connection's SO_PEERCRED in its context (http.Server.ConnContext).
 func withPeerCred(ctx context.Context, c net.Conn) context.Context {
-	uid, err := peerUID(c)
+	uid, err := peercred.UID(c)
 	return context.WithValue(ctx, peerCredKey{}, peerCred{uid: uid, err: err})
 }
 
@@ -95,21 +100,35 @@ func (s *Server) adminHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST "+adminTokenPath, s.adminOnly(s.handleToken))
 	mux.HandleFunc("GET "+adminDirectoryPath, s.adminOnly(s.handleAdminDirectory))
+	mux.HandleFunc("POST "+adminRevokePath, s.adminOnly(s.handleAdminRevoke))
+	mux.HandleFunc("POST "+adminRotatePath, s.adminOnly(s.handleAdminRotate))
 	return mux
 }
 
-// adminOnly admits root and the CA's own user (SO_PEERCRED), and no one else.
+// adminOnly admits root and the CA's own user (SO_PEERCRED), and no one else. A
+// refused revocation request is audited too.
 func (s *Server) adminOnly(next http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 		if cred.err != nil || !peerAllowed(cred.uid, os.Getuid()) {
 			s.log.Warn("admin request refused", keyPath, r.URL.Path, keyPeerUID, cred.uid, keyErr, cred.err)
-			writeAdminError(w, http.StatusForbidden, "caller is neither root nor the ca's user")
+			const msg = "caller is neither root nor the ca's user"
+			if r.URL.Path == adminRevokePath {
+				initiator := "uid:unknown"
+				if cred.err == nil {
+					initiator = uidInitiator(cred.uid)
+				}
+				s.audit(refusedRevocation(initiator, nil, msg))
+			}
+			writeAdminError(w, http.StatusForbidden, msg)
 			return
 		}
 		next(w, r)
 	}
 }
+
+// uidInitiator names a local caller in audit records.
+func uidInitiator(uid int) string { return "uid:" + strconv.Itoa(uid) }
 
 // handleAdminDirectory answers with the current mesh directory, at once.
 func (s *Server) handleAdminDirectory(w http.ResponseWriter, _ *http.Request) {
@@ -134,6 +153,9 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case errors.Is(err, ErrInvalidID):
 		writeAdminError(w, http.StatusBadRequest, err.Error())
+		return
+	case errors.Is(err, ErrRevoked):
+		writeAdminError(w, http.StatusForbidden, err.Error())
 		return
 	case err != nil:
 		s.log.Error("bootstrap token failed", keySPIFFEID, id.String(), keyErr, err)

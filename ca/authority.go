@@ -1,9 +1,12 @@
 package ca
 
 import (
+	"context"
 	"crypto"
 	"crypto/sha256"
+	"crypto/x509"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -14,6 +17,7 @@ import (
 	"github.com/smallstep/certificates/authority/config"
 	"github.com/smallstep/certificates/authority/provisioner"
 	"github.com/smallstep/certificates/db"
+	"github.com/smallstep/certificates/errs"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/jose"
 )
@@ -110,21 +114,70 @@ func (s *Server) authorityConfig() *config.Config {
 // newAuthority builds step-ca's authority on the state New prepared. It starts step-ca's
 // CRL goroutine, which is why Run, not New, calls it; authority.Shutdown stops it and
 // closes the KMS and the database.
+//
+// Revoked identities are refused at every issuance path: /sign by an X.509 enforcer,
+// /renew and /rekey by the renewal authorisation (step-ca runs enforcers on /sign
+// only), and all three again when the certificate is stored (authDB), which closes the
+// race with a revocation that lands while a request is in flight.
 func (s *Server) newAuthority() (*authority.Authority, error) {
 	return authority.New(s.authorityConfig(),
 		authority.WithKeyManager(s.kms),
 		authority.WithX509RootCerts(s.certs.root),
 		authority.WithX509Signer(s.certs.intermediate, s.certs.intermediateSigner),
 		authority.WithDatabase(s.db),
+		authority.WithX509Enforcers(provisioner.CertificateEnforcerFunc(s.enforceNotRevoked)),
+		authority.WithAuthorizeRenewFunc(s.authorizeRenew),
 		authority.WithQuietInit(),
 	)
 }
 
-// authDB is step-ca's database with one change: a used bootstrap token is recorded by
-// its ID with a SHA-256 of the token as value, where step-ca stores the token itself.
-// Reuse detection only needs the key; no token is kept in plain text on disk.
+// enforceNotRevoked refuses a certificate naming a revoked identity.
+func (s *Server) enforceNotRevoked(cert *x509.Certificate) error {
+	for _, u := range cert.URIs {
+		if id, err := spiffeid.FromURI(u); err == nil && s.db.rev.idRevoked(id) {
+			return fmt.Errorf("%w: %s", ErrRevoked, id)
+		}
+	}
+	return nil
+}
+
+// authorizeRenew is step-ca's renewal authorisation plus the revocation check: a
+// certificate of a revoked identity is not renewed, even under a serial step-ca has not
+// revoked (yet).
+func (s *Server) authorizeRenew(ctx context.Context, p *provisioner.Controller, cert *x509.Certificate) error {
+	if err := s.enforceNotRevoked(cert); err != nil {
+		return errs.ForbiddenErr(err, "certificate identity has been revoked")
+	}
+	return provisioner.DefaultAuthorizeRenew(ctx, p, cert)
+}
+
+// authDB is step-ca's database with two changes. A used bootstrap token is recorded by
+// its ID with a SHA-256 of the token as value, where step-ca stores the token itself:
+// reuse detection only needs the key, and no token is kept in plain text on disk. And
+// every certificate stored (issued, renewed or rekeyed) goes through the revocation
+// store first, which indexes its serial under its SPIFFE ID and refuses one for a
+// revoked identity.
 type authDB struct {
 	*db.DB
+	rev *revocationStore
+}
+
+// StoreCertificateChain indexes and stores a certificate issued by /sign (step-ca
+// type-asserts this method).
+func (d authDB) StoreCertificateChain(p provisioner.Interface, chain ...*x509.Certificate) error {
+	if len(chain) == 0 {
+		return errors.New("store certificate: empty chain")
+	}
+	return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreCertificateChain(p, chain...) })
+}
+
+// StoreRenewedCertificate indexes and stores a certificate issued by /renew or /rekey
+// (step-ca type-asserts this method).
+func (d authDB) StoreRenewedCertificate(old *x509.Certificate, chain ...*x509.Certificate) error {
+	if len(chain) == 0 {
+		return errors.New("store certificate: empty chain")
+	}
+	return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreRenewedCertificate(old, chain...) })
 }
 
 // UseToken marks the token ID as used; it reports false when it was used before.
@@ -149,5 +202,10 @@ func openDB(stateDir string) (authDB, error) {
 		_ = d.Shutdown()
 		return authDB{}, fmt.Errorf("open database %s: unexpected type %T", path, d)
 	}
-	return authDB{sdb}, nil
+	rev, err := openRevocationStore(sdb)
+	if err != nil {
+		_ = sdb.Shutdown()
+		return authDB{}, fmt.Errorf("open database %s: %w", path, err)
+	}
+	return authDB{DB: sdb, rev: rev}, nil
 }

@@ -206,8 +206,12 @@ func TestTokenRefusesForeignIDs(t *testing.T) {
 }
 
 func TestRestartReusesState(t *testing.T) {
-	cfg, _ := testConfig(t)
+	cfg, logs := testConfig(t)
 	first := startCA(t, cfg)
+	const created = "softhsm2 token created"
+	if n := strings.Count(logs.String(), created); n != 1 {
+		t.Errorf("first start logged %q %d times, want once", created, n)
+	}
 	id := spiffeid.RequireFromPath(testTD, "/agent/restart")
 	svid := enroll(t, first, id)
 	used, err := first.Token(id)
@@ -233,6 +237,9 @@ func TestRestartReusesState(t *testing.T) {
 	}
 	t.Logf("New (later start): %v", time.Since(start))
 	_ = srv.Close()
+	if n := strings.Count(logs.String(), created); n != 1 {
+		t.Errorf("a later start logged %q again (%d in all): the token was reused", created, n)
+	}
 	second := startCA(t, cfg)
 	if !second.Roots()[0].Equal(root) {
 		t.Fatal("restart created a new root")

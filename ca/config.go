@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/audit"
 )
 
 const (
@@ -21,10 +23,6 @@ const (
 	defaultClientTimeout = 10 * time.Second
 	defaultDirectoryTTL  = 30 * time.Second
 
-	// softHSMModule is the SoftHSM2 PKCS#11 module used for the embedded token
-	// (Debian/Ubuntu path of the softhsm2 package).
-	softHSMModule = "/usr/lib/softhsm/libsofthsm2.so"
-
 	// rootValidity is the lifetime of the self-signed root; the intermediate ends
 	// with it.
 	rootValidity = 10 * 365 * 24 * time.Hour
@@ -34,8 +32,9 @@ const (
 // documented default.
 type Config struct {
 	// StateDir holds the CA's state: root.crt, intermediate.crt, the database (db/),
-	// the SoftHSM2 token (tokens/, softhsm2.conf, hsm.pin) unless KMS is set, the lock
-	// and the admin socket. Required; created 0700 if missing.
+	// the SoftHSM2 token (tokens/, softhsm2.conf, hsm.pin, softhsm2.lock; see
+	// hsm.SoftHSM; the module is hsm.SoftHSMModule) unless KMS is set, the lock and
+	// the admin socket. Required; created 0700 if missing.
 	StateDir string
 
 	// TrustDomain is the SPIFFE trust domain the CA issues for. Required. A state
@@ -77,6 +76,11 @@ type Config struct {
 	// Logger receives the CA's logs, including step-ca's per-request errors and
 	// net/http's server errors. Default: discard.
 	Logger *slog.Logger
+
+	// Audit receives an audit.Revocation record for every revocation request, done,
+	// refused or failed. A failing Append is logged at Error; the revocation stands.
+	// Default nil: no audit records.
+	Audit interface{ Append(audit.Event) error }
 }
 
 func (c Config) withDefaults() Config {

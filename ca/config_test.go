@@ -169,34 +169,6 @@ func TestServingRenewIn(t *testing.T) {
 	}
 }
 
-func TestRedactKMSURI(t *testing.T) {
-	t.Parallel()
-	for _, tc := range []struct {
-		in, mustNot string
-	}{
-		{"pkcs11:module-path=/m.so;token=t?pin-value=s3cret", "s3cret"},
-		{"pkcs11:module-path=/m.so;token=t;pin-value=s3cret", "s3cret"},
-		{"pkcs11:token=t?pin-source=file:///p&pin-value=s3cret", "s3cret"},
-		{"%zz:pin-value=s3cret", "s3cret"},
-	} {
-		if got := redactKMSURI(tc.in); strings.Contains(got, tc.mustNot) {
-			t.Errorf("redactKMSURI(%q) = %q", tc.in, got)
-		}
-	}
-	if got := redactKMSURI("pkcs11:token=t?pin-source=file:///p"); !strings.Contains(got, "pin-source") {
-		t.Errorf("pin-source dropped: %q", got)
-	}
-}
-
-func TestSoftHSMKMSURI(t *testing.T) {
-	t.Parallel()
-	got := softHSMKMSURI("/state dir/a+b;c/hsm.pin")
-	want := "pkcs11:module-path=/usr/lib/softhsm/libsofthsm2.so;token=agentmesh?pin-source=file:///state%20dir/a%2Bb%3Bc/hsm.pin"
-	if got != want {
-		t.Errorf("softHSMKMSURI = %q, want %q", got, want)
-	}
-}
-
 func TestPeerAllowed(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {

@@ -3,6 +3,7 @@ package ca
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -20,8 +21,10 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/audit"
 )
 
 const (
@@ -41,19 +44,25 @@ const (
 type DirectoryConfig struct {
 	// URL is the https://host:port base URL of agentmesh ca. Required.
 	URL string
-	// Roots are the trust anchors for the CA's TLS serving certificate (the CA's
-	// root). Required.
+	// Roots are the trust anchors for the CA's TLS serving certificate and for the
+	// CA certificate that signs the deny-list (the CA's root). Required.
 	Roots []*x509.Certificate
 	// Certificate returns the proxy's current SVID (a /host/ ID of the CA's trust
-	// domain, Leaf set or not, intermediates after the leaf). It is called for every
-	// request (each request is a new TLS connection), so a rotation applies at the
-	// next heartbeat or poll. An error fails that request, which is retried. Required.
+	// domain, or any ID of it without Addresses; Leaf set or not, intermediates after
+	// the leaf). Its trust domain is the one whose deny-list is followed. It is called
+	// for every request (each request is a new TLS connection), so a rotation applies
+	// at the next heartbeat or poll. An error fails that request, which is retried.
+	// Required.
 	Certificate func() (*tls.Certificate, error)
-	// Addresses are the IP addresses this host is reached at, advertised to peers.
-	// IPv4-mapped IPv6 addresses are unmapped; zoned, unspecified and multicast ones
-	// are refused. Required (at least one).
+	// Addresses are the IP addresses this host is reached at, advertised to peers
+	// (at most 32). IPv4-mapped IPv6 addresses are unmapped; zoned, unspecified and
+	// multicast ones are refused. Default none: the Directory only watches, so a
+	// proxy that routes by static configuration still follows the directory and the
+	// deny-list; it never registers (TunnelPort, Transports and BundleVersion are
+	// then unused).
 	Addresses []netip.Addr
-	// TunnelPort is the port of this proxy's tunnel listener. Required (1-65535).
+	// TunnelPort is the port of this proxy's tunnel listener. Required (1-65535)
+	// with Addresses.
 	TunnelPort uint16
 	// Transports are the tunnel transports this proxy accepts, most preferred first.
 	// Default ["tls"].
@@ -69,8 +78,38 @@ type DirectoryConfig struct {
 	// connects; the proxy sets its SO_MARK there so capture rules skip this traffic.
 	// Default nil.
 	Control func(network, address string, c syscall.RawConn) error
-	// Logger receives retries at Warn, (re-)registrations at Info and applied
-	// directory versions at Debug. Default: discard.
+	// OnDenyList is called with every deny-list newly accepted from the CA (signed
+	// by a CA certificate chaining to Roots, for the trust domain of Certificate, and
+	// newer than the one held), in version order, never concurrently, from one of
+	// Run's goroutines; the next list waits until it returns. It returns how many
+	// live connections it closed, for the audit record. Default nil: the list is
+	// only held (DenyList).
+	OnDenyList func(*DenyList) (closed int)
+	// PollInterval is the period (minus up to a tenth of jitter) of the fallback
+	// poll of the deny-list, besides the directory watch that delivers new lists at
+	// once. It bounds how stale the list gets while the watch is stuck, and two
+	// failed polls in a row report the feed unreachable. Default 5s.
+	PollInterval time.Duration
+	// OnFleetRotation is called with a fleet rotation announced in the directory (an
+	// operator ran `agentmesh rotate --all`) whose ID is above every one this
+	// Directory has seen and which was requested (FleetRotation.At, the CA's clock)
+	// after this Directory was created: a proxy started after the request already has
+	// a newer credential. Each ID at most once, from Run's watch goroutine, which
+	// waits until it returns: start the rotation and return. A CA clock ahead of or
+	// behind this host's by more than the time between start and request can make a
+	// proxy started around a request rotate once more, or not. Default nil: logged
+	// only.
+	OnFleetRotation func(FleetRotation)
+	// Audit receives an audit.DenyList record for every deny-list applied or
+	// refused (the same refused list arriving again in a row is recorded once).
+	// Default nil: none.
+	Audit interface{ Append(audit.Event) error }
+	// Registerer receives the revocation feed's metrics
+	// (agentmesh_revocation_*). Default nil: not registered.
+	Registerer prometheus.Registerer
+	// Logger receives retries at Warn, (re-)registrations, applied deny-lists and
+	// fleet rotations at Info, refused deny-lists and an unreachable revocation feed at Error, and
+	// applied directory versions at Debug. Default: discard.
 	Logger *slog.Logger
 }
 
@@ -80,6 +119,9 @@ func (c DirectoryConfig) withDefaults() DirectoryConfig {
 	}
 	if c.Heartbeat == 0 {
 		c.Heartbeat = defaultHeartbeat
+	}
+	if c.PollInterval == 0 {
+		c.PollInterval = defaultPollInterval
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -101,8 +143,10 @@ type dirSnapshot struct {
 }
 
 // Directory keeps this proxy registered in the mesh directory of agentmesh ca
-// (heartbeats) and a local copy of the directory up to date (long-poll watch), and
-// answers which proxy lives at an address. PeerFor, Version and Updated are safe for
+// (heartbeats), a local copy of the directory up to date (long-poll watch), and the
+// CA's signed revocation deny-list (in every directory answer, and polled). It
+// answers which proxy lives at an address, which deny-list is in force and whether it
+// is fresh. PeerFor, Version, Updated, DenyList, Confirmed and CheckFresh are safe for
 // concurrent use and never block on the network; before the first directory arrives
 // PeerFor knows no peer. Since the copy is kept while the CA is unreachable, peers
 // that vanished meanwhile stay listed; the tunnel's peer verification still applies.
@@ -119,6 +163,18 @@ type Directory struct {
 	applyMu sync.Mutex // serialises apply's check-then-store
 	updated chan struct{}
 	running atomic.Bool
+
+	deny        atomic.Pointer[DenyList]
+	confirmed   atomic.Pointer[time.Time]
+	denyMu      sync.Mutex        // serialises offerDenyList's check-then-store and OnDenyList
+	lastRefused [sha256.Size]byte // guarded by denyMu: key of the last list refused
+	feedMu      sync.Mutex
+	health      feedHealth // guarded by feedMu
+	metrics     *feedMetrics
+
+	created   time.Time // fleet rotations requested before it are not this proxy's
+	fleetMu   sync.Mutex
+	fleetSeen uint64 // guarded by fleetMu: the highest fleet rotation ID seen
 }
 
 // NewDirectory checks cfg and returns a Directory. It does not contact the CA and
@@ -131,12 +187,18 @@ func NewDirectory(cfg DirectoryConfig) (*Directory, error) {
 		return nil, err
 	case cfg.Certificate == nil:
 		return nil, fmt.Errorf("%w: Certificate is required", ErrInvalidConfig)
-	case len(cfg.Addresses) == 0 || len(cfg.Addresses) > maxAddresses:
-		return nil, fmt.Errorf("%w: Addresses: need 1 to %d", ErrInvalidConfig, maxAddresses)
-	case cfg.TunnelPort == 0:
-		return nil, fmt.Errorf("%w: TunnelPort is required", ErrInvalidConfig)
+	case len(cfg.Addresses) > maxAddresses:
+		return nil, fmt.Errorf("%w: Addresses: at most %d", ErrInvalidConfig, maxAddresses)
+	case len(cfg.Addresses) > 0 && cfg.TunnelPort == 0:
+		return nil, fmt.Errorf("%w: TunnelPort is required with Addresses", ErrInvalidConfig)
 	case cfg.Heartbeat < 0:
 		return nil, fmt.Errorf("%w: negative Heartbeat", ErrInvalidConfig)
+	case cfg.PollInterval < 0:
+		return nil, fmt.Errorf("%w: negative PollInterval", ErrInvalidConfig)
+	}
+	metrics, err := newFeedMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
 	}
 	body := registerRequest{TunnelPort: int(cfg.TunnelPort)}
 	addrs := make([]netip.Addr, 0, len(cfg.Addresses))
@@ -165,8 +227,14 @@ func NewDirectory(cfg DirectoryConfig) (*Directory, error) {
 		log:     cfg.Logger,
 		body:    body,
 		updated: make(chan struct{}, 1),
+		metrics: metrics,
 	}
 	d.snap.Store(&dirSnapshot{})
+	// A new proxy gets one staleness window to reach the CA.
+	created := time.Now()
+	d.created = created
+	d.confirmed.Store(&created)
+	metrics.confirmed.Set(float64(created.UnixNano()) / 1e9)
 	d.tr = &http.Transport{
 		// Never through HTTP(S)_PROXY: on a meshed host that is the agentmesh proxy.
 		Proxy:       nil,
@@ -194,18 +262,9 @@ func (d *Directory) clientCertificate(*tls.CertificateRequestInfo) (*tls.Certifi
 	if err != nil {
 		return nil, fmt.Errorf("current svid: %w", err)
 	}
-	if c == nil || len(c.Certificate) == 0 {
-		return nil, errors.New("current svid: no certificate")
-	}
-	leaf := c.Leaf
-	if leaf == nil {
-		if leaf, err = x509.ParseCertificate(c.Certificate[0]); err != nil {
-			return nil, fmt.Errorf("current svid: %w", err)
-		}
-	}
-	id, err := x509svid.IDFromCert(leaf)
+	id, err := certificateID(c)
 	if err != nil {
-		return nil, fmt.Errorf("current svid: %w", err)
+		return nil, err
 	}
 	d.self.Store(&id)
 	return c, nil
@@ -227,11 +286,13 @@ func (d *Directory) Version() uint64 { return d.snap.Load().version }
 // again rather than count.
 func (d *Directory) Updated() <-chan struct{} { return d.updated }
 
-// Run registers at once, then heartbeats every DirectoryConfig.Heartbeat, and watches
-// the directory with long-polls, until ctx is done. Failures (CA unreachable, refusal,
-// bad answer) are logged at Warn and retried with capped exponential backoff and full
-// jitter; they never end Run. It returns nil once ctx is done and both loops have
-// exited, or ErrDirectoryRunning if Run is already running.
+// Run registers at once, then heartbeats every DirectoryConfig.Heartbeat (unless
+// there are no Addresses), watches the directory with long-polls, and polls the
+// deny-list every DirectoryConfig.PollInterval, until ctx is done. Failures (CA
+// unreachable, refusal, bad answer) are logged at Warn and retried, the registration
+// and the watch with capped exponential backoff and full jitter; they never end Run.
+// It returns nil once ctx is done and its loops have exited, or ErrDirectoryRunning if
+// Run is already running.
 func (d *Directory) Run(ctx context.Context) error {
 	if !d.running.CompareAndSwap(false, true) {
 		return ErrDirectoryRunning
@@ -239,8 +300,11 @@ func (d *Directory) Run(ctx context.Context) error {
 	defer d.running.Store(false)
 	defer d.tr.CloseIdleConnections()
 	var wg sync.WaitGroup
-	wg.Go(func() { d.heartbeatLoop(ctx) })
+	if len(d.body.Addresses) > 0 {
+		wg.Go(func() { d.heartbeatLoop(ctx) })
+	}
 	wg.Go(func() { d.watchLoop(ctx) })
+	wg.Go(func() { d.pollLoop(ctx) })
 	wg.Wait()
 	return nil
 }
@@ -333,7 +397,9 @@ func (d *Directory) register(ctx context.Context) (uint64, error) {
 	return resp.Version, nil
 }
 
-// fetch long-polls the directory for a version other than held.
+// fetch long-polls the directory for a version other than held. The deny-list in
+// the answer is offered first, and on its own: a refused list does not stop the
+// directory from being applied, nor does a malformed directory stop a valid list.
 func (d *Directory) fetch(ctx context.Context, held uint64) (*dirSnapshot, error) {
 	ctx, cancel := context.WithTimeout(ctx, longPollWait+watchGrace)
 	defer cancel()
@@ -343,11 +409,24 @@ func (d *Directory) fetch(ctx context.Context, held uint64) (*dirSnapshot, error
 	if err != nil {
 		return nil, err
 	}
+	doc, err := parseDirectory(answer)
+	if err != nil {
+		return nil, fmt.Errorf("ca: directory: %w", err)
+	}
+	if doc.Revocations != nil {
+		// Refusals are logged and audited there; the poll reports an outage.
+		_ = d.offerDenyList(feedSourceDirectory, doc.Revocations)
+	}
+	if doc.Rotation != nil {
+		// On its own too: an older answer's rotation is not new (fleetDue), and the
+		// peers of a malformed directory do not hold it up.
+		d.offerFleetRotation(*doc.Rotation)
+	}
 	var self spiffeid.ID
 	if p := d.self.Load(); p != nil {
 		self = *p
 	}
-	snap, err := decodeDirectory(answer, self)
+	snap, err := directoryRoutes(doc, self)
 	if err != nil {
 		return nil, fmt.Errorf("ca: directory: %w", err)
 	}
@@ -410,15 +489,30 @@ func (d *Directory) apply(snap *dirSnapshot) (bool, error) {
 }
 
 // decodeDirectory parses a directory document into the snapshot PeerFor reads,
-// leaving out self's entry. A document with a malformed entry is refused whole (the
-// directory held stays): the CA validates every entry, so one that is not is a fault,
-// and a partial directory would silently misroute. Fields it does not know (sections
-// of newer CAs) are ignored.
+// leaving out self's entry (see directoryRoutes).
 func decodeDirectory(b []byte, self spiffeid.ID) (*dirSnapshot, error) {
+	doc, err := parseDirectory(b)
+	if err != nil {
+		return nil, err
+	}
+	return directoryRoutes(doc, self)
+}
+
+// parseDirectory decodes a directory document. Fields it does not know (sections of
+// newer CAs) are ignored.
+func parseDirectory(b []byte) (*DirectoryDocument, error) {
 	var doc DirectoryDocument
 	if err := json.Unmarshal(b, &doc); err != nil {
 		return nil, fmt.Errorf("malformed directory: %w", err)
 	}
+	return &doc, nil
+}
+
+// directoryRoutes builds the snapshot PeerFor reads from doc, leaving out self's
+// entry. A document with a malformed entry is refused whole (the directory held
+// stays): the CA validates every entry, so one that is not is a fault, and a partial
+// directory would silently misroute.
+func directoryRoutes(doc *DirectoryDocument, self spiffeid.ID) (*dirSnapshot, error) {
 	if doc.Version == 0 {
 		return nil, errors.New("malformed directory: no version")
 	}

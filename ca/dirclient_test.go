@@ -59,7 +59,7 @@ func TestDecodeDirectory(t *testing.T) {
 		},
 		{
 			name:    "unknown sections ignored",
-			doc:     `{"version":2,"peers":null,"revocations":{"version":9,"serials":["1"]},"bundle":{}}`,
+			doc:     `{"version":2,"peers":null,"bundle":{"version":9},"future":[1]}`,
 			version: 2,
 			routes:  map[string]string{},
 		},
@@ -214,23 +214,31 @@ func TestNewDirectoryValidates(t *testing.T) {
 		URL: "https://ca.mesh.test:9443", Roots: []*x509.Certificate{{}}, Certificate: cert,
 		Addresses: addrs("10.0.0.1"), TunnelPort: 15008,
 	}
+	tooMany := make([]netip.Addr, maxAddresses+1)
+	for i := range tooMany {
+		tooMany[i] = netip.AddrFrom4([4]byte{10, 0, 1, byte(i)})
+	}
 	for _, tc := range []struct {
-		name   string
-		mutate func(*DirectoryConfig)
-		ok     bool
+		name      string
+		mutate    func(*DirectoryConfig)
+		ok        bool
+		watchOnly bool
 	}{
-		{"valid", func(*DirectoryConfig) {}, true},
-		{"mapped and duplicate addresses", func(c *DirectoryConfig) { c.Addresses = addrs("::ffff:10.0.0.1", "10.0.0.1") }, true},
-		{"http", func(c *DirectoryConfig) { c.URL = "http://ca.mesh.test:9443" }, false},
-		{"no roots", func(c *DirectoryConfig) { c.Roots = nil }, false},
-		{"no certificate source", func(c *DirectoryConfig) { c.Certificate = nil }, false},
-		{"no addresses", func(c *DirectoryConfig) { c.Addresses = nil }, false},
-		{"zero address", func(c *DirectoryConfig) { c.Addresses = []netip.Addr{{}} }, false},
-		{"unspecified address", func(c *DirectoryConfig) { c.Addresses = addrs("0.0.0.0") }, false},
-		{"zoned address", func(c *DirectoryConfig) { c.Addresses = addrs("fe80::1%eth0") }, false},
-		{"no tunnel port", func(c *DirectoryConfig) { c.TunnelPort = 0 }, false},
-		{"negative heartbeat", func(c *DirectoryConfig) { c.Heartbeat = -time.Second }, false},
-		{"bad transport", func(c *DirectoryConfig) { c.Transports = []string{"TLS 1.3"} }, false},
+		{"valid", func(*DirectoryConfig) {}, true, false},
+		{"mapped and duplicate addresses", func(c *DirectoryConfig) { c.Addresses = addrs("::ffff:10.0.0.1", "10.0.0.1") }, true, false},
+		{"no addresses: watch only", func(c *DirectoryConfig) { c.Addresses = nil }, true, true},
+		{"watch only needs no tunnel port", func(c *DirectoryConfig) { c.Addresses, c.TunnelPort = nil, 0 }, true, true},
+		{"http", func(c *DirectoryConfig) { c.URL = "http://ca.mesh.test:9443" }, false, false},
+		{"no roots", func(c *DirectoryConfig) { c.Roots = nil }, false, false},
+		{"no certificate source", func(c *DirectoryConfig) { c.Certificate = nil }, false, false},
+		{"too many addresses", func(c *DirectoryConfig) { c.Addresses = tooMany }, false, false},
+		{"zero address", func(c *DirectoryConfig) { c.Addresses = []netip.Addr{{}} }, false, false},
+		{"unspecified address", func(c *DirectoryConfig) { c.Addresses = addrs("0.0.0.0") }, false, false},
+		{"zoned address", func(c *DirectoryConfig) { c.Addresses = addrs("fe80::1%eth0") }, false, false},
+		{"no tunnel port", func(c *DirectoryConfig) { c.TunnelPort = 0 }, false, false},
+		{"negative heartbeat", func(c *DirectoryConfig) { c.Heartbeat = -time.Second }, false, false},
+		{"negative poll interval", func(c *DirectoryConfig) { c.PollInterval = -time.Second }, false, false},
+		{"bad transport", func(c *DirectoryConfig) { c.Transports = []string{"TLS 1.3"} }, false, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -244,7 +252,13 @@ func TestNewDirectoryValidates(t *testing.T) {
 				if _, _, ok := d.PeerFor(netip.MustParseAddr("10.0.0.2")); ok || d.Version() != 0 {
 					t.Error("a new Directory knows peers")
 				}
-				if len(d.body.Addresses) != 1 || d.body.Addresses[0] != "10.0.0.1" || d.body.Transports[0] != "tls" {
+				if d.DenyList() != nil || d.CheckFresh(time.Minute) != nil {
+					t.Error("a new Directory holds a deny-list, or is not fresh")
+				}
+				switch {
+				case tc.watchOnly && len(d.body.Addresses) != 0:
+					t.Errorf("watch-only register body %+v", d.body)
+				case !tc.watchOnly && (len(d.body.Addresses) != 1 || d.body.Addresses[0] != "10.0.0.1" || d.body.Transports[0] != "tls"):
 					t.Errorf("register body %+v", d.body)
 				}
 			}

@@ -16,16 +16,23 @@ import (
 )
 
 // DirectoryDocument is the mesh directory as GET /mesh/v1/directory (and the admin
-// socket's GET /directory) serve it: every live proxy, at one version. Later sections
-// (revocations, trust bundle) will be added as further fields; readers ignore fields
-// they do not know.
+// socket's GET /directory) serve it: every live proxy and the revocation deny-list, at
+// one version. Later sections (trust bundle) will be added as further fields; readers
+// ignore fields they do not know.
 type DirectoryDocument struct {
 	// Version increases (never repeats) on every change that matters to a peer: an
-	// entry added or removed, its addresses, tunnel port or transports changed. A
-	// heartbeat that changes nothing else does not bump it.
+	// entry added or removed, its addresses, tunnel port or transports changed, a new
+	// deny-list. A heartbeat that changes nothing else does not bump it.
 	Version uint64 `json:"version"`
 	// Peers are the live entries, sorted by SPIFFE ID.
 	Peers []DirectoryEntry `json:"peers"`
+	// Revocations is the CA's current signed deny-list; the CA always sets it. Verify
+	// it with VerifyDenyList: the directory itself is not signed.
+	Revocations *SignedDenyList `json:"revocations,omitempty"`
+	// Rotation is the latest fleet rotation an operator requested (every proxy
+	// renews its credential), nil when there was none. Publishing a new one moves
+	// the version.
+	Rotation *FleetRotation `json:"rotation,omitempty"`
 }
 
 // DirectoryEntry is one registered proxy.
@@ -56,6 +63,9 @@ type registration struct {
 	TunnelPort    uint16
 	Transports    []string
 	BundleVersion string
+	// Serial is the serial of the certificate the proxy registered with, so that
+	// revoking that certificate removes the entry. Not material: peers do not see it.
+	Serial string
 }
 
 // material reports whether r and o differ in what peers route by (not the bundle
@@ -98,6 +108,12 @@ type dirState struct {
 	entries  map[spiffeid.ID]*dirEntry
 	owners   map[netip.Addr]spiffeid.ID
 	earliest time.Time // no entry expires before this; zero when there are none
+	// deny is the deny-list in force (nil: none) and revocations its signed form,
+	// served with the directory. No entry it denies is kept or admitted.
+	deny        *DenyList
+	revocations *SignedDenyList
+	// rotation is the latest fleet rotation (nil: none), served as is. Immutable.
+	rotation *FleetRotation
 }
 
 // newDirState returns an empty registry at version seed. The caller seeds it from the
@@ -147,8 +163,16 @@ func (s *dirState) expire(now time.Time) []dirEntry {
 // register upserts reg as refreshed at now, after dropping expired entries (so a dead
 // proxy's addresses are free to claim). An address held by another live entry refuses
 // the whole registration with a *conflictError and changes nothing but the expiry.
+//
+// A registration the deny-list denies (its ID or serial) is refused with an error
+// wrapping ErrRevoked. Checking here, under the registry's lock, rather than only in
+// the handler means a registration racing a revocation is either refused or removed by
+// it, never left behind.
 func (s *dirState) register(reg registration, now time.Time) (registerResult, []dirEntry, error) {
 	removed := s.expire(now)
+	if s.deny.Denies(reg.ID, reg.Serial) {
+		return regHeartbeat, removed, fmt.Errorf("%w: %s", ErrRevoked, reg.ID)
+	}
 	for _, a := range reg.Addresses {
 		if owner, ok := s.owners[a]; ok && owner != reg.ID {
 			return regHeartbeat, removed, &conflictError{addr: a, owner: owner}
@@ -178,10 +202,41 @@ func (s *dirState) register(reg registration, now time.Time) (registerResult, []
 	return result, removed, nil
 }
 
+// setRevocations puts a new deny-list in force and drops the entries it denies (by ID,
+// or by the serial they registered with), which it returns. The version always moves:
+// the document carries the list.
+func (s *dirState) setRevocations(signed *SignedDenyList, deny *DenyList) []dirEntry {
+	s.deny, s.revocations = deny, signed
+	s.version++
+	var removed []dirEntry
+	for id, e := range s.entries {
+		if !deny.Denies(e.ID, e.Serial) {
+			continue
+		}
+		removed = append(removed, *e)
+		delete(s.entries, id)
+		for _, a := range e.Addresses {
+			delete(s.owners, a)
+		}
+	}
+	// earliest may now be earlier than any remaining deadline: harmless, the next
+	// expire recomputes it.
+	slices.SortFunc(removed, func(a, b dirEntry) int { return cmp.Compare(a.ID.String(), b.ID.String()) })
+	return removed
+}
+
+// setFleetRotation publishes a fleet rotation. The version always moves, so that
+// every watcher hears of it at once.
+func (s *dirState) setFleetRotation(fr *FleetRotation) {
+	s.rotation = fr
+	s.version++
+}
+
 // snapshot returns the directory as served, sorted by SPIFFE ID. It shares nothing
-// with the state.
+// with the state but the signed deny-list and the fleet rotation, which are immutable.
 func (s *dirState) snapshot() DirectoryDocument {
-	doc := DirectoryDocument{Version: s.version, Peers: make([]DirectoryEntry, 0, len(s.entries))}
+	doc := DirectoryDocument{Version: s.version, Peers: make([]DirectoryEntry, 0, len(s.entries)),
+		Revocations: s.revocations, Rotation: s.rotation}
 	for _, e := range s.entries {
 		doc.Peers = append(doc.Peers, DirectoryEntry{
 			SPIFFEID:      e.ID,
@@ -255,6 +310,8 @@ func (r *registry) register(reg registration, now time.Time) (registerResult, ui
 	r.logExpired(removed, version)
 	var ce *conflictError
 	switch {
+	case errors.Is(err, ErrRevoked):
+		r.log.Warn("directory registration refused: revoked", keySPIFFEID, reg.ID.String(), keySerial, reg.Serial)
 	case errors.As(err, &ce):
 		r.log.Warn("directory registration refused: address already registered",
 			keySPIFFEID, reg.ID.String(), keyAddress, ce.addr.String(), keyClaimedBy, ce.owner.String())
@@ -266,6 +323,29 @@ func (r *registry) register(reg registration, now time.Time) (registerResult, ui
 			keyAddresses, reg.Addresses, keyTunnelPort, reg.TunnelPort, keyVersion, version)
 	}
 	return res, version, err
+}
+
+// setRevocations puts a new deny-list in force (and in the document), removing the
+// entries it denies; the version bump wakes every watcher.
+func (r *registry) setRevocations(signed *SignedDenyList, deny *DenyList) {
+	r.mu.Lock()
+	before := r.state.version
+	removed := r.state.setRevocations(signed, deny)
+	r.publishedLocked(before)
+	version := r.state.version
+	r.mu.Unlock()
+	for _, e := range removed {
+		r.log.Info("directory peer removed: revoked", keySPIFFEID, e.ID.String(), keySerial, e.Serial, keyVersion, version)
+	}
+}
+
+// setFleetRotation publishes a fleet rotation; the version bump wakes every watcher.
+func (r *registry) setFleetRotation(fr *FleetRotation) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	before := r.state.version
+	r.state.setFleetRotation(fr)
+	r.publishedLocked(before)
 }
 
 // expire drops entries not refreshed within the TTL.

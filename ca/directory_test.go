@@ -265,6 +265,75 @@ func TestDirStateSnapshot(t *testing.T) {
 	}
 }
 
+// A deny-list in force removes the entries it denies (by ID, or by the serial they
+// registered with), frees their addresses, moves the version, rides along in the
+// snapshot, and refuses their registration.
+func TestDirStateRevocations(t *testing.T) {
+	t.Parallel()
+	t0 := time.Now()
+	s := newDirState(1000, time.Minute)
+	regA, regB := reg(idA, 1, "10.0.0.1"), reg(idB, 2, "10.0.0.2")
+	regA.Serial, regB.Serial = "11", "22"
+	for _, r := range []registration{regA, regB} {
+		if _, _, err := s.register(r, t0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	list := func(version uint64, ids []spiffeid.ID, serials ...string) (*SignedDenyList, *DenyList) {
+		l := &DenyList{TrustDomain: testTD.Name(), Version: version, IssuedAt: t0}
+		for _, id := range ids {
+			l.IDs = append(l.IDs, DeniedID{SPIFFEID: id, RevokedAt: t0, Version: version})
+		}
+		for _, sn := range serials {
+			l.Serials = append(l.Serials, DeniedSerial{Serial: sn, RevokedAt: t0, Version: version})
+		}
+		l.index()
+		return &SignedDenyList{Payload: []byte{byte(version)}}, l
+	}
+	idC := spiffeid.RequireFromPath(testTD, "/host/c")
+
+	for _, step := range []struct {
+		name    string
+		ids     []spiffeid.ID
+		serials []string
+		removed []spiffeid.ID
+		refused []registration // refused once the list is in force
+		allowed []registration // admitted once the list is in force
+	}{
+		{name: "nothing denied yet: version moves, nothing removed"},
+		{name: "identity denied", ids: []spiffeid.ID{idA}, removed: []spiffeid.ID{idA},
+			refused: []registration{regA, func() registration { r := regA; r.Serial = "99"; return r }()},
+			allowed: []registration{reg(idC, 3, "10.0.0.1")}}, // A's address is free again
+		{name: "serial denied", ids: []spiffeid.ID{idA}, serials: []string{"22"}, removed: []spiffeid.ID{idB},
+			refused: []registration{regB},
+			allowed: []registration{func() registration { r := regB; r.Serial = "23"; return r }()}},
+	} {
+		before := s.version
+		signed, l := list(before, step.ids, step.serials...)
+		removed := s.setRevocations(signed, l)
+		var got []spiffeid.ID
+		for _, e := range removed {
+			got = append(got, e.ID)
+		}
+		if !slices.Equal(got, step.removed) || s.version != before+1 {
+			t.Errorf("%s: removed %v (want %v), version %d -> %d", step.name, got, step.removed, before, s.version)
+		}
+		if doc := s.snapshot(); doc.Revocations != signed || doc.Version != s.version {
+			t.Errorf("%s: snapshot carries %v at version %d", step.name, doc.Revocations, doc.Version)
+		}
+		for _, r := range step.refused {
+			if _, _, err := s.register(r, t0); !errors.Is(err, ErrRevoked) {
+				t.Errorf("%s: register %s serial %s = %v, want ErrRevoked", step.name, r.ID, r.Serial, err)
+			}
+		}
+		for _, r := range step.allowed {
+			if _, _, err := s.register(r, t0); err != nil {
+				t.Errorf("%s: register %s serial %s = %v", step.name, r.ID, r.Serial, err)
+			}
+		}
+	}
+}
+
 // The registry's loops, under synctest: a long-poll returns at once on a newer
 // version, parks until a registration or the janitor's expiry wakes it, answers with
 // the same version when its wait runs out, and answers at once after close.

@@ -2,14 +2,15 @@
 // (github.com/smallstep/certificates, its authority and api packages on our own
 // listener) with the root, intermediate and provisioner keys generated and used inside a
 // PKCS#11 token (go.step.sm/crypto/kms/pkcs11; by default a SoftHSM2 token created in the
-// state directory), and issues short-lived SPIFFE X509-SVIDs. It also provides the
+// state directory by the hsm package), and issues short-lived SPIFFE X509-SVIDs. It also provides the
 // Client proxies use to enrol (one-time bootstrap token) and renew (mTLS rekey, a new key
 // each time), and the admin unix socket behind `agentmesh token`; and it keeps the mesh
 // directory (which proxy lives at which address), with the Directory client proxies run
-// to register in it and watch it. It does not decide when to renew, verify
-// what it is given back, keep workload keys, route or dial peers, or implement the rest
-// of the mesh API (registration entries, revocation feed, fleet commands): those belong
-// to the rotator, the proxy and later parts of the CA.
+// to register in it and watch it; and it revokes identities and certificates,
+// publishing a signed, versioned deny-list with the directory, and announces fleet
+// rotations (every proxy renews now) the same way. It does not decide when to renew,
+// verify what it is given back, keep workload keys, route or dial peers, or enforce
+// the deny-list on connections: those belong to the rotator and the proxy.
 //
 // # Server
 //
@@ -34,6 +35,29 @@
 // clock so that they still increase. The admin socket serves GET /directory. See
 // docs/directory.md.
 //
+// # Revocation
+//
+// Server.Revoke (the admin socket's POST /revoke, RequestRevoke; or POST
+// /mesh/v1/revoke for /admin/ SVIDs, RevokeRemote) revokes an identity or one
+// certificate. Over mTLS any other SVID may revoke a serial of its own identity, and
+// nothing else: a proxy that rotated away from a compromised key revokes the old
+// certificate with its new one. It is recorded in the database first, and from then on the CA refuses
+// bootstrap tokens, issuance, renewal and registration for it. Then the next version of
+// the deny-list (DenyList: cumulative, versioned, signed by the intermediate's key in
+// the HSM, see VerifyDenyList and NextDenyList) is written to StateDir/denylist.json
+// and published in the directory document and at GET /mesh/v1/revocations, waking
+// every long-poll; last, step-ca revokes each serial, which puts it in the CRL. Every
+// request is audited (Config.Audit). See docs/directory.md.
+//
+// # Fleet rotation
+//
+// Server.RotateFleet (the admin socket's POST /rotate, RequestFleetRotation) records
+// a FleetRotation with a new ID (StateDir/fleet-rotation.json, so IDs keep increasing
+// across restarts), publishes it in the directory document, waking every long-poll,
+// and audits it. Each Directory calls DirectoryConfig.OnFleetRotation once per new ID
+// requested after the Directory was created; the proxy's rotator then renews with a
+// new key. The CA rotates nothing itself.
+//
 // One JWK provisioner, "agentmesh", whose key is the provisioner key in the token,
 // signs bootstrap tokens (Server.Token, RequestToken). Its template makes X509-SVIDs:
 // exactly the token's one URI SAN, empty subject, digitalSignature,
@@ -47,21 +71,25 @@
 //
 //	root.crt, intermediate.crt   public certificates (0644), written atomically
 //	db/ca.db                     step-ca's database (bbolt): issued and revoked
-//	                             certificates, used token IDs, the CRL
-//	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS)
+//	                             certificates, used token IDs, the CRL; and ours:
+//	                             revocations, live serials by SPIFFE ID
+//	denylist.json                the signed deny-list in force (0644), written atomically
+//	fleet-rotation.json          the latest fleet rotation (0644), written atomically
+//	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS),
+//	softhsm2.lock                prepared by hsm.SoftHSM
 //	hsm.pin                      its random user PIN (0600); the SO PIN is discarded
-//	admin.sock                   admin API: POST /token, GET /directory (0600; root or
-//	                             the CA's uid, via SO_PEERCRED)
+//	admin.sock                   admin API: POST /token, GET /directory, POST /revoke,
+//	                             POST /rotate (0600; root or the CA's uid, via
+//	                             SO_PEERCRED)
 //	lock                         flock held while a Server owns the directory
 //
 // # SoftHSM and the process environment
 //
 // SoftHSM2 reads its configuration from the SOFTHSM2_CONF environment variable, once,
-// when the module is initialised (C_Initialize). New therefore sets SOFTHSM2_CONF before
-// the first PKCS#11 call, and a process can serve the embedded token of one state
-// directory at a time (ErrSoftHSMInUse). A hardware token named by Config.KMS has no such
-// limit.
+// when the module is initialised (C_Initialize). New therefore has hsm.SoftHSM set
+// SOFTHSM2_CONF before the first PKCS#11 call, and a process can serve the embedded
+// token of one state directory at a time (ErrSoftHSMInUse). A hardware token named by
+// Config.KMS has no such limit.
 //
-// The package needs cgo: the PKCS#11 KMS is compiled only with cgo (without it New fails
-// with "unsupported kms type").
+// The package needs cgo: the PKCS#11 KMS is compiled only with cgo (hsm imports it).
 package ca

@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+
+	"github.com/agentmesh/agentmesh/hsm"
 )
 
 // ErrInvalidConfig is returned by New and NewClient for a configuration that cannot work
@@ -20,16 +22,18 @@ var ErrTrustDomainMismatch = errors.New("ca: state directory belongs to another 
 // the lock on the state directory.
 var ErrStateInUse = errors.New("ca: state directory in use by another agentmesh ca")
 
-// ErrHSM wraps every failure to reach or use the PKCS#11 token in New: module not
-// loadable, token not found, wrong PIN, a key missing or not matching its certificate.
-// The underlying PKCS#11 error is wrapped too.
-var ErrHSM = errors.New("ca: hsm")
+// ErrHSM wraps every failure to reach or use the PKCS#11 token: module not loadable,
+// token not found, wrong PIN, a key missing or not matching its certificate, a
+// signature that fails. The underlying PKCS#11 error is wrapped too. It is
+// hsm.ErrToken, so errors.Is matches either name.
+var ErrHSM = hsm.ErrToken
 
 // ErrSoftHSMInUse is returned by New when this process already has the SoftHSM2 module
 // initialised with another configuration. SoftHSM reads SOFTHSM2_CONF once per
 // process (at C_Initialize), so one process can serve the embedded SoftHSM token of one
-// state directory at a time; close the other Server first, or use Config.KMS.
-var ErrSoftHSMInUse = errors.New("ca: softhsm2 module already in use with another configuration")
+// state directory at a time; close the other Server first, or use Config.KMS. It is
+// hsm.ErrSoftHSMInUse.
+var ErrSoftHSMInUse = hsm.ErrSoftHSMInUse
 
 // ErrInvalidID is returned by Token and the admin API for a SPIFFE ID outside the CA's
 // trust domain or without a path (the trust domain's own ID is not a workload).
@@ -74,3 +78,43 @@ func (e *ResponseError) Permanent() bool {
 	return e.Status >= 400 && e.Status < 500 &&
 		e.Status != http.StatusRequestTimeout && e.Status != http.StatusTooManyRequests
 }
+
+// ErrInvalidRequest is returned by Revoke (and answered 400 by the APIs) for a request
+// that breaks the rules: both or neither of spiffe_id and serial, a missing or
+// unprintable reason, a malformed serial.
+var ErrInvalidRequest = errors.New("ca: invalid request")
+
+// ErrUnknownSerial is returned by Revoke (and answered 404 by the APIs) for a serial
+// this CA never issued.
+var ErrUnknownSerial = errors.New("ca: no certificate with this serial was issued here")
+
+// ErrRevoked is returned when an identity or a certificate serial is revoked: the CA
+// refuses bootstrap tokens, directory registration and issuance for it, for good.
+var ErrRevoked = errors.New("ca: revoked")
+
+// ErrDenyListSignature is wrapped by VerifyDenyList's error for a deny-list that is not
+// signed by a valid CA certificate of the trust domain: forged, tampered with, or
+// signed by another CA.
+var ErrDenyListSignature = errors.New("ca: deny list signature invalid")
+
+// ErrDenyListMalformed is wrapped by VerifyDenyList's error for a correctly signed
+// deny-list whose content breaks the format (unknown fields, another trust domain,
+// unsorted or invalid entries).
+var ErrDenyListMalformed = errors.New("ca: deny list malformed")
+
+// ErrDenyListStale is wrapped by NextDenyList's error for a deny-list older than the
+// one held: replayed or rolled back.
+var ErrDenyListStale = errors.New("ca: deny list older than the one held")
+
+// ErrDenyListConflict is wrapped by NextDenyList's error for a deny-list with the
+// version of the one held but other content, or one that rewrites older versions.
+var ErrDenyListConflict = errors.New("ca: deny list conflicts with the one held")
+
+// ErrDenyListGap is wrapped by NextDenyList's error for a newer deny-list that lacks an
+// entry of the one held. Lists are cumulative, so versions in between were lost or
+// tampered with.
+var ErrDenyListGap = errors.New("ca: deny list drops entries of the one held")
+
+// ErrFeedStale is wrapped by Directory.CheckFresh's error when the deny-list has not
+// been confirmed with the CA for longer than allowed.
+var ErrFeedStale = errors.New("ca: revocation feed stale")

@@ -22,6 +22,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/hsm"
 )
 
 var testTD = spiffeid.RequireTrustDomainFromString("mesh.test")
@@ -29,8 +31,8 @@ var testTD = spiffeid.RequireTrustDomainFromString("mesh.test")
 // requireSoftHSM skips the test when the SoftHSM2 module is not installed.
 func requireSoftHSM(tb testing.TB) {
 	tb.Helper()
-	if _, err := os.Stat(softHSMModule); err != nil {
-		tb.Skipf("SoftHSM2 module %s not installed (apt-get install softhsm2): %v", softHSMModule, err)
+	if _, err := os.Stat(hsm.SoftHSMModule); err != nil {
+		tb.Skipf("SoftHSM2 module %s not installed (apt-get install softhsm2): %v", hsm.SoftHSMModule, err)
 	}
 }
 

@@ -1,27 +1,12 @@
 package ca
 
 import (
-	"context"
 	"crypto"
 	"errors"
 	"fmt"
-	"net/url"
-	"strings"
 
 	"go.step.sm/crypto/kms/apiv1"
-	"go.step.sm/crypto/kms/pkcs11" // registers the "pkcs11" KMS type; needs cgo
 )
-
-// openKMS opens the PKCS#11 token named by uri. Neither step-ca's authority nor its ca
-// package imports the pkcs11 KMS, so without this package's import (and cgo) the KMS
-// type would be unknown and fail only at run time.
-func openKMS(ctx context.Context, uri string) (*pkcs11.PKCS11, error) {
-	km, err := pkcs11.New(ctx, apiv1.Options{Type: apiv1.PKCS11, URI: uri})
-	if err != nil {
-		return nil, fmt.Errorf("%w: open token %s: %w", ErrHSM, redactKMSURI(uri), err)
-	}
-	return km, nil
-}
 
 // loadKey returns the signer of an existing key in the token.
 func loadKey(km apiv1.KeyManager, name string) (crypto.Signer, error) {
@@ -52,24 +37,4 @@ func loadOrCreateKey(km apiv1.KeyManager, name string) (crypto.Signer, error) {
 func samePublicKey(s crypto.Signer, pub crypto.PublicKey) bool {
 	k, ok := s.Public().(interface{ Equal(crypto.PublicKey) bool })
 	return ok && k.Equal(pub)
-}
-
-// redactKMSURI drops a pin-value from a PKCS#11 URI so it can appear in errors and logs.
-func redactKMSURI(uri string) string {
-	u, err := url.Parse(uri)
-	if err != nil {
-		return "<unparsable pkcs11 uri>"
-	}
-	opaque := strings.Split(u.Opaque, ";")
-	for i, kv := range opaque {
-		if strings.HasPrefix(kv, "pin-value=") {
-			opaque[i] = "pin-value=REDACTED"
-		}
-	}
-	u.Opaque = strings.Join(opaque, ";")
-	if q := u.Query(); q.Has("pin-value") {
-		q.Set("pin-value", "REDACTED")
-		u.RawQuery = q.Encode()
-	}
-	return u.String()
 }

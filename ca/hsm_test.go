@@ -14,6 +14,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/kms/apiv1"
+
+	"github.com/agentmesh/agentmesh/hsm"
 )
 
 // p11Object is a key object as pkcs11-tool lists it.
@@ -35,7 +37,7 @@ func listTokenObjects(t *testing.T, stateDir string) []p11Object {
 		t.Fatal(err)
 	}
 	// The PIN on a command line is acceptable in a test only.
-	cmd := exec.CommandContext(t.Context(), tool, "--module", softHSMModule, "--token-label", tokenLabel,
+	cmd := exec.CommandContext(t.Context(), tool, "--module", hsm.SoftHSMModule, "--token-label", tokenLabel,
 		"--login", "--pin", strings.TrimSpace(string(pin)), "--list-objects")
 	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+filepath.Join(stateDir, fileSoftHSMConf))
 	out, err := cmd.CombinedOutput()
@@ -98,9 +100,15 @@ func TestKeysLiveInTheToken(t *testing.T) {
 		})
 	}
 
-	// Through PKCS#11 in this process (a second KMS session on the same token): the
-	// token's keys are the certificates' keys.
-	km, err := openKMS(context.Background(), softHSMKMSURI(filepath.Join(cfg.StateDir, filePIN)))
+	// Through PKCS#11 in this process (a second KMS session on the same token, reached
+	// as hsm.SoftHSM names it for the running CA): the token's keys are the
+	// certificates' keys.
+	uri, release, err := hsm.SoftHSM(cfg.StateDir, tokenLabel)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	km, err := hsm.OpenKMS(context.Background(), uri)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -211,7 +219,7 @@ func TestKMSUnavailable(t *testing.T) {
 		kms  string
 	}{
 		{"missing module", "pkcs11:module-path=/nonexistent/libpkcs11.so;token=agentmesh?pin-value=1234"},
-		{"missing token", "pkcs11:module-path=" + softHSMModule + ";token=no-such-token?pin-value=1234"},
+		{"missing token", "pkcs11:module-path=" + hsm.SoftHSMModule + ";token=no-such-token?pin-value=1234"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg, logs := testConfig(t)

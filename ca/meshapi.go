@@ -22,9 +22,11 @@ import (
 // The mesh API, under /mesh/v1 on the HTTPS API. Every request must present an
 // X509-SVID of the CA's trust domain; see docs/directory.md.
 const (
-	meshPrefix        = "/mesh/v1"
-	meshRegisterPath  = "/register"
-	meshDirectoryPath = "/directory"
+	meshPrefix          = "/mesh/v1"
+	meshRegisterPath    = "/register"
+	meshDirectoryPath   = "/directory"
+	meshRevokePath      = "/revoke"
+	meshRevocationsPath = "/revocations"
 
 	maxRegisterBody = 64 << 10
 	// maxDirectoryResponse bounds a directory document a client reads: ~250 bytes an
@@ -44,6 +46,9 @@ const (
 	// hostPathPrefix is the path prefix of proxy (host) IDs, the only ones that may
 	// register: an agent's SVID must not be able to claim a host's addresses.
 	hostPathPrefix = "/host/"
+	// adminPathPrefix is the path prefix of operator IDs, the only ones that may
+	// revoke over the mesh API.
+	adminPathPrefix = "/admin/"
 )
 
 // registerRequest is the body of POST /mesh/v1/register. The SPIFFE ID is not in it:
@@ -71,6 +76,8 @@ func (s *Server) meshRoutes(r chi.Router) {
 	r.Use(s.requireSVID)
 	r.Post(meshRegisterPath, s.handleRegister)
 	r.Get(meshDirectoryPath, s.handleWatch)
+	r.Post(meshRevokePath, s.handleMeshRevoke)
+	r.Get(meshRevocationsPath, s.handleRevocations)
 }
 
 // requireSVID admits only requests whose client certificate is a valid X509-SVID of
@@ -100,6 +107,11 @@ func callerID(r *http.Request) spiffeid.ID {
 	return id
 }
 
+// callerSerial is the serial of the client certificate requireSVID verified.
+func callerSerial(r *http.Request) string {
+	return r.TLS.PeerCertificates[0].SerialNumber.String()
+}
+
 // refuse answers a mesh API request with an error (step-ca's error format, like the
 // rest of the HTTPS API) and logs it at Info.
 func (s *Server) refuse(w http.ResponseWriter, r *http.Request, status int, id spiffeid.ID, msg string) {
@@ -127,9 +139,19 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, http.StatusBadRequest, id, err.Error())
 		return
 	}
+	reg.Serial = callerSerial(r)
+	if s.db.rev.revoked(id, reg.Serial) {
+		s.refuse(w, r, http.StatusForbidden, id, fmt.Errorf("%w: %s serial %s", ErrRevoked, id, reg.Serial).Error())
+		return
+	}
 	now := time.Now()
 	_, version, err := s.dir.register(reg, now)
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrRevoked):
+		// Logged at Warn by the registry, like a conflict.
+		writeStepError(w, http.StatusForbidden, err.Error())
+		return
+	case err != nil:
 		// Logged at Warn by the registry: one address, one proxy.
 		writeStepError(w, http.StatusConflict, err.Error())
 		return

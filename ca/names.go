@@ -32,9 +32,19 @@ const (
 	keyAttempt       = "attempt"
 	keyPeers         = "peers"
 	keyHeld          = "held_version"
+	keyInitiator     = "initiator"
+	keyReason        = "reason"
+	keyListVersion   = "list_version"
+	keySerials       = "serials"
+	keyIDs           = "ids"
+	keyKind          = "kind"
+	keyFleetID       = "fleet_rotation_id"
+	keyFleetAt       = "requested_at"
 )
 
-// Files and directories inside Config.StateDir.
+// Files and directories inside Config.StateDir. hsm.SoftHSM names the embedded
+// token's files (fileSoftHSMConf, filePIN, dirTokens); they are repeated here for New's
+// "token created" check and for tests.
 const (
 	fileRoot         = "root.crt"
 	fileIntermediate = "intermediate.crt"
@@ -45,6 +55,10 @@ const (
 	dirTokens        = "tokens"
 	dirDB            = "db"
 	fileDB           = "ca.db"
+	fileDenyList     = "denylist.json"
+	// fileFleetRotation holds the latest FleetRotation, so that IDs keep increasing
+	// across restarts.
+	fileFleetRotation = "fleet-rotation.json"
 )
 
 // Names inside the PKCS#11 token and step-ca.

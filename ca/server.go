@@ -24,6 +24,8 @@ import (
 	"go.step.sm/crypto/kms/pkcs11"
 	"go.step.sm/crypto/x509util"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/agentmesh/agentmesh/hsm"
 )
 
 // shutdownTimeout bounds the graceful part of Run's shutdown; connections still open
@@ -61,6 +63,10 @@ type Server struct {
 	bundle                           *x509bundle.Bundle // the trust domain's roots, for x509svid.Verify
 	servingCert                      atomic.Pointer[tls.Certificate]
 	dir                              *registry
+	deny                             atomic.Pointer[denyState] // the deny-list in force
+	revokeMu                         sync.Mutex                // serialises Revoke
+	fleetMu                          sync.Mutex                // serialises RotateFleet
+	fleet                            *FleetRotation            // the latest; guarded by fleetMu
 
 	mu          sync.Mutex
 	state       serverState
@@ -109,19 +115,17 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 
 	kmsURI := cfg.KMS
 	if kmsURI == "" {
-		if s.releaseSoftHSM, err = acquireSoftHSM(filepath.Join(cfg.StateDir, fileSoftHSMConf)); err != nil {
+		// hsm.SoftHSM writes the PIN file before it creates the token: no PIN file
+		// yet means this start creates the token.
+		_, statErr := os.Stat(filepath.Join(cfg.StateDir, filePIN))
+		if kmsURI, s.releaseSoftHSM, err = hsm.SoftHSM(cfg.StateDir, tokenLabel); err != nil {
 			return nil, err
 		}
-		created, err := prepareSoftHSM(cfg.StateDir)
-		if err != nil {
-			return nil, err
-		}
-		if created {
+		if errors.Is(statErr, os.ErrNotExist) {
 			s.log.Info("softhsm2 token created", keyStateDir, cfg.StateDir)
 		}
-		kmsURI = softHSMKMSURI(filepath.Join(cfg.StateDir, filePIN))
 	}
-	if s.kms, err = openKMS(ctx, kmsURI); err != nil {
+	if s.kms, err = hsm.OpenKMS(ctx, kmsURI); err != nil {
 		return nil, err
 	}
 	certs, firstStart, err := loadOrCreatePKI(s.kms, cfg.StateDir, cfg.TrustDomain, time.Now())
@@ -169,11 +173,17 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.clientIntermediates.AddCert(certs.intermediate)
 	s.bundle = x509bundle.FromX509Authorities(cfg.TrustDomain, []*x509.Certificate{certs.root})
 	s.dir = newRegistry(cfg.DirectoryTTL, s.log, time.Now())
+	if err := s.initDenyList(time.Now()); err != nil {
+		return nil, err
+	}
+	if err := s.loadFleetRotation(); err != nil {
+		return nil, err
+	}
 
 	s.log.Info("ca prepared",
 		keyTrustDomain, cfg.TrustDomain.Name(),
 		keyStateDir, cfg.StateDir,
-		keyKMS, redactKMSURI(kmsURI),
+		keyKMS, hsm.RedactURI(kmsURI),
 		keyFirstStart, firstStart,
 		keyAddr, s.ln.Addr().String(),
 		keyRootSPKI, spkiSHA256(certs.root),
@@ -267,6 +277,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	if err := s.issueServingCert(auth); err != nil {
 		return boundary(err)
 	}
+	s.reconcileStepCA(ctx, auth)
 
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	apiSrv := &http.Server{

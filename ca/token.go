@@ -78,7 +78,7 @@ func (t *tokenIssuer) issue(id spiffeid.ID, now time.Time) (string, time.Time, e
 	}
 	tok, err := jose.Signed(t.signer).Claims(claims).CompactSerialize()
 	if err != nil {
-		return "", time.Time{}, fmt.Errorf("%w: sign token: %w", ErrHSM, err)
+		return "", time.Time{}, fmt.Errorf("ca: %w: sign token: %w", ErrHSM, err)
 	}
 	return tok, exp, nil
 }
@@ -87,7 +87,12 @@ func (t *tokenIssuer) issue(id spiffeid.ID, now time.Time) (string, time.Time, e
 // path in the CA's trust domain) once, within Config.TokenLifetime. It is signed by the
 // provisioner key inside the token and never logged. Safe for concurrent use; valid
 // between New and the end of Run.
+//
+// It fails with ErrRevoked for a revoked identity.
 func (s *Server) Token(id spiffeid.ID) (string, error) {
+	if s.db.rev.idRevoked(id) {
+		return "", fmt.Errorf("%w: %s", ErrRevoked, id)
+	}
 	tok, exp, err := s.tokens.issue(id, time.Now())
 	if err != nil {
 		return "", err // already "ca: ..." (ErrInvalidID or ErrHSM)

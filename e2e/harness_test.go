@@ -167,6 +167,19 @@ func (p *process) await(pattern string, timeout time.Duration) string {
 	return ""
 }
 
+// last returns the latest log line so far matching pattern, or "".
+func (p *process) last(pattern string) string {
+	re := regexp.MustCompile(pattern)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for i := len(p.lines) - 1; i >= 0; i-- {
+		if re.MatchString(p.lines[i]) {
+			return p.lines[i]
+		}
+	}
+	return ""
+}
+
 // tail returns the last n log lines that are not at Debug level.
 func (p *process) tail(n int) string {
 	p.mu.Lock()

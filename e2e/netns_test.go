@@ -100,3 +100,17 @@ func (h *lanHost) mustRun(t *testing.T, name string, args ...string) string {
 	}
 	return out
 }
+
+// join puts the test process itself on the LAN, at the .254 address, so that it can
+// reach the hosts' listeners directly; it returns that address.
+func (l *lan) join() string {
+	l.t.Helper()
+	self, peer := "amt"+l.id, "vt"+l.id
+	l.ip("link", "add", self, "type", "veth", "peer", "name", peer, "netns", l.hub)
+	l.t.Cleanup(func() { _ = exec.Command("ip", "link", "del", self).Run() })
+	l.ip("-n", l.hub, "link", "set", peer, "master", "br0", "up")
+	addr := l.net + ".254"
+	l.ip("addr", "add", addr+"/24", "dev", self)
+	l.ip("link", "set", self, "up")
+	return addr
+}

@@ -194,14 +194,7 @@ func iptablesSave(t *testing.T, h *lanHost) string {
 func wantRecord(t *testing.T, p *meshProxy, want map[string]string) {
 	t.Helper()
 	for _, r := range readAudit(t, p.auditPath()) {
-		match := true
-		for k, v := range want {
-			if fmt.Sprint(r[k]) != v {
-				match = false
-				break
-			}
-		}
-		if match {
+		if matches(r, want) {
 			return
 		}
 	}

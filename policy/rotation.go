@@ -25,6 +25,24 @@ type Rotation struct {
 	// past the current certificate's expiry.
 	RetryMin time.Duration `yaml:"retry_min"`
 	RetryMax time.Duration `yaml:"retry_max"`
+
+	// MaxHandshakes is the usage trigger: the current key is rotated once this many
+	// handshakes were signed with it, bounding how much any one key signs. Zero (the
+	// default) turns the trigger off.
+	MaxHandshakes uint64 `yaml:"max_handshakes"`
+
+	// DrainGrace is how long connections still authenticated by a superseded SVID get
+	// once its overlap has ended, before they are closed and its key destroyed: no
+	// connection outlives its credential by more than Overlap + DrainGrace. Default 10s
+	// (zero takes the default: for an immediate close set 1ns); must not be negative.
+	// A revoked or compromised credential gets no grace.
+	DrainGrace time.Duration `yaml:"drain_grace"`
+
+	// TicketKeyPeriod is how often the proxy replaces its TLS session-ticket key. Zero
+	// (the default) means min(DefaultTicketKeyPeriod, half the SVID lifetime), which
+	// only the proxy can compute, so WithDefaults leaves it zero; the proxy also caps
+	// an explicit value at half the lifetime. Must not be negative.
+	TicketKeyPeriod time.Duration `yaml:"ticket_key_period"`
 }
 
 // Defaults of Rotation.
@@ -33,9 +51,14 @@ const (
 	DefaultJitterFraction = 1.0 / 20
 	DefaultRetryMin       = 500 * time.Millisecond
 	DefaultRetryMax       = 30 * time.Second
+	DefaultDrainGrace     = 10 * time.Second
+	// DefaultTicketKeyPeriod is the session-ticket key period when TicketKeyPeriod is
+	// zero and the SVID lives at least twice as long.
+	DefaultTicketKeyPeriod = time.Hour
 )
 
-// WithDefaults returns r with every zero field set to its default.
+// WithDefaults returns r with every zero field set to its default, except
+// MaxHandshakes (zero means off) and TicketKeyPeriod (its default depends on the SVID).
 func (r Rotation) WithDefaults() Rotation {
 	if r.RenewFraction == 0 {
 		r.RenewFraction = DefaultRenewFraction
@@ -48,6 +71,9 @@ func (r Rotation) WithDefaults() Rotation {
 	}
 	if r.RetryMax == 0 {
 		r.RetryMax = DefaultRetryMax
+	}
+	if r.DrainGrace == 0 {
+		r.DrainGrace = DefaultDrainGrace
 	}
 	return r
 }
@@ -69,6 +95,10 @@ func (r Rotation) Validate() error {
 		return &FieldError{Field: "retry_min", Reason: "must not be negative"}
 	case r.RetryMax < r.RetryMin:
 		return &FieldError{Field: "retry_max", Reason: "must not be below retry_min"}
+	case r.DrainGrace < 0:
+		return &FieldError{Field: "drain_grace", Reason: "must not be negative"}
+	case r.TicketKeyPeriod < 0:
+		return &FieldError{Field: "ticket_key_period", Reason: "must not be negative"}
 	}
 	return nil
 }

@@ -2,8 +2,11 @@ package policy_test
 
 import (
 	"errors"
+	"strings"
 	"testing"
 	"time"
+
+	"gopkg.in/yaml.v3"
 
 	"github.com/agentmesh/agentmesh/policy"
 )
@@ -23,6 +26,12 @@ func TestRotationValidate(t *testing.T) {
 		{name: "fractions sum to one", in: policy.Rotation{RenewFraction: 0.6, JitterFraction: 0.4}, field: "jitter_fraction"},
 		{name: "negative overlap", in: policy.Rotation{Overlap: -time.Second}, field: "overlap"},
 		{name: "retry max below min", in: policy.Rotation{RetryMin: time.Minute, RetryMax: time.Second}, field: "retry_max"},
+		{name: "lifecycle fields", in: policy.Rotation{MaxHandshakes: 1, DrainGrace: time.Nanosecond, TicketKeyPeriod: time.Minute}},
+		{name: "usage trigger off", in: policy.Rotation{MaxHandshakes: 0}},
+		{name: "negative drain grace", in: policy.Rotation{DrainGrace: -time.Nanosecond}, field: "drain_grace"},
+		{name: "negative ticket key period", in: policy.Rotation{TicketKeyPeriod: -time.Second}, field: "ticket_key_period"},
+		// The first invalid field is reported, in declaration order.
+		{name: "two invalid fields", in: policy.Rotation{DrainGrace: -time.Second, TicketKeyPeriod: -time.Second}, field: "drain_grace"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -47,15 +56,58 @@ func TestRotationValidate(t *testing.T) {
 
 func TestRotationWithDefaults(t *testing.T) {
 	t.Parallel()
-	got := policy.Rotation{Overlap: time.Second}.WithDefaults()
-	want := policy.Rotation{
-		RenewFraction:  policy.DefaultRenewFraction,
-		JitterFraction: policy.DefaultJitterFraction,
-		Overlap:        time.Second,
-		RetryMin:       policy.DefaultRetryMin,
-		RetryMax:       policy.DefaultRetryMax,
+	tests := []struct {
+		name string
+		in   policy.Rotation
+		want policy.Rotation
+	}{
+		{
+			name: "zero fields take defaults; usage and ticket period stay zero",
+			in:   policy.Rotation{Overlap: time.Second},
+			want: policy.Rotation{
+				RenewFraction:  policy.DefaultRenewFraction,
+				JitterFraction: policy.DefaultJitterFraction,
+				Overlap:        time.Second,
+				RetryMin:       policy.DefaultRetryMin,
+				RetryMax:       policy.DefaultRetryMax,
+				DrainGrace:     policy.DefaultDrainGrace,
+			},
+		},
+		{
+			name: "explicit values are kept",
+			in:   policy.Rotation{RenewFraction: 0.5, JitterFraction: 0.1, RetryMin: time.Second, RetryMax: time.Minute, MaxHandshakes: 1000, DrainGrace: time.Nanosecond, TicketKeyPeriod: 5 * time.Minute},
+			want: policy.Rotation{RenewFraction: 0.5, JitterFraction: 0.1, RetryMin: time.Second, RetryMax: time.Minute, MaxHandshakes: 1000, DrainGrace: time.Nanosecond, TicketKeyPeriod: 5 * time.Minute},
+		},
 	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			if got := tc.in.WithDefaults(); got != tc.want {
+				t.Fatalf("WithDefaults() = %+v, want %+v", got, tc.want)
+			}
+		})
+	}
+}
+
+func TestRotationDefaultDrainGrace(t *testing.T) {
+	t.Parallel()
+	if got := (policy.Rotation{}).WithDefaults().DrainGrace; got != 10*time.Second {
+		t.Fatalf("default DrainGrace = %v, want 10s", got)
+	}
+}
+
+// TestRotationYAML pins the field names an operator writes in the config file.
+func TestRotationYAML(t *testing.T) {
+	t.Parallel()
+	const doc = "max_handshakes: 5000\ndrain_grace: 3s\nticket_key_period: 20m\noverlap: 1m\n"
+	dec := yaml.NewDecoder(strings.NewReader(doc))
+	dec.KnownFields(true)
+	var got policy.Rotation
+	if err := dec.Decode(&got); err != nil {
+		t.Fatalf("decode: %v", err)
+	}
+	want := policy.Rotation{MaxHandshakes: 5000, DrainGrace: 3 * time.Second, TicketKeyPeriod: 20 * time.Minute, Overlap: time.Minute}
 	if got != want {
-		t.Fatalf("WithDefaults() = %+v, want %+v", got, want)
+		t.Fatalf("decoded %+v, want %+v", got, want)
 	}
 }

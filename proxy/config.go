@@ -130,6 +130,26 @@ type Config struct {
 	// keeps at most one accepted connection waiting for a slot and stops
 	// accepting; the rest wait in the kernel backlog. Default 0: unlimited.
 	MaxConnections int
+	// Revocation, when set, is called on every handshake in both
+	// directions, resumed ones included, before the deny-list check. A
+	// non-nil error (typically: the deny-list has not been confirmed for
+	// longer than the configured staleness) refuses the handshake with
+	// reason revocation_stale: a proxy that may have missed a revocation
+	// fails closed. It must not block on I/O and must be safe for
+	// concurrent use. Default nil: no freshness requirement.
+	Revocation func() error
+	// TicketKeyPeriod is how long a session-ticket key encrypts new tickets;
+	// it then decrypts for one more period and is erased, so a ticket
+	// resumes for at most two periods. It is capped at half the lifetime
+	// of the SVID in use, re-read at every rotation check, so short-lived
+	// SVIDs get proportionally short tickets. Default 1h; must be >= 0.
+	TicketKeyPeriod time.Duration
+	// Now is the clock for certificate validity and session-ticket
+	// decisions (chain verification, ticket-key rotation, ticket expiry);
+	// deadlines and durations always use the real clock. Default
+	// time.Now; tests set it to move through ticket periods without
+	// waiting.
+	Now func() time.Time
 }
 
 // MarkControl returns a net.Dialer.Control that sets SO_MARK to mark on every
@@ -155,6 +175,12 @@ func (c Config) withDefaults() Config {
 	if c.DialTimeout == 0 {
 		c.DialTimeout = 5 * time.Second
 	}
+	if c.TicketKeyPeriod == 0 {
+		c.TicketKeyPeriod = time.Hour
+	}
+	if c.Now == nil {
+		c.Now = time.Now
+	}
 	return c
 }
 
@@ -169,6 +195,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: HandshakeTimeout %s is negative", ErrInvalidConfig, c.HandshakeTimeout)
 	case c.DialTimeout < 0:
 		return fmt.Errorf("%w: DialTimeout %s is negative", ErrInvalidConfig, c.DialTimeout)
+	case c.TicketKeyPeriod < 0:
+		return fmt.Errorf("%w: TicketKeyPeriod %s is negative", ErrInvalidConfig, c.TicketKeyPeriod)
 	case c.MaxConnections < 0:
 		return fmt.Errorf("%w: MaxConnections %d is negative", ErrInvalidConfig, c.MaxConnections)
 	case c.Unknown != UnknownDeny && c.Unknown != UnknownPassthrough:

@@ -16,6 +16,19 @@
 // install iptables rules (`agentmesh redirect` does; Config.Mark lets them
 // exclude the proxy's own traffic).
 //
+// It enforces revocation but does not fetch it: SetDenyList takes each new
+// deny-list (the directory client verifies and feeds it), refuses denied
+// peers in VerifyConnection, closes live connections that a denied
+// credential authenticated (the peer's or our own) and replaces the
+// session-ticket keys; Config.Revocation lets the caller fail handshakes
+// closed while the list may be stale. It does not decide when a credential's
+// overlap ends either: the rotator calls Drain, which closes the connections
+// still on that credential after a grace. The session-ticket keys are the
+// proxy's own: versioned, with NIST SP 800-57 states audited as
+// key_state records (TicketKeys, ResetTicketKeys).
+//
 // Only the "tls" transport exists so far: one TLS connection per proxied
-// connection, without session resumption.
+// connection. TLS sessions resume on both sides, with ticket keys the proxy
+// owns and rotates (Config.TicketKeyPeriod); every resumption goes through
+// the same VerifyConnection as a full handshake (docs/tunnel.md).
 package proxy

@@ -29,6 +29,12 @@ var (
 	ErrALPN = errors.New("proxy: tunnel protocol not negotiated")
 	// ErrTunnelRefused means the peer proxy answered a non-zero status.
 	ErrTunnelRefused = errors.New("proxy: tunnel refused by peer")
+	// ErrRevoked means the deny-list in force denies the peer's
+	// certificate or the one this proxy would present.
+	ErrRevoked = errors.New("proxy: certificate revoked")
+	// ErrRevocationStale means Config.Revocation reported that the
+	// deny-list cannot be trusted to be current, so handshakes fail closed.
+	ErrRevocationStale = errors.New("proxy: revocation status stale")
 
 	// ErrNoOriginalDst means a connection to the Outbound port has no
 	// original destination: it was not redirected by iptables, or the

@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"sync"
 	"testing"
@@ -155,6 +156,92 @@ func Example_explicitCapture() {
 	fmt.Println(resp.Status, string(body))
 	// Output: 200 OK hello from B's host, /greeting
 }
+
+// ExampleProxy_SetDenyList revokes host A at proxy B while A has a tunnel
+// open: B closes it at once, and refuses A from then on. In production the
+// directory client calls SetDenyList with each verified *ca.DenyList.
+func ExampleProxy_SetDenyList() {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	ca := testca.New(exampleTB{})
+	hostA := spiffeid.RequireFromString("spiffe://example.org/host/a")
+	hostB := spiffeid.RequireFromString("spiffe://example.org/host/b")
+
+	echoLn, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer echoLn.Close()
+	go func() {
+		for {
+			c, err := echoLn.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(c, c); _ = c.Close() }()
+		}
+	}()
+	echoPort := uint16(echoLn.Addr().(*net.TCPAddr).Port)
+
+	b, err := proxy.New(proxy.Config{
+		ID:           hostB,
+		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostB)),
+		TunnelListen: "127.0.0.1:0",
+		Services:     []proxy.Service{{Port: echoPort, Allow: []spiffeid.ID{hostA}}},
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	a, err := proxy.New(proxy.Config{
+		ID:           hostA,
+		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostA)),
+		TunnelListen: "127.0.0.1:0",
+		Routes:       []proxy.Route{{Listen: "127.0.0.1:0", Peer: b.TunnelAddr().String(), PeerID: hostB, TargetPort: echoPort}},
+	})
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	defer cancel()
+	wg.Go(func() { _ = a.Run(ctx) })
+	wg.Go(func() { _ = b.Run(ctx) })
+
+	agent, err := net.Dial("tcp", a.RouteAddr(0).String())
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer agent.Close()
+	_, _ = agent.Write([]byte("ping"))
+	reply := make([]byte, 4)
+	_, _ = io.ReadFull(agent, reply)
+	fmt.Println(string(reply))
+
+	fmt.Println("closed:", b.SetDenyList(deniedIDs{hostA}))
+	_, _ = io.ReadAll(agent) // ends when A sees B close the tunnel
+	fmt.Println("tunnel gone")
+
+	again, err := net.Dial("tcp", a.RouteAddr(0).String())
+	if err != nil {
+		fmt.Println(err)
+		return
+	}
+	defer again.Close()
+	_, _ = again.Write([]byte("ping"))
+	got, _ := io.ReadAll(again)
+	fmt.Printf("after revocation: %d bytes\n", len(got))
+	// Output:
+	// ping
+	// closed: 1
+	// tunnel gone
+	// after revocation: 0 bytes
+}
+
+// deniedIDs is a proxy.DenyList that denies every certificate of the listed
+// identities.
+type deniedIDs []spiffeid.ID
+
+func (d deniedIDs) Denies(id spiffeid.ID, _ string) bool { return slices.Contains(d, id) }
 
 // directoryFunc adapts a function to proxy.Directory.
 type directoryFunc func(netip.Addr) (proxy.Peer, bool)

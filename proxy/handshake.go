@@ -30,16 +30,28 @@ type setup struct {
 	resumed    bool
 	peerID     string
 	peerSerial string
+	// localSerial is set by the certificate callback when our SVID was
+	// presented, or by fill when the session was resumed (it rests on the
+	// certificate of the handshake it resumes, the one local was built
+	// for): "" when the handshake never got that far.
+	localSerial string
+	// localErr is why there is no SVID to present (inbound, handed to the
+	// handshake's certificate callback).
+	localErr error
 }
 
 // fill copies what the TLS state knows. It is safe on a failed handshake: it
-// takes whatever was negotiated before the failure.
-func (s *setup) fill(cs tls.ConnectionState) {
+// takes whatever was negotiated before the failure. local is the
+// configuration the handshake ran with, nil for none.
+func (s *setup) fill(cs tls.ConnectionState, local *localTLS) {
 	if cs.Version != 0 {
 		s.tlsVersion = tls.VersionName(cs.Version)
 		s.cipher = tls.CipherSuiteName(cs.CipherSuite)
 	}
 	s.resumed = cs.DidResume
+	if cs.DidResume && local != nil {
+		s.localSerial = local.serial
+	}
 	if len(cs.PeerCertificates) > 0 {
 		leaf := cs.PeerCertificates[0]
 		s.peerSerial = leaf.SerialNumber.String()
@@ -100,18 +112,19 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 
 func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake {
 	return audit.Handshake{
-		Direction:  string(s.dir),
-		Result:     resultFor(reason),
-		Reason:     reason,
-		Transport:  s.transport,
-		LocalID:    p.cfg.ID.String(),
-		PeerID:     s.peerID,
-		PeerSerial: s.peerSerial,
-		PeerAddr:   s.peerAddr,
-		TLSVersion: s.tlsVersion,
-		Cipher:     s.cipher,
-		Resumed:    s.resumed,
-		Duration:   d,
+		Direction:   string(s.dir),
+		Result:      resultFor(reason),
+		Reason:      reason,
+		Transport:   s.transport,
+		LocalID:     p.cfg.ID.String(),
+		LocalSerial: s.localSerial,
+		PeerID:      s.peerID,
+		PeerSerial:  s.peerSerial,
+		PeerAddr:    s.peerAddr,
+		TLSVersion:  s.tlsVersion,
+		Cipher:      s.cipher,
+		Resumed:     s.resumed,
+		Duration:    d,
 	}
 }
 
@@ -139,6 +152,8 @@ func (p *Proxy) logSetup(ctx context.Context, s *setup, reason, result string, d
 		slog.String(keyPeerAddr, s.peerAddr),
 		slog.String(keyPeerID, s.peerID),
 		slog.String(keySerial, s.peerSerial),
+		slog.String(keyLocal, s.localSerial),
+		slog.Bool(keyResumed, s.resumed),
 		slog.Duration(keyDuration, d),
 	}
 	if s.mode != "" {

@@ -35,12 +35,29 @@ type recorder struct {
 	events []audit.Event
 	err    error
 	notify chan struct{} // coalesced: one pending wake-up is enough
+	gate   *gate         // nil: nothing is held
+}
+
+// gate holds the Append of the first record that matches until it is
+// released, so a test can act while a proxy is between recording a
+// handshake and using the connection.
+type gate struct {
+	match   func(audit.Event) bool
+	held    chan struct{} // closed when a record is held
+	release chan struct{} // closed by the release func
 }
 
 func newRecorder() *recorder { return &recorder{notify: make(chan struct{}, 1)} }
 
 func (r *recorder) Append(e audit.Event) error {
 	r.mu.Lock()
+	if g := r.gate; g != nil && g.match(e) {
+		r.gate = nil
+		r.mu.Unlock()
+		close(g.held)
+		<-g.release
+		r.mu.Lock()
+	}
 	if r.err != nil {
 		r.mu.Unlock()
 		return r.err
@@ -52,6 +69,20 @@ func (r *recorder) Append(e audit.Event) error {
 	default:
 	}
 	return nil
+}
+
+// hold makes the next Append of a record that match selects wait until
+// release is called (release is idempotent and also runs at cleanup); held
+// is closed once that record waits.
+func (r *recorder) hold(t testing.TB, match func(audit.Event) bool) (held <-chan struct{}, release func()) {
+	t.Helper()
+	g := &gate{match: match, held: make(chan struct{}), release: make(chan struct{})}
+	r.mu.Lock()
+	r.gate = g
+	r.mu.Unlock()
+	release = sync.OnceFunc(func() { close(g.release) })
+	t.Cleanup(release)
+	return g.held, release
 }
 
 func (r *recorder) Err() error {

@@ -35,16 +35,25 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 	// One deadline covers the handshake and the header: a peer that
 	// trickles bytes cannot hold a slot longer than HandshakeTimeout.
 	_ = raw.SetDeadline(s.start.Add(p.cfg.HandshakeTimeout))
-	tc := tls.Server(raw, p.serverTLS)
+	// The configuration belongs to the SVID current now. Without one (or
+	// with a revoked one) the handshake still runs, so the peer gets an
+	// alert, and fails in the certificate callback with s.localErr.
+	cfg := p.noSVIDTLS
+	l, lerr := p.local()
+	if lerr == nil {
+		cfg = l.server
+	}
+	s.localErr = lerr
+	tc := tls.Server(raw, cfg)
 	c.tunnel = tc
-	if err := tc.HandshakeContext(ctx); err != nil {
-		s.fill(tc.ConnectionState())
+	if err := tc.HandshakeContext(withSetup(ctx, s)); err != nil {
+		s.fill(tc.ConnectionState(), l)
 		_ = p.record(ctx, s, classify(ctx, err), err)
 		c.abort()
 		return
 	}
 	cs := tc.ConnectionState()
-	s.fill(cs)
+	s.fill(cs, l)
 	// VerifyConnection has checked this leaf; it cannot fail here.
 	peerID, err := x509svid.IDFromCert(cs.PeerCertificates[0])
 	if err != nil {
@@ -92,12 +101,13 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 	}
 	c.local = local
 	c.info = ConnInfo{
-		Direction:  Inbound,
-		PeerID:     peerID,
-		PeerSerial: s.peerSerial,
-		PeerAddr:   s.peerAddr,
-		Target:     target,
-		Start:      s.start,
+		Direction:   Inbound,
+		PeerID:      peerID,
+		PeerSerial:  s.peerSerial,
+		LocalSerial: s.localSerial,
+		PeerAddr:    s.peerAddr,
+		Target:      target,
+		Start:       s.start,
 	}
 	// Audit before the status byte: nothing reaches the target unrecorded.
 	if err := p.record(ctx, s, "", nil); err != nil {

@@ -14,6 +14,9 @@ type metrics struct {
 	active     *prometheus.GaugeVec     // direction
 	bytes      *prometheus.CounterVec   // direction
 	captured   *prometheus.CounterVec   // mode, result
+	revoked    *prometheus.CounterVec   // direction
+	rotations  *prometheus.CounterVec   // trigger
+	drained    *prometheus.CounterVec   // direction
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -41,6 +44,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: metricCaptured,
 			Help: "Outbound agent connections by how they reached the proxy (mode: route, transparent, explicit) and what became of them (result: ok = tunnelled, passthrough, denied = no proxy at the destination, refused, error).",
 		}, []string{labelMode, labelResult}),
+		revoked: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricRevoked,
+			Help: "Established proxied connections closed because the deny-list denied the peer's certificate or the one this proxy presented, by direction.",
+		}, []string{labelDirection}),
+		rotations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricTicketRotations,
+			Help: "Session-ticket key changes, by trigger (period: the newest key reached its period; deny_list: a new deny-list replaced every key; compromise, policy, ca_removed, ...: ResetTicketKeys with that cause).",
+		}, []string{labelTrigger}),
+		drained: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricDrained,
+			Help: "Established proxied connections closed because the credential this proxy presented on them was drained (its overlap and grace ended), by direction.",
+		}, []string{labelDirection}),
 	}
 	// Create every child up front so dashboards see zeros, not gaps.
 	for _, d := range []Direction{Inbound, Outbound} {
@@ -50,6 +65,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.duration.WithLabelValues(string(d))
 		m.active.WithLabelValues(string(d))
 		m.bytes.WithLabelValues(string(d))
+		m.revoked.WithLabelValues(string(d))
+		m.drained.WithLabelValues(string(d))
+	}
+	for _, t := range []string{triggerPeriod, triggerDenyList, causeCompromise, causePolicy, causeCARemoved} {
+		m.rotations.WithLabelValues(t)
 	}
 	for _, mode := range []captureMode{modeRoute, modeTransparent, modeExplicit} {
 		for _, r := range []string{resultOK, resultPassthrough, resultDenied, resultRefused, resultError} {
@@ -59,7 +79,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured}
+	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {
 			// Leave the Registerer as it was, so a corrected New can retry.

@@ -8,10 +8,41 @@ const (
 	metricActiveConnections = "agentmesh_proxy_active_connections"
 	metricBytes             = "agentmesh_proxy_bytes_total"
 	metricCaptured          = "agentmesh_proxy_captured_total"
+	metricRevoked           = "agentmesh_proxy_connections_revoked_total"
+	metricTicketRotations   = "agentmesh_proxy_ticket_key_rotations_total"
+	metricDrained           = "agentmesh_proxy_connections_drained_total"
 
 	labelDirection = "direction"
 	labelResult    = "result"
 	labelMode      = "mode"
+	labelTrigger   = "trigger"
+)
+
+// Why the session-ticket keys changed (the trigger label). A reset's trigger
+// is its cause (ResetTicketKeys), so the label and the audit record agree.
+const (
+	triggerPeriod   = "period"    // the newest key reached TicketKeyPeriod
+	triggerDenyList = "deny_list" // SetDenyList replaced every key
+
+	// The causes ResetTicketKeys documents; the label is created up front
+	// for these, any other cause gets its own on first use.
+	causeCompromise = "compromise"
+	causePolicy     = "policy"
+	causeCARemoved  = "ca_removed"
+	causeUnknown    = "unspecified" // ResetTicketKeys with an empty cause
+)
+
+// Key lifecycle (audit.KeyState): what kind of key, its states (NIST SP
+// 800-57 names; ticket keys skip pre-activation: they are usable the moment
+// they exist) and the cause of a scheduled transition.
+const (
+	keyKindTicket = "ticket"
+
+	keyStateActive    = "active"    // the ticket key that encrypts
+	keyStateOverlap   = "overlap"   // decrypts only
+	keyStateDestroyed = "destroyed" // dropped and its bytes zeroed
+
+	causeSchedule = "schedule" // TicketKeyPeriod
 )
 
 // Log attribute keys.
@@ -19,6 +50,8 @@ const (
 	keyDirection = "direction"
 	keyPeerID    = "peer_id"
 	keySerial    = "serial"
+	keyLocal     = "local_serial"
+	keyResumed   = "resumed"
 	keyPeerAddr  = "peer_addr"
 	keyDst       = "dst"
 	keyReason    = "reason"
@@ -31,6 +64,13 @@ const (
 	keyErr       = "err"
 	keyMode      = "mode"
 	keyTransport = "transport"
+	keyKey       = "key"
+	keyVersion   = "version"
+	keyFrom      = "from"
+	keyTo        = "to"
+	keyCause     = "cause"
+	keyGrace     = "grace"
+	keyClosed    = "closed"
 )
 
 // Handshake results, as in audit.Handshake.Result and the result label.
@@ -57,7 +97,9 @@ const (
 
 // Connection close reasons (audit.Connection.Reason).
 const (
-	closeEOF    = "eof"    // both directions finished with a clean EOF
-	closeClosed = "closed" // closed by CloseWhere or shutdown
-	closeError  = "error"  // a read or write failed
+	closeEOF     = "eof"     // both directions finished with a clean EOF
+	closeClosed  = "closed"  // closed by CloseWhere or shutdown
+	closeError   = "error"   // a read or write failed
+	closeRevoked = "revoked" // the deny-list denied the peer's certificate or ours (SetDenyList)
+	closeDrained = "drained" // our credential's overlap ended and its grace passed (Drain)
 )

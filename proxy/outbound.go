@@ -8,8 +8,6 @@ import (
 	"net"
 	"strconv"
 	"time"
-
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // serveRoute carries one agent connection from a Route's listener to the
@@ -43,9 +41,12 @@ func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, port uint16,
 		p.conclude(ctx, o, ReasonAuditUnavailable, err)
 		return
 	}
-	// Without an SVID the handshake would fail anyway; don't bother the peer.
-	if _, err := p.currentCertificate(); err != nil {
-		p.conclude(ctx, o, ReasonNoSVID, err)
+	// Without an SVID (or with a revoked one) the handshake would fail
+	// anyway; don't bother the peer. The configuration belongs to the SVID
+	// current now, and so does the session cache it resumes from.
+	l, err := p.local()
+	if err != nil {
+		p.conclude(ctx, o, classify(ctx, err), err)
 		return
 	}
 
@@ -65,26 +66,36 @@ func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, port uint16,
 	s.peerAddr = raw.RemoteAddr().String()
 	s.start = time.Now() // as inbound: the handshake clock starts on an established TCP connection
 	_ = raw.SetDeadline(s.start.Add(p.cfg.HandshakeTimeout))
-	tc := tls.Client(raw, p.clientTLS(peer.ID))
+	cfg := l.client(p, peer.ID)
+	tc := tls.Client(raw, cfg)
 	c.tunnel = tc
-	if err := tc.HandshakeContext(ctx); err != nil {
-		s.fill(tc.ConnectionState())
+	// A session that led to a TLS failure (refused on either side, say
+	// because a peer's certificate was revoked meanwhile) must not be
+	// offered again: the next attempt makes a full handshake. crypto/tls
+	// keys the cache by the peer's address when ServerName is empty.
+	forget := func() { cfg.ClientSessionCache.Put(raw.RemoteAddr().String(), nil) }
+	if err := tc.HandshakeContext(withSetup(ctx, s)); err != nil {
+		s.fill(tc.ConnectionState(), l)
+		forget()
 		p.conclude(ctx, o, classify(ctx, err), err)
 		return
 	}
-	s.fill(tc.ConnectionState())
+	s.fill(tc.ConnectionState(), l)
 	if _, err := tc.Write(appendHeader(make([]byte, 0, headerLen), port)); err != nil {
+		// A peer refusing a resumed session may already have closed.
+		forget()
 		p.conclude(ctx, o, classify(ctx, err), fmt.Errorf("write tunnel header: %w", err))
 		return
 	}
 
 	c.info = ConnInfo{
-		Direction:  Outbound,
-		PeerID:     peer.ID, // VerifyConnection allowed nothing else
-		PeerSerial: s.peerSerial,
-		PeerAddr:   s.peerAddr,
-		Target:     target,
-		Start:      o.accepted,
+		Direction:   Outbound,
+		PeerID:      peer.ID, // VerifyConnection allowed nothing else
+		PeerSerial:  s.peerSerial,
+		LocalSerial: s.localSerial,
+		PeerAddr:    s.peerAddr,
+		Target:      target,
+		Start:       o.accepted,
 	}
 	early := o.reply == nil
 	if early {
@@ -96,6 +107,7 @@ func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, port uint16,
 		// In TLS 1.3 the client finishes its handshake before the server
 		// has checked the client certificate, so a peer refusing us shows
 		// up here, as an alert (classified peer_refused).
+		forget()
 		p.conclude(ctx, o, classify(ctx, err), fmt.Errorf("read tunnel status: %w", err))
 		return
 	}
@@ -108,18 +120,6 @@ func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, port uint16,
 	}
 	_ = raw.SetDeadline(time.Time{})
 	p.serve(ctx, c, early)
-}
-
-// clientTLS returns the tls.Config that originates tunnels to peers that
-// must present id, built once per identity: Routes and captures to the same
-// peer share it (and, once resumption is on, its session cache). The cache
-// grows with the number of peer identities, which the Directory bounds.
-func (p *Proxy) clientTLS(id spiffeid.ID) *tls.Config {
-	if cfg, ok := p.clientConfigs.Load(id); ok {
-		return cfg.(*tls.Config)
-	}
-	cfg, _ := p.clientConfigs.LoadOrStore(id, p.clientTLSConfig(id))
-	return cfg.(*tls.Config)
 }
 
 // statusReason maps the peer's status byte to a refusal reason ("" for ok).

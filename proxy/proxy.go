@@ -24,14 +24,21 @@ type Proxy struct {
 	buffers sync.Pool  // *[]byte of spliceBufferSize
 	dialer  net.Dialer // every dial: DialTimeout, and SO_MARK when Mark is set
 
-	serverTLS     *tls.Config
-	clientConfigs sync.Map // spiffeid.ID -> *tls.Config, see clientTLS
-	tunnelLn      net.Listener
-	outboundLn    net.Listener // nil when transparent capture is off
-	explicitLn    net.Listener // nil when explicit capture is off
-	strictLn      net.Listener // nil when strict mode is off
-	routes        []*route
-	self          []netip.AddrPort // tunnel, outbound and explicit listeners: loop detection
+	// localTLS holds the TLS configurations of the current SVID (see
+	// local); localMu serialises rebuilding them. noSVIDTLS runs inbound
+	// handshakes that have no SVID to present.
+	localTLS  atomic.Pointer[localTLS]
+	localMu   sync.Mutex
+	noSVIDTLS *tls.Config
+	tickets   *ticketKeys
+	deny      atomic.Pointer[denyState] // nil: no deny-list
+
+	tunnelLn   net.Listener
+	outboundLn net.Listener // nil when transparent capture is off
+	explicitLn net.Listener // nil when explicit capture is off
+	strictLn   net.Listener // nil when strict mode is off
+	routes     []*route
+	self       []netip.AddrPort // tunnel, outbound and explicit listeners: loop detection
 
 	services        map[uint16]map[spiffeid.ID]struct{} // port -> allowed peers
 	allowedAnywhere map[spiffeid.ID]struct{}            // union of every Allow
@@ -83,9 +90,16 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		p.services[s.Port] = allow
 	}
-	p.serverTLS = p.serverTLSConfig()
+	p.noSVIDTLS = p.noSVIDTLSConfig()
 
 	var err error
+	// Before any listener: the random source is the only thing that can
+	// fail here.
+	if p.tickets, err = newTicketKeys(cfg.Now(), func(trigger string) {
+		p.metrics.rotations.WithLabelValues(trigger).Inc()
+	}, p.recordKeyState); err != nil {
+		return nil, fmt.Errorf("proxy: session-ticket key: %w", err)
+	}
 	if p.tunnelLn, err = net.Listen("tcp", cfg.TunnelListen); err != nil {
 		return nil, fmt.Errorf("proxy: listen tunnel %s: %w", cfg.TunnelListen, err)
 	}
@@ -151,10 +165,18 @@ func listenerAddr(ln net.Listener) net.Addr {
 func (p *Proxy) RouteAddr(i int) net.Addr { return p.routes[i].ln.Addr() }
 
 // Ready reports whether the proxy can complete handshakes: nil when
-// Credentials has a valid SVID and the audit log is healthy.
+// Credentials has a valid SVID that the deny-list in force does not deny,
+// Config.Revocation (if set) reports the deny-list current, and the audit
+// log is healthy. Errors wrap ErrNoSVID, ErrRevoked, ErrRevocationStale or
+// ErrAuditUnavailable.
 func (p *Proxy) Ready() error {
-	if _, err := p.cfg.Credentials.TLSCertificate(); err != nil {
-		return fmt.Errorf("%w: %w", ErrNoSVID, err)
+	if _, err := p.local(); err != nil {
+		return err
+	}
+	if p.cfg.Revocation != nil {
+		if err := p.cfg.Revocation(); err != nil {
+			return fmt.Errorf("%w: %w", ErrRevocationStale, err)
+		}
 	}
 	if err := p.auditErr(); err != nil {
 		return err
@@ -181,10 +203,17 @@ func (p *Proxy) Run(ctx context.Context) error {
 	if !p.started.CompareAndSwap(false, true) {
 		return ErrAlreadyStarted
 	}
+	// The first ticket key's activation, queued by New, is recorded
+	// before anything can be accepted.
+	p.tickets.flush()
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
 		<-gctx.Done()
 		_ = p.closeListeners() // nothing to do about a failed close at shutdown
+		return nil
+	})
+	g.Go(func() error {
+		p.rotateTicketKeys(gctx)
 		return nil
 	})
 	g.Go(func() error {

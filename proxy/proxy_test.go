@@ -37,6 +37,7 @@ func TestNewValidates(t *testing.T) {
 		{name: "negative_handshake_timeout", mutate: func(c *proxy.Config) { c.HandshakeTimeout = -time.Second }},
 		{name: "negative_dial_timeout", mutate: func(c *proxy.Config) { c.DialTimeout = -time.Second }},
 		{name: "negative_max_connections", mutate: func(c *proxy.Config) { c.MaxConnections = -1 }},
+		{name: "negative_ticket_key_period", mutate: func(c *proxy.Config) { c.TicketKeyPeriod = -time.Minute }},
 		{name: "route_without_listen", mutate: func(c *proxy.Config) { c.Routes[0].Listen = "" }},
 		{name: "route_without_peer_id", mutate: func(c *proxy.Config) { c.Routes[0].PeerID = spiffeid.ID{} }},
 		{name: "route_without_target_port", mutate: func(c *proxy.Config) { c.Routes[0].TargetPort = 0 }},

@@ -33,6 +33,8 @@ const (
 	ReasonAuditUnavailable  = "audit_unavailable"   // Audit.Err() != nil, or appending the record failed
 	ReasonShutdown          = "shutdown"            // Run's context ended during setup
 	ReasonPlaintextRefused  = "plaintext_refused"   // strict mode: plain TCP to a meshed port from another host
+	ReasonRevoked           = "revoked"             // the deny-list denies the peer's certificate (or our own)
+	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
 
 	// Outbound capture (docs/capture.md).
 	ReasonPassthrough        = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)
@@ -52,7 +54,7 @@ func resultFor(reason string) string {
 	case ReasonPassthrough:
 		return resultOK
 	case ReasonNoSVID, ReasonTargetUnreachable, ReasonPeerUnreachable, ReasonAuditUnavailable, ReasonShutdown,
-		ReasonResolveFailed:
+		ReasonResolveFailed, ReasonRevocationStale:
 		return resultError
 	default:
 		return resultRefused

@@ -29,6 +29,10 @@ type ConnInfo struct {
 	// are zero for a passthrough connection, which has no peer proxy.
 	PeerID     spiffeid.ID
 	PeerSerial string
+	// LocalSerial is the serial (decimal) of the SVID this proxy presented
+	// on the connection; for a resumed session, the one presented in the
+	// handshake it resumes. Zero for a passthrough connection.
+	LocalSerial string
 	// PeerAddr is the peer proxy's address (for passthrough, the
 	// destination's).
 	PeerAddr string
@@ -46,9 +50,15 @@ type registry struct {
 	mu    sync.Mutex
 	next  uint64
 	conns map[uint64]*tunnelConn
+	// drained maps a local serial that Drain has closed to the (real)
+	// time until which a connection registering with it is closed at
+	// once: see Drain.
+	drained map[string]time.Time
 }
 
-func (r *registry) add(c *tunnelConn) uint64 {
+// add registers c and reports whether its local serial has been drained
+// (at now), in which case the caller must close it.
+func (r *registry) add(c *tunnelConn, now time.Time) (id uint64, drained bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.conns == nil {
@@ -56,7 +66,8 @@ func (r *registry) add(c *tunnelConn) uint64 {
 	}
 	r.next++
 	r.conns[r.next] = c
-	return r.next
+	until, marked := r.drained[c.info.LocalSerial]
+	return r.next, marked && now.Before(until)
 }
 
 func (r *registry) remove(id uint64) {
@@ -71,7 +82,8 @@ func (r *registry) remove(id uint64) {
 // Closing (socket I/O) happens after the lock is released. Each closed
 // connection is audited with reason "closed". Connections still in their
 // handshake are not covered; they are bounded by HandshakeTimeout.
-// Safe for concurrent use.
+// Revocation uses SetDenyList and the end of a credential's overlap uses
+// Drain, which also cover those. Safe for concurrent use.
 func (p *Proxy) CloseWhere(match func(ConnInfo) bool) int {
 	var victims []*tunnelConn
 	p.registry.mu.Lock()

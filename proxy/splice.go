@@ -51,6 +51,8 @@ const (
 	connDone              // both directions ended with EOF
 	connFailed            // a copier hit an I/O error
 	connAborted           // CloseWhere or shutdown closed it
+	connRevoked           // the deny-list denied one of its credentials
+	connDrained           // Drain closed it: our credential on it was superseded
 )
 
 // attach adds a socket to close at the end. If the connection has already
@@ -72,6 +74,28 @@ func (c *tunnelConn) attach(s net.Conn) bool {
 // setup). Closing the sockets unblocks every Read and Write on them.
 func (c *tunnelConn) abort() { c.end(connAborted) }
 
+// revoke closes the connection because the deny-list denies one of its
+// credentials, and counts it. It reports whether the connection was still
+// open (a connection that ended on its own meanwhile is not counted).
+func (c *tunnelConn) revoke() bool {
+	if !c.end(connRevoked) {
+		return false
+	}
+	c.p.metrics.revoked.WithLabelValues(string(c.info.Direction)).Inc()
+	return true
+}
+
+// drain closes the connection because the credential this proxy presented
+// on it has been drained, and counts it. It reports whether the connection
+// was still open.
+func (c *tunnelConn) drain() bool {
+	if !c.end(connDrained) {
+		return false
+	}
+	c.p.metrics.drained.WithLabelValues(string(c.info.Direction)).Inc()
+	return true
+}
+
 // fail records an I/O error and closes everything so the other direction
 // stops too.
 func (c *tunnelConn) fail() { c.end(connFailed) }
@@ -79,13 +103,15 @@ func (c *tunnelConn) fail() { c.end(connFailed) }
 // finish closes a connection whose copiers have both returned.
 func (c *tunnelConn) finish() { c.end(connDone) }
 
-// end records why the connection ended (first caller wins) and closes every
-// socket. It closes the raw TCP connection rather than the tls.Conn because
-// tls.Conn.Close may wait to send close_notify behind a blocked Write; on a
-// clean end close_notify was already sent by CloseWrite.
-func (c *tunnelConn) end(s connState) {
+// end records why the connection ended (first caller wins, and only it gets
+// true) and closes every socket. It closes the raw TCP connection rather
+// than the tls.Conn because tls.Conn.Close may wait to send close_notify
+// behind a blocked Write; on a clean end close_notify was already sent by
+// CloseWrite.
+func (c *tunnelConn) end(s connState) bool {
 	c.mu.Lock()
-	if c.state == connOpen {
+	first := c.state == connOpen
+	if first {
 		c.state = s
 	}
 	sockets := c.sockets
@@ -94,6 +120,7 @@ func (c *tunnelConn) end(s connState) {
 	for _, s := range sockets {
 		_ = s.Close()
 	}
+	return first
 }
 
 // closeReason says why the connection ended, for the audit record.
@@ -105,6 +132,10 @@ func (c *tunnelConn) closeReason() string {
 		return closeError
 	case connAborted:
 		return closeClosed
+	case connRevoked:
+		return closeRevoked
+	case connDrained:
+		return closeDrained
 	default:
 		return closeEOF
 	}
@@ -164,7 +195,17 @@ func closeWrite(s net.Conn) error {
 // both ways (localToTunnel may already run: the client sends payload before
 // the status byte arrives), then closes, unregisters and audits it.
 func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
-	id := p.registry.add(c)
+	id, drained := p.registry.add(c, time.Now())
+	// SetDenyList stores the list before it walks the registry: either it
+	// finds this connection, or this check sees the new list. Drain marks
+	// the serial under the registry lock as it walks it: either it found
+	// this connection, or add saw the mark (a setup that picked our old
+	// certificate before the rotation and finished after the drain).
+	if p.deniedConn(c.info) {
+		c.revoke()
+	} else if drained {
+		c.drain()
+	}
 	active := p.metrics.active.WithLabelValues(string(c.info.Direction))
 	active.Inc()
 	if !copierStarted {
@@ -177,13 +218,15 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 	active.Dec()
 
 	rec := audit.Connection{
-		Direction: string(c.info.Direction),
-		PeerID:    c.info.PeerID.String(),
-		Target:    c.info.Target,
-		BytesIn:   c.in.Load(),
-		BytesOut:  c.out.Load(),
-		Duration:  time.Since(c.info.Start),
-		Reason:    c.closeReason(),
+		Direction:   string(c.info.Direction),
+		PeerID:      c.info.PeerID.String(),
+		PeerSerial:  c.info.PeerSerial,
+		LocalSerial: c.info.LocalSerial,
+		Target:      c.info.Target,
+		BytesIn:     c.in.Load(),
+		BytesOut:    c.out.Load(),
+		Duration:    time.Since(c.info.Start),
+		Reason:      c.closeReason(),
 	}
 	if rec.Reason == closeEOF {
 		rec.Reason = "" // audit.Connection: a reason only when not a clean EOF
@@ -191,6 +234,8 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 	p.cfg.Logger.LogAttrs(ctx, slog.LevelDebug, "connection closed",
 		slog.String(keyDirection, rec.Direction),
 		slog.String(keyPeerID, rec.PeerID),
+		slog.String(keySerial, rec.PeerSerial),
+		slog.String(keyLocal, rec.LocalSerial),
 		slog.String(keyDst, rec.Target),
 		slog.Int64(keyBytesIn, rec.BytesIn),
 		slog.Int64(keyBytesOut, rec.BytesOut),

@@ -1,79 +1,323 @@
 package proxy
 
 import (
+	"bytes"
+	"context"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/binary"
 	"fmt"
+	"sync"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
-// The tls.Configs are built once, in New. Certificates come from callbacks
-// that read Credentials on every handshake (hot swap without rebuilding), and
-// trust comes from Credentials in VerifyConnection, so nothing in a config
-// ever goes stale.
+// The tls.Configs are built once per local certificate: a rotation of the
+// SVID (or SetDenyList) makes the next handshake build a new set, and
+// nothing is cloned per handshake. Trust comes from Credentials in
+// VerifyConnection, so nothing in a config ever goes stale.
 //
-// Session resumption is off on both sides for now. Resumption will come back
-// together with rotator-owned ticket keys that can be dropped on a security
-// event; authorization already lives in VerifyConnection, which also runs on
-// resumed sessions, so enabling it will not bypass a decision.
+// Why per local certificate: crypto/tls gives WrapSession, UnwrapSession
+// and ClientSessionCache no way to tell which connection they serve, and a
+// resumed handshake presents no certificate. Short of a tls.Config per
+// handshake (GetConfigForClient), the way to know which of our SVIDs a
+// resumed connection rests on (ConnInfo.LocalSerial, and closing it when
+// that SVID is revoked) is that the configuration itself belongs to one
+// SVID: the server only resumes tickets it issued under that certificate
+// (a digest in SessionState.Extra), and each client session cache only
+// holds sessions established with it. A rotation therefore costs each peer
+// one full handshake.
+//
+// Resumption and revocation: VerifyConnection runs on resumed sessions too,
+// on both sides (crypto/tls calls it with the peer certificates stored in
+// the ticket or the cached session), so the chain, the deny-list and the
+// policy are re-checked on every resumption with the current bundle, list
+// and time. crypto/tls itself refuses to resume past the peer leaf's
+// NotAfter (the server checks the client's, the client the server's) but
+// not past our own; unwrapSession and sessionCache.Get close that gap.
 
-// serverTLSConfig terminates inbound tunnels.
-func (p *Proxy) serverTLSConfig() *tls.Config {
+// sessionExtraPrefix tags our entry in SessionState.Extra (other layers may
+// append theirs); the digest of our leaf and the issue time follow.
+const sessionExtraPrefix = "agentmesh/local/1\x00"
+
+// sessionCacheSize bounds each client session cache. A cache serves one peer
+// identity, keyed by its tunnel address, which is normally one.
+const sessionCacheSize = 8
+
+// setupKey carries the *setup of a handshake to the TLS callbacks through
+// the handshake's context (ClientHelloInfo.Context,
+// CertificateRequestInfo.Context).
+type setupKey struct{}
+
+func withSetup(ctx context.Context, s *setup) context.Context {
+	return context.WithValue(ctx, setupKey{}, s)
+}
+
+func setupFrom(ctx context.Context) *setup {
+	s, _ := ctx.Value(setupKey{}).(*setup)
+	return s
+}
+
+// localTLS is everything that depends on the SVID this proxy presents. It is
+// immutable once built, except for the lazily filled map of client configs.
+type localTLS struct {
+	cert     *tls.Certificate
+	leaf     *x509.Certificate
+	serial   string
+	digest   [sha256.Size]byte // of the leaf DER, bound into our tickets
+	server   *tls.Config
+	clientMu sync.Mutex
+	clients  map[spiffeid.ID]*tls.Config // guarded by clientMu
+}
+
+// holds reports whether cert is the certificate l was built for.
+func (l *localTLS) holds(cert *tls.Certificate) bool {
+	if cert == l.cert {
+		return true
+	}
+	return len(cert.Certificate) > 0 && bytes.Equal(cert.Certificate[0], l.leaf.Raw)
+}
+
+// validAt reports whether our certificate may still be relied on at now.
+func (l *localTLS) validAt(now time.Time) bool {
+	return !now.Before(l.leaf.NotBefore) && !now.After(l.leaf.NotAfter)
+}
+
+// local returns the configurations for the current SVID, building them when
+// the SVID changed. A missing SVID is a no_svid refusal, one that the
+// deny-list in force denies a revoked refusal: neither is presented.
+func (p *Proxy) local() (*localTLS, error) {
+	cert, err := p.cfg.Credentials.TLSCertificate()
+	if err != nil {
+		return nil, &refusal{reason: ReasonNoSVID, err: fmt.Errorf("%w: %w", ErrNoSVID, err)}
+	}
+	l := p.localTLS.Load()
+	if l == nil || !l.holds(cert) {
+		if l, err = p.rebuildLocal(cert); err != nil {
+			return nil, err
+		}
+	}
+	if p.denies(p.cfg.ID, l.serial) {
+		return nil, &refusal{reason: ReasonRevoked,
+			err: fmt.Errorf("%w: our own SVID (serial %s)", ErrRevoked, l.serial)}
+	}
+	return l, nil
+}
+
+// rebuildLocal builds and publishes the configurations for cert, unless a
+// concurrent handshake already did.
+func (p *Proxy) rebuildLocal(cert *tls.Certificate) (*localTLS, error) {
+	p.localMu.Lock()
+	defer p.localMu.Unlock()
+	if l := p.localTLS.Load(); l != nil && l.holds(cert) {
+		return l, nil
+	}
+	leaf := cert.Leaf
+	if leaf == nil {
+		if len(cert.Certificate) == 0 {
+			return nil, &refusal{reason: ReasonNoSVID, err: fmt.Errorf("%w: empty certificate", ErrNoSVID)}
+		}
+		var err error
+		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+			return nil, &refusal{reason: ReasonNoSVID, err: fmt.Errorf("%w: %w", ErrNoSVID, err)}
+		}
+	}
+	l := &localTLS{
+		cert:    cert,
+		leaf:    leaf,
+		serial:  leaf.SerialNumber.String(),
+		digest:  sha256.Sum256(leaf.Raw),
+		clients: make(map[spiffeid.ID]*tls.Config),
+	}
+	l.server = p.serverTLSConfig(l)
+	p.localTLS.Store(l)
+	return l, nil
+}
+
+// dropSessions forgets the configurations, and with them every client
+// session cache: the next handshake builds new ones. Handshakes in flight
+// finish on the old ones, whose caches nobody reads again.
+func (p *Proxy) dropSessions() {
+	p.localMu.Lock()
+	defer p.localMu.Unlock()
+	p.localTLS.Store(nil)
+}
+
+// serverTLSConfig terminates inbound tunnels with l's certificate.
+func (p *Proxy) serverTLSConfig(l *localTLS) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		MaxVersion: tls.VersionTLS13,
-		GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
-			return p.currentCertificate()
+		// Not called on a resumed handshake, which presents no
+		// certificate; the setup then learns the serial from DidResume.
+		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			if s := setupFrom(chi.Context()); s != nil {
+				s.localSerial = l.serial
+			}
+			return l.cert, nil
 		},
 		// The chain is verified in VerifyConnection against the trust
 		// bundle of the peer's own trust domain (x509svid rules), which
 		// ClientCAs cannot express; RequireAnyClientCert only makes sure
 		// there is a certificate to verify.
-		ClientAuth:             tls.RequireAnyClientCert,
-		VerifyConnection:       p.verifyInbound,
+		ClientAuth: tls.RequireAnyClientCert,
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			return p.verifyInbound(cs, l)
+		},
+		NextProtos: []string{ALPN},
+		Time:       p.cfg.Now,
+		WrapSession: func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+			return p.wrapSession(l, cs, ss)
+		},
+		UnwrapSession: func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+			return p.unwrapSession(l, identity, cs)
+		},
+	}
+}
+
+// noSVIDTLSConfig runs the inbound handshake when there is no SVID to
+// present: the peer gets a TLS alert, as from any refusal, and the setup
+// records why (setup.localErr).
+func (p *Proxy) noSVIDTLSConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		MaxVersion: tls.VersionTLS13,
+		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			if s := setupFrom(chi.Context()); s != nil && s.localErr != nil {
+				return nil, s.localErr
+			}
+			return nil, &refusal{reason: ReasonNoSVID, err: ErrNoSVID}
+		},
 		NextProtos:             []string{ALPN},
 		SessionTicketsDisabled: true,
 	}
 }
 
-// clientTLSConfig originates tunnels to one peer identity (see clientTLS);
-// peerID is the only identity it accepts.
-func (p *Proxy) clientTLSConfig(peerID spiffeid.ID) *tls.Config {
+// wrapSession seals a ticket for a connection served with l's certificate,
+// binding it to that certificate and to its issue time.
+func (p *Proxy) wrapSession(l *localTLS, cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
+	now := p.cfg.Now()
+	p.tickets.check(now, p.ticketPeriod(l.leaf))
+	ss.Extra = append(ss.Extra, l.sessionExtra(now))
+	return p.tickets.engine.EncryptTicket(cs, ss)
+}
+
+// unwrapSession opens a ticket. It declines (nil, nil: a full handshake
+// follows) rather than fails, so a ticket that cannot resume never costs
+// the connection: one sealed with a dropped key, one issued under another
+// of our certificates (a rotation happened), one older than two ticket
+// periods, or any ticket once our certificate has expired. Refusing the
+// peer is VerifyConnection's job, which runs on the resumed session.
+func (p *Proxy) unwrapSession(l *localTLS, identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
+	now := p.cfg.Now()
+	period := p.ticketPeriod(l.leaf)
+	p.tickets.check(now, period)
+	if !l.validAt(now) {
+		return nil, nil
+	}
+	ss, err := p.tickets.engine.DecryptTicket(identity, cs)
+	if err != nil || ss == nil {
+		return nil, nil //nolint:nilerr // an unreadable ticket is declined, not fatal
+	}
+	for _, e := range ss.Extra {
+		if issued, ok := l.issuedAt(e); ok && live(issued, now, period) {
+			return ss, nil
+		}
+	}
+	return nil, nil
+}
+
+// sessionExtra is our SessionState.Extra entry: prefix, leaf digest, issue
+// time (Unix seconds).
+func (l *localTLS) sessionExtra(now time.Time) []byte {
+	e := make([]byte, 0, len(sessionExtraPrefix)+sha256.Size+8)
+	e = append(e, sessionExtraPrefix...)
+	e = append(e, l.digest[:]...)
+	return binary.BigEndian.AppendUint64(e, uint64(now.Unix())) //nolint:gosec // decoded by issuedAt as int64
+}
+
+// issuedAt parses e as our entry for l's certificate; ok is false for
+// another layer's entry or another certificate's.
+func (l *localTLS) issuedAt(e []byte) (time.Time, bool) {
+	rest, ok := bytes.CutPrefix(e, []byte(sessionExtraPrefix))
+	if !ok || len(rest) != sha256.Size+8 || !bytes.Equal(rest[:sha256.Size], l.digest[:]) {
+		return time.Time{}, false
+	}
+	return time.Unix(int64(binary.BigEndian.Uint64(rest[sha256.Size:])), 0), true //nolint:gosec // our own encoding of a Unix time
+}
+
+// client returns the tls.Config that originates tunnels with l's
+// certificate to peers that must present id, built once per (certificate,
+// identity): Routes and captures to the same peer share it and its session
+// cache. The map grows with the number of peer identities, which the
+// Directory bounds, and is dropped with l.
+func (l *localTLS) client(p *Proxy, id spiffeid.ID) *tls.Config {
+	l.clientMu.Lock()
+	defer l.clientMu.Unlock()
+	if cfg, ok := l.clients[id]; ok {
+		return cfg
+	}
+	cfg := p.clientTLSConfig(l, id)
+	l.clients[id] = cfg
+	return cfg
+}
+
+// clientTLSConfig originates tunnels with l's certificate to one peer
+// identity; peerID is the only identity it accepts.
+func (p *Proxy) clientTLSConfig(l *localTLS, peerID spiffeid.ID) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		MaxVersion: tls.VersionTLS13,
-		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
-			return p.currentCertificate()
+		// Not called on a resumed handshake; see serverTLSConfig.
+		GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			if s := setupFrom(cri.Context()); s != nil {
+				s.localSerial = l.serial
+			}
+			return l.cert, nil
 		},
 		// InsecureSkipVerify turns off only the WebPKI hostname and chain
 		// check, which cannot work here: SVIDs carry no DNS names and chain
 		// to per-trust-domain bundles. VerifyConnection replaces it: it
 		// verifies the x509svid chain against the current bundle and
 		// requires the exact Route.PeerID or Peer.ID, and it runs on every
-		// handshake.
+		// handshake, resumed ones included.
 		InsecureSkipVerify: true, //nolint:gosec // replaced by VerifyConnection, see above
 		VerifyConnection: func(cs tls.ConnectionState) error {
-			return p.verifyOutbound(cs, peerID)
+			return p.verifyOutbound(cs, peerID, l)
 		},
-		NextProtos: []string{ALPN},
+		NextProtos:         []string{ALPN},
+		Time:               p.cfg.Now,
+		ClientSessionCache: &sessionCache{now: p.cfg.Now, local: l, lru: tls.NewLRUClientSessionCache(sessionCacheSize)},
 	}
 }
 
-// currentCertificate reads the SVID for one handshake.
-func (p *Proxy) currentCertificate() (*tls.Certificate, error) {
-	cert, err := p.cfg.Credentials.TLSCertificate()
-	if err != nil {
-		return nil, &refusal{reason: ReasonNoSVID, err: fmt.Errorf("%w: %w", ErrNoSVID, err)}
-	}
-	return cert, nil
+// sessionCache is a client session cache for one (local certificate, peer
+// identity). crypto/tls checks that the server's leaf is still valid before
+// resuming, not that ours is; Get closes that gap. Safe for concurrent use.
+type sessionCache struct {
+	now   func() time.Time
+	local *localTLS
+	lru   tls.ClientSessionCache
 }
+
+func (c *sessionCache) Get(key string) (*tls.ClientSessionState, bool) {
+	if !c.local.validAt(c.now()) {
+		return nil, false
+	}
+	return c.lru.Get(key)
+}
+
+func (c *sessionCache) Put(key string, cs *tls.ClientSessionState) { c.lru.Put(key, cs) }
 
 // verifyPeer checks that the peer negotiated the tunnel protocol and
-// presented a valid X509-SVID chaining to the bundle of its trust domain.
-// x509svid.Verify rejects foreign CAs, expired chains, leaves with zero or
-// several URI SANs and CA leaves.
-func (p *Proxy) verifyPeer(cs tls.ConnectionState) (spiffeid.ID, string, error) {
+// presented a valid X509-SVID chaining to the bundle of its trust domain,
+// then that the revocation state may be trusted and denies neither the peer
+// nor our own certificate l. x509svid.Verify rejects foreign CAs, expired
+// chains, leaves with zero or several URI SANs and CA leaves.
+func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS) (spiffeid.ID, string, error) {
 	if cs.NegotiatedProtocol != ALPN {
 		return spiffeid.ID{}, "", &refusal{reason: ReasonALPN,
 			err: fmt.Errorf("%w: got %q", ErrALPN, cs.NegotiatedProtocol)}
@@ -89,7 +333,7 @@ func (p *Proxy) verifyPeer(cs tls.ConnectionState) (spiffeid.ID, string, error) 
 		return spiffeid.ID{}, serial, &refusal{reason: ReasonBadCertificate, peerSerial: serial,
 			err: fmt.Errorf("%w: %w", ErrBadCertificate, err)}
 	}
-	if _, _, err := x509svid.Verify(cs.PeerCertificates, p.cfg.Credentials); err != nil {
+	if _, _, err := x509svid.Verify(cs.PeerCertificates, p.cfg.Credentials, x509svid.WithTime(p.cfg.Now())); err != nil {
 		reason := classifyVerify(err)
 		// A trust domain without a bundle fails inside Verify with the
 		// source's own error; name it for what it is.
@@ -99,13 +343,31 @@ func (p *Proxy) verifyPeer(cs tls.ConnectionState) (spiffeid.ID, string, error) 
 		return id, serial, &refusal{reason: reason, peerID: id.String(), peerSerial: serial,
 			err: fmt.Errorf("%w: %w", ErrBadCertificate, err)}
 	}
+	// Freshness first: with a stale list, "not denied" means nothing.
+	if p.cfg.Revocation != nil {
+		if err := p.cfg.Revocation(); err != nil {
+			return id, serial, &refusal{reason: ReasonRevocationStale, peerID: id.String(), peerSerial: serial,
+				err: fmt.Errorf("%w: %w", ErrRevocationStale, err)}
+		}
+	}
+	if p.denies(id, serial) {
+		return id, serial, &refusal{reason: ReasonRevoked, peerID: id.String(), peerSerial: serial,
+			err: fmt.Errorf("%w: peer %s serial %s", ErrRevoked, id, serial)}
+	}
+	// Checked here too, not only when l is picked: a resumed session rests
+	// on the certificate of its original handshake, which may have been
+	// denied since.
+	if p.denies(p.cfg.ID, l.serial) {
+		return id, serial, &refusal{reason: ReasonRevoked, peerID: id.String(), peerSerial: serial,
+			err: fmt.Errorf("%w: our own SVID (serial %s)", ErrRevoked, l.serial)}
+	}
 	return id, serial, nil
 }
 
 // verifyInbound admits a peer that is allowed by at least one Service. The
 // per-port check follows once the header names the port.
-func (p *Proxy) verifyInbound(cs tls.ConnectionState) error {
-	id, serial, err := p.verifyPeer(cs)
+func (p *Proxy) verifyInbound(cs tls.ConnectionState, l *localTLS) error {
+	id, serial, err := p.verifyPeer(cs, l)
 	if err != nil {
 		return err
 	}
@@ -117,8 +379,8 @@ func (p *Proxy) verifyInbound(cs tls.ConnectionState) error {
 }
 
 // verifyOutbound admits only the route's peer identity.
-func (p *Proxy) verifyOutbound(cs tls.ConnectionState, want spiffeid.ID) error {
-	id, serial, err := p.verifyPeer(cs)
+func (p *Proxy) verifyOutbound(cs tls.ConnectionState, want spiffeid.ID, l *localTLS) error {
+	id, serial, err := p.verifyPeer(cs, l)
 	if err != nil {
 		return err
 	}

@@ -1,9 +1,20 @@
-// Package rotator owns the lifecycle of one SPIFFE identity's X509-SVID: enrolment,
-// renewal on schedule with capped, jittered backoff, validation of every answer from the
-// CA, hot swap through one immutable snapshot, and the overlap in which a superseded SVID
-// remains known until it ends.
+// Package rotator owns the lifecycle of one SPIFFE identity's X509-SVIDs and their keys:
+// enrolment; renewal on schedule, on usage (a number of handshakes signed with one key)
+// and on request (operator, compromise, configuration change, fleet command), with
+// capped, jittered backoff; validation of every answer from the CA; hot swap through
+// one immutable snapshot; the overlap in which a superseded SVID remains the credential
+// of the connections it authenticated; draining those connections when the overlap
+// ends and then destroying the key; and dropping SVIDs that a deny-list revokes.
+//
+// Every key has a version (1, 2, ... in the order this Rotator made them) and a state
+// after NIST SP 800-57: pre-activation → active → overlap → destroyed, or compromised
+// (revoked, or declared compromised) and then destroyed without a drain grace. Each
+// transition is an audit.KeyState record with its cause and an Info log line.
 //
 // It does not talk to a CA itself (it calls an Issuer that the caller supplies), does not
-// open listeners, and never persists private keys. A Rotator is the x509svid.Source and
-// x509bundle.Source of the proxy: readers never block and never see a half-updated state.
+// open listeners or close connections (Config.Drain does), and never persists private
+// keys: a KeyStore makes and destroys them (MemoryKeys by default, whose documentation
+// says what overwriting a key in Go memory can and cannot guarantee; or a PKCS#11
+// token). A Rotator is the x509svid.Source and x509bundle.Source of the proxy: readers
+// never block and never see a half-updated state.
 package rotator

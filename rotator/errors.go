@@ -11,6 +11,18 @@ var (
 	// ErrBadAnswer means the CA answered with a certificate that this identity must not
 	// use (another key, another SPIFFE ID, already expired, or a chain outside the bundle).
 	ErrBadAnswer = errors.New("rotator: refused ca answer")
+	// ErrRevoked means the current SVID was revoked (see Rotator.Revoke) and no new one
+	// has been obtained since: the identity must not be presented.
+	ErrRevoked = errors.New("rotator: svid revoked")
+	// ErrCompromised means the current SVID's key was declared compromised (Rotate with
+	// Compromised) and no new SVID has been obtained since: it must not be presented.
+	ErrCompromised = errors.New("rotator: svid key compromised")
+	// ErrBadRequest means a RotateRequest names no known trigger or no initiator.
+	ErrBadRequest = errors.New("rotator: bad rotate request")
+	// ErrStopped means Run has returned: nothing rotates any more.
+	ErrStopped = errors.New("rotator: not running")
+	// ErrKeyDestroyed is returned when signing with a key after KeyStore.Destroy.
+	ErrKeyDestroyed = errors.New("rotator: key destroyed")
 )
 
 // permanent reports whether err says that repeating the same call cannot succeed; the

@@ -1,6 +1,11 @@
 package rotator_test
 
 import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/sha256"
+	"errors"
 	"fmt"
 	"time"
 
@@ -15,4 +20,25 @@ func ExampleRenewAt() {
 	at := rotator.RenewAt(notBefore, notBefore.Add(time.Hour), policy.Rotation{}.WithDefaults(), 0.5)
 	fmt.Println(at.Sub(notBefore))
 	// Output: 38m30s
+}
+
+// Once destroyed, a key refuses to sign.
+func ExampleMemoryKeys() {
+	ctx := context.Background()
+	keys := rotator.MemoryKeys{}
+	key, err := keys.NewKey(ctx)
+	if err != nil {
+		panic(err)
+	}
+	digest := sha256.Sum256([]byte("handshake transcript"))
+	_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	fmt.Println("before:", err)
+	if err := keys.Destroy(ctx, key); err != nil {
+		panic(err)
+	}
+	_, err = key.Sign(rand.Reader, digest[:], crypto.SHA256)
+	fmt.Println("after:", errors.Is(err, rotator.ErrKeyDestroyed))
+	// Output:
+	// before: <nil>
+	// after: true
 }

@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/x509"
 	"errors"
+	"math/big"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -30,25 +31,39 @@ type issuer struct {
 	mu      sync.Mutex
 	fail    error              // returned by every call while set
 	answer  func() spiffeid.ID // the identity put in certificates; default: the one asked for
+	serial  *big.Int           // the serial put in certificates; default: a random one
+	gate    chan struct{}      // while set, every call (already counted) waits for it to close
 	enrolls int
 	renews  int
 }
 
 func (i *issuer) Enroll(_ context.Context, id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
+	i.count(&i.enrolls)
 	i.mu.Lock()
 	defer i.mu.Unlock()
-	i.enrolls++
 	return i.issue(id, key)
 }
 
 func (i *issuer) Renew(_ context.Context, cur *x509svid.SVID, key crypto.Signer) ([]*x509.Certificate, error) {
+	i.count(&i.renews)
 	i.mu.Lock()
 	defer i.mu.Unlock()
-	i.renews++
 	if time.Now().After(cur.Certificates[0].NotAfter) {
 		return nil, permanentErr{}
 	}
 	return i.issue(cur.ID, key)
+}
+
+// count counts a call, then holds it at the gate if one is set, so a test can act while
+// a call is in flight.
+func (i *issuer) count(n *int) {
+	i.mu.Lock()
+	*n++
+	gate := i.gate
+	i.mu.Unlock()
+	if gate != nil {
+		<-gate
+	}
 }
 
 func (i *issuer) issue(id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
@@ -58,7 +73,11 @@ func (i *issuer) issue(id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, 
 	if i.answer != nil {
 		id = i.answer()
 	}
-	return i.ca.Issue(i.t, id, key.Public(), testca.WithLifetime(i.lifetime)), nil
+	opts := []testca.IssueOption{testca.WithLifetime(i.lifetime)}
+	if i.serial != nil {
+		opts = append(opts, testca.WithSerial(i.serial))
+	}
+	return i.ca.Issue(i.t, id, key.Public(), opts...), nil
 }
 
 func (i *issuer) set(f func(*issuer)) {
@@ -82,15 +101,32 @@ func (permanentErr) Permanent() bool { return true }
 type records struct {
 	mu   sync.Mutex
 	list []*audit.Rotation
+	keys []*audit.KeyState
 }
 
 func (r *records) Append(e audit.Event) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if rot, ok := e.(*audit.Rotation); ok {
-		r.list = append(r.list, rot)
+	switch e := e.(type) {
+	case *audit.Rotation:
+		r.list = append(r.list, e)
+	case *audit.KeyState:
+		r.keys = append(r.keys, e)
 	}
 	return nil
+}
+
+// keyStates returns the key_state records of one key version, in order.
+func (r *records) keyStates(version uint64) []*audit.KeyState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []*audit.KeyState
+	for _, k := range r.keys {
+		if k.Version == version {
+			out = append(out, k)
+		}
+	}
+	return out
 }
 
 func (r *records) all() []*audit.Rotation {
@@ -102,8 +138,15 @@ func (r *records) all() []*audit.Rotation {
 // start runs a rotator in the current synctest bubble until the test ends.
 func start(t *testing.T, iss *issuer, p policy.Rotation) (*Rotator, *records) {
 	t.Helper()
+	return startWith(t, iss, Config{Policy: p})
+}
+
+// startWith is start with more of the Config; ID, Issuer, Bundle and Audit are set here.
+func startWith(t *testing.T, iss *issuer, cfg Config) (*Rotator, *records) {
+	t.Helper()
 	rec := &records{}
-	r, err := New(Config{ID: hostA, Issuer: iss, Bundle: iss.ca.Bundle(), Policy: p, Audit: rec})
+	cfg.ID, cfg.Issuer, cfg.Bundle, cfg.Audit = hostA, iss, iss.ca.Bundle(), rec
+	r, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

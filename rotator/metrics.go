@@ -12,6 +12,11 @@ type metrics struct {
 	expiry    prometheus.Gauge
 	renewAt   prometheus.Gauge
 	overlap   prometheus.Gauge
+	revoked   prometheus.Counter
+
+	keyStates       *prometheus.CounterVec
+	destroyFailures prometheus.Counter
+	drained         prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer, id spiffeid.ID) (*metrics, error) {
@@ -29,11 +34,23 @@ func newMetrics(reg prometheus.Registerer, id spiffeid.ID) (*metrics, error) {
 		overlap: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: metricOverlap, Help: "Superseded SVIDs still in overlap.", ConstLabels: labels,
 		}),
+		revoked: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricRevoked, Help: "SVIDs (current or in overlap) dropped because they were revoked.", ConstLabels: labels,
+		}),
+		keyStates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricKeyStates, Help: "SVID key state transitions by the state entered.", ConstLabels: labels,
+		}, []string{labelState}),
+		destroyFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricDestroyFailures, Help: "SVID keys the key store failed to destroy; they are still held.", ConstLabels: labels,
+		}),
+		drained: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricDrained, Help: "Connections closed because the credential that authenticated them was retired.", ConstLabels: labels,
+		}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.rotations, m.expiry, m.renewAt, m.overlap} {
+	for _, c := range []prometheus.Collector{m.rotations, m.expiry, m.renewAt, m.overlap, m.revoked, m.keyStates, m.destroyFailures, m.drained} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("rotator: register metrics: %w", err)
 		}
@@ -45,10 +62,19 @@ func (m *metrics) rotated(trigger, result string) {
 	m.rotations.WithLabelValues(trigger, result).Inc()
 }
 
+func (m *metrics) transition(to string) {
+	m.keyStates.WithLabelValues(to).Inc()
+}
+
 func (m *metrics) published(s *snapshot) {
-	if s.current != nil {
+	switch {
+	case s.current != nil:
 		m.expiry.Set(float64(s.current.notAfter().Unix()))
 		m.renewAt.Set(float64(s.renewAt.Unix()))
+	case s.dropped != nil:
+		// Nothing is presented: an expiry still in the future would hide it from alerts.
+		m.expiry.Set(0)
+		m.renewAt.Set(0)
 	}
 	m.overlap.Set(float64(len(s.overlap)))
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Enforces the dependency direction of ARCHITECTURE.md: ca, rotator and proxy never
-# import each other; policy and audit import nothing of ours.
+# import each other; policy, audit and hsm import nothing of ours.
 set -euo pipefail
 mod=$(go list -m)
 fail=0
@@ -14,10 +14,11 @@ deny() { # package, forbidden packages...
     fi
   done
 }
-deny policy audit ca rotator proxy
-deny audit policy ca rotator proxy
+deny policy audit ca rotator proxy hsm
+deny audit policy ca rotator proxy hsm
+deny hsm policy audit ca rotator proxy
 deny ca rotator proxy
-deny rotator ca proxy
-deny proxy ca rotator
+deny rotator ca proxy hsm
+deny proxy ca rotator hsm
 [ $fail -eq 0 ] && echo "depcheck: ok"
 exit $fail

@@ -13,11 +13,22 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
-// readiness is what the admin API asks before answering /readyz.
-type readiness interface{ Ready() error }
+// proxyState is what the admin API asks the proxy: readiness for /readyz, ticket keys
+// for /status.
+type proxyState interface {
+	Ready() error
+	TicketKeys() []proxy.TicketKeyStatus
+}
+
+// statusDocument is the admin API's /status answer.
+type statusDocument struct {
+	Identities []rotator.Status        `json:"identities"`
+	TicketKeys []proxy.TicketKeyStatus `json:"ticket_keys"`
+}
 
 // admin serves /metrics, /healthz, /readyz and /status on the admin port.
 type admin struct {
@@ -26,7 +37,7 @@ type admin struct {
 	logger *slog.Logger
 }
 
-func newAdmin(addr string, reg *prometheus.Registry, rot *rotator.Rotator, px readiness, logger *slog.Logger) (*admin, error) {
+func newAdmin(addr string, reg *prometheus.Registry, rot *rotator.Rotator, px proxyState, logger *slog.Logger) (*admin, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("admin listen: %w", err)
@@ -45,7 +56,7 @@ func newAdmin(addr string, reg *prometheus.Registry, rot *rotator.Rotator, px re
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(map[string]any{"identities": []rotator.Status{rot.Status()}})
+		_ = json.NewEncoder(w).Encode(statusDocument{Identities: []rotator.Status{rot.Status()}, TicketKeys: px.TicketKeys()})
 	})
 	return &admin{
 		ln:     ln,

@@ -1,13 +1,18 @@
 package main
 
 import (
+	"context"
+	"errors"
 	"fmt"
+	"log/slog"
 	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca"
 )
 
@@ -17,6 +22,7 @@ func newCACmd() *cobra.Command {
 		trustDomain string
 		logLevel    string
 		logFormat   string
+		auditPath   string
 	)
 	cmd := &cobra.Command{
 		Use:   "ca",
@@ -38,12 +44,24 @@ creates the token, keys, certificates and database in --state; later starts reus
 			logger := newLogger(os.Stderr, level, logFormat)
 			cfg.TrustDomain = td
 			cfg.Logger = logger.With("component", "ca")
-			srv, err := ca.New(cmd.Context(), cfg)
+			if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+				return fmt.Errorf("state directory: %w", err)
+			}
+			if auditPath == "" {
+				auditPath = filepath.Join(cfg.StateDir, "audit.log")
+			}
+			auditLog, err := audit.Open(audit.Config{Path: auditPath, Logger: logger.With("component", "audit")})
 			if err != nil {
 				return err
 			}
-			logger.Info("ca ready", "url", srv.URL(), "trust_domain", td.String(), "state", cfg.StateDir)
-			return srv.Run(cmd.Context())
+			cfg.Audit = auditLog
+			// The audit log outlives the CA, so the records of its last requests are written.
+			auditCtx, stopAudit := context.WithCancel(context.WithoutCancel(cmd.Context()))
+			auditDone := make(chan error, 1)
+			go func() { auditDone <- auditLog.Run(auditCtx) }()
+			err = runCA(cmd.Context(), cfg, logger)
+			stopAudit()
+			return errors.Join(err, <-auditDone)
 		},
 	}
 	f := cmd.Flags()
@@ -54,11 +72,21 @@ creates the token, keys, certificates and database in --state; later starts reus
 	f.StringVar(&cfg.KMS, "kms", "", "PKCS#11 URI of the token holding the keys (default: a SoftHSM2 token in --state)")
 	f.DurationVar(&cfg.SVIDLifetime, "svid-lifetime", time.Hour, "lifetime of issued X509-SVIDs (at least 10s)")
 	f.DurationVar(&cfg.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
+	f.StringVar(&auditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	_ = cmd.MarkFlagRequired("state")
 	_ = cmd.MarkFlagRequired("trust-domain")
 	return cmd
+}
+
+func runCA(ctx context.Context, cfg ca.Config, logger *slog.Logger) error {
+	srv, err := ca.New(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	logger.Info("ca ready", "url", srv.URL(), "trust_domain", cfg.TrustDomain.String(), "state", cfg.StateDir)
+	return srv.Run(ctx)
 }
 
 func newTokenCmd() *cobra.Command {

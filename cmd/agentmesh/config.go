@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -29,7 +30,9 @@ type proxyFile struct {
 	Strict   string          `yaml:"strict"`
 	Unknown  string          `yaml:"unknown"`
 	Mark     int             `yaml:"mark"`
+	Keys     string          `yaml:"keys"`
 	Dir      directoryFile   `yaml:"directory"`
+	Revoke   revocationFile  `yaml:"revocation"`
 	Audit    auditFile       `yaml:"audit"`
 	Log      logFile         `yaml:"log"`
 	Rotation policy.Rotation `yaml:"rotation"`
@@ -46,6 +49,14 @@ type caFile struct {
 type directoryFile struct {
 	Advertise []string      `yaml:"advertise"`
 	Heartbeat time.Duration `yaml:"heartbeat"`
+}
+
+type revocationFile struct {
+	// Poll is the interval of the deny-list poll that backs up the directory's watch.
+	Poll time.Duration `yaml:"poll"`
+	// MaxStaleness is how old the last confirmed deny-list may be before new
+	// handshakes are refused. 0: one SVID lifetime.
+	MaxStaleness time.Duration `yaml:"max_staleness"`
 }
 
 type auditFile struct {
@@ -83,8 +94,11 @@ type proxyConfig struct {
 	Strict    string
 	Unknown   proxy.UnknownPolicy
 	Mark      int
+	Keys      string
 	Advertise []netip.Addr
 	Heartbeat time.Duration
+	Poll      time.Duration
+	Staleness time.Duration
 	AuditPath string
 	Log       logFile
 	Rotation  policy.Rotation
@@ -119,7 +133,10 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		Explicit:  f.Explicit,
 		Strict:    f.Strict,
 		Mark:      f.Mark,
+		Keys:      f.Keys,
 		Heartbeat: f.Dir.Heartbeat,
+		Poll:      f.Revoke.Poll,
+		Staleness: f.Revoke.MaxStaleness,
 		AuditPath: resolve(base, f.Audit.Path),
 		Log:       f.Log,
 		Rotation:  f.Rotation,
@@ -162,6 +179,9 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 	default:
 		return nil, doc.fieldError("unknown", fmt.Errorf(`must be "deny" or "passthrough", not %q`, f.Unknown))
 	}
+	if f.Keys != "" && f.Keys != "memory" && f.Keys != "softhsm" && !strings.HasPrefix(f.Keys, "pkcs11:") {
+		return nil, doc.fieldError("keys", fmt.Errorf(`must be "memory", "softhsm" or a pkcs11: URI, not %q`, f.Keys))
+	}
 	if f.Mark < 0 || int64(f.Mark) > 0xffffffff {
 		return nil, doc.fieldError("mark", errors.New("must be a 32-bit firewall mark"))
 	}
@@ -174,6 +194,12 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 	}
 	if f.Dir.Heartbeat < 0 {
 		return nil, doc.fieldError("directory.heartbeat", errors.New("must not be negative"))
+	}
+	if f.Revoke.Poll < 0 {
+		return nil, doc.fieldError("revocation.poll", errors.New("must not be negative"))
+	}
+	if f.Revoke.MaxStaleness < 0 {
+		return nil, doc.fieldError("revocation.max_staleness", errors.New("must not be negative"))
 	}
 	if err := f.Rotation.Validate(); err != nil {
 		var fe *policy.FieldError

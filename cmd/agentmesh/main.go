@@ -38,6 +38,6 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newCACmd(), newTokenCmd(), newProxyCmd(), newAuditCmd(), newStatusCmd(), newRedirectCmd())
+	root.AddCommand(newCACmd(), newTokenCmd(), newProxyCmd(), newAuditCmd(), newStatusCmd(), newRedirectCmd(), newRevokeCmd(), newRotateCmd())
 	return root
 }

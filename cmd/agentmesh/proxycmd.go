@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -26,6 +27,9 @@ import (
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
+// defaultStaleness bounds the deny-list's age while no SVID is held to measure it by.
+const defaultStaleness = time.Hour
+
 func newProxyCmd() *cobra.Command {
 	var configPath string
 	cmd := &cobra.Command{
@@ -37,7 +41,7 @@ func newProxyCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return runProxy(cmd.Context(), cfg)
+			return runProxy(cmd.Context(), configPath, cfg)
 		},
 	}
 	cmd.Flags().StringVar(&configPath, "config", "", "proxy configuration file (YAML)")
@@ -45,7 +49,7 @@ func newProxyCmd() *cobra.Command {
 	return cmd
 }
 
-func runProxy(ctx context.Context, cfg *proxyConfig) error {
+func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	level, _ := parseLevel(cfg.Log.Level) // validated with the config
 	logger := newLogger(os.Stderr, level, cfg.Log.Format)
 	if err := os.MkdirAll(cfg.State, 0o700); err != nil {
@@ -65,25 +69,34 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 	}
 	// The CA clients carry the proxy's mark like its tunnels, so capture rules that
 	// exclude the mark never redirect the proxy's renewals back to itself.
-	var control func(network, address string, c syscall.RawConn) error
+	var markControl func(network, address string, c syscall.RawConn) error
 	if cfg.Mark != 0 {
-		control = proxy.MarkControl(cfg.Mark)
+		markControl = proxy.MarkControl(cfg.Mark)
 	}
 	client, err := ca.NewClient(ca.ClientConfig{
 		URL:     cfg.CAURL,
 		Roots:   bundle.X509Authorities(),
 		Token:   tokenFromFile(cfg.TokenFile),
-		Control: control,
+		Control: markControl,
 		Logger:  logger.With("component", "ca_client"),
 	})
 	if err != nil {
 		return err
 	}
+	keys, closeKeys, err := openKeyStore(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer closeKeys()
+	var px *proxy.Proxy
 	rot, err := rotator.New(rotator.Config{
-		ID:         cfg.ID,
-		Issuer:     client,
-		Bundle:     bundle,
-		Policy:     cfg.Rotation,
+		ID:     cfg.ID,
+		Issuer: client,
+		Bundle: bundle,
+		Policy: cfg.Rotation,
+		Keys:   keys,
+		// Called only from rot.Run, which starts after px is set.
+		Drain:      func(ctx context.Context, serial string, grace time.Duration) int { return px.Drain(ctx, serial, grace) },
 		Audit:      auditLog,
 		Registerer: reg,
 		Logger:     logger.With("component", "rotator"),
@@ -91,50 +104,78 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 	if err != nil {
 		return err
 	}
-	var dir *ca.Directory
 	pcfg := proxy.Config{
-		ID:           cfg.ID,
-		Credentials:  rot,
-		TunnelListen: cfg.Tunnel,
-		Outbound:     cfg.Outbound,
-		Explicit:     cfg.Explicit,
-		Strict:       cfg.Strict,
-		Unknown:      cfg.Unknown,
-		Mark:         cfg.Mark,
-		Routes:       cfg.Routes,
-		Services:     cfg.Services,
+		ID:              cfg.ID,
+		Credentials:     rot,
+		TunnelListen:    cfg.Tunnel,
+		Outbound:        cfg.Outbound,
+		Explicit:        cfg.Explicit,
+		Strict:          cfg.Strict,
+		Unknown:         cfg.Unknown,
+		Mark:            cfg.Mark,
+		Routes:          cfg.Routes,
+		Services:        cfg.Services,
+		TicketKeyPeriod: cfg.Rotation.TicketKeyPeriod,
+		Audit:           auditLog,
+		Registerer:      reg,
+		Logger:          logger.With("component", "proxy"),
+	}
+	// The directory client runs on every proxy, registering only when it advertises
+	// addresses: it carries the deny-list, which every proxy enforces.
+	var rotate rotateFunc // set once px exists; the callbacks below run only after that
+	dcfg := ca.DirectoryConfig{
+		URL:          cfg.CAURL,
+		Roots:        bundle.X509Authorities(),
+		Certificate:  rot.TLSCertificate,
+		Addresses:    cfg.Advertise,
+		Heartbeat:    cfg.Heartbeat,
+		PollInterval: cfg.Poll,
+		Control:      markControl,
 		Audit:        auditLog,
 		Registerer:   reg,
-		Logger:       logger.With("component", "proxy"),
+		Logger:       logger.With("component", "directory"),
+		// Called only from dir.Run, which starts after px is set.
+		OnDenyList: func(l *ca.DenyList) int {
+			rot.Revoke(l.Denies)
+			return px.SetDenyList(l)
+		},
+		OnFleetRotation: func(f ca.FleetRotation) {
+			// Off the directory's goroutine: a rotation waits for the CA.
+			go func() {
+				req := rotator.RotateRequest{Trigger: rotator.TriggerFleet, Initiator: "ca", Reason: f.Reason}
+				if _, err := rotate(ctx, req); err != nil {
+					logger.Warn("fleet rotation failed", "fleet_rotation", f.ID, "err", err)
+				}
+			}()
+		},
 	}
 	if len(cfg.Advertise) > 0 {
-		tunnelPort, err := portOf(cfg.Tunnel)
-		if err != nil {
+		if dcfg.TunnelPort, err = portOf(cfg.Tunnel); err != nil {
 			return err
 		}
 		// The bundle is the CA's root file for now: its digest names its version.
 		bv := bundleVersion(bundle.X509Authorities())
-		dir, err = ca.NewDirectory(ca.DirectoryConfig{
-			URL:           cfg.CAURL,
-			Roots:         bundle.X509Authorities(),
-			Certificate:   rot.TLSCertificate,
-			Addresses:     cfg.Advertise,
-			TunnelPort:    tunnelPort,
-			Heartbeat:     cfg.Heartbeat,
-			Control:       control,
-			BundleVersion: func() string { return bv },
-			Logger:        logger.With("component", "directory"),
-		})
-		if err != nil {
-			return err
-		}
+		dcfg.BundleVersion = func() string { return bv }
+	}
+	dir, err := ca.NewDirectory(dcfg)
+	if err != nil {
+		return err
+	}
+	if len(cfg.Advertise) > 0 {
 		pcfg.Directory = directory{dir}
 	}
-	px, err := proxy.New(pcfg)
+	pcfg.Revocation = func() error { return dir.CheckFresh(staleness(cfg.Staleness, rot)) }
+	px, err = proxy.New(pcfg)
 	if err != nil {
 		return err
 	}
 	adm, err := newAdmin(cfg.Admin, reg, rot, px, logger.With("component", "admin"))
+	if err != nil {
+		return err
+	}
+	rotate = rotateNow(rot, px, ca.ClientConfig{URL: cfg.CAURL, Roots: bundle.X509Authorities(), Control: markControl},
+		logger.With("component", "rotate"))
+	ctl, err := newControl(cfg.State, cfg.ID.String(), rotate, logger.With("component", "control"))
 	if err != nil {
 		return err
 	}
@@ -150,12 +191,30 @@ func runProxy(ctx context.Context, cfg *proxyConfig) error {
 	g.Go(func() error { return rot.Run(gctx) })
 	g.Go(func() error { return px.Run(gctx) })
 	g.Go(func() error { return adm.Run(gctx) })
-	if dir != nil {
-		g.Go(func() error { return dir.Run(gctx) })
-	}
+	g.Go(func() error { return dir.Run(gctx) })
+	g.Go(func() error { return ctl.Run(gctx) })
+	g.Go(func() error {
+		watchConfig(gctx, configPath, cfg, rot, px, rotate, logger.With("component", "config"))
+		return nil
+	})
 	err = g.Wait()
 	stopAudit()
 	return errors.Join(err, <-auditDone)
+}
+
+// staleness is how old a confirmed deny-list may be before new handshakes are refused:
+// the configured maximum, or else the lifetime of the current SVID (a credential revoked
+// while the feed was out of reach has expired by then, since it cannot renew).
+func staleness(configured time.Duration, rot *rotator.Rotator) time.Duration {
+	if configured > 0 {
+		return configured
+	}
+	svid, err := rot.GetX509SVID()
+	if err != nil {
+		return defaultStaleness
+	}
+	leaf := svid.Certificates[0]
+	return leaf.NotAfter.Sub(leaf.NotBefore)
 }
 
 // bundleVersion names a set of trust anchors by the SHA-256 of their DER, so the

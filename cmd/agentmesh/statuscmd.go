@@ -38,11 +38,11 @@ func newStatusCmd() *cobra.Command {
 				_, err = cmd.OutOrStdout().Write(body)
 				return err
 			}
-			var st struct{ Identities []rotator.Status }
+			var st statusDocument
 			if err := json.Unmarshal(body, &st); err != nil {
 				return fmt.Errorf("decode status: %w", err)
 			}
-			return printStatus(cmd.OutOrStdout(), st.Identities)
+			return printStatus(cmd.OutOrStdout(), st)
 		},
 	}
 	cmd.Flags().StringVar(&adminAddr, "admin", "127.0.0.1:15020", "the proxy's admin address")
@@ -50,19 +50,40 @@ func newStatusCmd() *cobra.Command {
 	return cmd
 }
 
-func printStatus(w io.Writer, ids []rotator.Status) error {
+func printStatus(w io.Writer, st statusDocument) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "IDENTITY\tSTATE\tSERIAL\tNOT AFTER\tRENEW AT / OVERLAP UNTIL")
-	for _, s := range ids {
-		if s.Current == nil {
-			fmt.Fprintf(tw, "%s\tnone\t-\t-\t%s\n", s.SPIFFEID, s.Error)
-			continue
+	for _, id := range st.Identities {
+		fmt.Fprintf(tw, "%s\tready=%t", id.SPIFFEID, id.Ready)
+		if !id.RenewAt.IsZero() {
+			fmt.Fprintf(tw, "  renews %s", id.RenewAt.Format(time.RFC3339))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", s.SPIFFEID, s.Current.State, s.Current.Serial,
-			s.Current.NotAfter.Format(time.RFC3339), s.RenewAt.Format(time.RFC3339))
-		for _, o := range s.Overlap {
-			fmt.Fprintf(tw, "\t%s\t%s\t%s\t%s\n", o.State, o.Serial, o.NotAfter.Format(time.RFC3339), o.OverlapUntil.Format(time.RFC3339))
+		if id.Error != "" {
+			fmt.Fprintf(tw, "  (%s)", id.Error)
 		}
+		fmt.Fprintln(tw)
+		fmt.Fprintln(tw, "  VERSION\tSTATE\tCAUSE\tSERIAL\tNOT BEFORE\tNOT AFTER\tHANDSHAKES\tUNTIL")
+		var keys []rotator.CredentialStatus
+		if id.Current != nil {
+			keys = append(keys, *id.Current)
+		}
+		keys = append(append(keys, id.Overlap...), id.Retired...)
+		for _, k := range keys {
+			until := "-"
+			switch {
+			case !k.DrainBy.IsZero():
+				until = "drained by " + k.DrainBy.Format(time.RFC3339)
+			case !k.OverlapUntil.IsZero():
+				until = "overlap until " + k.OverlapUntil.Format(time.RFC3339)
+			}
+			fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", k.Version, k.State, k.Cause, k.Serial,
+				k.NotBefore.Format(time.RFC3339), k.NotAfter.Format(time.RFC3339), k.Handshakes, until)
+		}
+	}
+	fmt.Fprintln(tw, "session-ticket keys")
+	fmt.Fprintln(tw, "  VERSION\tSTATE\tCREATED\tENCRYPTS UNTIL\tDECRYPTS UNTIL")
+	for _, k := range st.TicketKeys {
+		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\n", k.Version, k.State, k.Created.Format(time.RFC3339),
+			k.EncryptUntil.Format(time.RFC3339), k.DecryptUntil.Format(time.RFC3339))
 	}
 	return tw.Flush()
 }

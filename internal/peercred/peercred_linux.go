@@ -1,4 +1,6 @@
-package ca
+// Package peercred tells who is on the other end of a unix socket, as the kernel saw it
+// at connect time (SO_PEERCRED). Admin sockets authorise callers with it.
+package peercred
 
 import (
 	"errors"
@@ -7,9 +9,8 @@ import (
 	"syscall"
 )
 
-// peerUID returns the uid of the process on the other end of a unix socket connection
-// (SO_PEERCRED: the credentials at connect time, set by the kernel).
-func peerUID(c net.Conn) (int, error) {
+// UID returns the uid of the process on the other end of a unix socket connection.
+func UID(c net.Conn) (int, error) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		return -1, errors.New("not a unix socket connection")

@@ -1,0 +1,220 @@
+package ca
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/agentmesh/agentmesh/audit"
+)
+
+// A fleet rotation is an operator's request that every proxy renew its SVID now, with
+// a new key (`agentmesh rotate --all`). The CA does not rotate anything itself: it
+// records the request, publishes it in the directory document, and each proxy's
+// Directory hands it to the rotator (DirectoryConfig.OnFleetRotation).
+
+// FleetRotation is the latest fleet rotation the CA published.
+type FleetRotation struct {
+	// ID identifies the request. IDs only increase, across restarts too: each is at
+	// least the CA's clock in microseconds and above the previous one, which is
+	// persisted. A proxy acts on an ID at most once.
+	ID uint64 `json:"id"`
+	// At is when the CA accepted the request (its clock). A proxy whose Directory was
+	// created after At does not act on it: its credential is already newer.
+	At time.Time `json:"at"`
+	// Reason is the operator's free text, for audit records: at most 256 printable
+	// ASCII characters.
+	Reason string `json:"reason,omitempty"`
+}
+
+// fleetRequest is the body of the admin socket's POST /rotate.
+type fleetRequest struct {
+	Reason string `json:"reason,omitempty"`
+}
+
+// Audit vocabulary of a fleet rotation request (audit.Rotation).
+const (
+	fleetTrigger  = "fleet"
+	fleetSPIFFEID = "*" // every proxy
+)
+
+// nextFleetID is the ID of a fleet rotation requested at now after the one with ID
+// prev (0: none yet): the clock in microseconds, or prev+1 when the clock is not past
+// prev (set back, or two requests within a microsecond). Pure.
+func nextFleetID(prev uint64, now time.Time) uint64 {
+	return max(uint64(max(now.UnixMicro(), 1)), prev+1)
+}
+
+// RotateFleet asks every proxy of the mesh to rotate its credential now: it records a
+// new FleetRotation (StateDir/fleet-rotation.json, written atomically before anything
+// is published, so a restart never reissues an ID), publishes it in the directory
+// document, whose version moves so that every long-poll wakes at once, and audits it
+// (audit.Rotation: trigger "fleet", SPIFFE ID "*", initiator as given, "uid:N" from
+// the admin socket). reason is optional free text, at most 256 printable ASCII
+// characters (else ErrInvalidRequest). Concurrent calls are serialised; each gets its
+// own ID. Before Run, the rotation is published when Run starts serving. It fails
+// with ErrServerClosed after Close.
+func (s *Server) RotateFleet(ctx context.Context, initiator, reason string) (*FleetRotation, error) {
+	started := time.Now()
+	fr, err := s.rotateFleet(reason, started)
+	rec := audit.Rotation{SPIFFEID: fleetSPIFFEID, Trigger: fleetTrigger, Initiator: initiator, Reason: reason,
+		Result: "ok", Started: started, Finished: time.Now()}
+	attrs := []slog.Attr{slog.String(keyInitiator, initiator), slog.String(keyReason, reason)}
+	switch {
+	case err == nil:
+		s.log.LogAttrs(ctx, slog.LevelInfo, "fleet rotation requested", append(attrs, slog.Uint64(keyFleetID, fr.ID))...)
+	case errors.Is(err, ErrInvalidRequest):
+		// Nothing happened: logged, not audited as a rotation.
+		s.log.LogAttrs(ctx, slog.LevelInfo, "fleet rotation refused", append(attrs, slog.String(keyErr, err.Error()))...)
+		return nil, err
+	default:
+		rec.Result = "error"
+		s.log.LogAttrs(ctx, slog.LevelError, "fleet rotation failed", append(attrs, slog.String(keyErr, err.Error()))...)
+	}
+	s.audit(rec)
+	return fr, err
+}
+
+func (s *Server) rotateFleet(reason string, now time.Time) (*FleetRotation, error) {
+	if !validReason(reason) {
+		return nil, fmt.Errorf("%w: reason: at most %d printable ASCII characters", ErrInvalidRequest, maxRevokeReason)
+	}
+	s.mu.Lock()
+	state := s.state
+	s.mu.Unlock()
+	if state == stateClosed {
+		return nil, ErrServerClosed
+	}
+	// Held across the file write: each request builds on the ID the previous one
+	// persisted, and nothing on a hot path takes it.
+	s.fleetMu.Lock()
+	defer s.fleetMu.Unlock()
+	var prev uint64
+	if s.fleet != nil {
+		prev = s.fleet.ID
+	}
+	fr := &FleetRotation{ID: nextFleetID(prev, now), At: now.UTC().Round(0), Reason: reason}
+	b, err := json.Marshal(fr)
+	if err != nil {
+		return nil, fmt.Errorf("ca: fleet rotation: %w", err)
+	}
+	if err := writeFileAtomic(filepath.Join(s.cfg.StateDir, fileFleetRotation), b, 0o644); err != nil {
+		return nil, fmt.Errorf("ca: fleet rotation: %w", err)
+	}
+	s.fleet = fr
+	s.dir.setFleetRotation(fr)
+	return fr, nil
+}
+
+// loadFleetRotation reads the persisted latest fleet rotation, if any, and publishes
+// it again: proxies that saw it do not act on it twice, and later ones ignore it (At
+// is before their start), so serving it costs nothing and keeps the next ID above it.
+// A file that does not parse stops New, as a corrupt deny-list does: it is written
+// atomically, so it was tampered with.
+func (s *Server) loadFleetRotation() error {
+	path := filepath.Join(s.cfg.StateDir, fileFleetRotation)
+	b, err := os.ReadFile(path)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil
+	}
+	if err != nil {
+		return fmt.Errorf("read fleet rotation: %w", err)
+	}
+	var fr FleetRotation
+	if err := decodeStrict(bytes.NewReader(b), &fr); err != nil {
+		return fmt.Errorf("fleet rotation %s: %w", path, err)
+	}
+	if fr.ID == 0 || fr.At.IsZero() || !validReason(fr.Reason) {
+		return fmt.Errorf("fleet rotation %s: malformed", path)
+	}
+	s.fleet = &fr
+	s.dir.setFleetRotation(&fr)
+	return nil
+}
+
+// handleAdminRotate is the admin socket's POST /rotate (adminOnly has admitted the
+// caller).
+func (s *Server) handleAdminRotate(w http.ResponseWriter, r *http.Request) {
+	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
+	var req fleetRequest
+	if err := decodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
+		writeAdminError(w, http.StatusBadRequest, "invalid request body: "+err.Error())
+		return
+	}
+	// The request completes even if the caller goes away meanwhile.
+	fr, err := s.RotateFleet(context.WithoutCancel(r.Context()), uidInitiator(cred.uid), req.Reason)
+	switch {
+	case errors.Is(err, ErrInvalidRequest):
+		writeAdminError(w, http.StatusBadRequest, err.Error())
+		return
+	case errors.Is(err, ErrServerClosed):
+		writeAdminError(w, http.StatusServiceUnavailable, err.Error())
+		return
+	case err != nil:
+		writeAdminError(w, http.StatusInternalServerError, err.Error()) // logged and audited
+		return
+	}
+	writeJSON(w, fr)
+}
+
+// RequestFleetRotation asks the CA running with state directory stateDir, through its
+// admin socket, to have every proxy rotate its credential now (what `agentmesh rotate
+// --all --reason R` runs on the CA host); see Server.RotateFleet. The caller must be
+// root or the CA's user. A refusal is a *ResponseError with Op "rotate": 400 for a bad
+// reason, 403 for a caller not allowed.
+func RequestFleetRotation(ctx context.Context, stateDir, reason string) (*FleetRotation, error) {
+	body, err := json.Marshal(fleetRequest{Reason: reason})
+	if err != nil {
+		return nil, fmt.Errorf("ca: rotate: %w", err)
+	}
+	b, err := adminRequest(ctx, stateDir, "rotate", http.MethodPost, adminRotatePath, body, adminMaxBody)
+	if err != nil {
+		return nil, err
+	}
+	var fr FleetRotation
+	if err := json.Unmarshal(b, &fr); err != nil || fr.ID == 0 {
+		return nil, errors.New("ca: rotate: malformed answer from the admin socket")
+	}
+	return &fr, nil
+}
+
+// fleetDue decides what a Directory does with the fleet rotation fr of a directory
+// answer, seen being the highest ID it has seen and created when it was created: fr
+// is new when its ID is above seen (next is then its ID), and due (call is true) when
+// it is new and was requested after created. A proxy that starts after a request does
+// not rotate for it, and a replayed or older announcement never fires again. Pure.
+func fleetDue(seen uint64, created time.Time, fr FleetRotation) (next uint64, call bool) {
+	if fr.ID <= seen {
+		return seen, false
+	}
+	return fr.ID, fr.At.After(created)
+}
+
+// offerFleetRotation applies fleetDue to a directory answer's fleet rotation and calls
+// OnFleetRotation when it is due.
+func (d *Directory) offerFleetRotation(fr FleetRotation) {
+	d.fleetMu.Lock()
+	next, call := fleetDue(d.fleetSeen, d.created, fr)
+	isNew := next != d.fleetSeen
+	d.fleetSeen = next
+	d.fleetMu.Unlock()
+	switch {
+	case !isNew:
+		return
+	case !call:
+		d.log.Debug("fleet rotation predates this client: ignored", keyFleetID, fr.ID, keyFleetAt, fr.At)
+		return
+	}
+	d.log.Info("fleet rotation requested by the ca", keyFleetID, fr.ID, keyFleetAt, fr.At, keyReason, fr.Reason)
+	if d.cfg.OnFleetRotation != nil {
+		d.cfg.OnFleetRotation(fr)
+	}
+}

@@ -1,0 +1,412 @@
+package ca
+
+import (
+	"bytes"
+	"context"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/smallstep/certificates/authority"
+	"github.com/smallstep/certificates/authority/provisioner"
+	"github.com/smallstep/nosql/database"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/audit"
+)
+
+// RevokeRequest asks the CA to revoke an identity (every certificate of it, and any
+// future one) or one certificate by serial. Exactly one of SPIFFEID and Serial is set.
+type RevokeRequest struct {
+	// SPIFFEID is the identity to revoke: a workload ID of the CA's trust domain.
+	SPIFFEID string `json:"spiffe_id,omitempty"`
+	// Serial is the decimal serial of one certificate this CA issued.
+	Serial string `json:"serial,omitempty"`
+	// Reason is why, for the deny-list, the CRL and the audit log: required, at most
+	// 256 printable ASCII characters.
+	Reason string `json:"reason"`
+}
+
+// RevokeResult says what a revocation did.
+type RevokeResult struct {
+	// ListVersion is the deny-list version that carries the revocation.
+	ListVersion uint64 `json:"list_version"`
+	// Serials are the certificates the revocation covers: listed in the deny-list,
+	// revoked in step-ca and so in its CRL.
+	Serials []string `json:"serials"`
+}
+
+// denyState is the deny-list in force: the list, its signed form and that form's
+// JSON, built once per version. Immutable.
+type denyState struct {
+	list    *DenyList
+	signed  *SignedDenyList
+	encoded []byte
+}
+
+// revokeTarget is a validated RevokeRequest.
+type revokeTarget struct {
+	id     spiffeid.ID // set when revoking an identity
+	serial string      // set when revoking a certificate
+	reason string
+}
+
+// parseRevokeRequest validates req for trust domain td.
+func parseRevokeRequest(td spiffeid.TrustDomain, req RevokeRequest) (revokeTarget, error) {
+	t := revokeTarget{reason: req.Reason}
+	switch {
+	case (req.SPIFFEID == "") == (req.Serial == ""):
+		return t, fmt.Errorf("%w: exactly one of spiffe_id and serial is required", ErrInvalidRequest)
+	case req.Reason == "" || !validReason(req.Reason):
+		return t, fmt.Errorf("%w: reason is required: 1 to %d printable ASCII characters", ErrInvalidRequest, maxRevokeReason)
+	case req.Serial != "":
+		if !canonicalSerial(req.Serial) {
+			return t, fmt.Errorf("%w: serial %q is not a decimal certificate serial", ErrInvalidRequest, req.Serial)
+		}
+		t.serial = req.Serial
+		return t, nil
+	}
+	id, err := spiffeid.FromString(req.SPIFFEID)
+	if err != nil {
+		return t, fmt.Errorf("%w: spiffe_id %q: %w", ErrInvalidID, req.SPIFFEID, err)
+	}
+	if err := checkIssuable(td, id); err != nil {
+		return t, err
+	}
+	t.id = id
+	return t, nil
+}
+
+// Revoke revokes an identity or a certificate, for initiator (who asked: "uid:N" for
+// the admin socket, the caller's SPIFFE ID for the mTLS API; it goes to the audit
+// log).
+//
+// Enforcement comes first: the revocation is recorded in the database, from when on
+// the CA refuses tokens, issuance, renewal and directory registration for it. Then the
+// next deny-list version (the previous one plus the identity and each of its live
+// serials, or the serial) is signed by the intermediate's key in the HSM, written to
+// StateDir/denylist.json and published: the directory version moves, which wakes every
+// long-poll at once, and the revoked proxy's directory entry is removed. Last, step-ca
+// revokes each serial (passive revocation: no renewal; the CRL is regenerated).
+//
+// A failure after the record leaves the revocation enforced: it is returned (with the
+// result too when only step-ca's part failed), and retrying the same request completes
+// the rest; a CA that crashed in between completes it when it starts again. Before
+// Run, step-ca's part waits for Run to start.
+//
+// Revoking what is already revoked changes nothing and succeeds with the current
+// version. Errors wrap ErrInvalidRequest or ErrInvalidID (bad request),
+// ErrUnknownSerial (a serial this CA never issued) or ErrServerClosed. Concurrent calls
+// are serialised. Every call is audited (Config.Audit) and logged.
+func (s *Server) Revoke(ctx context.Context, initiator string, req RevokeRequest) (*RevokeResult, error) {
+	res, err := s.revoke(ctx, req)
+	rec := audit.Revocation{Initiator: initiator, SPIFFEID: req.SPIFFEID, Serial: req.Serial, Reason: req.Reason, Result: "ok"}
+	if res != nil {
+		rec.Serials, rec.ListVersion = res.Serials, res.ListVersion
+	}
+	attrs := []slog.Attr{slog.String(keyInitiator, initiator), slog.String(keyReason, req.Reason)}
+	if req.SPIFFEID != "" {
+		attrs = append(attrs, slog.String(keySPIFFEID, req.SPIFFEID))
+	}
+	if req.Serial != "" {
+		attrs = append(attrs, slog.String(keySerial, req.Serial))
+	}
+	switch {
+	case err == nil:
+		s.log.LogAttrs(ctx, slog.LevelInfo, "revoked", append(attrs,
+			slog.Uint64(keyListVersion, res.ListVersion), slog.Any(keySerials, res.Serials))...)
+	case revokeRefused(err):
+		rec.Result, rec.Error = "refused", err.Error()
+		s.log.LogAttrs(ctx, slog.LevelInfo, "revocation refused", append(attrs, slog.String(keyErr, err.Error()))...)
+	default:
+		rec.Result, rec.Error = "error", err.Error()
+		s.log.LogAttrs(ctx, slog.LevelError, "revocation failed", append(attrs, slog.String(keyErr, err.Error()))...)
+	}
+	s.audit(rec)
+	return res, err
+}
+
+// revokeRefused reports whether a Revoke error is the request's fault.
+func revokeRefused(err error) bool {
+	return errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrInvalidID) || errors.Is(err, ErrUnknownSerial)
+}
+
+// audit appends ev to Config.Audit, if any. A failure is logged: the action it
+// records has happened and is not undone.
+func (s *Server) audit(ev audit.Event) {
+	if s.cfg.Audit == nil {
+		return
+	}
+	if err := s.cfg.Audit.Append(ev); err != nil {
+		s.log.Error("audit record lost", keyKind, ev.Kind(), keyErr, err)
+	}
+}
+
+func (s *Server) revoke(ctx context.Context, req RevokeRequest) (*RevokeResult, error) {
+	t, err := parseRevokeRequest(s.cfg.TrustDomain, req)
+	if err != nil {
+		return nil, err
+	}
+	// One revocation at a time: each builds on the version the previous one
+	// published. Held across I/O (database, HSM, file, step-ca) on purpose; nothing on
+	// a hot path takes it.
+	s.revokeMu.Lock()
+	defer s.revokeMu.Unlock()
+
+	s.mu.Lock()
+	state, auth := s.state, s.auth
+	s.mu.Unlock()
+	if state == stateClosed {
+		return nil, ErrServerClosed
+	}
+
+	now := time.Now()
+	m := revocationMark{SPIFFEID: t.id, Serial: t.serial, Reason: t.reason, RevokedAt: now.UTC().Round(0)}
+	if t.serial != "" {
+		cert, err := s.db.GetCertificate(t.serial)
+		if database.IsErrNotFound(err) {
+			return nil, fmt.Errorf("%w: %s", ErrUnknownSerial, t.serial)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("ca: revoke: read certificate %s: %w", t.serial, err)
+		}
+		m.NotAfter = cert.NotAfter.UTC()
+		if id, err := x509svid.IDFromCert(cert); err == nil {
+			m.SPIFFEID = id
+		}
+	}
+	if _, err := s.db.rev.mark(m); err != nil {
+		return nil, fmt.Errorf("ca: revoke: %w", err)
+	}
+	st, err := s.publishMarks(now)
+	if err != nil {
+		return nil, fmt.Errorf("ca: revoke: %w", err)
+	}
+	entries := targetSerials(st.list, t)
+	res := &RevokeResult{ListVersion: st.list.Version, Serials: make([]string, 0, len(entries))}
+	for _, e := range entries {
+		res.Serials = append(res.Serials, e.Serial)
+	}
+	if auth != nil {
+		if err := s.revokeInStepCA(ctx, auth, entries); err != nil {
+			return res, fmt.Errorf("ca: revoke: %w", err)
+		}
+	} // else: Run revokes every listed serial in step-ca when it starts.
+	return res, nil
+}
+
+// targetSerials are the entries of l that t's revocation covers.
+func targetSerials(l *DenyList, t revokeTarget) []DeniedSerial {
+	var out []DeniedSerial
+	for _, e := range l.Serials {
+		if (t.serial != "" && e.Serial == t.serial) || (t.serial == "" && e.SPIFFEID == t.id) {
+			out = append(out, e)
+		}
+	}
+	return out
+}
+
+// publishMarks makes sure every recorded revocation is on the deny-list: when some
+// are not, it signs the next version with them, persists and publishes it. It returns
+// the state in force. The caller holds revokeMu (or is New).
+func (s *Server) publishMarks(now time.Time) (*denyState, error) {
+	cur := s.deny.Load()
+	var ids []DeniedID
+	var serials []DeniedSerial
+	marks := s.db.rev.all()
+	for _, m := range marks.ids {
+		if cur.list.deniesID(m.SPIFFEID) {
+			continue
+		}
+		ids = append(ids, DeniedID{SPIFFEID: m.SPIFFEID, Reason: m.Reason, RevokedAt: m.RevokedAt})
+	}
+	// Every live certificate of a newly denied identity is listed too, so that a
+	// peer holding only a serial (a proxy's own credential, a CRL reader) sees it.
+	for _, e := range ids {
+		live, err := s.db.rev.liveSerials(e.SPIFFEID, now)
+		if err != nil {
+			return nil, err
+		}
+		for _, is := range live {
+			serials = append(serials, DeniedSerial{Serial: is.Serial, SPIFFEID: e.SPIFFEID, Reason: e.Reason,
+				RevokedAt: e.RevokedAt, NotAfter: is.NotAfter.UTC()})
+		}
+	}
+	for _, m := range marks.serials {
+		serials = append(serials, DeniedSerial{Serial: m.Serial, SPIFFEID: m.SPIFFEID, Reason: m.Reason,
+			RevokedAt: m.RevokedAt, NotAfter: m.NotAfter})
+	}
+	next, changed := nextDenyList(cur.list, now, ids, serials)
+	if !changed {
+		return cur, nil
+	}
+	st, err := s.signDenyState(next)
+	if err != nil {
+		return nil, err
+	}
+	// Persisted before it is published: a version peers have seen is never lost
+	// (and never re-signed with other content) by a crash.
+	if err := writeFileAtomic(filepath.Join(s.cfg.StateDir, fileDenyList), st.encoded, 0o644); err != nil {
+		return nil, err
+	}
+	s.deny.Store(st)
+	s.dir.setRevocations(st.signed, st.list)
+	s.log.Info("deny list published", keyListVersion, next.Version,
+		keyIDs, len(next.IDs), keySerials, len(next.Serials))
+	return st, nil
+}
+
+// nextDenyList returns the version after cur with the entries of ids and serials
+// that cur lacks, stamped with the new version, and whether there were any. Pure.
+func nextDenyList(cur *DenyList, now time.Time, ids []DeniedID, serials []DeniedSerial) (*DenyList, bool) {
+	next := &DenyList{
+		TrustDomain: cur.TrustDomain,
+		Version:     cur.Version + 1,
+		IssuedAt:    now.UTC().Round(0),
+		IDs:         slices.Clone(cur.IDs),
+		Serials:     slices.Clone(cur.Serials),
+	}
+	changed := false
+	for _, e := range ids {
+		if cur.deniesID(e.SPIFFEID) || slices.ContainsFunc(next.IDs, func(o DeniedID) bool { return o.SPIFFEID == e.SPIFFEID }) {
+			continue
+		}
+		e.Version = next.Version
+		next.IDs = append(next.IDs, e)
+		changed = true
+	}
+	for _, e := range serials {
+		if cur.deniesSerial(e.Serial) || slices.ContainsFunc(next.Serials, func(o DeniedSerial) bool { return o.Serial == e.Serial }) {
+			continue
+		}
+		e.Version = next.Version
+		next.Serials = append(next.Serials, e)
+		changed = true
+	}
+	if !changed {
+		return cur, false
+	}
+	slices.SortFunc(next.IDs, func(a, b DeniedID) int { return compareIDs(a.SPIFFEID, b.SPIFFEID) })
+	slices.SortFunc(next.Serials, func(a, b DeniedSerial) int { return compareSerials(a.Serial, b.Serial) })
+	if next.IDs == nil {
+		next.IDs = []DeniedID{}
+	}
+	if next.Serials == nil {
+		next.Serials = []DeniedSerial{}
+	}
+	next.index()
+	return next, true
+}
+
+// signDenyState signs l with the intermediate's key (in the HSM).
+func (s *Server) signDenyState(l *DenyList) (*denyState, error) {
+	signed, err := signDenyList(l, s.certs.intermediateSigner, s.certs.intermediate)
+	if err != nil {
+		return nil, err
+	}
+	b, err := json.Marshal(signed)
+	if err != nil {
+		return nil, fmt.Errorf("encode deny list: %w", err)
+	}
+	return &denyState{list: l, signed: signed, encoded: b}, nil
+}
+
+// initDenyList loads the persisted deny-list, or signs and persists version 1 (empty)
+// on first start, then publishes any revocation recorded but not listed (a crash
+// between the two). A persisted list is served unchanged: it is never re-signed.
+func (s *Server) initDenyList(now time.Time) error {
+	path := filepath.Join(s.cfg.StateDir, fileDenyList)
+	b, err := os.ReadFile(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if marks := s.db.rev.all(); len(marks.ids)+len(marks.serials) > 0 {
+			s.log.Error("deny list missing while the database records revocations: starting again at version 1; "+
+				"proxies holding a later version will refuse it", keyPath, path)
+		}
+		first := &DenyList{TrustDomain: s.cfg.TrustDomain.Name(), Version: 1, IssuedAt: now.UTC().Round(0),
+			IDs: []DeniedID{}, Serials: []DeniedSerial{}}
+		first.index()
+		st, err := s.signDenyState(first)
+		if err != nil {
+			return err
+		}
+		if err := writeFileAtomic(path, st.encoded, 0o644); err != nil {
+			return err
+		}
+		s.deny.Store(st)
+	case err != nil:
+		return fmt.Errorf("read deny list: %w", err)
+	default:
+		var signed SignedDenyList
+		if err := decodeStrict(bytes.NewReader(b), &signed); err != nil {
+			return fmt.Errorf("deny list %s: %w", path, err)
+		}
+		l, err := VerifyDenyList(&signed, s.cfg.TrustDomain, []*x509.Certificate{s.certs.root}, now)
+		if err != nil {
+			return fmt.Errorf("deny list %s: %w", path, err)
+		}
+		s.deny.Store(&denyState{list: l, signed: &signed, encoded: b})
+	}
+	s.dir.setRevocations(s.deny.Load().signed, s.deny.Load().list)
+	st, err := s.publishMarks(now)
+	if err != nil {
+		return err
+	}
+	s.log.Info("deny list loaded", keyListVersion, st.list.Version,
+		keyIDs, len(st.list.IDs), keySerials, len(st.list.Serials))
+	return nil
+}
+
+// revokeInStepCA has step-ca revoke each serial not revoked yet (passively: renewal is
+// refused; the CRL is regenerated on each).
+func (s *Server) revokeInStepCA(ctx context.Context, auth *authority.Authority, entries []DeniedSerial) error {
+	// The revocation is the CA's own decision, already authorised: it uses step-ca's
+	// certificate path (the certificate is read from the database) rather than a
+	// one-time token minted for itself.
+	ctx = provisioner.NewContextWithMethod(ctx, provisioner.RevokeMethod)
+	var errs []error
+	for _, e := range entries {
+		serial := e.Serial
+		revoked, err := auth.IsRevoked(serial)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("step-ca revocation of %s: %w", serial, err))
+			continue
+		}
+		if revoked {
+			continue
+		}
+		cert, err := s.db.GetCertificate(serial)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("step-ca revocation of %s: %w", serial, err))
+			continue
+		}
+		if err := auth.Revoke(ctx, &authority.RevokeOptions{
+			Serial: serial, Reason: e.Reason, PassiveOnly: true, MTLS: true, Crt: cert,
+		}); err != nil {
+			errs = append(errs, fmt.Errorf("step-ca revocation of %s: %w", serial, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// reconcileStepCA revokes in step-ca every serial of the deny-list that step-ca has
+// not revoked: those of a Revoke before Run, or interrupted by a crash.
+func (s *Server) reconcileStepCA(ctx context.Context, auth *authority.Authority) {
+	s.revokeMu.Lock()
+	defer s.revokeMu.Unlock()
+	now := time.Now()
+	live := slices.DeleteFunc(slices.Clone(s.deny.Load().list.Serials), func(e DeniedSerial) bool {
+		return !e.NotAfter.IsZero() && !now.Before(e.NotAfter)
+	})
+	if err := s.revokeInStepCA(ctx, auth, live); err != nil {
+		s.log.Error("step-ca revocation of listed serials failed; the deny-list still denies them", keyErr, err)
+	}
+}

@@ -1,0 +1,52 @@
+package ca_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/ca"
+)
+
+// An operator revokes an identity through the admin socket of the CA running with
+// that state directory (what `agentmesh revoke` does). (Not run as a test: it needs a
+// running CA; revoke_test.go does the same.)
+func ExampleRequestRevoke() {
+	res, err := ca.RequestRevoke(context.Background(), "/var/lib/agentmesh-ca", ca.RevokeRequest{
+		SPIFFEID: "spiffe://example.org/host/web-3",
+		Reason:   "host decommissioned",
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	fmt.Println("deny-list version", res.ListVersion, "revokes serials", res.Serials)
+}
+
+// A holder of deny-lists accepts only a newer list that keeps every entry it holds.
+func ExampleNextDenyList() {
+	td := spiffeid.RequireTrustDomainFromString("example.org")
+	at := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	web3 := ca.DeniedID{SPIFFEID: spiffeid.RequireFromPath(td, "/host/web-3"), RevokedAt: at, Version: 2}
+	v1 := &ca.DenyList{TrustDomain: td.Name(), Version: 1, IssuedAt: at}
+	v2 := &ca.DenyList{TrustDomain: td.Name(), Version: 2, IssuedAt: at, IDs: []ca.DeniedID{web3}}
+	v3 := &ca.DenyList{TrustDomain: td.Name(), Version: 3, IssuedAt: at} // web-3 dropped
+
+	for _, step := range []struct {
+		name      string
+		held, got *ca.DenyList
+	}{{"v1 -> v2", v1, v2}, {"v2 -> v2", v2, v2}, {"v2 -> v1", v2, v1}, {"v2 -> v3", v2, v3}} {
+		replace, err := ca.NextDenyList(step.held, step.got)
+		fmt.Println(step.name, replace, errors.Is(err, ca.ErrDenyListStale), errors.Is(err, ca.ErrDenyListGap))
+	}
+	fmt.Println("denied:", v2.Denies(web3.SPIFFEID, "1234"))
+	// Output:
+	// v1 -> v2 true false false
+	// v2 -> v2 false false false
+	// v2 -> v1 false true false
+	// v2 -> v3 false false true
+	// denied: true
+}

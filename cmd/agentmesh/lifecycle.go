@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"reflect"
+	"syscall"
+	"time"
+
+	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/proxy"
+	"github.com/agentmesh/agentmesh/rotator"
+)
+
+// configPoll is how often the proxy looks for a changed configuration file, besides
+// SIGHUP.
+const configPoll = 2 * time.Second
+
+// openKeyStore returns where the proxy's SVID keys live: process memory by default, or
+// a PKCS#11 token ("softhsm": a SoftHSM2 token in the state directory; "pkcs11:…": that
+// token), where they are generated, used and destroyed without ever leaving it.
+func openKeyStore(ctx context.Context, cfg *proxyConfig) (rotator.KeyStore, func(), error) {
+	uri := cfg.Keys
+	release := func() {}
+	switch {
+	case uri == "" || uri == "memory":
+		return rotator.MemoryKeys{}, func() {}, nil
+	case uri == "softhsm":
+		var err error
+		if uri, release, err = hsm.SoftHSM(filepath.Join(cfg.State, "hsm"), "agentmesh-proxy"); err != nil {
+			return nil, nil, fmt.Errorf("keys: %w", err)
+		}
+	}
+	keys, err := hsm.OpenKeys(ctx, uri, "svid-")
+	if err != nil {
+		release()
+		return nil, nil, fmt.Errorf("keys: %w", err)
+	}
+	return keys, func() { _ = keys.Close(); release() }, nil
+}
+
+// rotateNow is the operator's rotation (control socket, fleet command, configuration
+// change): the rotator renews now, and for a compromised key the proxy drops every
+// session-ticket key and the CA revokes the old serial (asked with the new SVID, since
+// a proxy may revoke serials of its own identity).
+func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc ca.ClientConfig, logger *slog.Logger) rotateFunc {
+	return func(ctx context.Context, req rotator.RotateRequest) (rotator.RotateResult, error) {
+		if req.Compromised {
+			px.ResetTicketKeys("compromise")
+		}
+		res, err := rot.Rotate(ctx, req)
+		if err != nil || !req.Compromised || res.OldSerial == "" {
+			return res, err
+		}
+		cert, err := rot.TLSCertificate()
+		if err != nil {
+			return res, fmt.Errorf("rotated, but cannot revoke serial %s: %w", res.OldSerial, err)
+		}
+		if _, err := ca.RevokeRemote(ctx, cc, *cert, ca.RevokeRequest{Serial: res.OldSerial, Reason: "key-compromise: " + req.Reason}); err != nil {
+			return res, fmt.Errorf("rotated, but the CA did not revoke serial %s: %w", res.OldSerial, err)
+		}
+		logger.Info("compromised serial revoked", "serial", res.OldSerial, "initiator", req.Initiator)
+		return res, nil
+	}
+}
+
+// watchConfig re-reads the configuration file on SIGHUP and whenever its content
+// changes. An invalid file is refused with its file, line and field, and the
+// configuration in force stays. A valid change applies the rotation policy, replaces the
+// session-ticket keys (a policy change is a security event) and rotates (trigger
+// config); other settings need a restart, which it says.
+func watchConfig(ctx context.Context, path string, cur *proxyConfig, rot *rotator.Rotator, px *proxy.Proxy,
+	rotate rotateFunc, logger *slog.Logger) {
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	tick := time.NewTicker(configPoll)
+	defer tick.Stop()
+	digest := fileDigest(path)
+	for {
+		initiator := "file"
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			initiator = "sighup"
+		case <-tick.C:
+			if d := fileDigest(path); bytes.Equal(d, digest) {
+				continue
+			}
+		}
+		digest = fileDigest(path)
+		next, err := loadProxyConfig(path)
+		if err != nil {
+			logger.Error("configuration refused; the one in force stays", "err", err)
+			continue
+		}
+		if reflect.DeepEqual(next, cur) {
+			continue
+		}
+		if err := rot.SetPolicy(next.Rotation); err != nil {
+			logger.Error("configuration refused; the one in force stays", "err", err)
+			continue
+		}
+		rotation := next.Rotation
+		other := *next
+		other.Rotation = cur.Rotation
+		if !reflect.DeepEqual(&other, cur) {
+			logger.Warn("configuration changed beyond rotation: restart the proxy to apply the rest")
+		}
+		cur.Rotation = rotation
+		px.ResetTicketKeys("policy")
+		logger.Info("configuration reloaded", "initiator", initiator)
+		req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Initiator: initiator, Reason: "configuration changed"}
+		if _, err := rotate(ctx, req); err != nil {
+			logger.Warn("rotation after the configuration change failed", "err", err)
+		}
+	}
+}
+
+// fileDigest is the SHA-256 of the file, or nil when it cannot be read.
+func fileDigest(path string) []byte {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	sum := sha256.Sum256(b)
+	return sum[:]
+}

@@ -1,0 +1,224 @@
+package e2e
+
+import (
+	"bytes"
+	"crypto/tls"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestKeyLifecycle follows keys through their states with real processes: an operator
+// rotation leaves the old credential in overlap, then drains its connection after the
+// grace and destroys its key, which lives in a SoftHSM token and is gone from it
+// afterwards; a session ticket resumes across a ticket-key rotation and not after a
+// revocation; a compromised key's serial lands in the CRL and every ticket key is
+// replaced; a fleet command and a configuration change rotate too, and an invalid
+// configuration is refused with its line and field.
+func TestKeyLifecycle(t *testing.T) {
+	requireE2E(t)
+	if _, err := exec.LookPath("pkcs11-tool"); err != nil {
+		t.Skip("pkcs11-tool (opensc) not installed: run make deps")
+	}
+	const (
+		overlap     = 3 * time.Second
+		grace       = 2 * time.Second
+		ticketEvery = 2 * time.Second
+	)
+	authority := startCA(t, 2*time.Minute)
+	httpLn, httpPort := listenerPort(t)
+	go func() {
+		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "hello %s", r.URL.Path)
+		}))
+	}()
+	idA, idX := "spiffe://"+trustDomain+"/host/a", "spiffe://"+trustDomain+"/host/x"
+	b := startProxy(t, authority, "b", nil, []service{{port: httpPort, allow: []string{idA, idX}}},
+		fmt.Sprintf("revocation:\n  poll: 1s\nrotation:\n  ticket_key_period: %s\n", ticketEvery))
+	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	policy := fmt.Sprintf("keys: softhsm\nrotation:\n  overlap: %s\n  drain_grace: %s\n", overlap, grace)
+	a := startProxy(t, authority, "a", []route{{listen: routeAddr, peer: b.tunnel, peerID: b.id, targetPort: httpPort}},
+		nil, policy)
+
+	// Overlap, drain, destroy; the key never leaves the token.
+	long, err := dialLong(routeAddr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer long.conn.Close()
+	oldSerial := serialOf(a.last(`msg=rotated`))
+	keysBefore := tokenKeys(t, a)
+	if len(keysBefore) != 1 {
+		t.Fatalf("token holds %d SVID keys after enrolment, want 1: %v", len(keysBefore), keysBefore)
+	}
+	out, errOut, err := runCmd(t.Context(), "rotate", "--state", a.dir, "--reason", "e2e drain")
+	rotated := time.Now()
+	if err != nil {
+		t.Fatalf("agentmesh rotate: %v\n%s", err, errOut)
+	}
+	t.Logf("agentmesh rotate: %s", strings.TrimSpace(out))
+	newSerial := serialOf(a.await(`msg=rotated .*trigger=operator`, 5*time.Second))
+	if k := tokenKeys(t, a); len(k) != 2 {
+		t.Errorf("token holds %d SVID keys during the overlap, want 2: %v", len(k), k)
+	}
+	if err := get(t.Context(), &http.Client{Timeout: 5 * time.Second}, "http://"+routeAddr+"/new"); err != nil {
+		t.Fatalf("new connection after the rotation: %v", err)
+	}
+	time.Sleep(time.Until(rotated.Add(overlap - 500*time.Millisecond)))
+	if !long.alive() {
+		t.Fatal("the connection on the old credential did not survive until the end of its overlap")
+	}
+	rec := awaitRecord(t, a, map[string]string{"type": "connection", "reason": "drained", "local_serial": oldSerial}, overlap+grace+10*time.Second)
+	closedAt, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(rec["time"]))
+	after := closedAt.Sub(rotated)
+	fmt.Printf("overlap=%v drain_grace=%v old_connection_closed_after_ms=%d\n", overlap, grace, after.Milliseconds())
+	if after < overlap+grace-time.Second || after > overlap+grace+2*time.Second {
+		t.Errorf("the old credential's connection closed %v after the rotation, want about overlap+grace = %v", after, overlap+grace)
+	}
+	if long.alive() {
+		t.Error("the connection on the old credential outlived overlap + grace")
+	}
+	wantRecord(t, a, map[string]string{"type": "handshake", "direction": "outbound", "result": "ok", "local_serial": newSerial})
+	awaitRecord(t, a, map[string]string{"type": "key_state", "key": "svid", "serial": oldSerial, "to": "destroyed"}, 10*time.Second)
+	keysAfter := tokenKeys(t, a)
+	if len(keysAfter) != 1 || slices.Contains(keysAfter, keysBefore[0]) {
+		t.Errorf("token keys after the overlap: %v; want one, not the old %v", keysAfter, keysBefore)
+	}
+	noKeyOnDisk(t, a.dir, filepath.Join(a.dir, "hsm"))
+
+	// Session tickets: resumed across a ticket-key rotation, refused after revocation.
+	x := enrollAs(t, authority, idX)
+	x.port = uint16(httpPort)
+	sessions := tls.NewLRUClientSessionCache(4)
+	if x.tunnel(t, b.tunnel, sessions) {
+		t.Fatal("first handshake resumed")
+	}
+	time.Sleep(ticketEvery + 500*time.Millisecond) // the ticket's key is now decrypt-only
+	if !x.tunnel(t, b.tunnel, sessions) {
+		t.Fatal("a ticket from the previous ticket key did not resume")
+	}
+	wantRecord(t, b, map[string]string{"type": "handshake", "direction": "inbound", "result": "ok", "peer_id": idX, "resumed": "true"})
+	if _, errOut, err := runCmd(t.Context(), "revoke", "--state", authority.state, idX, "--reason", "e2e"); err != nil {
+		t.Fatalf("agentmesh revoke: %v\n%s", err, errOut)
+	}
+	b.await(`deny list applied`, 5*time.Second)
+	if x.tunnelErr(b.tunnel, sessions) == nil {
+		t.Error("a revoked identity resumed its session")
+	}
+
+	// Compromise: the old serial is revoked and every ticket key replaced.
+	out, errOut, err = runCmd(t.Context(), "rotate", "--compromised", "--state", b.dir, "--reason", "e2e compromise")
+	if err != nil {
+		t.Fatalf("agentmesh rotate --compromised: %v\n%s", err, errOut)
+	}
+	m := regexp.MustCompile(`serial (\d+) ->`).FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("no old serial in %q", out)
+	}
+	if crl := fetchCRL(t, authority, x); !slices.Contains(crl, m[1]) {
+		t.Errorf("the compromised serial %s is not in the CRL %v", m[1], crl)
+	}
+	awaitRecord(t, b, map[string]string{"type": "key_state", "key": "ticket", "to": "destroyed", "cause": "compromise"}, 5*time.Second)
+	awaitRecord(t, b, map[string]string{"type": "key_state", "key": "svid", "serial": m[1], "to": "compromised"}, 5*time.Second)
+
+	// A fleet command reaches every proxy.
+	if _, errOut, err := runCmd(t.Context(), "rotate", "--all", "--state", authority.state, "--reason", "e2e fleet"); err != nil {
+		t.Fatalf("agentmesh rotate --all: %v\n%s", err, errOut)
+	}
+	for _, p := range []*meshProxy{a, b} {
+		p.await(`msg=rotated .*trigger=fleet`, 10*time.Second)
+	}
+
+	// Configuration: an invalid change is refused with its line and field and the
+	// proxy keeps its configuration; a valid one applies and rotates.
+	cfgPath := filepath.Join(a.dir, "proxy.yaml")
+	good, err := os.ReadFile(cfgPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, cfgPath, strings.Replace(string(good), "overlap: "+overlap.String(), "overlap: -1s", 1))
+	a.await(`configuration refused.*proxy.yaml:\d+: rotation.overlap`, 10*time.Second)
+	writeFile(t, cfgPath, strings.Replace(string(good), "overlap: "+overlap.String(), "overlap: 5s", 1))
+	a.await(`configuration reloaded`, 10*time.Second)
+	a.await(`msg=rotated .*trigger=config`, 10*time.Second)
+	if err := get(t.Context(), &http.Client{Timeout: 5 * time.Second}, "http://"+routeAddr+"/after-reload"); err != nil {
+		t.Errorf("request after the reload: %v", err)
+	}
+}
+
+// tokenKeys lists the labels of the SVID private keys in proxy p's SoftHSM token,
+// through PKCS#11 (opensc's pkcs11-tool).
+func tokenKeys(t *testing.T, p *meshProxy) []string {
+	t.Helper()
+	dir := filepath.Join(p.dir, "hsm")
+	pin, err := os.ReadFile(filepath.Join(dir, "hsm.pin"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(t.Context(), "pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so",
+		"--token-label", "agentmesh-proxy", "--login", "--pin", strings.TrimSpace(string(pin)),
+		"--list-objects", "--type", "privkey")
+	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+filepath.Join(dir, "softhsm2.conf"))
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("pkcs11-tool: %v\n%s", err, out)
+	}
+	var labels []string
+	for _, m := range regexp.MustCompile(`label:\s+(svid-\S+)`).FindAllStringSubmatch(string(out), -1) {
+		labels = append(labels, m[1])
+	}
+	return labels
+}
+
+// noKeyOnDisk fails if any file under dir, outside the token directory, holds a PEM or
+// DER-looking private key.
+func noKeyOnDisk(t *testing.T, dir, token string) {
+	t.Helper()
+	_ = filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
+		if err != nil || d.IsDir() && path == token {
+			return filepath.SkipDir
+		}
+		if d.IsDir() || !d.Type().IsRegular() {
+			return nil
+		}
+		b, err := os.ReadFile(path)
+		if err == nil && bytes.Contains(b, []byte("PRIVATE KEY")) {
+			t.Errorf("%s holds a private key", path)
+		}
+		return nil
+	})
+}
+
+// awaitRecord waits until p's audit log holds a record with all the given fields and
+// returns it.
+func awaitRecord(t *testing.T, p *meshProxy, want map[string]string, timeout time.Duration) map[string]any {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		for _, r := range readAudit(t, p.auditPath()) {
+			if matches(r, want) {
+				return r
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: no audit record with %v within %v", p.name, want, timeout)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func matches(r map[string]any, want map[string]string) bool {
+	for k, v := range want {
+		if fmt.Sprint(r[k]) != v {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,70 @@
+package proxy
+
+import "github.com/spiffe/go-spiffe/v2/spiffeid"
+
+// DenyList is the revocation deny-list the proxy enforces. Implemented by
+// *ca.DenyList.
+type DenyList interface {
+	// Denies reports whether a certificate for id with this serial
+	// (decimal) is revoked: the identity is, or the serial is. It is called
+	// on every handshake and, under the registry lock, for every live
+	// connection when the list changes, so it must be quick, must not block
+	// and must be safe for concurrent use. A list must not change once
+	// given to SetDenyList: a new version is a new SetDenyList.
+	Denies(id spiffeid.ID, serial string) bool
+}
+
+// denyState is the deny-list in force; list is nil for none.
+type denyState struct{ list DenyList }
+
+// denies reports whether the deny-list in force denies (id, serial).
+func (p *Proxy) denies(id spiffeid.ID, serial string) bool {
+	st := p.deny.Load()
+	return st != nil && st.list != nil && st.list.Denies(id, serial)
+}
+
+// deniedConn reports whether the deny-list in force denies the peer
+// credential or the local credential of an established connection.
+// Passthrough connections carry neither and are never denied.
+func (p *Proxy) deniedConn(ci ConnInfo) bool {
+	return (ci.PeerSerial != "" && p.denies(ci.PeerID, ci.PeerSerial)) ||
+		(ci.LocalSerial != "" && p.denies(p.cfg.ID, ci.LocalSerial))
+}
+
+// SetDenyList makes d the deny-list in force (nil: none) and returns how many
+// live connections it closed. In force means: VerifyConnection (inbound and
+// outbound, new and resumed sessions) refuses a peer whose (ID, leaf serial)
+// d denies, reason "revoked", and no handshake presents an SVID of ours that
+// d denies; every established connection whose peer credential (PeerID,
+// PeerSerial) or whose local credential (the SVID this proxy presented on
+// it, LocalSerial) d denies is closed at once and audited with reason
+// "revoked"; all session-ticket keys are replaced and the client session
+// caches emptied, so no ticket issued before resumes. Safe for concurrent
+// use, though lists are meant to come in version order from one feed: of
+// two concurrent calls, the one that stores its list last wins.
+//
+// Order matters: the list is in force before anything is closed, so a
+// handshake that completes meanwhile is either refused by VerifyConnection
+// or registered in time to be found; a connection that passed verification
+// just before the change checks the list again when it registers.
+func (p *Proxy) SetDenyList(d DenyList) (closed int) {
+	p.deny.Store(&denyState{list: d})
+	// Belt and braces: resumption goes through VerifyConnection, which
+	// enforces d anyway.
+	p.ResetTicketKeys(triggerDenyList)
+
+	var victims []*tunnelConn
+	p.registry.mu.Lock()
+	for _, c := range p.registry.conns {
+		if p.deniedConn(c.info) {
+			victims = append(victims, c)
+		}
+	}
+	p.registry.mu.Unlock()
+	for _, c := range victims {
+		if c.revoke() {
+			closed++
+		}
+	}
+	return closed
+}
