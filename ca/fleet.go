@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/atomicfile"
 )
 
 // A fleet rotation is an operator's request that every proxy renew its SVID now, with
@@ -106,7 +107,7 @@ func (s *Server) rotateFleet(reason string, now time.Time) (*FleetRotation, erro
 	if err != nil {
 		return nil, fmt.Errorf("ca: fleet rotation: %w", err)
 	}
-	if err := writeFileAtomic(filepath.Join(s.cfg.StateDir, fileFleetRotation), b, 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(s.cfg.StateDir, fileFleetRotation), b, 0o644); err != nil {
 		return nil, fmt.Errorf("ca: fleet rotation: %w", err)
 	}
 	s.fleet = fr

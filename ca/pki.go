@@ -17,6 +17,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/kms/apiv1"
+
+	"github.com/agentmesh/agentmesh/internal/atomicfile"
 )
 
 // caCerts is the CA's X.509 hierarchy: a self-signed root and one intermediate that
@@ -111,7 +113,7 @@ func loadOrCreatePKI(km apiv1.KeyManager, stateDir string, td spiffeid.TrustDoma
 		if root, err = createRoot(rootSigner, td, now); err != nil {
 			return caCerts{}, false, err
 		}
-		if err := writeFileAtomic(rootPath, pemCert(root), 0o644); err != nil {
+		if err := atomicfile.Write(rootPath, pemCert(root), 0o644); err != nil {
 			return caCerts{}, false, err
 		}
 	} else {
@@ -144,7 +146,7 @@ func loadOrCreatePKI(km apiv1.KeyManager, stateDir string, td spiffeid.TrustDoma
 		if inter, err = createIntermediate(root, rootSigner, interSigner.Public(), td, now); err != nil {
 			return caCerts{}, false, err
 		}
-		if err := writeFileAtomic(interPath, pemCert(inter), 0o644); err != nil {
+		if err := atomicfile.Write(interPath, pemCert(inter), 0o644); err != nil {
 			return caCerts{}, false, err
 		}
 	} else {
@@ -186,42 +188,6 @@ func readCertFile(path string) (*x509.Certificate, error) {
 
 func pemCert(c *x509.Certificate) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
-}
-
-// writeFileAtomic replaces path with data: write to a temporary file in the same
-// directory, fsync, rename, fsync the directory. A crash leaves the old or the new
-// content, never a torn file.
-func writeFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			_ = os.Remove(tmp)
-		}
-	}()
-	if err = f.Chmod(perm); err == nil {
-		if _, err = f.Write(data); err == nil {
-			err = f.Sync()
-		}
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if err = os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("write %s: %w", path, err)
-	}
-	if d, derr := os.Open(dir); derr == nil {
-		_ = d.Sync()
-		_ = d.Close()
-	}
-	return nil
 }
 
 func randomSerial() *big.Int {

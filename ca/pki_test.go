@@ -3,7 +3,6 @@ package ca
 import (
 	"context"
 	"crypto/x509"
-	"os"
 	"path/filepath"
 	"testing"
 )
@@ -53,30 +52,5 @@ func TestCAHierarchy(t *testing.T) {
 	}
 	if inter.MaxPathLen != 0 || !inter.MaxPathLenZero {
 		t.Errorf("intermediate may sign CAs: MaxPathLen %d", inter.MaxPathLen)
-	}
-}
-
-func TestWriteFileAtomic(t *testing.T) {
-	t.Parallel()
-	dir := t.TempDir()
-	path := filepath.Join(dir, "f")
-	for _, content := range []string{"first", "second, longer"} {
-		if err := writeFileAtomic(path, []byte(content), 0o640); err != nil {
-			t.Fatal(err)
-		}
-		got, err := os.ReadFile(path)
-		if err != nil || string(got) != content {
-			t.Fatalf("content %q, %v; want %q", got, err, content)
-		}
-		if fi, _ := os.Stat(path); fi.Mode().Perm() != 0o640 {
-			t.Errorf("mode %v", fi.Mode().Perm())
-		}
-	}
-	ents, _ := os.ReadDir(dir)
-	if len(ents) != 1 {
-		t.Errorf("temporary files left: %v", ents)
-	}
-	if err := writeFileAtomic(filepath.Join(dir, "missing", "f"), []byte("x"), 0o600); err == nil {
-		t.Error("write into a missing directory succeeded")
 	}
 }

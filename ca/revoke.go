@@ -21,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/atomicfile"
 )
 
 // RevokeRequest asks the CA to revoke an identity (every certificate of it, and any
@@ -254,7 +255,7 @@ func (s *Server) publishMarks(now time.Time) (*denyState, error) {
 	}
 	// Persisted before it is published: a version peers have seen is never lost
 	// (and never re-signed with other content) by a crash.
-	if err := writeFileAtomic(filepath.Join(s.cfg.StateDir, fileDenyList), st.encoded, 0o644); err != nil {
+	if err := atomicfile.Write(filepath.Join(s.cfg.StateDir, fileDenyList), st.encoded, 0o644); err != nil {
 		return nil, err
 	}
 	s.deny.Store(st)
@@ -338,7 +339,7 @@ func (s *Server) initDenyList(now time.Time) error {
 		if err != nil {
 			return err
 		}
-		if err := writeFileAtomic(path, st.encoded, 0o644); err != nil {
+		if err := atomicfile.Write(path, st.encoded, 0o644); err != nil {
 			return err
 		}
 		s.deny.Store(st)

@@ -76,10 +76,11 @@ func TestKeyLifecycle(t *testing.T) {
 		t.Fatal("the connection on the old credential did not survive until the end of its overlap")
 	}
 	rec := awaitRecord(t, a, map[string]string{"type": "connection", "reason": "drained", "local_serial": oldSerial}, overlap+grace+10*time.Second)
-	closedAt, _ := time.Parse(time.RFC3339Nano, fmt.Sprint(rec["time"]))
-	after := closedAt.Sub(rotated)
+	// From the moment the old key entered overlap, as the proxy recorded it.
+	inOverlap := awaitRecord(t, a, map[string]string{"type": "key_state", "key": "svid", "serial": oldSerial, "to": "overlap"}, time.Second)
+	after := recordTime(t, rec).Sub(recordTime(t, inOverlap))
 	fmt.Printf("overlap=%v drain_grace=%v old_connection_closed_after_ms=%d\n", overlap, grace, after.Milliseconds())
-	if after < overlap+grace-time.Second || after > overlap+grace+2*time.Second {
+	if after < overlap+grace || after > overlap+grace+2*time.Second {
 		t.Errorf("the old credential's connection closed %v after the rotation, want about overlap+grace = %v", after, overlap+grace)
 	}
 	if long.alive() {
@@ -212,6 +213,15 @@ func awaitRecord(t *testing.T, p *meshProxy, want map[string]string, timeout tim
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+func recordTime(t *testing.T, r map[string]any) time.Time {
+	t.Helper()
+	ts, err := time.Parse(time.RFC3339Nano, fmt.Sprint(r["time"]))
+	if err != nil {
+		t.Fatalf("record time: %v", err)
+	}
+	return ts
 }
 
 func matches(r map[string]any, want map[string]string) bool {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -16,7 +17,9 @@ import (
 
 // TestRotationUnderLoad runs a CA and two proxies with short-lived SVIDs while a stock
 // HTTP client makes new connections through the pair at 50+ requests/s and long-lived
-// TCP streams echo data, until each proxy has rotated at least ten times.
+// TCP streams echo data, until each proxy has rotated at least ten times. A stream's
+// connection survives rotations until the credential that authenticated it has ended
+// and been drained (overlap until expiry, then the drain grace); then it reconnects.
 func TestRotationUnderLoad(t *testing.T) {
 	requireE2E(t)
 	const (
@@ -54,8 +57,13 @@ func TestRotationUnderLoad(t *testing.T) {
 	// Long-lived streams start first and run through every rotation.
 	var wg sync.WaitGroup
 	streamErrs := make([]error, streams)
+	var reconnects atomic.Int64
 	for i := range streams {
-		wg.Go(func() { streamErrs[i] = echoStream(ctx, echoRoute) })
+		wg.Go(func() {
+			n, err := echoStream(ctx, echoRoute, lifetime/2)
+			reconnects.Add(int64(n))
+			streamErrs[i] = err
+		})
 	}
 
 	// Each request opens a new connection, hence a new mTLS handshake between proxies.
@@ -137,12 +145,38 @@ func TestRotationUnderLoad(t *testing.T) {
 	if perSecond := float64(requests.Load()) / elapsed.Seconds(); failed.Load() != 0 || perSecond < 50 {
 		t.Errorf("requests=%d (%.0f/s) failed=%d", requests.Load(), perSecond, failed.Load())
 	}
-	fmt.Printf("rotations=%d requests=%d failed=%d\n", nA+nB, requests.Load(), failed.Load())
+	fmt.Printf("rotations=%d requests=%d failed=%d stream_reconnects_after_drain=%d\n",
+		nA+nB, requests.Load(), failed.Load(), reconnects.Load())
 }
 
-// echoStream writes random data through the mesh while reading the echo back, then
+// echoStream keeps a stream of echo connections through the mesh until ctx is done and
+// returns how many were cut by a drain. A connection cut sooner than minLife after it
+// opened is an error: it cannot have outlived its credential yet.
+func echoStream(ctx context.Context, addr string, minLife time.Duration) (int, error) {
+	cuts := 0
+	for {
+		opened := time.Now()
+		err := echoOnce(ctx, addr)
+		var cut *cutError
+		if !errors.As(err, &cut) || ctx.Err() != nil {
+			return cuts, err
+		}
+		if lived := time.Since(opened); lived < minLife {
+			return cuts, fmt.Errorf("connection cut after %v: %w", lived, err)
+		}
+		cuts++
+	}
+}
+
+// cutError is a connection closed under a stream that was still writing.
+type cutError struct{ err error }
+
+func (e *cutError) Error() string { return e.err.Error() }
+func (e *cutError) Unwrap() error { return e.err }
+
+// echoOnce writes random data through the mesh while reading the echo back, then
 // half-closes and checks that both directions carried the same bytes.
-func echoStream(ctx context.Context, addr string) error {
+func echoOnce(ctx context.Context, addr string) error {
 	conn, err := net.Dial("tcp", addr)
 	if err != nil {
 		return err
@@ -166,7 +200,7 @@ func echoStream(ctx context.Context, addr string) error {
 			return err
 		}
 		if _, err := conn.Write(buf); err != nil {
-			return fmt.Errorf("write after %d bytes: %w", total, err)
+			return &cutError{fmt.Errorf("write after %d bytes: %w", total, err)}
 		}
 		sent.Write(buf)
 		total += int64(len(buf))

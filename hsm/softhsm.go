@@ -15,6 +15,8 @@ import (
 	"unicode/utf8"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/agentmesh/agentmesh/internal/atomicfile"
 )
 
 // SoftHSMModule is the SoftHSM2 PKCS#11 module (the Debian/Ubuntu path of the softhsm2
@@ -188,7 +190,7 @@ func prepareSoftHSM(dir, label string, shared bool) error {
 		if err != nil && !errors.Is(err, fs.ErrNotExist) {
 			return fmt.Errorf("hsm: read %s: %w", confPath, err)
 		}
-		if err := writeFileAtomic(confPath, want, 0o600); err != nil {
+		if err := atomicfile.Write(confPath, want, 0o600); err != nil {
 			return err
 		}
 	}
@@ -199,7 +201,7 @@ func prepareSoftHSM(dir, label string, shared bool) error {
 	pin, err := os.ReadFile(pinPath)
 	if errors.Is(err, fs.ErrNotExist) {
 		pin = []byte(randomPIN())
-		if err := writeFileAtomic(pinPath, pin, 0o600); err != nil {
+		if err := atomicfile.Write(pinPath, pin, 0o600); err != nil {
 			return err
 		}
 	} else if err != nil {
@@ -322,42 +324,6 @@ func checkLabel(label string, maxLen int) error {
 		return errors.New("not UTF-8")
 	case strings.IndexFunc(label, unicode.IsControl) >= 0:
 		return errors.New("control character")
-	}
-	return nil
-}
-
-// writeFileAtomic replaces path with data: write to a temporary file in the same
-// directory, fsync, rename, fsync the directory. A crash leaves the old or the new
-// content, never a torn file (a torn PIN file would lock us out of the token).
-func writeFileAtomic(path string, data []byte, perm os.FileMode) (err error) {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp-*")
-	if err != nil {
-		return fmt.Errorf("hsm: write %s: %w", path, err)
-	}
-	tmp := f.Name()
-	defer func() {
-		if err != nil {
-			_ = os.Remove(tmp)
-		}
-	}()
-	if err = f.Chmod(perm); err == nil {
-		if _, err = f.Write(data); err == nil {
-			err = f.Sync()
-		}
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err != nil {
-		return fmt.Errorf("hsm: write %s: %w", path, err)
-	}
-	if err = os.Rename(tmp, path); err != nil {
-		return fmt.Errorf("hsm: write %s: %w", path, err)
-	}
-	if d, derr := os.Open(dir); derr == nil {
-		_ = d.Sync()
-		_ = d.Close()
 	}
 	return nil
 }
