@@ -137,15 +137,22 @@ func (p *process) read(r io.Reader) {
 	close(p.done)
 }
 
-// watch returns a channel that receives every later log line matching pattern (lines
-// are dropped when the channel's buffer is full).
-func (p *process) watch(pattern string) <-chan string {
+// watch returns a channel that receives every log line so far and every later one
+// matching pattern (lines are dropped when the channel's buffer is full).
+func (p *process) watch(pattern string) <-chan string { return p.addWatcher(pattern, true) }
+
+// watchNew is watch for lines logged from now on only.
+func (p *process) watchNew(pattern string) <-chan string { return p.addWatcher(pattern, false) }
+
+func (p *process) addWatcher(pattern string, past bool) <-chan string {
 	w := &watcher{re: regexp.MustCompile(pattern), ch: make(chan string, 1024)}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	for _, l := range p.lines {
-		if w.re.MatchString(l) {
-			w.ch <- l
+	if past {
+		for _, l := range p.lines {
+			if w.re.MatchString(l) {
+				w.ch <- l
+			}
 		}
 	}
 	p.watchers = append(p.watchers, w)

@@ -30,18 +30,26 @@ func TestKeyLifecycle(t *testing.T) {
 	const (
 		overlap     = 3 * time.Second
 		grace       = 2 * time.Second
-		ticketEvery = 2 * time.Second
+		ticketEvery = 4 * time.Second
 	)
 	authority := startCA(t, 2*time.Minute)
+	// A second CA of the trust domain (as during a CA migration), trusted by b through
+	// a bundle file that the test rewrites later to remove it.
+	second := startCA(t, 2*time.Minute)
+	bundleFile := filepath.Join(t.TempDir(), "bundle.pem")
+	writeFile(t, bundleFile, string(readFile(t, authority.root))+string(readFile(t, second.root)))
 	httpLn, httpPort := listenerPort(t)
 	go func() {
 		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(w, "hello %s", r.URL.Path)
 		}))
 	}()
-	idA, idX := "spiffe://"+trustDomain+"/host/a", "spiffe://"+trustDomain+"/host/x"
-	b := startProxy(t, authority, "b", nil, []service{{port: httpPort, allow: []string{idA, idX}}},
+	idA, idX, idY := "spiffe://"+trustDomain+"/host/a", "spiffe://"+trustDomain+"/host/x", "spiffe://"+trustDomain+"/host/y"
+	ownRoot := authority.root
+	authority.root = bundleFile
+	b := startProxy(t, authority, "b", nil, []service{{port: httpPort, allow: []string{idA, idX, idY}}},
 		fmt.Sprintf("revocation:\n  poll: 1s\nrotation:\n  ticket_key_period: %s\n", ticketEvery))
+	authority.root = ownRoot
 	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	policy := fmt.Sprintf("keys: softhsm\nrotation:\n  overlap: %s\n  drain_grace: %s\n", overlap, grace)
 	a := startProxy(t, authority, "a", []route{{listen: routeAddr, peer: b.tunnel, peerID: b.id, targetPort: httpPort}},
@@ -98,10 +106,16 @@ func TestKeyLifecycle(t *testing.T) {
 	x := enrollAs(t, authority, idX)
 	x.port = uint16(httpPort)
 	sessions := tls.NewLRUClientSessionCache(4)
+	rotatedTicketKeys := b.watchNew(`msg="key state".*key=ticket .*to=overlap`)
 	if x.tunnel(t, b.tunnel, sessions) {
 		t.Fatal("first handshake resumed")
 	}
-	time.Sleep(ticketEvery + 500*time.Millisecond) // the ticket's key is now decrypt-only
+	// Once the ticket's key has been superseded it only decrypts, for one more period.
+	select {
+	case <-rotatedTicketKeys:
+	case <-time.After(2*ticketEvery + 5*time.Second):
+		t.Fatal("b did not rotate its ticket keys")
+	}
 	if !x.tunnel(t, b.tunnel, sessions) {
 		t.Fatal("a ticket from the previous ticket key did not resume")
 	}
@@ -113,6 +127,21 @@ func TestKeyLifecycle(t *testing.T) {
 	if x.tunnelErr(b.tunnel, sessions) == nil {
 		t.Error("a revoked identity resumed its session")
 	}
+
+	// Removing a CA from the bundle ends the sessions of its identities, resumed or not.
+	y := enrollAs(t, second, idY)
+	y.port = uint16(httpPort)
+	ySessions := tls.NewLRUClientSessionCache(4)
+	if y.tunnel(t, b.tunnel, ySessions) || !y.tunnel(t, b.tunnel, ySessions) {
+		t.Fatal("the second CA's identity did not resume its session before the CA was removed")
+	}
+	writeFile(t, bundleFile, string(readFile(t, ownRoot)))
+	b.await(`trust bundle reloaded`, 10*time.Second)
+	if y.tunnelErr(b.tunnel, ySessions) == nil {
+		t.Error("an identity of a removed CA resumed its session")
+	}
+	awaitRecord(t, b, map[string]string{"type": "key_state", "key": "ticket", "to": "destroyed", "cause": "ca_removed"}, 5*time.Second)
+	awaitRecord(t, b, map[string]string{"type": "handshake", "result": "refused", "reason": "unknown_authority"}, 5*time.Second)
 
 	// Compromise: the old serial is revoked and every ticket key replaced.
 	out, errOut, err = runCmd(t.Context(), "rotate", "--compromised", "--state", b.dir, "--reason", "e2e compromise")
@@ -213,6 +242,15 @@ func awaitRecord(t *testing.T, p *meshProxy, want map[string]string, timeout tim
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 func recordTime(t *testing.T, r map[string]any) time.Time {

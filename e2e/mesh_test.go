@@ -20,6 +20,9 @@ type meshCA struct {
 	*process
 	state string
 	url   string
+	// root is the trust-bundle file proxies are configured with: the CA's root unless
+	// a test sets another.
+	root string
 }
 
 func startCA(t *testing.T, lifetime time.Duration) *meshCA {
@@ -35,7 +38,7 @@ func startCAOn(t *testing.T, h host, listen string, lifetime time.Duration) *mes
 	p := startCmd(t, "ca", h.command(binary, "ca", "--state", state, "--trust-domain", trustDomain,
 		"--listen", listen, "--dns-name", ip, "--svid-lifetime", lifetime.String(), "--log-level", "debug"))
 	p.await(`ca ready`, 60*time.Second)
-	return &meshCA{process: p, state: state, url: "https://" + listen}
+	return &meshCA{process: p, state: state, url: "https://" + listen, root: filepath.Join(state, "root.crt")}
 }
 
 // host is where a process runs: the test's own network namespace, or ns.
@@ -100,7 +103,7 @@ func startProxyOn(t *testing.T, h host, ca *meshCA, name, tunnel, admin string, 
 	ca.token(t, px.id, filepath.Join(dir, "token"))
 	var b strings.Builder
 	fmt.Fprintf(&b, "id: %s\nstate: %s\ntunnel: %s\nadmin: %s\n", px.id, dir, px.tunnel, px.admin)
-	fmt.Fprintf(&b, "ca:\n  url: %s\n  root: %s\n  token_file: token\n", ca.url, filepath.Join(ca.state, "root.crt"))
+	fmt.Fprintf(&b, "ca:\n  url: %s\n  root: %s\n  token_file: token\n", ca.url, ca.root)
 	fmt.Fprintf(&b, "log:\n  level: debug\n")
 	b.WriteString(extra)
 	if len(routes) > 0 {

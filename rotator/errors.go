@@ -17,7 +17,8 @@ var (
 	// ErrCompromised means the current SVID's key was declared compromised (Rotate with
 	// Compromised) and no new SVID has been obtained since: it must not be presented.
 	ErrCompromised = errors.New("rotator: svid key compromised")
-	// ErrBadRequest means a RotateRequest names no known trigger or no initiator.
+	// ErrBadRequest means a RotateRequest names no known trigger or no initiator, or
+	// SetBundle was given an unusable bundle.
 	ErrBadRequest = errors.New("rotator: bad rotate request")
 	// ErrStopped means Run has returned: nothing rotates any more.
 	ErrStopped = errors.New("rotator: not running")

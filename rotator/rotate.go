@@ -6,6 +6,8 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -186,5 +188,26 @@ func (r *Rotator) SetPolicy(p policy.Rotation) error {
 	r.signal()
 	r.cfg.Logger.LogAttrs(context.Background(), slog.LevelInfo, "rotation policy changed",
 		slog.String(keySPIFFEID, r.cfg.ID.String()), slog.Any(keyPolicy, p))
+	return nil
+}
+
+// SetBundle replaces the trust anchors of the identity's trust domain (the operator
+// added or removed a CA): peers and the CA's answers are verified against the new
+// bundle from the next handshake and the next renewal on. It refuses a bundle of
+// another trust domain or with no authority.
+func (r *Rotator) SetBundle(b *x509bundle.Bundle) error {
+	switch {
+	case b == nil || b.Empty():
+		return fmt.Errorf("%w: a bundle with at least one authority is required", ErrBadRequest)
+	case b.TrustDomain() != r.cfg.ID.TrustDomain():
+		return fmt.Errorf("%w: bundle of %s, not of %s", ErrBadRequest, b.TrustDomain(), r.cfg.ID.TrustDomain())
+	}
+	r.mu.Lock()
+	next := *r.state.Load()
+	next.bundle = b
+	r.state.Store(&next)
+	r.mu.Unlock()
+	r.cfg.Logger.LogAttrs(context.Background(), slog.LevelInfo, "trust bundle changed",
+		slog.String(keySPIFFEID, r.cfg.ID.String()), slog.Int("authorities", len(b.X509Authorities())))
 	return nil
 }

@@ -7,6 +7,10 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -273,6 +277,31 @@ func TestSetPolicyUsageAndOverlap(t *testing.T) {
 		advance(20 * time.Second)
 		if calls := drains.all(); len(calls) != 1 || calls[0].serial != first || !calls[0].at.Equal(rotated.Add(30*time.Second)) {
 			t.Fatalf("drains = %+v, want %s at %v", calls, first, rotated.Add(30*time.Second))
+		}
+	})
+}
+
+func TestSetBundle(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		iss := newIssuer(t, time.Hour)
+		r, _ := start(t, iss, policy.Rotation{})
+		other := testca.New(t)
+		if err := r.SetBundle(other.Bundle()); err != nil {
+			t.Fatal(err)
+		}
+		b, err := r.GetX509BundleForTrustDomain(hostA.TrustDomain())
+		if err != nil || !b.Equal(other.Bundle()) {
+			t.Fatalf("bundle after SetBundle: %v", err)
+		}
+		// Answers from the CA that the new bundle does not anchor are refused.
+		if _, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Initiator: "test"}); err == nil {
+			t.Fatal("a certificate from a removed CA was accepted")
+		}
+		foreign := testca.New(t, testca.WithTrustDomain(spiffeid.RequireTrustDomainFromString("other.org")))
+		for _, bad := range []*x509bundle.Bundle{nil, foreign.Bundle(), x509bundle.New(hostA.TrustDomain())} {
+			if err := r.SetBundle(bad); !errors.Is(err, ErrBadRequest) {
+				t.Errorf("SetBundle(%v) = %v, want ErrBadRequest", bad, err)
+			}
 		}
 	})
 }

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+
 	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/hsm"
 	"github.com/agentmesh/agentmesh/proxy"
@@ -71,11 +73,13 @@ func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc ca.ClientConfig, logger
 	}
 }
 
-// watchConfig re-reads the configuration file on SIGHUP and whenever its content
-// changes. An invalid file is refused with its file, line and field, and the
-// configuration in force stays. A valid change applies the rotation policy, replaces the
-// session-ticket keys (a policy change is a security event) and rotates (trigger
-// config); other settings need a restart, which it says.
+// watchConfig re-reads the configuration file and the CA root file on SIGHUP and
+// whenever their content changes. An invalid file is refused with its file, line and
+// field, and what is in force stays. A valid change of the rotation policy applies it,
+// replaces the session-ticket keys (a policy change is a security event) and rotates
+// (trigger config); other settings need a restart, which it says. A changed root file
+// becomes the trust bundle; if it drops a CA, every ticket key is replaced too, so no
+// session of that CA resumes.
 func watchConfig(ctx context.Context, path string, cur *proxyConfig, rot *rotator.Rotator, px *proxy.Proxy,
 	rotate rotateFunc, logger *slog.Logger) {
 	hup := make(chan os.Signal, 1)
@@ -83,7 +87,7 @@ func watchConfig(ctx context.Context, path string, cur *proxyConfig, rot *rotato
 	defer signal.Stop(hup)
 	tick := time.NewTicker(configPoll)
 	defer tick.Stop()
-	digest := fileDigest(path)
+	cfgDigest, rootDigest := fileDigest(path), fileDigest(cur.CARoot)
 	for {
 		initiator := "file"
 		select {
@@ -92,37 +96,72 @@ func watchConfig(ctx context.Context, path string, cur *proxyConfig, rot *rotato
 		case <-hup:
 			initiator = "sighup"
 		case <-tick.C:
-			if d := fileDigest(path); bytes.Equal(d, digest) {
-				continue
-			}
 		}
-		digest = fileDigest(path)
-		next, err := loadProxyConfig(path)
-		if err != nil {
-			logger.Error("configuration refused; the one in force stays", "err", err)
-			continue
+		if d := fileDigest(cur.CARoot); initiator == "sighup" || !bytes.Equal(d, rootDigest) {
+			rootDigest = d
+			reloadBundle(cur, rot, px, logger)
 		}
-		if reflect.DeepEqual(next, cur) {
-			continue
-		}
-		if err := rot.SetPolicy(next.Rotation); err != nil {
-			logger.Error("configuration refused; the one in force stays", "err", err)
-			continue
-		}
-		rotation := next.Rotation
-		other := *next
-		other.Rotation = cur.Rotation
-		if !reflect.DeepEqual(&other, cur) {
-			logger.Warn("configuration changed beyond rotation: restart the proxy to apply the rest")
-		}
-		cur.Rotation = rotation
-		px.ResetTicketKeys("policy")
-		logger.Info("configuration reloaded", "initiator", initiator)
-		req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Initiator: initiator, Reason: "configuration changed"}
-		if _, err := rotate(ctx, req); err != nil {
-			logger.Warn("rotation after the configuration change failed", "err", err)
+		if d := fileDigest(path); initiator == "sighup" || !bytes.Equal(d, cfgDigest) {
+			cfgDigest = d
+			reloadConfig(ctx, path, initiator, cur, rot, px, rotate, logger)
 		}
 	}
+}
+
+// reloadConfig applies a changed configuration file, as watchConfig says.
+func reloadConfig(ctx context.Context, path, initiator string, cur *proxyConfig, rot *rotator.Rotator,
+	px *proxy.Proxy, rotate rotateFunc, logger *slog.Logger) {
+	next, err := loadProxyConfig(path)
+	if err != nil {
+		logger.Error("configuration refused; the one in force stays", "err", err)
+		return
+	}
+	if reflect.DeepEqual(next, cur) {
+		return
+	}
+	other := *next
+	other.Rotation = cur.Rotation
+	if !reflect.DeepEqual(&other, cur) {
+		logger.Warn("configuration changed beyond rotation: restart the proxy to apply the rest")
+	}
+	if reflect.DeepEqual(next.Rotation, cur.Rotation) {
+		return
+	}
+	if err := rot.SetPolicy(next.Rotation); err != nil {
+		logger.Error("configuration refused; the one in force stays", "err", err)
+		return
+	}
+	cur.Rotation = next.Rotation
+	px.ResetTicketKeys("policy")
+	logger.Info("configuration reloaded", "initiator", initiator)
+	req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Initiator: initiator, Reason: "configuration changed"}
+	if _, err := rotate(ctx, req); err != nil {
+		logger.Warn("rotation after the configuration change failed", "err", err)
+	}
+}
+
+// reloadBundle makes the root file the trust bundle when it changed and is valid.
+func reloadBundle(cur *proxyConfig, rot *rotator.Rotator, px *proxy.Proxy, logger *slog.Logger) {
+	next, err := x509bundle.Load(cur.ID.TrustDomain(), cur.CARoot)
+	if err != nil {
+		logger.Error("trust bundle refused; the one in force stays", "file", cur.CARoot, "err", err)
+		return
+	}
+	held, err := rot.GetX509BundleForTrustDomain(cur.ID.TrustDomain())
+	if err != nil || held.Equal(next) {
+		return
+	}
+	if err := rot.SetBundle(next); err != nil {
+		logger.Error("trust bundle refused; the one in force stays", "file", cur.CARoot, "err", err)
+		return
+	}
+	for _, a := range held.X509Authorities() {
+		if !next.HasX509Authority(a) {
+			px.ResetTicketKeys("ca_removed")
+			break
+		}
+	}
+	logger.Info("trust bundle reloaded", "file", cur.CARoot, "authorities", len(next.X509Authorities()))
 }
 
 // fileDigest is the SHA-256 of the file, or nil when it cannot be read.
