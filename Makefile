@@ -4,7 +4,7 @@ BIN := bin/agentmesh
 # The PKCS#11 KMS compiles only with cgo.
 export CGO_ENABLED := 1
 
-.PHONY: deps build test test-short check check-static fuzz demo bench clean
+.PHONY: deps build test test-short check check-static fuzz demo bench bench-micro clean
 
 ## deps: install missing system packages (softhsm2, opensc, iptables, curl, ...) and Go modules
 deps:
@@ -42,9 +42,15 @@ fuzz:
 demo: build
 	@scripts/demo.sh
 
-## bench: benchmarks, -count=6 for benchstat
+## bench: what the mesh costs a connection, a request and a gigabyte, per transport, against
+## no proxy and a plain crypto/tls relay: bench/results/{results.md,chart.png}; BENCH_QUICK=1
+## for a run of about a minute
 bench:
-	$(GO) test -run='^$$' -bench=. -benchmem -count=6 ./bench/ ./audit/
+	$(GO) run ./bench/cmd/meshbench
+
+## bench-micro: Go benchmarks (audit log, full versus resumed connection), -count=6 for benchstat
+bench-micro:
+	$(GO) test -run='^$$' -bench=. -benchmem -count=6 ./audit/ ./proxy/
 
 clean:
 	rm -rf bin

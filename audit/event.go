@@ -14,7 +14,7 @@ type Handshake struct {
 	Direction string `json:"direction"` // "inbound" | "outbound"
 	Result    string `json:"result"`    // "ok" | "refused" | "error"
 	Reason    string `json:"reason,omitempty"`
-	Transport string `json:"transport"` // "tls" for now
+	Transport string `json:"transport"` // "tls", "h2" or "quic"
 	LocalID   string `json:"local_id,omitempty"`
 	// LocalSerial is the serial (decimal) of the SVID this proxy presented.
 	LocalSerial string        `json:"local_serial,omitempty"`
@@ -56,6 +56,7 @@ type Connection struct {
 	PeerSerial  string        `json:"peer_serial,omitempty"`
 	LocalSerial string        `json:"local_serial,omitempty"`
 	Target      string        `json:"target,omitempty"` // host:port the connection was spliced to
+	Transport   string        `json:"transport,omitempty"`
 	BytesIn     int64         `json:"bytes_in"`
 	BytesOut    int64         `json:"bytes_out"`
 	Duration    time.Duration `json:"duration_ns"`

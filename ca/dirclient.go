@@ -132,8 +132,9 @@ func (c DirectoryConfig) withDefaults() DirectoryConfig {
 // peerRoute is what PeerFor answers for one address, precomputed so that a lookup
 // allocates nothing.
 type peerRoute struct {
-	id     spiffeid.ID
-	tunnel string // host:port
+	id         spiffeid.ID
+	tunnel     string   // host:port
+	transports []string // what the peer accepts, most preferred first; shared, read-only
 }
 
 // dirSnapshot is one applied directory version. Immutable once published.
@@ -276,6 +277,12 @@ func (d *Directory) clientCertificate(*tls.CertificateRequestInfo) (*tls.Certifi
 func (d *Directory) PeerFor(addr netip.Addr) (id spiffeid.ID, tunnel string, ok bool) {
 	r, ok := d.snap.Load().peers[addr.Unmap()]
 	return r.id, r.tunnel, ok
+}
+
+// TransportsFor returns the tunnel transports the proxy at addr accepts, most preferred
+// first (nil when no proxy is registered there). The slice is shared: do not modify it.
+func (d *Directory) TransportsFor(addr netip.Addr) []string {
+	return d.snap.Load().peers[addr.Unmap()].transports
 }
 
 // Version is the version of the directory held, 0 before the first one arrives.
@@ -538,7 +545,7 @@ func directoryRoutes(doc *DirectoryDocument, self spiffeid.ID) (*dirSnapshot, er
 			if other, dup := snap.peers[a]; dup {
 				return nil, fmt.Errorf("malformed directory: address %s listed for %s and %s", a, other.id, p.SPIFFEID)
 			}
-			snap.peers[a] = peerRoute{id: p.SPIFFEID, tunnel: net.JoinHostPort(a.String(), port)}
+			snap.peers[a] = peerRoute{id: p.SPIFFEID, tunnel: net.JoinHostPort(a.String(), port), transports: p.Transports}
 		}
 	}
 	return snap, nil

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -233,6 +234,9 @@ func TestMeshDirectory(t *testing.T) {
 			{b, "fd00::1", idA, "[fd00::1]:15008"},
 		} {
 			id, tunnel, ok := tc.d.PeerFor(netip.MustParseAddr(tc.addr))
+			if ok && !slices.Equal(tc.d.TransportsFor(netip.MustParseAddr(tc.addr)), []string{"tls"}) {
+				t.Errorf("TransportsFor(%s) = %v, want the default [tls]", tc.addr, tc.d.TransportsFor(netip.MustParseAddr(tc.addr)))
+			}
 			if !ok || id != tc.id || tunnel != tc.tunnel {
 				t.Errorf("PeerFor(%s) = %v %q %v, want %v %q", tc.addr, id, tunnel, ok, tc.id, tc.tunnel)
 			}

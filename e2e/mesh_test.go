@@ -73,6 +73,7 @@ type meshProxy struct {
 type route struct {
 	listen, peer, peerID string
 	targetPort           int
+	transport            string // "" for the default (tls)
 }
 
 type service struct {
@@ -110,6 +111,9 @@ func startProxyOn(t *testing.T, h host, ca *meshCA, name, tunnel, admin string, 
 		b.WriteString("routes:\n")
 		for _, r := range routes {
 			fmt.Fprintf(&b, "  - listen: %s\n    peer: %s\n    peer_id: %s\n    target_port: %d\n", r.listen, r.peer, r.peerID, r.targetPort)
+			if r.transport != "" {
+				fmt.Fprintf(&b, "    transport: %s\n", r.transport)
+			}
 		}
 	}
 	if len(services) > 0 {

@@ -33,7 +33,8 @@ import (
 )
 
 // TestRevocation revokes a host identity while three proxies in network namespaces carry
-// new-connection load and long-lived connections between every pair, and measures, on
+// new-connection load and long-lived connections between every pair (over the tls, h2 and
+// quic transports), and measures, on
 // every proxy, the time from the revoke command to the first refused handshake and to the
 // last live connection of the victim closed. Then it cuts one proxy off the CA and checks
 // that it alerts, keeps its list and converges within a poll of reconnecting.
@@ -47,6 +48,9 @@ func TestRevocation(t *testing.T) {
 	names := []string{"a", "b", "c"}
 	id := func(n string) string { return "spiffe://" + trustDomain + "/host/" + n }
 	victim := "c"
+	// Each host originates over another transport, so the victim's connections, pooled
+	// or not, run over all three.
+	transports := map[string]string{"a": "h2", "b": "quic", "c": "tls"}
 
 	authority := startCAOn(t, hca.host, hca.ip+":9443", time.Minute)
 	const poll = time.Second
@@ -63,10 +67,10 @@ func TestRevocation(t *testing.T) {
 			}
 			allow = append(allow, id(m))
 			routes = append(routes, route{listen: fmt.Sprintf("%s:%d", h.ip, 18000+j), peer: hosts[m].ip + ":15008",
-				peerID: id(m), targetPort: 8080})
+				peerID: id(m), targetPort: 8080, transport: transports[n]})
 		}
 		proxies[n] = startProxyOn(t, h.host, authority, n, "0.0.0.0:15008", "127.0.0.1:15020", routes,
-			[]service{{port: 8080, allow: allow}}, fmt.Sprintf("revocation:\n  poll: %s\n", poll))
+			[]service{{port: 8080, allow: allow}}, fmt.Sprintf("transports: [h2, quic, tls]\nrevocation:\n  poll: %s\n", poll))
 	}
 	for _, n := range names {
 		proxies[n].await(`deny list applied`, 30*time.Second)
@@ -271,8 +275,8 @@ func metric(t *testing.T, h *lanHost, name string) float64 {
 
 // victimTimes finds, in one proxy's audit records after since, the first handshake of
 // the victim refused (on the victim's own proxy: the first handshake that failed, since
-// it no longer presents the identity) and the last close of a connection with it (on the
-// victim's proxy: of any connection).
+// it no longer presents the identity) and the last close of a connection with it that
+// was live at since (on the victim's proxy: of any such connection).
 func victimTimes(recs []map[string]any, victim string, onVictim bool, since time.Time) (refused, lastClosed time.Time, ok bool) {
 	for _, r := range recs {
 		ts, err := time.Parse(time.RFC3339Nano, fmt.Sprint(r["time"]))
@@ -285,11 +289,18 @@ func victimTimes(recs []map[string]any, victim string, onVictim bool, since time
 			if refused.IsZero() {
 				refused = ts
 			}
-		case r["type"] == "connection" && withVictim:
+		case r["type"] == "connection" && withVictim && openedBefore(r, ts, since):
 			lastClosed = ts
 		}
 	}
 	return refused, lastClosed, !refused.IsZero() && !lastClosed.IsZero()
+}
+
+// openedBefore reports whether the connection of record r, closed at closed, was
+// already open at t: a live connection, not a later attempt that was refused.
+func openedBefore(r map[string]any, closed, t time.Time) bool {
+	d, ok := r["duration_ns"].(float64)
+	return ok && closed.Add(-time.Duration(d)).Before(t)
 }
 
 // rogue is the test's own holder of an identity: a key in memory and an SVID. Its

@@ -20,8 +20,18 @@ import (
 // TCP streams echo data, until each proxy has rotated at least ten times. A stream's
 // connection survives rotations until the credential that authenticated it has ended
 // and been drained (overlap until expiry, then the drain grace); then it reconnects.
+//
+// It runs once per tunnel transport: one TLS connection per agent connection, and the
+// pooled h2 and quic transports, whose streams must survive the rotations of the
+// credential of their pooled connection in the same way.
 func TestRotationUnderLoad(t *testing.T) {
 	requireE2E(t)
+	for _, transport := range []string{"tls", "h2", "quic"} {
+		t.Run(transport, func(t *testing.T) { rotationUnderLoad(t, transport) })
+	}
+}
+
+func rotationUnderLoad(t *testing.T, transport string) {
 	const (
 		lifetime     = 20 * time.Second
 		minRotations = 10
@@ -42,13 +52,16 @@ func TestRotationUnderLoad(t *testing.T) {
 	idA := "spiffe://" + trustDomain + "/host/a"
 	// Renewing at half the lifetime keeps ten rotations within two minutes while
 	// leaving ten seconds for a renewal on a loaded machine under -race.
-	const policy = "rotation:\n  renew_fraction: 0.5\n"
+	policy := "rotation:\n  renew_fraction: 0.5\n"
+	if transport != "tls" {
+		policy += fmt.Sprintf("transports: [%s, tls]\n", transport)
+	}
 	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}, {port: echoPort, allow: []string{idA}}}, policy)
 	httpRoute := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	echoRoute := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	a := startProxy(t, ca, "a", []route{
-		{listen: httpRoute, peer: b.tunnel, peerID: b.id, targetPort: httpPort},
-		{listen: echoRoute, peer: b.tunnel, peerID: b.id, targetPort: echoPort},
+		{listen: httpRoute, peer: b.tunnel, peerID: b.id, targetPort: httpPort, transport: transport},
+		{listen: echoRoute, peer: b.tunnel, peerID: b.id, targetPort: echoPort, transport: transport},
 	}, nil, policy)
 
 	ctx, stopLoad := context.WithCancel(t.Context())
@@ -141,12 +154,17 @@ func TestRotationUnderLoad(t *testing.T) {
 		if handshakes == 0 {
 			t.Errorf("%s: no handshake audit records", p.name)
 		}
+		// Pooled transports pay a handshake per pooled connection, not per request.
+		if transport != "tls" && int64(handshakes) > requests.Load()/10 {
+			t.Errorf("%s: %d handshakes for %d requests over %s: not pooled", p.name, handshakes, requests.Load(), transport)
+		}
 	}
+	wantRecord(t, a, map[string]string{"type": "handshake", "direction": "outbound", "result": "ok", "transport": transport})
 	if perSecond := float64(requests.Load()) / elapsed.Seconds(); failed.Load() != 0 || perSecond < 50 {
 		t.Errorf("requests=%d (%.0f/s) failed=%d", requests.Load(), perSecond, failed.Load())
 	}
-	fmt.Printf("rotations=%d requests=%d failed=%d stream_reconnects_after_drain=%d\n",
-		nA+nB, requests.Load(), failed.Load(), reconnects.Load())
+	fmt.Printf("transport=%s rotations=%d requests=%d failed=%d stream_reconnects_after_drain=%d\n",
+		transport, nA+nB, requests.Load(), failed.Load(), reconnects.Load())
 }
 
 // echoStream keeps a stream of echo connections through the mesh until ctx is done and

@@ -63,6 +63,13 @@ func (p *Proxy) conclude(ctx context.Context, o *outbound, reason string, cause 
 		reason, cause = ReasonAuditUnavailable, err
 	}
 	p.metrics.captured.WithLabelValues(string(o.mode), capturedResult(reason)).Inc()
+	return p.settle(o, reason, cause)
+}
+
+// settle answers an explicit-capture client with the outcome of an outbound
+// setup, and closes the connection unless reason is a success. It reports
+// whether bytes may flow.
+func (p *Proxy) settle(o *outbound, reason string, cause error) bool {
 	ok := resultFor(reason) == resultOK
 	if o.reply != nil {
 		// On success a failed reply needs no handling here: the client is
@@ -115,7 +122,7 @@ func (p *Proxy) capture(ctx context.Context, o *outbound, dst netip.AddrPort) {
 			p.conclude(ctx, o, ReasonLoop, fmt.Errorf("%w: %s is the tunnel of %s (is the proxy's own traffic excluded from capture?)", ErrLoop, dst, peer.ID))
 			return
 		}
-		p.tunnel(ctx, o, peer, dst.Port(), dst.String())
+		p.tunnel(ctx, o, peer, chooseTransport(p.cfg.Transports, peer.Transports), dst.Port(), dst.String())
 		return
 	}
 	if p.cfg.Unknown == UnknownPassthrough {
@@ -153,6 +160,7 @@ func (p *Proxy) passthrough(ctx context.Context, o *outbound, dst netip.AddrPort
 		PeerAddr:  dst.String(),
 		Target:    dst.String(),
 		Start:     o.accepted,
+		Transport: transportTCP,
 	}
 	if !p.conclude(ctx, o, ReasonPassthrough, nil) {
 		return

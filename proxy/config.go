@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"math"
 	"net"
+	"slices"
 	"syscall"
 	"time"
 
@@ -44,6 +45,11 @@ type Route struct {
 	PeerID spiffeid.ID
 	// TargetPort is the port on the peer's host to deliver to. Required.
 	TargetPort uint16
+	// Transport is how agent connections reach Peer: TransportTLS (one TLS
+	// connection each), TransportH2 or TransportQUIC (one stream each of a
+	// pooled connection). Any but tls must be in Config.Transports, and
+	// the peer must accept it. Default "": tls.
+	Transport string
 }
 
 // Service is an inbound meshed port on this host.
@@ -144,6 +150,46 @@ type Config struct {
 	// of the SVID in use, re-read at every rotation check, so short-lived
 	// SVIDs get proportionally short tickets. Default 1h; must be >= 0.
 	TicketKeyPeriod time.Duration
+	// Transports lists the tunnel transports this proxy offers and
+	// accepts, most preferred first: TransportTLS, TransportH2,
+	// TransportQUIC. A captured connection uses the first of them that the
+	// Directory says its peer accepts (Peer.Transports), else tls; a Route
+	// names its own. The tunnel listener always accepts tls; with h2 it
+	// also negotiates HTTP/2 on the same TCP port, and with quic the proxy
+	// listens on the UDP port of the same number (TunnelListen's host and
+	// port): without quic no UDP socket is opened. Default nil: ["tls"].
+	Transports []string
+	// DisableResumption turns TLS session resumption off on every
+	// transport: no session ticket is issued or offered, every handshake
+	// is a full one (for benchmarking full handshakes, or for operators
+	// who want none). Default false: sessions resume (docs/tunnel.md).
+	DisableResumption bool
+	// StreamAudit writes a connection record (audit.Connection, with its
+	// transport) for every stream of a pooled transport (h2, quic) when it
+	// closes. The handshake record of the pooled connection, the records
+	// of refused streams and the tls transport's per-connection records
+	// are written regardless. Default false: a stream that was allowed
+	// leaves no record of its own, so auditing does not cost per stream.
+	StreamAudit bool
+	// PoolMaxStreams is how many streams a pooled connection (h2, quic)
+	// carries before new streams go to a fresh connection (and a fresh
+	// handshake); the old one ends with its last stream. Default 1000;
+	// must be >= 0.
+	PoolMaxStreams int
+	// PoolMaxBytes is how many payload bytes (both ways, all streams) a
+	// pooled connection carries before new streams go to a fresh
+	// connection. Default 64 GiB; must be >= 0.
+	PoolMaxBytes int64
+	// PoolIdleTimeout closes an outbound pooled connection that has
+	// carried no stream for this long. Default 60s; must be >= 0.
+	PoolIdleTimeout time.Duration
+	// DisableQUICKeyUpdateCount turns off counting QUIC key updates
+	// (agentmesh_proxy_quic_key_updates_total stays 0). quic-go reports
+	// them only through its qlog tracing, which then describes every
+	// packet sent and received: a few percent of the quic transport's CPU
+	// on bulk transfers. Key updates themselves happen either way.
+	// Default false: counted.
+	DisableQUICKeyUpdateCount bool
 	// Now is the clock for certificate validity and session-ticket
 	// decisions (chain verification, ticket-key rotation, ticket expiry);
 	// deadlines and durations always use the real clock. Default
@@ -181,6 +227,28 @@ func (c Config) withDefaults() Config {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+	if len(c.Transports) == 0 {
+		c.Transports = []string{TransportTLS}
+	} else {
+		c.Transports = slices.Clone(c.Transports)
+	}
+	if c.PoolMaxStreams == 0 {
+		c.PoolMaxStreams = 1000
+	}
+	if c.PoolMaxBytes == 0 {
+		c.PoolMaxBytes = 64 << 30
+	}
+	if c.PoolIdleTimeout == 0 {
+		c.PoolIdleTimeout = time.Minute
+	}
+	// A copy, so that filling in defaults never writes to the caller's
+	// slice.
+	c.Routes = slices.Clone(c.Routes)
+	for i := range c.Routes {
+		if c.Routes[i].Transport == "" {
+			c.Routes[i].Transport = TransportTLS
+		}
+	}
 	return c
 }
 
@@ -207,6 +275,15 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: Mark needs Linux", ErrInvalidConfig)
 	case c.Outbound != "" && !origDstSupported:
 		return fmt.Errorf("%w: Outbound (transparent capture) needs Linux", ErrInvalidConfig)
+	case c.PoolMaxStreams < 0:
+		return fmt.Errorf("%w: PoolMaxStreams %d is negative", ErrInvalidConfig, c.PoolMaxStreams)
+	case c.PoolMaxBytes < 0:
+		return fmt.Errorf("%w: PoolMaxBytes %d is negative", ErrInvalidConfig, c.PoolMaxBytes)
+	case c.PoolIdleTimeout < 0:
+		return fmt.Errorf("%w: PoolIdleTimeout %s is negative", ErrInvalidConfig, c.PoolIdleTimeout)
+	}
+	if err := validateTransports(c.Transports); err != nil {
+		return err
 	}
 	for i, r := range c.Routes {
 		switch {
@@ -216,6 +293,10 @@ func (c Config) validate() error {
 			return fmt.Errorf("%w: route %d: PeerID is required", ErrInvalidConfig, i)
 		case r.TargetPort == 0:
 			return fmt.Errorf("%w: route %d: TargetPort is required", ErrInvalidConfig, i)
+		case !knownTransport(r.Transport):
+			return fmt.Errorf("%w: route %d: unknown Transport %q (tls, h2 or quic)", ErrInvalidConfig, i, r.Transport)
+		case !c.offers(r.Transport):
+			return fmt.Errorf("%w: route %d: Transport %q is not in Transports", ErrInvalidConfig, i, r.Transport)
 		}
 		if _, _, err := net.SplitHostPort(r.Peer); err != nil {
 			return fmt.Errorf("%w: route %d: Peer %q: %w", ErrInvalidConfig, i, r.Peer, err)

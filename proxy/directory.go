@@ -12,8 +12,13 @@ type Peer struct {
 	// ID is the SPIFFE ID the peer proxy must present. Any other SVID,
 	// however valid, is refused (peer_id_mismatch).
 	ID spiffeid.ID
-	// Tunnel is the host:port of the peer's tunnel listener.
+	// Tunnel is the host:port of the peer's tunnel listener (TCP; for
+	// quic, the UDP port of the same number).
 	Tunnel string
+	// Transports lists the transports the peer accepts, as its directory
+	// entry advertises them (its Config.Transports). Nil or empty means
+	// ["tls"], which every proxy accepts.
+	Transports []string
 }
 
 // Directory maps a destination address to the proxy that lives there. The

@@ -1,12 +1,13 @@
 // Package proxy owns agentmesh's data path: the listeners agents and peer
 // proxies connect to, outbound capture (transparent, from an iptables
 // REDIRECT with SO_ORIGINAL_DST, and explicit, as a SOCKS5 and HTTP proxy;
-// docs/capture.md), the mTLS tunnel between proxies (TLS 1.3, SPIFFE
-// X509-SVIDs on both sides, the wire format in docs/tunnel.md), peer
+// docs/capture.md), the mTLS tunnels between proxies (TLS 1.3, SPIFFE
+// X509-SVIDs on both sides, the wire formats in docs/tunnel.md), peer
 // verification and authorization in VerifyConnection, splicing bytes with
 // half-close, the registry of live connections (CloseWhere, for revocation
 // and drain), and one audit record per handshake (or capture decision) and
-// per closed connection.
+// per closed connection (for streams of pooled connections: per refused
+// stream, and per closed one with Config.StreamAudit).
 //
 // It does not obtain, renew or store credentials: it reads the current SVID
 // and trust bundles from a Credentials (the rotator) on every handshake, so a
@@ -27,8 +28,18 @@
 // proxy's own: versioned, with NIST SP 800-57 states audited as
 // key_state records (TicketKeys, ResetTicketKeys).
 //
-// Only the "tls" transport exists so far: one TLS connection per proxied
-// connection. TLS sessions resume on both sides, with ticket keys the proxy
-// owns and rotates (Config.TicketKeyPeriod); every resumption goes through
-// the same VerifyConnection as a full handshake (docs/tunnel.md).
+// Three tunnel transports carry agent connections, chosen per peer
+// (Config.Transports, Peer.Transports, Route.Transport): "tls", one TLS
+// connection per agent connection, whose sessions resume with ticket keys
+// the proxy owns and rotates (Config.TicketKeyPeriod, DisableResumption);
+// "h2", one HTTP/2 CONNECT stream per agent connection on long-lived,
+// pooled mTLS connections on the same TCP port; and "quic", one QUIC stream
+// per agent connection on pooled quic-go connections on the UDP port of the
+// same number. A pooled connection makes one handshake for many agent
+// connections and presents the certificate current when it was dialed: a
+// rotation moves new streams to a new connection, and every stream is a
+// registered connection, so revocation and drain reach streams and pooled
+// connections alike. Every handshake and every stream decision goes through
+// the same verification and policy, resumed sessions included
+// (docs/tunnel.md).
 package proxy

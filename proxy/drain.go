@@ -22,7 +22,9 @@ import (
 // HandshakeTimeout + DialTimeout after the walk: that covers every setup
 // step except a blocking audit log. Connections of a passthrough (serial "")
 // are never drained. agentmesh_proxy_connections_drained_total counts the
-// closures. Safe for concurrent use.
+// closures. A stream of a pooled connection (h2, quic) is a connection like
+// any other here; the pooled connections our certificate authenticated are
+// closed along with their streams. Safe for concurrent use.
 func (p *Proxy) Drain(ctx context.Context, serial string, grace time.Duration) int {
 	if serial == "" {
 		return 0
@@ -53,6 +55,12 @@ func (p *Proxy) Drain(ctx context.Context, serial string, grace time.Duration) i
 			victims = append(victims, c)
 		}
 	}
+	var muxes []*muxConn
+	for m := range p.registry.muxes {
+		if m.localSerial == serial {
+			muxes = append(muxes, m)
+		}
+	}
 	p.registry.mu.Unlock()
 
 	closed := 0
@@ -62,6 +70,11 @@ func (p *Proxy) Drain(ctx context.Context, serial string, grace time.Duration) i
 		if c.drain() {
 			closed++
 		}
+	}
+	// Every stream of these pooled connections was on serial, and has just
+	// been closed: the connections go too (h2 with a GOAWAY).
+	for _, m := range muxes {
+		m.close(true)
 	}
 	p.cfg.Logger.LogAttrs(ctx, slog.LevelInfo, "credential drained",
 		slog.String(keyLocal, serial),

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -21,7 +22,7 @@ type setup struct {
 	dir       Direction
 	start     time.Time // TCP connection established; HandshakeTimeout runs from here
 	peerAddr  string
-	transport string      // transportTLS, or outbound transportTCP / transportNone
+	transport string      // TransportTLS, TransportH2, TransportQUIC, or outbound transportTCP / transportNone
 	mode      captureMode // outbound only: how the agent's connection arrived
 	dst       string      // outbound only: the destination, once known
 
@@ -38,7 +39,16 @@ type setup struct {
 	// localErr is why there is no SVID to present (inbound, handed to the
 	// handshake's certificate callback).
 	localErr error
+	// local is the configuration an inbound quic handshake picked
+	// (quicServerConfig), for fill once it is accepted.
+	local *localTLS
+	// recorded is set by whoever records an inbound quic handshake: its
+	// accept or, for a failure, the end of its connection.
+	recorded atomic.Bool
 }
+
+// claim reports whether the caller is the one to record s (quic).
+func (s *setup) claim() bool { return s.recorded.CompareAndSwap(false, true) }
 
 // fill copies what the TLS state knows. It is safe on a failed handshake: it
 // takes whatever was negotiated before the failure. local is the
@@ -66,7 +76,9 @@ func (s *setup) fill(cs tls.ConnectionState, local *localTLS) {
 // failure with reason audit_unavailable and record returns the error: the
 // caller must drop the connection, because a handshake that cannot be
 // recorded must not carry traffic. Only TLS setups count as handshakes in
-// the metrics; outbound outcomes are counted by conclude.
+// the metrics (every transport's: a pooled connection's handshake is
+// recorded once, by its dial or accept); outbound outcomes are counted by
+// conclude.
 //
 // Order: a success is appended before it is counted (the append decides
 // whether it is one); a failure is counted and logged before it is appended,
@@ -93,8 +105,8 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 	}
 
 	result := resultFor(reason)
-	if s.transport == transportTLS {
-		p.metrics.handshakes.WithLabelValues(string(s.dir), result).Inc()
+	if knownTransport(s.transport) {
+		p.metrics.handshakes.WithLabelValues(string(s.dir), result, s.transport).Inc()
 		p.metrics.duration.WithLabelValues(string(s.dir)).Observe(d.Seconds())
 	}
 	p.logSetup(ctx, s, reason, result, d, cause)

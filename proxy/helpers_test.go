@@ -201,14 +201,16 @@ func start(t testing.TB, ca *testca.CA, id spiffeid.ID, cfg proxy.Config) *node 
 	return n
 }
 
-// metric returns the value of the counter or gauge name{labels}, 0 when
-// absent.
+// metric returns the value of the counter or gauge name{labels} (the sample
+// count of a histogram), summed over the series whose labels include
+// labels; 0 when there is none.
 func (n *node) metric(t testing.TB, name string, labels map[string]string) float64 {
 	t.Helper()
 	families, err := n.reg.Gather()
 	if err != nil {
 		t.Fatalf("gather: %v", err)
 	}
+	var sum float64
 	for _, f := range families {
 		if f.GetName() != name {
 			continue
@@ -219,15 +221,15 @@ func (n *node) metric(t testing.TB, name string, labels map[string]string) float
 			}
 			switch {
 			case m.Counter != nil:
-				return m.Counter.GetValue()
+				sum += m.Counter.GetValue()
 			case m.Gauge != nil:
-				return m.Gauge.GetValue()
+				sum += m.Gauge.GetValue()
 			case m.Histogram != nil:
-				return float64(m.Histogram.GetSampleCount())
+				sum += float64(m.Histogram.GetSampleCount())
 			}
 		}
 	}
-	return 0
+	return sum
 }
 
 func labelsMatch(m *dto.Metric, want map[string]string) bool {

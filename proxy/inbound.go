@@ -21,7 +21,7 @@ const refuseDrainLimit = 64 << 10
 // per-port check, the target dial, then the status byte and the splice. Every
 // outcome is recorded exactly once.
 func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
-	s := &setup{dir: Inbound, start: time.Now(), peerAddr: raw.RemoteAddr().String(), transport: transportTLS}
+	s := &setup{dir: Inbound, start: time.Now(), peerAddr: raw.RemoteAddr().String(), transport: TransportTLS}
 	c := &tunnelConn{p: p}
 	c.attach(raw)
 	stop := context.AfterFunc(ctx, c.abort)
@@ -46,18 +46,28 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 	s.localErr = lerr
 	tc := tls.Server(raw, cfg)
 	c.tunnel = tc
-	if err := tc.HandshakeContext(withSetup(ctx, s)); err != nil {
-		s.fill(tc.ConnectionState(), l)
+	err := tc.HandshakeContext(withSetup(ctx, s))
+	cs := tc.ConnectionState()
+	s.fill(cs, l)
+	// The protocol is known once the server has answered the client's
+	// hello, before any certificate is checked.
+	if t := transportOf(cs.NegotiatedProtocol); t != "" {
+		s.transport = t
+	}
+	if err != nil {
 		_ = p.record(ctx, s, classify(ctx, err), err)
 		c.abort()
 		return
 	}
-	cs := tc.ConnectionState()
-	s.fill(cs, l)
 	// VerifyConnection has checked this leaf; it cannot fail here.
 	peerID, err := x509svid.IDFromCert(cs.PeerCertificates[0])
 	if err != nil {
 		_ = p.record(ctx, s, ReasonBadCertificate, err)
+		c.abort()
+		return
+	}
+	if s.transport == TransportH2 {
+		p.serveH2(ctx, tc, raw, s, peerID)
 		c.abort()
 		return
 	}
@@ -108,6 +118,7 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 		PeerAddr:    s.peerAddr,
 		Target:      target,
 		Start:       s.start,
+		Transport:   TransportTLS,
 	}
 	// Audit before the status byte: nothing reaches the target unrecorded.
 	if err := p.record(ctx, s, "", nil); err != nil {

@@ -9,7 +9,7 @@ import (
 // metrics are the proxy's Prometheus collectors. They always exist so the hot
 // path never checks for nil; registering them is optional.
 type metrics struct {
-	handshakes *prometheus.CounterVec   // direction, result
+	handshakes *prometheus.CounterVec   // direction, result, transport
 	duration   *prometheus.HistogramVec // direction
 	active     *prometheus.GaugeVec     // direction
 	bytes      *prometheus.CounterVec   // direction
@@ -17,14 +17,17 @@ type metrics struct {
 	revoked    *prometheus.CounterVec   // direction
 	rotations  *prometheus.CounterVec   // trigger
 	drained    *prometheus.CounterVec   // direction
+	pool       *prometheus.GaugeVec     // direction, transport
+	streams    *prometheus.CounterVec   // direction, transport, result
+	keyUpdates *prometheus.CounterVec   // initiator
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	m := &metrics{
 		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricHandshakes,
-			Help: "Tunnel handshakes by direction and result (ok, refused, error).",
-		}, []string{labelDirection, labelResult}),
+			Help: "Tunnel handshakes by direction, result (ok, refused, error) and transport (tls: one per connection; h2, quic: one per pooled connection).",
+		}, []string{labelDirection, labelResult, labelTransport}),
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name: metricHandshakeDuration,
 			Help: "Time from the start of the TLS handshake until the tunnel was established or refused.",
@@ -56,17 +59,40 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: metricDrained,
 			Help: "Established proxied connections closed because the credential this proxy presented on them was drained (its overlap and grace ended), by direction.",
 		}, []string{labelDirection}),
+		pool: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: metricPoolConnections,
+			Help: "Pooled tunnel connections (transports h2 and quic) currently open, by direction (outbound: dialed by this proxy) and transport.",
+		}, []string{labelDirection, labelTransport}),
+		streams: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricStreams,
+			Help: "Streams of pooled tunnel connections (one per agent connection), by direction, transport and result (ok, refused, error).",
+		}, []string{labelDirection, labelTransport, labelResult}),
+		keyUpdates: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricQUICKeyUpdates,
+			Help: "QUIC traffic-key updates (RFC 9001 section 6) on this proxy's quic connections, by initiator (local, peer).",
+		}, []string{labelInitiator}),
 	}
 	// Create every child up front so dashboards see zeros, not gaps.
 	for _, d := range []Direction{Inbound, Outbound} {
 		for _, r := range []string{resultOK, resultRefused, resultError} {
-			m.handshakes.WithLabelValues(string(d), r)
+			for _, t := range []string{TransportTLS, TransportH2, TransportQUIC} {
+				m.handshakes.WithLabelValues(string(d), r, t)
+			}
+		}
+		for _, t := range []string{TransportH2, TransportQUIC} {
+			m.pool.WithLabelValues(string(d), t)
+			for _, r := range []string{resultOK, resultRefused, resultError} {
+				m.streams.WithLabelValues(string(d), t, r)
+			}
 		}
 		m.duration.WithLabelValues(string(d))
 		m.active.WithLabelValues(string(d))
 		m.bytes.WithLabelValues(string(d))
 		m.revoked.WithLabelValues(string(d))
 		m.drained.WithLabelValues(string(d))
+	}
+	for _, i := range []string{initiatorLocal, initiatorPeer} {
+		m.keyUpdates.WithLabelValues(i)
 	}
 	for _, t := range []string{triggerPeriod, triggerDenyList, causeCompromise, causePolicy, causeCARemoved} {
 		m.rotations.WithLabelValues(t)
@@ -79,7 +105,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained}
+	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained,
+		m.pool, m.streams, m.keyUpdates}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {
 			// Leave the Registerer as it was, so a corrected New can retry.

@@ -11,11 +11,16 @@ const (
 	metricRevoked           = "agentmesh_proxy_connections_revoked_total"
 	metricTicketRotations   = "agentmesh_proxy_ticket_key_rotations_total"
 	metricDrained           = "agentmesh_proxy_connections_drained_total"
+	metricPoolConnections   = "agentmesh_proxy_pool_connections"
+	metricStreams           = "agentmesh_proxy_streams_total"
+	metricQUICKeyUpdates    = "agentmesh_proxy_quic_key_updates_total"
 
 	labelDirection = "direction"
 	labelResult    = "result"
 	labelMode      = "mode"
 	labelTrigger   = "trigger"
+	labelTransport = "transport"
+	labelInitiator = "initiator"
 )
 
 // Why the session-ticket keys changed (the trigger label). A reset's trigger
@@ -88,11 +93,18 @@ const (
 	resultDenied      = "denied"      // no proxy at the destination (UnknownDeny)
 )
 
-// Transports, as in audit.Handshake.Transport.
+// Transports, as in audit.Handshake.Transport and audit.Connection.Transport:
+// TransportTLS, TransportH2 and TransportQUIC, plus these two outbound
+// outcomes that are not tunnels.
 const (
-	transportTLS  = "tls"  // one TLS connection per proxied connection
 	transportTCP  = "tcp"  // passthrough: plain TCP to the destination, no tunnel
 	transportNone = "none" // refused before anything was dialed
+)
+
+// Who started a QUIC key update (the initiator label).
+const (
+	initiatorLocal = "local"
+	initiatorPeer  = "peer"
 )
 
 // Connection close reasons (audit.Connection.Reason).

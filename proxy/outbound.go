@@ -16,15 +16,25 @@ func (p *Proxy) serveRoute(ctx context.Context, agent net.Conn, r *route) {
 	o, stop := p.newOutbound(ctx, agent, modeRoute)
 	defer stop()
 	peerHost, _, _ := net.SplitHostPort(r.Peer) // validated in New
-	p.tunnel(ctx, o, Peer{ID: r.PeerID, Tunnel: r.Peer}, r.TargetPort,
+	p.tunnel(ctx, o, Peer{ID: r.PeerID, Tunnel: r.Peer}, r.Transport, r.TargetPort,
 		net.JoinHostPort(peerHost, strconv.Itoa(int(r.TargetPort))))
 }
 
-// tunnel carries an outbound connection to peer, whichever way it arrived
-// (route, transparent or explicit capture): dial, TLS handshake (x509svid
-// chain and exactly peer.ID in VerifyConnection), header naming port, status,
-// splice. target is what ConnInfo and the connection record name as the
-// destination.
+// tunnel carries an outbound connection to peer over transport, whichever
+// way it arrived (route, transparent or explicit capture). target is what
+// ConnInfo and the connection record name as the destination.
+func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, transport string, port uint16, target string) {
+	switch transport {
+	case TransportH2, TransportQUIC:
+		p.tunnelPooled(ctx, o, peer, transport, port, target)
+	default:
+		p.tunnelTLS(ctx, o, peer, port, target)
+	}
+}
+
+// tunnelTLS carries an outbound connection on a TLS connection of its own:
+// dial, TLS handshake (x509svid chain and exactly peer.ID in
+// VerifyConnection), header naming port, status, splice.
 //
 // For routes and transparent capture the agent's first bytes go out right
 // behind the header, without waiting for the status (one round trip saved
@@ -32,9 +42,9 @@ func (p *Proxy) serveRoute(ctx context.Context, agent net.Conn, r *route) {
 // the tunnel. An explicit-capture client waits for our answer anyway, and
 // must get it: its bytes (the rewritten HTTP request, say) only start once
 // the peer said yes, so a refusal can still be answered.
-func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, port uint16, target string) {
+func (p *Proxy) tunnelTLS(ctx context.Context, o *outbound, peer Peer, port uint16, target string) {
 	s, c := o.s, o.c
-	s.transport = transportTLS
+	s.transport = TransportTLS
 	s.peerAddr = peer.Tunnel
 
 	if err := p.auditErr(); err != nil {
@@ -66,14 +76,18 @@ func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, port uint16,
 	s.peerAddr = raw.RemoteAddr().String()
 	s.start = time.Now() // as inbound: the handshake clock starts on an established TCP connection
 	_ = raw.SetDeadline(s.start.Add(p.cfg.HandshakeTimeout))
-	cfg := l.client(p, peer.ID)
+	cfg := l.client(p, peer.ID, TransportTLS)
 	tc := tls.Client(raw, cfg)
 	c.tunnel = tc
 	// A session that led to a TLS failure (refused on either side, say
 	// because a peer's certificate was revoked meanwhile) must not be
 	// offered again: the next attempt makes a full handshake. crypto/tls
 	// keys the cache by the peer's address when ServerName is empty.
-	forget := func() { cfg.ClientSessionCache.Put(raw.RemoteAddr().String(), nil) }
+	forget := func() {
+		if cfg.ClientSessionCache != nil {
+			cfg.ClientSessionCache.Put(raw.RemoteAddr().String(), nil)
+		}
+	}
 	if err := tc.HandshakeContext(withSetup(ctx, s)); err != nil {
 		s.fill(tc.ConnectionState(), l)
 		forget()
@@ -96,6 +110,7 @@ func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, port uint16,
 		PeerAddr:    s.peerAddr,
 		Target:      target,
 		Start:       o.accepted,
+		Transport:   TransportTLS,
 	}
 	early := o.reply == nil
 	if early {

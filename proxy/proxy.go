@@ -10,7 +10,9 @@ import (
 	"sync"
 	"sync/atomic"
 
+	"github.com/quic-go/quic-go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/net/http2"
 	"golang.org/x/sync/errgroup"
 )
 
@@ -34,6 +36,10 @@ type Proxy struct {
 	deny      atomic.Pointer[denyState] // nil: no deny-list
 
 	tunnelLn   net.Listener
+	udp        net.PacketConn  // the quic transport's socket; nil without quic
+	quicTr     *quic.Transport // on udp: inbound and outbound quic connections
+	quicLn     *quic.Listener
+	quicClient *quic.Config // for outbound quic connections
 	outboundLn net.Listener // nil when transparent capture is off
 	explicitLn net.Listener // nil when explicit capture is off
 	strictLn   net.Listener // nil when strict mode is off
@@ -44,7 +50,9 @@ type Proxy struct {
 	allowedAnywhere map[spiffeid.ID]struct{}            // union of every Allow
 
 	registry  registry
-	handlers  sync.WaitGroup // one per accepted connection
+	pool      pool             // outbound pooled connections (h2, quic)
+	h2t       *http2.Transport // client side of every outbound h2 connection
+	handlers  sync.WaitGroup   // one per accepted connection, and per stream of a quic connection
 	started   atomic.Bool
 	closeOnce sync.Once
 	closeErr  error // set once by closeListeners
@@ -78,6 +86,10 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		p.dialer.Control = markControl(cfg.Mark)
 	}
+	p.pool = pool{p: p, conns: make(map[poolKey][]*muxConn), dials: make(map[poolKey]*dialCall)}
+	if cfg.offers(TransportH2) {
+		p.h2t = newH2Transport()
+	}
 	p.buffers.New = func() any {
 		b := make([]byte, spliceBufferSize)
 		return &b
@@ -104,6 +116,12 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, fmt.Errorf("proxy: listen tunnel %s: %w", cfg.TunnelListen, err)
 	}
 	p.self = append(p.self, addrPortOf(p.tunnelLn.Addr()))
+	if cfg.offers(TransportQUIC) {
+		if err := p.listenQUIC(p.tunnelLn.Addr()); err != nil {
+			_ = p.closeListeners()
+			return nil, fmt.Errorf("proxy: %w", err)
+		}
+	}
 	for _, l := range []struct {
 		what, addr string
 		ln         *net.Listener
@@ -173,13 +191,23 @@ func (p *Proxy) Ready() error {
 	if _, err := p.local(); err != nil {
 		return err
 	}
-	if p.cfg.Revocation != nil {
-		if err := p.cfg.Revocation(); err != nil {
-			return fmt.Errorf("%w: %w", ErrRevocationStale, err)
-		}
+	if err := p.revocationErr(); err != nil {
+		return err
 	}
 	if err := p.auditErr(); err != nil {
 		return err
+	}
+	return nil
+}
+
+// revocationErr is non-nil when Config.Revocation reports the deny-list
+// stale.
+func (p *Proxy) revocationErr() error {
+	if p.cfg.Revocation == nil {
+		return nil
+	}
+	if err := p.cfg.Revocation(); err != nil {
+		return fmt.Errorf("%w: %w", ErrRevocationStale, err)
 	}
 	return nil
 }
@@ -217,8 +245,15 @@ func (p *Proxy) Run(ctx context.Context) error {
 		return nil
 	})
 	g.Go(func() error {
+		p.reap(gctx)
+		return nil
+	})
+	g.Go(func() error {
 		return p.acceptLoop(gctx, p.tunnelLn, func(c net.Conn) { p.serveInbound(gctx, c) })
 	})
+	if p.quicLn != nil {
+		g.Go(func() error { return p.acceptQUIC(gctx) })
+	}
 	if p.outboundLn != nil {
 		g.Go(func() error {
 			return p.acceptLoop(gctx, p.outboundLn, func(c net.Conn) { p.serveTransparent(gctx, c) })
@@ -241,8 +276,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	err := g.Wait()
 	// Handlers watch gctx, which is done once Wait returns: they close their
-	// sockets and exit.
+	// sockets and exit. reap has closed every pooled connection, which ends
+	// the goroutines that served them.
 	p.handlers.Wait()
+	p.pool.tasks.Wait()
+	_ = p.closeQUIC() // every quic connection has been closed properly by now
 	return err
 }
 
@@ -262,6 +300,14 @@ func (p *Proxy) closeListeners() error {
 		}
 		for _, r := range p.routes {
 			errs = append(errs, r.ln.Close())
+		}
+		if p.quicLn != nil {
+			errs = append(errs, p.quicLn.Close())
+		}
+		// A running proxy closes the quic transport itself once its
+		// connections are closed; otherwise nothing else will.
+		if !p.started.Load() {
+			errs = append(errs, p.closeQUIC())
 		}
 		if err := errors.Join(errs...); err != nil {
 			p.closeErr = fmt.Errorf("proxy: close listeners: %w", err)

@@ -46,6 +46,13 @@ func TestNewValidates(t *testing.T) {
 		{name: "service_twice", mutate: func(c *proxy.Config) { c.Services = append(c.Services, c.Services[0]) }},
 		{name: "service_empty_allow", mutate: func(c *proxy.Config) { c.Services[0].Allow = nil }},
 		{name: "service_zero_id", mutate: func(c *proxy.Config) { c.Services[0].Allow = []spiffeid.ID{{}} }},
+		{name: "unknown_transport", mutate: func(c *proxy.Config) { c.Transports = []string{"h3"} }},
+		{name: "transport_twice", mutate: func(c *proxy.Config) { c.Transports = []string{"h2", "tls", "h2"} }},
+		{name: "route_unknown_transport", mutate: func(c *proxy.Config) { c.Routes[0].Transport = "tcp" }},
+		{name: "route_transport_not_offered", mutate: func(c *proxy.Config) { c.Routes[0].Transport = proxy.TransportQUIC }},
+		{name: "negative_pool_max_streams", mutate: func(c *proxy.Config) { c.PoolMaxStreams = -1 }},
+		{name: "negative_pool_max_bytes", mutate: func(c *proxy.Config) { c.PoolMaxBytes = -1 }},
+		{name: "negative_pool_idle_timeout", mutate: func(c *proxy.Config) { c.PoolIdleTimeout = -time.Second }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

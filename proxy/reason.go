@@ -9,6 +9,9 @@ import (
 	"net"
 	"os"
 	"syscall"
+
+	"github.com/quic-go/quic-go"
+	"golang.org/x/net/http2"
 )
 
 // Handshake refusal reasons (audit.Handshake.Reason). Stable identifiers.
@@ -86,6 +89,10 @@ func classify(ctx context.Context, err error) string {
 		// The peer sent a TLS alert: it refused our certificate or
 		// something else about the handshake.
 		return ReasonPeerRefused
+	case quicRefused(err):
+		return ReasonPeerRefused
+	case peerEnded(err):
+		return ReasonPeerClosed
 	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF),
 		errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
 		return ReasonPeerClosed
@@ -96,6 +103,26 @@ func classify(ctx context.Context, err error) string {
 	default:
 		return ReasonHandshakeFailed
 	}
+}
+
+// peerEnded reports whether err is a pooled transport's way of saying that
+// the peer reset the stream or closed the connection.
+func peerEnded(err error) bool {
+	var se http2.StreamError
+	var ga http2.GoAwayError
+	var ce http2.ConnectionError
+	var qs *quic.StreamError
+	var qa *quic.ApplicationError
+	var qr *quic.StatelessResetError
+	return errors.As(err, &se) || errors.As(err, &ga) || errors.As(err, &ce) ||
+		errors.As(err, &qs) || errors.As(err, &qa) || errors.As(err, &qr)
+}
+
+// quicRefused reports whether the peer closed a quic connection with a TLS
+// alert: the QUIC form of a refused handshake.
+func quicRefused(err error) bool {
+	var te *quic.TransportError
+	return errors.As(err, &te) && te.Remote && te.ErrorCode.IsCryptoError()
 }
 
 func isTimeout(err error) bool {

@@ -42,6 +42,10 @@ type ConnInfo struct {
 	Target string
 	// Start is when the connection was accepted.
 	Start time.Time
+	// Transport is TransportTLS, TransportH2 or TransportQUIC (for h2
+	// and quic the connection is one stream of a pooled connection, whose
+	// serials it shares), or "tcp" for a passthrough connection.
+	Transport string
 }
 
 // registry tracks established proxied connections so that revocation and
@@ -54,6 +58,8 @@ type registry struct {
 	// time until which a connection registering with it is closed at
 	// once: see Drain.
 	drained map[string]time.Time
+	// muxes are the pooled connections (h2, quic), both directions.
+	muxes map[*muxConn]struct{}
 }
 
 // add registers c and reports whether its local serial has been drained
@@ -68,6 +74,42 @@ func (r *registry) add(c *tunnelConn, now time.Time) (id uint64, drained bool) {
 	r.conns[r.next] = c
 	until, marked := r.drained[c.info.LocalSerial]
 	return r.next, marked && now.Before(until)
+}
+
+// addMux registers a pooled connection and reports whether its local
+// serial has been drained (at now), in which case the caller must close it.
+// A connection already gone is not registered.
+func (r *registry) addMux(m *muxConn, now time.Time) (drained bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	m.mu.Lock()
+	gone := m.gone
+	m.mu.Unlock()
+	if !gone {
+		if r.muxes == nil {
+			r.muxes = make(map[*muxConn]struct{})
+		}
+		r.muxes[m] = struct{}{}
+	}
+	until, marked := r.drained[m.localSerial]
+	return marked && now.Before(until)
+}
+
+func (r *registry) removeMux(m *muxConn) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.muxes, m)
+}
+
+// allMuxes returns every registered pooled connection.
+func (r *registry) allMuxes() []*muxConn {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	out := make([]*muxConn, 0, len(r.muxes))
+	for m := range r.muxes {
+		out = append(out, m)
+	}
+	return out
 }
 
 func (r *registry) remove(id uint64) {

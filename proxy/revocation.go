@@ -39,7 +39,9 @@ func (p *Proxy) deniedConn(ci ConnInfo) bool {
 // PeerSerial) or whose local credential (the SVID this proxy presented on
 // it, LocalSerial) d denies is closed at once and audited with reason
 // "revoked"; all session-ticket keys are replaced and the client session
-// caches emptied, so no ticket issued before resumes. Safe for concurrent
+// caches emptied, so no ticket issued before resumes. Streams of pooled
+// connections (h2, quic) count as connections, and a pooled connection that
+// d denies is closed at once with them. Safe for concurrent
 // use, though lists are meant to come in version order from one feed: of
 // two concurrent calls, the one that stores its list last wins.
 //
@@ -60,11 +62,20 @@ func (p *Proxy) SetDenyList(d DenyList) (closed int) {
 			victims = append(victims, c)
 		}
 	}
+	var muxes []*muxConn
+	for m := range p.registry.muxes {
+		if p.deniedConn(m.info()) {
+			muxes = append(muxes, m)
+		}
+	}
 	p.registry.mu.Unlock()
 	for _, c := range victims {
 		if c.revoke() {
 			closed++
 		}
+	}
+	for _, m := range muxes {
+		m.close(false)
 	}
 	return closed
 }

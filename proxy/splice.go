@@ -13,9 +13,11 @@ import (
 	"github.com/agentmesh/agentmesh/audit"
 )
 
-// spliceBufferSize is the copy buffer per direction: large enough for a TLS
-// record (16 KiB) plus change, small enough to keep many idle connections.
-const spliceBufferSize = 32 << 10
+// spliceBufferSize is the copy buffer per direction: two TLS records (16 KiB
+// each), small enough to keep many idle connections. Nine bytes less, so
+// that an h2 DATA frame of this size with its 9-byte header fills exactly
+// two records rather than spilling a third, tiny one.
+const spliceBufferSize = 2*16384 - 9
 
 // tunnelConn is one proxied connection: a TLS tunnel to a peer proxy (or,
 // for passthrough, a plain TCP connection to the destination) and a plain
@@ -23,8 +25,9 @@ const spliceBufferSize = 32 << 10
 type tunnelConn struct {
 	p      *Proxy
 	info   ConnInfo // immutable once registered
-	tunnel halfConn // *tls.Conn, or *net.TCPConn for passthrough
+	tunnel halfConn // *tls.Conn, a stream of mux, or *net.TCPConn for passthrough
 	local  net.Conn // set before the copiers start
+	mux    *muxConn // the pooled connection a stream runs on; nil for tls and passthrough
 
 	in  atomic.Int64 // bytes read from the tunnel (peer to local)
 	out atomic.Int64 // bytes written to the tunnel (local to peer)
@@ -165,6 +168,15 @@ func (c *tunnelConn) copy(dst io.Writer, src io.Reader, n *atomic.Int64, bytesDi
 			nw, werr := dst.Write(buf[:nr])
 			n.Add(int64(nw))
 			counter.Add(float64(nw))
+			if c.mux != nil {
+				c.mux.bytes.Add(int64(nw))
+			}
+			if errors.Is(werr, errStopSending) {
+				// The peer stopped reading after it ended its own
+				// side; how the connection ends is up to that side's
+				// copier.
+				return
+			}
 			if werr != nil {
 				c.fail()
 				return
@@ -223,6 +235,7 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 		PeerSerial:  c.info.PeerSerial,
 		LocalSerial: c.info.LocalSerial,
 		Target:      c.info.Target,
+		Transport:   c.info.Transport,
 		BytesIn:     c.in.Load(),
 		BytesOut:    c.out.Load(),
 		Duration:    time.Since(c.info.Start),
@@ -242,7 +255,9 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 		slog.Duration(keyDuration, rec.Duration),
 		slog.String(keyReason, c.closeReason()),
 	)
-	if p.cfg.Audit != nil {
+	// A stream's record is optional (StreamAudit): its pooled connection's
+	// handshake record vouches for it.
+	if p.cfg.Audit != nil && (c.mux == nil || p.cfg.StreamAudit) {
 		if err := p.cfg.Audit.Append(rec); err != nil {
 			// The connection is already gone; the failure also shows in
 			// Audit.Err(), which stops new handshakes.

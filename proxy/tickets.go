@@ -373,6 +373,10 @@ func (p *Proxy) TicketKeys() []TicketKeyStatus {
 // changed), "ca_removed" (a CA left the trust bundle); SetDenyList uses
 // "deny_list". An empty cause is recorded as "unspecified". Handshakes in
 // flight finish on the old configuration; none of their tickets resumes.
+// For the same reason every pooled connection (h2, quic) stops taking new
+// streams (the peer of an inbound one is asked to, with GOAWAY or its quic
+// equivalent): the next agent connection to a peer makes a full handshake,
+// while the streams already open go on, as established tls connections do.
 // Safe for concurrent use.
 func (p *Proxy) ResetTicketKeys(cause string) {
 	if cause == "" {
@@ -386,6 +390,7 @@ func (p *Proxy) ResetTicketKeys(cause string) {
 			slog.String(keyCause, cause), slog.Any(keyErr, err))
 	}
 	p.dropSessions()
+	p.retireMuxes()
 }
 
 // recordKeyState audits and logs one ticket-key transition. A failed append

@@ -68,9 +68,17 @@ type localTLS struct {
 	leaf     *x509.Certificate
 	serial   string
 	digest   [sha256.Size]byte // of the leaf DER, bound into our tickets
-	server   *tls.Config
+	server   *tls.Config       // the TCP tunnel port: tls, and h2 when offered
 	clientMu sync.Mutex
-	clients  map[spiffeid.ID]*tls.Config // guarded by clientMu
+	clients  map[clientKey]*tls.Config // guarded by clientMu
+	quic     *tls.Config               // guarded by clientMu; built on first use
+}
+
+// clientKey names one client configuration of a localTLS: the peer identity
+// it accepts and the transport (ALPN) it offers.
+type clientKey struct {
+	peer      spiffeid.ID
+	transport string
 }
 
 // holds reports whether cert is the certificate l was built for.
@@ -130,7 +138,7 @@ func (p *Proxy) rebuildLocal(cert *tls.Certificate) (*localTLS, error) {
 		leaf:    leaf,
 		serial:  leaf.SerialNumber.String(),
 		digest:  sha256.Sum256(leaf.Raw),
-		clients: make(map[spiffeid.ID]*tls.Config),
+		clients: make(map[clientKey]*tls.Config),
 	}
 	l.server = p.serverTLSConfig(l)
 	p.localTLS.Store(l)
@@ -146,11 +154,14 @@ func (p *Proxy) dropSessions() {
 	p.localTLS.Store(nil)
 }
 
-// serverTLSConfig terminates inbound tunnels with l's certificate.
+// serverTLSConfig terminates inbound tunnels on the TCP port with l's
+// certificate: the tls transport, and h2 when the proxy offers it.
 func (p *Proxy) serverTLSConfig(l *localTLS) *tls.Config {
 	return &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		MaxVersion: tls.VersionTLS13,
+		NextProtos:             p.tcpProtocols(),
+		SessionTicketsDisabled: p.cfg.DisableResumption,
+		MinVersion:             tls.VersionTLS13,
+		MaxVersion:             tls.VersionTLS13,
 		// Not called on a resumed handshake, which presents no
 		// certificate; the setup then learns the serial from DidResume.
 		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
@@ -167,8 +178,7 @@ func (p *Proxy) serverTLSConfig(l *localTLS) *tls.Config {
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			return p.verifyInbound(cs, l)
 		},
-		NextProtos: []string{ALPN},
-		Time:       p.cfg.Now,
+		Time: p.cfg.Now,
 		WrapSession: func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
 			return p.wrapSession(l, cs, ss)
 		},
@@ -176,6 +186,16 @@ func (p *Proxy) serverTLSConfig(l *localTLS) *tls.Config {
 			return p.unwrapSession(l, identity, cs)
 		},
 	}
+}
+
+// tcpProtocols are the application protocols of the TCP tunnel port: tls,
+// and h2 when offered. Each client offers exactly one, so the order does not
+// matter.
+func (p *Proxy) tcpProtocols() []string {
+	if p.cfg.offers(TransportH2) {
+		return []string{ALPN, ALPNH2}
+	}
+	return []string{ALPN}
 }
 
 // noSVIDTLSConfig runs the inbound handshake when there is no SVID to
@@ -191,7 +211,7 @@ func (p *Proxy) noSVIDTLSConfig() *tls.Config {
 			}
 			return nil, &refusal{reason: ReasonNoSVID, err: ErrNoSVID}
 		},
-		NextProtos:             []string{ALPN},
+		NextProtos:             p.tcpProtocols(),
 		SessionTicketsDisabled: true,
 	}
 }
@@ -249,25 +269,55 @@ func (l *localTLS) issuedAt(e []byte) (time.Time, bool) {
 	return time.Unix(int64(binary.BigEndian.Uint64(rest[sha256.Size:])), 0), true //nolint:gosec // our own encoding of a Unix time
 }
 
-// client returns the tls.Config that originates tunnels with l's
-// certificate to peers that must present id, built once per (certificate,
-// identity): Routes and captures to the same peer share it and its session
-// cache. The map grows with the number of peer identities, which the
-// Directory bounds, and is dropped with l.
-func (l *localTLS) client(p *Proxy, id spiffeid.ID) *tls.Config {
+// quicServer returns the configuration that terminates inbound quic
+// connections with l's certificate, built on first use: the TCP port's,
+// with the quic protocol and without session tickets (a pooled connection
+// lives long, so resumption would save little; 0-RTT stays off either way).
+func (l *localTLS) quicServer() *tls.Config {
 	l.clientMu.Lock()
 	defer l.clientMu.Unlock()
-	if cfg, ok := l.clients[id]; ok {
+	if l.quic == nil {
+		cfg := l.server.Clone()
+		cfg.NextProtos = []string{ALPNQUIC}
+		cfg.SessionTicketsDisabled = true
+		l.quic = cfg
+	}
+	return l.quic
+}
+
+// client returns the tls.Config that originates tunnels of transport t with
+// l's certificate to peers that must present id, built once per
+// (certificate, identity, transport): Routes and captures to the same peer
+// share it and its session cache. The map grows with the number of peer
+// identities, which the Directory bounds, and is dropped with l.
+func (l *localTLS) client(p *Proxy, id spiffeid.ID, t string) *tls.Config {
+	l.clientMu.Lock()
+	defer l.clientMu.Unlock()
+	k := clientKey{peer: id, transport: t}
+	if cfg, ok := l.clients[k]; ok {
 		return cfg
 	}
-	cfg := p.clientTLSConfig(l, id)
-	l.clients[id] = cfg
+	cfg := p.clientTLSConfig(l, id, t)
+	l.clients[k] = cfg
 	return cfg
 }
 
-// clientTLSConfig originates tunnels with l's certificate to one peer
-// identity; peerID is the only identity it accepts.
-func (p *Proxy) clientTLSConfig(l *localTLS, peerID spiffeid.ID) *tls.Config {
+// clientTLSConfig originates tunnels of transport t with l's certificate to
+// one peer identity; peerID is the only identity it accepts. It offers the
+// transport's protocol only, so the peer cannot pick another.
+func (p *Proxy) clientTLSConfig(l *localTLS, peerID spiffeid.ID, t string) *tls.Config {
+	alpn := ALPN
+	switch t {
+	case TransportH2:
+		alpn = ALPNH2
+	case TransportQUIC:
+		alpn = ALPNQUIC
+	}
+	var cache tls.ClientSessionCache
+	// quic: see quicServer.
+	if !p.cfg.DisableResumption && t != TransportQUIC {
+		cache = &sessionCache{now: p.cfg.Now, local: l, lru: tls.NewLRUClientSessionCache(sessionCacheSize)}
+	}
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		MaxVersion: tls.VersionTLS13,
@@ -288,9 +338,9 @@ func (p *Proxy) clientTLSConfig(l *localTLS, peerID spiffeid.ID) *tls.Config {
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			return p.verifyOutbound(cs, peerID, l)
 		},
-		NextProtos:         []string{ALPN},
+		NextProtos:         []string{alpn},
 		Time:               p.cfg.Now,
-		ClientSessionCache: &sessionCache{now: p.cfg.Now, local: l, lru: tls.NewLRUClientSessionCache(sessionCacheSize)},
+		ClientSessionCache: cache,
 	}
 }
 
@@ -312,13 +362,14 @@ func (c *sessionCache) Get(key string) (*tls.ClientSessionState, bool) {
 
 func (c *sessionCache) Put(key string, cs *tls.ClientSessionState) { c.lru.Put(key, cs) }
 
-// verifyPeer checks that the peer negotiated the tunnel protocol and
+// verifyPeer checks that the peer negotiated a tunnel protocol and
 // presented a valid X509-SVID chaining to the bundle of its trust domain,
 // then that the revocation state may be trusted and denies neither the peer
 // nor our own certificate l. x509svid.Verify rejects foreign CAs, expired
 // chains, leaves with zero or several URI SANs and CA leaves.
 func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS) (spiffeid.ID, string, error) {
-	if cs.NegotiatedProtocol != ALPN {
+	// crypto/tls only lets a protocol through that this side offered.
+	if transportOf(cs.NegotiatedProtocol) == "" {
 		return spiffeid.ID{}, "", &refusal{reason: ReasonALPN,
 			err: fmt.Errorf("%w: got %q", ErrALPN, cs.NegotiatedProtocol)}
 	}

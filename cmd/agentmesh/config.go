@@ -20,24 +20,29 @@ import (
 
 // proxyFile is the YAML shape of `agentmesh proxy --config FILE`.
 type proxyFile struct {
-	ID       string          `yaml:"id"`
-	State    string          `yaml:"state"`
-	CA       caFile          `yaml:"ca"`
-	Tunnel   string          `yaml:"tunnel"`
-	Admin    string          `yaml:"admin"`
-	Outbound string          `yaml:"outbound"`
-	Explicit string          `yaml:"explicit"`
-	Strict   string          `yaml:"strict"`
-	Unknown  string          `yaml:"unknown"`
-	Mark     int             `yaml:"mark"`
-	Keys     string          `yaml:"keys"`
-	Dir      directoryFile   `yaml:"directory"`
-	Revoke   revocationFile  `yaml:"revocation"`
-	Audit    auditFile       `yaml:"audit"`
-	Log      logFile         `yaml:"log"`
-	Rotation policy.Rotation `yaml:"rotation"`
-	Routes   []routeFile     `yaml:"routes"`
-	Services []serviceFile   `yaml:"services"`
+	ID       string `yaml:"id"`
+	State    string `yaml:"state"`
+	CA       caFile `yaml:"ca"`
+	Tunnel   string `yaml:"tunnel"`
+	Admin    string `yaml:"admin"`
+	Outbound string `yaml:"outbound"`
+	Explicit string `yaml:"explicit"`
+	Strict   string `yaml:"strict"`
+	Unknown  string `yaml:"unknown"`
+	Mark     int    `yaml:"mark"`
+	Keys     string `yaml:"keys"`
+	// Transports are the tunnel transports this proxy accepts and prefers, most
+	// preferred first: tls, h2, quic. Default [tls].
+	Transports []string `yaml:"transports"`
+	// Resumption turns TLS session resumption on the tls transport on or off. Default on.
+	Resumption *bool           `yaml:"resumption"`
+	Dir        directoryFile   `yaml:"directory"`
+	Revoke     revocationFile  `yaml:"revocation"`
+	Audit      auditFile       `yaml:"audit"`
+	Log        logFile         `yaml:"log"`
+	Rotation   policy.Rotation `yaml:"rotation"`
+	Routes     []routeFile     `yaml:"routes"`
+	Services   []serviceFile   `yaml:"services"`
 }
 
 type caFile struct {
@@ -61,6 +66,8 @@ type revocationFile struct {
 
 type auditFile struct {
 	Path string `yaml:"path"`
+	// Streams adds a record per proxied stream of the pooled transports.
+	Streams bool `yaml:"streams"`
 }
 
 type logFile struct {
@@ -73,6 +80,7 @@ type routeFile struct {
 	Peer       string `yaml:"peer"`
 	PeerID     string `yaml:"peer_id"`
 	TargetPort int    `yaml:"target_port"`
+	Transport  string `yaml:"transport"`
 }
 
 type serviceFile struct {
@@ -82,28 +90,31 @@ type serviceFile struct {
 
 // proxyConfig is a validated proxy configuration with paths resolved.
 type proxyConfig struct {
-	ID        spiffeid.ID
-	State     string
-	CAURL     string
-	CARoot    string
-	TokenFile string
-	Tunnel    string
-	Admin     string
-	Outbound  string
-	Explicit  string
-	Strict    string
-	Unknown   proxy.UnknownPolicy
-	Mark      int
-	Keys      string
-	Advertise []netip.Addr
-	Heartbeat time.Duration
-	Poll      time.Duration
-	Staleness time.Duration
-	AuditPath string
-	Log       logFile
-	Rotation  policy.Rotation
-	Routes    []proxy.Route
-	Services  []proxy.Service
+	ID          spiffeid.ID
+	State       string
+	CAURL       string
+	CARoot      string
+	TokenFile   string
+	Tunnel      string
+	Admin       string
+	Outbound    string
+	Explicit    string
+	Strict      string
+	Unknown     proxy.UnknownPolicy
+	Mark        int
+	Keys        string
+	Transports  []string
+	NoResume    bool
+	StreamAudit bool
+	Advertise   []netip.Addr
+	Heartbeat   time.Duration
+	Poll        time.Duration
+	Staleness   time.Duration
+	AuditPath   string
+	Log         logFile
+	Rotation    policy.Rotation
+	Routes      []proxy.Route
+	Services    []proxy.Service
 }
 
 // loadProxyConfig reads and validates a proxy configuration file. Every error names the
@@ -123,23 +134,26 @@ func loadProxyConfig(path string) (*proxyConfig, error) {
 
 func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 	c := &proxyConfig{
-		State:     resolve(base, f.State),
-		CAURL:     f.CA.URL,
-		CARoot:    resolve(base, f.CA.Root),
-		TokenFile: resolve(base, f.CA.TokenFile),
-		Tunnel:    orDefault(f.Tunnel, ":15008"),
-		Admin:     orDefault(f.Admin, "127.0.0.1:15020"),
-		Outbound:  f.Outbound,
-		Explicit:  f.Explicit,
-		Strict:    f.Strict,
-		Mark:      f.Mark,
-		Keys:      f.Keys,
-		Heartbeat: f.Dir.Heartbeat,
-		Poll:      f.Revoke.Poll,
-		Staleness: f.Revoke.MaxStaleness,
-		AuditPath: resolve(base, f.Audit.Path),
-		Log:       f.Log,
-		Rotation:  f.Rotation,
+		State:       resolve(base, f.State),
+		CAURL:       f.CA.URL,
+		CARoot:      resolve(base, f.CA.Root),
+		TokenFile:   resolve(base, f.CA.TokenFile),
+		Tunnel:      orDefault(f.Tunnel, ":15008"),
+		Admin:       orDefault(f.Admin, "127.0.0.1:15020"),
+		Outbound:    f.Outbound,
+		Explicit:    f.Explicit,
+		Strict:      f.Strict,
+		Mark:        f.Mark,
+		Keys:        f.Keys,
+		Transports:  f.Transports,
+		NoResume:    f.Resumption != nil && !*f.Resumption,
+		StreamAudit: f.Audit.Streams,
+		Heartbeat:   f.Dir.Heartbeat,
+		Poll:        f.Revoke.Poll,
+		Staleness:   f.Revoke.MaxStaleness,
+		AuditPath:   resolve(base, f.Audit.Path),
+		Log:         f.Log,
+		Rotation:    f.Rotation,
 	}
 	var err error
 	if c.ID, err = parseID(f.ID); err != nil {
@@ -181,6 +195,11 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 	}
 	if f.Keys != "" && f.Keys != "memory" && f.Keys != "softhsm" && !strings.HasPrefix(f.Keys, "pkcs11:") {
 		return nil, doc.fieldError("keys", fmt.Errorf(`must be "memory", "softhsm" or a pkcs11: URI, not %q`, f.Keys))
+	}
+	for i, tr := range f.Transports {
+		if !knownTransport(tr) {
+			return nil, doc.fieldError(fmt.Sprintf("transports[%d]", i), fmt.Errorf("unknown transport %q: tls, h2 or quic", tr))
+		}
 	}
 	if f.Mark < 0 || int64(f.Mark) > 0xffffffff {
 		return nil, doc.fieldError("mark", errors.New("must be a 32-bit firewall mark"))
@@ -249,8 +268,15 @@ func (r routeFile) route() (proxy.Route, string, error) {
 		return out, "target_port", err
 	}
 	out.TargetPort = port
+	if r.Transport != "" && !knownTransport(r.Transport) {
+		return out, "transport", fmt.Errorf("unknown transport %q: tls, h2 or quic", r.Transport)
+	}
+	out.Transport = r.Transport
 	return out, "", nil
 }
+
+// knownTransport reports whether t names a tunnel transport this build speaks.
+func knownTransport(t string) bool { return t == "tls" || t == "h2" || t == "quic" }
 
 func (s serviceFile) service() (proxy.Service, string, error) {
 	port, err := checkPort(s.Port)

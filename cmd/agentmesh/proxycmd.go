@@ -105,20 +105,23 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		return err
 	}
 	pcfg := proxy.Config{
-		ID:              cfg.ID,
-		Credentials:     rot,
-		TunnelListen:    cfg.Tunnel,
-		Outbound:        cfg.Outbound,
-		Explicit:        cfg.Explicit,
-		Strict:          cfg.Strict,
-		Unknown:         cfg.Unknown,
-		Mark:            cfg.Mark,
-		Routes:          cfg.Routes,
-		Services:        cfg.Services,
-		TicketKeyPeriod: cfg.Rotation.TicketKeyPeriod,
-		Audit:           auditLog,
-		Registerer:      reg,
-		Logger:          logger.With("component", "proxy"),
+		ID:                cfg.ID,
+		Credentials:       rot,
+		TunnelListen:      cfg.Tunnel,
+		Outbound:          cfg.Outbound,
+		Explicit:          cfg.Explicit,
+		Strict:            cfg.Strict,
+		Unknown:           cfg.Unknown,
+		Mark:              cfg.Mark,
+		Routes:            cfg.Routes,
+		Services:          cfg.Services,
+		TicketKeyPeriod:   cfg.Rotation.TicketKeyPeriod,
+		Transports:        cfg.Transports,
+		DisableResumption: cfg.NoResume,
+		StreamAudit:       cfg.StreamAudit,
+		Audit:             auditLog,
+		Registerer:        reg,
+		Logger:            logger.With("component", "proxy"),
 	}
 	// The directory client runs on every proxy, registering only when it advertises
 	// addresses: it carries the deny-list, which every proxy enforces.
@@ -128,6 +131,7 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		Roots:        bundle.X509Authorities(),
 		Certificate:  rot.TLSCertificate,
 		Addresses:    cfg.Advertise,
+		Transports:   cfg.Transports,
 		Heartbeat:    cfg.Heartbeat,
 		PollInterval: cfg.Poll,
 		Control:      markControl,
@@ -232,7 +236,7 @@ type directory struct{ d *ca.Directory }
 
 func (x directory) PeerFor(a netip.Addr) (proxy.Peer, bool) {
 	id, tunnel, ok := x.d.PeerFor(a)
-	return proxy.Peer{ID: id, Tunnel: tunnel}, ok
+	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: x.d.TransportsFor(a)}, ok
 }
 
 func portOf(addr string) (uint16, error) {

@@ -53,7 +53,7 @@ func newStatusCmd() *cobra.Command {
 func printStatus(w io.Writer, st statusDocument) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	for _, id := range st.Identities {
-		fmt.Fprintf(tw, "%s\tready=%t", id.SPIFFEID, id.Ready)
+		fmt.Fprintf(tw, "%s  ready=%t", id.SPIFFEID, id.Ready)
 		if !id.RenewAt.IsZero() {
 			fmt.Fprintf(tw, "  renews %s", id.RenewAt.Format(time.RFC3339))
 		}

@@ -1,0 +1,215 @@
+package proxy
+
+import (
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// muxState is the life of a pooled connection.
+type muxState int
+
+const (
+	muxOpen    muxState = iota
+	muxRetired          // takes no new streams; closes after its last one
+	muxClosed           // closing or gone: takes nothing
+)
+
+// muxConn is one pooled connection.
+type muxConn struct {
+	p           *Proxy
+	impl        muxImpl
+	transport   string
+	dir         Direction
+	key         poolKey // outbound only
+	peerID      spiffeid.ID
+	peerSerial  string
+	localSerial string
+	peerAddr    string
+
+	bytes atomic.Int64 // payload carried by its streams, both ways
+
+	mu        sync.Mutex
+	cond      sync.Cond // on mu: signalled when active drops to 0
+	state     muxState
+	opened    int         // streams ever reserved
+	active    int         // streams not ended yet
+	idleSince time.Time   // when active last dropped to 0
+	linger    *time.Timer // pending graceful close
+	gone      bool        // closed has run
+}
+
+func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
+	m := &muxConn{
+		p:           p,
+		impl:        impl,
+		transport:   s.transport,
+		dir:         s.dir,
+		peerID:      peerID,
+		peerSerial:  s.peerSerial,
+		localSerial: s.localSerial,
+		peerAddr:    s.peerAddr,
+		idleSince:   time.Now(),
+	}
+	m.cond.L = &m.mu
+	return m
+}
+
+// register makes m known to revocation and drain, and counts it. If the
+// deny-list denies m's credentials, or Drain has just drained our
+// certificate on it (its setup picked it before the drain), it closes m and
+// returns why: ReasonRevoked or closeDrained.
+func (m *muxConn) register() string {
+	m.p.metrics.pool.WithLabelValues(string(m.dir), m.transport).Inc()
+	// As for connections (serve): SetDenyList stores the list before it
+	// walks the registry, Drain marks the serial as it walks it.
+	drained := m.p.registry.addMux(m, time.Now())
+	switch {
+	case m.p.deniedConn(m.info()):
+		m.close(false)
+		return ReasonRevoked
+	case drained:
+		m.close(false)
+		return closeDrained
+	}
+	return ""
+}
+
+// info describes m as ConnInfo does a connection, for the deny-list.
+func (m *muxConn) info() ConnInfo {
+	return ConnInfo{Direction: m.dir, PeerID: m.peerID, PeerSerial: m.peerSerial, LocalSerial: m.localSerial,
+		PeerAddr: m.peerAddr, Transport: m.transport}
+}
+
+// reserve takes a stream slot on an open outbound connection within the
+// limits. A connection past PoolMaxStreams or PoolMaxBytes is retired;
+// closeNow reports that it has no stream left, so the caller (holding no
+// lock) must start closing it.
+func (m *muxConn) reserve() (ok, closeNow bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.state != muxOpen {
+		return false, false
+	}
+	if m.opened >= m.p.cfg.PoolMaxStreams || m.bytes.Load() >= m.p.cfg.PoolMaxBytes {
+		m.state = muxRetired
+		return false, m.active == 0
+	}
+	if m.active >= muxConcurrentStreams {
+		return false, false
+	}
+	m.opened++
+	m.active++
+	return true, false
+}
+
+// acquire admits a stream the peer opened on an inbound connection; false
+// once the connection is closing.
+func (m *muxConn) acquire() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.state == muxClosed {
+		return false
+	}
+	m.opened++
+	m.active++
+	return true
+}
+
+// release ends a stream's slot (reserved or acquired). The last stream of a
+// retired outbound connection starts its graceful close.
+func (m *muxConn) release() {
+	m.mu.Lock()
+	m.active--
+	last := m.active == 0
+	if last {
+		m.idleSince = time.Now()
+		m.cond.Broadcast()
+	}
+	retiring := last && m.state == muxRetired
+	m.mu.Unlock()
+	if retiring {
+		m.lingerClose()
+	}
+}
+
+// retire stops m from taking new streams; it closes after its last one.
+func (m *muxConn) retire() {
+	m.mu.Lock()
+	if m.state != muxOpen {
+		m.mu.Unlock()
+		return
+	}
+	m.state = muxRetired
+	idle := m.active == 0
+	m.mu.Unlock()
+	if idle {
+		m.lingerClose()
+	}
+}
+
+// lingerClose closes m gracefully muxCloseLinger from now (see there).
+func (m *muxConn) lingerClose() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.state == muxClosed || m.linger != nil {
+		return
+	}
+	m.linger = time.AfterFunc(muxCloseLinger, func() { m.close(true) })
+}
+
+// close ends m: it takes nothing from now on, and the transport closes it
+// (gracefully: h2 GOAWAY; else at once). Idempotent.
+func (m *muxConn) close(graceful bool) {
+	m.mu.Lock()
+	if m.state == muxClosed {
+		m.mu.Unlock()
+		return
+	}
+	m.state = muxClosed
+	if m.linger != nil {
+		m.linger.Stop()
+	}
+	m.mu.Unlock()
+	m.impl.close(graceful)
+}
+
+// closed is called by the transport, once, when the connection is gone:
+// m leaves the registry and the pool.
+func (m *muxConn) closed() {
+	m.mu.Lock()
+	if m.gone {
+		m.mu.Unlock()
+		return
+	}
+	m.gone = true
+	m.state = muxClosed
+	if m.linger != nil {
+		m.linger.Stop()
+	}
+	m.mu.Unlock()
+	m.p.registry.removeMux(m)
+	if m.dir == Outbound {
+		m.p.pool.remove(m)
+	}
+	m.p.metrics.pool.WithLabelValues(string(m.dir), m.transport).Dec()
+}
+
+// waitStreams blocks until no stream of m is active. Only for a connection
+// that admits no new ones (closed).
+func (m *muxConn) waitStreams() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for m.active > 0 {
+		m.cond.Wait()
+	}
+}
+
+// idleBefore reports whether m is open with no stream since before cutoff.
+func (m *muxConn) idleBefore(cutoff time.Time) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.state != muxClosed && m.active == 0 && m.idleSince.Before(cutoff)
+}
