@@ -183,6 +183,12 @@ type Config struct {
 	// PoolIdleTimeout closes an outbound pooled connection that has
 	// carried no stream for this long. Default 60s; must be >= 0.
 	PoolIdleTimeout time.Duration
+	// QUICKeyUpdateInterval is how many packets QUIC sends or receives
+	// with one traffic key before it updates the keys (RFC 9001 section
+	// 6). 0 keeps quic-go's default, 100 000 (and quic-go always makes a
+	// first update after 100 packets). The setting is process-wide in
+	// quic-go: the last proxy created in a process decides it.
+	QUICKeyUpdateInterval uint64
 	// DisableQUICKeyUpdateCount turns off counting QUIC key updates
 	// (agentmesh_proxy_quic_key_updates_total stays 0). quic-go reports
 	// them only through its qlog tracing, which then describes every

@@ -20,6 +20,7 @@ import (
 // Routes and its capture listeners (transparent and explicit) to peer
 // proxies, inbound from peer proxies to its Services.
 type Proxy struct {
+	chains  chainCache // x509svid verifications of peer chains
 	cfg     Config
 	metrics *metrics
 	limit   limiter

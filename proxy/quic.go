@@ -69,6 +69,9 @@ func (p *Proxy) listenQUIC(tunnelAddr net.Addr) error {
 	if p.udp, err = lc.ListenPacket(context.Background(), "udp", addr); err != nil {
 		return fmt.Errorf("listen udp %s: %w", addr, err)
 	}
+	if n := p.cfg.QUICKeyUpdateInterval; n > 0 {
+		quicSetKeyUpdateInterval(n)
+	}
 	p.quicTr = &quic.Transport{Conn: p.udp, ConnContext: p.quicConnContext}
 	trace := &keyUpdateTrace{p: p}
 	tracer := func(ctx context.Context, isClient bool, _ quic.ConnectionID) qlogwriter.Trace {

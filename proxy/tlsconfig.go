@@ -384,7 +384,7 @@ func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS) (spiffeid.ID, st
 		return spiffeid.ID{}, serial, &refusal{reason: ReasonBadCertificate, peerSerial: serial,
 			err: fmt.Errorf("%w: %w", ErrBadCertificate, err)}
 	}
-	if _, _, err := x509svid.Verify(cs.PeerCertificates, p.cfg.Credentials, x509svid.WithTime(p.cfg.Now())); err != nil {
+	if err := p.chains.verify(cs.PeerCertificates, p.cfg.Credentials, p.cfg.Now()); err != nil {
 		reason := classifyVerify(err)
 		// A trust domain without a bundle fails inside Verify with the
 		// source's own error; name it for what it is.

@@ -35,14 +35,16 @@ type proxyFile struct {
 	// preferred first: tls, h2, quic. Default [tls].
 	Transports []string `yaml:"transports"`
 	// Resumption turns TLS session resumption on the tls transport on or off. Default on.
-	Resumption *bool           `yaml:"resumption"`
-	Dir        directoryFile   `yaml:"directory"`
-	Revoke     revocationFile  `yaml:"revocation"`
-	Audit      auditFile       `yaml:"audit"`
-	Log        logFile         `yaml:"log"`
-	Rotation   policy.Rotation `yaml:"rotation"`
-	Routes     []routeFile     `yaml:"routes"`
-	Services   []serviceFile   `yaml:"services"`
+	Resumption *bool `yaml:"resumption"`
+	// QUICKeyUpdateInterval is the number of packets per QUIC traffic key; 0: quic-go's default.
+	QUICKeyUpdateInterval uint64          `yaml:"quic_key_update_interval"`
+	Dir                   directoryFile   `yaml:"directory"`
+	Revoke                revocationFile  `yaml:"revocation"`
+	Audit                 auditFile       `yaml:"audit"`
+	Log                   logFile         `yaml:"log"`
+	Rotation              policy.Rotation `yaml:"rotation"`
+	Routes                []routeFile     `yaml:"routes"`
+	Services              []serviceFile   `yaml:"services"`
 }
 
 type caFile struct {
@@ -105,6 +107,7 @@ type proxyConfig struct {
 	Keys        string
 	Transports  []string
 	NoResume    bool
+	QUICKeys    uint64
 	StreamAudit bool
 	Advertise   []netip.Addr
 	Heartbeat   time.Duration
@@ -147,6 +150,7 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		Keys:        f.Keys,
 		Transports:  f.Transports,
 		NoResume:    f.Resumption != nil && !*f.Resumption,
+		QUICKeys:    f.QUICKeyUpdateInterval,
 		StreamAudit: f.Audit.Streams,
 		Heartbeat:   f.Dir.Heartbeat,
 		Poll:        f.Revoke.Poll,
