@@ -6,9 +6,10 @@ import (
 	"fmt"
 	"regexp"
 	"strconv"
-	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/agentmesh/agentmesh/policy"
 )
 
 // FileError locates a bad value in a configuration file by file, line and field, so an
@@ -80,40 +81,4 @@ func (d *yamlDoc) fieldError(path string, err error) error {
 	return &FileError{File: d.file, Line: d.line(path), Field: path, Err: err}
 }
 
-func (d *yamlDoc) line(path string) int {
-	n := d.root
-	if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
-		n = n.Content[0]
-	}
-	line := 0 // a missing top-level field has no line to point at
-	for _, seg := range strings.Split(strings.ReplaceAll(path, "[", ".["), ".") {
-		if seg == "" {
-			continue
-		}
-		next := child(n, seg)
-		if next == nil {
-			return line
-		}
-		n, line = next, next.Line
-	}
-	return line
-}
-
-func child(n *yaml.Node, seg string) *yaml.Node {
-	if strings.HasPrefix(seg, "[") {
-		i, err := strconv.Atoi(strings.Trim(seg, "[]"))
-		if err != nil || n.Kind != yaml.SequenceNode || i < 0 || i >= len(n.Content) {
-			return nil
-		}
-		return n.Content[i]
-	}
-	if n.Kind != yaml.MappingNode {
-		return nil
-	}
-	for i := 0; i+1 < len(n.Content); i += 2 {
-		if n.Content[i].Value == seg {
-			return n.Content[i+1]
-		}
-	}
-	return nil
-}
+func (d *yamlDoc) line(path string) int { return policy.YAMLLine(d.root, path) }
