@@ -10,7 +10,6 @@ import (
 	"net/netip"
 	"net/url"
 	"slices"
-	"strconv"
 	"sync"
 	"testing"
 
@@ -33,25 +32,14 @@ func Example() {
 	hostA := spiffeid.RequireFromString("spiffe://example.org/host/a")
 	hostB := spiffeid.RequireFromString("spiffe://example.org/host/b")
 
-	echoLn, _ := net.Listen("tcp", "127.0.0.1:0")
+	echoLn, echoPort := startEcho()
 	defer echoLn.Close()
-	go func() {
-		for {
-			c, err := echoLn.Accept()
-			if err != nil {
-				return
-			}
-			go func() { _, _ = io.Copy(c, c); _ = c.Close() }()
-		}
-	}()
-	_, port, _ := net.SplitHostPort(echoLn.Addr().String())
-	echoPort, _ := strconv.Atoi(port)
 
 	b, err := proxy.New(proxy.Config{
 		ID:           hostB,
 		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostB)),
 		TunnelListen: "127.0.0.1:0",
-		Services:     []proxy.Service{{Port: uint16(echoPort), Allow: []spiffeid.ID{hostA}}},
+		Services:     []proxy.Service{{Port: echoPort, Allow: []spiffeid.ID{hostA}}},
 	})
 	if err != nil {
 		fmt.Println(err)
@@ -65,7 +53,7 @@ func Example() {
 			Listen:     "127.0.0.1:0",
 			Peer:       b.TunnelAddr().String(),
 			PeerID:     hostB, // nobody else may answer
-			TargetPort: uint16(echoPort),
+			TargetPort: echoPort,
 		}},
 	})
 	if err != nil {
@@ -167,18 +155,8 @@ func ExampleProxy_SetDenyList() {
 	hostA := spiffeid.RequireFromString("spiffe://example.org/host/a")
 	hostB := spiffeid.RequireFromString("spiffe://example.org/host/b")
 
-	echoLn, _ := net.Listen("tcp", "127.0.0.1:0")
+	echoLn, echoPort := startEcho()
 	defer echoLn.Close()
-	go func() {
-		for {
-			c, err := echoLn.Accept()
-			if err != nil {
-				return
-			}
-			go func() { _, _ = io.Copy(c, c); _ = c.Close() }()
-		}
-	}()
-	echoPort := uint16(echoLn.Addr().(*net.TCPAddr).Port)
 
 	b, err := proxy.New(proxy.Config{
 		ID:           hostB,
@@ -235,6 +213,21 @@ func ExampleProxy_SetDenyList() {
 	// closed: 1
 	// tunnel gone
 	// after revocation: 0 bytes
+}
+
+// startEcho runs an echo service on a loopback port until its listener closes.
+func startEcho() (net.Listener, uint16) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { _, _ = io.Copy(c, c); _ = c.Close() }()
+		}
+	}()
+	return ln, uint16(ln.Addr().(*net.TCPAddr).Port)
 }
 
 // deniedIDs is a proxy.DenyList that denies every certificate of the listed
