@@ -15,7 +15,9 @@ type Handshake struct {
 	Result    string `json:"result"`    // "ok" | "refused" | "error"
 	Reason    string `json:"reason,omitempty"`
 	Transport string `json:"transport"` // "tls", "h2" or "quic"
-	LocalID   string `json:"local_id,omitempty"`
+	// LocalID is the identity this proxy presented: its host's, or the local agent's on
+	// whose behalf it dialled.
+	LocalID string `json:"local_id,omitempty"`
 	// LocalSerial is the serial (decimal) of the SVID this proxy presented.
 	LocalSerial string        `json:"local_serial,omitempty"`
 	PeerID      string        `json:"peer_id,omitempty"`
@@ -50,7 +52,13 @@ func (Rotation) Kind() string { return "rotation" }
 // Connection records a proxied connection when it closes.
 type Connection struct {
 	Direction string `json:"direction"` // "inbound" | "outbound"
-	PeerID    string `json:"peer_id,omitempty"`
+	// LocalID is the identity this proxy presented (host or local agent), PeerID the one
+	// the peer proxy presented (its host's, or the remote agent's).
+	LocalID string `json:"local_id,omitempty"`
+	PeerID  string `json:"peer_id,omitempty"`
+	// DstID is the agent the connection reaches, when one is registered at the target
+	// port: outbound, the remote agent; inbound, the local one.
+	DstID string `json:"dst_id,omitempty"`
 	// PeerSerial and LocalSerial are the serials (decimal) of the two SVIDs that
 	// authenticated the tunnel.
 	PeerSerial  string        `json:"peer_serial,omitempty"`
@@ -123,3 +131,52 @@ type KeyState struct {
 
 // Kind returns "key_state".
 func (KeyState) Kind() string { return "key_state" }
+
+// Authorization records a connection the authorization policy denied, or a live one it
+// closed after a policy change.
+type Authorization struct {
+	Direction string `json:"direction"` // "inbound" | "outbound"
+	Result    string `json:"result"`    // "denied" | "closed"
+	SrcID     string `json:"src_id,omitempty"`
+	DstID     string `json:"dst_id,omitempty"` // the agent or host the source wanted to reach
+	Port      uint16 `json:"port,omitempty"`
+	// Rule names the deciding rule ("inbound[2] \"name\"", "default").
+	Rule     string `json:"rule"`
+	PeerAddr string `json:"peer_addr,omitempty"`
+	Target   string `json:"target,omitempty"`
+	Policy   uint64 `json:"policy_version,omitempty"` // the policy version that decided
+}
+
+// Kind returns "authorization".
+func (Authorization) Kind() string { return "authorization" }
+
+// Policy records an authorization policy being loaded or refused.
+type Policy struct {
+	Path    string `json:"path"`
+	Version uint64 `json:"version"` // the version in force afterwards
+	Result  string `json:"result"`  // "applied" | "refused"
+	Error   string `json:"error,omitempty"`
+	// Closed is how many live connections the new policy closed.
+	Closed int `json:"closed"`
+}
+
+// Kind returns "policy".
+func (Policy) Kind() string { return "policy" }
+
+// Registration records a change to the CA's registration entries, or a request for an
+// agent's credential that the CA granted or refused.
+type Registration struct {
+	// Initiator is who asked: "uid:N" on the admin socket, a proxy's SPIFFE ID on the
+	// mesh API.
+	Initiator string  `json:"initiator"`
+	Action    string  `json:"action"` // "register" | "unregister" | "token"
+	SPIFFEID  string  `json:"spiffe_id,omitempty"`
+	Host      string  `json:"host,omitempty"`
+	UID       *uint32 `json:"uid,omitempty"`
+	Port      uint16  `json:"port,omitempty"`
+	Result    string  `json:"result"` // "ok" | "refused" | "error"
+	Error     string  `json:"error,omitempty"`
+}
+
+// Kind returns "registration".
+func (Registration) Kind() string { return "registration" }

@@ -62,6 +62,7 @@ type Decision struct {
 	Allow     bool
 	Direction Direction
 	Rule      int    // index into the Direction's rule list in file order; -1 for the default
+	Name      string // the deciding rule's name; "default" for the default
 	Reason    string // one line naming the rule (or the default) and the request, for logs
 }
 
@@ -88,6 +89,9 @@ type outboundYAML struct {
 	To   []string `yaml:"to"`
 }
 
+// defaultRule is Decision.Name when no rule matched.
+const defaultRule = "default"
+
 // ruleName keeps names safe to print in logs and explain output (no spaces, quotes or
 // control characters).
 var ruleName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`)
@@ -110,6 +114,8 @@ func ParseAuthz(data []byte) (*Authz, error) {
 			return doc.fieldError(path+".name", "required")
 		case !ruleName.MatchString(name):
 			return doc.fieldError(path+".name", "must be letters, digits, '.', '-' or '_', starting with a letter or digit")
+		case name == defaultRule:
+			return doc.fieldError(path+".name", `"default" names the decision when no rule matches`)
 		case names[name] != "":
 			return doc.fieldError(path+".name", fmt.Sprintf("duplicate rule name %q (first used at %s)", name, names[name]))
 		}
@@ -195,13 +201,31 @@ func (a *Authz) Inbound(src spiffeid.ID, port uint16, dst spiffeid.ID) Decision 
 			if r.id != nil && !r.id.match(dst) {
 				continue
 			}
-			return Decision{Allow: true, Direction: DirectionInbound, Rule: i,
+			return Decision{Allow: true, Direction: DirectionInbound, Rule: i, Name: r.name,
 				Reason: fmt.Sprintf("inbound rule %q allows %s", r.name, req)}
 		}
 	}
-	return Decision{Direction: DirectionInbound, Rule: -1,
+	return Decision{Direction: DirectionInbound, Rule: -1, Name: defaultRule,
 		Reason: "no inbound rule allows " + req}
 }
+
+// InboundFrom reports whether some inbound rule admits src at all, whatever the port
+// and agent: a proxy refuses any other peer at the handshake, before it names a port.
+func (a *Authz) InboundFrom(src spiffeid.ID) bool {
+	if a == nil {
+		return false
+	}
+	for _, r := range a.inbound {
+		if matchAny(r.from, src) {
+			return true
+		}
+	}
+	return false
+}
+
+// Restricted reports whether outbound calls are subject to rules: false for a parsed
+// policy that lists none.
+func (a *Authz) Restricted() bool { return a == nil || !a.outboundOpen }
 
 // Outbound decides whether the local agent src may call the peer dst. A parsed policy
 // without outbound rules allows every call (Rule -1); otherwise the first matching rule
@@ -209,18 +233,18 @@ func (a *Authz) Inbound(src spiffeid.ID, port uint16, dst spiffeid.ID) Decision 
 func (a *Authz) Outbound(src, dst spiffeid.ID) Decision {
 	req := idString(src) + " to call " + idString(dst)
 	if a != nil && a.outboundOpen {
-		return Decision{Allow: true, Direction: DirectionOutbound, Rule: -1,
+		return Decision{Allow: true, Direction: DirectionOutbound, Rule: -1, Name: defaultRule,
 			Reason: "no outbound rules: allows " + req}
 	}
 	if a != nil {
 		for i, r := range a.outbound {
 			if matchAny(r.from, src) && matchAny(r.to, dst) {
-				return Decision{Allow: true, Direction: DirectionOutbound, Rule: i,
+				return Decision{Allow: true, Direction: DirectionOutbound, Rule: i, Name: r.name,
 					Reason: fmt.Sprintf("outbound rule %q allows %s", r.name, req)}
 			}
 		}
 	}
-	return Decision{Direction: DirectionOutbound, Rule: -1,
+	return Decision{Direction: DirectionOutbound, Rule: -1, Name: defaultRule,
 		Reason: "no outbound rule allows " + req}
 }
 
