@@ -102,23 +102,26 @@ func (s *Server) adminHandler() http.Handler {
 	mux.HandleFunc("GET "+adminDirectoryPath, s.adminOnly(s.handleAdminDirectory))
 	mux.HandleFunc("POST "+adminRevokePath, s.adminOnly(s.handleAdminRevoke))
 	mux.HandleFunc("POST "+adminRotatePath, s.adminOnly(s.handleAdminRotate))
+	mux.HandleFunc("POST "+adminEntriesPath, s.adminOnly(s.handleAdminRegister))
+	mux.HandleFunc("DELETE "+adminEntriesPath, s.adminOnly(s.handleAdminUnregister))
+	mux.HandleFunc("GET "+adminEntriesPath, s.adminOnly(s.handleAdminEntries))
 	return mux
 }
 
 // adminOnly admits root and the CA's own user (SO_PEERCRED), and no one else. A
-// refused revocation request is audited too.
+// refused revocation or registration entry request is audited too.
 func (s *Server) adminOnly(next http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 		if cred.err != nil || !peerAllowed(cred.uid, os.Getuid()) {
 			s.log.Warn("admin request refused", keyPath, r.URL.Path, keyPeerUID, cred.uid, keyErr, cred.err)
 			const msg = "caller is neither root nor the ca's user"
-			if r.URL.Path == adminRevokePath {
-				initiator := "uid:unknown"
-				if cred.err == nil {
-					initiator = uidInitiator(cred.uid)
-				}
-				s.audit(refusedRevocation(initiator, nil, msg))
+			initiator := "uid:unknown"
+			if cred.err == nil {
+				initiator = uidInitiator(cred.uid)
+			}
+			if rec := refusedAdminRecord(r, initiator, msg); rec != nil {
+				s.audit(rec)
 			}
 			writeAdminError(w, http.StatusForbidden, msg)
 			return

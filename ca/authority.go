@@ -143,10 +143,14 @@ func (s *Server) enforceNotRevoked(cert *x509.Certificate) error {
 
 // authorizeRenew is step-ca's renewal authorisation plus the revocation check: a
 // certificate of a revoked identity is not renewed, even under a serial step-ca has not
-// revoked (yet).
+// revoked (yet); and the registration check: an agent identity (/agent/...) is renewed
+// only while an entry names it, so unregistering stops it at the next renewal.
 func (s *Server) authorizeRenew(ctx context.Context, p *provisioner.Controller, cert *x509.Certificate) error {
 	if err := s.enforceNotRevoked(cert); err != nil {
 		return errs.ForbiddenErr(err, "certificate identity has been revoked")
+	}
+	if err := s.enforceRegistered(cert); err != nil {
+		return errs.ForbiddenErr(err, "agent identity is not registered")
 	}
 	return provisioner.DefaultAuthorizeRenew(ctx, p, cert)
 }

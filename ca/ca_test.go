@@ -70,7 +70,7 @@ func checkLifetime(t *testing.T, leaf *x509.Certificate, lifetime, bd time.Durat
 func TestEnrollAndRenew(t *testing.T) {
 	cfg, logs := testConfig(t)
 	ca := startCA(t, cfg)
-	id := spiffeid.RequireFromPath(testTD, "/agent/a")
+	id := spiffeid.RequireFromPath(testTD, "/workload/a")
 
 	before := time.Now()
 	tok, err := ca.Token(id)
@@ -103,7 +103,7 @@ func TestEnrollAndRenew(t *testing.T) {
 	const n = 5
 	var tokEnroll, renew time.Duration
 	for i := range n {
-		id := spiffeid.RequireFromPath(testTD, "/agent/timing"+string(rune('a'+i)))
+		id := spiffeid.RequireFromPath(testTD, "/workload/timing"+string(rune('a'+i)))
 		start := time.Now()
 		svid := enroll(t, ca, id)
 		tokEnroll += time.Since(start)
@@ -150,7 +150,7 @@ func TestEnrollAndRenew(t *testing.T) {
 func TestTokenIsSingleUse(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
-	id := spiffeid.RequireFromPath(testTD, "/agent/once")
+	id := spiffeid.RequireFromPath(testTD, "/workload/once")
 	tok, err := ca.Token(id)
 	if err != nil {
 		t.Fatal(err)
@@ -169,8 +169,8 @@ func TestTokenIsSingleUse(t *testing.T) {
 func TestTokenIsBoundToID(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
-	a := spiffeid.RequireFromPath(testTD, "/agent/a")
-	b := spiffeid.RequireFromPath(testTD, "/agent/b")
+	a := spiffeid.RequireFromPath(testTD, "/workload/a")
+	b := spiffeid.RequireFromPath(testTD, "/workload/b")
 	tok, err := ca.Token(a)
 	if err != nil {
 		t.Fatal(err)
@@ -212,7 +212,7 @@ func TestRestartReusesState(t *testing.T) {
 	if n := strings.Count(logs.String(), created); n != 1 {
 		t.Errorf("first start logged %q %d times, want once", created, n)
 	}
-	id := spiffeid.RequireFromPath(testTD, "/agent/restart")
+	id := spiffeid.RequireFromPath(testTD, "/workload/restart")
 	svid := enroll(t, first, id)
 	used, err := first.Token(id)
 	if err != nil {
@@ -255,7 +255,7 @@ func TestRestartReusesState(t *testing.T) {
 	if !permanent(err) {
 		t.Errorf("Enroll with a token used before the restart: %v, want a permanent error", err)
 	}
-	enroll(t, second, spiffeid.RequireFromPath(testTD, "/agent/after-restart"))
+	enroll(t, second, spiffeid.RequireFromPath(testTD, "/workload/after-restart"))
 }
 
 func TestTrustDomainMismatch(t *testing.T) {
@@ -303,7 +303,7 @@ func TestRequestToken(t *testing.T) {
 	if fi.Mode().Perm() != 0o600 {
 		t.Errorf("admin socket mode %v, want 0600", fi.Mode().Perm())
 	}
-	id := spiffeid.RequireFromPath(testTD, "/agent/admin")
+	id := spiffeid.RequireFromPath(testTD, "/workload/admin")
 	tok, err := RequestToken(context.Background(), cfg.StateDir, id)
 	if err != nil {
 		t.Fatalf("RequestToken: %v", err)
@@ -380,7 +380,7 @@ func TestStepAPIRoutes(t *testing.T) {
 
 	// Revoke an SVID over mTLS: renewal is refused afterwards and the CRL, signed by the
 	// intermediate in the token, lists it at once (GenerateOnRevoke).
-	id := spiffeid.RequireFromPath(testTD, "/agent/revoked")
+	id := spiffeid.RequireFromPath(testTD, "/workload/revoked")
 	svid := enroll(t, ca, id)
 	serial := svid.Certificates[0].SerialNumber
 	status, body := do(t, httpsClient(t, ca, tlsCert(svid)), http.MethodPost, ca.URL()+"/1.0/revoke",
@@ -418,9 +418,9 @@ func TestStepAPIRoutes(t *testing.T) {
 func TestForgedClientCertificateCannotRenew(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
-	real := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/real"))
+	real := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/workload/real"))
 
-	evil := spiffeid.RequireFromPath(testTD, "/agent/evil")
+	evil := spiffeid.RequireFromPath(testTD, "/workload/evil")
 	key := newKey(t)
 	tmpl := &x509.Certificate{
 		SerialNumber:   big.NewInt(4242),
@@ -459,7 +459,7 @@ func TestForgedClientCertificateCannotRenew(t *testing.T) {
 func TestExpiredClientCertificateIsRefused(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
-	svid := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/late"))
+	svid := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/workload/late"))
 	leaf := svid.Certificates[0]
 	if err := ca.verifyClientChain(svid.Certificates, leaf.NotAfter.Add(-time.Second)); err != nil {
 		t.Fatalf("valid SVID refused: %v", err)

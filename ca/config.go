@@ -77,9 +77,11 @@ type Config struct {
 	// net/http's server errors. Default: discard.
 	Logger *slog.Logger
 
-	// Audit receives an audit.Revocation record for every revocation request, done,
-	// refused or failed. A failing Append is logged at Error; the revocation stands.
-	// Default nil: no audit records.
+	// Audit receives an audit.Revocation record for every revocation request, an
+	// audit.Rotation for every fleet rotation, and an audit.Registration for every
+	// registration entry change and agent token request (mesh API): done, refused or
+	// failed. A failing Append is logged at Error; the action stands. Default nil: no
+	// audit records.
 	Audit interface{ Append(audit.Event) error }
 }
 

@@ -100,6 +100,12 @@ type DirectoryConfig struct {
 	// proxy started around a request rotate once more, or not. Default nil: logged
 	// only.
 	OnFleetRotation func(FleetRotation)
+	// OnEntries is called with the registration entries (sorted by ID; the caller
+	// owns the slice) after the first directory version is applied, and after every
+	// later one whose entries differ from the previous one's. From Run's watch
+	// goroutine, never concurrently, which waits until it returns. Default nil: the
+	// entries are only held (Entries, AgentsAt).
+	OnEntries func([]Entry)
 	// Audit receives an audit.DenyList record for every deny-list applied or
 	// refused (the same refused list arriving again in a row is recorded once).
 	// Default nil: none.
@@ -141,16 +147,23 @@ type peerRoute struct {
 type dirSnapshot struct {
 	version uint64
 	peers   map[netip.Addr]peerRoute
+	entries []Entry // sorted by ID
+	// agents are the agents registered with a port, by port, to the host of the proxy
+	// advertising each address (this proxy's own included); the inner maps are shared
+	// by every address of a host. Precomputed so that AgentsAt allocates nothing.
+	agents map[netip.Addr]map[uint16]spiffeid.ID
 }
 
 // Directory keeps this proxy registered in the mesh directory of agentmesh ca
 // (heartbeats), a local copy of the directory up to date (long-poll watch), and the
 // CA's signed revocation deny-list (in every directory answer, and polled). It
-// answers which proxy lives at an address, which deny-list is in force and whether it
-// is fresh. PeerFor, Version, Updated, DenyList, Confirmed and CheckFresh are safe for
+// answers which proxy lives at an address, which agents are registered where, which
+// deny-list is in force and whether it is fresh. PeerFor, TransportsFor, Entries,
+// AgentsAt, Version, Updated, DenyList, Confirmed and CheckFresh are safe for
 // concurrent use and never block on the network; before the first directory arrives
 // PeerFor knows no peer. Since the copy is kept while the CA is unreachable, peers
 // that vanished meanwhile stay listed; the tunnel's peer verification still applies.
+// AgentToken asks the CA, and is safe for concurrent use too.
 type Directory struct {
 	cfg  DirectoryConfig
 	base string
@@ -487,6 +500,11 @@ func (d *Directory) apply(snap *dirSnapshot) (bool, error) {
 	}
 	d.snap.Store(snap)
 	d.applyMu.Unlock()
+	// Before the notification, so that whoever wakes on Updated sees what OnEntries
+	// did. cur.version 0 is the empty snapshot held before the first directory.
+	if d.cfg.OnEntries != nil && (cur.version == 0 || !slices.Equal(cur.entries, snap.entries)) {
+		d.cfg.OnEntries(slices.Clone(snap.entries))
+	}
 	select {
 	case d.updated <- struct{}{}:
 	default:
@@ -547,6 +565,9 @@ func directoryRoutes(doc *DirectoryDocument, self spiffeid.ID) (*dirSnapshot, er
 			}
 			snap.peers[a] = peerRoute{id: p.SPIFFEID, tunnel: net.JoinHostPort(a.String(), port), transports: p.Transports}
 		}
+	}
+	if err := snap.addEntries(doc); err != nil {
+		return nil, err
 	}
 	return snap, nil
 }

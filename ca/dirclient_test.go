@@ -138,6 +138,21 @@ func FuzzDirectoryResponse(f *testing.F) {
 				t.Fatalf("tunnel port %q", port)
 			}
 		}
+		for a, agents := range snap.agents {
+			if !a.IsValid() || a.Is4In6() || a.Zone() != "" || len(agents) == 0 {
+				t.Fatalf("agents %v for address %v", agents, a)
+			}
+			for port, id := range agents {
+				if port == 0 || id.IsZero() {
+					t.Fatalf("agent %q at port %d of %v", id, port, a)
+				}
+			}
+		}
+		for i, e := range snap.entries {
+			if e.ID.IsZero() || e.Host.IsZero() || (i > 0 && compareEntries(snap.entries[i-1], e) >= 0) {
+				t.Fatalf("entries %+v", snap.entries)
+			}
+		}
 	})
 }
 

@@ -16,13 +16,14 @@ import (
 )
 
 // DirectoryDocument is the mesh directory as GET /mesh/v1/directory (and the admin
-// socket's GET /directory) serve it: every live proxy and the revocation deny-list, at
-// one version. Later sections (trust bundle) will be added as further fields; readers
+// socket's GET /directory) serve it: every live proxy, the revocation deny-list and the
+// registration entries, at one version. Later sections (trust bundle) will be added as further fields; readers
 // ignore fields they do not know.
 type DirectoryDocument struct {
 	// Version increases (never repeats) on every change that matters to a peer: an
 	// entry added or removed, its addresses, tunnel port or transports changed, a new
-	// deny-list. A heartbeat that changes nothing else does not bump it.
+	// deny-list, a registration entry added or removed. A heartbeat that changes
+	// nothing else does not bump it.
 	Version uint64 `json:"version"`
 	// Peers are the live entries, sorted by SPIFFE ID.
 	Peers []DirectoryEntry `json:"peers"`
@@ -33,6 +34,9 @@ type DirectoryDocument struct {
 	// renews its credential), nil when there was none. Publishing a new one moves
 	// the version.
 	Rotation *FleetRotation `json:"rotation,omitempty"`
+	// Entries are the registration entries, sorted by ID: which proxy holds which
+	// agent identity, for which uid, and the agents' ports (see AgentsAt).
+	Entries []Entry `json:"entries,omitempty"`
 }
 
 // DirectoryEntry is one registered proxy.
@@ -114,6 +118,8 @@ type dirState struct {
 	revocations *SignedDenyList
 	// rotation is the latest fleet rotation (nil: none), served as is. Immutable.
 	rotation *FleetRotation
+	// registered are the registration entries, sorted by ID. Immutable.
+	registered []Entry
 }
 
 // newDirState returns an empty registry at version seed. The caller seeds it from the
@@ -232,11 +238,18 @@ func (s *dirState) setFleetRotation(fr *FleetRotation) {
 	s.version++
 }
 
+// setEntries publishes the registration entries (sorted by ID, immutable). The
+// version always moves, so that every watcher hears of it at once.
+func (s *dirState) setEntries(entries []Entry) {
+	s.registered = entries
+	s.version++
+}
+
 // snapshot returns the directory as served, sorted by SPIFFE ID. It shares nothing
 // with the state but the signed deny-list and the fleet rotation, which are immutable.
 func (s *dirState) snapshot() DirectoryDocument {
 	doc := DirectoryDocument{Version: s.version, Peers: make([]DirectoryEntry, 0, len(s.entries)),
-		Revocations: s.revocations, Rotation: s.rotation}
+		Revocations: s.revocations, Rotation: s.rotation, Entries: slices.Clone(s.registered)}
 	for _, e := range s.entries {
 		doc.Peers = append(doc.Peers, DirectoryEntry{
 			SPIFFEID:      e.ID,
@@ -346,6 +359,17 @@ func (r *registry) setFleetRotation(fr *FleetRotation) {
 	before := r.state.version
 	r.state.setFleetRotation(fr)
 	r.publishedLocked(before)
+}
+
+// setEntries publishes the registration entries and returns the version after it;
+// the version bump wakes every watcher.
+func (r *registry) setEntries(entries []Entry) uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	before := r.state.version
+	r.state.setEntries(entries)
+	r.publishedLocked(before)
+	return r.state.version
 }
 
 // expire drops entries not refreshed within the TTL.

@@ -8,9 +8,11 @@
 // directory (which proxy lives at which address), with the Directory client proxies run
 // to register in it and watch it; and it revokes identities and certificates,
 // publishing a signed, versioned deny-list with the directory, and announces fleet
-// rotations (every proxy renews now) the same way. It does not decide when to renew,
-// verify what it is given back, keep workload keys, route or dial peers, or enforce
-// the deny-list on connections: those belong to the rotator and the proxy.
+// rotations (every proxy renews now) the same way; and it keeps the registration
+// entries saying which proxy holds which agent identity for which local uid. It does
+// not decide when to renew, verify what it is given back, keep workload keys, attest
+// processes, route or dial peers, or enforce the deny-list or authorization policy on
+// connections: those belong to the rotator and the proxy.
 //
 // # Server
 //
@@ -49,6 +51,22 @@
 // every long-poll; last, step-ca revokes each serial, which puts it in the CRL. Every
 // request is audited (Config.Audit). See docs/directory.md.
 //
+// # Registration entries
+//
+// An Entry names an agent identity (spiffe://TD/agent/NAME), the one proxy that may
+// hold it (its host's, spiffe://TD/host/H), the uid of the agent's processes on that
+// host and optionally the port the agent listens on. Operators change them on the admin
+// socket (Server.RegisterEntry and UnregisterEntry; POST and DELETE /entries,
+// RegisterEntry, UnregisterEntry, ListEntries): an ID is registered once, and a uid or
+// a port of a host belongs to one agent (409 otherwise). Entries are written to
+// StateDir/entries.json before they take effect, published in the directory document
+// (the version moves, waking every long-poll; Directory.Entries, AgentsAt and
+// DirectoryConfig.OnEntries), and every change is audited. The proxy of the entry's
+// host, and no other, gets one-time bootstrap tokens for the agent over the mesh API
+// (POST /mesh/v1/agents/token, Directory.AgentToken), each grant or refusal audited.
+// An /agent/ SVID is renewed only while its entry exists, so unregistering stops the
+// agent's credentials at their next renewal, whoever attempts it.
+//
 // # Fleet rotation
 //
 // Server.RotateFleet (the admin socket's POST /rotate, RequestFleetRotation) records
@@ -75,12 +93,13 @@
 //	                             revocations, live serials by SPIFFE ID
 //	denylist.json                the signed deny-list in force (0644), written atomically
 //	fleet-rotation.json          the latest fleet rotation (0644), written atomically
+//	entries.json                 the registration entries (0600), written atomically
 //	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS),
 //	softhsm2.lock                prepared by hsm.SoftHSM
 //	hsm.pin                      its random user PIN (0600); the SO PIN is discarded
 //	admin.sock                   admin API: POST /token, GET /directory, POST /revoke,
-//	                             POST /rotate (0600; root or the CA's uid, via
-//	                             SO_PEERCRED)
+//	                             POST /rotate, POST, DELETE and GET /entries (0600;
+//	                             root or the CA's uid, via SO_PEERCRED)
 //	lock                         flock held while a Server owns the directory
 //
 // # SoftHSM and the process environment

@@ -57,7 +57,7 @@ var ErrDirectoryRollback = errors.New("ca: directory version older than the one 
 // HTTPS API, or an admin-socket error for RequestToken. Message is the CA's own message
 // (step-ca keeps the details in its log).
 type ResponseError struct {
-	Op      string // "sign", "rekey", "token", "register", "directory"
+	Op      string // "sign", "rekey", "token", "register", "directory", "agent token", "register entry", ...
 	Status  int    // HTTP status code
 	Message string
 }
@@ -118,3 +118,13 @@ var ErrDenyListGap = errors.New("ca: deny list drops entries of the one held")
 // ErrFeedStale is wrapped by Directory.CheckFresh's error when the deny-list has not
 // been confirmed with the CA for longer than allowed.
 var ErrFeedStale = errors.New("ca: revocation feed stale")
+
+// ErrEntryConflict is wrapped by the error of Server.RegisterEntry (and answered 409 by
+// the admin socket) for an entry whose ID is registered already, or whose uid or port
+// another agent of the same host holds. The message names the holder.
+var ErrEntryConflict = errors.New("ca: registration entry conflict")
+
+// ErrEntryNotFound is wrapped by the error of Server.UnregisterEntry (and answered 404
+// by the admin socket) for an ID without a registration entry; the CA also refuses to
+// renew an agent SVID (/agent/...) with it.
+var ErrEntryNotFound = errors.New("ca: no registration entry")

@@ -74,7 +74,7 @@ func listTokenObjects(t *testing.T, stateDir string) []p11Object {
 func TestKeysLiveInTheToken(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
-	svid := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/hsm"))
+	svid := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/workload/hsm"))
 	inter := svid.Certificates[1]
 	if !inter.Equal(ca.certs.intermediate) {
 		t.Fatal("SVID not issued by the CA's intermediate")
@@ -141,7 +141,7 @@ func TestKeysLiveInTheToken(t *testing.T) {
 func TestIssuanceFailsWithoutTheToken(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
-	id := spiffeid.RequireFromPath(testTD, "/agent/hsm-down")
+	id := spiffeid.RequireFromPath(testTD, "/workload/hsm-down")
 	svid := enroll(t, ca, id)
 	tok, err := ca.Token(id)
 	if err != nil {

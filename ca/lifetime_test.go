@@ -31,7 +31,7 @@ func TestSVIDLifetimes(t *testing.T) {
 				want = defaultSVIDLifetime
 			}
 			ca := startCA(t, cfg)
-			id := spiffeid.RequireFromPath(testTD, "/agent/lifetime")
+			id := spiffeid.RequireFromPath(testTD, "/workload/lifetime")
 			before := time.Now()
 			svid := enroll(t, ca, id)
 			checkSVID(t, ca, svid.Certificates, id)
@@ -68,7 +68,7 @@ func TestRequestedLifetimeIsBounded(t *testing.T) {
 		{"1m at the maximum", "1m", http.StatusCreated, time.Minute},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			id := spiffeid.RequireFromPath(testTD, "/agent/greedy")
+			id := spiffeid.RequireFromPath(testTD, "/workload/greedy")
 			tok, err := ca.Token(id)
 			if err != nil {
 				t.Fatal(err)
@@ -108,7 +108,7 @@ func TestConcurrentIssuance(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range workers {
 		wg.Go(func() {
-			id := spiffeid.RequireFromPath(testTD, fmt.Sprintf("/agent/c%d", i))
+			id := spiffeid.RequireFromPath(testTD, fmt.Sprintf("/workload/c%d", i))
 			tok, err := ca.Token(id)
 			if err != nil {
 				errs <- err

@@ -78,6 +78,7 @@ func (s *Server) meshRoutes(r chi.Router) {
 	r.Get(meshDirectoryPath, s.handleWatch)
 	r.Post(meshRevokePath, s.handleMeshRevoke)
 	r.Get(meshRevocationsPath, s.handleRevocations)
+	r.Post(meshAgentTokenPath, s.handleAgentToken)
 }
 
 // requireSVID admits only requests whose client certificate is a valid X509-SVID of

@@ -40,6 +40,10 @@ const (
 	keyKind          = "kind"
 	keyFleetID       = "fleet_rotation_id"
 	keyFleetAt       = "requested_at"
+	keyHost          = "host"
+	keyUID           = "uid"
+	keyPort          = "port"
+	keyEntries       = "entries"
 )
 
 // Files and directories inside Config.StateDir. hsm.SoftHSM names the embedded
@@ -59,6 +63,8 @@ const (
 	// fileFleetRotation holds the latest FleetRotation, so that IDs keep increasing
 	// across restarts.
 	fileFleetRotation = "fleet-rotation.json"
+	// fileEntries holds the registration entries (0600).
+	fileEntries = "entries.json"
 )
 
 // Names inside the PKCS#11 token and step-ca.

@@ -313,7 +313,7 @@ func TestRevokeSerial(t *testing.T) {
 	cfg.Audit = rec
 	ca := startCA(t, cfg)
 	ctx := context.Background()
-	id := spiffeid.RequireFromPath(testTD, "/agent/s")
+	id := spiffeid.RequireFromPath(testTD, "/workload/s")
 	lost := enroll(t, ca, id)
 	kept := enroll(t, ca, id)
 

@@ -67,6 +67,8 @@ type Server struct {
 	revokeMu                         sync.Mutex                // serialises Revoke
 	fleetMu                          sync.Mutex                // serialises RotateFleet
 	fleet                            *FleetRotation            // the latest; guarded by fleetMu
+	entries                          atomic.Pointer[entrySet]  // the registration entries in force
+	entriesMu                        sync.Mutex                // serialises changes to entries
 
 	mu          sync.Mutex
 	state       serverState
@@ -177,6 +179,9 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	if err := s.loadFleetRotation(); err != nil {
+		return nil, err
+	}
+	if err := s.loadEntries(); err != nil {
 		return nil, err
 	}
 
