@@ -1,0 +1,9 @@
+// Package sockowner finds the uid that owns a local TCP socket, from the kernel's socket
+// tables, so the proxy can tell which local process opened a connection it captured.
+//
+// On Linux it asks the kernel for exactly one socket over NETLINK_SOCK_DIAG and, where
+// that interface is unavailable, scans /proc/net/tcp and /proc/net/tcp6 instead. It
+// only reports who owns a socket: it does not decide what that uid may do, cache
+// answers, or look at sockets of other network namespaces. Other platforms get a stub
+// that always fails, so callers treat every connection as unattested there.
+package sockowner
