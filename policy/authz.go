@@ -63,7 +63,35 @@ type Decision struct {
 	Direction Direction
 	Rule      int    // index into the Direction's rule list in file order; -1 for the default
 	Name      string // the deciding rule's name; "default" for the default
-	Reason    string // one line naming the rule (or the default) and the request, for logs
+	// The request decided: source, destination (zero when unknown) and, inbound, port.
+	Src, Dst spiffeid.ID
+	Port     uint16
+	// open marks the default allow of a policy without outbound rules.
+	open bool
+}
+
+// Reason is one line naming the deciding rule (or the default) and the request, for logs.
+// It is built on demand, so that deciding costs no allocation.
+func (d Decision) Reason() string {
+	var req string
+	switch d.Direction {
+	case DirectionInbound:
+		req = fmt.Sprintf("%s to port %d", idString(d.Src), d.Port)
+		if !d.Dst.IsZero() {
+			req += " (" + d.Dst.String() + ")"
+		}
+	case DirectionOutbound:
+		req = idString(d.Src) + " to call " + idString(d.Dst)
+	default:
+		return "no decision"
+	}
+	switch {
+	case d.open:
+		return "no outbound rules: allows " + req
+	case d.Allow:
+		return fmt.Sprintf("%s rule %q allows %s", d.Direction, d.Name, req)
+	}
+	return fmt.Sprintf("no %s rule allows %s", d.Direction, req)
 }
 
 // The YAML shape of a policy file. Field names are what an operator writes.
@@ -186,27 +214,24 @@ func parsePatterns(doc *yamlDoc, path string, in []string) ([]pattern, error) {
 // local agent dst (the zero ID when unknown: a rule that names to.id then never
 // matches). The first matching rule in file order allows; no match denies with Rule -1.
 func (a *Authz) Inbound(src spiffeid.ID, port uint16, dst spiffeid.ID) Decision {
-	req := fmt.Sprintf("%s to port %d", idString(src), port)
-	if !dst.IsZero() {
-		req += " (" + dst.String() + ")"
+	d := Decision{Direction: DirectionInbound, Rule: -1, Name: defaultRule, Src: src, Dst: dst, Port: port}
+	if a == nil {
+		return d
 	}
-	if a != nil {
-		for i, r := range a.inbound {
-			if !matchAny(r.from, src) {
-				continue
-			}
-			if len(r.ports) > 0 && !slices.Contains(r.ports, port) {
-				continue
-			}
-			if r.id != nil && !r.id.match(dst) {
-				continue
-			}
-			return Decision{Allow: true, Direction: DirectionInbound, Rule: i, Name: r.name,
-				Reason: fmt.Sprintf("inbound rule %q allows %s", r.name, req)}
+	for i, r := range a.inbound {
+		if !matchAny(r.from, src) {
+			continue
 		}
+		if len(r.ports) > 0 && !slices.Contains(r.ports, port) {
+			continue
+		}
+		if r.id != nil && !r.id.match(dst) {
+			continue
+		}
+		d.Allow, d.Rule, d.Name = true, i, r.name
+		return d
 	}
-	return Decision{Direction: DirectionInbound, Rule: -1, Name: defaultRule,
-		Reason: "no inbound rule allows " + req}
+	return d
 }
 
 // InboundFrom reports whether some inbound rule admits src at all, whatever the port
@@ -223,6 +248,21 @@ func (a *Authz) InboundFrom(src spiffeid.ID) bool {
 	return false
 }
 
+// InboundRules and OutboundRules count the rules of each direction.
+func (a *Authz) InboundRules() int {
+	if a == nil {
+		return 0
+	}
+	return len(a.inbound)
+}
+
+func (a *Authz) OutboundRules() int {
+	if a == nil {
+		return 0
+	}
+	return len(a.outbound)
+}
+
 // Restricted reports whether outbound calls are subject to rules: false for a parsed
 // policy that lists none.
 func (a *Authz) Restricted() bool { return a == nil || !a.outboundOpen }
@@ -231,21 +271,21 @@ func (a *Authz) Restricted() bool { return a == nil || !a.outboundOpen }
 // without outbound rules allows every call (Rule -1); otherwise the first matching rule
 // allows and no match denies with Rule -1.
 func (a *Authz) Outbound(src, dst spiffeid.ID) Decision {
-	req := idString(src) + " to call " + idString(dst)
-	if a != nil && a.outboundOpen {
-		return Decision{Allow: true, Direction: DirectionOutbound, Rule: -1, Name: defaultRule,
-			Reason: "no outbound rules: allows " + req}
+	d := Decision{Direction: DirectionOutbound, Rule: -1, Name: defaultRule, Src: src, Dst: dst}
+	switch {
+	case a == nil:
+		return d
+	case a.outboundOpen:
+		d.Allow, d.open = true, true
+		return d
 	}
-	if a != nil {
-		for i, r := range a.outbound {
-			if matchAny(r.from, src) && matchAny(r.to, dst) {
-				return Decision{Allow: true, Direction: DirectionOutbound, Rule: i, Name: r.name,
-					Reason: fmt.Sprintf("outbound rule %q allows %s", r.name, req)}
-			}
+	for i, r := range a.outbound {
+		if matchAny(r.from, src) && matchAny(r.to, dst) {
+			d.Allow, d.Rule, d.Name = true, i, r.name
+			return d
 		}
 	}
-	return Decision{Direction: DirectionOutbound, Rule: -1, Name: defaultRule,
-		Reason: "no outbound rule allows " + req}
+	return d
 }
 
 // Explain renders d and the rule that decided it, for `agentmesh policy explain`.
@@ -256,7 +296,7 @@ func (a *Authz) Explain(d Decision) string {
 	if d.Allow {
 		verdict = "allow"
 	}
-	fmt.Fprintf(&b, "%s: %s\n", verdict, d.Reason)
+	fmt.Fprintf(&b, "%s: %s\n", verdict, d.Reason())
 	if d.Rule < 0 {
 		switch {
 		case d.Direction == DirectionOutbound && d.Allow:

@@ -180,7 +180,7 @@ func TestAuthzInbound(t *testing.T) {
 				dst = id(tc.dst)
 			}
 			d := a.Inbound(src, tc.port, dst)
-			if d.Allow != tc.allow || d.Rule != tc.rule || d.Direction != policy.DirectionInbound || d.Reason == "" {
+			if d.Allow != tc.allow || d.Rule != tc.rule || d.Direction != policy.DirectionInbound || d.Reason() == "" {
 				t.Fatalf("Inbound = %+v, want allow=%v rule=%d", d, tc.allow, tc.rule)
 			}
 		})
@@ -232,6 +232,50 @@ func TestAuthzDefaults(t *testing.T) {
 	}
 	if d := a.Inbound(x, 1, y); d.Allow || d.Rule != -1 {
 		t.Errorf("Inbound without rules = %+v, want default deny", d)
+	}
+}
+
+// TestAuthzSummary covers what a proxy asks besides a decision: the deciding rule's
+// name, whether a peer may reach anything at all, and whether outbound is restricted.
+func TestAuthzSummary(t *testing.T) {
+	t.Parallel()
+	a := mustParse(t, examplePolicy)
+	planner, search := id("spiffe://example.org/agent/planner"), id("spiffe://example.org/agent/search")
+	if d := a.Inbound(planner, 8080, search); d.Name != "planner-to-search" {
+		t.Errorf("Inbound decided by %q, want planner-to-search", d.Name)
+	}
+	if d := a.Inbound(search, 8080, search); d.Name != "default" {
+		t.Errorf("default Inbound decision named %q", d.Name)
+	}
+	if d := a.Outbound(search, planner); d.Name != "default" || d.Allow {
+		t.Errorf("default Outbound = %+v", d)
+	}
+	for src, want := range map[string]bool{
+		"spiffe://example.org/agent/planner":   true,
+		"spiffe://example.org/agent/x":         true,
+		"spiffe://example.org/ops/oncall":      true,
+		"spiffe://example.org/ops/oncall2":     false,
+		"spiffe://example.org/host/a":          false,
+		"spiffe://example.org.evil/agent/x":    false,
+		"spiffe://example.org/ops/robots":      false,
+		"spiffe://example.org/ops/robots/r2/x": true,
+	} {
+		if got := a.InboundFrom(id(src)); got != want {
+			t.Errorf("InboundFrom(%s) = %v, want %v", src, got, want)
+		}
+	}
+	if !a.Restricted() || mustParse(t, "inbound: []\n").Restricted() || !(*policy.Authz)(nil).Restricted() {
+		t.Error("Restricted: want true with outbound rules and for nil, false without rules")
+	}
+	if (*policy.Authz)(nil).InboundFrom(planner) {
+		t.Error("nil InboundFrom admits")
+	}
+	if a.InboundRules() != 3 || a.OutboundRules() != 1 {
+		t.Errorf("rules = %d inbound, %d outbound; want 3, 1", a.InboundRules(), a.OutboundRules())
+	}
+	var fe *policy.FieldError
+	if _, err := policy.ParseAuthz([]byte("inbound:\n  - name: default\n    from: [spiffe://td/a]\n    to: {ports: [1]}\n")); !errors.As(err, &fe) || fe.Field != "inbound[0].name" || fe.Line != 2 {
+		t.Errorf("a rule named default: %v", err)
 	}
 }
 

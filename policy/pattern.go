@@ -53,8 +53,8 @@ func (p pattern) match(id spiffeid.ID) bool {
 	if !p.prefix {
 		return id.Path() == p.base.Path()
 	}
-	under := p.base.Path() + "/"
-	return len(id.Path()) > len(under) && strings.HasPrefix(id.Path(), under)
+	base, path := p.base.Path(), id.Path()
+	return len(path) > len(base)+1 && path[len(base)] == '/' && strings.HasPrefix(path, base)
 }
 
 func (p pattern) String() string {

@@ -6,6 +6,8 @@ import (
 	"runtime"
 	"testing"
 
+	"github.com/agentmesh/agentmesh/internal/sockowner"
+	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/proxy"
 )
 
@@ -126,4 +128,87 @@ func BenchmarkTransport(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkAttestAuthorize is what attestation and authorization add to each
+// captured connection, on a real loopback connection: the uid owning the
+// agent's socket (sockowner.UID, from the kernel's socket table), the agent
+// registered for it (Agents.ByUID), the outbound decision on this proxy and
+// the inbound one its peer makes (policy.Authz.Outbound and Inbound, with
+// the rules an operator would write).
+//
+//	go test -run '^$' -bench AttestAuthorize -benchmem ./proxy/
+func BenchmarkAttestAuthorize(b *testing.B) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer ln.Close()
+	client, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer client.Close()
+	agent, err := ln.Accept()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer agent.Close()
+	local, remote := addrPort(b, agent.RemoteAddr()), addrPort(b, agent.LocalAddr())
+
+	ca := testca.New(b)
+	agents := newAgents().add(ownUID(), agentX, testca.NewCredentials(ca, ca.SVID(b, agentX))).listen(8080, agentY)
+	authz := mustPolicy(b, `
+inbound:
+  - name: hosts-to-web
+    from: [spiffe://example.org/host/*]
+    to: {ports: [443]}
+  - name: agents-to-y
+    from: [spiffe://example.org/agent/*]
+    to: {ports: [8080], id: %s}
+outbound:
+  - name: hosts-anywhere
+    from: [spiffe://example.org/host/*]
+    to: [spiffe://example.org/*]
+  - name: x-to-y
+    from: [%s]
+    to: [%s]
+`, agentY, agentX, agentY)
+
+	step := func() {
+		uid, err := sockowner.UID(local, remote)
+		if err != nil {
+			b.Fatal(err)
+		}
+		src, _, ok := agents.ByUID(uid)
+		if !ok {
+			b.Fatalf("uid %d not attested", uid)
+		}
+		dst, _ := agents.ByPort(8080)
+		if !authz.Outbound(src, dst).Allow || !authz.Inbound(src, 8080, dst).Allow {
+			b.Fatal("denied")
+		}
+	}
+	b.Run("total", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			step()
+		}
+	})
+	b.Run("sockowner", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if _, err := sockowner.UID(local, remote); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("decisions", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			if !authz.Outbound(agentX, agentY).Allow || !authz.Inbound(agentX, 8080, agentY).Allow {
+				b.Fatal("denied")
+			}
+		}
+	})
 }

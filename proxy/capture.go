@@ -26,6 +26,7 @@ type outbound struct {
 	mode     captureMode
 	accepted time.Time
 	agent    net.Conn // the accepted socket itself
+	src      identity // the identity its tunnel presents: the host's until attested
 	c        *tunnelConn
 	s        *setup
 	// reply answers an explicit-capture client once its request is known:
@@ -47,11 +48,26 @@ func (p *Proxy) newOutbound(ctx context.Context, agent net.Conn, mode captureMod
 		mode:     mode,
 		accepted: now,
 		agent:    agent,
+		src:      p.host(),
 		c:        c,
 		// Until a destination is known, the only other end is the client.
 		s: &setup{dir: Outbound, start: now, peerAddr: agent.RemoteAddr().String(), transport: transportNone, mode: mode},
 	}
 	return o, func() { stop() }
+}
+
+// attribute attests o (see attest) and makes the identity found the one
+// its tunnel presents. remote is where the agent's socket points. If o is
+// refused (UnattestedDeny) it concludes it and reports false.
+func (p *Proxy) attribute(ctx context.Context, o *outbound, remote netip.AddrPort) bool {
+	who, err := p.attest(o.agent, remote)
+	if err != nil {
+		p.conclude(ctx, o, ReasonUnattested, err)
+		return false
+	}
+	o.src = who
+	o.s.localID = who.id
+	return true
 }
 
 // conclude records the outcome of an outbound setup (reason "" or
@@ -158,6 +174,7 @@ func (p *Proxy) passthrough(ctx context.Context, o *outbound, dst netip.AddrPort
 	o.c.info = ConnInfo{
 		Direction: Outbound,
 		PeerAddr:  dst.String(),
+		Port:      dst.Port(),
 		Target:    dst.String(),
 		Start:     o.accepted,
 		Transport: transportTCP,

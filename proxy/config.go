@@ -13,6 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/policy"
 )
 
 // Credentials is what the proxy needs from the rotator. The proxy calls
@@ -64,8 +66,10 @@ type Service struct {
 // Config configures a Proxy. The zero value of every optional field is a
 // usable default.
 type Config struct {
-	// ID is this proxy's SPIFFE ID, written to audit records as local_id.
-	// Required.
+	// ID is this proxy's SPIFFE ID: the host identity, presented on every
+	// inbound tunnel and on outbound ones not attributed to an agent, and
+	// written to audit records as local_id unless an agent's identity was
+	// presented. Required.
 	ID spiffeid.ID
 	// Credentials supplies the SVID and the trust bundles. Required.
 	Credentials Credentials
@@ -107,9 +111,30 @@ type Config struct {
 	// CAP_NET_ADMIN, checked by New. Linux only. Default 0: no mark; range
 	// 0..4294967295.
 	Mark int
-	// Services are the inbound meshed ports. With none, every inbound
-	// tunnel is refused (and audited).
+	// Services are the inbound meshed ports. With none (and no Policy),
+	// every inbound tunnel is refused (and audited).
 	Services []Service
+	// Agents are the local agents this proxy holds identities for. Nil:
+	// every captured connection uses the host identity. Otherwise each
+	// captured connection (Route, Outbound, Explicit) is attributed to the
+	// agent registered for the uid that owns the agent's socket and
+	// presents that agent's SVID on its tunnel; inbound tunnels always
+	// present the host's.
+	Agents Agents
+	// Unattested decides captured connections whose process's uid is not a
+	// registered agent's, or cannot be found: UnattestedHost (default)
+	// presents the host identity, UnattestedDeny refuses them (reason
+	// "unattested", audited and counted). Ignored when Agents is nil.
+	Unattested UnattestedPolicy
+	// Policy is the authorization policy in force at start (see
+	// SetPolicy). Inbound, a port is reachable by a peer that a Service for
+	// that port lists or that the policy allows; outbound, when the policy
+	// has outbound rules, a connection is tunnelled only if they allow its
+	// source identity (host or agent) to call its destination (the remote
+	// agent registered at the target port, else the peer proxy). Nil:
+	// Services alone authorize inbound tunnels, outbound calls are
+	// unrestricted.
+	Policy *policy.Authz
 	// TargetHost is where inbound tunnels are delivered. Default "127.0.0.1".
 	TargetHost string
 	// Audit receives one record per handshake (success and failure) and per
@@ -275,6 +300,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: MaxConnections %d is negative", ErrInvalidConfig, c.MaxConnections)
 	case c.Unknown != UnknownDeny && c.Unknown != UnknownPassthrough:
 		return fmt.Errorf("%w: Unknown %s is not a policy", ErrInvalidConfig, c.Unknown)
+	case c.Unattested != UnattestedHost && c.Unattested != UnattestedDeny:
+		return fmt.Errorf("%w: Unattested %s is not a policy", ErrInvalidConfig, c.Unattested)
 	case c.Mark < 0 || int64(c.Mark) > math.MaxUint32:
 		return fmt.Errorf("%w: Mark %d is outside 0..%d", ErrInvalidConfig, c.Mark, uint32(math.MaxUint32))
 	case c.Mark != 0 && !markSupported:

@@ -19,6 +19,13 @@ type Peer struct {
 	// entry advertises them (its Config.Transports). Nil or empty means
 	// ["tls"], which every proxy accepts.
 	Transports []string
+	// Agents are the agents registered at the peer's host, by the port
+	// they listen on: a connection to one of those ports calls that agent
+	// (ConnInfo.DstID, and the destination the policy decides on), any
+	// other port the peer proxy itself. Read-only: the proxy never
+	// modifies it, and the Directory may share one map between lookups.
+	// Nil: none known.
+	Agents map[uint16]spiffeid.ID
 }
 
 // Directory maps a destination address to the proxy that lives there. The

@@ -12,10 +12,21 @@
 // It does not obtain, renew or store credentials: it reads the current SVID
 // and trust bundles from a Credentials (the rotator) on every handshake, so a
 // rotation needs no call into the proxy. It does not parse policy files (a
-// Config lists Routes and Services), does not know by itself which proxy
-// lives where (a Directory, fed from the registry, tells it), and does not
-// install iptables rules (`agentmesh redirect` does; Config.Mark lets them
-// exclude the proxy's own traffic).
+// Config lists Routes and Services, and takes a parsed policy.Authz), does
+// not know by itself which proxy lives where (a Directory, fed from the
+// registry, tells it), and does not install iptables rules (`agentmesh
+// redirect` does; Config.Mark lets them exclude the proxy's own traffic).
+//
+// Identities and authorization: with Config.Agents, each captured
+// connection is attested to the local agent registered for the uid that
+// owns the agent's socket (found in the kernel's socket table) and its
+// tunnel presents that agent's SVID; other processes get the host identity
+// or are refused (Config.Unattested). Inbound tunnels always present the
+// host SVID. The authorization policy (Config.Policy, SetPolicy) decides
+// outbound which local identity may call which remote agent or proxy, and
+// inbound which peers may reach which local ports and agents, alongside the
+// Services; a new policy applies to new handshakes, resumed ones and streams
+// at once and closes the live connections it no longer allows.
 //
 // It enforces revocation but does not fetch it: SetDenyList takes each new
 // deny-list (the directory client verifies and feeds it), refuses denied

@@ -25,6 +25,14 @@ var (
 	// ErrPeerMismatch means the peer proxy presented a valid SVID of another
 	// identity than the route expects (impersonation).
 	ErrPeerMismatch = errors.New("proxy: unexpected peer identity")
+	// ErrPolicyDenied means the authorization policy does not allow a
+	// connection: inbound, the peer to reach the port (or its agent);
+	// outbound, the local identity to call the destination.
+	ErrPolicyDenied = errors.New("proxy: not allowed by policy")
+	// ErrUnattested means a captured connection came from a process that
+	// is no registered agent (or whose uid could not be found) and
+	// Config.Unattested is UnattestedDeny.
+	ErrUnattested = errors.New("proxy: connection not attested")
 	// ErrALPN means the peer did not negotiate the tunnel protocol.
 	ErrALPN = errors.New("proxy: tunnel protocol not negotiated")
 	// ErrTunnelRefused means the peer proxy answered a non-zero status.

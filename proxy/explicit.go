@@ -85,6 +85,11 @@ func (p *Proxy) serveExplicit(ctx context.Context, agent net.Conn) {
 		o.c.local = &prefixConn{Conn: agent, prefix: slices.Concat(t.head, rest)}
 	}
 
+	// After the request, so that a refused client gets its protocol's
+	// answer; the client's socket points at our listener.
+	if !p.attribute(ctx, o, addrPortOf(agent.LocalAddr())) {
+		return
+	}
 	dst, err := p.resolve(ctx, t)
 	if err != nil {
 		reason := ReasonResolveFailed

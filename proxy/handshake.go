@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -9,6 +10,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -31,6 +33,9 @@ type setup struct {
 	resumed    bool
 	peerID     string
 	peerSerial string
+	// localID is the identity presented, or to be presented: outbound, the
+	// one the agent's connection was attested to. Zero: the host's.
+	localID spiffeid.ID
 	// localSerial is set by the certificate callback when our SVID was
 	// presented, or by fill when the session was resumed (it rests on the
 	// certificate of the handshake it resumes, the one local was built
@@ -128,7 +133,7 @@ func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake 
 		Result:      resultFor(reason),
 		Reason:      reason,
 		Transport:   s.transport,
-		LocalID:     p.cfg.ID.String(),
+		LocalID:     s.presented(p).String(),
 		LocalSerial: s.localSerial,
 		PeerID:      s.peerID,
 		PeerSerial:  s.peerSerial,
@@ -139,6 +144,9 @@ func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake 
 		Duration:    d,
 	}
 }
+
+// presented is the local identity of s: localID, or the host's.
+func (s *setup) presented(p *Proxy) spiffeid.ID { return cmp.Or(s.localID, p.cfg.ID) }
 
 // logSetup logs a success at Debug and a refusal at Warn (a shutdown is not
 // the peer's fault: Debug).
@@ -164,6 +172,7 @@ func (p *Proxy) logSetup(ctx context.Context, s *setup, reason, result string, d
 		slog.String(keyPeerAddr, s.peerAddr),
 		slog.String(keyPeerID, s.peerID),
 		slog.String(keySerial, s.peerSerial),
+		slog.String(keyLocalID, s.presented(p).String()),
 		slog.String(keyLocal, s.localSerial),
 		slog.Bool(keyResumed, s.resumed),
 		slog.Duration(keyDuration, d),

@@ -17,8 +17,8 @@ import (
 const refuseDrainLimit = 64 << 10
 
 // serveInbound terminates one tunnel from a peer proxy: TLS handshake (chain
-// and "allowed by some Service" checked in VerifyConnection), header, the
-// per-port check, the target dial, then the status byte and the splice. Every
+// and "allowed somewhere by a Service or the policy" checked in
+// VerifyConnection), header, the per-port check, the target dial, then the status byte and the splice. Every
 // outcome is recorded exactly once.
 func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 	s := &setup{dir: Inbound, start: time.Now(), peerAddr: raw.RemoteAddr().String(), transport: TransportTLS}
@@ -83,19 +83,25 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 		p.refuse(ctx, c, s, statusBadRequest, classify(ctx, err), err)
 		return
 	}
-	allow, ok := p.services[h.Port]
-	if !ok {
-		p.refuse(ctx, c, s, statusNotAllowed, ReasonPortNotMeshed,
-			fmt.Errorf("%w: port %d is not a service", ErrPeerNotAllowed, h.Port))
+	c.info = ConnInfo{
+		Direction: Inbound,
+		PeerID:    peerID,
+		LocalID:   p.cfg.ID,
+		DstID:     p.agentAt(h.Port),
+		Port:      h.Port,
+		PeerAddr:  s.peerAddr,
+		Target:    net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(h.Port))),
+		Start:     s.start,
+		Transport: TransportTLS,
+	}
+	v := p.authorize(ctx, c.info)
+	if !v.allow {
+		p.refuse(ctx, c, s, statusNotAllowed, v.reason, v.err)
 		return
 	}
-	if _, ok := allow[peerID]; !ok {
-		p.refuse(ctx, c, s, statusNotAllowed, ReasonPeerNotAllowed,
-			fmt.Errorf("%w: %s may not reach port %d", ErrPeerNotAllowed, peerID, h.Port))
-		return
-	}
+	c.authzVersion = v.version
 
-	target := net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(h.Port)))
+	target := c.info.Target
 	local, err := p.dialer.DialContext(ctx, "tcp", target)
 	if err != nil {
 		reason := ReasonTargetUnreachable
@@ -110,16 +116,7 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 		return
 	}
 	c.local = local
-	c.info = ConnInfo{
-		Direction:   Inbound,
-		PeerID:      peerID,
-		PeerSerial:  s.peerSerial,
-		LocalSerial: s.localSerial,
-		PeerAddr:    s.peerAddr,
-		Target:      target,
-		Start:       s.start,
-		Transport:   TransportTLS,
-	}
+	c.info.PeerSerial, c.info.LocalSerial = s.peerSerial, s.localSerial
 	// Audit before the status byte: nothing reaches the target unrecorded.
 	if err := p.record(ctx, s, "", nil); err != nil {
 		c.abort() // our failure, not the peer's: no status to give

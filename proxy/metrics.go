@@ -9,17 +9,23 @@ import (
 // metrics are the proxy's Prometheus collectors. They always exist so the hot
 // path never checks for nil; registering them is optional.
 type metrics struct {
-	handshakes *prometheus.CounterVec   // direction, result, transport
-	duration   *prometheus.HistogramVec // direction
-	active     *prometheus.GaugeVec     // direction
-	bytes      *prometheus.CounterVec   // direction
-	captured   *prometheus.CounterVec   // mode, result
-	revoked    *prometheus.CounterVec   // direction
-	rotations  *prometheus.CounterVec   // trigger
-	drained    *prometheus.CounterVec   // direction
-	pool       *prometheus.GaugeVec     // direction, transport
-	streams    *prometheus.CounterVec   // direction, transport, result
-	keyUpdates *prometheus.CounterVec   // initiator
+	handshakes  *prometheus.CounterVec   // direction, result, transport
+	duration    *prometheus.HistogramVec // direction
+	active      *prometheus.GaugeVec     // direction
+	bytes       *prometheus.CounterVec   // direction
+	captured    *prometheus.CounterVec   // mode, result
+	revoked     *prometheus.CounterVec   // direction
+	rotations   *prometheus.CounterVec   // trigger
+	drained     *prometheus.CounterVec   // direction
+	pool        *prometheus.GaugeVec     // direction, transport
+	streams     *prometheus.CounterVec   // direction, transport, result
+	keyUpdates  *prometheus.CounterVec   // initiator
+	attested    *prometheus.CounterVec   // result
+	authzDenied *prometheus.CounterVec   // direction, rule
+
+	// The children of attested, resolved once: every captured connection
+	// counts one.
+	attestAgent, attestHost, attestRefused prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -71,7 +77,18 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: metricQUICKeyUpdates,
 			Help: "QUIC traffic-key updates (RFC 9001 section 6) on this proxy's quic connections, by initiator (local, peer).",
 		}, []string{labelInitiator}),
+		attested: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricAttestations,
+			Help: "Captured connections attributed to a local identity (with Config.Agents), by result: agent (the connecting uid is a registered agent's), host (it is not, or could not be found: the host identity), refused (it is not, and unattested connections are denied).",
+		}, []string{labelResult}),
+		authzDenied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricAuthzDenied,
+			Help: "Connections the authorization policy (Services, Config.Policy, SetPolicy) refused at setup, by direction and deciding rule (default: no rule allowed).",
+		}, []string{labelDirection, labelRule}),
 	}
+	m.attestAgent = m.attested.WithLabelValues(attestedAgent)
+	m.attestHost = m.attested.WithLabelValues(attestedHost)
+	m.attestRefused = m.attested.WithLabelValues(attestedRefused)
 	// Create every child up front so dashboards see zeros, not gaps.
 	for _, d := range []Direction{Inbound, Outbound} {
 		for _, r := range []string{resultOK, resultRefused, resultError} {
@@ -90,6 +107,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		m.bytes.WithLabelValues(string(d))
 		m.revoked.WithLabelValues(string(d))
 		m.drained.WithLabelValues(string(d))
+		m.authzDenied.WithLabelValues(string(d), defaultRule)
 	}
 	for _, i := range []string{initiatorLocal, initiatorPeer} {
 		m.keyUpdates.WithLabelValues(i)
@@ -106,7 +124,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return m, nil
 	}
 	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained,
-		m.pool, m.streams, m.keyUpdates}
+		m.pool, m.streams, m.keyUpdates, m.attested, m.authzDenied}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {
 			// Leave the Registerer as it was, so a corrected New can retry.

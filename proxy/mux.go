@@ -26,6 +26,7 @@ type muxConn struct {
 	key         poolKey // outbound only
 	peerID      spiffeid.ID
 	peerSerial  string
+	localID     spiffeid.ID // the identity we presented: the host's, or outbound an agent's
 	localSerial string
 	peerAddr    string
 
@@ -49,6 +50,7 @@ func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
 		dir:         s.dir,
 		peerID:      peerID,
 		peerSerial:  s.peerSerial,
+		localID:     s.presented(p),
 		localSerial: s.localSerial,
 		peerAddr:    s.peerAddr,
 		idleSince:   time.Now(),
@@ -79,8 +81,8 @@ func (m *muxConn) register() string {
 
 // info describes m as ConnInfo does a connection, for the deny-list.
 func (m *muxConn) info() ConnInfo {
-	return ConnInfo{Direction: m.dir, PeerID: m.peerID, PeerSerial: m.peerSerial, LocalSerial: m.localSerial,
-		PeerAddr: m.peerAddr, Transport: m.transport}
+	return ConnInfo{Direction: m.dir, PeerID: m.peerID, PeerSerial: m.peerSerial, LocalID: m.localID,
+		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Transport: m.transport}
 }
 
 // reserve takes a stream slot on an open outbound connection within the

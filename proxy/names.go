@@ -14,6 +14,8 @@ const (
 	metricPoolConnections   = "agentmesh_proxy_pool_connections"
 	metricStreams           = "agentmesh_proxy_streams_total"
 	metricQUICKeyUpdates    = "agentmesh_proxy_quic_key_updates_total"
+	metricAttestations      = "agentmesh_proxy_attestations_total"
+	metricAuthzDenied       = "agentmesh_proxy_authz_denied_total"
 
 	labelDirection = "direction"
 	labelResult    = "result"
@@ -21,6 +23,7 @@ const (
 	labelTrigger   = "trigger"
 	labelTransport = "transport"
 	labelInitiator = "initiator"
+	labelRule      = "rule"
 )
 
 // Why the session-ticket keys changed (the trigger label). A reset's trigger
@@ -76,6 +79,11 @@ const (
 	keyCause     = "cause"
 	keyGrace     = "grace"
 	keyClosed    = "closed"
+	keyLocalID   = "local_id"
+	keySrcID     = "src_id"
+	keyDstID     = "dst_id"
+	keyPort      = "port"
+	keyRule      = "rule"
 )
 
 // Handshake results, as in audit.Handshake.Result and the result label.
@@ -101,6 +109,13 @@ const (
 	transportNone = "none" // refused before anything was dialed
 )
 
+// Attestation outcomes (the result label of agentmesh_proxy_attestations_total).
+const (
+	attestedAgent   = "agent"   // the uid is a registered agent's: its identity
+	attestedHost    = "host"    // not an agent's (or unknown): the host identity
+	attestedRefused = "refused" // not an agent's, and Unattested is UnattestedDeny
+)
+
 // Who started a QUIC key update (the initiator label).
 const (
 	initiatorLocal = "local"
@@ -109,9 +124,10 @@ const (
 
 // Connection close reasons (audit.Connection.Reason).
 const (
-	closeEOF     = "eof"     // both directions finished with a clean EOF
-	closeClosed  = "closed"  // closed by CloseWhere or shutdown
-	closeError   = "error"   // a read or write failed
-	closeRevoked = "revoked" // the deny-list denied the peer's certificate or ours (SetDenyList)
-	closeDrained = "drained" // our credential's overlap ended and its grace passed (Drain)
+	closeEOF     = "eof"            // both directions finished with a clean EOF
+	closeClosed  = "closed"         // closed by CloseWhere or shutdown
+	closeError   = "error"          // a read or write failed
+	closeRevoked = "revoked"        // the deny-list denied the peer's certificate or ours (SetDenyList)
+	closeDrained = "drained"        // our credential's overlap ended and its grace passed (Drain)
+	closePolicy  = "policy_revoked" // the authorization policy no longer allows it (SetPolicy)
 )

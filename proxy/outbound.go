@@ -15,20 +15,35 @@ import (
 func (p *Proxy) serveRoute(ctx context.Context, agent net.Conn, r *route) {
 	o, stop := p.newOutbound(ctx, agent, modeRoute)
 	defer stop()
+	if !p.attribute(ctx, o, addrPortOf(agent.LocalAddr())) {
+		return
+	}
 	peerHost, _, _ := net.SplitHostPort(r.Peer) // validated in New
 	p.tunnel(ctx, o, Peer{ID: r.PeerID, Tunnel: r.Peer}, r.Transport, r.TargetPort,
 		net.JoinHostPort(peerHost, strconv.Itoa(int(r.TargetPort))))
 }
 
 // tunnel carries an outbound connection to peer over transport, whichever
-// way it arrived (route, transparent or explicit capture). target is what
-// ConnInfo and the connection record name as the destination.
+// way it arrived (route, transparent or explicit capture), if the policy
+// allows its identity to call the destination: the agent registered at port
+// on the peer's host, else the peer proxy. A refusal comes before anything
+// is dialed. target is what ConnInfo and the connection record name as the
+// destination.
 func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, transport string, port uint16, target string) {
+	o.c.info = ConnInfo{Direction: Outbound, PeerID: peer.ID, LocalID: o.src.id, DstID: peer.Agents[port], Port: port,
+		PeerAddr: peer.Tunnel, Target: target, Start: o.accepted, Transport: transport}
+	v := p.authorize(ctx, o.c.info)
+	if !v.allow {
+		p.conclude(ctx, o, v.reason, v.err)
+		return
+	}
+	o.c.authzVersion = v.version
 	switch transport {
 	case TransportH2, TransportQUIC:
-		p.tunnelPooled(ctx, o, peer, transport, port, target)
+		p.tunnelPooled(ctx, o, peer, transport, port)
 	default:
-		p.tunnelTLS(ctx, o, peer, port, target)
+		o.c.info.Transport = TransportTLS
+		p.tunnelTLS(ctx, o, peer, port)
 	}
 }
 
@@ -42,7 +57,7 @@ func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, transport st
 // the tunnel. An explicit-capture client waits for our answer anyway, and
 // must get it: its bytes (the rewritten HTTP request, say) only start once
 // the peer said yes, so a refusal can still be answered.
-func (p *Proxy) tunnelTLS(ctx context.Context, o *outbound, peer Peer, port uint16, target string) {
+func (p *Proxy) tunnelTLS(ctx context.Context, o *outbound, peer Peer, port uint16) {
 	s, c := o.s, o.c
 	s.transport = TransportTLS
 	s.peerAddr = peer.Tunnel
@@ -52,9 +67,10 @@ func (p *Proxy) tunnelTLS(ctx context.Context, o *outbound, peer Peer, port uint
 		return
 	}
 	// Without an SVID (or with a revoked one) the handshake would fail
-	// anyway; don't bother the peer. The configuration belongs to the SVID
-	// current now, and so does the session cache it resumes from.
-	l, err := p.local()
+	// anyway; don't bother the peer. The configuration belongs to the
+	// source identity's SVID current now, and so does the session cache it
+	// resumes from: an agent never resumes another identity's session.
+	l, err := p.localFor(o.src)
 	if err != nil {
 		p.conclude(ctx, o, classify(ctx, err), err)
 		return
@@ -102,16 +118,8 @@ func (p *Proxy) tunnelTLS(ctx context.Context, o *outbound, peer Peer, port uint
 		return
 	}
 
-	c.info = ConnInfo{
-		Direction:   Outbound,
-		PeerID:      peer.ID, // VerifyConnection allowed nothing else
-		PeerSerial:  s.peerSerial,
-		LocalSerial: s.localSerial,
-		PeerAddr:    s.peerAddr,
-		Target:      target,
-		Start:       o.accepted,
-		Transport:   TransportTLS,
-	}
+	// PeerID: VerifyConnection allowed nothing but peer.ID.
+	c.info.PeerSerial, c.info.LocalSerial, c.info.PeerAddr = s.peerSerial, s.localSerial, s.peerAddr
 	early := o.reply == nil
 	if early {
 		c.copiers.Go(c.localToTunnel)

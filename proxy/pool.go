@@ -74,23 +74,27 @@ type inStream interface {
 }
 
 // poolKey names the outbound pooled connections that may carry a stream:
-// same transport, our certificate (so the identity presented is always the
-// one current when the stream starts), the peer identity the connection
-// verified, and the peer's address.
+// same transport, the local identity presented (so one agent never rides
+// another's connection, or the host's) and its certificate (the one current
+// when the stream starts), the peer identity the connection verified, and
+// the peer's address.
 type poolKey struct {
 	transport string
-	local     string // our certificate's serial
+	localID   spiffeid.ID // the identity presented: the host's or an agent's
+	local     string      // our certificate's serial
 	peer      spiffeid.ID
 	addr      string
 }
 
 // pool holds the outbound pooled connections.
 type pool struct {
-	p       *Proxy
-	mu      sync.Mutex
-	conns   map[poolKey][]*muxConn // usable or finishing, oldest first; guarded by mu
-	dials   map[poolKey]*dialCall  // in progress, one per key; guarded by mu
-	current string                 // the local serial of the newest open; guarded by mu
+	p     *Proxy
+	mu    sync.Mutex
+	conns map[poolKey][]*muxConn // usable or finishing, oldest first; guarded by mu
+	dials map[poolKey]*dialCall  // in progress, one per key; guarded by mu
+	// current is each identity's local serial of its newest open; guarded
+	// by mu.
+	current map[spiffeid.ID]string
 	// tasks are per-connection goroutines (quic control streams), waited
 	// for by Run once every connection is closed.
 	tasks sync.WaitGroup
@@ -104,10 +108,10 @@ type dialCall struct {
 }
 
 // open starts a stream to port on a pooled connection to peer with l's
-// certificate, dialing one if none can take it. The stream's slot is the
-// caller's: it must call release on the returned muxConn.
+// identity and certificate, dialing one if none can take it. The stream's
+// slot is the caller's: it must call release on the returned muxConn.
 func (pl *pool) open(ctx context.Context, l *localTLS, peer Peer, transport string, port uint16) (*muxConn, outStream, error) {
-	key := poolKey{transport: transport, local: l.serial, peer: peer.ID, addr: peer.Tunnel}
+	key := poolKey{transport: transport, localID: l.id, local: l.serial, peer: peer.ID, addr: peer.Tunnel}
 	// A connection may turn out unusable between reserve and open (a
 	// GOAWAY in flight); nothing was sent then, so another is tried.
 	for attempt := 0; ; attempt++ {
@@ -134,12 +138,12 @@ func (pl *pool) get(ctx context.Context, key poolKey, l *localTLS, peer Peer) (*
 	for {
 		var finish []*muxConn
 		pl.mu.Lock()
-		if key.local != pl.current {
-			// Our certificate changed: connections that present
-			// another one take no new streams.
-			pl.current = key.local
+		if key.local != pl.current[key.localID] {
+			// The identity's certificate changed: its connections
+			// that present another one take no new streams.
+			pl.current[key.localID] = key.local
 			for k, ms := range pl.conns {
-				if k.local != key.local {
+				if k.localID == key.localID && k.local != key.local {
 					finish = append(finish, ms...)
 				}
 			}
@@ -284,7 +288,7 @@ func (p *Proxy) reap(ctx context.Context) {
 // *refusal carrying the recorded reason, so the streams that waited for
 // this dial end with the same one.
 func (p *Proxy) dialMux(ctx context.Context, key poolKey, l *localTLS, peer Peer) (*muxConn, error) {
-	s := &setup{dir: Outbound, start: time.Now(), peerAddr: peer.Tunnel, transport: key.transport}
+	s := &setup{dir: Outbound, start: time.Now(), peerAddr: peer.Tunnel, transport: key.transport, localID: l.id}
 	var impl muxImpl
 	err := p.auditErr()
 	if err == nil {

@@ -27,14 +27,17 @@ type Proxy struct {
 	buffers sync.Pool  // *[]byte of spliceBufferSize
 	dialer  net.Dialer // every dial: DialTimeout, and SO_MARK when Mark is set
 
-	// localTLS holds the TLS configurations of the current SVID (see
-	// local); localMu serialises rebuilding them. noSVIDTLS runs inbound
-	// handshakes that have no SVID to present.
-	localTLS  atomic.Pointer[localTLS]
+	// locals holds the TLS configurations of each local identity's current
+	// SVID (see localFor), an immutable map replaced as a whole; localMu
+	// serialises rebuilding it. noSVIDTLS runs inbound handshakes that have
+	// no SVID to present.
+	locals    atomic.Pointer[map[spiffeid.ID]*localTLS]
 	localMu   sync.Mutex
 	noSVIDTLS *tls.Config
 	tickets   *ticketKeys
-	deny      atomic.Pointer[denyState] // nil: no deny-list
+	deny      atomic.Pointer[denyState]  // nil: no deny-list
+	authz     atomic.Pointer[authzState] // never nil once New returns
+	authzMu   sync.Mutex                 // serialises SetPolicy's version counter
 
 	tunnelLn   net.Listener
 	udp        net.PacketConn  // the quic transport's socket; nil without quic
@@ -87,7 +90,8 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		p.dialer.Control = markControl(cfg.Mark)
 	}
-	p.pool = pool{p: p, conns: make(map[poolKey][]*muxConn), dials: make(map[poolKey]*dialCall)}
+	p.pool = pool{p: p, conns: make(map[poolKey][]*muxConn), dials: make(map[poolKey]*dialCall),
+		current: make(map[spiffeid.ID]string)}
 	if cfg.offers(TransportH2) {
 		p.h2t = newH2Transport()
 	}
@@ -104,6 +108,7 @@ func New(cfg Config) (*Proxy, error) {
 		p.services[s.Port] = allow
 	}
 	p.noSVIDTLS = p.noSVIDTLSConfig()
+	p.authz.Store(&authzState{policy: cfg.Policy, version: 1})
 
 	var err error
 	// Before any listener: the random source is the only thing that can

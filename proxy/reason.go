@@ -38,6 +38,7 @@ const (
 	ReasonPlaintextRefused  = "plaintext_refused"   // strict mode: plain TCP to a meshed port from another host
 	ReasonRevoked           = "revoked"             // the deny-list denies the peer's certificate (or our own)
 	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
+	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
 
 	// Outbound capture (docs/capture.md).
 	ReasonPassthrough        = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)
@@ -46,6 +47,7 @@ const (
 	ReasonLoop               = "loop"                // the destination is this proxy itself (or, captured, the peer's own tunnel)
 	ReasonUnsupportedRequest = "unsupported_request" // explicit: a valid request the proxy does not serve (SOCKS BIND, auth, ...)
 	ReasonResolveFailed      = "resolve_failed"      // explicit: the requested host name did not resolve
+	ReasonUnattested         = "unattested"          // the connecting process is no registered agent, and Unattested is UnattestedDeny
 )
 
 // resultFor maps a reason to the handshake result: "" and passthrough are

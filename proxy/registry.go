@@ -29,13 +29,25 @@ type ConnInfo struct {
 	// are zero for a passthrough connection, which has no peer proxy.
 	PeerID     spiffeid.ID
 	PeerSerial string
+	// LocalID is the identity this proxy presented on the connection: the
+	// host's (Config.ID; every inbound connection), or outbound the local
+	// agent's the connection was attested to. Zero for a passthrough
+	// connection.
+	LocalID spiffeid.ID
 	// LocalSerial is the serial (decimal) of the SVID this proxy presented
 	// on the connection; for a resumed session, the one presented in the
 	// handshake it resumes. Zero for a passthrough connection.
 	LocalSerial string
+	// DstID is the agent the connection reaches, when one is registered at
+	// the target port: outbound, the remote agent (Peer.Agents); inbound,
+	// the local one (Agents.ByPort). Zero when none is known.
+	DstID spiffeid.ID
 	// PeerAddr is the peer proxy's address (for passthrough, the
 	// destination's).
 	PeerAddr string
+	// Port is the target port: the one the tunnel header (or stream)
+	// names, or a passthrough connection's destination port.
+	Port uint16
 	// Target is where the bytes go: the local host:port for inbound
 	// connections; outbound, the original destination of a captured
 	// connection, or the peer's host with Route.TargetPort for a Route.

@@ -24,11 +24,12 @@ func (p *Proxy) denies(id spiffeid.ID, serial string) bool {
 }
 
 // deniedConn reports whether the deny-list in force denies the peer
-// credential or the local credential of an established connection.
-// Passthrough connections carry neither and are never denied.
+// credential or the local credential (the host's or an agent's) of an
+// established connection. Passthrough connections carry neither and are
+// never denied.
 func (p *Proxy) deniedConn(ci ConnInfo) bool {
 	return (ci.PeerSerial != "" && p.denies(ci.PeerID, ci.PeerSerial)) ||
-		(ci.LocalSerial != "" && p.denies(p.cfg.ID, ci.LocalSerial))
+		(ci.LocalSerial != "" && p.denies(ci.LocalID, ci.LocalSerial))
 }
 
 // SetDenyList makes d the deny-list in force (nil: none) and returns how many

@@ -28,6 +28,9 @@ type tunnelConn struct {
 	tunnel halfConn // *tls.Conn, a stream of mux, or *net.TCPConn for passthrough
 	local  net.Conn // set before the copiers start
 	mux    *muxConn // the pooled connection a stream runs on; nil for tls and passthrough
+	// authzVersion is the version of the policy the connection was
+	// authorized under; serve checks again if it has changed since.
+	authzVersion uint64
 
 	in  atomic.Int64 // bytes read from the tunnel (peer to local)
 	out atomic.Int64 // bytes written to the tunnel (local to peer)
@@ -50,12 +53,13 @@ type halfConn interface {
 type connState int
 
 const (
-	connOpen    connState = iota
-	connDone              // both directions ended with EOF
-	connFailed            // a copier hit an I/O error
-	connAborted           // CloseWhere or shutdown closed it
-	connRevoked           // the deny-list denied one of its credentials
-	connDrained           // Drain closed it: our credential on it was superseded
+	connOpen          connState = iota
+	connDone                    // both directions ended with EOF
+	connFailed                  // a copier hit an I/O error
+	connAborted                 // CloseWhere or shutdown closed it
+	connRevoked                 // the deny-list denied one of its credentials
+	connDrained                 // Drain closed it: our credential on it was superseded
+	connPolicyRevoked           // SetPolicy closed it: the policy no longer allows it
 )
 
 // attach adds a socket to close at the end. If the connection has already
@@ -139,6 +143,8 @@ func (c *tunnelConn) closeReason() string {
 		return closeRevoked
 	case connDrained:
 		return closeDrained
+	case connPolicyRevoked:
+		return closePolicy
 	default:
 		return closeEOF
 	}
@@ -218,6 +224,8 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 	} else if drained {
 		c.drain()
 	}
+	// SetPolicy likewise stores the policy before it walks the registry.
+	p.recheckPolicy(ctx, c)
 	active := p.metrics.active.WithLabelValues(string(c.info.Direction))
 	active.Inc()
 	if !copierStarted {
@@ -231,7 +239,9 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 
 	rec := audit.Connection{
 		Direction:   string(c.info.Direction),
+		LocalID:     c.info.LocalID.String(),
 		PeerID:      c.info.PeerID.String(),
+		DstID:       c.info.DstID.String(),
 		PeerSerial:  c.info.PeerSerial,
 		LocalSerial: c.info.LocalSerial,
 		Target:      c.info.Target,
@@ -246,9 +256,11 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 	}
 	p.cfg.Logger.LogAttrs(ctx, slog.LevelDebug, "connection closed",
 		slog.String(keyDirection, rec.Direction),
+		slog.String(keyLocalID, rec.LocalID),
 		slog.String(keyPeerID, rec.PeerID),
 		slog.String(keySerial, rec.PeerSerial),
 		slog.String(keyLocal, rec.LocalSerial),
+		slog.String(keyDstID, rec.DstID),
 		slog.String(keyDst, rec.Target),
 		slog.Int64(keyBytesIn, rec.BytesIn),
 		slog.Int64(keyBytesOut, rec.BytesOut),

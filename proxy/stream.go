@@ -32,12 +32,10 @@ var errStopSending = errors.New("peer stopped reading the stream")
 // while the audit log fails or Config.Revocation reports the deny-list
 // stale: a pooled connection must not let new agent connections bypass what
 // would have refused a new tls connection.
-func (p *Proxy) tunnelPooled(ctx context.Context, o *outbound, peer Peer, transport string, port uint16, target string) {
+func (p *Proxy) tunnelPooled(ctx context.Context, o *outbound, peer Peer, transport string, port uint16) {
 	s, c := o.s, o.c
 	s.transport = transport
 	s.peerAddr = peer.Tunnel
-	c.info = ConnInfo{Direction: Outbound, PeerID: peer.ID, PeerAddr: peer.Tunnel, Target: target,
-		Start: o.accepted, Transport: transport}
 
 	if err := p.auditErr(); err != nil {
 		p.concludeStream(ctx, o, ReasonAuditUnavailable, err)
@@ -47,9 +45,10 @@ func (p *Proxy) tunnelPooled(ctx context.Context, o *outbound, peer Peer, transp
 		p.concludeStream(ctx, o, ReasonRevocationStale, err)
 		return
 	}
-	// The pool is keyed by our current certificate: a stream never rides a
-	// connection that presented an older one.
-	l, err := p.local()
+	// The pool is keyed by the source identity and its current
+	// certificate: a stream never rides a connection that presented
+	// another identity or an older certificate.
+	l, err := p.localFor(o.src)
 	if err != nil {
 		p.concludeStream(ctx, o, classify(ctx, err), err)
 		return
@@ -104,12 +103,13 @@ func (p *Proxy) concludeStream(ctx context.Context, o *outbound, reason string, 
 // header, the target dial, the status, the splice. The stream's slot on m is
 // the caller's.
 func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port uint16, perr error) {
-	info := ConnInfo{Direction: Inbound, PeerID: m.peerID, PeerSerial: m.peerSerial, LocalSerial: m.localSerial,
-		PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport}
+	info := ConnInfo{Direction: Inbound, PeerID: m.peerID, LocalID: m.localID, PeerSerial: m.peerSerial,
+		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport}
 	if perr != nil {
 		p.refuseStream(ctx, st, info, statusBadRequest, classify(ctx, perr), perr)
 		return
 	}
+	info.Port, info.DstID = port, p.agentAt(port)
 	info.Target = net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(port)))
 	// Our failures, not the peer's: no status to give, as with tls.
 	for _, f := range []struct {
@@ -123,15 +123,9 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 			return
 		}
 	}
-	allow, ok := p.services[port]
-	if !ok {
-		p.refuseStream(ctx, st, info, statusNotAllowed, ReasonPortNotMeshed,
-			fmt.Errorf("%w: port %d is not a service", ErrPeerNotAllowed, port))
-		return
-	}
-	if _, ok := allow[m.peerID]; !ok {
-		p.refuseStream(ctx, st, info, statusNotAllowed, ReasonPeerNotAllowed,
-			fmt.Errorf("%w: %s may not reach port %d", ErrPeerNotAllowed, m.peerID, port))
+	v := p.authorize(ctx, info)
+	if !v.allow {
+		p.refuseStream(ctx, st, info, statusNotAllowed, v.reason, v.err)
 		return
 	}
 	// A stream counts against MaxConnections like a connection: it holds
@@ -156,7 +150,7 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 		p.refuseStream(ctx, st, info, statusUnreachable, reason, fmt.Errorf("dial target %s: %w", info.Target, err))
 		return
 	}
-	c := &tunnelConn{p: p, info: info, tunnel: st, local: local, mux: m}
+	c := &tunnelConn{p: p, info: info, tunnel: st, local: local, mux: m, authzVersion: v.version}
 	c.attach(st)
 	c.attach(local)
 	stop := context.AfterFunc(ctx, c.abort)
@@ -207,7 +201,9 @@ func (p *Proxy) recordStream(ctx context.Context, info ConnInfo, reason string, 
 	}
 	rec := audit.Connection{
 		Direction:   string(info.Direction),
+		LocalID:     info.LocalID.String(),
 		PeerID:      peerID,
+		DstID:       info.DstID.String(),
 		PeerSerial:  info.PeerSerial,
 		LocalSerial: info.LocalSerial,
 		Target:      info.Target,

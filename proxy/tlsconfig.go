@@ -15,9 +15,10 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
-// The tls.Configs are built once per local certificate: a rotation of the
-// SVID (or SetDenyList) makes the next handshake build a new set, and
-// nothing is cloned per handshake. Trust comes from Credentials in
+// The tls.Configs are built once per local certificate, for each local
+// identity (the host's, and each local agent's that outbound tunnels
+// present): a rotation of an SVID (or SetDenyList) makes the next handshake
+// of that identity build a new set, and nothing is cloned per handshake. Trust comes from Credentials in
 // VerifyConnection, so nothing in a config ever goes stale.
 //
 // Why per local certificate: crypto/tls gives WrapSession, UnwrapSession
@@ -61,14 +62,15 @@ func setupFrom(ctx context.Context) *setup {
 	return s
 }
 
-// localTLS is everything that depends on the SVID this proxy presents. It is
+// localTLS is everything that depends on one SVID this proxy presents. It is
 // immutable once built, except for the lazily filled map of client configs.
 type localTLS struct {
+	id       spiffeid.ID // the identity cert belongs to: the host's or an agent's
 	cert     *tls.Certificate
 	leaf     *x509.Certificate
 	serial   string
 	digest   [sha256.Size]byte // of the leaf DER, bound into our tickets
-	server   *tls.Config       // the TCP tunnel port: tls, and h2 when offered
+	server   *tls.Config       // the TCP tunnel port: tls, and h2 when offered; host identity only
 	clientMu sync.Mutex
 	clients  map[clientKey]*tls.Config // guarded by clientMu
 	quic     *tls.Config               // guarded by clientMu; built on first use
@@ -92,66 +94,6 @@ func (l *localTLS) holds(cert *tls.Certificate) bool {
 // validAt reports whether our certificate may still be relied on at now.
 func (l *localTLS) validAt(now time.Time) bool {
 	return !now.Before(l.leaf.NotBefore) && !now.After(l.leaf.NotAfter)
-}
-
-// local returns the configurations for the current SVID, building them when
-// the SVID changed. A missing SVID is a no_svid refusal, one that the
-// deny-list in force denies a revoked refusal: neither is presented.
-func (p *Proxy) local() (*localTLS, error) {
-	cert, err := p.cfg.Credentials.TLSCertificate()
-	if err != nil {
-		return nil, &refusal{reason: ReasonNoSVID, err: fmt.Errorf("%w: %w", ErrNoSVID, err)}
-	}
-	l := p.localTLS.Load()
-	if l == nil || !l.holds(cert) {
-		if l, err = p.rebuildLocal(cert); err != nil {
-			return nil, err
-		}
-	}
-	if p.denies(p.cfg.ID, l.serial) {
-		return nil, &refusal{reason: ReasonRevoked,
-			err: fmt.Errorf("%w: our own SVID (serial %s)", ErrRevoked, l.serial)}
-	}
-	return l, nil
-}
-
-// rebuildLocal builds and publishes the configurations for cert, unless a
-// concurrent handshake already did.
-func (p *Proxy) rebuildLocal(cert *tls.Certificate) (*localTLS, error) {
-	p.localMu.Lock()
-	defer p.localMu.Unlock()
-	if l := p.localTLS.Load(); l != nil && l.holds(cert) {
-		return l, nil
-	}
-	leaf := cert.Leaf
-	if leaf == nil {
-		if len(cert.Certificate) == 0 {
-			return nil, &refusal{reason: ReasonNoSVID, err: fmt.Errorf("%w: empty certificate", ErrNoSVID)}
-		}
-		var err error
-		if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
-			return nil, &refusal{reason: ReasonNoSVID, err: fmt.Errorf("%w: %w", ErrNoSVID, err)}
-		}
-	}
-	l := &localTLS{
-		cert:    cert,
-		leaf:    leaf,
-		serial:  leaf.SerialNumber.String(),
-		digest:  sha256.Sum256(leaf.Raw),
-		clients: make(map[clientKey]*tls.Config),
-	}
-	l.server = p.serverTLSConfig(l)
-	p.localTLS.Store(l)
-	return l, nil
-}
-
-// dropSessions forgets the configurations, and with them every client
-// session cache: the next handshake builds new ones. Handshakes in flight
-// finish on the old ones, whose caches nobody reads again.
-func (p *Proxy) dropSessions() {
-	p.localMu.Lock()
-	defer p.localMu.Unlock()
-	p.localTLS.Store(nil)
 }
 
 // serverTLSConfig terminates inbound tunnels on the TCP port with l's
@@ -408,23 +350,30 @@ func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS) (spiffeid.ID, st
 	// Checked here too, not only when l is picked: a resumed session rests
 	// on the certificate of its original handshake, which may have been
 	// denied since.
-	if p.denies(p.cfg.ID, l.serial) {
+	if p.denies(l.id, l.serial) {
 		return id, serial, &refusal{reason: ReasonRevoked, peerID: id.String(), peerSerial: serial,
 			err: fmt.Errorf("%w: our own SVID (serial %s)", ErrRevoked, l.serial)}
 	}
 	return id, serial, nil
 }
 
-// verifyInbound admits a peer that is allowed by at least one Service. The
-// per-port check follows once the header names the port.
+// verifyInbound admits a peer that at least one Service or the policy in
+// force allows somewhere. The per-port check follows once the header names
+// the port. Resumed sessions come here too, so a policy change applies to
+// them at once.
 func (p *Proxy) verifyInbound(cs tls.ConnectionState, l *localTLS) error {
 	id, serial, err := p.verifyPeer(cs, l)
 	if err != nil {
 		return err
 	}
-	if _, ok := p.allowedAnywhere[id]; !ok {
-		return &refusal{reason: ReasonPeerNotAllowed, peerID: id.String(), peerSerial: serial,
-			err: fmt.Errorf("%w: %s", ErrPeerNotAllowed, id)}
+	if st := p.authz.Load(); !p.admits(st, id) {
+		err := fmt.Errorf("%w: %s", ErrPeerNotAllowed, id)
+		// Denied before it names a port: the record names the host as the
+		// destination.
+		p.metrics.authzDenied.WithLabelValues(string(Inbound), defaultRule).Inc()
+		p.auditAuthz(context.Background(), ConnInfo{Direction: Inbound, PeerID: id}, authzDenied,
+			verdict{rule: defaultRule, version: st.version, reason: ReasonPeerNotAllowed, err: err})
+		return &refusal{reason: ReasonPeerNotAllowed, peerID: id.String(), peerSerial: serial, err: err}
 	}
 	return nil
 }

@@ -30,7 +30,9 @@ const netnsChildEnv = "AGENTMESH_TEST_NETNS"
 // REDIRECTed to A's outbound port, A reads the original destination with
 // SO_ORIGINAL_DST and tunnels it to B, which delivers it to the target. The
 // proxies' own sockets carry Config.Mark and are left alone by a "-m mark
-// -j RETURN" rule, though their ports are redirected too. A direct
+// -j RETURN" rule, though their ports are redirected too. The client's
+// socket, which still points at the original destination, is attested: its
+// uid is agent x's, whose SVID A presents. A direct
 // connection to the outbound port and a redirect to one of A's own
 // listeners are refused with their reasons.
 //
@@ -85,7 +87,7 @@ func transparentInNetns(t *testing.T, netns string) {
 	ca := testca.New(t)
 	tg := startTarget(t, echo) // 127.0.0.1 only: 127.0.0.2 and ::1 reach it only through the mesh
 	b := start(t, ca, idB, proxy.Config{
-		Services: []proxy.Service{{Port: tg.port, Allow: []spiffeid.ID{idA}}},
+		Services: []proxy.Service{{Port: tg.port, Allow: []spiffeid.ID{agentX}}},
 		Mark:     mark, // B's dial to the target is on the captured port
 	})
 	peerB := proxy.Peer{ID: idB, Tunnel: b.TunnelAddr().String()}
@@ -95,7 +97,9 @@ func transparentInNetns(t *testing.T, netns string) {
 			netip.MustParseAddr("127.0.0.2"): peerB,
 			netip.MustParseAddr("::1"):       peerB,
 		},
-		Mark: mark,
+		Mark:       mark,
+		Agents:     newAgents().add(ownUID(), agentX, testca.NewCredentials(ca, ca.SVID(t, agentX))),
+		Unattested: proxy.UnattestedDeny,
 	})
 	out := strconv.Itoa(int(portOf(t, a.OutboundAddr())))
 	redirect := func(tool string, port uint16) {
@@ -173,8 +177,8 @@ func transparentInNetns(t *testing.T, netns string) {
 				// SO_ORIGINAL_DST was read right: A names the original
 				// destination, B delivered to the target's port.
 				rec := waitForFrom(t, a.audit, from, "closed", func(audit.Connection) bool { return true })
-				if rec.Target != tc.addr || rec.PeerID != idB.String() {
-					t.Errorf("A's connection record %+v, want target %s through %s", rec, tc.addr, idB)
+				if rec.Target != tc.addr || rec.PeerID != idB.String() || rec.LocalID != agentX.String() {
+					t.Errorf("A's connection record %+v, want target %s through %s as %s", rec, tc.addr, idB, agentX)
 				}
 			}
 			if after := a.metric(t, "agentmesh_proxy_captured_total", labels); after != before+1 {
