@@ -37,7 +37,10 @@ type admin struct {
 	logger *slog.Logger
 }
 
-func newAdmin(addr string, reg *prometheus.Registry, rot *rotator.Rotator, px proxyState, logger *slog.Logger) (*admin, error) {
+// newAdmin serves the admin port: ready is the rotator's readiness, identities the state of
+// every identity held (the host's first, then the agents').
+func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identities func() []rotator.Status,
+	px proxyState, logger *slog.Logger) (*admin, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("admin listen: %w", err)
@@ -48,7 +51,7 @@ func newAdmin(addr string, reg *prometheus.Registry, rot *rotator.Rotator, px pr
 		fmt.Fprintln(w, "ok")
 	})
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if err := errors.Join(rot.Ready(), px.Ready()); err != nil {
+		if err := errors.Join(ready(), px.Ready()); err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
@@ -56,7 +59,7 @@ func newAdmin(addr string, reg *prometheus.Registry, rot *rotator.Rotator, px pr
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(statusDocument{Identities: []rotator.Status{rot.Status()}, TicketKeys: px.TicketKeys()})
+		_ = json.NewEncoder(w).Encode(statusDocument{Identities: identities(), TicketKeys: px.TicketKeys()})
 	})
 	return &admin{
 		ln:     ln,

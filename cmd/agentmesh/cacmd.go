@@ -99,9 +99,9 @@ directory) for a one-time bootstrap token for SPIFFE-ID and print it. The token 
 short-lived and can enrol exactly that identity once.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := spiffeid.FromString(args[0])
+			id, err := argID("SPIFFE-ID", args[0])
 			if err != nil {
-				return fmt.Errorf("invalid SPIFFE ID %q: %w", args[0], err)
+				return err
 			}
 			tok, err := ca.RequestToken(cmd.Context(), state, id)
 			if err != nil {
@@ -111,7 +111,6 @@ short-lived and can enrol exactly that identity once.`,
 			return err
 		},
 	}
-	cmd.Flags().StringVar(&state, "state", "", "state directory of the running agentmesh ca")
-	_ = cmd.MarkFlagRequired("state")
+	addStateFlag(cmd, &state)
 	return cmd
 }

@@ -29,8 +29,13 @@ type proxyFile struct {
 	Explicit string `yaml:"explicit"`
 	Strict   string `yaml:"strict"`
 	Unknown  string `yaml:"unknown"`
-	Mark     int    `yaml:"mark"`
-	Keys     string `yaml:"keys"`
+	// Unattested is what happens to a captured connection of a uid no agent is
+	// registered for: "host" (default) presents the host identity, "deny" refuses it.
+	Unattested string `yaml:"unattested"`
+	// Policy is the authorization policy file, reloaded on SIGHUP and on change.
+	Policy string `yaml:"policy"`
+	Mark   int    `yaml:"mark"`
+	Keys   string `yaml:"keys"`
 	// Transports are the tunnel transports this proxy accepts and prefers, most
 	// preferred first: tls, h2, quic. Default [tls].
 	Transports []string `yaml:"transports"`
@@ -103,6 +108,8 @@ type proxyConfig struct {
 	Explicit    string
 	Strict      string
 	Unknown     proxy.UnknownPolicy
+	Unattested  proxy.UnattestedPolicy
+	PolicyPath  string
 	Mark        int
 	Keys        string
 	Transports  []string
@@ -146,6 +153,7 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		Outbound:    f.Outbound,
 		Explicit:    f.Explicit,
 		Strict:      f.Strict,
+		PolicyPath:  resolve(base, f.Policy),
 		Mark:        f.Mark,
 		Keys:        f.Keys,
 		Transports:  f.Transports,
@@ -196,6 +204,14 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		c.Unknown = proxy.UnknownPassthrough
 	default:
 		return nil, doc.fieldError("unknown", fmt.Errorf(`must be "deny" or "passthrough", not %q`, f.Unknown))
+	}
+	switch f.Unattested {
+	case "", "host":
+		c.Unattested = proxy.UnattestedHost
+	case "deny":
+		c.Unattested = proxy.UnattestedDeny
+	default:
+		return nil, doc.fieldError("unattested", fmt.Errorf(`must be "host" or "deny", not %q`, f.Unattested))
 	}
 	if f.Keys != "" && f.Keys != "memory" && f.Keys != "softhsm" && !strings.HasPrefix(f.Keys, "pkcs11:") {
 		return nil, doc.fieldError("keys", fmt.Errorf(`must be "memory", "softhsm" or a pkcs11: URI, not %q`, f.Keys))

@@ -86,6 +86,7 @@ func TestLoadProxyConfigErrors(t *testing.T) {
 		{name: "unknown transport", edit: replace("state: state", "state: state\ntransports: [h2, spdy]"), line: 3, field: "transports[1]"},
 		{name: "route with an unknown transport", edit: replace("target_port: 8080", "target_port: 8080\n    transport: h3"), line: 14, field: "routes[0].transport"},
 		{name: "unknown key store", edit: replace("state: state", "state: state\nkeys: tpm"), line: 3, field: "keys"},
+		{name: "unknown unattested policy", edit: replace("state: state", "state: state\nunattested: allow"), line: 3, field: "unattested"},
 		{name: "wrong type", edit: replace("target_port: 8080", "target_port: eighty"), line: 13},
 		{name: "bad duration", edit: replace("overlap: 10s", "overlap: ten"), line: 8},
 		{name: "not YAML", edit: func(string) string { return "id: [unclosed\n" }, line: 1},
@@ -119,7 +120,8 @@ func replace(old, new string) func(string) string {
 	}
 }
 
-// TestDeployExamplesParse loads every example configuration shipped in deploy/.
+// TestDeployExamplesParse loads every example configuration and policy shipped in
+// deploy/.
 func TestDeployExamplesParse(t *testing.T) {
 	t.Parallel()
 	paths, err := filepath.Glob("../../deploy/examples/*.yaml")
@@ -127,7 +129,11 @@ func TestDeployExamplesParse(t *testing.T) {
 		t.Fatalf("no example configs found: %v", err)
 	}
 	for _, p := range paths {
-		if _, err := loadProxyConfig(p); err != nil {
+		load := func(p string) error { _, err := loadProxyConfig(p); return err }
+		if strings.HasPrefix(filepath.Base(p), "policy") {
+			load = func(p string) error { _, err := loadPolicy(p); return err }
+		}
+		if err := load(p); err != nil {
 			t.Errorf("%s: %v", p, err)
 		}
 	}

@@ -15,8 +15,10 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -73,21 +75,33 @@ func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc ca.ClientConfig, logger
 	}
 }
 
-// watchConfig re-reads the configuration file and the CA root file on SIGHUP and
-// whenever their content changes. An invalid file is refused with its file, line and
-// field, and what is in force stays. A valid change of the rotation policy applies it,
-// replaces the session-ticket keys (a policy change is a security event) and rotates
-// (trigger config); other settings need a restart, which it says. A changed root file
-// becomes the trust bundle; if it drops a CA, every ticket key is replaced too, so no
-// session of that CA resumes.
-func watchConfig(ctx context.Context, path string, cur *proxyConfig, rot *rotator.Rotator, px *proxy.Proxy,
-	rotate rotateFunc, logger *slog.Logger) {
+// watcher re-reads the configuration file, the CA root file and the policy file on
+// SIGHUP and whenever their content changes. An invalid file is refused with its file,
+// line and field, and what is in force stays. A valid change of the rotation policy
+// applies it, replaces the session-ticket keys (a policy change is a security event) and
+// rotates (trigger config); other settings need a restart, which it says. A changed root
+// file becomes the trust bundle; if it drops a CA, every ticket key is replaced too, so
+// no session of that CA resumes. A changed authorization policy applies at once, to new,
+// resumed and live connections alike.
+type watcher struct {
+	path   string
+	cur    *proxyConfig
+	rot    *rotator.Rotator
+	px     *proxy.Proxy
+	rotate rotateFunc
+	audit  *audit.Log
+	logger *slog.Logger
+	// policyVersion is the version of the policy in force, as SetPolicy numbers them.
+	policyVersion uint64
+}
+
+func (w *watcher) run(ctx context.Context) {
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 	tick := time.NewTicker(configPoll)
 	defer tick.Stop()
-	cfgDigest, rootDigest := fileDigest(path), fileDigest(cur.CARoot)
+	cfgDigest, rootDigest, policyDigest := fileDigest(w.path), fileDigest(w.cur.CARoot), fileDigest(w.cur.PolicyPath)
 	for {
 		initiator := "file"
 		select {
@@ -97,47 +111,85 @@ func watchConfig(ctx context.Context, path string, cur *proxyConfig, rot *rotato
 			initiator = "sighup"
 		case <-tick.C:
 		}
-		if d := fileDigest(cur.CARoot); initiator == "sighup" || !bytes.Equal(d, rootDigest) {
+		if d := fileDigest(w.cur.CARoot); initiator == "sighup" || !bytes.Equal(d, rootDigest) {
 			rootDigest = d
-			reloadBundle(cur, rot, px, logger)
+			reloadBundle(w.cur, w.rot, w.px, w.logger)
 		}
-		if d := fileDigest(path); initiator == "sighup" || !bytes.Equal(d, cfgDigest) {
+		if w.cur.PolicyPath != "" {
+			if d := fileDigest(w.cur.PolicyPath); initiator == "sighup" || !bytes.Equal(d, policyDigest) {
+				policyDigest = d
+				w.reloadPolicy(initiator)
+			}
+		}
+		if d := fileDigest(w.path); initiator == "sighup" || !bytes.Equal(d, cfgDigest) {
 			cfgDigest = d
-			reloadConfig(ctx, path, initiator, cur, rot, px, rotate, logger)
+			w.reloadConfig(ctx, initiator)
 		}
 	}
 }
 
-// reloadConfig applies a changed configuration file, as watchConfig says.
-func reloadConfig(ctx context.Context, path, initiator string, cur *proxyConfig, rot *rotator.Rotator,
-	px *proxy.Proxy, rotate rotateFunc, logger *slog.Logger) {
-	next, err := loadProxyConfig(path)
+// reloadConfig applies a changed configuration file, as watcher says.
+func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
+	next, err := loadProxyConfig(w.path)
 	if err != nil {
-		logger.Error("configuration refused; the one in force stays", "err", err)
+		w.logger.Error("configuration refused; the one in force stays", "err", err)
 		return
 	}
+	cur := w.cur
 	if reflect.DeepEqual(next, cur) {
 		return
 	}
 	other := *next
 	other.Rotation = cur.Rotation
 	if !reflect.DeepEqual(&other, cur) {
-		logger.Warn("configuration changed beyond rotation: restart the proxy to apply the rest")
+		w.logger.Warn("configuration changed beyond rotation: restart the proxy to apply the rest")
 	}
 	if reflect.DeepEqual(next.Rotation, cur.Rotation) {
 		return
 	}
-	if err := rot.SetPolicy(next.Rotation); err != nil {
-		logger.Error("configuration refused; the one in force stays", "err", err)
+	if err := w.rot.SetPolicy(next.Rotation); err != nil {
+		w.logger.Error("configuration refused; the one in force stays", "err", err)
 		return
 	}
 	cur.Rotation = next.Rotation
-	px.ResetTicketKeys("policy")
-	logger.Info("configuration reloaded", "initiator", initiator)
+	w.px.ResetTicketKeys("policy")
+	w.logger.Info("configuration reloaded", "initiator", initiator)
 	req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Initiator: initiator, Reason: "configuration changed"}
-	if _, err := rotate(ctx, req); err != nil {
-		logger.Warn("rotation after the configuration change failed", "err", err)
+	if _, err := w.rotate(ctx, req); err != nil {
+		w.logger.Warn("rotation after the configuration change failed", "err", err)
 	}
+}
+
+// reloadPolicy applies a changed authorization policy file and audits the outcome; an
+// invalid one is refused and the one in force stays.
+func (w *watcher) reloadPolicy(initiator string) {
+	rec := audit.Policy{Path: w.cur.PolicyPath}
+	a, err := loadPolicy(w.cur.PolicyPath)
+	if err != nil {
+		rec.Result, rec.Error, rec.Version = "refused", err.Error(), w.policyVersion
+		w.logger.Error("policy refused; the one in force stays", "err", err)
+	} else {
+		rec.Result = "applied"
+		rec.Version, rec.Closed = w.px.SetPolicy(a)
+		w.policyVersion = rec.Version
+		w.logger.Info("policy reloaded", "initiator", initiator, "version", rec.Version, "closed", rec.Closed)
+	}
+	if err := w.audit.Append(rec); err != nil {
+		w.logger.Error("audit policy change", "err", err)
+	}
+}
+
+// startPolicy loads the policy file named in the configuration, if any, and audits it as
+// version 1.
+func startPolicy(path string, log *audit.Log) (*policy.Authz, error) {
+	if path == "" {
+		return nil, nil
+	}
+	a, err := loadPolicy(path)
+	if err != nil {
+		return nil, err
+	}
+	return a, log.Append(audit.Policy{Path: path, Version: 1, Result: "applied"})
 }
 
 // reloadBundle makes the root file the trust bundle when it changed and is valid.

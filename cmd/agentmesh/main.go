@@ -17,11 +17,15 @@ func main() {
 	err := newRoot().ExecuteContext(ctx)
 	stop()
 	if err != nil {
-		fmt.Fprintln(os.Stderr, "agentmesh:", err)
 		var ee exitError
 		if errors.As(err, &ee) {
+			// A bare exit status: the command has said all there is to say.
+			if err != error(ee) {
+				fmt.Fprintln(os.Stderr, "agentmesh:", err)
+			}
 			os.Exit(int(ee))
 		}
+		fmt.Fprintln(os.Stderr, "agentmesh:", err)
 		os.Exit(1)
 	}
 }
@@ -38,6 +42,7 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newCACmd(), newTokenCmd(), newProxyCmd(), newAuditCmd(), newStatusCmd(), newRedirectCmd(), newRevokeCmd(), newRotateCmd())
+	root.AddCommand(newCACmd(), newTokenCmd(), newProxyCmd(), newAuditCmd(), newStatusCmd(), newRedirectCmd(), newRevokeCmd(), newRotateCmd(),
+		newRegisterCmd(), newUnregisterCmd(), newListCmd(), newPolicyCmd())
 	return root
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -104,8 +105,40 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	if err != nil {
 		return err
 	}
+	authz, err := startPolicy(cfg.PolicyPath, auditLog)
+	if err != nil {
+		return err
+	}
+	var dir *ca.Directory // set below; agent rotators start only once it runs
+	ag := newAgents(cfg.ID, reg, func() *ca.DenyList { return dir.DenyList() }, logger.With("component", "agents"),
+		func(id spiffeid.ID, areg prometheus.Registerer) (*rotator.Rotator, error) {
+			ac, err := ca.NewClient(ca.ClientConfig{
+				URL:     cfg.CAURL,
+				Roots:   bundle.X509Authorities(),
+				Token:   func(ctx context.Context) (string, error) { return dir.AgentToken(ctx, id) },
+				Control: markControl,
+				Logger:  logger.With("component", "ca_client", "agent", id.String()),
+			})
+			if err != nil {
+				return nil, err
+			}
+			return rotator.New(rotator.Config{
+				ID:         id,
+				Issuer:     enrolOnly{ac},
+				Bundle:     bundle,
+				Policy:     cfg.Rotation,
+				Keys:       keys,
+				Drain:      func(ctx context.Context, serial string, grace time.Duration) int { return px.Drain(ctx, serial, grace) },
+				Audit:      auditLog,
+				Registerer: areg,
+				Logger:     logger.With("component", "rotator", "agent", id.String()),
+			})
+		})
 	pcfg := proxy.Config{
 		ID:                    cfg.ID,
+		Agents:                ag,
+		Unattested:            cfg.Unattested,
+		Policy:                authz,
 		Credentials:           rot,
 		TunnelListen:          cfg.Tunnel,
 		Outbound:              cfg.Outbound,
@@ -140,8 +173,10 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		Registerer:   reg,
 		Logger:       logger.With("component", "directory"),
 		// Called only from dir.Run, which starts after px is set.
+		OnEntries: ag.update,
 		OnDenyList: func(l *ca.DenyList) int {
 			rot.Revoke(l.Denies)
+			ag.revoke(l.Denies)
 			return px.SetDenyList(l)
 		},
 		OnFleetRotation: func(f ca.FleetRotation) {
@@ -162,7 +197,7 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		bv := bundleVersion(bundle.X509Authorities())
 		dcfg.BundleVersion = func() string { return bv }
 	}
-	dir, err := ca.NewDirectory(dcfg)
+	dir, err = ca.NewDirectory(dcfg)
 	if err != nil {
 		return err
 	}
@@ -174,7 +209,8 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	if err != nil {
 		return err
 	}
-	adm, err := newAdmin(cfg.Admin, reg, rot, px, logger.With("component", "admin"))
+	identities := func() []rotator.Status { return append([]rotator.Status{rot.Status()}, ag.statuses()...) }
+	adm, err := newAdmin(cfg.Admin, reg, rot.Ready, identities, px, logger.With("component", "admin"))
 	if err != nil {
 		return err
 	}
@@ -198,8 +234,14 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	g.Go(func() error { return adm.Run(gctx) })
 	g.Go(func() error { return dir.Run(gctx) })
 	g.Go(func() error { return ctl.Run(gctx) })
+	g.Go(func() error { return ag.Run(gctx) })
 	g.Go(func() error {
-		watchConfig(gctx, configPath, cfg, rot, px, rotate, logger.With("component", "config"))
+		w := &watcher{path: configPath, cur: cfg, rot: rot, px: px, rotate: rotate, audit: auditLog,
+			logger: logger.With("component", "config")}
+		if authz != nil {
+			w.policyVersion = 1
+		}
+		w.run(gctx)
 		return nil
 	})
 	err = g.Wait()
@@ -237,7 +279,7 @@ type directory struct{ d *ca.Directory }
 
 func (x directory) PeerFor(a netip.Addr) (proxy.Peer, bool) {
 	id, tunnel, ok := x.d.PeerFor(a)
-	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: x.d.TransportsFor(a)}, ok
+	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: x.d.TransportsFor(a), Agents: x.d.AgentsAt(a)}, ok
 }
 
 func portOf(addr string) (uint16, error) {

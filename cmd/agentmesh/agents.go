@@ -1,0 +1,230 @@
+package main
+
+import (
+	"context"
+	"crypto"
+	"crypto/x509"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/proxy"
+	"github.com/agentmesh/agentmesh/rotator"
+)
+
+// agents runs one rotator per agent registered to this host, as the CA's directory lists
+// them, and answers the proxy's questions about them (proxy.Agents): which agent a local
+// uid is, which agent listens on a local port. Each agent identity has its own keys,
+// versions, overlap and audit trail, like the host's.
+type agents struct {
+	host     spiffeid.ID
+	newRot   func(id spiffeid.ID, reg prometheus.Registerer) (*rotator.Rotator, error)
+	denyList func() *ca.DenyList
+	reg      prometheus.Registerer
+	logger   *slog.Logger
+
+	changed chan struct{} // entries arrived; buffered 1
+	mu      sync.Mutex
+	entries []ca.Entry // the latest directory entries; guarded by mu
+	running map[spiffeid.ID]*agentRun
+	snap    atomic.Pointer[agentSnapshot]
+}
+
+// agentRun is one registered agent and its rotator.
+type agentRun struct {
+	entry  ca.Entry
+	rot    *rotator.Rotator
+	reg    *ownedMetrics
+	cancel context.CancelFunc
+	done   chan struct{}
+}
+
+// agentSnapshot is what the proxy's hot path reads; immutable once published.
+type agentSnapshot struct {
+	byUID  map[uint32]*agentRun
+	byPort map[uint16]spiffeid.ID
+}
+
+func newAgents(host spiffeid.ID, reg prometheus.Registerer, denyList func() *ca.DenyList, logger *slog.Logger,
+	newRot func(spiffeid.ID, prometheus.Registerer) (*rotator.Rotator, error)) *agents {
+	a := &agents{host: host, newRot: newRot, denyList: denyList, reg: reg, logger: logger,
+		changed: make(chan struct{}, 1), running: map[spiffeid.ID]*agentRun{}}
+	a.snap.Store(&agentSnapshot{})
+	return a
+}
+
+// ByUID implements proxy.Agents.
+func (a *agents) ByUID(uid uint32) (spiffeid.ID, proxy.Credentials, bool) {
+	r, ok := a.snap.Load().byUID[uid]
+	if !ok {
+		return spiffeid.ID{}, nil, false
+	}
+	return r.entry.ID, r.rot, true
+}
+
+// ByPort implements proxy.Agents.
+func (a *agents) ByPort(port uint16) (spiffeid.ID, bool) {
+	id, ok := a.snap.Load().byPort[port]
+	return id, ok
+}
+
+// update takes the directory's entries (from its goroutine) for Run to apply.
+func (a *agents) update(entries []ca.Entry) {
+	a.mu.Lock()
+	a.entries = entries
+	a.mu.Unlock()
+	select {
+	case a.changed <- struct{}{}:
+	default:
+	}
+}
+
+// Run applies entry changes until ctx is done, then stops every agent's rotator.
+func (a *agents) Run(ctx context.Context) error {
+	for {
+		select {
+		case <-ctx.Done():
+			for _, r := range a.running {
+				r.cancel()
+				<-r.done
+			}
+			return nil
+		case <-a.changed:
+			a.mu.Lock()
+			entries := a.entries
+			a.mu.Unlock()
+			a.apply(ctx, entries)
+		}
+	}
+}
+
+// apply starts a rotator for each entry of this host that has none and stops those whose
+// entry is gone: their SVIDs are dropped (their connections closed at once, their keys
+// destroyed) before the rotator ends, so an unregistered agent holds nothing.
+func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
+	want := map[spiffeid.ID]ca.Entry{}
+	for _, e := range entries {
+		if e.Host == a.host {
+			want[e.ID] = e
+		}
+	}
+	for id, r := range a.running {
+		if _, ok := want[id]; ok {
+			continue
+		}
+		r.rot.Revoke(func(spiffeid.ID, string) bool { return true })
+		r.cancel()
+		<-r.done
+		r.reg.unregister()
+		delete(a.running, id)
+		a.logger.Info("agent unregistered", "agent", id)
+	}
+	for id, e := range want {
+		if r, ok := a.running[id]; ok {
+			r.entry = e
+			continue
+		}
+		reg := &ownedMetrics{reg: a.reg}
+		rot, err := a.newRot(id, reg)
+		if err != nil {
+			reg.unregister()
+			a.logger.Error("agent identity not started", "agent", id, "err", err)
+			continue
+		}
+		if l := a.denyList(); l != nil {
+			rot.Revoke(l.Denies)
+		}
+		rctx, cancel := context.WithCancel(ctx)
+		r := &agentRun{entry: e, rot: rot, reg: reg, cancel: cancel, done: make(chan struct{})}
+		go func() {
+			defer close(r.done)
+			_ = rot.Run(rctx)
+		}()
+		a.running[id] = r
+		a.logger.Info("agent registered", "agent", id, "uid", e.UID, "port", e.Port)
+	}
+	snap := &agentSnapshot{byUID: map[uint32]*agentRun{}, byPort: map[uint16]spiffeid.ID{}}
+	for _, r := range a.running {
+		snap.byUID[r.entry.UID] = r
+		if r.entry.Port != 0 {
+			snap.byPort[r.entry.Port] = r.entry.ID
+		}
+	}
+	a.snap.Store(snap)
+}
+
+// revoke hands a deny-list to every agent's rotator.
+func (a *agents) revoke(denied func(spiffeid.ID, string) bool) {
+	for _, r := range a.snap.Load().byUID {
+		r.rot.Revoke(denied)
+	}
+}
+
+// statuses lists the agents' rotator states, by identity.
+func (a *agents) statuses() []rotator.Status {
+	snap := a.snap.Load()
+	runs := slices.Collect(maps.Values(snap.byUID))
+	slices.SortFunc(runs, func(x, y *agentRun) int { return strings.Compare(x.entry.ID.String(), y.entry.ID.String()) })
+	out := make([]rotator.Status, len(runs))
+	for i, r := range runs {
+		out[i] = r.rot.Status()
+	}
+	return out
+}
+
+// enrolOnly makes every renewal of an agent's SVID a fresh enrolment with a token the CA
+// grants only while the agent is registered to this host: unregistering ends renewals.
+type enrolOnly struct{ c *ca.Client }
+
+func (e enrolOnly) Enroll(ctx context.Context, id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
+	return e.c.Enroll(ctx, id, key)
+}
+
+func (e enrolOnly) Renew(ctx context.Context, current *x509svid.SVID, key crypto.Signer) ([]*x509.Certificate, error) {
+	return e.c.Enroll(ctx, current.ID, key)
+}
+
+// ownedMetrics registers with reg and remembers what it registered, so an agent's
+// metrics go when the agent does.
+type ownedMetrics struct {
+	reg prometheus.Registerer
+	mu  sync.Mutex
+	cs  []prometheus.Collector
+}
+
+func (c *ownedMetrics) Register(col prometheus.Collector) error {
+	if err := c.reg.Register(col); err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.cs = append(c.cs, col)
+	c.mu.Unlock()
+	return nil
+}
+
+func (c *ownedMetrics) MustRegister(cols ...prometheus.Collector) {
+	for _, col := range cols {
+		if err := c.Register(col); err != nil {
+			panic(err)
+		}
+	}
+}
+
+func (c *ownedMetrics) Unregister(col prometheus.Collector) bool { return c.reg.Unregister(col) }
+
+func (c *ownedMetrics) unregister() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for _, col := range c.cs {
+		c.reg.Unregister(col)
+	}
+	c.cs = nil
+}
