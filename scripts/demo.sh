@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The agentmesh quick start: an embedded CA with its keys in SoftHSM, two proxies with
 # one-minute SVIDs, a plain HTTP service behind proxy B and a plain curl loop on host A.
+# As root, two agents on host A (planner and scraper, by uid) get identities of their
+# own, and B's policy lets only the planner through.
 #
 # As root (with ip and iptables), hosts A and B are two network namespaces joined by a
 # veth pair and capture is transparent: curl asks for http://B:8080/ with no proxy
@@ -124,7 +126,22 @@ pids+=($!)
 
 say "proxy b: accepts mTLS on $B_TUNNEL; only spiffe://$TD/host/a may reach port $SERVICE_PORT"
 strict=""
-[ "$mode" = transparent ] && strict="strict: 0.0.0.0:15006"
+if [ "$mode" = transparent ]; then
+  strict="strict: 0.0.0.0:15006
+policy: $work/b/policy.yaml"
+  say "agents: planner (uid 1001) and scraper (uid 1002) on host A, search (port 8080) on host B; B's policy lets only the planner reach search"
+  "$BIN" register "spiffe://$TD/agent/planner" --host "spiffe://$TD/host/a" --uid 1001 --state "$work/ca" | sed 's/^/    /'
+  "$BIN" register "spiffe://$TD/agent/scraper" --host "spiffe://$TD/host/a" --uid 1002 --state "$work/ca" | sed 's/^/    /'
+  "$BIN" register "spiffe://$TD/agent/search" --host "spiffe://$TD/host/b" --uid 0 --port 8080 --state "$work/ca" | sed 's/^/    /'
+  mkdir -p "$work/b"
+  cat >"$work/b/policy.yaml" <<YAML
+inbound:
+  - name: planner-to-search
+    from: [spiffe://$TD/agent/planner]
+    to: {ports: [8080], id: spiffe://$TD/agent/search}
+YAML
+  "$BIN" policy check "$work/b/policy.yaml" | sed 's/^/    /'
+fi
 proxy_config b "$B_ADMIN" "tunnel: $B_TUNNEL
 mark: $MARK
 $strict
@@ -166,6 +183,21 @@ fi
 
 # The first request waits for proxy A's directory watch to learn where proxy B lives.
 wait_for "the mesh path" "${curl_a[@]}" -sf --max-time 2 "$URL"
+
+if [ "$mode" = transparent ]; then
+  for agent in planner scraper; do
+    wait_for "the $agent's SVID" grep -q "msg=rotated .*agent=spiffe://$TD/agent/$agent" "$work/a.log"
+  done
+  as_uid() { "${on_a[@]}" setpriv --reuid="$1" --regid="$1" --clear-groups curl -sS --max-time 5 "$URL" 2>&1; }
+  echo "    curl as the planner (uid 1001): $(as_uid 1001)"
+  if out=$(as_uid 1002); then
+    echo "demo: the scraper reached search: $out" >&2
+    exit 1
+  fi
+  echo "    curl as the scraper (uid 1002): refused ($out)"
+  "${on_b[@]}" "$BIN" policy explain --policy "$work/b/policy.yaml" --port 8080 \
+    "spiffe://$TD/agent/scraper" "spiffe://$TD/agent/search" | sed 's/^/    /' || true
+fi
 
 say "rotations as they happen (one-minute SVIDs renew when about a third is left):"
 field() { [[ $1 =~ (^| )$2=([^ ]*) ]] && printf '%s' "${BASH_REMATCH[2]}"; }
