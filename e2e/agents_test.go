@@ -105,6 +105,15 @@ func TestAgents(t *testing.T) {
 		t.Fatalf("curl as root (unattested) got through: %q", out)
 	}
 
+	// An agent's identity rotates on its own, through the proxy's control socket.
+	if out, errOut, err := runCmd(t.Context(), "rotate", planner, "--state", pa.dir, "--reason", "e2e agent"); err != nil {
+		t.Fatalf("rotate the planner: %v\n%s%s", err, out, errOut)
+	}
+	if _, errOut, err := runCmd(t.Context(), "rotate", search, "--state", pa.dir, "--reason", "e2e"); err == nil ||
+		!strings.Contains(errOut, "holds no identity") {
+		t.Fatalf("proxy a rotated search, an agent of host b: %v %s", err, errOut)
+	}
+
 	// The planner holds a connection open (HTTP keep-alive, read until closed) ...
 	hold := startCmd(t, "planner-hold", a.command("setpriv", "--reuid="+plannerUID, "--regid="+plannerUID, "--clear-groups",
 		"bash", "-c", fmt.Sprintf(`exec 3<>/dev/tcp/%s/8080; printf 'GET / HTTP/1.1\r\nHost: search\r\n\r\n' >&3; cat <&3 >&2`, b.ip)))
@@ -143,6 +152,7 @@ func TestAgents(t *testing.T) {
 		"local_id": planner, "peer_id": hostB})
 	wantRecord(t, pa, map[string]string{"type": "connection", "direction": "outbound", "local_id": planner, "dst_id": search})
 	wantRecord(t, pa, map[string]string{"type": "handshake", "direction": "outbound", "local_id": scraper, "peer_id": hostB})
+	wantRecord(t, pa, map[string]string{"type": "rotation", "spiffe_id": planner, "trigger": "operator", "result": "ok"})
 	wantRecord(t, pb, map[string]string{"type": "handshake", "direction": "inbound", "result": "ok", "peer_id": planner})
 	// No rule admits the scraper at all: B refuses it at the handshake, before it names
 	// a port.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"errors"
 	"log/slog"
 	"maps"
 	"slices"
@@ -16,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -26,7 +28,8 @@ import (
 // versions, overlap and audit trail, like the host's.
 type agents struct {
 	host     spiffeid.ID
-	newRot   func(id spiffeid.ID, reg prometheus.Registerer) (*rotator.Rotator, error)
+	newRot   func(id spiffeid.ID, reg prometheus.Registerer, p policy.Rotation) (*rotator.Rotator, error)
+	rotation atomic.Pointer[policy.Rotation] // the rotation policy in force, for new agents too
 	denyList func() *ca.DenyList
 	reg      prometheus.Registerer
 	logger   *slog.Logger
@@ -49,15 +52,17 @@ type agentRun struct {
 
 // agentSnapshot is what the proxy's hot path reads; immutable once published.
 type agentSnapshot struct {
+	byID   map[spiffeid.ID]*agentRun
 	byUID  map[uint32]*agentRun
 	byPort map[uint16]spiffeid.ID
 }
 
-func newAgents(host spiffeid.ID, reg prometheus.Registerer, denyList func() *ca.DenyList, logger *slog.Logger,
-	newRot func(spiffeid.ID, prometheus.Registerer) (*rotator.Rotator, error)) *agents {
+func newAgents(host spiffeid.ID, rotation policy.Rotation, reg prometheus.Registerer, denyList func() *ca.DenyList,
+	logger *slog.Logger, newRot func(spiffeid.ID, prometheus.Registerer, policy.Rotation) (*rotator.Rotator, error)) *agents {
 	a := &agents{host: host, newRot: newRot, denyList: denyList, reg: reg, logger: logger,
 		changed: make(chan struct{}, 1), running: map[spiffeid.ID]*agentRun{}}
-	a.snap.Store(&agentSnapshot{})
+	a.rotation.Store(&rotation)
+	a.snap.Store(&agentSnapshot{byID: map[spiffeid.ID]*agentRun{}})
 	return a
 }
 
@@ -133,7 +138,7 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 			continue
 		}
 		reg := &ownedMetrics{reg: a.reg}
-		rot, err := a.newRot(id, reg)
+		rot, err := a.newRot(id, reg, *a.rotation.Load())
 		if err != nil {
 			reg.unregister()
 			a.logger.Error("agent identity not started", "agent", id, "err", err)
@@ -151,7 +156,7 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 		a.running[id] = r
 		a.logger.Info("agent registered", "agent", id, "uid", e.UID, "port", e.Port)
 	}
-	snap := &agentSnapshot{byUID: map[uint32]*agentRun{}, byPort: map[uint16]spiffeid.ID{}}
+	snap := &agentSnapshot{byID: maps.Clone(a.running), byUID: map[uint32]*agentRun{}, byPort: map[uint16]spiffeid.ID{}}
 	for _, r := range a.running {
 		snap.byUID[r.entry.UID] = r
 		if r.entry.Port != 0 {
@@ -163,19 +168,47 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 
 // revoke hands a deny-list to every agent's rotator.
 func (a *agents) revoke(denied func(spiffeid.ID, string) bool) {
-	for _, r := range a.snap.Load().byUID {
-		r.rot.Revoke(denied)
+	for _, rot := range a.rotators() {
+		rot.Revoke(denied)
 	}
+}
+
+// setRotation makes p the rotation policy of every agent, present and future.
+func (a *agents) setRotation(p policy.Rotation) error {
+	a.rotation.Store(&p)
+	var errs []error
+	for _, rot := range a.rotators() {
+		errs = append(errs, rot.SetPolicy(p))
+	}
+	return errors.Join(errs...)
+}
+
+// lookup returns the rotator of the local agent id.
+func (a *agents) lookup(id spiffeid.ID) (*rotator.Rotator, bool) {
+	r, ok := a.snap.Load().byID[id]
+	if !ok {
+		return nil, false
+	}
+	return r.rot, true
+}
+
+// rotators returns the agents' rotators, sorted by identity.
+func (a *agents) rotators() []*rotator.Rotator {
+	runs := slices.Collect(maps.Values(a.snap.Load().byID))
+	slices.SortFunc(runs, func(x, y *agentRun) int { return strings.Compare(x.entry.ID.String(), y.entry.ID.String()) })
+	out := make([]*rotator.Rotator, len(runs))
+	for i, r := range runs {
+		out[i] = r.rot
+	}
+	return out
 }
 
 // statuses lists the agents' rotator states, by identity.
 func (a *agents) statuses() []rotator.Status {
-	snap := a.snap.Load()
-	runs := slices.Collect(maps.Values(snap.byUID))
-	slices.SortFunc(runs, func(x, y *agentRun) int { return strings.Compare(x.entry.ID.String(), y.entry.ID.String()) })
-	out := make([]rotator.Status, len(runs))
-	for i, r := range runs {
-		out[i] = r.rot.Status()
+	rots := a.rotators()
+	out := make([]rotator.Status, len(rots))
+	for i, rot := range rots {
+		out[i] = rot.Status()
 	}
 	return out
 }

@@ -14,6 +14,8 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
 	"github.com/agentmesh/agentmesh/internal/peercred"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -42,7 +44,9 @@ type control struct {
 
 type peerUIDKey struct{}
 
-func newControl(stateDir, selfID string, rotate rotateFunc, logger *slog.Logger) (*control, error) {
+// newControl serves the control socket; find returns the rotation of an identity the
+// proxy holds (the zero ID: its host's).
+func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logger *slog.Logger) (*control, error) {
 	path := filepath.Join(stateDir, controlSocket)
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode().Type() != fs.ModeSocket {
@@ -70,7 +74,16 @@ func newControl(stateDir, selfID string, rotate rotateFunc, logger *slog.Logger)
 			http.Error(w, "invalid request body: "+err.Error(), http.StatusBadRequest)
 			return
 		}
-		if req.SPIFFEID != "" && req.SPIFFEID != selfID {
+		var id spiffeid.ID
+		if req.SPIFFEID != "" {
+			var err error
+			if id, err = spiffeid.FromString(req.SPIFFEID); err != nil {
+				http.Error(w, "invalid spiffe_id: "+err.Error(), http.StatusBadRequest)
+				return
+			}
+		}
+		rotate, ok := find(id)
+		if !ok {
 			http.Error(w, "this proxy holds no identity "+req.SPIFFEID, http.StatusNotFound)
 			return
 		}

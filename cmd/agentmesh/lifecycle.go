@@ -87,8 +87,9 @@ type watcher struct {
 	path   string
 	cur    *proxyConfig
 	rot    *rotator.Rotator
+	agents *agents
 	px     *proxy.Proxy
-	rotate rotateFunc
+	rotate rotateFunc // every identity held
 	audit  *audit.Log
 	logger *slog.Logger
 	// policyVersion is the version of the policy in force, as SetPolicy numbers them.
@@ -150,6 +151,9 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 	if err := w.rot.SetPolicy(next.Rotation); err != nil {
 		w.logger.Error("configuration refused; the one in force stays", "err", err)
 		return
+	}
+	if err := w.agents.setRotation(next.Rotation); err != nil {
+		w.logger.Error("rotation policy refused by an agent's rotator", "err", err)
 	}
 	cur.Rotation = next.Rotation
 	w.px.ResetTicketKeys("policy")

@@ -24,6 +24,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -110,8 +111,8 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		return err
 	}
 	var dir *ca.Directory // set below; agent rotators start only once it runs
-	ag := newAgents(cfg.ID, reg, func() *ca.DenyList { return dir.DenyList() }, logger.With("component", "agents"),
-		func(id spiffeid.ID, areg prometheus.Registerer) (*rotator.Rotator, error) {
+	ag := newAgents(cfg.ID, cfg.Rotation, reg, func() *ca.DenyList { return dir.DenyList() }, logger.With("component", "agents"),
+		func(id spiffeid.ID, areg prometheus.Registerer, pol policy.Rotation) (*rotator.Rotator, error) {
 			ac, err := ca.NewClient(ca.ClientConfig{
 				URL:     cfg.CAURL,
 				Roots:   bundle.X509Authorities(),
@@ -126,7 +127,7 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 				ID:         id,
 				Issuer:     enrolOnly{ac},
 				Bundle:     bundle,
-				Policy:     cfg.Rotation,
+				Policy:     pol,
 				Keys:       keys,
 				Drain:      func(ctx context.Context, serial string, grace time.Duration) int { return px.Drain(ctx, serial, grace) },
 				Audit:      auditLog,
@@ -214,9 +215,29 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	if err != nil {
 		return err
 	}
-	rotate = rotateNow(rot, px, ca.ClientConfig{URL: cfg.CAURL, Roots: bundle.X509Authorities(), Control: markControl},
-		logger.With("component", "rotate"))
-	ctl, err := newControl(cfg.State, cfg.ID.String(), rotate, logger.With("component", "control"))
+	cc := ca.ClientConfig{URL: cfg.CAURL, Roots: bundle.X509Authorities(), Control: markControl}
+	rotateLogger := logger.With("component", "rotate")
+	// One identity by name (the control socket), or all of them: the host's first, then
+	// every agent's (fleet commands and rotation policy changes).
+	rotateOne := func(id spiffeid.ID) (rotateFunc, bool) {
+		if id.IsZero() || id == cfg.ID {
+			return rotateNow(rot, px, cc, rotateLogger), true
+		}
+		if r, ok := ag.lookup(id); ok {
+			return rotateNow(r, px, cc, rotateLogger), true
+		}
+		return nil, false
+	}
+	rotate = func(ctx context.Context, req rotator.RotateRequest) (rotator.RotateResult, error) {
+		res, err := rotateNow(rot, px, cc, rotateLogger)(ctx, req)
+		errs := []error{err}
+		for _, r := range ag.rotators() {
+			_, err := rotateNow(r, px, cc, rotateLogger)(ctx, req)
+			errs = append(errs, err)
+		}
+		return res, errors.Join(errs...)
+	}
+	ctl, err := newControl(cfg.State, rotateOne, logger.With("component", "control"))
 	if err != nil {
 		return err
 	}
@@ -236,7 +257,7 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	g.Go(func() error { return ctl.Run(gctx) })
 	g.Go(func() error { return ag.Run(gctx) })
 	g.Go(func() error {
-		w := &watcher{path: configPath, cur: cfg, rot: rot, px: px, rotate: rotate, audit: auditLog,
+		w := &watcher{path: configPath, cur: cfg, rot: rot, agents: ag, px: px, rotate: rotate, audit: auditLog,
 			logger: logger.With("component", "config")}
 		if authz != nil {
 			w.policyVersion = 1
