@@ -134,7 +134,10 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 	}
 	for id, e := range want {
 		if r, ok := a.running[id]; ok {
-			r.entry = e
+			// A copy: published snapshots keep reading the one they hold.
+			moved := *r
+			moved.entry = e
+			a.running[id] = &moved
 			continue
 		}
 		reg := &ownedMetrics{reg: a.reg}
