@@ -96,30 +96,26 @@ func Example_explicitCapture() {
 	defer web.Close()
 	webAddr := netip.MustParseAddrPort(web.Listener.Addr().String())
 
-	b, err := proxy.New(proxy.Config{
-		ID:           hostB,
-		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostB)),
-		TunnelListen: "127.0.0.1:0",
-		Services:     []proxy.Service{{Port: webAddr.Port(), Allow: []spiffeid.ID{hostA}}},
-	})
+	// Configured as in Example; exampleConfig fills in ID, Credentials and a
+	// loopback tunnel port.
+	bc := exampleConfig(ca, hostB)
+	bc.Services = []proxy.Service{{Port: webAddr.Port(), Allow: []spiffeid.ID{hostA}}}
+	b, err := proxy.New(bc)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	a, err := proxy.New(proxy.Config{
-		ID:           hostA,
-		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostA)),
-		TunnelListen: "127.0.0.1:0",
-		Explicit:     "127.0.0.1:0", // ":15080" in production
-		// In production the registry feeds the Directory.
-		Directory: directoryFunc(func(addr netip.Addr) (proxy.Peer, bool) {
-			if addr == webAddr.Addr() {
-				return proxy.Peer{ID: hostB, Tunnel: b.TunnelAddr().String()}, true
-			}
-			return proxy.Peer{}, false
-		}),
-		Unknown: proxy.UnknownDeny, // nothing leaves unauthenticated
+	ac := exampleConfig(ca, hostA)
+	ac.Explicit = "127.0.0.1:0" // ":15080" in production
+	// In production the registry feeds the Directory.
+	ac.Directory = directoryFunc(func(addr netip.Addr) (proxy.Peer, bool) {
+		if addr == webAddr.Addr() {
+			return proxy.Peer{ID: hostB, Tunnel: b.TunnelAddr().String()}, true
+		}
+		return proxy.Peer{}, false
 	})
+	ac.Unknown = proxy.UnknownDeny // nothing leaves unauthenticated
+	a, err := proxy.New(ac)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -158,22 +154,16 @@ func ExampleProxy_SetDenyList() {
 	echoLn, echoPort := startEcho()
 	defer echoLn.Close()
 
-	b, err := proxy.New(proxy.Config{
-		ID:           hostB,
-		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostB)),
-		TunnelListen: "127.0.0.1:0",
-		Services:     []proxy.Service{{Port: echoPort, Allow: []spiffeid.ID{hostA}}},
-	})
+	bc := exampleConfig(ca, hostB) // as in Example
+	bc.Services = []proxy.Service{{Port: echoPort, Allow: []spiffeid.ID{hostA}}}
+	b, err := proxy.New(bc)
 	if err != nil {
 		fmt.Println(err)
 		return
 	}
-	a, err := proxy.New(proxy.Config{
-		ID:           hostA,
-		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, hostA)),
-		TunnelListen: "127.0.0.1:0",
-		Routes:       []proxy.Route{{Listen: "127.0.0.1:0", Peer: b.TunnelAddr().String(), PeerID: hostB, TargetPort: echoPort}},
-	})
+	ac := exampleConfig(ca, hostA)
+	ac.Routes = []proxy.Route{{Listen: "127.0.0.1:0", Peer: b.TunnelAddr().String(), PeerID: hostB, TargetPort: echoPort}}
+	a, err := proxy.New(ac)
 	if err != nil {
 		fmt.Println(err)
 		return
@@ -228,6 +218,16 @@ func startEcho() (net.Listener, uint16) {
 		}
 	}()
 	return ln, uint16(ln.Addr().(*net.TCPAddr).Port)
+}
+
+// exampleConfig is the part of a proxy's Config every example shares: its
+// identity, an SVID from ca, and a loopback tunnel port.
+func exampleConfig(ca *testca.CA, id spiffeid.ID) proxy.Config {
+	return proxy.Config{
+		ID:           id,
+		Credentials:  testca.NewCredentials(ca, ca.SVID(exampleTB{}, id)),
+		TunnelListen: "127.0.0.1:0",
+	}
 }
 
 // deniedIDs is a proxy.DenyList that denies every certificate of the listed
