@@ -161,26 +161,10 @@ func unique(base string) string {
 func snapshot(tb testing.TB, dir string) map[string][32]byte {
 	tb.Helper()
 	files := map[string][32]byte{}
-	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil
-		}
-		if err != nil || !d.Type().IsRegular() {
-			return err
-		}
-		b, err := os.ReadFile(path)
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil // deleted meanwhile by a parallel test
-		} else if err != nil {
-			return err
-		}
+	eachFile(tb, dir, func(path string, b []byte) {
 		rel, _ := filepath.Rel(dir, path)
 		files[rel] = sha256.Sum256(b)
-		return nil
 	})
-	if err != nil {
-		tb.Fatal(err)
-	}
 	return files
 }
 
@@ -188,6 +172,18 @@ func snapshot(tb testing.TB, dir string) map[string][32]byte {
 func filesContaining(tb testing.TB, dir string, needle []byte) []string {
 	tb.Helper()
 	var found []string
+	eachFile(tb, dir, func(path string, b []byte) {
+		if bytes.Contains(b, needle) {
+			found = append(found, path)
+		}
+	})
+	return found
+}
+
+// eachFile calls fn with the path and content of every regular file under dir,
+// skipping files a parallel test deletes meanwhile.
+func eachFile(tb testing.TB, dir string, fn func(path string, content []byte)) {
+	tb.Helper()
 	err := filepath.WalkDir(dir, func(path string, d fs.DirEntry, err error) error {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil
@@ -197,19 +193,16 @@ func filesContaining(tb testing.TB, dir string, needle []byte) []string {
 		}
 		b, err := os.ReadFile(path)
 		if errors.Is(err, fs.ErrNotExist) {
-			return nil // deleted meanwhile by a parallel test
+			return nil
 		} else if err != nil {
 			return err
 		}
-		if bytes.Contains(b, needle) {
-			found = append(found, path)
-		}
+		fn(path, b)
 		return nil
 	})
 	if err != nil {
 		tb.Fatal(err)
 	}
-	return found
 }
 
 func boolAttr(a *pkcs11.Attribute) string {
