@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/internal/svidrules"
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -73,6 +74,13 @@ type Config struct {
 	ID spiffeid.ID
 	// Credentials supplies the SVID and the trust bundles. Required.
 	Credentials Credentials
+	// MaxIntermediates is how many intermediate certificates a peer's chain
+	// may carry (anchors of its trust domain sent along not counted); a
+	// longer chain is refused before its signatures are checked (reason
+	// chain_too_long). The mesh's CA issues from one intermediate; allow
+	// more only for chains through cross-signed roots. Default 0: 1; range
+	// 0..4 (svidrules.MaxIntermediatesLimit).
+	MaxIntermediates int
 	// TunnelListen is the address inbound tunnels are accepted on.
 	// Default ":15008"; port 0 picks a free port (see Proxy.TunnelAddr).
 	TunnelListen string
@@ -258,6 +266,9 @@ func (c Config) withDefaults() Config {
 	if c.Now == nil {
 		c.Now = time.Now
 	}
+	if c.MaxIntermediates == 0 {
+		c.MaxIntermediates = svidrules.DefaultMaxIntermediates
+	}
 	if len(c.Transports) == 0 {
 		c.Transports = []string{TransportTLS}
 	} else {
@@ -296,6 +307,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: DialTimeout %s is negative", ErrInvalidConfig, c.DialTimeout)
 	case c.TicketKeyPeriod < 0:
 		return fmt.Errorf("%w: TicketKeyPeriod %s is negative", ErrInvalidConfig, c.TicketKeyPeriod)
+	case c.MaxIntermediates < 0 || c.MaxIntermediates > svidrules.MaxIntermediatesLimit:
+		return fmt.Errorf("%w: MaxIntermediates %d is outside 0..%d", ErrInvalidConfig, c.MaxIntermediates, svidrules.MaxIntermediatesLimit)
 	case c.MaxConnections < 0:
 		return fmt.Errorf("%w: MaxConnections %d is negative", ErrInvalidConfig, c.MaxConnections)
 	case c.Unknown != UnknownDeny && c.Unknown != UnknownPassthrough:

@@ -71,7 +71,7 @@ func (s *setup) fill(cs tls.ConnectionState, local *localTLS) {
 		leaf := cs.PeerCertificates[0]
 		s.peerSerial = leaf.SerialNumber.String()
 		if id, err := x509svid.IDFromCert(leaf); err == nil {
-			s.peerID = id.String()
+			s.peerID = recordedID(id.String())
 		}
 	}
 }

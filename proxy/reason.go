@@ -40,6 +40,11 @@ const (
 	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
 	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
 
+	// Certificate rules beyond x509svid.Verify (internal/svidrules).
+	ReasonKeyUsage     = "wrong_key_usage"    // the leaf's extended key usage lacks clientAuth (a client) or serverAuth (a server)
+	ReasonChainTooLong = "chain_too_long"     // the chain carries more intermediates than Config.MaxIntermediates
+	ReasonIDTooLong    = "spiffe_id_too_long" // the leaf's SPIFFE ID is longer than 2,048 bytes
+
 	// Outbound capture (docs/capture.md).
 	ReasonPassthrough        = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)
 	ReasonUnknownDestination = "unknown_destination" // no proxy at the destination and Unknown is UnknownDeny

@@ -13,6 +13,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/internal/svidrules"
 )
 
 // The tls.Configs are built once per local certificate, for each local
@@ -308,8 +310,11 @@ func (c *sessionCache) Put(key string, cs *tls.ClientSessionState) { c.lru.Put(k
 // presented a valid X509-SVID chaining to the bundle of its trust domain,
 // then that the revocation state may be trusted and denies neither the peer
 // nor our own certificate l. x509svid.Verify rejects foreign CAs, expired
-// chains, leaves with zero or several URI SANs and CA leaves.
-func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS) (spiffeid.ID, string, error) {
+// chains, leaves with zero or several URI SANs and CA leaves; svidrules adds
+// what it ignores: the extended key usage of the peer's role (a client
+// leaf needs clientAuth, a server leaf serverAuth), the chain's depth and
+// the SPIFFE ID's length.
+func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS, role svidrules.Role) (spiffeid.ID, string, error) {
 	// crypto/tls only lets a protocol through that this side offered.
 	if transportOf(cs.NegotiatedProtocol) == "" {
 		return spiffeid.ID{}, "", &refusal{reason: ReasonALPN,
@@ -321,10 +326,18 @@ func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS) (spiffeid.ID, st
 	}
 	leaf := cs.PeerCertificates[0]
 	serial := leaf.SerialNumber.String()
+	// The rules go-spiffe leaves out come first: they are cheap, and an
+	// over-long ID must not travel further than this.
+	if err := svidrules.CheckLeaf(leaf, role); err != nil {
+		return spiffeid.ID{}, serial, ruleRefusal(err, "", serial)
+	}
 	id, err := x509svid.IDFromCert(leaf)
 	if err != nil {
 		return spiffeid.ID{}, serial, &refusal{reason: ReasonBadCertificate, peerSerial: serial,
 			err: fmt.Errorf("%w: %w", ErrBadCertificate, err)}
+	}
+	if err := p.checkDepth(cs.PeerCertificates, id); err != nil {
+		return id, serial, ruleRefusal(err, id.String(), serial)
 	}
 	if err := p.chains.verify(cs.PeerCertificates, p.cfg.Credentials, p.cfg.Now()); err != nil {
 		reason := classifyVerify(err)
@@ -362,7 +375,7 @@ func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS) (spiffeid.ID, st
 // the port. Resumed sessions come here too, so a policy change applies to
 // them at once.
 func (p *Proxy) verifyInbound(cs tls.ConnectionState, l *localTLS) error {
-	id, serial, err := p.verifyPeer(cs, l)
+	id, serial, err := p.verifyPeer(cs, l, svidrules.Client)
 	if err != nil {
 		return err
 	}
@@ -380,7 +393,7 @@ func (p *Proxy) verifyInbound(cs tls.ConnectionState, l *localTLS) error {
 
 // verifyOutbound admits only the route's peer identity.
 func (p *Proxy) verifyOutbound(cs tls.ConnectionState, want spiffeid.ID, l *localTLS) error {
-	id, serial, err := p.verifyPeer(cs, l)
+	id, serial, err := p.verifyPeer(cs, l, svidrules.Server)
 	if err != nil {
 		return err
 	}

@@ -14,6 +14,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/internal/svidrules"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 )
@@ -43,6 +44,7 @@ type proxyFile struct {
 	Resumption *bool `yaml:"resumption"`
 	// QUICKeyUpdateInterval is the number of packets per QUIC traffic key; 0: quic-go's default.
 	QUICKeyUpdateInterval uint64          `yaml:"quic_key_update_interval"`
+	TLS                   tlsFile         `yaml:"tls"`
 	Dir                   directoryFile   `yaml:"directory"`
 	Revoke                revocationFile  `yaml:"revocation"`
 	Audit                 auditFile       `yaml:"audit"`
@@ -69,6 +71,12 @@ type revocationFile struct {
 	// MaxStaleness is how old the last confirmed deny-list may be before new
 	// handshakes are refused. 0: one SVID lifetime.
 	MaxStaleness time.Duration `yaml:"max_staleness"`
+}
+
+type tlsFile struct {
+	// MaxIntermediates is how many intermediates a peer's chain may carry: 0 (default)
+	// means 1, the mesh's own; at most 4, for chains through cross-signed roots.
+	MaxIntermediates int `yaml:"max_intermediates"`
 }
 
 type auditFile struct {
@@ -115,6 +123,7 @@ type proxyConfig struct {
 	Transports  []string
 	NoResume    bool
 	QUICKeys    uint64
+	MaxInter    int
 	StreamAudit bool
 	Advertise   []netip.Addr
 	Heartbeat   time.Duration
@@ -159,6 +168,7 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		Transports:  f.Transports,
 		NoResume:    f.Resumption != nil && !*f.Resumption,
 		QUICKeys:    f.QUICKeyUpdateInterval,
+		MaxInter:    f.TLS.MaxIntermediates,
 		StreamAudit: f.Audit.Streams,
 		Heartbeat:   f.Dir.Heartbeat,
 		Poll:        f.Revoke.Poll,
@@ -220,6 +230,9 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		if !knownTransport(tr) {
 			return nil, doc.fieldError(fmt.Sprintf("transports[%d]", i), fmt.Errorf("unknown transport %q: tls, h2 or quic", tr))
 		}
+	}
+	if n := f.TLS.MaxIntermediates; n < 0 || n > svidrules.MaxIntermediatesLimit {
+		return nil, doc.fieldError("tls.max_intermediates", fmt.Errorf("must be 0 (default: 1) to %d", svidrules.MaxIntermediatesLimit))
 	}
 	if f.Mark < 0 || int64(f.Mark) > 0xffffffff {
 		return nil, doc.fieldError("mark", errors.New("must be a 32-bit firewall mark"))

@@ -87,6 +87,7 @@ func TestLoadProxyConfigErrors(t *testing.T) {
 		{name: "route with an unknown transport", edit: replace("target_port: 8080", "target_port: 8080\n    transport: h3"), line: 14, field: "routes[0].transport"},
 		{name: "unknown key store", edit: replace("state: state", "state: state\nkeys: tpm"), line: 3, field: "keys"},
 		{name: "unknown unattested policy", edit: replace("state: state", "state: state\nunattested: allow"), line: 3, field: "unattested"},
+		{name: "too many intermediates", edit: replace("state: state", "state: state\ntls:\n  max_intermediates: 5"), line: 4, field: "tls.max_intermediates"},
 		{name: "wrong type", edit: replace("target_port: 8080", "target_port: eighty"), line: 13},
 		{name: "bad duration", edit: replace("overlap: 10s", "overlap: ten"), line: 8},
 		{name: "not YAML", edit: func(string) string { return "id: [unclosed\n" }, line: 1},

@@ -153,6 +153,7 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		Transports:            cfg.Transports,
 		DisableResumption:     cfg.NoResume,
 		QUICKeyUpdateInterval: cfg.QUICKeys,
+		MaxIntermediates:      cfg.MaxInter,
 		StreamAudit:           cfg.StreamAudit,
 		Audit:                 auditLog,
 		Registerer:            reg,

@@ -29,6 +29,7 @@ type CA struct {
 	root     *x509.Certificate
 	inter    *x509.Certificate
 	interKey *ecdsa.PrivateKey
+	rootKey  *ecdsa.PrivateKey
 }
 
 // Option configures New.
@@ -77,7 +78,7 @@ func New(tb testing.TB, opts ...Option) *CA {
 		URIs:                  []*url.URL{cfg.td.ID().URL()},
 	}
 	inter := sign(tb, interTmpl, root, interKey.Public(), rootKey)
-	return &CA{td: cfg.td, root: root, inter: inter, interKey: interKey}
+	return &CA{td: cfg.td, root: root, inter: inter, interKey: interKey, rootKey: rootKey}
 }
 
 // TrustDomain returns the CA's trust domain.
@@ -99,6 +100,7 @@ type issueConfig struct {
 	notBefore time.Time
 	extraURIs []*url.URL
 	serial    *big.Int
+	eku       []x509.ExtKeyUsage // nil: serverAuth and clientAuth
 }
 
 // WithLifetime sets the leaf's lifetime (default 1h). With WithNotBefore in
@@ -129,7 +131,14 @@ func WithSerial(serial *big.Int) IssueOption {
 // usages.
 func (c *CA) Issue(tb testing.TB, id spiffeid.ID, pub crypto.PublicKey, opts ...IssueOption) []*x509.Certificate {
 	tb.Helper()
-	cfg := issueConfig{lifetime: time.Hour, notBefore: time.Now()}
+	return []*x509.Certificate{c.issueUnder(tb, c.inter, c.interKey, id, pub, opts...), c.inter}
+}
+
+// issueUnder signs a leaf for id and pub with parent's key.
+func (c *CA) issueUnder(tb testing.TB, parent *x509.Certificate, parentKey crypto.Signer, id spiffeid.ID, pub crypto.PublicKey, opts ...IssueOption) *x509.Certificate {
+	tb.Helper()
+	cfg := issueConfig{lifetime: time.Hour, notBefore: time.Now(),
+		eku: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -142,11 +151,10 @@ func (c *CA) Issue(tb testing.TB, id spiffeid.ID, pub crypto.PublicKey, opts ...
 		NotBefore:    cfg.notBefore,
 		NotAfter:     cfg.notBefore.Add(cfg.lifetime),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		ExtKeyUsage:  cfg.eku,
 		URIs:         append([]*url.URL{id.URL()}, cfg.extraURIs...),
 	}
-	leaf := sign(tb, tmpl, c.inter, pub, c.interKey)
-	return []*x509.Certificate{leaf, c.inter}
+	return sign(tb, tmpl, parent, pub, parentKey)
 }
 
 // SVID generates a new P-256 key and issues an SVID for it. The result is
