@@ -195,18 +195,32 @@ func (r *Rotator) SetPolicy(p policy.Rotation) error {
 // added or removed a CA): peers and the CA's answers are verified against the new
 // bundle from the next handshake and the next renewal on. It refuses a bundle of
 // another trust domain or with no authority.
+//
+// Every change of anchors, and every refused bundle, is an audit record
+// (audit.TrustBundle) with the old and new anchor fingerprints and versions; a
+// bundle with the same anchors changes nothing and records nothing.
 func (r *Rotator) SetBundle(b *x509bundle.Bundle) error {
+	var err error
 	switch {
 	case b == nil || b.Empty():
-		return fmt.Errorf("%w: a bundle with at least one authority is required", ErrBadRequest)
+		err = fmt.Errorf("%w: a bundle with at least one authority is required", ErrBadRequest)
 	case b.TrustDomain() != r.cfg.ID.TrustDomain():
-		return fmt.Errorf("%w: bundle of %s, not of %s", ErrBadRequest, b.TrustDomain(), r.cfg.ID.TrustDomain())
+		err = fmt.Errorf("%w: bundle of %s, not of %s", ErrBadRequest, b.TrustDomain(), r.cfg.ID.TrustDomain())
+	}
+	if err != nil {
+		r.auditBundle(r.bundleChange(r.state.Load().bundle, nil, err))
+		return err
 	}
 	r.mu.Lock()
 	next := *r.state.Load()
+	old := next.bundle
 	next.bundle = b
 	r.state.Store(&next)
 	r.mu.Unlock()
+	if old.Equal(b) {
+		return nil
+	}
+	r.auditBundle(r.bundleChange(old, b, nil))
 	r.cfg.Logger.LogAttrs(context.Background(), slog.LevelInfo, "trust bundle changed",
 		slog.String(keySPIFFEID, r.cfg.ID.String()), slog.Int("authorities", len(b.X509Authorities())))
 	return nil

@@ -114,7 +114,7 @@ func (w *watcher) run(ctx context.Context) {
 		}
 		if d := fileDigest(w.cur.CARoot); initiator == "sighup" || !bytes.Equal(d, rootDigest) {
 			rootDigest = d
-			reloadBundle(w.cur, w.rot, w.px, w.logger)
+			reloadBundle(w.cur, w.rot, w.px, w.audit, w.logger)
 		}
 		if w.cur.PolicyPath != "" {
 			if d := fileDigest(w.cur.PolicyPath); initiator == "sighup" || !bytes.Equal(d, policyDigest) {
@@ -196,11 +196,16 @@ func startPolicy(path string, log *audit.Log) (*policy.Authz, error) {
 	return a, log.Append(audit.Policy{Path: path, Version: 1, Result: "applied"})
 }
 
-// reloadBundle makes the root file the trust bundle when it changed and is valid.
-func reloadBundle(cur *proxyConfig, rot *rotator.Rotator, px *proxy.Proxy, logger *slog.Logger) {
+// reloadBundle makes the root file the trust bundle when it changed and is valid. The
+// rotator audits each change of anchors and each bundle it refuses; a file that does
+// not load is audited here.
+func reloadBundle(cur *proxyConfig, rot *rotator.Rotator, px *proxy.Proxy, log *audit.Log, logger *slog.Logger) {
 	next, err := x509bundle.Load(cur.ID.TrustDomain(), cur.CARoot)
 	if err != nil {
 		logger.Error("trust bundle refused; the one in force stays", "file", cur.CARoot, "err", err)
+		if err := log.Append(rot.BundleRefused(err)); err != nil {
+			logger.Error("audit trust bundle change", "err", err)
+		}
 		return
 	}
 	held, err := rot.GetX509BundleForTrustDomain(cur.ID.TrustDomain())

@@ -2,9 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/sha256"
-	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -195,9 +192,9 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		if dcfg.TunnelPort, err = portOf(cfg.Tunnel); err != nil {
 			return err
 		}
-		// The bundle is the CA's root file for now: its digest names its version.
-		bv := bundleVersion(bundle.X509Authorities())
-		dcfg.BundleVersion = func() string { return bv }
+		// The bundle is the CA's root file for now: its digest names its version,
+		// which follows a reload of the file.
+		dcfg.BundleVersion = rot.BundleVersion
 	}
 	dir, err = ca.NewDirectory(dcfg)
 	if err != nil {
@@ -284,16 +281,6 @@ func staleness(configured time.Duration, rot *rotator.Rotator) time.Duration {
 	}
 	leaf := svid.Certificates[0]
 	return leaf.NotAfter.Sub(leaf.NotBefore)
-}
-
-// bundleVersion names a set of trust anchors by the SHA-256 of their DER, so the
-// directory shows which proxies hold which bundle.
-func bundleVersion(roots []*x509.Certificate) string {
-	h := sha256.New()
-	for _, r := range roots {
-		h.Write(r.Raw)
-	}
-	return hex.EncodeToString(h.Sum(nil))[:16]
 }
 
 // directory adapts the CA's directory client to the proxy's lookup interface.
