@@ -80,7 +80,9 @@ func TestCertificateRules(t *testing.T) {
 		},
 		{
 			name: "client_leaf_without_eku", on: b, dir: "inbound", peer: idA.String(),
-			do: func(t *testing.T) { dialTunnel(t, tunnel, ca.SVID(t, idA, testca.WithExtKeyUsage()), tunnelHeader(tg.port)) },
+			do: func(t *testing.T) {
+				dialTunnel(t, tunnel, ca.SVID(t, idA, testca.WithExtKeyUsage()), tunnelHeader(tg.port))
+			},
 		},
 		{
 			// A server leaf with serverAuth only is a valid server: the
