@@ -34,9 +34,9 @@ const (
 	// ReasonTokenInvalid: the bootstrap token is malformed, badly signed, expired or
 	// for another audience.
 	ReasonTokenInvalid IssueReason = "token_invalid"
-	// ReasonCertificateInvalid: the certificate presented does not chain to the CA for
-	// client authentication now, or breaks a certificate rule (key usage, chain
-	// depth, SPIFFE ID length).
+	// ReasonCertificateInvalid: the certificate presented is expired or revoked, does
+	// not chain to the CA for client authentication, or breaks a certificate rule (key
+	// usage, chain depth, SPIFFE ID length).
 	ReasonCertificateInvalid IssueReason = "certificate_invalid"
 	// ReasonNotAllowed: an authorised request the CA's rules refuse: a revoked or
 	// unregistered identity, a caller that may not ask for it, a request outside the

@@ -18,6 +18,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/peercred"
 )
 
@@ -140,19 +141,24 @@ func (s *Server) handleAdminDirectory(w http.ResponseWriter, _ *http.Request) {
 
 func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
+	rec := audit.Issuance{Initiator: uidInitiator(cred.uid)}
 	var req tokenRequest
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, adminMaxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
-		writeAdminError(w, http.StatusBadRequest, "invalid request body: "+err.Error())
+		msg := "invalid request body: " + err.Error()
+		s.refusedToken(rec, audit.ReasonBadRequest, msg)
+		writeAdminError(w, http.StatusBadRequest, msg)
 		return
 	}
 	id, err := spiffeid.FromString(req.SPIFFEID)
 	if err != nil {
-		writeAdminError(w, http.StatusBadRequest, fmt.Sprintf("invalid spiffe_id %q: %v", req.SPIFFEID, err))
+		msg := fmt.Sprintf("invalid spiffe_id %q: %v", req.SPIFFEID, err)
+		s.refusedToken(rec, audit.ReasonBadRequest, msg)
+		writeAdminError(w, http.StatusBadRequest, msg)
 		return
 	}
-	tok, err := s.Token(id)
+	tok, err := s.issueToken(rec, id)
 	switch {
 	case errors.Is(err, ErrInvalidID):
 		writeAdminError(w, http.StatusBadRequest, err.Error())

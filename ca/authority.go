@@ -163,7 +163,8 @@ func (s *Server) authorizeRenew(ctx context.Context, p *provisioner.Controller, 
 // revoked identity.
 type authDB struct {
 	*db.DB
-	rev *revocationStore
+	rev  *revocationStore
+	uses *tokenUses // tells the issuance audit which refusals were reuses
 }
 
 // StoreCertificateChain indexes and stores a certificate issued by /sign (step-ca
@@ -187,7 +188,11 @@ func (d authDB) StoreRenewedCertificate(old *x509.Certificate, chain ...*x509.Ce
 // UseToken marks the token ID as used; it reports false when it was used before.
 func (d authDB) UseToken(id, tok string) (bool, error) {
 	sum := sha256.Sum256([]byte(tok))
-	return d.DB.UseToken(id, "sha256:"+hex.EncodeToString(sum[:]))
+	ok, err := d.DB.UseToken(id, "sha256:"+hex.EncodeToString(sum[:]))
+	if err == nil && !ok {
+		d.uses.refusedReuse(id)
+	}
+	return ok, err
 }
 
 // openDB opens (creating on first start) the bbolt database in StateDir/db.
@@ -211,5 +216,5 @@ func openDB(stateDir string) (authDB, error) {
 		_ = sdb.Shutdown()
 		return authDB{}, fmt.Errorf("open database %s: %w", path, err)
 	}
-	return authDB{DB: sdb, rev: rev}, nil
+	return authDB{DB: sdb, rev: rev, uses: newTokenUses()}, nil
 }

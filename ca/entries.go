@@ -35,7 +35,6 @@ const agentPathPrefix = "/agent/"
 const (
 	actionRegister   = "register"
 	actionUnregister = "unregister"
-	actionToken      = "token"
 )
 
 // Entry is a registration entry: the agent identity ID, which the proxy of Host may

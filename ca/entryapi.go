@@ -118,6 +118,9 @@ func entryStatus(err error) int {
 // the requests that are audited (nil for the others).
 func refusedAdminRecord(r *http.Request, initiator, msg string) audit.Event {
 	switch {
+	case r.URL.Path == adminTokenPath:
+		return audit.Issuance{Action: audit.ActionToken, Initiator: initiator, Result: audit.IssueRefused,
+			Reason: audit.ReasonNotAllowed, Error: msg}
 	case r.URL.Path == adminRevokePath:
 		return refusedRevocation(initiator, nil, msg)
 	case r.URL.Path == adminEntriesPath && r.Method == http.MethodPost:
@@ -131,13 +134,16 @@ func refusedAdminRecord(r *http.Request, initiator, msg string) audit.Event {
 
 // handleAgentToken is POST /mesh/v1/agents/token: a bootstrap token for an agent,
 // granted to the proxy of the host its entry names and to no one else. Every request
-// is audited (audit.Registration, action "token").
+// is audited (audit.Issuance, action "token", with the caller's SPIFFE ID and serial).
 func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 	caller := callerID(r)
-	rec := audit.Registration{Initiator: caller.String(), Action: actionToken, Result: "refused"}
+	rec := audit.Issuance{Initiator: caller.String(), CallerSerial: callerSerial(r), PeerAddr: r.RemoteAddr}
 	refuse := func(status int, msg string) {
-		rec.Error = msg
-		s.audit(rec)
+		reason := audit.ReasonNotAllowed
+		if status == http.StatusBadRequest {
+			reason = audit.ReasonBadRequest
+		}
+		s.refusedToken(rec, reason, msg)
 		s.refuse(w, r, status, caller, msg)
 	}
 	if !isHostID(caller) {
@@ -164,27 +170,21 @@ func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 		refuse(http.StatusForbidden, fmt.Sprintf("no registration entry for %s", id))
 		return
 	}
-	rec.Host, rec.Port = e.Host.String(), e.Port
-	uid := e.UID
-	rec.UID = &uid
+	rec.Host = e.Host.String()
 	if e.Host != caller {
 		refuse(http.StatusForbidden, fmt.Sprintf("%s is registered to %s, not %s", id, e.Host, caller))
 		return
 	}
-	tok, err := s.Token(id)
+	tok, err := s.issueToken(rec, id)
 	switch {
 	case errors.Is(err, ErrRevoked):
-		refuse(http.StatusForbidden, err.Error())
+		s.refuse(w, r, http.StatusForbidden, caller, err.Error())
 		return
 	case err != nil:
-		rec.Result, rec.Error = "error", err.Error()
-		s.audit(rec)
 		s.log.Error("agent token failed", keySPIFFEID, id.String(), keyHost, caller.String(), keyErr, err)
 		writeStepError(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}
-	rec.Result = "ok"
-	s.audit(rec)
 	s.log.LogAttrs(r.Context(), slog.LevelDebug, "agent token granted",
 		slog.String(keySPIFFEID, id.String()), slog.String(keyHost, caller.String()))
 	writeJSON(w, tokenResponse{Token: tok})

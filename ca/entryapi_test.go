@@ -24,7 +24,8 @@ import (
 	"github.com/agentmesh/agentmesh/audit"
 )
 
-// refusedAdminRecord audits refused writes of entries and revocations, not reads.
+// refusedAdminRecord audits refused writes of entries and revocations and refused
+// tokens, not reads.
 func TestRefusedAdminRecord(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
@@ -36,7 +37,8 @@ func TestRefusedAdminRecord(t *testing.T) {
 			SPIFFEID: "spiffe://mesh.test/agent/x", Result: "refused", Error: "no"}},
 		{http.MethodPost, adminRevokePath, audit.Revocation{Initiator: "uid:7", Result: "refused", Error: "no"}},
 		{http.MethodGet, adminEntriesPath, nil},
-		{http.MethodPost, adminTokenPath, nil},
+		{http.MethodPost, adminTokenPath, audit.Issuance{Action: audit.ActionToken, Initiator: "uid:7", Result: audit.IssueRefused,
+			Reason: audit.ReasonNotAllowed, Error: "no"}},
 	} {
 		got := refusedAdminRecord(httptest.NewRequest(tc.method, tc.target, nil), "uid:7", "no")
 		if !reflect.DeepEqual(got, tc.want) {
@@ -272,7 +274,7 @@ func TestAgentToken(t *testing.T) {
 		})
 	}
 
-	recs := auditLines(t, log, logPath, "registration")
+	recs := auditLines(t, log, logPath, "issuance")
 	var granted, refusedB bool
 	for _, r := range recs {
 		if r["action"] != "token" {

@@ -19,6 +19,9 @@ import (
 	apilog "github.com/smallstep/certificates/api/log"
 	"github.com/smallstep/certificates/authority"
 	"github.com/smallstep/certificates/db"
+
+	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/svidrules"
 )
 
 // apiHandler routes step-ca's API at / and /1.0 (as step-ca does) and the mesh API at
@@ -29,7 +32,7 @@ func (s *Server) apiHandler() http.Handler {
 	api.Route(mux)
 	mux.Route("/1.0", func(r chi.Router) { api.Route(r) })
 	mux.Route(meshPrefix, s.meshRoutes)
-	return s.accessLog(s.requireValidClientCert(mux))
+	return s.accessLog(s.auditIssuance(s.requireValidClientCert(mux)))
 }
 
 // apiContext is the base context of API requests: step-ca's handlers find the
@@ -98,6 +101,7 @@ func (s *Server) requireValidClientCert(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
 			if err := s.verifyClientChain(r.TLS.PeerCertificates, time.Now()); err != nil {
+				noteRefusal(r, audit.ReasonCertificateInvalid)
 				writeStepError(w, http.StatusUnauthorized, "client certificate not valid: "+err.Error())
 				return
 			}
@@ -106,7 +110,16 @@ func (s *Server) requireValidClientCert(next http.Handler) http.Handler {
 	})
 }
 
+// verifyClientChain also applies the certificate rules x509 verification lacks (a
+// SPIFFE ID of at most 2,048 bytes, one intermediate: the CA's own hierarchy), as
+// the proxies do; the key usage rule is KeyUsages here.
 func (s *Server) verifyClientChain(chain []*x509.Certificate, now time.Time) error {
+	if err := svidrules.CheckLeaf(chain[0], svidrules.Client); err != nil {
+		return err
+	}
+	if err := svidrules.CheckDepth(chain, []*x509.Certificate{s.certs.root}, svidrules.DefaultMaxIntermediates); err != nil {
+		return err
+	}
 	inter := s.clientIntermediates
 	if len(chain) > 1 {
 		inter = s.clientIntermediates.Clone()

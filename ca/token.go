@@ -9,6 +9,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/jose"
+
+	"github.com/agentmesh/agentmesh/internal/svidrules"
 )
 
 // tokenClaims is the payload of a JWK provisioner one-time token as step-ca reads it.
@@ -50,6 +52,8 @@ func checkIssuable(td spiffeid.TrustDomain, id spiffeid.ID) error {
 		return fmt.Errorf("%w: %s is not in trust domain %s", ErrInvalidID, id, td.Name())
 	case id.Path() == "":
 		return fmt.Errorf("%w: %s has no path", ErrInvalidID, id)
+	case len(id.String()) > svidrules.MaxIDLength:
+		return fmt.Errorf("%w: %d bytes, a SPIFFE ID has at most %d", ErrInvalidID, len(id.String()), svidrules.MaxIDLength)
 	}
 	return nil
 }
