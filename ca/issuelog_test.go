@@ -183,7 +183,7 @@ func TestClientCertificateRules(t *testing.T) {
 		{name: "valid", svid: mint(id, both...), status: http.StatusCreated},
 		{name: "server_auth_only", svid: mint(id, x509.ExtKeyUsageServerAuth), status: http.StatusUnauthorized},
 		{name: "two_intermediates", svid: padded, status: http.StatusUnauthorized},
-		{name: "id_2049_bytes", svid: mint(spiffeid.RequireFromString(testTD.IDString() + "/agent/" + strings.Repeat("a", 2049-len(testTD.IDString()+"/agent/"))), both...), status: http.StatusUnauthorized},
+		{name: "id_2049_bytes", svid: mint(spiffeid.RequireFromString(testTD.IDString()+"/agent/"+strings.Repeat("a", 2049-len(testTD.IDString()+"/agent/"))), both...), status: http.StatusUnauthorized},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := len(rec.issuances())
