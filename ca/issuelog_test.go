@@ -23,13 +23,14 @@ import (
 	"github.com/agentmesh/agentmesh/audit"
 )
 
-func (r *auditRecorder) issuances() []audit.Issuance {
+// eventsOf returns the records of type E that r holds, in order.
+func eventsOf[E audit.Event](r *auditRecorder) []E {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var out []audit.Issuance
+	var out []E
 	for _, e := range r.events {
-		if i, ok := e.(audit.Issuance); ok {
-			out = append(out, i)
+		if ev, ok := e.(E); ok {
+			out = append(out, ev)
 		}
 	}
 	return out
@@ -103,7 +104,7 @@ func TestIssuanceAudit(t *testing.T) {
 		{Action: audit.ActionRenew, Result: audit.IssueOK, Initiator: id.String(), CallerSerial: serialOf(svid2), SPIFFEID: id.String()},
 		{Action: audit.ActionRekey, Result: audit.IssueRefused, Reason: audit.ReasonCertificateInvalid, Initiator: id.String(), CallerSerial: serialOf(svid2), SPIFFEID: id.String()},
 	}
-	got := rec.issuances()
+	got := eventsOf[audit.Issuance](rec)
 	if len(got) != len(want) {
 		t.Fatalf("%d issuance records, want %d: %+v", len(got), len(want), got)
 	}
@@ -186,12 +187,12 @@ func TestClientCertificateRules(t *testing.T) {
 		{name: "id_2049_bytes", svid: mint(spiffeid.RequireFromString(testTD.IDString()+"/agent/"+strings.Repeat("a", 2049-len(testTD.IDString()+"/agent/"))), both...), status: http.StatusUnauthorized},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := len(rec.issuances())
+			before := len(eventsOf[audit.Issuance](rec))
 			status, body := do(t, httpsClient(t, ca, tlsCert(tc.svid)), http.MethodPost, ca.URL()+"/1.0/renew", nil)
 			if status != tc.status {
 				t.Fatalf("renew: %d (%d bytes), want %d", status, len(body), tc.status)
 			}
-			got := rec.issuances()[before:]
+			got := eventsOf[audit.Issuance](rec)[before:]
 			if len(got) != 1 || got[0].CallerSerial != serialOf(tc.svid) ||
 				(tc.status != http.StatusCreated && got[0].Reason != audit.ReasonCertificateInvalid) {
 				t.Fatalf("records %+v, want one for serial %s", got, serialOf(tc.svid))

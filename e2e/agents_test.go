@@ -162,9 +162,9 @@ func TestAgents(t *testing.T) {
 		"src_id": planner, "dst_id": search})
 	wantRecord(t, pb, map[string]string{"type": "policy", "result": "refused"})
 	caAudit := &meshProxy{process: authority.process, dir: authority.state}
-	wantRecord(t, caAudit, map[string]string{"type": "registration", "action": "token", "result": "refused",
+	wantRecord(t, caAudit, map[string]string{"type": "issuance", "action": "token", "result": "refused",
 		"initiator": id("host/c"), "spiffe_id": planner})
-	wantRecord(t, caAudit, map[string]string{"type": "registration", "action": "token", "result": "ok",
+	wantRecord(t, caAudit, map[string]string{"type": "issuance", "action": "token", "result": "ok",
 		"initiator": hostA, "spiffe_id": planner})
 }
 

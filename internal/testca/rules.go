@@ -2,9 +2,7 @@ package testca
 
 import (
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"fmt"
-	"net/url"
 	"strings"
 	"testing"
 	"time"
@@ -48,16 +46,7 @@ func (c *CA) DeepSVID(tb testing.TB, id spiffeid.ID, depth int, opts ...IssueOpt
 	now := time.Now()
 	for i := range depth {
 		key := newKey(tb)
-		tmpl := &x509.Certificate{
-			SerialNumber:          randomSerial(tb),
-			Subject:               pkix.Name{Organization: []string{"agentmesh test"}, CommonName: fmt.Sprintf("test intermediate %d %s", i+1, c.td.Name())},
-			NotBefore:             now.Add(-time.Hour),
-			NotAfter:              now.Add(caValidity),
-			IsCA:                  true,
-			BasicConstraintsValid: true,
-			KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-			URIs:                  []*url.URL{c.td.ID().URL()},
-		}
+		tmpl := caTemplate(tb, c.td, fmt.Sprintf("test intermediate %d", i+1), now)
 		inter := sign(tb, tmpl, parent, key.Public(), parentKey)
 		chain = append(chain, inter)
 		parent, parentKey = inter, key

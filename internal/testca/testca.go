@@ -53,30 +53,12 @@ func New(tb testing.TB, opts ...Option) *CA {
 	}
 	now := time.Now()
 	rootKey := newKey(tb)
-	rootTmpl := &x509.Certificate{
-		SerialNumber:          randomSerial(tb),
-		Subject:               pkix.Name{Organization: []string{"agentmesh test"}, CommonName: "test root " + cfg.td.Name()},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(caValidity),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		URIs:                  []*url.URL{cfg.td.ID().URL()},
-	}
+	rootTmpl := caTemplate(tb, cfg.td, "test root", now)
 	root := sign(tb, rootTmpl, rootTmpl, rootKey.Public(), rootKey)
 
 	interKey := newKey(tb)
-	interTmpl := &x509.Certificate{
-		SerialNumber:          randomSerial(tb),
-		Subject:               pkix.Name{Organization: []string{"agentmesh test"}, CommonName: "test intermediate " + cfg.td.Name()},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(caValidity),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		MaxPathLenZero:        true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		URIs:                  []*url.URL{cfg.td.ID().URL()},
-	}
+	interTmpl := caTemplate(tb, cfg.td, "test intermediate", now)
+	interTmpl.MaxPathLenZero = true
 	inter := sign(tb, interTmpl, root, interKey.Public(), rootKey)
 	return &CA{td: cfg.td, root: root, inter: inter, interKey: interKey, rootKey: rootKey}
 }
@@ -167,6 +149,22 @@ func (c *CA) SVID(tb testing.TB, id spiffeid.ID, opts ...IssueOption) *x509svid.
 		ID:           id,
 		Certificates: c.Issue(tb, id, key.Public(), opts...),
 		PrivateKey:   key,
+	}
+}
+
+// caTemplate is a CA certificate of td named name, valid from an hour before now
+// for caValidity.
+func caTemplate(tb testing.TB, td spiffeid.TrustDomain, name string, now time.Time) *x509.Certificate {
+	tb.Helper()
+	return &x509.Certificate{
+		SerialNumber:          randomSerial(tb),
+		Subject:               pkix.Name{Organization: []string{"agentmesh test"}, CommonName: name + " " + td.Name()},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.Add(caValidity),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
+		URIs:                  []*url.URL{td.ID().URL()},
 	}
 }
 
