@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/smallstep/certificates/authority"
@@ -143,14 +144,22 @@ func (s *Server) enforceNotRevoked(cert *x509.Certificate) error {
 
 // authorizeRenew is step-ca's renewal authorisation plus the revocation check: a
 // certificate of a revoked identity is not renewed, even under a serial step-ca has not
-// revoked (yet); and the registration check: an agent identity (/agent/...) is renewed
-// only while an entry names it, so unregistering stops it at the next renewal.
+// revoked (yet); the registration check: an agent identity (/agent/...) is renewed
+// only while an entry names it, so unregistering stops it at the next renewal; and the
+// lineage rules (lineage.go), which guardLineage applied before already for mTLS
+// requests: this covers renewal tokens and a lineage that changed meanwhile.
 func (s *Server) authorizeRenew(ctx context.Context, p *provisioner.Controller, cert *x509.Certificate) error {
 	if err := s.enforceNotRevoked(cert); err != nil {
 		return errs.ForbiddenErr(err, "certificate identity has been revoked")
 	}
 	if err := s.enforceRegistered(cert); err != nil {
 		return errs.ForbiddenErr(err, "agent identity is not registered")
+	}
+	if err := s.authorizeLineage(ctx, opRenew, cert, ""); err != nil {
+		if errors.Is(err, ErrRenewalRefused) {
+			return errs.ForbiddenErr(err, "%s", err.Error())
+		}
+		return errs.InternalServerErr(err)
 	}
 	return provisioner.DefaultAuthorizeRenew(ctx, p, cert)
 }
@@ -160,10 +169,13 @@ func (s *Server) authorizeRenew(ctx context.Context, p *provisioner.Controller, 
 // reuse detection only needs the key, and no token is kept in plain text on disk. And
 // every certificate stored (issued, renewed or rekeyed) goes through the revocation
 // store first, which indexes its serial under its SPIFFE ID and refuses one for a
-// revoked identity.
+// revoked identity; and through the lineage (lineage.go), which records its serial, host
+// and the serial it replaced, and refuses one renewed from a certificate that may no
+// longer renew or issued to an agent's previous host.
 type authDB struct {
 	*db.DB
 	rev *revocationStore
+	lin *lineageStore
 }
 
 // StoreCertificateChain indexes and stores a certificate issued by /sign (step-ca
@@ -172,7 +184,9 @@ func (d authDB) StoreCertificateChain(p provisioner.Interface, chain ...*x509.Ce
 	if len(chain) == 0 {
 		return errors.New("store certificate: empty chain")
 	}
-	return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreCertificateChain(p, chain...) })
+	return d.lin.record(chain[0], nil, func() error {
+		return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreCertificateChain(p, chain...) })
+	})
 }
 
 // StoreRenewedCertificate indexes and stores a certificate issued by /renew or /rekey
@@ -181,7 +195,9 @@ func (d authDB) StoreRenewedCertificate(old *x509.Certificate, chain ...*x509.Ce
 	if len(chain) == 0 {
 		return errors.New("store certificate: empty chain")
 	}
-	return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreRenewedCertificate(old, chain...) })
+	return d.lin.record(chain[0], old, func() error {
+		return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreRenewedCertificate(old, chain...) })
+	})
 }
 
 // UseToken marks the token ID as used; it reports false when it was used before.
@@ -190,8 +206,9 @@ func (d authDB) UseToken(id, tok string) (bool, error) {
 	return d.DB.UseToken(id, "sha256:"+hex.EncodeToString(sum[:]))
 }
 
-// openDB opens (creating on first start) the bbolt database in StateDir/db.
-func openDB(stateDir string) (authDB, error) {
+// openDB opens (creating on first start) the bbolt database in StateDir/db; entries are
+// the registration entries the lineage checks agent certificates against.
+func openDB(stateDir string, entries *atomic.Pointer[entrySet]) (authDB, error) {
 	dir := filepath.Join(stateDir, dirDB)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return authDB{}, fmt.Errorf("create database directory: %w", err)
@@ -211,5 +228,10 @@ func openDB(stateDir string) (authDB, error) {
 		_ = sdb.Shutdown()
 		return authDB{}, fmt.Errorf("open database %s: %w", path, err)
 	}
-	return authDB{DB: sdb, rev: rev}, nil
+	lin, err := openLineageStore(sdb, rev, entries)
+	if err != nil {
+		_ = sdb.Shutdown()
+		return authDB{}, fmt.Errorf("open database %s: %w", path, err)
+	}
+	return authDB{DB: sdb, rev: rev, lin: lin}, nil
 }
