@@ -21,6 +21,8 @@ import (
 	"github.com/smallstep/certificates/errs"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/jose"
+
+	"github.com/agentmesh/agentmesh/audit"
 )
 
 // svidTemplate is the provisioner's X.509 template: a SPIFFE X509-SVID with exactly the
@@ -207,8 +209,9 @@ func (d authDB) UseToken(id, tok string) (bool, error) {
 }
 
 // openDB opens (creating on first start) the bbolt database in StateDir/db; entries are
-// the registration entries the lineage checks agent certificates against.
-func openDB(stateDir string, entries *atomic.Pointer[entrySet]) (authDB, error) {
+// the registration entries the lineage checks agent certificates against, refused
+// reports the issuances the lineage refuses at the store.
+func openDB(stateDir string, entries *atomic.Pointer[entrySet], refused func(context.Context, audit.Lineage, string)) (authDB, error) {
 	dir := filepath.Join(stateDir, dirDB)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return authDB{}, fmt.Errorf("create database directory: %w", err)
@@ -228,7 +231,7 @@ func openDB(stateDir string, entries *atomic.Pointer[entrySet]) (authDB, error) 
 		_ = sdb.Shutdown()
 		return authDB{}, fmt.Errorf("open database %s: %w", path, err)
 	}
-	lin, err := openLineageStore(sdb, rev, entries)
+	lin, err := openLineageStore(sdb, rev, entries, refused)
 	if err != nil {
 		_ = sdb.Shutdown()
 		return authDB{}, fmt.Errorf("open database %s: %w", path, err)

@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"context"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
@@ -18,6 +19,8 @@ import (
 	"github.com/smallstep/nosql/database"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/audit"
 )
 
 // The lineage of an identity is every certificate the CA issued for it that has not
@@ -121,6 +124,8 @@ type lineageStore struct {
 	db      *db.DB
 	rev     *revocationStore
 	entries *atomic.Pointer[entrySet] // the registration entries in force (Server.entries)
+	// refused audits, counts and logs a refusal of the store (Server.lineageRefused).
+	refused func(context.Context, audit.Lineage, string)
 	mu      sync.Mutex
 
 	bindMu  sync.Mutex
@@ -128,11 +133,12 @@ type lineageStore struct {
 	pending map[string]*spiffeid.ID // SHA-256 of a CSR's SubjectPublicKeyInfo → host
 }
 
-func openLineageStore(d *db.DB, rev *revocationStore, entries *atomic.Pointer[entrySet]) (*lineageStore, error) {
+func openLineageStore(d *db.DB, rev *revocationStore, entries *atomic.Pointer[entrySet],
+	refused func(context.Context, audit.Lineage, string)) (*lineageStore, error) {
 	if err := d.CreateTable(bucketLineage); err != nil {
 		return nil, fmt.Errorf("create database bucket %s: %w", bucketLineage, err)
 	}
-	return &lineageStore{db: d, rev: rev, entries: entries, grants: map[string]tokenGrant{}, pending: map[string]*spiffeid.ID{}}, nil
+	return &lineageStore{db: d, rev: rev, entries: entries, refused: refused, grants: map[string]tokenGrant{}, pending: map[string]*spiffeid.ID{}}, nil
 }
 
 // registered is the host the registration entry of agent id names now.
@@ -234,15 +240,23 @@ func (l *lineageStore) record(leaf, old *x509.Certificate, store func() error) e
 	// or in the lineage that revocation reads.
 	if isAgentID(id) && !e.Host.IsZero() {
 		if reg, ok := l.registered(id); !ok || reg != e.Host {
-			return fmt.Errorf("%w: %s: %s is not registered to %s", ErrRenewalRefused, refusedNotRegisteredHost, id, e.Host)
+			err := fmt.Errorf("%w: %s: %s is not registered to %s", ErrRenewalRefused, refusedNotRegisteredHost, id, e.Host)
+			l.refused(context.Background(), audit.Lineage{Op: string(opSign), Caller: id.String(), Host: e.Host.String(),
+				Reason: string(refusedNotRegisteredHost)}, err.Error())
+			return err
 		}
 	}
 	if old != nil {
 		e.Replaced = old.SerialNumber.String()
-		if reason, _, err := l.checkRenewalLocked(id, e.Replaced); err != nil {
+		reason, head, err := l.checkRenewalLocked(id, e.Replaced)
+		if err != nil {
 			return err
-		} else if reason != "" {
-			return fmt.Errorf("%w: %s: serial %s of %s", ErrRenewalRefused, reason, e.Replaced, id)
+		}
+		if reason != "" {
+			err := fmt.Errorf("%w: %s: serial %s of %s", ErrRenewalRefused, reason, e.Replaced, id)
+			l.refused(context.Background(), audit.Lineage{Op: string(opRenew), Caller: id.String(), Serial: e.Replaced,
+				Head: head, Reason: string(reason)}, err.Error())
+			return err
 		}
 	}
 	lin, err := l.read(id)

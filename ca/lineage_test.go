@@ -240,6 +240,19 @@ func TestLineageMovedAgent(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Enroll on host b: %v", err)
 	}
+	// A compromise rotation of the agent (a fresh enrolment through host b) revokes the
+	// rest of its lineage with its new certificate.
+	fresh, err := enrolWith(token(hostB))
+	if err != nil {
+		t.Fatalf("Enroll on host b again: %v", err)
+	}
+	cc := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
+	res, err := RevokeRemote(ctx, cc, *tlsCert(fresh), RevokeRequest{SPIFFEID: agentX.String(), Except: serialOf(fresh), Reason: "key-compromise"})
+	// Host a's certificate, revoked already, is covered again; nothing changes for it.
+	if err != nil || !slices.Equal(slices.Sorted(slices.Values(res.Serials)), slices.Sorted(slices.Values([]string{serialOf(onA), serialOf(onB)}))) {
+		t.Fatalf("agent lineage revocation: %+v, %v; want %s and %s", res, err, serialOf(onA), serialOf(onB))
+	}
+	onB = fresh
 	// Registering again to the same host revokes nothing of it.
 	if _, err := ca.UnregisterEntry(ctx, "op", agentX); err != nil {
 		t.Fatal(err)

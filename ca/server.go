@@ -152,7 +152,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if s.lineageRefusals, err = newLineageMetric(cfg.Metrics); err != nil {
 		return nil, err
 	}
-	if s.db, err = openDB(cfg.StateDir, &s.entries); err != nil {
+	if s.db, err = openDB(cfg.StateDir, &s.entries, s.lineageRefused); err != nil {
 		return nil, err
 	}
 
