@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/smallstep/certificates/authority"
@@ -20,6 +21,8 @@ import (
 	"github.com/smallstep/certificates/errs"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/jose"
+
+	"github.com/agentmesh/agentmesh/audit"
 )
 
 // svidTemplate is the provisioner's X.509 template: a SPIFFE X509-SVID with exactly the
@@ -143,14 +146,22 @@ func (s *Server) enforceNotRevoked(cert *x509.Certificate) error {
 
 // authorizeRenew is step-ca's renewal authorisation plus the revocation check: a
 // certificate of a revoked identity is not renewed, even under a serial step-ca has not
-// revoked (yet); and the registration check: an agent identity (/agent/...) is renewed
-// only while an entry names it, so unregistering stops it at the next renewal.
+// revoked (yet); the registration check: an agent identity (/agent/...) is renewed
+// only while an entry names it, so unregistering stops it at the next renewal; and the
+// lineage rules (lineage.go), which guardLineage applied before already for mTLS
+// requests: this covers renewal tokens and a lineage that changed meanwhile.
 func (s *Server) authorizeRenew(ctx context.Context, p *provisioner.Controller, cert *x509.Certificate) error {
 	if err := s.enforceNotRevoked(cert); err != nil {
 		return errs.ForbiddenErr(err, "certificate identity has been revoked")
 	}
 	if err := s.enforceRegistered(cert); err != nil {
 		return errs.ForbiddenErr(err, "agent identity is not registered")
+	}
+	if err := s.authorizeLineage(ctx, opRenew, cert, ""); err != nil {
+		if errors.Is(err, ErrRenewalRefused) {
+			return errs.ForbiddenErr(err, "%s", err.Error())
+		}
+		return errs.InternalServerErr(err)
 	}
 	return provisioner.DefaultAuthorizeRenew(ctx, p, cert)
 }
@@ -160,10 +171,13 @@ func (s *Server) authorizeRenew(ctx context.Context, p *provisioner.Controller, 
 // reuse detection only needs the key, and no token is kept in plain text on disk. And
 // every certificate stored (issued, renewed or rekeyed) goes through the revocation
 // store first, which indexes its serial under its SPIFFE ID and refuses one for a
-// revoked identity.
+// revoked identity; and through the lineage (lineage.go), which records its serial, host
+// and the serial it replaced, and refuses one renewed from a certificate that may no
+// longer renew or issued to an agent's previous host.
 type authDB struct {
 	*db.DB
 	rev  *revocationStore
+	lin  *lineageStore
 	uses *tokenUses // tells the issuance audit which refusals were reuses
 }
 
@@ -173,7 +187,9 @@ func (d authDB) StoreCertificateChain(p provisioner.Interface, chain ...*x509.Ce
 	if len(chain) == 0 {
 		return errors.New("store certificate: empty chain")
 	}
-	return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreCertificateChain(p, chain...) })
+	return d.lin.record(chain[0], nil, func() error {
+		return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreCertificateChain(p, chain...) })
+	})
 }
 
 // StoreRenewedCertificate indexes and stores a certificate issued by /renew or /rekey
@@ -182,7 +198,9 @@ func (d authDB) StoreRenewedCertificate(old *x509.Certificate, chain ...*x509.Ce
 	if len(chain) == 0 {
 		return errors.New("store certificate: empty chain")
 	}
-	return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreRenewedCertificate(old, chain...) })
+	return d.lin.record(chain[0], old, func() error {
+		return d.rev.storeIssued(chain[0], func() error { return d.DB.StoreRenewedCertificate(old, chain...) })
+	})
 }
 
 // UseToken marks the token ID as used; it reports false when it was used before.
@@ -195,8 +213,10 @@ func (d authDB) UseToken(id, tok string) (bool, error) {
 	return ok, err
 }
 
-// openDB opens (creating on first start) the bbolt database in StateDir/db.
-func openDB(stateDir string) (authDB, error) {
+// openDB opens (creating on first start) the bbolt database in StateDir/db; entries are
+// the registration entries the lineage checks agent certificates against, refused
+// reports the issuances the lineage refuses at the store.
+func openDB(stateDir string, entries *atomic.Pointer[entrySet], refused func(context.Context, audit.Lineage, string)) (authDB, error) {
 	dir := filepath.Join(stateDir, dirDB)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return authDB{}, fmt.Errorf("create database directory: %w", err)
@@ -216,5 +236,10 @@ func openDB(stateDir string) (authDB, error) {
 		_ = sdb.Shutdown()
 		return authDB{}, fmt.Errorf("open database %s: %w", path, err)
 	}
-	return authDB{DB: sdb, rev: rev, uses: newTokenUses()}, nil
+	lin, err := openLineageStore(sdb, rev, entries, refused)
+	if err != nil {
+		_ = sdb.Shutdown()
+		return authDB{}, fmt.Errorf("open database %s: %w", path, err)
+	}
+	return authDB{DB: sdb, rev: rev, lin: lin, uses: newTokenUses()}, nil
 }

@@ -213,7 +213,6 @@ func TestRestartReusesState(t *testing.T) {
 		t.Errorf("first start logged %q %d times, want once", created, n)
 	}
 	id := spiffeid.RequireFromPath(testTD, "/workload/restart")
-	svid := enroll(t, first, id)
 	used, err := first.Token(id)
 	if err != nil {
 		t.Fatal(err)
@@ -221,6 +220,7 @@ func TestRestartReusesState(t *testing.T) {
 	if _, err := newClient(t, first, fixedToken(used)).Enroll(context.Background(), id, newKey(t)); err != nil {
 		t.Fatal(err)
 	}
+	svid := enroll(t, first, id) // the newest certificate of the identity: the one that may renew
 	unused, err := first.Token(id)
 	if err != nil {
 		t.Fatal(err)

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -83,6 +84,11 @@ type Config struct {
 	// failed. A failing Append is logged at Error; the action stands. Default nil: no
 	// audit records.
 	Audit interface{ Append(audit.Event) error }
+
+	// Metrics, when set, registers the CA's metrics:
+	// agentmesh_ca_lineage_refused_total{reason}, the renewals, rekeys and enrolments
+	// refused by the lineage rules. Default nil: not registered.
+	Metrics prometheus.Registerer
 }
 
 func (c Config) withDefaults() Config {

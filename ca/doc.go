@@ -67,6 +67,18 @@
 // An /agent/ SVID is renewed only while its entry exists, so unregistering stops the
 // agent's credentials at their next renewal, whoever attempts it.
 //
+// # Lineage
+//
+// Per identity the CA keeps its lineage (lineage.go, docs/lineage.md): every unexpired
+// certificate it issued, the host it was issued to and the serial a renewal replaced.
+// /renew and /rekey are allowed only to the newest certificate or the one it replaced
+// (overlap); anything else is a fork of a stolen key and is refused, audited
+// (audit.Lineage) and counted (Config.Metrics). Agent SVIDs never renew themselves: their
+// host re-enrols them with a token the CA grants only to the host the entry names, and
+// the certificate records that host. A revocation with RevokeRequest.Except revokes the
+// whole lineage but that certificate (rotate --compromised); registering an agent to
+// another host revokes the certificates issued to the previous one.
+//
 // # Fleet rotation
 //
 // Server.RotateFleet (the admin socket's POST /rotate, RequestFleetRotation) records
@@ -90,7 +102,8 @@
 //	root.crt, intermediate.crt   public certificates (0644), written atomically
 //	db/ca.db                     step-ca's database (bbolt): issued and revoked
 //	                             certificates, used token IDs, the CRL; and ours:
-//	                             revocations, live serials by SPIFFE ID
+//	                             revocations, live serials by SPIFFE ID,
+//	                             lineages
 //	denylist.json                the signed deny-list in force (0644), written atomically
 //	fleet-rotation.json          the latest fleet rotation (0644), written atomically
 //	entries.json                 the registration entries (0600), written atomically

@@ -168,11 +168,20 @@ func (s *entrySet) without(id spiffeid.ID) (*entrySet, Entry, error) {
 // or another agent holds e.UID, or e.Port when not 0, on e.Host), ErrRevoked (e.ID is
 // revoked) or ErrServerClosed. Concurrent calls are serialised. Every call is audited
 // (audit.Registration, Config.Audit) and logged.
+//
+// Registering an agent that was registered to another host before (a move:
+// UnregisterEntry, then RegisterEntry with the new host) revokes every unexpired
+// certificate of it not issued to e.Host, and lists them on the deny-list (audited as a
+// revocation by initiator): the old host keeps nothing usable. A failure there is
+// returned; the entry stands.
 func (s *Server) RegisterEntry(ctx context.Context, initiator string, e Entry) error {
 	version, err := s.registerEntry(e)
 	s.logEntryChange(ctx, actionRegister, initiator, e, version, err)
 	s.audit(registrationRecord(initiator, actionRegister, e, true, err))
-	return err
+	if err != nil {
+		return err
+	}
+	return s.revokeOtherHosts(ctx, initiator, e)
 }
 
 func (s *Server) registerEntry(e Entry) (uint64, error) {

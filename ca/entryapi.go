@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -185,6 +186,8 @@ func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 		writeStepError(w, http.StatusServiceUnavailable, err.Error())
 		return
 	}
+	// Remembered so that the certificate it enrols records this host (lineage.go).
+	s.db.lin.grant(tok, caller, time.Now())
 	s.log.LogAttrs(r.Context(), slog.LevelDebug, "agent token granted",
 		slog.String(keySPIFFEID, id.String()), slog.String(keyHost, caller.String()))
 	writeJSON(w, tokenResponse{Token: tok})

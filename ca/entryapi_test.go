@@ -249,12 +249,10 @@ func TestAgentToken(t *testing.T) {
 	if id, err := x509svid.IDFromCert(chain[0]); err != nil || id != agentX {
 		t.Fatalf("agent SVID for %v (%v)", id, err)
 	}
-	renewKey := newKey(t)
-	renewed, err := client.Renew(ctx, agent, renewKey)
-	if err != nil {
-		t.Fatalf("Renew of a registered agent: %v", err)
+	// Agents re-enrol through their host: their certificates never renew themselves.
+	if _, err := client.Renew(ctx, agent, newKey(t)); responseStatus(err) != http.StatusForbidden || !permanent(err) {
+		t.Fatalf("Renew of a registered agent: %v, want a permanent 403", err)
 	}
-	agent = &x509svid.SVID{ID: agentX, Certificates: renewed, PrivateKey: renewKey}
 
 	for _, tc := range []struct {
 		name    string

@@ -26,11 +26,17 @@ import (
 
 // RevokeRequest asks the CA to revoke an identity (every certificate of it, and any
 // future one) or one certificate by serial. Exactly one of SPIFFEID and Serial is set.
+// With Except, SPIFFEID's lineage is revoked instead of the identity.
 type RevokeRequest struct {
 	// SPIFFEID is the identity to revoke: a workload ID of the CA's trust domain.
 	SPIFFEID string `json:"spiffe_id,omitempty"`
 	// Serial is the decimal serial of one certificate this CA issued.
 	Serial string `json:"serial,omitempty"`
+	// Except, with SPIFFEID, revokes every unexpired certificate of the identity's
+	// lineage but this one (a decimal serial), which must be the newest: what a
+	// compromise rotation asks with its fresh certificate. The identity stays enrolled
+	// and renews from Except only. ErrNotLineageHead when Except is not the newest.
+	Except string `json:"except,omitempty"`
 	// Reason is why, for the deny-list, the CRL and the audit log: required, at most
 	// 256 printable ASCII characters.
 	Reason string `json:"reason"`
@@ -57,6 +63,7 @@ type denyState struct {
 type revokeTarget struct {
 	id     spiffeid.ID // set when revoking an identity
 	serial string      // set when revoking a certificate
+	except string      // with id: revoke id's lineage but this serial
 	reason string
 }
 
@@ -66,6 +73,8 @@ func parseRevokeRequest(td spiffeid.TrustDomain, req RevokeRequest) (revokeTarge
 	switch {
 	case (req.SPIFFEID == "") == (req.Serial == ""):
 		return t, fmt.Errorf("%w: exactly one of spiffe_id and serial is required", ErrInvalidRequest)
+	case req.Except != "" && (req.SPIFFEID == "" || !canonicalSerial(req.Except)):
+		return t, fmt.Errorf("%w: except needs spiffe_id and a decimal certificate serial", ErrInvalidRequest)
 	case req.Reason == "" || !validReason(req.Reason):
 		return t, fmt.Errorf("%w: reason is required: 1 to %d printable ASCII characters", ErrInvalidRequest, maxRevokeReason)
 	case req.Serial != "":
@@ -82,7 +91,7 @@ func parseRevokeRequest(td spiffeid.TrustDomain, req RevokeRequest) (revokeTarge
 	if err := checkIssuable(td, id); err != nil {
 		return t, err
 	}
-	t.id = id
+	t.id, t.except = id, req.Except
 	return t, nil
 }
 
@@ -137,7 +146,8 @@ func (s *Server) Revoke(ctx context.Context, initiator string, req RevokeRequest
 
 // revokeRefused reports whether a Revoke error is the request's fault.
 func revokeRefused(err error) bool {
-	return errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrInvalidID) || errors.Is(err, ErrUnknownSerial)
+	return errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrInvalidID) || errors.Is(err, ErrUnknownSerial) ||
+		errors.Is(err, ErrNotLineageHead)
 }
 
 // audit appends ev to Config.Audit, if any. A failure is logged: the action it
@@ -170,6 +180,9 @@ func (s *Server) revoke(ctx context.Context, req RevokeRequest) (*RevokeResult, 
 	}
 
 	now := time.Now()
+	if t.except != "" {
+		return s.revokeLineage(ctx, auth, t, now)
+	}
 	m := revocationMark{SPIFFEID: t.id, Serial: t.serial, Reason: t.reason, RevokedAt: now.UTC().Round(0)}
 	if t.serial != "" {
 		cert, err := s.db.GetCertificate(t.serial)

@@ -43,6 +43,8 @@ func revokeStatus(err error) int {
 		return http.StatusBadRequest
 	case errors.Is(err, ErrUnknownSerial):
 		return http.StatusNotFound
+	case errors.Is(err, ErrNotLineageHead):
+		return http.StatusConflict
 	case errors.Is(err, ErrServerClosed):
 		return http.StatusServiceUnavailable
 	}
@@ -135,10 +137,11 @@ func (s *Server) handleMeshRevoke(w http.ResponseWriter, r *http.Request) {
 				return
 			}
 		}
-		if !mayRevoke(id, t, owner) {
+		if !mayRevoke(id, t, owner) && !mayRevokeLineage(id, callerSerial(r), t) {
 			// An unknown serial is refused like another identity's: only operators
 			// learn which serials exist.
-			msg := "only " + adminPathPrefix + "* identities may revoke, other than a serial of the caller's own identity"
+			msg := "only " + adminPathPrefix + "* identities may revoke, other than a serial of the caller's own identity " +
+				"or its lineage except the presented certificate"
 			s.audit(refusedRevocation(initiator, &req, msg))
 			s.refuse(w, r, http.StatusForbidden, id, msg)
 			return

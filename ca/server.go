@@ -17,6 +17,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/smallstep/certificates/authority"
 	"github.com/smallstep/certificates/authority/config"
 	"github.com/smallstep/certificates/authority/provisioner"
@@ -69,6 +70,7 @@ type Server struct {
 	fleet                            *FleetRotation            // the latest; guarded by fleetMu
 	entries                          atomic.Pointer[entrySet]  // the registration entries in force
 	entriesMu                        sync.Mutex                // serialises changes to entries
+	lineageRefusals                  *prometheus.CounterVec    // issuances the lineage refused, by reason
 
 	mu          sync.Mutex
 	state       serverState
@@ -147,7 +149,10 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := checkClaims(s.provisioner); err != nil {
 		return nil, err
 	}
-	if s.db, err = openDB(cfg.StateDir); err != nil {
+	if s.lineageRefusals, err = newLineageMetric(cfg.Metrics); err != nil {
+		return nil, err
+	}
+	if s.db, err = openDB(cfg.StateDir, &s.entries, s.lineageRefused); err != nil {
 		return nil, err
 	}
 

@@ -15,7 +15,6 @@ import (
 	"math"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -315,17 +314,24 @@ type rogue struct {
 
 func enrollAs(t *testing.T, authority *meshCA, id string) *rogue {
 	t.Helper()
+	tokFile := filepath.Join(t.TempDir(), "token")
+	authority.token(t, id, tokFile)
+	r, err := enrollWithToken(t, authority, id, strings.TrimSpace(string(readFile(t, tokFile))))
+	if err != nil {
+		t.Fatalf("enrol %s: %v", id, err)
+	}
+	return r
+}
+
+// enrollWithToken enrols id with the bootstrap token tok and a new key.
+func enrollWithToken(t *testing.T, authority *meshCA, id, tok string) (*rogue, error) {
+	t.Helper()
 	roots, err := pemutil.ReadCertificateBundle(filepath.Join(authority.state, "root.crt"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	tokFile := filepath.Join(t.TempDir(), "token")
-	authority.token(t, id, tokFile)
 	client, err := ca.NewClient(ca.ClientConfig{URL: authority.url, Roots: roots,
-		Token: func(context.Context) (string, error) {
-			b, err := os.ReadFile(tokFile)
-			return strings.TrimSpace(string(b)), err
-		}})
+		Token: func(context.Context) (string, error) { return tok, nil }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -336,10 +342,10 @@ func enrollAs(t *testing.T, authority *meshCA, id string) *rogue {
 	r := &rogue{client: client, key: key, roots: roots, port: 8080}
 	chain, err := client.Enroll(t.Context(), spiffeid.RequireFromString(id), key)
 	if err != nil {
-		t.Fatalf("enrol %s: %v", id, err)
+		return nil, err
 	}
 	r.svid = &x509svid.SVID{ID: spiffeid.RequireFromString(id), Certificates: chain, PrivateKey: key}
-	return r
+	return r, nil
 }
 
 func (r *rogue) renewErr(t *testing.T) error {

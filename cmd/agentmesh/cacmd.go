@@ -5,10 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -23,6 +27,7 @@ func newCACmd() *cobra.Command {
 		logLevel    string
 		logFormat   string
 		auditPath   string
+		metricsAddr string
 	)
 	cmd := &cobra.Command{
 		Use:   "ca",
@@ -59,7 +64,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 			auditCtx, stopAudit := context.WithCancel(context.WithoutCancel(cmd.Context()))
 			auditDone := make(chan error, 1)
 			go func() { auditDone <- auditLog.Run(auditCtx) }()
-			err = runCA(cmd.Context(), cfg, logger)
+			err = runCA(cmd.Context(), cfg, metricsAddr, logger)
 			stopAudit()
 			return errors.Join(err, <-auditDone)
 		},
@@ -73,6 +78,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 	f.DurationVar(&cfg.SVIDLifetime, "svid-lifetime", time.Hour, "lifetime of issued X509-SVIDs (at least 10s)")
 	f.DurationVar(&cfg.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
 	f.StringVar(&auditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
+	f.StringVar(&metricsAddr, "metrics", "", "address to serve Prometheus /metrics on (default: none)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	_ = cmd.MarkFlagRequired("state")
@@ -80,10 +86,32 @@ creates the token, keys, certificates and database in --state; later starts reus
 	return cmd
 }
 
-func runCA(ctx context.Context, cfg ca.Config, logger *slog.Logger) error {
+func runCA(ctx context.Context, cfg ca.Config, metricsAddr string, logger *slog.Logger) error {
+	var metrics *http.Server
+	var metricsLn net.Listener
+	if metricsAddr != "" {
+		reg := prometheus.NewRegistry()
+		cfg.Metrics = reg
+		var err error
+		if metricsLn, err = net.Listen("tcp", metricsAddr); err != nil {
+			return fmt.Errorf("--metrics: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+			ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
+	}
 	srv, err := ca.New(ctx, cfg)
 	if err != nil {
+		if metricsLn != nil {
+			_ = metricsLn.Close()
+		}
 		return err
+	}
+	if metrics != nil {
+		done := make(chan error, 1)
+		go func() { done <- metrics.Serve(metricsLn) }()
+		defer func() { _ = metrics.Close(); <-done }()
 	}
 	logger.Info("ca ready", "url", srv.URL(), "trust_domain", cfg.TrustDomain.String(), "state", cfg.StateDir)
 	return srv.Run(ctx)

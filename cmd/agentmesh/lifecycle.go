@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"crypto/x509"
 	"fmt"
 	"log/slog"
 	"os"
@@ -52,8 +53,10 @@ func openKeyStore(ctx context.Context, cfg *proxyConfig) (rotator.KeyStore, func
 
 // rotateNow is the operator's rotation (control socket, fleet command, configuration
 // change): the rotator renews now, and for a compromised key the proxy drops every
-// session-ticket key and the CA revokes the old serial (asked with the new SVID, since
-// a proxy may revoke serials of its own identity).
+// session-ticket key and the CA revokes every certificate of the identity's lineage but
+// the new one (asked with the new SVID, since a proxy may revoke its own identity's
+// lineage except the certificate it presents): the old serial, and any fork a thief
+// renewed from the stolen key before the rotation.
 func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc ca.ClientConfig, logger *slog.Logger) rotateFunc {
 	return func(ctx context.Context, req rotator.RotateRequest) (rotator.RotateResult, error) {
 		if req.Compromised {
@@ -67,10 +70,20 @@ func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc ca.ClientConfig, logger
 		if err != nil {
 			return res, fmt.Errorf("rotated, but cannot revoke serial %s: %w", res.OldSerial, err)
 		}
-		if _, err := ca.RevokeRemote(ctx, cc, *cert, ca.RevokeRequest{Serial: res.OldSerial, Reason: "key-compromise: " + req.Reason}); err != nil {
-			return res, fmt.Errorf("rotated, but the CA did not revoke serial %s: %w", res.OldSerial, err)
+		leaf := cert.Leaf
+		if leaf == nil {
+			if leaf, err = x509.ParseCertificate(cert.Certificate[0]); err != nil {
+				return res, fmt.Errorf("rotated, but cannot revoke serial %s: %w", res.OldSerial, err)
+			}
 		}
-		logger.Info("compromised serial revoked", "serial", res.OldSerial, "initiator", req.Initiator)
+		keep := leaf.SerialNumber.String()
+		rr, err := ca.RevokeRemote(ctx, cc, *cert, ca.RevokeRequest{SPIFFEID: rot.ID().String(), Except: keep,
+			Reason: "key-compromise: " + req.Reason})
+		if err != nil {
+			return res, fmt.Errorf("rotated, but the CA did not revoke the lineage of serial %s: %w", res.OldSerial, err)
+		}
+		logger.Info("compromised lineage revoked", "spiffe_id", rot.ID().String(), "serial", keep,
+			"serials", rr.Serials, "initiator", req.Initiator)
 		return res, nil
 	}
 }
