@@ -69,6 +69,9 @@ type Server struct {
 	fleet                            *FleetRotation            // the latest; guarded by fleetMu
 	entries                          atomic.Pointer[entrySet]  // the registration entries in force
 	entriesMu                        sync.Mutex                // serialises changes to entries
+	claims                           atomic.Pointer[claimSet]  // the address claims in force
+	claimsMu                         sync.RWMutex              // read: a registration checked and applied; write: claims changed
+	claimMetrics                     *claimMetrics
 
 	mu          sync.Mutex
 	state       serverState
@@ -182,6 +185,12 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	if err := s.loadEntries(); err != nil {
+		return nil, err
+	}
+	if err := s.loadClaims(); err != nil {
+		return nil, err
+	}
+	if s.claimMetrics, err = newClaimMetrics(cfg.Registerer); err != nil {
 		return nil, err
 	}
 
