@@ -194,13 +194,19 @@ type claimSet struct {
 // newClaimSet indexes claims, refusing a host listed twice or prefixes of two hosts
 // that overlap. It does not validate them (checkHostClaim).
 func newClaimSet(claims []HostClaim) (*claimSet, error) {
+	s, err := indexClaims(claims)
+	if err != nil {
+		return nil, err
+	}
+	return s, s.disjoint()
+}
+
+// indexClaims indexes claims, refusing a host listed twice, without the overlap check.
+func indexClaims(claims []HostClaim) (*claimSet, error) {
 	s := &claimSet{byHost: make(map[spiffeid.ID]HostClaim, len(claims))}
 	for _, c := range claims {
 		if _, dup := s.byHost[c.Host]; dup {
 			return nil, invalidClaim("host %s listed twice", c.Host)
-		}
-		if err := s.overlap(c); err != nil {
-			return nil, err
 		}
 		s.byHost[c.Host] = c
 	}
@@ -211,19 +217,53 @@ func newClaimSet(claims []HostClaim) (*claimSet, error) {
 
 func compareClaims(a, b HostClaim) int { return cmp.Compare(a.Host.String(), b.Host.String()) }
 
-// overlap refuses c when a prefix of it overlaps one of another host's claim. Quadratic,
-// and run only when a claim changes (an operator's command, a host's first
-// registration), never on a heartbeat.
+// disjoint refuses prefixes of two hosts that overlap, in O(n log n) for n prefixes:
+// two prefixes overlap only when one contains the other, so in the order of their first
+// address, q overlaps an earlier prefix exactly when the earlier one reaching furthest
+// contains q's first address; with no overlap so far, every earlier prefix containing it
+// is of one host, that one's.
+func (s *claimSet) disjoint() error {
+	type owned struct {
+		p    netip.Prefix
+		host spiffeid.ID
+	}
+	var all []owned
+	for _, c := range s.sorted {
+		for _, p := range c.Prefixes {
+			all = append(all, owned{p, c.Host})
+		}
+	}
+	slices.SortFunc(all, func(a, b owned) int { return comparePrefixes(a.p, b.p) })
+	var reach owned // the earlier prefix whose last address is the highest
+	for _, q := range all {
+		if reach.p.IsValid() && reach.p.Contains(q.p.Addr()) {
+			if reach.host != q.host {
+				return overlapError(q.p, reach.p, reach.host)
+			}
+			continue // nested in reach, so it reaches no further
+		}
+		reach = q
+	}
+	return nil
+}
+
+func overlapError(p, q netip.Prefix, owner spiffeid.ID) *claimError {
+	return &claimError{reason: reasonOverlap, addr: p.String(), owner: owner, err: ErrClaimConflict,
+		msg: fmt.Sprintf("%s overlaps %s, which %s may claim", p, q, owner)}
+}
+
+// overlap refuses c when a prefix of it overlaps one of another host's claim: a pass
+// over every claim, run only when a claim changes (an operator's command, a host's
+// first registration), never on a heartbeat.
 func (s *claimSet) overlap(c HostClaim) error {
-	for _, o := range s.byHost {
+	for _, o := range s.sorted {
 		if o.Host == c.Host {
 			continue
 		}
 		for _, p := range c.Prefixes {
 			for _, q := range o.Prefixes {
 				if p.Overlaps(q) {
-					return &claimError{reason: reasonOverlap, addr: p.String(), owner: o.Host, err: ErrClaimConflict,
-						msg: fmt.Sprintf("%s overlaps %s, which %s may claim", p, q, o.Host)}
+					return overlapError(p, q, o.Host)
 				}
 			}
 		}
@@ -237,7 +277,7 @@ func (s *claimSet) with(c HostClaim) (*claimSet, error) {
 		return nil, err
 	}
 	next := slices.DeleteFunc(slices.Clone(s.sorted), func(o HostClaim) bool { return o.Host == c.Host })
-	return newClaimSet(append(next, c))
+	return indexClaims(append(next, c))
 }
 
 // without returns s minus host's claim and that claim.
@@ -247,8 +287,8 @@ func (s *claimSet) without(host spiffeid.ID) (*claimSet, HostClaim, error) {
 		return nil, HostClaim{}, &claimError{reason: reasonNoClaim, err: ErrEntryNotFound,
 			msg: fmt.Sprintf("no address claim for %s", host)}
 	}
-	next, err := newClaimSet(slices.DeleteFunc(slices.Clone(s.sorted), func(o HostClaim) bool { return o.Host == host }))
-	return next, old, err // a subset never overlaps
+	next, err := indexClaims(slices.DeleteFunc(slices.Clone(s.sorted), func(o HostClaim) bool { return o.Host == host }))
+	return next, old, err
 }
 
 // owner returns the claim allowing a, if any (at most one: claims do not overlap).

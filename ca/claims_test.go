@@ -153,6 +153,44 @@ func TestClaimSet(t *testing.T) {
 	}
 }
 
+// newClaimSet's sweep finds an overlap of two hosts' prefixes wherever it hides: nested
+// in a prefix of the same host, across families, at the same first address.
+func TestClaimSetDisjoint(t *testing.T) {
+	t.Parallel()
+	idC := spiffeid.RequireFromPath(testTD, "/host/c")
+	for _, tc := range []struct {
+		name    string
+		a, b, c []string
+		overlap bool
+	}{
+		{"disjoint", []string{"10.0.0.0/16", "10.3.0.0/16"}, []string{"10.1.0.0/16"}, []string{"fd00::/64"}, false},
+		{"own prefixes nested", []string{"10.0.0.0/8", "10.0.0.0/16", "10.1.2.0/24"}, []string{"11.0.0.0/8"}, nil, false},
+		{"inside another's", []string{"10.0.0.0/8"}, []string{"10.2.0.0/16"}, nil, true},
+		{"around another's", []string{"10.2.3.4/32"}, []string{"10.2.0.0/16"}, nil, true},
+		{"behind a nested own prefix", []string{"10.0.0.0/8", "10.1.0.0/16"}, []string{"10.1.2.0/24"}, nil, true},
+		{"after a nested own prefix", []string{"10.0.0.0/8", "10.1.0.0/16"}, []string{"10.200.0.0/16"}, nil, true},
+		{"same first address", []string{"10.0.0.0/24"}, []string{"10.0.0.0/25"}, nil, true},
+		{"v6 inside", []string{"fd00::/16"}, []string{"10.0.0.0/8"}, []string{"fd00:1::/32"}, true},
+		{"equal", []string{"192.0.2.1/32"}, nil, []string{"192.0.2.1/32"}, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var claims []HostClaim
+			for _, c := range []struct {
+				id spiffeid.ID
+				p  []string
+			}{{idA, tc.a}, {idB, tc.b}, {idC, tc.c}} {
+				if len(c.p) > 0 {
+					claims = append(claims, HostClaim{Host: c.id, Prefixes: prefixes(c.p...), Source: ClaimAdmin})
+				}
+			}
+			_, err := newClaimSet(claims)
+			if got := errors.Is(err, ErrClaimConflict); got != tc.overlap {
+				t.Fatalf("newClaimSet: %v, want overlap %v", err, tc.overlap)
+			}
+		})
+	}
+}
+
 func claimRecords(r *auditRecorder) []audit.AddressClaim { return recorded[audit.AddressClaim](r) }
 
 // recorded returns the records of type T r holds, in order.
@@ -423,6 +461,56 @@ func FuzzParseClaimPrefix(f *testing.F) {
 		}
 		if again, err := ParseClaimPrefix(p.String()); err != nil || again != p {
 			t.Fatalf("ParseClaimPrefix(%q) = %v, then %v %v", s, p, again, err)
+		}
+	})
+}
+
+// BenchmarkClaimCheck is the claim check of a heartbeat, in a mesh of 10,000 hosts
+// with one /32 each: the allowed case (every heartbeat) and a refusal, which scans the
+// other claims for the owner; and what a first registration and a CA start cost.
+func BenchmarkClaimCheck(b *testing.B) {
+	var claims []HostClaim
+	for h := range 10000 {
+		a := netip.AddrFrom4([4]byte{10, byte(h >> 16), byte(h >> 8), byte(h)})
+		claims = append(claims, HostClaim{Host: spiffeid.RequireFromPathf(testTD, "/host/h%d", h),
+			Prefixes: []netip.Prefix{hostPrefix(a)}, Source: ClaimLearnt})
+	}
+	set, err := newClaimSet(claims)
+	if err != nil {
+		b.Fatal(err)
+	}
+	own := set.sorted[500]
+	b.Run("allowed", func(b *testing.B) {
+		b.ReportAllocs()
+		addrs := []netip.Addr{own.Prefixes[0].Addr()}
+		for b.Loop() {
+			if set.check(own, addrs) != nil {
+				b.Fatal("refused")
+			}
+		}
+	})
+	b.Run("foreign", func(b *testing.B) {
+		addrs := []netip.Addr{set.sorted[9000].Prefixes[0].Addr()}
+		for b.Loop() {
+			if set.check(own, addrs) == nil {
+				b.Fatal("allowed")
+			}
+		}
+	})
+	// A host's first registration adds its claim (the file write aside).
+	b.Run("learn", func(b *testing.B) {
+		c := HostClaim{Host: spiffeid.RequireFromPath(testTD, "/host/new"), Prefixes: prefixes("192.0.2.1/32"), Source: ClaimLearnt}
+		for b.Loop() {
+			if _, err := set.with(c); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("load", func(b *testing.B) {
+		for b.Loop() {
+			if _, err := newClaimSet(claims); err != nil {
+				b.Fatal(err)
+			}
 		}
 	})
 }

@@ -124,18 +124,44 @@ func (s *Server) storeClaims(next *claimSet) error {
 // registerClaimed puts reg, from a request whose source address was from, in the
 // directory if every address it advertises is inside its host's claim, learning the
 // claim first at the host's first registration (see claimSet.learn). A refusal is a
-// *claimError, audited and counted here; it changes nothing. Errors of the directory
-// itself (ErrRevoked, *conflictError) are returned as they are.
+// *claimError; it changes nothing. Errors of the directory itself (ErrRevoked,
+// *conflictError) are returned as they are. What it did to claims is audited (and a
+// refusal counted) once the locks are released.
 func (s *Server) registerClaimed(ctx context.Context, reg registration, from netip.Addr, now time.Time) (uint64, error) {
-	// Read-locked across the check and the directory update, so that an operator's
-	// change (write-locked, then dropping entries outside the new claim) cannot slip
-	// between them and leave an entry behind that the new claim refuses.
+	version, out, err := s.applyClaimed(reg, from, now)
+	rec := claimRecord(reg.ID.String(), out.action, reg.ID, out.claim, reg.Serial, from)
+	switch {
+	case out.err != nil:
+		s.claimRefused(ctx, rec, out.err)
+	case out.learnt:
+		rec.Address = from.String()
+		s.audit(rec)
+		s.claimMetrics.learnt.Inc()
+		s.log.LogAttrs(ctx, slog.LevelInfo, "address claim learnt", slog.String(keySPIFFEID, reg.ID.String()),
+			slog.Any(keyPrefixes, rec.Allowed), slog.String(keyRemoteAddr, from.String()))
+	}
+	return version, err
+}
+
+// claimOutcome is what a registration did to claims: the claim checked or learnt,
+// and the claim's error (a refusal, or a claim that could not be written).
+type claimOutcome struct {
+	action claimAction
+	claim  HostClaim
+	learnt bool
+	err    error
+}
+
+// applyClaimed is registerClaimed without the audit. The claim lock is held across the
+// check and the directory update (for reading; for writing when a claim is learnt),
+// so that an operator's change (write-locked, then dropping the entry outside the new
+// claim) cannot slip between them and leave behind an entry the new claim refuses.
+func (s *Server) applyClaimed(reg registration, from netip.Addr, now time.Time) (uint64, claimOutcome, error) {
 	s.claimsMu.RLock()
 	set := s.claims.Load()
 	if c, ok := set.byHost[reg.ID]; ok {
-		version, err := s.checkAndRegister(ctx, set, c, reg, from, now)
-		s.claimsMu.RUnlock()
-		return version, err
+		defer s.claimsMu.RUnlock()
+		return s.registerWithin(set, c, reg, now)
 	}
 	s.claimsMu.RUnlock()
 
@@ -143,41 +169,33 @@ func (s *Server) registerClaimed(ctx context.Context, reg registration, from net
 	defer s.claimsMu.Unlock()
 	set = s.claims.Load()
 	if c, ok := set.byHost[reg.ID]; ok { // learnt by a concurrent registration
-		return s.checkAndRegister(ctx, set, c, reg, from, now)
+		return s.registerWithin(set, c, reg, now)
 	}
 	c, err := set.learn(reg.ID, from, reg.Addresses, now)
 	var next *claimSet
 	if err == nil {
 		next, err = set.with(c)
 	}
+	if err == nil {
+		// Written under the lock, as entries are: each change builds on the last one
+		// persisted. Learning happens once per host.
+		err = s.storeClaims(next)
+	}
 	if err != nil {
-		s.claimRefused(ctx, claimRecord(reg.ID.String(), claimActionLearn, reg.ID, set.byHost[reg.ID], reg.Serial, from), err)
-		return 0, err
+		return 0, claimOutcome{action: claimActionLearn, err: err}, err
 	}
-	rec := claimRecord(reg.ID.String(), claimActionLearn, reg.ID, c, reg.Serial, from)
-	rec.Address = from.String()
-	if err := s.storeClaims(next); err != nil {
-		rec.Result, rec.Error = string(claimFailed), err.Error()
-		s.audit(rec)
-		s.log.Error("address claim not learnt", keySPIFFEID, reg.ID.String(), keyErr, err)
-		return 0, err
-	}
-	s.audit(rec)
-	s.claimMetrics.learnt.Inc()
-	s.log.LogAttrs(ctx, slog.LevelInfo, "address claim learnt", slog.String(keySPIFFEID, reg.ID.String()),
-		slog.Any(keyPrefixes, rec.Allowed), slog.String(keyRemoteAddr, from.String()))
 	_, version, err := s.dir.register(reg, now)
-	return version, err
+	return version, claimOutcome{action: claimActionLearn, claim: c, learnt: true}, err
 }
 
-// checkAndRegister is registerClaimed for a host whose claim is c in set.
-func (s *Server) checkAndRegister(ctx context.Context, set *claimSet, c HostClaim, reg registration, from netip.Addr, now time.Time) (uint64, error) {
-	if err := set.check(c, reg.Addresses); err != nil {
-		s.claimRefused(ctx, claimRecord(reg.ID.String(), claimActionClaim, reg.ID, c, reg.Serial, from), err)
-		return 0, err
+// registerWithin is applyClaimed for a host whose claim is c in set.
+func (s *Server) registerWithin(set *claimSet, c HostClaim, reg registration, now time.Time) (uint64, claimOutcome, error) {
+	out := claimOutcome{action: claimActionClaim, claim: c}
+	if out.err = set.check(c, reg.Addresses); out.err != nil {
+		return 0, out, out.err
 	}
 	_, version, err := s.dir.register(reg, now)
-	return version, err
+	return version, out, err
 }
 
 // claimRecord is the audit record of a claim action on host, whose claim is c (zero:

@@ -38,8 +38,9 @@ func TestAddressClaims(t *testing.T) {
 	refusal := map[string]string{"type": "address_claim", "result": "refused", "reason": "foreign_address",
 		"initiator": hostM, "host": hostM, "address": b.ip, "owner": hostB, "peer_addr": m.ip}
 	pm := startProxyOn(t, m.host, authority, "m", "0.0.0.0:15008", "127.0.0.1:15020", nil, nil, advertise(b.ip))
+	enrolled := time.Now()
 	refused := awaitRecordSince(t, "ca", caAudit, refusal, time.Time{}, 60*time.Second)
-	t.Logf("refused: %v", refused["error"])
+	t.Logf("refused %s after m enrolled: %v", sinceRecord(refused, enrolled), refused["error"])
 	series := `agentmesh_ca_address_claims_refused_total{reason="foreign_address"}`
 	if n := metricAt(t, a, metricsURL, series); n < 1 {
 		t.Errorf("%s = %v, want at least 1", series, n)
@@ -73,7 +74,8 @@ func TestAddressClaims(t *testing.T) {
 	restarted := time.Now()
 	authority.restart(t)
 	startProxyOn(t, m.host, authority, "m", "0.0.0.0:15008", "127.0.0.1:15020", nil, nil, advertise(b.ip))
-	awaitRecordSince(t, "ca", caAudit, refusal, restarted, 60*time.Second)
+	again := awaitRecordSince(t, "ca", caAudit, refusal, restarted, 60*time.Second)
+	t.Logf("refused again %s after the CA restart began", sinceRecord(again, restarted))
 	if n := metricAt(t, a, metricsURL, series); n < 1 {
 		t.Errorf("after the restart %s = %v, want at least 1", series, n)
 	}
@@ -112,4 +114,13 @@ func owner(t *testing.T, authority *meshCA, addr string) string {
 		}
 	}
 	return ""
+}
+
+// sinceRecord is how long after t the audit record r was written.
+func sinceRecord(r map[string]any, t time.Time) time.Duration {
+	ts, err := time.Parse(time.RFC3339Nano, fmt.Sprint(r["time"]))
+	if err != nil {
+		return 0
+	}
+	return ts.Sub(t)
 }
