@@ -140,17 +140,17 @@ func checkClaimPrefix(p netip.Prefix) (netip.Prefix, error) {
 	a := p.Addr()
 	switch {
 	case !p.IsValid():
-		return p, invalidClaim("invalid prefix %q", p)
+		return netip.Prefix{}, invalidClaim("invalid prefix %q", p)
 	case a.Zone() != "" || a.Is4In6():
-		return p, invalidClaim("prefix %s is zoned or IPv4-mapped", p)
+		return netip.Prefix{}, invalidClaim("prefix %s is zoned or IPv4-mapped", p)
 	case p.Bits() == 0:
-		return p, invalidClaim("prefix %s would allow every address", p)
+		return netip.Prefix{}, invalidClaim("prefix %s would allow every address", p)
 	case p != p.Masked():
-		return p, invalidClaim("prefix %s has host bits set: %s or %s/%d", p, p.Masked(), a, a.BitLen())
+		return netip.Prefix{}, invalidClaim("prefix %s has host bits set: %s or %s/%d", p, p.Masked(), a, a.BitLen())
 	case a.IsMulticast():
-		return p, invalidClaim("prefix %s is multicast", p)
+		return netip.Prefix{}, invalidClaim("prefix %s is multicast", p)
 	case a.IsUnspecified() && p.IsSingleIP():
-		return p, invalidClaim("address %s is unspecified", a)
+		return netip.Prefix{}, invalidClaim("address %s is unspecified", a)
 	}
 	return p, nil
 }
