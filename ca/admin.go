@@ -106,6 +106,9 @@ func (s *Server) adminHandler() http.Handler {
 	mux.HandleFunc("POST "+adminEntriesPath, s.adminOnly(s.handleAdminRegister))
 	mux.HandleFunc("DELETE "+adminEntriesPath, s.adminOnly(s.handleAdminUnregister))
 	mux.HandleFunc("GET "+adminEntriesPath, s.adminOnly(s.handleAdminEntries))
+	mux.HandleFunc("POST "+adminHostsPath, s.adminOnly(s.handleAdminSetHost))
+	mux.HandleFunc("DELETE "+adminHostsPath, s.adminOnly(s.handleAdminRemoveHost))
+	mux.HandleFunc("GET "+adminHostsPath, s.adminOnly(s.handleAdminHosts))
 	return mux
 }
 

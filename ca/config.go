@@ -79,16 +79,17 @@ type Config struct {
 	Logger *slog.Logger
 
 	// Audit receives an audit.Revocation record for every revocation request, an
-	// audit.Rotation for every fleet rotation, and an audit.Registration for every
-	// registration entry change and agent token request (mesh API): done, refused or
-	// failed. A failing Append is logged at Error; the action stands. Default nil: no
+	// audit.Rotation for every fleet rotation, an audit.Registration for every
+	// registration entry change and agent token request (mesh API), and an
+	// audit.AddressClaim for every address claim learnt, changed or refused: done,
+	// refused or failed. A failing Append is logged at Error; the action stands. Default nil: no
 	// audit records.
 	Audit interface{ Append(audit.Event) error }
 
-	// Metrics, when set, registers the CA's metrics:
-	// agentmesh_ca_lineage_refused_total{reason}, the renewals, rekeys and enrolments
-	// refused by the lineage rules. Default nil: not registered.
-	Metrics prometheus.Registerer
+	// Registerer receives the CA's metrics: agentmesh_ca_lineage_refused_total{reason}
+	// (renewals, rekeys and enrolments the lineage rules refused) and
+	// agentmesh_ca_address_claims_*. Default nil: not registered.
+	Registerer prometheus.Registerer
 }
 
 func (c Config) withDefaults() Config {

@@ -31,8 +31,13 @@
 // repeated as a heartbeat) and long-poll the directory (GET /mesh/v1/directory?since=V).
 // Every mesh request must present an X509-SVID of the trust domain, verified at request
 // time; the registered ID is the certificate's, never the body's, and only /host/ IDs
-// may register. An address belongs to at most one live entry; entries not refreshed
-// within Config.DirectoryTTL are dropped. The registry is in memory only: proxies
+// may register. An address belongs to at most one live entry, and a host may claim only
+// the addresses of its address claim (HostClaim): set by an operator on the admin socket
+// (Server.SetHostClaim, RegisterHost), or learnt once at its first registration from the
+// address its request came from, then fixed; claims never overlap, are written to
+// StateDir/claims.json before they take effect, and every refusal is audited
+// (audit.AddressClaim) and counted. Entries not refreshed within Config.DirectoryTTL
+// are dropped. The registry is in memory only: proxies
 // re-register within a heartbeat after a restart, and versions are seeded from the
 // clock so that they still increase. The admin socket serves GET /directory. See
 // docs/directory.md.
@@ -73,7 +78,7 @@
 // certificate it issued, the host it was issued to and the serial a renewal replaced.
 // /renew and /rekey are allowed only to the newest certificate or the one it replaced
 // (overlap); anything else is a fork of a stolen key and is refused, audited
-// (audit.Lineage) and counted (Config.Metrics). Agent SVIDs never renew themselves: their
+// (audit.Lineage) and counted (Config.Registerer). Agent SVIDs never renew themselves: their
 // host re-enrols them with a token the CA grants only to the host the entry names, and
 // the certificate records that host. A revocation with RevokeRequest.Except revokes the
 // whole lineage but that certificate (rotate --compromised); registering an agent to
@@ -107,11 +112,13 @@
 //	denylist.json                the signed deny-list in force (0644), written atomically
 //	fleet-rotation.json          the latest fleet rotation (0644), written atomically
 //	entries.json                 the registration entries (0600), written atomically
+//	claims.json                  the hosts' address claims (0600), written atomically
 //	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS),
 //	softhsm2.lock                prepared by hsm.SoftHSM
 //	hsm.pin                      its random user PIN (0600); the SO PIN is discarded
 //	admin.sock                   admin API: POST /token, GET /directory, POST /revoke,
-//	                             POST /rotate, POST, DELETE and GET /entries (0600;
+//	                             POST /rotate, POST, DELETE and GET /entries and
+//	                             /hosts (0600;
 //	                             root or the CA's uid, via SO_PEERCRED)
 //	lock                         flock held while a Server owns the directory
 //

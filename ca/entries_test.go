@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strings"
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -187,26 +186,12 @@ func TestEntriesSurviveRestart(t *testing.T) {
 		t.Fatalf("Run: %v", err)
 	}
 
-	for name, content := range map[string]string{
+	requireCorruptRefused(t, cfg, path, map[string]string{
 		"not json":         `{"entries":[`,
 		"unknown field":    `{"entries":[],"extra":1}`,
 		"invalid entry":    `{"entries":[{"id":"spiffe://mesh.test/host/x","host":"spiffe://mesh.test/host/a","uid":1}]}`,
 		"conflict":         `{"entries":[{"id":"spiffe://mesh.test/agent/x","host":"spiffe://mesh.test/host/a","uid":1},{"id":"spiffe://mesh.test/agent/y","host":"spiffe://mesh.test/host/a","uid":1}]}`,
 		"bad spiffe id":    `{"entries":[{"id":"https://mesh.test/agent/x","host":"spiffe://mesh.test/host/a","uid":1}]}`,
 		"port out of band": `{"entries":[{"id":"spiffe://mesh.test/agent/x","host":"spiffe://mesh.test/host/a","uid":1,"port":70000}]}`,
-	} {
-		t.Run(name, func(t *testing.T) {
-			if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
-				t.Fatal(err)
-			}
-			srv, err := New(ctx, cfg)
-			if err == nil {
-				_ = srv.Close()
-				t.Fatal("New with a corrupt entries file succeeded")
-			}
-			if !strings.Contains(err.Error(), path) {
-				t.Errorf("New: %v, does not name %s", err, path)
-			}
-		})
-	}
+	})
 }

@@ -129,6 +129,8 @@ func refusedAdminRecord(r *http.Request, initiator, msg string) audit.Event {
 	case r.URL.Path == adminEntriesPath && r.Method == http.MethodDelete:
 		return audit.Registration{Initiator: initiator, Action: actionUnregister,
 			SPIFFEID: r.URL.Query().Get("id"), Result: "refused", Error: msg}
+	case r.URL.Path == adminHostsPath && r.Method != http.MethodGet:
+		return refusedClaimRecord(r, initiator, msg)
 	}
 	return nil
 }

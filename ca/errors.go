@@ -128,3 +128,15 @@ var ErrEntryConflict = errors.New("ca: registration entry conflict")
 // by the admin socket) for an ID without a registration entry; the CA also refuses to
 // renew an agent SVID (/agent/...) with it.
 var ErrEntryNotFound = errors.New("ca: no registration entry")
+
+// ErrClaimConflict is wrapped by the error refusing an address or prefix that another
+// host may claim: a directory registration advertising it (409 on the mesh API), or
+// Server.SetHostClaim with a prefix overlapping another host's claim (409 on the admin
+// socket). The message names the holder.
+var ErrClaimConflict = errors.New("ca: address claimed by another host")
+
+// ErrClaimNotAllowed is wrapped by the error refusing a directory registration (403)
+// that advertises an address outside its host's claim, or, for a host without one,
+// comes from an address it does not advertise (nothing to learn: an operator must set
+// the claim with `agentmesh register HOST --addr CIDR`).
+var ErrClaimNotAllowed = errors.New("ca: address not allowed to this host")

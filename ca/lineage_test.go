@@ -52,7 +52,7 @@ func startAuditedCA(t *testing.T, reg prometheus.Registerer) (*runningCA, *audit
 	t.Helper()
 	cfg, _ := testConfig(t)
 	rec := &auditRecorder{}
-	cfg.Audit, cfg.Metrics = rec, reg
+	cfg.Audit, cfg.Registerer = rec, reg
 	return startCA(t, cfg), rec
 }
 

@@ -146,15 +146,23 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	now := time.Now()
-	_, version, err := s.dir.register(reg, now)
+	version, err := s.registerClaimed(r.Context(), reg, remoteAddr(r), now)
 	switch {
+	case claimStatus(err) != 0:
+		// Audited, counted and logged by registerClaimed: one host, its addresses.
+		writeStepError(w, claimStatus(err), err.Error())
+		return
 	case errors.Is(err, ErrRevoked):
 		// Logged at Warn by the registry, like a conflict.
 		writeStepError(w, http.StatusForbidden, err.Error())
 		return
-	case err != nil:
+	case errors.As(err, new(*conflictError)):
 		// Logged at Warn by the registry: one address, one proxy.
 		writeStepError(w, http.StatusConflict, err.Error())
+		return
+	case err != nil:
+		// The claim learnt could not be persisted: logged and audited.
+		writeStepError(w, http.StatusServiceUnavailable, "address claim not recorded")
 		return
 	}
 	writeJSON(w, registerResponse{Version: version, Peer: DirectoryEntry{

@@ -44,6 +44,9 @@ const (
 	keyUID           = "uid"
 	keyPort          = "port"
 	keyEntries       = "entries"
+	keyHosts         = "hosts"
+	keyPrefixes      = "prefixes"
+	keyRemoteAddr    = "remote_addr"
 )
 
 // Files and directories inside Config.StateDir. hsm.SoftHSM names the embedded
@@ -65,6 +68,8 @@ const (
 	fileFleetRotation = "fleet-rotation.json"
 	// fileEntries holds the registration entries (0600).
 	fileEntries = "entries.json"
+	// fileClaims holds the address claims of hosts (0600).
+	fileClaims = "claims.json"
 )
 
 // Names inside the PKCS#11 token and step-ca.

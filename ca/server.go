@@ -71,6 +71,9 @@ type Server struct {
 	entries                          atomic.Pointer[entrySet]  // the registration entries in force
 	entriesMu                        sync.Mutex                // serialises changes to entries
 	lineageRefusals                  *prometheus.CounterVec    // issuances the lineage refused, by reason
+	claims                           atomic.Pointer[claimSet]  // the address claims in force
+	claimsMu                         sync.RWMutex              // read: a registration checked and applied; write: claims changed
+	claimMetrics                     *claimMetrics
 
 	mu          sync.Mutex
 	state       serverState
@@ -149,7 +152,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := checkClaims(s.provisioner); err != nil {
 		return nil, err
 	}
-	if s.lineageRefusals, err = newLineageMetric(cfg.Metrics); err != nil {
+	if s.lineageRefusals, err = newLineageMetric(cfg.Registerer); err != nil {
 		return nil, err
 	}
 	if s.db, err = openDB(cfg.StateDir, &s.entries, s.lineageRefused); err != nil {
@@ -187,6 +190,12 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	if err := s.loadEntries(); err != nil {
+		return nil, err
+	}
+	if err := s.loadClaims(); err != nil {
+		return nil, err
+	}
+	if s.claimMetrics, err = newClaimMetrics(cfg.Registerer); err != nil {
 		return nil, err
 	}
 

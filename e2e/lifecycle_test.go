@@ -231,15 +231,22 @@ func noKeyOnDisk(t *testing.T, dir, token string) {
 // returns it.
 func awaitRecord(t *testing.T, p *meshProxy, want map[string]string, timeout time.Duration) map[string]any {
 	t.Helper()
+	return awaitRecordSince(t, p.name, p.auditPath(), want, time.Time{}, timeout)
+}
+
+// awaitRecordSince waits until the audit log at path (of the process name) holds a
+// record written at or after since with all the given fields, and returns it.
+func awaitRecordSince(t *testing.T, name, path string, want map[string]string, since time.Time, timeout time.Duration) map[string]any {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		for _, r := range readAudit(t, p.auditPath()) {
-			if matches(r, want) {
+		for _, r := range readAudit(t, path) {
+			if ts, err := time.Parse(time.RFC3339Nano, fmt.Sprint(r["time"])); err == nil && !ts.Before(since) && matches(r, want) {
 				return r
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: no audit record with %v within %v", p.name, want, timeout)
+			t.Fatalf("%s: no audit record with %v since %v within %v", name, want, since, timeout)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/agentmesh/agentmesh/ca"
 )
 
 const trustDomain = "example.org"
@@ -23,6 +25,9 @@ type meshCA struct {
 	// root is the trust-bundle file proxies are configured with: the CA's root unless
 	// a test sets another.
 	root string
+	// h and args are where and how it runs, for restart.
+	h    host
+	args []string
 }
 
 func startCA(t *testing.T, lifetime time.Duration) *meshCA {
@@ -30,15 +35,37 @@ func startCA(t *testing.T, lifetime time.Duration) *meshCA {
 	return startCAOn(t, host{}, fmt.Sprintf("127.0.0.1:%d", freePort(t)), lifetime)
 }
 
-// startCAOn runs the CA on h, listening on listen (host:port).
-func startCAOn(t *testing.T, h host, listen string, lifetime time.Duration) *meshCA {
+// startCAOn runs the CA on h, listening on listen (host:port), with extra arguments.
+func startCAOn(t *testing.T, h host, listen string, lifetime time.Duration, extra ...string) *meshCA {
 	t.Helper()
 	state := filepath.Join(t.TempDir(), "ca")
 	ip, _, _ := net.SplitHostPort(listen)
-	p := startCmd(t, "ca", h.command(binary, "ca", "--state", state, "--trust-domain", trustDomain,
-		"--listen", listen, "--dns-name", ip, "--svid-lifetime", lifetime.String(), "--log-level", "debug"))
+	args := append([]string{"ca", "--state", state, "--trust-domain", trustDomain,
+		"--listen", listen, "--dns-name", ip, "--svid-lifetime", lifetime.String(), "--log-level", "debug"}, extra...)
+	p := startCmd(t, "ca", h.command(binary, args...))
 	p.await(`ca ready`, 60*time.Second)
-	return &meshCA{process: p, state: state, url: "https://" + listen, root: filepath.Join(state, "root.crt")}
+	return &meshCA{process: p, state: state, url: "https://" + listen, root: filepath.Join(state, "root.crt"), h: h, args: args}
+}
+
+// restart stops the CA and starts it again on the same state directory, and waits
+// until its admin socket answers.
+func (c *meshCA) restart(t *testing.T) {
+	t.Helper()
+	if err := c.stop(); err != nil {
+		t.Fatalf("stop the ca: %v", err)
+	}
+	c.process = startCmd(t, "ca", c.h.command(binary, c.args...))
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		_, err := ca.RequestDirectory(t.Context(), c.state)
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the restarted ca does not answer on its admin socket: %v", err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // host is where a process runs: the test's own network namespace, or ns.

@@ -259,7 +259,13 @@ func listVersion(t *testing.T, out string) uint64 {
 // metric reads one unlabelled gauge from the proxy admin port on h.
 func metric(t *testing.T, h *lanHost, name string) float64 {
 	t.Helper()
-	out := h.mustRun(t, "curl", "-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics")
+	return metricAt(t, h, "http://127.0.0.1:15020/metrics", name)
+}
+
+// metricAt reads one series (name, with its labels as exposed) from url on h.
+func metricAt(t *testing.T, h *lanHost, url, name string) float64 {
+	t.Helper()
+	out := h.mustRun(t, "curl", "-sS", "--max-time", "5", url)
 	for line := range strings.Lines(out) {
 		if f := strings.Fields(line); len(f) == 2 && f[0] == name {
 			v, err := strconv.ParseFloat(f[1], 64)

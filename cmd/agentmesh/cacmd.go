@@ -12,9 +12,11 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca"
@@ -64,7 +66,10 @@ creates the token, keys, certificates and database in --state; later starts reus
 			auditCtx, stopAudit := context.WithCancel(context.WithoutCancel(cmd.Context()))
 			auditDone := make(chan error, 1)
 			go func() { auditDone <- auditLog.Run(auditCtx) }()
-			err = runCA(cmd.Context(), cfg, metricsAddr, logger)
+			reg := prometheus.NewRegistry()
+			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+			cfg.Registerer = reg
+			err = runCA(cmd.Context(), cfg, logger, metricsAddr, reg)
 			stopAudit()
 			return errors.Join(err, <-auditDone)
 		},
@@ -78,7 +83,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 	f.DurationVar(&cfg.SVIDLifetime, "svid-lifetime", time.Hour, "lifetime of issued X509-SVIDs (at least 10s)")
 	f.DurationVar(&cfg.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
 	f.StringVar(&auditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
-	f.StringVar(&metricsAddr, "metrics", "", "address to serve Prometheus /metrics on (default: none)")
+	f.StringVar(&metricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	_ = cmd.MarkFlagRequired("state")
@@ -86,35 +91,38 @@ creates the token, keys, certificates and database in --state; later starts reus
 	return cmd
 }
 
-func runCA(ctx context.Context, cfg ca.Config, metricsAddr string, logger *slog.Logger) error {
-	var metrics *http.Server
-	var metricsLn net.Listener
+func runCA(ctx context.Context, cfg ca.Config, logger *slog.Logger, metricsAddr string, reg *prometheus.Registry) error {
+	srv, err := ca.New(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	g, gctx := errgroup.WithContext(ctx)
 	if metricsAddr != "" {
-		reg := prometheus.NewRegistry()
-		cfg.Metrics = reg
-		var err error
-		if metricsLn, err = net.Listen("tcp", metricsAddr); err != nil {
+		ln, err := net.Listen("tcp", metricsAddr)
+		if err != nil {
+			_ = srv.Close()
 			return fmt.Errorf("--metrics: %w", err)
 		}
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-		metrics = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
+		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
 			ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
-	}
-	srv, err := ca.New(ctx, cfg)
-	if err != nil {
-		if metricsLn != nil {
-			_ = metricsLn.Close()
-		}
-		return err
-	}
-	if metrics != nil {
-		done := make(chan error, 1)
-		go func() { done <- metrics.Serve(metricsLn) }()
-		defer func() { _ = metrics.Close(); <-done }()
+		g.Go(func() error {
+			if err := ms.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+				return fmt.Errorf("metrics: %w", err)
+			}
+			return nil
+		})
+		g.Go(func() error {
+			<-gctx.Done()
+			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
+			defer cancel()
+			return ms.Shutdown(sctx)
+		})
 	}
 	logger.Info("ca ready", "url", srv.URL(), "trust_domain", cfg.TrustDomain.String(), "state", cfg.StateDir)
-	return srv.Run(ctx)
+	g.Go(func() error { return srv.Run(gctx) })
+	return g.Wait()
 }
 
 func newTokenCmd() *cobra.Command {

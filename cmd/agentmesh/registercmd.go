@@ -1,10 +1,14 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"math"
+	"net/netip"
 	"strconv"
+	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -20,17 +24,44 @@ func newRegisterCmd() *cobra.Command {
 		state, host string
 		uid         int64
 		port        uint16
+		addrs       []string
 	)
 	cmd := &cobra.Command{
-		Use:   "register SPIFFE-ID --host HOST-ID --uid UID [--port PORT]",
-		Short: "Register an agent identity: the proxy of --host holds it for the processes of --uid",
+		Use: "register {SPIFFE-ID --host HOST-ID --uid UID [--port PORT] | HOST-ID --addr CIDR [--addr CIDR]...}",
+		Short: "Register an agent identity (the proxy of --host holds it for the processes of --uid), " +
+			"or the addresses a host's proxy may claim",
 		Long: `Register SPIFFE-ID (spiffe://TRUST-DOMAIN/agent/NAME) as an agent of the host whose
 proxy is HOST-ID (spiffe://TRUST-DOMAIN/host/NAME). That proxy, and no other, obtains and
 rotates SVIDs for it, and presents them for connections opened by processes of UID on its
 host. --port names where the agent listens on its host, so authorization policy can name it
-as a destination.`,
-		Args: cobra.ExactArgs(1),
+as a destination.
+
+With --addr, register the addresses the proxy of HOST-ID (given as the argument or as
+--host) may advertise in the mesh directory: each --addr is a CIDR prefix (10.0.0.0/24) or
+one address (10.0.0.1). They replace the host's earlier claim, set by an operator or learnt
+at its first registration; a prefix overlapping another host's claim is refused.`,
+		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(addrs) > 0 {
+				h, prefixes, err := hostClaimArgs(args, host, addrs, cmd.Flags().Changed("uid") || cmd.Flags().Changed("port"))
+				if err != nil {
+					return err
+				}
+				c, err := ca.RegisterHost(cmd.Context(), state, h, prefixes)
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintf(cmd.OutOrStdout(), "registered %s at %s\n", c.Host, prefixList(c.Prefixes))
+				return err
+			}
+			switch {
+			case len(args) != 1:
+				return errors.New("SPIFFE-ID is required (or --addr to register a host's addresses)")
+			case host == "":
+				return errors.New("--host is required")
+			case !cmd.Flags().Changed("uid"):
+				return errors.New("--uid is required")
+			}
 			id, err := argID("SPIFFE-ID", args[0])
 			if err != nil {
 				return err
@@ -51,27 +82,78 @@ as a destination.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&host, "host", "", "SPIFFE ID of the proxy of the agent's host (required)")
-	f.Int64Var(&uid, "uid", -1, "uid the agent's processes run as (required)")
+	f.StringVar(&host, "host", "", "SPIFFE ID of the proxy of the agent's host (required for an agent)")
+	f.Int64Var(&uid, "uid", -1, "uid the agent's processes run as (required for an agent)")
 	f.Uint16Var(&port, "port", 0, "port the agent listens on, on its host (optional)")
+	f.StringArrayVar(&addrs, "addr", nil, "an address or CIDR prefix the host's proxy may claim (repeatable)")
 	addStateFlag(cmd, &state)
-	_ = cmd.MarkFlagRequired("host")
-	_ = cmd.MarkFlagRequired("uid")
 	return cmd
+}
+
+// hostClaimArgs reads `register --addr`: the host is the argument or --host (both
+// only if equal), and each --addr a prefix or one address. agentFlags says whether
+// --uid or --port was given, which belong to agents.
+func hostClaimArgs(args []string, host string, addrs []string, agentFlags bool) (spiffeid.ID, []netip.Prefix, error) {
+	var raw string
+	switch {
+	case agentFlags:
+		return spiffeid.ID{}, nil, errors.New("--addr registers a host's addresses: --uid and --port are for agents")
+	case len(args) == 1 && host != "" && args[0] != host:
+		return spiffeid.ID{}, nil, fmt.Errorf("--addr: the host is %s or %s, not both", args[0], host)
+	case len(args) == 1:
+		raw = args[0]
+	case host != "":
+		raw = host
+	default:
+		return spiffeid.ID{}, nil, errors.New("--addr needs the host's SPIFFE ID, as the argument or --host")
+	}
+	h, err := argID("HOST-ID", raw)
+	if err != nil {
+		return spiffeid.ID{}, nil, err
+	}
+	if !strings.HasPrefix(h.Path(), hostPrefix) {
+		return spiffeid.ID{}, nil, fmt.Errorf("--addr: %s is not a host ID (spiffe://%s%sNAME)", h, h.TrustDomain().Name(), hostPrefix)
+	}
+	prefixes := make([]netip.Prefix, 0, len(addrs))
+	for _, a := range addrs {
+		p, err := ca.ParseClaimPrefix(a)
+		if err != nil {
+			return spiffeid.ID{}, nil, fmt.Errorf("--addr %s: %w", a, err)
+		}
+		prefixes = append(prefixes, p)
+	}
+	return h, prefixes, nil
+}
+
+// hostPrefix is the path prefix of host (proxy) IDs.
+const hostPrefix = "/host/"
+
+func prefixList(ps []netip.Prefix) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = p.String()
+	}
+	return strings.Join(s, ",")
 }
 
 func newUnregisterCmd() *cobra.Command {
 	var state string
 	cmd := &cobra.Command{
-		Use:   "unregister SPIFFE-ID",
-		Short: "Remove an agent's registration: its proxy stops renewing it and closes its connections",
-		Args:  cobra.ExactArgs(1),
+		Use: "unregister SPIFFE-ID",
+		Short: "Remove an agent's registration (its proxy stops renewing it and closes its connections), " +
+			"or a host's address claim (its next registration learns one again)",
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			id, err := argID("SPIFFE-ID", args[0])
 			if err != nil {
 				return err
 			}
-			if err := ca.UnregisterEntry(cmd.Context(), state, id); err != nil {
+			if strings.HasPrefix(id.Path(), hostPrefix) {
+				err = ca.UnregisterHost(cmd.Context(), state, id)
+			} else {
+				err = ca.UnregisterEntry(cmd.Context(), state, id)
+			}
+			if err != nil {
 				return err
 			}
 			_, err = fmt.Fprintf(cmd.OutOrStdout(), "unregistered %s\n", id)
@@ -86,10 +168,14 @@ func newListCmd() *cobra.Command {
 	var state string
 	cmd := &cobra.Command{
 		Use:   "list",
-		Short: "List the agent registration entries",
+		Short: "List the agent registration entries and the hosts' address claims",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			entries, err := ca.ListEntries(cmd.Context(), state)
+			if err != nil {
+				return err
+			}
+			hosts, err := ca.ListHosts(cmd.Context(), state)
 			if err != nil {
 				return err
 			}
@@ -101,6 +187,14 @@ func newListCmd() *cobra.Command {
 					port = strconv.Itoa(int(e.Port))
 				}
 				fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", e.ID, e.Host, e.UID, port)
+			}
+			fmt.Fprintln(w, "\nHOST\tADDRESSES\tSOURCE\tSINCE")
+			for _, h := range hosts {
+				source := string(h.Source)
+				if h.From.IsValid() {
+					source += " from " + h.From.String()
+				}
+				fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", h.Host, prefixList(h.Prefixes), source, h.At.Format(time.RFC3339))
 			}
 			return w.Flush()
 		},
