@@ -33,14 +33,14 @@ type claimsFile struct {
 	Hosts []HostClaim `json:"hosts"`
 }
 
-// claimMetrics always exist, so that nothing checks for nil; they are registered only
+// claimMetrics always exist, so that nothing checks for nil; New registers them only
 // when Config.Registerer is set.
 type claimMetrics struct {
 	refused *prometheus.CounterVec
 	learnt  prometheus.Counter
 }
 
-func newClaimMetrics(reg prometheus.Registerer) (*claimMetrics, error) {
+func newClaimMetrics() *claimMetrics {
 	m := &claimMetrics{
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricClaimsRefused,
@@ -55,15 +55,7 @@ func newClaimMetrics(reg prometheus.Registerer) (*claimMetrics, error) {
 	for _, r := range claimReasons {
 		m.refused.WithLabelValues(string(r))
 	}
-	if reg == nil {
-		return m, nil
-	}
-	for _, c := range []prometheus.Collector{m.refused, m.learnt} {
-		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("register metrics: %w", err)
-		}
-	}
-	return m, nil
+	return m
 }
 
 // decodeClaims parses the content of StateDir/claims.json for trust domain td: strict

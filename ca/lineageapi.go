@@ -43,7 +43,7 @@ func issuanceOpOf(path string) (issuanceOp, bool) {
 	return "", false
 }
 
-func newLineageMetric(reg prometheus.Registerer) (*prometheus.CounterVec, error) {
+func newLineageMetric() *prometheus.CounterVec {
 	c := prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: metricLineageRefused,
 		Help: "Renewals, rekeys and enrolments the CA refused because of the identity's lineage, by reason.",
@@ -51,12 +51,7 @@ func newLineageMetric(reg prometheus.Registerer) (*prometheus.CounterVec, error)
 	for _, r := range allRenewRefusals {
 		c.WithLabelValues(string(r))
 	}
-	if reg != nil {
-		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("ca: register metrics: %w", err)
-		}
-	}
-	return c, nil
+	return c
 }
 
 // guardLineage applies the lineage rules to step-ca's issuance requests before step-ca

@@ -152,9 +152,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := checkClaims(s.provisioner); err != nil {
 		return nil, err
 	}
-	if s.lineageRefusals, err = newLineageMetric(cfg.Registerer); err != nil {
-		return nil, err
-	}
+	s.lineageRefusals, s.claimMetrics = newLineageMetric(), newClaimMetrics()
 	if s.db, err = openDB(cfg.StateDir, &s.entries, s.lineageRefused); err != nil {
 		return nil, err
 	}
@@ -195,7 +193,8 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := s.loadClaims(); err != nil {
 		return nil, err
 	}
-	if s.claimMetrics, err = newClaimMetrics(cfg.Registerer); err != nil {
+	// Registered last, so that a New that fails leaves the registry as it was.
+	if err := registerMetrics(cfg.Registerer, s.lineageRefusals, s.claimMetrics.refused, s.claimMetrics.learnt); err != nil {
 		return nil, err
 	}
 
@@ -406,4 +405,17 @@ func boundary(err error) error {
 		return err
 	}
 	return fmt.Errorf("ca: %w", err)
+}
+
+// registerMetrics registers the CA's collectors with reg (none when reg is nil).
+func registerMetrics(reg prometheus.Registerer, cs ...prometheus.Collector) error {
+	if reg == nil {
+		return nil
+	}
+	for _, c := range cs {
+		if err := reg.Register(c); err != nil {
+			return fmt.Errorf("register metrics: %w", err)
+		}
+	}
+	return nil
 }
