@@ -69,6 +69,7 @@ type Server struct {
 	fleet                            *FleetRotation            // the latest; guarded by fleetMu
 	entries                          atomic.Pointer[entrySet]  // the registration entries in force
 	entriesMu                        sync.Mutex                // serialises changes to entries
+	pruneWake                        chan struct{}             // coalesced: a deny-list was published
 
 	mu          sync.Mutex
 	state       serverState
@@ -100,7 +101,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger}
+	s := &Server{cfg: cfg, log: cfg.Logger, pruneWake: make(chan struct{}, 1)}
 	defer func() {
 		if err != nil {
 			_ = s.release()
@@ -150,6 +151,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if s.db, err = openDB(cfg.StateDir); err != nil {
 		return nil, err
 	}
+	s.db.rev.backdate = backdate(cfg.SVIDLifetime)
 
 	var lc net.ListenConfig
 	if s.ln, err = lc.Listen(ctx, "tcp", cfg.Listen); err != nil {
@@ -310,6 +312,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	g.Go(func() error { return serveErr("admin api", adminSrv.Serve(s.adminLn)) })
 	g.Go(func() error { s.renewServingCert(gctx, auth); return nil })
 	g.Go(func() error { s.dir.run(gctx); return nil })
+	g.Go(func() error { s.pruneLoop(gctx); return nil })
 	g.Go(func() error {
 		<-gctx.Done()
 		// Long-polls answer now rather than hold the graceful shutdown up.

@@ -22,10 +22,12 @@ func newRevokeCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "revoke [SPIFFE-ID]",
 		Short: "Revoke an identity or one certificate; every proxy enforces it within a second",
-		Long: `Revoke SPIFFE-ID (every certificate of it, and no new one is ever issued for it) or,
-with --serial, one certificate. The CA revokes the serials in step-ca (renewal refused, CRL
-regenerated) and publishes a new signed deny-list; every proxy then refuses new and resumed
-handshakes of the revoked credential and closes the live connections it authenticated.
+		Long: `Revoke SPIFFE-ID (every certificate of it issued before the revocation, and no new one
+until "agentmesh reinstate") or, with --serial, one certificate. The CA revokes the serials in
+step-ca (renewal refused, CRL regenerated) and publishes a new signed deny-list; every proxy
+then refuses new and resumed handshakes of the revoked credential and closes the live
+connections it authenticated. The list keeps the entry until every certificate it covers has
+expired.
 
 Only an administrator may revoke: root or the CA's user on the CA host (through the admin
 socket in --state), or, from anywhere, the holder of an admin SVID
@@ -79,23 +81,32 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 
 // revokeRemote revokes through the CA's mTLS API with an admin SVID read from files.
 func revokeRemote(cmd *cobra.Command, caURL, root, certFile, keyFile string, req ca.RevokeRequest) (*ca.RevokeResult, error) {
+	cfg, pair, err := adminCredential(caURL, root, certFile, keyFile)
+	if err != nil {
+		return nil, err
+	}
+	return ca.RevokeRemote(cmd.Context(), cfg, pair, req)
+}
+
+// adminCredential reads an admin SVID and the CA's root for the CA's mTLS API.
+func adminCredential(caURL, root, certFile, keyFile string) (ca.ClientConfig, tls.Certificate, error) {
 	if root == "" || certFile == "" || keyFile == "" {
-		return nil, errors.New("--ca needs --root, --cert and --key")
+		return ca.ClientConfig{}, tls.Certificate{}, errors.New("--ca needs --root, --cert and --key")
 	}
 	fi, err := os.Stat(keyFile)
 	if err != nil {
-		return nil, fmt.Errorf("--key: %w", err)
+		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key: %w", err)
 	}
 	if fi.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("--key %s is readable by others (mode %v): chmod 600 it", keyFile, fi.Mode().Perm())
+		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key %s is readable by others (mode %v): chmod 600 it", keyFile, fi.Mode().Perm())
 	}
 	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
-		return nil, fmt.Errorf("admin certificate: %w", err)
+		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("admin certificate: %w", err)
 	}
 	roots, err := pemutil.ReadCertificateBundle(root)
 	if err != nil {
-		return nil, fmt.Errorf("--root: %w", err)
+		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--root: %w", err)
 	}
-	return ca.RevokeRemote(cmd.Context(), ca.ClientConfig{URL: caURL, Roots: roots}, pair, req)
+	return ca.ClientConfig{URL: caURL, Roots: roots}, pair, nil
 }
