@@ -231,15 +231,22 @@ func noKeyOnDisk(t *testing.T, dir, token string) {
 // returns it.
 func awaitRecord(t *testing.T, p *meshProxy, want map[string]string, timeout time.Duration) map[string]any {
 	t.Helper()
+	return awaitRecordIn(t, p.name, p.auditPath(), want, timeout)
+}
+
+// awaitRecordIn waits until the audit log at path (of the process name) holds a
+// record with all the given fields and returns it.
+func awaitRecordIn(t *testing.T, name, path string, want map[string]string, timeout time.Duration) map[string]any {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
-		for _, r := range readAudit(t, p.auditPath()) {
+		for _, r := range readAudit(t, path) {
 			if matches(r, want) {
 				return r
 			}
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: no audit record with %v within %v", p.name, want, timeout)
+			t.Fatalf("%s: no audit record with %v within %v", name, want, timeout)
 		}
 		time.Sleep(100 * time.Millisecond)
 	}

@@ -13,7 +13,10 @@ import (
 )
 
 func newReinstateCmd() *cobra.Command {
-	var state, reason, caURL, root, cert, key string
+	var (
+		reason string
+		adm    adminFlags
+	)
 	cmd := &cobra.Command{
 		Use:   "reinstate SPIFFE-ID --reason R",
 		Short: "Let a revoked identity enrol again; its certificates from before the revocation stay refused",
@@ -36,17 +39,18 @@ on the CA host (the admin socket in --state), or the holder of an admin SVID
 			}
 			req := ca.ReinstateRequest{SPIFFEID: id.String(), Reason: reason}
 			var res *ca.ReinstateResult
+			remote, ok := adm.remote()
 			switch {
-			case state != "" && caURL == "":
-				res, err = ca.RequestReinstate(cmd.Context(), state, req)
-			case caURL != "" && state == "":
-				cfg, pair, cerr := adminCredential(caURL, root, cert, key)
+			case !ok:
+				return errAdminFlags
+			case remote:
+				cfg, pair, cerr := adm.credential()
 				if cerr != nil {
 					return cerr
 				}
 				res, err = ca.ReinstateRemote(cmd.Context(), cfg, pair, req)
 			default:
-				return errors.New("give either --state (on the CA host) or --ca with an admin certificate")
+				res, err = ca.RequestReinstate(cmd.Context(), adm.state, req)
 			}
 			if err != nil {
 				return err
@@ -58,10 +62,6 @@ on the CA host (the admin socket in --state), or the holder of an admin SVID
 	}
 	f := cmd.Flags()
 	f.StringVar(&reason, "reason", "", "why (recorded in the audit log)")
-	f.StringVar(&state, "state", "", "state directory of the agentmesh ca running on this host")
-	f.StringVar(&caURL, "ca", "", "https URL of agentmesh ca, for an administrator with an admin SVID")
-	f.StringVar(&root, "root", "", "the CA's root certificate (with --ca)")
-	f.StringVar(&cert, "cert", "", "the admin SVID, PEM, leaf first (with --ca)")
-	f.StringVar(&key, "key", "", "the admin SVID's private key, PEM, mode 0600 or tighter (with --ca)")
+	adm.register(f)
 	return cmd
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/pemutil"
 
@@ -16,8 +17,8 @@ import (
 
 func newRevokeCmd() *cobra.Command {
 	var (
-		state, serial, reason  string
-		caURL, root, cert, key string
+		serial, reason string
+		adm            adminFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "revoke [SPIFFE-ID]",
@@ -52,13 +53,19 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 				res *ca.RevokeResult
 				err error
 			)
+			remote, ok := adm.remote()
 			switch {
-			case state != "" && caURL == "":
-				res, err = ca.RequestRevoke(cmd.Context(), state, req)
-			case caURL != "" && state == "":
-				res, err = revokeRemote(cmd, caURL, root, cert, key, req)
+			case !ok:
+				return errAdminFlags
+			case remote:
+				var cfg ca.ClientConfig
+				var pair tls.Certificate
+				if cfg, pair, err = adm.credential(); err != nil {
+					return err
+				}
+				res, err = ca.RevokeRemote(cmd.Context(), cfg, pair, req)
 			default:
-				return errors.New("give either --state (on the CA host) or --ca with an admin certificate")
+				res, err = ca.RequestRevoke(cmd.Context(), adm.state, req)
 			}
 			if err != nil {
 				return err
@@ -71,25 +78,34 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 	f := cmd.Flags()
 	f.StringVar(&serial, "serial", "", "revoke one certificate by serial number (decimal)")
 	f.StringVar(&reason, "reason", "", "why (recorded in the audit log and the CRL), e.g. key-compromise")
-	f.StringVar(&state, "state", "", "state directory of the agentmesh ca running on this host")
-	f.StringVar(&caURL, "ca", "", "https URL of agentmesh ca, for an administrator with an admin SVID")
-	f.StringVar(&root, "root", "", "the CA's root certificate (with --ca)")
-	f.StringVar(&cert, "cert", "", "the admin SVID, PEM, leaf first (with --ca)")
-	f.StringVar(&key, "key", "", "the admin SVID's private key, PEM, mode 0600 or tighter (with --ca)")
+	adm.register(f)
 	return cmd
 }
 
-// revokeRemote revokes through the CA's mTLS API with an admin SVID read from files.
-func revokeRemote(cmd *cobra.Command, caURL, root, certFile, keyFile string, req ca.RevokeRequest) (*ca.RevokeResult, error) {
-	cfg, pair, err := adminCredential(caURL, root, certFile, keyFile)
-	if err != nil {
-		return nil, err
-	}
-	return ca.RevokeRemote(cmd.Context(), cfg, pair, req)
+// adminFlags say how an administrator reaches the CA: through its admin socket on the
+// CA host (--state), or through its mTLS API with an admin SVID (--ca, --root, --cert,
+// --key).
+type adminFlags struct{ state, caURL, root, cert, key string }
+
+var errAdminFlags = errors.New("give either --state (on the CA host) or --ca with an admin certificate")
+
+func (a *adminFlags) register(f *pflag.FlagSet) {
+	f.StringVar(&a.state, "state", "", "state directory of the agentmesh ca running on this host")
+	f.StringVar(&a.caURL, "ca", "", "https URL of agentmesh ca, for an administrator with an admin SVID")
+	f.StringVar(&a.root, "root", "", "the CA's root certificate (with --ca)")
+	f.StringVar(&a.cert, "cert", "", "the admin SVID, PEM, leaf first (with --ca)")
+	f.StringVar(&a.key, "key", "", "the admin SVID's private key, PEM, mode 0600 or tighter (with --ca)")
 }
 
-// adminCredential reads an admin SVID and the CA's root for the CA's mTLS API.
-func adminCredential(caURL, root, certFile, keyFile string) (ca.ClientConfig, tls.Certificate, error) {
+// remote reports whether the flags name the mTLS API (true) or the admin socket
+// (false); ok is false unless exactly one of them is named.
+func (a *adminFlags) remote() (remote, ok bool) {
+	return a.caURL != "", (a.state == "") != (a.caURL == "")
+}
+
+// credential reads the admin SVID and the CA's root for the CA's mTLS API.
+func (a *adminFlags) credential() (ca.ClientConfig, tls.Certificate, error) {
+	caURL, root, certFile, keyFile := a.caURL, a.root, a.cert, a.key
 	if root == "" || certFile == "" || keyFile == "" {
 		return ca.ClientConfig{}, tls.Certificate{}, errors.New("--ca needs --root, --cert and --key")
 	}
