@@ -104,6 +104,12 @@ func (s *Server) reinstate(req ReinstateRequest) (*ReinstateResult, error) {
 		return nil, ErrServerClosed
 	}
 	if m, ok := s.db.rev.all().ids[id]; ok && !m.reinstated() {
+		if m.Cutoff.IsZero() {
+			// Its list entry denies every certificate of the identity, for good:
+			// certificates issued after a reinstatement would be refused anyway.
+			return nil, fmt.Errorf("%w: %s was revoked without a cutoff, by an older version: it cannot be reinstated",
+				ErrInvalidRequest, id)
+		}
 		// A certificate's NotBefore is written to the second, rounded down: one
 		// issued in the second after the revocation could fall before the cutoff,
 		// and storeIssued would refuse it. Reinstating only once that second has

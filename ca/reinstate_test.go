@@ -241,3 +241,20 @@ func isStatus(err error, status int) bool {
 	var re *ResponseError
 	return errors.As(err, &re) && re.Status == status
 }
+
+// A revocation recorded before cutoffs existed denies every certificate of the
+// identity, so reinstating it is refused rather than leaving it unable to enrol.
+func TestReinstateWithoutCutoff(t *testing.T) {
+	cfg, _ := testConfig(t)
+	ca := startCA(t, cfg)
+	id := spiffeid.RequireFromPath(testTD, "/host/legacy")
+	if _, err := ca.db.rev.mark(revocationMark{SPIFFEID: id, Reason: "old", RevokedAt: time.Now().UTC()}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ca.Reinstate(context.Background(), "test", ReinstateRequest{SPIFFEID: id.String(), Reason: "try"}); !errors.Is(err, ErrInvalidRequest) {
+		t.Errorf("Reinstate: %v, want ErrInvalidRequest", err)
+	}
+	if _, err := ca.Token(id); !errors.Is(err, ErrRevoked) {
+		t.Errorf("Token: %v, want ErrRevoked", err)
+	}
+}

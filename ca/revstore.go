@@ -159,7 +159,10 @@ func (s *revocationStore) mark(m revocationMark) (bool, error) {
 	} else if old, ok := cur.ids[m.SPIFFEID]; ok && !old.reinstated() {
 		return false, nil
 	}
-	return true, s.put(cur, m)
+	if err := s.put(cur, m); err != nil {
+		return false, err
+	}
+	return true, nil
 }
 
 // reinstate marks id's revocation reinstated at now for reason and returns the mark;
@@ -173,7 +176,10 @@ func (s *revocationStore) reinstate(id spiffeid.ID, reason string, now time.Time
 		return m, false, nil
 	}
 	m.ReinstatedAt, m.ReinstateReason = now.UTC().Round(0), reason
-	return m, true, s.put(cur, m)
+	if err := s.put(cur, m); err != nil {
+		return m, false, err
+	}
+	return m, true, nil
 }
 
 // put writes m and publishes the marks with it. The caller holds mu.
