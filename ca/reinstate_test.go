@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net/http"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -33,13 +34,7 @@ func signWithValidity(t *testing.T, ca *runningCA, id spiffeid.ID, notBefore tim
 
 // reinstatements are the audit records of reinstatements.
 func (r *auditRecorder) reinstatements() []audit.Revocation {
-	var out []audit.Revocation
-	for _, rec := range r.revocations() {
-		if rec.Action == actionReinstate {
-			out = append(out, rec)
-		}
-	}
-	return out
+	return slices.DeleteFunc(r.revocations(), func(rec audit.Revocation) bool { return rec.Action != actionReinstate })
 }
 
 // An identity revoked and reinstated enrols again with a new token; everything
