@@ -6,7 +6,7 @@ export CGO_ENABLED := 1
 
 .PHONY: deps build test test-short check check-static fuzz demo bench bench-micro clean
 
-## deps: install missing system packages (softhsm2, opensc, iptables, curl, ...) and Go modules
+## deps: install missing system packages (softhsm2, opensc, iptables, curl, ...), Go modules and the step CLI
 deps:
 	@scripts/deps.sh
 

@@ -89,6 +89,12 @@ type Revocation struct {
 	Serials []string `json:"serials,omitempty"`
 	// ListVersion is the deny-list version that carries the revocation.
 	ListVersion uint64 `json:"list_version,omitempty"`
+	// Action is "reinstate" for a reinstatement of a revoked identity, empty for a
+	// revocation.
+	Action string `json:"action,omitempty"`
+	// Via names the API a revocation came through when it is not agentmesh's own:
+	// "step-ca" for step-ca's /revoke (the step CLI).
+	Via string `json:"via,omitempty"`
 }
 
 // Kind returns "revocation".
@@ -100,13 +106,16 @@ type DenyList struct {
 	Previous uint64 `json:"previous"` // the version held before
 	Result   string `json:"result"`   // "applied" | "refused"
 	// Reason says why a list was refused: "bad_signature", "stale_version",
-	// "conflict", "gap", "malformed".
+	// "conflict", "gap", "premature_expiry", "malformed".
 	Reason  string `json:"reason,omitempty"`
 	Error   string `json:"error,omitempty"`
 	IDs     int    `json:"ids"`     // identities the list denies
 	Serials int    `json:"serials"` // serials the list denies
 	// Closed is how many live connections applying the list closed.
 	Closed int `json:"closed"`
+	// Expired is how many entries of the list held the applied one dropped because
+	// every certificate they covered had expired.
+	Expired int `json:"expired,omitempty"`
 	// Lag is the time from the list's signing at the CA to its application here.
 	Lag time.Duration `json:"lag_ns,omitempty"`
 }

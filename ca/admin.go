@@ -102,6 +102,7 @@ func (s *Server) adminHandler() http.Handler {
 	mux.HandleFunc("POST "+adminTokenPath, s.adminOnly(s.handleToken))
 	mux.HandleFunc("GET "+adminDirectoryPath, s.adminOnly(s.handleAdminDirectory))
 	mux.HandleFunc("POST "+adminRevokePath, s.adminOnly(s.handleAdminRevoke))
+	mux.HandleFunc("POST "+adminReinstatePath, s.adminOnly(s.handleAdminReinstate))
 	mux.HandleFunc("POST "+adminRotatePath, s.adminOnly(s.handleAdminRotate))
 	mux.HandleFunc("POST "+adminEntriesPath, s.adminOnly(s.handleAdminRegister))
 	mux.HandleFunc("DELETE "+adminEntriesPath, s.adminOnly(s.handleAdminUnregister))

@@ -134,10 +134,17 @@ func (s *Server) newAuthority() (*authority.Authority, error) {
 	)
 }
 
-// enforceNotRevoked refuses a certificate naming a revoked identity.
+// enforceNotRevoked refuses a certificate naming a revoked identity: any, until the
+// identity is reinstated; afterwards one whose NotBefore is before the revocation's
+// cutoff (one issued before the revocation, presented for renewal, or one requested
+// with an early NotBefore). It also refuses a NotBefore later than now minus the
+// backdate, which storeIssued checks again (see there why).
 func (s *Server) enforceNotRevoked(cert *x509.Certificate) error {
+	if bd := s.db.rev.backdate; cert.NotBefore.After(time.Now().Add(-bd)) {
+		return fmt.Errorf("%w: not before %v is later than now minus the backdate %v", ErrInvalidRequest, cert.NotBefore, bd)
+	}
 	for _, u := range cert.URIs {
-		if id, err := spiffeid.FromURI(u); err == nil && s.db.rev.idRevoked(id) {
+		if id, err := spiffeid.FromURI(u); err == nil && s.db.rev.revoked(id, "", cert.NotBefore) {
 			return fmt.Errorf("%w: %s", ErrRevoked, id)
 		}
 	}

@@ -45,6 +45,7 @@ const (
 	denyReasonStale        = "stale_version"
 	denyReasonConflict     = "conflict"
 	denyReasonGap          = "gap"
+	denyReasonPremature    = "premature_expiry"
 	denyReasonMalformed    = "malformed"
 )
 
@@ -62,6 +63,7 @@ const (
 const (
 	keyFeedPrevious = "previous"
 	keyFeedClosed   = "closed"
+	keyFeedExpired  = "expired"
 	keyFeedLag      = "lag"
 	keyFeedSource   = "source"
 	keyFeedAge      = "age"
@@ -103,7 +105,7 @@ func newFeedMetrics(reg prometheus.Registerer) (*feedMetrics, error) {
 		}),
 	}
 	// Pre-create the series so dashboards see zeros instead of gaps.
-	for _, r := range []string{denyReasonBadSignature, denyReasonStale, denyReasonConflict, denyReasonGap, denyReasonMalformed} {
+	for _, r := range []string{denyReasonBadSignature, denyReasonStale, denyReasonConflict, denyReasonGap, denyReasonPremature, denyReasonMalformed} {
 		m.refused.WithLabelValues(r)
 	}
 	if reg == nil {
@@ -153,6 +155,8 @@ func denyListRefusal(err error) string {
 		return denyReasonConflict
 	case errors.Is(err, ErrDenyListGap):
 		return denyReasonGap
+	case errors.Is(err, ErrDenyListPremature):
+		return denyReasonPremature
 	default:
 		return denyReasonMalformed
 	}
@@ -161,7 +165,7 @@ func denyListRefusal(err error) string {
 // refusedList reports whether err is the refusal of a received list (as opposed to
 // a failure to fetch one).
 func refusedList(err error) bool {
-	for _, target := range []error{ErrDenyListSignature, ErrDenyListMalformed, ErrDenyListStale, ErrDenyListConflict, ErrDenyListGap} {
+	for _, target := range []error{ErrDenyListSignature, ErrDenyListMalformed, ErrDenyListStale, ErrDenyListConflict, ErrDenyListGap, ErrDenyListPremature} {
 		if errors.Is(err, target) {
 			return true
 		}
@@ -302,7 +306,7 @@ func (d *Directory) offerDenyList(source string, s *SignedDenyList) error {
 	// enforced.
 	d.denyMu.Lock()
 	held := d.deny.Load()
-	newer, err := NextDenyList(held, l)
+	newer, err := NextDenyList(held, l, now)
 	if err != nil || !newer {
 		d.denyMu.Unlock()
 		if err != nil {
@@ -328,12 +332,13 @@ func (d *Directory) offerDenyList(source string, s *SignedDenyList) error {
 	if held != nil {
 		previous = held.Version
 	}
+	expired := expiredEntries(held, l)
 	d.log.Info("deny list applied", keyVersion, l.Version, keyFeedPrevious, previous,
 		keyIDs, len(l.IDs), keySerials, len(l.Serials), keyFeedClosed, closed,
-		keyFeedLag, lag, keyFeedSource, source)
+		keyFeedExpired, expired, keyFeedLag, lag, keyFeedSource, source)
 	d.audit(audit.DenyList{
 		Version: l.Version, Previous: previous, Result: denyResultApplied,
-		IDs: len(l.IDs), Serials: len(l.Serials), Closed: closed, Lag: lag,
+		IDs: len(l.IDs), Serials: len(l.Serials), Closed: closed, Expired: expired, Lag: lag,
 	})
 	return nil
 }

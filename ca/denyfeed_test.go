@@ -384,7 +384,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 			t.Fatalf("OnDenyList got version %d, want %d", l.Version, want.Version)
 		}
 	}
-	if l := c.DenyList(); !l.Denies(idC, "1") || !l.Denies(spiffeid.RequireFromPath(testTD, "/host/z"), "123456789") || l.Denies(idE, "1") {
+	if l := c.DenyList(); !l.Denies(idC, "1", time.Time{}) || !l.Denies(spiffeid.RequireFromPath(testTD, "/host/z"), "123456789", time.Time{}) || l.Denies(idE, "1", time.Time{}) {
 		t.Fatalf("list in force does not deny what v3 lists: %+v", l)
 	}
 
@@ -438,7 +438,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 	if rec := c.audit.next(t); rec.Result != denyResultApplied || rec.Version != 4 || rec.Previous != 3 {
 		t.Fatalf("good version 4: %+v", rec)
 	}
-	if l := <-c.applied; l.Version != 4 || !l.Denies(idE, "") {
+	if l := <-c.applied; l.Version != 4 || !l.Denies(idE, "", time.Time{}) {
 		t.Fatalf("OnDenyList got %+v", l)
 	}
 	select {
@@ -646,7 +646,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 	if rec := c.audit.next(t); rec.Result != denyResultApplied || rec.Version != v1.Version || rec.Previous != 0 {
 		t.Fatalf("first list: %+v", rec)
 	}
-	if v1.Denies(idB, victim.Certificates[0].SerialNumber.String()) {
+	if v1.Denies(idB, victim.Certificates[0].SerialNumber.String(), time.Time{}) {
 		t.Fatal("the first list denies the victim")
 	}
 	victimDir := newFeedClient(t, ca.URL(), ca.Roots(), tlsCert(victim), func(cfg *DirectoryConfig) {
@@ -667,7 +667,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 	}
 	serial := victim.Certificates[0].SerialNumber.String()
 	l := c.nextApplied(t)
-	if l.Version != res.ListVersion || l.Version != v1.Version+1 || !l.Denies(idB, serial) || l.Denies(idSelf, "1") {
+	if l.Version != res.ListVersion || l.Version != v1.Version+1 || !l.Denies(idB, serial, time.Time{}) || l.Denies(idSelf, "1", time.Time{}) {
 		t.Fatalf("applied %+v after revocation to version %d", l, res.ListVersion)
 	}
 	if c.DenyList() != l {
@@ -688,7 +688,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 		t.Errorf("list_version = %v, want %d", v, l.Version)
 	}
 
-	if l := victimDir.nextApplied(t); !l.Denies(idB, serial) {
+	if l := victimDir.nextApplied(t); !l.Denies(idB, serial, time.Time{}) {
 		t.Fatalf("the revoked proxy got %+v", l)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -31,9 +32,11 @@ const (
 	maxSerialDigits = 49
 )
 
-// DenyList is one version of the CA's revocation deny-list. Lists are cumulative: a
-// newer version contains every entry of every older one, unchanged. A DenyList is
-// immutable once built (VerifyDenyList returns a fresh one): share it, never modify it.
+// DenyList is one version of the CA's revocation deny-list. Lists are cumulative but
+// for expiry: a newer version contains every entry of every older one, unchanged,
+// except entries whose certificates have all expired, which the CA drops and the newer
+// version accounts for with ExpiredThrough. A DenyList is immutable once built
+// (VerifyDenyList returns a fresh one): share it, never modify it.
 type DenyList struct {
 	// TrustDomain is the name of the trust domain whose CA signed the list.
 	TrustDomain string `json:"trust_domain"`
@@ -42,23 +45,44 @@ type DenyList struct {
 	Version uint64 `json:"version"`
 	// IssuedAt is when the CA signed this version.
 	IssuedAt time.Time `json:"issued_at"`
-	// IDs are the revoked identities, sorted by SPIFFE ID, unique. No certificate
-	// for them is valid, whatever its serial, and the CA issues none.
+	// IDs are the identity revocations, sorted by SPIFFE ID and then version, unique
+	// by both: an identity revoked, reinstated and revoked again has one entry per
+	// revocation until the older one expires. Each denies the identity's certificates
+	// issued before its cutoff (DeniedID.NotBefore), whatever their serial.
 	IDs []DeniedID `json:"ids"`
 	// Serials are the revoked certificates, sorted by serial in numeric order, unique.
 	Serials []DeniedSerial `json:"serials"`
+	// ExpiredThrough says which entries the list has dropped, and why: every entry of
+	// an earlier version whose not_after is at or before it, because every
+	// certificate it covered had expired by then. It never moves back, is at or
+	// before IssuedAt, and no entry of the list has a not_after at or before it. Zero
+	// until the CA first drops an entry.
+	ExpiredThrough time.Time `json:"expired_through,omitzero"`
 
 	// Lookup indexes, built by VerifyDenyList and by the CA; nil on a list built by
-	// hand, which Denies then scans.
-	ids     map[spiffeid.ID]struct{}
+	// hand, which Denies then scans. ids maps an identity to its latest cutoff (zero:
+	// every certificate).
+	ids     map[spiffeid.ID]time.Time
 	serials map[string]struct{}
 }
 
-// DeniedID is a revoked identity.
+// DeniedID is a revoked identity: the certificates of SPIFFEID issued before the
+// revocation.
 type DeniedID struct {
 	SPIFFEID  spiffeid.ID `json:"spiffe_id"`
 	Reason    string      `json:"reason,omitempty"`
 	RevokedAt time.Time   `json:"revoked_at"`
+	// NotBefore is the cutoff: a certificate of the identity whose NotBefore is
+	// before it is denied. A certificate's NotBefore is its issue time minus the
+	// CA's backdate, so the CA publishes the revocation time minus its backdate, and
+	// never issues afterwards a certificate with an earlier NotBefore: exactly the
+	// certificates issued before the revocation are denied. Zero (lists signed before
+	// cutoffs existed) denies every certificate of the identity.
+	NotBefore time.Time `json:"not_before,omitzero"`
+	// NotAfter is when the last certificate the entry covers expires (at the latest):
+	// past it the entry denies nothing that is not expired anyway, and the CA drops
+	// it. Zero: unknown, kept for good.
+	NotAfter time.Time `json:"not_after,omitzero"`
 	// Version is the list version that first carried the entry.
 	Version uint64 `json:"version"`
 }
@@ -78,15 +102,17 @@ type DeniedSerial struct {
 	Version uint64 `json:"version"`
 }
 
-// Denies reports whether a certificate for id with this serial (decimal) is revoked:
-// the identity is, or the serial is. It is O(1) and does not allocate on a list from
+// Denies reports whether a certificate for id with this serial (decimal) and this
+// NotBefore is revoked: the serial is, or the identity was revoked after the
+// certificate was issued (notBefore before the entry's cutoff; a zero notBefore, when
+// unknown, is before any cutoff). It is O(1) and does not allocate on a list from
 // VerifyDenyList or the CA. Safe for concurrent use. A nil list denies nothing.
-func (l *DenyList) Denies(id spiffeid.ID, serial string) bool {
+func (l *DenyList) Denies(id spiffeid.ID, serial string, notBefore time.Time) bool {
 	if l == nil {
 		return false
 	}
 	if l.ids != nil || l.serials != nil {
-		if _, ok := l.ids[id]; ok && !id.IsZero() {
+		if cutoff, ok := l.ids[id]; ok && !id.IsZero() && coveredBy(notBefore, cutoff) {
 			return true
 		}
 		_, ok := l.serials[serial]
@@ -94,7 +120,7 @@ func (l *DenyList) Denies(id spiffeid.ID, serial string) bool {
 	}
 	// A list built by hand: scan it.
 	for i := range l.IDs {
-		if !id.IsZero() && l.IDs[i].SPIFFEID == id {
+		if !id.IsZero() && l.IDs[i].SPIFFEID == id && coveredBy(notBefore, l.IDs[i].NotBefore) {
 			return true
 		}
 	}
@@ -106,11 +132,24 @@ func (l *DenyList) Denies(id spiffeid.ID, serial string) bool {
 	return false
 }
 
-// index builds the lookup indexes Denies uses.
+// coveredBy reports whether a certificate with this NotBefore was issued before an
+// identity entry's cutoff (zero: every certificate is).
+func coveredBy(notBefore, cutoff time.Time) bool {
+	return cutoff.IsZero() || notBefore.Before(cutoff)
+}
+
+// index builds the lookup indexes Denies uses. Of several entries of one identity the
+// latest cutoff covers the others' certificates too.
 func (l *DenyList) index() {
-	l.ids = make(map[spiffeid.ID]struct{}, len(l.IDs))
+	l.ids = make(map[spiffeid.ID]time.Time, len(l.IDs))
 	for _, e := range l.IDs {
-		l.ids[e.SPIFFEID] = struct{}{}
+		cur, ok := l.ids[e.SPIFFEID]
+		switch {
+		case !ok, e.NotBefore.IsZero():
+			l.ids[e.SPIFFEID] = e.NotBefore
+		case !cur.IsZero() && e.NotBefore.After(cur):
+			l.ids[e.SPIFFEID] = e.NotBefore
+		}
 	}
 	l.serials = make(map[string]struct{}, len(l.Serials))
 	for _, e := range l.Serials {
@@ -118,15 +157,9 @@ func (l *DenyList) index() {
 	}
 }
 
-// deniesID reports whether the identity itself is revoked (not only some of its
-// certificates).
-func (l *DenyList) deniesID(id spiffeid.ID) bool {
-	return l.Denies(id, "")
-}
-
 // deniesSerial reports whether the serial is revoked.
 func (l *DenyList) deniesSerial(serial string) bool {
-	return l.Denies(spiffeid.ID{}, serial)
+	return l.Denies(spiffeid.ID{}, serial, time.Time{})
 }
 
 // SignedDenyList is a deny-list on the wire: the JSON of a DenyList and a signature
@@ -251,6 +284,8 @@ func (l *DenyList) check(td spiffeid.TrustDomain) error {
 		return errors.New("version 0")
 	case l.IssuedAt.IsZero():
 		return errors.New("issued_at missing")
+	case l.ExpiredThrough.After(l.IssuedAt):
+		return errors.New("expired_through after issued_at")
 	}
 	for i, e := range l.IDs {
 		if err := checkIssuable(td, e.SPIFFEID); err != nil {
@@ -259,7 +294,13 @@ func (l *DenyList) check(td spiffeid.TrustDomain) error {
 		if err := checkEntry(e.Reason, e.RevokedAt, e.Version, l.Version); err != nil {
 			return fmt.Errorf("ids[%d] %s: %w", i, e.SPIFFEID, err)
 		}
-		if i > 0 && compareIDs(l.IDs[i-1].SPIFFEID, e.SPIFFEID) >= 0 {
+		if err := l.checkExpiry(e.NotAfter); err != nil {
+			return fmt.Errorf("ids[%d] %s: %w", i, e.SPIFFEID, err)
+		}
+		if e.NotBefore.After(e.RevokedAt) {
+			return fmt.Errorf("ids[%d] %s: not_before after revoked_at", i, e.SPIFFEID)
+		}
+		if i > 0 && compareIDEntries(l.IDs[i-1], e) >= 0 {
 			return fmt.Errorf("ids[%d] %s: not sorted or duplicated", i, e.SPIFFEID)
 		}
 	}
@@ -275,9 +316,20 @@ func (l *DenyList) check(td spiffeid.TrustDomain) error {
 		if err := checkEntry(e.Reason, e.RevokedAt, e.Version, l.Version); err != nil {
 			return fmt.Errorf("serials[%d] %s: %w", i, e.Serial, err)
 		}
+		if err := l.checkExpiry(e.NotAfter); err != nil {
+			return fmt.Errorf("serials[%d] %s: %w", i, e.Serial, err)
+		}
 		if i > 0 && compareSerials(l.Serials[i-1].Serial, e.Serial) >= 0 {
 			return fmt.Errorf("serials[%d] %s: not sorted or duplicated", i, e.Serial)
 		}
+	}
+	return nil
+}
+
+// checkExpiry refuses an entry that ExpiredThrough says was dropped.
+func (l *DenyList) checkExpiry(notAfter time.Time) error {
+	if !notAfter.IsZero() && !l.ExpiredThrough.IsZero() && !notAfter.After(l.ExpiredThrough) {
+		return errors.New("not_after at or before expired_through: the entry was dropped")
 	}
 	return nil
 }
@@ -319,19 +371,33 @@ func compareSerials(a, b string) int {
 
 func compareIDs(a, b spiffeid.ID) int { return cmp.Compare(a.String(), b.String()) }
 
-// NextDenyList decides whether got may replace held; held is nil when nothing is held
-// yet. Both come from VerifyDenyList for the same trust domain. It returns:
+// compareIDEntries orders identity entries by SPIFFE ID, then version.
+func compareIDEntries(a, b DeniedID) int {
+	return cmp.Or(compareIDs(a.SPIFFEID, b.SPIFFEID), cmp.Compare(a.Version, b.Version))
+}
+
+// NextDenyList decides whether got may replace held at now (this side's clock); held
+// is nil when nothing is held yet. Both come from VerifyDenyList for the same trust
+// domain. It returns:
 //
-//   - (true, nil) when got is newer and carries every entry of held, unchanged;
+//   - (true, nil) when got is newer and carries every entry of held unchanged, except
+//     entries it accounts for as expired: a held entry's own (signed) not_after is at
+//     or before got's expired_through, which is at or before got's issued_at (checked
+//     by VerifyDenyList) and now;
 //   - (false, nil) when got is the list held (same version, same content);
 //   - an error wrapping ErrDenyListStale when got is older (replayed or rolled back);
 //   - ErrDenyListConflict when got has the same version with other content, or
-//     rewrites history (an entry new to held but dated at or before held's version);
-//   - ErrDenyListGap when got is newer but lacks an entry of held or changed it: lists
-//     are cumulative, so versions in between were lost or tampered with.
+//     rewrites history (an entry new to held but dated at or before held's version,
+//     or an expired_through earlier than held's);
+//   - ErrDenyListGap when got is newer but lacks an entry of held that it does not
+//     account for as expired, or changed one: versions in between were lost or
+//     tampered with;
+//   - ErrDenyListPremature when got drops an entry as expired whose not_after is
+//     still ahead of now: this side's clock is behind the CA's (the same list is
+//     accepted once it catches up).
 //
 // It is pure.
-func NextDenyList(held, got *DenyList) (bool, error) {
+func NextDenyList(held, got *DenyList, now time.Time) (bool, error) {
 	switch {
 	case got == nil:
 		return false, fmt.Errorf("%w: no list", ErrDenyListMalformed)
@@ -346,51 +412,94 @@ func NextDenyList(held, got *DenyList) (bool, error) {
 			return false, fmt.Errorf("%w: version %d differs from the one held", ErrDenyListConflict, got.Version)
 		}
 		return false, nil
+	case got.ExpiredThrough.Before(held.ExpiredThrough):
+		return false, fmt.Errorf("%w: version %d has expired_through %v, before the %v held",
+			ErrDenyListConflict, got.Version, got.ExpiredThrough, held.ExpiredThrough)
 	}
-	idKey := func(e DeniedID) string { return e.SPIFFEID.String() }
-	if err := extends(held, got, held.IDs, got.IDs, idKey, func(e DeniedID) uint64 { return e.Version }, sameDeniedID); err != nil {
+	idKey := func(e DeniedID) string { return e.SPIFFEID.String() + " version " + strconv.FormatUint(e.Version, 10) }
+	idExpiry := func(e DeniedID) time.Time { return e.NotAfter }
+	if _, err := extends(held, got, now, held.IDs, got.IDs, idKey, idExpiry, func(e DeniedID) uint64 { return e.Version }, sameDeniedID); err != nil {
 		return false, err
 	}
 	serialKey := func(e DeniedSerial) string { return "serial " + e.Serial }
-	if err := extends(held, got, held.Serials, got.Serials, serialKey, func(e DeniedSerial) uint64 { return e.Version }, sameDeniedSerial); err != nil {
+	serialExpiry := func(e DeniedSerial) time.Time { return e.NotAfter }
+	if _, err := extends(held, got, now, held.Serials, got.Serials, serialKey, serialExpiry, func(e DeniedSerial) uint64 { return e.Version }, sameDeniedSerial); err != nil {
 		return false, err
 	}
 	return true, nil
 }
 
+// expiredEntries is how many entries of held a newer list got dropped as expired
+// (after NextDenyList accepted it).
+func expiredEntries(held, got *DenyList) int {
+	if held == nil || got == nil {
+		return 0
+	}
+	n := 0
+	for _, e := range held.IDs {
+		if !slices.ContainsFunc(got.IDs, func(g DeniedID) bool { return g.SPIFFEID == e.SPIFFEID && g.Version == e.Version }) {
+			n++
+		}
+	}
+	for _, e := range held.Serials {
+		if !got.deniesSerial(e.Serial) {
+			n++
+		}
+	}
+	return n
+}
+
 func sameDenyList(a, b *DenyList) bool {
 	return a.TrustDomain == b.TrustDomain && a.Version == b.Version && a.IssuedAt.Equal(b.IssuedAt) &&
+		a.ExpiredThrough.Equal(b.ExpiredThrough) &&
 		slices.EqualFunc(a.IDs, b.IDs, sameDeniedID) && slices.EqualFunc(a.Serials, b.Serials, sameDeniedSerial)
 }
 
-// extends checks one kind of entry of a newer list got against held: every held entry
-// is in got unchanged (else a gap), and every entry only got has is dated after held's
-// version (else got rewrites history: a conflict). key names an entry in errors.
-func extends[E any](held, got *DenyList, heldEntries, gotEntries []E, key func(E) string,
-	version func(E) uint64, same func(a, b E) bool,
-) error {
+// extends checks one kind of entry of a newer list got against held at now: every
+// held entry is in got unchanged or accounted for as expired (else a gap, or
+// premature when its expiry is after now), and every entry only got has is dated
+// after held's version (else got rewrites history: a conflict). It returns how many
+// held entries expired. key names an entry in errors.
+func extends[E any](held, got *DenyList, now time.Time, heldEntries, gotEntries []E, key func(E) string,
+	expiry func(E) time.Time, version func(E) uint64, same func(a, b E) bool,
+) (int, error) {
 	fresh := make(map[string]E, len(gotEntries))
 	for _, e := range gotEntries {
 		fresh[key(e)] = e
 	}
+	expired := 0
 	for _, e := range heldEntries {
 		g, ok := fresh[key(e)]
-		if !ok || !same(e, g) {
-			return fmt.Errorf("%w: version %d lacks %s of version %d", ErrDenyListGap, got.Version, key(e), held.Version)
+		if ok {
+			if !same(e, g) {
+				return 0, fmt.Errorf("%w: version %d changes %s of version %d", ErrDenyListGap, got.Version, key(e), held.Version)
+			}
+			delete(fresh, key(e))
+			continue
 		}
-		delete(fresh, key(e))
+		// Dropped: only as expired, by the entry's own signed expiry.
+		exp := expiry(e)
+		switch {
+		case exp.IsZero() || got.ExpiredThrough.IsZero() || exp.After(got.ExpiredThrough):
+			return 0, fmt.Errorf("%w: version %d lacks %s of version %d", ErrDenyListGap, got.Version, key(e), held.Version)
+		case exp.After(now):
+			return 0, fmt.Errorf("%w: version %d drops %s as expired at %v, later than this clock's %v",
+				ErrDenyListPremature, got.Version, key(e), exp, now)
+		}
+		expired++
 	}
 	for _, g := range fresh {
 		if version(g) <= held.Version {
-			return fmt.Errorf("%w: version %d adds %s as of version %d, held %d lacks it",
+			return 0, fmt.Errorf("%w: version %d adds %s as of version %d, held %d lacks it",
 				ErrDenyListConflict, got.Version, key(g), version(g), held.Version)
 		}
 	}
-	return nil
+	return expired, nil
 }
 
 func sameDeniedID(a, b DeniedID) bool {
-	return a.SPIFFEID == b.SPIFFEID && a.Reason == b.Reason && a.RevokedAt.Equal(b.RevokedAt) && a.Version == b.Version
+	return a.SPIFFEID == b.SPIFFEID && a.Reason == b.Reason && a.RevokedAt.Equal(b.RevokedAt) &&
+		a.NotBefore.Equal(b.NotBefore) && a.NotAfter.Equal(b.NotAfter) && a.Version == b.Version
 }
 
 func sameDeniedSerial(a, b DeniedSerial) bool {

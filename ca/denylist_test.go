@@ -136,17 +136,17 @@ func TestDenies(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			for name, l := range map[string]*DenyList{"indexed": indexed, "built by hand": hand} {
-				if got := l.Denies(tc.id, tc.serial); got != tc.want {
+				if got := l.Denies(tc.id, tc.serial, time.Time{}); got != tc.want {
 					t.Errorf("%s: Denies(%v, %q) = %v, want %v", name, tc.id, tc.serial, got, tc.want)
 				}
 			}
 		})
 	}
 	var none *DenyList
-	if none.Denies(idHostA, "9") {
+	if none.Denies(idHostA, "9", time.Time{}) {
 		t.Error("a nil list denies")
 	}
-	if n := testing.AllocsPerRun(100, func() { indexed.Denies(idHostB, "77") }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { indexed.Denies(idHostB, "77", time.Time{}) }); n != 0 {
 		t.Errorf("Denies allocates %v times", n)
 	}
 }
@@ -163,7 +163,7 @@ func TestVerifyDenyList(t *testing.T) {
 	if err != nil {
 		t.Fatalf("VerifyDenyList(good): %v", err)
 	}
-	if ok, err := NextDenyList(nil, l); !ok || err != nil || !sameDenyList(l, sampleList()) || !l.Denies(idHostA, "") {
+	if ok, err := NextDenyList(nil, l, time.Now()); !ok || err != nil || !sameDenyList(l, sampleList()) || !l.Denies(idHostA, "", time.Time{}) {
 		t.Fatalf("verified list %+v differs from the signed one", l)
 	}
 	// The root itself may sign (a CA certificate of the domain).
@@ -324,7 +324,7 @@ func TestNextDenyList(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			replace, err := NextDenyList(tc.held, tc.got)
+			replace, err := NextDenyList(tc.held, tc.got, time.Now())
 			if replace != tc.replace || !errors.Is(err, tc.want) || (tc.want == nil && err != nil) {
 				t.Errorf("NextDenyList = %v, %v; want %v, %v", replace, err, tc.replace, tc.want)
 			}
@@ -338,12 +338,13 @@ func TestNextDenyListBuild(t *testing.T) {
 	cur.index()
 	at := listT0.Add(10 * time.Minute)
 	next, changed := nextDenyList(cur, at,
-		[]DeniedID{{SPIFFEID: idHostA, Reason: "again", RevokedAt: at}, {SPIFFEID: idHostB, Reason: "gone", RevokedAt: at}},
+		// The same revocation of idHostA again is no new entry.
+		[]DeniedID{{SPIFFEID: idHostA, Reason: "again", RevokedAt: listT0.Add(2 * time.Minute)}, {SPIFFEID: idHostB, Reason: "gone", RevokedAt: at}},
 		[]DeniedSerial{{Serial: "100", SPIFFEID: idHostB, RevokedAt: at}, {Serial: "77", Reason: "again", RevokedAt: at}, {Serial: "8", RevokedAt: at}})
 	if !changed || next.Version != 4 || !next.IssuedAt.Equal(at) {
 		t.Fatalf("next = version %d at %v (changed %v), want version 4 at %v", next.Version, next.IssuedAt, changed, at)
 	}
-	if ok, err := NextDenyList(cur, next); !ok || err != nil {
+	if ok, err := NextDenyList(cur, next, time.Now()); !ok || err != nil {
 		t.Fatalf("the next version is not accepted after the current one: %v", err)
 	}
 	var gotSerials []string
@@ -356,13 +357,13 @@ func TestNextDenyListBuild(t *testing.T) {
 	if want := []string{"8", "9", "77", "100"}; !equalStrings(gotSerials, want) {
 		t.Errorf("serials = %v, want %v (numeric order)", gotSerials, want)
 	}
-	if !next.Denies(idHostB, "") || !next.Denies(spiffeid.ID{}, "8") {
+	if !next.Denies(idHostB, "", time.Time{}) || !next.Denies(spiffeid.ID{}, "8", time.Time{}) {
 		t.Error("the next list is not indexed")
 	}
 	if cur.Version != 3 || len(cur.Serials) != 2 {
 		t.Error("nextDenyList modified the current list")
 	}
-	if same, changed := nextDenyList(cur, at, []DeniedID{{SPIFFEID: idHostA}}, []DeniedSerial{{Serial: "9"}}); changed || same != cur {
+	if same, changed := nextDenyList(cur, at, []DeniedID{{SPIFFEID: idHostA, RevokedAt: listT0.Add(2 * time.Minute)}}, []DeniedSerial{{Serial: "9"}}); changed || same != cur {
 		t.Error("nothing new still made a new version")
 	}
 	// Signed and verified, the built list round-trips.
@@ -426,11 +427,11 @@ func checkReencodes(t *testing.T, ca *listCA, l *DenyList) {
 	if !sameDenyList(l, again) {
 		t.Fatalf("re-encoding changed the list: %+v -> %+v", l, again)
 	}
-	if same, err := NextDenyList(l, again); same || err != nil {
-		t.Fatalf("NextDenyList(list, re-encoded) = %v, %v; want false, nil", same, err)
+	if same, err := NextDenyList(l, again, time.Now()); same || err != nil {
+		t.Fatalf("NextDenyList(list, re-encoded, time.Now()) = %v, %v; want false, nil", same, err)
 	}
 	for _, e := range l.IDs {
-		if !again.Denies(e.SPIFFEID, "") {
+		if !again.Denies(e.SPIFFEID, "", time.Time{}) {
 			t.Fatalf("%s not denied after re-encoding", e.SPIFFEID)
 		}
 	}

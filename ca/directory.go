@@ -70,6 +70,9 @@ type registration struct {
 	// Serial is the serial of the certificate the proxy registered with, so that
 	// revoking that certificate removes the entry. Not material: peers do not see it.
 	Serial string
+	// NotBefore is that certificate's, so that revoking the identity removes the
+	// entry only when the certificate was issued before the revocation.
+	NotBefore time.Time
 }
 
 // material reports whether r and o differ in what peers route by (not the bundle
@@ -176,7 +179,7 @@ func (s *dirState) expire(now time.Time) []dirEntry {
 // it, never left behind.
 func (s *dirState) register(reg registration, now time.Time) (registerResult, []dirEntry, error) {
 	removed := s.expire(now)
-	if s.deny.Denies(reg.ID, reg.Serial) {
+	if s.deny.Denies(reg.ID, reg.Serial, reg.NotBefore) {
 		return regHeartbeat, removed, fmt.Errorf("%w: %s", ErrRevoked, reg.ID)
 	}
 	for _, a := range reg.Addresses {
@@ -216,7 +219,7 @@ func (s *dirState) setRevocations(signed *SignedDenyList, deny *DenyList) []dirE
 	s.version++
 	var removed []dirEntry
 	for id, e := range s.entries {
-		if !deny.Denies(e.ID, e.Serial) {
+		if !deny.Denies(e.ID, e.Serial, e.NotBefore) {
 			continue
 		}
 		removed = append(removed, *e)

@@ -50,11 +50,20 @@
 // nothing else: a proxy that rotated away from a compromised key revokes the old
 // certificate with its new one. It is recorded in the database first, and from then on the CA refuses
 // bootstrap tokens, issuance, renewal and registration for it. Then the next version of
-// the deny-list (DenyList: cumulative, versioned, signed by the intermediate's key in
-// the HSM, see VerifyDenyList and NextDenyList) is written to StateDir/denylist.json
-// and published in the directory document and at GET /mesh/v1/revocations, waking
-// every long-poll; last, step-ca revokes each serial, which puts it in the CRL. Every
-// request is audited (Config.Audit). See docs/directory.md.
+// the deny-list (DenyList: versioned, signed by the intermediate's key in the HSM, see
+// VerifyDenyList and NextDenyList) is written to StateDir/denylist.json and published
+// in the directory document and at GET /mesh/v1/revocations, waking every long-poll;
+// last, step-ca revokes each serial, which puts it in the CRL. Every request is audited
+// (Config.Audit). step-ca's own /revoke (step ca revoke --cert --key) goes the same way.
+//
+// An identity's revocation covers its certificates issued before it: the list entry
+// carries a NotBefore cutoff, made exact by the CA refusing any certificate whose
+// NotBefore is later than its issue time minus the backdate, or before the cutoff of a
+// revoked identity. Server.Reinstate (POST /reinstate, RequestReinstate; POST
+// /mesh/v1/reinstate for /admin/ SVIDs, ReinstateRemote) lets the identity enrol again;
+// its older certificates stay refused. Entries whose certificates have all expired are
+// dropped from the list, which says so (DenyList.ExpiredThrough), so the list stays
+// bounded by the live certificates. See docs/directory.md.
 //
 // # Registration entries
 //
@@ -117,8 +126,8 @@
 //	softhsm2.lock                prepared by hsm.SoftHSM
 //	hsm.pin                      its random user PIN (0600); the SO PIN is discarded
 //	admin.sock                   admin API: POST /token, GET /directory, POST /revoke,
-//	                             POST /rotate, POST, DELETE and GET /entries and
-//	                             /hosts (0600;
+//	                             POST /reinstate, POST /rotate, POST, DELETE and GET
+//	                             /entries and /hosts (0600;
 //	                             root or the CA's uid, via SO_PEERCRED)
 //	lock                         flock held while a Server owns the directory
 //

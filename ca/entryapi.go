@@ -124,6 +124,8 @@ func refusedAdminRecord(r *http.Request, initiator, msg string) audit.Event {
 			Reason: audit.ReasonNotAllowed, Error: msg}
 	case r.URL.Path == adminRevokePath:
 		return refusedRevocation(initiator, nil, msg)
+	case r.URL.Path == adminReinstatePath:
+		return refusedReinstatement(initiator, nil, msg)
 	case r.URL.Path == adminEntriesPath && r.Method == http.MethodPost:
 		return audit.Registration{Initiator: initiator, Action: actionRegister, Result: "refused", Error: msg}
 	case r.URL.Path == adminEntriesPath && r.Method == http.MethodDelete:
@@ -153,7 +155,7 @@ func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 		refuse(http.StatusForbidden, "only "+hostPathPrefix+"* identities may request agent tokens")
 		return
 	}
-	if serial := callerSerial(r); s.db.rev.revoked(caller, serial) {
+	if serial := callerSerial(r); s.db.rev.revoked(caller, serial, callerNotBefore(r)) {
 		refuse(http.StatusForbidden, fmt.Errorf("%w: %s serial %s", ErrRevoked, caller, serial).Error())
 		return
 	}

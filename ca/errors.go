@@ -89,7 +89,9 @@ var ErrInvalidRequest = errors.New("ca: invalid request")
 var ErrUnknownSerial = errors.New("ca: no certificate with this serial was issued here")
 
 // ErrRevoked is returned when an identity or a certificate serial is revoked: the CA
-// refuses bootstrap tokens, directory registration and issuance for it, for good.
+// refuses bootstrap tokens, directory registration and issuance for a revoked identity
+// until it is reinstated, and renewal and registration of its certificates issued
+// before the revocation for good.
 var ErrRevoked = errors.New("ca: revoked")
 
 // ErrDenyListSignature is wrapped by VerifyDenyList's error for a deny-list that is not
@@ -114,6 +116,11 @@ var ErrDenyListConflict = errors.New("ca: deny list conflicts with the one held"
 // entry of the one held. Lists are cumulative, so versions in between were lost or
 // tampered with.
 var ErrDenyListGap = errors.New("ca: deny list drops entries of the one held")
+
+// ErrDenyListPremature is wrapped by NextDenyList's error for a newer deny-list that
+// drops an entry as expired while its expiry is still ahead of the receiver's clock:
+// the clocks disagree, and the list is accepted once the receiver's clock is past it.
+var ErrDenyListPremature = errors.New("ca: deny list drops entries not yet expired")
 
 // ErrFeedStale is wrapped by Directory.CheckFresh's error when the deny-list has not
 // been confirmed with the CA for longer than allowed.

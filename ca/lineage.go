@@ -198,7 +198,7 @@ func (l *lineageStore) checkRenewal(cert *x509.Certificate) (renewRefusal, strin
 }
 
 func (l *lineageStore) checkRenewalLocked(id spiffeid.ID, serial string) (renewRefusal, string, error) {
-	if l.rev.revoked(spiffeid.ID{}, serial) {
+	if l.rev.revoked(spiffeid.ID{}, serial, time.Time{}) {
 		return refusedRevokedSerial, "", nil
 	}
 	lin, err := l.read(id)

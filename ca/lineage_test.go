@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -129,7 +130,7 @@ func TestLineageFork(t *testing.T) {
 		t.Errorf("revoked %v, want S1 and S2 %v", got, want)
 	}
 	l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(neighbour)))
-	if !l.Denies(id, serialOf(s1)) || !l.Denies(id, serialOf(s2)) || l.Denies(id, serialOf(s3)) {
+	if !l.Denies(id, serialOf(s1), time.Time{}) || !l.Denies(id, serialOf(s2), time.Time{}) || l.Denies(id, serialOf(s3), time.Time{}) {
 		t.Errorf("deny list %+v: want S1 and S2, not S3", l)
 	}
 	if r := rec.last(t); r.Result != "ok" || r.Initiator != id.String() || !slices.Equal(slices.Sorted(slices.Values(r.Serials)), want) {
@@ -204,7 +205,7 @@ func TestLineageMovedAgent(t *testing.T) {
 		t.Fatalf("register on host b: %v", err)
 	}
 	l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onA)))
-	if !l.Denies(agentX, serialOf(onA)) || l.deniesID(agentX) {
+	if !l.Denies(agentX, serialOf(onA), time.Time{}) || l.Denies(agentX, "", time.Time{}) {
 		t.Errorf("deny list %+v: want host a's serial %s, not the identity", l, serialOf(onA))
 	}
 	if r := rec.last(t); r.Result != "ok" || r.SPIFFEID != agentX.String() || !slices.Equal(r.Serials, []string{serialOf(onA)}) {
@@ -247,7 +248,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
 		t.Fatal(err)
 	}
-	if l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onB))); l.Denies(agentX, serialOf(onB)) {
+	if l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onB))); l.Denies(agentX, serialOf(onB), time.Time{}) {
 		t.Errorf("re-registration to the same host revoked its certificate %s", serialOf(onB))
 	}
 }

@@ -77,6 +77,7 @@ func (s *Server) meshRoutes(r chi.Router) {
 	r.Post(meshRegisterPath, s.handleRegister)
 	r.Get(meshDirectoryPath, s.handleWatch)
 	r.Post(meshRevokePath, s.handleMeshRevoke)
+	r.Post(meshReinstatePath, s.handleMeshReinstate)
 	r.Get(meshRevocationsPath, s.handleRevocations)
 	r.Post(meshAgentTokenPath, s.handleAgentToken)
 }
@@ -113,6 +114,11 @@ func callerSerial(r *http.Request) string {
 	return r.TLS.PeerCertificates[0].SerialNumber.String()
 }
 
+// callerNotBefore is the NotBefore of the client certificate requireSVID verified.
+func callerNotBefore(r *http.Request) time.Time {
+	return r.TLS.PeerCertificates[0].NotBefore
+}
+
 // refuse answers a mesh API request with an error (step-ca's error format, like the
 // rest of the HTTPS API) and logs it at Info.
 func (s *Server) refuse(w http.ResponseWriter, r *http.Request, status int, id spiffeid.ID, msg string) {
@@ -140,8 +146,8 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, http.StatusBadRequest, id, err.Error())
 		return
 	}
-	reg.Serial = callerSerial(r)
-	if s.db.rev.revoked(id, reg.Serial) {
+	reg.Serial, reg.NotBefore = callerSerial(r), callerNotBefore(r)
+	if s.db.rev.revoked(id, reg.Serial, reg.NotBefore) {
 		s.refuse(w, r, http.StatusForbidden, id, fmt.Errorf("%w: %s serial %s", ErrRevoked, id, reg.Serial).Error())
 		return
 	}

@@ -33,6 +33,7 @@ const (
 	keyPeers         = "peers"
 	keyHeld          = "held_version"
 	keyInitiator     = "initiator"
+	keyCutoff        = "cutoff"
 	keyReason        = "reason"
 	keyListVersion   = "list_version"
 	keySerials       = "serials"

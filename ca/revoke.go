@@ -24,9 +24,10 @@ import (
 	"github.com/agentmesh/agentmesh/internal/atomicfile"
 )
 
-// RevokeRequest asks the CA to revoke an identity (every certificate of it, and any
-// future one) or one certificate by serial. Exactly one of SPIFFEID and Serial is set.
-// With Except, SPIFFEID's lineage is revoked instead of the identity.
+// RevokeRequest asks the CA to revoke an identity (every certificate of it issued
+// before the revocation, and no new one until it is reinstated) or one certificate by
+// serial. Exactly one of SPIFFEID and Serial is set. With Except, SPIFFEID's lineage is
+// revoked instead of the identity.
 type RevokeRequest struct {
 	// SPIFFEID is the identity to revoke: a workload ID of the CA's trust domain.
 	SPIFFEID string `json:"spiffe_id,omitempty"`
@@ -117,8 +118,14 @@ func parseRevokeRequest(td spiffeid.TrustDomain, req RevokeRequest) (revokeTarge
 // ErrUnknownSerial (a serial this CA never issued) or ErrServerClosed. Concurrent calls
 // are serialised. Every call is audited (Config.Audit) and logged.
 func (s *Server) Revoke(ctx context.Context, initiator string, req RevokeRequest) (*RevokeResult, error) {
+	return s.revokeVia(ctx, initiator, "", req)
+}
+
+// revokeVia is Revoke for a request that came through via (audit.Revocation.Via).
+func (s *Server) revokeVia(ctx context.Context, initiator, via string, req RevokeRequest) (*RevokeResult, error) {
 	res, err := s.revoke(ctx, req)
-	rec := audit.Revocation{Initiator: initiator, SPIFFEID: req.SPIFFEID, Serial: req.Serial, Reason: req.Reason, Result: "ok"}
+	rec := audit.Revocation{Initiator: initiator, SPIFFEID: req.SPIFFEID, Serial: req.Serial, Reason: req.Reason,
+		Result: "ok", Via: via}
 	if res != nil {
 		rec.Serials, rec.ListVersion = res.Serials, res.ListVersion
 	}
@@ -179,11 +186,18 @@ func (s *Server) revoke(ctx context.Context, req RevokeRequest) (*RevokeResult, 
 		return nil, ErrServerClosed
 	}
 
-	now := time.Now()
+	now := time.Now().UTC().Round(0)
 	if t.except != "" {
 		return s.revokeLineage(ctx, auth, t, now)
 	}
-	m := revocationMark{SPIFFEID: t.id, Serial: t.serial, Reason: t.reason, RevokedAt: now.UTC().Round(0)}
+	// The cutoff: a certificate issued at time T has NotBefore T minus the backdate
+	// (or earlier), and storeIssued refuses, from the mark on, any certificate of the
+	// identity with a NotBefore before the cutoff, so the cutoff denies exactly the
+	// certificates issued before the revocation.
+	m := revocationMark{SPIFFEID: t.id, Serial: t.serial, Reason: t.reason, RevokedAt: now}
+	if t.serial == "" {
+		m.Cutoff = now.Add(-s.db.rev.backdate)
+	}
 	if t.serial != "" {
 		cert, err := s.db.GetCertificate(t.serial)
 		if database.IsErrNotFound(err) {
@@ -228,33 +242,42 @@ func targetSerials(l *DenyList, t revokeTarget) []DeniedSerial {
 	return out
 }
 
-// publishMarks makes sure every recorded revocation is on the deny-list: when some
-// are not, it signs the next version with them, persists and publishes it. It returns
-// the state in force. The caller holds revokeMu (or is New).
+// publishMarks makes sure every recorded revocation whose certificates have not all
+// expired is on the deny-list, and that no entry whose certificates have all expired
+// is: when either is not so, it signs the next version, persists and publishes it. It
+// returns the state in force. The caller holds revokeMu (or is New).
 func (s *Server) publishMarks(now time.Time) (*denyState, error) {
 	cur := s.deny.Load()
 	var ids []DeniedID
 	var serials []DeniedSerial
 	marks := s.db.rev.all()
 	for _, m := range marks.ids {
-		if cur.list.deniesID(m.SPIFFEID) {
+		if slices.ContainsFunc(cur.list.IDs, func(e DeniedID) bool {
+			return e.SPIFFEID == m.SPIFFEID && e.RevokedAt.Equal(m.RevokedAt)
+		}) {
 			continue
 		}
-		ids = append(ids, DeniedID{SPIFFEID: m.SPIFFEID, Reason: m.Reason, RevokedAt: m.RevokedAt})
-	}
-	// Every live certificate of a newly denied identity is listed too, so that a
-	// peer holding only a serial (a proxy's own credential, a CRL reader) sees it.
-	for _, e := range ids {
-		live, err := s.db.rev.liveSerials(e.SPIFFEID, now)
+		// Every live certificate the revocation covers is listed too, so that a peer
+		// holding only a serial (a proxy's own credential, a CRL reader) sees it.
+		live, err := s.db.rev.liveSerials(m.SPIFFEID, m.Cutoff, now)
 		if err != nil {
 			return nil, err
 		}
+		e := DeniedID{SPIFFEID: m.SPIFFEID, Reason: m.Reason, RevokedAt: m.RevokedAt, NotBefore: m.Cutoff,
+			NotAfter: s.coveredUntil(m, live)}
+		if !e.NotAfter.After(now) {
+			continue // listed and dropped since, or covering nothing live
+		}
+		ids = append(ids, e)
 		for _, is := range live {
 			serials = append(serials, DeniedSerial{Serial: is.Serial, SPIFFEID: e.SPIFFEID, Reason: e.Reason,
 				RevokedAt: e.RevokedAt, NotAfter: is.NotAfter.UTC()})
 		}
 	}
 	for _, m := range marks.serials {
+		if !m.NotAfter.IsZero() && !m.NotAfter.After(now) {
+			continue // expired: listed and dropped since, or never worth listing
+		}
 		serials = append(serials, DeniedSerial{Serial: m.Serial, SPIFFEID: m.SPIFFEID, Reason: m.Reason,
 			RevokedAt: m.RevokedAt, NotAfter: m.NotAfter})
 	}
@@ -273,24 +296,62 @@ func (s *Server) publishMarks(now time.Time) (*denyState, error) {
 	}
 	s.deny.Store(st)
 	s.dir.setRevocations(st.signed, st.list)
+	select { // the pruning loop learns the new list's expiries
+	case s.pruneWake <- struct{}{}:
+	default:
+	}
 	s.log.Info("deny list published", keyListVersion, next.Version,
 		keyIDs, len(next.IDs), keySerials, len(next.Serials))
 	return st, nil
 }
 
+// coveredUntil is when the last certificate a revocation of an identity covers
+// expires, at the latest: the latest NotAfter of its live indexed certificates, and no
+// earlier than the revocation plus the SVID lifetime, which bounds any certificate
+// issued before it (whether indexed or not). A serial's revocation covers until its
+// NotAfter.
+func (s *Server) coveredUntil(m revocationMark, live []issuedSerial) time.Time {
+	until := m.RevokedAt.Add(s.cfg.SVIDLifetime)
+	for _, is := range live {
+		if is.NotAfter.After(until) {
+			until = is.NotAfter
+		}
+	}
+	return until.UTC()
+}
+
 // nextDenyList returns the version after cur with the entries of ids and serials
-// that cur lacks, stamped with the new version, and whether there were any. Pure.
+// that cur lacks, stamped with the new version, and without the entries of cur whose
+// certificates have all expired at now (ExpiredThrough then says so), and whether
+// anything changed. Pure.
 func nextDenyList(cur *DenyList, now time.Time, ids []DeniedID, serials []DeniedSerial) (*DenyList, bool) {
 	next := &DenyList{
-		TrustDomain: cur.TrustDomain,
-		Version:     cur.Version + 1,
-		IssuedAt:    now.UTC().Round(0),
-		IDs:         slices.Clone(cur.IDs),
-		Serials:     slices.Clone(cur.Serials),
+		TrustDomain:    cur.TrustDomain,
+		Version:        cur.Version + 1,
+		IssuedAt:       now.UTC().Round(0),
+		IDs:            slices.Clone(cur.IDs),
+		Serials:        slices.Clone(cur.Serials),
+		ExpiredThrough: cur.ExpiredThrough,
 	}
 	changed := false
+	// Drop what has expired. ExpiredThrough moves to the latest expiry dropped rather
+	// than to now, so that a proxy whose clock is a little behind the CA's accepts
+	// the list as soon as its clock passes the expiries themselves.
+	expired := func(notAfter time.Time) bool {
+		if notAfter.IsZero() || notAfter.After(next.IssuedAt) {
+			return false
+		}
+		if notAfter.After(next.ExpiredThrough) {
+			next.ExpiredThrough = notAfter.UTC()
+		}
+		changed = true
+		return true
+	}
+	next.IDs = slices.DeleteFunc(next.IDs, func(e DeniedID) bool { return expired(e.NotAfter) })
+	next.Serials = slices.DeleteFunc(next.Serials, func(e DeniedSerial) bool { return expired(e.NotAfter) })
 	for _, e := range ids {
-		if cur.deniesID(e.SPIFFEID) || slices.ContainsFunc(next.IDs, func(o DeniedID) bool { return o.SPIFFEID == e.SPIFFEID }) {
+		if slices.ContainsFunc(next.IDs, func(o DeniedID) bool { return o.SPIFFEID == e.SPIFFEID && o.RevokedAt.Equal(e.RevokedAt) }) ||
+			(!e.NotAfter.IsZero() && !e.NotAfter.After(next.ExpiredThrough)) {
 			continue
 		}
 		e.Version = next.Version
@@ -298,7 +359,8 @@ func nextDenyList(cur *DenyList, now time.Time, ids []DeniedID, serials []Denied
 		changed = true
 	}
 	for _, e := range serials {
-		if cur.deniesSerial(e.Serial) || slices.ContainsFunc(next.Serials, func(o DeniedSerial) bool { return o.Serial == e.Serial }) {
+		if cur.deniesSerial(e.Serial) || slices.ContainsFunc(next.Serials, func(o DeniedSerial) bool { return o.Serial == e.Serial }) ||
+			(!e.NotAfter.IsZero() && !e.NotAfter.After(next.ExpiredThrough)) {
 			continue
 		}
 		e.Version = next.Version
@@ -308,7 +370,7 @@ func nextDenyList(cur *DenyList, now time.Time, ids []DeniedID, serials []Denied
 	if !changed {
 		return cur, false
 	}
-	slices.SortFunc(next.IDs, func(a, b DeniedID) int { return compareIDs(a.SPIFFEID, b.SPIFFEID) })
+	slices.SortFunc(next.IDs, compareIDEntries)
 	slices.SortFunc(next.Serials, func(a, b DeniedSerial) int { return compareSerials(a.Serial, b.Serial) })
 	if next.IDs == nil {
 		next.IDs = []DeniedID{}

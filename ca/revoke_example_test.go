@@ -39,10 +39,10 @@ func ExampleNextDenyList() {
 		name      string
 		held, got *ca.DenyList
 	}{{"v1 -> v2", v1, v2}, {"v2 -> v2", v2, v2}, {"v2 -> v1", v2, v1}, {"v2 -> v3", v2, v3}} {
-		replace, err := ca.NextDenyList(step.held, step.got)
+		replace, err := ca.NextDenyList(step.held, step.got, time.Now())
 		fmt.Println(step.name, replace, errors.Is(err, ca.ErrDenyListStale), errors.Is(err, ca.ErrDenyListGap))
 	}
-	fmt.Println("denied:", v2.Denies(web3.SPIFFEID, "1234"))
+	fmt.Println("denied:", v2.Denies(web3.SPIFFEID, "1234", time.Time{}))
 	// Output:
 	// v1 -> v2 true false false
 	// v2 -> v2 false false false

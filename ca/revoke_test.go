@@ -196,11 +196,11 @@ func TestRevokeIdentity(t *testing.T) {
 		if err != nil {
 			t.Fatalf("pushed list: %v", err)
 		}
-		if l.Version != 2 || !l.Denies(id, "1") || !l.Denies(spiffeid.ID{}, serialOf(first)) || l.Denies(other.ID, serialOf(other)) {
+		if l.Version != 2 || !l.Denies(id, "1", time.Time{}) || !l.Denies(spiffeid.ID{}, serialOf(first), time.Time{}) || l.Denies(other.ID, serialOf(other), time.Time{}) {
 			t.Errorf("pushed list %+v", l)
 		}
-		if ok, err := NextDenyList(v1, l); !ok || err != nil {
-			t.Errorf("NextDenyList(v1, v2) = %v, %v", ok, err)
+		if ok, err := NextDenyList(v1, l, time.Now()); !ok || err != nil {
+			t.Errorf("NextDenyList(v1, v2, time.Now()) = %v, %v", ok, err)
 		}
 		if ids := peerIDs(a.doc); !slices.Equal(ids, []string{other.ID.String()}) {
 			t.Errorf("peers after the revocation: %v", ids)
@@ -322,7 +322,7 @@ func TestRevokeSerial(t *testing.T) {
 		t.Fatalf("Revoke = %+v, %v", res, err)
 	}
 	l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(kept)))
-	if len(l.IDs) != 0 || len(l.Serials) != 1 || !l.Denies(spiffeid.ID{}, serialOf(lost)) || l.Denies(id, serialOf(kept)) {
+	if len(l.IDs) != 0 || len(l.Serials) != 1 || !l.Denies(spiffeid.ID{}, serialOf(lost), time.Time{}) || l.Denies(id, serialOf(kept), time.Time{}) {
 		t.Fatalf("list %+v", l)
 	}
 	if e := l.Serials[0]; e.SPIFFEID != id || !e.NotAfter.Equal(lost.Certificates[0].NotAfter) || e.Reason != "laptop lost" {
@@ -478,7 +478,7 @@ func TestRevocationsSurviveRestart(t *testing.T) {
 		beforeRun = s.deny.Load().list
 	})
 	l, signed := servedDenyList(t, second, httpsClient(t, second, tlsCert(later)))
-	if l.Version != 3 || !sameDenyList(l, beforeRun) || !l.Denies(id, "") || !l.Denies(spiffeid.ID{}, serialOf(later)) {
+	if l.Version != 3 || !sameDenyList(l, beforeRun) || !l.Denies(id, "", time.Time{}) || !l.Denies(spiffeid.ID{}, serialOf(later), time.Time{}) {
 		t.Fatalf("served after restart: %+v", l)
 	}
 	var v2 SignedDenyList
@@ -489,8 +489,8 @@ func TestRevocationsSurviveRestart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ok, err := NextDenyList(old, l); !ok || err != nil {
-		t.Errorf("NextDenyList(v2 before restart, v3 after) = %v, %v", ok, err)
+	if ok, err := NextDenyList(old, l, time.Now()); !ok || err != nil {
+		t.Errorf("NextDenyList(v2 before restart, v3 after, time.Now()) = %v, %v", ok, err)
 	}
 	onDisk, err := os.ReadFile(path)
 	if err != nil {

@@ -107,7 +107,7 @@ func (s *Server) serialOwner(serial string) (spiffeid.ID, error) {
 func (s *Server) handleMeshRevoke(w http.ResponseWriter, r *http.Request) {
 	id := callerID(r)
 	initiator := id.String()
-	if s.db.rev.revoked(id, callerSerial(r)) {
+	if s.db.rev.revoked(id, callerSerial(r), callerNotBefore(r)) {
 		msg := fmt.Errorf("%w: %s serial %s", ErrRevoked, id, callerSerial(r)).Error()
 		s.audit(refusedRevocation(initiator, nil, msg))
 		s.refuse(w, r, http.StatusForbidden, id, msg)
@@ -189,36 +189,46 @@ func RequestRevoke(ctx context.Context, stateDir string, req RevokeRequest) (*Re
 // for a request the certificate may not make (or a revoked certificate), 404 for a
 // serial unknown to the CA (operators only: others get 403).
 func RevokeRemote(ctx context.Context, cfg ClientConfig, cert tls.Certificate, req RevokeRequest) (*RevokeResult, error) {
+	answer, err := meshPost(ctx, cfg, cert, "revoke", meshRevokePath, req)
+	if err != nil {
+		return nil, err
+	}
+	return decodeRevokeResult(answer)
+}
+
+// meshPost sends req as JSON to the mesh API's path at cfg.URL over mTLS with cert
+// and returns the answer of a 200; any other status is a *ResponseError with op.
+func meshPost(ctx context.Context, cfg ClientConfig, cert tls.Certificate, op, path string, req any) ([]byte, error) {
 	c, err := NewClient(cfg)
 	if err != nil {
 		return nil, err
 	}
 	body, err := json.Marshal(req)
 	if err != nil {
-		return nil, fmt.Errorf("ca: revoke: %w", err)
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	tr := c.transport(&cert, false)
 	defer tr.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+meshPrefix+meshRevokePath, bytes.NewReader(body))
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+meshPrefix+path, bytes.NewReader(body))
 	if err != nil {
-		return nil, fmt.Errorf("ca: revoke: %w", err)
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	hr.Header.Set("Content-Type", "application/json")
 	resp, err := (&http.Client{Transport: tr}).Do(hr)
 	if err != nil {
-		return nil, fmt.Errorf("ca: revoke: %w", err)
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	defer func() { _ = resp.Body.Close() }()
 	answer, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse))
 	if err != nil {
-		return nil, fmt.Errorf("ca: revoke: read answer: %w", err)
+		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return nil, &ResponseError{Op: "revoke", Status: resp.StatusCode, Message: stepErrorMessage(answer)}
+		return nil, &ResponseError{Op: op, Status: resp.StatusCode, Message: stepErrorMessage(answer)}
 	}
-	return decodeRevokeResult(answer)
+	return answer, nil
 }
 
 func decodeRevokeResult(b []byte) (*RevokeResult, error) {

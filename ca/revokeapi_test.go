@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -75,7 +76,7 @@ func TestMeshSelfRevocation(t *testing.T) {
 		t.Errorf("audit record %+v, want ok by %s for serial %s", r, id, serialOf(old))
 	}
 	l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(neighbour)))
-	if !l.Denies(id, serialOf(old)) || l.Denies(id, serialOf(current)) || len(l.IDs) != 0 {
+	if !l.Denies(id, serialOf(old), time.Time{}) || l.Denies(id, serialOf(current), time.Time{}) || len(l.IDs) != 0 {
 		t.Errorf("deny list %+v: want the old serial only, not the identity", l)
 	}
 	// Not an identity revocation: the current SVID renews and tokens are issued.

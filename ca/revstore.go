@@ -30,12 +30,32 @@ var (
 // revocationMark is a revocation as the CA records it in its database, before
 // anything else happens: from then on it refuses tokens, issuance and registration
 // for the target, whatever fails later. The deny-list is built from the marks.
+//
+// An identity's mark keeps its cutoff for good: a reinstated identity may enrol
+// again, but no certificate of it issued before the cutoff is renewed or registered,
+// and none is issued with an earlier NotBefore (see storeIssued).
 type revocationMark struct {
 	SPIFFEID  spiffeid.ID `json:"spiffe_id,omitzero"`
 	Serial    string      `json:"serial,omitempty"`
 	Reason    string      `json:"reason"`
 	RevokedAt time.Time   `json:"revoked_at"`
 	NotAfter  time.Time   `json:"not_after,omitzero"`
+	// Cutoff is the NotBefore cutoff of an identity's revocation (see
+	// DeniedID.NotBefore); zero on marks recorded before cutoffs existed, which
+	// cover every certificate.
+	Cutoff time.Time `json:"cutoff,omitzero"`
+	// ReinstatedAt is when an operator reinstated the identity (zero: it is not).
+	ReinstatedAt    time.Time `json:"reinstated_at,omitzero"`
+	ReinstateReason string    `json:"reinstate_reason,omitempty"`
+}
+
+// reinstated reports whether m's identity may enrol again.
+func (m revocationMark) reinstated() bool { return !m.ReinstatedAt.IsZero() }
+
+// covers reports whether m refuses a certificate of its identity with this NotBefore:
+// every one until reinstated, afterwards those issued before the cutoff.
+func (m revocationMark) covers(notBefore time.Time) bool {
+	return !m.reinstated() || coveredBy(notBefore, m.Cutoff)
 }
 
 func (m revocationMark) key() []byte {
@@ -45,10 +65,13 @@ func (m revocationMark) key() []byte {
 	return []byte("id " + m.SPIFFEID.String())
 }
 
-// issuedSerial is one certificate in the serial index.
+// issuedSerial is one certificate in the serial index. NotBefore is zero in entries
+// written before it was recorded: such a certificate counts as issued before any
+// cutoff.
 type issuedSerial struct {
-	Serial   string    `json:"serial"`
-	NotAfter time.Time `json:"not_after"`
+	Serial    string    `json:"serial"`
+	NotBefore time.Time `json:"not_before,omitzero"`
+	NotAfter  time.Time `json:"not_after"`
 }
 
 // revokedSet is an immutable snapshot of the marks.
@@ -66,6 +89,10 @@ type revocationStore struct {
 	db    *db.DB
 	mu    sync.Mutex
 	marks atomic.Pointer[revokedSet]
+	// backdate is step-ca's: a certificate's NotBefore is at most its issue time
+	// minus backdate (storeIssued refuses any other), which is what makes a cutoff
+	// of revocation time minus backdate exact. Set once by New.
+	backdate time.Duration
 }
 
 // openRevocationStore creates the buckets when missing and loads the marks.
@@ -96,16 +123,19 @@ func openRevocationStore(d *db.DB) (*revocationStore, error) {
 	return s, nil
 }
 
-// idRevoked reports whether id is marked revoked. Lock-free.
+// idRevoked reports whether id is revoked and not reinstated: no token, enrolment or
+// registration entry for it. Lock-free.
 func (s *revocationStore) idRevoked(id spiffeid.ID) bool {
-	_, ok := s.marks.Load().ids[id]
-	return ok
+	m, ok := s.marks.Load().ids[id]
+	return ok && !m.reinstated()
 }
 
-// revoked reports whether id or serial is marked revoked. Lock-free.
-func (s *revocationStore) revoked(id spiffeid.ID, serial string) bool {
+// revoked reports whether the certificate of id with this serial and NotBefore is
+// revoked: its serial is, or its identity is and the certificate was issued before
+// the cutoff (any certificate, until the identity is reinstated). Lock-free.
+func (s *revocationStore) revoked(id spiffeid.ID, serial string, notBefore time.Time) bool {
 	set := s.marks.Load()
-	if _, ok := set.ids[id]; ok {
+	if m, ok := set.ids[id]; ok && m.covers(notBefore) {
 		return true
 	}
 	_, ok := set.serials[serial]
@@ -116,7 +146,8 @@ func (s *revocationStore) revoked(id spiffeid.ID, serial string) bool {
 func (s *revocationStore) all() *revokedSet { return s.marks.Load() }
 
 // mark records m; it reports false (and changes nothing) when the identity or serial
-// is already marked.
+// is already marked, unless the identity was reinstated: revoking it again replaces
+// the mark with m and its later cutoff.
 func (s *revocationStore) mark(m revocationMark) (bool, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -125,15 +156,40 @@ func (s *revocationStore) mark(m revocationMark) (bool, error) {
 		if _, ok := cur.serials[m.Serial]; ok {
 			return false, nil
 		}
-	} else if _, ok := cur.ids[m.SPIFFEID]; ok {
+	} else if old, ok := cur.ids[m.SPIFFEID]; ok && !old.reinstated() {
 		return false, nil
 	}
+	if err := s.put(cur, m); err != nil {
+		return false, err
+	}
+	return true, nil
+}
+
+// reinstate marks id's revocation reinstated at now for reason and returns the mark;
+// ok is false when id is not revoked (or reinstated already: nothing changes).
+func (s *revocationStore) reinstate(id spiffeid.ID, reason string, now time.Time) (revocationMark, bool, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	cur := s.marks.Load()
+	m, ok := cur.ids[id]
+	if !ok || m.reinstated() {
+		return m, false, nil
+	}
+	m.ReinstatedAt, m.ReinstateReason = now.UTC().Round(0), reason
+	if err := s.put(cur, m); err != nil {
+		return m, false, err
+	}
+	return m, true, nil
+}
+
+// put writes m and publishes the marks with it. The caller holds mu.
+func (s *revocationStore) put(cur *revokedSet, m revocationMark) error {
 	b, err := json.Marshal(m)
 	if err != nil {
-		return false, fmt.Errorf("encode revocation: %w", err)
+		return fmt.Errorf("encode revocation: %w", err)
 	}
 	if err := s.db.Set(bucketRevocations, m.key(), b); err != nil {
-		return false, fmt.Errorf("record revocation: %w", err)
+		return fmt.Errorf("record revocation: %w", err)
 	}
 	next := &revokedSet{ids: cur.ids, serials: cur.serials}
 	if m.Serial != "" {
@@ -144,19 +200,22 @@ func (s *revocationStore) mark(m revocationMark) (bool, error) {
 		next.ids[m.SPIFFEID] = m
 	}
 	s.marks.Store(next)
-	return true, nil
+	return nil
 }
 
-// liveSerials returns the serials issued for id that are valid at now, sorted.
-// Called after marking id, it returns every certificate of id that can still be used.
-func (s *revocationStore) liveSerials(id spiffeid.ID, now time.Time) ([]issuedSerial, error) {
+// liveSerials returns the serials issued for id before cutoff (zero: any) that are
+// valid at now, sorted. Called after marking id, it returns every certificate of id
+// the mark covers that can still be used.
+func (s *revocationStore) liveSerials(id spiffeid.ID, cutoff, now time.Time) ([]issuedSerial, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	list, err := s.readSerials(id)
 	if err != nil {
 		return nil, err
 	}
-	return slices.DeleteFunc(list, func(e issuedSerial) bool { return !now.Before(e.NotAfter) }), nil
+	return slices.DeleteFunc(list, func(e issuedSerial) bool {
+		return !now.Before(e.NotAfter) || (!e.NotBefore.IsZero() && !coveredBy(e.NotBefore, cutoff))
+	}), nil
 }
 
 func (s *revocationStore) readSerials(id spiffeid.ID) ([]issuedSerial, error) {
@@ -175,9 +234,13 @@ func (s *revocationStore) readSerials(id spiffeid.ID) ([]issuedSerial, error) {
 }
 
 // storeIssued records a newly issued leaf in the serial index and then has step-ca
-// store it (store). It refuses (ErrRevoked) a leaf for a revoked identity: step-ca
-// then answers with an error instead of the certificate. This closes the race between
-// an issuance already past step-ca's checks and a revocation of its identity.
+// store it (store). It refuses (ErrRevoked) a leaf for a revoked identity, or for a
+// reinstated one with a NotBefore before the cutoff, and (ErrInvalidRequest) a leaf
+// whose NotBefore is later than now minus the backdate (a client may ask step-ca for
+// its NotBefore): step-ca then answers with an error instead of the certificate. Both
+// hold the cutoff exact: every certificate stored before a revocation has a NotBefore
+// before it, none stored after has. This also closes the race between an issuance
+// already past step-ca's checks and a revocation of its identity.
 //
 // The index is written first: a certificate that reaches its holder is always
 // indexed (an indexed serial whose store failed is harmless). Holding mu across the
@@ -190,16 +253,20 @@ func (s *revocationStore) storeIssued(leaf *x509.Certificate, store func() error
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if _, ok := s.marks.Load().ids[id]; ok {
-		return fmt.Errorf("%w: %s", ErrRevoked, id)
+	now := time.Now()
+	if m, ok := s.marks.Load().ids[id]; ok && m.covers(leaf.NotBefore) {
+		return fmt.Errorf("%w: %s (not before %v, cutoff %v)", ErrRevoked, id, leaf.NotBefore, m.Cutoff)
+	}
+	if leaf.NotBefore.After(now.Add(-s.backdate)) {
+		return fmt.Errorf("%w: not before %v is later than the issue time minus the backdate %v",
+			ErrInvalidRequest, leaf.NotBefore, s.backdate)
 	}
 	list, err := s.readSerials(id)
 	if err != nil {
 		return err
 	}
-	now := time.Now()
 	list = slices.DeleteFunc(list, func(e issuedSerial) bool { return !now.Before(e.NotAfter) })
-	list = append(list, issuedSerial{Serial: leaf.SerialNumber.String(), NotAfter: leaf.NotAfter})
+	list = append(list, issuedSerial{Serial: leaf.SerialNumber.String(), NotBefore: leaf.NotBefore, NotAfter: leaf.NotAfter})
 	slices.SortFunc(list, func(a, b issuedSerial) int { return compareSerials(a.Serial, b.Serial) })
 	b, err := json.Marshal(list)
 	if err != nil {

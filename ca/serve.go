@@ -32,7 +32,7 @@ func (s *Server) apiHandler() http.Handler {
 	api.Route(mux)
 	mux.Route("/1.0", func(r chi.Router) { api.Route(r) })
 	mux.Route(meshPrefix, s.meshRoutes)
-	return s.accessLog(s.auditIssuance(s.requireValidClientCert(s.guardLineage(mux))))
+	return s.accessLog(s.auditIssuance(s.requireValidClientCert(s.interceptStepRevoke(s.guardLineage(mux)))))
 }
 
 // apiContext is the base context of API requests: step-ca's handlers find the

@@ -74,6 +74,7 @@ type Server struct {
 	claims                           atomic.Pointer[claimSet]  // the address claims in force
 	claimsMu                         sync.RWMutex              // read: a registration checked and applied; write: claims changed
 	claimMetrics                     *claimMetrics
+	pruneWake                        chan struct{} // coalesced: a deny-list was published
 
 	mu          sync.Mutex
 	state       serverState
@@ -105,7 +106,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger}
+	s := &Server{cfg: cfg, log: cfg.Logger, pruneWake: make(chan struct{}, 1)}
 	defer func() {
 		if err != nil {
 			_ = s.release()
@@ -156,6 +157,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if s.db, err = openDB(cfg.StateDir, &s.entries, s.lineageRefused); err != nil {
 		return nil, err
 	}
+	s.db.rev.backdate = backdate(cfg.SVIDLifetime)
 
 	var lc net.ListenConfig
 	if s.ln, err = lc.Listen(ctx, "tcp", cfg.Listen); err != nil {
@@ -323,6 +325,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	g.Go(func() error { return serveErr("admin api", adminSrv.Serve(s.adminLn)) })
 	g.Go(func() error { s.renewServingCert(gctx, auth); return nil })
 	g.Go(func() error { s.dir.run(gctx); return nil })
+	g.Go(func() error { s.pruneLoop(gctx); return nil })
 	g.Go(func() error {
 		<-gctx.Done()
 		// Long-polls answer now rather than hold the graceful shutdown up.

@@ -234,6 +234,13 @@ func awaitRecord(t *testing.T, p *meshProxy, want map[string]string, timeout tim
 	return awaitRecordSince(t, p.name, p.auditPath(), want, time.Time{}, timeout)
 }
 
+// awaitRecordIn waits until the audit log at path (of the process name) holds a
+// record with all the given fields and returns it.
+func awaitRecordIn(t *testing.T, name, path string, want map[string]string, timeout time.Duration) map[string]any {
+	t.Helper()
+	return awaitRecordSince(t, name, path, want, time.Time{}, timeout)
+}
+
 // awaitRecordSince waits until the audit log at path (of the process name) holds a
 // record written at or after since with all the given fields, and returns it.
 func awaitRecordSince(t *testing.T, name, path string, want map[string]string, since time.Time, timeout time.Duration) map[string]any {

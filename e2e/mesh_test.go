@@ -38,7 +38,13 @@ func startCA(t *testing.T, lifetime time.Duration) *meshCA {
 // startCAOn runs the CA on h, listening on listen (host:port), with extra arguments.
 func startCAOn(t *testing.T, h host, listen string, lifetime time.Duration, extra ...string) *meshCA {
 	t.Helper()
-	state := filepath.Join(t.TempDir(), "ca")
+	return startCAIn(t, h, listen, lifetime, filepath.Join(t.TempDir(), "ca"))
+}
+
+// startCAIn runs the CA on h with the state directory state: a new one, or one a
+// stopped CA left (a restart).
+func startCAIn(t *testing.T, h host, listen string, lifetime time.Duration, state string) *meshCA {
+	t.Helper()
 	ip, _, _ := net.SplitHostPort(listen)
 	args := append([]string{"ca", "--state", state, "--trust-domain", trustDomain,
 		"--listen", listen, "--dns-name", ip, "--svid-lifetime", lifetime.String(), "--log-level", "debug"}, extra...)

@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -234,7 +235,7 @@ func exampleConfig(ca *testca.CA, id spiffeid.ID) proxy.Config {
 // identities.
 type deniedIDs []spiffeid.ID
 
-func (d deniedIDs) Denies(id spiffeid.ID, _ string) bool { return slices.Contains(d, id) }
+func (d deniedIDs) Denies(id spiffeid.ID, _ string, _ time.Time) bool { return slices.Contains(d, id) }
 
 // directoryFunc adapts a function to proxy.Directory.
 type directoryFunc func(netip.Addr) (proxy.Peer, bool)

@@ -33,6 +33,8 @@ type setup struct {
 	resumed    bool
 	peerID     string
 	peerSerial string
+	// peerNotBefore and localNotBefore go with peerSerial and localSerial.
+	peerNotBefore, localNotBefore time.Time
 	// localID is the identity presented, or to be presented: outbound, the
 	// one the agent's connection was attested to. Zero: the host's.
 	localID spiffeid.ID
@@ -65,11 +67,11 @@ func (s *setup) fill(cs tls.ConnectionState, local *localTLS) {
 	}
 	s.resumed = cs.DidResume
 	if cs.DidResume && local != nil {
-		s.localSerial = local.serial
+		s.localSerial, s.localNotBefore = local.serial, local.leaf.NotBefore
 	}
 	if len(cs.PeerCertificates) > 0 {
 		leaf := cs.PeerCertificates[0]
-		s.peerSerial = leaf.SerialNumber.String()
+		s.peerSerial, s.peerNotBefore = leaf.SerialNumber.String(), leaf.NotBefore
 		if id, err := x509svid.IDFromCert(leaf); err == nil {
 			s.peerID = recordedID(id.String())
 		}

@@ -127,7 +127,7 @@ func (p *Proxy) localFor(who identity) (*localTLS, error) {
 			return nil, err
 		}
 	}
-	if p.denies(who.id, l.serial) {
+	if p.denies(who.id, l.serial, l.leaf.NotBefore) {
 		return nil, &refusal{reason: ReasonRevoked,
 			err: fmt.Errorf("%w: our own SVID for %s (serial %s)", ErrRevoked, who.id, l.serial)}
 	}

@@ -117,6 +117,7 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 	}
 	c.local = local
 	c.info.PeerSerial, c.info.LocalSerial = s.peerSerial, s.localSerial
+	c.info.PeerNotBefore, c.info.LocalNotBefore = s.peerNotBefore, s.localNotBefore
 	// Audit before the status byte: nothing reaches the target unrecorded.
 	if err := p.record(ctx, s, "", nil); err != nil {
 		c.abort() // our failure, not the peer's: no status to give

@@ -30,6 +30,9 @@ type muxConn struct {
 	localSerial string
 	peerAddr    string
 
+	// peerNotBefore and localNotBefore go with peerSerial and localSerial.
+	peerNotBefore, localNotBefore time.Time
+
 	bytes atomic.Int64 // payload carried by its streams, both ways
 
 	mu        sync.Mutex
@@ -54,6 +57,9 @@ func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
 		localSerial: s.localSerial,
 		peerAddr:    s.peerAddr,
 		idleSince:   time.Now(),
+
+		peerNotBefore:  s.peerNotBefore,
+		localNotBefore: s.localNotBefore,
 	}
 	m.cond.L = &m.mu
 	return m
@@ -82,7 +88,8 @@ func (m *muxConn) register() string {
 // info describes m as ConnInfo does a connection, for the deny-list.
 func (m *muxConn) info() ConnInfo {
 	return ConnInfo{Direction: m.dir, PeerID: m.peerID, PeerSerial: m.peerSerial, LocalID: m.localID,
-		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Transport: m.transport}
+		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Transport: m.transport,
+		PeerNotBefore: m.peerNotBefore, LocalNotBefore: m.localNotBefore}
 }
 
 // reserve takes a stream slot on an open outbound connection within the

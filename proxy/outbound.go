@@ -120,6 +120,7 @@ func (p *Proxy) tunnelTLS(ctx context.Context, o *outbound, peer Peer, port uint
 
 	// PeerID: VerifyConnection allowed nothing but peer.ID.
 	c.info.PeerSerial, c.info.LocalSerial, c.info.PeerAddr = s.peerSerial, s.localSerial, s.peerAddr
+	c.info.PeerNotBefore, c.info.LocalNotBefore = s.peerNotBefore, s.localNotBefore
 	early := o.reply == nil
 	if early {
 		c.copiers.Go(c.localToTunnel)

@@ -29,6 +29,10 @@ type ConnInfo struct {
 	// are zero for a passthrough connection, which has no peer proxy.
 	PeerID     spiffeid.ID
 	PeerSerial string
+	// PeerNotBefore and LocalNotBefore are the NotBefore of those two
+	// certificates: an identity's revocation denies its certificates
+	// issued before it, which a proxy tells by NotBefore.
+	PeerNotBefore, LocalNotBefore time.Time
 	// LocalID is the identity this proxy presented on the connection: the
 	// host's (Config.ID; every inbound connection), or outbound the local
 	// agent's the connection was attested to. Zero for a passthrough

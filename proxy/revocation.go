@@ -1,26 +1,34 @@
 package proxy
 
-import "github.com/spiffe/go-spiffe/v2/spiffeid"
+import (
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
 
 // DenyList is the revocation deny-list the proxy enforces. Implemented by
 // *ca.DenyList.
 type DenyList interface {
 	// Denies reports whether a certificate for id with this serial
-	// (decimal) is revoked: the identity is, or the serial is. It is called
-	// on every handshake and, under the registry lock, for every live
-	// connection when the list changes, so it must be quick, must not block
-	// and must be safe for concurrent use. A list must not change once
-	// given to SetDenyList: a new version is a new SetDenyList.
-	Denies(id spiffeid.ID, serial string) bool
+	// (decimal) and this NotBefore is revoked: the serial is, or the
+	// identity was revoked after the certificate was issued (the list
+	// compares notBefore with the revocation's cutoff, so a reinstated
+	// identity's new certificates pass). It is called on every handshake
+	// and, under the registry lock, for every live connection when the
+	// list changes, so it must be quick, must not block and must be safe
+	// for concurrent use. A list must not change once given to
+	// SetDenyList: a new version is a new SetDenyList.
+	Denies(id spiffeid.ID, serial string, notBefore time.Time) bool
 }
 
 // denyState is the deny-list in force; list is nil for none.
 type denyState struct{ list DenyList }
 
-// denies reports whether the deny-list in force denies (id, serial).
-func (p *Proxy) denies(id spiffeid.ID, serial string) bool {
+// denies reports whether the deny-list in force denies (id, serial,
+// notBefore).
+func (p *Proxy) denies(id spiffeid.ID, serial string, notBefore time.Time) bool {
 	st := p.deny.Load()
-	return st != nil && st.list != nil && st.list.Denies(id, serial)
+	return st != nil && st.list != nil && st.list.Denies(id, serial, notBefore)
 }
 
 // deniedConn reports whether the deny-list in force denies the peer
@@ -28,8 +36,8 @@ func (p *Proxy) denies(id spiffeid.ID, serial string) bool {
 // established connection. Passthrough connections carry neither and are
 // never denied.
 func (p *Proxy) deniedConn(ci ConnInfo) bool {
-	return (ci.PeerSerial != "" && p.denies(ci.PeerID, ci.PeerSerial)) ||
-		(ci.LocalSerial != "" && p.denies(ci.LocalID, ci.LocalSerial))
+	return (ci.PeerSerial != "" && p.denies(ci.PeerID, ci.PeerSerial, ci.PeerNotBefore)) ||
+		(ci.LocalSerial != "" && p.denies(ci.LocalID, ci.LocalSerial, ci.LocalNotBefore))
 }
 
 // SetDenyList makes d the deny-list in force (nil: none) and returns how many
@@ -37,8 +45,8 @@ func (p *Proxy) deniedConn(ci ConnInfo) bool {
 // outbound, new and resumed sessions) refuses a peer whose (ID, leaf serial)
 // d denies, reason "revoked", and no handshake presents an SVID of ours that
 // d denies; every established connection whose peer credential (PeerID,
-// PeerSerial) or whose local credential (the SVID this proxy presented on
-// it, LocalSerial) d denies is closed at once and audited with reason
+// PeerSerial, PeerNotBefore) or whose local credential (the SVID this proxy
+// presented on it, LocalSerial, LocalNotBefore) d denies is closed at once and audited with reason
 // "revoked"; all session-ticket keys are replaced and the client session
 // caches emptied, so no ticket issued before resumes. Streams of pooled
 // connections (h2, quic) count as connections, and a pooled connection that

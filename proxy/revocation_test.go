@@ -45,6 +45,9 @@ type denySet struct {
 	mu      sync.Mutex
 	ids     map[spiffeid.ID]bool
 	serials map[string]bool
+	// cutoffs deny an identity's certificates with an earlier NotBefore,
+	// as a *ca.DenyList's identity entry does.
+	cutoffs map[spiffeid.ID]time.Time
 }
 
 func deny(ids ...spiffeid.ID) *denySet {
@@ -61,10 +64,20 @@ func denySerial(serial string) *denySet {
 	return d
 }
 
-func (d *denySet) Denies(id spiffeid.ID, serial string) bool {
+func (d *denySet) Denies(id spiffeid.ID, serial string, notBefore time.Time) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	if cutoff, ok := d.cutoffs[id]; ok && notBefore.Before(cutoff) {
+		return true
+	}
 	return d.ids[id] || d.serials[serial]
+}
+
+// denyBefore is a list that denies id's certificates issued before cutoff.
+func denyBefore(id spiffeid.ID, cutoff time.Time) *denySet {
+	d := deny()
+	d.cutoffs = map[spiffeid.ID]time.Time{id: cutoff}
+	return d
 }
 
 func (d *denySet) add(id spiffeid.ID) {
@@ -512,4 +525,38 @@ func TestTicketKeyRotation(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestDenyListCutoff: an identity entry denies the certificates issued
+// before its cutoff (by NotBefore) and only those: the live connection of
+// A's old certificate is closed and its handshakes refused, while A with a
+// certificate issued after the cutoff (a reinstated identity) gets through.
+func TestDenyListCutoff(t *testing.T) {
+	t.Parallel()
+	m := newMesh(t, echo)
+	now := time.Now()
+	old := m.ca.SVID(t, idA, testca.WithNotBefore(now.Add(-10*time.Second)))
+	m.a.creds.Set(old)
+	live := m.connect(t, "old certificate before the revocation")
+	oldSerial := old.Certificates[0].SerialNumber.String()
+
+	from := m.b.audit.len()
+	if closed := m.b.SetDenyList(denyBefore(idA, now.Add(-5*time.Second))); closed != 1 {
+		t.Fatalf("SetDenyList closed %d connections, want 1 (A's)", closed)
+	}
+	rec := waitForFrom(t, m.b.audit, from, "revoked", func(c audit.Connection) bool { return c.Reason == "revoked" })
+	if rec.PeerID != idA.String() || rec.PeerSerial != oldSerial {
+		t.Errorf("closed connection %+v, want A's with serial %s", rec, oldSerial)
+	}
+	if _, err := io.ReadAll(live); err != nil {
+		t.Logf("the old connection ended with %v", err) // a reset is fine too
+	}
+	from = m.b.audit.len()
+	m.refusedRoute(t)
+	if h := nextHandshake(t, m.b, from); h.Reason != proxy.ReasonRevoked || h.PeerSerial != oldSerial {
+		t.Errorf("B recorded %+v for A's old certificate, want refused as revoked", h)
+	}
+
+	m.a.creds.Set(m.ca.SVID(t, idA)) // issued now, after the cutoff
+	m.connect(t, "certificate issued after the cutoff")
 }

@@ -62,6 +62,7 @@ func (p *Proxy) tunnelPooled(ctx context.Context, o *outbound, peer Peer, transp
 	c.mux = m
 	c.tunnel = st
 	c.info.PeerSerial, c.info.LocalSerial, c.info.PeerAddr = m.peerSerial, m.localSerial, m.peerAddr
+	c.info.PeerNotBefore, c.info.LocalNotBefore = m.peerNotBefore, m.localNotBefore
 	if !c.attach(st) {
 		p.concludeStream(ctx, o, ReasonShutdown, ctx.Err())
 		return
@@ -104,7 +105,8 @@ func (p *Proxy) concludeStream(ctx context.Context, o *outbound, reason string, 
 // the caller's.
 func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port uint16, perr error) {
 	info := ConnInfo{Direction: Inbound, PeerID: m.peerID, LocalID: m.localID, PeerSerial: m.peerSerial,
-		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport}
+		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport,
+		PeerNotBefore: m.peerNotBefore, LocalNotBefore: m.localNotBefore}
 	if perr != nil {
 		p.refuseStream(ctx, st, info, statusBadRequest, classify(ctx, perr), perr)
 		return

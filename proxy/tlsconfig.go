@@ -110,7 +110,7 @@ func (p *Proxy) serverTLSConfig(l *localTLS) *tls.Config {
 		// certificate; the setup then learns the serial from DidResume.
 		GetCertificate: func(chi *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			if s := setupFrom(chi.Context()); s != nil {
-				s.localSerial = l.serial
+				s.localSerial, s.localNotBefore = l.serial, l.leaf.NotBefore
 			}
 			return l.cert, nil
 		},
@@ -268,7 +268,7 @@ func (p *Proxy) clientTLSConfig(l *localTLS, peerID spiffeid.ID, t string) *tls.
 		// Not called on a resumed handshake; see serverTLSConfig.
 		GetClientCertificate: func(cri *tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			if s := setupFrom(cri.Context()); s != nil {
-				s.localSerial = l.serial
+				s.localSerial, s.localNotBefore = l.serial, l.leaf.NotBefore
 			}
 			return l.cert, nil
 		},
@@ -356,14 +356,14 @@ func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS, role svidrules.R
 				err: fmt.Errorf("%w: %w", ErrRevocationStale, err)}
 		}
 	}
-	if p.denies(id, serial) {
+	if p.denies(id, serial, leaf.NotBefore) {
 		return id, serial, &refusal{reason: ReasonRevoked, peerID: id.String(), peerSerial: serial,
 			err: fmt.Errorf("%w: peer %s serial %s", ErrRevoked, id, serial)}
 	}
 	// Checked here too, not only when l is picked: a resumed session rests
 	// on the certificate of its original handshake, which may have been
 	// denied since.
-	if p.denies(l.id, l.serial) {
+	if p.denies(l.id, l.serial, l.leaf.NotBefore) {
 		return id, serial, &refusal{reason: ReasonRevoked, peerID: id.String(), peerSerial: serial,
 			err: fmt.Errorf("%w: our own SVID (serial %s)", ErrRevoked, l.serial)}
 	}

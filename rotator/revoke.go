@@ -14,7 +14,7 @@ import (
 // when Revoke ran, nor a certificate the CA issues for a denied serial or identity.
 type denied struct {
 	serials map[string]time.Time // serials dropped -> NotAfter, forgotten once expired
-	latest  func(id spiffeid.ID, serial string) bool
+	latest  func(id spiffeid.ID, serial string, notBefore time.Time) bool
 }
 
 // has reports whether c must not be used. Callers hold Rotator.mu.
@@ -22,7 +22,7 @@ func (d *denied) has(c *credential) bool {
 	if _, ok := d.serials[c.serial]; ok {
 		return true
 	}
-	return d.latest != nil && d.latest(c.svid.ID, c.serial)
+	return d.latest != nil && d.latest(c.svid.ID, c.serial, c.notBefore())
 }
 
 // add records the dropped credentials and forgets those expired at now: an expired
@@ -42,12 +42,12 @@ func (d *denied) add(dropped []*credential, now time.Time) {
 }
 
 // Revoke drops every SVID this rotator holds (current and overlap) for which denied
-// returns true, and returns how many it dropped; an SVID denied returns false for is
+// (given its SPIFFE ID, serial and NotBefore) returns true, and returns how many it dropped; an SVID denied returns false for is
 // untouched. When the current one is dropped the rotator stops presenting it at once:
 // TLSCertificate and GetX509SVID fail with ErrRevoked, Ready reports false, Status shows
 // it, and the run loop re-enrols at once (trigger "revoked", audited), retrying with the
-// usual backoff when the CA refuses (a revoked identity's enrolment is refused for good:
-// the loop keeps its capped backoff and never panics or spins). A later successful
+// usual backoff when the CA refuses (a revoked identity's enrolment is refused until
+// it is reinstated: the loop keeps its capped backoff and never panics or spins). A later successful
 // enrolment makes the identity ready again.
 //
 // Every dropped SVID goes to state "compromised" (cause "revoked"); Run then drains its
@@ -60,7 +60,7 @@ func (d *denied) add(dropped []*credential, now time.Time) {
 // call may replace the previous predicate. denied is called with an internal lock held:
 // it must be quick, safe for concurrent use, and must not call back into the Rotator.
 // A nil denied drops nothing. Safe for concurrent use.
-func (r *Rotator) Revoke(denied func(id spiffeid.ID, serial string) bool) int {
+func (r *Rotator) Revoke(denied func(id spiffeid.ID, serial string, notBefore time.Time) bool) int {
 	if denied == nil {
 		return 0
 	}
@@ -81,7 +81,7 @@ func (r *Rotator) Revoke(denied func(id spiffeid.ID, serial string) bool) int {
 	}
 	current := false
 	retired := s.retired
-	if c := s.current; c != nil && denied(c.svid.ID, c.serial) {
+	if c := s.current; c != nil && denied(c.svid.ID, c.serial, c.notBefore()) {
 		switch {
 		case c.state == StateDestroyed:
 			// Expired, drained and destroyed already: only stop holding it.
@@ -110,7 +110,7 @@ func (r *Rotator) Revoke(denied func(id spiffeid.ID, serial string) bool) int {
 	next.overlap = nil
 	var gone []*credential
 	for _, o := range s.overlap {
-		if !denied(o.svid.ID, o.serial) {
+		if !denied(o.svid.ID, o.serial, o.notBefore()) {
 			next.overlap = append(next.overlap, o)
 			continue
 		}
@@ -119,7 +119,7 @@ func (r *Rotator) Revoke(denied func(id spiffeid.ID, serial string) bool) int {
 	}
 	next.retired = nil
 	for _, o := range retired {
-		if o.state == StateDestroyed || o.state == StateCompromised || !denied(o.svid.ID, o.serial) {
+		if o.state == StateDestroyed || o.state == StateCompromised || !denied(o.svid.ID, o.serial, o.notBefore()) {
 			next.retired = append(next.retired, o)
 			continue
 		}

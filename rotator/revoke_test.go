@@ -21,12 +21,12 @@ type revokedErr struct{}
 func (revokedErr) Error() string   { return "identity revoked" }
 func (revokedErr) Permanent() bool { return true }
 
-func bySerial(serial string) func(spiffeid.ID, string) bool {
-	return func(_ spiffeid.ID, s string) bool { return s == serial }
+func bySerial(serial string) func(spiffeid.ID, string, time.Time) bool {
+	return func(_ spiffeid.ID, s string, _ time.Time) bool { return s == serial }
 }
 
-func byID(id spiffeid.ID) func(spiffeid.ID, string) bool {
-	return func(got spiffeid.ID, _ string) bool { return got == id }
+func byID(id spiffeid.ID) func(spiffeid.ID, string, time.Time) bool {
+	return func(got spiffeid.ID, _ string, _ time.Time) bool { return got == id }
 }
 
 // presented returns the serial TLSCertificate hands out, or "" with its error.
@@ -258,7 +258,7 @@ func TestRevokeUnrelated(t *testing.T) {
 		r, rec := start(t, iss, policy.Rotation{})
 		before := r.Status()
 		other := spiffeid.RequireFromString("spiffe://example.org/host/b")
-		for name, denied := range map[string]func(spiffeid.ID, string) bool{
+		for name, denied := range map[string]func(spiffeid.ID, string, time.Time) bool{
 			"other serial": bySerial("12345"),
 			"other id":     byID(other),
 			"nil":          nil,
@@ -312,7 +312,7 @@ func TestRevokeDrainsAndDestroys(t *testing.T) {
 
 		// Revoke the current one and the one being drained.
 		revokedAt := time.Now()
-		if n := r.Revoke(func(_ spiffeid.ID, s string) bool { return s == first || s == second }); n != 1 {
+		if n := r.Revoke(func(_ spiffeid.ID, s string, _ time.Time) bool { return s == first || s == second }); n != 1 {
 			t.Fatalf("Revoke dropped %d, want 1 (the one being drained is no longer held)", n)
 		}
 		synctest.Wait()

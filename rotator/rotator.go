@@ -143,6 +143,8 @@ func (c *countingSigner) Sign(rand io.Reader, digest []byte, opts crypto.SignerO
 
 func (c *credential) notAfter() time.Time { return c.svid.Certificates[0].NotAfter }
 
+func (c *credential) notBefore() time.Time { return c.svid.Certificates[0].NotBefore }
+
 // to returns a copy of c in state, entered at now for cause.
 func (c *credential) to(state, cause string, now time.Time) *credential {
 	n := *c

@@ -28,3 +28,12 @@ else
   $sudo apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 go mod download
+
+# The step CLI, for the e2e test of `step ca revoke` against agentmesh ca. Pinned;
+# CGO_ENABLED=0 leaves out its YubiKey and PKCS#11 support, which needs
+# libpcsclite and is of no use here.
+STEP_VERSION=v0.29.0
+if ! have step && [ ! -x "$(go env GOPATH)/bin/step" ]; then
+  echo "deps: installing step $STEP_VERSION"
+  CGO_ENABLED=0 go install "github.com/smallstep/cli/cmd/step@$STEP_VERSION"
+fi

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -125,7 +126,7 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 		if _, ok := want[id]; ok {
 			continue
 		}
-		r.rot.Revoke(func(spiffeid.ID, string) bool { return true })
+		r.rot.Revoke(func(spiffeid.ID, string, time.Time) bool { return true })
 		r.cancel()
 		<-r.done
 		r.reg.unregister()
@@ -170,7 +171,7 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 }
 
 // revoke hands a deny-list to every agent's rotator.
-func (a *agents) revoke(denied func(spiffeid.ID, string) bool) {
+func (a *agents) revoke(denied func(spiffeid.ID, string, time.Time) bool) {
 	for _, rot := range a.rotators() {
 		rot.Revoke(denied)
 	}

@@ -42,7 +42,7 @@ func newRoot() *cobra.Command {
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newCACmd(), newTokenCmd(), newProxyCmd(), newAuditCmd(), newStatusCmd(), newRedirectCmd(), newRevokeCmd(), newRotateCmd(),
+	root.AddCommand(newCACmd(), newTokenCmd(), newProxyCmd(), newAuditCmd(), newStatusCmd(), newRedirectCmd(), newRevokeCmd(), newReinstateCmd(), newRotateCmd(),
 		newRegisterCmd(), newUnregisterCmd(), newListCmd(), newPolicyCmd())
 	return root
 }

@@ -8,6 +8,7 @@ import (
 	"strings"
 
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/pemutil"
 
@@ -16,16 +17,18 @@ import (
 
 func newRevokeCmd() *cobra.Command {
 	var (
-		state, serial, reason  string
-		caURL, root, cert, key string
+		serial, reason string
+		adm            adminFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "revoke [SPIFFE-ID]",
 		Short: "Revoke an identity or one certificate; every proxy enforces it within a second",
-		Long: `Revoke SPIFFE-ID (every certificate of it, and no new one is ever issued for it) or,
-with --serial, one certificate. The CA revokes the serials in step-ca (renewal refused, CRL
-regenerated) and publishes a new signed deny-list; every proxy then refuses new and resumed
-handshakes of the revoked credential and closes the live connections it authenticated.
+		Long: `Revoke SPIFFE-ID (every certificate of it issued before the revocation, and no new one
+until "agentmesh reinstate") or, with --serial, one certificate. The CA revokes the serials in
+step-ca (renewal refused, CRL regenerated) and publishes a new signed deny-list; every proxy
+then refuses new and resumed handshakes of the revoked credential and closes the live
+connections it authenticated. The list keeps the entry until every certificate it covers has
+expired.
 
 Only an administrator may revoke: root or the CA's user on the CA host (through the admin
 socket in --state), or, from anywhere, the holder of an admin SVID
@@ -50,13 +53,19 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 				res *ca.RevokeResult
 				err error
 			)
+			remote, ok := adm.remote()
 			switch {
-			case state != "" && caURL == "":
-				res, err = ca.RequestRevoke(cmd.Context(), state, req)
-			case caURL != "" && state == "":
-				res, err = revokeRemote(cmd, caURL, root, cert, key, req)
+			case !ok:
+				return errAdminFlags
+			case remote:
+				var cfg ca.ClientConfig
+				var pair tls.Certificate
+				if cfg, pair, err = adm.credential(); err != nil {
+					return err
+				}
+				res, err = ca.RevokeRemote(cmd.Context(), cfg, pair, req)
 			default:
-				return errors.New("give either --state (on the CA host) or --ca with an admin certificate")
+				res, err = ca.RequestRevoke(cmd.Context(), adm.state, req)
 			}
 			if err != nil {
 				return err
@@ -69,33 +78,51 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 	f := cmd.Flags()
 	f.StringVar(&serial, "serial", "", "revoke one certificate by serial number (decimal)")
 	f.StringVar(&reason, "reason", "", "why (recorded in the audit log and the CRL), e.g. key-compromise")
-	f.StringVar(&state, "state", "", "state directory of the agentmesh ca running on this host")
-	f.StringVar(&caURL, "ca", "", "https URL of agentmesh ca, for an administrator with an admin SVID")
-	f.StringVar(&root, "root", "", "the CA's root certificate (with --ca)")
-	f.StringVar(&cert, "cert", "", "the admin SVID, PEM, leaf first (with --ca)")
-	f.StringVar(&key, "key", "", "the admin SVID's private key, PEM, mode 0600 or tighter (with --ca)")
+	adm.register(f)
 	return cmd
 }
 
-// revokeRemote revokes through the CA's mTLS API with an admin SVID read from files.
-func revokeRemote(cmd *cobra.Command, caURL, root, certFile, keyFile string, req ca.RevokeRequest) (*ca.RevokeResult, error) {
+// adminFlags say how an administrator reaches the CA: through its admin socket on the
+// CA host (--state), or through its mTLS API with an admin SVID (--ca, --root, --cert,
+// --key).
+type adminFlags struct{ state, caURL, root, cert, key string }
+
+var errAdminFlags = errors.New("give either --state (on the CA host) or --ca with an admin certificate")
+
+func (a *adminFlags) register(f *pflag.FlagSet) {
+	f.StringVar(&a.state, "state", "", "state directory of the agentmesh ca running on this host")
+	f.StringVar(&a.caURL, "ca", "", "https URL of agentmesh ca, for an administrator with an admin SVID")
+	f.StringVar(&a.root, "root", "", "the CA's root certificate (with --ca)")
+	f.StringVar(&a.cert, "cert", "", "the admin SVID, PEM, leaf first (with --ca)")
+	f.StringVar(&a.key, "key", "", "the admin SVID's private key, PEM, mode 0600 or tighter (with --ca)")
+}
+
+// remote reports whether the flags name the mTLS API (true) or the admin socket
+// (false); ok is false unless exactly one of them is named.
+func (a *adminFlags) remote() (remote, ok bool) {
+	return a.caURL != "", (a.state == "") != (a.caURL == "")
+}
+
+// credential reads the admin SVID and the CA's root for the CA's mTLS API.
+func (a *adminFlags) credential() (ca.ClientConfig, tls.Certificate, error) {
+	caURL, root, certFile, keyFile := a.caURL, a.root, a.cert, a.key
 	if root == "" || certFile == "" || keyFile == "" {
-		return nil, errors.New("--ca needs --root, --cert and --key")
+		return ca.ClientConfig{}, tls.Certificate{}, errors.New("--ca needs --root, --cert and --key")
 	}
 	fi, err := os.Stat(keyFile)
 	if err != nil {
-		return nil, fmt.Errorf("--key: %w", err)
+		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key: %w", err)
 	}
 	if fi.Mode().Perm()&0o077 != 0 {
-		return nil, fmt.Errorf("--key %s is readable by others (mode %v): chmod 600 it", keyFile, fi.Mode().Perm())
+		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key %s is readable by others (mode %v): chmod 600 it", keyFile, fi.Mode().Perm())
 	}
 	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
-		return nil, fmt.Errorf("admin certificate: %w", err)
+		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("admin certificate: %w", err)
 	}
 	roots, err := pemutil.ReadCertificateBundle(root)
 	if err != nil {
-		return nil, fmt.Errorf("--root: %w", err)
+		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--root: %w", err)
 	}
-	return ca.RevokeRemote(cmd.Context(), ca.ClientConfig{URL: caURL, Roots: roots}, pair, req)
+	return ca.ClientConfig{URL: caURL, Roots: roots}, pair, nil
 }

@@ -1,0 +1,235 @@
+package ca
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/audit"
+)
+
+const (
+	// adminReinstatePath and meshReinstatePath take a ReinstateRequest: the admin
+	// socket and, for /admin/* SVIDs, the mesh API.
+	adminReinstatePath = "/reinstate"
+	meshReinstatePath  = "/reinstate"
+	// actionReinstate marks an audit.Revocation record as a reinstatement.
+	actionReinstate = "reinstate"
+)
+
+// ErrNotRevoked is returned by Reinstate (and answered 409 by the APIs) for an
+// identity that is not revoked, or was reinstated already.
+var ErrNotRevoked = errors.New("ca: identity not revoked")
+
+// ReinstateRequest asks the CA to let a revoked identity enrol again.
+type ReinstateRequest struct {
+	// SPIFFEID is the revoked identity: a workload ID of the CA's trust domain.
+	SPIFFEID string `json:"spiffe_id"`
+	// Reason is why, for the audit log: required, at most 256 printable ASCII
+	// characters.
+	Reason string `json:"reason"`
+}
+
+// ReinstateResult says what a reinstatement did.
+type ReinstateResult struct {
+	SPIFFEID string `json:"spiffe_id"`
+	// Cutoff is the revocation's NotBefore cutoff: certificates of the identity with
+	// an earlier NotBefore stay refused, by the CA and (while they are unexpired) by
+	// the deny-list.
+	Cutoff       time.Time `json:"cutoff"`
+	RevokedAt    time.Time `json:"revoked_at"`
+	ReinstatedAt time.Time `json:"reinstated_at"`
+}
+
+// Reinstate lets a revoked identity be enrolled again, for initiator (recorded like
+// Revoke's). From then on the CA issues tokens, registration entries and certificates
+// for it again, but every certificate issued before the revocation stays refused: the
+// CA refuses to renew or register one (their NotBefore is before the cutoff), and the
+// deny-list keeps denying them until they have all expired. Nothing is published: the
+// list already says exactly that.
+//
+// Errors wrap ErrInvalidRequest or ErrInvalidID (bad request), ErrNotRevoked or
+// ErrServerClosed. Every call is audited (an audit.Revocation with action
+// "reinstate") and logged.
+func (s *Server) Reinstate(ctx context.Context, initiator string, req ReinstateRequest) (*ReinstateResult, error) {
+	res, err := s.reinstate(req)
+	rec := audit.Revocation{Initiator: initiator, Action: actionReinstate, SPIFFEID: req.SPIFFEID,
+		Reason: req.Reason, Result: "ok"}
+	attrs := []slog.Attr{slog.String(keyInitiator, initiator), slog.String(keySPIFFEID, req.SPIFFEID),
+		slog.String(keyReason, req.Reason)}
+	switch {
+	case err == nil:
+		s.log.LogAttrs(ctx, slog.LevelInfo, "reinstated", append(attrs, slog.Time(keyCutoff, res.Cutoff))...)
+	case reinstateRefused(err):
+		rec.Result, rec.Error = "refused", err.Error()
+		s.log.LogAttrs(ctx, slog.LevelInfo, "reinstatement refused", append(attrs, slog.String(keyErr, err.Error()))...)
+	default:
+		rec.Result, rec.Error = "error", err.Error()
+		s.log.LogAttrs(ctx, slog.LevelError, "reinstatement failed", append(attrs, slog.String(keyErr, err.Error()))...)
+	}
+	s.audit(rec)
+	return res, err
+}
+
+func reinstateRefused(err error) bool {
+	return errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrInvalidID) || errors.Is(err, ErrNotRevoked)
+}
+
+func (s *Server) reinstate(req ReinstateRequest) (*ReinstateResult, error) {
+	if req.Reason == "" || !validReason(req.Reason) {
+		return nil, fmt.Errorf("%w: reason is required: 1 to %d printable ASCII characters", ErrInvalidRequest, maxRevokeReason)
+	}
+	id, err := spiffeid.FromString(req.SPIFFEID)
+	if err != nil {
+		return nil, fmt.Errorf("%w: spiffe_id %q: %w", ErrInvalidID, req.SPIFFEID, err)
+	}
+	if err := checkIssuable(s.cfg.TrustDomain, id); err != nil {
+		return nil, err
+	}
+	// Serialised with revocations: a reinstatement never interleaves with the
+	// revocation of the same identity.
+	s.revokeMu.Lock()
+	defer s.revokeMu.Unlock()
+	s.mu.Lock()
+	closed := s.state == stateClosed
+	s.mu.Unlock()
+	if closed {
+		return nil, ErrServerClosed
+	}
+	if m, ok := s.db.rev.all().ids[id]; ok && !m.reinstated() {
+		if m.Cutoff.IsZero() {
+			// Its list entry denies every certificate of the identity, for good:
+			// certificates issued after a reinstatement would be refused anyway.
+			return nil, fmt.Errorf("%w: %s was revoked without a cutoff, by an older version: it cannot be reinstated",
+				ErrInvalidRequest, id)
+		}
+		// A certificate's NotBefore is written to the second, rounded down: one
+		// issued in the second after the revocation could fall before the cutoff,
+		// and storeIssued would refuse it. Reinstating only once that second has
+		// passed (a wait only when an operator reinstates within it) makes the first
+		// enrolment after a reinstatement always succeed.
+		if d := time.Until(m.Cutoff.Truncate(time.Second).Add(time.Second + s.db.rev.backdate)); d > 0 {
+			time.Sleep(d)
+		}
+	}
+	m, ok, err := s.db.rev.reinstate(id, req.Reason, time.Now())
+	if err != nil {
+		return nil, fmt.Errorf("ca: reinstate: %w", err)
+	}
+	if !ok {
+		return nil, fmt.Errorf("%w: %s", ErrNotRevoked, id)
+	}
+	return &ReinstateResult{SPIFFEID: id.String(), Cutoff: m.Cutoff, RevokedAt: m.RevokedAt, ReinstatedAt: m.ReinstatedAt}, nil
+}
+
+// reinstateStatus is the HTTP status answering a Reinstate error.
+func reinstateStatus(err error) int {
+	if errors.Is(err, ErrNotRevoked) {
+		return http.StatusConflict
+	}
+	return revokeStatus(err)
+}
+
+// handleAdminReinstate is the admin socket's POST /reinstate (adminOnly has admitted
+// the caller).
+func (s *Server) handleAdminReinstate(w http.ResponseWriter, r *http.Request) {
+	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
+	initiator := uidInitiator(cred.uid)
+	var req ReinstateRequest
+	if err := decodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
+		msg := "invalid request body: " + err.Error()
+		s.audit(refusedReinstatement(initiator, nil, msg))
+		writeAdminError(w, http.StatusBadRequest, msg)
+		return
+	}
+	res, err := s.Reinstate(r.Context(), initiator, req)
+	if err != nil {
+		writeAdminError(w, reinstateStatus(err), err.Error()) // logged and audited by Reinstate
+		return
+	}
+	writeJSON(w, res)
+}
+
+// handleMeshReinstate is POST /mesh/v1/reinstate: operators (/admin/* SVIDs, not
+// revoked) only.
+func (s *Server) handleMeshReinstate(w http.ResponseWriter, r *http.Request) {
+	id := callerID(r)
+	initiator := id.String()
+	var req ReinstateRequest
+	if err := decodeStrict(http.MaxBytesReader(w, r.Body, maxRevokeBody), &req); err != nil {
+		msg := "invalid request body: " + err.Error()
+		s.audit(refusedReinstatement(initiator, nil, msg))
+		s.refuse(w, r, http.StatusBadRequest, id, msg)
+		return
+	}
+	var msg string
+	switch {
+	case s.db.rev.revoked(id, callerSerial(r), callerNotBefore(r)):
+		msg = fmt.Errorf("%w: %s serial %s", ErrRevoked, id, callerSerial(r)).Error()
+	case !isAdminID(id):
+		msg = "only " + adminPathPrefix + "* identities may reinstate"
+	}
+	if msg != "" {
+		s.audit(refusedReinstatement(initiator, &req, msg))
+		s.refuse(w, r, http.StatusForbidden, id, msg)
+		return
+	}
+	res, err := s.Reinstate(r.Context(), initiator, req)
+	if err != nil {
+		writeStepError(w, reinstateStatus(err), err.Error()) // logged and audited by Reinstate
+		return
+	}
+	writeJSON(w, res)
+}
+
+// refusedReinstatement is the audit record of a reinstatement refused before it
+// reached Reinstate.
+func refusedReinstatement(initiator string, req *ReinstateRequest, msg string) audit.Revocation {
+	rec := audit.Revocation{Initiator: initiator, Action: actionReinstate, Result: "refused", Error: msg}
+	if req != nil {
+		rec.SPIFFEID, rec.Reason = req.SPIFFEID, req.Reason
+	}
+	return rec
+}
+
+// RequestReinstate asks the CA running with state directory stateDir, through its
+// admin socket, to reinstate (what `agentmesh reinstate --state DIR` runs); see
+// Server.Reinstate. A refusal is a *ResponseError with Op "reinstate": 400 for a bad
+// request, 403 for a caller not allowed, 409 for an identity that is not revoked.
+func RequestReinstate(ctx context.Context, stateDir string, req ReinstateRequest) (*ReinstateResult, error) {
+	body, err := json.Marshal(req)
+	if err != nil {
+		return nil, fmt.Errorf("ca: reinstate: %w", err)
+	}
+	b, err := adminRequest(ctx, stateDir, "reinstate", http.MethodPost, adminReinstatePath, body, maxResponse)
+	if err != nil {
+		return nil, err
+	}
+	return decodeReinstateResult(b)
+}
+
+// ReinstateRemote asks the CA at cfg.URL to reinstate, over mTLS with cert, an
+// operator SVID (/admin/...): POST /mesh/v1/reinstate. A refusal is a *ResponseError
+// with Op "reinstate" (403 for any other SVID, 409 for an identity not revoked).
+func ReinstateRemote(ctx context.Context, cfg ClientConfig, cert tls.Certificate, req ReinstateRequest) (*ReinstateResult, error) {
+	b, err := meshPost(ctx, cfg, cert, "reinstate", meshReinstatePath, req)
+	if err != nil {
+		return nil, err
+	}
+	return decodeReinstateResult(b)
+}
+
+func decodeReinstateResult(b []byte) (*ReinstateResult, error) {
+	var res ReinstateResult
+	if err := json.Unmarshal(b, &res); err != nil || res.SPIFFEID == "" {
+		return nil, errors.New("ca: reinstate: malformed answer")
+	}
+	return &res, nil
+}
