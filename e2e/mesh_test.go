@@ -38,12 +38,12 @@ func startCA(t *testing.T, lifetime time.Duration) *meshCA {
 // startCAOn runs the CA on h, listening on listen (host:port), with extra arguments.
 func startCAOn(t *testing.T, h host, listen string, lifetime time.Duration, extra ...string) *meshCA {
 	t.Helper()
-	return startCAIn(t, h, listen, lifetime, filepath.Join(t.TempDir(), "ca"))
+	return startCAIn(t, h, listen, lifetime, filepath.Join(t.TempDir(), "ca"), extra...)
 }
 
-// startCAIn runs the CA on h with the state directory state: a new one, or one a
-// stopped CA left (a restart).
-func startCAIn(t *testing.T, h host, listen string, lifetime time.Duration, state string) *meshCA {
+// startCAIn runs the CA on h with the state directory state (a new one, or one a
+// stopped CA left: a restart) and extra arguments.
+func startCAIn(t *testing.T, h host, listen string, lifetime time.Duration, state string, extra ...string) *meshCA {
 	t.Helper()
 	ip, _, _ := net.SplitHostPort(listen)
 	args := append([]string{"ca", "--state", state, "--trust-domain", trustDomain,
