@@ -43,6 +43,9 @@ var (
 	// ErrRevocationStale means Config.Revocation reported that the
 	// deny-list cannot be trusted to be current, so handshakes fail closed.
 	ErrRevocationStale = errors.New("proxy: revocation status stale")
+	// ErrCredentialExpired means a stream arrived on a pooled connection
+	// after a certificate that authenticated it expired.
+	ErrCredentialExpired = errors.New("proxy: pooled connection credential expired")
 
 	// ErrNoOriginalDst means a connection to the Outbound port has no
 	// original destination: it was not redirected by iptables, or the

@@ -24,9 +24,9 @@ import (
 // newH2Server configures the server side of one inbound connection. Each
 // connection gets its own, so that a GOAWAY (hs.Shutdown) reaches exactly
 // that connection.
-func newH2Server() (*http2.Server, *http.Server, error) {
+func newH2Server(maxStreams int) (*http2.Server, *http.Server, error) {
 	h2s := &http2.Server{
-		MaxConcurrentStreams:         muxConcurrentStreams,
+		MaxConcurrentStreams:         uint32(maxStreams), //nolint:gosec // validated: 0..65535
 		MaxReadFrameSize:             h2MaxFrame,
 		MaxUploadBufferPerConnection: h2ConnWindow,
 		MaxUploadBufferPerStream:     h2StreamWindow,
@@ -44,11 +44,12 @@ func newH2Server() (*http2.Server, *http.Server, error) {
 // records the handshake (transport h2), registers the pooled connection
 // and serves its streams until it ends, then waits for them.
 func (p *Proxy) serveH2(ctx context.Context, tc *tls.Conn, raw net.Conn, s *setup, peerID spiffeid.ID) {
+	s.connID = newConnID()
 	if err := p.record(ctx, s, "", nil); err != nil {
 		return // the caller closes raw
 	}
 	_ = raw.SetDeadline(time.Time{}) // x/net keeps its own
-	h2s, hs, err := newH2Server()
+	h2s, hs, err := newH2Server(p.cfg.PoolMaxStreams)
 	if err != nil {
 		p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "http2 server", slog.Any(keyErr, err))
 		return

@@ -50,6 +50,13 @@ type setup struct {
 	// recorded is set by whoever records an inbound quic handshake: its
 	// accept or, for a failure, the end of its connection.
 	recorded atomic.Bool
+	// connID names a pooled connection (h2, quic) in its handshake record
+	// and its streams' (newConnID); "" for the tls transport.
+	connID string
+	// peerNotAfter and localNotAfter are the NotAfter of the peer's leaf
+	// and of the one we presented, once known (fill).
+	peerNotAfter  time.Time
+	localNotAfter time.Time
 }
 
 // claim reports whether the caller is the one to record s (quic).
@@ -67,8 +74,12 @@ func (s *setup) fill(cs tls.ConnectionState, local *localTLS) {
 	if cs.DidResume && local != nil {
 		s.localSerial = local.serial
 	}
+	if local != nil && s.localSerial == local.serial {
+		s.localNotAfter = local.leaf.NotAfter
+	}
 	if len(cs.PeerCertificates) > 0 {
 		leaf := cs.PeerCertificates[0]
+		s.peerNotAfter = leaf.NotAfter
 		s.peerSerial = leaf.SerialNumber.String()
 		if id, err := x509svid.IDFromCert(leaf); err == nil {
 			s.peerID = id.String()
@@ -129,19 +140,22 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 
 func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake {
 	return audit.Handshake{
-		Direction:   string(s.dir),
-		Result:      resultFor(reason),
-		Reason:      reason,
-		Transport:   s.transport,
-		LocalID:     s.presented(p).String(),
-		LocalSerial: s.localSerial,
-		PeerID:      s.peerID,
-		PeerSerial:  s.peerSerial,
-		PeerAddr:    s.peerAddr,
-		TLSVersion:  s.tlsVersion,
-		Cipher:      s.cipher,
-		Resumed:     s.resumed,
-		Duration:    d,
+		Direction:     string(s.dir),
+		Result:        resultFor(reason),
+		Reason:        reason,
+		Transport:     s.transport,
+		LocalID:       s.presented(p).String(),
+		LocalSerial:   s.localSerial,
+		PeerID:        s.peerID,
+		PeerSerial:    s.peerSerial,
+		PeerAddr:      s.peerAddr,
+		TLSVersion:    s.tlsVersion,
+		Cipher:        s.cipher,
+		Resumed:       s.resumed,
+		Duration:      d,
+		ConnID:        s.connID,
+		PeerNotAfter:  s.peerNotAfter,
+		LocalNotAfter: s.localNotAfter,
 	}
 }
 

@@ -19,16 +19,20 @@ const (
 
 // muxConn is one pooled connection.
 type muxConn struct {
-	p           *Proxy
-	impl        muxImpl
-	transport   string
-	dir         Direction
-	key         poolKey // outbound only
-	peerID      spiffeid.ID
-	peerSerial  string
-	localID     spiffeid.ID // the identity we presented: the host's, or outbound an agent's
-	localSerial string
-	peerAddr    string
+	p             *Proxy
+	impl          muxImpl
+	transport     string
+	dir           Direction
+	key           poolKey // outbound only
+	peerID        spiffeid.ID
+	peerSerial    string
+	localID       spiffeid.ID // the identity we presented: the host's, or outbound an agent's
+	localSerial   string
+	peerAddr      string
+	id            string    // names it in audit records (audit.Handshake.ConnID)
+	peerNotAfter  time.Time // the peer's leaf
+	localNotAfter time.Time // the leaf we presented
+	limits        muxLimits // fixed at the handshake
 
 	bytes atomic.Int64 // payload carried by its streams, both ways
 
@@ -39,21 +43,26 @@ type muxConn struct {
 	active    int         // streams not ended yet
 	idleSince time.Time   // when active last dropped to 0
 	linger    *time.Timer // pending graceful close
+	expiry    *time.Timer // moves it to draining at limits.usableUntil (startExpiry)
 	gone      bool        // closed has run
 }
 
 func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
 	m := &muxConn{
-		p:           p,
-		impl:        impl,
-		transport:   s.transport,
-		dir:         s.dir,
-		peerID:      peerID,
-		peerSerial:  s.peerSerial,
-		localID:     s.presented(p),
-		localSerial: s.localSerial,
-		peerAddr:    s.peerAddr,
-		idleSince:   time.Now(),
+		p:             p,
+		impl:          impl,
+		transport:     s.transport,
+		dir:           s.dir,
+		peerID:        peerID,
+		peerSerial:    s.peerSerial,
+		localID:       s.presented(p),
+		localSerial:   s.localSerial,
+		peerAddr:      s.peerAddr,
+		id:            s.connID,
+		idleSince:     time.Now(),
+		peerNotAfter:  s.peerNotAfter,
+		localNotAfter: s.localNotAfter,
+		limits:        newMuxLimits(p.cfg.Now(), p.cfg.PoolMaxLifetime, s.localNotAfter, s.peerNotAfter),
 	}
 	m.cond.L = &m.mu
 	return m
@@ -76,6 +85,7 @@ func (m *muxConn) register() string {
 		m.close(false)
 		return closeDrained
 	}
+	m.startExpiry()
 	return ""
 }
 
@@ -86,20 +96,30 @@ func (m *muxConn) info() ConnInfo {
 }
 
 // reserve takes a stream slot on an open outbound connection within the
-// limits. A connection past PoolMaxStreams or PoolMaxBytes is retired;
-// closeNow reports that it has no stream left, so the caller (holding no
-// lock) must start closing it.
+// limits. A connection past its usable time (muxLimits) or PoolMaxBytes is
+// retired; closeNow reports that it has no stream left, so the caller
+// (holding no lock) must start closing it. One with PoolMaxStreams open
+// streams has no slot now.
 func (m *muxConn) reserve() (ok, closeNow bool) {
+	now := m.p.cfg.Now()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.state != muxOpen {
 		return false, false
 	}
-	if m.opened >= m.p.cfg.PoolMaxStreams || m.bytes.Load() >= m.p.cfg.PoolMaxBytes {
+	end := ""
+	switch {
+	case !m.limits.usableAt(now):
+		end = m.limits.endReason
+	case m.bytes.Load() >= m.p.cfg.PoolMaxBytes:
+		end = poolEndMaxBytes
+	}
+	if end != "" {
 		m.state = muxRetired
+		m.p.metrics.poolEnded.WithLabelValues(string(m.dir), m.transport, end).Inc()
 		return false, m.active == 0
 	}
-	if m.active >= muxConcurrentStreams {
+	if m.active >= m.p.cfg.PoolMaxStreams {
 		return false, false
 	}
 	m.opened++
@@ -138,13 +158,20 @@ func (m *muxConn) release() {
 }
 
 // retire stops m from taking new streams; it closes after its last one.
-func (m *muxConn) retire() {
+func (m *muxConn) retire() { m.retireFor("") }
+
+// retireFor is retire counting why in agentmesh_proxy_pool_ended_total
+// (nothing for ""), once: only the transition counts.
+func (m *muxConn) retireFor(end string) {
 	m.mu.Lock()
 	if m.state != muxOpen {
 		m.mu.Unlock()
 		return
 	}
 	m.state = muxRetired
+	if end != "" {
+		m.p.metrics.poolEnded.WithLabelValues(string(m.dir), m.transport, end).Inc()
+	}
 	idle := m.active == 0
 	m.mu.Unlock()
 	if idle {
@@ -171,11 +198,19 @@ func (m *muxConn) close(graceful bool) {
 		return
 	}
 	m.state = muxClosed
+	m.stopTimers()
+	m.mu.Unlock()
+	m.impl.close(graceful)
+}
+
+// stopTimers stops m's pending linger and expiry; m.mu is held.
+func (m *muxConn) stopTimers() {
 	if m.linger != nil {
 		m.linger.Stop()
 	}
-	m.mu.Unlock()
-	m.impl.close(graceful)
+	if m.expiry != nil {
+		m.expiry.Stop()
+	}
 }
 
 // closed is called by the transport, once, when the connection is gone:
@@ -188,9 +223,7 @@ func (m *muxConn) closed() {
 	}
 	m.gone = true
 	m.state = muxClosed
-	if m.linger != nil {
-		m.linger.Stop()
-	}
+	m.stopTimers()
 	m.mu.Unlock()
 	m.p.registry.removeMux(m)
 	if m.dir == Outbound {
@@ -207,11 +240,4 @@ func (m *muxConn) waitStreams() {
 	for m.active > 0 {
 		m.cond.Wait()
 	}
-}
-
-// idleBefore reports whether m is open with no stream since before cutoff.
-func (m *muxConn) idleBefore(cutoff time.Time) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.state != muxClosed && m.active == 0 && m.idleSince.Before(cutoff)
 }

@@ -39,6 +39,7 @@ const (
 	ReasonRevoked           = "revoked"             // the deny-list denies the peer's certificate (or our own)
 	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
 	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
+	ReasonCredentialExpired = "credential_expired"  // inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
 
 	// Outbound capture (docs/capture.md).
 	ReasonPassthrough        = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)

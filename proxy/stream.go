@@ -62,6 +62,7 @@ func (p *Proxy) tunnelPooled(ctx context.Context, o *outbound, peer Peer, transp
 	c.mux = m
 	c.tunnel = st
 	c.info.PeerSerial, c.info.LocalSerial, c.info.PeerAddr = m.peerSerial, m.localSerial, m.peerAddr
+	c.info.ConnID, c.info.PeerNotAfter, c.info.LocalNotAfter = m.id, m.peerNotAfter, m.localNotAfter
 	if !c.attach(st) {
 		p.concludeStream(ctx, o, ReasonShutdown, ctx.Err())
 		return
@@ -104,13 +105,24 @@ func (p *Proxy) concludeStream(ctx context.Context, o *outbound, reason string, 
 // the caller's.
 func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port uint16, perr error) {
 	info := ConnInfo{Direction: Inbound, PeerID: m.peerID, LocalID: m.localID, PeerSerial: m.peerSerial,
-		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport}
+		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport,
+		ConnID: m.id, PeerNotAfter: m.peerNotAfter, LocalNotAfter: m.localNotAfter}
+	if perr == nil {
+		info.Port, info.DstID = port, p.agentAt(port)
+		info.Target = net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(port)))
+	}
+	// Whatever the peer does, no new stream rides a connection that a
+	// certificate past its NotAfter authenticated: it must dial a new one.
+	if reason := m.admit(p.cfg.Now()); reason != "" {
+		m.impl.goaway()
+		p.refuseStream(ctx, st, info, statusNotAllowed, reason,
+			fmt.Errorf("%w: a certificate of the pooled connection expired at %s", ErrCredentialExpired, m.limits.expires))
+		return
+	}
 	if perr != nil {
 		p.refuseStream(ctx, st, info, statusBadRequest, classify(ctx, perr), perr)
 		return
 	}
-	info.Port, info.DstID = port, p.agentAt(port)
-	info.Target = net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(port)))
 	// Our failures, not the peer's: no status to give, as with tls.
 	for _, f := range []struct {
 		reason string
@@ -166,6 +178,7 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 // refuseStream counts, records and answers a refused inbound stream.
 func (p *Proxy) refuseStream(ctx context.Context, st inStream, info ConnInfo, s status, reason string, cause error) {
 	p.metrics.streams.WithLabelValues(string(Inbound), info.Transport, resultFor(reason)).Inc()
+	p.metrics.streamRefusals.WithLabelValues(string(Inbound), info.Transport, reason).Inc()
 	p.recordStream(ctx, info, reason, cause)
 	if err := st.answer(s); err != nil {
 		_ = st.Close()
@@ -200,16 +213,20 @@ func (p *Proxy) recordStream(ctx context.Context, info ConnInfo, reason string, 
 		peerID = info.PeerID.String()
 	}
 	rec := audit.Connection{
-		Direction:   string(info.Direction),
-		LocalID:     info.LocalID.String(),
-		PeerID:      peerID,
-		DstID:       info.DstID.String(),
-		PeerSerial:  info.PeerSerial,
-		LocalSerial: info.LocalSerial,
-		Target:      info.Target,
-		Transport:   info.Transport,
-		Duration:    time.Since(info.Start),
-		Reason:      reason,
+		Direction:     string(info.Direction),
+		LocalID:       info.LocalID.String(),
+		PeerID:        peerID,
+		DstID:         info.DstID.String(),
+		PeerSerial:    info.PeerSerial,
+		LocalSerial:   info.LocalSerial,
+		Target:        info.Target,
+		Transport:     info.Transport,
+		Duration:      time.Since(info.Start),
+		Reason:        reason,
+		Started:       info.Start,
+		ConnID:        info.ConnID,
+		PeerNotAfter:  info.PeerNotAfter,
+		LocalNotAfter: info.LocalNotAfter,
 	}
 	if err := p.cfg.Audit.Append(rec); err != nil {
 		p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit stream record",
