@@ -139,24 +139,23 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 }
 
 func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake {
-	return audit.Handshake{
-		Direction:     string(s.dir),
-		Result:        resultFor(reason),
-		Reason:        reason,
-		Transport:     s.transport,
-		LocalID:       s.presented(p).String(),
-		LocalSerial:   s.localSerial,
-		PeerID:        s.peerID,
-		PeerSerial:    s.peerSerial,
-		PeerAddr:      s.peerAddr,
-		TLSVersion:    s.tlsVersion,
-		Cipher:        s.cipher,
-		Resumed:       s.resumed,
-		Duration:      d,
-		ConnID:        s.connID,
-		PeerNotAfter:  s.peerNotAfter,
-		LocalNotAfter: s.localNotAfter,
+	h := audit.Handshake{
+		Direction:   string(s.dir),
+		Result:      resultFor(reason),
+		Reason:      reason,
+		Transport:   s.transport,
+		LocalID:     s.presented(p).String(),
+		LocalSerial: s.localSerial,
+		PeerID:      s.peerID,
+		PeerSerial:  s.peerSerial,
+		PeerAddr:    s.peerAddr,
+		TLSVersion:  s.tlsVersion,
+		Cipher:      s.cipher,
+		Resumed:     s.resumed,
+		Duration:    d,
 	}
+	h.ConnID, h.PeerNotAfter, h.LocalNotAfter = s.connID, s.peerNotAfter, s.localNotAfter
+	return h
 }
 
 // presented is the local identity of s: localID, or the host's.

@@ -19,20 +19,23 @@ const (
 
 // muxConn is one pooled connection.
 type muxConn struct {
-	p             *Proxy
-	impl          muxImpl
-	transport     string
-	dir           Direction
-	key           poolKey // outbound only
-	peerID        spiffeid.ID
-	peerSerial    string
-	localID       spiffeid.ID // the identity we presented: the host's, or outbound an agent's
-	localSerial   string
-	peerAddr      string
-	id            string    // names it in audit records (audit.Handshake.ConnID)
-	peerNotAfter  time.Time // the peer's leaf
-	localNotAfter time.Time // the leaf we presented
-	limits        muxLimits // fixed at the handshake
+	p           *Proxy
+	impl        muxImpl
+	transport   string
+	dir         Direction
+	key         poolKey // outbound only
+	peerID      spiffeid.ID
+	peerSerial  string
+	localID     spiffeid.ID // the identity we presented: the host's, or outbound an agent's
+	localSerial string
+	peerAddr    string
+
+	// Fixed at the handshake: its name in audit records (audit.Handshake.ConnID),
+	// the NotAfter of the peer's leaf and of ours, and its time limits.
+	id            string
+	peerNotAfter  time.Time
+	localNotAfter time.Time
+	limits        muxLimits
 
 	bytes atomic.Int64 // payload carried by its streams, both ways
 
@@ -49,21 +52,19 @@ type muxConn struct {
 
 func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
 	m := &muxConn{
-		p:             p,
-		impl:          impl,
-		transport:     s.transport,
-		dir:           s.dir,
-		peerID:        peerID,
-		peerSerial:    s.peerSerial,
-		localID:       s.presented(p),
-		localSerial:   s.localSerial,
-		peerAddr:      s.peerAddr,
-		id:            s.connID,
-		idleSince:     time.Now(),
-		peerNotAfter:  s.peerNotAfter,
-		localNotAfter: s.localNotAfter,
-		limits:        newMuxLimits(p.cfg.Now(), p.cfg.PoolMaxLifetime, s.localNotAfter, s.peerNotAfter),
+		p:           p,
+		impl:        impl,
+		transport:   s.transport,
+		dir:         s.dir,
+		peerID:      peerID,
+		peerSerial:  s.peerSerial,
+		localID:     s.presented(p),
+		localSerial: s.localSerial,
+		peerAddr:    s.peerAddr,
+		idleSince:   time.Now(),
 	}
+	m.id, m.peerNotAfter, m.localNotAfter = s.connID, s.peerNotAfter, s.localNotAfter
+	m.limits = newMuxLimits(p.cfg.Now(), p.cfg.PoolMaxLifetime, s.localNotAfter, s.peerNotAfter)
 	m.cond.L = &m.mu
 	return m
 }

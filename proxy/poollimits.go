@@ -4,6 +4,8 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"time"
+
+	"github.com/agentmesh/agentmesh/audit"
 )
 
 // A pooled connection carries new streams only while both certificates that
@@ -89,6 +91,13 @@ func newConnID() string {
 	var b [8]byte
 	_, _ = rand.Read(b[:]) // never fails (crypto/rand)
 	return hex.EncodeToString(b[:])
+}
+
+// stamp adds to rec when info started and, for a stream, its pooled
+// connection and that connection's certificates' NotAfter.
+func (info ConnInfo) stamp(rec *audit.Connection) {
+	rec.Started, rec.ConnID = info.Start, info.ConnID
+	rec.PeerNotAfter, rec.LocalNotAfter = info.PeerNotAfter, info.LocalNotAfter
 }
 
 // startExpiry arms the timer that moves m to draining when its limits end.

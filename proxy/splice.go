@@ -238,23 +238,20 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 	active.Dec()
 
 	rec := audit.Connection{
-		Direction:     string(c.info.Direction),
-		LocalID:       c.info.LocalID.String(),
-		PeerID:        c.info.PeerID.String(),
-		DstID:         c.info.DstID.String(),
-		PeerSerial:    c.info.PeerSerial,
-		LocalSerial:   c.info.LocalSerial,
-		Target:        c.info.Target,
-		Transport:     c.info.Transport,
-		BytesIn:       c.in.Load(),
-		BytesOut:      c.out.Load(),
-		Duration:      time.Since(c.info.Start),
-		Reason:        c.closeReason(),
-		Started:       c.info.Start,
-		ConnID:        c.info.ConnID,
-		PeerNotAfter:  c.info.PeerNotAfter,
-		LocalNotAfter: c.info.LocalNotAfter,
+		Direction:   string(c.info.Direction),
+		LocalID:     c.info.LocalID.String(),
+		PeerID:      c.info.PeerID.String(),
+		DstID:       c.info.DstID.String(),
+		PeerSerial:  c.info.PeerSerial,
+		LocalSerial: c.info.LocalSerial,
+		Target:      c.info.Target,
+		Transport:   c.info.Transport,
+		BytesIn:     c.in.Load(),
+		BytesOut:    c.out.Load(),
+		Duration:    time.Since(c.info.Start),
+		Reason:      c.closeReason(),
 	}
+	c.info.stamp(&rec)
 	if rec.Reason == closeEOF {
 		rec.Reason = "" // audit.Connection: a reason only when not a clean EOF
 	}

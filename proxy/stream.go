@@ -213,21 +213,18 @@ func (p *Proxy) recordStream(ctx context.Context, info ConnInfo, reason string, 
 		peerID = info.PeerID.String()
 	}
 	rec := audit.Connection{
-		Direction:     string(info.Direction),
-		LocalID:       info.LocalID.String(),
-		PeerID:        peerID,
-		DstID:         info.DstID.String(),
-		PeerSerial:    info.PeerSerial,
-		LocalSerial:   info.LocalSerial,
-		Target:        info.Target,
-		Transport:     info.Transport,
-		Duration:      time.Since(info.Start),
-		Reason:        reason,
-		Started:       info.Start,
-		ConnID:        info.ConnID,
-		PeerNotAfter:  info.PeerNotAfter,
-		LocalNotAfter: info.LocalNotAfter,
+		Direction:   string(info.Direction),
+		LocalID:     info.LocalID.String(),
+		PeerID:      peerID,
+		DstID:       info.DstID.String(),
+		PeerSerial:  info.PeerSerial,
+		LocalSerial: info.LocalSerial,
+		Target:      info.Target,
+		Transport:   info.Transport,
+		Duration:    time.Since(info.Start),
+		Reason:      reason,
 	}
+	info.stamp(&rec)
 	if err := p.cfg.Audit.Append(rec); err != nil {
 		p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit stream record",
 			slog.String(keyDirection, rec.Direction), slog.String(keyReason, reason), slog.Any(keyErr, err))
