@@ -48,6 +48,8 @@ type muxConn struct {
 	linger    *time.Timer // pending graceful close
 	expiry    *time.Timer // moves it to draining at limits.usableUntil (startExpiry)
 	gone      bool        // closed has run
+
+	closedOnce sync.Once
 }
 
 func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
@@ -214,14 +216,15 @@ func (m *muxConn) stopTimers() {
 	}
 }
 
-// closed is called by the transport, once, when the connection is gone:
-// m leaves the registry and the pool.
-func (m *muxConn) closed() {
+// closed is called by the transport when the connection is gone: m leaves
+// the registry and the pool. The transport may report the end from two
+// goroutines at once (quic: its own close and the end of the connection's
+// context); every call returns only once m is gone, so that a caller that
+// closed m (SetDenyList, Drain) finds it gone.
+func (m *muxConn) closed() { m.closedOnce.Do(m.leave) }
+
+func (m *muxConn) leave() {
 	m.mu.Lock()
-	if m.gone {
-		m.mu.Unlock()
-		return
-	}
 	m.gone = true
 	m.state = muxClosed
 	m.stopTimers()
