@@ -1,8 +1,15 @@
 package proxy
 
 import (
+	"context"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // TestMuxLimits: a pooled connection's usable time is the earliest of its
@@ -55,4 +62,136 @@ func TestMuxLimits(t *testing.T) {
 			}
 		})
 	}
+}
+
+// fakeMux stands in for a transport (h2, quic) inside a synctest bubble,
+// where real sockets cannot run: it records what the pool asks of it and,
+// as the transports do, reports the end of the connection.
+type fakeMux struct {
+	m        *muxConn
+	goaways  atomic.Int32
+	closedAt atomic.Pointer[time.Time]
+}
+
+func (f *fakeMux) open(context.Context, uint16) (outStream, error) { return nil, errMuxUnusable }
+func (f *fakeMux) goaway()                                         { f.goaways.Add(1) }
+func (f *fakeMux) bind(m *muxConn)                                 { f.m = m }
+func (f *fakeMux) close(bool) {
+	now := time.Now()
+	f.closedAt.Store(&now)
+	f.m.closed()
+}
+
+// timedProxy is a Proxy with only what pooled connections use.
+func timedProxy(t *testing.T, cfg Config) *Proxy {
+	t.Helper()
+	cfg.ID = spiffeid.RequireFromString("spiffe://example.org/host/a")
+	p := &Proxy{cfg: cfg.withDefaults()}
+	var err error
+	if p.metrics, err = newMetrics(nil); err != nil {
+		t.Fatal(err)
+	}
+	p.pool = pool{p: p, conns: make(map[poolKey][]*muxConn), dials: make(map[poolKey]*dialCall),
+		current: make(map[spiffeid.ID]string)}
+	return p
+}
+
+// timedMux registers a pooled connection of dir whose certificates end at
+// the given times.
+func timedMux(t *testing.T, p *Proxy, dir Direction, localNotAfter, peerNotAfter time.Time) (*muxConn, *fakeMux) {
+	t.Helper()
+	f := &fakeMux{}
+	s := &setup{dir: dir, transport: TransportH2, connID: newConnID(), localSerial: "1", peerSerial: "2",
+		localNotAfter: localNotAfter, peerNotAfter: peerNotAfter}
+	m := p.newMux(f, s, spiffeid.RequireFromString("spiffe://example.org/host/b"))
+	f.bind(m)
+	if dir == Outbound {
+		m.key = poolKey{transport: TransportH2, local: "1"}
+		p.pool.conns[m.key] = append(p.pool.conns[m.key], m)
+	}
+	if reason := m.register(); reason != "" {
+		t.Fatalf("register: %s", reason)
+	}
+	return m, f
+}
+
+// TestPoolTimers: in a synctest bubble, a pooled connection drains exactly
+// when its usable time ends (2 s before the peer's NotAfter; outbound it
+// then closes a linger later, inbound the peer is asked to go away), and the
+// reaper closes an idle connection within a tick of PoolIdleTimeout, the
+// receiving side muxIdleGrace later.
+func TestPoolTimers(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		const idle = 20 * time.Second
+		p := timedProxy(t, Config{PoolIdleTimeout: idle, PoolMaxLifetime: time.Hour})
+		ctx, cancel := context.WithCancel(t.Context())
+		var reaper sync.WaitGroup
+		reaper.Go(func() { p.reap(ctx) })
+		defer func() { cancel(); reaper.Wait() }()
+
+		start := time.Now()
+		far := start.Add(24 * time.Hour)
+		short, shortImpl := timedMux(t, p, Outbound, far, start.Add(10*time.Second))
+		shortIn, shortInImpl := timedMux(t, p, Inbound, start.Add(10*time.Second), far)
+		_, idleOut := timedMux(t, p, Outbound, far, far)
+		idleIn, idleInImpl := timedMux(t, p, Inbound, far, far)
+
+		// A stream just before the end, none at it.
+		time.Sleep(8*time.Second - time.Nanosecond)
+		if ok, _ := short.reserve(); !ok {
+			t.Fatal("no stream 2 s before the peer's NotAfter")
+		}
+		short.release()
+		time.Sleep(time.Nanosecond)
+		synctest.Wait()
+		if ok, _ := short.reserve(); ok {
+			t.Fatal("a stream 2 s before the peer's NotAfter")
+		}
+		if shortInImpl.goaways.Load() != 1 {
+			t.Error("the inbound connection did not ask its peer to go away at its end")
+		}
+		if got := shortIn.admit(time.Now()); got != "" {
+			t.Errorf("inbound refuses before NotAfter: %s", got)
+		}
+		if got := shortIn.admit(start.Add(10 * time.Second)); got != ReasonCredentialExpired {
+			t.Errorf("inbound admits at NotAfter: %q", got)
+		}
+		time.Sleep(muxCloseLinger)
+		synctest.Wait()
+		if at := shortImpl.closedAt.Load(); at == nil || !at.Equal(start.Add(8*time.Second+muxCloseLinger)) {
+			t.Errorf("drained connection closed at %v, want %s after the start", at, 8*time.Second+muxCloseLinger)
+		}
+
+		// Idle: the reaper ticks every idle/4.
+		time.Sleep(start.Add(idle + idle/4).Sub(time.Now()))
+		synctest.Wait()
+		if at := idleOut.closedAt.Load(); at == nil || at.Sub(start) > idle+idle/4 {
+			t.Fatalf("idle outbound connection closed at %v, want within %s", at, idle+idle/4)
+		}
+		if idleInImpl.closedAt.Load() != nil {
+			t.Fatal("the receiving side closed its idle connection before the dialing side's grace")
+		}
+		time.Sleep(muxIdleGrace)
+		synctest.Wait()
+		if at := idleInImpl.closedAt.Load(); at == nil || at.Sub(start) > idle+muxIdleGrace+idle/4 {
+			t.Fatalf("idle inbound connection closed at %v", at)
+		}
+		if idleIn.limits.endReason != poolEndMaxLifetime {
+			t.Errorf("end reason %s", idleIn.limits.endReason)
+		}
+		for _, l := range []struct {
+			dir    Direction
+			reason string
+			want   float64
+		}{{Outbound, poolEndCredential, 1}, {Inbound, poolEndCredential, 1}, {Outbound, poolEndIdle, 1}, {Inbound, poolEndIdle, 2}} {
+			var got dto.Metric
+			if err := p.metrics.poolEnded.WithLabelValues(string(l.dir), TransportH2, l.reason).Write(&got); err != nil {
+				t.Fatal(err)
+			}
+			if got.GetCounter().GetValue() != l.want {
+				t.Errorf("pool_ended{%s,%s} = %v, want %v", l.dir, l.reason, got.GetCounter().GetValue(), l.want)
+			}
+		}
+	})
 }
