@@ -94,7 +94,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}, []string{labelDirection, labelTransport, labelReason}),
 		streamRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricStreamRefusals,
-			Help: "Streams of pooled tunnel connections this proxy refused, by direction, transport and reason (credential_expired: the connection's peer certificate or ours has expired; the other handshake reasons).",
+			Help: "Streams of pooled tunnel connections this proxy refused, by direction, transport and reason (credential_expired: the connection's peer certificate or ours has expired; max_streams: the peer opened more than pool.max_streams at once; the other handshake reasons).",
 		}, []string{labelDirection, labelTransport, labelReason}),
 	}
 	m.attestAgent = m.attested.WithLabelValues(attestedAgent)
@@ -116,6 +116,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 				m.poolEnded.WithLabelValues(string(d), t, r)
 			}
 			m.streamRefusals.WithLabelValues(string(d), t, ReasonCredentialExpired)
+			m.streamRefusals.WithLabelValues(string(d), t, ReasonMaxStreams)
 		}
 		m.duration.WithLabelValues(string(d))
 		m.active.WithLabelValues(string(d))

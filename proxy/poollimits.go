@@ -1,8 +1,10 @@
 package proxy
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"fmt"
 	"time"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -98,6 +100,31 @@ func newConnID() string {
 func (info ConnInfo) stamp(rec *audit.Connection) {
 	rec.Started, rec.ConnID = info.Start, info.ConnID
 	rec.PeerNotAfter, rec.LocalNotAfter = info.PeerNotAfter, info.LocalNotAfter
+}
+
+// h2OverMaxStreams ends x/net's name (http2.Server.CountError, as
+// "stream_PROTOCOL_ERROR_over_max_streams") for a stream refused because the
+// client already had PoolMaxStreams open: x/net resets it itself
+// (RST_STREAM), before any handler runs.
+const h2OverMaxStreams = "_over_max_streams"
+
+// refusedOverMax counts and audits a stream that the transport refused on m
+// because the peer exceeded PoolMaxStreams. (quic-go gives a peer no credit
+// for more, and closes a connection that exceeds it anyway.)
+func (p *Proxy) refusedOverMax(ctx context.Context, m *muxConn) {
+	info := m.streamInfo()
+	p.metrics.streams.WithLabelValues(string(Inbound), m.transport, resultRefused).Inc()
+	p.metrics.streamRefusals.WithLabelValues(string(Inbound), m.transport, ReasonMaxStreams).Inc()
+	p.recordStream(ctx, info, ReasonMaxStreams,
+		fmt.Errorf("%w: more than %d streams at once", ErrMaxStreams, p.cfg.PoolMaxStreams))
+}
+
+// streamInfo describes a stream the peer opens on the inbound connection m
+// now, before its target is known.
+func (m *muxConn) streamInfo() ConnInfo {
+	return ConnInfo{Direction: Inbound, PeerID: m.peerID, LocalID: m.localID, PeerSerial: m.peerSerial,
+		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport,
+		ConnID: m.id, PeerNotAfter: m.peerNotAfter, LocalNotAfter: m.localNotAfter}
 }
 
 // startExpiry arms the timer that moves m to draining when its limits end.

@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -14,6 +15,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/testca"
@@ -188,6 +190,85 @@ func TestPooledServerStreamCap(t *testing.T) {
 			t.Fatalf("B allows %d concurrent streams, want %d", got, maxStreams)
 		}
 	})
+}
+
+// TestPooledH2OverMaxStreams: an h2 client that opens more streams at once
+// than B allows has the extra one reset by B, which audits and counts it.
+func TestPooledH2OverMaxStreams(t *testing.T) {
+	t.Parallel()
+	m := pooledMesh(t, proxy.TransportH2, echo, func(c *proxy.Config) { c.PoolMaxStreams = 2 })
+	id, code := overMaxH2(t, m.b.TunnelAddr(), m.ca.SVID(t, idA), m.target.port, 3)
+	if id != 5 || (code != http2.ErrCodeProtocol && code != http2.ErrCodeRefusedStream) {
+		t.Fatalf("reset stream %d with %v, want the third (5) refused", id, code)
+	}
+	rec := waitFor(t, m.b.audit, "refused stream", func(c audit.Connection) bool { return c.Reason == "max_streams" })
+	if hs := handshakesOf(m.b, proxy.TransportH2, "inbound"); len(hs) != 1 || rec.ConnID != hs[0].ConnID || rec.PeerID != idA.String() {
+		t.Errorf("refusal record %+v for connection %+v", rec, hs)
+	}
+	refused := map[string]string{"direction": "inbound", "transport": proxy.TransportH2, "reason": "max_streams"}
+	if got := m.b.metric(t, "agentmesh_proxy_stream_refusals_total", refused); got != 1 {
+		t.Errorf("stream_refusals{max_streams} = %v, want 1", got)
+	}
+}
+
+// overMaxH2 speaks HTTP/2 frames to B's tunnel presenting svid: it
+// acknowledges B's SETTINGS, opens n CONNECT streams to port without
+// waiting, and returns the first stream B resets and the code.
+func overMaxH2(t *testing.T, tunnel net.Addr, svid *x509svid.SVID, port uint16, n int) (uint32, http2.ErrCode) {
+	t.Helper()
+	d := tls.Dialer{Config: &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		Certificates: []tls.Certificate{*testca.TLSCertificate(svid)},
+		// Only B's verification of the client is under test.
+		InsecureSkipVerify: true, //nolint:gosec // test client, see above
+		NextProtos:         []string{proxy.ALPNH2},
+	}}
+	c, err := d.DialContext(t.Context(), "tcp", tunnel.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = c.Close() }()
+	_ = c.SetDeadline(time.Now().Add(waitLimit))
+	fr := http2.NewFramer(c, c)
+	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+		t.Fatal(err)
+	}
+	if err := fr.WriteSettings(); err != nil {
+		t.Fatal(err)
+	}
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("read B's settings: %v", err)
+		}
+		if sf, ok := f.(*http2.SettingsFrame); ok && !sf.IsAck() {
+			break
+		}
+	}
+	// B counts a stream past its limit as the client's fault only once
+	// its SETTINGS are acknowledged; the acknowledgement goes first.
+	if err := fr.WriteSettingsAck(); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		block.Reset()
+		_ = enc.WriteField(hpack.HeaderField{Name: ":method", Value: http.MethodConnect})
+		_ = enc.WriteField(hpack.HeaderField{Name: ":authority", Value: net.JoinHostPort("127.0.0.1", strconv.Itoa(int(port)))})
+		if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: uint32(2*i + 1), BlockFragment: block.Bytes(), EndHeaders: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("no stream reset: %v", err)
+		}
+		if rst, ok := f.(*http2.RSTStreamFrame); ok {
+			return rst.StreamID, rst.ErrCode
+		}
+	}
 }
 
 // rawStatus is what a raw client's stream was answered.

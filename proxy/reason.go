@@ -40,6 +40,7 @@ const (
 	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
 	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
 	ReasonCredentialExpired = "credential_expired"  // inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
+	ReasonMaxStreams        = "max_streams"         // inbound: a stream past PoolMaxStreams open at once on one pooled connection (h2)
 
 	// Outbound capture (docs/capture.md).
 	ReasonPassthrough        = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)

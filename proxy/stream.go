@@ -104,9 +104,7 @@ func (p *Proxy) concludeStream(ctx context.Context, o *outbound, reason string, 
 // header, the target dial, the status, the splice. The stream's slot on m is
 // the caller's.
 func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port uint16, perr error) {
-	info := ConnInfo{Direction: Inbound, PeerID: m.peerID, LocalID: m.localID, PeerSerial: m.peerSerial,
-		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport,
-		ConnID: m.id, PeerNotAfter: m.peerNotAfter, LocalNotAfter: m.localNotAfter}
+	info := m.streamInfo()
 	if perr == nil {
 		info.Port, info.DstID = port, p.agentAt(port)
 		info.Target = net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(port)))
