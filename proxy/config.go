@@ -219,7 +219,8 @@ type Config struct {
 	// it: both sides stop opening streams up to 2 s before it (less for a
 	// connection made with less than 4 s of validity left), and the
 	// receiving side refuses a stream after it (reason credential_expired).
-	// Default 1h; must be >= 0.
+	// Measured from the handshake on the certificate clock (Now). Default
+	// 1h; must be >= 0.
 	PoolMaxLifetime time.Duration
 	// QUICKeyUpdateInterval is how many packets QUIC sends or receives
 	// with one traffic key before it updates the keys (RFC 9001 section
