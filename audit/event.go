@@ -27,6 +27,14 @@ type Handshake struct {
 	Cipher      string        `json:"cipher,omitempty"`
 	Resumed     bool          `json:"resumed"`
 	Duration    time.Duration `json:"duration_ns"`
+	// ConnID names a pooled connection (h2, quic); its streams' Connection records
+	// carry the same.
+	ConnID string `json:"conn_id,omitempty"`
+	// PeerNotAfter and LocalNotAfter are the NotAfter of the peer's leaf and of the
+	// one this proxy presented: a pooled connection carries no new stream past the
+	// earlier.
+	PeerNotAfter  time.Time `json:"peer_not_after,omitzero"`
+	LocalNotAfter time.Time `json:"local_not_after,omitzero"`
 }
 
 // Kind returns "handshake".
@@ -69,6 +77,13 @@ type Connection struct {
 	BytesOut    int64         `json:"bytes_out"`
 	Duration    time.Duration `json:"duration_ns"`
 	Reason      string        `json:"reason,omitempty"` // why it closed, when not a clean EOF
+	// Started is when the connection (or stream) was accepted.
+	Started time.Time `json:"started,omitzero"`
+	// ConnID, PeerNotAfter and LocalNotAfter are, for a stream of a pooled
+	// connection, those of its connection (Handshake).
+	ConnID        string    `json:"conn_id,omitempty"`
+	PeerNotAfter  time.Time `json:"peer_not_after,omitzero"`
+	LocalNotAfter time.Time `json:"local_not_after,omitzero"`
 }
 
 // Kind returns "connection".

@@ -40,29 +40,13 @@ func rotationUnderLoad(t *testing.T, transport string) {
 	)
 	ca := startCA(t, lifetime)
 
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			fmt.Fprintf(w, "hello %s", r.URL.Path)
-		}))
-	}()
-	echoLn, echoPort := listenerPort(t)
-	go serveEcho(echoLn)
-
-	idA := "spiffe://" + trustDomain + "/host/a"
 	// Renewing at half the lifetime keeps ten rotations within two minutes while
 	// leaving ten seconds for a renewal on a loaded machine under -race.
 	policy := "rotation:\n  renew_fraction: 0.5\n"
 	if transport != "tls" {
 		policy += fmt.Sprintf("transports: [%s, tls]\n", transport)
 	}
-	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}, {port: echoPort, allow: []string{idA}}}, policy)
-	httpRoute := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	echoRoute := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	a := startProxy(t, ca, "a", []route{
-		{listen: httpRoute, peer: b.tunnel, peerID: b.id, targetPort: httpPort, transport: transport},
-		{listen: echoRoute, peer: b.tunnel, peerID: b.id, targetPort: echoPort, transport: transport},
-	}, nil, policy)
+	a, b, httpRoute, echoRoute := startLoadPair(t, ca, transport, policy)
 
 	ctx, stopLoad := context.WithCancel(t.Context())
 	defer stopLoad()
@@ -81,35 +65,12 @@ func rotationUnderLoad(t *testing.T, transport string) {
 
 	// Each request opens a new connection, hence a new mTLS handshake between proxies.
 	var requests, failed atomic.Int64
-	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	wg.Go(func() {
-		tick := time.NewTicker(time.Second / rate)
-		defer tick.Stop()
-		var inflight sync.WaitGroup
-		defer inflight.Wait()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-tick.C:
+		requestLoad(ctx, httpRoute, rate, &requests, func(err error) {
+			if failed.Add(1) <= 5 {
+				t.Errorf("request failed: %v", err)
 			}
-			inflight.Go(func() {
-				requests.Add(1)
-				resp, err := client.Get("http://" + httpRoute + "/ping")
-				if err == nil {
-					body, rerr := io.ReadAll(resp.Body)
-					resp.Body.Close()
-					if rerr != nil || resp.StatusCode != 200 || string(body) != "hello /ping" {
-						err = fmt.Errorf("status %d body %q err %v", resp.StatusCode, body, rerr)
-					}
-				}
-				if err != nil {
-					if failed.Add(1) <= 5 {
-						t.Errorf("request failed: %v", err)
-					}
-				}
-			})
-		}
+		})
 	})
 
 	// Wait for ten renewals on each proxy, as their logs report them.
@@ -242,6 +203,71 @@ func echoOnce(ctx context.Context, addr string) error {
 		return fmt.Errorf("sent %d bytes, received %d; hashes equal: %v", total, received.Load(), string(sent.Sum(nil)) == string(recv.Sum(nil)))
 	}
 	return nil
+}
+
+// startLoadPair starts an HTTP server (serveHello) and an echo server behind proxy b,
+// and proxy a with a route to each over transport ("" for tls); extra is the end of both
+// proxies' configuration.
+func startLoadPair(t *testing.T, ca *meshCA, transport, extra string) (a, b *meshProxy, httpRoute, echoRoute string) {
+	t.Helper()
+	httpPort := serveHello(t)
+	echoLn, echoPort := listenerPort(t)
+	go serveEcho(echoLn)
+	idA := "spiffe://" + trustDomain + "/host/a"
+	b = startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}, {port: echoPort, allow: []string{idA}}}, extra)
+	httpRoute = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	echoRoute = fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	a = startProxy(t, ca, "a", []route{
+		{listen: httpRoute, peer: b.tunnel, peerID: b.id, targetPort: httpPort, transport: transport},
+		{listen: echoRoute, peer: b.tunnel, peerID: b.id, targetPort: echoPort, transport: transport},
+	}, nil, extra)
+	return a, b, httpRoute, echoRoute
+}
+
+// serveHello serves "hello <path>" over HTTP on loopback until the test ends and
+// returns its port.
+func serveHello(t *testing.T) int {
+	t.Helper()
+	ln, port := listenerPort(t)
+	go func() {
+		_ = http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			fmt.Fprintf(w, "hello %s", r.URL.Path)
+		}))
+	}()
+	return port
+}
+
+// requestLoad makes rate HTTP requests per second to serveHello behind addr, each on a
+// new connection (so a new tunnel or stream through the mesh), until ctx is done,
+// counting them in requests and handing each failure to fail. It returns once every
+// request has ended.
+func requestLoad(ctx context.Context, addr string, rate int, requests *atomic.Int64, fail func(error)) {
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	tick := time.NewTicker(time.Second / time.Duration(rate))
+	defer tick.Stop()
+	var inflight sync.WaitGroup
+	defer inflight.Wait()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		inflight.Go(func() {
+			requests.Add(1)
+			resp, err := client.Get("http://" + addr + "/ping")
+			if err == nil {
+				body, rerr := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if rerr != nil || resp.StatusCode != 200 || string(body) != "hello /ping" {
+					err = fmt.Errorf("status %d body %q err %v", resp.StatusCode, body, rerr)
+				}
+			}
+			if err != nil {
+				fail(err)
+			}
+		})
+	}
 }
 
 // serveEcho echoes every connection, half-closing when the client does.

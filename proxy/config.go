@@ -204,18 +204,32 @@ type Config struct {
 	// are written regardless. Default false: a stream that was allowed
 	// leaves no record of its own, so auditing does not cost per stream.
 	StreamAudit bool
-	// PoolMaxStreams is how many streams a pooled connection (h2, quic)
-	// carries before new streams go to a fresh connection (and a fresh
-	// handshake); the old one ends with its last stream. Default 1000;
-	// must be >= 0.
+	// PoolMaxStreams is how many streams one pooled connection (h2, quic)
+	// carries at once, in each direction: outbound, a stream past it goes
+	// to another connection (dialed if none has room); inbound it is what
+	// the peer is allowed (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS, QUIC's
+	// stream credit), so a peer cannot open more. Default 250; range
+	// 0..65535 (0: the default).
 	PoolMaxStreams int
 	// PoolMaxBytes is how many payload bytes (both ways, all streams) a
 	// pooled connection carries before new streams go to a fresh
 	// connection. Default 64 GiB; must be >= 0.
 	PoolMaxBytes int64
-	// PoolIdleTimeout closes an outbound pooled connection that has
-	// carried no stream for this long. Default 60s; must be >= 0.
+	// PoolIdleTimeout closes a pooled connection that has carried no
+	// stream for this long: outbound after PoolIdleTimeout, inbound 5 s
+	// later, so that with equal settings the dialing side closes first.
+	// Default 90s; must be >= 0.
 	PoolIdleTimeout time.Duration
+	// PoolMaxLifetime is how long a pooled connection takes new streams
+	// after its handshake; it then drains (its streams finish, new ones go
+	// to a fresh connection and handshake, with the current SVID). Never
+	// past the earlier NotAfter of the two certificates that authenticated
+	// it: both sides stop opening streams up to 2 s before it (less for a
+	// connection made with less than 4 s of validity left), and the
+	// receiving side refuses a stream after it (reason credential_expired).
+	// Measured from the handshake on the certificate clock (Now). Default
+	// 1h; must be >= 0.
+	PoolMaxLifetime time.Duration
 	// QUICKeyUpdateInterval is how many packets QUIC sends or receives
 	// with one traffic key before it updates the keys (RFC 9001 section
 	// 6). 0 keeps quic-go's default, 100 000 (and quic-go always makes a
@@ -275,13 +289,16 @@ func (c Config) withDefaults() Config {
 		c.Transports = slices.Clone(c.Transports)
 	}
 	if c.PoolMaxStreams == 0 {
-		c.PoolMaxStreams = 1000
+		c.PoolMaxStreams = 250
 	}
 	if c.PoolMaxBytes == 0 {
 		c.PoolMaxBytes = 64 << 30
 	}
 	if c.PoolIdleTimeout == 0 {
-		c.PoolIdleTimeout = time.Minute
+		c.PoolIdleTimeout = 90 * time.Second
+	}
+	if c.PoolMaxLifetime == 0 {
+		c.PoolMaxLifetime = time.Hour
 	}
 	// A copy, so that filling in defaults never writes to the caller's
 	// slice.
@@ -321,12 +338,14 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: Mark needs Linux", ErrInvalidConfig)
 	case c.Outbound != "" && !origDstSupported:
 		return fmt.Errorf("%w: Outbound (transparent capture) needs Linux", ErrInvalidConfig)
-	case c.PoolMaxStreams < 0:
-		return fmt.Errorf("%w: PoolMaxStreams %d is negative", ErrInvalidConfig, c.PoolMaxStreams)
+	case c.PoolMaxStreams < 0 || c.PoolMaxStreams > math.MaxUint16:
+		return fmt.Errorf("%w: PoolMaxStreams %d is outside 0..%d", ErrInvalidConfig, c.PoolMaxStreams, math.MaxUint16)
 	case c.PoolMaxBytes < 0:
 		return fmt.Errorf("%w: PoolMaxBytes %d is negative", ErrInvalidConfig, c.PoolMaxBytes)
 	case c.PoolIdleTimeout < 0:
 		return fmt.Errorf("%w: PoolIdleTimeout %s is negative", ErrInvalidConfig, c.PoolIdleTimeout)
+	case c.PoolMaxLifetime < 0:
+		return fmt.Errorf("%w: PoolMaxLifetime %s is negative", ErrInvalidConfig, c.PoolMaxLifetime)
 	}
 	if err := validateTransports(c.Transports); err != nil {
 		return err

@@ -50,7 +50,12 @@
 // connections and presents the certificate current when it was dialed: a
 // rotation moves new streams to a new connection, and every stream is a
 // registered connection, so revocation and drain reach streams and pooled
-// connections alike. Every handshake and every stream decision goes through
+// connections alike. A pooled connection takes new streams only while both
+// certificates that authenticated it are valid and it is younger than
+// Config.PoolMaxLifetime, then drains; the receiving side refuses a stream
+// on a connection whose certificates expired, whatever the peer does, and
+// both sides cap concurrent streams and close idle connections
+// (poollimits.go). Every handshake and every stream decision goes through
 // the same verification and policy, resumed sessions included
 // (docs/tunnel.md).
 package proxy

@@ -43,6 +43,12 @@ var (
 	// ErrRevocationStale means Config.Revocation reported that the
 	// deny-list cannot be trusted to be current, so handshakes fail closed.
 	ErrRevocationStale = errors.New("proxy: revocation status stale")
+	// ErrCredentialExpired means a stream arrived on a pooled connection
+	// after a certificate that authenticated it expired.
+	ErrCredentialExpired = errors.New("proxy: pooled connection credential expired")
+	// ErrMaxStreams means a peer opened more streams at once on a pooled
+	// connection than Config.PoolMaxStreams allows it.
+	ErrMaxStreams = errors.New("proxy: too many streams on a pooled connection")
 
 	// ErrNoOriginalDst means a connection to the Outbound port has no
 	// original destination: it was not redirected by iptables, or the

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -23,10 +24,12 @@ import (
 
 // newH2Server configures the server side of one inbound connection. Each
 // connection gets its own, so that a GOAWAY (hs.Shutdown) reaches exactly
-// that connection.
-func newH2Server() (*http2.Server, *http.Server, error) {
+// that connection. countError receives x/net's name of each protocol error
+// it handles itself (a stream past maxStreams: "over_max_streams").
+func newH2Server(maxStreams int, countError func(string)) (*http2.Server, *http.Server, error) {
 	h2s := &http2.Server{
-		MaxConcurrentStreams:         muxConcurrentStreams,
+		CountError:                   countError,
+		MaxConcurrentStreams:         uint32(maxStreams), //nolint:gosec // validated: 0..65535
 		MaxReadFrameSize:             h2MaxFrame,
 		MaxUploadBufferPerConnection: h2ConnWindow,
 		MaxUploadBufferPerStream:     h2StreamWindow,
@@ -44,17 +47,24 @@ func newH2Server() (*http2.Server, *http.Server, error) {
 // records the handshake (transport h2), registers the pooled connection
 // and serves its streams until it ends, then waits for them.
 func (p *Proxy) serveH2(ctx context.Context, tc *tls.Conn, raw net.Conn, s *setup, peerID spiffeid.ID) {
+	s.connID = newConnID()
 	if err := p.record(ctx, s, "", nil); err != nil {
 		return // the caller closes raw
 	}
 	_ = raw.SetDeadline(time.Time{}) // x/net keeps its own
-	h2s, hs, err := newH2Server()
+	// m is set before x/net serves, hence before countError runs.
+	var m *muxConn
+	h2s, hs, err := newH2Server(p.cfg.PoolMaxStreams, func(errType string) {
+		if strings.HasSuffix(errType, h2OverMaxStreams) {
+			p.refusedOverMax(ctx, m)
+		}
+	})
 	if err != nil {
 		p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "http2 server", slog.Any(keyErr, err))
 		return
 	}
 	impl := &h2Server{raw: raw, hs: hs}
-	m := p.newMux(impl, s, peerID)
+	m = p.newMux(impl, s, peerID)
 	if m.register() == "" {
 		h2s.ServeConn(tc, &http2.ServeConnOpts{
 			Context:    ctx,

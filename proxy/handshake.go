@@ -52,6 +52,13 @@ type setup struct {
 	// recorded is set by whoever records an inbound quic handshake: its
 	// accept or, for a failure, the end of its connection.
 	recorded atomic.Bool
+	// connID names a pooled connection (h2, quic) in its handshake record
+	// and its streams' (newConnID); "" for the tls transport.
+	connID string
+	// peerNotAfter and localNotAfter are the NotAfter of the peer's leaf
+	// and of the one we presented, once known (fill).
+	peerNotAfter  time.Time
+	localNotAfter time.Time
 }
 
 // claim reports whether the caller is the one to record s (quic).
@@ -69,9 +76,13 @@ func (s *setup) fill(cs tls.ConnectionState, local *localTLS) {
 	if cs.DidResume && local != nil {
 		s.localSerial, s.localNotBefore = local.serial, local.leaf.NotBefore
 	}
+	if local != nil && s.localSerial == local.serial {
+		s.localNotAfter = local.leaf.NotAfter
+	}
 	if len(cs.PeerCertificates) > 0 {
 		leaf := cs.PeerCertificates[0]
 		s.peerSerial, s.peerNotBefore = leaf.SerialNumber.String(), leaf.NotBefore
+		s.peerNotAfter = leaf.NotAfter
 		if id, err := x509svid.IDFromCert(leaf); err == nil {
 			s.peerID = recordedID(id.String())
 		}
@@ -130,7 +141,7 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 }
 
 func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake {
-	return audit.Handshake{
+	h := audit.Handshake{
 		Direction:   string(s.dir),
 		Result:      resultFor(reason),
 		Reason:      reason,
@@ -145,6 +156,8 @@ func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake 
 		Resumed:     s.resumed,
 		Duration:    d,
 	}
+	h.ConnID, h.PeerNotAfter, h.LocalNotAfter = s.connID, s.peerNotAfter, s.localNotAfter
+	return h
 }
 
 // presented is the local identity of s: localID, or the host's.

@@ -22,6 +22,9 @@ type metrics struct {
 	keyUpdates  *prometheus.CounterVec   // initiator
 	attested    *prometheus.CounterVec   // result
 	authzDenied *prometheus.CounterVec   // direction, rule
+	poolEnded   *prometheus.CounterVec   // direction, transport, reason
+	// streamRefusals are inbound streams refused, by reason.
+	streamRefusals *prometheus.CounterVec // direction, transport, reason
 
 	// The children of attested, resolved once: every captured connection
 	// counts one.
@@ -85,6 +88,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: metricAuthzDenied,
 			Help: "Connections the authorization policy (Services, Config.Policy, SetPolicy) refused at setup, by direction and deciding rule (default: no rule allowed).",
 		}, []string{labelDirection, labelRule}),
+		poolEnded: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricPoolEnded,
+			Help: "Pooled tunnel connections that stopped taking new streams (and drained) or closed because of a pool limit, by direction, transport and reason: credential_expired (a certificate that authenticated it is at its NotAfter), max_lifetime, max_bytes, idle_timeout (closed).",
+		}, []string{labelDirection, labelTransport, labelReason}),
+		streamRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricStreamRefusals,
+			Help: "Streams of pooled tunnel connections this proxy refused, by direction, transport and reason (credential_expired: the connection's peer certificate or ours has expired; max_streams: the peer opened more than pool.max_streams at once; the other handshake reasons).",
+		}, []string{labelDirection, labelTransport, labelReason}),
 	}
 	m.attestAgent = m.attested.WithLabelValues(attestedAgent)
 	m.attestHost = m.attested.WithLabelValues(attestedHost)
@@ -101,6 +112,11 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			for _, r := range []string{resultOK, resultRefused, resultError} {
 				m.streams.WithLabelValues(string(d), t, r)
 			}
+			for _, r := range []string{poolEndCredential, poolEndMaxLifetime, poolEndMaxBytes, poolEndIdle} {
+				m.poolEnded.WithLabelValues(string(d), t, r)
+			}
+			m.streamRefusals.WithLabelValues(string(d), t, ReasonCredentialExpired)
+			m.streamRefusals.WithLabelValues(string(d), t, ReasonMaxStreams)
 		}
 		m.duration.WithLabelValues(string(d))
 		m.active.WithLabelValues(string(d))
@@ -124,7 +140,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return m, nil
 	}
 	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained,
-		m.pool, m.streams, m.keyUpdates, m.attested, m.authzDenied}
+		m.pool, m.streams, m.keyUpdates, m.attested, m.authzDenied, m.poolEnded, m.streamRefusals}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {
 			// Leave the Registerer as it was, so a corrected New can retry.

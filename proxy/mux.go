@@ -33,6 +33,13 @@ type muxConn struct {
 	// peerNotBefore and localNotBefore go with peerSerial and localSerial.
 	peerNotBefore, localNotBefore time.Time
 
+	// Fixed at the handshake: its name in audit records (audit.Handshake.ConnID),
+	// the NotAfter of the peer's leaf and of ours, and its time limits.
+	id            string
+	peerNotAfter  time.Time
+	localNotAfter time.Time
+	limits        muxLimits
+
 	bytes atomic.Int64 // payload carried by its streams, both ways
 
 	mu        sync.Mutex
@@ -42,7 +49,10 @@ type muxConn struct {
 	active    int         // streams not ended yet
 	idleSince time.Time   // when active last dropped to 0
 	linger    *time.Timer // pending graceful close
+	expiry    *time.Timer // moves it to draining at limits.usableUntil (startExpiry)
 	gone      bool        // closed has run
+
+	closedOnce sync.Once
 }
 
 func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
@@ -61,6 +71,8 @@ func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
 		peerNotBefore:  s.peerNotBefore,
 		localNotBefore: s.localNotBefore,
 	}
+	m.id, m.peerNotAfter, m.localNotAfter = s.connID, s.peerNotAfter, s.localNotAfter
+	m.limits = newMuxLimits(p.cfg.Now(), p.cfg.PoolMaxLifetime, s.localNotAfter, s.peerNotAfter)
 	m.cond.L = &m.mu
 	return m
 }
@@ -82,6 +94,7 @@ func (m *muxConn) register() string {
 		m.close(false)
 		return closeDrained
 	}
+	m.startExpiry()
 	return ""
 }
 
@@ -93,20 +106,30 @@ func (m *muxConn) info() ConnInfo {
 }
 
 // reserve takes a stream slot on an open outbound connection within the
-// limits. A connection past PoolMaxStreams or PoolMaxBytes is retired;
-// closeNow reports that it has no stream left, so the caller (holding no
-// lock) must start closing it.
+// limits. A connection past its usable time (muxLimits) or PoolMaxBytes is
+// retired; closeNow reports that it has no stream left, so the caller
+// (holding no lock) must start closing it. One with PoolMaxStreams open
+// streams has no slot now.
 func (m *muxConn) reserve() (ok, closeNow bool) {
+	now := m.p.cfg.Now()
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.state != muxOpen {
 		return false, false
 	}
-	if m.opened >= m.p.cfg.PoolMaxStreams || m.bytes.Load() >= m.p.cfg.PoolMaxBytes {
+	end := ""
+	switch {
+	case !m.limits.usableAt(now):
+		end = m.limits.endReason
+	case m.bytes.Load() >= m.p.cfg.PoolMaxBytes:
+		end = poolEndMaxBytes
+	}
+	if end != "" {
 		m.state = muxRetired
+		m.p.metrics.poolEnded.WithLabelValues(string(m.dir), m.transport, end).Inc()
 		return false, m.active == 0
 	}
-	if m.active >= muxConcurrentStreams {
+	if m.active >= m.p.cfg.PoolMaxStreams {
 		return false, false
 	}
 	m.opened++
@@ -145,13 +168,20 @@ func (m *muxConn) release() {
 }
 
 // retire stops m from taking new streams; it closes after its last one.
-func (m *muxConn) retire() {
+func (m *muxConn) retire() { m.retireFor("") }
+
+// retireFor is retire counting why in agentmesh_proxy_pool_ended_total
+// (nothing for ""), once: only the transition counts.
+func (m *muxConn) retireFor(end string) {
 	m.mu.Lock()
 	if m.state != muxOpen {
 		m.mu.Unlock()
 		return
 	}
 	m.state = muxRetired
+	if end != "" {
+		m.p.metrics.poolEnded.WithLabelValues(string(m.dir), m.transport, end).Inc()
+	}
 	idle := m.active == 0
 	m.mu.Unlock()
 	if idle {
@@ -178,26 +208,33 @@ func (m *muxConn) close(graceful bool) {
 		return
 	}
 	m.state = muxClosed
-	if m.linger != nil {
-		m.linger.Stop()
-	}
+	m.stopTimers()
 	m.mu.Unlock()
 	m.impl.close(graceful)
 }
 
-// closed is called by the transport, once, when the connection is gone:
-// m leaves the registry and the pool.
-func (m *muxConn) closed() {
-	m.mu.Lock()
-	if m.gone {
-		m.mu.Unlock()
-		return
-	}
-	m.gone = true
-	m.state = muxClosed
+// stopTimers stops m's pending linger and expiry; m.mu is held.
+func (m *muxConn) stopTimers() {
 	if m.linger != nil {
 		m.linger.Stop()
 	}
+	if m.expiry != nil {
+		m.expiry.Stop()
+	}
+}
+
+// closed is called by the transport when the connection is gone: m leaves
+// the registry and the pool. The transport may report the end from two
+// goroutines at once (quic: its own close and the end of the connection's
+// context); every call returns only once m is gone, so that a caller that
+// closed m (SetDenyList, Drain) finds it gone.
+func (m *muxConn) closed() { m.closedOnce.Do(m.leave) }
+
+func (m *muxConn) leave() {
+	m.mu.Lock()
+	m.gone = true
+	m.state = muxClosed
+	m.stopTimers()
 	m.mu.Unlock()
 	m.p.registry.removeMux(m)
 	if m.dir == Outbound {
@@ -214,11 +251,4 @@ func (m *muxConn) waitStreams() {
 	for m.active > 0 {
 		m.cond.Wait()
 	}
-}
-
-// idleBefore reports whether m is open with no stream since before cutoff.
-func (m *muxConn) idleBefore(cutoff time.Time) bool {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.state != muxClosed && m.active == 0 && m.idleSince.Before(cutoff)
 }

@@ -16,6 +16,8 @@ const (
 	metricQUICKeyUpdates    = "agentmesh_proxy_quic_key_updates_total"
 	metricAttestations      = "agentmesh_proxy_attestations_total"
 	metricAuthzDenied       = "agentmesh_proxy_authz_denied_total"
+	metricPoolEnded         = "agentmesh_proxy_pool_ended_total"
+	metricStreamRefusals    = "agentmesh_proxy_stream_refusals_total"
 
 	labelDirection = "direction"
 	labelResult    = "result"
@@ -24,6 +26,7 @@ const (
 	labelTransport = "transport"
 	labelInitiator = "initiator"
 	labelRule      = "rule"
+	labelReason    = "reason"
 )
 
 // Why the session-ticket keys changed (the trigger label). A reset's trigger

@@ -19,11 +19,6 @@ import (
 // them; the pooled connections are registered too, so that a denied or
 // drained credential also ends the connection its streams ran on.
 
-// muxConcurrentStreams caps the streams open at once on one pooled
-// connection; both transports advertise it to their peers. Past it, new
-// streams go to another connection.
-const muxConcurrentStreams = 1000
-
 // muxCloseLinger is how long an outbound pooled connection that takes no new
 // streams stays open after its last stream ended, so that the peer receives
 // and acknowledges what that stream sent last before the connection goes:
@@ -232,17 +227,6 @@ func (pl *pool) remove(m *muxConn) {
 	}
 }
 
-// all returns every pooled connection.
-func (pl *pool) all() []*muxConn {
-	pl.mu.Lock()
-	defer pl.mu.Unlock()
-	var out []*muxConn
-	for _, ms := range pl.conns {
-		out = append(out, ms...)
-	}
-	return out
-}
-
 // retireMuxes makes every pooled connection stop taking new streams.
 func (p *Proxy) retireMuxes() {
 	for _, m := range p.registry.allMuxes() {
@@ -254,12 +238,12 @@ func (p *Proxy) retireMuxes() {
 	}
 }
 
-// reap closes, every tick until ctx is done, the outbound connections that
-// carried no stream for PoolIdleTimeout; then it closes every pooled
-// connection (both directions) at once, as Run's shutdown does with every
-// other connection.
+// reap closes, every tick until ctx is done, the pooled connections that
+// carried no stream for PoolIdleTimeout (inbound: plus muxIdleGrace); then
+// it closes every pooled connection (both directions) at once, as Run's
+// shutdown does with every other connection.
 func (p *Proxy) reap(ctx context.Context) {
-	tick := min(p.cfg.PoolIdleTimeout/2, 10*time.Second)
+	tick := min(p.cfg.PoolIdleTimeout/4, 10*time.Second)
 	t := time.NewTicker(max(tick, 100*time.Millisecond))
 	defer t.Stop()
 	for {
@@ -270,12 +254,13 @@ func (p *Proxy) reap(ctx context.Context) {
 			}
 			return
 		case now := <-t.C:
-			cutoff := now.Add(-p.cfg.PoolIdleTimeout)
-			for _, m := range p.pool.all() {
-				if m.idleBefore(cutoff) {
-					// Idle this long, everything it sent is
-					// acknowledged: no linger.
-					m.close(true)
+			for _, m := range p.registry.allMuxes() {
+				idle := p.cfg.PoolIdleTimeout
+				if m.dir == Inbound {
+					idle += muxIdleGrace
+				}
+				if m.closeIfIdle(now.Add(-idle)) {
+					p.metrics.poolEnded.WithLabelValues(string(m.dir), m.transport, poolEndIdle).Inc()
 				}
 			}
 		}
@@ -288,7 +273,7 @@ func (p *Proxy) reap(ctx context.Context) {
 // *refusal carrying the recorded reason, so the streams that waited for
 // this dial end with the same one.
 func (p *Proxy) dialMux(ctx context.Context, key poolKey, l *localTLS, peer Peer) (*muxConn, error) {
-	s := &setup{dir: Outbound, start: time.Now(), peerAddr: peer.Tunnel, transport: key.transport, localID: l.id}
+	s := &setup{dir: Outbound, start: time.Now(), peerAddr: peer.Tunnel, transport: key.transport, localID: l.id, connID: newConnID()}
 	var impl muxImpl
 	err := p.auditErr()
 	if err == nil {

@@ -53,6 +53,8 @@ func TestNewValidates(t *testing.T) {
 		{name: "negative_pool_max_streams", mutate: func(c *proxy.Config) { c.PoolMaxStreams = -1 }},
 		{name: "negative_pool_max_bytes", mutate: func(c *proxy.Config) { c.PoolMaxBytes = -1 }},
 		{name: "negative_pool_idle_timeout", mutate: func(c *proxy.Config) { c.PoolIdleTimeout = -time.Second }},
+		{name: "pool_max_streams_too_large", mutate: func(c *proxy.Config) { c.PoolMaxStreams = 1 << 16 }},
+		{name: "negative_pool_max_lifetime", mutate: func(c *proxy.Config) { c.PoolMaxLifetime = -time.Second }},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

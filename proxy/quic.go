@@ -92,7 +92,7 @@ func (p *Proxy) listenQUIC(tunnelAddr net.Addr) error {
 		Tracer:                     tracer,
 	}
 	server := base
-	server.MaxIncomingStreams = muxConcurrentStreams
+	server.MaxIncomingStreams = int64(p.cfg.PoolMaxStreams)
 	server.MaxIncomingUniStreams = -1 // the client opens none
 	server.Allow0RTT = false          // replayable data would bypass the per-stream checks' freshness
 	client := base
@@ -124,7 +124,7 @@ func (p *Proxy) closeQUIC() error {
 // quicConnContext gives each inbound connection the setup its handshake
 // record is made from.
 func (p *Proxy) quicConnContext(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
-	s := &setup{dir: Inbound, start: time.Now(), peerAddr: ci.RemoteAddr.String(), transport: TransportQUIC}
+	s := &setup{dir: Inbound, start: time.Now(), peerAddr: ci.RemoteAddr.String(), transport: TransportQUIC, connID: newConnID()}
 	return withSetup(ctx, s), nil
 }
 
@@ -368,9 +368,9 @@ func (q *quicConn) open(ctx context.Context, port uint16) (outStream, error) {
 	if q.conn.Context().Err() != nil {
 		return nil, errMuxUnusable
 	}
-	// The pool keeps at most muxConcurrentStreams open, the peer's limit,
-	// but the peer's credit for a stream that just ended may still be on
-	// its way.
+	// The pool keeps at most PoolMaxStreams open, which is also the
+	// peer's limit when both use the same settings, but the peer's credit
+	// for a stream that just ended may still be on its way.
 	st, err := q.conn.OpenStreamSync(ctx)
 	if err != nil {
 		if q.conn.Context().Err() != nil {

@@ -39,6 +39,8 @@ const (
 	ReasonRevoked           = "revoked"             // the deny-list denies the peer's certificate (or our own)
 	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
 	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
+	ReasonCredentialExpired = "credential_expired"  // inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
+	ReasonMaxStreams        = "max_streams"         // inbound: a stream past PoolMaxStreams open at once on one pooled connection (h2)
 
 	// Certificate rules beyond x509svid.Verify (internal/svidrules).
 	ReasonKeyUsage     = "wrong_key_usage"    // the leaf's extended key usage lacks clientAuth (a client) or serverAuth (a server)

@@ -62,6 +62,13 @@ type ConnInfo struct {
 	// and quic the connection is one stream of a pooled connection, whose
 	// serials it shares), or "tcp" for a passthrough connection.
 	Transport string
+	// ConnID names, for a stream, its pooled connection in audit records
+	// (audit.Handshake.ConnID); "" otherwise.
+	ConnID string
+	// PeerNotAfter and LocalNotAfter are, for a stream, the NotAfter of
+	// the peer's leaf and of ours on its pooled connection; zero otherwise.
+	PeerNotAfter  time.Time
+	LocalNotAfter time.Time
 }
 
 // registry tracks established proxied connections so that revocation and

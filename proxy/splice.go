@@ -251,6 +251,7 @@ func (p *Proxy) serve(ctx context.Context, c *tunnelConn, copierStarted bool) {
 		Duration:    time.Since(c.info.Start),
 		Reason:      c.closeReason(),
 	}
+	c.info.stamp(&rec)
 	if rec.Reason == closeEOF {
 		rec.Reason = "" // audit.Connection: a reason only when not a clean EOF
 	}

@@ -63,6 +63,7 @@ func (p *Proxy) tunnelPooled(ctx context.Context, o *outbound, peer Peer, transp
 	c.tunnel = st
 	c.info.PeerSerial, c.info.LocalSerial, c.info.PeerAddr = m.peerSerial, m.localSerial, m.peerAddr
 	c.info.PeerNotBefore, c.info.LocalNotBefore = m.peerNotBefore, m.localNotBefore
+	c.info.ConnID, c.info.PeerNotAfter, c.info.LocalNotAfter = m.id, m.peerNotAfter, m.localNotAfter
 	if !c.attach(st) {
 		p.concludeStream(ctx, o, ReasonShutdown, ctx.Err())
 		return
@@ -104,15 +105,23 @@ func (p *Proxy) concludeStream(ctx context.Context, o *outbound, reason string, 
 // header, the target dial, the status, the splice. The stream's slot on m is
 // the caller's.
 func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port uint16, perr error) {
-	info := ConnInfo{Direction: Inbound, PeerID: m.peerID, LocalID: m.localID, PeerSerial: m.peerSerial,
-		LocalSerial: m.localSerial, PeerAddr: m.peerAddr, Start: time.Now(), Transport: m.transport,
-		PeerNotBefore: m.peerNotBefore, LocalNotBefore: m.localNotBefore}
+	info := m.streamInfo()
+	if perr == nil {
+		info.Port, info.DstID = port, p.agentAt(port)
+		info.Target = net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(port)))
+	}
+	// Whatever the peer does, no new stream rides a connection that a
+	// certificate past its NotAfter authenticated: it must dial a new one.
+	if reason := m.admit(p.cfg.Now()); reason != "" {
+		m.impl.goaway()
+		p.refuseStream(ctx, st, info, statusNotAllowed, reason,
+			fmt.Errorf("%w: a certificate of the pooled connection expired at %s", ErrCredentialExpired, m.limits.expires))
+		return
+	}
 	if perr != nil {
 		p.refuseStream(ctx, st, info, statusBadRequest, classify(ctx, perr), perr)
 		return
 	}
-	info.Port, info.DstID = port, p.agentAt(port)
-	info.Target = net.JoinHostPort(p.cfg.TargetHost, strconv.Itoa(int(port)))
 	// Our failures, not the peer's: no status to give, as with tls.
 	for _, f := range []struct {
 		reason string
@@ -168,6 +177,7 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 // refuseStream counts, records and answers a refused inbound stream.
 func (p *Proxy) refuseStream(ctx context.Context, st inStream, info ConnInfo, s status, reason string, cause error) {
 	p.metrics.streams.WithLabelValues(string(Inbound), info.Transport, resultFor(reason)).Inc()
+	p.metrics.streamRefusals.WithLabelValues(string(Inbound), info.Transport, reason).Inc()
 	p.recordStream(ctx, info, reason, cause)
 	if err := st.answer(s); err != nil {
 		_ = st.Close()
@@ -213,6 +223,7 @@ func (p *Proxy) recordStream(ctx context.Context, info ConnInfo, reason string, 
 		Duration:    time.Since(info.Start),
 		Reason:      reason,
 	}
+	info.stamp(&rec)
 	if err := p.cfg.Audit.Append(rec); err != nil {
 		p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit stream record",
 			slog.String(keyDirection, rec.Direction), slog.String(keyReason, reason), slog.Any(keyErr, err))

@@ -48,6 +48,7 @@ type proxyFile struct {
 	Dir                   directoryFile   `yaml:"directory"`
 	Revoke                revocationFile  `yaml:"revocation"`
 	Audit                 auditFile       `yaml:"audit"`
+	Pool                  poolFile        `yaml:"pool"`
 	Log                   logFile         `yaml:"log"`
 	Rotation              policy.Rotation `yaml:"rotation"`
 	Routes                []routeFile     `yaml:"routes"`
@@ -83,6 +84,19 @@ type auditFile struct {
 	Path string `yaml:"path"`
 	// Streams adds a record per proxied stream of the pooled transports.
 	Streams bool `yaml:"streams"`
+}
+
+// poolFile limits the pooled connections of the h2 and quic transports, on both sides
+// (proxy.Config.PoolMaxLifetime, PoolMaxStreams, PoolIdleTimeout); 0 takes the default.
+type poolFile struct {
+	// MaxLifetime is how long a pooled connection takes new streams (never past the
+	// earlier NotAfter of its two certificates). Default 1h.
+	MaxLifetime time.Duration `yaml:"max_lifetime"`
+	// MaxStreams is how many streams one pooled connection carries at once. Default 250,
+	// at most 65535.
+	MaxStreams int `yaml:"max_streams"`
+	// IdleTimeout closes a pooled connection without streams for this long. Default 90s.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
 }
 
 type logFile struct {
@@ -125,6 +139,7 @@ type proxyConfig struct {
 	QUICKeys    uint64
 	MaxInter    int
 	StreamAudit bool
+	Pool        poolFile
 	Advertise   []netip.Addr
 	Heartbeat   time.Duration
 	Poll        time.Duration
@@ -170,6 +185,7 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		QUICKeys:    f.QUICKeyUpdateInterval,
 		MaxInter:    f.TLS.MaxIntermediates,
 		StreamAudit: f.Audit.Streams,
+		Pool:        f.Pool,
 		Heartbeat:   f.Dir.Heartbeat,
 		Poll:        f.Revoke.Poll,
 		Staleness:   f.Revoke.MaxStaleness,
@@ -252,6 +268,15 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 	}
 	if f.Revoke.MaxStaleness < 0 {
 		return nil, doc.fieldError("revocation.max_staleness", errors.New("must not be negative"))
+	}
+	if f.Pool.MaxLifetime < 0 {
+		return nil, doc.fieldError("pool.max_lifetime", errors.New("must not be negative"))
+	}
+	if f.Pool.MaxStreams < 0 || f.Pool.MaxStreams > 65535 {
+		return nil, doc.fieldError("pool.max_streams", errors.New("must be within 0..65535"))
+	}
+	if f.Pool.IdleTimeout < 0 {
+		return nil, doc.fieldError("pool.idle_timeout", errors.New("must not be negative"))
 	}
 	if err := f.Rotation.Validate(); err != nil {
 		var fe *policy.FieldError

@@ -62,6 +62,27 @@ func TestLoadProxyConfig(t *testing.T) {
 	}
 }
 
+// TestLoadProxyConfigPool: the pool section reaches the configuration as written, and
+// its absence leaves zeros (the proxy's defaults).
+func TestLoadProxyConfigPool(t *testing.T) {
+	t.Parallel()
+	c, err := loadProxyConfig(writeConfig(t, strings.Replace(goodConfig, "state: state",
+		"state: state\npool:\n  max_lifetime: 10m\n  max_streams: 4\n  idle_timeout: 3s", 1)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (poolFile{MaxLifetime: 10 * time.Minute, MaxStreams: 4, IdleTimeout: 3 * time.Second}); c.Pool != want {
+		t.Errorf("pool = %+v, want %+v", c.Pool, want)
+	}
+	c, err = loadProxyConfig(writeConfig(t, goodConfig))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Pool != (poolFile{}) {
+		t.Errorf("pool = %+v without a pool section, want zeros", c.Pool)
+	}
+}
+
 // TestLoadProxyConfigErrors checks that every malformed file is refused with the file,
 // the line and the field that is wrong.
 func TestLoadProxyConfigErrors(t *testing.T) {
@@ -88,6 +109,9 @@ func TestLoadProxyConfigErrors(t *testing.T) {
 		{name: "unknown key store", edit: replace("state: state", "state: state\nkeys: tpm"), line: 3, field: "keys"},
 		{name: "unknown unattested policy", edit: replace("state: state", "state: state\nunattested: allow"), line: 3, field: "unattested"},
 		{name: "too many intermediates", edit: replace("state: state", "state: state\ntls:\n  max_intermediates: 5"), line: 4, field: "tls.max_intermediates"},
+		{name: "negative pool lifetime", edit: replace("state: state", "state: state\npool:\n  max_lifetime: -1s"), line: 4, field: "pool.max_lifetime"},
+		{name: "pool streams out of range", edit: replace("state: state", "state: state\npool:\n  max_streams: 70000"), line: 4, field: "pool.max_streams"},
+		{name: "negative pool idle timeout", edit: replace("state: state", "state: state\npool:\n  idle_timeout: -5s"), line: 4, field: "pool.idle_timeout"},
 		{name: "wrong type", edit: replace("target_port: 8080", "target_port: eighty"), line: 13},
 		{name: "bad duration", edit: replace("overlap: 10s", "overlap: ten"), line: 8},
 		{name: "not YAML", edit: func(string) string { return "id: [unclosed\n" }, line: 1},
