@@ -40,6 +40,11 @@ const (
 	statusNotAllowed  status = 0x01 // the peer may not reach the target port
 	statusUnreachable status = 0x02 // the target refused or did not answer
 	statusBadRequest  status = 0x03 // malformed header, unknown version or command
+
+	// statusGoaway, or-ed into statusOK on a quic stream, asks the client to open
+	// no more streams on this connection. It repeats the control stream's
+	// quicGoaway in order with the answer, which the control stream cannot be.
+	statusGoaway status = 0x80
 )
 
 // header is a parsed tunnel header.

@@ -248,7 +248,7 @@ func (p *Proxy) serveQUICConn(ctx context.Context, conn *quic.Conn) {
 // serveQUICStream reads a stream's header, with the handshake deadline, and
 // serves it.
 func (p *Proxy) serveQUICStream(ctx context.Context, m *muxConn, q *quicConn, st *quic.Stream) {
-	qs := &quicStream{st: st, conn: q.conn}
+	qs := &quicStream{st: st, conn: q.conn, mux: q}
 	_ = st.SetReadDeadline(time.Now().Add(p.cfg.HandshakeTimeout))
 	var hb [headerLen]byte
 	if _, err := io.ReadFull(st, hb[:]); err != nil {
@@ -349,6 +349,13 @@ func (q *quicConn) goaway() {
 	}
 }
 
+// gone reports whether goaway has been sent.
+func (q *quicConn) gone() bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.goneOut
+}
+
 // close: QUIC has no graceful close of its own; muxCloseLinger gave the
 // peer time to acknowledge what the last stream sent.
 func (q *quicConn) close(graceful bool) {
@@ -383,13 +390,14 @@ func (q *quicConn) open(ctx context.Context, port uint16) (outStream, error) {
 		st.CancelRead(quicStreamClosed)
 		return nil, fmt.Errorf("%w: %w", errMuxUnusable, err)
 	}
-	return &quicStream{st: st, conn: q.conn}, nil
+	return &quicStream{st: st, conn: q.conn, mux: q}, nil
 }
 
 // quicStream is one stream, either direction.
 type quicStream struct {
 	st       *quic.Stream
 	conn     *quic.Conn
+	mux      *quicConn
 	readEOF  atomic.Bool
 	wroteEOF atomic.Bool
 }
@@ -401,11 +409,24 @@ func (s *quicStream) status(timeout time.Duration) (status, error) {
 		return 0, err
 	}
 	_ = s.st.SetReadDeadline(time.Time{})
-	return status(b[0]), nil
+	st := status(b[0])
+	if st&statusGoaway != 0 {
+		// Retired before the agent sees the answer, so its next connection is
+		// never opened here, whatever the control stream's delivery order.
+		if m := s.mux.m.Load(); m != nil {
+			m.retire()
+		}
+		st &^= statusGoaway
+	}
+	return st, nil
 }
 
 func (s *quicStream) answer(st status) error {
-	if _, err := s.st.Write([]byte{byte(st)}); err != nil {
+	b := byte(st)
+	if st == statusOK && s.mux.gone() {
+		b |= byte(statusGoaway)
+	}
+	if _, err := s.st.Write([]byte{b}); err != nil {
 		return err
 	}
 	if st == statusOK {
