@@ -30,6 +30,11 @@
 // objects are gone refuses to sign, so a stale object handle can never reach whatever
 // object the token gives that handle next.
 //
+// A key outlives the process that made it, as token objects do. Keys.Ref names it (its
+// label, not secret) and Keys.Open finds it again in a later process, so a restarted
+// proxy keeps using the key of the certificate it holds; Open refuses an object under
+// that label that is not sensitive and never extractable, as NewKey makes them.
+//
 // What destruction guarantees: the private key never exists in this process's memory,
 // so, unlike an in-memory key, it leaves no Go bytes to overwrite. In SoftHSM the key
 // is an object file under tokens/; it is a private object, so its attributes are

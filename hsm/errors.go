@@ -26,3 +26,12 @@ var ErrDestroyed = errors.New("hsm: key destroyed")
 
 // ErrUnknownKey is returned by Destroy for a signer that this Keys did not make.
 var ErrUnknownKey = errors.New("hsm: key not made by this key store")
+
+// ErrKeyNotFound is returned by Open for a reference that names no key of the store in
+// the token: destroyed, never made there, or of another store.
+var ErrKeyNotFound = errors.New("hsm: key not found")
+
+// ErrKeyRefused is returned by Open for an object found under the reference that is
+// not a key as NewKey makes them (another curve, or extractable or not sensitive now or
+// ever): it is never used.
+var ErrKeyRefused = errors.New("hsm: key refused")

@@ -9,57 +9,33 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"sync"
 	"testing"
 
 	"github.com/miekg/pkcs11"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // sharedToken is the label of the token most tests use.
 const sharedToken = "hsm-test"
 
-// shared is the one SoftHSM directory of this test process. SoftHSM reads
-// SOFTHSM2_CONF once per initialisation, and the module stays initialised while any
-// test has keys open, so every test (parallel ones included) uses this directory, with
-// its own token or its own key label prefix. TestMain releases it after all tests.
-var shared struct {
-	once    sync.Once
-	dir     string
-	uri     string
-	release func()
-	err     error
-}
+// shared is the one SoftHSM directory of this test process: every test (parallel ones
+// included) uses it, with its own token or its own key label prefix. Its name is one
+// the PKCS#11 URI must escape, and SoftHSM's configuration must carry. TestMain
+// removes it after all tests.
+var shared = softhsmtest.Dir{Pattern: "agentmesh hsm+test;", Label: sharedToken}
 
 func TestMain(m *testing.M) {
 	m.Run() // its result becomes the exit code when TestMain returns
-	if shared.release != nil {
-		shared.release()
-	}
-	if shared.dir != "" {
-		_ = os.RemoveAll(shared.dir)
-	}
+	shared.Remove()
 }
 
 // softHSM returns the shared SoftHSM directory and the URI of its shared token, and
 // skips the test when SoftHSM2 is not installed.
 func softHSM(tb testing.TB) (dir, uri string) {
 	tb.Helper()
-	if _, err := os.Stat(hsm.SoftHSMModule); err != nil {
-		tb.Skipf("SoftHSM2 module %s not installed (apt-get install softhsm2): %v", hsm.SoftHSMModule, err)
-	}
-	shared.once.Do(func() {
-		// A name the PKCS#11 URI must escape, and SoftHSM's configuration must carry.
-		if shared.dir, shared.err = os.MkdirTemp("", "agentmesh hsm+test;"); shared.err != nil {
-			return
-		}
-		shared.uri, shared.release, shared.err = hsm.SoftHSM(shared.dir, sharedToken)
-	})
-	if shared.err != nil {
-		tb.Fatalf("shared SoftHSM: %v", shared.err)
-	}
-	return shared.dir, shared.uri
+	return shared.Token(tb)
 }
 
 // token prepares the token label in the shared directory for one test and returns its

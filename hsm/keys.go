@@ -22,6 +22,9 @@ import (
 // readable in pkcs11-tool listings.
 const maxPrefix = 64
 
+// keyIDLen is the length of the CKA_ID of each key, random; its label ends in it, in hex.
+const keyIDLen = 16
+
 // listAttempts bounds the retries of List when a key is destroyed while it is listed.
 const listAttempts = 3
 
@@ -32,7 +35,8 @@ const listAttempts = 3
 // token. It satisfies the rotator's KeyStore (NewKey, Destroy) without importing it.
 //
 // Keys are token objects, so they outlive the process: a key whose process died before
-// Destroy stays in the token until it is deleted (List shows it).
+// Destroy stays in the token until it is deleted (List shows it), and a later process
+// uses it again through Open with the reference Ref gave.
 //
 // All methods are safe to call concurrently.
 type Keys struct {
@@ -75,7 +79,7 @@ func (k *Keys) NewKey(ctx context.Context) (crypto.Signer, error) {
 	if err := k.usable(ctx); err != nil {
 		return nil, fmt.Errorf("hsm: new key: %w", err)
 	}
-	id := make([]byte, 16)
+	id := make([]byte, keyIDLen)
 	_, _ = rand.Read(id) // never fails
 	label := k.prefix + hex.EncodeToString(id)
 

@@ -207,8 +207,8 @@ func TestCancelledContext(t *testing.T) {
 	}
 }
 
-// Each store sees and destroys only its own keys; keys survive Close and are listed by
-// the next store with the prefix (what a restarted process finds).
+// Each store sees, names and destroys only its own keys; keys survive Close and are
+// listed by the next store with the prefix (what a restarted process finds).
 func TestPrefixesAndPersistence(t *testing.T) {
 	t.Parallel()
 	_, uri := softHSM(t)
@@ -241,6 +241,9 @@ func TestPrefixesAndPersistence(t *testing.T) {
 	} {
 		if err := a.Destroy(t.Context(), tc.key); !errors.Is(err, hsm.ErrUnknownKey) {
 			t.Errorf("Destroy(%s): %v, want ErrUnknownKey", tc.name, err)
+		}
+		if _, err := a.Ref(tc.key); !errors.Is(err, hsm.ErrUnknownKey) {
+			t.Errorf("Ref(%s): %v, want ErrUnknownKey", tc.name, err)
 		}
 	}
 

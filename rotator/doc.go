@@ -15,6 +15,9 @@
 // open listeners or close connections (Config.Drain does), and never persists private
 // keys: a KeyStore makes and destroys them (MemoryKeys by default, whose documentation
 // says what overwriting a key in Go memory can and cannot guarantee; or a PKCS#11
-// token). A Rotator is the x509svid.Source and x509bundle.Source of the proxy: readers
-// never block and never see a half-updated state.
+// token). With Config.StateFile and a key store whose keys outlive the process, it keeps
+// the current SVID's public chain and the reference of its key in a file, so that a
+// restarted process presents that SVID at once and renews it instead of enrolling again
+// with a bootstrap token. A Rotator is the x509svid.Source and x509bundle.Source of the
+// proxy: readers never block and never see a half-updated state.
 package rotator

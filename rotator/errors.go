@@ -22,6 +22,10 @@ var (
 	ErrBadRequest = errors.New("rotator: bad rotate request")
 	// ErrStopped means Run has returned: nothing rotates any more.
 	ErrStopped = errors.New("rotator: not running")
+	// ErrEnrolmentRefused wraps the error of an enrolment the CA refused for good: its
+	// bootstrap token was used already, has expired, or none is configured. Retries
+	// read the token again, so writing a new one (agentmesh token) is what ends it.
+	ErrEnrolmentRefused = errors.New("rotator: enrolment refused; a new bootstrap token is needed")
 	// ErrKeyDestroyed is returned when signing with a key after KeyStore.Destroy.
 	ErrKeyDestroyed = errors.New("rotator: key destroyed")
 )

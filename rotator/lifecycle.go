@@ -34,6 +34,9 @@ const (
 	CauseExpired    = TriggerExpired    // the certificate expired
 	CauseRevoked    = TriggerRevoked    // Revoke: a deny-list names the SVID
 	CauseCompromise = TriggerCompromise // Rotate with Compromised
+	// CauseRestored: the key of the SVID Config.StateFile held, found again in the key
+	// store when Run started; it was made, and became active, in an earlier process.
+	CauseRestored = "restored"
 )
 
 const (

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"log/slog"
 	"sync"
@@ -25,6 +26,9 @@ const (
 	TriggerCompromise = "compromise" // Rotate: the current key is compromised
 	TriggerConfig     = "config"     // Rotate: the configuration changed
 	TriggerFleet      = "fleet"      // Rotate: a fleet command from the CA
+	// TriggerRestart: Run started from a valid SVID that Config.StateFile kept; it is
+	// renewed at once, authenticated by itself, instead of enrolling again.
+	TriggerRestart = "restart"
 )
 
 // initiatorRotator is the initiator of the rotations the loop decides by itself.
@@ -59,10 +63,12 @@ type loopState struct {
 	reenroll bool      // the last renewal was refused for good: enrol instead
 	handled  uint64    // version of the dropped SVID whose immediate re-enrolment was made
 	usage    uint64    // version of the key whose usage rotation was started
+	restored bool      // the current SVID was restored at start and not renewed yet
 }
 
 func (r *Rotator) loop(ctx context.Context) {
 	l := loopState{next: time.Now()}
+	l.restored = r.restore(ctx) == RestoreValid
 	for {
 		call, ok := r.sleepUntil(ctx, r.wakeAt(l.next))
 		if !ok {
@@ -73,8 +79,10 @@ func (r *Rotator) loop(ctx context.Context) {
 			r.reschedule(now, &l)
 		}
 		r.endOverlaps(now)
+		r.syncStore(ctx) // a Revoke may have dropped the stored SVID
 		if call != nil {
 			r.serve(ctx, call, &l)
+			r.syncStore(ctx)
 			continue
 		}
 		s := r.state.Load()
@@ -92,25 +100,34 @@ func (r *Rotator) loop(ctx context.Context) {
 			continue
 		}
 		trigger := triggerFor(s, now, l.reenroll, r.policy.Load().MaxHandshakes)
+		if trigger == TriggerTime && l.restored {
+			trigger = TriggerRestart
+		}
 		a := attempt{trigger: trigger, initiator: initiatorRotator, old: s.current}
 		if a.old == nil {
 			a.old = s.dropped
 		}
-		if trigger == TriggerTime || trigger == TriggerUsage {
+		if trigger == TriggerTime || trigger == TriggerUsage || trigger == TriggerRestart {
 			a.auth = s.current
 		}
 		_, err := r.rotate(ctx, a)
 		if ctx.Err() != nil {
 			return
 		}
+		r.syncStore(ctx)
 		if err == nil {
-			l.reenroll, l.next = false, r.state.Load().renewAt
+			l.reenroll, l.restored, l.next = false, false, r.state.Load().renewAt
 			continue
 		}
 		l.reenroll = a.auth == nil || permanent(err)
 		s = r.state.Load()
 		l.next = r.retryAt(s, time.Now())
-		r.cfg.Logger.LogAttrs(ctx, slog.LevelWarn, "rotation failed, will retry",
+		level := slog.LevelWarn
+		if s.needsToken {
+			// Retrying cannot help until an operator writes a new token.
+			level = slog.LevelError
+		}
+		r.cfg.Logger.LogAttrs(ctx, level, "rotation failed, will retry",
 			slog.String(keySPIFFEID, r.cfg.ID.String()), slog.String(keyTrigger, trigger),
 			slog.Int(keyAttempt, s.attempts), slog.Duration(keyRetryIn, time.Until(l.next)),
 			slog.Any(keyErr, err))
@@ -258,6 +275,9 @@ func (r *Rotator) obtain(ctx context.Context, a attempt, key crypto.Signer) (*x5
 		certs, err = r.cfg.Issuer.Enroll(ctx, r.cfg.ID, key)
 	}
 	if err != nil {
+		if a.auth == nil && permanent(err) {
+			err = fmt.Errorf("%w: %w", ErrEnrolmentRefused, err)
+		}
 		return nil, fmt.Errorf("rotator: %s %s: %w", a.trigger, r.cfg.ID, err)
 	}
 	return checkAnswer(r.cfg.ID, key, certs, r.state.Load().bundle, time.Now())
@@ -334,7 +354,9 @@ func (r *Rotator) publishFailure(err error) {
 	defer r.mu.Unlock()
 	s := *r.state.Load()
 	s.lastErr, s.attempts = err, s.attempts+1
+	s.needsToken = errors.Is(err, ErrEnrolmentRefused)
 	r.state.Store(&s)
+	r.metrics.published(&s)
 }
 
 // reschedule applies a new policy to what is held: the renewal time of the current

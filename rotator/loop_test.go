@@ -144,6 +144,16 @@ func start(t *testing.T, iss *issuer, p policy.Rotation) (*Rotator, *records) {
 // startWith is start with more of the Config; ID, Issuer, Bundle and Audit are set here.
 func startWith(t *testing.T, iss *issuer, cfg Config) (*Rotator, *records) {
 	t.Helper()
+	r, rec, _ := run(t, iss, cfg)
+	synctest.Wait()
+	return r, rec
+}
+
+// run starts a Rotator for hostA with cfg (ID, Issuer, Bundle and Audit set here) and
+// returns it with its audit records and a stop function that ends Run and waits for
+// it, as a process exit would (the test's cleanup calls it too).
+func run(t *testing.T, iss *issuer, cfg Config) (*Rotator, *records, func()) {
+	t.Helper()
 	rec := &records{}
 	cfg.ID, cfg.Issuer, cfg.Bundle, cfg.Audit = hostA, iss, iss.ca.Bundle(), rec
 	r, err := New(cfg)
@@ -153,14 +163,14 @@ func startWith(t *testing.T, iss *issuer, cfg Config) (*Rotator, *records) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- r.Run(ctx) }()
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("Run: %v", err)
 		}
 	})
-	synctest.Wait()
-	return r, rec
+	t.Cleanup(stop)
+	return r, rec, stop
 }
 
 // advance moves the bubble's clock by d and lets every goroutine settle.

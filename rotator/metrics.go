@@ -17,6 +17,10 @@ type metrics struct {
 	keyStates       *prometheus.CounterVec
 	destroyFailures prometheus.Counter
 	drained         prometheus.Counter
+
+	restores      *prometheus.CounterVec
+	storeFailures prometheus.Counter
+	needsToken    prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer, id spiffeid.ID) (*metrics, error) {
@@ -46,11 +50,21 @@ func newMetrics(reg prometheus.Registerer, id spiffeid.ID) (*metrics, error) {
 		drained: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: metricDrained, Help: "Connections closed because the credential that authenticated them was retired.", ConstLabels: labels,
 		}),
+		restores: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricRestores, Help: "What the start found of the SVID kept in the state file, by result (none, restored, expired, unusable).", ConstLabels: labels,
+		}, []string{labelResult}),
+		storeFailures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: metricStoreFailures, Help: "Failed writes or removals of the SVID kept in the state file.", ConstLabels: labels,
+		}),
+		needsToken: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: metricNeedsToken, Help: "1 while the CA refuses the identity's enrolment for good: only a new bootstrap token gets an SVID once the current one expires.", ConstLabels: labels,
+		}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.rotations, m.expiry, m.renewAt, m.overlap, m.revoked, m.keyStates, m.destroyFailures, m.drained} {
+	for _, c := range []prometheus.Collector{m.rotations, m.expiry, m.renewAt, m.overlap, m.revoked, m.keyStates, m.destroyFailures, m.drained,
+		m.restores, m.storeFailures, m.needsToken} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("rotator: register metrics: %w", err)
 		}
@@ -77,4 +91,9 @@ func (m *metrics) published(s *snapshot) {
 		m.renewAt.Set(0)
 	}
 	m.overlap.Set(float64(len(s.overlap)))
+	if s.needsToken {
+		m.needsToken.Set(1)
+	} else {
+		m.needsToken.Set(0)
+	}
 }

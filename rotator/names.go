@@ -22,6 +22,8 @@ const (
 	keyInitiator = "initiator"
 	keyReason    = "reason"
 	keyPolicy    = "policy"
+	keyFile      = "file"
+	keyResult    = "result"
 )
 
 // Metric names and labels.
@@ -34,6 +36,9 @@ const (
 	metricKeyStates       = "agentmesh_rotator_key_transitions_total"
 	metricDestroyFailures = "agentmesh_rotator_key_destroy_failures_total"
 	metricDrained         = "agentmesh_rotator_drained_connections_total"
+	metricRestores        = "agentmesh_rotator_restores_total"
+	metricStoreFailures   = "agentmesh_rotator_store_failures_total"
+	metricNeedsToken      = "agentmesh_rotator_needs_token"
 	labelTrigger          = "trigger"
 	labelState            = "state"
 	labelResult           = "result"

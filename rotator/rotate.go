@@ -109,6 +109,8 @@ func (r *Rotator) serve(ctx context.Context, call *rotateCall, l *loopState) {
 	var compromised *credential
 	if req.Compromised && s.current != nil {
 		compromised = r.compromise(ctx, s.current.version, now)
+		// Before the renewal: a crash now must not restore the compromised SVID.
+		r.syncStore(ctx)
 		if compromised != nil {
 			a.old = compromised
 			// The loop must not start a re-enrolment of its own for this drop.
@@ -125,7 +127,7 @@ func (r *Rotator) serve(ctx context.Context, call *rotateCall, l *loopState) {
 	}
 	switch {
 	case err == nil:
-		l.reenroll, l.next = false, r.state.Load().renewAt
+		l.reenroll, l.restored, l.next = false, false, r.state.Load().renewAt
 	case compromised != nil:
 		// Nothing is presented: retry like the loop's own failures, by enrolment.
 		l.reenroll, l.next = true, r.retryAt(r.state.Load(), time.Now())

@@ -6,6 +6,7 @@ import (
 	crand "crypto/rand"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -41,6 +42,16 @@ type Config struct {
 	// Keys makes the key of each new certificate (every rotation gets a fresh one) and
 	// destroys it once the credential is retired. Default: MemoryKeys{}.
 	Keys KeyStore
+
+	// StateFile, when set, keeps the current SVID across restarts: its certificate chain
+	// (public) and the reference of its key in Keys, which must then be PersistentKeys
+	// (the key stays in the key store, never in the file). The file is replaced
+	// atomically (mode 0600) after every rotation and removed when the SVID is revoked
+	// or compromised. Run starts from it: a stored SVID that is still valid is presented
+	// at once and renewed with itself (trigger "restart") instead of enrolling; an
+	// expired one is retired and the identity enrols, which needs a bootstrap token the
+	// CA has not seen. Empty (the default): nothing is kept and every start enrols.
+	StateFile string
 
 	// Drain closes the connections still authenticated by a retired credential. It is
 	// called with the credential's serial when its overlap ends (grace
@@ -165,6 +176,10 @@ type snapshot struct {
 	renewAt   time.Time
 	lastErr   error // last failed attempt since the current SVID was obtained
 	attempts  int   // failed attempts since then
+	// needsToken: the last attempt was an enrolment the CA refused for good (its
+	// bootstrap token used, expired or missing); only a new one can get an SVID once
+	// the current one, if any, expires.
+	needsToken bool
 }
 
 // Rotator holds one identity's credentials and keeps them fresh. Its read methods are
@@ -202,6 +217,9 @@ type Rotator struct {
 	pending []job  // drains and destructions not started yet; guarded by mu
 
 	version uint64 // last key version made; only Run's goroutine uses it
+
+	persist PersistentKeys // Keys, when StateFile is set; else nil
+	stored  string         // serial in StateFile ("": none); only Run's goroutine uses it
 }
 
 // New validates cfg and returns a Rotator holding no SVID yet; Run obtains one.
@@ -220,6 +238,13 @@ func New(cfg Config) (*Rotator, error) {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
+	var persist PersistentKeys
+	if cfg.StateFile != "" {
+		var ok bool
+		if persist, ok = cfg.Keys.(PersistentKeys); !ok {
+			return nil, fmt.Errorf("rotator: config: StateFile needs a key store whose keys outlive the process, not %T", cfg.Keys)
+		}
+	}
 	m, err := newMetrics(cfg.Registerer, cfg.ID)
 	if err != nil {
 		return nil, err
@@ -231,6 +256,7 @@ func New(cfg Config) (*Rotator, error) {
 		calls:      make(chan *rotateCall),
 		retireWake: make(chan struct{}, 1),
 		stopped:    make(chan struct{}),
+		persist:    persist,
 	}
 	p := cfg.Policy
 	r.policy.Store(&p)

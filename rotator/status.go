@@ -22,6 +22,11 @@ type Status struct {
 	// compromised), and the last few destroyed ones.
 	Retired   []CredentialStatus `json:"retired,omitempty"`
 	BundleLen int                `json:"bundle_authorities"`
+
+	// NeedsToken is true while the CA refuses the identity's enrolment for good (its
+	// bootstrap token used, expired or missing): once the current SVID, if any, has
+	// expired, only a new token from `agentmesh token` gets the identity back.
+	NeedsToken bool `json:"needs_token,omitempty"`
 }
 
 // CredentialStatus describes one SVID and its key.
@@ -59,6 +64,7 @@ func (r *Rotator) Status() Status {
 	if s.lastErr != nil {
 		st.Error = s.lastErr.Error()
 	}
+	st.NeedsToken = s.needsToken
 	if d := s.dropped; d != nil {
 		if s.dropCause == CauseRevoked {
 			st.Revoked, st.RevokedSerial = true, d.serial

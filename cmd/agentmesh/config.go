@@ -36,7 +36,10 @@ type proxyFile struct {
 	// Policy is the authorization policy file, reloaded on SIGHUP and on change.
 	Policy string `yaml:"policy"`
 	Mark   int    `yaml:"mark"`
-	Keys   string `yaml:"keys"`
+	// Keys is where SVID keys live: "softhsm" (default: a SoftHSM2 token in STATE/hsm;
+	// the host identity survives a restart), a pkcs11: URI (that token, likewise), or
+	// "memory" (lost with the process: every start needs a new bootstrap token).
+	Keys string `yaml:"keys"`
 	// Transports are the tunnel transports this proxy accepts and prefers, most
 	// preferred first: tls, h2, quic. Default [tls].
 	Transports []string `yaml:"transports"`

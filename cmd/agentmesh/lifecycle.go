@@ -28,16 +28,18 @@ import (
 // SIGHUP.
 const configPoll = 2 * time.Second
 
-// openKeyStore returns where the proxy's SVID keys live: process memory by default, or
-// a PKCS#11 token ("softhsm": a SoftHSM2 token in the state directory; "pkcs11:…": that
-// token), where they are generated, used and destroyed without ever leaving it.
+// openKeyStore returns where the proxy's SVID keys live: a PKCS#11 token by default
+// ("softhsm", the default: a SoftHSM2 token in the state directory; "pkcs11:…": that
+// token), where they are generated, used and destroyed without ever leaving it and
+// outlive the process, so a restarted proxy keeps its identity; or process memory
+// ("memory"), lost with the process, so every start enrols with a new token.
 func openKeyStore(ctx context.Context, cfg *proxyConfig) (rotator.KeyStore, func(), error) {
 	uri := cfg.Keys
 	release := func() {}
 	switch {
-	case uri == "" || uri == "memory":
+	case uri == "memory":
 		return rotator.MemoryKeys{}, func() {}, nil
-	case uri == "softhsm":
+	case uri == "" || uri == "softhsm":
 		var err error
 		if uri, release, err = hsm.SoftHSM(filepath.Join(cfg.State, "hsm"), "agentmesh-proxy"); err != nil {
 			return nil, nil, fmt.Errorf("keys: %w", err)

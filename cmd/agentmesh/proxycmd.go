@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -28,6 +29,10 @@ import (
 
 // defaultStaleness bounds the deny-list's age while no SVID is held to measure it by.
 const defaultStaleness = time.Hour
+
+// hostSVIDFile, in the state directory, keeps the host SVID's chain and the reference of
+// its key across restarts (rotator.Config.StateFile).
+const hostSVIDFile = "svid.json"
 
 func newProxyCmd() *cobra.Command {
 	var configPath string
@@ -87,13 +92,20 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		return err
 	}
 	defer closeKeys()
+	// The host identity outlives the process when its keys do: its chain is kept beside
+	// them. Agents' identities need no such file: they enrol again through the host's.
+	var svidFile string
+	if _, ok := keys.(rotator.PersistentKeys); ok {
+		svidFile = filepath.Join(cfg.State, hostSVIDFile)
+	}
 	var px *proxy.Proxy
 	rot, err := rotator.New(rotator.Config{
-		ID:     cfg.ID,
-		Issuer: client,
-		Bundle: bundle,
-		Policy: cfg.Rotation,
-		Keys:   keys,
+		ID:        cfg.ID,
+		Issuer:    client,
+		Bundle:    bundle,
+		Policy:    cfg.Rotation,
+		Keys:      keys,
+		StateFile: svidFile,
 		// Called only from rot.Run, which starts after px is set.
 		Drain:      func(ctx context.Context, serial string, grace time.Duration) int { return px.Drain(ctx, serial, grace) },
 		Audit:      auditLog,
@@ -311,12 +323,25 @@ func portOf(addr string) (uint16, error) {
 func tokenFromFile(path string) func(context.Context) (string, error) {
 	return func(context.Context) (string, error) {
 		if path == "" {
-			return "", errors.New("no ca.token_file configured for enrolment")
+			return "", tokenError{errors.New("no ca.token_file configured for enrolment")}
 		}
 		b, err := os.ReadFile(path)
 		if err != nil {
-			return "", fmt.Errorf("read bootstrap token: %w", err)
+			return "", tokenError{fmt.Errorf("read bootstrap token: %w", err)}
 		}
-		return strings.TrimSpace(string(b)), nil
+		tok := strings.TrimSpace(string(b))
+		if tok == "" {
+			return "", tokenError{fmt.Errorf("bootstrap token file %s is empty", path)}
+		}
+		return tok, nil
 	}
 }
+
+// tokenError is a bootstrap token that cannot be had. Retrying cannot help until an
+// operator writes one, so it is permanent: the rotator then reports that a new token
+// is needed (and still reads the file again at each retry).
+type tokenError struct{ err error }
+
+func (e tokenError) Error() string { return e.err.Error() }
+func (e tokenError) Unwrap() error { return e.err }
+func (tokenError) Permanent() bool { return true }

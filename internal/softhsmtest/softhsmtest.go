@@ -1,0 +1,62 @@
+// Package softhsmtest gives the tests of one test binary a SoftHSM2 directory and token
+// that they all share. SoftHSM reads its configuration (SOFTHSM2_CONF) once per
+// initialisation of the module, and the module stays initialised while any test has a
+// token open, so a test process serves one SoftHSM directory: tests share it, each with
+// a token label or a key label prefix of its own. It does not give tests separate
+// directories.
+package softhsmtest
+
+import (
+	"os"
+	"sync"
+	"testing"
+
+	"github.com/agentmesh/agentmesh/hsm"
+)
+
+// Dir is a SoftHSM2 directory prepared at first use. The zero value is not usable: set
+// Pattern and Label. A package declares one as a variable and calls Remove from its
+// TestMain after the tests have run.
+type Dir struct {
+	// Pattern is the os.MkdirTemp pattern of the directory's name.
+	Pattern string
+	// Label is the token Token prepares in it.
+	Label string
+
+	once    sync.Once
+	dir     string
+	uri     string
+	release func()
+	err     error
+}
+
+// Token returns the directory and the PKCS#11 URI of its token Label, creating both at
+// the first call. It skips tb when SoftHSM2 is not installed, and fails it when the
+// directory cannot be prepared.
+func (d *Dir) Token(tb testing.TB) (dir, uri string) {
+	tb.Helper()
+	if _, err := os.Stat(hsm.SoftHSMModule); err != nil {
+		tb.Skipf("SoftHSM2 module %s not installed (apt-get install softhsm2): %v", hsm.SoftHSMModule, err)
+	}
+	d.once.Do(func() {
+		if d.dir, d.err = os.MkdirTemp("", d.Pattern); d.err != nil {
+			return
+		}
+		d.uri, d.release, d.err = hsm.SoftHSM(d.dir, d.Label)
+	})
+	if d.err != nil {
+		tb.Fatalf("shared SoftHSM: %v", d.err)
+	}
+	return d.dir, d.uri
+}
+
+// Remove releases the SoftHSM configuration and deletes the directory, once every
+// test is done with it.
+func (d *Dir) Remove() {
+	if d.release != nil {
+		d.release()
+	}
+	if d.dir != "" {
+		_ = os.RemoveAll(d.dir)
+	}
+}
