@@ -192,20 +192,7 @@ func TestClaimSetDisjoint(t *testing.T) {
 	}
 }
 
-func claimRecords(r *auditRecorder) []audit.AddressClaim { return recorded[audit.AddressClaim](r) }
-
-// recorded returns the records of type T r holds, in order.
-func recorded[T audit.Event](r *auditRecorder) []T {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []T
-	for _, e := range r.events {
-		if v, ok := e.(T); ok {
-			out = append(out, v)
-		}
-	}
-	return out
-}
+func claimRecords(r *auditRecorder) []audit.AddressClaim { return eventsOf[audit.AddressClaim](r) }
 
 // findClaim returns the last record with action, result and reason.
 func findClaim(recs []audit.AddressClaim, action claimAction, result claimResult, reason claimReason) (audit.AddressClaim, bool) {

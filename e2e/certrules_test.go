@@ -9,8 +9,6 @@ import (
 	"io"
 	"net/http"
 	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -94,29 +92,7 @@ func present(addr string, port int, svid *x509svid.SVID) error {
 // transports) from p's admin port.
 func handshakeMetric(t *testing.T, p *meshProxy, direction, result string) float64 {
 	t.Helper()
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Get("http://" + p.admin + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for line := range strings.Lines(string(body)) {
-		name, value, ok := strings.Cut(strings.TrimSpace(line), " ")
-		if !ok || !strings.HasPrefix(name, "agentmesh_proxy_handshakes_total{") ||
-			!strings.Contains(name, `direction="`+direction+`"`) || !strings.Contains(name, `result="`+result+`"`) {
-			continue
-		}
-		v, err := strconv.ParseFloat(value, 64)
-		if err != nil {
-			t.Fatalf("metric line %q: %v", line, err)
-		}
-		sum += v
-	}
-	return sum
+	return adminMetric(t, p.admin, "agentmesh_proxy_handshakes_total", `direction="`+direction+`"`, `result="`+result+`"`)
 }
 
 func fingerprint(c *x509.Certificate) string {

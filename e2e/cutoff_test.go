@@ -7,12 +7,10 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -193,62 +191,6 @@ const (
 	listVersionMetric = "agentmesh_revocation_list_version"
 	refusedMetric     = "agentmesh_revocation_lists_refused_total"
 )
-
-// metricValue reads a proxy's metric name from its admin port: the sum over its
-// series.
-func metricValue(t *testing.T, p *meshProxy, name string) float64 {
-	t.Helper()
-	v, err := scrape(p, name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return v
-}
-
-func scrape(p *meshProxy, name string) (float64, error) {
-	hc := &http.Client{Timeout: 5 * time.Second}
-	resp, err := hc.Get("http://" + p.admin + "/metrics")
-	if err != nil {
-		return 0, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		return 0, err
-	}
-	sum, found := 0.0, false
-	for line := range strings.Lines(string(body)) {
-		f := strings.Fields(line)
-		if len(f) != 2 || (f[0] != name && !strings.HasPrefix(f[0], name+"{")) {
-			continue
-		}
-		v, err := strconv.ParseFloat(f[1], 64)
-		if err != nil {
-			return 0, err
-		}
-		sum, found = sum+v, true
-	}
-	if !found {
-		return 0, fmt.Errorf("%s: no metric %s", p.name, name)
-	}
-	return sum, nil
-}
-
-// awaitMetric waits until ok holds for p's metric name and returns its value.
-func awaitMetric(t *testing.T, p *meshProxy, name string, ok func(float64) bool, timeout time.Duration) float64 {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		v, err := scrape(p, name)
-		if err == nil && ok(v) {
-			return v
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s = %v (%v) after %v", p.name, name, v, err, timeout)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
 
 func refusedLists(t *testing.T, p *meshProxy) float64 { return metricValue(t, p, refusedMetric) }
 

@@ -3,11 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
-	"io"
-	"net/http"
 	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -212,58 +208,4 @@ func recordField(t *testing.T, r map[string]any, field string) time.Time {
 		t.Fatalf("record %v: %s: %v", r, field, err)
 	}
 	return ts
-}
-
-// adminMetric sums the samples of metric name on a proxy's admin port whose labels
-// include every one of labels (each `key="value"`).
-func adminMetric(t *testing.T, admin, name string, labels ...string) float64 {
-	t.Helper()
-	resp, err := http.Get("http://" + admin + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var sum float64
-	for line := range strings.Lines(string(body)) {
-		series, value, ok := strings.Cut(strings.TrimSpace(line), " ")
-		if !ok || (series != name && !strings.HasPrefix(series, name+"{")) {
-			continue
-		}
-		if !allIn(series, labels) {
-			continue
-		}
-		if v, err := strconv.ParseFloat(value, 64); err == nil {
-			sum += v
-		}
-	}
-	return sum
-}
-
-func allIn(s string, subs []string) bool {
-	for _, sub := range subs {
-		if !strings.Contains(s, sub) {
-			return false
-		}
-	}
-	return true
-}
-
-// awaitMetricValue waits until adminMetric(name, labels...) on p equals want.
-func awaitMetricValue(t *testing.T, p *meshProxy, name string, want float64, timeout time.Duration, labels ...string) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		got := adminMetric(t, p.admin, name, labels...)
-		if got == want {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s = %v after %v, want %v", p.name, name, got, timeout, want)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
 }
