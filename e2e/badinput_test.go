@@ -100,10 +100,15 @@ func TestHostilePeers(t *testing.T) {
 	for _, h := range hostile {
 		want[h.reason]++
 	}
+	// Refused before authentication: counted per source in refusals records.
 	got := map[string]int{}
 	for _, r := range readAudit(t, b.auditPath()) {
-		if r["type"] == "handshake" && r["direction"] == "inbound" && r["result"] == "refused" {
-			got[fmt.Sprint(r["reason"])]++
+		if r["type"] == "refusals" && r["direction"] == "inbound" {
+			reasons, _ := r["reasons"].(map[string]any)
+			for reason, n := range reasons {
+				f, _ := n.(float64)
+				got[reason] += int(f)
+			}
 		}
 	}
 	if fmt.Sprint(got) != fmt.Sprint(want) {

@@ -16,6 +16,7 @@ const (
 	metricQUICKeyUpdates    = "agentmesh_proxy_quic_key_updates_total"
 	metricAttestations      = "agentmesh_proxy_attestations_total"
 	metricAuthzDenied       = "agentmesh_proxy_authz_denied_total"
+	metricRefused           = "agentmesh_proxy_connections_refused_total"
 
 	labelDirection = "direction"
 	labelResult    = "result"
@@ -24,6 +25,7 @@ const (
 	labelTransport = "transport"
 	labelInitiator = "initiator"
 	labelRule      = "rule"
+	labelReason    = "reason"
 )
 
 // Why the session-ticket keys changed (the trigger label). A reset's trigger
@@ -84,6 +86,15 @@ const (
 	keyDstID     = "dst_id"
 	keyPort      = "port"
 	keyRule      = "rule"
+)
+
+// Log attribute keys of the summary line of refusals before authentication
+// (flushRefusals).
+const (
+	keyAttempts   = "attempts"
+	keySources    = "sources"
+	keyReasons    = "reasons"
+	keyUnrecorded = "unrecorded"
 )
 
 // Handshake results, as in audit.Handshake.Result and the result label.

@@ -40,6 +40,10 @@ const (
 	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
 	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
 
+	// Limits (docs/limits.md): refused at once, before any handshake work.
+	ReasonMaxConnections = "max_connections" // Config.MaxConnections connections were open
+	ReasonMaxHandshakes  = "max_handshakes"  // Config.MaxHandshakes inbound handshakes were in flight
+
 	// Certificate rules beyond x509svid.Verify (internal/svidrules).
 	ReasonKeyUsage     = "wrong_key_usage"    // the leaf's extended key usage lacks clientAuth (a client) or serverAuth (a server)
 	ReasonChainTooLong = "chain_too_long"     // the chain carries more intermediates than Config.MaxIntermediates

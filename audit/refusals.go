@@ -1,0 +1,26 @@
+package audit
+
+import "time"
+
+// Refusals records, for one source address and one interval, the connection attempts the
+// proxy refused before the peer was authenticated: garbage and non-TLS bytes, failed or
+// timed-out handshakes, certificates that do not verify, attempts over a connection limit,
+// attempts while the audit log was failing. Anyone who can reach the tunnel port can make
+// these, so they are counted per source rather than recorded one by one: a flood costs one
+// record per source per interval, and the number of sources per interval is capped (the
+// rest are folded into one record whose Source is "other").
+type Refusals struct {
+	Direction string `json:"direction"` // "inbound", or "outbound" for capture listeners over a limit
+	// Source is the peer's IP address, or "other" for sources beyond the cap.
+	Source string    `json:"source"`
+	Count  uint64    `json:"count"`
+	First  time.Time `json:"first"`
+	Last   time.Time `json:"last"`
+	// Reasons counts the attempts by refusal reason (the proxy's handshake reasons).
+	Reasons map[string]uint64 `json:"reasons"`
+	// Transports counts the attempts by transport ("tls", "h2", "quic", "none").
+	Transports map[string]uint64 `json:"transports"`
+}
+
+// Kind returns "refusals".
+func (Refusals) Kind() string { return "refusals" }
