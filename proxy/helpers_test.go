@@ -177,7 +177,9 @@ func start(t testing.TB, ca *testca.CA, id spiffeid.ID, cfg proxy.Config) *node 
 		cfg.Credentials = n.creds
 	}
 	cfg.ID = id
-	cfg.Audit = n.audit
+	if cfg.Audit == nil {
+		cfg.Audit = n.audit
+	}
 	cfg.Registerer = n.reg
 	if cfg.RefusalInterval == 0 {
 		// Aggregated refusals are written at once, for tests to wait on.
