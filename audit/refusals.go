@@ -20,6 +20,17 @@ type Refusals struct {
 	Reasons map[string]uint64 `json:"reasons"`
 	// Transports counts the attempts by transport ("tls", "h2", "quic", "none").
 	Transports map[string]uint64 `json:"transports"`
+	// Peers are the first few distinct certificates the source presented and had
+	// refused (at most four per record), for forensics: who a refused chain claimed to be.
+	Peers []RefusedPeer `json:"peers,omitempty"`
+}
+
+// RefusedPeer is a certificate presented in a refused attempt. Its claims are not
+// verified: that is why the attempt was refused.
+type RefusedPeer struct {
+	PeerID     string `json:"peer_id,omitempty"`
+	PeerSerial string `json:"peer_serial,omitempty"`
+	Reason     string `json:"reason"`
 }
 
 // Kind returns "refusals".

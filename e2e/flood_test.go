@@ -172,6 +172,40 @@ func TestConnectFlood(t *testing.T) {
 	}
 }
 
+// fastRefusals is proxy configuration that writes refusals before authentication every
+// 100 ms instead of every 10 s, for tests that wait for them.
+const fastRefusals = "limits:\n  refusal_interval: 100ms\n"
+
+// awaitRefusal waits until p's audit log has an inbound refusals record counting reason
+// and, unless serial is empty, naming the certificate with that serial among its peers.
+func awaitRefusal(t *testing.T, p *meshProxy, reason, serial string, timeout time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		for _, r := range readAudit(t, p.auditPath()) {
+			if r["type"] != "refusals" || r["direction"] != "inbound" {
+				continue
+			}
+			if reasons, _ := r["reasons"].(map[string]any); reasons[reason] == nil {
+				continue
+			}
+			if serial == "" {
+				return
+			}
+			peers, _ := r["peers"].([]any)
+			for _, peer := range peers {
+				if m, _ := peer.(map[string]any); m["peer_serial"] == serial && m["reason"] == reason {
+					return
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: no refusals record with reason %s (certificate %q) within %v", p.name, reason, serial, timeout)
+		}
+		<-time.After(100 * time.Millisecond)
+	}
+}
+
 // holdIdle opens n TCP connections to addr that send nothing; they are closed at the
 // end of the test if not before.
 func holdIdle(t *testing.T, addr string, n int) []net.Conn {

@@ -107,6 +107,9 @@ func TestCertificateRules(t *testing.T) {
 				if rec.Count != 1 || rec.Source != "127.0.0.1" {
 					t.Errorf("record %+v, want one attempt from 127.0.0.1", rec)
 				}
+				if tc.peer != "" && (len(rec.Peers) != 1 || rec.Peers[0].PeerID != tc.peer) {
+					t.Errorf("record peers %+v, want the certificate of %s", rec.Peers, tc.peer)
+				}
 			} else {
 				rec := waitForFrom(t, tc.on.audit, from, tc.name, func(r audit.Handshake) bool { return r.Direction == tc.dir })
 				if rec.Result != result || rec.Reason != tc.reason || rec.PeerID != tc.peer {

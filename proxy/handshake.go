@@ -120,7 +120,8 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 	// network allows: it is aggregated per source, not recorded and logged
 	// one by one (refusals.go).
 	if s.dir == Inbound && result != resultOK && preAuth(reason) {
-		p.refusals.add(s.dir, s.peerAddr, s.transport, reason, time.Now())
+		p.refusals.add(s.dir, s.peerAddr, s.transport, reason,
+			audit.RefusedPeer{PeerID: s.peerID, PeerSerial: s.peerSerial, Reason: reason}, time.Now())
 		p.logSetup(ctx, s, reason, result, d, cause)
 		return auditErr
 	}

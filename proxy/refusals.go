@@ -23,6 +23,9 @@ import (
 // sourceOther is the Source of the record that holds the sources beyond the cap.
 const sourceOther = "other"
 
+// maxRefusedPeers is how many presented certificates one record samples.
+const maxRefusedPeers = 4
+
 // preAuth reports whether an inbound refusal with reason happened before the peer was
 // authenticated: nothing in it names a verified identity, so anyone can cause it.
 func preAuth(reason string) bool {
@@ -49,8 +52,9 @@ func newRefusals(max int) *refusals {
 	return &refusals{max: max, sources: make(map[netip.Addr]*audit.Refusals)}
 }
 
-// add counts one refused attempt from addr (host:port) at now.
-func (r *refusals) add(dir Direction, addr, transport, reason string, now time.Time) {
+// add counts one refused attempt from addr (host:port) at now. peer is the
+// certificate it presented, zero for none.
+func (r *refusals) add(dir Direction, addr, transport, reason string, peer audit.RefusedPeer, now time.Time) {
 	ip := sourceOf(addr)
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -70,6 +74,22 @@ func (r *refusals) add(dir Direction, addr, transport, reason string, now time.T
 	e.Last = now
 	e.Reasons[reason]++
 	e.Transports[transport]++
+	if peer.PeerSerial != "" || peer.PeerID != "" {
+		samplePeer(e, peer)
+	}
+}
+
+// samplePeer keeps peer in e unless e has its fill or the certificate already.
+func samplePeer(e *audit.Refusals, peer audit.RefusedPeer) {
+	if len(e.Peers) >= maxRefusedPeers {
+		return
+	}
+	for _, p := range e.Peers {
+		if p.PeerSerial == peer.PeerSerial && p.PeerID == peer.PeerID {
+			return
+		}
+	}
+	e.Peers = append(e.Peers, peer)
 }
 
 func newRefusalsRecord(dir Direction, source string, now time.Time) *audit.Refusals {
@@ -116,7 +136,7 @@ func sourceOf(addr string) netip.Addr {
 // refuseEarly counts and aggregates a connection refused before it was authenticated.
 func (p *Proxy) refuseEarly(dir Direction, addr, transport, reason string) {
 	p.metrics.refused.WithLabelValues(reason).Inc()
-	p.refusals.add(dir, addr, transport, reason, time.Now())
+	p.refusals.add(dir, addr, transport, reason, audit.RefusedPeer{}, time.Now())
 }
 
 // flushRefusals writes the aggregated records every RefusalInterval, and once more when ctx

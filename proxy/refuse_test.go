@@ -218,6 +218,9 @@ func TestRefusals(t *testing.T) {
 				if rec.Direction != tc.dir || rec.Source != "127.0.0.1" || rec.Count != 1 || rec.Transports["tls"] != 1 {
 					t.Errorf("record %+v, want one tls attempt from 127.0.0.1", rec)
 				}
+				if want := peerString(tc.peer); want != "" && (len(rec.Peers) != 1 || rec.Peers[0].PeerID != want || rec.Peers[0].Reason != tc.reason) {
+					t.Errorf("record peers %+v, want the certificate of %s", rec.Peers, want)
+				}
 				if hs := n.audit.handshakes(); len(hs) > 0 && hs[len(hs)-1].Reason == tc.reason {
 					t.Errorf("a refusal before authentication has its own handshake record %+v", hs[len(hs)-1])
 				}
