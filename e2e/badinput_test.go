@@ -46,15 +46,7 @@ routes:
 // and audited, and the proxy keeps serving the mesh.
 func TestHostilePeers(t *testing.T) {
 	requireE2E(t)
-	ca := startCA(t, time.Minute)
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
-	}()
-	idA := "spiffe://" + trustDomain + "/host/a"
-	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}}, "")
-	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	startProxy(t, ca, "a", []route{{listen: routeAddr, peer: b.tunnel, peerID: b.id, targetPort: httpPort}}, nil, "")
+	b, routeAddr := startOKPair(t, "")
 
 	hostile := []struct {
 		name    string

@@ -95,17 +95,9 @@ func present(addr string, port int, svid *x509svid.SVID) error {
 // transports) from p's admin port.
 func handshakeMetric(t *testing.T, p *meshProxy, direction, result string) float64 {
 	t.Helper()
-	resp, err := (&http.Client{Timeout: 10 * time.Second}).Get("http://" + p.admin + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, body := adminGet(t, p, "/metrics")
 	var sum float64
-	for line := range strings.Lines(string(body)) {
+	for line := range strings.Lines(body) {
 		name, value, ok := strings.Cut(strings.TrimSpace(line), " ")
 		if !ok || !strings.HasPrefix(name, "agentmesh_proxy_handshakes_total{") ||
 			!strings.Contains(name, `direction="`+direction+`"`) || !strings.Contains(name, `result="`+result+`"`) {

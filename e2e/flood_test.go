@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -15,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -37,15 +39,7 @@ const (
 // flood.
 func TestConnectFlood(t *testing.T) {
 	requireE2E(t)
-	ca := startCA(t, time.Minute)
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
-	}()
-	idA := "spiffe://" + trustDomain + "/host/a"
-	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}}, "transports: [tls, quic]\n")
-	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	startProxy(t, ca, "a", []route{{listen: routeAddr, peer: b.tunnel, peerID: b.id, targetPort: httpPort}}, nil, "")
+	b, routeAddr := startOKPair(t, "transports: [tls, quic]\n")
 
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}}
 	if err := get(t.Context(), hc, "http://"+routeAddr+"/"); err != nil {
@@ -170,6 +164,23 @@ func TestConnectFlood(t *testing.T) {
 	if int64(refused) < garbageSent.Load() {
 		t.Errorf("the records count %d refused attempts, fewer than the %d garbage handshakes sent", refused, garbageSent.Load())
 	}
+}
+
+// startOKPair starts a CA, an HTTP server that answers "ok", proxy b in front of it (with
+// extra configuration bExtra) and proxy a with a route to it; it returns b and the route's
+// address.
+func startOKPair(t *testing.T, bExtra string) (*meshProxy, string) {
+	t.Helper()
+	ca := startCA(t, time.Minute)
+	httpLn, httpPort := listenerPort(t)
+	go func() {
+		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
+	}()
+	idA := "spiffe://" + trustDomain + "/host/a"
+	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}}, bExtra)
+	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
+	startProxy(t, ca, "a", []route{{listen: routeAddr, peer: b.tunnel, peerID: b.id, targetPort: httpPort}}, nil, "")
+	return b, routeAddr
 }
 
 // fastRefusals is proxy configuration that writes refusals before authentication every
@@ -334,16 +345,8 @@ func TestAuditDiskFull(t *testing.T) {
 			t.Errorf("umount %s: %v %s", vol, err, out)
 		}
 	})
-	ca := startCA(t, time.Minute)
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
-	}()
-	idA := "spiffe://" + trustDomain + "/host/a"
 	logPath := vol + "/audit.log"
-	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}}, "audit:\n  path: "+logPath+"\n")
-	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	startProxy(t, ca, "a", []route{{listen: routeAddr, peer: b.tunnel, peerID: b.id, targetPort: httpPort}}, nil, "")
+	b, routeAddr := startOKPair(t, "audit:\n  path: "+logPath+"\n")
 	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}}
 	succeeded := 0
 	request := func() error {
@@ -430,16 +433,9 @@ func TestAuditDiskFull(t *testing.T) {
 // fillVolume writes path until its volume is full.
 func fillVolume(t *testing.T, path string) {
 	t.Helper()
-	f, err := os.Create(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	buf := make([]byte, 4096)
-	for {
-		if _, err := f.Write(buf); err != nil {
-			return // ENOSPC
-		}
+	// Larger than the volume: WriteFile writes what fits and reports ENOSPC.
+	if err := os.WriteFile(path, make([]byte, 4<<20), 0o600); !errors.Is(err, syscall.ENOSPC) {
+		t.Fatalf("filling the volume: %v, want ENOSPC", err)
 	}
 }
 

@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"context"
 	"io"
 	"net"
 	"path/filepath"
@@ -9,8 +8,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/sockowner"
+	"github.com/agentmesh/agentmesh/internal/testaudit"
 	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/proxy"
 )
@@ -150,7 +149,7 @@ func BenchmarkAuditAck(b *testing.B) {
 			return newMeshWith(b, echo, func(c *proxy.Config) {
 				c.DisableResumption = true
 				c.AuditAck = ack
-				c.Audit = runAuditLog(b)
+				c.Audit = testaudit.Start(b, filepath.Join(b.TempDir(), "audit.log"))
 			})
 		}
 		b.Run("c1/"+string(ack), func(b *testing.B) {
@@ -175,26 +174,6 @@ func BenchmarkAuditAck(b *testing.B) {
 			b.ReportMetric(float64(b.N)/time.Since(start).Seconds(), "handshakes/s")
 		})
 	}
-}
-
-// runAuditLog opens an audit log in a temporary directory and runs its writer
-// until the test ends.
-func runAuditLog(t testing.TB) *audit.Log {
-	t.Helper()
-	l, err := audit.Open(audit.Config{Path: filepath.Join(t.TempDir(), "audit.log")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- l.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("audit log: %v", err)
-		}
-	})
-	return l
 }
 
 // BenchmarkAttestAuthorize is what attestation and authorization add to each
