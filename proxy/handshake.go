@@ -151,8 +151,8 @@ func (p *Proxy) acknowledge(ctx context.Context, e audit.Handshake) error {
 		return nil
 	}
 	// Bounded by HandshakeTimeout, like the rest of the setup: a volume that
-	// hangs refuses the connection instead of holding it.
-	// Not cut short by shutdown: the log outlives the proxy.
+	// hangs refuses the connection instead of holding it. Not cut short by
+	// shutdown: the log outlives the proxy.
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.HandshakeTimeout)
 	defer cancel()
 	return p.cfg.Audit.Sync(sctx)
