@@ -48,7 +48,8 @@ demo: build
 bench:
 	$(GO) run ./bench/cmd/meshbench
 
-## bench-micro: Go benchmarks (audit log, full versus resumed connection), -count=6 for benchstat
+## bench-micro: Go benchmarks (audit log, full versus resumed connection, durable versus queued
+## audit acknowledgement: BenchmarkAuditAck), -count=6 for benchstat
 bench-micro:
 	$(GO) test -run='^$$' -bench=. -benchmem -count=6 ./audit/ ./proxy/
 

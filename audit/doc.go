@@ -23,9 +23,14 @@
 // batch through a buffer and fsyncs once per batch, so a burst of handshakes costs one fsync
 // rather than one each. Append is the hot path: it marshals the event and queues it; it never
 // drops a record and blocks while the queue is full. Sync waits until everything appended
-// before it is on disk. After a write or fsync failure the log refuses further records:
-// Append, Sync and Err return an error wrapping ErrUnavailable, and callers refuse the work
-// they cannot audit. Restarting (Open again) truncates any torn line the failure left.
+// before it is on disk: a nil Sync is the acknowledgement that those records are durable.
+// After a write or fsync failure (a full disk) the log refuses further records while it
+// lasts: Append, Sync and Err return an error wrapping ErrUnavailable, and callers refuse
+// the work they cannot audit. Meanwhile Run cuts the file back to its last durable record,
+// so no half-written line stays, and retries the failed batch every RetryInterval (doubling
+// to 1s); the first retry that is durable ends the failure, and the chain goes on from the
+// last durable record without a gap. A crash during a failure loses only the batch that was
+// never acknowledged; Open truncates any torn line.
 //
 // # What Verify detects
 //

@@ -42,6 +42,11 @@ type Config struct {
 	// Now stamps each record when the writer commits it. Nil means time.Now. Times are
 	// written in UTC.
 	Now func() time.Time
+
+	// RetryInterval is how long the writer waits, after a write or fsync failure, before it
+	// tries again; it doubles up to 1s while the failure lasts, so the log is back within a
+	// second of the volume recovering. Zero or negative means 100ms.
+	RetryInterval time.Duration
 }
 
 func (c Config) withDefaults() Config {
@@ -53,6 +58,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.RetryInterval <= 0 {
+		c.RetryInterval = 100 * time.Millisecond
 	}
 	return c
 }
@@ -72,18 +80,24 @@ type Log struct {
 	queue  chan item
 	closed atomic.Bool
 
-	failure  atomic.Pointer[failure]
-	failed   chan struct{} // closed on the first write/fsync/close failure
-	failOnce sync.Once
-	stopped  chan struct{} // closed when Run has committed everything and closed the file
-	running  atomic.Bool
+	// failure is nil while the log is healthy. A failure episode ends when a retry
+	// succeeds; each episode has its own channel, closed when it starts, to wake Append and
+	// Sync calls blocked on a full queue.
+	failure atomic.Pointer[failure]
+	wake    atomic.Pointer[chan struct{}]
+	stopped chan struct{} // closed when Run has committed everything and closed the file
+	running atomic.Bool
 
-	// Owned by the writer goroutine.
+	// Owned by the writer goroutine. size, seq and prev describe the durable end of the
+	// file: what the last successful fsync covered. A failed batch is cut off at size and
+	// kept in pending, so the file never holds a half-written record and the chain goes on
+	// from the last durable one.
 	w       *bufio.Writer
+	size    int64
 	seq     uint64
 	prev    [sha256.Size]byte
+	pending []item
 	scratch []byte
-	dirty   bool // written since the last fsync
 }
 
 type failure struct{ err error }
@@ -96,6 +110,10 @@ type item struct {
 }
 
 var errClosed = fmt.Errorf("%w: closed", ErrUnavailable)
+
+// retryMax caps the wait between retries after a failure, so the log is back within about a
+// second of the volume recovering.
+const retryMax = time.Second
 
 // Open opens or creates the log file and reads the end of it to continue the chain from the
 // last record. A torn last line (no trailing newline, left by a crash mid-write) is
@@ -113,10 +131,11 @@ func Open(cfg Config) (*Log, error) {
 		cfg:     cfg,
 		f:       f,
 		queue:   make(chan item, cfg.QueueSize),
-		failed:  make(chan struct{}),
 		stopped: make(chan struct{}),
 		w:       bufio.NewWriterSize(f, 64<<10),
 	}
+	wake := make(chan struct{})
+	l.wake.Store(&wake)
 	if err := l.recoverTail(); err != nil {
 		_ = f.Close() // the open error is the one to report
 		return nil, fmt.Errorf("audit: open %s: %w", cfg.Path, err)
@@ -138,9 +157,14 @@ func Open(cfg Config) (*Log, error) {
 // batch (group commit) and acknowledges the Sync calls queued with it. When ctx is done it
 // stops accepting records, commits everything already accepted, closes the file and returns.
 // It returns nil after a clean shutdown and the write, fsync or close failure otherwise.
-// After a failure it keeps running, refusing records (Append returns ErrUnavailable), until
-// ctx is done. Shutdown waits for the final fsync however long the disk takes: cutting it
-// short would lose accepted records. Run may be called once.
+//
+// After a write or fsync failure (a full or failing volume) the log refuses new records
+// (Append and Sync return ErrUnavailable) while Run cuts the file back to its last durable
+// record and retries the failed batch, every Config.RetryInterval doubling up to a second.
+// Once a retry is durable the log accepts records again: no restart is needed, the chain
+// goes on without a gap, and no record that a Sync acknowledged is lost. Shutdown waits for
+// the final fsync however long the disk takes: cutting it short would lose accepted
+// records. Run may be called once.
 func (l *Log) Run(ctx context.Context) error {
 	if !l.running.CompareAndSwap(false, true) {
 		return errors.New("audit: Run called more than once")
@@ -168,7 +192,7 @@ func (l *Log) Run(ctx context.Context) error {
 
 // Append queues e to be written. It never drops a record: while the queue is full it blocks
 // until the writer catches up. It returns an error wrapping ErrInvalidEvent for an event that
-// cannot be recorded, and ErrUnavailable once a write or fsync has failed or Run has
+// cannot be recorded, and ErrUnavailable while a write or fsync failure lasts or once Run has
 // returned. A nil error means the record is queued, not that it is durable: use Sync for
 // that. Append marshals e before returning, so e may be reused afterwards.
 func (l *Log) Append(e Event) error {
@@ -179,21 +203,24 @@ func (l *Log) Append(e Event) error {
 	}
 	l.mu.RLock()
 	defer l.mu.RUnlock()
+	wake := *l.wake.Load() // before Err: a failure after this closes it
 	if err := l.Err(); err != nil {
 		return err
 	}
 	select {
 	case l.queue <- item{kind: kind, fields: fields}:
-		// A failure between the check above and the send may discard this record; say so.
+		// A failure between the check above and the send leaves this record to the retry,
+		// but the caller must not count on it: say so.
 		return l.Err()
-	case <-l.failed:
+	case <-wake:
 		return l.Err()
 	}
 }
 
 // Sync returns once every record whose Append returned before Sync was called is written and
 // fsynced, or with the failure that prevented it, or with ctx's error. After a clean
-// shutdown it returns nil: Run committed everything it accepted.
+// shutdown it returns nil: Run committed everything it accepted. A nil error is the
+// acknowledgement that those records are durable.
 func (l *Log) Sync(ctx context.Context) error {
 	ack := make(chan error, 1)
 	l.mu.RLock()
@@ -209,13 +236,14 @@ func (l *Log) Sync(ctx context.Context) error {
 		}
 		return nil
 	}
+	wake := *l.wake.Load()
 	if f := l.failure.Load(); f != nil {
 		l.mu.RUnlock()
 		return f.err
 	}
 	select {
 	case l.queue <- item{ack: ack}:
-	case <-l.failed:
+	case <-wake:
 		l.mu.RUnlock()
 		return l.Err()
 	case <-ctx.Done():
@@ -231,8 +259,8 @@ func (l *Log) Sync(ctx context.Context) error {
 	}
 }
 
-// Err is nil while the log accepts records. Once a write, fsync or close has failed it
-// returns an error wrapping ErrUnavailable and the cause; after Run has returned it returns
+// Err is nil while the log accepts records. While a write or fsync failure lasts it returns
+// an error wrapping ErrUnavailable and the cause; after Run has returned it returns
 // ErrUnavailable. The proxy checks it before accepting a handshake, so it refuses traffic
 // it could not audit. Cheap: two atomic loads.
 func (l *Log) Err() error {
@@ -248,6 +276,12 @@ func (l *Log) Err() error {
 func (l *Log) writeLoop() {
 	batch := make([]item, 0, 64)
 	for {
+		if l.failure.Load() != nil {
+			if !l.retry() {
+				return
+			}
+			continue
+		}
 		it, ok := <-l.queue
 		if !ok {
 			return
@@ -270,34 +304,15 @@ func (l *Log) writeLoop() {
 	}
 }
 
-// commit writes the records of batch, fsyncs once and acknowledges its Sync markers.
+// commit writes the records of batch, fsyncs once and acknowledges its Sync markers: nil
+// when the batch is durable, the failure otherwise (the records then wait in pending).
 func (l *Log) commit(batch []item) {
-	written := 0
-	if l.failure.Load() == nil {
-		for _, it := range batch {
-			if it.ack != nil {
-				continue
-			}
-			l.seq++
-			var sum [sha256.Size]byte
-			l.scratch, sum = appendRecord(l.scratch[:0], l.seq, l.cfg.Now().UTC(), it.kind, &l.prev, it.fields)
-			l.prev = sum
-			l.dirty = true
-			// bufio only reaches the file when its buffer fills; errors stick and show at Flush.
-			_, _ = l.w.Write(l.scratch)
-			written++
-		}
-		if l.dirty {
-			l.flush()
-		}
-		if l.failure.Load() == nil {
-			l.m.records.Add(float64(written))
+	for _, it := range batch {
+		if it.ack == nil {
+			l.pending = append(l.pending, it)
 		}
 	}
-	var err error
-	if f := l.failure.Load(); f != nil {
-		err = f.err
-	}
+	err := l.writePending()
 	for _, it := range batch {
 		if it.ack != nil {
 			it.ack <- err
@@ -309,31 +324,45 @@ func (l *Log) commit(batch []item) {
 	}
 }
 
-func (l *Log) flush() {
-	if err := l.w.Flush(); err != nil {
-		l.fail(opWrite, fmt.Errorf("write %s: %w", l.cfg.Path, err))
-		return
+// writePending writes and fsyncs the pending records after the durable end of the file.
+// On failure it cuts the file back to that end, keeps the records pending and enters (or
+// stays in) the failed state; on success it leaves it.
+func (l *Log) writePending() error {
+	if len(l.pending) == 0 {
+		return l.failureErr()
 	}
-	start := time.Now()
-	err := l.f.Sync()
-	l.m.fsync.Observe(time.Since(start).Seconds())
+	seq, prev, written := l.seq, l.prev, int64(0)
+	op, err := "", error(nil)
+	for _, it := range l.pending {
+		seq++
+		var sum [sha256.Size]byte
+		l.scratch, sum = appendRecord(l.scratch[:0], seq, l.cfg.Now().UTC(), it.kind, &prev, it.fields)
+		prev = sum
+		// bufio only reaches the file when its buffer fills; errors stick and show at Flush.
+		_, _ = l.w.Write(l.scratch)
+		written += int64(len(l.scratch))
+	}
+	if err = l.w.Flush(); err != nil {
+		op, err = opWrite, fmt.Errorf("write %s: %w", l.cfg.Path, err)
+	} else {
+		start := time.Now()
+		err = l.f.Sync()
+		l.m.fsync.Observe(time.Since(start).Seconds())
+		if err != nil {
+			op, err = opFsync, fmt.Errorf("fsync %s: %w", l.cfg.Path, err)
+		}
+	}
 	if err != nil {
-		l.fail(opFsync, fmt.Errorf("fsync %s: %w", l.cfg.Path, err))
-		return
+		l.fail(op, err)
+		l.rollback()
+		return l.failureErr()
 	}
-	l.dirty = false
-}
-
-// fail records the first failure, wakes blocked Append and Sync calls, and logs it once: the
-// log is now refusing records, which an operator must hear about when it happens.
-func (l *Log) fail(op string, err error) {
-	l.m.errors.WithLabelValues(op).Inc()
-	l.failOnce.Do(func() {
-		l.failure.Store(&failure{err: fmt.Errorf("%w: %w", ErrUnavailable, err)})
-		close(l.failed)
-		l.cfg.Logger.LogAttrs(context.Background(), slog.LevelError, "audit log failed; refusing new records",
-			slog.String(keyPath, l.cfg.Path), slog.String(keyOp, op), slog.Uint64(keySeq, l.seq), slog.Any(keyErr, err))
-	})
+	l.m.records.Add(float64(len(l.pending)))
+	l.seq, l.prev, l.size = seq, prev, l.size+written
+	clear(l.pending)
+	l.pending = l.pending[:0]
+	l.recover()
+	return nil
 }
 
 // recoverTail truncates a torn last line and loads seq and prev from the last record.
@@ -343,6 +372,7 @@ func (l *Log) recoverTail() error {
 		return err
 	}
 	size := st.Size()
+	l.size = size
 	if size == 0 {
 		return nil
 	}
@@ -360,6 +390,7 @@ func (l *Log) recoverTail() error {
 		l.cfg.Logger.LogAttrs(context.Background(), slog.LevelWarn, "audit log had a torn last line; truncated it",
 			slog.String(keyPath, l.cfg.Path), slog.Int64(keyDroppedBytes, size-keep))
 		size = keep
+		l.size = size
 	}
 	if size == 0 {
 		return nil

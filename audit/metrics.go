@@ -12,6 +12,8 @@ const (
 	metricRecords = "agentmesh_audit_records_total"
 	metricFsync   = "agentmesh_audit_fsync_seconds"
 	metricErrors  = "agentmesh_audit_errors_total"
+	// metricUnavailable is the alert: 1 while the log refuses records after a failure.
+	metricUnavailable = "agentmesh_audit_unavailable"
 
 	labelOp = "op"
 
@@ -19,6 +21,8 @@ const (
 	opWrite  = "write"
 	opFsync  = "fsync"
 	opClose  = "close"
+	// opTruncate: cutting a failed batch off the file failed too; retried before writing.
+	opTruncate = "truncate"
 
 	keyPath         = "path"
 	keyErr          = "err"
@@ -33,6 +37,8 @@ type metrics struct {
 	records prometheus.Counter
 	fsync   prometheus.Histogram
 	errors  *prometheus.CounterVec
+	// unavailable is 1 while a write or fsync failure lasts.
+	unavailable prometheus.Gauge
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -49,11 +55,15 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricErrors,
-			Help: "Audit log failures by operation: encode (event refused), write, fsync, close.",
+			Help: "Audit log failures by operation: encode (event refused), write, fsync, truncate (cutting a failed batch off), close. Retries while the volume fails count again.",
 		}, []string{labelOp}),
+		unavailable: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: metricUnavailable,
+			Help: "1 while the audit log refuses records because a write or fsync failed (the proxy then refuses new connections); 0 once a retry succeeded.",
+		}),
 	}
 	// Pre-create the series so dashboards see zeros instead of gaps.
-	for _, op := range []string{opEncode, opWrite, opFsync, opClose} {
+	for _, op := range []string{opEncode, opWrite, opFsync, opTruncate, opClose} {
 		m.errors.WithLabelValues(op)
 	}
 	if reg == nil {
@@ -67,6 +77,9 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return nil, err
 	}
 	if m.errors, err = register(reg, m.errors); err != nil {
+		return nil, err
+	}
+	if m.unavailable, err = register(reg, m.unavailable); err != nil {
 		return nil, err
 	}
 	return m, nil

@@ -22,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/testaudit"
 )
 
 // refusedAdminRecord audits refused writes of entries and revocations and refused
@@ -162,20 +163,7 @@ func TestEntriesAdminSocket(t *testing.T) {
 func openAuditLog(t *testing.T) (*audit.Log, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "audit.log")
-	l, err := audit.Open(audit.Config{Path: path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- l.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("audit Run: %v", err)
-		}
-	})
-	return l, path
+	return testaudit.Start(t, path), path
 }
 
 // auditLines syncs l and returns the records of its file of the given type.

@@ -46,15 +46,7 @@ routes:
 // and audited, and the proxy keeps serving the mesh.
 func TestHostilePeers(t *testing.T) {
 	requireE2E(t)
-	ca := startCA(t, time.Minute)
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
-	}()
-	idA := "spiffe://" + trustDomain + "/host/a"
-	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}}, "")
-	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	startProxy(t, ca, "a", []route{{listen: routeAddr, peer: b.tunnel, peerID: b.id, targetPort: httpPort}}, nil, "")
+	b, routeAddr := startOKPair(t, "")
 
 	hostile := []struct {
 		name    string
@@ -100,10 +92,15 @@ func TestHostilePeers(t *testing.T) {
 	for _, h := range hostile {
 		want[h.reason]++
 	}
+	// Refused before authentication: counted per source in refusals records.
 	got := map[string]int{}
 	for _, r := range readAudit(t, b.auditPath()) {
-		if r["type"] == "handshake" && r["direction"] == "inbound" && r["result"] == "refused" {
-			got[fmt.Sprint(r["reason"])]++
+		if r["type"] == "refusals" && r["direction"] == "inbound" {
+			reasons, _ := r["reasons"].(map[string]any)
+			for reason, n := range reasons {
+				f, _ := n.(float64)
+				got[reason] += int(f)
+			}
 		}
 	}
 	if fmt.Sprint(got) != fmt.Sprint(want) {

@@ -39,7 +39,7 @@ func TestCertificateRules(t *testing.T) {
 	idA := spiffeid.RequireFromString("spiffe://" + trustDomain + "/host/a")
 	tooLong := testca.LongID(t, td, 2049)
 	// The service allows every identity presented below: only the rules refuse them.
-	b := startProxy(t, authority, "b", nil, []service{{port: httpPort, allow: []string{idA.String(), tooLong.String()}}}, "")
+	b := startProxy(t, authority, "b", nil, []service{{port: httpPort, allow: []string{idA.String(), tooLong.String()}}}, fastRefusals)
 
 	// Adding a CA to the bundle file is an audited change of trust anchors.
 	other := testca.New(t, testca.WithTrustDomain(td))
@@ -68,8 +68,9 @@ func TestCertificateRules(t *testing.T) {
 		if err := present(b.tunnel, httpPort, c.svid); err == nil {
 			t.Errorf("%s: the tunnel was served", c.reason)
 		}
-		awaitRecord(t, b, map[string]string{"type": "handshake", "direction": "inbound", "result": "refused",
-			"reason": c.reason, "peer_serial": c.svid.Certificates[0].SerialNumber.String()}, time.Minute)
+		// Refused before authentication: in the source's refusals record, with the
+		// certificate it presented.
+		awaitRefusal(t, b, c.reason, c.svid.Certificates[0].SerialNumber.String(), time.Minute)
 	}
 	if after := handshakeMetric(t, b, "inbound", "refused"); after < before+float64(len(cases)) {
 		t.Errorf("refused inbound handshakes went %v -> %v, want +%d", before, after, len(cases))

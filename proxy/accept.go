@@ -19,12 +19,12 @@ const (
 // acceptLoop accepts until ctx is done or ln is closed and hands every
 // connection to handle in its own goroutine, tracked by p.handlers.
 //
-// The connection limit is taken after Accept: with one limiter shared by
-// several listeners, taking it before would let an idle listener sit on a
-// slot while a busy one starves. At the limit each listener holds at most one
-// accepted connection waiting for a slot and stops accepting; the rest wait
-// in the kernel backlog.
-func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, handle func(net.Conn)) error {
+// Every connection takes one of the MaxConnections slots, shared by all
+// listeners and the quic transport, until handle returns. Over the limit a
+// connection is closed at once, counted and aggregated with the other
+// refusals of its source (dir and transport say which listener it reached):
+// waiting for a slot would make a legitimate peer queue behind a flood.
+func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, dir Direction, transport string, handle func(net.Conn)) error {
 	var backoff time.Duration
 	for {
 		conn, err := ln.Accept()
@@ -50,9 +50,10 @@ func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, handle func(net
 			continue
 		}
 		backoff = 0
-		if err := p.limit.Acquire(ctx); err != nil {
-			_ = conn.Close() // shutting down
-			return nil
+		if !p.limit.TryAcquire() {
+			p.refuseEarly(dir, conn.RemoteAddr().String(), transport, ReasonMaxConnections)
+			_ = conn.Close()
+			continue
 		}
 		// WaitGroup.Go reserves the slot before the goroutine exists, so
 		// Run's Wait cannot miss it.

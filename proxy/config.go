@@ -164,11 +164,36 @@ type Config struct {
 	// a local target, and resolving a host name an explicit-capture client
 	// asked for. Default 5s; must be >= 0.
 	DialTimeout time.Duration
-	// MaxConnections caps concurrent connections, inbound and outbound
-	// together, handshaking ones included. When reached, each listener
-	// keeps at most one accepted connection waiting for a slot and stops
-	// accepting; the rest wait in the kernel backlog. Default 0: unlimited.
+	// MaxConnections caps concurrent connections: inbound tunnels (tls, h2
+	// and quic together), capture and route listeners, handshaking and
+	// silent ones included. Over the cap a new connection is closed at
+	// once, counted in agentmesh_proxy_connections_refused_total{reason=
+	// "max_connections"} and aggregated like other refusals before
+	// authentication (RefusalInterval). Default 0: DefaultMaxConnections
+	// (4096); must be >= 0.
 	MaxConnections int
+	// MaxHandshakes caps inbound handshakes in flight (tls and quic), from
+	// the peer's first byte (tls) or first packet (quic) until the handshake
+	// ends; a connection that sends nothing holds no handshake slot. Over
+	// the cap a connection is closed at once and counted (reason
+	// "max_handshakes"). Default 0: DefaultMaxHandshakes (256); must be >= 0.
+	MaxHandshakes int
+	// RefusalInterval is how long refused pre-authentication attempts
+	// (garbage, failed or timed-out handshakes, certificates that do not
+	// verify, attempts over a limit or while the audit log fails) are
+	// aggregated before one audit.Refusals record per source address is
+	// written, with one summary log line. Default 0: 10s; must be >= 0.
+	RefusalInterval time.Duration
+	// RefusalSources caps the source addresses aggregated per interval;
+	// attempts from further sources share one record (source "other"). It
+	// bounds the aggregator's memory and the records per interval. Default
+	// 0: DefaultRefusalSources (256); must be >= 0.
+	RefusalSources int
+	// AuditAck says when a new connection's handshake record counts as
+	// written: AuditAckDurable (default "") once it is fsynced, so no
+	// connection carries traffic unrecorded even across a crash;
+	// AuditAckQueued once it is queued (cheaper; for measuring the cost).
+	AuditAck AuditAck
 	// Revocation, when set, is called on every handshake in both
 	// directions, resumed ones included, before the deny-list check. A
 	// non-nil error (typically: the deny-list has not been confirmed for
@@ -294,6 +319,21 @@ func (c Config) withDefaults() Config {
 	if c.PoolMaxBytes == 0 {
 		c.PoolMaxBytes = 64 << 30
 	}
+	if c.MaxConnections == 0 {
+		c.MaxConnections = DefaultMaxConnections
+	}
+	if c.MaxHandshakes == 0 {
+		c.MaxHandshakes = DefaultMaxHandshakes
+	}
+	if c.RefusalInterval == 0 {
+		c.RefusalInterval = DefaultRefusalInterval
+	}
+	if c.RefusalSources == 0 {
+		c.RefusalSources = DefaultRefusalSources
+	}
+	if c.AuditAck == "" {
+		c.AuditAck = AuditAckDurable
+	}
 	if c.PoolIdleTimeout == 0 {
 		c.PoolIdleTimeout = 90 * time.Second
 	}
@@ -328,6 +368,14 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: MaxIntermediates %d is outside 0..%d", ErrInvalidConfig, c.MaxIntermediates, svidrules.MaxIntermediatesLimit)
 	case c.MaxConnections < 0:
 		return fmt.Errorf("%w: MaxConnections %d is negative", ErrInvalidConfig, c.MaxConnections)
+	case c.MaxHandshakes < 0:
+		return fmt.Errorf("%w: MaxHandshakes %d is negative", ErrInvalidConfig, c.MaxHandshakes)
+	case c.RefusalInterval < 0:
+		return fmt.Errorf("%w: RefusalInterval %s is negative", ErrInvalidConfig, c.RefusalInterval)
+	case c.RefusalSources < 0:
+		return fmt.Errorf("%w: RefusalSources %d is negative", ErrInvalidConfig, c.RefusalSources)
+	case c.AuditAck != AuditAckDurable && c.AuditAck != AuditAckQueued:
+		return fmt.Errorf("%w: AuditAck %q is not durable or queued", ErrInvalidConfig, c.AuditAck)
 	case c.Unknown != UnknownDeny && c.Unknown != UnknownPassthrough:
 		return fmt.Errorf("%w: Unknown %s is not a policy", ErrInvalidConfig, c.Unknown)
 	case c.Unattested != UnattestedHost && c.Unattested != UnattestedDeny:

@@ -7,7 +7,13 @@
 // half-close, the registry of live connections (CloseWhere, for revocation
 // and drain), and one audit record per handshake (or capture decision) and
 // per closed connection (for streams of pooled connections: per refused
-// stream, and per closed one with Config.StreamAudit).
+// stream, and per closed one with Config.StreamAudit). Refusals before
+// authentication are aggregated instead, one record per source address and
+// interval, and connections and handshakes in flight are capped
+// (Config.MaxConnections, MaxHandshakes; docs/limits.md), so unauthenticated
+// peers cannot make the proxy write, hold or compute without bound. A
+// connection carries traffic only once its handshake record is durable
+// (Config.AuditAck), and none is served while the audit log fails.
 //
 // It does not obtain, renew or store credentials: it reads the current SVID
 // and trust bundles from a Credentials (the rotator) on every handshake, so a

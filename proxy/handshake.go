@@ -59,6 +59,8 @@ type setup struct {
 	// and of the one we presented, once known (fill).
 	peerNotAfter  time.Time
 	localNotAfter time.Time
+	// slots are the limits an inbound quic connection holds (quicAdmit).
+	slots *quicSlots
 }
 
 // claim reports whether the caller is the one to record s (quic).
@@ -116,7 +118,7 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 
 	var auditErr error
 	if resultFor(reason) == resultOK && auditing {
-		if err := p.cfg.Audit.Append(s.event(p, reason, d)); err != nil {
+		if err := p.acknowledge(ctx, s.event(p, reason, d)); err != nil {
 			auditErr = fmt.Errorf("%w: %w", ErrAuditUnavailable, err)
 			reason, cause = ReasonAuditUnavailable, auditErr
 		}
@@ -126,6 +128,15 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 	if knownTransport(s.transport) {
 		p.metrics.handshakes.WithLabelValues(string(s.dir), result, s.transport).Inc()
 		p.metrics.duration.WithLabelValues(string(s.dir)).Observe(d.Seconds())
+	}
+	// Anyone can cause a refusal before authentication, as often as the
+	// network allows: it is aggregated per source, not recorded and logged
+	// one by one (refusals.go).
+	if s.dir == Inbound && result != resultOK && preAuth(reason) {
+		p.refusals.add(s.dir, s.peerAddr, s.transport, reason,
+			audit.RefusedPeer{PeerID: s.peerID, PeerSerial: s.peerSerial, Reason: reason}, time.Now())
+		p.logSetup(ctx, s, reason, result, d, cause)
+		return auditErr
 	}
 	p.logSetup(ctx, s, reason, result, d, cause)
 
@@ -138,6 +149,26 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 		}
 	}
 	return auditErr
+}
+
+// acknowledge appends the record of a setup that is about to carry traffic
+// and, unless Config.AuditAck says otherwise, waits until it is durable: a
+// connection is served only once its record would survive a crash. Records
+// of concurrent handshakes share one fsync (audit.Log's group commit), so
+// under load the wait costs a fraction of an fsync per handshake.
+func (p *Proxy) acknowledge(ctx context.Context, e audit.Handshake) error {
+	if err := p.cfg.Audit.Append(e); err != nil {
+		return err
+	}
+	if p.cfg.AuditAck == AuditAckQueued {
+		return nil
+	}
+	// Bounded by HandshakeTimeout, like the rest of the setup: a volume that
+	// hangs refuses the connection instead of holding it. Not cut short by
+	// shutdown: the log outlives the proxy.
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.cfg.HandshakeTimeout)
+	defer cancel()
+	return p.cfg.Audit.Sync(sctx)
 }
 
 func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake {
@@ -174,6 +205,9 @@ func (p *Proxy) logSetup(ctx context.Context, s *setup, reason, result string, d
 		level, msg = slog.LevelDebug, "passthrough established"
 	case reason == ReasonShutdown:
 		level, msg = slog.LevelDebug, "tunnel setup interrupted by shutdown"
+	case s.dir == Inbound && preAuth(reason):
+		// Summarised by flushRefusals at a bounded rate.
+		level, msg = slog.LevelDebug, "tunnel refused before authentication"
 	case s.transport == transportNone:
 		msg = "outbound connection refused"
 	case s.transport == transportTCP:

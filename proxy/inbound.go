@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -28,6 +29,8 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 	defer stop()
 
 	if err := p.auditErr(); err != nil {
+		// Fail closed: a connection that could not be audited is not served.
+		p.metrics.refused.WithLabelValues(ReasonAuditUnavailable).Inc()
 		_ = p.record(ctx, s, ReasonAuditUnavailable, err)
 		c.abort()
 		return
@@ -35,6 +38,19 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 	// One deadline covers the handshake and the header: a peer that
 	// trickles bytes cannot hold a slot longer than HandshakeTimeout.
 	_ = raw.SetDeadline(s.start.Add(p.cfg.HandshakeTimeout))
+	hello, err := awaitHello(raw)
+	if err != nil {
+		_ = p.record(ctx, s, classify(ctx, err), err)
+		c.abort()
+		return
+	}
+	if !p.handshakes.TryAcquire() {
+		p.refuseEarly(Inbound, s.peerAddr, s.transport, ReasonMaxHandshakes)
+		c.abort()
+		return
+	}
+	releaseHandshake := sync.OnceFunc(p.handshakes.Release)
+	defer releaseHandshake()
 	// The configuration belongs to the SVID current now. Without one (or
 	// with a revoked one) the handshake still runs, so the peer gets an
 	// alert, and fails in the certificate callback with s.localErr.
@@ -44,9 +60,10 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 		cfg = l.server
 	}
 	s.localErr = lerr
-	tc := tls.Server(raw, cfg)
+	tc := tls.Server(hello, cfg)
 	c.tunnel = tc
-	err := tc.HandshakeContext(withSetup(ctx, s))
+	err = tc.HandshakeContext(withSetup(ctx, s))
+	releaseHandshake()
 	cs := tc.ConnectionState()
 	s.fill(cs, l)
 	// The protocol is known once the server has answered the client's

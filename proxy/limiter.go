@@ -1,32 +1,19 @@
 package proxy
 
 import (
-	"context"
-
 	"golang.org/x/sync/semaphore"
 )
 
-// limiter caps concurrent connections. The unlimited case is a null object
-// so the accept loop has one code path.
-type limiter interface {
-	// Acquire blocks until a slot is free or ctx is done.
-	Acquire(ctx context.Context) error
-	Release()
-}
+// limiter caps a number of concurrent things: connections (Config.MaxConnections) or
+// handshakes (Config.MaxHandshakes). Over the cap the caller refuses at once instead of
+// queueing: a queue would make a legitimate peer wait behind a flood, and a refused attempt
+// costs the proxy nothing but a close.
+type limiter struct{ s *semaphore.Weighted }
 
-func newLimiter(max int) limiter {
-	if max <= 0 {
-		return unlimited{}
-	}
-	return weighted{semaphore.NewWeighted(int64(max))}
-}
+func newLimiter(max int) limiter { return limiter{semaphore.NewWeighted(int64(max))} }
 
-type unlimited struct{}
+// TryAcquire takes a slot if one is free.
+func (l limiter) TryAcquire() bool { return l.s.TryAcquire(1) }
 
-func (unlimited) Acquire(ctx context.Context) error { return ctx.Err() }
-func (unlimited) Release()                          {}
-
-type weighted struct{ s *semaphore.Weighted }
-
-func (w weighted) Acquire(ctx context.Context) error { return w.s.Acquire(ctx, 1) }
-func (w weighted) Release()                          { w.s.Release(1) }
+// Release returns a slot taken by TryAcquire.
+func (l limiter) Release() { l.s.Release(1) }

@@ -25,6 +25,7 @@ type metrics struct {
 	poolEnded   *prometheus.CounterVec   // direction, transport, reason
 	// streamRefusals are inbound streams refused, by reason.
 	streamRefusals *prometheus.CounterVec // direction, transport, reason
+	refused        *prometheus.CounterVec // reason
 
 	// The children of attested, resolved once: every captured connection
 	// counts one.
@@ -80,6 +81,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: metricQUICKeyUpdates,
 			Help: "QUIC traffic-key updates (RFC 9001 section 6) on this proxy's quic connections, by initiator (local, peer).",
 		}, []string{labelInitiator}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: metricRefused,
+			Help: "Connections refused before any handshake work, by reason: max_connections (Config.MaxConnections were open), max_handshakes (Config.MaxHandshakes inbound handshakes were in flight), audit_unavailable (the audit log could not be written: the proxy fails closed).",
+		}, []string{labelReason}),
 		attested: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: metricAttestations,
 			Help: "Captured connections attributed to a local identity (with Config.Agents), by result: agent (the connecting uid is a registered agent's), host (it is not, or could not be found: the host identity), refused (it is not, and unattested connections are denied).",
@@ -136,11 +141,14 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			m.captured.WithLabelValues(string(mode), r)
 		}
 	}
+	for _, r := range []string{ReasonMaxConnections, ReasonMaxHandshakes, ReasonAuditUnavailable} {
+		m.refused.WithLabelValues(r)
+	}
 	if reg == nil {
 		return m, nil
 	}
 	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained,
-		m.pool, m.streams, m.keyUpdates, m.attested, m.authzDenied, m.poolEnded, m.streamRefusals}
+		m.pool, m.streams, m.keyUpdates, m.attested, m.authzDenied, m.poolEnded, m.streamRefusals, m.refused}
 	for i, c := range collectors {
 		if err := reg.Register(c); err != nil {
 			// Leave the Registerer as it was, so a corrected New can retry.

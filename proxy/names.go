@@ -18,6 +18,7 @@ const (
 	metricAuthzDenied       = "agentmesh_proxy_authz_denied_total"
 	metricPoolEnded         = "agentmesh_proxy_pool_ended_total"
 	metricStreamRefusals    = "agentmesh_proxy_stream_refusals_total"
+	metricRefused           = "agentmesh_proxy_connections_refused_total"
 
 	labelDirection = "direction"
 	labelResult    = "result"
@@ -87,6 +88,15 @@ const (
 	keyDstID     = "dst_id"
 	keyPort      = "port"
 	keyRule      = "rule"
+)
+
+// Log attribute keys of the summary line of refusals before authentication
+// (flushRefusals).
+const (
+	keyAttempts   = "attempts"
+	keySources    = "sources"
+	keyReasons    = "reasons"
+	keyUnrecorded = "unrecorded"
 )
 
 // Handshake results, as in audit.Handshake.Result and the result label.

@@ -23,9 +23,14 @@ type Proxy struct {
 	chains  chainCache // x509svid verifications of peer chains
 	cfg     Config
 	metrics *metrics
-	limit   limiter
+	limit   limiter    // MaxConnections: every listener and the quic transport
 	buffers sync.Pool  // *[]byte of spliceBufferSize
 	dialer  net.Dialer // every dial: DialTimeout, and SO_MARK when Mark is set
+
+	// handshakes is MaxHandshakes: inbound handshakes in flight, tls and
+	// quic. refusals aggregates refused pre-authentication attempts.
+	handshakes limiter
+	refusals   *refusals
 
 	// locals holds the TLS configurations of each local identity's current
 	// SVID (see localFor), an immutable map replaced as a whole; localMu
@@ -80,6 +85,8 @@ func New(cfg Config) (*Proxy, error) {
 	p := &Proxy{
 		cfg:             cfg,
 		limit:           newLimiter(cfg.MaxConnections),
+		handshakes:      newLimiter(cfg.MaxHandshakes),
+		refusals:        newRefusals(cfg.RefusalSources),
 		dialer:          net.Dialer{Timeout: cfg.DialTimeout},
 		services:        make(map[uint16]map[spiffeid.ID]struct{}, len(cfg.Services)),
 		allowedAnywhere: make(map[spiffeid.ID]struct{}),
@@ -255,29 +262,33 @@ func (p *Proxy) Run(ctx context.Context) error {
 		return nil
 	})
 	g.Go(func() error {
-		return p.acceptLoop(gctx, p.tunnelLn, func(c net.Conn) { p.serveInbound(gctx, c) })
+		p.flushRefusals(gctx)
+		return nil
+	})
+	g.Go(func() error {
+		return p.acceptLoop(gctx, p.tunnelLn, Inbound, TransportTLS, func(c net.Conn) { p.serveInbound(gctx, c) })
 	})
 	if p.quicLn != nil {
 		g.Go(func() error { return p.acceptQUIC(gctx) })
 	}
 	if p.outboundLn != nil {
 		g.Go(func() error {
-			return p.acceptLoop(gctx, p.outboundLn, func(c net.Conn) { p.serveTransparent(gctx, c) })
+			return p.acceptLoop(gctx, p.outboundLn, Outbound, transportNone, func(c net.Conn) { p.serveTransparent(gctx, c) })
 		})
 	}
 	if p.explicitLn != nil {
 		g.Go(func() error {
-			return p.acceptLoop(gctx, p.explicitLn, func(c net.Conn) { p.serveExplicit(gctx, c) })
+			return p.acceptLoop(gctx, p.explicitLn, Outbound, transportNone, func(c net.Conn) { p.serveExplicit(gctx, c) })
 		})
 	}
 	if p.strictLn != nil {
 		g.Go(func() error {
-			return p.acceptLoop(gctx, p.strictLn, func(c net.Conn) { p.serveStrict(gctx, c) })
+			return p.acceptLoop(gctx, p.strictLn, Inbound, transportNone, func(c net.Conn) { p.serveStrict(gctx, c) })
 		})
 	}
 	for _, r := range p.routes {
 		g.Go(func() error {
-			return p.acceptLoop(gctx, r.ln, func(c net.Conn) { p.serveRoute(gctx, c, r) })
+			return p.acceptLoop(gctx, r.ln, Outbound, transportNone, func(c net.Conn) { p.serveRoute(gctx, c, r) })
 		})
 	}
 	err := g.Wait()

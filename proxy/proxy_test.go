@@ -176,27 +176,52 @@ func TestAuditUnavailableRefuses(t *testing.T) {
 	}
 }
 
-// TestMaxConnections: with one slot, connections are served one after the
-// other and the slot is released when a connection ends.
+// TestMaxConnections: with one slot, a second connection is refused at once
+// (counted, and aggregated with the refusals of its source) while the first
+// is served, and the slot is free again once the first ends.
 func TestMaxConnections(t *testing.T) {
 	t.Parallel()
 	ca := testca.New(t)
 	tg := startTarget(t, echo)
 	b := start(t, ca, idB, proxy.Config{
-		Services:       []proxy.Service{{Port: tg.port, Allow: []spiffeid.ID{idA}}},
-		MaxConnections: 1,
+		Services:        []proxy.Service{{Port: tg.port, Allow: []spiffeid.ID{idA}}},
+		MaxConnections:  1,
+		RefusalInterval: 20 * time.Millisecond,
 	})
 	a := start(t, ca, idA, proxy.Config{
-		Routes:         []proxy.Route{{Listen: "127.0.0.1:0", Peer: b.TunnelAddr().String(), PeerID: idB, TargetPort: tg.port}},
-		MaxConnections: 1,
+		Routes: []proxy.Route{{Listen: "127.0.0.1:0", Peer: b.TunnelAddr().String(), PeerID: idB, TargetPort: tg.port}},
 	})
 	m := &mesh{ca: ca, a: a, b: b, target: tg}
-	for i := range 3 {
-		c := m.dialRoute(t)
-		if err := ping(t, c, "one at a time"); err != nil {
-			t.Fatalf("connection %d: %v", i, err)
+	first := m.dialRoute(t)
+	if err := ping(t, first, "first"); err != nil {
+		t.Fatalf("first connection: %v", err)
+	}
+	second := m.dialRoute(t)
+	if got, _ := io.ReadAll(second); len(got) != 0 {
+		t.Fatalf("second connection got %q past the limit", got)
+	}
+	rec := waitFor(t, b.audit, "max_connections", func(r audit.Refusals) bool { return r.Reasons[proxy.ReasonMaxConnections] > 0 })
+	if rec.Source != "127.0.0.1" || rec.Direction != "inbound" {
+		t.Errorf("refusals record %+v", rec)
+	}
+	if got := b.metric(t, "agentmesh_proxy_connections_refused_total", map[string]string{"reason": "max_connections"}); got < 1 {
+		t.Errorf("connections_refused_total{reason=max_connections} = %v, want >= 1", got)
+	}
+	_ = first.Close()
+	// The slot is released when B's handler for the first connection ends,
+	// which B learns from A a moment later: retry until then.
+	deadline := time.After(waitLimit)
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		err := ping(t, m.dialRoute(t), "after the first ended")
+		if err == nil {
+			break
 		}
-		// The next connection needs the slot this one frees when it ends.
-		_ = c.Close()
+		select {
+		case <-deadline:
+			t.Fatalf("no connection %s after the first ended: %v", waitLimit, err)
+		case <-tick.C:
+		}
 	}
 }

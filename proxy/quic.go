@@ -124,7 +124,11 @@ func (p *Proxy) closeQUIC() error {
 // quicConnContext gives each inbound connection the setup its handshake
 // record is made from.
 func (p *Proxy) quicConnContext(ctx context.Context, ci *quic.ClientInfo) (context.Context, error) {
-	s := &setup{dir: Inbound, start: time.Now(), peerAddr: ci.RemoteAddr.String(), transport: TransportQUIC, connID: newConnID()}
+	slots, err := p.quicAdmit(ci.RemoteAddr)
+	if err != nil {
+		return nil, err
+	}
+	s := &setup{dir: Inbound, start: time.Now(), peerAddr: ci.RemoteAddr.String(), transport: TransportQUIC, connID: newConnID(), slots: slots}
 	return withSetup(ctx, s), nil
 }
 
@@ -138,6 +142,7 @@ func (p *Proxy) watchQUICHandshake(ctx context.Context) {
 	if s == nil {
 		return
 	}
+	s.slots.hold(ctx)
 	context.AfterFunc(ctx, func() {
 		if !s.claim() {
 			return
@@ -188,6 +193,9 @@ func (p *Proxy) acceptQUIC(ctx context.Context) error {
 // each on its own goroutine, until the connection ends.
 func (p *Proxy) serveQUICConn(ctx context.Context, conn *quic.Conn) {
 	s := setupFrom(conn.Context())
+	if s != nil {
+		s.slots.handshake() // accepted: the handshake is over
+	}
 	if s == nil || !s.claim() {
 		// Already recorded: it failed between handshake and accept.
 		_ = conn.CloseWithError(quicCloseRevoked, "")

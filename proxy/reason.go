@@ -42,6 +42,10 @@ const (
 	ReasonCredentialExpired = "credential_expired"  // inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
 	ReasonMaxStreams        = "max_streams"         // inbound: a stream past PoolMaxStreams open at once on one pooled connection (h2)
 
+	// Limits (docs/limits.md): refused at once, before any handshake work.
+	ReasonMaxConnections = "max_connections" // Config.MaxConnections connections were open
+	ReasonMaxHandshakes  = "max_handshakes"  // Config.MaxHandshakes inbound handshakes were in flight
+
 	// Certificate rules beyond x509svid.Verify (internal/svidrules).
 	ReasonKeyUsage     = "wrong_key_usage"    // the leaf's extended key usage lacks clientAuth (a client) or serverAuth (a server)
 	ReasonChainTooLong = "chain_too_long"     // the chain carries more intermediates than Config.MaxIntermediates

@@ -34,6 +34,8 @@ func newHostile(t *testing.T) *hostile {
 		// Short, so the silent-client case does not take 10 s; still far
 		// above a loopback handshake.
 		HandshakeTimeout: 2 * time.Second,
+		// Short, so each case's aggregated record is written at once.
+		RefusalInterval: 20 * time.Millisecond,
 	})
 	impostor := startImpostor(t, ca.SVID(t, idC))
 	a := start(t, ca, idA, proxy.Config{
@@ -143,31 +145,34 @@ func TestRefusals(t *testing.T) {
 		result string
 		reason string
 		peer   spiffeid.ID // expected peer_id in the record, zero for none
-		do     func(t *testing.T, h *hostile)
+		// preAuth: refused before authentication, so counted in an
+		// aggregated audit.Refusals record rather than a handshake record.
+		preAuth bool
+		do      func(t *testing.T, h *hostile)
 	}{
 		{
-			name: "garbage_bytes", on: onB, dir: "inbound", result: "refused", reason: proxy.ReasonNotTLS,
+			name: "garbage_bytes", on: onB, dir: "inbound", result: "refused", preAuth: true, reason: proxy.ReasonNotTLS,
 			do: func(t *testing.T, h *hostile) { rawTCP(t, tunnel, []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n")) },
 		},
 		{
-			name: "plain_tcp_silent", on: onB, dir: "inbound", result: "refused", reason: proxy.ReasonTimeout,
+			name: "plain_tcp_silent", on: onB, dir: "inbound", result: "refused", preAuth: true, reason: proxy.ReasonTimeout,
 			do: func(t *testing.T, h *hostile) { rawTCP(t, tunnel, nil) },
 		},
 		{
-			name: "foreign_ca", on: onB, dir: "inbound", result: "refused", reason: proxy.ReasonUnknownAuthority, peer: idA,
+			name: "foreign_ca", on: onB, dir: "inbound", result: "refused", preAuth: true, reason: proxy.ReasonUnknownAuthority, peer: idA,
 			do: func(t *testing.T, h *hostile) {
 				dialTunnel(t, tunnel, h.foreign.SVID(t, idA), tunnelHeader(h.target.port))
 			},
 		},
 		{
-			name: "expired_certificate", on: onB, dir: "inbound", result: "refused", reason: proxy.ReasonCertExpired, peer: idA,
+			name: "expired_certificate", on: onB, dir: "inbound", result: "refused", preAuth: true, reason: proxy.ReasonCertExpired, peer: idA,
 			do: func(t *testing.T, h *hostile) {
 				expired := h.ca.SVID(t, idA, testca.WithNotBefore(time.Now().Add(-2*time.Hour)), testca.WithLifetime(time.Hour))
 				dialTunnel(t, tunnel, expired, tunnelHeader(h.target.port))
 			},
 		},
 		{
-			name: "two_uri_sans", on: onB, dir: "inbound", result: "refused", reason: proxy.ReasonBadCertificate,
+			name: "two_uri_sans", on: onB, dir: "inbound", result: "refused", preAuth: true, reason: proxy.ReasonBadCertificate,
 			do: func(t *testing.T, h *hostile) {
 				dialTunnel(t, tunnel, h.ca.SVID(t, idA, testca.WithExtraURIs(twoURIs)), tunnelHeader(h.target.port))
 			},
@@ -206,13 +211,27 @@ func TestRefusals(t *testing.T) {
 			n := tc.on(h)
 			labels := map[string]string{"direction": tc.dir, "result": tc.result}
 			before := n.metric(t, "agentmesh_proxy_handshakes_total", labels)
+			from := n.audit.len()
 			tc.do(t, h)
-			rec := waitFor(t, n.audit, tc.reason, func(r audit.Handshake) bool { return r.Reason == tc.reason })
-			if rec.Direction != tc.dir || rec.Result != tc.result {
-				t.Errorf("record %+v, want direction %s result %s", rec, tc.dir, tc.result)
-			}
-			if want := peerString(tc.peer); rec.PeerID != want {
-				t.Errorf("record peer_id %q, want %q", rec.PeerID, want)
+			if tc.preAuth {
+				rec := waitForFrom(t, n.audit, from, tc.reason, func(r audit.Refusals) bool { return r.Reasons[tc.reason] > 0 })
+				if rec.Direction != tc.dir || rec.Source != "127.0.0.1" || rec.Count != 1 || rec.Transports["tls"] != 1 {
+					t.Errorf("record %+v, want one tls attempt from 127.0.0.1", rec)
+				}
+				if want := peerString(tc.peer); want != "" && (len(rec.Peers) != 1 || rec.Peers[0].PeerID != want || rec.Peers[0].Reason != tc.reason) {
+					t.Errorf("record peers %+v, want the certificate of %s", rec.Peers, want)
+				}
+				if hs := n.audit.handshakes(); len(hs) > 0 && hs[len(hs)-1].Reason == tc.reason {
+					t.Errorf("a refusal before authentication has its own handshake record %+v", hs[len(hs)-1])
+				}
+			} else {
+				rec := waitFor(t, n.audit, tc.reason, func(r audit.Handshake) bool { return r.Reason == tc.reason })
+				if rec.Direction != tc.dir || rec.Result != tc.result {
+					t.Errorf("record %+v, want direction %s result %s", rec, tc.dir, tc.result)
+				}
+				if want := peerString(tc.peer); rec.PeerID != want {
+					t.Errorf("record peer_id %q, want %q", rec.PeerID, want)
+				}
 			}
 			if after := n.metric(t, "agentmesh_proxy_handshakes_total", labels); after != before+1 {
 				t.Errorf("handshakes_total%v went %v -> %v, want +1", labels, before, after)

@@ -141,8 +141,9 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 	}
 	// A stream counts against MaxConnections like a connection: it holds
 	// a socket to the target.
-	if err := p.limit.Acquire(ctx); err != nil {
-		p.refuseStream(ctx, st, info, statusUnreachable, ReasonShutdown, err)
+	if !p.limit.TryAcquire() {
+		p.metrics.refused.WithLabelValues(ReasonMaxConnections).Inc()
+		p.refuseStream(ctx, st, info, statusUnreachable, ReasonMaxConnections, errOverLimit)
 		return
 	}
 	defer p.limit.Release()

@@ -52,6 +52,7 @@ type proxyFile struct {
 	Revoke                revocationFile  `yaml:"revocation"`
 	Audit                 auditFile       `yaml:"audit"`
 	Pool                  poolFile        `yaml:"pool"`
+	Limits                limitsFile      `yaml:"limits"`
 	Log                   logFile         `yaml:"log"`
 	Rotation              policy.Rotation `yaml:"rotation"`
 	Routes                []routeFile     `yaml:"routes"`
@@ -87,6 +88,25 @@ type auditFile struct {
 	Path string `yaml:"path"`
 	// Streams adds a record per proxied stream of the pooled transports.
 	Streams bool `yaml:"streams"`
+	// Ack is when a new connection's handshake record counts as written: "durable"
+	// (default: fsynced) or "queued" (for measuring what durability costs).
+	Ack string `yaml:"ack"`
+}
+
+// limitsFile bounds what unauthenticated peers can make the proxy hold (docs/limits.md).
+// Zero means the default.
+type limitsFile struct {
+	// MaxConnections caps open connections, tls, h2 and quic tunnels and capture listeners
+	// together. Default 4096.
+	MaxConnections int `yaml:"max_connections"`
+	// MaxHandshakesInFlight caps inbound handshakes in progress. Default 256.
+	MaxHandshakesInFlight int `yaml:"max_handshakes_in_flight"`
+	// RefusalInterval is how long refused pre-authentication attempts are aggregated per
+	// source before their audit record is written. Default 10s.
+	RefusalInterval time.Duration `yaml:"refusal_interval"`
+	// RefusalSources caps the sources aggregated per interval; the rest share one record.
+	// Default 256.
+	RefusalSources int `yaml:"refusal_sources"`
 }
 
 // poolFile limits the pooled connections of the h2 and quic transports, on both sides
@@ -148,6 +168,8 @@ type proxyConfig struct {
 	Poll        time.Duration
 	Staleness   time.Duration
 	AuditPath   string
+	AuditAck    proxy.AuditAck
+	Limits      limitsFile
 	Log         logFile
 	Rotation    policy.Rotation
 	Routes      []proxy.Route
@@ -193,6 +215,8 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		Poll:        f.Revoke.Poll,
 		Staleness:   f.Revoke.MaxStaleness,
 		AuditPath:   resolve(base, f.Audit.Path),
+		AuditAck:    proxy.AuditAck(f.Audit.Ack),
+		Limits:      f.Limits,
 		Log:         f.Log,
 		Rotation:    f.Rotation,
 	}
@@ -265,6 +289,24 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 	}
 	if f.Dir.Heartbeat < 0 {
 		return nil, doc.fieldError("directory.heartbeat", errors.New("must not be negative"))
+	}
+	switch c.AuditAck {
+	case "", proxy.AuditAckDurable, proxy.AuditAckQueued:
+	default:
+		return nil, doc.fieldError("audit.ack", fmt.Errorf(`must be "durable" or "queued", not %q`, f.Audit.Ack))
+	}
+	for _, l := range []struct {
+		field string
+		n     int64
+	}{
+		{"limits.max_connections", int64(f.Limits.MaxConnections)},
+		{"limits.max_handshakes_in_flight", int64(f.Limits.MaxHandshakesInFlight)},
+		{"limits.refusal_interval", int64(f.Limits.RefusalInterval)},
+		{"limits.refusal_sources", int64(f.Limits.RefusalSources)},
+	} {
+		if l.n < 0 {
+			return nil, doc.fieldError(l.field, errors.New("must not be negative (0: the default)"))
+		}
 	}
 	if f.Revoke.Poll < 0 {
 		return nil, doc.fieldError("revocation.poll", errors.New("must not be negative"))
