@@ -41,7 +41,7 @@ const (
 	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
 
 	// Certificate rules beyond x509svid.Verify (internal/svidrules).
-	ReasonKeyUsage     = "wrong_key_usage"    // the leaf's extended key usage lacks clientAuth (a client) or serverAuth (a server)
+	ReasonKeyUsage     = "wrong_key_usage"    // the leaf lacks the digitalSignature key usage, or its extended key usage lacks clientAuth (a client) or serverAuth (a server)
 	ReasonChainTooLong = "chain_too_long"     // the chain carries more intermediates than Config.MaxIntermediates
 	ReasonIDTooLong    = "spiffe_id_too_long" // the leaf's SPIFFE ID is longer than 2,048 bytes
 
