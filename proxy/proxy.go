@@ -45,6 +45,10 @@ type Proxy struct {
 	quicLn     *quic.Listener
 	quicClient *quic.Config // for outbound quic connections
 	outboundLn net.Listener // nil when transparent capture is off
+	// outboundAlt is the other family's loopback at outboundLn's port,
+	// when Outbound is a loopback address (listenOtherLoopback).
+	outboundAlt net.Listener
+	hostAddrs   hostAddrSet // this host's addresses: who capture carries
 	explicitLn net.Listener // nil when explicit capture is off
 	strictLn   net.Listener // nil when strict mode is off
 	routes     []*route
@@ -146,6 +150,15 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		*l.ln = ln
 		p.self = append(p.self, addrPortOf(ln.Addr()))
+	}
+	if p.outboundLn != nil {
+		if p.outboundAlt, err = listenOtherLoopback(p.outboundLn); err != nil {
+			_ = p.closeListeners()
+			return nil, fmt.Errorf("proxy: %w", err)
+		}
+		if p.outboundAlt != nil {
+			p.self = append(p.self, addrPortOf(p.outboundAlt.Addr()))
+		}
 	}
 	for _, r := range cfg.Routes {
 		ln, lerr := net.Listen("tcp", r.Listen)
@@ -265,6 +278,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 			return p.acceptLoop(gctx, p.outboundLn, func(c net.Conn) { p.serveTransparent(gctx, c) })
 		})
 	}
+	if p.outboundAlt != nil {
+		g.Go(func() error {
+			return p.acceptLoop(gctx, p.outboundAlt, func(c net.Conn) { p.serveTransparent(gctx, c) })
+		})
+	}
 	if p.explicitLn != nil {
 		g.Go(func() error {
 			return p.acceptLoop(gctx, p.explicitLn, func(c net.Conn) { p.serveExplicit(gctx, c) })
@@ -299,7 +317,7 @@ func (p *Proxy) Close() error {
 func (p *Proxy) closeListeners() error {
 	p.closeOnce.Do(func() {
 		var errs []error
-		for _, ln := range []net.Listener{p.tunnelLn, p.outboundLn, p.explicitLn, p.strictLn} {
+		for _, ln := range []net.Listener{p.tunnelLn, p.outboundLn, p.outboundAlt, p.explicitLn, p.strictLn} {
 			if ln != nil {
 				errs = append(errs, ln.Close())
 			}

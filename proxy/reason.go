@@ -53,6 +53,7 @@ const (
 	ReasonUnsupportedRequest = "unsupported_request" // explicit: a valid request the proxy does not serve (SOCKS BIND, auth, ...)
 	ReasonResolveFailed      = "resolve_failed"      // explicit: the requested host name did not resolve
 	ReasonUnattested         = "unattested"          // the connecting process is no registered agent, and Unattested is UnattestedDeny
+	ReasonNotLocal           = "not_local"           // transparent or explicit: the client's address is not one of this host's (no open relay)
 )
 
 // resultFor maps a reason to the handshake result: "" and passthrough are

@@ -161,8 +161,11 @@ else
   say "proxy a: explicit port $EXPLICIT (http_proxy); the directory says who lives at $B_IP"
   capture="explicit: $EXPLICIT"
 fi
+# The demo's client loop runs as root, which is no registered agent: it travels with
+# the host identity (the default, unattested: deny, would refuse it).
 proxy_config a "$A_ADMIN" "tunnel: $A_IP:15008
 mark: $MARK
+unattested: host
 $capture
 directory:
   advertise: [$A_IP]
