@@ -45,14 +45,15 @@ type Proxy struct {
 	quicLn     *quic.Listener
 	quicClient *quic.Config // for outbound quic connections
 	outboundLn net.Listener // nil when transparent capture is off
+	explicitLn net.Listener // nil when explicit capture is off
+	strictLn   net.Listener // nil when strict mode is off
+	routes     []*route
+	self       []netip.AddrPort // tunnel, outbound and explicit listeners: loop detection
+
 	// outboundAlt is the other family's loopback at outboundLn's port,
 	// when Outbound is a loopback address (listenOtherLoopback).
 	outboundAlt net.Listener
-	hostAddrs   hostAddrSet  // this host's addresses: who capture carries
-	explicitLn  net.Listener // nil when explicit capture is off
-	strictLn    net.Listener // nil when strict mode is off
-	routes      []*route
-	self        []netip.AddrPort // tunnel, outbound and explicit listeners: loop detection
+	hostAddrs   hostAddrSet // this host's addresses: who capture carries
 
 	services        map[uint16]map[spiffeid.ID]struct{} // port -> allowed peers
 	allowedAnywhere map[spiffeid.ID]struct{}            // union of every Allow
