@@ -73,6 +73,12 @@ type Config struct {
 	// Default 30s; must be positive.
 	DirectoryTTL time.Duration
 
+	// MaxWatches is how many directory long-polls (GET /mesh/v1/directory) one client
+	// identity may hold at once; one more is answered 429 at once, logged, and audited
+	// (WatchRefusal) with the count of such refusals. Default 0: DefaultMaxWatches (4);
+	// must be >= 0.
+	MaxWatches int
+
 	// Logger receives the CA's logs, including step-ca's per-request errors and
 	// net/http's server errors. Default: discard.
 	Logger *slog.Logger
@@ -97,6 +103,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.DirectoryTTL == 0 {
 		c.DirectoryTTL = defaultDirectoryTTL
+	}
+	if c.MaxWatches == 0 {
+		c.MaxWatches = DefaultMaxWatches
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -123,6 +132,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: TokenLifetime %v is outside (0, %v]", ErrInvalidConfig, c.TokenLifetime, maxTokenLifetime)
 	case c.DirectoryTTL < 0:
 		return fmt.Errorf("%w: DirectoryTTL %v is negative", ErrInvalidConfig, c.DirectoryTTL)
+	case c.MaxWatches < 0:
+		return fmt.Errorf("%w: MaxWatches %d is negative", ErrInvalidConfig, c.MaxWatches)
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("%w: Listen %q: %w", ErrInvalidConfig, c.Listen, err)

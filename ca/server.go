@@ -74,6 +74,8 @@ type Server struct {
 	state       serverState
 	auth        *authority.Authority // set by Run; Shutdown closes the KMS and the DB
 	releaseOnce sync.Once
+
+	watches *watchLimit // directory long-polls held per client identity
 }
 
 // New prepares a CA in cfg.StateDir without serving it.
@@ -175,6 +177,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.clientIntermediates.AddCert(certs.intermediate)
 	s.bundle = x509bundle.FromX509Authorities(cfg.TrustDomain, []*x509.Certificate{certs.root})
 	s.dir = newRegistry(cfg.DirectoryTTL, s.log, time.Now())
+	s.watches = newWatchLimit(cfg.MaxWatches)
 	if err := s.initDenyList(time.Now()); err != nil {
 		return nil, err
 	}
