@@ -183,7 +183,7 @@ func (s *Server) handleWatch(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	_ = rc.SetReadDeadline(deadline)
 	_ = rc.SetWriteDeadline(deadline)
-	body, err := s.dir.watch(r.Context(), since, wait)
+	body, err := s.dir.watch(r.Context(), id, since, wait)
 	switch {
 	case r.Context().Err() != nil:
 		return // the client is gone
