@@ -32,7 +32,7 @@ const (
 // documented default.
 type Config struct {
 	// StateDir holds the CA's state: root.crt, intermediate.crt, the database (db/),
-	// the SoftHSM2 token (tokens/, softhsm2.conf, hsm.pin, softhsm2.lock; see
+	// the SoftHSM2 token (tokens/, softhsm2.conf, softhsm2.lock; its PIN is PINFile; see
 	// hsm.SoftHSM; the module is hsm.SoftHSMModule) unless KMS is set, the lock and
 	// the admin socket. Required; created 0700 if missing.
 	StateDir string
@@ -57,8 +57,17 @@ type Config struct {
 	// Missing keys are generated inside it on first start, as objects labelled
 	// agentmesh-root, agentmesh-intermediate and agentmesh-provisioner: give each CA its
 	// own token. The URI is never logged with a pin-value. Default "": a SoftHSM2 token
-	// created inside StateDir on first start, its random PIN in StateDir/hsm.pin (0600).
+	// created inside StateDir on first start, its random PIN in PINFile.
 	KMS string
+
+	// PINFile holds the user PIN of the SoftHSM2 token in StateDir (KMS ""): created
+	// (0600, random) on first start when missing; a StateDir/hsm.pin of an earlier
+	// version is moved there. It must be outside StateDir, so that a copy of the state
+	// (backup, snapshot) never carries the key to the token's objects with them; a
+	// systemd credential ($CREDENTIALS_DIRECTORY/hsm.pin) is the natural place.
+	// Default "": hsm.DefaultPINFile(StateDir), StateDir's name with ".pin" appended
+	// (/var/lib/agentmesh-ca.pin). Ignored when KMS is set.
+	PINFile string
 
 	// SVIDLifetime is the default and the maximum lifetime of issued X509-SVIDs.
 	// Default 1h; at least 10s.

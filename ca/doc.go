@@ -96,7 +96,9 @@
 //	entries.json                 the registration entries (0600), written atomically
 //	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS),
 //	softhsm2.lock                prepared by hsm.SoftHSM
-//	hsm.pin                      its random user PIN (0600); the SO PIN is discarded
+//	(no hsm.pin)                 its random user PIN is Config.PINFile, outside the
+//	                             state directory (default STATE.pin beside it); a
+//	                             hsm.pin of an earlier version is moved there
 //	admin.sock                   admin API: POST /token, GET /directory, POST /revoke,
 //	                             POST /rotate, POST, DELETE and GET /entries (0600;
 //	                             root or the CA's uid, via SO_PEERCRED)

@@ -32,7 +32,7 @@ func listTokenObjects(t *testing.T, stateDir string) []p11Object {
 	if err != nil {
 		t.Skipf("pkcs11-tool (opensc) not installed: %v", err)
 	}
-	pin, err := os.ReadFile(filepath.Join(stateDir, filePIN))
+	pin, err := os.ReadFile(hsm.DefaultPINFile(stateDir))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func TestKeysLiveInTheToken(t *testing.T) {
 	// Through PKCS#11 in this process (a second KMS session on the same token, reached
 	// as hsm.SoftHSM names it for the running CA): the token's keys are the
 	// certificates' keys.
-	uri, release, err := hsm.SoftHSM(cfg.StateDir, tokenLabel)
+	uri, release, err := hsm.SoftHSM(cfg.StateDir, tokenLabel, cfg.PINFile)
 	if err != nil {
 		t.Fatal(err)
 	}

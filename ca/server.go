@@ -120,9 +120,17 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	kmsURI := cfg.KMS
 	if kmsURI == "" {
 		// hsm.SoftHSM writes the PIN file before it creates the token: no PIN file
-		// yet means this start creates the token.
-		_, statErr := os.Stat(filepath.Join(cfg.StateDir, filePIN))
-		if kmsURI, s.releaseSoftHSM, err = hsm.SoftHSM(cfg.StateDir, tokenLabel); err != nil {
+		// yet, where it is or where earlier versions kept it, means this start
+		// creates the token.
+		pinFile := cfg.PINFile
+		if pinFile == "" {
+			pinFile = hsm.DefaultPINFile(cfg.StateDir)
+		}
+		_, statErr := os.Stat(pinFile)
+		if _, err := os.Stat(filepath.Join(cfg.StateDir, filePIN)); err == nil {
+			statErr = nil
+		}
+		if kmsURI, s.releaseSoftHSM, err = hsm.SoftHSM(cfg.StateDir, tokenLabel, cfg.PINFile); err != nil {
 			return nil, err
 		}
 		if errors.Is(statErr, os.ErrNotExist) {

@@ -54,7 +54,7 @@ func softHSM(tb testing.TB) (dir, uri string) {
 		if shared.dir, shared.err = os.MkdirTemp("", "agentmesh hsm+test;"); shared.err != nil {
 			return
 		}
-		shared.uri, shared.release, shared.err = hsm.SoftHSM(shared.dir, sharedToken)
+		shared.uri, shared.release, shared.err = hsm.SoftHSM(shared.dir, sharedToken, "")
 	})
 	if shared.err != nil {
 		tb.Fatalf("shared SoftHSM: %v", shared.err)
@@ -67,7 +67,7 @@ func softHSM(tb testing.TB) (dir, uri string) {
 func token(tb testing.TB, label string) string {
 	tb.Helper()
 	dir, _ := softHSM(tb)
-	uri, release, err := hsm.SoftHSM(dir, label)
+	uri, release, err := hsm.SoftHSM(dir, label, "")
 	if err != nil {
 		tb.Fatalf("SoftHSM(%q): %v", label, err)
 	}

@@ -102,7 +102,7 @@ wait_for "the CA" test -S "$work/ca/admin.sock"
 wait_for "the CA's API" "${on_a[@]}" curl -sf --cacert "$work/ca/root.crt" "https://$CA_ADDR/health"
 echo "    private keys in the token (sensitive, never extractable; none on disk):"
 SOFTHSM2_CONF="$work/ca/softhsm2.conf" pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so \
-  --login --pin "$(cat "$work/ca/hsm.pin")" --list-objects --type privkey 2>/dev/null |
+  --login --pin "$(cat "$work/ca.pin")" --list-objects --type privkey 2>/dev/null |
   awk '/label:/ {l=$2} /Access:/ {sub(/^ *Access: */, ""); print "      " l ": " $0}' || true
 
 proxy_config() { # name, admin, yaml
