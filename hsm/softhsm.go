@@ -27,7 +27,7 @@ const SoftHSMModule = "/usr/lib/softhsm/libsofthsm2.so"
 // CA's state directory has always used, so existing tokens keep working.
 const (
 	fileConf  = "softhsm2.conf"
-	filePIN   = "hsm.pin" // where earlier versions kept the PIN; moved out by loadPIN
+	filePIN   = "hsm.pin"       // where earlier versions kept the PIN; moved out by loadPIN
 	fileLock  = "softhsm2.lock" // not "lock": the CA flocks that one for its whole life
 	dirTokens = "tokens"
 )
