@@ -280,6 +280,13 @@ func (a *Authz) Restricted() bool { return a == nil || !a.outboundOpen }
 // allows and no match denies with Rule -1.
 func (a *Authz) Outbound(src, dst spiffeid.ID) Decision {
 	d := Decision{Direction: DirectionOutbound, Rule: -1, Name: defaultRule, Src: src, Dst: dst}
+	return a.decideOutbound(d, func(r *outboundRule) bool { return matchAny(r.to, dst) })
+}
+
+// decideOutbound decides the outbound request d: a nil policy denies, one without
+// outbound rules allows (Rule -1), else the first rule whose from selects d.Src and
+// whose to selects the destination (to reports it) allows, and no match denies.
+func (a *Authz) decideOutbound(d Decision, to func(*outboundRule) bool) Decision {
 	switch {
 	case a == nil:
 		return d
@@ -287,8 +294,8 @@ func (a *Authz) Outbound(src, dst spiffeid.ID) Decision {
 		d.Allow, d.open = true, true
 		return d
 	}
-	for i, r := range a.outbound {
-		if matchAny(r.from, src) && matchAny(r.to, dst) {
+	for i := range a.outbound {
+		if r := &a.outbound[i]; matchAny(r.from, d.Src) && to(r) {
 			d.Allow, d.Rule, d.Name = true, i, r.name
 			return d
 		}

@@ -109,25 +109,14 @@ func parseOutboundTo(doc *yamlDoc, path string, in []string) ([]pattern, []addrP
 // rule's SPIFFE IDs never select an address, nor its passthrough destinations an ID.
 func (a *Authz) Passthrough(src spiffeid.ID, addr netip.Addr) Decision {
 	d := Decision{Direction: DirectionOutbound, Rule: -1, Name: defaultRule, Src: src, Addr: addr}
-	switch {
-	case a == nil:
-		return d
-	case a.outboundOpen:
-		d.Allow, d.open = true, true
-		return d
-	}
-	for i, r := range a.outbound {
-		if !matchAny(r.from, src) {
-			continue
-		}
+	return a.decideOutbound(d, func(r *outboundRule) bool {
 		for _, p := range r.toAddrs {
 			if p.match(addr) {
-				d.Allow, d.Rule, d.Name = true, i, r.name
-				return d
+				return true
 			}
 		}
-	}
-	return d
+		return false
+	})
 }
 
 func joinAddrPatterns(ps []addrPattern) string {
