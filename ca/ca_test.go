@@ -20,6 +20,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/hsm"
 )
 
 // checkSVID verifies chain as an X509-SVID of id against ca's roots and checks the
@@ -120,7 +122,7 @@ func TestEnrollAndRenew(t *testing.T) {
 	if err := ca.stop(); err != nil {
 		t.Fatalf("Run: %v", err)
 	}
-	pin, err := os.ReadFile(filepath.Join(cfg.StateDir, filePIN))
+	pin, err := os.ReadFile(hsm.DefaultPINFile(cfg.StateDir))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -137,8 +139,12 @@ func TestEnrollAndRenew(t *testing.T) {
 			t.Errorf("the %s appears in the database", name)
 		}
 	}
-	for name, want := range map[string]os.FileMode{"": 0o700, filePIN: 0o600, fileRoot: 0o644, fileIntermediate: 0o644, fileSoftHSMConf: 0o600} {
-		fi, err := os.Stat(filepath.Join(cfg.StateDir, name))
+	for name, want := range map[string]os.FileMode{"": 0o700, hsm.DefaultPINFile(cfg.StateDir): 0o600, fileRoot: 0o644, fileIntermediate: 0o644, fileSoftHSMConf: 0o600} {
+		path := name
+		if !filepath.IsAbs(path) {
+			path = filepath.Join(cfg.StateDir, name)
+		}
+		fi, err := os.Stat(path)
 		if err != nil {
 			t.Errorf("stat %q: %v", name, err)
 		} else if fi.Mode().Perm() != want {

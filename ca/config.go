@@ -33,7 +33,7 @@ const (
 // documented default.
 type Config struct {
 	// StateDir holds the CA's state: root.crt, intermediate.crt, the database (db/),
-	// the SoftHSM2 token (tokens/, softhsm2.conf, hsm.pin, softhsm2.lock; see
+	// the SoftHSM2 token (tokens/, softhsm2.conf, softhsm2.lock; its PIN is PINFile; see
 	// hsm.SoftHSM; the module is hsm.SoftHSMModule) unless KMS is set, the lock and
 	// the admin socket. Required; created 0700 if missing.
 	StateDir string
@@ -58,8 +58,17 @@ type Config struct {
 	// Missing keys are generated inside it on first start, as objects labelled
 	// agentmesh-root, agentmesh-intermediate and agentmesh-provisioner: give each CA its
 	// own token. The URI is never logged with a pin-value. Default "": a SoftHSM2 token
-	// created inside StateDir on first start, its random PIN in StateDir/hsm.pin (0600).
+	// created inside StateDir on first start, its random PIN in PINFile.
 	KMS string
+
+	// PINFile holds the user PIN of the SoftHSM2 token in StateDir (KMS ""): created
+	// (0600, random) on first start when missing; a StateDir/hsm.pin of an earlier
+	// version is moved there. It must be outside StateDir, so that a copy of the state
+	// (backup, snapshot) never carries the key to the token's objects with them; a
+	// systemd credential ($CREDENTIALS_DIRECTORY/hsm.pin) is the natural place.
+	// Default "": hsm.DefaultPINFile(StateDir), StateDir's name with ".pin" appended
+	// (/var/lib/agentmesh-ca.pin). Ignored when KMS is set.
+	PINFile string
 
 	// SVIDLifetime is the default and the maximum lifetime of issued X509-SVIDs.
 	// Default 1h; at least 10s.
@@ -73,6 +82,12 @@ type Config struct {
 	// proxies heartbeat every 10s by default, so three missed heartbeats drop an entry.
 	// Default 30s; must be positive.
 	DirectoryTTL time.Duration
+
+	// MaxWatches is how many directory long-polls (GET /mesh/v1/directory) one client
+	// identity may hold at once; one more is answered 429 at once, logged, and audited
+	// (WatchRefusal) with the count of such refusals. Default 0: DefaultMaxWatches (4);
+	// must be >= 0.
+	MaxWatches int
 
 	// Logger receives the CA's logs, including step-ca's per-request errors and
 	// net/http's server errors. Default: discard.
@@ -105,6 +120,9 @@ func (c Config) withDefaults() Config {
 	if c.DirectoryTTL == 0 {
 		c.DirectoryTTL = defaultDirectoryTTL
 	}
+	if c.MaxWatches == 0 {
+		c.MaxWatches = DefaultMaxWatches
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -130,6 +148,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: TokenLifetime %v is outside (0, %v]", ErrInvalidConfig, c.TokenLifetime, maxTokenLifetime)
 	case c.DirectoryTTL < 0:
 		return fmt.Errorf("%w: DirectoryTTL %v is negative", ErrInvalidConfig, c.DirectoryTTL)
+	case c.MaxWatches < 0:
+		return fmt.Errorf("%w: MaxWatches %d is negative", ErrInvalidConfig, c.MaxWatches)
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("%w: Listen %q: %w", ErrInvalidConfig, c.Listen, err)

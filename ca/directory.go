@@ -3,7 +3,6 @@ package ca
 import (
 	"cmp"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -267,12 +266,12 @@ func (s *dirState) snapshot() DirectoryDocument {
 	return doc
 }
 
-// encodedDoc is the JSON of one directory version, built once however many watchers
-// a change wakes.
+// encodedDoc is one directory version as served, snapshotted once however many
+// watchers a change wakes, and encoded once per caller (callerViews).
 type encodedDoc struct {
-	once sync.Once
-	body []byte
-	err  error
+	once  sync.Once
+	doc   DirectoryDocument
+	views callerViews
 }
 
 // registry is the CA's live directory: dirState behind a mutex, with a broadcast
@@ -408,10 +407,11 @@ func (r *registry) snapshot(now time.Time) DirectoryDocument {
 	return doc
 }
 
-// watch is the long-poll: it returns the encoded directory at once when its version
-// is not since, else when the version changes, wait has passed or the registry closes,
-// whichever is first. It returns ctx's error when ctx ends first (the caller is gone).
-func (r *registry) watch(ctx context.Context, since uint64, wait time.Duration) ([]byte, error) {
+// watch is the long-poll: it returns the encoded directory, as caller may see it
+// (entriesFor), at once when its version is not since, else when the version changes,
+// wait has passed or the registry closes, whichever is first. It returns ctx's error
+// when ctx ends first (the caller is gone).
+func (r *registry) watch(ctx context.Context, caller spiffeid.ID, since uint64, wait time.Duration) ([]byte, error) {
 	r.mu.Lock()
 	removed := r.expireLocked(time.Now())
 	version, ch, closed, hook := r.state.version, r.changed, r.closed, r.testHookWaiting
@@ -433,23 +433,23 @@ func (r *registry) watch(ctx context.Context, since uint64, wait time.Duration) 
 			return nil, err
 		}
 	}
-	return r.encoded()
+	return r.encoded(caller)
 }
 
-// encoded returns the JSON of the current version, encoding it once per version.
-func (r *registry) encoded() ([]byte, error) {
+// encoded returns the JSON of the current version as caller may see it, snapshotting
+// it once per version and encoding it once per version and caller.
+func (r *registry) encoded(caller spiffeid.ID) ([]byte, error) {
 	r.mu.Lock()
 	d := r.doc
 	r.mu.Unlock()
 	d.once.Do(func() {
-		// The version may have moved on since d was current: then this encodes a
-		// newer one, which is as good an answer.
+		// The version may have moved on since d was current: then this takes a newer
+		// one, which is as good an answer.
 		r.mu.Lock()
-		doc := r.state.snapshot()
+		d.doc = r.state.snapshot()
 		r.mu.Unlock()
-		d.body, d.err = json.Marshal(doc)
 	})
-	return d.body, d.err
+	return d.views.view(d.doc, caller)
 }
 
 // run is the janitor: it drops each entry when its TTL runs out (so watchers hear of

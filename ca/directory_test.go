@@ -351,7 +351,7 @@ func TestRegistryWatch(t *testing.T) {
 		watch := func(since uint64, wait time.Duration) chan DirectoryDocument {
 			ch := make(chan DirectoryDocument, 1)
 			go func() {
-				b, err := r.watch(ctx, since, wait)
+				b, err := r.watch(ctx, spiffeid.ID{}, since, wait)
 				if err != nil {
 					t.Errorf("watch: %v", err)
 				}
@@ -437,7 +437,7 @@ func TestRegistryWatchCancel(t *testing.T) {
 		ctx, cancel := context.WithCancel(t.Context())
 		done := make(chan error, 1)
 		go func() {
-			_, err := r.watch(ctx, r.snapshot(time.Now()).Version, time.Minute)
+			_, err := r.watch(ctx, spiffeid.ID{}, r.snapshot(time.Now()).Version, time.Minute)
 			done <- err
 		}()
 		synctest.Wait()

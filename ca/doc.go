@@ -124,7 +124,9 @@
 //	claims.json                  the hosts' address claims (0600), written atomically
 //	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS),
 //	softhsm2.lock                prepared by hsm.SoftHSM
-//	hsm.pin                      its random user PIN (0600); the SO PIN is discarded
+//	(no hsm.pin)                 its random user PIN is Config.PINFile, outside the
+//	                             state directory (default STATE.pin beside it); a
+//	                             hsm.pin of an earlier version is moved there
 //	admin.sock                   admin API: POST /token, GET /directory, POST /revoke,
 //	                             POST /reinstate, POST /rotate, POST, DELETE and GET
 //	                             /entries and /hosts (0600;

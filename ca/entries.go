@@ -42,7 +42,7 @@ const (
 type Entry struct {
 	ID   spiffeid.ID `json:"id"`             // spiffe://TD/agent/NAME
 	Host spiffeid.ID `json:"host"`           // spiffe://TD/host/H: the only proxy that gets ID's SVIDs
-	UID  uint32      `json:"uid"`            // the uid of the agent's processes on Host
+	UID  uint32      `json:"uid,omitempty"`  // the uid of the agent's processes on Host; served only to Host's proxy
 	Port uint16      `json:"port,omitempty"` // where the agent listens on its host; 0: none
 }
 

@@ -52,9 +52,11 @@ func nextEntries(t *testing.T, ch <-chan []Entry) []Entry {
 	}
 }
 
-// The directory carries the entries to every proxy at once: Entries, AgentsAt by the
-// addresses of the agents' host (the proxy's own included), and OnEntries on the
-// first directory and on each change of the entries, not on other changes.
+// The directory carries the entries to every proxy at once, each proxy seeing its own
+// host's entries whole and of the others only the agents with a port, without their
+// uid: Entries, AgentsAt by the addresses of the agents' host (the proxy's own
+// included), and OnEntries on the first directory and on each change of the entries,
+// not on other changes.
 func TestDirectoryEntries(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
@@ -74,7 +76,10 @@ func TestDirectoryEntries(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	want := []Entry{x, y, z}
+	// Host b's view: a's agent with a port by ID and port only; a's agent without a
+	// port not at all.
+	xSeen := Entry{ID: agentX, Host: idA, Port: 8080}
+	want := []Entry{xSeen, z}
 	for got := nextEntries(t, gotB); !slices.Equal(got, want); got = nextEntries(t, gotB) {
 		t.Logf("OnEntries %+v on the way", got)
 	}
@@ -101,7 +106,8 @@ func TestDirectoryEntries(t *testing.T) {
 			}
 		}
 	}
-	waitUntil(t, dA, "entries at host a's proxy", func() bool { return len(dA.Entries()) == 3 })
+	zSeen := Entry{ID: agentZ, Host: idB, Port: 9090}
+	waitUntil(t, dA, "entries at host a's proxy", func() bool { return slices.Equal(dA.Entries(), []Entry{x, y, zSeen}) })
 	addr := netip.MustParseAddr("10.0.9.1")
 	if n := testing.AllocsPerRun(100, func() { _ = dA.AgentsAt(addr) }); n != 0 {
 		t.Errorf("AgentsAt allocates %v times", n)
@@ -120,8 +126,8 @@ func TestDirectoryEntries(t *testing.T) {
 	if err := UnregisterEntry(ctx, cfg.StateDir, agentX); err != nil {
 		t.Fatal(err)
 	}
-	if got := nextEntries(t, gotB); !slices.Equal(got, []Entry{y, z}) {
-		t.Errorf("OnEntries after unregister %+v, want y, z only", got)
+	if got := nextEntries(t, gotB); !slices.Equal(got, []Entry{z}) {
+		t.Errorf("OnEntries after unregister %+v, want z only", got)
 	}
 	if got := dB.AgentsAt(addr); got != nil {
 		t.Errorf("AgentsAt(%v) after unregister = %v, want nil", addr, got)

@@ -32,7 +32,7 @@ func listTokenObjects(t *testing.T, stateDir string) []p11Object {
 	if err != nil {
 		t.Skipf("pkcs11-tool (opensc) not installed: %v", err)
 	}
-	pin, err := os.ReadFile(filepath.Join(stateDir, filePIN))
+	pin, err := os.ReadFile(hsm.DefaultPINFile(stateDir))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -103,7 +103,7 @@ func TestKeysLiveInTheToken(t *testing.T) {
 	// Through PKCS#11 in this process (a second KMS session on the same token, reached
 	// as hsm.SoftHSM names it for the running CA): the token's keys are the
 	// certificates' keys.
-	uri, release, err := hsm.SoftHSM(cfg.StateDir, tokenLabel)
+	uri, release, err := hsm.SoftHSM(cfg.StateDir, tokenLabel, cfg.PINFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -173,7 +173,9 @@ func TestIssuanceFailsWithoutTheToken(t *testing.T) {
 	}
 }
 
-// A wrong PIN stops New with a clear HSM error; the right one starts the same CA.
+// A wrong PIN stops New with a clear HSM error; the right one starts the same CA. The PIN
+// is kept outside the state directory, and a state directory of an earlier version, with
+// its PIN inside, has it moved out on start.
 func TestWrongPIN(t *testing.T) {
 	cfg, _ := testConfig(t)
 	requireSoftHSM(t)
@@ -185,7 +187,10 @@ func TestWrongPIN(t *testing.T) {
 	if err := srv.Close(); err != nil {
 		t.Fatal(err)
 	}
-	pinPath := filepath.Join(cfg.StateDir, filePIN)
+	pinPath := hsm.DefaultPINFile(cfg.StateDir)
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, filePIN)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a PIN file in the state directory: %v", err)
+	}
 	pin, err := os.ReadFile(pinPath)
 	if err != nil {
 		t.Fatal(err)
@@ -202,13 +207,23 @@ func TestWrongPIN(t *testing.T) {
 	if err := os.WriteFile(pinPath, pin, 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// The layout of an earlier version: the PIN in the state directory.
+	if err := os.Rename(pinPath, filepath.Join(cfg.StateDir, filePIN)); err != nil {
+		t.Fatal(err)
+	}
 	srv, err = New(context.Background(), cfg)
 	if err != nil {
-		t.Fatalf("New with the PIN restored: %v", err)
+		t.Fatalf("New with the PIN in the state directory: %v", err)
 	}
 	defer srv.Close()
 	if !srv.Roots()[0].Equal(root) {
 		t.Fatal("the root changed")
+	}
+	if moved, err := os.ReadFile(pinPath); err != nil || string(moved) != string(pin) {
+		t.Errorf("PIN after the move %q, %v; want the old one at %s", moved, err, pinPath)
+	}
+	if _, err := os.Stat(filepath.Join(cfg.StateDir, filePIN)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("the PIN is still in the state directory: %v", err)
 	}
 }
 

@@ -183,6 +183,13 @@ func (s *Server) handleWatch(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, http.StatusBadRequest, callerID(r), err.Error())
 		return
 	}
+	id := callerID(r)
+	release, refused, ok := s.watches.acquire(id)
+	if !ok {
+		s.refuseWatch(w, r, id, refused)
+		return
+	}
+	defer release()
 	// The server's read and write timeouts (30s) are shorter than the longest wait:
 	// without moving both deadlines the connection would be cut mid-poll (and an
 	// expired read deadline cancels the request context).
@@ -190,7 +197,7 @@ func (s *Server) handleWatch(w http.ResponseWriter, r *http.Request) {
 	rc := http.NewResponseController(w)
 	_ = rc.SetReadDeadline(deadline)
 	_ = rc.SetWriteDeadline(deadline)
-	body, err := s.dir.watch(r.Context(), since, wait)
+	body, err := s.dir.watch(r.Context(), id, since, wait)
 	switch {
 	case r.Context().Err() != nil:
 		return // the client is gone

@@ -57,7 +57,7 @@ const (
 	fileRoot         = "root.crt"
 	fileIntermediate = "intermediate.crt"
 	fileSoftHSMConf  = "softhsm2.conf"
-	filePIN          = "hsm.pin"
+	filePIN          = "hsm.pin" // where earlier versions kept the token's PIN
 	fileAdminSocket  = "admin.sock"
 	fileLock         = "lock"
 	dirTokens        = "tokens"

@@ -80,6 +80,8 @@ type Server struct {
 	state       serverState
 	auth        *authority.Authority // set by Run; Shutdown closes the KMS and the DB
 	releaseOnce sync.Once
+
+	watches *watchLimit // directory long-polls held per client identity
 }
 
 // New prepares a CA in cfg.StateDir without serving it.
@@ -124,9 +126,17 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	kmsURI := cfg.KMS
 	if kmsURI == "" {
 		// hsm.SoftHSM writes the PIN file before it creates the token: no PIN file
-		// yet means this start creates the token.
-		_, statErr := os.Stat(filepath.Join(cfg.StateDir, filePIN))
-		if kmsURI, s.releaseSoftHSM, err = hsm.SoftHSM(cfg.StateDir, tokenLabel); err != nil {
+		// yet, where it is or where earlier versions kept it, means this start
+		// creates the token.
+		pinFile := cfg.PINFile
+		if pinFile == "" {
+			pinFile = hsm.DefaultPINFile(cfg.StateDir)
+		}
+		_, statErr := os.Stat(pinFile)
+		if _, err := os.Stat(filepath.Join(cfg.StateDir, filePIN)); err == nil {
+			statErr = nil
+		}
+		if kmsURI, s.releaseSoftHSM, err = hsm.SoftHSM(cfg.StateDir, tokenLabel, cfg.PINFile); err != nil {
 			return nil, err
 		}
 		if errors.Is(statErr, os.ErrNotExist) {
@@ -183,6 +193,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	s.clientIntermediates.AddCert(certs.intermediate)
 	s.bundle = x509bundle.FromX509Authorities(cfg.TrustDomain, []*x509.Certificate{certs.root})
 	s.dir = newRegistry(cfg.DirectoryTTL, s.log, time.Now())
+	s.watches = newWatchLimit(cfg.MaxWatches)
 	if err := s.initDenyList(time.Now()); err != nil {
 		return nil, err
 	}

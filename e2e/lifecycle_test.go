@@ -189,7 +189,7 @@ func TestKeyLifecycle(t *testing.T) {
 func tokenKeys(t *testing.T, p *meshProxy) []string {
 	t.Helper()
 	dir := filepath.Join(p.dir, "hsm")
-	pin, err := os.ReadFile(filepath.Join(dir, "hsm.pin"))
+	pin, err := os.ReadFile(filepath.Join(p.dir, "hsm.pin")) // beside the token directory, not in it
 	if err != nil {
 		t.Fatal(err)
 	}

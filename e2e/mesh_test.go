@@ -139,6 +139,11 @@ func startProxyOn(t *testing.T, h host, ca *meshCA, name, tunnel, admin string, 
 	fmt.Fprintf(&b, "id: %s\nstate: %s\ntunnel: %s\nadmin: %s\n", px.id, dir, px.tunnel, px.admin)
 	fmt.Fprintf(&b, "ca:\n  url: %s\n  root: %s\n  token_file: token\n", ca.url, ca.root)
 	fmt.Fprintf(&b, "log:\n  level: debug\n")
+	// The tests' clients (curl, the test process) are no registered agents: they travel
+	// with the host identity unless a test asks for the refusing default.
+	if !strings.Contains(extra, "unattested:") {
+		b.WriteString("unattested: host\n")
+	}
 	b.WriteString(extra)
 	if len(routes) > 0 {
 		b.WriteString("routes:\n")

@@ -13,8 +13,9 @@ import (
 )
 
 // lan is a set of network namespaces joined by a bridge in a hub namespace: the test's
-// own hosts, on addresses from 198.18.0.0/15 (the range set aside for network tests).
-// Everything it creates is deleted when the test ends.
+// own hosts, on addresses from 198.18.0.0/15 (the range set aside for network tests)
+// and, in IPv6, from a unique local prefix (fd00:198:18:N::/64). Everything it creates
+// is deleted when the test ends.
 type lan struct {
 	t     *testing.T
 	id    string
@@ -22,11 +23,13 @@ type lan struct {
 	hosts map[string]*lanHost
 	next  int
 	net   string // 198.18.N
+	net6  string // fd00:198:18:N::
 }
 
 type lanHost struct {
 	host
-	ip string
+	ip  string
+	ip6 string // the host's IPv6 address on the LAN
 }
 
 func requireRoot(t *testing.T) {
@@ -46,7 +49,7 @@ func newLAN(t *testing.T) *lan {
 	b := make([]byte, 3)
 	_, _ = rand.Read(b)
 	l := &lan{t: t, id: hex.EncodeToString(b), hosts: map[string]*lanHost{}, next: 1,
-		net: fmt.Sprintf("198.18.%d", int(b[0])%200+10)}
+		net: fmt.Sprintf("198.18.%d", int(b[0])%200+10), net6: fmt.Sprintf("fd00:198:18:%d::", int(b[0])%200+10)}
 	l.hub = "am-hub-" + l.id
 	l.ip("netns", "add", l.hub)
 	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", l.hub).Run() })
@@ -59,7 +62,7 @@ func newLAN(t *testing.T) *lan {
 func (l *lan) add(name string) *lanHost {
 	l.t.Helper()
 	ns := "am-" + name + "-" + l.id
-	h := &lanHost{host: host{ns: ns}, ip: fmt.Sprintf("%s.%d", l.net, l.next)}
+	h := &lanHost{host: host{ns: ns}, ip: fmt.Sprintf("%s.%d", l.net, l.next), ip6: fmt.Sprintf("%s%d", l.net6, l.next)}
 	l.next++
 	l.ip("netns", "add", ns)
 	l.t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ns).Run() })
@@ -67,6 +70,8 @@ func (l *lan) add(name string) *lanHost {
 	l.ip("link", "add", "eth0", "netns", ns, "type", "veth", "peer", "name", peer, "netns", l.hub)
 	l.ip("-n", l.hub, "link", "set", peer, "master", "br0", "up")
 	l.ip("-n", ns, "addr", "add", h.ip+"/24", "dev", "eth0")
+	// nodad: usable at once, not after duplicate address detection.
+	l.ip("-n", ns, "addr", "add", h.ip6+"/64", "dev", "eth0", "nodad")
 	l.ip("-n", ns, "link", "set", "eth0", "up")
 	l.ip("-n", ns, "link", "set", "lo", "up")
 	l.hosts[name] = h

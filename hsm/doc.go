@@ -40,7 +40,8 @@
 // is an object file under tokens/; it is a private object, so its attributes are
 // encrypted with the token's key, itself wrapped by a key derived from the user PIN.
 // Deletion unlinks that file. Unlinking does not overwrite the disk blocks, so someone
-// who later obtains both the disk and hsm.pin might recover a deleted key from
+// who later obtains both the disk and the PIN file (kept outside the SoftHSM directory,
+// see SoftHSM) might recover a deleted key from
 // unallocated blocks; an encrypted filesystem, or a hardware token (whose deletion is
 // the vendor's), closes that gap. Nothing about a key is written outside the token
 // directory.

@@ -19,7 +19,7 @@ func Example() {
 }
 
 func renewWithTokenKey(ctx context.Context) error {
-	uri, release, err := hsm.SoftHSM("/var/lib/agentmesh-proxy/hsm", "agentmesh-proxy")
+	uri, release, err := hsm.SoftHSM("/var/lib/agentmesh-proxy/hsm", "agentmesh-proxy", "")
 	if err != nil {
 		return err
 	}

@@ -43,7 +43,7 @@ func softHSM(tb testing.TB) (dir, uri string) {
 func token(tb testing.TB, label string) string {
 	tb.Helper()
 	dir, _ := softHSM(tb)
-	uri, release, err := hsm.SoftHSM(dir, label)
+	uri, release, err := hsm.SoftHSM(dir, label, "")
 	if err != nil {
 		tb.Fatalf("SoftHSM(%q): %v", label, err)
 	}

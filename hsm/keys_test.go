@@ -389,7 +389,7 @@ func TestOpenKeysErrors(t *testing.T) {
 	// otherwise be reported as already done.
 	lonely := token(t, "hsm-wrong-pin")
 	wrongPIN := strings.Replace(lonely, "?pin-source=", "?pin-value=0000wrong&x=", 1)
-	missingPIN := strings.Replace(uri, "hsm.pin", "no-such.pin", 1)
+	missingPIN := strings.TrimSuffix(uri, ".pin") + ".no-such-pin"
 	for _, tc := range []struct {
 		name, uri, prefix string
 		want              error

@@ -27,7 +27,7 @@ const SoftHSMModule = "/usr/lib/softhsm/libsofthsm2.so"
 // CA's state directory has always used, so existing tokens keep working.
 const (
 	fileConf  = "softhsm2.conf"
-	filePIN   = "hsm.pin"
+	filePIN   = "hsm.pin"       // where earlier versions kept the PIN; moved out by loadPIN
 	fileLock  = "softhsm2.lock" // not "lock": the CA flocks that one for its whole life
 	dirTokens = "tokens"
 )
@@ -74,10 +74,13 @@ var tokenMu sync.Mutex
 //	softhsm2.conf   the configuration SoftHSM reads (0600), rewritten when it differs
 //	tokens/         SoftHSM's token directory (0700): one directory per token, one
 //	                encrypted file per object
-//	hsm.pin         the random user PIN (0600), shared by the tokens of dir; the SO PIN
-//	                is random and discarded
 //	softhsm2.lock   held (flock) while a token is prepared, so concurrent processes
 //	                never create two tokens with one label
+//
+// The random user PIN, shared by the tokens of dir, is read from pinFile, which must be
+// outside dir ("" means DefaultPINFile(dir)); it is created (0600) when missing, and a
+// dir/hsm.pin left by an earlier version is moved there (see loadPIN). The SO PIN is
+// random and discarded.
 //
 // The URI names the PIN file (pin-source), never the PIN, so it is safe in logs and
 // command lines.
@@ -89,7 +92,7 @@ var tokenMu sync.Mutex
 // ErrSoftHSMInUse. Several tokens (labels) in one dir, and several calls for the same
 // dir, are fine. Call release, which is idempotent, after closing every KMS and Keys
 // opened on the URI.
-func SoftHSM(dir, label string) (uri string, release func(), err error) {
+func SoftHSM(dir, label, pinFile string) (uri string, release func(), err error) {
 	if err := checkLabel(label, maxTokenLabel); err != nil {
 		return "", nil, fmt.Errorf("%w: token label %q: %w", ErrInvalidLabel, label, err)
 	}
@@ -100,15 +103,24 @@ func SoftHSM(dir, label string) (uri string, release func(), err error) {
 	if dir, err = filepath.Abs(dir); err != nil {
 		return "", nil, fmt.Errorf("hsm: softhsm2 directory: %w", err)
 	}
+	if pinFile == "" {
+		pinFile = DefaultPINFile(dir)
+	}
+	if pinFile, err = filepath.Abs(pinFile); err != nil {
+		return "", nil, fmt.Errorf("hsm: pin file: %w", err)
+	}
+	if err := checkPINFile(dir, pinFile); err != nil {
+		return "", nil, err
+	}
 	release, shared, err := acquireSoftHSM(filepath.Join(dir, fileConf))
 	if err != nil {
 		return "", nil, err
 	}
-	if err := prepareSoftHSM(dir, label, shared); err != nil {
+	if err := prepareSoftHSM(dir, label, pinFile, shared); err != nil {
 		release()
 		return "", nil, err
 	}
-	return softHSMURI(label, filepath.Join(dir, filePIN)), release, nil
+	return softHSMURI(label, pinFile), release, nil
 }
 
 // acquireSoftHSM points SOFTHSM2_CONF at conf for the PKCS#11 module, which must happen
@@ -166,7 +178,7 @@ var uriValueEscaper = strings.NewReplacer(
 
 // prepareSoftHSM creates, when missing, the configuration, the token directory, the PIN
 // file and the token labelled label.
-func prepareSoftHSM(dir, label string, shared bool) error {
+func prepareSoftHSM(dir, label, pinFile string, shared bool) error {
 	tokenDir := filepath.Join(dir, dirTokens)
 	if err := os.MkdirAll(tokenDir, 0o700); err != nil {
 		return fmt.Errorf("hsm: create token directory: %w", err)
@@ -195,17 +207,9 @@ func prepareSoftHSM(dir, label string, shared bool) error {
 		}
 	}
 
-	// The PIN file is written before the token exists: if we crash in between, the next
-	// start initialises the token with the same PIN.
-	pinPath := filepath.Join(dir, filePIN)
-	pin, err := os.ReadFile(pinPath)
-	if errors.Is(err, fs.ErrNotExist) {
-		pin = []byte(randomPIN())
-		if err := atomicfile.Write(pinPath, pin, 0o600); err != nil {
-			return err
-		}
-	} else if err != nil {
-		return fmt.Errorf("hsm: read %s: %w", pinPath, err)
+	pin, err := loadPIN(dir, pinFile)
+	if err != nil {
+		return err
 	}
 	return ensureToken(SoftHSMModule, label, string(bytes.TrimRightFunc(pin, unicode.IsSpace)), shared)
 }

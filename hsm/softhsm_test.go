@@ -41,7 +41,7 @@ func TestSoftHSM(t *testing.T) {
 	n := tokenDirs(t, dir)
 
 	label := unique("hsm-new token ")
-	newURI, release, err := hsm.SoftHSM(dir, label)
+	newURI, release, err := hsm.SoftHSM(dir, label, "")
 	if err != nil {
 		t.Fatalf("SoftHSM: %v", err)
 	}
@@ -50,10 +50,11 @@ func TestSoftHSM(t *testing.T) {
 		t.Errorf("%d token directories, want %d", got, n+1)
 	}
 
-	for name, want := range map[string]os.FileMode{
-		"softhsm2.conf": 0o600, "hsm.pin": 0o600, "tokens": 0o700 | os.ModeDir,
+	for path, want := range map[string]os.FileMode{
+		filepath.Join(dir, "softhsm2.conf"): 0o600, hsm.DefaultPINFile(dir): 0o600, filepath.Join(dir, "tokens"): 0o700 | os.ModeDir,
 	} {
-		fi, err := os.Stat(filepath.Join(dir, name))
+		name := filepath.Base(path)
+		fi, err := os.Stat(path)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -68,7 +69,10 @@ func TestSoftHSM(t *testing.T) {
 	if !strings.Contains(string(conf), "directories.tokendir = "+filepath.Join(dir, "tokens")+"\n") {
 		t.Errorf("configuration does not point into %s:\n%s", dir, conf)
 	}
-	pin, err := os.ReadFile(filepath.Join(dir, "hsm.pin"))
+	if _, err := os.Stat(filepath.Join(dir, "hsm.pin")); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("a PIN file in the SoftHSM directory: %v", err)
+	}
+	pin, err := os.ReadFile(hsm.DefaultPINFile(dir))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -106,7 +110,7 @@ func TestSoftHSM(t *testing.T) {
 	}
 
 	// Again: same URI, same PIN, no new token.
-	again, release2, err := hsm.SoftHSM(dir, label)
+	again, release2, err := hsm.SoftHSM(dir, label, "")
 	if err != nil {
 		t.Fatalf("second SoftHSM: %v", err)
 	}
@@ -118,7 +122,7 @@ func TestSoftHSM(t *testing.T) {
 	if got := tokenDirs(t, dir); got != n+1 {
 		t.Errorf("%d token directories after the second call, want %d", got, n+1)
 	}
-	if pin2, _ := os.ReadFile(filepath.Join(dir, "hsm.pin")); string(pin2) != string(pin) {
+	if pin2, _ := os.ReadFile(hsm.DefaultPINFile(dir)); string(pin2) != string(pin) {
 		t.Error("the PIN changed")
 	}
 }
@@ -136,7 +140,7 @@ func TestSoftHSMConcurrentCreation(t *testing.T) {
 	)
 	for range 4 {
 		wg.Go(func() {
-			uri, release, err := hsm.SoftHSM(dir, label)
+			uri, release, err := hsm.SoftHSM(dir, label, "")
 			if err != nil {
 				t.Errorf("SoftHSM: %v", err)
 				return
@@ -162,7 +166,7 @@ func TestSoftHSMInUse(t *testing.T) {
 	t.Parallel()
 	softHSM(t)
 	other := t.TempDir()
-	_, _, err := hsm.SoftHSM(other, "other")
+	_, _, err := hsm.SoftHSM(other, "other", "")
 	if !errors.Is(err, hsm.ErrSoftHSMInUse) {
 		t.Fatalf("SoftHSM with a second directory: %v, want ErrSoftHSMInUse", err)
 	}
@@ -182,7 +186,7 @@ func TestSoftHSMInvalidLabel(t *testing.T) {
 		{"not UTF-8", "a\xffb"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			if _, _, err := hsm.SoftHSM(dir, tc.label); !errors.Is(err, hsm.ErrInvalidLabel) {
+			if _, _, err := hsm.SoftHSM(dir, tc.label, ""); !errors.Is(err, hsm.ErrInvalidLabel) {
 				t.Errorf("SoftHSM(%q): %v, want ErrInvalidLabel", tc.label, err)
 			}
 		})

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"fmt"
+	"net/netip"
 	"regexp"
 	"slices"
 	"strconv"
@@ -33,9 +34,10 @@ type inboundRule struct {
 }
 
 type outboundRule struct {
-	name string
-	from []pattern
-	to   []pattern
+	name    string
+	from    []pattern
+	to      []pattern
+	toAddrs []addrPattern // passthrough destinations (PassthroughScheme)
 }
 
 // Direction says which rule list a Decision refers to.
@@ -66,6 +68,9 @@ type Decision struct {
 	// The request decided: source, destination (zero when unknown) and, inbound, port.
 	Src, Dst spiffeid.ID
 	Port     uint16
+	// Addr is the destination of a passthrough decision (Authz.Passthrough), zero
+	// otherwise.
+	Addr netip.Addr
 	// open marks the default allow of a policy without outbound rules.
 	open bool
 }
@@ -82,6 +87,9 @@ func (d Decision) Reason() string {
 		}
 	case DirectionOutbound:
 		req = idString(d.Src) + " to call " + idString(d.Dst)
+		if d.Addr.IsValid() {
+			req = idString(d.Src) + " to pass through to " + d.Addr.String()
+		}
 	default:
 		return "no decision"
 	}
@@ -186,11 +194,11 @@ func ParseAuthz(data []byte) (*Authz, error) {
 		if err != nil {
 			return nil, err
 		}
-		to, err := parsePatterns(doc, path+".to", r.To)
+		to, toAddrs, err := parseOutboundTo(doc, path+".to", r.To)
 		if err != nil {
 			return nil, err
 		}
-		a.outbound = append(a.outbound, outboundRule{name: r.Name, from: from, to: to})
+		a.outbound = append(a.outbound, outboundRule{name: r.Name, from: from, to: to, toAddrs: toAddrs})
 	}
 	return a, nil
 }
@@ -272,6 +280,13 @@ func (a *Authz) Restricted() bool { return a == nil || !a.outboundOpen }
 // allows and no match denies with Rule -1.
 func (a *Authz) Outbound(src, dst spiffeid.ID) Decision {
 	d := Decision{Direction: DirectionOutbound, Rule: -1, Name: defaultRule, Src: src, Dst: dst}
+	return a.decideOutbound(d, func(r *outboundRule) bool { return matchAny(r.to, dst) })
+}
+
+// decideOutbound decides the outbound request d: a nil policy denies, one without
+// outbound rules allows (Rule -1), else the first rule whose from selects d.Src and
+// whose to selects the destination (to reports it) allows, and no match denies.
+func (a *Authz) decideOutbound(d Decision, to func(*outboundRule) bool) Decision {
 	switch {
 	case a == nil:
 		return d
@@ -279,8 +294,8 @@ func (a *Authz) Outbound(src, dst spiffeid.ID) Decision {
 		d.Allow, d.open = true, true
 		return d
 	}
-	for i, r := range a.outbound {
-		if matchAny(r.from, src) && matchAny(r.to, dst) {
+	for i := range a.outbound {
+		if r := &a.outbound[i]; matchAny(r.from, d.Src) && to(r) {
 			d.Allow, d.Rule, d.Name = true, i, r.name
 			return d
 		}
@@ -328,7 +343,11 @@ func (a *Authz) Explain(d Decision) string {
 		r := a.outbound[d.Rule]
 		fmt.Fprintf(&b, "rule: outbound[%d] %q\n", d.Rule, r.name)
 		fmt.Fprintf(&b, "  from: %s\n", joinPatterns(r.from))
-		fmt.Fprintf(&b, "  to:   %s\n", joinPatterns(r.to))
+		to := joinPatterns(r.to)
+		if len(r.toAddrs) > 0 {
+			to = strings.TrimPrefix(to+", "+joinAddrPatterns(r.toAddrs), ", ")
+		}
+		fmt.Fprintf(&b, "  to:   %s\n", to)
 	default:
 		fmt.Fprintf(&b, "rule: %s[%d] (not in this policy)\n", d.Direction, d.Rule)
 	}

@@ -2,6 +2,7 @@ package policy_test
 
 import (
 	"errors"
+	"net/netip"
 	"strings"
 	"testing"
 
@@ -23,6 +24,16 @@ var probeIDs = []spiffeid.ID{
 	spiffeid.RequireFromString("spiffe://example.org/agent/search"),
 }
 
+// probeAddrs are the passthrough destinations an accepted fuzzed policy is evaluated
+// against.
+var probeAddrs = []netip.Addr{
+	{},
+	netip.MustParseAddr("203.0.113.9"),
+	netip.MustParseAddr("10.0.0.1"),
+	netip.MustParseAddr("2001:db8::7"),
+	netip.MustParseAddr("::ffff:10.0.0.1"),
+}
+
 func evaluate(a *policy.Authz) []policy.Decision {
 	var out []policy.Decision
 	for _, src := range probeIDs {
@@ -32,6 +43,9 @@ func evaluate(a *policy.Authz) []policy.Decision {
 			}
 			out = append(out, a.Outbound(src, dst))
 		}
+		for _, addr := range probeAddrs {
+			out = append(out, a.Passthrough(src, addr))
+		}
 	}
 	return out
 }
@@ -40,6 +54,8 @@ func FuzzParseAuthz(f *testing.F) {
 	f.Add([]byte(examplePolicy))
 	f.Add([]byte("inbound:\n  - name: r\n    from: [spiffe://td/a/*]\n    to: {ports: [1]}\n"))
 	f.Add([]byte("outbound:\n  - name: o\n    from: [spiffe://td/a]\n    to: [spiffe://td/*]\n"))
+	f.Add([]byte(passthroughPolicy))
+	f.Add([]byte("outbound:\n  - name: o\n    from: [spiffe://td/a/*]\n    to: [passthrough:10.0.0.0/8, \"passthrough:*\", passthrough:2001:db8::/32]\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		a, err := policy.ParseAuthz(data)
 		if err != nil {

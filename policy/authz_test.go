@@ -47,6 +47,9 @@ func TestParseAuthzErrors(t *testing.T) {
 	rule := func(from, to string) string {
 		return "inbound:\n  - name: r\n    from: " + from + "\n    to: " + to + "\n"
 	}
+	out := func(to string) string {
+		return "outbound:\n  - name: o\n    from: [spiffe://td/a]\n    to: " + to + "\n"
+	}
 	tests := []struct {
 		name  string
 		doc   string
@@ -87,6 +90,14 @@ func TestParseAuthzErrors(t *testing.T) {
 		{name: "second pattern bad", doc: "inbound:\n  - name: r\n    from:\n      - spiffe://td/a\n      - spiffe://td/a b\n    to: {ports: [1]}\n", line: 5, field: "inbound[0].from[1]"},
 		{name: "outbound bad to", doc: "outbound:\n  - name: o\n    from: [spiffe://td/a]\n    to:\n      - spiffe://td/b\n      - spiffe://td/%41\n", line: 6, field: "outbound[0].to[1]"},
 		{name: "outbound missing to", doc: "outbound:\n  - name: o\n    from: [spiffe://td/a]\n", line: 2, field: "outbound[0].to"},
+		{name: "passthrough host bits", doc: out("[spiffe://td/b, passthrough:10.1.2.3/8]"), line: 4, field: "outbound[0].to[1]"},
+		{name: "passthrough not an address", doc: out("[passthrough:example.org]"), line: 4, field: "outbound[0].to[0]"},
+		{name: "passthrough empty", doc: out("[\"passthrough:\"]"), line: 4, field: "outbound[0].to[0]"},
+		{name: "passthrough mapped", doc: out("[\"passthrough:::ffff:10.0.0.1\"]"), line: 4, field: "outbound[0].to[0]"},
+		{name: "passthrough zone", doc: out("[\"passthrough:fe80::1%eth0\"]"), line: 4, field: "outbound[0].to[0]"},
+		{name: "passthrough glob prefix", doc: out("[\"passthrough:10.*\"]"), line: 4, field: "outbound[0].to[0]"},
+		{name: "passthrough as a source", doc: "outbound:\n  - name: o\n    from: [\"passthrough:*\"]\n    to: [spiffe://td/b]\n", line: 3, field: "outbound[0].from[0]"},
+		{name: "passthrough inbound", doc: rule("[spiffe://td/a]", "{id: \"passthrough:*\"}"), line: 4, field: "inbound[0].to.id"},
 		{
 			name:  "duplicate name across lists",
 			doc:   rule("[spiffe://td/a]", "{ports: [1]}") + "outbound:\n  - name: r\n    from: [spiffe://td/a]\n    to: [spiffe://td/b]\n",

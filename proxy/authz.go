@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -51,9 +52,24 @@ func (p *Proxy) admits(st *authzState, peer spiffeid.ID) bool {
 // there) if a Service for Port lists it or the policy allows it. Outbound:
 // LocalID may call DstID (or, with no agent known there, the peer proxy
 // PeerID) unless the policy has outbound rules that do not allow it. A
-// passthrough connection has no peer identity to decide on: allowed.
+// passthrough connection has no peer identity: LocalID may reach its
+// address outside the mesh unless the policy has outbound rules that do
+// not allow it (policy.Authz.Passthrough).
 func (p *Proxy) decide(st *authzState, ci ConnInfo) verdict {
 	v := verdict{allow: true, rule: defaultRule, version: st.version}
+	if ci.Direction == Outbound && ci.Transport == transportTCP {
+		if st.policy == nil || !st.policy.Restricted() {
+			return v
+		}
+		dst, _ := netip.ParseAddrPort(ci.Target) // set by passthrough from an AddrPort
+		d := st.policy.Passthrough(ci.LocalID, dst.Addr())
+		v.allow, v.rule = d.Allow, d.Name
+		if !d.Allow {
+			v.reason = ReasonPolicyDenied
+			v.err = fmt.Errorf("%w: %s", ErrPolicyDenied, d.Reason())
+		}
+		return v
+	}
 	if ci.PeerID.IsZero() {
 		return v
 	}

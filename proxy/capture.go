@@ -148,11 +148,28 @@ func (p *Proxy) capture(ctx context.Context, o *outbound, dst netip.AddrPort) {
 	p.conclude(ctx, o, ReasonUnknownDestination, fmt.Errorf("%w: %s", ErrUnknownDestination, dst))
 }
 
-// passthrough dials dst directly in plain TCP and splices the agent to it.
-// The record (result ok, reason passthrough, transport tcp) is written before
-// any byte flows, like a tunnel's.
+// passthrough dials dst directly in plain TCP and splices the agent to it,
+// if the outbound policy allows its identity to reach dst outside the mesh
+// (decided before anything is dialed, like a tunnel). The record (result
+// ok, reason passthrough, transport tcp) is written before any byte flows,
+// like a tunnel's.
 func (p *Proxy) passthrough(ctx context.Context, o *outbound, dst netip.AddrPort) {
 	o.s.transport = transportTCP
+	o.c.info = ConnInfo{
+		Direction: Outbound,
+		LocalID:   o.src.id,
+		PeerAddr:  dst.String(),
+		Port:      dst.Port(),
+		Target:    dst.String(),
+		Start:     o.accepted,
+		Transport: transportTCP,
+	}
+	v := p.authorize(ctx, o.c.info)
+	if !v.allow {
+		p.conclude(ctx, o, v.reason, v.err)
+		return
+	}
+	o.c.authzVersion = v.version
 	if err := p.auditErr(); err != nil {
 		p.conclude(ctx, o, ReasonAuditUnavailable, err)
 		return
@@ -171,14 +188,6 @@ func (p *Proxy) passthrough(ctx context.Context, o *outbound, dst netip.AddrPort
 		return
 	}
 	o.c.tunnel = conn.(*net.TCPConn) // what a "tcp" Dialer returns
-	o.c.info = ConnInfo{
-		Direction: Outbound,
-		PeerAddr:  dst.String(),
-		Port:      dst.Port(),
-		Target:    dst.String(),
-		Start:     o.accepted,
-		Transport: transportTCP,
-	}
 	if !p.conclude(ctx, o, ReasonPassthrough, nil) {
 		return
 	}

@@ -28,7 +28,7 @@ func ruleRefusal(err error, peerID, serial string) *refusal {
 	var v *svidrules.ViolationError
 	if errors.As(err, &v) {
 		switch v.Rule {
-		case svidrules.RuleKeyUsage:
+		case svidrules.RuleKeyUsage, svidrules.RuleDigitalSignature:
 			reason = ReasonKeyUsage
 		case svidrules.RuleChainDepth:
 			reason = ReasonChainTooLong

@@ -58,6 +58,12 @@ func TestCertificateRules(t *testing.T) {
 			},
 		},
 		{
+			name: "client_leaf_without_digital_signature", on: b, dir: "inbound", reason: proxy.ReasonKeyUsage, peer: idA.String(),
+			do: func(t *testing.T) {
+				dialTunnel(t, tunnel, ca.SVID(t, idA, testca.WithKeyUsage(x509.KeyUsageKeyEncipherment)), tunnelHeader(tg.port))
+			},
+		},
+		{
 			name: "client_chain_five_intermediates", on: b, dir: "inbound", reason: proxy.ReasonChainTooLong, peer: idA.String(),
 			do: func(t *testing.T) { dialTunnel(t, tunnel, ca.DeepSVID(t, idA, 5), tunnelHeader(tg.port)) },
 		},

@@ -38,7 +38,10 @@ type Credentials interface {
 // port) triple taken from the Directory instead.
 type Route struct {
 	// Listen is the local address agents connect to, e.g. "127.0.0.1:18080".
-	// Required; port 0 picks a free port (see Proxy.RouteAddr).
+	// Required; without a host (":18080") it binds 127.0.0.1: anyone who
+	// can connect travels with this host's identity, so reaching it from
+	// the network takes an explicit address such as "0.0.0.0:18080". Port 0
+	// picks a free port (see Proxy.RouteAddr).
 	Listen string
 	// Peer is the peer proxy's tunnel address, host:port. Required.
 	Peer string
@@ -89,16 +92,23 @@ type Config struct {
 	// Outbound is the transparent-capture listener, where iptables REDIRECTs
 	// agent traffic (conventionally ":15001"). The proxy reads each
 	// connection's original destination with SO_ORIGINAL_DST and carries it
-	// as Directory and Unknown say (docs/capture.md). Linux only. Default
-	// "": off. Port 0 picks a free port (see Proxy.OutboundAddr).
+	// as Directory and Unknown say (docs/capture.md). On a loopback address
+	// (127.0.0.1:15001 or [::1]:15001) the proxy also listens on the other
+	// family's loopback at the same port, where ip6tables (or iptables)
+	// REDIRECTs, when the host has it. Only clients at one of this host's
+	// addresses are carried (reason not_local otherwise). Linux only.
+	// Default "": off. Port 0 picks a free port (see Proxy.OutboundAddr).
 	Outbound string
 	// Explicit is the explicit-capture listener for agents that are
 	// configured with a proxy rather than redirected (conventionally
 	// "127.0.0.1:15080"): it speaks SOCKS5 (CONNECT) and HTTP/1.1 (CONNECT
 	// and absolute-URI requests), so HTTPS_PROXY, http_proxy and ALL_PROXY
 	// work. Anyone who can connect to it can use the host's identity, so
-	// bind it to loopback unless the network is trusted. Default "": off.
-	// Port 0 picks a free port (see Proxy.ExplicitAddr).
+	// without a host (":15080") it binds 127.0.0.1, and whatever it binds,
+	// only clients at one of this host's addresses are served (reason
+	// not_local otherwise, before their request is read): it is never a
+	// relay for the network. Default "": off. Port 0 picks a free port (see
+	// Proxy.ExplicitAddr).
 	Explicit string
 	// Strict is the strict-mode listener (conventionally ":15006"): plain TCP
 	// that iptables REDIRECTed from other hosts to a meshed agent port lands
@@ -130,9 +140,10 @@ type Config struct {
 	// present the host's.
 	Agents Agents
 	// Unattested decides captured connections whose process's uid is not a
-	// registered agent's, or cannot be found: UnattestedHost (default)
-	// presents the host identity, UnattestedDeny refuses them (reason
-	// "unattested", audited and counted). Ignored when Agents is nil.
+	// registered agent's, or cannot be found: UnattestedDeny (default)
+	// refuses them (reason "unattested", audited and counted),
+	// UnattestedHost presents the host identity. Ignored when Agents is
+	// nil.
 	Unattested UnattestedPolicy
 	// Policy is the authorization policy in force at start (see
 	// SetPolicy). Inbound, a port is reachable by a peer that a Service for
@@ -340,10 +351,14 @@ func (c Config) withDefaults() Config {
 	if c.PoolMaxLifetime == 0 {
 		c.PoolMaxLifetime = time.Hour
 	}
+	if c.Explicit != "" {
+		c.Explicit = loopbackIfNoHost(c.Explicit)
+	}
 	// A copy, so that filling in defaults never writes to the caller's
 	// slice.
 	c.Routes = slices.Clone(c.Routes)
 	for i := range c.Routes {
+		c.Routes[i].Listen = loopbackIfNoHost(c.Routes[i].Listen)
 		if c.Routes[i].Transport == "" {
 			c.Routes[i].Transport = TransportTLS
 		}

@@ -54,6 +54,10 @@ var (
 	// original destination: it was not redirected by iptables, or the
 	// platform cannot tell.
 	ErrNoOriginalDst = errors.New("proxy: no original destination")
+	// ErrNotLocal means a client of a capture listener (transparent or
+	// explicit) connected from an address that is not this host's: the
+	// proxy carries only this host's processes, never the network's.
+	ErrNotLocal = errors.New("proxy: client not on this host")
 	// ErrLoop means a captured destination is the proxy itself.
 	ErrLoop = errors.New("proxy: destination is this proxy (loop)")
 	// ErrUnknownDestination means no proxy lives at a captured destination

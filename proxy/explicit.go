@@ -46,6 +46,11 @@ func (t explicitTarget) authority() string {
 func (p *Proxy) serveExplicit(ctx context.Context, agent net.Conn) {
 	o, stop := p.newOutbound(ctx, agent, modeExplicit)
 	defer stop()
+	// Before reading anything: a client from the network gets no answer
+	// to parse, only the closed connection (and an audit record).
+	if !p.fromThisHost(ctx, o) {
+		return
+	}
 	// One deadline covers the request; it stays for an error reply and the
 	// linger after it, and is lifted once bytes may flow.
 	_ = agent.SetDeadline(o.accepted.Add(p.cfg.HandshakeTimeout))

@@ -32,21 +32,23 @@ type Agents interface {
 type UnattestedPolicy int
 
 const (
-	// UnattestedHost carries the connection under the host identity. The
-	// default: processes that are not agents keep working as before.
-	UnattestedHost UnattestedPolicy = iota
 	// UnattestedDeny refuses the connection and audits the refusal
-	// (reason unattested): only registered agents reach the mesh.
-	UnattestedDeny
+	// (reason unattested): only registered agents reach the mesh. The
+	// default, so that a process nobody registered never borrows the
+	// host's identity unless an operator chose that.
+	UnattestedDeny UnattestedPolicy = iota
+	// UnattestedHost carries the connection under the host identity:
+	// processes that are not agents keep working as with no agents at all.
+	UnattestedHost
 )
 
-// String returns "host" or "deny".
+// String returns "deny" or "host".
 func (u UnattestedPolicy) String() string {
 	switch u {
-	case UnattestedHost:
-		return "host"
 	case UnattestedDeny:
 		return "deny"
+	case UnattestedHost:
+		return "host"
 	default:
 		return fmt.Sprintf("UnattestedPolicy(%d)", int(u))
 	}

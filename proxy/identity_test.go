@@ -85,6 +85,9 @@ func agentMesh(t testing.TB, agents *agentSet, cfg func(*proxy.Config)) *mesh {
 		if len(c.Routes) > 0 {
 			c.Agents = agents
 		}
+		// These tests follow a connection from the agent's identity to
+		// the host's and back; the refusing default has tests of its own.
+		c.Unattested = proxy.UnattestedHost
 		if cfg != nil {
 			cfg(c)
 		}

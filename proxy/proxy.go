@@ -55,6 +55,11 @@ type Proxy struct {
 	routes     []*route
 	self       []netip.AddrPort // tunnel, outbound and explicit listeners: loop detection
 
+	// outboundAlt is the other family's loopback at outboundLn's port,
+	// when Outbound is a loopback address (listenOtherLoopback).
+	outboundAlt net.Listener
+	hostAddrs   hostAddrSet // this host's addresses: who capture carries
+
 	services        map[uint16]map[spiffeid.ID]struct{} // port -> allowed peers
 	allowedAnywhere map[spiffeid.ID]struct{}            // union of every Allow
 
@@ -153,6 +158,15 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		*l.ln = ln
 		p.self = append(p.self, addrPortOf(ln.Addr()))
+	}
+	if p.outboundLn != nil {
+		if p.outboundAlt, err = listenOtherLoopback(p.outboundLn); err != nil {
+			_ = p.closeListeners()
+			return nil, fmt.Errorf("proxy: %w", err)
+		}
+		if p.outboundAlt != nil {
+			p.self = append(p.self, addrPortOf(p.outboundAlt.Addr()))
+		}
 	}
 	for _, r := range cfg.Routes {
 		ln, lerr := net.Listen("tcp", r.Listen)
@@ -276,6 +290,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 			return p.acceptLoop(gctx, p.outboundLn, Outbound, transportNone, func(c net.Conn) { p.serveTransparent(gctx, c) })
 		})
 	}
+	if p.outboundAlt != nil {
+		g.Go(func() error {
+			return p.acceptLoop(gctx, p.outboundAlt, Outbound, transportNone, func(c net.Conn) { p.serveTransparent(gctx, c) })
+		})
+	}
 	if p.explicitLn != nil {
 		g.Go(func() error {
 			return p.acceptLoop(gctx, p.explicitLn, Outbound, transportNone, func(c net.Conn) { p.serveExplicit(gctx, c) })
@@ -310,7 +329,7 @@ func (p *Proxy) Close() error {
 func (p *Proxy) closeListeners() error {
 	p.closeOnce.Do(func() {
 		var errs []error
-		for _, ln := range []net.Listener{p.tunnelLn, p.outboundLn, p.explicitLn, p.strictLn} {
+		for _, ln := range []net.Listener{p.tunnelLn, p.outboundLn, p.outboundAlt, p.explicitLn, p.strictLn} {
 			if ln != nil {
 				errs = append(errs, ln.Close())
 			}

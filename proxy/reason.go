@@ -47,7 +47,7 @@ const (
 	ReasonMaxHandshakes  = "max_handshakes"  // Config.MaxHandshakes inbound handshakes were in flight
 
 	// Certificate rules beyond x509svid.Verify (internal/svidrules).
-	ReasonKeyUsage     = "wrong_key_usage"    // the leaf's extended key usage lacks clientAuth (a client) or serverAuth (a server)
+	ReasonKeyUsage     = "wrong_key_usage"    // the leaf lacks the digitalSignature key usage, or its extended key usage lacks clientAuth (a client) or serverAuth (a server)
 	ReasonChainTooLong = "chain_too_long"     // the chain carries more intermediates than Config.MaxIntermediates
 	ReasonIDTooLong    = "spiffe_id_too_long" // the leaf's SPIFFE ID is longer than 2,048 bytes
 
@@ -59,6 +59,7 @@ const (
 	ReasonUnsupportedRequest = "unsupported_request" // explicit: a valid request the proxy does not serve (SOCKS BIND, auth, ...)
 	ReasonResolveFailed      = "resolve_failed"      // explicit: the requested host name did not resolve
 	ReasonUnattested         = "unattested"          // the connecting process is no registered agent, and Unattested is UnattestedDeny
+	ReasonNotLocal           = "not_local"           // transparent or explicit: the client's address is not one of this host's (no open relay)
 )
 
 // resultFor maps a reason to the handshake result: "" and passthrough are

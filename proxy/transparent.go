@@ -27,6 +27,9 @@ func (p *Proxy) serveTransparent(ctx context.Context, agent net.Conn) {
 			fmt.Errorf("%w: connection to %s was not redirected", ErrNoOriginalDst, local))
 		return
 	}
+	if !p.fromThisHost(ctx, o) {
+		return
+	}
 	// The agent's socket still points at the original destination.
 	if !p.attribute(ctx, o, dst) {
 		return

@@ -70,9 +70,11 @@ type Config struct {
 	// family, since an empty list for one family would mean "capture everything" there.
 	IncludeCIDRs []netip.Prefix
 
-	// IPv6 also programs ip6tables with the same rules. Default false: only iptables (and
-	// Install removes agentmesh chains left in ip6tables by an earlier install, if it can
-	// read ip6tables at all).
+	// IPv6 also programs ip6tables with the same rules. False: only iptables (and Install
+	// removes agentmesh chains left in ip6tables by an earlier install, if it can read
+	// ip6tables at all), so IPv6 connections bypass the proxy. The zero value is false
+	// for this package's callers that manage families themselves; `agentmesh redirect
+	// install` defaults it to HostHasIPv6().
 	IPv6 bool
 
 	// Command builds the command that runs one iptables tool (iptables-save,

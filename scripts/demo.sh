@@ -102,7 +102,7 @@ wait_for "the CA" test -S "$work/ca/admin.sock"
 wait_for "the CA's API" "${on_a[@]}" curl -sf --cacert "$work/ca/root.crt" "https://$CA_ADDR/health"
 echo "    private keys in the token (sensitive, never extractable; none on disk):"
 SOFTHSM2_CONF="$work/ca/softhsm2.conf" pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so \
-  --login --pin "$(cat "$work/ca/hsm.pin")" --list-objects --type privkey 2>/dev/null |
+  --login --pin "$(cat "$work/ca.pin")" --list-objects --type privkey 2>/dev/null |
   awk '/label:/ {l=$2} /Access:/ {sub(/^ *Access: */, ""); print "      " l ": " $0}' || true
 
 proxy_config() { # name, admin, yaml
@@ -161,8 +161,11 @@ else
   say "proxy a: explicit port $EXPLICIT (http_proxy); the directory says who lives at $B_IP"
   capture="explicit: $EXPLICIT"
 fi
+# The demo's client loop runs as root, which is no registered agent: it travels with
+# the host identity (the default, unattested: deny, would refuse it).
 proxy_config a "$A_ADMIN" "tunnel: $A_IP:15008
 mark: $MARK
+unattested: host
 $capture
 directory:
   advertise: [$A_IP]

@@ -15,6 +15,7 @@ have gcc || need+=(gcc)
 have make || need+=(make)
 have tcpdump || need+=(tcpdump)
 have setpriv || need+=(util-linux)
+have systemd-analyze || need+=(systemd)   # verifies deploy/systemd in the tests
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "deps: all present"

@@ -31,7 +31,7 @@ type proxyFile struct {
 	Strict   string `yaml:"strict"`
 	Unknown  string `yaml:"unknown"`
 	// Unattested is what happens to a captured connection of a uid no agent is
-	// registered for: "host" (default) presents the host identity, "deny" refuses it.
+	// registered for: "deny" (default) refuses it, "host" presents the host identity.
 	Unattested string `yaml:"unattested"`
 	// Policy is the authorization policy file, reloaded on SIGHUP and on change.
 	Policy string `yaml:"policy"`
@@ -259,12 +259,12 @@ func (f *proxyFile) validate(doc *yamlDoc, base string) (*proxyConfig, error) {
 		return nil, doc.fieldError("unknown", fmt.Errorf(`must be "deny" or "passthrough", not %q`, f.Unknown))
 	}
 	switch f.Unattested {
-	case "", "host":
-		c.Unattested = proxy.UnattestedHost
-	case "deny":
+	case "", "deny":
 		c.Unattested = proxy.UnattestedDeny
+	case "host":
+		c.Unattested = proxy.UnattestedHost
 	default:
-		return nil, doc.fieldError("unattested", fmt.Errorf(`must be "host" or "deny", not %q`, f.Unattested))
+		return nil, doc.fieldError("unattested", fmt.Errorf(`must be "deny" or "host", not %q`, f.Unattested))
 	}
 	if f.Keys != "" && f.Keys != "memory" && f.Keys != "softhsm" && !strings.HasPrefix(f.Keys, "pkcs11:") {
 		return nil, doc.fieldError("keys", fmt.Errorf(`must be "memory", "softhsm" or a pkcs11: URI, not %q`, f.Keys))

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/agentmesh/agentmesh/proxy"
 )
 
 const goodConfig = `id: spiffe://example.org/host/a
@@ -53,6 +55,8 @@ func TestLoadProxyConfig(t *testing.T) {
 		t.Errorf("AuditPath = %s", c.AuditPath)
 	case c.Tunnel != ":15008" || c.Admin != "127.0.0.1:15020":
 		t.Errorf("defaults: tunnel=%s admin=%s", c.Tunnel, c.Admin)
+	case c.Unattested != proxy.UnattestedDeny || c.Unknown != proxy.UnknownDeny:
+		t.Errorf("defaults: unattested=%s unknown=%s, want deny and deny", c.Unattested, c.Unknown)
 	case c.Rotation.Overlap != 10*time.Second:
 		t.Errorf("overlap = %v", c.Rotation.Overlap)
 	case len(c.Routes) != 1 || c.Routes[0].TargetPort != 8080 || c.Routes[0].PeerID.String() != "spiffe://example.org/host/b":

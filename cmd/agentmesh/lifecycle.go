@@ -41,7 +41,9 @@ func openKeyStore(ctx context.Context, cfg *proxyConfig) (rotator.KeyStore, func
 		return rotator.MemoryKeys{}, func() {}, nil
 	case uri == "" || uri == "softhsm":
 		var err error
-		if uri, release, err = hsm.SoftHSM(filepath.Join(cfg.State, "hsm"), "agentmesh-proxy"); err != nil {
+		// The PIN: a systemd credential when the unit passes one, else
+		// STATE/hsm.pin, beside the token directory STATE/hsm and not in it.
+		if uri, release, err = hsm.SoftHSM(filepath.Join(cfg.State, "hsm"), "agentmesh-proxy", credentialPIN()); err != nil {
 			return nil, nil, fmt.Errorf("keys: %w", err)
 		}
 	}
@@ -248,4 +250,18 @@ func fileDigest(path string) []byte {
 	}
 	sum := sha256.Sum256(b)
 	return sum[:]
+}
+
+// credentialPIN is the SoftHSM PIN file systemd passes as the credential hsm.pin
+// (LoadCredential=hsm.pin:…, in $CREDENTIALS_DIRECTORY), or "" for hsm.SoftHSM's
+// default, beside the token directory.
+func credentialPIN() string {
+	dir := os.Getenv("CREDENTIALS_DIRECTORY")
+	if dir == "" {
+		return ""
+	}
+	if _, err := os.Stat(filepath.Join(dir, "hsm.pin")); err != nil {
+		return ""
+	}
+	return filepath.Join(dir, "hsm.pin")
 }

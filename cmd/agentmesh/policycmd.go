@@ -3,7 +3,9 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -38,19 +40,34 @@ func newPolicyCmd() *cobra.Command {
 		Short: "Print the decision and the deciding rule for SRC calling DST",
 		Long: `Print what the policy in FILE decides when SRC calls DST: outbound (may the local agent
 SRC call DST), and inbound (may the peer SRC reach the local agent DST; with --port, at that
-port), each with the rule that decided. The exit status is 0 when both allow, 3 when either
-denies.`,
+port), each with the rule that decided. A DST of the form passthrough:ADDRESS explains the
+passthrough decision only (may SRC reach ADDRESS outside the mesh). The exit status is 0
+when both allow, 3 when either denies.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			src, err := argID("SRC", args[0])
 			if err != nil {
 				return err
 			}
-			dst, err := argID("DST", args[1])
+			a, err := loadPolicy(file)
 			if err != nil {
 				return err
 			}
-			a, err := loadPolicy(file)
+			if raw, ok := strings.CutPrefix(args[1], policy.PassthroughScheme); ok {
+				addr, err := netip.ParseAddr(raw)
+				if err != nil {
+					return fmt.Errorf("DST: %w", err)
+				}
+				d := a.Passthrough(src, addr)
+				if _, err := fmt.Fprint(cmd.OutOrStdout(), a.Explain(d)); err != nil {
+					return err
+				}
+				if !d.Allow {
+					return exitError(3)
+				}
+				return nil
+			}
+			dst, err := argID("DST", args[1])
 			if err != nil {
 				return err
 			}

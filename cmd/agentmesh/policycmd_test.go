@@ -16,7 +16,7 @@ const testPolicy = `inbound:
 outbound:
   - name: planner-calls-search
     from: [spiffe://example.org/agent/planner]
-    to: [spiffe://example.org/agent/search]
+    to: [spiffe://example.org/agent/search, passthrough:203.0.113.0/24]
 `
 
 // runRoot runs the command line args and returns its stdout and error.
@@ -67,5 +67,13 @@ func TestPolicyCommands(t *testing.T) {
 	if _, err := runRoot(t, "policy", "explain", "--policy", good, "--port", "8080",
 		"spiffe://example.org/agent/plan", "spiffe://example.org/agent/search"); !errors.As(err, &code) {
 		t.Fatalf("explain for a prefix of the planner's ID allowed: %v", err)
+	}
+	// Destinations outside the mesh.
+	out, err = runRoot(t, "policy", "explain", "--policy", good, "spiffe://example.org/agent/planner", "passthrough:203.0.113.7")
+	if err != nil || !strings.Contains(out, "allow: outbound rule \"planner-calls-search\" allows spiffe://example.org/agent/planner to pass through to 203.0.113.7") {
+		t.Fatalf("explain passthrough: %v\n%s", err, out)
+	}
+	if out, err := runRoot(t, "policy", "explain", "--policy", good, "spiffe://example.org/agent/planner", "passthrough:198.51.100.1"); !errors.As(err, &code) || code != 3 {
+		t.Fatalf("explain passthrough elsewhere: %v\n%s", err, out)
 	}
 }

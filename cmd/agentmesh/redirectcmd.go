@@ -30,7 +30,8 @@ func newRedirectCmd() *cobra.Command {
 		Long: `Install the capture rules in their own nat chains (AGENTMESH_OUTPUT, AGENTMESH_INBOUND),
 atomically with iptables-restore --noflush, leaving every other rule untouched. Running it
 again with the same flags changes nothing; with other flags it switches over atomically.
-The proxy's own traffic must be excluded with --exclude-uid or --exclude-mark.`,
+IPv6 is captured too (ip6tables) when the host has IPv6 and ip6tables is installed, unless
+--ipv6=false. The proxy's own traffic must be excluded with --exclude-uid or --exclude-mark.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			var err error
@@ -60,6 +61,11 @@ The proxy's own traffic must be excluded with --exclude-uid or --exclude-mark.`,
 				return err
 			}
 			cfg.ExcludeUIDs, cfg.ExcludeMark = uids, int(mark)
+			// IPv6 is captured wherever the host has it: left out, agents' IPv6
+			// connections would bypass the proxy unseen.
+			if !cmd.Flags().Changed("ipv6") {
+				cfg.IPv6 = redirect.HostHasIPv6()
+			}
 			if dryRun {
 				plan, err := redirect.Rules(cfg)
 				if err != nil {
@@ -82,7 +88,7 @@ The proxy's own traffic must be excluded with --exclude-uid or --exclude-mark.`,
 	f.StringSliceVar(&exclCIDR, "exclude-cidr", nil, "never capture these destinations (loopback always excluded)")
 	f.IntSliceVar(&uids, "exclude-uid", nil, "uid whose traffic is never captured (the proxy's)")
 	f.Uint32Var(&mark, "exclude-mark", 0, "fwmark whose traffic is never captured (the proxy's mark setting)")
-	f.BoolVar(&cfg.IPv6, "ipv6", false, "also program ip6tables")
+	f.BoolVar(&cfg.IPv6, "ipv6", false, "also program ip6tables (default: true when the host has IPv6 and ip6tables is installed)")
 	f.BoolVar(&dryRun, "dry-run", false, "print the rules instead of installing them")
 
 	var removeIPv6 bool

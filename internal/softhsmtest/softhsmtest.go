@@ -42,7 +42,7 @@ func (d *Dir) Token(tb testing.TB) (dir, uri string) {
 		if d.dir, d.err = os.MkdirTemp("", d.Pattern); d.err != nil {
 			return
 		}
-		d.uri, d.release, d.err = hsm.SoftHSM(d.dir, d.Label)
+		d.uri, d.release, d.err = hsm.SoftHSM(d.dir, d.Label, "")
 	})
 	if d.err != nil {
 		tb.Fatalf("shared SoftHSM: %v", d.err)

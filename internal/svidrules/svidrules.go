@@ -54,6 +54,10 @@ const (
 	RuleChainDepth Rule = "chain_depth"
 	// RuleIDLength: a URI SAN of the leaf is longer than MaxIDLength.
 	RuleIDLength Rule = "id_length"
+	// RuleDigitalSignature: the leaf lacks the digitalSignature key usage, which an
+	// X509-SVID must carry (SPIFFE X509-SVID section 4.3) and which a TLS 1.3
+	// CertificateVerify needs.
+	RuleDigitalSignature Rule = "digital_signature"
 )
 
 // ErrViolation is wrapped by every *ViolationError.
@@ -71,16 +75,21 @@ func (e *ViolationError) Error() string {
 
 func (e *ViolationError) Unwrap() error { return ErrViolation }
 
-// CheckLeaf applies the leaf rules for a peer of role r: the SPIFFE ID length, and,
-// when the leaf has an extended key usage extension, the usage of its role. A leaf
-// without the extension may be used for anything (RFC 5280 section 4.2.1.12), as
-// crypto/tls treats it.
+// CheckLeaf applies the leaf rules for a peer of role r: the SPIFFE ID length, the
+// digitalSignature key usage (required, present or not the extension: x509svid.Verify
+// does not check it), and, when the leaf has an extended key usage extension, the usage
+// of its role. A leaf without that extension may be used for any purpose (RFC 5280
+// section 4.2.1.12), as crypto/tls treats it.
 func CheckLeaf(leaf *x509.Certificate, r Role) error {
 	for _, u := range leaf.URIs {
 		if n := len(u.String()); n > MaxIDLength {
 			return &ViolationError{Rule: RuleIDLength,
 				Detail: fmt.Sprintf("URI SAN of %d bytes, the limit is %d", n, MaxIDLength)}
 		}
+	}
+	if leaf.KeyUsage&x509.KeyUsageDigitalSignature == 0 {
+		return &ViolationError{Rule: RuleDigitalSignature,
+			Detail: "an X509-SVID leaf needs the digitalSignature key usage"}
 	}
 	if len(leaf.ExtKeyUsage) == 0 && len(leaf.UnknownExtKeyUsage) == 0 {
 		return nil

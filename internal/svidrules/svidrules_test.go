@@ -18,6 +18,7 @@ func TestCheckLeaf(t *testing.T) {
 	tests := []struct {
 		name string
 		eku  []x509.ExtKeyUsage
+		ku   x509.KeyUsage // 0: digitalSignature, the mesh's; -1: no key usage extension
 		id   spiffeid.ID
 		role svidrules.Role
 		want svidrules.Rule // "" for none
@@ -30,12 +31,22 @@ func TestCheckLeaf(t *testing.T) {
 		{name: "client_only_as_server", eku: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, id: id, role: svidrules.Server, want: svidrules.RuleKeyUsage},
 		{name: "code_signing_as_client", eku: []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning}, id: id, role: svidrules.Client, want: svidrules.RuleKeyUsage},
 		{name: "id_2048_bytes", id: testca.LongID(t, ca.TrustDomain(), 2048), role: svidrules.Client},
+		{name: "no_key_usage", ku: -1, id: id, role: svidrules.Client, want: svidrules.RuleDigitalSignature},
+		{name: "key_encipherment_only", ku: x509.KeyUsageKeyEncipherment, id: id, role: svidrules.Server, want: svidrules.RuleDigitalSignature},
+		{name: "digital_signature_and_more", ku: x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment, id: id, role: svidrules.Server},
 		{name: "id_2049_bytes", id: testca.LongID(t, ca.TrustDomain(), 2049), role: svidrules.Client, want: svidrules.RuleIDLength},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			leaf := ca.SVID(t, tc.id, testca.WithExtKeyUsage(tc.eku...)).Certificates[0]
+			opts := []testca.IssueOption{testca.WithExtKeyUsage(tc.eku...)}
+			switch {
+			case tc.ku < 0:
+				opts = append(opts, testca.WithKeyUsage(0))
+			case tc.ku > 0:
+				opts = append(opts, testca.WithKeyUsage(tc.ku))
+			}
+			leaf := ca.SVID(t, tc.id, opts...).Certificates[0]
 			checkRule(t, svidrules.CheckLeaf(leaf, tc.role), tc.want)
 		})
 	}

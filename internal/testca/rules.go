@@ -17,6 +17,12 @@ func WithExtKeyUsage(usages ...x509.ExtKeyUsage) IssueOption {
 	return func(c *issueConfig) { c.eku = usages }
 }
 
+// WithKeyUsage sets the leaf's key usage (default digitalSignature); 0 leaves the
+// extension out.
+func WithKeyUsage(ku x509.KeyUsage) IssueOption {
+	return func(c *issueConfig) { c.ku = ku }
+}
+
 // LongID returns a valid SPIFFE ID of td of exactly n bytes (n must leave room for
 // "spiffe://<td>/" and one path character).
 func LongID(tb testing.TB, td spiffeid.TrustDomain, n int) spiffeid.ID {

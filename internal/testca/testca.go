@@ -83,6 +83,7 @@ type issueConfig struct {
 	extraURIs []*url.URL
 	serial    *big.Int
 	eku       []x509.ExtKeyUsage // nil: serverAuth and clientAuth
+	ku        x509.KeyUsage      // digitalSignature unless WithKeyUsage
 }
 
 // WithLifetime sets the leaf's lifetime (default 1h). With WithNotBefore in
@@ -120,7 +121,8 @@ func (c *CA) Issue(tb testing.TB, id spiffeid.ID, pub crypto.PublicKey, opts ...
 func (c *CA) issueUnder(tb testing.TB, parent *x509.Certificate, parentKey crypto.Signer, id spiffeid.ID, pub crypto.PublicKey, opts ...IssueOption) *x509.Certificate {
 	tb.Helper()
 	cfg := issueConfig{lifetime: time.Hour, notBefore: time.Now(),
-		eku: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth}}
+		eku: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		ku:  x509.KeyUsageDigitalSignature}
 	for _, o := range opts {
 		o(&cfg)
 	}
@@ -132,7 +134,7 @@ func (c *CA) issueUnder(tb testing.TB, parent *x509.Certificate, parentKey crypt
 		Subject:      pkix.Name{Organization: []string{"agentmesh test"}},
 		NotBefore:    cfg.notBefore,
 		NotAfter:     cfg.notBefore.Add(cfg.lifetime),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
+		KeyUsage:     cfg.ku,
 		ExtKeyUsage:  cfg.eku,
 		URIs:         append([]*url.URL{id.URL()}, cfg.extraURIs...),
 	}

@@ -129,6 +129,8 @@ func startProxy(ctx context.Context, ca *meshCA, dir, name, tunnel, body string)
 	// Keys in memory, as in the recorded results: the benchmark measures the
 	// transports, and a SoftHSM signature per full handshake would be measured too.
 	b.WriteString("keys: memory\n")
+	// The load generators are no registered agents: they travel with the host identity.
+	b.WriteString("unattested: host\n")
 	b.WriteString(body)
 	cfg := filepath.Join(state, "proxy.yaml")
 	if err := os.WriteFile(cfg, []byte(b.String()), 0o600); err != nil {

@@ -1,0 +1,73 @@
+package ca
+
+import (
+	"net/http"
+	"strconv"
+	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// TestMeshWatchLimit: a client identity holds at most MaxWatches directory long-polls;
+// one more is answered 429 at once and audited with the running count, another
+// identity is not affected, and a slot comes back when a poll ends.
+func TestMeshWatchLimit(t *testing.T) {
+	cfg, _ := testConfig(t)
+	cfg.MaxWatches = 2
+	rec := &auditRecorder{}
+	cfg.Audit = rec
+	parked := make(chan struct{}, 8)
+	ca := startCAWith(t, cfg, func(s *Server) {
+		s.dir.testHookWaiting = func() { parked <- struct{}{} }
+	})
+	idH := spiffeid.RequireFromPath(testTD, "/host/h")
+	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, idH)))
+	other := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/other"))))
+	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
+	_, body := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil)
+	poll := dirURL + "?wait=60s&since=" + strconv.FormatUint(decodeJSON[DirectoryDocument](t, body).Version, 10)
+
+	statuses := make(chan int, cfg.MaxWatches)
+	for range cfg.MaxWatches {
+		go func() {
+			resp, err := hc.Get(poll)
+			if err != nil {
+				statuses <- 0
+				return
+			}
+			_ = resp.Body.Close()
+			statuses <- resp.StatusCode
+		}()
+		<-parked
+	}
+	for i := range 2 {
+		if status, body := do(t, hc, http.MethodGet, poll, nil); status != http.StatusTooManyRequests {
+			t.Fatalf("long-poll %d over the limit: %d %s, want 429", cfg.MaxWatches+1+i, status, body)
+		}
+	}
+	var refusals []WatchRefusal
+	rec.mu.Lock()
+	for _, e := range rec.events {
+		if r, ok := e.(WatchRefusal); ok {
+			refusals = append(refusals, r)
+		}
+	}
+	rec.mu.Unlock()
+	if len(refusals) != 2 || refusals[1] != (WatchRefusal{Initiator: idH.String(), Limit: 2, Refused: 2}) {
+		t.Errorf("audit records %+v, want two refusals of %s counting up to 2", refusals, idH)
+	}
+	// Another identity has slots of its own.
+	go func() { _, _ = other.Get(poll) }()
+	<-parked
+
+	// A version change ends the parked polls; their slots come back.
+	ca.dir.setEntries(nil)
+	for range cfg.MaxWatches {
+		if status := <-statuses; status != http.StatusOK {
+			t.Errorf("parked long-poll answered %d, want 200", status)
+		}
+	}
+	if status, _ := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil); status != http.StatusOK {
+		t.Errorf("a poll after the others ended: %d, want 200", status)
+	}
+}
