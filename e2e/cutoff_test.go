@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"go.step.sm/crypto/pemutil"
+
+	"github.com/agentmesh/agentmesh/hsm"
 )
 
 // TestRevocationCutoff revokes an identity, reinstates it and enrols it again: the
@@ -204,11 +206,20 @@ func (c *meshCA) backup(t *testing.T, lifetime time.Duration) string {
 		t.Fatalf("stop the ca: %v", err)
 	}
 	copyDir := filepath.Join(t.TempDir(), "ca-backup")
-	if out, err := exec.Command("cp", "-a", c.state, copyDir).CombinedOutput(); err != nil {
-		t.Fatalf("copy the ca state: %v\n%s", err, out)
-	}
+	copyCAState(t, c.state, copyDir)
 	c.restartWith(t, c.state, lifetime)
 	return copyDir
+}
+
+// copyCAState copies a CA's state directory and the token PIN kept beside it
+// (hsm.DefaultPINFile).
+func copyCAState(t *testing.T, from, to string) {
+	t.Helper()
+	for _, p := range [][2]string{{from, to}, {hsm.DefaultPINFile(from), hsm.DefaultPINFile(to)}} {
+		if out, err := exec.Command("cp", "-a", p[0], p[1]).CombinedOutput(); err != nil {
+			t.Fatalf("copy the ca state: %v\n%s", err, out)
+		}
+	}
 }
 
 // restore stops the CA and starts it again on a copy of the state directory backup.
@@ -218,9 +229,7 @@ func (c *meshCA) restore(t *testing.T, backup string, lifetime time.Duration) {
 		t.Fatalf("stop the ca: %v", err)
 	}
 	restored := filepath.Join(t.TempDir(), "ca-restored")
-	if out, err := exec.Command("cp", "-a", backup, restored).CombinedOutput(); err != nil {
-		t.Fatalf("copy the ca backup: %v\n%s", err, out)
-	}
+	copyCAState(t, backup, restored)
 	c.restartWith(t, restored, lifetime)
 }
 

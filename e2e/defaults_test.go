@@ -32,6 +32,17 @@ func TestIPv6Capture(t *testing.T) {
 		"--state", authority.state); err != nil {
 		t.Fatalf("register: %v\n%s%s", err, out, errOut)
 	}
+	// Each host claims its IPv4 and IPv6 address: only the one a host connects from is
+	// learnt by itself (docs/directory.md, Address claims).
+	for _, h := range []struct {
+		id string
+		lh *lanHost
+	}{{hostA, a}, {hostB, b}} {
+		if out, errOut, err := runCmdOut(t, binary, "register", h.id, "--addr", h.lh.ip, "--addr", h.lh.ip6,
+			"--state", authority.state); err != nil {
+			t.Fatalf("register %s --addr: %v\n%s%s", h.id, err, out, errOut)
+		}
+	}
 	svc := startCmd(t, "service-b", b.command(demoService, "-listen", "[::]:8080", "-name", "service-b"))
 	svc.await("listening", 30*time.Second)
 	meshed := func(h *lanHost) string {
