@@ -246,7 +246,7 @@ func tokenKey(t *testing.T, dir string, leaf *x509.Certificate) crypto.Signer {
 	t.Helper()
 	tokDir := filepath.Join(dir, "hsm")
 	t.Setenv("SOFTHSM2_CONF", filepath.Join(tokDir, "softhsm2.conf"))
-	pin := strings.TrimSpace(string(readFile(t, filepath.Join(tokDir, "hsm.pin"))))
+	pin := strings.TrimSpace(string(readFile(t, hsm.DefaultPINFile(tokDir))))
 	ctx, err := crypto11.Configure(&crypto11.Config{Path: hsm.SoftHSMModule, TokenLabel: "agentmesh-proxy", Pin: pin})
 	if err != nil {
 		t.Fatalf("open proxy a's token: %v", err)
