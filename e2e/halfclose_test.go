@@ -70,7 +70,8 @@ func TestHalfClose(t *testing.T) {
 	ca := startCA(t, time.Minute)
 	// request: reads until EOF, then answers with what it read, reversed.
 	reqLn, reqPort := listenerPort(t)
-	go serveHalfClose(reqLn, func(c *net.TCPConn) {
+	go serveConns(reqLn, func(c *net.TCPConn) {
+		_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
 		got, err := io.ReadAll(c)
 		if err != nil {
 			return
@@ -80,7 +81,8 @@ func TestHalfClose(t *testing.T) {
 	// answer: sends its payload and half-closes, then reads until EOF.
 	late := make(chan []byte, 3)
 	ansLn, ansPort := listenerPort(t)
-	go serveHalfClose(ansLn, func(c *net.TCPConn) {
+	go serveConns(ansLn, func(c *net.TCPConn) {
+		_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
 		if _, err := c.Write(halfClosePattern(halfCloseSize)); err != nil {
 			late <- nil
 			return
@@ -137,8 +139,9 @@ func TestHalfClose(t *testing.T) {
 	}
 }
 
-// serveHalfClose serves handle on every connection of ln.
-func serveHalfClose(ln net.Listener, handle func(*net.TCPConn)) {
+// serveConns runs handle on every connection of ln, each on its own goroutine, and
+// closes the connection when handle returns.
+func serveConns(ln net.Listener, handle func(*net.TCPConn)) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -146,7 +149,6 @@ func serveHalfClose(ln net.Listener, handle func(*net.TCPConn)) {
 		}
 		go func() {
 			defer c.Close()
-			_ = c.SetDeadline(time.Now().Add(2 * time.Minute))
 			handle(c.(*net.TCPConn))
 		}()
 	}
