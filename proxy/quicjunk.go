@@ -33,9 +33,10 @@ const nonQUICBuffer = 64
 // queueNonQUIC makes quic-go queue non-QUIC datagrams from now on: until the first
 // ReadNonQUICPacket it drops them unseen, and readNonQUIC starts only with Run.
 func (p *Proxy) queueNonQUIC() {
+	// A done context: the call only switches the queue on, nothing is in it yet.
 	ctx, cancel := context.WithCancel(context.Background())
-	cancel()                                       // return at once
-	_, _, _ = p.quicTr.ReadNonQUICPacket(ctx, nil) // nothing can have been queued yet
+	cancel()
+	_, _, _ = p.quicTr.ReadNonQUICPacket(ctx, nil)
 }
 
 // readNonQUIC counts the non-QUIC datagrams quic-go hands over until ctx is done or the
