@@ -272,17 +272,10 @@ func requestLoad(ctx context.Context, addr string, rate int, requests *atomic.In
 
 // serveEcho echoes every connection, half-closing when the client does.
 func serveEcho(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		go func() {
-			defer c.Close()
-			_, _ = io.Copy(c, c)
-			_ = c.(*net.TCPConn).CloseWrite()
-		}()
-	}
+	serveConns(ln, func(c *net.TCPConn) {
+		_, _ = io.Copy(c, c)
+		_ = c.CloseWrite()
+	})
 }
 
 // countAudit counts successful rotation records and handshake records in an audit log.

@@ -196,6 +196,7 @@ func (h *h2Client) open(ctx context.Context, port uint16) (outStream, error) {
 	req.ContentLength = -1
 	// An empty User-Agent keeps x/net from adding its own.
 	req.Header.Set("User-Agent", "")
+	req.Header.Set(framingHeader, "1")
 	return &h2ClientStream{cc: h.cc, conn: h.conn, req: req, cancel: cancel, pw: pw, body: body, retire: h.retire}, nil
 }
 
@@ -234,6 +235,7 @@ type h2ClientStream struct {
 	body   *h2Body
 	retire func()                        // the server sent goawayHeader
 	resp   atomic.Pointer[http.Response] // set by status on 200
+	in     io.Reader                     // resp.Body, unframed if the server frames it; set before resp
 
 	readEOF   atomic.Bool
 	wroteEOF  atomic.Bool
@@ -260,6 +262,10 @@ func (s *h2ClientStream) status(timeout time.Duration) (status, error) {
 		s.retire()
 	}
 	if resp.StatusCode == http.StatusOK {
+		s.in = resp.Body
+		if resp.Header.Get(framingHeader) == "1" {
+			s.in = &frameReader{r: resp.Body}
+		}
 		s.resp.Store(resp)
 		return statusOK, nil
 	}
@@ -272,7 +278,7 @@ func (s *h2ClientStream) Read(b []byte) (int, error) {
 	if resp == nil {
 		return 0, net.ErrClosed // no copier reads before the status
 	}
-	n, err := resp.Body.Read(b)
+	n, err := s.in.Read(b)
 	if errors.Is(err, io.EOF) {
 		s.readEOF.Store(true)
 	}

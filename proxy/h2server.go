@@ -122,7 +122,8 @@ type h2Handler struct {
 }
 
 func (h *h2Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	st := &h2ServerStream{w: w, rc: http.NewResponseController(w), body: r.Body, conn: h.conn, srv: h.srv}
+	st := &h2ServerStream{w: w, rc: http.NewResponseController(w), body: r.Body, conn: h.conn, srv: h.srv,
+		framed: r.Header.Get(framingHeader) == "1"}
 	defer st.detach()
 	if !h.m.acquire() {
 		_ = st.Close() // closing: reset
@@ -155,15 +156,18 @@ func connectPort(r *http.Request) (uint16, error) {
 //
 // HTTP/2 in x/net ends a response only when its handler returns, and then
 // resets a request the client is still sending (RFC 9113 section 8.1). So
-// the target's half-close ends the stream both ways: CloseWrite stops the
-// reading side, which ends the splice and the handler; what the agent sends
-// after that is discarded. (tls and quic carry both half-closes.)
+// the target's half-close is an empty frame on a framed response
+// (h2frame.go), after which the handler keeps reading until the agent's
+// END_STREAM. On an unframed response (a client that did not ask) it ends
+// the stream both ways: CloseWrite stops the reading side, which ends the
+// splice and the handler; what the agent sends after that is discarded.
 type h2ServerStream struct {
-	w    http.ResponseWriter
-	rc   *http.ResponseController
-	body io.ReadCloser
-	conn net.Conn // for its addresses
-	srv  *h2Server
+	w      http.ResponseWriter
+	rc     *http.ResponseController
+	body   io.ReadCloser
+	conn   net.Conn // for its addresses
+	srv    *h2Server
+	framed bool // the client asked for framingHeader
 
 	readEOF  atomic.Bool
 	wroteEOF atomic.Bool
@@ -177,6 +181,9 @@ func (s *h2ServerStream) answer(st status) error {
 	if s.srv.goingAway.Load() {
 		s.w.Header().Set(goawayHeader, "1")
 	}
+	if s.framed && st == statusOK {
+		s.w.Header().Set(framingHeader, "1")
+	}
 	s.w.WriteHeader(connectStatus(st))
 	return s.rc.Flush()
 }
@@ -186,7 +193,7 @@ func (s *h2ServerStream) Read(b []byte) (int, error) {
 	switch {
 	case errors.Is(err, io.EOF):
 		s.readEOF.Store(true)
-	case err != nil && s.wroteEOF.Load():
+	case err != nil && s.wroteEOF.Load() && !s.framed:
 		// CloseWrite closed the body: this direction ends too.
 		s.readEOF.Store(true)
 		err = io.EOF
@@ -195,15 +202,42 @@ func (s *h2ServerStream) Read(b []byte) (int, error) {
 }
 
 func (s *h2ServerStream) Write(b []byte) (int, error) {
-	n, err := s.w.Write(b)
+	if s.framed && len(b) > 0 {
+		var hdr [frameHeaderLen]byte
+		putFrameHeader(hdr[:], len(b))
+		if _, err := s.w.Write(hdr[:]); err != nil {
+			return 0, err
+		}
+	}
+	return s.flushed(s.w.Write(b))
+}
+
+// writeFrame is Write without the copy of b behind a header (framedWriter).
+func (s *h2ServerStream) writeFrame(frame []byte) (int, error) {
+	if !s.framed {
+		return s.Write(frame[frameHeaderLen:])
+	}
+	putFrameHeader(frame, len(frame)-frameHeaderLen)
+	n, err := s.flushed(s.w.Write(frame))
+	return max(n-frameHeaderLen, 0), err
+}
+
+func (s *h2ServerStream) flushed(n int, err error) (int, error) {
 	if err == nil {
 		err = s.rc.Flush()
 	}
 	return n, err
 }
 
+// CloseWrite ends the response: the empty frame on a framed one, the
+// whole stream (once the handler returns) on a raw one.
 func (s *h2ServerStream) CloseWrite() error {
 	s.wroteEOF.Store(true)
+	if s.framed {
+		var end [frameHeaderLen]byte
+		_, err := s.flushed(s.w.Write(end[:]))
+		return err
+	}
 	return s.body.Close()
 }
 

@@ -48,6 +48,7 @@ type Proxy struct {
 	udp        net.PacketConn  // the quic transport's socket; nil without quic
 	quicTr     *quic.Transport // on udp: inbound and outbound quic connections
 	quicLn     *quic.Listener
+	quicJunk   *junkTrace   // quicTr's Tracer; nil without quic
 	quicClient *quic.Config // for outbound quic connections
 	outboundLn net.Listener // nil when transparent capture is off
 	explicitLn net.Listener // nil when explicit capture is off
@@ -181,6 +182,9 @@ func New(cfg Config) (*Proxy, error) {
 		_ = p.closeListeners()
 		return nil, fmt.Errorf("proxy: %w", err)
 	}
+	if p.quicJunk != nil {
+		p.quicJunk.ready.Store(true)
+	}
 	return p, nil
 }
 
@@ -284,6 +288,10 @@ func (p *Proxy) Run(ctx context.Context) error {
 	})
 	if p.quicLn != nil {
 		g.Go(func() error { return p.acceptQUIC(gctx) })
+		g.Go(func() error {
+			p.readNonQUIC(gctx)
+			return nil
+		})
 	}
 	if p.outboundLn != nil {
 		g.Go(func() error {

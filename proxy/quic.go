@@ -72,7 +72,16 @@ func (p *Proxy) listenQUIC(tunnelAddr net.Addr) error {
 	if n := p.cfg.QUICKeyUpdateInterval; n > 0 {
 		quicSetKeyUpdateInterval(n)
 	}
-	p.quicTr = &quic.Transport{Conn: p.udp, ConnContext: p.quicConnContext}
+	p.quicJunk = &junkTrace{p: p}
+	p.quicTr = &quic.Transport{
+		Conn:        p.udp,
+		ConnContext: p.quicConnContext,
+		Tracer:      p.quicJunk,
+		// Every peer speaks QUIC v1. Answering other versions would send
+		// packets to unauthenticated, spoofable sources, and quic-go drops
+		// what overflows its answer queue without telling (quicjunk.go).
+		DisableVersionNegotiationPackets: true,
+	}
 	trace := &keyUpdateTrace{p: p}
 	tracer := func(ctx context.Context, isClient bool, _ quic.ConnectionID) qlogwriter.Trace {
 		if !isClient {
@@ -109,6 +118,7 @@ func (p *Proxy) listenQUIC(tunnelAddr net.Addr) error {
 	}, &server); err != nil {
 		return fmt.Errorf("listen quic %s: %w", addr, err)
 	}
+	p.queueNonQUIC()
 	return nil
 }
 

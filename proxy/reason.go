@@ -46,6 +46,10 @@ const (
 	ReasonMaxConnections = "max_connections" // Config.MaxConnections connections were open
 	ReasonMaxHandshakes  = "max_handshakes"  // Config.MaxHandshakes inbound handshakes were in flight
 
+	// QUIC datagrams dropped before any connection exists (quicjunk.go).
+	ReasonQUICInvalid  = "quic_invalid"  // not a QUIC Initial the server can use: not QUIC, unparsable, another version, too short, an unknown connection
+	ReasonQUICOverload = "quic_overload" // dropped because one of quic-go's receive queues was full
+
 	// Certificate rules beyond x509svid.Verify (internal/svidrules).
 	ReasonKeyUsage     = "wrong_key_usage"    // the leaf lacks the digitalSignature key usage, or its extended key usage lacks clientAuth (a client) or serverAuth (a server)
 	ReasonChainTooLong = "chain_too_long"     // the chain carries more intermediates than Config.MaxIntermediates

@@ -23,6 +23,10 @@ import (
 // sourceOther is the Source of the record that holds the sources beyond the cap.
 const sourceOther = "other"
 
+// sourceUnknown is the Source of the record of attempts whose address is not known
+// (QUIC datagrams quic-go drops: quicjunk.go).
+const sourceUnknown = "unknown"
+
 // maxRefusedPeers is how many presented certificates one record samples.
 const maxRefusedPeers = 4
 
@@ -33,7 +37,8 @@ func preAuth(reason string) bool {
 	case ReasonNotTLS, ReasonTimeout, ReasonPeerClosed, ReasonHandshakeFailed, ReasonALPN,
 		ReasonBadCertificate, ReasonCertExpired, ReasonUnknownAuthority,
 		ReasonKeyUsage, ReasonChainTooLong, ReasonIDTooLong,
-		ReasonMaxConnections, ReasonMaxHandshakes, ReasonAuditUnavailable:
+		ReasonMaxConnections, ReasonMaxHandshakes, ReasonAuditUnavailable,
+		ReasonQUICInvalid, ReasonQUICOverload:
 		return true
 	}
 	return false
@@ -61,7 +66,11 @@ func (r *refusals) add(dir Direction, addr, transport, reason string, peer audit
 	e := r.sources[ip]
 	if e == nil {
 		if len(r.sources) < r.max {
-			e = newRefusalsRecord(dir, ip.String(), now)
+			src := ip.String()
+			if !ip.IsValid() {
+				src = sourceUnknown
+			}
+			e = newRefusalsRecord(dir, src, now)
 			r.sources[ip] = e
 		} else {
 			if r.other == nil {

@@ -168,10 +168,23 @@ func (c *tunnelConn) copy(dst io.Writer, src io.Reader, n *atomic.Int64, bytesDi
 	defer c.p.buffers.Put(bufp)
 	buf := *bufp
 	counter := c.p.metrics.bytes.WithLabelValues(string(bytesDir))
+	// A destination that frames what it sends gets room for the header
+	// in front of each read (h2frame.go).
+	fw, framed := dst.(framedWriter)
+	room := 0
+	if framed {
+		room = frameHeaderLen
+	}
 	for {
-		nr, rerr := src.Read(buf)
+		nr, rerr := src.Read(buf[room:])
 		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
+			var nw int
+			var werr error
+			if framed {
+				nw, werr = fw.writeFrame(buf[:room+nr])
+			} else {
+				nw, werr = dst.Write(buf[:nr])
+			}
 			n.Add(int64(nw))
 			counter.Add(float64(nw))
 			if c.mux != nil {

@@ -14,6 +14,7 @@ have ip || need+=(iproute2)
 have gcc || need+=(gcc)
 have make || need+=(make)
 have tcpdump || need+=(tcpdump)
+have python3 || need+=(python3-minimal)   # the half-close test's client
 have setpriv || need+=(util-linux)
 have systemd-analyze || need+=(systemd)   # verifies deploy/systemd in the tests
 
