@@ -229,7 +229,8 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		return err
 	}
 	identities := func() []rotator.Status { return append([]rotator.Status{rot.Status()}, ag.statuses()...) }
-	adm, err := newAdmin(cfg.Admin, reg, rot.Ready, identities, px, logger.With("component", "admin"))
+	ready := func() error { return errors.Join(rot.Ready(), ag.ready()) }
+	adm, err := newAdmin(cfg.Admin, reg, ready, identities, px, logger.With("component", "admin"))
 	if err != nil {
 		return err
 	}
