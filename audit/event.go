@@ -151,6 +151,9 @@ type KeyState struct {
 	// "fleet", "revoked", "overlap_end", "expired", "schedule", ...
 	Cause    string    `json:"cause"`
 	NotAfter time.Time `json:"not_after,omitzero"`
+	// Label is the key's reference in its key store (a PKCS#11 CKA_LABEL), set when the
+	// key is known by nothing else: an orphan left by an earlier process.
+	Label string `json:"label,omitempty"`
 }
 
 // Kind returns "key_state".

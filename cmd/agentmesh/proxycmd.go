@@ -268,6 +268,15 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	auditDone := make(chan error, 1)
 	go func() { auditDone <- auditLog.Run(auditCtx) }()
 
+	// Before any rotator makes a key: keys a crashed process left in the token, which no
+	// stored SVID names, are destroyed and audited (cause orphan).
+	if lk, ok := keys.(rotator.ListableKeys); ok {
+		if _, err := rotator.DestroyOrphans(ctx, rotator.OrphanConfig{Keys: lk, StateFiles: []string{svidFile},
+			Audit: auditLog, Logger: logger.With("component", "rotator")}); err != nil {
+			logger.Error("orphan keys not destroyed", "err", err)
+		}
+	}
+
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return rot.Run(gctx) })
 	g.Go(func() error { return px.Run(gctx) })
