@@ -71,6 +71,11 @@ func restartValid(t *testing.T) {
 	a = killAndRestart(t, a)
 	restarted := time.Now()
 	readyAfter := awaitReady(t, a, time.Minute)
+	// /readyz counts every identity the proxy holds: once it is 200, the agent's is ready
+	// too, with no further wait.
+	if ids, err := proxyStatus(t.Context(), a); err != nil || !ids[agent].Ready {
+		t.Errorf("/readyz 200 after the restart while the agent's identity is not ready: %+v (%v)", ids[agent], err)
+	}
 	// Destroyed at start, each audited; the stored key stays.
 	for _, l := range left {
 		awaitRecord(t, a, map[string]string{"type": "key_state", "label": l, "to": "destroyed", "cause": "orphan"}, 10*time.Second)
