@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
-	"fmt"
 	"net/http"
 	"strings"
 	"testing"
@@ -56,16 +54,10 @@ func TestReadyzCountsAgents(t *testing.T) {
 
 // proxyReadiness returns the readiness `agentmesh status --json` of p reports, and why not.
 func proxyReadiness(ctx context.Context, p *meshProxy) (bool, string, error) {
-	out, errOut, err := runCmd(ctx, "status", "--admin", p.admin, "--json")
-	if err != nil {
-		return false, "", fmt.Errorf("agentmesh status: %w: %s", err, strings.TrimSpace(errOut))
-	}
 	var doc struct {
 		Ready    bool   `json:"ready"`
 		NotReady string `json:"not_ready"`
 	}
-	if err := json.Unmarshal([]byte(out), &doc); err != nil {
-		return false, "", fmt.Errorf("agentmesh status --json: %w", err)
-	}
-	return doc.Ready, doc.NotReady, nil
+	err := statusJSON(ctx, p, &doc)
+	return doc.Ready, doc.NotReady, err
 }

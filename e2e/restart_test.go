@@ -234,21 +234,29 @@ type identityStatus struct {
 // proxyStatus runs `agentmesh status --json` against p and returns its identities by
 // SPIFFE ID.
 func proxyStatus(ctx context.Context, p *meshProxy) (map[string]identityStatus, error) {
-	out, errOut, err := runCmd(ctx, "status", "--admin", p.admin, "--json")
-	if err != nil {
-		return nil, fmt.Errorf("agentmesh status: %w: %s", err, strings.TrimSpace(errOut))
-	}
 	var doc struct {
 		Identities []identityStatus `json:"identities"`
 	}
-	if err := json.Unmarshal([]byte(out), &doc); err != nil {
-		return nil, fmt.Errorf("agentmesh status --json: %w", err)
+	if err := statusJSON(ctx, p, &doc); err != nil {
+		return nil, err
 	}
 	ids := map[string]identityStatus{}
 	for _, id := range doc.Identities {
 		ids[id.SPIFFEID] = id
 	}
 	return ids, nil
+}
+
+// statusJSON decodes `agentmesh status --json` of p into doc.
+func statusJSON(ctx context.Context, p *meshProxy, doc any) error {
+	out, errOut, err := runCmd(ctx, "status", "--admin", p.admin, "--json")
+	if err != nil {
+		return fmt.Errorf("agentmesh status: %w: %s", err, strings.TrimSpace(errOut))
+	}
+	if err := json.Unmarshal([]byte(out), doc); err != nil {
+		return fmt.Errorf("agentmesh status --json: %w", err)
+	}
+	return nil
 }
 
 // awaitStatus waits until `agentmesh status --json` of p shows identities for which
