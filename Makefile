@@ -6,7 +6,8 @@ export CGO_ENABLED := 1
 
 .PHONY: deps build test test-short check check-static fuzz demo bench bench-micro clean
 
-## deps: install missing system packages (softhsm2, opensc, iptables, curl, ...), Go modules and the step CLI
+## deps: install missing system packages (softhsm2, opensc, iptables, curl, ...), Go modules and the step CLI;
+## a quick no-op when everything is present, so test and demo run it first
 deps:
 	@scripts/deps.sh
 
@@ -16,7 +17,7 @@ build:
 
 ## test: unit and end-to-end tests with the race detector; the end-to-end tests run on
 ## their own afterwards, so that their short-lived certificates are not starved of CPU
-test:
+test: deps
 	$(GO) test -race -shuffle=on -count=1 -timeout 20m $$($(GO) list ./... | grep -v /e2e$$)
 	$(GO) test -race -shuffle=on -count=1 -timeout 30m -v ./e2e/ 2>&1 | grep -v 'level=DEBUG'; exit $${PIPESTATUS[0]}
 
@@ -38,8 +39,9 @@ check: check-static test
 fuzz:
 	@scripts/fuzz.sh $${FUZZTIME:-20s}
 
-## demo: a CA with SoftHSM, two proxies, a service and a client loop; DEMO_DURATION=90s stops it
-demo: build
+## demo: a CA with SoftHSM, two proxies, a service and a client loop; DEMO_DURATION=90s stops it;
+## exits non-zero when a request that should succeed fails or one that should be refused succeeds
+demo: deps build
 	@scripts/demo.sh
 
 ## bench: what the mesh costs a connection, a request and a gigabyte, per transport, against

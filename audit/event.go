@@ -148,9 +148,12 @@ type KeyState struct {
 	From     string `json:"from,omitempty"`      // previous state; empty for a new key
 	To       string `json:"to"`
 	// Cause says why: "enroll", "time", "usage", "operator", "compromise", "config",
-	// "fleet", "revoked", "overlap_end", "expired", "schedule", ...
+	// "fleet", "revoked", "overlap_end", "expired", "schedule", "orphan", ...
 	Cause    string    `json:"cause"`
 	NotAfter time.Time `json:"not_after,omitzero"`
+	// Label is the key's reference in its key store (a PKCS#11 CKA_LABEL), set when the
+	// key is known by nothing else: an orphan left by an earlier process.
+	Label string `json:"label,omitempty"`
 }
 
 // Kind returns "key_state".

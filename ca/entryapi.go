@@ -203,7 +203,8 @@ func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 // "register entry" carrying the CA's message: 400 for an invalid entry, 403 for a
 // caller not allowed or a revoked identity, 409 for a conflict.
 func RegisterEntry(ctx context.Context, stateDir string, e Entry) error {
-	body, err := json.Marshal(e)
+	// As an entryRequest: Entry leaves uid 0 out, and the CA refuses an entry without one.
+	body, err := json.Marshal(entryRequest{ID: e.ID, Host: e.Host, UID: &e.UID, Port: e.Port})
 	if err != nil {
 		return fmt.Errorf("ca: register entry: %w", err)
 	}

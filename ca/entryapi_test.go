@@ -63,7 +63,7 @@ func TestEntriesAdminSocket(t *testing.T) {
 		t.Fatal(err)
 	}
 	x := Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
-	y := Entry{ID: agentY, Host: idA, UID: 1001}
+	y := Entry{ID: agentY, Host: idA, UID: 0} // root's processes: uid 0 must reach the CA
 	for _, e := range []Entry{y, x} {
 		if err := RegisterEntry(ctx, cfg.StateDir, e); err != nil {
 			t.Fatalf("RegisterEntry(%+v): %v", e, err)

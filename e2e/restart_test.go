@@ -5,8 +5,10 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -19,6 +21,8 @@ import (
 // it presents the stored SVID at once and renews it over mTLS (the rotation record
 // names the serial it renewed from, and the host never enrols a second time), carries
 // traffic, and the agent registered to it gets its identity back through the host's.
+// The keys the killed process left in the token that no stored SVID names (the agent's)
+// are destroyed at start, each with a key_state record (cause orphan).
 // A proxy restarted after its SVID expired is not ready and says a new token is
 // needed, until one is written to its token file.
 func TestRestartRejoins(t *testing.T) {
@@ -56,10 +60,29 @@ func restartValid(t *testing.T) {
 		t.Fatalf("request before the restart: %v", err)
 	}
 	stored := fmt.Sprint(enrolled["new_serial"])
+	// The keys in the token when the process dies: the stored host SVID's, which the
+	// restart keeps, and the agent's (and any in overlap), which no one uses again.
+	storedKey := storedKeyLabel(t, a)
+	left := slices.DeleteFunc(tokenKeys(t, a), func(l string) bool { return l == storedKey })
+	if len(left) == 0 {
+		t.Fatalf("no key but the host's %s in the token before the kill: the agent's is missing", storedKey)
+	}
 
 	a = killAndRestart(t, a)
 	restarted := time.Now()
 	readyAfter := awaitReady(t, a, time.Minute)
+	// /readyz counts every identity the proxy holds: once it is 200, the agent's is ready
+	// too, with no further wait.
+	if ids, err := proxyStatus(t.Context(), a); err != nil || !ids[agent].Ready {
+		t.Errorf("/readyz 200 after the restart while the agent's identity is not ready: %+v (%v)", ids[agent], err)
+	}
+	// Destroyed at start, each audited; the stored key stays.
+	for _, l := range left {
+		awaitRecord(t, a, map[string]string{"type": "key_state", "label": l, "to": "destroyed", "cause": "orphan"}, 10*time.Second)
+	}
+	if now := tokenKeys(t, a); !slices.Contains(now, storedKey) || slices.ContainsFunc(left, func(l string) bool { return slices.Contains(now, l) }) {
+		t.Errorf("keys in the token after the restart: %v, want %s kept and none of the orphans %v", now, storedKey, left)
+	}
 	renewal := awaitRecord(t, a, map[string]string{"type": "rotation", "spiffe_id": idA, "trigger": "restart",
 		"old_serial": stored, "result": "ok"}, time.Minute)
 	renewed := fmt.Sprint(renewal["new_serial"])
@@ -150,6 +173,22 @@ func restart(t *testing.T, p *meshProxy) *meshProxy {
 	return &next
 }
 
+// storedKeyLabel returns the token label of the key of the host SVID p stored.
+func storedKeyLabel(t *testing.T, p *meshProxy) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(p.dir, "svid.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var st struct {
+		Key string `json:"key"`
+	}
+	if err := json.Unmarshal(b, &st); err != nil || st.Key == "" {
+		t.Fatalf("stored svid of %s: key %q: %v", p.name, st.Key, err)
+	}
+	return st.Key
+}
+
 // readyz returns the status code of p's /readyz, or 0 when it does not answer.
 func readyz(t *testing.T, p *meshProxy) int {
 	t.Helper()
@@ -195,21 +234,29 @@ type identityStatus struct {
 // proxyStatus runs `agentmesh status --json` against p and returns its identities by
 // SPIFFE ID.
 func proxyStatus(ctx context.Context, p *meshProxy) (map[string]identityStatus, error) {
-	out, errOut, err := runCmd(ctx, "status", "--admin", p.admin, "--json")
-	if err != nil {
-		return nil, fmt.Errorf("agentmesh status: %w: %s", err, strings.TrimSpace(errOut))
-	}
 	var doc struct {
 		Identities []identityStatus `json:"identities"`
 	}
-	if err := json.Unmarshal([]byte(out), &doc); err != nil {
-		return nil, fmt.Errorf("agentmesh status --json: %w", err)
+	if err := statusJSON(ctx, p, &doc); err != nil {
+		return nil, err
 	}
 	ids := map[string]identityStatus{}
 	for _, id := range doc.Identities {
 		ids[id.SPIFFEID] = id
 	}
 	return ids, nil
+}
+
+// statusJSON decodes `agentmesh status --json` of p into doc.
+func statusJSON(ctx context.Context, p *meshProxy, doc any) error {
+	out, errOut, err := runCmd(ctx, "status", "--admin", p.admin, "--json")
+	if err != nil {
+		return fmt.Errorf("agentmesh status: %w: %s", err, strings.TrimSpace(errOut))
+	}
+	if err := json.Unmarshal([]byte(out), doc); err != nil {
+		return fmt.Errorf("agentmesh status --json: %w", err)
+	}
+	return nil
 }
 
 // awaitStatus waits until `agentmesh status --json` of p shows identities for which

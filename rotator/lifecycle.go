@@ -37,6 +37,9 @@ const (
 	// CauseRestored: the key of the SVID Config.StateFile held, found again in the key
 	// store when Run started; it was made, and became active, in an earlier process.
 	CauseRestored = "restored"
+	// CauseOrphan: a key found in the key store at start that no stored SVID names,
+	// left by a process that ended before destroying it (DestroyOrphans).
+	CauseOrphan = "orphan"
 )
 
 const (

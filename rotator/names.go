@@ -23,6 +23,7 @@ const (
 	keyReason    = "reason"
 	keyPolicy    = "policy"
 	keyFile      = "file"
+	keyLabel     = "label"
 	keyResult    = "result"
 )
 

@@ -12,6 +12,9 @@
 #
 # Rotations are printed as they happen. DEMO_DURATION=90s stops it by itself; without
 # it, Ctrl-C stops it. Every process, namespace, rule and file it makes is removed.
+# It waits for every identity on both hosts through /readyz, never on log text or a
+# fixed delay, and exits non-zero when a request that should succeed fails or one that
+# should be refused succeeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -172,8 +175,10 @@ directory:
   heartbeat: 2s"
 "${on_a[@]}" "$BIN" proxy --config "$work/a/proxy.yaml" 2>"$work/a.log" &
 pids+=($!)
-wait_for "proxy a" "${on_a[@]}" curl -sf "http://$A_ADMIN/readyz"
-wait_for "proxy b" "${on_b[@]}" curl -sf "http://$B_ADMIN/readyz"
+# /readyz answers 200 only once the proxy holds a valid SVID for its host and for every
+# agent the directory registers to it: past this point no request races an enrolment.
+wait_for "proxy a and its agents' identities" "${on_a[@]}" curl -sf "http://$A_ADMIN/readyz"
+wait_for "proxy b and its agents' identities" "${on_b[@]}" curl -sf "http://$B_ADMIN/readyz"
 "${on_a[@]}" "$BIN" status --admin "$A_ADMIN"
 "${on_b[@]}" "$BIN" status --admin "$B_ADMIN"
 
@@ -188,11 +193,14 @@ fi
 wait_for "the mesh path" "${curl_a[@]}" -sf --max-time 2 "$URL"
 
 if [ "$mode" = transparent ]; then
-  for agent in planner scraper; do
-    wait_for "the $agent's SVID" grep -q "msg=rotated .*agent=spiffe://$TD/agent/$agent" "$work/a.log"
-  done
-  as_uid() { "${on_a[@]}" setpriv --reuid="$1" --regid="$1" --clear-groups curl -sS --max-time 5 "$URL" 2>&1; }
-  echo "    curl as the planner (uid 1001): $(as_uid 1001)"
+  as_uid() { "${on_a[@]}" setpriv --reuid="$1" --regid="$1" --clear-groups curl -sSf --max-time 5 "$URL" 2>&1; }
+  if ! out=$(as_uid 1001); then
+    echo "demo: curl as the planner (uid 1001) failed: $out" >&2
+    "${on_a[@]}" "$BIN" status --admin "$A_ADMIN" >&2 || true
+    "${on_b[@]}" "$BIN" status --admin "$B_ADMIN" >&2 || true
+    exit 1
+  fi
+  echo "    curl as the planner (uid 1001): $out"
   if out=$(as_uid 1002); then
     echo "demo: the scraper reached search: $out" >&2
     exit 1
@@ -218,7 +226,7 @@ while :; do
   now=$(date +%s)
   if [ "$secs" -gt 0 ] && [ $((now - start)) -ge "$secs" ]; then break; fi
   requests=$((requests + 1))
-  if out=$("${curl_a[@]}" -sS --max-time 5 "$URL" 2>&1); then
+  if out=$("${curl_a[@]}" -sSf --max-time 5 "$URL" 2>&1); then
     if [ $((requests % 50)) -eq 1 ]; then echo "    $(date +%T) request $requests: $out"; fi
   else
     failed=$((failed + 1))
@@ -231,8 +239,14 @@ rotations=$(cat "$work/a.log" "$work/b.log" | grep 'msg=rotated' | grep -vc 'tri
 # Stopping the proxies flushes their audit logs before they are verified.
 kill -TERM "${pids[2]}" "${pids[3]}" 2>/dev/null || true
 wait "${pids[2]}" "${pids[3]}" 2>/dev/null || true
+audit_ok=true
 for p in a b; do
-  echo "    audit log of proxy $p: $("$BIN" audit verify "$work/$p/audit.log")"
+  if out=$("$BIN" audit verify "$work/$p/audit.log" 2>&1); then
+    echo "    audit log of proxy $p: $out"
+  else
+    echo "demo: audit log of proxy $p does not verify: $out" >&2
+    audit_ok=false
+  fi
 done
 # Tunnel setup time (TLS 1.3 handshake and header exchange) as proxy A audited it.
 grep '"type":"handshake"' "$work/a/audit.log" | grep '"direction":"outbound"' | grep '"result":"ok"' |
@@ -243,4 +257,5 @@ if [ "$mode" = transparent ]; then
   "${on_b[@]}" "$BIN" redirect remove
 fi
 echo "requests=$requests failed=$failed rotations=$rotations"
-[ "$failed" -eq 0 ]
+# Any failed request (or an audit log that does not verify) fails the demo.
+[ "$failed" -eq 0 ] && $audit_ok

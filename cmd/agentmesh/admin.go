@@ -26,6 +26,11 @@ type proxyState interface {
 
 // statusDocument is the admin API's /status answer.
 type statusDocument struct {
+	// Ready and NotReady are /readyz's answer, computed the same way: ready once the host
+	// and every agent the directory registers to it hold a valid SVID, the deny-list is
+	// fresh and the audit log takes records; NotReady says why not.
+	Ready      bool                    `json:"ready"`
+	NotReady   string                  `json:"not_ready,omitempty"`
 	Identities []rotator.Status        `json:"identities"`
 	TicketKeys []proxy.TicketKeyStatus `json:"ticket_keys"`
 }
@@ -37,8 +42,9 @@ type admin struct {
 	logger *slog.Logger
 }
 
-// newAdmin serves the admin port: ready is the rotator's readiness, identities the state of
-// every identity held (the host's first, then the agents').
+// newAdmin serves the admin port: ready is the readiness of the identities (the host's and
+// every registered agent's), identities the state of every identity held (the host's
+// first, then the agents').
 func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identities func() []rotator.Status,
 	px proxyState, logger *slog.Logger) (*admin, error) {
 	ln, err := net.Listen("tcp", addr)
@@ -50,8 +56,9 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprintln(w, "ok")
 	})
+	readiness := func() error { return errors.Join(ready(), px.Ready()) }
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if err := errors.Join(ready(), px.Ready()); err != nil {
+		if err := readiness(); err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
@@ -59,7 +66,11 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		_ = json.NewEncoder(w).Encode(statusDocument{Identities: identities(), TicketKeys: px.TicketKeys()})
+		doc := statusDocument{Ready: true, Identities: identities(), TicketKeys: px.TicketKeys()}
+		if err := readiness(); err != nil {
+			doc.Ready, doc.NotReady = false, err.Error()
+		}
+		_ = json.NewEncoder(w).Encode(doc)
 	})
 	return &admin{
 		ln:     ln,

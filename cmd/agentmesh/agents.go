@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"log/slog"
 	"maps"
 	"slices"
@@ -35,12 +36,22 @@ type agents struct {
 	reg      prometheus.Registerer
 	logger   *slog.Logger
 
-	changed chan struct{} // entries arrived; buffered 1
-	mu      sync.Mutex
-	entries []ca.Entry // the latest directory entries; guarded by mu
-	running map[spiffeid.ID]*agentRun
-	snap    atomic.Pointer[agentSnapshot]
+	changed  chan struct{} // entries arrived; buffered 1
+	mu       sync.Mutex
+	entries  []ca.Entry // the latest directory entries; guarded by mu
+	received bool       // the directory answered once; guarded by mu
+	running  map[spiffeid.ID]*agentRun
+	snap     atomic.Pointer[agentSnapshot]
 }
+
+var (
+	// errEntriesPending: the directory has not answered yet, so the agents this host must
+	// hold are not known.
+	errEntriesPending = errors.New("agents: registration entries not received from the directory yet")
+	// errAgentPending: an agent is registered to this host and its rotator not started
+	// (just registered, or it failed to start).
+	errAgentPending = errors.New("identity not started")
+)
 
 // agentRun is one registered agent and its rotator.
 type agentRun struct {
@@ -85,7 +96,7 @@ func (a *agents) ByPort(port uint16) (spiffeid.ID, bool) {
 // update takes the directory's entries (from its goroutine) for Run to apply.
 func (a *agents) update(entries []ca.Entry) {
 	a.mu.Lock()
-	a.entries = entries
+	a.entries, a.received = entries, true
 	a.mu.Unlock()
 	select {
 	case a.changed <- struct{}{}:
@@ -168,6 +179,35 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 		}
 	}
 	a.snap.Store(snap)
+}
+
+// ready returns nil once the directory has answered and every agent it registers to this
+// host holds a valid SVID. It reads the latest entries, not those Run applied last, so an
+// agent registered a moment ago makes the proxy not ready until its identity is enrolled:
+// a client that waits for /readyz never races an enrolment.
+func (a *agents) ready() error {
+	a.mu.Lock()
+	entries, received := a.entries, a.received
+	a.mu.Unlock()
+	if !received {
+		return errEntriesPending
+	}
+	byID := a.snap.Load().byID
+	var errs []error
+	for _, e := range entries {
+		if e.Host != a.host {
+			continue
+		}
+		r, ok := byID[e.ID]
+		if !ok {
+			errs = append(errs, fmt.Errorf("agent %s: %w", e.ID, errAgentPending))
+			continue
+		}
+		if err := r.rot.Ready(); err != nil {
+			errs = append(errs, fmt.Errorf("agent %s: %w", e.ID, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // revoke hands a deny-list to every agent's rotator.

@@ -229,7 +229,8 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		return err
 	}
 	identities := func() []rotator.Status { return append([]rotator.Status{rot.Status()}, ag.statuses()...) }
-	adm, err := newAdmin(cfg.Admin, reg, rot.Ready, identities, px, logger.With("component", "admin"))
+	ready := func() error { return errors.Join(rot.Ready(), ag.ready()) }
+	adm, err := newAdmin(cfg.Admin, reg, ready, identities, px, logger.With("component", "admin"))
 	if err != nil {
 		return err
 	}
@@ -266,6 +267,15 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	auditCtx, stopAudit := context.WithCancel(context.WithoutCancel(ctx))
 	auditDone := make(chan error, 1)
 	go func() { auditDone <- auditLog.Run(auditCtx) }()
+
+	// Before any rotator makes a key: keys a crashed process left in the token, which no
+	// stored SVID names, are destroyed and audited (cause orphan).
+	if lk, ok := keys.(rotator.ListableKeys); ok {
+		if _, err := rotator.DestroyOrphans(ctx, rotator.OrphanConfig{Keys: lk, StateFiles: []string{svidFile},
+			Audit: auditLog, Logger: logger.With("component", "rotator")}); err != nil {
+			logger.Error("orphan keys not destroyed", "err", err)
+		}
+	}
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return rot.Run(gctx) })

@@ -52,6 +52,11 @@ func newStatusCmd() *cobra.Command {
 
 func printStatus(w io.Writer, st statusDocument) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "proxy  ready=%t", st.Ready)
+	if st.NotReady != "" {
+		fmt.Fprintf(tw, "  (%s)", st.NotReady)
+	}
+	fmt.Fprintln(tw)
 	for _, id := range st.Identities {
 		fmt.Fprintf(tw, "%s  ready=%t", id.SPIFFEID, id.Ready)
 		if !id.RenewAt.IsZero() {
