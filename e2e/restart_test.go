@@ -62,7 +62,7 @@ func restartValid(t *testing.T) {
 	stored := fmt.Sprint(enrolled["new_serial"])
 	// The keys in the token when the process dies: the stored host SVID's, which the
 	// restart keeps, and the agent's (and any in overlap), which no one uses again.
-	storedKey := storedKeyLabel(t, a)
+	storedKey := awaitStored(t, a, stored)
 	left := slices.DeleteFunc(tokenKeys(t, a), func(l string) bool { return l == storedKey })
 	if len(left) == 0 {
 		t.Fatalf("no key but the host's %s in the token before the kill: the agent's is missing", storedKey)
@@ -125,6 +125,7 @@ func restartExpired(t *testing.T) {
 	if err != nil {
 		t.Fatalf("not_after of the enrolment record: %v", err)
 	}
+	awaitStored(t, c, stored)
 	if err := c.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
@@ -173,20 +174,28 @@ func restart(t *testing.T, p *meshProxy) *meshProxy {
 	return &next
 }
 
-// storedKeyLabel returns the token label of the key of the host SVID p stored.
-func storedKeyLabel(t *testing.T, p *meshProxy) string {
+// awaitStored waits until p's state file holds the SVID serial (it is written just
+// after the rotation is audited) and returns the label of its key.
+func awaitStored(t *testing.T, p *meshProxy, serial string) string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(p.dir, "svid.json"))
-	if err != nil {
-		t.Fatal(err)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var st struct {
+			Serial string `json:"serial"`
+			Key    string `json:"key"`
+		}
+		b, err := os.ReadFile(filepath.Join(p.dir, "svid.json"))
+		if err == nil {
+			err = json.Unmarshal(b, &st)
+		}
+		if err == nil && st.Serial == serial && st.Key != "" {
+			return st.Key
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: svid.json does not name serial %s (%+v, %v)", p.name, serial, st, err)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
-	var st struct {
-		Key string `json:"key"`
-	}
-	if err := json.Unmarshal(b, &st); err != nil || st.Key == "" {
-		t.Fatalf("stored svid of %s: key %q: %v", p.name, st.Key, err)
-	}
-	return st.Key
 }
 
 // readyz returns the status code of p's /readyz, or 0 when it does not answer.
