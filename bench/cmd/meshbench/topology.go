@@ -228,8 +228,11 @@ func startMesh(ctx context.Context, ca *meshCA, dir string, m mode, echoPort int
 	if dir, err = os.MkdirTemp(dir, m.name+"-"); err != nil {
 		return nil, err
 	}
-	idA := "spiffe://" + trustDomain + "/host/a"
-	b, err := startProxy(ctx, ca, dir, "b", tunnelB,
+	// One identity per mode: the meshes of all modes run at once on one CA, and the CA
+	// renews only the newest certificate of an identity (a second holder is a fork).
+	nameA, nameB := "a-"+m.name, "b-"+m.name
+	idA := "spiffe://" + trustDomain + "/host/" + nameA
+	b, err := startProxy(ctx, ca, dir, nameB, tunnelB,
 		m.config+fmt.Sprintf("services:\n  - port: %d\n    allow: [%s]\n", echoPort, idA))
 	if err != nil {
 		return nil, err
@@ -239,7 +242,7 @@ func startMesh(ctx context.Context, ca *meshCA, dir string, m mode, echoPort int
 	if m.transport != "" {
 		route += "    transport: " + m.transport + "\n"
 	}
-	a, err := startProxy(ctx, ca, dir, "a", tunnelA, m.config+route)
+	a, err := startProxy(ctx, ca, dir, nameA, tunnelA, m.config+route)
 	if err != nil {
 		b.stop()
 		return nil, err
