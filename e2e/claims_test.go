@@ -83,13 +83,12 @@ func TestAddressClaims(t *testing.T) {
 		t.Errorf("after the restart the directory maps %s to %s", b.ip, got)
 	}
 	startProxyOn(t, b.host, authority, "b", "0.0.0.0:15008", "127.0.0.1:15020", nil, nil, advertise(b.ip))
-	deadline := time.Now().Add(60 * time.Second)
-	for owner(t, authority, b.ip) != hostB {
-		if time.Now().After(deadline) {
-			t.Fatalf("b is not back in the restarted CA's directory")
+	waitFor(t, 60*time.Second, "b back in the restarted CA's directory", func() error {
+		if got := owner(t, authority, b.ip); got != hostB {
+			return fmt.Errorf("%s is mapped to %q", b.ip, got)
 		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 	learnings := 0
 	for _, r := range readAudit(t, caAudit) {
 		if matches(r, learnt) {

@@ -64,18 +64,14 @@ func TestIPv6Capture(t *testing.T) {
 
 	// The first request may come before proxy A's directory knows B: retried, bounded.
 	url := "http://[" + b.ip6 + "]:8080/"
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	waitFor(t, 30*time.Second, "curl over IPv6 as the agent", func() error {
 		out, err := a.run(t, 20*time.Second, "setpriv", "--reuid="+agentUID, "--regid="+agentUID, "--clear-groups",
 			"curl", "-6", "-sS", "--max-time", "10", url)
-		if err == nil && strings.Contains(out, "hello from service-b") {
-			break
+		if err != nil || !strings.Contains(out, "hello from service-b") {
+			return fmt.Errorf("%v: %q", err, out)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("curl over IPv6 as the agent: %v\n%s", err, out)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 	target := "[" + b.ip6 + "]:8080"
 	awaitRecord(t, pa, map[string]string{"type": "handshake", "direction": "outbound", "result": "ok",
 		"local_id": agent, "peer_id": hostB}, 20*time.Second)

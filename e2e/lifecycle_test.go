@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -245,18 +246,17 @@ func awaitRecordIn(t *testing.T, name, path string, want map[string]string, time
 // record written at or after since with all the given fields, and returns it.
 func awaitRecordSince(t *testing.T, name, path string, want map[string]string, since time.Time, timeout time.Duration) map[string]any {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
+	var found map[string]any
+	waitFor(t, timeout, fmt.Sprintf("%s: an audit record with %v since %v", name, want, since), func() error {
 		for _, r := range readAudit(t, path) {
 			if ts, err := time.Parse(time.RFC3339Nano, fmt.Sprint(r["time"])); err == nil && !ts.Before(since) && matches(r, want) {
-				return r
+				found = r
+				return nil
 			}
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: no audit record with %v since %v within %v", name, want, since, timeout)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return errors.New("none yet")
+	})
+	return found
 }
 
 func readFile(t *testing.T, path string) []byte {

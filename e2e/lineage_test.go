@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -187,13 +188,12 @@ func TestMovedAgent(t *testing.T) {
 	}
 	awaitRecord(t, pb, map[string]string{"type": "rotation", "spiffe_id": agent, "trigger": "enroll", "result": "ok"}, 60*time.Second)
 	// b refuses the certificate a holds, as soon as its deny-list has it.
-	deadline := time.Now().Add(30 * time.Second)
-	for onA.tunnelErr(b.ip+":15008", nil) == nil {
-		if time.Now().After(deadline) {
-			t.Fatal("proxy b still accepts host a's certificate of the moved agent")
+	waitFor(t, 30*time.Second, "proxy b refusing host a's certificate of the moved agent", func() error {
+		if onA.tunnelErr(b.ip+":15008", nil) == nil {
+			return errors.New("still accepted")
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
 	awaitRecord(t, pb, map[string]string{"type": "handshake", "result": "refused", "reason": "revoked",
 		"peer_serial": serialA}, 10*time.Second)
 

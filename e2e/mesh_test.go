@@ -61,17 +61,10 @@ func (c *meshCA) restart(t *testing.T) {
 		t.Fatalf("stop the ca: %v", err)
 	}
 	c.process = startCmd(t, "ca", c.h.command(binary, c.args...))
-	deadline := time.Now().Add(60 * time.Second)
-	for {
+	waitFor(t, 60*time.Second, "the restarted ca answering on its admin socket", func() error {
 		_, err := ca.RequestDirectory(t.Context(), c.state)
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the restarted ca does not answer on its admin socket: %v", err)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return err
+	})
 }
 
 // host is where a process runs: the test's own network namespace, or ns.

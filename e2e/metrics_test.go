@@ -80,20 +80,19 @@ func metricValue(t *testing.T, p *meshProxy, name string) float64 {
 // labels; 0 while there is none) and returns its value.
 func awaitMetric(t *testing.T, p *meshProxy, name string, ok func(float64) bool, timeout time.Duration, labels ...string) float64 {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		v, err := scrapeMetric("http://"+p.admin+"/metrics", name, labels...)
-		if errors.Is(err, errNoMetric) {
-			err = nil
+	var v float64
+	waitFor(t, timeout, fmt.Sprintf("%s: metric %s%v", p.name, name, labels), func() error {
+		var err error
+		v, err = scrapeMetric("http://"+p.admin+"/metrics", name, labels...)
+		switch {
+		case err != nil && !errors.Is(err, errNoMetric):
+			return err
+		case !ok(v):
+			return fmt.Errorf("value %v", v)
 		}
-		if err == nil && ok(v) {
-			return v
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s%v = %v (%v) after %v", p.name, name, labels, v, err, timeout)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
+	return v
 }
 
 // awaitMetricValue waits until p's metric name (with labels) equals want.

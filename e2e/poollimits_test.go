@@ -74,18 +74,14 @@ func pooledCredentialLimits(t *testing.T, transport string) {
 	})
 
 	// Load through several renewals of both proxies (the enrolment is one rotation).
-	deadline := time.Now().Add(3 * time.Minute)
-	for {
+	waitFor(t, 3*time.Minute, fmt.Sprintf("more than %d rotations on both proxies", renewals), func() error {
 		ra, _ := countAudit(t, a.auditPath())
 		rb, _ := countAudit(t, b.auditPath())
-		if ra > renewals && rb > renewals {
-			break
+		if ra <= renewals || rb <= renewals {
+			return fmt.Errorf("%d and %d rotations", ra, rb)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("after 3 minutes only %d and %d rotations", ra, rb)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 	stopLoad()
 	wg.Wait()
 	if failed.Load() != 0 {

@@ -93,13 +93,12 @@ func restartValid(t *testing.T) {
 	wantRecord(t, a, map[string]string{"type": "key_state", "spiffe_id": idA, "serial": stored, "to": "active", "cause": "restored"})
 
 	// The agent's identity comes back through the host's: a second enrolment.
-	deadline := time.Now().Add(time.Minute)
-	for countRecords(t, a, agentEnrol) < 2 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the agent %s did not enrol again after the restart", agent)
+	waitFor(t, time.Minute, "the agent enrolling again after the restart", func() error {
+		if n := countRecords(t, a, agentEnrol); n < 2 {
+			return fmt.Errorf("%d enrolments of %s", n, agent)
 		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return nil
+	})
 	st := awaitIdentities(t, a, time.Minute)
 	if host := st[idA]; host.Current == nil || host.Current.Serial != renewed {
 		t.Errorf("status after the restart: host identity %+v, want current serial %s", host, renewed)
@@ -178,24 +177,21 @@ func restart(t *testing.T, p *meshProxy) *meshProxy {
 // after the rotation is audited) and returns the label of its key.
 func awaitStored(t *testing.T, p *meshProxy, serial string) string {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		var st struct {
-			Serial string `json:"serial"`
-			Key    string `json:"key"`
-		}
+	var st struct {
+		Serial string `json:"serial"`
+		Key    string `json:"key"`
+	}
+	waitFor(t, 30*time.Second, fmt.Sprintf("%s: svid.json naming serial %s", p.name, serial), func() error {
 		b, err := os.ReadFile(filepath.Join(p.dir, "svid.json"))
 		if err == nil {
 			err = json.Unmarshal(b, &st)
 		}
-		if err == nil && st.Serial == serial && st.Key != "" {
-			return st.Key
+		if err == nil && (st.Serial != serial || st.Key == "") {
+			err = fmt.Errorf("it names %+v", st)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: svid.json does not name serial %s (%+v, %v)", p.name, serial, st, err)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+		return err
+	})
+	return st.Key
 }
 
 // readyz returns the status code of p's /readyz, or 0 when it does not answer.
@@ -219,13 +215,12 @@ func readyz(t *testing.T, p *meshProxy) int {
 func awaitReady(t *testing.T, p *meshProxy, timeout time.Duration) time.Duration {
 	t.Helper()
 	start := time.Now()
-	code := 0
-	for code = readyz(t, p); code != http.StatusOK; code = readyz(t, p) {
-		if time.Since(start) > timeout {
-			t.Fatalf("%s: /readyz not 200 within %v (last: %d)", p.name, timeout, code)
+	waitFor(t, timeout, p.name+": /readyz 200", func() error {
+		if code := readyz(t, p); code != http.StatusOK {
+			return fmt.Errorf("answered %d", code)
 		}
-		time.Sleep(100 * time.Millisecond)
-	}
+		return nil
+	})
 	return time.Since(start)
 }
 
@@ -272,17 +267,15 @@ func statusJSON(ctx context.Context, p *meshProxy, doc any) error {
 // cond holds, and returns them.
 func awaitStatus(t *testing.T, p *meshProxy, timeout time.Duration, cond func(map[string]identityStatus) bool) map[string]identityStatus {
 	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for {
-		ids, err := proxyStatus(t.Context(), p)
-		if err == nil && cond(ids) {
-			return ids
+	var ids map[string]identityStatus
+	waitFor(t, timeout, p.name+": status as awaited", func() error {
+		var err error
+		if ids, err = proxyStatus(t.Context(), p); err == nil && !cond(ids) {
+			err = fmt.Errorf("%+v", ids)
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%s: status not as awaited within %v: %+v %v", p.name, timeout, ids, err)
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
+		return err
+	})
+	return ids
 }
 
 // awaitIdentities waits until p holds at least two identities (its host's and an
