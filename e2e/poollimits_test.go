@@ -100,7 +100,23 @@ func pooledCredentialLimits(t *testing.T, transport string) {
 		awaitMetricValue(t, p, "agentmesh_proxy_pool_connections", 0, 30*time.Second)
 	}
 	idleTook := time.Since(idleStart)
-	if got := adminMetric(t, a.admin, "agentmesh_proxy_pool_ended_total", `direction="outbound"`, `reason="idle_timeout"`); got == 0 {
+	// The last connection may reach its certificates' limit (10 s SVIDs) before
+	// idle_timeout: then one more stream makes a connection that can idle out, a few
+	// times at most.
+	idleClosed := func() bool {
+		return adminMetric(t, a.admin, "agentmesh_proxy_pool_ended_total", `direction="outbound"`, `reason="idle_timeout"`) > 0
+	}
+	for attempt := 0; !idleClosed() && attempt < 3; attempt++ {
+		sctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
+		if err := echoOnce(sctx, echoRoute); err != nil {
+			t.Errorf("echo session after the load: %v", err)
+		}
+		cancel()
+		for _, p := range []*meshProxy{a, b} {
+			awaitMetricValue(t, p, "agentmesh_proxy_pool_connections", 0, 30*time.Second)
+		}
+	}
+	if !idleClosed() {
 		t.Error("no outbound pooled connection closed for idle_timeout")
 	}
 
