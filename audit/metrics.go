@@ -1,10 +1,9 @@
 package audit
 
 import (
-	"errors"
-	"fmt"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/agentmesh/agentmesh/internal/metricreg"
 )
 
 // Metric names, label keys and log attribute keys.
@@ -70,32 +69,17 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		return m, nil
 	}
 	var err error
-	if m.records, err = register(reg, m.records); err != nil {
+	if m.records, err = metricreg.Shared(reg, m.records); err != nil {
 		return nil, err
 	}
-	if m.fsync, err = register(reg, m.fsync); err != nil {
+	if m.fsync, err = metricreg.Shared(reg, m.fsync); err != nil {
 		return nil, err
 	}
-	if m.errors, err = register(reg, m.errors); err != nil {
+	if m.errors, err = metricreg.Shared(reg, m.errors); err != nil {
 		return nil, err
 	}
-	if m.unavailable, err = register(reg, m.unavailable); err != nil {
+	if m.unavailable, err = metricreg.Shared(reg, m.unavailable); err != nil {
 		return nil, err
 	}
 	return m, nil
-}
-
-// register registers c, or returns the collector already registered under the same name so
-// that a log reopened in the same process (a config reload) keeps counting in one series.
-func register[C prometheus.Collector](reg prometheus.Registerer, c C) (C, error) {
-	err := reg.Register(c)
-	if err == nil {
-		return c, nil
-	}
-	if are, ok := errors.AsType[prometheus.AlreadyRegisteredError](err); ok {
-		if existing, ok := are.ExistingCollector.(C); ok {
-			return existing, nil
-		}
-	}
-	return c, fmt.Errorf("register metrics: %w", err)
 }

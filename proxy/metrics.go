@@ -1,9 +1,9 @@
 package proxy
 
 import (
-	"fmt"
-
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/agentmesh/agentmesh/internal/metricreg"
 )
 
 // metrics are the proxy's Prometheus collectors. They always exist so the hot
@@ -144,19 +144,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	for _, r := range []string{ReasonMaxConnections, ReasonMaxHandshakes, ReasonAuditUnavailable} {
 		m.refused.WithLabelValues(r)
 	}
-	if reg == nil {
-		return m, nil
-	}
-	collectors := []prometheus.Collector{m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained,
-		m.pool, m.streams, m.keyUpdates, m.attested, m.authzDenied, m.poolEnded, m.streamRefusals, m.refused}
-	for i, c := range collectors {
-		if err := reg.Register(c); err != nil {
-			// Leave the Registerer as it was, so a corrected New can retry.
-			for _, done := range collectors[:i] {
-				reg.Unregister(done)
-			}
-			return nil, fmt.Errorf("register metrics: %w", err)
-		}
+	// All or none, so that a New that failed leaves the Registerer as it was.
+	if err := metricreg.Register(reg, m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained,
+		m.pool, m.streams, m.keyUpdates, m.attested, m.authzDenied, m.poolEnded, m.streamRefusals, m.refused); err != nil {
+		return nil, err
 	}
 	return m, nil
 }

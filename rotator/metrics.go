@@ -5,6 +5,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/internal/metricreg"
 )
 
 type metrics struct {
@@ -63,11 +65,9 @@ func newMetrics(reg prometheus.Registerer, id spiffeid.ID) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.rotations, m.expiry, m.renewAt, m.overlap, m.revoked, m.keyStates, m.destroyFailures, m.drained,
-		m.restores, m.storeFailures, m.needsToken} {
-		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("rotator: register metrics: %w", err)
-		}
+	if err := metricreg.Register(reg, m.rotations, m.expiry, m.renewAt, m.overlap, m.revoked, m.keyStates, m.destroyFailures, m.drained,
+		m.restores, m.storeFailures, m.needsToken); err != nil {
+		return nil, fmt.Errorf("rotator: %w", err)
 	}
 	return m, nil
 }
