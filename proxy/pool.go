@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/singleflight"
 )
 
 // Pooled transports (h2, quic) carry many agent connections, one stream
@@ -81,25 +82,26 @@ type poolKey struct {
 	addr      string
 }
 
+// String names k for the dial group: its fields joined by a space, which
+// none of them can contain.
+func (k poolKey) String() string {
+	return k.transport + " " + k.localID.String() + " " + k.local + " " + k.peer.String() + " " + k.addr
+}
+
 // pool holds the outbound pooled connections.
 type pool struct {
 	p     *Proxy
 	mu    sync.Mutex
 	conns map[poolKey][]*muxConn // usable or finishing, oldest first; guarded by mu
-	dials map[poolKey]*dialCall  // in progress, one per key; guarded by mu
+	// dials runs one dial per key at a time: the others that need the
+	// same key wait for it rather than dial too.
+	dials singleflight.Group
 	// current is each identity's local serial of its newest open; guarded
 	// by mu.
 	current map[spiffeid.ID]string
 	// tasks are per-connection goroutines (quic control streams), waited
 	// for by Run once every connection is closed.
 	tasks sync.WaitGroup
-}
-
-// dialCall is a dial in progress: the others that need the same key wait
-// for it rather than dial too.
-type dialCall struct {
-	done chan struct{}
-	err  error // set before done is closed
 }
 
 // open starts a stream to port on a pooled connection to peer with l's
@@ -131,82 +133,85 @@ func (pl *pool) open(ctx context.Context, l *localTLS, peer Peer, transport stri
 func (pl *pool) get(ctx context.Context, key poolKey, l *localTLS, peer Peer) (*muxConn, error) {
 	dials := 0
 	for {
-		var finish []*muxConn
-		pl.mu.Lock()
-		if key.local != pl.current[key.localID] {
-			// The identity's certificate changed: its connections
-			// that present another one take no new streams.
-			pl.current[key.localID] = key.local
-			for k, ms := range pl.conns {
-				if k.localID == key.localID && k.local != key.local {
-					finish = append(finish, ms...)
-				}
-			}
-		}
-		var found *muxConn
-		var idle []*muxConn
-		for _, m := range pl.conns[key] {
-			ok, closeNow := m.reserve()
-			if closeNow {
-				idle = append(idle, m)
-			}
-			if ok {
-				found = m
-				break
-			}
-		}
-		d, dialing := pl.dials[key]
-		if found == nil && !dialing {
-			d = &dialCall{done: make(chan struct{})}
-			pl.dials[key] = d
-		}
-		pl.mu.Unlock()
-		for _, m := range finish {
-			m.retire()
-		}
-		for _, m := range idle {
-			m.lingerClose()
-		}
-		if found != nil {
-			return found, nil
-		}
-		if dialing {
-			select {
-			case <-d.done:
-			case <-ctx.Done():
-				return nil, ctx.Err()
-			}
-			if d.err != nil {
-				return nil, d.err
-			}
-			continue // the new connection may already be full
-		}
-
-		m, err := pl.p.dialMux(ctx, key, l, peer)
-		pl.mu.Lock()
-		delete(pl.dials, key)
-		reserved := false
-		if err == nil {
-			// The dialer's slot: a fresh connection has room, unless it
-			// is already gone, in which case it must not be pooled
-			// (its closed has run, or runs after this and removes it).
-			if reserved, _ = m.reserve(); reserved {
-				pl.conns[key] = append(pl.conns[key], m)
-			}
-		}
-		d.err = err
-		pl.mu.Unlock()
-		close(d.done)
-		if err != nil {
-			return nil, err
-		}
-		if reserved {
+		if m := pl.reserve(key); m != nil {
 			return m, nil
+		}
+		// Do, not DoChan: the dial runs in the goroutine of the
+		// connection that needed it, which Run waits for. Every caller
+		// shares Run's context, so a waiter is not held past the dial's
+		// own cancellation.
+		var dialer bool
+		var m *muxConn
+		_, err, _ := pl.dials.Do(key.String(), func() (any, error) {
+			dialer = true
+			var err error
+			m, err = pl.dial(ctx, key, l, peer)
+			return nil, err
+		})
+		switch {
+		case err != nil:
+			return nil, err
+		case m != nil:
+			return m, nil // the dialer's slot
+		case !dialer:
+			continue // the new connection may already be full
 		}
 		if dials++; dials == 3 {
 			return nil, fmt.Errorf("%w: %s connections to %s close as soon as they open", errMuxUnusable, key.transport, key.addr)
 		}
 	}
+}
+
+// reserve reserves a slot on a pooled connection for key, or returns nil
+// when none has room. A change of the identity's certificate first retires
+// its connections that present another one.
+func (pl *pool) reserve(key poolKey) *muxConn {
+	var finish, idle []*muxConn
+	var found *muxConn
+	pl.mu.Lock()
+	if key.local != pl.current[key.localID] {
+		pl.current[key.localID] = key.local
+		for k, ms := range pl.conns {
+			if k.localID == key.localID && k.local != key.local {
+				finish = append(finish, ms...)
+			}
+		}
+	}
+	for _, m := range pl.conns[key] {
+		ok, closeNow := m.reserve()
+		if closeNow {
+			idle = append(idle, m)
+		}
+		if ok {
+			found = m
+			break
+		}
+	}
+	pl.mu.Unlock()
+	for _, m := range finish {
+		m.retire()
+	}
+	for _, m := range idle {
+		m.lingerClose()
+	}
+	return found
+}
+
+// dial dials a connection for key and pools it with one slot reserved, the
+// dialer's. A fresh connection already gone is not pooled (its closed has
+// run, or runs after this and removes it): dial then returns nil, nil.
+func (pl *pool) dial(ctx context.Context, key poolKey, l *localTLS, peer Peer) (*muxConn, error) {
+	m, err := pl.p.dialMux(ctx, key, l, peer)
+	if err != nil {
+		return nil, err
+	}
+	pl.mu.Lock()
+	defer pl.mu.Unlock()
+	if ok, _ := m.reserve(); !ok {
+		return nil, nil
+	}
+	pl.conns[key] = append(pl.conns[key], m)
+	return m, nil
 }
 
 // remove forgets m, which is gone.

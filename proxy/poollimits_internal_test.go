@@ -91,7 +91,7 @@ func timedProxy(t *testing.T, cfg Config) *Proxy {
 	if p.metrics, err = newMetrics(nil); err != nil {
 		t.Fatal(err)
 	}
-	p.pool = pool{p: p, conns: make(map[poolKey][]*muxConn), dials: make(map[poolKey]*dialCall),
+	p.pool = pool{p: p, conns: make(map[poolKey][]*muxConn),
 		current: make(map[spiffeid.ID]string)}
 	return p
 }

@@ -103,7 +103,7 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		p.dialer.Control = markControl(cfg.Mark)
 	}
-	p.pool = pool{p: p, conns: make(map[poolKey][]*muxConn), dials: make(map[poolKey]*dialCall),
+	p.pool = pool{p: p, conns: make(map[poolKey][]*muxConn),
 		current: make(map[spiffeid.ID]string)}
 	if cfg.offers(TransportH2) {
 		p.h2t = newH2Transport()
