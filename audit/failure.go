@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"time"
+
+	"github.com/cenkalti/backoff/v5"
 )
 
 // A failing volume (Run's doc comment): the writer enters the failed state on a write or
@@ -24,9 +26,9 @@ func (l *Log) rollback() {
 // records that were queued before the failure, then rewrites the pending records. It
 // returns false once the queue is closed and a last attempt has been made.
 func (l *Log) retry() bool {
-	backoff := l.cfg.RetryInterval
+	wait := backoff.ExponentialBackOff{InitialInterval: l.cfg.RetryInterval, Multiplier: 2, MaxInterval: retryMax}
 	for l.failure.Load() != nil {
-		t := time.NewTimer(backoff)
+		t := time.NewTimer(wait.NextBackOff())
 	wait:
 		for {
 			select {
@@ -46,7 +48,6 @@ func (l *Log) retry() bool {
 			}
 		}
 		l.attempt()
-		backoff = min(2*backoff, retryMax)
 	}
 	return true
 }

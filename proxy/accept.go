@@ -7,6 +7,8 @@ import (
 	"log/slog"
 	"net"
 	"time"
+
+	"github.com/cenkalti/backoff/v5"
 )
 
 // Accept backoff after a failed Accept (EMFILE, ENFILE, ENOBUFS, ...): retrying
@@ -25,7 +27,8 @@ const (
 // refusals of its source (dir and transport say which listener it reached):
 // waiting for a slot would make a legitimate peer queue behind a flood.
 func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, dir Direction, transport string, handle func(net.Conn)) error {
-	var backoff time.Duration
+	// No randomisation: one listener's retries need no spreading.
+	wait := backoff.ExponentialBackOff{InitialInterval: acceptBackoffMin, Multiplier: 2, MaxInterval: acceptBackoffMax}
 	for {
 		conn, err := ln.Accept()
 		if err != nil {
@@ -35,12 +38,12 @@ func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, dir Direction, 
 			if errors.Is(err, net.ErrClosed) {
 				return fmt.Errorf("proxy: accept %s: %w", ln.Addr(), err)
 			}
-			backoff = min(max(2*backoff, acceptBackoffMin), acceptBackoffMax)
+			delay := wait.NextBackOff()
 			p.cfg.Logger.LogAttrs(ctx, slog.LevelWarn, "accept failed, backing off",
 				slog.String(keyListen, ln.Addr().String()),
-				slog.Duration(keyBackoff, backoff),
+				slog.Duration(keyBackoff, delay),
 				slog.Any(keyErr, err))
-			t := time.NewTimer(backoff)
+			t := time.NewTimer(delay)
 			select {
 			case <-ctx.Done():
 				t.Stop()
@@ -49,7 +52,7 @@ func (p *Proxy) acceptLoop(ctx context.Context, ln net.Listener, dir Direction, 
 			}
 			continue
 		}
-		backoff = 0
+		wait.Reset()
 		if !p.limit.TryAcquire() {
 			p.refuseEarly(dir, conn.RemoteAddr().String(), transport, ReasonMaxConnections)
 			_ = conn.Close()

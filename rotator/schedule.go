@@ -3,6 +3,8 @@ package rotator
 import (
 	"time"
 
+	"github.com/cenkalti/backoff/v5"
+
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -24,10 +26,15 @@ func RenewAt(notBefore, notAfter time.Time, p policy.Rotation, jitter float64) t
 // Backoff returns the wait before retry number attempt (1 for the first retry): capped
 // exponential growth from p.RetryMin to p.RetryMax with full jitter, u in [0, 1).
 // p must have its defaults applied.
+//
+// The library's exponential backoff gives the ceiling; its own randomisation stays off
+// because it is not full jitter (a factor r spreads the wait over [1-r, 1+r] times the
+// ceiling, so past RetryMax) and it draws from the global source, not from u.
 func Backoff(attempt int, p policy.Rotation, u float64) time.Duration {
-	ceiling := p.RetryMin
+	b := backoff.ExponentialBackOff{InitialInterval: p.RetryMin, Multiplier: 2, MaxInterval: p.RetryMax}
+	ceiling := b.NextBackOff()
 	for i := 1; i < attempt && ceiling < p.RetryMax; i++ {
-		ceiling *= 2
+		ceiling = b.NextBackOff()
 	}
 	ceiling = min(ceiling, p.RetryMax)
 	return time.Duration(u * float64(ceiling))

@@ -57,6 +57,17 @@ func TestRenewAtBounds(t *testing.T) {
 	}
 }
 
+// TestBackoffMinAboveMax: a RetryMin over RetryMax waits RetryMax from the first retry.
+func TestBackoffMinAboveMax(t *testing.T) {
+	t.Parallel()
+	p := policy.Rotation{RetryMin: time.Minute, RetryMax: 10 * time.Second}.WithDefaults()
+	for _, attempt := range []int{1, 2, 7} {
+		if got := Backoff(attempt, p, 1); got != 10*time.Second {
+			t.Fatalf("Backoff(%d) = %v, want RetryMax 10s", attempt, got)
+		}
+	}
+}
+
 func TestBackoff(t *testing.T) {
 	t.Parallel()
 	p := policy.Rotation{RetryMin: time.Second, RetryMax: 30 * time.Second}.WithDefaults()
@@ -73,6 +84,8 @@ func TestBackoff(t *testing.T) {
 		{name: "capped", attempt: 10, u: 1, want: 30 * time.Second},
 		{name: "huge attempt stays capped", attempt: 1 << 20, u: 1, want: 30 * time.Second},
 		{name: "attempt zero is treated as first", attempt: 0, u: 1, want: time.Second},
+		{name: "cap reached between doublings", attempt: 6, u: 1, want: 30 * time.Second},
+		{name: "last doubling under the cap", attempt: 5, u: 1, want: 16 * time.Second},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
