@@ -7,9 +7,10 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"strconv"
 	"strings"
+
+	"golang.org/x/net/http/httpguts"
 )
 
 // HTTP/1.1 proxying as the explicit listener speaks it (RFC 9110, 9112):
@@ -54,42 +55,47 @@ func (r httpRequest) authority() string {
 var hopByHop = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Upgrade"}
 
 // readHTTPRequest reads one request head (request line and headers, at most
-// maxRequestHead bytes) and leaves anything after it (a body, a pipelined
-// TLS ClientHello) in r. A *requestError carries the HTTP response for a
-// malformed (400) or unusable (405) request; I/O errors come back as they
-// are, io.ErrUnexpectedEOF for a head cut short.
+// maxRequestHead bytes) with http.ReadRequest and leaves anything after it (a
+// body, a pipelined TLS ClientHello) in r. A *requestError carries the HTTP
+// response for a malformed (400) or unusable (405) request; I/O errors come
+// back as they are, io.ErrUnexpectedEOF for a head cut short.
 //
 // Message framing is checked strictly because the body is passed through
 // unparsed: Content-Length and Transfer-Encoding together, conflicting
 // Content-Lengths or a Transfer-Encoding other than chunked are refused, so
 // the destination sees the request exactly as the client framed it.
 func readHTTPRequest(r *bufio.Reader) (httpRequest, error) {
-	budget := maxRequestHead
-	line, err := readLine(r, &budget)
-	for err == nil && len(line) == 0 { // RFC 9112 2.2: ignore leading empty lines
-		line, err = readLine(r, &budget)
+	hr := &headReader{r: r, left: maxRequestHead}
+	// headReader hands over whole lines and nothing past the head, so what
+	// follows the head stays in r.
+	hreq, err := http.ReadRequest(bufio.NewReaderSize(hr, 512))
+	// The reader's refusal, whatever the parser made of it: textproto
+	// drops an error met while peeking for a continuation line.
+	if re, ok := errors.AsType[*requestError](hr.err); ok {
+		return httpRequest{}, re
 	}
 	if err != nil {
-		return httpRequest{}, err
+		if hr.err != nil && errors.Is(err, hr.err) {
+			return httpRequest{}, hr.err
+		}
+		return httpRequest{}, httpError(http.StatusBadRequest, ReasonBadRequest, fmt.Errorf("%w: %w", ErrBadRequest, err))
 	}
-	method, target, version, err := parseRequestLine(line)
-	if err != nil {
-		return httpRequest{}, err
+	method, target := hreq.Method, hreq.RequestURI
+	if hreq.Proto != "HTTP/1.1" && hreq.Proto != "HTTP/1.0" {
+		return httpRequest{}, httpError(http.StatusBadRequest, ReasonBadRequest,
+			fmt.Errorf("%w: version %q", ErrBadRequest, hreq.Proto))
 	}
-	var fields []headerField
-	for {
-		line, err := readLine(r, &budget)
-		if err != nil {
-			return httpRequest{}, unexpectedEOF(err)
+	for name := range hreq.Header {
+		// net/http keeps a name with a space before the colon (RFC 9112
+		// 5.1 forbids it).
+		if !httpguts.ValidHeaderFieldName(name) {
+			return httpRequest{}, httpError(http.StatusBadRequest, ReasonBadRequest,
+				fmt.Errorf("%w: header name %q", ErrBadRequest, name))
 		}
-		if len(line) == 0 {
-			break
-		}
-		f, err := parseHeaderField(line)
-		if err != nil {
-			return httpRequest{}, err
-		}
-		fields = append(fields, f)
+	}
+	if !isVisible(target) {
+		return httpRequest{}, httpError(http.StatusBadRequest, ReasonBadRequest,
+			fmt.Errorf("%w: request target %q", ErrBadRequest, target))
 	}
 
 	req := httpRequest{method: method, connect: method == http.MethodConnect}
@@ -117,6 +123,8 @@ func readHTTPRequest(r *bufio.Reader) (httpRequest, error) {
 		return httpRequest{}, httpError(http.StatusBadRequest, ReasonBadRequest,
 			fmt.Errorf("%w: target %q is not an http:// URI (use CONNECT for anything else)", ErrBadRequest, target))
 	}
+	// The target's own split, not hreq.URL: net/http keeps a fragment in
+	// the query of a request URI and accepts an unbracketed IPv6 host.
 	rest := target[len("http://"):]
 	end := strings.IndexAny(rest, "/?#")
 	if end < 0 {
@@ -125,10 +133,6 @@ func readHTTPRequest(r *bufio.Reader) (httpRequest, error) {
 	authority, path := rest[:end], rest[end:]
 	if path, _, _ = strings.Cut(path, "#"); path == "" || path[0] == '?' {
 		path = "/" + path
-	}
-	if _, err := url.ParseRequestURI(path); err != nil {
-		return httpRequest{}, httpError(http.StatusBadRequest, ReasonBadRequest,
-			fmt.Errorf("%w: request path %q: %w", ErrBadRequest, path, err))
 	}
 	host, port, bracketed, err := splitAuthority(authority)
 	if port == "" {
@@ -140,87 +144,91 @@ func readHTTPRequest(r *bufio.Reader) (httpRequest, error) {
 	if err != nil {
 		return httpRequest{}, httpError(http.StatusBadRequest, ReasonBadRequest, err)
 	}
-	if err := checkFraming(fields, version); err != nil {
+	if err := hr.checkFraming(hreq); err != nil {
 		return httpRequest{}, httpError(http.StatusBadRequest, ReasonBadRequest, err)
 	}
-	req.head = rewriteHead(method, path, version, req.authority(), fields)
+	req.head = rewriteHead(hreq, path, req.authority())
 	return req, nil
 }
 
-// readLine reads one line of the head, charging it to budget, without the
-// line ending (CRLF, or a bare LF as RFC 9112 2.2 allows).
-func readLine(r *bufio.Reader, budget *int) ([]byte, error) {
+// headReader feeds http.ReadRequest one whole line of the head per Read,
+// charging it to the maxRequestHead budget, so that the parser's buffer never
+// holds what follows the head. It also does what net/http leaves to a server:
+// skip the empty lines before the request line (RFC 9112 2.2), refuse obs-fold
+// (5.2), which net/http would join, and note the framing headers, which
+// net/http takes out of the header it returns.
+type headReader struct {
+	r       *bufio.Reader
+	left    int    // budget
+	pending []byte // the line being handed over
+	started bool   // the request line was read
+	err     error  // the I/O error handed over, sticky
+	// length and chunked: the head has a Content-Length, a Transfer-Encoding.
+	length, chunked bool
+}
+
+func (h *headReader) Read(p []byte) (int, error) {
+	for len(h.pending) == 0 {
+		if h.err != nil {
+			return 0, h.err
+		}
+		line, err := h.readLine()
+		if err != nil {
+			h.err = err
+			return 0, err
+		}
+		switch {
+		case !h.started && (string(line) == "\n" || string(line) == "\r\n"):
+			continue
+		case h.started && (line[0] == ' ' || line[0] == '\t'):
+			h.err = httpError(http.StatusBadRequest, ReasonBadRequest,
+				fmt.Errorf("%w: folded header line %q", ErrBadRequest, line))
+			return 0, h.err
+		}
+		h.started = true
+		h.length = h.length || hasPrefixFold(string(line), "Content-Length:")
+		h.chunked = h.chunked || hasPrefixFold(string(line), "Transfer-Encoding:")
+		h.pending = line
+	}
+	n := copy(p, h.pending)
+	h.pending = h.pending[n:]
+	return n, nil
+}
+
+// readLine reads one line with its ending, charging it to the budget. A line
+// cut short by the end of input is io.ErrUnexpectedEOF, and so is the end of
+// input once the request line was read.
+func (h *headReader) readLine() ([]byte, error) {
 	var line []byte
 	for {
-		frag, err := r.ReadSlice('\n')
-		if len(frag) > *budget {
+		frag, err := h.r.ReadSlice('\n')
+		if len(frag) > h.left {
 			return nil, httpError(http.StatusBadRequest, ReasonBadRequest,
 				fmt.Errorf("%w: request head over %d bytes", ErrBadRequest, maxRequestHead))
 		}
-		*budget -= len(frag)
+		h.left -= len(frag)
 		line = append(line, frag...)
-		if err == nil {
-			break
+		switch {
+		case err == nil:
+			return line, nil
+		case errors.Is(err, bufio.ErrBufferFull):
+			continue
+		case len(line) > 0 || h.started:
+			err = unexpectedEOF(err)
 		}
-		if !errors.Is(err, bufio.ErrBufferFull) {
-			if len(line) > 0 {
-				return nil, unexpectedEOF(err)
-			}
-			return nil, err
-		}
+		return nil, err
 	}
-	line = line[:len(line)-1]
-	return bytes.TrimSuffix(line, []byte("\r")), nil
-}
-
-// parseRequestLine splits "METHOD SP target SP HTTP/1.x".
-func parseRequestLine(line []byte) (method, target, version string, err error) {
-	parts := strings.Split(string(line), " ")
-	if len(parts) != 3 || !isToken(parts[0]) || parts[1] == "" || !isVisible(parts[1]) {
-		return "", "", "", httpError(http.StatusBadRequest, ReasonBadRequest,
-			fmt.Errorf("%w: request line %q", ErrBadRequest, line))
-	}
-	if parts[2] != "HTTP/1.1" && parts[2] != "HTTP/1.0" {
-		return "", "", "", httpError(http.StatusBadRequest, ReasonBadRequest,
-			fmt.Errorf("%w: version %q", ErrBadRequest, parts[2]))
-	}
-	return parts[0], parts[1], parts[2], nil
-}
-
-// headerField is one header line, name and value as the client sent them
-// (the value without surrounding whitespace).
-type headerField struct{ name, value string }
-
-func parseHeaderField(line []byte) (headerField, error) {
-	name, value, ok := strings.Cut(string(line), ":")
-	// No whitespace before the colon (RFC 9112 5.1), no obs-fold (5.2), no
-	// control characters but HTAB in the value.
-	if !ok || !isToken(name) || !isFieldValue(value) {
-		return headerField{}, httpError(http.StatusBadRequest, ReasonBadRequest,
-			fmt.Errorf("%w: header line %q", ErrBadRequest, line))
-	}
-	return headerField{name: name, value: strings.Trim(value, " \t")}, nil
 }
 
 // checkFraming refuses bodies whose length client and destination could
-// read differently.
-func checkFraming(fields []headerField, version string) error {
-	var length, te string
-	for _, f := range fields {
-		switch {
-		case strings.EqualFold(f.name, "Content-Length"):
-			if _, err := strconv.ParseUint(f.value, 10, 63); err != nil || (length != "" && length != f.value) {
-				return fmt.Errorf("%w: Content-Length %q", ErrBadRequest, f.value)
-			}
-			length = f.value
-		case strings.EqualFold(f.name, "Transfer-Encoding"):
-			if te != "" || !strings.EqualFold(f.value, "chunked") || version != "HTTP/1.1" {
-				return fmt.Errorf("%w: Transfer-Encoding %q", ErrBadRequest, f.value)
-			}
-			te = f.value
-		}
-	}
-	if length != "" && te != "" {
+// read differently. net/http has refused conflicting Content-Lengths and
+// any Transfer-Encoding but chunked in HTTP/1.1; it ignores one in HTTP/1.0
+// and drops Content-Length beside chunked.
+func (h *headReader) checkFraming(req *http.Request) error {
+	switch {
+	case h.chunked && req.Proto != "HTTP/1.1":
+		return fmt.Errorf("%w: Transfer-Encoding in %s", ErrBadRequest, req.Proto)
+	case h.chunked && h.length:
 		return fmt.Errorf("%w: both Content-Length and Transfer-Encoding", ErrBadRequest)
 	}
 	return nil
@@ -228,32 +236,32 @@ func checkFraming(fields []headerField, version string) error {
 
 // rewriteHead builds the request to forward: origin form, Host from the URI
 // (RFC 9112 3.2.2: a proxy replaces the client's), the client's other
-// headers in order minus hop-by-hop ones and those its Connection header
-// names, and "Connection: close".
-func rewriteHead(method, path, version, authority string, fields []headerField) []byte {
-	drop := map[string]bool{"host": true}
+// headers minus hop-by-hop ones and those its Connection header names, and
+// "Connection: close". The headers go in net/http's order (sorted names).
+func rewriteHead(req *http.Request, path, authority string) []byte {
+	drop := map[string]bool{"Host": true}
 	for _, h := range hopByHop {
-		drop[strings.ToLower(h)] = true
+		drop[http.CanonicalHeaderKey(h)] = true
 	}
-	for _, f := range fields {
-		if strings.EqualFold(f.name, "Connection") {
-			for opt := range strings.SplitSeq(f.value, ",") {
-				drop[strings.ToLower(strings.Trim(opt, " \t"))] = true
-			}
+	for _, v := range req.Header.Values("Connection") {
+		for opt := range strings.SplitSeq(v, ",") {
+			drop[http.CanonicalHeaderKey(strings.Trim(opt, " \t"))] = true
 		}
 	}
 	// A Connection header cannot take away the message's framing.
-	delete(drop, "content-length")
-	delete(drop, "transfer-encoding")
-
-	b := make([]byte, 0, 256)
-	b = fmt.Appendf(b, "%s %s %s\r\nHost: %s\r\n", method, path, version, authority)
-	for _, f := range fields {
-		if !drop[strings.ToLower(f.name)] {
-			b = fmt.Appendf(b, "%s: %s\r\n", f.name, f.value)
-		}
+	delete(drop, "Content-Length")
+	delete(drop, "Transfer-Encoding")
+	header := req.Header
+	if len(req.TransferEncoding) > 0 {
+		// net/http moved it out of the header.
+		header = header.Clone()
+		header["Transfer-Encoding"] = req.TransferEncoding
 	}
-	return append(b, "Connection: close\r\n\r\n"...)
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "%s %s %s\r\nHost: %s\r\n", req.Method, path, req.Proto, authority)
+	_ = header.WriteSubset(&b, drop) // a bytes.Buffer does not fail
+	b.WriteString("Connection: close\r\n\r\n")
+	return b.Bytes()
 }
 
 // httpError is a refusal with its complete HTTP response.
@@ -343,35 +351,10 @@ func joinHostPort(host string, port uint16) string {
 	return host + ":" + strconv.Itoa(int(port))
 }
 
-// isToken reports whether s is an RFC 9110 token (methods, header names).
-func isToken(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := range len(s) {
-		c := s[i]
-		if c <= ' ' || c >= 0x7f || strings.IndexByte(`"(),/:;<=>?@[\]{}`, c) >= 0 {
-			return false
-		}
-	}
-	return true
-}
-
 // isVisible reports whether s has only visible ASCII (a request target).
 func isVisible(s string) bool {
 	for i := range len(s) {
 		if s[i] <= ' ' || s[i] >= 0x7f {
-			return false
-		}
-	}
-	return true
-}
-
-// isFieldValue reports whether s may be a header value: no control
-// characters other than HTAB (so no CR, LF or NUL); obs-text is allowed.
-func isFieldValue(s string) bool {
-	for i := range len(s) {
-		if c := s[i]; (c < ' ' && c != '\t') || c == 0x7f {
 			return false
 		}
 	}

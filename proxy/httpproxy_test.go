@@ -53,7 +53,7 @@ func TestReadHTTPRequest(t *testing.T) {
 			name:     "absolute_get",
 			in:       "GET http://example.com:8080/a/b?c=d HTTP/1.1\r\nHost: example.com:8080\r\nUser-Agent: curl/8\r\nProxy-Connection: Keep-Alive\r\nAccept: */*\r\n\r\n",
 			want:     httpRequest{method: "GET", host: "example.com", port: 8080},
-			wantHead: "GET /a/b?c=d HTTP/1.1\r\nHost: example.com:8080\r\nUser-Agent: curl/8\r\nAccept: */*\r\nConnection: close\r\n\r\n",
+			wantHead: "GET /a/b?c=d HTTP/1.1\r\nHost: example.com:8080\r\nAccept: */*\r\nUser-Agent: curl/8\r\nConnection: close\r\n\r\n",
 		},
 		{
 			name:     "absolute_default_port_no_path_upper_scheme",
@@ -104,6 +104,9 @@ func TestReadHTTPRequest(t *testing.T) {
 		{name: "empty_host", in: "GET http:///x HTTP/1.1\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
 		{name: "bad_path_escape", in: "GET http://example.com/%zz HTTP/1.1\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
 		{name: "http2_preface", in: "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
+		{name: "http12", in: "GET http://example.com/ HTTP/1.2\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
+		{name: "obs_fold_after_request_line", in: "GET http://example.com/ HTTP/1.1\r\n X-A: b\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
+		{name: "gzip_http10", in: "POST http://example.com/ HTTP/1.0\r\nTransfer-Encoding: gzip\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
 		{name: "http09", in: "GET http://example.com/\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
 		{name: "double_space", in: "GET  http://example.com/ HTTP/1.1\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
 		{name: "bad_method_token", in: "G(T http://example.com/ HTTP/1.1\r\n\r\n", wantReason: ReasonBadRequest, wantReply: resp400},
