@@ -55,17 +55,7 @@ func TestNetlinkSocketGetMapped(t *testing.T) {
 		t.Skipf("no dual-stack listener: %v", err)
 	}
 	defer ln.Close()
-	port := ln.Addr().(*net.TCPAddr).Port
-	c, err := net.Dial("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	s, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer s.Close()
+	_, s := connect(t, ln, net.JoinHostPort("127.0.0.1", strconv.Itoa(ln.Addr().(*net.TCPAddr).Port)))
 	local, remote := ends(s)
 	if _, err := UID(local, remote); err != nil {
 		t.Fatalf("UID(%v, %v): %v", local, remote, err)
