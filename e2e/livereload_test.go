@@ -106,4 +106,3 @@ func addRoute(t *testing.T, p *meshProxy, r route, trigger string) time.Time {
 	}
 	return written
 }
-
