@@ -76,6 +76,15 @@ func TestLiveReload(t *testing.T) {
 	awaitRecord(t, b, map[string]string{"type": "authorization", "result": "denied", "src_id": idC}, 30*time.Second)
 	awaitMetric(t, b, "agentmesh_proxy_authz_denied_total", func(v float64) bool { return v > deniedBefore }, 30*time.Second, `direction="inbound"`)
 
+	// Every route's load has carried requests across both changes before it stops.
+	waitFor(t, 30*time.Second, "a request on every route after the changes", func() error {
+		for key, r := range load.results() {
+			if r.ok == 0 {
+				return fmt.Errorf("%s: none yet", key)
+			}
+		}
+		return nil
+	})
 	load.stop()
 	for key, r := range load.results() {
 		t.Logf("%s: %d requests, %d failed", key, r.ok+r.failed, r.failed)
