@@ -19,10 +19,32 @@ import (
 // included), tunnel headers and streams see a SetPolicy at once; SetPolicy
 // then closes what is already open and no longer allowed.
 
-// authzState is the policy in force and its version.
+// authzState is the policy in force and its version, and the Services in
+// force: one value, so that a decision reads both from one load.
 type authzState struct {
-	policy  *policy.Authz // nil: Services only, outbound unrestricted
-	version uint64        // 1 for Config.Policy, one more per SetPolicy
+	policy   *policy.Authz // nil: Services only, outbound unrestricted
+	version  uint64        // 1 for Config.Policy, one more per SetPolicy
+	services *serviceSet
+	gen      uint64 // one more per SetPolicy or SetServices: what a connection was decided under
+}
+
+// serviceSet is the inbound Services as the decisions read them.
+type serviceSet struct {
+	ports    map[uint16]map[spiffeid.ID]struct{} // port -> allowed peers
+	anywhere map[spiffeid.ID]struct{}            // union of every Allow
+}
+
+func newServiceSet(services []Service) *serviceSet {
+	s := &serviceSet{ports: make(map[uint16]map[spiffeid.ID]struct{}, len(services)), anywhere: make(map[spiffeid.ID]struct{})}
+	for _, svc := range services {
+		allow := make(map[spiffeid.ID]struct{}, len(svc.Allow))
+		for _, id := range svc.Allow {
+			allow[id] = struct{}{}
+			s.anywhere[id] = struct{}{}
+		}
+		s.ports[svc.Port] = allow
+	}
+	return s
 }
 
 // defaultRule names the decision when no rule allowed (policy.Decision.Name
@@ -33,7 +55,8 @@ const defaultRule = "default"
 type verdict struct {
 	allow   bool
 	rule    string // the deciding rule's name; defaultRule when nothing allowed
-	version uint64 // of the policy that decided
+	version uint64 // of the policy that decided, for the audit record
+	gen     uint64 // of the authorization state that decided (tunnelConn.authzVersion)
 	reason  string // the refusal reason, when not allowed
 	err     error  // the refusal, when not allowed
 }
@@ -41,7 +64,7 @@ type verdict struct {
 // admits reports whether some Service or the policy of st allows peer
 // somewhere: the handshake-time check, before the port is known.
 func (p *Proxy) admits(st *authzState, peer spiffeid.ID) bool {
-	if _, ok := p.allowedAnywhere[peer]; ok {
+	if _, ok := st.services.anywhere[peer]; ok {
 		return true
 	}
 	return st.policy != nil && st.policy.InboundFrom(peer)
@@ -56,7 +79,7 @@ func (p *Proxy) admits(st *authzState, peer spiffeid.ID) bool {
 // address outside the mesh unless the policy has outbound rules that do
 // not allow it (policy.Authz.Passthrough).
 func (p *Proxy) decide(st *authzState, ci ConnInfo) verdict {
-	v := verdict{allow: true, rule: defaultRule, version: st.version}
+	v := verdict{allow: true, rule: defaultRule, version: st.version, gen: st.gen}
 	if ci.Direction == Outbound && ci.Transport == transportTCP {
 		if st.policy == nil || !st.policy.Restricted() {
 			return v
@@ -86,7 +109,7 @@ func (p *Proxy) decide(st *authzState, ci ConnInfo) verdict {
 		}
 		return v
 	}
-	allow, service := p.services[ci.Port]
+	allow, service := st.services.ports[ci.Port]
 	if _, ok := allow[ci.PeerID]; ok {
 		return v
 	}
@@ -123,7 +146,7 @@ func dstOf(ci ConnInfo) spiffeid.ID {
 // authorize decides a connection being set up by the policy in force. A
 // refusal is counted and audited (audit.Authorization, result denied); the
 // caller refuses with v.reason and records the setup as usual. The
-// returned verdict's version is what the connection was decided under
+// returned verdict's gen is what the connection was decided under
 // (tunnelConn.authzVersion).
 func (p *Proxy) authorize(ctx context.Context, ci ConnInfo) verdict {
 	v := p.decide(p.authz.Load(), ci)
@@ -205,12 +228,46 @@ func (p *Proxy) auditAuthz(ctx context.Context, ci ConnInfo, result string, v ve
 // it registers, so none slips between the two.
 func (p *Proxy) SetPolicy(a *policy.Authz) (version uint64, closed int) {
 	p.authzMu.Lock()
-	version = p.authz.Load().version + 1
-	p.authz.Store(&authzState{policy: a, version: version})
+	cur := p.authz.Load()
+	version = cur.version + 1
+	p.authz.Store(&authzState{policy: a, version: version, services: cur.services, gen: cur.gen + 1})
 	p.authzMu.Unlock()
+	closed = p.enforce()
+	p.cfg.Logger.LogAttrs(context.Background(), slog.LevelInfo, "authorization policy applied",
+		slog.Uint64(keyVersion, version), slog.Int(keyClosed, closed))
+	return version, closed
+}
 
-	// The latest policy, which is a concurrent call's if it stored after
-	// this one: a walk never enforces a policy that has been replaced.
+// SetServices makes services the inbound Services in force, validated as
+// Config.Services are by New (an invalid set changes nothing and returns an
+// error wrapping ErrInvalidConfig), and returns how many live connections it
+// closed. In force means what it means for SetPolicy: new handshakes (resumed
+// ones included, which VerifyConnection checks again), tunnel headers and
+// streams are decided by the new allow lists at once, and every established
+// connection no longer allowed is closed, audited and recorded as SetPolicy
+// closes one. Safe for concurrent use.
+func (p *Proxy) SetServices(services []Service) (closed int, err error) {
+	next := p.cfg
+	next.Services = services
+	if err := next.validate(); err != nil {
+		return 0, err
+	}
+	set := newServiceSet(services)
+	p.authzMu.Lock()
+	cur := p.authz.Load()
+	p.authz.Store(&authzState{policy: cur.policy, version: cur.version, services: set, gen: cur.gen + 1})
+	p.authzMu.Unlock()
+	closed = p.enforce()
+	p.cfg.Logger.LogAttrs(context.Background(), slog.LevelInfo, "services applied",
+		slog.Int(keyServices, len(services)), slog.Int(keyClosed, closed))
+	return closed, nil
+}
+
+// enforce closes every established connection the authorization state in
+// force no longer allows and returns how many it closed.
+func (p *Proxy) enforce() (closed int) {
+	// The latest state, which is a concurrent call's if it stored after
+	// this one: a walk never enforces a state that has been replaced.
 	st := p.authz.Load()
 	type victim struct {
 		c *tunnelConn
@@ -241,9 +298,7 @@ func (p *Proxy) SetPolicy(a *policy.Authz) (version uint64, closed int) {
 	for _, m := range muxes {
 		m.close(false)
 	}
-	p.cfg.Logger.LogAttrs(ctx, slog.LevelInfo, "authorization policy applied",
-		slog.Uint64(keyVersion, version), slog.Int(keyClosed, closed))
-	return version, closed
+	return closed
 }
 
 // revokeByPolicy closes c, which the policy of v no longer allows, and
@@ -257,10 +312,11 @@ func (p *Proxy) revokeByPolicy(ctx context.Context, c *tunnelConn, v verdict) bo
 }
 
 // recheckPolicy closes c, just registered, if it was decided under a policy
-// that has been replaced since and the one in force does not allow it.
+// or Services that have been replaced since and those in force do not allow
+// it.
 func (p *Proxy) recheckPolicy(ctx context.Context, c *tunnelConn) {
 	st := p.authz.Load()
-	if st.version == c.authzVersion {
+	if st.gen == c.authzVersion {
 		return
 	}
 	if v := p.decide(st, c.info); !v.allow {

@@ -169,7 +169,7 @@ func (p *Proxy) passthrough(ctx context.Context, o *outbound, dst netip.AddrPort
 		p.conclude(ctx, o, v.reason, v.err)
 		return
 	}
-	o.c.authzVersion = v.version
+	o.c.authzVersion = v.gen
 	if err := p.auditErr(); err != nil {
 		p.conclude(ctx, o, ReasonAuditUnavailable, err)
 		return

@@ -32,7 +32,10 @@
 // outbound which local identity may call which remote agent or proxy, and
 // inbound which peers may reach which local ports and agents, alongside the
 // Services; a new policy applies to new handshakes, resumed ones and streams
-// at once and closes the live connections it no longer allows.
+// at once and closes the live connections it no longer allows. SetServices
+// replaces the Services the same way, and SetRoutes the routes: new ones
+// listen at once, unchanged ones keep their listeners and connections, and a
+// removed one's connections are drained after a grace (SetDrainGrace).
 //
 // It enforces revocation but does not fetch it: SetDenyList takes each new
 // deny-list (the directory client verifies and feeds it), refuses denied

@@ -116,7 +116,7 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 		p.refuse(ctx, c, s, statusNotAllowed, v.reason, v.err)
 		return
 	}
-	c.authzVersion = v.version
+	c.authzVersion = v.gen
 
 	target := c.info.Target
 	local, err := p.dialer.DialContext(ctx, "tcp", target)

@@ -11,10 +11,16 @@ import (
 )
 
 // serveRoute carries one agent connection from a Route's listener to the
-// route's peer proxy.
+// route's peer proxy. The route tracks it, so that SetRoutes can drain it.
 func (p *Proxy) serveRoute(ctx context.Context, agent net.Conn, r *route) {
 	o, stop := p.newOutbound(ctx, agent, modeRoute)
 	defer stop()
+	if !r.track(o.c) {
+		// Accepted before the route went and handled only after its
+		// grace: drained like the others.
+		o.c.drain()
+	}
+	defer r.untrack(o.c)
 	if !p.attribute(ctx, o, addrPortOf(agent.LocalAddr())) {
 		return
 	}
@@ -37,7 +43,7 @@ func (p *Proxy) tunnel(ctx context.Context, o *outbound, peer Peer, transport st
 		p.conclude(ctx, o, v.reason, v.err)
 		return
 	}
-	o.c.authzVersion = v.version
+	o.c.authzVersion = v.gen
 	switch transport {
 	case TransportH2, TransportQUIC:
 		p.tunnelPooled(ctx, o, peer, transport, port)

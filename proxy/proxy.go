@@ -14,6 +14,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/net/http2"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/agentmesh/agentmesh/policy"
 )
 
 // Proxy carries agent connections through mTLS tunnels: outbound from its
@@ -53,16 +55,14 @@ type Proxy struct {
 	outboundLn net.Listener // nil when transparent capture is off
 	explicitLn net.Listener // nil when explicit capture is off
 	strictLn   net.Listener // nil when strict mode is off
-	routes     []*route
+	routes     routeSet
+	grace      atomic.Int64     // SetDrainGrace: a removed route's connections' grace
 	self       []netip.AddrPort // tunnel, outbound and explicit listeners: loop detection
 
 	// outboundAlt is the other family's loopback at outboundLn's port,
 	// when Outbound is a loopback address (listenOtherLoopback).
 	outboundAlt net.Listener
 	hostAddrs   hostAddrSet // this host's addresses: who capture carries
-
-	services        map[uint16]map[spiffeid.ID]struct{} // port -> allowed peers
-	allowedAnywhere map[spiffeid.ID]struct{}            // union of every Allow
 
 	registry  registry
 	pool      pool             // outbound pooled connections (h2, quic)
@@ -71,12 +71,6 @@ type Proxy struct {
 	started   atomic.Bool
 	closeOnce sync.Once
 	closeErr  error // set once by closeListeners
-}
-
-// route is a Route with its listener.
-type route struct {
-	Route
-	ln net.Listener
 }
 
 // New validates cfg, binds the tunnel, capture and route listeners (so port
@@ -89,14 +83,13 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, err
 	}
 	p := &Proxy{
-		cfg:             cfg,
-		limit:           newLimiter(cfg.MaxConnections),
-		handshakes:      newLimiter(cfg.MaxHandshakes),
-		refusals:        newRefusals(cfg.RefusalSources),
-		dialer:          net.Dialer{Timeout: cfg.DialTimeout},
-		services:        make(map[uint16]map[spiffeid.ID]struct{}, len(cfg.Services)),
-		allowedAnywhere: make(map[spiffeid.ID]struct{}),
+		cfg:        cfg,
+		limit:      newLimiter(cfg.MaxConnections),
+		handshakes: newLimiter(cfg.MaxHandshakes),
+		refusals:   newRefusals(cfg.RefusalSources),
+		dialer:     net.Dialer{Timeout: cfg.DialTimeout},
 	}
+	p.grace.Store(int64(policy.DefaultDrainGrace))
 	if cfg.Mark != 0 {
 		if err := checkMark(cfg.Mark); err != nil {
 			return nil, fmt.Errorf("proxy: %w", err)
@@ -112,16 +105,8 @@ func New(cfg Config) (*Proxy, error) {
 		b := make([]byte, spliceBufferSize)
 		return &b
 	}
-	for _, s := range cfg.Services {
-		allow := make(map[spiffeid.ID]struct{}, len(s.Allow))
-		for _, id := range s.Allow {
-			allow[id] = struct{}{}
-			p.allowedAnywhere[id] = struct{}{}
-		}
-		p.services[s.Port] = allow
-	}
 	p.noSVIDTLS = p.noSVIDTLSConfig()
-	p.authz.Store(&authzState{policy: cfg.Policy, version: 1})
+	p.authz.Store(&authzState{policy: cfg.Policy, version: 1, services: newServiceSet(cfg.Services), gen: 1})
 
 	var err error
 	// Before any listener: the random source is the only thing that can
@@ -170,12 +155,12 @@ func New(cfg Config) (*Proxy, error) {
 		}
 	}
 	for _, r := range cfg.Routes {
-		ln, lerr := net.Listen("tcp", r.Listen)
+		l, lerr := listenRoute(r)
 		if lerr != nil {
 			_ = p.closeListeners()
-			return nil, fmt.Errorf("proxy: listen route %s: %w", r.Listen, lerr)
+			return nil, lerr
 		}
-		p.routes = append(p.routes, &route{Route: r, ln: ln})
+		p.routes.list = append(p.routes.list, l)
 	}
 	// Metrics last: a failed New must not leave collectors registered.
 	if p.metrics, err = newMetrics(cfg.Registerer); err != nil {
@@ -209,9 +194,6 @@ func listenerAddr(ln net.Listener) net.Addr {
 	}
 	return ln.Addr()
 }
-
-// RouteAddr returns the listening address of Config.Routes[i].
-func (p *Proxy) RouteAddr(i int) net.Addr { return p.routes[i].ln.Addr() }
 
 // Ready reports whether the proxy can complete handshakes: nil when
 // Credentials has a valid SVID that the deny-list in force does not deny,
@@ -313,11 +295,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 			return p.acceptLoop(gctx, p.strictLn, Inbound, transportNone, func(c net.Conn) { p.serveStrict(gctx, c) })
 		})
 	}
-	for _, r := range p.routes {
-		g.Go(func() error {
-			return p.acceptLoop(gctx, r.ln, Outbound, transportNone, func(c net.Conn) { p.serveRoute(gctx, c, r) })
-		})
-	}
+	p.startRoutes(gctx, g)
 	err := g.Wait()
 	// Handlers watch gctx, which is done once Wait returns: they close their
 	// sockets and exit. reap has closed every pooled connection, which ends
@@ -342,9 +320,7 @@ func (p *Proxy) closeListeners() error {
 				errs = append(errs, ln.Close())
 			}
 		}
-		for _, r := range p.routes {
-			errs = append(errs, r.ln.Close())
-		}
+		errs = append(errs, p.closeRoutes()...)
 		if p.quicLn != nil {
 			errs = append(errs, p.quicLn.Close())
 		}

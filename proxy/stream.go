@@ -162,7 +162,7 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 		p.refuseStream(ctx, st, info, statusUnreachable, reason, fmt.Errorf("dial target %s: %w", info.Target, err))
 		return
 	}
-	c := &tunnelConn{p: p, info: info, tunnel: st, local: local, mux: m, authzVersion: v.version}
+	c := &tunnelConn{p: p, info: info, tunnel: st, local: local, mux: m, authzVersion: v.gen}
 	c.attach(st)
 	c.attach(local)
 	stop := context.AfterFunc(ctx, c.abort)

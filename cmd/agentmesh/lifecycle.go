@@ -94,9 +94,10 @@ func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc ca.ClientConfig, logger
 
 // watcher re-reads the configuration file, the CA root file and the policy file on
 // SIGHUP and whenever their content changes. An invalid file is refused with its file,
-// line and field, and what is in force stays. A valid change of the rotation policy
-// applies it, replaces the session-ticket keys (a policy change is a security event) and
-// rotates (trigger config); other settings need a restart, which it says. A changed root
+// line and field, and what is in force stays. Changed routes and services apply at once
+// (applyListeners). A valid change of the rotation policy applies it, replaces the
+// session-ticket keys (a policy change is a security event) and rotates (trigger config);
+// other settings need a restart, which it says. A changed root
 // file becomes the trust bundle; if it drops a CA, every ticket key is replaced too, so
 // no session of that CA resumes. A changed authorization policy applies at once, to new,
 // resumed and live connections alike.
@@ -157,8 +158,10 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 	if reflect.DeepEqual(next, cur) {
 		return
 	}
+	applyListeners(w.px, cur, next, w.logger)
 	other := *next
 	other.Rotation = cur.Rotation
+	other.Routes, other.Services = cur.Routes, cur.Services
 	if !reflect.DeepEqual(&other, cur) {
 		w.logger.Warn("configuration changed beyond rotation: restart the proxy to apply the rest")
 	}
@@ -178,6 +181,29 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 	req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Initiator: initiator, Reason: "configuration changed"}
 	if _, err := w.rotate(ctx, req); err != nil {
 		w.logger.Warn("rotation after the configuration change failed", "err", err)
+	}
+}
+
+// applyListeners makes next's routes and services those in force when they changed;
+// cur keeps what was applied. Established connections a change leaves allowed carry on; a
+// removed route's are drained after the rotation policy's grace.
+func applyListeners(px *proxy.Proxy, cur, next *proxyConfig, logger *slog.Logger) {
+	if !reflect.DeepEqual(next.Routes, cur.Routes) {
+		px.SetDrainGrace(next.Rotation.WithDefaults().DrainGrace)
+		if err := px.SetRoutes(next.Routes); err != nil {
+			logger.Error("routes refused; the ones in force stay", "err", err)
+		} else {
+			cur.Routes = next.Routes
+			logger.Info("routes reloaded", "routes", len(next.Routes))
+		}
+	}
+	if !reflect.DeepEqual(next.Services, cur.Services) {
+		if closed, err := px.SetServices(next.Services); err != nil {
+			logger.Error("services refused; the ones in force stay", "err", err)
+		} else {
+			cur.Services = next.Services
+			logger.Info("services reloaded", "services", len(next.Services), "closed", closed)
+		}
 	}
 }
 
