@@ -90,23 +90,31 @@ IPv6 is captured too (ip6tables) when the host has IPv6 and ip6tables is install
 	return install
 }
 
-// apply checks the ports and prefixes of fl and sets them in cfg.
+// apply checks the ports and prefixes of fl and sets them in cfg; the first bad value
+// is the error.
 func (fl *installFlags) apply(cfg *redirect.Config) error {
 	var err error
-	if cfg.OutboundPort, err = port16("--outbound-port", fl.outbound); err != nil {
-		return err
+	for _, p := range []struct {
+		flag string
+		in   uint
+		out  *uint16
+	}{{"--outbound-port", fl.outbound, &cfg.OutboundPort}, {"--inbound-port", fl.inbound, &cfg.InboundPort}} {
+		if *p.out, err = port16(p.flag, p.in); err != nil {
+			return err
+		}
 	}
-	if cfg.InboundPort, err = port16("--inbound-port", fl.inbound); err != nil {
-		return err
-	}
-	if cfg.StrictPorts, err = ports16("--strict-port", fl.strict); err != nil {
-		return err
-	}
-	if cfg.IncludePorts, err = ports16("--include-port", fl.incl); err != nil {
-		return err
-	}
-	if cfg.ExcludePorts, err = ports16("--exclude-port", fl.excl); err != nil {
-		return err
+	for _, p := range []struct {
+		flag string
+		in   []uint
+		out  *[]uint16
+	}{{"--strict-port", fl.strict, &cfg.StrictPorts}, {"--include-port", fl.incl, &cfg.IncludePorts}, {"--exclude-port", fl.excl, &cfg.ExcludePorts}} {
+		for _, v := range p.in {
+			n, err := port16(p.flag, v)
+			if err != nil {
+				return err
+			}
+			*p.out = append(*p.out, n)
+		}
 	}
 	if cfg.IncludeCIDRs, err = prefixes("--include-cidr", fl.inclCIDR); err != nil {
 		return err
@@ -116,19 +124,6 @@ func (fl *installFlags) apply(cfg *redirect.Config) error {
 	}
 	cfg.ExcludeUIDs, cfg.ExcludeMark = fl.uids, int(fl.mark)
 	return nil
-}
-
-// ports16 checks each port of a repeatable port flag.
-func ports16(flag string, in []uint) ([]uint16, error) {
-	var out []uint16
-	for _, v := range in {
-		n, err := port16(flag, v)
-		if err != nil {
-			return nil, err
-		}
-		out = append(out, n)
-	}
-	return out, nil
 }
 
 func port16(flag string, v uint) (uint16, error) {

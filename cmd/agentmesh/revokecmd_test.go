@@ -16,7 +16,9 @@ import (
 // key that others can read before anything is sent.
 func TestAdminCall(t *testing.T) {
 	t.Parallel()
-	local := func(_ context.Context, state string, req string) (string, error) { return "local " + state + " " + req, nil }
+	local := func(_ context.Context, state string, req string) (string, error) {
+		return "local " + state + " " + req, nil
+	}
 	remote := func(_ context.Context, cfg ca.ClientConfig, _ tls.Certificate, req string) (string, error) {
 		return "remote " + cfg.URL + " " + req, nil
 	}
