@@ -61,6 +61,7 @@ only ca meshapi policy audit hsm
 only rotator policy audit
 only proxy policy audit
 only node proxy rotator meshclient meshapi policy audit hsm
+only internal policy audit hsm
 
 never ca node proxy rotator meshclient
 never rotator ca proxy node
