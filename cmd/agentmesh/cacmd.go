@@ -1,35 +1,23 @@
 package main
 
 import (
-	"context"
-	"errors"
 	"fmt"
-	"log/slog"
-	"net"
-	"net/http"
 	"os"
-	"path/filepath"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"golang.org/x/sync/errgroup"
 
-	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca"
 )
 
 func newCACmd() *cobra.Command {
 	var (
-		cfg         ca.Config
+		cfg         ca.ProcessConfig
 		trustDomain string
 		logLevel    string
 		logFormat   string
-		auditPath   string
-		metricsAddr string
 	)
 	cmd := &cobra.Command{
 		Use:   "ca",
@@ -48,44 +36,14 @@ creates the token, keys, certificates and database in --state; later starts reus
 			if err != nil {
 				return fmt.Errorf("--log-level: %w", err)
 			}
-			logger := newLogger(os.Stderr, level, logFormat)
-			cfg.TrustDomain = td
-			cfg.Logger = logger.With("component", "ca")
-			if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-				return fmt.Errorf("state directory: %w", err)
-			}
-			if auditPath == "" {
-				auditPath = filepath.Join(cfg.StateDir, "audit.log")
-			}
-			auditLog, err := audit.Open(audit.Config{Path: auditPath, Logger: logger.With("component", "audit")})
-			if err != nil {
-				return err
-			}
-			cfg.Audit = auditLog
-			// The audit log outlives the CA, so the records of its last requests are written.
-			auditCtx, stopAudit := context.WithCancel(context.WithoutCancel(cmd.Context()))
-			auditDone := make(chan error, 1)
-			go func() { auditDone <- auditLog.Run(auditCtx) }()
-			reg := prometheus.NewRegistry()
-			reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-			cfg.Registerer = reg
-			err = runCA(cmd.Context(), cfg, logger, metricsAddr, reg)
-			stopAudit()
-			return errors.Join(err, <-auditDone)
+			cfg.CA.TrustDomain = td
+			cfg.Logger = newLogger(os.Stderr, level, logFormat)
+			return ca.Run(cmd.Context(), cfg)
 		},
 	}
+	addCAFlags(cmd.Flags(), &cfg)
 	f := cmd.Flags()
-	f.StringVar(&cfg.StateDir, "state", "", "state directory (token, certificates, database)")
 	f.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain, e.g. example.org")
-	f.StringVar(&cfg.Listen, "listen", ":9443", "address of the step-ca API")
-	f.StringSliceVar(&cfg.DNSNames, "dns-name", nil, "names for the CA's TLS certificate (default: localhost, loopback addresses, the listen host, the hostname)")
-	f.StringVar(&cfg.KMS, "kms", "", "PKCS#11 URI of the token holding the keys (default: a SoftHSM2 token in --state)")
-	f.DurationVar(&cfg.SVIDLifetime, "svid-lifetime", time.Hour, "lifetime of issued X509-SVIDs (at least 10s)")
-	f.DurationVar(&cfg.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
-	f.StringVar(&cfg.PINFile, "hsm-pin-file", credentialPIN(), "PIN file of the SoftHSM2 token, outside --state (default: the systemd credential hsm.pin when passed, else STATE.pin beside the state directory)")
-	f.IntVar(&cfg.MaxWatches, "max-watches", ca.DefaultMaxWatches, "concurrent directory long-polls one client identity may hold; more are answered 429")
-	f.StringVar(&auditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
-	f.StringVar(&metricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
 	_ = cmd.MarkFlagRequired("state")
@@ -93,38 +51,18 @@ creates the token, keys, certificates and database in --state; later starts reus
 	return cmd
 }
 
-func runCA(ctx context.Context, cfg ca.Config, logger *slog.Logger, metricsAddr string, reg *prometheus.Registry) error {
-	srv, err := ca.New(ctx, cfg)
-	if err != nil {
-		return err
-	}
-	g, gctx := errgroup.WithContext(ctx)
-	if metricsAddr != "" {
-		ln, err := net.Listen("tcp", metricsAddr)
-		if err != nil {
-			_ = srv.Close()
-			return fmt.Errorf("--metrics: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-		ms := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second,
-			ErrorLog: slog.NewLogLogger(logger.Handler(), slog.LevelDebug)}
-		g.Go(func() error {
-			if err := ms.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
-				return fmt.Errorf("metrics: %w", err)
-			}
-			return nil
-		})
-		g.Go(func() error {
-			<-gctx.Done()
-			sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-			defer cancel()
-			return ms.Shutdown(sctx)
-		})
-	}
-	logger.Info("ca ready", "url", srv.URL(), "trust_domain", cfg.TrustDomain.String(), "state", cfg.StateDir)
-	g.Go(func() error { return srv.Run(gctx) })
-	return g.Wait()
+// addCAFlags binds the flags of `agentmesh ca` that map one to one onto cfg.
+func addCAFlags(f *pflag.FlagSet, cfg *ca.ProcessConfig) {
+	f.StringVar(&cfg.CA.StateDir, "state", "", "state directory (token, certificates, database)")
+	f.StringVar(&cfg.CA.Listen, "listen", ":9443", "address of the step-ca API")
+	f.StringSliceVar(&cfg.CA.DNSNames, "dns-name", nil, "names for the CA's TLS certificate (default: localhost, loopback addresses, the listen host, the hostname)")
+	f.StringVar(&cfg.CA.KMS, "kms", "", "PKCS#11 URI of the token holding the keys (default: a SoftHSM2 token in --state)")
+	f.DurationVar(&cfg.CA.SVIDLifetime, "svid-lifetime", time.Hour, "lifetime of issued X509-SVIDs (at least 10s)")
+	f.DurationVar(&cfg.CA.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
+	f.StringVar(&cfg.CA.PINFile, "hsm-pin-file", credentialPIN(), "PIN file of the SoftHSM2 token, outside --state (default: the systemd credential hsm.pin when passed, else STATE.pin beside the state directory)")
+	f.IntVar(&cfg.CA.MaxWatches, "max-watches", ca.DefaultMaxWatches, "concurrent directory long-polls one client identity may hold; more are answered 429")
+	f.StringVar(&cfg.AuditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
+	f.StringVar(&cfg.MetricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")
 }
 
 func newTokenCmd() *cobra.Command {

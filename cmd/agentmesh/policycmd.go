@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"net/netip"
 	"os"
 	"strings"
@@ -45,40 +46,7 @@ passthrough decision only (may SRC reach ADDRESS outside the mesh). The exit sta
 when both allow, 3 when either denies.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			src, err := argID("SRC", args[0])
-			if err != nil {
-				return err
-			}
-			a, err := loadPolicy(file)
-			if err != nil {
-				return err
-			}
-			if raw, ok := strings.CutPrefix(args[1], policy.PassthroughScheme); ok {
-				addr, err := netip.ParseAddr(raw)
-				if err != nil {
-					return fmt.Errorf("DST: %w", err)
-				}
-				d := a.Passthrough(src, addr)
-				if _, err := fmt.Fprint(cmd.OutOrStdout(), a.Explain(d)); err != nil {
-					return err
-				}
-				if !d.Allow {
-					return exitError(3)
-				}
-				return nil
-			}
-			dst, err := argID("DST", args[1])
-			if err != nil {
-				return err
-			}
-			out, in := a.Outbound(src, dst), a.Inbound(src, port, dst)
-			if _, err := fmt.Fprint(cmd.OutOrStdout(), a.Explain(out), a.Explain(in)); err != nil {
-				return err
-			}
-			if !out.Allow || !in.Allow {
-				return exitError(3)
-			}
-			return nil
+			return explainPolicy(cmd.OutOrStdout(), file, port, args[0], args[1])
 		},
 	}
 	explain.Flags().StringVar(&file, "policy", "", "policy file (required)")
@@ -86,6 +54,44 @@ when both allow, 3 when either denies.`,
 	_ = explain.MarkFlagRequired("policy")
 	cmd.AddCommand(check, explain)
 	return cmd
+}
+
+// explainPolicy prints the decisions of the policy in file for rawSrc calling rawDst
+// and returns exitError(3) when one of them denies.
+func explainPolicy(w io.Writer, file string, port uint16, rawSrc, rawDst string) error {
+	src, err := argID("SRC", rawSrc)
+	if err != nil {
+		return err
+	}
+	a, err := loadPolicy(file)
+	if err != nil {
+		return err
+	}
+	var ds []policy.Decision
+	if raw, ok := strings.CutPrefix(rawDst, policy.PassthroughScheme); ok {
+		addr, err := netip.ParseAddr(raw)
+		if err != nil {
+			return fmt.Errorf("DST: %w", err)
+		}
+		ds = []policy.Decision{a.Passthrough(src, addr)}
+	} else {
+		dst, err := argID("DST", rawDst)
+		if err != nil {
+			return err
+		}
+		ds = []policy.Decision{a.Outbound(src, dst), a.Inbound(src, port, dst)}
+	}
+	for _, d := range ds {
+		if _, err := fmt.Fprint(w, a.Explain(d)); err != nil {
+			return err
+		}
+	}
+	for _, d := range ds {
+		if !d.Allow {
+			return exitError(3)
+		}
+	}
+	return nil
 }
 
 // loadPolicy reads and parses an authorization policy; errors name the file, line and

@@ -15,14 +15,35 @@ func newRedirectCmd() *cobra.Command {
 		Use:   "redirect",
 		Short: "Install or remove the iptables rules that send agents' TCP to the local proxy",
 	}
+	var removeIPv6 bool
+	remove := &cobra.Command{
+		Use:   "remove",
+		Short: "Remove exactly the rules install added; idempotent",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return redirect.Remove(cmd.Context(), redirect.Config{IPv6: removeIPv6, Logger: newLogger(os.Stderr, 0, "text")})
+		},
+	}
+	remove.Flags().BoolVar(&removeIPv6, "ipv6", false, "also remove from ip6tables (an error if ip6tables cannot be read)")
+	cmd.AddCommand(newRedirectInstallCmd(), remove)
+	return cmd
+}
+
+// installFlags are the flags of `redirect install` that need checking before they
+// become a redirect.Config.
+type installFlags struct {
+	outbound, inbound  uint
+	strict, incl, excl []uint
+	uids               []int
+	mark               uint32
+	inclCIDR, exclCIDR []string
+	dryRun             bool
+}
+
+func newRedirectInstallCmd() *cobra.Command {
 	var (
-		cfg                redirect.Config
-		outbound, inbound  uint
-		strict, incl, excl []uint
-		uids               []int
-		mark               uint32
-		inclCIDR, exclCIDR []string
-		dryRun             bool
+		cfg redirect.Config
+		fl  installFlags
 	)
 	install := &cobra.Command{
 		Use:   "install",
@@ -34,39 +55,15 @@ IPv6 is captured too (ip6tables) when the host has IPv6 and ip6tables is install
 --ipv6=false. The proxy's own traffic must be excluded with --exclude-uid or --exclude-mark.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			var err error
-			if cfg.OutboundPort, err = port16("--outbound-port", outbound); err != nil {
+			if err := fl.apply(&cfg); err != nil {
 				return err
 			}
-			if cfg.InboundPort, err = port16("--inbound-port", inbound); err != nil {
-				return err
-			}
-			for _, p := range []struct {
-				flag string
-				in   []uint
-				out  *[]uint16
-			}{{"--strict-port", strict, &cfg.StrictPorts}, {"--include-port", incl, &cfg.IncludePorts}, {"--exclude-port", excl, &cfg.ExcludePorts}} {
-				for _, v := range p.in {
-					n, err := port16(p.flag, v)
-					if err != nil {
-						return err
-					}
-					*p.out = append(*p.out, n)
-				}
-			}
-			if cfg.IncludeCIDRs, err = prefixes("--include-cidr", inclCIDR); err != nil {
-				return err
-			}
-			if cfg.ExcludeCIDRs, err = prefixes("--exclude-cidr", exclCIDR); err != nil {
-				return err
-			}
-			cfg.ExcludeUIDs, cfg.ExcludeMark = uids, int(mark)
 			// IPv6 is captured wherever the host has it: left out, agents' IPv6
 			// connections would bypass the proxy unseen.
 			if !cmd.Flags().Changed("ipv6") {
 				cfg.IPv6 = redirect.HostHasIPv6()
 			}
-			if dryRun {
+			if fl.dryRun {
 				plan, err := redirect.Rules(cfg)
 				if err != nil {
 					return err
@@ -79,30 +76,54 @@ IPv6 is captured too (ip6tables) when the host has IPv6 and ip6tables is install
 		},
 	}
 	f := install.Flags()
-	f.UintVar(&outbound, "outbound-port", uint(redirect.DefaultOutboundPort), "the proxy's transparent outbound port")
-	f.UintVar(&inbound, "inbound-port", uint(redirect.DefaultInboundPort), "the proxy's strict-mode inbound port")
-	f.UintSliceVar(&strict, "strict-port", nil, "agent port whose plain inbound traffic is captured (strict mode); repeatable")
-	f.UintSliceVar(&incl, "include-port", nil, "capture only these destination ports (default all)")
-	f.UintSliceVar(&excl, "exclude-port", nil, "never capture these destination ports")
-	f.StringSliceVar(&inclCIDR, "include-cidr", nil, "capture only these destinations (default all)")
-	f.StringSliceVar(&exclCIDR, "exclude-cidr", nil, "never capture these destinations (loopback always excluded)")
-	f.IntSliceVar(&uids, "exclude-uid", nil, "uid whose traffic is never captured (the proxy's)")
-	f.Uint32Var(&mark, "exclude-mark", 0, "fwmark whose traffic is never captured (the proxy's mark setting)")
+	f.UintVar(&fl.outbound, "outbound-port", uint(redirect.DefaultOutboundPort), "the proxy's transparent outbound port")
+	f.UintVar(&fl.inbound, "inbound-port", uint(redirect.DefaultInboundPort), "the proxy's strict-mode inbound port")
+	f.UintSliceVar(&fl.strict, "strict-port", nil, "agent port whose plain inbound traffic is captured (strict mode); repeatable")
+	f.UintSliceVar(&fl.incl, "include-port", nil, "capture only these destination ports (default all)")
+	f.UintSliceVar(&fl.excl, "exclude-port", nil, "never capture these destination ports")
+	f.StringSliceVar(&fl.inclCIDR, "include-cidr", nil, "capture only these destinations (default all)")
+	f.StringSliceVar(&fl.exclCIDR, "exclude-cidr", nil, "never capture these destinations (loopback always excluded)")
+	f.IntSliceVar(&fl.uids, "exclude-uid", nil, "uid whose traffic is never captured (the proxy's)")
+	f.Uint32Var(&fl.mark, "exclude-mark", 0, "fwmark whose traffic is never captured (the proxy's mark setting)")
 	f.BoolVar(&cfg.IPv6, "ipv6", false, "also program ip6tables (default: true when the host has IPv6 and ip6tables is installed)")
-	f.BoolVar(&dryRun, "dry-run", false, "print the rules instead of installing them")
+	f.BoolVar(&fl.dryRun, "dry-run", false, "print the rules instead of installing them")
+	return install
+}
 
-	var removeIPv6 bool
-	remove := &cobra.Command{
-		Use:   "remove",
-		Short: "Remove exactly the rules install added; idempotent",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return redirect.Remove(cmd.Context(), redirect.Config{IPv6: removeIPv6, Logger: newLogger(os.Stderr, 0, "text")})
-		},
+// apply checks the ports and prefixes of fl and sets them in cfg; the first bad value
+// is the error.
+func (fl *installFlags) apply(cfg *redirect.Config) error {
+	var err error
+	for _, p := range []struct {
+		flag string
+		in   uint
+		out  *uint16
+	}{{"--outbound-port", fl.outbound, &cfg.OutboundPort}, {"--inbound-port", fl.inbound, &cfg.InboundPort}} {
+		if *p.out, err = port16(p.flag, p.in); err != nil {
+			return err
+		}
 	}
-	remove.Flags().BoolVar(&removeIPv6, "ipv6", false, "also remove from ip6tables (an error if ip6tables cannot be read)")
-	cmd.AddCommand(install, remove)
-	return cmd
+	for _, p := range []struct {
+		flag string
+		in   []uint
+		out  *[]uint16
+	}{{"--strict-port", fl.strict, &cfg.StrictPorts}, {"--include-port", fl.incl, &cfg.IncludePorts}, {"--exclude-port", fl.excl, &cfg.ExcludePorts}} {
+		for _, v := range p.in {
+			n, err := port16(p.flag, v)
+			if err != nil {
+				return err
+			}
+			*p.out = append(*p.out, n)
+		}
+	}
+	if cfg.IncludeCIDRs, err = prefixes("--include-cidr", fl.inclCIDR); err != nil {
+		return err
+	}
+	if cfg.ExcludeCIDRs, err = prefixes("--exclude-cidr", fl.exclCIDR); err != nil {
+		return err
+	}
+	cfg.ExcludeUIDs, cfg.ExcludeMark = fl.uids, int(fl.mark)
+	return nil
 }
 
 func port16(flag string, v uint) (uint16, error) {

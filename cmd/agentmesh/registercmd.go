@@ -42,43 +42,11 @@ one address (10.0.0.1). They replace the host's earlier claim, set by an operato
 at its first registration; a prefix overlapping another host's claim is refused.`,
 		Args: cobra.RangeArgs(0, 1),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			agentFlags := cmd.Flags().Changed("uid") || cmd.Flags().Changed("port")
 			if len(addrs) > 0 {
-				h, prefixes, err := hostClaimArgs(args, host, addrs, cmd.Flags().Changed("uid") || cmd.Flags().Changed("port"))
-				if err != nil {
-					return err
-				}
-				c, err := ca.RegisterHost(cmd.Context(), state, h, prefixes)
-				if err != nil {
-					return err
-				}
-				_, err = fmt.Fprintf(cmd.OutOrStdout(), "registered %s at %s\n", c.Host, prefixList(c.Prefixes))
-				return err
+				return registerHost(cmd, state, args, host, addrs, agentFlags)
 			}
-			switch {
-			case len(args) != 1:
-				return errors.New("SPIFFE-ID is required (or --addr to register a host's addresses)")
-			case host == "":
-				return errors.New("--host is required")
-			case !cmd.Flags().Changed("uid"):
-				return errors.New("--uid is required")
-			}
-			id, err := argID("SPIFFE-ID", args[0])
-			if err != nil {
-				return err
-			}
-			h, err := argID("--host", host)
-			if err != nil {
-				return err
-			}
-			if uid < 0 || uid > math.MaxUint32 {
-				return fmt.Errorf("--uid %d is outside 0..%d", uid, uint32(math.MaxUint32))
-			}
-			e := ca.Entry{ID: id, Host: h, UID: uint32(uid), Port: port}
-			if err := ca.RegisterEntry(cmd.Context(), state, e); err != nil {
-				return err
-			}
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "registered %s\n", describeEntry(e))
-			return err
+			return registerAgent(cmd, state, args, host, uid, port)
 		},
 	}
 	f := cmd.Flags()
@@ -111,22 +79,55 @@ func hostClaimArgs(args []string, host string, addrs []string, agentFlags bool) 
 	if err != nil {
 		return spiffeid.ID{}, nil, err
 	}
-	if !strings.HasPrefix(h.Path(), hostPrefix) {
-		return spiffeid.ID{}, nil, fmt.Errorf("--addr: %s is not a host ID (spiffe://%s%sNAME)", h, h.TrustDomain().Name(), hostPrefix)
-	}
-	prefixes := make([]netip.Prefix, 0, len(addrs))
-	for _, a := range addrs {
-		p, err := ca.ParseClaimPrefix(a)
-		if err != nil {
-			return spiffeid.ID{}, nil, fmt.Errorf("--addr %s: %w", a, err)
-		}
-		prefixes = append(prefixes, p)
+	prefixes, err := ca.ParseHostClaim(h, addrs)
+	if err != nil {
+		return spiffeid.ID{}, nil, fmt.Errorf("--addr: %w", err)
 	}
 	return h, prefixes, nil
 }
 
-// hostPrefix is the path prefix of host (proxy) IDs.
-const hostPrefix = "/host/"
+// registerHost runs `register --addr`: it sets the addresses a host's proxy may claim.
+func registerHost(cmd *cobra.Command, state string, args []string, host string, addrs []string, agentFlags bool) error {
+	h, prefixes, err := hostClaimArgs(args, host, addrs, agentFlags)
+	if err != nil {
+		return err
+	}
+	c, err := ca.RegisterHost(cmd.Context(), state, h, prefixes)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(cmd.OutOrStdout(), "registered %s at %s\n", c.Host, prefixList(c.Prefixes))
+	return err
+}
+
+// registerAgent runs `register SPIFFE-ID --host HOST-ID --uid UID [--port PORT]`.
+func registerAgent(cmd *cobra.Command, state string, args []string, host string, uid int64, port uint16) error {
+	switch {
+	case len(args) != 1:
+		return errors.New("SPIFFE-ID is required (or --addr to register a host's addresses)")
+	case host == "":
+		return errors.New("--host is required")
+	case !cmd.Flags().Changed("uid"):
+		return errors.New("--uid is required")
+	}
+	id, err := argID("SPIFFE-ID", args[0])
+	if err != nil {
+		return err
+	}
+	h, err := argID("--host", host)
+	if err != nil {
+		return err
+	}
+	if uid < 0 || uid > math.MaxUint32 {
+		return fmt.Errorf("--uid %d is outside 0..%d", uid, uint32(math.MaxUint32))
+	}
+	e := ca.Entry{ID: id, Host: h, UID: uint32(uid), Port: port}
+	if err := ca.RegisterEntry(cmd.Context(), state, e); err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(cmd.OutOrStdout(), "registered %s\n", describeEntry(e))
+	return err
+}
 
 func prefixList(ps []netip.Prefix) string {
 	s := make([]string, len(ps))
@@ -148,7 +149,7 @@ func newUnregisterCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if strings.HasPrefix(id.Path(), hostPrefix) {
+			if ca.IsHostID(id) {
 				err = ca.UnregisterHost(cmd.Context(), state, id)
 			} else {
 				err = ca.UnregisterEntry(cmd.Context(), state, id)

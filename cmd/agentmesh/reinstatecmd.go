@@ -38,20 +38,7 @@ on the CA host (the admin socket in --state), or the holder of an admin SVID
 				return errors.New("--reason is required")
 			}
 			req := ca.ReinstateRequest{SPIFFEID: id.String(), Reason: reason}
-			var res *ca.ReinstateResult
-			remote, ok := adm.remote()
-			switch {
-			case !ok:
-				return errAdminFlags
-			case remote:
-				cfg, pair, cerr := adm.credential()
-				if cerr != nil {
-					return cerr
-				}
-				res, err = ca.ReinstateRemote(cmd.Context(), cfg, pair, req)
-			default:
-				res, err = ca.RequestReinstate(cmd.Context(), adm.state, req)
-			}
+			res, err := adminCall(cmd.Context(), &adm, req, ca.RequestReinstate, ca.ReinstateRemote)
 			if err != nil {
 				return err
 			}

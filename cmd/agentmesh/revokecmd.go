@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -35,38 +36,11 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 (spiffe://TRUST-DOMAIN/admin/NAME) given with --ca, --root, --cert and --key.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := ca.RevokeRequest{Serial: serial, Reason: reason}
-			if len(args) == 1 {
-				id, err := spiffeid.FromString(args[0])
-				if err != nil {
-					return fmt.Errorf("invalid SPIFFE ID %q: %w", args[0], err)
-				}
-				req.SPIFFEID = id.String()
+			req, err := revokeRequest(args, serial, reason)
+			if err != nil {
+				return err
 			}
-			if (req.SPIFFEID == "") == (serial == "") {
-				return errors.New("name exactly one of SPIFFE-ID or --serial")
-			}
-			if strings.TrimSpace(reason) == "" {
-				return errors.New("--reason is required")
-			}
-			var (
-				res *ca.RevokeResult
-				err error
-			)
-			remote, ok := adm.remote()
-			switch {
-			case !ok:
-				return errAdminFlags
-			case remote:
-				var cfg ca.ClientConfig
-				var pair tls.Certificate
-				if cfg, pair, err = adm.credential(); err != nil {
-					return err
-				}
-				res, err = ca.RevokeRemote(cmd.Context(), cfg, pair, req)
-			default:
-				res, err = ca.RequestRevoke(cmd.Context(), adm.state, req)
-			}
+			res, err := adminCall(cmd.Context(), &adm, req, ca.RequestRevoke, ca.RevokeRemote)
 			if err != nil {
 				return err
 			}
@@ -80,6 +54,26 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 	f.StringVar(&reason, "reason", "", "why (recorded in the audit log and the CRL), e.g. key-compromise")
 	adm.register(f)
 	return cmd
+}
+
+// revokeRequest reads revoke's command line: exactly one of SPIFFE-ID or --serial, and
+// a reason.
+func revokeRequest(args []string, serial, reason string) (ca.RevokeRequest, error) {
+	req := ca.RevokeRequest{Serial: serial, Reason: reason}
+	if len(args) == 1 {
+		id, err := spiffeid.FromString(args[0])
+		if err != nil {
+			return req, fmt.Errorf("invalid SPIFFE ID %q: %w", args[0], err)
+		}
+		req.SPIFFEID = id.String()
+	}
+	if (req.SPIFFEID == "") == (serial == "") {
+		return req, errors.New("name exactly one of SPIFFE-ID or --serial")
+	}
+	if strings.TrimSpace(reason) == "" {
+		return req, errors.New("--reason is required")
+	}
+	return req, nil
 }
 
 // adminFlags say how an administrator reaches the CA: through its admin socket on the
@@ -101,6 +95,26 @@ func (a *adminFlags) register(f *pflag.FlagSet) {
 // (false); ok is false unless exactly one of them is named.
 func (a *adminFlags) remote() (remote, ok bool) {
 	return a.caURL != "", (a.state == "") != (a.caURL == "")
+}
+
+// adminCall sends req the way the flags name: local (the admin socket in --state) or
+// remote (the CA's mTLS API, authenticated with the admin SVID).
+func adminCall[Req, Res any](ctx context.Context, a *adminFlags, req Req,
+	local func(context.Context, string, Req) (Res, error),
+	remote func(context.Context, ca.ClientConfig, tls.Certificate, Req) (Res, error)) (Res, error) {
+	var zero Res
+	isRemote, ok := a.remote()
+	switch {
+	case !ok:
+		return zero, errAdminFlags
+	case !isRemote:
+		return local(ctx, a.state, req)
+	}
+	cfg, pair, err := a.credential()
+	if err != nil {
+		return zero, err
+	}
+	return remote(ctx, cfg, pair, req)
 }
 
 // credential reads the admin SVID and the CA's root for the CA's mTLS API.

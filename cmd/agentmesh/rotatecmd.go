@@ -1,13 +1,10 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"net/http"
 	"path/filepath"
 	"strings"
@@ -17,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/internal/unixhttp"
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
@@ -45,12 +43,7 @@ through the directory's watch within a second).`,
 				if len(args) > 0 || compromised {
 					return errors.New("--all takes no SPIFFE-ID and no --compromised")
 				}
-				f, err := ca.RequestFleetRotation(cmd.Context(), state, reason)
-				if err != nil {
-					return err
-				}
-				_, err = fmt.Fprintf(cmd.OutOrStdout(), "fleet rotation %d published at %s\n", f.ID, f.At.Format(time.RFC3339Nano))
-				return err
+				return rotateFleet(cmd, state, reason)
 			}
 			req := rotateRequest{Reason: reason, Compromised: compromised}
 			if len(args) == 1 {
@@ -77,36 +70,30 @@ through the directory's watch within a second).`,
 	return cmd
 }
 
+// rotateFleet runs `rotate --all` on the CA host: every proxy of the mesh rotates.
+func rotateFleet(cmd *cobra.Command, state, reason string) error {
+	f, err := ca.RequestFleetRotation(cmd.Context(), state, reason)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(cmd.OutOrStdout(), "fleet rotation %d published at %s\n", f.ID, f.At.Format(time.RFC3339Nano))
+	return err
+}
+
 // requestRotate sends POST /rotate to the control socket of the proxy in stateDir.
 func requestRotate(ctx context.Context, stateDir string, req rotateRequest) (*rotator.RotateResult, error) {
-	sock := filepath.Join(stateDir, controlSocket)
-	hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
-		},
-		DisableKeepAlives: true,
-	}}
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, err
 	}
-	// The host is a placeholder: the transport always dials the socket.
-	hreq, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://agentmesh-proxy/rotate", bytes.NewReader(body))
-	if err != nil {
-		return nil, err
-	}
-	resp, err := hc.Do(hreq)
-	if err != nil {
-		return nil, fmt.Errorf("control socket %s (is agentmesh proxy running with this state directory?): %w", sock, err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("rotate refused (%d): %s", resp.StatusCode, strings.TrimSpace(string(b)))
+	sock := filepath.Join(stateDir, controlSocket)
+	status, b, err := unixhttp.Do(ctx, unixhttp.Request{Socket: sock, Method: http.MethodPost, Path: "/rotate",
+		Body: body, Limit: 64 << 10, Timeout: time.Minute})
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("control socket (is agentmesh proxy running with this state directory?): %w", err)
+	case status != http.StatusOK:
+		return nil, fmt.Errorf("rotate refused (%d): %s", status, strings.TrimSpace(string(b)))
 	}
 	var res rotator.RotateResult
 	if err := json.Unmarshal(b, &res); err != nil {
