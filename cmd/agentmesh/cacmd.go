@@ -20,6 +20,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/hsm"
 )
 
 func newCACmd() *cobra.Command {
@@ -82,7 +83,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 	f.StringVar(&cfg.KMS, "kms", "", "PKCS#11 URI of the token holding the keys (default: a SoftHSM2 token in --state)")
 	f.DurationVar(&cfg.SVIDLifetime, "svid-lifetime", time.Hour, "lifetime of issued X509-SVIDs (at least 10s)")
 	f.DurationVar(&cfg.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
-	f.StringVar(&cfg.PINFile, "hsm-pin-file", credentialPIN(), "PIN file of the SoftHSM2 token, outside --state (default: the systemd credential hsm.pin when passed, else STATE.pin beside the state directory)")
+	f.StringVar(&cfg.PINFile, "hsm-pin-file", hsm.CredentialPIN(), "PIN file of the SoftHSM2 token, outside --state (default: the systemd credential hsm.pin when passed, else STATE.pin beside the state directory)")
 	f.IntVar(&cfg.MaxWatches, "max-watches", ca.DefaultMaxWatches, "concurrent directory long-polls one client identity may hold; more are answered 429")
 	f.StringVar(&auditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
 	f.StringVar(&metricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")

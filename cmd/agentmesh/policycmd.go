@@ -1,14 +1,13 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"net/netip"
-	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
 
+	"github.com/agentmesh/agentmesh/node"
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -22,7 +21,7 @@ func newPolicyCmd() *cobra.Command {
 		Short: "Validate a policy file offline; errors name the file, line and field",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			a, err := loadPolicy(args[0])
+			a, err := node.LoadPolicy(args[0])
 			if err != nil {
 				return err
 			}
@@ -49,7 +48,7 @@ when both allow, 3 when either denies.`,
 			if err != nil {
 				return err
 			}
-			a, err := loadPolicy(file)
+			a, err := node.LoadPolicy(file)
 			if err != nil {
 				return err
 			}
@@ -86,19 +85,4 @@ when both allow, 3 when either denies.`,
 	_ = explain.MarkFlagRequired("policy")
 	cmd.AddCommand(check, explain)
 	return cmd
-}
-
-// loadPolicy reads and parses an authorization policy; errors name the file, line and
-// field.
-func loadPolicy(path string) (*policy.Authz, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("policy: %w", err)
-	}
-	a, err := policy.ParseAuthz(data)
-	var fe *policy.FieldError
-	if errors.As(err, &fe) {
-		return nil, &FileError{File: path, Line: fe.Line, Field: fe.Field, Err: errors.New(fe.Reason)}
-	}
-	return a, err
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/node"
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
@@ -52,7 +53,7 @@ through the directory's watch within a second).`,
 				_, err = fmt.Fprintf(cmd.OutOrStdout(), "fleet rotation %d published at %s\n", f.ID, f.At.Format(time.RFC3339Nano))
 				return err
 			}
-			req := rotateRequest{Reason: reason, Compromised: compromised}
+			req := node.RotateRequest{Reason: reason, Compromised: compromised}
 			if len(args) == 1 {
 				id, err := spiffeid.FromString(args[0])
 				if err != nil {
@@ -78,8 +79,8 @@ through the directory's watch within a second).`,
 }
 
 // requestRotate sends POST /rotate to the control socket of the proxy in stateDir.
-func requestRotate(ctx context.Context, stateDir string, req rotateRequest) (*rotator.RotateResult, error) {
-	sock := filepath.Join(stateDir, controlSocket)
+func requestRotate(ctx context.Context, stateDir string, req node.RotateRequest) (*rotator.RotateResult, error) {
+	sock := filepath.Join(stateDir, node.ControlSocket)
 	hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 			var d net.Dialer

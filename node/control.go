@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -23,10 +23,10 @@ import (
 // The proxy's control socket, StateDir/control.sock (0600 in the 0700 state directory),
 // takes the commands that change credentials; the TCP admin port only reads. Callers are
 // authenticated by the kernel (SO_PEERCRED): root or the proxy's own user.
-const controlSocket = "control.sock"
+const ControlSocket = "control.sock"
 
-// rotateRequest is the body of POST /rotate.
-type rotateRequest struct {
+// RotateRequest is the body of the control socket's POST /rotate.
+type RotateRequest struct {
 	// SPIFFEID names the identity to rotate; empty means the proxy's own.
 	SPIFFEID    string `json:"spiffe_id,omitempty"`
 	Reason      string `json:"reason"`
@@ -47,7 +47,7 @@ type peerUIDKey struct{}
 // newControl serves the control socket; find returns the rotation of an identity the
 // proxy holds (the zero ID: its host's).
 func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logger *slog.Logger) (*control, error) {
-	path := filepath.Join(stateDir, controlSocket)
+	path := filepath.Join(stateDir, ControlSocket)
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode().Type() != fs.ModeSocket {
 			return nil, fmt.Errorf("control socket %s exists and is not a socket", path)
@@ -67,7 +67,7 @@ func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logg
 	mux := http.NewServeMux()
 	mux.HandleFunc("POST /rotate", func(w http.ResponseWriter, r *http.Request) {
 		uid, _ := r.Context().Value(peerUIDKey{}).(int)
-		var req rotateRequest
+		var req RotateRequest
 		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {

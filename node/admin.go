@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -24,8 +24,8 @@ type proxyState interface {
 	TicketKeys() []proxy.TicketKeyStatus
 }
 
-// statusDocument is the admin API's /status answer.
-type statusDocument struct {
+// StatusDocument is the admin API's /status answer.
+type StatusDocument struct {
 	// Ready and NotReady are /readyz's answer, computed the same way: ready once the host
 	// and every agent the directory registers to it hold a valid SVID, the deny-list is
 	// fresh and the audit log takes records; NotReady says why not.
@@ -66,7 +66,7 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		doc := statusDocument{Ready: true, Identities: identities(), TicketKeys: px.TicketKeys()}
+		doc := StatusDocument{Ready: true, Identities: identities(), TicketKeys: px.TicketKeys()}
 		if err := readiness(); err != nil {
 			doc.Ready, doc.NotReady = false, err.Error()
 		}
