@@ -366,6 +366,10 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
+// Validate reports what New would refuse in c, with its defaults applied; errors wrap
+// ErrInvalidConfig. It opens nothing.
+func (c Config) Validate() error { return c.withDefaults().validate() }
+
 // validate checks a Config after withDefaults. Errors wrap ErrInvalidConfig.
 func (c Config) validate() error {
 	switch {
