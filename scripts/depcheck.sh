@@ -20,5 +20,7 @@ deny hsm policy audit ca rotator proxy
 deny ca rotator proxy
 deny rotator ca proxy hsm
 deny proxy ca rotator hsm
+# node wires the proxy process: only cmd imports it.
+for pkg in policy audit hsm ca rotator proxy; do deny "$pkg" node; done
 [ $fail -eq 0 ] && echo "depcheck: ok"
 exit $fail
