@@ -87,16 +87,28 @@ func (a *admin) Addr() net.Addr { return a.ln.Addr() }
 
 // Run serves until ctx is done.
 func (a *admin) Run(ctx context.Context) error {
+	if err := serveUntil(ctx, a.srv, a.ln); err != nil {
+		return fmt.Errorf("admin: %w", err)
+	}
+	return nil
+}
+
+// serveUntil serves ln until ctx is done, then shuts srv down, giving requests in
+// progress two seconds.
+func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	errc := make(chan error, 1)
-	go func() { errc <- a.srv.Serve(a.ln) }()
+	go func() { errc <- srv.Serve(ln) }()
 	select {
 	case err := <-errc:
-		return fmt.Errorf("admin: %w", err)
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return err
 	case <-ctx.Done():
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	_ = a.srv.Shutdown(sctx)
+	_ = srv.Shutdown(sctx)
 	<-errc
 	return nil
 }

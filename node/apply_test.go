@@ -22,8 +22,7 @@ func (d denyIdentity) Denies(id spiffeid.ID, _ string, _ time.Time) bool { retur
 func TestApplyEntries(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFixture(t)
-		f.applier.onEntries([]registration{{ID: planner, Host: testHost, UID: 1001, Port: 8080}, {ID: search, Host: otherHost, UID: 1002}})
-		synctest.Wait()
+		f.register(registration{ID: planner, Host: testHost, UID: 1001, Port: 8080}, registration{ID: search, Host: otherHost, UID: 1002})
 		rot, ok := f.agents.lookup(planner)
 		if !ok {
 			t.Fatal("planner, registered to this host, is not held")
@@ -41,8 +40,7 @@ func TestApplyEntries(t *testing.T) {
 			t.Fatalf("ready() = %v once planner enrolled", err)
 		}
 
-		f.applier.onEntries([]registration{{ID: search, Host: testHost, UID: 1002}})
-		synctest.Wait()
+		f.register(registration{ID: search, Host: testHost, UID: 1002})
 		if _, ok := f.agents.lookup(planner); ok {
 			t.Fatal("planner still held after its registration was removed")
 		}
@@ -67,8 +65,7 @@ func TestApplyEntries(t *testing.T) {
 func TestApplyDenyList(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFixture(t)
-		f.applier.onEntries([]registration{{ID: planner, Host: testHost, UID: 1001}})
-		synctest.Wait()
+		f.register(registration{ID: planner, Host: testHost, UID: 1001})
 		agent, _ := f.agents.lookup(planner)
 
 		list := denyIdentity(planner)
@@ -91,8 +88,7 @@ func TestApplyDenyList(t *testing.T) {
 func TestApplyRotateOne(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFixture(t)
-		f.applier.onEntries([]registration{{ID: planner, Host: testHost, UID: 1001}})
-		synctest.Wait()
+		f.register(registration{ID: planner, Host: testHost, UID: 1001})
 		for _, id := range []spiffeid.ID{{}, testHost, planner} {
 			rotate, ok := f.applier.rotateOne(id)
 			if !ok {
@@ -116,8 +112,7 @@ func TestApplyRotateOne(t *testing.T) {
 func TestApplyFleetRotation(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFixture(t)
-		f.applier.onEntries([]registration{{ID: planner, Host: testHost, UID: 1001}})
-		synctest.Wait()
+		f.register(registration{ID: planner, Host: testHost, UID: 1001})
 		f.applier.onFleetRotation(7, "drill")
 		synctest.Wait()
 		for _, h := range f.applier.held() {

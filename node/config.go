@@ -242,10 +242,10 @@ func (c *Config) finish(base string) error {
 	if c.advertise, err = c.Directory.addresses(); err != nil {
 		return err
 	}
-	if c.routes, err = routes(c.Routes); err != nil {
+	if c.routes, err = convert("routes", c.Routes, RouteSettings.route); err != nil {
 		return err
 	}
-	c.services, err = services(c.Services)
+	c.services, err = convert("services", c.Services, ServiceSettings.service)
 	return err
 }
 
@@ -398,26 +398,16 @@ func notNegative(section string, fields []field, reason string) error {
 	return nil
 }
 
-func routes(in []RouteSettings) ([]proxy.Route, error) {
-	var out []proxy.Route
-	for i, r := range in {
-		route, field, err := r.route()
+// convert validates each entry of a list section and converts it, naming the field of
+// the first invalid one.
+func convert[In, Out any](section string, in []In, conv func(In) (Out, string, error)) ([]Out, error) {
+	var out []Out
+	for i, e := range in {
+		v, field, err := conv(e)
 		if err != nil {
-			return nil, fieldError(fmt.Sprintf("routes[%d].%s", i, field), err)
+			return nil, fieldError(fmt.Sprintf("%s[%d].%s", section, i, field), err)
 		}
-		out = append(out, route)
-	}
-	return out, nil
-}
-
-func services(in []ServiceSettings) ([]proxy.Service, error) {
-	var out []proxy.Service
-	for i, s := range in {
-		svc, field, err := s.service()
-		if err != nil {
-			return nil, fieldError(fmt.Sprintf("services[%d].%s", i, field), err)
-		}
-		out = append(out, svc)
+		out = append(out, v)
 	}
 	return out, nil
 }

@@ -3,7 +3,6 @@ package node
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -131,19 +130,8 @@ func (c *control) authorize(next http.Handler) http.Handler {
 
 // Run serves until ctx is done.
 func (c *control) Run(ctx context.Context) error {
-	errc := make(chan error, 1)
-	go func() { errc <- c.srv.Serve(c.ln) }()
-	select {
-	case err := <-errc:
-		if errors.Is(err, http.ErrServerClosed) {
-			return nil
-		}
+	if err := serveUntil(ctx, c.srv, c.ln); err != nil {
 		return fmt.Errorf("control socket: %w", err)
-	case <-ctx.Done():
 	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-	defer cancel()
-	_ = c.srv.Shutdown(sctx)
-	<-errc
 	return nil
 }

@@ -184,3 +184,10 @@ func (f *fixture) newRotator(t *testing.T, id spiffeid.ID, reg prometheus.Regist
 	}
 	return r
 }
+
+// register delivers a mesh state with these registration entries and lets the agents'
+// supervisor apply it.
+func (f *fixture) register(entries ...registration) {
+	f.applier.onEntries(entries)
+	synctest.Wait()
+}

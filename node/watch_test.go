@@ -114,8 +114,7 @@ func TestWatchPolicy(t *testing.T) {
 func TestWatchConfig(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		w := startWatcher(t)
-		w.applier.onEntries([]registration{{ID: planner, Host: testHost, UID: 1001}})
-		synctest.Wait()
+		w.register(registration{ID: planner, Host: testHost, UID: 1001})
 		w.write("proxy.yaml", watchedConfig("overlap: -1s"))
 		next()
 		if got := w.px.resets(); len(got) != 0 {
