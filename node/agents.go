@@ -148,24 +148,9 @@ func (a *agents) apply(ctx context.Context, entries []registration) {
 			a.running[id] = &moved
 			continue
 		}
-		reg := &ownedMetrics{reg: a.reg}
-		rot, err := a.newRot(id, reg, *a.rotation.Load())
-		if err != nil {
-			reg.unregister()
-			a.logger.Error("agent identity not started", "agent", id, "err", err)
-			continue
+		if r := a.start(ctx, e); r != nil {
+			a.running[id] = r
 		}
-		if l := a.denyList(); l != nil {
-			rot.Revoke(l.Denies)
-		}
-		rctx, cancel := context.WithCancel(ctx)
-		r := &agentRun{entry: e, rot: rot, reg: reg, cancel: cancel, done: make(chan struct{})}
-		go func() {
-			defer close(r.done)
-			_ = rot.Run(rctx)
-		}()
-		a.running[id] = r
-		a.logger.Info("agent registered", "agent", id, "uid", e.UID, "port", e.Port)
 	}
 	snap := &agentSnapshot{byID: maps.Clone(a.running), byUID: map[uint32]*agentRun{}, byPort: map[uint16]spiffeid.ID{}}
 	for _, r := range a.running {
@@ -175,6 +160,29 @@ func (a *agents) apply(ctx context.Context, entries []registration) {
 		}
 	}
 	a.snap.Store(snap)
+}
+
+// start makes and runs the rotator of a newly registered agent; nil when it could not
+// be made (logged; the agent stays not ready).
+func (a *agents) start(ctx context.Context, e registration) *agentRun {
+	reg := &ownedMetrics{reg: a.reg}
+	rot, err := a.newRot(e.ID, reg, *a.rotation.Load())
+	if err != nil {
+		reg.unregister()
+		a.logger.Error("agent identity not started", "agent", e.ID, "err", err)
+		return nil
+	}
+	if l := a.denyList(); l != nil {
+		rot.Revoke(l.Denies)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	r := &agentRun{entry: e, rot: rot, reg: reg, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		_ = rot.Run(rctx)
+	}()
+	a.logger.Info("agent registered", "agent", e.ID, "uid", e.UID, "port", e.Port)
+	return r
 }
 
 // ready returns nil once the directory has answered and every agent it registers to this

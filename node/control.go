@@ -64,7 +64,27 @@ func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logg
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /rotate", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /rotate", rotateHandler(find))
+	c := &control{ln: ln, logger: logger}
+	c.srv = &http.Server{
+		Handler:           c.authorize(mux),
+		ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+		ConnContext: func(ctx context.Context, conn net.Conn) context.Context {
+			uid, err := peercred.UID(conn)
+			if err != nil {
+				uid = -1
+			}
+			return context.WithValue(ctx, peerUIDKey{}, uid)
+		},
+	}
+	return c, nil
+}
+
+// rotateHandler serves POST /rotate: the identity named (the host's when none is)
+// rotates now, initiated by the caller's uid.
+func rotateHandler(find func(spiffeid.ID) (rotateFunc, bool)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
 		uid, _ := r.Context().Value(peerUIDKey{}).(int)
 		var req RotateRequest
 		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
@@ -98,21 +118,7 @@ func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logg
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(res)
-	})
-	c := &control{ln: ln, logger: logger}
-	c.srv = &http.Server{
-		Handler:           c.authorize(mux),
-		ReadHeaderTimeout: 5 * time.Second,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
-		ConnContext: func(ctx context.Context, conn net.Conn) context.Context {
-			uid, err := peercred.UID(conn)
-			if err != nil {
-				uid = -1
-			}
-			return context.WithValue(ctx, peerUIDKey{}, uid)
-		},
 	}
-	return c, nil
 }
 
 // authorize admits root and the proxy's own user, and no one else.
