@@ -171,12 +171,6 @@ type ServiceSettings struct {
 	Allow []string `yaml:"allow"`
 }
 
-// SPIFFEID is the proxy's own identity.
-func (c *Config) SPIFFEID() spiffeid.ID { return c.id }
-
-// Path is the file the configuration was loaded from.
-func (c *Config) Path() string { return c.path }
-
 // LoadConfig reads and validates a proxy configuration file. Every error is a
 // *FileError naming the file, and where it can, the line and the field.
 func LoadConfig(path string) (*Config, error) {
