@@ -195,6 +195,10 @@ func parseConfig(path string, data []byte) (*Config, error) {
 		}
 		return nil, &FileError{File: path, Err: err}
 	}
+	// The proxy's own rules, so that a reload refuses what a start would.
+	if err := c.proxyConfig().Validate(); err != nil {
+		return nil, &FileError{File: path, Err: err}
+	}
 	return c, nil
 }
 

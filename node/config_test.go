@@ -143,6 +143,23 @@ func TestLoadConfigErrors(t *testing.T) {
 	}
 }
 
+// TestLoadConfigProxyRules: what only the proxy's own validation knows is refused when
+// the file is loaded, not when the proxy starts, so a reload keeps it out too.
+func TestLoadConfigProxyRules(t *testing.T) {
+	t.Parallel()
+	for _, edit := range []func(string) string{
+		replace("target_port: 8080", "target_port: 8080\n    transport: h2"), // h2 is not among transports [tls]
+		replace("services:\n", "services:\n  - port: 9090\n    allow: [spiffe://example.org/host/c]\n"),
+	} {
+		path := writeConfig(t, edit(goodConfig))
+		_, err := LoadConfig(path)
+		var fe *FileError
+		if !errors.As(err, &fe) || !errors.Is(err, proxy.ErrInvalidConfig) || fe.File != path {
+			t.Fatalf("err = %v, want a *FileError of %s wrapping proxy.ErrInvalidConfig", err, path)
+		}
+	}
+}
+
 func replace(old, new string) func(string) string {
 	return func(s string) string {
 		if !strings.Contains(s, old) {
