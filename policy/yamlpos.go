@@ -11,22 +11,32 @@ import (
 	"go.yaml.in/yaml/v3"
 )
 
-// yamlDoc is a parsed YAML document that can point at the line of any field. It
-// mirrors the command layer's locator so policy errors carry file-independent
-// line and field information.
+// yamlDoc is a parsed YAML document that can point at the line of any field.
 type yamlDoc struct{ root *yaml.Node }
 
 var yamlLineErr = regexp.MustCompile(`line (\d+): (.*)`)
 
-// decodeYAML strictly decodes data into out (unknown fields are errors) and keeps the
-// node tree for locating fields that fail validation later.
+// decodeYAML strictly decodes a policy into out.
 func decodeYAML(data []byte, out any) (*yamlDoc, error) {
-	doc := &yamlDoc{root: &yaml.Node{}}
-	if err := yaml.Unmarshal(data, doc.root); err != nil {
+	root, err := DecodeYAML(data, out, "empty policy")
+	if err != nil {
+		return nil, err
+	}
+	return &yamlDoc{root: root}, nil
+}
+
+// DecodeYAML strictly decodes one YAML document into out (unknown fields and a second
+// document are errors, each a *FieldError with its line; empty, when data holds no
+// document, is the reason given) and returns the node tree, so that fields failing
+// validation later are located with YAMLLine. Every YAML file of the project is read
+// through it, so they all report errors alike.
+func DecodeYAML(data []byte, out any, empty string) (*yaml.Node, error) {
+	root := &yaml.Node{}
+	if err := yaml.Unmarshal(data, root); err != nil {
 		return nil, yamlError(err)
 	}
-	if doc.root.Kind == 0 || len(bytes.TrimSpace(data)) == 0 {
-		return nil, &FieldError{Reason: "empty policy"}
+	if root.Kind == 0 || len(bytes.TrimSpace(data)) == 0 {
+		return nil, &FieldError{Reason: empty}
 	}
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
@@ -43,7 +53,7 @@ func decodeYAML(data []byte, out any) (*yamlDoc, error) {
 		}
 		return nil, &FieldError{Line: line, Reason: "more than one YAML document"}
 	}
-	return doc, nil
+	return root, nil
 }
 
 // yamlError turns yaml.v3's "line N: ..." messages into a FieldError.

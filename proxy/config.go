@@ -366,13 +366,28 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
+// Validate reports what New would refuse in c's settings, with its defaults applied:
+// everything but the components New is given (Credentials, Agents, Policy, Directory,
+// Audit), so a configuration can be checked before they exist. Errors wrap
+// ErrInvalidConfig. It opens nothing.
+func (c Config) Validate() error { return c.withDefaults().validateSettings() }
+
 // validate checks a Config after withDefaults. Errors wrap ErrInvalidConfig.
 func (c Config) validate() error {
+	if err := c.validateSettings(); err != nil {
+		return err
+	}
+	if c.Credentials == nil {
+		return fmt.Errorf("%w: Credentials is required", ErrInvalidConfig)
+	}
+	return nil
+}
+
+// validateSettings is validate but for the components.
+func (c Config) validateSettings() error {
 	switch {
 	case c.ID.IsZero():
 		return fmt.Errorf("%w: ID is required", ErrInvalidConfig)
-	case c.Credentials == nil:
-		return fmt.Errorf("%w: Credentials is required", ErrInvalidConfig)
 	case c.HandshakeTimeout < 0:
 		return fmt.Errorf("%w: HandshakeTimeout %s is negative", ErrInvalidConfig, c.HandshakeTimeout)
 	case c.DialTimeout < 0:

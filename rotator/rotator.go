@@ -222,28 +222,42 @@ type Rotator struct {
 	stored  string         // serial in StateFile ("": none); only Run's goroutine uses it
 }
 
-// New validates cfg and returns a Rotator holding no SVID yet; Run obtains one.
-func New(cfg Config) (*Rotator, error) {
+// Validate reports what New would refuse in cfg: a missing ID, Issuer or Bundle, a
+// bundle of another trust domain, an invalid Policy (a *policy.FieldError), or a
+// StateFile with keys that die with the process.
+func (cfg Config) Validate() error {
 	switch {
 	case cfg.ID.IsZero():
-		return nil, errors.New("rotator: config: ID is required")
+		return errors.New("rotator: config: ID is required")
 	case cfg.Issuer == nil:
-		return nil, errors.New("rotator: config: Issuer is required")
+		return errors.New("rotator: config: Issuer is required")
 	case cfg.Bundle == nil || cfg.Bundle.Empty():
-		return nil, errors.New("rotator: config: Bundle with at least one authority is required")
+		return errors.New("rotator: config: Bundle with at least one authority is required")
 	case cfg.Bundle.TrustDomain() != cfg.ID.TrustDomain():
-		return nil, errors.New("rotator: config: Bundle is not for the ID's trust domain")
+		return errors.New("rotator: config: Bundle is not for the ID's trust domain")
 	}
 	if err := cfg.Policy.Validate(); err != nil {
+		return err
+	}
+	if _, ok := cfg.Keys.(PersistentKeys); cfg.StateFile != "" && !ok {
+		var keys KeyStore = MemoryKeys{} // the default
+		if cfg.Keys != nil {
+			keys = cfg.Keys
+		}
+		return fmt.Errorf("rotator: config: StateFile needs a key store whose keys outlive the process, not %T", keys)
+	}
+	return nil
+}
+
+// New validates cfg and returns a Rotator holding no SVID yet; Run obtains one.
+func New(cfg Config) (*Rotator, error) {
+	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
 	cfg = cfg.withDefaults()
-	var persist PersistentKeys
-	if cfg.StateFile != "" {
-		var ok bool
-		if persist, ok = cfg.Keys.(PersistentKeys); !ok {
-			return nil, fmt.Errorf("rotator: config: StateFile needs a key store whose keys outlive the process, not %T", cfg.Keys)
-		}
+	persist, _ := cfg.Keys.(PersistentKeys)
+	if cfg.StateFile == "" {
+		persist = nil
 	}
 	m, err := newMetrics(cfg.Registerer, cfg.ID)
 	if err != nil {

@@ -10,6 +10,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/hsm"
 )
 
 func newCACmd() *cobra.Command {
@@ -59,7 +60,7 @@ func addCAFlags(f *pflag.FlagSet, cfg *ca.ProcessConfig) {
 	f.StringVar(&cfg.CA.KMS, "kms", "", "PKCS#11 URI of the token holding the keys (default: a SoftHSM2 token in --state)")
 	f.DurationVar(&cfg.CA.SVIDLifetime, "svid-lifetime", time.Hour, "lifetime of issued X509-SVIDs (at least 10s)")
 	f.DurationVar(&cfg.CA.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
-	f.StringVar(&cfg.CA.PINFile, "hsm-pin-file", credentialPIN(), "PIN file of the SoftHSM2 token, outside --state (default: the systemd credential hsm.pin when passed, else STATE.pin beside the state directory)")
+	f.StringVar(&cfg.CA.PINFile, "hsm-pin-file", hsm.CredentialPIN(), "PIN file of the SoftHSM2 token, outside --state (default: the systemd credential hsm.pin when passed, else STATE.pin beside the state directory)")
 	f.IntVar(&cfg.CA.MaxWatches, "max-watches", ca.DefaultMaxWatches, "concurrent directory long-polls one client identity may hold; more are answered 429")
 	f.StringVar(&cfg.AuditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
 	f.StringVar(&cfg.MetricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")

@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"go.yaml.in/yaml/v3"
+
+	"github.com/agentmesh/agentmesh/node"
 )
 
 // TestDeployManifests parses every Kubernetes manifest in deploy/ as YAML, checks each
@@ -54,7 +56,7 @@ func TestDeployManifests(t *testing.T) {
 				if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 					t.Fatal(err)
 				}
-				if _, err := loadProxyConfig(path); err != nil {
+				if _, err := node.LoadConfig(path); err != nil {
 					t.Errorf("%s: ConfigMap %s: %v", p, name, err)
 				}
 				configs++

@@ -1,15 +1,14 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"net/netip"
-	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
 
+	"github.com/agentmesh/agentmesh/node"
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -23,7 +22,7 @@ func newPolicyCmd() *cobra.Command {
 		Short: "Validate a policy file offline; errors name the file, line and field",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			a, err := loadPolicy(args[0])
+			a, err := node.LoadPolicy(args[0])
 			if err != nil {
 				return err
 			}
@@ -47,6 +46,7 @@ when both allow, 3 when either denies.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return explainPolicy(cmd.OutOrStdout(), file, port, args[0], args[1])
+
 		},
 	}
 	explain.Flags().StringVar(&file, "policy", "", "policy file (required)")
@@ -63,7 +63,7 @@ func explainPolicy(w io.Writer, file string, port uint16, rawSrc, rawDst string)
 	if err != nil {
 		return err
 	}
-	a, err := loadPolicy(file)
+	a, err := node.LoadPolicy(file)
 	if err != nil {
 		return err
 	}
@@ -92,19 +92,4 @@ func explainPolicy(w io.Writer, file string, port uint16, rawSrc, rawDst string)
 		}
 	}
 	return nil
-}
-
-// loadPolicy reads and parses an authorization policy; errors name the file, line and
-// field.
-func loadPolicy(path string) (*policy.Authz, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("policy: %w", err)
-	}
-	a, err := policy.ParseAuthz(data)
-	var fe *policy.FieldError
-	if errors.As(err, &fe) {
-		return nil, &FileError{File: path, Line: fe.Line, Field: fe.Field, Err: errors.New(fe.Reason)}
-	}
-	return a, err
 }

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/agentmesh/agentmesh/node"
 )
 
 const testPolicy = `inbound:
@@ -47,7 +49,7 @@ func TestPolicyCommands(t *testing.T) {
 		t.Fatalf("check good: %v %q", err, out)
 	}
 	_, err := runRoot(t, "policy", "check", bad)
-	var fe *FileError
+	var fe *node.FileError
 	if !errors.As(err, &fe) || fe.File != bad || fe.Line != 4 || fe.Field != "inbound[0].to.id" {
 		t.Fatalf("check bad: %v, want %s:4 inbound[0].to.id", err, bad)
 	}

@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/node"
 )
 
 // The registration verbs talk to the admin socket of the agentmesh ca on this host: only
@@ -214,7 +215,7 @@ func describeEntry(e ca.Entry) string {
 
 // argID parses a SPIFFE ID given on the command line; what names the argument or flag.
 func argID(what, s string) (spiffeid.ID, error) {
-	id, err := parseID(s)
+	id, err := node.ParseID(s)
 	if err != nil {
 		return spiffeid.ID{}, fmt.Errorf("%s: %w", what, err)
 	}

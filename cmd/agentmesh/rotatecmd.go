@@ -15,6 +15,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/internal/unixhttp"
+	"github.com/agentmesh/agentmesh/node"
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
@@ -45,7 +46,7 @@ through the directory's watch within a second).`,
 				}
 				return rotateFleet(cmd, state, reason)
 			}
-			req := rotateRequest{Reason: reason, Compromised: compromised}
+			req := node.RotateRequest{Reason: reason, Compromised: compromised}
 			if len(args) == 1 {
 				id, err := spiffeid.FromString(args[0])
 				if err != nil {
@@ -81,12 +82,12 @@ func rotateFleet(cmd *cobra.Command, state, reason string) error {
 }
 
 // requestRotate sends POST /rotate to the control socket of the proxy in stateDir.
-func requestRotate(ctx context.Context, stateDir string, req rotateRequest) (*rotator.RotateResult, error) {
+func requestRotate(ctx context.Context, stateDir string, req node.RotateRequest) (*rotator.RotateResult, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, err
 	}
-	sock := filepath.Join(stateDir, controlSocket)
+	sock := filepath.Join(stateDir, node.ControlSocket)
 	status, b, err := unixhttp.Do(ctx, unixhttp.Request{Socket: sock, Method: http.MethodPost, Path: "/rotate",
 		Body: body, Limit: 64 << 10, Timeout: time.Minute})
 	switch {

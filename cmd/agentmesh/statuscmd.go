@@ -10,6 +10,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/agentmesh/agentmesh/node"
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
@@ -38,7 +39,7 @@ func newStatusCmd() *cobra.Command {
 				_, err = cmd.OutOrStdout().Write(body)
 				return err
 			}
-			var st statusDocument
+			var st node.StatusDocument
 			if err := json.Unmarshal(body, &st); err != nil {
 				return fmt.Errorf("decode status: %w", err)
 			}
@@ -50,7 +51,7 @@ func newStatusCmd() *cobra.Command {
 	return cmd
 }
 
-func printStatus(w io.Writer, st statusDocument) error {
+func printStatus(w io.Writer, st node.StatusDocument) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintf(tw, "proxy  ready=%t", st.Ready)
 	if st.NotReady != "" {

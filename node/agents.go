@@ -1,9 +1,7 @@
-package main
+package node
 
 import (
 	"context"
-	"crypto"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,9 +14,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
@@ -32,14 +28,14 @@ type agents struct {
 	host     spiffeid.ID
 	newRot   func(id spiffeid.ID, reg prometheus.Registerer, p policy.Rotation) (*rotator.Rotator, error)
 	rotation atomic.Pointer[policy.Rotation] // the rotation policy in force, for new agents too
-	denyList func() *ca.DenyList
+	denyList func() proxy.DenyList
 	reg      prometheus.Registerer
 	logger   *slog.Logger
 
 	changed  chan struct{} // entries arrived; buffered 1
 	mu       sync.Mutex
-	entries  []ca.Entry // the latest directory entries; guarded by mu
-	received bool       // the directory answered once; guarded by mu
+	entries  []registration // the latest directory entries; guarded by mu
+	received bool           // the directory answered once; guarded by mu
 	running  map[spiffeid.ID]*agentRun
 	snap     atomic.Pointer[agentSnapshot]
 }
@@ -55,7 +51,7 @@ var (
 
 // agentRun is one registered agent and its rotator.
 type agentRun struct {
-	entry  ca.Entry
+	entry  registration
 	rot    *rotator.Rotator
 	reg    *ownedMetrics
 	cancel context.CancelFunc
@@ -69,7 +65,7 @@ type agentSnapshot struct {
 	byPort map[uint16]spiffeid.ID
 }
 
-func newAgents(host spiffeid.ID, rotation policy.Rotation, reg prometheus.Registerer, denyList func() *ca.DenyList,
+func newAgents(host spiffeid.ID, rotation policy.Rotation, reg prometheus.Registerer, denyList func() proxy.DenyList,
 	logger *slog.Logger, newRot func(spiffeid.ID, prometheus.Registerer, policy.Rotation) (*rotator.Rotator, error)) *agents {
 	a := &agents{host: host, newRot: newRot, denyList: denyList, reg: reg, logger: logger,
 		changed: make(chan struct{}, 1), running: map[spiffeid.ID]*agentRun{}}
@@ -94,7 +90,7 @@ func (a *agents) ByPort(port uint16) (spiffeid.ID, bool) {
 }
 
 // update takes the directory's entries (from its goroutine) for Run to apply.
-func (a *agents) update(entries []ca.Entry) {
+func (a *agents) update(entries []registration) {
 	a.mu.Lock()
 	a.entries, a.received = entries, true
 	a.mu.Unlock()
@@ -126,8 +122,8 @@ func (a *agents) Run(ctx context.Context) error {
 // apply starts a rotator for each entry of this host that has none and stops those whose
 // entry is gone: their SVIDs are dropped (their connections closed at once, their keys
 // destroyed) before the rotator ends, so an unregistered agent holds nothing.
-func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
-	want := map[spiffeid.ID]ca.Entry{}
+func (a *agents) apply(ctx context.Context, entries []registration) {
+	want := map[spiffeid.ID]registration{}
 	for _, e := range entries {
 		if e.Host == a.host {
 			want[e.ID] = e
@@ -152,24 +148,9 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 			a.running[id] = &moved
 			continue
 		}
-		reg := &ownedMetrics{reg: a.reg}
-		rot, err := a.newRot(id, reg, *a.rotation.Load())
-		if err != nil {
-			reg.unregister()
-			a.logger.Error("agent identity not started", "agent", id, "err", err)
-			continue
+		if r := a.start(ctx, e); r != nil {
+			a.running[id] = r
 		}
-		if l := a.denyList(); l != nil {
-			rot.Revoke(l.Denies)
-		}
-		rctx, cancel := context.WithCancel(ctx)
-		r := &agentRun{entry: e, rot: rot, reg: reg, cancel: cancel, done: make(chan struct{})}
-		go func() {
-			defer close(r.done)
-			_ = rot.Run(rctx)
-		}()
-		a.running[id] = r
-		a.logger.Info("agent registered", "agent", id, "uid", e.UID, "port", e.Port)
 	}
 	snap := &agentSnapshot{byID: maps.Clone(a.running), byUID: map[uint32]*agentRun{}, byPort: map[uint16]spiffeid.ID{}}
 	for _, r := range a.running {
@@ -179,6 +160,29 @@ func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
 		}
 	}
 	a.snap.Store(snap)
+}
+
+// start makes and runs the rotator of a newly registered agent; nil when it could not
+// be made (logged; the agent stays not ready).
+func (a *agents) start(ctx context.Context, e registration) *agentRun {
+	reg := &ownedMetrics{reg: a.reg}
+	rot, err := a.newRot(e.ID, reg, *a.rotation.Load())
+	if err != nil {
+		reg.unregister()
+		a.logger.Error("agent identity not started", "agent", e.ID, "err", err)
+		return nil
+	}
+	if l := a.denyList(); l != nil {
+		rot.Revoke(l.Denies)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	r := &agentRun{entry: e, rot: rot, reg: reg, cancel: cancel, done: make(chan struct{})}
+	go func() {
+		defer close(r.done)
+		_ = rot.Run(rctx)
+	}()
+	a.logger.Info("agent registered", "agent", e.ID, "uid", e.UID, "port", e.Port)
+	return r
 }
 
 // ready returns nil once the directory has answered and every agent it registers to this
@@ -255,18 +259,6 @@ func (a *agents) statuses() []rotator.Status {
 		out[i] = rot.Status()
 	}
 	return out
-}
-
-// enrolOnly makes every renewal of an agent's SVID a fresh enrolment with a token the CA
-// grants only while the agent is registered to this host: unregistering ends renewals.
-type enrolOnly struct{ c *ca.Client }
-
-func (e enrolOnly) Enroll(ctx context.Context, id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
-	return e.c.Enroll(ctx, id, key)
-}
-
-func (e enrolOnly) Renew(ctx context.Context, current *x509svid.SVID, key crypto.Signer) ([]*x509.Certificate, error) {
-	return e.c.Enroll(ctx, current.ID, key)
 }
 
 // ownedMetrics registers with reg and remembers what it registered, so an agent's

@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"errors"
@@ -38,58 +38,58 @@ func writeConfig(t *testing.T, content string) string {
 	return path
 }
 
-func TestLoadProxyConfig(t *testing.T) {
+func TestLoadConfig(t *testing.T) {
 	t.Parallel()
 	path := writeConfig(t, goodConfig)
-	c, err := loadProxyConfig(path)
+	c, err := LoadConfig(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	dir := filepath.Dir(path)
 	switch {
-	case c.ID.String() != "spiffe://example.org/host/a":
-		t.Errorf("ID = %s", c.ID)
-	case c.State != filepath.Join(dir, "state") || c.CARoot != filepath.Join(dir, "root.crt"):
-		t.Errorf("relative paths not resolved against the file: state=%s root=%s", c.State, c.CARoot)
-	case c.AuditPath != filepath.Join(dir, "state", "audit.log"):
-		t.Errorf("AuditPath = %s", c.AuditPath)
+	case c.id.String() != "spiffe://example.org/host/a":
+		t.Errorf("ID = %s", c.id)
+	case c.State != filepath.Join(dir, "state") || c.CA.Root != filepath.Join(dir, "root.crt"):
+		t.Errorf("relative paths not resolved against the file: state=%s root=%s", c.State, c.CA.Root)
+	case c.Audit.Path != filepath.Join(dir, "state", "audit.log"):
+		t.Errorf("AuditPath = %s", c.Audit.Path)
 	case c.Tunnel != ":15008" || c.Admin != "127.0.0.1:15020":
 		t.Errorf("defaults: tunnel=%s admin=%s", c.Tunnel, c.Admin)
-	case c.Unattested != proxy.UnattestedDeny || c.Unknown != proxy.UnknownDeny:
-		t.Errorf("defaults: unattested=%s unknown=%s, want deny and deny", c.Unattested, c.Unknown)
+	case c.unattested != proxy.UnattestedDeny || c.unknown != proxy.UnknownDeny:
+		t.Errorf("defaults: unattested=%s unknown=%s, want deny and deny", c.unattested, c.unknown)
 	case c.Rotation.Overlap != 10*time.Second:
 		t.Errorf("overlap = %v", c.Rotation.Overlap)
-	case len(c.Routes) != 1 || c.Routes[0].TargetPort != 8080 || c.Routes[0].PeerID.String() != "spiffe://example.org/host/b":
-		t.Errorf("routes = %+v", c.Routes)
-	case len(c.Services) != 1 || c.Services[0].Port != 9090 || len(c.Services[0].Allow) != 1:
-		t.Errorf("services = %+v", c.Services)
+	case len(c.routes) != 1 || c.routes[0].TargetPort != 8080 || c.routes[0].PeerID.String() != "spiffe://example.org/host/b":
+		t.Errorf("routes = %+v", c.routes)
+	case len(c.services) != 1 || c.services[0].Port != 9090 || len(c.services[0].Allow) != 1:
+		t.Errorf("services = %+v", c.services)
 	}
 }
 
 // TestLoadProxyConfigPool: the pool section reaches the configuration as written, and
 // its absence leaves zeros (the proxy's defaults).
-func TestLoadProxyConfigPool(t *testing.T) {
+func TestLoadConfigPool(t *testing.T) {
 	t.Parallel()
-	c, err := loadProxyConfig(writeConfig(t, strings.Replace(goodConfig, "state: state",
+	c, err := LoadConfig(writeConfig(t, strings.Replace(goodConfig, "state: state",
 		"state: state\npool:\n  max_lifetime: 10m\n  max_streams: 4\n  idle_timeout: 3s", 1)))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := (poolFile{MaxLifetime: 10 * time.Minute, MaxStreams: 4, IdleTimeout: 3 * time.Second}); c.Pool != want {
+	if want := (PoolSettings{MaxLifetime: 10 * time.Minute, MaxStreams: 4, IdleTimeout: 3 * time.Second}); c.Pool != want {
 		t.Errorf("pool = %+v, want %+v", c.Pool, want)
 	}
-	c, err = loadProxyConfig(writeConfig(t, goodConfig))
+	c, err = LoadConfig(writeConfig(t, goodConfig))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c.Pool != (poolFile{}) {
+	if c.Pool != (PoolSettings{}) {
 		t.Errorf("pool = %+v without a pool section, want zeros", c.Pool)
 	}
 }
 
 // TestLoadProxyConfigErrors checks that every malformed file is refused with the file,
 // the line and the field that is wrong.
-func TestLoadProxyConfigErrors(t *testing.T) {
+func TestLoadConfigErrors(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
 		name  string
@@ -128,7 +128,7 @@ func TestLoadProxyConfigErrors(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			path := writeConfig(t, tc.edit(goodConfig))
-			_, err := loadProxyConfig(path)
+			_, err := LoadConfig(path)
 			var fe *FileError
 			if !errors.As(err, &fe) {
 				t.Fatalf("err = %v, want *FileError", err)
@@ -140,6 +140,23 @@ func TestLoadProxyConfigErrors(t *testing.T) {
 				t.Fatalf("message %q does not start with the file name", err)
 			}
 		})
+	}
+}
+
+// TestLoadConfigProxyRules: what only the proxy's own validation knows is refused when
+// the file is loaded, not when the proxy starts, so a reload keeps it out too.
+func TestLoadConfigProxyRules(t *testing.T) {
+	t.Parallel()
+	for _, edit := range []func(string) string{
+		replace("target_port: 8080", "target_port: 8080\n    transport: h2"), // h2 is not among transports [tls]
+		replace("services:\n", "services:\n  - port: 9090\n    allow: [spiffe://example.org/host/c]\n"),
+	} {
+		path := writeConfig(t, edit(goodConfig))
+		_, err := LoadConfig(path)
+		var fe *FileError
+		if !errors.As(err, &fe) || !errors.Is(err, proxy.ErrInvalidConfig) || fe.File != path {
+			t.Fatalf("err = %v, want a *FileError of %s wrapping proxy.ErrInvalidConfig", err, path)
+		}
 	}
 }
 
@@ -156,14 +173,14 @@ func replace(old, new string) func(string) string {
 // deploy/.
 func TestDeployExamplesParse(t *testing.T) {
 	t.Parallel()
-	paths, err := filepath.Glob("../../deploy/examples/*.yaml")
+	paths, err := filepath.Glob("../deploy/examples/*.yaml")
 	if err != nil || len(paths) == 0 {
 		t.Fatalf("no example configs found: %v", err)
 	}
 	for _, p := range paths {
-		load := func(p string) error { _, err := loadProxyConfig(p); return err }
+		load := func(p string) error { _, err := LoadConfig(p); return err }
 		if strings.HasPrefix(filepath.Base(p), "policy") {
-			load = func(p string) error { _, err := loadPolicy(p); return err }
+			load = func(p string) error { _, err := LoadPolicy(p); return err }
 		}
 		if err := load(p); err != nil {
 			t.Errorf("%s: %v", p, err)

@@ -1,9 +1,8 @@
-package main
+package node
 
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -23,10 +22,10 @@ import (
 // The proxy's control socket, StateDir/control.sock (0600 in the 0700 state directory),
 // takes the commands that change credentials; the TCP admin port only reads. Callers are
 // authenticated by the kernel (SO_PEERCRED): root or the proxy's own user.
-const controlSocket = "control.sock"
+const ControlSocket = "control.sock"
 
-// rotateRequest is the body of POST /rotate.
-type rotateRequest struct {
+// RotateRequest is the body of the control socket's POST /rotate.
+type RotateRequest struct {
 	// SPIFFEID names the identity to rotate; empty means the proxy's own.
 	SPIFFEID    string `json:"spiffe_id,omitempty"`
 	Reason      string `json:"reason"`
@@ -47,7 +46,7 @@ type peerUIDKey struct{}
 // newControl serves the control socket; find returns the rotation of an identity the
 // proxy holds (the zero ID: its host's).
 func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logger *slog.Logger) (*control, error) {
-	path := filepath.Join(stateDir, controlSocket)
+	path := filepath.Join(stateDir, ControlSocket)
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode().Type() != fs.ModeSocket {
 			return nil, fmt.Errorf("control socket %s exists and is not a socket", path)
@@ -65,9 +64,29 @@ func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logg
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /rotate", func(w http.ResponseWriter, r *http.Request) {
+	mux.HandleFunc("POST /rotate", rotateHandler(find))
+	c := &control{ln: ln, logger: logger}
+	c.srv = &http.Server{
+		Handler:           c.authorize(mux),
+		ReadHeaderTimeout: 5 * time.Second,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+		ConnContext: func(ctx context.Context, conn net.Conn) context.Context {
+			uid, err := peercred.UID(conn)
+			if err != nil {
+				uid = -1
+			}
+			return context.WithValue(ctx, peerUIDKey{}, uid)
+		},
+	}
+	return c, nil
+}
+
+// rotateHandler serves POST /rotate: the identity named (the host's when none is)
+// rotates now, initiated by the caller's uid.
+func rotateHandler(find func(spiffeid.ID) (rotateFunc, bool)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
 		uid, _ := r.Context().Value(peerUIDKey{}).(int)
-		var req rotateRequest
+		var req RotateRequest
 		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {
@@ -99,21 +118,7 @@ func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logg
 		}
 		w.Header().Set("Content-Type", "application/json")
 		_ = json.NewEncoder(w).Encode(res)
-	})
-	c := &control{ln: ln, logger: logger}
-	c.srv = &http.Server{
-		Handler:           c.authorize(mux),
-		ReadHeaderTimeout: 5 * time.Second,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
-		ConnContext: func(ctx context.Context, conn net.Conn) context.Context {
-			uid, err := peercred.UID(conn)
-			if err != nil {
-				uid = -1
-			}
-			return context.WithValue(ctx, peerUIDKey{}, uid)
-		},
 	}
-	return c, nil
 }
 
 // authorize admits root and the proxy's own user, and no one else.
@@ -131,19 +136,8 @@ func (c *control) authorize(next http.Handler) http.Handler {
 
 // Run serves until ctx is done.
 func (c *control) Run(ctx context.Context) error {
-	errc := make(chan error, 1)
-	go func() { errc <- c.srv.Serve(c.ln) }()
-	select {
-	case err := <-errc:
-		if errors.Is(err, http.ErrServerClosed) {
-			return nil
-		}
+	if err := serveUntil(ctx, c.srv, c.ln); err != nil {
 		return fmt.Errorf("control socket: %w", err)
-	case <-ctx.Done():
 	}
-	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
-	defer cancel()
-	_ = c.srv.Shutdown(sctx)
-	<-errc
 	return nil
 }

@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -24,8 +24,8 @@ type proxyState interface {
 	TicketKeys() []proxy.TicketKeyStatus
 }
 
-// statusDocument is the admin API's /status answer.
-type statusDocument struct {
+// StatusDocument is the admin API's /status answer.
+type StatusDocument struct {
 	// Ready and NotReady are /readyz's answer, computed the same way: ready once the host
 	// and every agent the directory registers to it hold a valid SVID, the deny-list is
 	// fresh and the audit log takes records; NotReady says why not.
@@ -66,7 +66,7 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
-		doc := statusDocument{Ready: true, Identities: identities(), TicketKeys: px.TicketKeys()}
+		doc := StatusDocument{Ready: true, Identities: identities(), TicketKeys: px.TicketKeys()}
 		if err := readiness(); err != nil {
 			doc.Ready, doc.NotReady = false, err.Error()
 		}
@@ -87,16 +87,28 @@ func (a *admin) Addr() net.Addr { return a.ln.Addr() }
 
 // Run serves until ctx is done.
 func (a *admin) Run(ctx context.Context) error {
+	if err := serveUntil(ctx, a.srv, a.ln); err != nil {
+		return fmt.Errorf("admin: %w", err)
+	}
+	return nil
+}
+
+// serveUntil serves ln until ctx is done, then shuts srv down, giving requests in
+// progress two seconds.
+func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	errc := make(chan error, 1)
-	go func() { errc <- a.srv.Serve(a.ln) }()
+	go func() { errc <- srv.Serve(ln) }()
 	select {
 	case err := <-errc:
-		return fmt.Errorf("admin: %w", err)
+		if errors.Is(err, http.ErrServerClosed) {
+			return nil
+		}
+		return err
 	case <-ctx.Done():
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	_ = a.srv.Shutdown(sctx)
+	_ = srv.Shutdown(sctx)
 	<-errc
 	return nil
 }

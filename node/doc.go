@@ -1,0 +1,22 @@
+// Package node owns the proxy process (`agentmesh proxy`): its configuration file,
+// decoded once into Config by LoadConfig (unknown fields refused, every error a
+// *FileError naming file, line and field), and Run, which builds the components in
+// dependency order (audit log, host rotator, agents' supervisor, mesh client, proxy,
+// admin port, control socket) and runs them under one errgroup.
+//
+// While it runs, node applies each new mesh state and each configuration change as a
+// diff, in one place (applier): the registration entries become the identities held
+// (one rotator per agent registered to this host, started and stopped as entries come
+// and go), a deny-list reaches every rotator and the proxy, a fleet command rotates
+// every identity, and the watcher re-reads the configuration, CA root and policy files
+// on change and on SIGHUP: the rotation policy, the trust bundle and the authorization
+// policy apply live; routes and services go through applyListeners; an invalid file is
+// refused (policy files are audited) and the last good configuration stays in force.
+// The compromise flow (rotation.now) rotates, drops every session-ticket key and asks
+// the CA to revoke the identity's lineage but the new certificate.
+//
+// node does not enforce anything itself: interception, tunnels and policy decisions are
+// package proxy's, credential lifecycles package rotator's. Its use of the mesh API's
+// client is confined to mesh.go, behind interfaces node declares (meshDirectory,
+// lineageRevoker), so the client can change without touching the rest.
+package node

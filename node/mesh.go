@@ -1,0 +1,155 @@
+package node
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"crypto/x509"
+	"log/slog"
+	"net/netip"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/proxy"
+	"github.com/agentmesh/agentmesh/rotator"
+)
+
+// This file is the only one of the package that knows the mesh API's client: the rest
+// of node sees it through the interfaces below, declared here by their consumer.
+
+// meshDirectory is the node's view of the mesh client: its loop, the peer lookups the
+// proxy makes, the deny-list's freshness, and enrolment tokens for local agents.
+type meshDirectory interface {
+	proxy.Directory
+	Run(ctx context.Context) error
+	CheckFresh(maxAge time.Duration) error
+	// DenyList is the list in force, nil before the first one.
+	DenyList() proxy.DenyList
+	AgentToken(ctx context.Context, id spiffeid.ID) (string, error)
+}
+
+// lineageRevoker asks the CA to revoke every certificate of id's lineage but keep,
+// authenticating with cert, and returns the serials revoked.
+type lineageRevoker interface {
+	RevokeLineage(ctx context.Context, cert tls.Certificate, id spiffeid.ID, keep, reason string) ([]string, error)
+}
+
+// registration is an agent registered to a host, as the directory lists it.
+type registration struct {
+	ID   spiffeid.ID
+	Host spiffeid.ID
+	UID  uint32 // the uid of the agent's processes on Host
+	Port uint16 // where the agent listens on its host; 0: none
+}
+
+// meshEvents receives what the mesh client learns, from its goroutines, never
+// concurrently per kind.
+type meshEvents interface {
+	onEntries([]registration)
+	onDenyList(proxy.DenyList) (closed int)
+	onFleetRotation(id uint64, reason string)
+}
+
+// caLink is how the proxy reaches agentmesh ca.
+type caLink struct {
+	url     string
+	roots   []*x509.Certificate
+	control func(network, address string, c syscall.RawConn) error // the proxy's mark, or nil
+}
+
+func (l caLink) clientConfig(token func(context.Context) (string, error), logger *slog.Logger) ca.ClientConfig {
+	return ca.ClientConfig{URL: l.url, Roots: l.roots, Token: token, Control: l.control, Logger: logger}
+}
+
+// issuer enrols with token and renews over mTLS.
+func (l caLink) issuer(token func(context.Context) (string, error), logger *slog.Logger) (rotator.Issuer, error) {
+	return ca.NewClient(l.clientConfig(token, logger))
+}
+
+// agentIssuer makes every renewal of an agent's SVID a fresh enrolment with a token the
+// CA grants only while the agent is registered to this host: unregistering ends
+// renewals.
+func (l caLink) agentIssuer(token func(context.Context) (string, error), logger *slog.Logger) (rotator.Issuer, error) {
+	c, err := ca.NewClient(l.clientConfig(token, logger))
+	if err != nil {
+		return nil, err
+	}
+	return enrolOnly{c}, nil
+}
+
+type enrolOnly struct{ c *ca.Client }
+
+func (e enrolOnly) Enroll(ctx context.Context, id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
+	return e.c.Enroll(ctx, id, key)
+}
+
+func (e enrolOnly) Renew(ctx context.Context, current *x509svid.SVID, key crypto.Signer) ([]*x509.Certificate, error) {
+	return e.c.Enroll(ctx, current.ID, key)
+}
+
+// RevokeLineage implements lineageRevoker.
+func (l caLink) RevokeLineage(ctx context.Context, cert tls.Certificate, id spiffeid.ID, keep, reason string) ([]string, error) {
+	rr, err := ca.RevokeRemote(ctx, l.clientConfig(nil, nil), cert, ca.RevokeRequest{SPIFFEID: id.String(), Except: keep, Reason: reason})
+	if err != nil {
+		return nil, err
+	}
+	return rr.Serials, nil
+}
+
+// directorySettings is what the directory client needs besides the CA link.
+type directorySettings struct {
+	certificate   func() (*tls.Certificate, error)
+	addresses     []netip.Addr
+	tunnelPort    uint16
+	transports    []string
+	bundleVersion func() string
+	heartbeat     time.Duration
+	poll          time.Duration
+	audit         *audit.Log
+	registerer    prometheus.Registerer
+	logger        *slog.Logger
+}
+
+// directory starts nothing: Run does. Events arrive only once it runs.
+func (l caLink) directory(s directorySettings, ev meshEvents) (meshDirectory, error) {
+	d, err := ca.NewDirectory(ca.DirectoryConfig{
+		URL: l.url, Roots: l.roots, Control: l.control,
+		Certificate: s.certificate, Addresses: s.addresses, TunnelPort: s.tunnelPort, Transports: s.transports,
+		BundleVersion: s.bundleVersion, Heartbeat: s.heartbeat, PollInterval: s.poll,
+		Audit: s.audit, Registerer: s.registerer, Logger: s.logger,
+		OnEntries: func(entries []ca.Entry) {
+			regs := make([]registration, len(entries))
+			for i, e := range entries {
+				regs[i] = registration{ID: e.ID, Host: e.Host, UID: e.UID, Port: e.Port}
+			}
+			ev.onEntries(regs)
+		},
+		OnDenyList:      func(l *ca.DenyList) int { return ev.onDenyList(l) },
+		OnFleetRotation: func(f ca.FleetRotation) { ev.onFleetRotation(f.ID, f.Reason) },
+	})
+	if err != nil {
+		return nil, err
+	}
+	return caDirectory{d}, nil
+}
+
+// caDirectory adapts the CA's directory client to meshDirectory.
+type caDirectory struct{ *ca.Directory }
+
+func (x caDirectory) PeerFor(a netip.Addr) (proxy.Peer, bool) {
+	id, tunnel, ok := x.Directory.PeerFor(a)
+	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: x.TransportsFor(a), Agents: x.AgentsAt(a)}, ok
+}
+
+func (x caDirectory) DenyList() proxy.DenyList {
+	if l := x.Directory.DenyList(); l != nil {
+		return l
+	}
+	return nil
+}
