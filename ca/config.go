@@ -13,20 +13,17 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/ca/authority"
 )
 
 const (
 	defaultListen        = ":9443"
 	defaultSVIDLifetime  = time.Hour
-	minSVIDLifetime      = 10 * time.Second
+	minSVIDLifetime      = authority.MinSVIDLifetime
 	defaultTokenLifetime = 5 * time.Minute
 	maxTokenLifetime     = 24 * time.Hour
 	defaultClientTimeout = 10 * time.Second
 	defaultDirectoryTTL  = 30 * time.Second
-
-	// rootValidity is the lifetime of the self-signed root; the intermediate ends
-	// with it.
-	rootValidity = 10 * 365 * 24 * time.Hour
 )
 
 // Config configures a Server. The zero value of every optional field selects the

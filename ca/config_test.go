@@ -8,8 +8,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/smallstep/certificates/authority/config"
-	"github.com/smallstep/certificates/authority/provisioner"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -78,22 +76,6 @@ func TestBackdate(t *testing.T) {
 	}
 }
 
-// The provisioner's claims pass step-ca's own validation for every accepted lifetime,
-// with a minimum of at most 10s and default = maximum = the lifetime.
-func TestSVIDClaims(t *testing.T) {
-	t.Parallel()
-	for _, lifetime := range []time.Duration{10 * time.Second, time.Minute, time.Hour, 24 * time.Hour, 90 * 24 * time.Hour} {
-		c, err := provisioner.NewClaimer(svidClaims(lifetime), config.GlobalProvisionerClaims)
-		if err != nil {
-			t.Fatalf("claims for %v: %v", lifetime, err)
-		}
-		if c.MinTLSCertDuration() > 10*time.Second || c.DefaultTLSCertDuration() != lifetime ||
-			c.MaxTLSCertDuration() != lifetime || c.IsDisableRenewal() || c.AllowRenewalAfterExpiry() {
-			t.Errorf("claims for %v: %+v", lifetime, c.Claims())
-		}
-	}
-}
-
 func TestServerNames(t *testing.T) {
 	t.Parallel()
 	for _, tc := range []struct {
@@ -141,30 +123,6 @@ func TestLocalURLHost(t *testing.T) {
 	} {
 		if got := localURLHost(tc.listen, tc.bound); got != tc.want {
 			t.Errorf("localURLHost(%q, %v) = %q, want %q", tc.listen, tc.bound, got, tc.want)
-		}
-	}
-}
-
-func TestServingRenewIn(t *testing.T) {
-	t.Parallel()
-	nb := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	na := nb.Add(24 * time.Hour)
-	for _, tc := range []struct {
-		name     string
-		now      time.Time
-		failures int
-		want     time.Duration
-	}{
-		{"fresh", nb, 0, 16 * time.Hour},
-		{"half way", nb.Add(12 * time.Hour), 0, 4 * time.Hour},
-		{"past two thirds", nb.Add(20 * time.Hour), 0, 0},
-		{"expired", na.Add(time.Hour), 0, 0},
-		{"first retry", nb.Add(20 * time.Hour), 1, time.Second},
-		{"third retry", nb.Add(20 * time.Hour), 3, 4 * time.Second},
-		{"retry capped", nb.Add(20 * time.Hour), 30, time.Minute},
-	} {
-		if got := servingRenewIn(nb, na, tc.now, tc.failures); got != tc.want {
-			t.Errorf("%s: servingRenewIn = %v, want %v", tc.name, got, tc.want)
 		}
 	}
 }

@@ -15,11 +15,12 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/smallstep/certificates/authority"
+	stepauthority "github.com/smallstep/certificates/authority"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/ca/authority"
 )
 
 // metricLineageRefused counts issuances refused by the lineage rules, by reason.
@@ -78,7 +79,7 @@ func (s *Server) guardLineage(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		body, err := io.ReadAll(io.LimitReader(r.Body, maxSignBody))
+		body, err := io.ReadAll(io.LimitReader(r.Body, authority.MaxSignBody))
 		if err != nil {
 			writeStepError(w, http.StatusBadRequest, "error reading request body")
 			return
@@ -154,11 +155,11 @@ func mayRevokeLineage(caller spiffeid.ID, callerSerial string, t revokeTarget) b
 // revokeLineage is Revoke for a request with Except: every unexpired certificate of the
 // identity's lineage but Except, which must be the newest, is marked revoked, listed
 // on the next deny-list and revoked in step-ca. The caller holds revokeMu.
-func (s *Server) revokeLineage(ctx context.Context, auth *authority.Authority, t revokeTarget, now time.Time) (*RevokeResult, error) {
+func (s *Server) revokeLineage(ctx context.Context, auth *stepauthority.Authority, t revokeTarget, now time.Time) (*RevokeResult, error) {
 	return s.revokeLineageWhere(ctx, auth, t.id, t.except, func(e lineageEntry) bool { return e.Serial == t.except }, t.reason, now)
 }
 
-func (s *Server) revokeLineageWhere(ctx context.Context, auth *authority.Authority, id spiffeid.ID, head string,
+func (s *Server) revokeLineageWhere(ctx context.Context, auth *stepauthority.Authority, id spiffeid.ID, head string,
 	keep func(lineageEntry) bool, reason string, now time.Time) (*RevokeResult, error) {
 	marked, markErr := s.db.lin.revokeWhere(id, head, keep, reason, now)
 	if markErr != nil && len(marked) == 0 {
@@ -207,7 +208,7 @@ func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e Entry
 	reason := "registered to " + e.Host.String()
 	s.revokeMu.Lock()
 	s.mu.Lock()
-	state, auth := s.state, s.auth
+	state, auth := s.state, s.auth.Step()
 	s.mu.Unlock()
 	var res *RevokeResult
 	if state == stateClosed {

@@ -180,7 +180,7 @@ func (s *Server) revoke(ctx context.Context, req RevokeRequest) (*RevokeResult, 
 	defer s.revokeMu.Unlock()
 
 	s.mu.Lock()
-	state, auth := s.state, s.auth
+	state, auth := s.state, s.auth.Step()
 	s.mu.Unlock()
 	if state == stateClosed {
 		return nil, ErrServerClosed
@@ -384,7 +384,7 @@ func nextDenyList(cur *DenyList, now time.Time, ids []DeniedID, serials []Denied
 
 // signDenyState signs l with the intermediate's key (in the HSM).
 func (s *Server) signDenyState(l *DenyList) (*denyState, error) {
-	signed, err := signDenyList(l, s.certs.intermediateSigner, s.certs.intermediate)
+	signed, err := signDenyList(l, s.auth.IntermediateSigner(), s.auth.Intermediate())
 	if err != nil {
 		return nil, err
 	}
@@ -425,7 +425,7 @@ func (s *Server) initDenyList(now time.Time) error {
 		if err := decodeStrict(bytes.NewReader(b), &signed); err != nil {
 			return fmt.Errorf("deny list %s: %w", path, err)
 		}
-		l, err := VerifyDenyList(&signed, s.cfg.TrustDomain, []*x509.Certificate{s.certs.root}, now)
+		l, err := VerifyDenyList(&signed, s.cfg.TrustDomain, []*x509.Certificate{s.auth.Root()}, now)
 		if err != nil {
 			return fmt.Errorf("deny list %s: %w", path, err)
 		}
