@@ -138,7 +138,7 @@ func lineageStatus(err error) int {
 // lineageRefused audits, counts and logs a refusal.
 func (s *Server) lineageRefused(ctx context.Context, rec audit.Lineage, msg string) {
 	rec.Result = "refused"
-	s.lineageRefusals.WithLabelValues(rec.Reason).Inc()
+	s.db.lin.refusals.WithLabelValues(rec.Reason).Inc()
 	s.audit(rec)
 	s.log.LogAttrs(ctx, slog.LevelWarn, "issuance refused by the lineage",
 		slog.String(keyOp, rec.Op), slog.String(keySPIFFEID, rec.Caller), slog.String(keySerial, rec.Serial),
@@ -206,7 +206,7 @@ func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e Entry
 		return nil
 	}
 	reason := "registered to " + e.Host.String()
-	s.revokeMu.Lock()
+	s.deny.mu.Lock()
 	s.mu.Lock()
 	state, auth := s.state, s.auth.Step()
 	s.mu.Unlock()
@@ -216,7 +216,7 @@ func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e Entry
 	} else {
 		res, err = s.revokeLineageWhere(ctx, auth, e.ID, "", func(c lineageEntry) bool { return c.Host == e.Host }, reason, now)
 	}
-	s.revokeMu.Unlock()
+	s.deny.mu.Unlock()
 	rec := audit.Revocation{Initiator: initiator, SPIFFEID: e.ID.String(), Reason: reason, Result: "ok"}
 	if res != nil {
 		rec.Serials, rec.ListVersion = res.Serials, res.ListVersion

@@ -10,10 +10,8 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -42,24 +40,15 @@ type Server struct {
 	log *slog.Logger
 
 	lock    *os.File             // the state directory's lock
-	auth    *authority.Authority // keys, certificates, tokens, step-ca; guards itself
+	auth    *authority.Authority // keys, certificates, tokens, step-ca and its HTTPS listener
 	db      authDB               // step-ca's database with the revocation and lineage stores
-	ln      net.Listener         // the HTTPS API
-	url     string
 	adminLn *net.UnixListener
 
-	dir             *registry
-	deny            atomic.Pointer[denyState] // the deny-list in force
-	revokeMu        sync.Mutex                // serialises Revoke
-	fleetMu         sync.Mutex                // serialises RotateFleet
-	fleet           *FleetRotation            // the latest; guarded by fleetMu
-	entries         atomic.Pointer[entrySet]  // the registration entries in force
-	entriesMu       sync.Mutex                // serialises changes to entries
-	lineageRefusals *prometheus.CounterVec    // issuances the lineage refused, by reason
-	claims          atomic.Pointer[claimSet]  // the address claims in force
-	claimsMu        sync.RWMutex              // read: a registration checked and applied; write: claims changed
-	claimMetrics    *claimMetrics
-	pruneWake       chan struct{} // coalesced: a deny-list was published
+	dir     *registry
+	deny    denyStore
+	fleet   fleetStore
+	entries entryStore
+	claims  claimStore
 
 	mu          sync.Mutex
 	state       serverState // guarded by mu
@@ -92,7 +81,8 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, pruneWake: make(chan struct{}, 1)}
+	s := &Server{cfg: cfg, log: cfg.Logger}
+	s.deny.wake = make(chan struct{}, 1)
 	defer func() {
 		if err != nil {
 			_ = s.release()
@@ -120,19 +110,13 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}); err != nil {
 		return nil, err
 	}
-	s.lineageRefusals, s.claimMetrics = newLineageMetric(), newClaimMetrics()
-	if s.db, err = openDB(cfg.StateDir, s.auth, &s.entries, s.lineageRefused); err != nil {
+	s.claims.metrics = newClaimMetrics()
+	if s.db, err = openDB(cfg.StateDir, s.auth, &s.entries.Pointer, s.lineageRefused); err != nil {
 		return nil, err
 	}
 	s.db.rev.backdate = backdate(cfg.SVIDLifetime)
 
-	var lc net.ListenConfig
-	if s.ln, err = lc.Listen(ctx, "tcp", cfg.Listen); err != nil {
-		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
-	}
-	urlHost := localURLHost(cfg.Listen, s.ln.Addr())
-	s.url = "https://" + net.JoinHostPort(urlHost, strconv.Itoa(s.ln.Addr().(*net.TCPAddr).Port))
-	if err := s.auth.SetAddress(s.ln.Addr(), serverNames(cfg.DNSNames, cfg.Listen, urlHost)); err != nil {
+	if err := s.auth.Listen(ctx, cfg.Listen, cfg.DNSNames); err != nil {
 		return nil, err
 	}
 	if s.adminLn, err = listenAdmin(filepath.Join(cfg.StateDir, fileAdminSocket)); err != nil {
@@ -154,7 +138,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	// Registered last, so that a New that fails leaves the registry as it was.
-	if err := registerMetrics(cfg.Registerer, s.lineageRefusals, s.claimMetrics.refused, s.claimMetrics.learnt); err != nil {
+	if err := registerMetrics(cfg.Registerer, s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt); err != nil {
 		return nil, err
 	}
 
@@ -163,7 +147,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		keyStateDir, cfg.StateDir,
 		keyKMS, s.auth.KMS(),
 		keyFirstStart, s.auth.Created(),
-		keyAddr, s.ln.Addr().String(),
+		keyAddr, s.auth.Addr().String(),
 		keyRootSPKI, spkiSHA256(s.auth.Root()),
 		keyDuration, time.Since(started))
 	return s, nil
@@ -193,12 +177,12 @@ func prepareStateDir(dir string, log *slog.Logger) error {
 }
 
 // Addr is the bound address of the HTTPS API.
-func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+func (s *Server) Addr() net.Addr { return s.auth.Addr() }
 
 // URL is the base URL local clients use for the HTTPS API, https://127.0.0.1:PORT when
 // the listener is on all interfaces, else https://LISTEN-HOST:PORT. Its host is always in
 // the serving certificate.
-func (s *Server) URL() string { return s.url }
+func (s *Server) URL() string { return s.auth.URL() }
 
 // Roots returns the CA's trust anchors (the root certificate). The caller may not
 // modify them.
@@ -244,8 +228,6 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	apiSrv := &http.Server{
 		Handler:           s.apiHandler(),
-		TLSConfig:         s.auth.TLSConfig(),
-		BaseContext:       func(net.Listener) context.Context { return s.auth.BaseContext() },
 		ErrorLog:          errLog,
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
@@ -263,7 +245,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	}
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return serveErr("https api", apiSrv.ServeTLS(s.ln, "", "")) })
+	g.Go(func() error { return serveErr("https api", s.auth.Serve(apiSrv)) })
 	g.Go(func() error { return serveErr("admin api", adminSrv.Serve(s.adminLn)) })
 	g.Go(func() error { s.auth.RenewServingCert(gctx); return nil })
 	g.Go(func() error { s.dir.run(gctx); return nil })
@@ -276,7 +258,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		defer cancel()
 		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv))
 	})
-	s.log.Info("ca serving", keyURL, s.url, keyAddr, s.ln.Addr().String(),
+	s.log.Info("ca serving", keyURL, s.auth.URL(), keyAddr, s.auth.Addr().String(),
 		keyAdminSocket, s.adminLn.Addr().String())
 	if err := g.Wait(); err != nil {
 		return boundary(err)
@@ -309,9 +291,6 @@ func (s *Server) release() error {
 	s.releaseOnce.Do(func() {
 		if s.adminLn != nil {
 			_ = s.adminLn.Close() // also unlinks the socket
-		}
-		if s.ln != nil {
-			_ = s.ln.Close()
 		}
 		if s.auth != nil {
 			var closeDB func() error

@@ -20,5 +20,6 @@ deny hsm policy audit ca rotator proxy
 deny ca rotator proxy
 deny rotator ca proxy hsm
 deny proxy ca rotator hsm
+deny ca/authority ca rotator proxy
 [ $fail -eq 0 ] && echo "depcheck: ok"
 exit $fail

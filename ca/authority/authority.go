@@ -11,7 +11,6 @@ import (
 	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -22,7 +21,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/kms/pkcs11"
-	"go.step.sm/crypto/x509util"
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/hsm"
@@ -63,11 +61,11 @@ type Policy struct {
 	AuthorizeRenew func(context.Context, *provisioner.Controller, *x509.Certificate) error
 }
 
-// Authority is step-ca's authority with its keys in a PKCS#11 token. Open prepares the
-// keys and certificates, SetAddress names the HTTPS endpoint, Start runs step-ca; Close
-// releases all of it. Its state is immutable after SetAddress except the serving
-// certificate and the running step-ca, each behind an atomic pointer, so every method
-// is safe for concurrent use once SetAddress has returned.
+// Authority is step-ca's authority with its keys in a PKCS#11 token, served over
+// HTTPS. Open prepares the keys and certificates, Listen binds the HTTPS listener,
+// Start runs step-ca, Serve serves it; Close releases all of it. Its state is immutable
+// after Listen except the serving certificate and the running step-ca, each behind an
+// atomic pointer, so every method is safe for concurrent use once Listen has returned.
 type Authority struct {
 	cfg            Config
 	log            *slog.Logger
@@ -80,8 +78,9 @@ type Authority struct {
 	created        bool // Open created the root or the intermediate
 	uses           *tokenUses
 
-	// Set by SetAddress.
-	addr     string
+	// Set by Listen.
+	ln       net.Listener
+	url      string
 	dnsNames []string
 	tokens   *tokenIssuer
 
@@ -151,19 +150,6 @@ func Open(ctx context.Context, cfg Config) (_ *Authority, err error) {
 	return a, nil
 }
 
-// SetAddress names the HTTPS endpoint step-ca serves: the bound address and the DNS
-// names of its serving certificate, the first of which is the audience of bootstrap
-// tokens. Call it once, after Open and before Start or Token.
-func (a *Authority) SetAddress(addr net.Addr, dnsNames []string) error {
-	a.addr, a.dnsNames = addr.String(), dnsNames
-	port := strconv.Itoa(addr.(*net.TCPAddr).Port)
-	audience := "https://" + net.JoinHostPort(dnsNames[0], port) + "/1.0/sign"
-	var err error
-	a.tokens, err = newTokenIssuer(a.cfg.TrustDomain, a.provKey, a.provisioner.Key.KeyID, audience,
-		x509util.Fingerprint(a.certs.root), a.cfg.TokenLifetime)
-	return err
-}
-
 // KMS is the redacted URI of the token (no PIN).
 func (a *Authority) KMS() string { return hsm.RedactURI(a.kmsURI) }
 
@@ -193,7 +179,7 @@ func (a *Authority) config() *config.Config {
 		Root:             []string{filepath.Join(a.cfg.StateDir, fileRoot)},
 		IntermediateCert: filepath.Join(a.cfg.StateDir, fileIntermediate),
 		IntermediateKey:  keyURIIntermediate,
-		Address:          a.addr,
+		Address:          a.ln.Addr().String(),
 		DNSNames:         a.dnsNames,
 		CommonName:       "agentmesh CA " + a.cfg.TrustDomain.Name(),
 		AuthorityConfig: &config.AuthConfig{
@@ -238,6 +224,9 @@ func (a *Authority) Start(p Policy) error {
 // closeDB (if not nil) for the database the caller opened. Call it once.
 func (a *Authority) Close(closeDB func() error) error {
 	var errs []error
+	if a.ln != nil {
+		_ = a.ln.Close()
+	}
 	if auth := a.step.Load(); auth != nil {
 		// Closes the KMS (ending the token session) and the database.
 		if err := auth.Shutdown(); err != nil {

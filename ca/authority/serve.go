@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"time"
 
@@ -53,6 +54,14 @@ func (a *Authority) logAPIError(_ http.ResponseWriter, r *http.Request, err erro
 	a.log.LogAttrs(r.Context(), level, msg,
 		slog.String(keyMethod, r.Method), slog.String(keyPath, r.URL.Path),
 		slog.Int(keyStatus, status), slog.String(keyErr, err.Error()))
+}
+
+// Serve serves srv over TLS on the listener Listen bound, with TLSConfig and
+// BaseContext, until srv is shut down (http.ErrServerClosed). Call it after Start.
+func (a *Authority) Serve(srv *http.Server) error {
+	srv.TLSConfig = a.TLSConfig()
+	srv.BaseContext = func(net.Listener) context.Context { return a.BaseContext() }
+	return srv.ServeTLS(a.ln, "", "")
 }
 
 // TLSConfig serves the authority-issued certificate Start issued and

@@ -1,0 +1,151 @@
+package ca
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/json"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The files New loads from the state directory (entries.json, claims.json,
+// fleet-rotation.json, denylist.json) are written atomically by the CA, so a file it
+// cannot take was edited by hand or tampered with: the loader must refuse it with an
+// error that names the file, never panic, and what it accepts must survive the CA
+// writing it back.
+
+// fuzzPath is the path the fuzzed loaders are told they read.
+const fuzzPath = "/state/fuzzed.json"
+
+// refusedNamingFile fails t unless err names the file.
+func refusedNamingFile(t *testing.T, err error) {
+	t.Helper()
+	if !strings.Contains(err.Error(), fuzzPath) {
+		t.Fatalf("refusal does not name the file: %v", err)
+	}
+}
+
+func mustJSON(tb testing.TB, v any) []byte {
+	tb.Helper()
+	b, err := json.Marshal(v)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return b
+}
+
+// FuzzEntriesFile: entries.json as storeEntries writes it.
+func FuzzEntriesFile(f *testing.F) {
+	f.Add(mustJSON(f, entriesFile{Entries: []Entry{{ID: agentX, Host: idA, UID: 1000, Port: 8080}}}))
+	f.Add(mustJSON(f, entriesFile{Entries: []Entry{{ID: agentX, Host: idA, UID: 1000}, {ID: agentY, Host: idB, UID: 1}}}))
+	f.Add(mustJSON(f, entriesFile{Entries: []Entry{{ID: agentX, Host: idA, UID: 1000}, {ID: agentY, Host: idA, UID: 1000}}})) // conflict
+	f.Add([]byte(`{"entries":[]}`))
+	f.Add([]byte(`{"entries":[{"id":"spiffe://evil.test/agent/x","host":"spiffe://mesh.test/host/a"}]}`))
+	f.Add([]byte(`{"entries":null,"extra":1}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		set, err := parseEntriesFile(testTD, fuzzPath, b)
+		if err != nil {
+			refusedNamingFile(t, err)
+			return
+		}
+		again, err := parseEntriesFile(testTD, fuzzPath, mustJSON(t, entriesFile{Entries: set.sorted}))
+		if err != nil {
+			t.Fatalf("accepted entries refused once written back: %v", err)
+		}
+		if !slicesEqualOrEmpty(set.sorted, again.sorted) {
+			t.Fatalf("writing back changed the entries: %+v -> %+v", set.sorted, again.sorted)
+		}
+	})
+}
+
+// FuzzClaimsFile: claims.json as storeClaims writes it.
+func FuzzClaimsFile(f *testing.F) {
+	f.Add([]byte(`{"hosts":[{"host":"spiffe://mesh.test/host/a","prefixes":["10.0.0.0/24","fd00::/64"],"source":"admin","at":"2030-01-01T00:00:00Z"}]}`))
+	f.Add([]byte(`{"hosts":[{"host":"spiffe://mesh.test/host/b","prefixes":["192.0.2.5/32"],"source":"learnt","from":"192.0.2.5","at":"2030-01-01T00:00:00Z"}]}`))
+	f.Add([]byte(`{"hosts":[{"host":"spiffe://mesh.test/host/a","prefixes":["10.0.0.0/24"],"source":"admin","at":"2030-01-01T00:00:00Z"},{"host":"spiffe://mesh.test/host/b","prefixes":["10.0.0.5/32"],"source":"admin","at":"2030-01-01T00:00:00Z"}]}`))
+	f.Add([]byte(`{"hosts":[]}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		set, err := parseClaimsFile(testTD, fuzzPath, b)
+		if err != nil {
+			refusedNamingFile(t, err)
+			return
+		}
+		again, err := parseClaimsFile(testTD, fuzzPath, mustJSON(t, claimsFile{Hosts: set.sorted}))
+		if err != nil {
+			t.Fatalf("accepted claims refused once written back: %v", err)
+		}
+		if !slicesEqualOrEmpty(set.sorted, again.sorted) {
+			t.Fatalf("writing back changed the claims: %+v -> %+v", set.sorted, again.sorted)
+		}
+	})
+}
+
+// FuzzFleetRotationFile: fleet-rotation.json as RotateFleet writes it.
+func FuzzFleetRotationFile(f *testing.F) {
+	at := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
+	f.Add(mustJSON(f, FleetRotation{ID: 10, At: at, Reason: "quarterly"}))
+	f.Add(mustJSON(f, FleetRotation{ID: nextFleetID(10, at), At: at.Add(time.Hour), Reason: ""}))
+	f.Add(mustJSON(f, FleetRotation{ID: 0, At: at}))
+	f.Add([]byte(`{"id":1,"at":"2030-01-01T00:00:00Z","reason":"bell\u0007"}`))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		fr, err := parseFleetRotationFile(fuzzPath, b)
+		if err != nil {
+			refusedNamingFile(t, err)
+			return
+		}
+		again, err := parseFleetRotationFile(fuzzPath, mustJSON(t, fr))
+		if err != nil {
+			t.Fatalf("accepted fleet rotation refused once written back: %v", err)
+		}
+		if again.ID != fr.ID || !again.At.Equal(fr.At) || again.Reason != fr.Reason {
+			t.Fatalf("writing back changed the fleet rotation: %+v -> %+v", fr, again)
+		}
+	})
+}
+
+// FuzzDenyListFile: denylist.json as publish writes it. The fuzzed payload is also
+// signed correctly, so that the decoder behind the signature check is reached.
+func FuzzDenyListFile(f *testing.F) {
+	ca := newListCA(f, testTD)
+	good := ca.sign(f, sampleList())
+	f.Add(mustJSON(f, good), good.Payload)
+	empty := ca.sign(f, &DenyList{TrustDomain: testTD.Name(), Version: 1, IssuedAt: listT0, IDs: []DeniedID{}, Serials: []DeniedSerial{}})
+	f.Add(mustJSON(f, empty), empty.Payload)
+	f.Add([]byte(`{"payload":"e30=","signature":"","signer":""}`), []byte(`{}`))
+	roots := []*x509.Certificate{ca.root}
+	now := time.Now()
+	load := func(t *testing.T, b []byte) {
+		t.Helper()
+		st, err := parseDenyListFile(fuzzPath, b, testTD, roots, now)
+		if err != nil {
+			refusedNamingFile(t, err)
+			return
+		}
+		// The file is served as read: what is accepted is kept byte for byte, and its
+		// list verifies again once the CA re-signs it.
+		if !bytes.Equal(st.encoded, b) {
+			t.Fatal("the accepted file is not served as read")
+		}
+		checkReencodes(t, ca, st.list)
+	}
+	f.Fuzz(func(t *testing.T, file, payload []byte) {
+		load(t, file)
+		sig, err := ca.interKey.Sign(rand.Reader, denyListDigest(payload), crypto.SHA256)
+		if err != nil {
+			t.Fatal(err)
+		}
+		load(t, mustJSON(t, SignedDenyList{Payload: payload, Signature: sig, Signer: ca.inter.Raw}))
+	})
+}
+
+// slicesEqualOrEmpty is reflect.DeepEqual that does not tell nil from empty.
+func slicesEqualOrEmpty[T any](a, b []T) bool {
+	if len(a) == 0 && len(b) == 0 {
+		return true
+	}
+	return reflect.DeepEqual(a, b)
+}
