@@ -48,18 +48,13 @@ func FuzzEntriesFile(f *testing.F) {
 	f.Add([]byte(`{"entries":[{"id":"spiffe://evil.test/agent/x","host":"spiffe://mesh.test/host/a"}]}`))
 	f.Add([]byte(`{"entries":null,"extra":1}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		set, err := parseEntriesFile(testTD, fuzzPath, b)
-		if err != nil {
-			refusedNamingFile(t, err)
-			return
-		}
-		again, err := parseEntriesFile(testTD, fuzzPath, mustJSON(t, entriesFile{Entries: set.sorted}))
-		if err != nil {
-			t.Fatalf("accepted entries refused once written back: %v", err)
-		}
-		if !slicesEqualOrEmpty(set.sorted, again.sorted) {
-			t.Fatalf("writing back changed the entries: %+v -> %+v", set.sorted, again.sorted)
-		}
+		roundTrip(t, b, func(b []byte) ([]Entry, error) {
+			set, err := parseEntriesFile(testTD, fuzzPath, b)
+			if err != nil {
+				return nil, err
+			}
+			return set.sorted, nil
+		}, func(es []Entry) any { return entriesFile{Entries: es} }, slicesEqualOrEmpty[Entry])
 	})
 }
 
@@ -70,18 +65,13 @@ func FuzzClaimsFile(f *testing.F) {
 	f.Add([]byte(`{"hosts":[{"host":"spiffe://mesh.test/host/a","prefixes":["10.0.0.0/24"],"source":"admin","at":"2030-01-01T00:00:00Z"},{"host":"spiffe://mesh.test/host/b","prefixes":["10.0.0.5/32"],"source":"admin","at":"2030-01-01T00:00:00Z"}]}`))
 	f.Add([]byte(`{"hosts":[]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		set, err := parseClaimsFile(testTD, fuzzPath, b)
-		if err != nil {
-			refusedNamingFile(t, err)
-			return
-		}
-		again, err := parseClaimsFile(testTD, fuzzPath, mustJSON(t, claimsFile{Hosts: set.sorted}))
-		if err != nil {
-			t.Fatalf("accepted claims refused once written back: %v", err)
-		}
-		if !slicesEqualOrEmpty(set.sorted, again.sorted) {
-			t.Fatalf("writing back changed the claims: %+v -> %+v", set.sorted, again.sorted)
-		}
+		roundTrip(t, b, func(b []byte) ([]HostClaim, error) {
+			set, err := parseClaimsFile(testTD, fuzzPath, b)
+			if err != nil {
+				return nil, err
+			}
+			return set.sorted, nil
+		}, func(hs []HostClaim) any { return claimsFile{Hosts: hs} }, slicesEqualOrEmpty[HostClaim])
 	})
 }
 
@@ -93,18 +83,10 @@ func FuzzFleetRotationFile(f *testing.F) {
 	f.Add(mustJSON(f, FleetRotation{ID: 0, At: at}))
 	f.Add([]byte(`{"id":1,"at":"2030-01-01T00:00:00Z","reason":"bell\u0007"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		fr, err := parseFleetRotationFile(fuzzPath, b)
-		if err != nil {
-			refusedNamingFile(t, err)
-			return
-		}
-		again, err := parseFleetRotationFile(fuzzPath, mustJSON(t, fr))
-		if err != nil {
-			t.Fatalf("accepted fleet rotation refused once written back: %v", err)
-		}
-		if again.ID != fr.ID || !again.At.Equal(fr.At) || again.Reason != fr.Reason {
-			t.Fatalf("writing back changed the fleet rotation: %+v -> %+v", fr, again)
-		}
+		roundTrip(t, b, func(b []byte) (*FleetRotation, error) { return parseFleetRotationFile(fuzzPath, b) },
+			func(fr *FleetRotation) any { return fr }, func(a, b *FleetRotation) bool {
+				return a.ID == b.ID && a.At.Equal(b.At) && a.Reason == b.Reason
+			})
 	})
 }
 
@@ -144,6 +126,25 @@ func FuzzDenyListFile(f *testing.F) {
 		}
 		load(t, mustJSON(t, SignedDenyList{Payload: payload, Signature: sig, Signer: ca.inter.Raw}))
 	})
+}
+
+// roundTrip checks a loader on the content b: parse refuses it with an error naming the
+// file, or what it accepts, written back as the CA writes it (the JSON of file), is
+// accepted again and the same.
+func roundTrip[T any](t *testing.T, b []byte, parse func([]byte) (T, error), file func(T) any, same func(a, b T) bool) {
+	t.Helper()
+	v, err := parse(b)
+	if err != nil {
+		refusedNamingFile(t, err)
+		return
+	}
+	again, err := parse(mustJSON(t, file(v)))
+	if err != nil {
+		t.Fatalf("accepted content refused once written back: %v", err)
+	}
+	if !same(v, again) {
+		t.Fatalf("writing back changed the content: %+v -> %+v", v, again)
+	}
 }
 
 // slicesEqualOrEmpty is reflect.DeepEqual that does not tell nil from empty.

@@ -1,10 +1,6 @@
 package authority
 
 import (
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"log/slog"
 	"os"
 	"testing"
@@ -49,13 +45,4 @@ func openTest(t *testing.T) (*Authority, string) {
 		}
 	})
 	return a, dir
-}
-
-func newKey(tb testing.TB) crypto.Signer {
-	tb.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return k
 }
