@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/cenkalti/backoff/v5"
@@ -158,10 +159,15 @@ func (a *Authority) issueServingCert(auth *stepauthority.Authority) error {
 // Start.
 func (a *Authority) RenewServingCert(ctx context.Context) {
 	auth := a.step.Load()
+	renewServing(ctx, &a.servingCert, func() error { return a.issueServingCert(auth) }, a.log)
+}
+
+// renewServing is RenewServingCert's loop: issue replaces the certificate in cur.
+func renewServing(ctx context.Context, cur *atomic.Pointer[tls.Certificate], issue func() error, log *slog.Logger) {
 	retry := servingBackoff()
 	wait := time.Duration(0)
 	for {
-		leaf := a.servingCert.Load().Leaf
+		leaf := cur.Load().Leaf
 		if wait == 0 {
 			wait = servingRenewIn(leaf.NotBefore, leaf.NotAfter, time.Now())
 		}
@@ -172,9 +178,9 @@ func (a *Authority) RenewServingCert(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if err := a.issueServingCert(auth); err != nil {
+		if err := issue(); err != nil {
 			wait = retry.NextBackOff()
-			a.log.Warn("tls serving certificate renewal failed", keyErr, err,
+			log.Warn("tls serving certificate renewal failed", keyErr, err,
 				keyNotAfter, leaf.NotAfter, keyRetryIn, wait)
 			continue
 		}
