@@ -467,11 +467,11 @@ func TestExpiredClientCertificateIsRefused(t *testing.T) {
 	ca := startCA(t, cfg)
 	svid := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/workload/late"))
 	leaf := svid.Certificates[0]
-	if err := ca.verifyClientChain(svid.Certificates, leaf.NotAfter.Add(-time.Second)); err != nil {
+	if err := ca.auth.VerifyClientChain(svid.Certificates, leaf.NotAfter.Add(-time.Second)); err != nil {
 		t.Fatalf("valid SVID refused: %v", err)
 	}
 	var ie x509.CertificateInvalidError
-	if err := ca.verifyClientChain(svid.Certificates, leaf.NotAfter.Add(time.Second)); !errors.As(err, &ie) || ie.Reason != x509.Expired {
+	if err := ca.auth.VerifyClientChain(svid.Certificates, leaf.NotAfter.Add(time.Second)); !errors.As(err, &ie) || ie.Reason != x509.Expired {
 		t.Fatalf("expired SVID: %v, want an expiry error", err)
 	}
 }
@@ -482,7 +482,7 @@ func checkIssued(t *testing.T, ca *runningCA, chain []*x509.Certificate, id spif
 	t.Helper()
 	checkSVID(t, ca, chain, id)
 	checkLifetime(t, chain[0], lifetime, backdate(lifetime), before, time.Now())
-	if !samePublicKey(key, chain[0].PublicKey) {
+	if pub, ok := key.Public().(interface{ Equal(crypto.PublicKey) bool }); !ok || !pub.Equal(chain[0].PublicKey) {
 		t.Fatal("certificate is not for the key it was asked for")
 	}
 }

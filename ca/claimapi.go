@@ -93,8 +93,8 @@ func (s *Server) changeClaims(change func(*claimSet) (*claimSet, error)) error {
 	if state == stateClosed {
 		return ErrServerClosed
 	}
-	s.claimsMu.Lock()
-	defer s.claimsMu.Unlock()
+	s.claims.mu.Lock()
+	defer s.claims.mu.Unlock()
 	next, err := change(s.claims.Load())
 	if err != nil {
 		return err

@@ -77,6 +77,15 @@ func decodeClaims(td spiffeid.TrustDomain, b []byte) (*claimSet, error) {
 	return newClaimSet(f.Hosts)
 }
 
+// parseClaimsFile is decodeClaims for the claims file at path; its errors name path.
+func parseClaimsFile(td spiffeid.TrustDomain, path string, b []byte) (*claimSet, error) {
+	set, err := decodeClaims(td, b)
+	if err != nil {
+		return nil, fmt.Errorf("address claims %s: %w", path, err)
+	}
+	return set, nil
+}
+
 // loadClaims reads StateDir/claims.json (none: no claims yet). A file that does not
 // parse or breaks the rules stops New, as entries.json does: it is written atomically,
 // so it was edited by hand or tampered with, and starting without it would let any
@@ -90,8 +99,8 @@ func (s *Server) loadClaims() error {
 	case err != nil:
 		return fmt.Errorf("read address claims: %w", err)
 	default:
-		if set, err = decodeClaims(s.cfg.TrustDomain, b); err != nil {
-			return fmt.Errorf("address claims %s: %w", path, err)
+		if set, err = parseClaimsFile(s.cfg.TrustDomain, path, b); err != nil {
+			return err
 		}
 	}
 	s.claims.Store(set)
@@ -128,7 +137,7 @@ func (s *Server) registerClaimed(ctx context.Context, reg registration, from net
 	case out.learnt:
 		rec.Address = from.String()
 		s.audit(rec)
-		s.claimMetrics.learnt.Inc()
+		s.claims.metrics.learnt.Inc()
 		s.log.LogAttrs(ctx, slog.LevelInfo, "address claim learnt", slog.String(keySPIFFEID, reg.ID.String()),
 			slog.Any(keyPrefixes, rec.Allowed), slog.String(keyRemoteAddr, from.String()))
 	}
@@ -149,16 +158,16 @@ type claimOutcome struct {
 // so that an operator's change (write-locked, then dropping the entry outside the new
 // claim) cannot slip between them and leave behind an entry the new claim refuses.
 func (s *Server) applyClaimed(reg registration, from netip.Addr, now time.Time) (uint64, claimOutcome, error) {
-	s.claimsMu.RLock()
+	s.claims.mu.RLock()
 	set := s.claims.Load()
 	if c, ok := set.byHost[reg.ID]; ok {
-		defer s.claimsMu.RUnlock()
+		defer s.claims.mu.RUnlock()
 		return s.registerWithin(set, c, reg, now)
 	}
-	s.claimsMu.RUnlock()
+	s.claims.mu.RUnlock()
 
-	s.claimsMu.Lock()
-	defer s.claimsMu.Unlock()
+	s.claims.mu.Lock()
+	defer s.claims.mu.Unlock()
 	set = s.claims.Load()
 	if c, ok := set.byHost[reg.ID]; ok { // learnt by a concurrent registration
 		return s.registerWithin(set, c, reg, now)
@@ -221,7 +230,7 @@ func (s *Server) claimRefused(ctx context.Context, rec audit.AddressClaim, err e
 		rec.Owner = ce.owner.String()
 	}
 	s.audit(rec)
-	s.claimMetrics.refused.WithLabelValues(string(ce.reason)).Inc()
+	s.claims.metrics.refused.WithLabelValues(string(ce.reason)).Inc()
 	s.log.LogAttrs(ctx, slog.LevelWarn, "address claim refused", slog.String(keyInitiator, rec.Initiator),
 		slog.String(keyHost, rec.Host), slog.String(keyReason, rec.Reason), slog.String(keyAddress, ce.addr),
 		slog.String(keyClaimedBy, rec.Owner), slog.String(keyRemoteAddr, rec.PeerAddr))

@@ -4,7 +4,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"os"
 	"path/filepath"
 	"slices"
 	"time"
@@ -13,20 +12,17 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/ca/authority"
 )
 
 const (
 	defaultListen        = ":9443"
 	defaultSVIDLifetime  = time.Hour
-	minSVIDLifetime      = 10 * time.Second
+	minSVIDLifetime      = authority.MinSVIDLifetime
 	defaultTokenLifetime = 5 * time.Minute
 	maxTokenLifetime     = 24 * time.Hour
 	defaultClientTimeout = 10 * time.Second
 	defaultDirectoryTTL  = 30 * time.Second
-
-	// rootValidity is the lifetime of the self-signed root; the intermediate ends
-	// with it.
-	rootValidity = 10 * 365 * 24 * time.Hour
 )
 
 // Config configures a Server. The zero value of every optional field selects the
@@ -165,52 +161,4 @@ func (c Config) validate() error {
 // backdate makes step-ca see a requested duration up to a second over its maximum.
 func backdate(lifetime time.Duration) time.Duration {
 	return max(time.Second, min(time.Minute, lifetime/10).Truncate(time.Second))
-}
-
-// specificHost returns the host of a listen address when it names one interface (not
-// empty, not 0.0.0.0 or ::).
-func specificHost(listen string) (string, bool) {
-	host, _, err := net.SplitHostPort(listen)
-	if err != nil || host == "" {
-		return "", false
-	}
-	if ip := net.ParseIP(host); ip != nil && ip.IsUnspecified() {
-		return "", false
-	}
-	return host, true
-}
-
-// serverNames returns the names of the serving certificate: the configured ones or
-// the defaults, plus urlHost when missing.
-func serverNames(configured []string, listen, urlHost string) []string {
-	names := configured
-	if len(names) == 0 {
-		names = []string{"localhost", "127.0.0.1", "::1"}
-		if h, ok := specificHost(listen); ok {
-			names = append(names, h)
-		}
-		if h, err := os.Hostname(); err == nil && h != "" {
-			names = append(names, h)
-		}
-	}
-	names = append(names, urlHost)
-	out := make([]string, 0, len(names))
-	for _, n := range names {
-		if n != "" && !slices.Contains(out, n) {
-			out = append(out, n)
-		}
-	}
-	return out
-}
-
-// localURLHost is the host local clients should use to reach a listener bound at
-// bound, configured as listen: the listen host when specific, else loopback.
-func localURLHost(listen string, bound net.Addr) string {
-	if h, ok := specificHost(listen); ok {
-		return h
-	}
-	if tcp, ok := bound.(*net.TCPAddr); ok && tcp.IP != nil && !tcp.IP.IsUnspecified() {
-		return tcp.IP.String()
-	}
-	return "127.0.0.1"
 }

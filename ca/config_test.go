@@ -2,14 +2,10 @@ package ca
 
 import (
 	"errors"
-	"net"
-	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/smallstep/certificates/authority/config"
-	"github.com/smallstep/certificates/authority/provisioner"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -74,97 +70,6 @@ func TestBackdate(t *testing.T) {
 	} {
 		if got := backdate(tc.lifetime); got != tc.want {
 			t.Errorf("backdate(%v) = %v, want %v", tc.lifetime, got, tc.want)
-		}
-	}
-}
-
-// The provisioner's claims pass step-ca's own validation for every accepted lifetime,
-// with a minimum of at most 10s and default = maximum = the lifetime.
-func TestSVIDClaims(t *testing.T) {
-	t.Parallel()
-	for _, lifetime := range []time.Duration{10 * time.Second, time.Minute, time.Hour, 24 * time.Hour, 90 * 24 * time.Hour} {
-		c, err := provisioner.NewClaimer(svidClaims(lifetime), config.GlobalProvisionerClaims)
-		if err != nil {
-			t.Fatalf("claims for %v: %v", lifetime, err)
-		}
-		if c.MinTLSCertDuration() > 10*time.Second || c.DefaultTLSCertDuration() != lifetime ||
-			c.MaxTLSCertDuration() != lifetime || c.IsDisableRenewal() || c.AllowRenewalAfterExpiry() {
-			t.Errorf("claims for %v: %+v", lifetime, c.Claims())
-		}
-	}
-}
-
-func TestServerNames(t *testing.T) {
-	t.Parallel()
-	for _, tc := range []struct {
-		name       string
-		configured []string
-		listen     string
-		urlHost    string
-		want       []string // prefix of the result, then urlHost must be present
-	}{
-		{"defaults, wildcard listen", nil, ":9443", "127.0.0.1", []string{"localhost", "127.0.0.1", "::1"}},
-		{"defaults, specific listen", nil, "10.1.2.3:9443", "10.1.2.3", []string{"localhost", "127.0.0.1", "::1", "10.1.2.3"}},
-		{"configured, url host appended", []string{"ca.mesh.test"}, "10.1.2.3:9443", "10.1.2.3", []string{"ca.mesh.test", "10.1.2.3"}},
-		{"configured, duplicates dropped", []string{"ca", "ca", "127.0.0.1"}, ":0", "127.0.0.1", []string{"ca", "127.0.0.1"}},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			t.Parallel()
-			got := serverNames(tc.configured, tc.listen, tc.urlHost)
-			if len(got) < len(tc.want) || !slices.Equal(got[:len(tc.want)], tc.want) {
-				t.Errorf("serverNames = %v, want prefix %v", got, tc.want)
-			}
-			if !slices.Contains(got, tc.urlHost) {
-				t.Errorf("serverNames = %v lacks the URL host %s", got, tc.urlHost)
-			}
-			for i, n := range got {
-				if slices.Contains(got[i+1:], n) {
-					t.Errorf("serverNames = %v repeats %s", got, n)
-				}
-			}
-		})
-	}
-}
-
-func TestLocalURLHost(t *testing.T) {
-	t.Parallel()
-	for _, tc := range []struct {
-		listen string
-		bound  net.Addr
-		want   string
-	}{
-		{":9443", &net.TCPAddr{IP: net.IPv6unspecified, Port: 9443}, "127.0.0.1"},
-		{"0.0.0.0:0", &net.TCPAddr{IP: net.IPv4zero, Port: 4000}, "127.0.0.1"},
-		{"127.0.0.1:0", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 4000}, "127.0.0.1"},
-		{"[::1]:0", &net.TCPAddr{IP: net.IPv6loopback, Port: 4000}, "::1"},
-		{"ca.mesh.test:9443", &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 9443}, "ca.mesh.test"},
-	} {
-		if got := localURLHost(tc.listen, tc.bound); got != tc.want {
-			t.Errorf("localURLHost(%q, %v) = %q, want %q", tc.listen, tc.bound, got, tc.want)
-		}
-	}
-}
-
-func TestServingRenewIn(t *testing.T) {
-	t.Parallel()
-	nb := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	na := nb.Add(24 * time.Hour)
-	for _, tc := range []struct {
-		name     string
-		now      time.Time
-		failures int
-		want     time.Duration
-	}{
-		{"fresh", nb, 0, 16 * time.Hour},
-		{"half way", nb.Add(12 * time.Hour), 0, 4 * time.Hour},
-		{"past two thirds", nb.Add(20 * time.Hour), 0, 0},
-		{"expired", na.Add(time.Hour), 0, 0},
-		{"first retry", nb.Add(20 * time.Hour), 1, time.Second},
-		{"third retry", nb.Add(20 * time.Hour), 3, 4 * time.Second},
-		{"retry capped", nb.Add(20 * time.Hour), 30, time.Minute},
-	} {
-		if got := servingRenewIn(nb, na, tc.now, tc.failures); got != tc.want {
-			t.Errorf("%s: servingRenewIn = %v, want %v", tc.name, got, tc.want)
 		}
 	}
 }

@@ -43,7 +43,7 @@ func (s *Server) pruneLoop(ctx context.Context) {
 		case <-ctx.Done():
 			t.Stop()
 			return
-		case <-s.pruneWake:
+		case <-s.deny.wake:
 			t.Stop()
 			if !failed {
 				continue // recompute the wait with the new list
@@ -54,9 +54,9 @@ func (s *Server) pruneLoop(ctx context.Context) {
 		if first.IsZero() || time.Now().Before(first) {
 			continue
 		}
-		s.revokeMu.Lock()
+		s.deny.mu.Lock()
 		_, err := s.publishMarks(time.Now())
-		s.revokeMu.Unlock()
+		s.deny.mu.Unlock()
 		// After a failure, retry after pruneRecheck rather than at once.
 		failed = err != nil
 		if err != nil {

@@ -1,8 +1,7 @@
-// Package ca is agentmesh's certificate authority: it embeds step-ca
-// (github.com/smallstep/certificates, its authority and api packages on our own
-// listener) with the root, intermediate and provisioner keys generated and used inside a
-// PKCS#11 token (go.step.sm/crypto/kms/pkcs11; by default a SoftHSM2 token created in the
-// state directory by the hsm package), and issues short-lived SPIFFE X509-SVIDs. It also provides the
+// Package ca is agentmesh's certificate authority: it composes the step-ca embedding
+// with its keys in a PKCS#11 token (package ca/authority: keys, certificates, tokens,
+// step-ca's HTTPS API, the issuance audit) with the state that decides who may hold an
+// identity, and issues short-lived SPIFFE X509-SVIDs. It also provides the
 // Client proxies use to enrol (one-time bootstrap token) and renew (mTLS rekey, a new key
 // each time), and the admin unix socket behind `agentmesh token`; and it keeps the mesh
 // directory (which proxy lives at which address), with the Directory client proxies run
@@ -18,12 +17,15 @@
 //
 // New prepares everything on disk and in the token and binds the HTTPS listener and
 // the admin socket; Run builds step-ca's authority and serves until its context is done.
-// The HTTPS API is step-ca's own (/roots, /sign, /renew, /rekey, /revoke, /crl,
-// /health, at / and /1.0), so the step CLI works against it. Its TLS certificate is
-// issued by the authority and renewed at two thirds of its life. Client certificates
-// are requested, not required: every request that presents one must chain to the root
-// for client authentication at that moment, or it gets a 401 (an expired SVID is thus
-// a permanent error telling the rotator to re-enrol, not a handshake failure).
+// The HTTPS API is step-ca's own, served by ca/authority (see there for the serving
+// certificate and client certificate checks), plus the mesh API under /mesh/v1.
+//
+// A Server is composed of parts with one owner each, each guarding its own state: the
+// authority (ca/authority.Authority), step-ca's database with the revocation and
+// lineage stores (authDB), the mesh registry (registry), and the deny-list, fleet
+// rotation, registration entries and address claims in force (parts.go), each an
+// immutable value behind an atomic pointer whose writers serialise on the part's own
+// mutex. The Server's own mutex guards only its run state.
 //
 // # Mesh directory
 //
@@ -102,14 +104,9 @@
 // requested after the Directory was created; the proxy's rotator then renews with a
 // new key. The CA rotates nothing itself.
 //
-// One JWK provisioner, "agentmesh", whose key is the provisioner key in the token,
-// signs bootstrap tokens (Server.Token, RequestToken). Its template makes X509-SVIDs:
-// exactly the token's one URI SAN, empty subject, digitalSignature,
-// serverAuth+clientAuth, not a CA; its claims make Config.SVIDLifetime the default and
-// maximum lifetime, allow renewal only before expiry, and step-ca's backdate is
-// min(1m, lifetime/10). The root and the intermediate carry the trust domain's URI SAN
-// and name constraints permitting only URIs in the trust domain. Token IDs are
-// recorded as used in the bbolt database (StateDir/db) by a hash, never in plain text.
+// Bootstrap tokens (Server.Token, RequestToken) and the SVID profile are
+// ca/authority's; step-ca's backdate is min(1m, lifetime/10). Token IDs are recorded as
+// used in the bbolt database (StateDir/db) by a hash, never in plain text.
 //
 // # State directory
 //
@@ -133,13 +130,8 @@
 //	                             root or the CA's uid, via SO_PEERCRED)
 //	lock                         flock held while a Server owns the directory
 //
-// # SoftHSM and the process environment
-//
-// SoftHSM2 reads its configuration from the SOFTHSM2_CONF environment variable, once,
-// when the module is initialised (C_Initialize). New therefore has hsm.SoftHSM set
-// SOFTHSM2_CONF before the first PKCS#11 call, and a process can serve the embedded
-// token of one state directory at a time (ErrSoftHSMInUse). A hardware token named by
-// Config.KMS has no such limit.
+// A process can serve the embedded SoftHSM2 token of one state directory at a time
+// (ErrSoftHSMInUse; see ca/authority).
 //
 // The package needs cgo: the PKCS#11 KMS is compiled only with cgo (hsm imports it).
 package ca

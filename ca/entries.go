@@ -229,8 +229,8 @@ func (s *Server) changeEntries(change func(*entrySet) (*entrySet, error)) (uint6
 	}
 	// Held across the file write: each change builds on the set the previous one
 	// persisted, and nothing on a hot path takes it.
-	s.entriesMu.Lock()
-	defer s.entriesMu.Unlock()
+	s.entries.mu.Lock()
+	defer s.entries.mu.Unlock()
 	next, err := change(s.entries.Load())
 	if err != nil {
 		return 0, err
@@ -252,25 +252,18 @@ func (s *Server) changeEntries(change func(*entrySet) (*entrySet, error)) (uint6
 // written atomically, so it was edited by hand or tampered with.
 func (s *Server) loadEntries() error {
 	path := filepath.Join(s.cfg.StateDir, fileEntries)
-	var f entriesFile
 	b, err := os.ReadFile(path)
+	var set *entrySet
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
+		set, err = newEntrySet(nil)
 	case err != nil:
 		return fmt.Errorf("read registration entries: %w", err)
 	default:
-		if err := decodeStrict(bytes.NewReader(b), &f); err != nil {
-			return fmt.Errorf("registration entries %s: %w", path, err)
-		}
+		set, err = parseEntriesFile(s.cfg.TrustDomain, path, b)
 	}
-	for _, e := range f.Entries {
-		if err := checkRegistration(s.cfg.TrustDomain, e); err != nil {
-			return fmt.Errorf("registration entries %s: %w", path, err)
-		}
-	}
-	set, err := newEntrySet(f.Entries)
 	if err != nil {
-		return fmt.Errorf("registration entries %s: %w", path, err)
+		return err
 	}
 	s.entries.Store(set)
 	if len(set.sorted) > 0 {
@@ -278,6 +271,25 @@ func (s *Server) loadEntries() error {
 	}
 	s.log.Info("registration entries loaded", keyEntries, len(set.sorted))
 	return nil
+}
+
+// parseEntriesFile decodes b, the content of the entries file at path, for trust
+// domain td: strict JSON, every entry valid, none conflicting. Its errors name path.
+func parseEntriesFile(td spiffeid.TrustDomain, path string, b []byte) (*entrySet, error) {
+	var f entriesFile
+	if err := decodeStrict(bytes.NewReader(b), &f); err != nil {
+		return nil, fmt.Errorf("registration entries %s: %w", path, err)
+	}
+	for _, e := range f.Entries {
+		if err := checkRegistration(td, e); err != nil {
+			return nil, fmt.Errorf("registration entries %s: %w", path, err)
+		}
+	}
+	set, err := newEntrySet(f.Entries)
+	if err != nil {
+		return nil, fmt.Errorf("registration entries %s: %w", path, err)
+	}
+	return set, nil
 }
 
 // enforceRegistered refuses a certificate of an agent identity that no entry names:

@@ -5,18 +5,19 @@ import (
 	"fmt"
 	"net/http"
 
+	"github.com/agentmesh/agentmesh/ca/authority"
 	"github.com/agentmesh/agentmesh/hsm"
 )
 
 // ErrInvalidConfig is returned by New and NewClient for a configuration that cannot work
 // (a missing required field, a lifetime out of range, a malformed URL). The message names
 // the field.
-var ErrInvalidConfig = errors.New("ca: invalid configuration")
+var ErrInvalidConfig = authority.ErrInvalidConfig
 
 // ErrTrustDomainMismatch is returned by New when the state directory holds a root for
 // another trust domain than Config.TrustDomain. Use the state directory of that trust
 // domain, or a new one.
-var ErrTrustDomainMismatch = errors.New("ca: state directory belongs to another trust domain")
+var ErrTrustDomainMismatch = authority.ErrTrustDomainMismatch
 
 // ErrStateInUse is returned by New when another CA (in this process or another one) holds
 // the lock on the state directory.
@@ -37,7 +38,7 @@ var ErrSoftHSMInUse = hsm.ErrSoftHSMInUse
 
 // ErrInvalidID is returned by Token and the admin API for a SPIFFE ID outside the CA's
 // trust domain or without a path (the trust domain's own ID is not a workload).
-var ErrInvalidID = errors.New("ca: spiffe id not issuable by this ca")
+var ErrInvalidID = authority.ErrInvalidID
 
 // ErrServerClosed is returned by Run when it is called a second time or after Close.
 var ErrServerClosed = errors.New("ca: server already run or closed")

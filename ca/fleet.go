@@ -96,11 +96,11 @@ func (s *Server) rotateFleet(reason string, now time.Time) (*FleetRotation, erro
 	}
 	// Held across the file write: each request builds on the ID the previous one
 	// persisted, and nothing on a hot path takes it.
-	s.fleetMu.Lock()
-	defer s.fleetMu.Unlock()
+	s.fleet.mu.Lock()
+	defer s.fleet.mu.Unlock()
 	var prev uint64
-	if s.fleet != nil {
-		prev = s.fleet.ID
+	if s.fleet.latest != nil {
+		prev = s.fleet.latest.ID
 	}
 	fr := &FleetRotation{ID: nextFleetID(prev, now), At: now.UTC().Round(0), Reason: reason}
 	b, err := json.Marshal(fr)
@@ -110,7 +110,7 @@ func (s *Server) rotateFleet(reason string, now time.Time) (*FleetRotation, erro
 	if err := atomicfile.Write(filepath.Join(s.cfg.StateDir, fileFleetRotation), b, 0o644); err != nil {
 		return nil, fmt.Errorf("ca: fleet rotation: %w", err)
 	}
-	s.fleet = fr
+	s.fleet.latest = fr
 	s.dir.setFleetRotation(fr)
 	return fr, nil
 }
@@ -129,16 +129,26 @@ func (s *Server) loadFleetRotation() error {
 	if err != nil {
 		return fmt.Errorf("read fleet rotation: %w", err)
 	}
+	fr, err := parseFleetRotationFile(path, b)
+	if err != nil {
+		return err
+	}
+	s.fleet.latest = fr
+	s.dir.setFleetRotation(fr)
+	return nil
+}
+
+// parseFleetRotationFile decodes b, the content of the fleet rotation file at path:
+// strict JSON, an ID, a time and a valid reason. Its errors name path.
+func parseFleetRotationFile(path string, b []byte) (*FleetRotation, error) {
 	var fr FleetRotation
 	if err := decodeStrict(bytes.NewReader(b), &fr); err != nil {
-		return fmt.Errorf("fleet rotation %s: %w", path, err)
+		return nil, fmt.Errorf("fleet rotation %s: %w", path, err)
 	}
 	if fr.ID == 0 || fr.At.IsZero() || !validReason(fr.Reason) {
-		return fmt.Errorf("fleet rotation %s: malformed", path)
+		return nil, fmt.Errorf("fleet rotation %s: malformed", path)
 	}
-	s.fleet = &fr
-	s.dir.setFleetRotation(&fr)
-	return nil
+	return &fr, nil
 }
 
 // handleAdminRotate is the admin socket's POST /rotate (adminOnly has admitted the

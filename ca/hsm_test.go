@@ -15,6 +15,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/kms/apiv1"
 
+	"github.com/agentmesh/agentmesh/ca/authority"
 	"github.com/agentmesh/agentmesh/hsm"
 )
 
@@ -37,7 +38,7 @@ func listTokenObjects(t *testing.T, stateDir string) []p11Object {
 		t.Fatal(err)
 	}
 	// The PIN on a command line is acceptable in a test only.
-	cmd := exec.CommandContext(t.Context(), tool, "--module", hsm.SoftHSMModule, "--token-label", tokenLabel,
+	cmd := exec.CommandContext(t.Context(), tool, "--module", hsm.SoftHSMModule, "--token-label", authority.TokenLabel,
 		"--login", "--pin", strings.TrimSpace(string(pin)), "--list-objects")
 	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+filepath.Join(stateDir, fileSoftHSMConf))
 	out, err := cmd.CombinedOutput()
@@ -76,7 +77,7 @@ func TestKeysLiveInTheToken(t *testing.T) {
 	ca := startCA(t, cfg)
 	svid := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/workload/hsm"))
 	inter := svid.Certificates[1]
-	if !inter.Equal(ca.certs.intermediate) {
+	if !inter.Equal(ca.auth.Intermediate()) {
 		t.Fatal("SVID not issued by the CA's intermediate")
 	}
 
@@ -103,7 +104,7 @@ func TestKeysLiveInTheToken(t *testing.T) {
 	// Through PKCS#11 in this process (a second KMS session on the same token, reached
 	// as hsm.SoftHSM names it for the running CA): the token's keys are the
 	// certificates' keys.
-	uri, release, err := hsm.SoftHSM(cfg.StateDir, tokenLabel, cfg.PINFile)
+	uri, release, err := hsm.SoftHSM(cfg.StateDir, authority.TokenLabel, cfg.PINFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -118,8 +119,8 @@ func TestKeysLiveInTheToken(t *testing.T) {
 		uri  string
 		cert *x509.Certificate
 	}{
-		{"root", keyURIRoot, ca.Roots()[0]},
-		{"intermediate", keyURIIntermediate, inter},
+		{"root", authority.KeyURIRoot, ca.Roots()[0]},
+		{"intermediate", authority.KeyURIIntermediate, inter},
 	} {
 		pub, err := km.GetPublicKey(&apiv1.GetPublicKeyRequest{Name: tc.uri})
 		if err != nil {
@@ -129,7 +130,7 @@ func TestKeysLiveInTheToken(t *testing.T) {
 			t.Errorf("%s key in the token does not match the %s certificate", tc.name, tc.name)
 		}
 	}
-	if pub, err := km.GetPublicKey(&apiv1.GetPublicKeyRequest{Name: keyURIRoot}); err != nil ||
+	if pub, err := km.GetPublicKey(&apiv1.GetPublicKeyRequest{Name: authority.KeyURIRoot}); err != nil ||
 		pub.(interface{ Equal(crypto.PublicKey) bool }).Equal(inter.PublicKey) {
 		t.Error("the comparison above cannot tell keys apart")
 	}

@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/smallstep/certificates/db"
 	"github.com/smallstep/nosql/database"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -126,7 +127,9 @@ type lineageStore struct {
 	entries *atomic.Pointer[entrySet] // the registration entries in force (Server.entries)
 	// refused audits, counts and logs a refusal of the store (Server.lineageRefused).
 	refused func(context.Context, audit.Lineage, string)
-	mu      sync.Mutex
+	// refusals counts the issuances the lineage refused, by reason.
+	refusals *prometheus.CounterVec
+	mu       sync.Mutex
 
 	bindMu  sync.Mutex
 	grants  map[string]tokenGrant   // jti → grant
@@ -138,7 +141,7 @@ func openLineageStore(d *db.DB, rev *revocationStore, entries *atomic.Pointer[en
 	if err := d.CreateTable(bucketLineage); err != nil {
 		return nil, fmt.Errorf("create database bucket %s: %w", bucketLineage, err)
 	}
-	return &lineageStore{db: d, rev: rev, entries: entries, refused: refused, grants: map[string]tokenGrant{}, pending: map[string]*spiffeid.ID{}}, nil
+	return &lineageStore{db: d, rev: rev, entries: entries, refused: refused, refusals: newLineageMetric(), grants: map[string]tokenGrant{}, pending: map[string]*spiffeid.ID{}}, nil
 }
 
 // registered is the host the registration entry of agent id names now.

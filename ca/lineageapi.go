@@ -15,11 +15,12 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/smallstep/certificates/authority"
+	stepauthority "github.com/smallstep/certificates/authority"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/ca/authority"
 )
 
 // metricLineageRefused counts issuances refused by the lineage rules, by reason.
@@ -78,7 +79,7 @@ func (s *Server) guardLineage(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		body, err := io.ReadAll(io.LimitReader(r.Body, maxSignBody))
+		body, err := io.ReadAll(io.LimitReader(r.Body, authority.MaxSignBody))
 		if err != nil {
 			writeStepError(w, http.StatusBadRequest, "error reading request body")
 			return
@@ -137,7 +138,7 @@ func lineageStatus(err error) int {
 // lineageRefused audits, counts and logs a refusal.
 func (s *Server) lineageRefused(ctx context.Context, rec audit.Lineage, msg string) {
 	rec.Result = "refused"
-	s.lineageRefusals.WithLabelValues(rec.Reason).Inc()
+	s.db.lin.refusals.WithLabelValues(rec.Reason).Inc()
 	s.audit(rec)
 	s.log.LogAttrs(ctx, slog.LevelWarn, "issuance refused by the lineage",
 		slog.String(keyOp, rec.Op), slog.String(keySPIFFEID, rec.Caller), slog.String(keySerial, rec.Serial),
@@ -154,11 +155,11 @@ func mayRevokeLineage(caller spiffeid.ID, callerSerial string, t revokeTarget) b
 // revokeLineage is Revoke for a request with Except: every unexpired certificate of the
 // identity's lineage but Except, which must be the newest, is marked revoked, listed
 // on the next deny-list and revoked in step-ca. The caller holds revokeMu.
-func (s *Server) revokeLineage(ctx context.Context, auth *authority.Authority, t revokeTarget, now time.Time) (*RevokeResult, error) {
+func (s *Server) revokeLineage(ctx context.Context, auth *stepauthority.Authority, t revokeTarget, now time.Time) (*RevokeResult, error) {
 	return s.revokeLineageWhere(ctx, auth, t.id, t.except, func(e lineageEntry) bool { return e.Serial == t.except }, t.reason, now)
 }
 
-func (s *Server) revokeLineageWhere(ctx context.Context, auth *authority.Authority, id spiffeid.ID, head string,
+func (s *Server) revokeLineageWhere(ctx context.Context, auth *stepauthority.Authority, id spiffeid.ID, head string,
 	keep func(lineageEntry) bool, reason string, now time.Time) (*RevokeResult, error) {
 	marked, markErr := s.db.lin.revokeWhere(id, head, keep, reason, now)
 	if markErr != nil && len(marked) == 0 {
@@ -205,9 +206,9 @@ func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e Entry
 		return nil
 	}
 	reason := "registered to " + e.Host.String()
-	s.revokeMu.Lock()
+	s.deny.mu.Lock()
 	s.mu.Lock()
-	state, auth := s.state, s.auth
+	state, auth := s.state, s.auth.Step()
 	s.mu.Unlock()
 	var res *RevokeResult
 	if state == stateClosed {
@@ -215,7 +216,7 @@ func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e Entry
 	} else {
 		res, err = s.revokeLineageWhere(ctx, auth, e.ID, "", func(c lineageEntry) bool { return c.Host == e.Host }, reason, now)
 	}
-	s.revokeMu.Unlock()
+	s.deny.mu.Unlock()
 	rec := audit.Revocation{Initiator: initiator, SPIFFEID: e.ID.String(), Reason: reason, Result: "ok"}
 	if res != nil {
 		rec.Serials, rec.ListVersion = res.Serials, res.ListVersion

@@ -94,8 +94,8 @@ func (s *Server) requireSVID(next http.Handler) http.Handler {
 			return
 		}
 		// The client may leave out the intermediate; the CA's own is a candidate.
-		chain := append(slices.Clip(r.TLS.PeerCertificates), s.certs.intermediate)
-		id, _, err := x509svid.Verify(chain, s.bundle, x509svid.WithTime(time.Now()))
+		chain := append(slices.Clip(r.TLS.PeerCertificates), s.auth.Intermediate())
+		id, _, err := x509svid.Verify(chain, s.auth.Bundle(), x509svid.WithTime(time.Now()))
 		if err != nil {
 			s.refuse(w, r, http.StatusUnauthorized, id, "client certificate is not a valid X509-SVID: "+err.Error())
 			return

@@ -72,13 +72,3 @@ const (
 	// fileClaims holds the address claims of hosts (0600).
 	fileClaims = "claims.json"
 )
-
-// Names inside the PKCS#11 token and step-ca.
-const (
-	tokenLabel      = "agentmesh"
-	provisionerName = "agentmesh"
-	// Key objects: CKA_ID (hex) and CKA_LABEL. One token holds the keys of one CA.
-	keyURIRoot         = "pkcs11:id=a901;object=agentmesh-root"
-	keyURIIntermediate = "pkcs11:id=a902;object=agentmesh-intermediate"
-	keyURIProvisioner  = "pkcs11:id=a903;object=agentmesh-provisioner"
-)

@@ -95,8 +95,8 @@ func (s *Server) reinstate(req ReinstateRequest) (*ReinstateResult, error) {
 	}
 	// Serialised with revocations: a reinstatement never interleaves with the
 	// revocation of the same identity.
-	s.revokeMu.Lock()
-	defer s.revokeMu.Unlock()
+	s.deny.mu.Lock()
+	defer s.deny.mu.Unlock()
 	s.mu.Lock()
 	closed := s.state == stateClosed
 	s.mu.Unlock()

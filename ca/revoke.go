@@ -176,11 +176,11 @@ func (s *Server) revoke(ctx context.Context, req RevokeRequest) (*RevokeResult, 
 	// One revocation at a time: each builds on the version the previous one
 	// published. Held across I/O (database, HSM, file, step-ca) on purpose; nothing on
 	// a hot path takes it.
-	s.revokeMu.Lock()
-	defer s.revokeMu.Unlock()
+	s.deny.mu.Lock()
+	defer s.deny.mu.Unlock()
 
 	s.mu.Lock()
-	state, auth := s.state, s.auth
+	state, auth := s.state, s.auth.Step()
 	s.mu.Unlock()
 	if state == stateClosed {
 		return nil, ErrServerClosed
@@ -297,7 +297,7 @@ func (s *Server) publishMarks(now time.Time) (*denyState, error) {
 	s.deny.Store(st)
 	s.dir.setRevocations(st.signed, st.list)
 	select { // the pruning loop learns the new list's expiries
-	case s.pruneWake <- struct{}{}:
+	case s.deny.wake <- struct{}{}:
 	default:
 	}
 	s.log.Info("deny list published", keyListVersion, next.Version,
@@ -384,7 +384,7 @@ func nextDenyList(cur *DenyList, now time.Time, ids []DeniedID, serials []Denied
 
 // signDenyState signs l with the intermediate's key (in the HSM).
 func (s *Server) signDenyState(l *DenyList) (*denyState, error) {
-	signed, err := signDenyList(l, s.certs.intermediateSigner, s.certs.intermediate)
+	signed, err := signDenyList(l, s.auth.IntermediateSigner(), s.auth.Intermediate())
 	if err != nil {
 		return nil, err
 	}
@@ -393,6 +393,20 @@ func (s *Server) signDenyState(l *DenyList) (*denyState, error) {
 		return nil, fmt.Errorf("encode deny list: %w", err)
 	}
 	return &denyState{list: l, signed: signed, encoded: b}, nil
+}
+
+// parseDenyListFile decodes b, the content of the deny-list file at path: a signed
+// list of trust domain td that verifies against roots at now. Its errors name path.
+func parseDenyListFile(path string, b []byte, td spiffeid.TrustDomain, roots []*x509.Certificate, now time.Time) (*denyState, error) {
+	var signed SignedDenyList
+	if err := decodeStrict(bytes.NewReader(b), &signed); err != nil {
+		return nil, fmt.Errorf("deny list %s: %w", path, err)
+	}
+	l, err := VerifyDenyList(&signed, td, roots, now)
+	if err != nil {
+		return nil, fmt.Errorf("deny list %s: %w", path, err)
+	}
+	return &denyState{list: l, signed: &signed, encoded: b}, nil
 }
 
 // initDenyList loads the persisted deny-list, or signs and persists version 1 (empty)
@@ -421,15 +435,11 @@ func (s *Server) initDenyList(now time.Time) error {
 	case err != nil:
 		return fmt.Errorf("read deny list: %w", err)
 	default:
-		var signed SignedDenyList
-		if err := decodeStrict(bytes.NewReader(b), &signed); err != nil {
-			return fmt.Errorf("deny list %s: %w", path, err)
-		}
-		l, err := VerifyDenyList(&signed, s.cfg.TrustDomain, []*x509.Certificate{s.certs.root}, now)
+		st, err := parseDenyListFile(path, b, s.cfg.TrustDomain, []*x509.Certificate{s.auth.Root()}, now)
 		if err != nil {
-			return fmt.Errorf("deny list %s: %w", path, err)
+			return err
 		}
-		s.deny.Store(&denyState{list: l, signed: &signed, encoded: b})
+		s.deny.Store(st)
 	}
 	s.dir.setRevocations(s.deny.Load().signed, s.deny.Load().list)
 	st, err := s.publishMarks(now)
@@ -476,8 +486,8 @@ func (s *Server) revokeInStepCA(ctx context.Context, auth *authority.Authority, 
 // reconcileStepCA revokes in step-ca every serial of the deny-list that step-ca has
 // not revoked: those of a Revoke before Run, or interrupted by a crash.
 func (s *Server) reconcileStepCA(ctx context.Context, auth *authority.Authority) {
-	s.revokeMu.Lock()
-	defer s.revokeMu.Unlock()
+	s.deny.mu.Lock()
+	defer s.deny.mu.Unlock()
 	now := time.Now()
 	live := slices.DeleteFunc(slices.Clone(s.deny.Load().list.Serials), func(e DeniedSerial) bool {
 		return !e.NotAfter.IsZero() && !now.Before(e.NotAfter)

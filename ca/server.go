@@ -2,7 +2,6 @@ package ca
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
@@ -11,22 +10,14 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/smallstep/certificates/authority"
-	"github.com/smallstep/certificates/authority/config"
-	"github.com/smallstep/certificates/authority/provisioner"
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
-	"go.step.sm/crypto/kms/pkcs11"
-	"go.step.sm/crypto/x509util"
 	"golang.org/x/sync/errgroup"
 
-	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/ca/authority"
 )
 
 // shutdownTimeout bounds the graceful part of Run's shutdown; connections still open
@@ -45,40 +36,22 @@ const (
 // serving step-ca's API over HTTPS and the admin API on a unix socket. Addr, URL, Roots
 // and Token are safe for concurrent use.
 type Server struct {
-	cfg      Config
-	log      *slog.Logger
-	dnsNames []string
-	url      string
+	cfg Config
+	log *slog.Logger
 
-	lock           *os.File
-	releaseSoftHSM func()
-	kms            *pkcs11.PKCS11
-	certs          caCerts
-	provisioner    *provisioner.JWK
-	tokens         *tokenIssuer
-	db             authDB
-	ln             net.Listener
-	adminLn        *net.UnixListener
+	lock    *os.File             // the state directory's lock
+	auth    *authority.Authority // keys, certificates, tokens, step-ca and its HTTPS listener
+	db      authDB               // step-ca's database with the revocation and lineage stores
+	adminLn *net.UnixListener
 
-	clientRoots, clientIntermediates *x509.CertPool
-	bundle                           *x509bundle.Bundle // the trust domain's roots, for x509svid.Verify
-	servingCert                      atomic.Pointer[tls.Certificate]
-	dir                              *registry
-	deny                             atomic.Pointer[denyState] // the deny-list in force
-	revokeMu                         sync.Mutex                // serialises Revoke
-	fleetMu                          sync.Mutex                // serialises RotateFleet
-	fleet                            *FleetRotation            // the latest; guarded by fleetMu
-	entries                          atomic.Pointer[entrySet]  // the registration entries in force
-	entriesMu                        sync.Mutex                // serialises changes to entries
-	lineageRefusals                  *prometheus.CounterVec    // issuances the lineage refused, by reason
-	claims                           atomic.Pointer[claimSet]  // the address claims in force
-	claimsMu                         sync.RWMutex              // read: a registration checked and applied; write: claims changed
-	claimMetrics                     *claimMetrics
-	pruneWake                        chan struct{} // coalesced: a deny-list was published
+	dir     *registry
+	deny    denyStore
+	fleet   fleetStore
+	entries entryStore
+	claims  claimStore
 
 	mu          sync.Mutex
-	state       serverState
-	auth        *authority.Authority // set by Run; Shutdown closes the KMS and the DB
+	state       serverState // guarded by mu
 	releaseOnce sync.Once
 
 	watches *watchLimit // directory long-polls held per client identity
@@ -108,7 +81,8 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, pruneWake: make(chan struct{}, 1)}
+	s := &Server{cfg: cfg, log: cfg.Logger}
+	s.deny.wake = make(chan struct{}, 1)
 	defer func() {
 		if err != nil {
 			_ = s.release()
@@ -123,75 +97,32 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 
-	kmsURI := cfg.KMS
-	if kmsURI == "" {
-		// hsm.SoftHSM writes the PIN file before it creates the token: no PIN file
-		// yet, where it is or where earlier versions kept it, means this start
-		// creates the token.
-		pinFile := cfg.PINFile
-		if pinFile == "" {
-			pinFile = hsm.DefaultPINFile(cfg.StateDir)
-		}
-		_, statErr := os.Stat(pinFile)
-		if _, err := os.Stat(filepath.Join(cfg.StateDir, filePIN)); err == nil {
-			statErr = nil
-		}
-		if kmsURI, s.releaseSoftHSM, err = hsm.SoftHSM(cfg.StateDir, tokenLabel, cfg.PINFile); err != nil {
-			return nil, err
-		}
-		if errors.Is(statErr, os.ErrNotExist) {
-			s.log.Info("softhsm2 token created", keyStateDir, cfg.StateDir)
-		}
-	}
-	if s.kms, err = hsm.OpenKMS(ctx, kmsURI); err != nil {
+	if s.auth, err = authority.Open(ctx, authority.Config{
+		TrustDomain:   cfg.TrustDomain,
+		StateDir:      cfg.StateDir,
+		KMS:           cfg.KMS,
+		PINFile:       cfg.PINFile,
+		SVIDLifetime:  cfg.SVIDLifetime,
+		Backdate:      backdate(cfg.SVIDLifetime),
+		TokenLifetime: cfg.TokenLifetime,
+		Logger:        s.log,
+		Audit:         s.audit,
+	}); err != nil {
 		return nil, err
 	}
-	certs, firstStart, err := loadOrCreatePKI(s.kms, cfg.StateDir, cfg.TrustDomain, time.Now())
-	if err != nil {
-		return nil, err
-	}
-	s.certs = certs
-	provKey, err := loadOrCreateKey(s.kms, keyURIProvisioner)
-	if err != nil {
-		return nil, err
-	}
-	jwk, err := provisionerJWK(provKey.Public())
-	if err != nil {
-		return nil, err
-	}
-	s.provisioner = newProvisioner(jwk, cfg.TrustDomain, cfg.SVIDLifetime)
-	if err := checkClaims(s.provisioner); err != nil {
-		return nil, err
-	}
-	s.lineageRefusals, s.claimMetrics = newLineageMetric(), newClaimMetrics()
-	if s.db, err = openDB(cfg.StateDir, &s.entries, s.lineageRefused); err != nil {
+	s.claims.metrics = newClaimMetrics()
+	if s.db, err = openDB(cfg.StateDir, s.auth, &s.entries.Pointer, s.lineageRefused); err != nil {
 		return nil, err
 	}
 	s.db.rev.backdate = backdate(cfg.SVIDLifetime)
 
-	var lc net.ListenConfig
-	if s.ln, err = lc.Listen(ctx, "tcp", cfg.Listen); err != nil {
-		return nil, fmt.Errorf("listen %s: %w", cfg.Listen, err)
-	}
-	port := strconv.Itoa(s.ln.Addr().(*net.TCPAddr).Port)
-	urlHost := localURLHost(cfg.Listen, s.ln.Addr())
-	s.url = "https://" + net.JoinHostPort(urlHost, port)
-	s.dnsNames = serverNames(cfg.DNSNames, cfg.Listen, urlHost)
-	audience := "https://" + net.JoinHostPort(s.dnsNames[0], port) + "/1.0/sign"
-	s.tokens, err = newTokenIssuer(cfg.TrustDomain, provKey, jwk.KeyID, audience,
-		x509util.Fingerprint(certs.root), cfg.TokenLifetime)
-	if err != nil {
+	if err := s.auth.Listen(ctx, cfg.Listen, cfg.DNSNames); err != nil {
 		return nil, err
 	}
 	if s.adminLn, err = listenAdmin(filepath.Join(cfg.StateDir, fileAdminSocket)); err != nil {
 		return nil, err
 	}
 
-	s.clientRoots = x509.NewCertPool()
-	s.clientRoots.AddCert(certs.root)
-	s.clientIntermediates = x509.NewCertPool()
-	s.clientIntermediates.AddCert(certs.intermediate)
-	s.bundle = x509bundle.FromX509Authorities(cfg.TrustDomain, []*x509.Certificate{certs.root})
 	s.dir = newRegistry(cfg.DirectoryTTL, s.log, time.Now())
 	s.watches = newWatchLimit(cfg.MaxWatches)
 	if err := s.initDenyList(time.Now()); err != nil {
@@ -207,28 +138,19 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	// Registered last, so that a New that fails leaves the registry as it was.
-	if err := registerMetrics(cfg.Registerer, s.lineageRefusals, s.claimMetrics.refused, s.claimMetrics.learnt); err != nil {
+	if err := registerMetrics(cfg.Registerer, s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt); err != nil {
 		return nil, err
 	}
 
 	s.log.Info("ca prepared",
 		keyTrustDomain, cfg.TrustDomain.Name(),
 		keyStateDir, cfg.StateDir,
-		keyKMS, hsm.RedactURI(kmsURI),
-		keyFirstStart, firstStart,
-		keyAddr, s.ln.Addr().String(),
-		keyRootSPKI, spkiSHA256(certs.root),
+		keyKMS, s.auth.KMS(),
+		keyFirstStart, s.auth.Created(),
+		keyAddr, s.auth.Addr().String(),
+		keyRootSPKI, spkiSHA256(s.auth.Root()),
 		keyDuration, time.Since(started))
 	return s, nil
-}
-
-// checkClaims validates the provisioner's lifetime claims as step-ca will, so a bad
-// lifetime fails in New rather than in Run.
-func checkClaims(p *provisioner.JWK) error {
-	if _, err := provisioner.NewClaimer(p.Claims, config.GlobalProvisionerClaims); err != nil {
-		return fmt.Errorf("%w: SVIDLifetime: %w", ErrInvalidConfig, err)
-	}
-	return nil
 }
 
 // prepareStateDir creates the state directory 0700, or warns when an existing one is
@@ -255,16 +177,16 @@ func prepareStateDir(dir string, log *slog.Logger) error {
 }
 
 // Addr is the bound address of the HTTPS API.
-func (s *Server) Addr() net.Addr { return s.ln.Addr() }
+func (s *Server) Addr() net.Addr { return s.auth.Addr() }
 
 // URL is the base URL local clients use for the HTTPS API, https://127.0.0.1:PORT when
 // the listener is on all interfaces, else https://LISTEN-HOST:PORT. Its host is always in
 // the serving certificate.
-func (s *Server) URL() string { return s.url }
+func (s *Server) URL() string { return s.auth.URL() }
 
 // Roots returns the CA's trust anchors (the root certificate). The caller may not
 // modify them.
-func (s *Server) Roots() []*x509.Certificate { return []*x509.Certificate{s.certs.root} }
+func (s *Server) Roots() []*x509.Certificate { return []*x509.Certificate{s.auth.Root()} }
 
 // Close releases what New acquired (listeners, admin socket, token session, database,
 // state lock) when Run will not be called. Once Run has been called, Run owns these and
@@ -298,23 +220,14 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		}
 	}()
 
-	auth, err := s.newAuthority()
-	if err != nil {
-		return fmt.Errorf("ca: start step-ca authority: %w", err)
-	}
-	s.mu.Lock()
-	s.auth = auth
-	s.mu.Unlock()
-	if err := s.issueServingCert(auth); err != nil {
+	if err := s.auth.Start(authority.Policy{DB: s.db, Enforce: s.enforceNotRevoked, AuthorizeRenew: s.authorizeRenew}); err != nil {
 		return boundary(err)
 	}
-	s.reconcileStepCA(ctx, auth)
+	s.reconcileStepCA(ctx, s.auth.Step())
 
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	apiSrv := &http.Server{
 		Handler:           s.apiHandler(),
-		TLSConfig:         s.serverTLSConfig(),
-		BaseContext:       func(net.Listener) context.Context { return s.apiContext(auth) },
 		ErrorLog:          errLog,
 		ReadHeaderTimeout: 10 * time.Second,
 		ReadTimeout:       30 * time.Second,
@@ -332,9 +245,9 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	}
 
 	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error { return serveErr("https api", apiSrv.ServeTLS(s.ln, "", "")) })
+	g.Go(func() error { return serveErr("https api", s.auth.Serve(apiSrv)) })
 	g.Go(func() error { return serveErr("admin api", adminSrv.Serve(s.adminLn)) })
-	g.Go(func() error { s.renewServingCert(gctx, auth); return nil })
+	g.Go(func() error { s.auth.RenewServingCert(gctx); return nil })
 	g.Go(func() error { s.dir.run(gctx); return nil })
 	g.Go(func() error { s.pruneLoop(gctx); return nil })
 	g.Go(func() error {
@@ -345,7 +258,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		defer cancel()
 		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv))
 	})
-	s.log.Info("ca serving", keyURL, s.url, keyAddr, s.ln.Addr().String(),
+	s.log.Info("ca serving", keyURL, s.auth.URL(), keyAddr, s.auth.Addr().String(),
 		keyAdminSocket, s.adminLn.Addr().String())
 	if err := g.Wait(); err != nil {
 		return boundary(err)
@@ -379,31 +292,15 @@ func (s *Server) release() error {
 		if s.adminLn != nil {
 			_ = s.adminLn.Close() // also unlinks the socket
 		}
-		if s.ln != nil {
-			_ = s.ln.Close()
-		}
-		s.mu.Lock()
-		auth := s.auth
-		s.mu.Unlock()
-		if auth != nil {
-			// Closes the KMS (ending the token session) and the database.
-			if err := auth.Shutdown(); err != nil {
-				errs = append(errs, fmt.Errorf("stop authority: %w", err))
-			}
-		} else {
-			if s.kms != nil {
-				if err := s.kms.Close(); err != nil {
-					errs = append(errs, fmt.Errorf("close kms: %w", err))
-				}
-			}
+		if s.auth != nil {
+			var closeDB func() error
 			if s.db.DB != nil {
-				if err := s.db.Shutdown(); err != nil {
-					errs = append(errs, fmt.Errorf("close database: %w", err))
-				}
+				closeDB = s.db.Shutdown
 			}
-		}
-		if s.releaseSoftHSM != nil {
-			s.releaseSoftHSM()
+			// Once started, step-ca's authority closes the KMS and the database.
+			if err := s.auth.Close(closeDB); err != nil {
+				errs = append(errs, err)
+			}
 		}
 		if s.lock != nil {
 			_ = s.lock.Close() // drops the flock

@@ -1,6 +1,8 @@
-package ca
+package authority
 
 import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"net/url"
@@ -17,7 +19,10 @@ func TestSVIDTemplate(t *testing.T) {
 	t.Parallel()
 	p := newProvisioner(nil, testTD, time.Minute)
 	tmpl := p.Options.X509.Template
-	key := newKey(t)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 	csrDER, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
 		URIs: []*url.URL{spiffeid.RequireFromPath(testTD, "/agent/a").URL()},
 	}, key)

@@ -1,7 +1,6 @@
-package ca
+package authority
 
 import (
-	"context"
 	"crypto/x509"
 	"path/filepath"
 	"testing"
@@ -11,20 +10,14 @@ import (
 // constraints permitting only URIs in the trust domain; the intermediate carries the same
 // constraints, cannot sign CAs, and is what root.crt and intermediate.crt hold.
 func TestCAHierarchy(t *testing.T) {
-	cfg, _ := testConfig(t)
-	requireSoftHSM(t)
-	srv, err := New(context.Background(), cfg)
-	if err != nil {
-		t.Fatal(err)
+	a, dir := openTest(t)
+	root, err := readCertFile(filepath.Join(dir, fileRoot))
+	if err != nil || !root.Equal(a.Root()) || !a.Created() {
+		t.Fatalf("root.crt is not Root() (created %v): %v", a.Created(), err)
 	}
-	defer srv.Close()
-	root, err := readCertFile(filepath.Join(cfg.StateDir, fileRoot))
-	if err != nil || !root.Equal(srv.Roots()[0]) {
-		t.Fatalf("root.crt is not Roots()[0]: %v", err)
-	}
-	inter, err := readCertFile(filepath.Join(cfg.StateDir, fileIntermediate))
-	if err != nil {
-		t.Fatal(err)
+	inter, err := readCertFile(filepath.Join(dir, fileIntermediate))
+	if err != nil || !inter.Equal(a.Intermediate()) {
+		t.Fatalf("intermediate.crt is not Intermediate(): %v", err)
 	}
 	if err := root.CheckSignatureFrom(root); err != nil {
 		t.Errorf("root not self-signed: %v", err)

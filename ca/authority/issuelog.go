@@ -1,4 +1,4 @@
-package ca
+package authority
 
 import (
 	"bytes"
@@ -7,7 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"errors"
+	"encoding/pem"
 	"io"
 	"net/http"
 	"strings"
@@ -29,14 +29,14 @@ import (
 // included. A record never holds a token: it is named by the SHA-256 of its ID.
 
 const (
-	// maxSignBody bounds the body of /sign that auditIssuance reads ahead of step-ca
+	// MaxSignBody bounds the body of /sign that auditIssuance reads ahead of step-ca
 	// (a CSR and a token: a few KiB).
-	maxSignBody = 64 << 10
+	MaxSignBody = 64 << 10
 	// maxIssueAnswer bounds the copy of an answer auditIssuance reads the issued
 	// certificate (or the error message) from.
 	maxIssueAnswer = 64 << 10
-	// initiatorToken is the initiator of an enrolment: the bearer of its token.
-	initiatorToken = "token"
+	// InitiatorToken is the initiator of an enrolment: the bearer of its token.
+	InitiatorToken = "token"
 	// initiatorUnknown names a caller that presented no usable identity.
 	initiatorUnknown = "unauthenticated"
 )
@@ -70,8 +70,8 @@ func noteRefusal(r *http.Request, reason audit.IssueReason) {
 	}
 }
 
-// auditIssuance writes the issuance record of every /sign, /renew and /rekey request.
-func (s *Server) auditIssuance(next http.Handler) http.Handler {
+// AuditIssuance writes the issuance record of every /sign, /renew and /rekey request.
+func (a *Authority) AuditIssuance(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		action, ok := issueAction(r)
 		if !ok {
@@ -86,41 +86,41 @@ func (s *Server) auditIssuance(next http.Handler) http.Handler {
 		}
 		var jti string
 		if action == audit.ActionEnroll {
-			body, err := io.ReadAll(io.LimitReader(r.Body, maxSignBody+1))
-			if err != nil || len(body) > maxSignBody {
+			body, err := io.ReadAll(io.LimitReader(r.Body, MaxSignBody+1))
+			if err != nil || len(body) > MaxSignBody {
 				rec.Result, rec.Reason, rec.Error = audit.IssueRefused, audit.ReasonBadRequest, "request body unreadable or too large"
-				s.audit(rec)
-				writeStepError(w, http.StatusRequestEntityTooLarge, rec.Error)
+				a.audit(rec)
+				WriteError(w, http.StatusRequestEntityTooLarge, rec.Error)
 				return
 			}
 			r.Body = io.NopCloser(bytes.NewReader(body))
 			var sub string
 			jti, sub = signToken(body)
-			rec.Initiator, rec.TokenID, rec.SPIFFEID = initiatorToken, tokenIDHash(jti), sub
-			s.db.uses.begin(jti)
+			rec.Initiator, rec.TokenID, rec.SPIFFEID = InitiatorToken, tokenIDHash(jti), sub
+			a.uses.begin(jti)
 		}
 		att := &issueAttempt{}
 		ww := middleware.NewWrapResponseWriter(w, r.ProtoMajor)
-		answer := &capped{max: maxIssueAnswer}
+		answer := &firstBytes{max: maxIssueAnswer}
 		ww.Tee(answer)
 		next.ServeHTTP(ww, r.WithContext(context.WithValue(r.Context(), issueAttemptKey{}, att)))
 
 		status := ww.Status()
 		refused := status >= 400
-		reused := action == audit.ActionEnroll && s.db.uses.end(jti, refused)
+		reused := action == audit.ActionEnroll && a.uses.end(jti, refused)
 		switch {
 		case status >= 500:
-			rec.Result, rec.Error = audit.IssueError, stepErrorMessage(answer.Bytes())
+			rec.Result, rec.Error = audit.IssueError, answerMessage(answer.b)
 		case refused:
-			rec.Result, rec.Error = audit.IssueRefused, stepErrorMessage(answer.Bytes())
+			rec.Result, rec.Error = audit.IssueRefused, answerMessage(answer.b)
 			rec.Reason = issueRefusal(action, status, att.reason, reused)
 		default:
 			rec.Result = audit.IssueOK
-			if chain, err := parseSignResponse(answer.Bytes()); err == nil && len(chain) > 0 {
-				rec.SPIFFEID, rec.Serial, rec.NotAfter = certID(chain[0]), chain[0].SerialNumber.String(), chain[0].NotAfter
+			if leaf := issuedLeaf(answer.b); leaf != nil {
+				rec.SPIFFEID, rec.Serial, rec.NotAfter = certID(leaf), leaf.SerialNumber.String(), leaf.NotAfter
 			}
 		}
-		s.audit(rec)
+		a.audit(rec)
 	})
 }
 
@@ -189,34 +189,28 @@ func tokenIDHash(jti string) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// issueToken hands out a bootstrap token for id to the caller rec names, and
-// completes and writes rec with the outcome.
-func (s *Server) issueToken(rec audit.Issuance, id spiffeid.ID) (string, error) {
-	rec.Action, rec.SPIFFEID = audit.ActionToken, id.String()
-	tok, err := s.Token(id)
-	switch {
-	case err == nil:
-		jti, _ := tokenClaimsOf(tok)
-		rec.Result, rec.TokenID = audit.IssueOK, tokenIDHash(jti)
-	case errors.Is(err, ErrInvalidID):
-		rec.Result, rec.Reason, rec.Error = audit.IssueRefused, audit.ReasonBadRequest, err.Error()
-	case errors.Is(err, ErrRevoked):
-		rec.Result, rec.Reason, rec.Error = audit.IssueRefused, audit.ReasonNotAllowed, err.Error()
-	default:
-		rec.Result, rec.Error = audit.IssueError, err.Error()
+// TokenRecordID names a token in records: the SHA-256 (hex) of its ID, "" for none.
+// The token is not verified.
+func TokenRecordID(tok string) string {
+	jti, _ := tokenClaimsOf(tok)
+	return tokenIDHash(jti)
+}
+
+// UseToken is step-ca's database hook for a used token ID, with two changes: use
+// records the token as its SHA-256, where step-ca stores the token itself (reuse
+// detection only needs the key, and no token is kept in plain text on disk), and a
+// reuse is told to the issuance record of the request that presented it.
+func (a *Authority) UseToken(id, tok string, use func(id, value string) (bool, error)) (bool, error) {
+	sum := sha256.Sum256([]byte(tok))
+	ok, err := use(id, "sha256:"+hex.EncodeToString(sum[:]))
+	if err == nil && !ok {
+		a.uses.refusedReuse(id)
 	}
-	s.audit(rec)
-	return tok, err
+	return ok, err
 }
 
-// refusedToken audits a token request refused before a token was made.
-func (s *Server) refusedToken(rec audit.Issuance, reason audit.IssueReason, msg string) {
-	rec.Action, rec.Result, rec.Reason, rec.Error = audit.ActionToken, audit.IssueRefused, reason, msg
-	s.audit(rec)
-}
-
-// tokenUses tells auditIssuance which enrolments step-ca refused for a token used
-// before: step-ca's database hook (authDB.UseToken) sees the reuse but not the
+// tokenUses tells AuditIssuance which enrolments step-ca refused for a token used
+// before: step-ca's database hook (UseToken) sees the reuse but not the
 // request, the handler the request but only a 401. Entries live while a request for
 // their token ID is in flight, so the map is bounded by concurrent requests. Safe for
 // concurrent use.
@@ -275,15 +269,59 @@ func (u *tokenUses) end(id string, refused bool) bool {
 	return reused
 }
 
-// capped keeps the first max bytes written to it and drops the rest.
-type capped struct {
-	bytes.Buffer
+// firstBytes keeps the first max bytes written to it and drops the rest.
+type firstBytes struct {
+	b   []byte
 	max int
 }
 
-func (c *capped) Write(p []byte) (int, error) {
-	if room := c.max - c.Len(); room > 0 {
-		c.Buffer.Write(p[:min(len(p), room)])
-	}
+func (f *firstBytes) Write(p []byte) (int, error) {
+	f.b = append(f.b, p[:min(len(p), f.max-len(f.b))]...)
 	return len(p), nil
+}
+
+// audit writes ev to Config.Audit, if set.
+func (a *Authority) audit(ev audit.Event) {
+	if a.cfg.Audit != nil {
+		a.cfg.Audit(ev)
+	}
+}
+
+// issuedLeaf is the certificate a step-ca sign, renew or rekey answer issued: the
+// first of certChain, else crt; nil when the answer holds none.
+func issuedLeaf(answer []byte) *x509.Certificate {
+	var r struct {
+		Crt       string   `json:"crt"`
+		CertChain []string `json:"certChain"`
+	}
+	if json.Unmarshal(answer, &r) != nil {
+		return nil
+	}
+	if len(r.CertChain) > 0 {
+		r.Crt = r.CertChain[0]
+	}
+	block, _ := pem.Decode([]byte(r.Crt))
+	if block == nil || block.Type != "CERTIFICATE" {
+		return nil
+	}
+	leaf, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		return nil
+	}
+	return leaf
+}
+
+// answerMessage is the message of a step-ca error answer, or at most the first 200
+// bytes of an answer that is not one.
+func answerMessage(answer []byte) string {
+	var e struct {
+		Message string `json:"message"`
+	}
+	if json.Unmarshal(answer, &e) != nil || e.Message == "" {
+		e.Message = strings.TrimSpace(string(answer))
+		if len(e.Message) > 200 {
+			e.Message = e.Message[:200] + "..."
+		}
+	}
+	return e.Message
 }
