@@ -273,8 +273,8 @@ func TestExplicitRefusals(t *testing.T) {
 		send      []byte
 		want      []byte // everything the client reads before the close
 		reason    string
-		result    string // audit result
-		captured  string // result label of captured_total
+		result    audit.Result // audit result
+		captured  string       // result label of captured_total
 		transport string
 		peerAddr  string
 	}{

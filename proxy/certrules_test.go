@@ -118,7 +118,7 @@ func TestCertificateRules(t *testing.T) {
 				}
 			} else {
 				rec := waitForFrom(t, tc.on.audit, from, tc.name, func(r audit.Handshake) bool { return r.Direction == tc.dir })
-				if rec.Result != result || rec.Reason != tc.reason || rec.PeerID != tc.peer {
+				if string(rec.Result) != result || rec.Reason != tc.reason || rec.PeerID != tc.peer {
 					t.Errorf("record %+v, want result %s reason %q peer_id %q", rec, result, tc.reason, tc.peer)
 				}
 			}

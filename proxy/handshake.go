@@ -174,7 +174,7 @@ func (p *Proxy) acknowledge(ctx context.Context, e audit.Handshake) error {
 func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake {
 	h := audit.Handshake{
 		Direction:   string(s.dir),
-		Result:      resultFor(reason),
+		Result:      audit.Result(resultFor(reason)),
 		Reason:      reason,
 		Transport:   s.transport,
 		LocalID:     s.presented(p).String(),

@@ -66,8 +66,9 @@ const (
 	ReasonNotLocal           = "not_local"           // transparent or explicit: the client's address is not one of this host's (no open relay)
 )
 
-// resultFor maps a reason to the handshake result: "" and passthrough are
-// success, operational failures are errors, everything else is a refusal.
+// resultFor maps a reason to the handshake result (the strings of
+// audit.Result, also the result label): "" and passthrough are success,
+// operational failures are errors, everything else is a refusal.
 func resultFor(reason string) string {
 	switch reason {
 	case "":

@@ -226,7 +226,7 @@ func TestRefusals(t *testing.T) {
 				}
 			} else {
 				rec := waitFor(t, n.audit, tc.reason, func(r audit.Handshake) bool { return r.Reason == tc.reason })
-				if rec.Direction != tc.dir || rec.Result != tc.result {
+				if rec.Direction != tc.dir || string(rec.Result) != tc.result {
 					t.Errorf("record %+v, want direction %s result %s", rec, tc.dir, tc.result)
 				}
 				if want := peerString(tc.peer); rec.PeerID != want {
