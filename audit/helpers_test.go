@@ -117,7 +117,3 @@ func rehash(line []byte) []byte {
 	out = append(out, hex.EncodeToString(sum[:])...)
 	return append(out, `"}`...)
 }
-
-func hashOf(line []byte) string {
-	return string(line[len(line)-suffixLen+len(`,"hash":"`) : len(line)-2])
-}

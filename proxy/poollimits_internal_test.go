@@ -164,7 +164,7 @@ func TestPoolTimers(t *testing.T) {
 		}
 
 		// Idle: the reaper ticks every idle/4.
-		time.Sleep(start.Add(idle + idle/4).Sub(time.Now()))
+		time.Sleep(time.Until(start.Add(idle + idle/4)))
 		synctest.Wait()
 		if at := idleOut.closedAt.Load(); at == nil || at.Sub(start) > idle+idle/4 {
 			t.Fatalf("idle outbound connection closed at %v, want within %s", at, idle+idle/4)

@@ -27,7 +27,7 @@ func TestQUICJunk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer u.Close()
+	defer func() { _ = u.Close() }()
 
 	const each = 10
 	// Long headers: flags, version, DCID and SCID of 8 bytes.

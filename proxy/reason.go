@@ -39,7 +39,7 @@ const (
 	ReasonRevoked           = "revoked"             // the deny-list denies the peer's certificate (or our own)
 	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
 	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
-	ReasonCredentialExpired = "credential_expired"  // inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
+	ReasonCredentialExpired = "credential_expired"  //nolint:gosec // G101: a reason name, not a credential. inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
 	ReasonMaxStreams        = "max_streams"         // inbound: a stream past PoolMaxStreams open at once on one pooled connection (h2)
 
 	// Limits (docs/limits.md): refused at once, before any handshake work.

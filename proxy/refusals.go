@@ -53,8 +53,8 @@ type refusals struct {
 	other   *audit.Refusals
 }
 
-func newRefusals(max int) *refusals {
-	return &refusals{max: max, sources: make(map[netip.Addr]*audit.Refusals)}
+func newRefusals(limit int) *refusals {
+	return &refusals{max: limit, sources: make(map[netip.Addr]*audit.Refusals)}
 }
 
 // add counts one refused attempt from addr (host:port) at now. peer is the

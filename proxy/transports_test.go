@@ -105,7 +105,7 @@ func converse(c *net.TCPConn, msg string) error {
 		return err
 	}
 	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
-		return fmt.Errorf("after half-close: %q, %v", rest, err)
+		return fmt.Errorf("after half-close: %q, %w", rest, err)
 	}
 	return c.Close()
 }

@@ -80,9 +80,9 @@ func drainDeadline(start time.Time, cause Cause, grace time.Duration) time.Time 
 }
 
 // usageDue reports whether a key that signed n handshakes is due for rotation under
-// the threshold max (0: the usage trigger is off).
-func usageDue(n, max uint64) bool {
-	return max > 0 && n >= max
+// the threshold limit (0: the usage trigger is off).
+func usageDue(n, limit uint64) bool {
+	return limit > 0 && n >= limit
 }
 
 // change is one key state transition to record.

@@ -373,7 +373,7 @@ func TestOverlapZeroEndsAtExpiry(t *testing.T) {
 		if o := r.Status().Overlap; len(o) != 1 || !o[0].OverlapUntil.Equal(first.NotAfter) {
 			t.Fatalf("overlap = %+v, want until %v", o, first.NotAfter)
 		}
-		advance(first.NotAfter.Sub(time.Now()) + policy.DefaultDrainGrace + time.Second)
+		advance(time.Until(first.NotAfter) + policy.DefaultDrainGrace + time.Second)
 		calls := drains.all()
 		if len(calls) != 1 || calls[0].serial != first.Serial || calls[0].grace != policy.DefaultDrainGrace || !calls[0].at.Equal(first.NotAfter) {
 			t.Fatalf("drains = %+v, want %s at its NotAfter with the default grace", calls, first.Serial)
@@ -395,7 +395,7 @@ func TestExpiredCurrentDrained(t *testing.T) {
 		r, rec := startWith(t, iss, Config{Policy: p, Keys: keys, Drain: drains.drain})
 		first := r.Status().Current
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
-		advance(first.NotAfter.Sub(time.Now()) + 3*time.Second)
+		advance(time.Until(first.NotAfter) + 3*time.Second)
 		calls := drains.all()
 		if len(calls) != 1 || calls[0].serial != first.Serial || calls[0].grace != 2*time.Second ||
 			calls[0].at.Sub(first.NotAfter) > time.Millisecond {
@@ -489,8 +489,8 @@ func TestRunWaitsForDrains(t *testing.T) {
 			t.Fatalf("drains = %+v, want one in progress", drains.all())
 		}
 		select {
-		case <-done:
-			t.Fatal("Run returned before it was cancelled")
+		case err := <-done:
+			t.Fatalf("Run returned %v before it was cancelled", err)
 		default:
 		}
 		cancel()
