@@ -34,7 +34,7 @@ type verdict struct {
 	allow   bool
 	rule    string // the deciding rule's name; defaultRule when nothing allowed
 	version uint64 // of the policy that decided
-	reason  string // the refusal reason, when not allowed
+	reason  Reason // the refusal reason, when not allowed
 	err     error  // the refusal, when not allowed
 }
 

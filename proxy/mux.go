@@ -89,7 +89,7 @@ func (m *muxConn) register() string {
 	switch {
 	case m.p.deniedConn(m.info()):
 		m.close(false)
-		return ReasonRevoked
+		return string(ReasonRevoked)
 	case drained:
 		m.close(false)
 		return closeDrained

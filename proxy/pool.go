@@ -286,7 +286,7 @@ func (p *Proxy) dialMux(ctx context.Context, key poolKey, l *localTLS, peer Peer
 			err = fmt.Errorf("transport %q is not pooled", key.transport)
 		}
 	}
-	reason := ""
+	var reason Reason
 	if err != nil {
 		reason = classify(ctx, err)
 		if errors.Is(err, ErrAuditUnavailable) {
@@ -305,7 +305,7 @@ func (p *Proxy) dialMux(ctx context.Context, key poolKey, l *localTLS, peer Peer
 	m.key = key
 	impl.bind(m)
 	if reason := m.register(); reason != "" {
-		return nil, &refusal{reason: reason, peerID: s.peerID, peerSerial: s.peerSerial,
+		return nil, &refusal{reason: Reason(reason), peerID: s.peerID, peerSerial: s.peerSerial,
 			err: fmt.Errorf("%s connection to %s: %w: credential %s meanwhile", key.transport, peer.Tunnel, ErrRevoked, reason)}
 	}
 	return m, nil
