@@ -305,7 +305,7 @@ func (p *Proxy) dialMux(ctx context.Context, key poolKey, l *localTLS, peer Peer
 	m.key = key
 	impl.bind(m)
 	if reason := m.register(); reason != "" {
-		return nil, &refusal{reason: Reason(reason), peerID: s.peerID, peerSerial: s.peerSerial,
+		return nil, &refusal{reason: reason, peerID: s.peerID, peerSerial: s.peerSerial,
 			err: fmt.Errorf("%s connection to %s: %w: credential %s meanwhile", key.transport, peer.Tunnel, ErrRevoked, reason)}
 	}
 	return m, nil

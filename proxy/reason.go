@@ -46,6 +46,7 @@ const (
 	ReasonRevocationStale   Reason = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
 	ReasonPolicyDenied      Reason = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
 	ReasonCredentialExpired Reason = "credential_expired"  //nolint:gosec // G101: a reason name, not a credential. inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
+	ReasonDrained           Reason = "drained"             // outbound: Drain retired our certificate while a pooled connection was being set up with it
 	ReasonMaxStreams        Reason = "max_streams"         // inbound: a stream past PoolMaxStreams open at once on one pooled connection (h2)
 
 	// Limits (docs/limits.md): refused at once, before any handshake work.

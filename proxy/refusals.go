@@ -43,8 +43,8 @@ func preAuth(reason Reason) bool {
 	case ReasonPeerNotAllowed, ReasonPeerMismatch, ReasonPortNotMeshed, ReasonBadRequest,
 		ReasonUnsupported, ReasonTargetUnreachable, ReasonPeerUnreachable, ReasonPeerRefused,
 		ReasonNoSVID, ReasonShutdown, ReasonPlaintextRefused, ReasonRevoked,
-		ReasonRevocationStale, ReasonPolicyDenied, ReasonCredentialExpired, ReasonMaxStreams,
-		ReasonPassthrough, ReasonUnknownDestination, ReasonNoOriginalDst, ReasonLoop,
+		ReasonRevocationStale, ReasonPolicyDenied, ReasonCredentialExpired, ReasonDrained,
+		ReasonMaxStreams, ReasonPassthrough, ReasonUnknownDestination, ReasonNoOriginalDst, ReasonLoop,
 		ReasonUnsupportedRequest, ReasonResolveFailed, ReasonUnattested, ReasonNotLocal:
 		return false
 	}
