@@ -124,7 +124,7 @@ func TestQUICMaxConnections(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), waitLimit)
 	defer cancel()
 	_, err := quic.DialAddr(ctx, m.b.TunnelAddr().String(), &tls.Config{
-		InsecureSkipVerify: true, //nolint:gosec // the server refuses before any certificate
+		InsecureSkipVerify: true, //nolint:gosec,forbidigo // the server refuses before any certificate
 		NextProtos:         []string{proxy.ALPNQUIC},
 	}, nil)
 	if err == nil {

@@ -96,7 +96,7 @@ func dialTunnel(t *testing.T, addr string, svid *x509svid.SVID, header []byte) {
 			Certificates: []tls.Certificate{*testca.TLSCertificate(svid)},
 			// The test client does not care who B is; only B's
 			// verification of the client is under test.
-			InsecureSkipVerify: true, //nolint:gosec // test client, see above
+			InsecureSkipVerify: true, //nolint:gosec,forbidigo // test client, see above
 			NextProtos:         []string{proxy.ALPN},
 		},
 	}

@@ -158,7 +158,7 @@ func TestMemoryKeyInTLS(t *testing.T) {
 		// is verified against the test CA in VerifyConnection instead.
 		client := tls.Client(c, &tls.Config{
 			MinVersion:         tls.VersionTLS13,
-			InsecureSkipVerify: true, //nolint:gosec // chain verified in VerifyConnection
+			InsecureSkipVerify: true, //nolint:gosec,forbidigo // chain verified in VerifyConnection
 			VerifyConnection: func(cs tls.ConnectionState) error {
 				inter := x509.NewCertPool()
 				inter.AddCert(cs.PeerCertificates[1])
