@@ -54,7 +54,7 @@ func Example() {
 	if err != nil {
 		panic(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	first, _ := bufio.NewReader(f).ReadString('\n')
 	fmt.Print(first)
 

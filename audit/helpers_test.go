@@ -88,7 +88,7 @@ func verifyFile(t testing.TB, path string) (int, error) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	return audit.Verify(f)
 }
 
