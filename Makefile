@@ -4,6 +4,15 @@ BIN := bin/agentmesh
 # The PKCS#11 KMS compiles only with cgo.
 export CGO_ENABLED := 1
 
+# golangci-lint as scripts/deps.sh installs it (pinned there).
+GOLANGCI_LINT ?= $(shell $(GO) env GOPATH)/bin/golangci-lint
+# The packages golangci-lint checks. ca, cmd, e2e, bench and internal/sockowner are not
+# listed yet: their findings are fixed in their own changes, after which this becomes ./...
+LINT_PKGS ?= ./audit/... ./rotator/... ./policy/... ./hsm/... ./redirect/... ./proxy/... \
+	./internal/atomicfile/... ./internal/demoservice/... ./internal/metrictest/... \
+	./internal/peercred/... ./internal/softhsmtest/... ./internal/svidrules/... \
+	./internal/testaudit/... ./internal/testca/...
+
 .PHONY: deps build test test-short check check-static fuzz demo bench bench-micro clean
 
 ## deps: install missing system packages (softhsm2, opensc, iptables, curl, ...), Go modules and the step CLI;
@@ -25,11 +34,14 @@ test: deps
 test-short:
 	$(GO) test -race -short -count=1 ./...
 
-## check-static: formatting, vet and the package dependency rules
+## check-static: formatting, vet, golangci-lint (.golangci.yml; installed by make deps) and
+## the package dependency rules
 check-static:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	  if [ -n "$$unformatted" ]; then echo "gofmt needed: $$unformatted"; exit 1; fi
 	$(GO) vet ./...
+	@[ -x "$(GOLANGCI_LINT)" ] || { echo "golangci-lint missing: run make deps"; exit 1; }
+	$(GOLANGCI_LINT) run $(LINT_PKGS)
 	@scripts/depcheck.sh
 
 ## check: check-static then test

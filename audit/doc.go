@@ -4,6 +4,13 @@
 // proxy, rotator and CA do: by default they refuse work they cannot record), it does not
 // rotate, ship or index files, and it does not yet write signed checkpoints.
 //
+// # Typed values
+//
+// The record fields that producers and readers compare or switch on are typed constants
+// (result.go: Result, LoadResult, AuthzResult, KeyPhase, KeyKind; issuance.go), so a
+// misspelt value does not compile and golangci-lint's exhaustive checks every switch over
+// them. Their strings are the wire format and never change.
+//
 // # Record format
 //
 // Each line is one record:

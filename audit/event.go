@@ -12,7 +12,7 @@ type Event interface{ Kind() string }
 // Handshake records one TLS handshake the proxy accepted, refused or failed.
 type Handshake struct {
 	Direction string `json:"direction"` // "inbound" | "outbound"
-	Result    string `json:"result"`    // "ok" | "refused" | "error"
+	Result    Result `json:"result"`
 	Reason    string `json:"reason,omitempty"`
 	Transport string `json:"transport"` // "tls", "h2" or "quic"
 	// LocalID is the identity this proxy presented: its host's, or the local agent's on
@@ -48,7 +48,7 @@ type Rotation struct {
 	OldSerial string    `json:"old_serial,omitempty"`
 	NewSerial string    `json:"new_serial,omitempty"`
 	NotAfter  time.Time `json:"not_after,omitzero"`
-	Result    string    `json:"result"` // "ok" | "error"
+	Result    Result    `json:"result"` // ResultOK or ResultError
 	Reason    string    `json:"reason,omitempty"`
 	Started   time.Time `json:"started"`
 	Finished  time.Time `json:"finished"`
@@ -98,7 +98,7 @@ type Revocation struct {
 	SPIFFEID  string `json:"spiffe_id,omitempty"` // the identity revoked, when by identity
 	Serial    string `json:"serial,omitempty"`    // the serial revoked, when by serial
 	Reason    string `json:"reason,omitempty"`
-	Result    string `json:"result"` // "ok" | "refused" | "error"
+	Result    Result `json:"result"`
 	Error     string `json:"error,omitempty"`
 	// Serials are the certificate serials revoked in step-ca (and listed in the CRL).
 	Serials []string `json:"serials,omitempty"`
@@ -141,12 +141,12 @@ func (DenyList) Kind() string { return "deny_list" }
 // KeyState records one lifecycle transition of a key (NIST SP 800-57 states):
 // pre-activation → active → overlap → destroyed, or compromised at any point.
 type KeyState struct {
-	Key      string `json:"key"`                 // "svid" | "ticket"
-	SPIFFEID string `json:"spiffe_id,omitempty"` // the identity an SVID key belongs to
-	Version  uint64 `json:"version"`             // per identity (svid) or per proxy (ticket), from 1
-	Serial   string `json:"serial,omitempty"`    // the SVID's certificate serial, once certified
-	From     string `json:"from,omitempty"`      // previous state; empty for a new key
-	To       string `json:"to"`
+	Key      KeyKind  `json:"key"`
+	SPIFFEID string   `json:"spiffe_id,omitempty"` // the identity an SVID key belongs to
+	Version  uint64   `json:"version"`             // per identity (svid) or per proxy (ticket), from 1
+	Serial   string   `json:"serial,omitempty"`    // the SVID's certificate serial, once certified
+	From     KeyPhase `json:"from,omitempty"`      // previous state; PhaseNone for a new key
+	To       KeyPhase `json:"to"`
 	// Cause says why: "enroll", "time", "usage", "operator", "compromise", "config",
 	// "fleet", "revoked", "overlap_end", "expired", "schedule", "orphan", ...
 	Cause    string    `json:"cause"`
@@ -162,11 +162,11 @@ func (KeyState) Kind() string { return "key_state" }
 // Authorization records a connection the authorization policy denied, or a live one it
 // closed after a policy change.
 type Authorization struct {
-	Direction string `json:"direction"` // "inbound" | "outbound"
-	Result    string `json:"result"`    // "denied" | "closed"
-	SrcID     string `json:"src_id,omitempty"`
-	DstID     string `json:"dst_id,omitempty"` // the agent or host the source wanted to reach
-	Port      uint16 `json:"port,omitempty"`
+	Direction string      `json:"direction"` // "inbound" | "outbound"
+	Result    AuthzResult `json:"result"`
+	SrcID     string      `json:"src_id,omitempty"`
+	DstID     string      `json:"dst_id,omitempty"` // the agent or host the source wanted to reach
+	Port      uint16      `json:"port,omitempty"`
 	// Rule names the deciding rule ("inbound[2] \"name\"", "default").
 	Rule     string `json:"rule"`
 	PeerAddr string `json:"peer_addr,omitempty"`
@@ -179,10 +179,10 @@ func (Authorization) Kind() string { return "authorization" }
 
 // Policy records an authorization policy being loaded or refused.
 type Policy struct {
-	Path    string `json:"path"`
-	Version uint64 `json:"version"` // the version in force afterwards
-	Result  string `json:"result"`  // "applied" | "refused"
-	Error   string `json:"error,omitempty"`
+	Path    string     `json:"path"`
+	Version uint64     `json:"version"` // the version in force afterwards
+	Result  LoadResult `json:"result"`
+	Error   string     `json:"error,omitempty"`
 	// Closed is how many live connections the new policy closed.
 	Closed int `json:"closed"`
 }

@@ -16,7 +16,7 @@ func Example() {
 	if err != nil {
 		panic(err)
 	}
-	defer os.RemoveAll(dir)
+	defer func() { _ = os.RemoveAll(dir) }()
 	path := filepath.Join(dir, "audit.log")
 
 	// A fixed clock makes the output reproducible; production leaves Now nil.
@@ -54,7 +54,7 @@ func Example() {
 	if err != nil {
 		panic(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	first, _ := bufio.NewReader(f).ReadString('\n')
 	fmt.Print(first)
 

@@ -17,7 +17,7 @@ type Lineage struct {
 	// Host is the host a sign request's token was granted to.
 	Host     string `json:"host,omitempty"`
 	PeerAddr string `json:"peer_addr,omitempty"`
-	Result   string `json:"result"` // "refused"
+	Result   Result `json:"result"` // ResultRefused
 	// Reason is "fork", "revoked", "agent_renewal" or "not_registered_host".
 	Reason string `json:"reason"`
 }

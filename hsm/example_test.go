@@ -29,7 +29,7 @@ func renewWithTokenKey(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	defer keys.Close()
+	defer func() { _ = keys.Close() }()
 
 	key, err := keys.NewKey(ctx)
 	if err != nil {

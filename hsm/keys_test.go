@@ -435,7 +435,7 @@ func TestOpenKMS(t *testing.T) {
 	if err != nil {
 		t.Fatalf("OpenKMS: %v", err)
 	}
-	defer km.Close()
+	defer func() { _ = km.Close() }()
 	signer, err := km.CreateSigner(&apiv1.CreateSignerRequest{SigningKey: "pkcs11:object=" + key.(*hsm.Key).Label()})
 	if err != nil {
 		t.Fatalf("CreateSigner: %v", err)

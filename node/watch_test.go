@@ -130,7 +130,7 @@ func TestWatchConfig(t *testing.T) {
 		}
 		for _, h := range w.applier.held() {
 			st := h.(*rotator.Rotator).Status()
-			if st.Current == nil || st.Current.Version != 2 || st.Current.Cause != string(rotator.TriggerConfig) {
+			if st.Current == nil || st.Current.Version != 2 || string(st.Current.Cause) != string(rotator.TriggerConfig) {
 				t.Fatalf("%s after the rotation policy changed: %+v, want version 2 by trigger config", h.ID(), st.Current)
 			}
 		}

@@ -264,6 +264,7 @@ func (a *Authz) InboundRules() int {
 	return len(a.inbound)
 }
 
+// OutboundRules counts the outbound rules (see InboundRules).
 func (a *Authz) OutboundRules() int {
 	if a == nil {
 		return 0

@@ -57,7 +57,7 @@ type verdict struct {
 	rule    string // the deciding rule's name; defaultRule when nothing allowed
 	version uint64 // of the policy that decided, for the audit record
 	gen     uint64 // of the authorization state that decided (tunnelConn.authzVersion)
-	reason  string // the refusal reason, when not allowed
+	reason  Reason // the refusal reason, when not allowed
 	err     error  // the refusal, when not allowed
 }
 
@@ -159,12 +159,12 @@ func (p *Proxy) authorize(ctx context.Context, ci ConnInfo) verdict {
 
 // Results of audit.Authorization.
 const (
-	authzDenied = "denied" // refused at setup
-	authzClosed = "closed" // closed by SetPolicy
+	authzDenied = audit.AuthzDenied // refused at setup
+	authzClosed = audit.AuthzClosed // closed by SetPolicy
 )
 
 // auditAuthz logs and audits an authorization record for a connection.
-func (p *Proxy) auditAuthz(ctx context.Context, ci ConnInfo, result string, v verdict) {
+func (p *Proxy) auditAuthz(ctx context.Context, ci ConnInfo, result audit.AuthzResult, v verdict) {
 	src, dst := ci.PeerID, ci.DstID
 	if ci.Direction == Outbound {
 		src, dst = ci.LocalID, dstOf(ci)
@@ -191,7 +191,7 @@ func (p *Proxy) auditAuthz(ctx context.Context, ci ConnInfo, result string, v ve
 	if p.cfg.Logger.Enabled(ctx, level) {
 		p.cfg.Logger.LogAttrs(ctx, level, msg,
 			slog.String(keyDirection, rec.Direction),
-			slog.String(keyResult, rec.Result),
+			slog.String(keyResult, string(rec.Result)),
 			slog.String(keySrcID, rec.SrcID),
 			slog.String(keyDstID, rec.DstID),
 			slog.Int(keyPort, int(rec.Port)),
@@ -204,7 +204,7 @@ func (p *Proxy) auditAuthz(ctx context.Context, ci ConnInfo, result string, v ve
 	}
 	if err := p.cfg.Audit.Append(rec); err != nil {
 		p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit authorization record",
-			slog.String(keyDirection, rec.Direction), slog.String(keyResult, rec.Result), slog.Any(keyErr, err))
+			slog.String(keyDirection, rec.Direction), slog.String(keyResult, string(rec.Result)), slog.Any(keyErr, err))
 	}
 }
 

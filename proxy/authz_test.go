@@ -159,7 +159,7 @@ inbound:
 		t.Errorf("B's authorization record %+v, want %+v", az, want)
 	}
 	h := waitForFrom(t, m.b.audit, from, "refused", func(h audit.Handshake) bool { return h.Result != "ok" })
-	if h.Reason != proxy.ReasonPolicyDenied {
+	if h.Reason != string(proxy.ReasonPolicyDenied) {
 		t.Errorf("B's handshake record %+v, want %s", h, proxy.ReasonPolicyDenied)
 	}
 	if got := m.b.authzDenied(t, "inbound"); got != 1 {
@@ -178,7 +178,7 @@ inbound:
 	_ = cc.SetDeadline(time.Now().Add(waitLimit))
 	_, _ = cc.Write([]byte("x"))
 	_, _ = io.ReadAll(cc)
-	if h := nextHandshake(t, m.b, from); h.PeerID != idC.String() || h.Reason != proxy.ReasonPeerNotAllowed {
+	if h := nextHandshake(t, m.b, from); h.PeerID != idC.String() || h.Reason != string(proxy.ReasonPeerNotAllowed) {
 		t.Errorf("B's record for C %+v, want %s", h, proxy.ReasonPeerNotAllowed)
 	}
 }
@@ -232,7 +232,7 @@ outbound:
 		t.Errorf("A's authorization record %+v, want %+v", az, want)
 	}
 	h := waitForFrom(t, m.a.audit, from, "refused", func(h audit.Handshake) bool { return h.Result != "ok" })
-	if h.Reason != proxy.ReasonPolicyDenied || h.Transport != "none" {
+	if h.Reason != string(proxy.ReasonPolicyDenied) || h.Transport != "none" {
 		t.Errorf("A's handshake record %+v, want %s before any dial", h, proxy.ReasonPolicyDenied)
 	}
 	if got := m.a.authzDenied(t, "outbound"); got != 1 {
@@ -345,7 +345,7 @@ func TestSetPolicyResumedSession(t *testing.T) {
 	}
 	from = m.b.audit.len()
 	m.refused(t, 0)
-	if h := nextHandshake(t, m.b, from); h.Reason != proxy.ReasonPeerNotAllowed || !h.Resumed || h.PeerID != idA.String() {
+	if h := nextHandshake(t, m.b, from); h.Reason != string(proxy.ReasonPeerNotAllowed) || !h.Resumed || h.PeerID != idA.String() {
 		t.Errorf("B's record %+v, want a resumed session refused with %s", h, proxy.ReasonPeerNotAllowed)
 	}
 }

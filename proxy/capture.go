@@ -34,7 +34,7 @@ type outbound struct {
 	// a *requestError carrying the exact bytes). Nil for routes and
 	// transparent capture, whose clients only see bytes flow or the
 	// connection close.
-	reply func(reason string, cause error) error
+	reply func(reason Reason, cause error) error
 }
 
 // newOutbound starts tracking an accepted agent connection: shutdown closes
@@ -74,7 +74,7 @@ func (p *Proxy) attribute(ctx context.Context, o *outbound, remote netip.AddrPor
 // passthrough is success), counts it by mode and answers an explicit-capture
 // client. It reports whether bytes may flow; if not, it has closed the
 // connection.
-func (p *Proxy) conclude(ctx context.Context, o *outbound, reason string, cause error) bool {
+func (p *Proxy) conclude(ctx context.Context, o *outbound, reason Reason, cause error) bool {
 	if err := p.record(ctx, o.s, reason, cause); err != nil {
 		reason, cause = ReasonAuditUnavailable, err
 	}
@@ -85,7 +85,7 @@ func (p *Proxy) conclude(ctx context.Context, o *outbound, reason string, cause 
 // settle answers an explicit-capture client with the outcome of an outbound
 // setup, and closes the connection unless reason is a success. It reports
 // whether bytes may flow.
-func (p *Proxy) settle(o *outbound, reason string, cause error) bool {
+func (p *Proxy) settle(o *outbound, reason Reason, cause error) bool {
 	ok := resultFor(reason) == resultOK
 	if o.reply != nil {
 		// On success a failed reply needs no handling here: the client is

@@ -272,9 +272,9 @@ func TestExplicitRefusals(t *testing.T) {
 		name      string
 		send      []byte
 		want      []byte // everything the client reads before the close
-		reason    string
-		result    string // audit result
-		captured  string // result label of captured_total
+		reason    proxy.Reason
+		result    audit.Result // audit result
+		captured  string       // result label of captured_total
 		transport string
 		peerAddr  string
 	}{
@@ -335,7 +335,7 @@ func TestExplicitRefusals(t *testing.T) {
 			if want == client {
 				want = c.LocalAddr().String()
 			}
-			rec := waitForFrom(t, m.a.audit, from, tc.reason, func(h audit.Handshake) bool { return h.Reason == tc.reason })
+			rec := waitForFrom(t, m.a.audit, from, string(tc.reason), func(h audit.Handshake) bool { return h.Reason == string(tc.reason) })
 			if rec.Direction != "outbound" || rec.Result != tc.result || rec.Transport != tc.transport || rec.PeerAddr != want {
 				t.Errorf("record %+v, want result %s transport %s peer_addr %s", rec, tc.result, tc.transport, want)
 			}
@@ -391,7 +391,7 @@ func TestExplicitPassthrough(t *testing.T) {
 			}
 			_ = c.Close()
 			h := waitForFrom(t, m.a.audit, from, "passthrough", func(h audit.Handshake) bool { return true })
-			if h.Result != "ok" || h.Reason != proxy.ReasonPassthrough || h.Transport != "tcp" || h.PeerAddr != dst.String() || h.PeerID != "" {
+			if h.Result != "ok" || h.Reason != string(proxy.ReasonPassthrough) || h.Transport != "tcp" || h.PeerAddr != dst.String() || h.PeerID != "" {
 				t.Errorf("handshake record %+v", h)
 			}
 			rec := waitForFrom(t, m.a.audit, from, "closed", func(audit.Connection) bool { return true })

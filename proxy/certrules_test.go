@@ -47,8 +47,8 @@ func TestCertificateRules(t *testing.T) {
 		name   string
 		on     *node
 		dir    string
-		reason string // "" for a handshake that must succeed
-		peer   string // the peer_id of the record
+		reason proxy.Reason // "" for a handshake that must succeed
+		peer   string       // the peer_id of the record
 		do     func(t *testing.T)
 	}{
 		{
@@ -109,7 +109,7 @@ func TestCertificateRules(t *testing.T) {
 			tc.do(t)
 			if tc.dir == "inbound" && tc.reason != "" {
 				// Refused before authentication: aggregated per source.
-				rec := waitForFrom(t, tc.on.audit, from, tc.name, func(r audit.Refusals) bool { return r.Reasons[tc.reason] > 0 })
+				rec := waitForFrom(t, tc.on.audit, from, tc.name, func(r audit.Refusals) bool { return r.Reasons[string(tc.reason)] > 0 })
 				if rec.Count != 1 || rec.Source != "127.0.0.1" {
 					t.Errorf("record %+v, want one attempt from 127.0.0.1", rec)
 				}
@@ -118,7 +118,7 @@ func TestCertificateRules(t *testing.T) {
 				}
 			} else {
 				rec := waitForFrom(t, tc.on.audit, from, tc.name, func(r audit.Handshake) bool { return r.Direction == tc.dir })
-				if rec.Result != result || rec.Reason != tc.reason || rec.PeerID != tc.peer {
+				if string(rec.Result) != result || rec.Reason != string(tc.reason) || rec.PeerID != tc.peer {
 					t.Errorf("record %+v, want result %s reason %q peer_id %q", rec, result, tc.reason, tc.peer)
 				}
 			}
@@ -140,7 +140,7 @@ func TestMaxIntermediates(t *testing.T) {
 		MaxIntermediates: 2,
 		Services:         []proxy.Service{{Port: tg.port, Allow: []spiffeid.ID{idA}}},
 	})
-	for depth, want := range map[int]string{2: "", 3: proxy.ReasonChainTooLong} {
+	for depth, want := range map[int]proxy.Reason{2: "", 3: proxy.ReasonChainTooLong} {
 		from := b.audit.len()
 		dialTunnel(t, b.TunnelAddr().String(), ca.DeepSVID(t, idA, depth), tunnelHeader(tg.port))
 		if want == "" {
@@ -150,7 +150,7 @@ func TestMaxIntermediates(t *testing.T) {
 			continue
 		}
 		// Refused before authentication: aggregated per source.
-		waitForFrom(t, b.audit, from, want, func(r audit.Refusals) bool { return r.Reasons[want] > 0 })
+		waitForFrom(t, b.audit, from, string(want), func(r audit.Refusals) bool { return r.Reasons[string(want)] > 0 })
 	}
 	for _, n := range []int{-1, 5} {
 		_, err := proxy.New(proxy.Config{ID: idA, Credentials: testca.NewCredentials(ca, ca.SVID(t, idA)), MaxIntermediates: n})

@@ -37,7 +37,7 @@ func TestCurl(t *testing.T) {
 		args     []string
 		want     string // curl's output; with wantExit, a part of its error message
 		wantExit int
-		reason   string // for a refusal: the audit reason
+		reason   proxy.Reason // for a refusal: the audit reason
 	}{
 		{name: "proxy_flag_absolute_uri", args: []string{"--proxy", "http://" + px, "http://" + web + "/a?b=c"},
 			want: `GET /a?b=c host=` + web + ` proxy_connection="" close=true body=""`},
@@ -96,7 +96,7 @@ func TestCurl(t *testing.T) {
 				if !strings.Contains(stdout.String()+stderr.String(), tc.want) {
 					t.Fatalf("curl said %q %q, want it to mention %q", stdout.Bytes(), stderr.Bytes(), tc.want)
 				}
-				waitForFrom(t, m.a.audit, from, tc.reason, func(h audit.Handshake) bool { return h.Reason == tc.reason })
+				waitForFrom(t, m.a.audit, from, string(tc.reason), func(h audit.Handshake) bool { return h.Reason == string(tc.reason) })
 			}
 		})
 	}

@@ -77,7 +77,7 @@ var (
 // returned from the TLS callbacks; crypto/tls hands callback errors back from
 // Handshake unchanged, which is how the reason survives the handshake.
 type refusal struct {
-	reason     string
+	reason     Reason
 	peerID     string
 	peerSerial string
 	err        error
@@ -90,7 +90,7 @@ func (r *refusal) Unwrap() error { return r.err }
 // reason for the audit record and the exact bytes the client gets back (a
 // SOCKS5 reply or an HTTP response), decided by the pure parsers.
 type requestError struct {
-	reason string // ReasonBadRequest or ReasonUnsupportedRequest
+	reason Reason // ReasonBadRequest or ReasonUnsupportedRequest
 	reply  []byte // written to the client before closing; nil for none
 	err    error  // wraps ErrBadRequest or ErrUnsupportedRequest
 }

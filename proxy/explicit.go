@@ -28,7 +28,7 @@ type explicitTarget struct {
 	head []byte
 	// answer is the reply that tells the client the outcome (reason "" or
 	// passthrough is success); nil for nothing to say.
-	answer func(reason string) []byte
+	answer func(reason Reason) []byte
 }
 
 func (t explicitTarget) authority() string {
@@ -68,7 +68,7 @@ func (p *Proxy) serveExplicit(ctx context.Context, agent net.Conn) {
 	if err != nil {
 		var re *requestError
 		if errors.As(err, &re) && re.reply != nil {
-			o.reply = func(string, error) error { return write(agent, re.reply) }
+			o.reply = func(Reason, error) error { return write(agent, re.reply) }
 		}
 		p.conclude(ctx, o, classify(ctx, err), fmt.Errorf("read proxy request: %w", err))
 		return
@@ -76,7 +76,7 @@ func (p *Proxy) serveExplicit(ctx context.Context, agent net.Conn) {
 
 	o.s.dst = t.authority()
 	o.s.peerAddr = o.s.dst
-	o.reply = func(reason string, _ error) error {
+	o.reply = func(reason Reason, _ error) error {
 		if resultFor(reason) == resultOK {
 			// Bytes flow from now on, for as long as they like.
 			_ = agent.SetDeadline(time.Time{})
@@ -120,7 +120,7 @@ func readSOCKS(br *bufio.Reader, w io.Writer) (explicitTarget, error) {
 	if err != nil {
 		return explicitTarget{}, err
 	}
-	return explicitTarget{addr: req.addr, host: req.host, port: req.port, answer: func(reason string) []byte {
+	return explicitTarget{addr: req.addr, host: req.host, port: req.port, answer: func(reason Reason) []byte {
 		return socksReply(socksReplyCode(reason))
 	}}, nil
 }
@@ -132,7 +132,7 @@ func readHTTP(br *bufio.Reader) (explicitTarget, error) {
 		return explicitTarget{}, err
 	}
 	t := explicitTarget{addr: req.addr, host: req.host, port: req.port, head: req.head}
-	t.answer = func(reason string) []byte {
+	t.answer = func(reason Reason) []byte {
 		switch {
 		case resultFor(reason) != resultOK:
 			return httpResponse(httpStatus(reason), reason)
@@ -183,7 +183,9 @@ const (
 	replyFailed                 // anything else: our failure, a protocol error
 )
 
-func classifyReply(reason string) replyClass {
+func classifyReply(reason Reason) replyClass {
+	// The reasons not listed are classified by resultFor below.
+	//exhaustive:ignore
 	switch reason {
 	case ReasonPeerUnreachable, ReasonTargetUnreachable, ReasonResolveFailed, ReasonTimeout, ReasonPeerClosed:
 		return replyUnreachable
@@ -201,7 +203,7 @@ func classifyReply(reason string) replyClass {
 }
 
 // socksReplyCode is the SOCKS5 REP for the outcome of a setup.
-func socksReplyCode(reason string) byte {
+func socksReplyCode(reason Reason) byte {
 	switch classifyReply(reason) {
 	case replyOK:
 		return socksSucceeded
@@ -215,7 +217,7 @@ func socksReplyCode(reason string) byte {
 }
 
 // httpStatus is the HTTP status for the outcome of a setup that failed.
-func httpStatus(reason string) int {
+func httpStatus(reason Reason) int {
 	if classifyReply(reason) == replyNotAllowed {
 		return http.StatusForbidden
 	}

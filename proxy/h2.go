@@ -274,7 +274,7 @@ func (s *h2ClientStream) status(timeout time.Duration) (status, error) {
 }
 
 func (s *h2ClientStream) Read(b []byte) (int, error) {
-	resp := s.resp.Load()
+	resp := s.resp.Load() //nolint:bodyclose // its body is s.in, which Close closes
 	if resp == nil {
 		return 0, net.ErrClosed // no copier reads before the status
 	}

@@ -103,7 +103,7 @@ func (s *setup) fill(cs tls.ConnectionState, local *localTLS) {
 // Order: a success is appended before it is counted (the append decides
 // whether it is one); a failure is counted and logged before it is appended,
 // so whoever sees the record also sees the metric.
-func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error) error {
+func (p *Proxy) record(ctx context.Context, s *setup, reason Reason, cause error) error {
 	var r *refusal
 	if errors.As(cause, &r) {
 		if s.peerID == "" {
@@ -134,7 +134,7 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 	// one by one (refusals.go).
 	if s.dir == Inbound && result != resultOK && preAuth(reason) {
 		p.refusals.add(s.dir, s.peerAddr, s.transport, reason,
-			audit.RefusedPeer{PeerID: s.peerID, PeerSerial: s.peerSerial, Reason: reason}, time.Now())
+			audit.RefusedPeer{PeerID: s.peerID, PeerSerial: s.peerSerial, Reason: string(reason)}, time.Now())
 		p.logSetup(ctx, s, reason, result, d, cause)
 		return auditErr
 	}
@@ -145,7 +145,7 @@ func (p *Proxy) record(ctx context.Context, s *setup, reason string, cause error
 	if result != resultOK && auditing && reason != ReasonAuditUnavailable {
 		if err := p.cfg.Audit.Append(s.event(p, reason, d)); err != nil {
 			p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit handshake record",
-				slog.String(keyDirection, string(s.dir)), slog.String(keyReason, reason), slog.Any(keyErr, err))
+				slog.String(keyDirection, string(s.dir)), slog.String(keyReason, string(reason)), slog.Any(keyErr, err))
 		}
 	}
 	return auditErr
@@ -171,11 +171,11 @@ func (p *Proxy) acknowledge(ctx context.Context, e audit.Handshake) error {
 	return p.cfg.Audit.Sync(sctx)
 }
 
-func (s *setup) event(p *Proxy, reason string, d time.Duration) audit.Handshake {
+func (s *setup) event(p *Proxy, reason Reason, d time.Duration) audit.Handshake {
 	h := audit.Handshake{
 		Direction:   string(s.dir),
-		Result:      resultFor(reason),
-		Reason:      reason,
+		Result:      audit.Result(resultFor(reason)),
+		Reason:      string(reason),
 		Transport:   s.transport,
 		LocalID:     s.presented(p).String(),
 		LocalSerial: s.localSerial,
@@ -196,7 +196,7 @@ func (s *setup) presented(p *Proxy) spiffeid.ID { return cmp.Or(s.localID, p.cfg
 
 // logSetup logs a success at Debug and a refusal at Warn (a shutdown is not
 // the peer's fault: Debug).
-func (p *Proxy) logSetup(ctx context.Context, s *setup, reason, result string, d time.Duration, cause error) {
+func (p *Proxy) logSetup(ctx context.Context, s *setup, reason Reason, result string, d time.Duration, cause error) {
 	level, msg := slog.LevelWarn, "tunnel refused"
 	switch {
 	case reason == "":
@@ -231,7 +231,7 @@ func (p *Proxy) logSetup(ctx context.Context, s *setup, reason, result string, d
 			slog.String(keyTransport, s.transport))
 	}
 	if result != resultOK {
-		attrs = append(attrs, slog.String(keyResult, result), slog.String(keyReason, reason), slog.Any(keyErr, cause))
+		attrs = append(attrs, slog.String(keyResult, result), slog.String(keyReason, string(reason)), slog.Any(keyErr, cause))
 	}
 	p.cfg.Logger.LogAttrs(ctx, level, msg, attrs...)
 }

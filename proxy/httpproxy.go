@@ -265,14 +265,14 @@ func rewriteHead(req *http.Request, path, authority string) []byte {
 }
 
 // httpError is a refusal with its complete HTTP response.
-func httpError(status int, reason string, err error) *requestError {
+func httpError(status int, reason Reason, err error) *requestError {
 	return &requestError{reason: reason, reply: httpResponse(status, reason), err: err}
 }
 
 // httpResponse is a short plain-text response naming the reason; the
 // connection closes after it.
-func httpResponse(status int, reason string) []byte {
-	body := "agentmesh: " + reason + "\n"
+func httpResponse(status int, reason Reason) []byte {
+	body := "agentmesh: " + string(reason) + "\n"
 	b := fmt.Appendf(nil, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\nConnection: close\r\n",
 		status, http.StatusText(status), len(body))
 	if status == http.StatusMethodNotAllowed {

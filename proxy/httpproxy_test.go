@@ -25,7 +25,7 @@ func TestReadHTTPRequest(t *testing.T) {
 		want       httpRequest // head compared separately
 		wantHead   string
 		rest       string
-		wantReason string
+		wantReason Reason
 		wantReply  string
 		wantIOErr  error
 	}{
@@ -165,7 +165,7 @@ func TestHTTPReplies(t *testing.T) {
 	tests := []struct {
 		name   string
 		target explicitTarget
-		reason string
+		reason Reason
 		want   string
 	}{
 		{name: "connect_ok", target: connect, reason: "", want: "HTTP/1.1 200 Connection Established\r\n\r\n"},

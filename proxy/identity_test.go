@@ -179,7 +179,7 @@ func TestUnattested(t *testing.T) {
 		if got, _ := io.ReadAll(c); len(got) != 0 {
 			t.Fatalf("agent got %q through a refused route", got)
 		}
-		rec := waitForFrom(t, m.a.audit, from, "unattested", func(h audit.Handshake) bool { return h.Reason == proxy.ReasonUnattested })
+		rec := waitForFrom(t, m.a.audit, from, "unattested", func(h audit.Handshake) bool { return h.Reason == string(proxy.ReasonUnattested) })
 		if rec.Result != "refused" || rec.Transport != "none" {
 			t.Errorf("A's record %+v, want refused before any dial", rec)
 		}
@@ -202,7 +202,7 @@ func TestUnattested(t *testing.T) {
 		}
 		expect(t, c, socksNoAuth)
 		expect(t, c, socksReply(0x02)) // connection not allowed by ruleset
-		waitFor(t, m.a.audit, "unattested", func(h audit.Handshake) bool { return h.Reason == proxy.ReasonUnattested })
+		waitFor(t, m.a.audit, "unattested", func(h audit.Handshake) bool { return h.Reason == string(proxy.ReasonUnattested) })
 	})
 }
 
@@ -214,7 +214,7 @@ func TestAgentWithoutSVID(t *testing.T) {
 	m := agentMesh(t, newAgents().add(ownUID(), agentX, testca.NewCredentials(ca, nil)), nil)
 	from := m.a.audit.len()
 	m.refusedRoute(t)
-	rec := waitForFrom(t, m.a.audit, from, "no_svid", func(h audit.Handshake) bool { return h.Reason == proxy.ReasonNoSVID })
+	rec := waitForFrom(t, m.a.audit, from, "no_svid", func(h audit.Handshake) bool { return h.Reason == string(proxy.ReasonNoSVID) })
 	if rec.LocalID != agentX.String() {
 		t.Errorf("A's record %+v, want local_id %s", rec, agentX)
 	}

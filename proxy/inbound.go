@@ -30,7 +30,7 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 
 	if err := p.auditErr(); err != nil {
 		// Fail closed: a connection that could not be audited is not served.
-		p.metrics.refused.WithLabelValues(ReasonAuditUnavailable).Inc()
+		p.metrics.refused.WithLabelValues(string(ReasonAuditUnavailable)).Inc()
 		_ = p.record(ctx, s, ReasonAuditUnavailable, err)
 		c.abort()
 		return
@@ -153,7 +153,7 @@ func (p *Proxy) serveInbound(ctx context.Context, raw net.Conn) {
 // close_notify and drains the peer's early payload until the peer closes or
 // the handshake deadline passes: closing a socket with unread data makes the
 // kernel send RST, which can destroy the status byte in flight.
-func (p *Proxy) refuse(ctx context.Context, c *tunnelConn, s *setup, st status, reason string, cause error) {
+func (p *Proxy) refuse(ctx context.Context, c *tunnelConn, s *setup, st status, reason Reason, cause error) {
 	_ = p.record(ctx, s, reason, cause)
 	defer c.abort()
 	if _, err := c.tunnel.Write([]byte{byte(st)}); err != nil {

@@ -10,7 +10,7 @@ import (
 // costs the proxy nothing but a close.
 type limiter struct{ s *semaphore.Weighted }
 
-func newLimiter(max int) limiter { return limiter{semaphore.NewWeighted(int64(max))} }
+func newLimiter(slots int) limiter { return limiter{semaphore.NewWeighted(int64(slots))} }
 
 // TryAcquire takes a slot if one is free.
 func (l limiter) TryAcquire() bool { return l.s.TryAcquire(1) }

@@ -61,7 +61,7 @@ func TestRefusalsAggregated(t *testing.T) {
 	}
 	for i, w := range want {
 		r := got[i]
-		if r.Source != w.source || r.Count != w.count || r.Reasons[proxy.ReasonNotTLS] != w.count ||
+		if r.Source != w.source || r.Count != w.count || r.Reasons[string(proxy.ReasonNotTLS)] != w.count ||
 			r.Transports[proxy.TransportTLS] != w.count || r.Last.Before(r.First) {
 			t.Errorf("record %d = %+v, want source %s with %d not_tls attempts", i, r, w.source, w.count)
 		}
@@ -100,7 +100,7 @@ func TestMaxHandshakes(t *testing.T) {
 		t.Fatal("the second handshake got an answer past MaxHandshakes 1")
 	}
 	assertRefused(t, b, proxy.ReasonMaxHandshakes)
-	waitFor(t, b.audit, "max_handshakes", func(r audit.Refusals) bool { return r.Reasons[proxy.ReasonMaxHandshakes] == 1 })
+	waitFor(t, b.audit, "max_handshakes", func(r audit.Refusals) bool { return r.Reasons[string(proxy.ReasonMaxHandshakes)] == 1 })
 }
 
 // TestQUICMaxConnections: quic connections count against MaxConnections with the TCP
@@ -124,14 +124,14 @@ func TestQUICMaxConnections(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), waitLimit)
 	defer cancel()
 	_, err := quic.DialAddr(ctx, m.b.TunnelAddr().String(), &tls.Config{
-		InsecureSkipVerify: true, //nolint:gosec // the server refuses before any certificate
+		InsecureSkipVerify: true, //nolint:gosec,forbidigo // the server refuses before any certificate
 		NextProtos:         []string{proxy.ALPNQUIC},
 	}, nil)
 	if err == nil {
 		t.Fatal("a quic connection was accepted past MaxConnections")
 	}
 	assertRefused(t, m.b, proxy.ReasonMaxConnections)
-	rec := waitFor(t, m.b.audit, "max_connections", func(r audit.Refusals) bool { return r.Reasons[proxy.ReasonMaxConnections] > 0 })
+	rec := waitFor(t, m.b.audit, "max_connections", func(r audit.Refusals) bool { return r.Reasons[string(proxy.ReasonMaxConnections)] > 0 })
 	if rec.Transports[proxy.TransportQUIC] == 0 {
 		t.Errorf("record %+v, want transport quic", rec)
 	}
@@ -144,9 +144,9 @@ func TestQUICMaxConnections(t *testing.T) {
 // assertRefused checks that a connection was refused for reason; the count is
 // made before the connection is closed. (A quic client may try its Initial
 // again after the refusal, and be refused again.)
-func assertRefused(t *testing.T, n *node, reason string) {
+func assertRefused(t *testing.T, n *node, reason proxy.Reason) {
 	t.Helper()
-	labels := map[string]string{"reason": reason}
+	labels := map[string]string{"reason": string(reason)}
 	if got := n.metric(t, "agentmesh_proxy_connections_refused_total", labels); got < 1 {
 		t.Errorf("connections_refused_total%v = %v, want >= 1", labels, got)
 	}

@@ -56,7 +56,7 @@ func TestPassthroughOutboundPolicy(t *testing.T) {
 		t.Errorf("authorization record %+v", az)
 	}
 	h := waitForFrom(t, m.a.audit, from, "refused", func(h audit.Handshake) bool { return true })
-	if h.Result != "refused" || h.Reason != proxy.ReasonPolicyDenied || h.Transport != "tcp" {
+	if h.Result != "refused" || h.Reason != string(proxy.ReasonPolicyDenied) || h.Transport != "tcp" {
 		t.Errorf("handshake record %+v", h)
 	}
 
@@ -110,7 +110,7 @@ func TestListenerDefaults(t *testing.T) {
 	}
 	defer c.Close()
 	h := waitForFrom(t, m.a.audit, from, "no_original_dst", func(h audit.Handshake) bool { return true })
-	if h.Reason != proxy.ReasonNoOriginalDst {
+	if h.Reason != string(proxy.ReasonNoOriginalDst) {
 		t.Errorf("record %+v, want reason %s", h, proxy.ReasonNoOriginalDst)
 	}
 }

@@ -120,8 +120,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			for _, r := range []string{poolEndCredential, poolEndMaxLifetime, poolEndMaxBytes, poolEndIdle} {
 				m.poolEnded.WithLabelValues(string(d), t, r)
 			}
-			m.streamRefusals.WithLabelValues(string(d), t, ReasonCredentialExpired)
-			m.streamRefusals.WithLabelValues(string(d), t, ReasonMaxStreams)
+			m.streamRefusals.WithLabelValues(string(d), t, string(ReasonCredentialExpired))
+			m.streamRefusals.WithLabelValues(string(d), t, string(ReasonMaxStreams))
 		}
 		m.duration.WithLabelValues(string(d))
 		m.active.WithLabelValues(string(d))
@@ -141,8 +141,8 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			m.captured.WithLabelValues(string(mode), r)
 		}
 	}
-	for _, r := range []string{ReasonMaxConnections, ReasonMaxHandshakes, ReasonAuditUnavailable} {
-		m.refused.WithLabelValues(r)
+	for _, r := range []Reason{ReasonMaxConnections, ReasonMaxHandshakes, ReasonAuditUnavailable} {
+		m.refused.WithLabelValues(string(r))
 	}
 	// All or none, so that a New that failed leaves the Registerer as it was.
 	if err := metricreg.Register(reg, m.handshakes, m.duration, m.active, m.bytes, m.captured, m.revoked, m.rotations, m.drained,

@@ -80,8 +80,8 @@ func (p *Proxy) newMux(impl muxImpl, s *setup, peerID spiffeid.ID) *muxConn {
 // register makes m known to revocation and drain, and counts it. If the
 // deny-list denies m's credentials, or Drain has just drained our
 // certificate on it (its setup picked it before the drain), it closes m and
-// returns why: ReasonRevoked or closeDrained.
-func (m *muxConn) register() string {
+// returns why: ReasonRevoked or ReasonDrained.
+func (m *muxConn) register() Reason {
 	m.p.metrics.pool.WithLabelValues(string(m.dir), m.transport).Inc()
 	// As for connections (serve): SetDenyList stores the list before it
 	// walks the registry, Drain marks the serial as it walks it.
@@ -92,7 +92,7 @@ func (m *muxConn) register() string {
 		return ReasonRevoked
 	case drained:
 		m.close(false)
-		return closeDrained
+		return ReasonDrained
 	}
 	m.startExpiry()
 	return ""

@@ -1,5 +1,7 @@
 package proxy
 
+import "github.com/agentmesh/agentmesh/audit"
+
 // Metric names, label keys and log attribute keys: stable strings that
 // dashboards, alerts and log queries depend on, kept in one place.
 const (
@@ -48,11 +50,11 @@ const (
 // 800-57 names; ticket keys skip pre-activation: they are usable the moment
 // they exist) and the cause of a scheduled transition.
 const (
-	keyKindTicket = "ticket"
+	keyKindTicket = audit.KeyTicket
 
-	keyStateActive    = "active"    // the ticket key that encrypts
-	keyStateOverlap   = "overlap"   // decrypts only
-	keyStateDestroyed = "destroyed" // dropped and its bytes zeroed
+	keyStateActive    = audit.PhaseActive    // the ticket key that encrypts
+	keyStateOverlap   = audit.PhaseOverlap   // decrypts only
+	keyStateDestroyed = audit.PhaseDestroyed // dropped and its bytes zeroed
 
 	causeSchedule = "schedule" // TicketKeyPeriod
 )
@@ -99,11 +101,11 @@ const (
 	keyUnrecorded = "unrecorded"
 )
 
-// Handshake results, as in audit.Handshake.Result and the result label.
+// Handshake results in the result label: the strings of audit.Handshake.Result.
 const (
-	resultOK      = "ok"
-	resultRefused = "refused" // a verification or policy decision said no, or the peer misbehaved
-	resultError   = "error"   // an operational failure: no SVID, unreachable target, shutdown
+	resultOK      = string(audit.ResultOK)
+	resultRefused = string(audit.ResultRefused) // a verification or policy decision said no, or the peer misbehaved
+	resultError   = string(audit.ResultError)   // an operational failure: no SVID, unreachable target, shutdown
 )
 
 // Outcomes of an outbound connection that exist only in the result label of

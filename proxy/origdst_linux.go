@@ -44,7 +44,7 @@ func origDst(c net.Conn) (_ netip.AddrPort, err error) {
 		// x/sys/unix has no getsockopt for an arbitrary buffer; the
 		// kernel writes at most n bytes to buf and the new length to n.
 		_, _, errno = unix.Syscall6(unix.SYS_GETSOCKOPT, fd, uintptr(level), uintptr(opt),
-			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0)
+			uintptr(unsafe.Pointer(&buf[0])), uintptr(unsafe.Pointer(&n)), 0) //nolint:gosec // G103: getsockopt writes into buf and n, both live for the call
 	})
 	switch {
 	case cerr != nil:

@@ -153,7 +153,7 @@ func (p *Proxy) tunnelTLS(ctx context.Context, o *outbound, peer Peer, port uint
 }
 
 // statusReason maps the peer's status byte to a refusal reason ("" for ok).
-func statusReason(st status) string {
+func statusReason(st status) Reason {
 	switch st {
 	case statusOK:
 		return ""

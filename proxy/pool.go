@@ -291,7 +291,7 @@ func (p *Proxy) dialMux(ctx context.Context, key poolKey, l *localTLS, peer Peer
 			err = fmt.Errorf("transport %q is not pooled", key.transport)
 		}
 	}
-	reason := ""
+	var reason Reason
 	if err != nil {
 		reason = classify(ctx, err)
 		if errors.Is(err, ErrAuditUnavailable) {

@@ -37,10 +37,10 @@ const muxIdleGrace = 5 * time.Second
 // Why a pooled connection stopped taking new streams or closed (the reason
 // label of agentmesh_proxy_pool_ended_total).
 const (
-	poolEndCredential  = ReasonCredentialExpired // a certificate that authenticated it reached (nearly) its NotAfter
-	poolEndMaxLifetime = "max_lifetime"          // older than PoolMaxLifetime
-	poolEndMaxBytes    = "max_bytes"             // carried PoolMaxBytes
-	poolEndIdle        = "idle_timeout"          // no stream for PoolIdleTimeout: closed
+	poolEndCredential  = string(ReasonCredentialExpired) // a certificate that authenticated it reached (nearly) its NotAfter
+	poolEndMaxLifetime = "max_lifetime"                  // older than PoolMaxLifetime
+	poolEndMaxBytes    = "max_bytes"                     // carried PoolMaxBytes
+	poolEndIdle        = "idle_timeout"                  // no stream for PoolIdleTimeout: closed
 )
 
 // muxLimits are the time limits of one pooled connection, fixed at its
@@ -114,7 +114,7 @@ const h2OverMaxStreams = "_over_max_streams"
 func (p *Proxy) refusedOverMax(ctx context.Context, m *muxConn) {
 	info := m.streamInfo()
 	p.metrics.streams.WithLabelValues(string(Inbound), m.transport, resultRefused).Inc()
-	p.metrics.streamRefusals.WithLabelValues(string(Inbound), m.transport, ReasonMaxStreams).Inc()
+	p.metrics.streamRefusals.WithLabelValues(string(Inbound), m.transport, string(ReasonMaxStreams)).Inc()
 	p.recordStream(ctx, info, ReasonMaxStreams,
 		fmt.Errorf("%w: more than %d streams at once", ErrMaxStreams, p.cfg.PoolMaxStreams))
 }
@@ -154,7 +154,7 @@ func (m *muxConn) expire() {
 
 // admit decides a stream the peer opened on an inbound connection, at now:
 // "" to serve it, or ReasonCredentialExpired.
-func (m *muxConn) admit(now time.Time) string {
+func (m *muxConn) admit(now time.Time) Reason {
 	if m.limits.expiredAt(now) {
 		return ReasonCredentialExpired
 	}

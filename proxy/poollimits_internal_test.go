@@ -138,12 +138,12 @@ func TestPoolTimers(t *testing.T) {
 		idleIn, idleInImpl := timedMux(t, p, Inbound, far, far)
 
 		// A stream just before the end, none at it.
-		time.Sleep(8*time.Second - time.Nanosecond)
+		time.Sleep(8*time.Second - time.Nanosecond) //nolint:forbidigo // synctest: advances the bubble's clock
 		if ok, _ := short.reserve(); !ok {
 			t.Fatal("no stream 2 s before the peer's NotAfter")
 		}
 		short.release()
-		time.Sleep(time.Nanosecond)
+		time.Sleep(time.Nanosecond) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		if ok, _ := short.reserve(); ok {
 			t.Fatal("a stream 2 s before the peer's NotAfter")
@@ -157,14 +157,14 @@ func TestPoolTimers(t *testing.T) {
 		if got := shortIn.admit(start.Add(10 * time.Second)); got != ReasonCredentialExpired {
 			t.Errorf("inbound admits at NotAfter: %q", got)
 		}
-		time.Sleep(muxCloseLinger)
+		time.Sleep(muxCloseLinger) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		if at := shortImpl.closedAt.Load(); at == nil || !at.Equal(start.Add(8*time.Second+muxCloseLinger)) {
 			t.Errorf("drained connection closed at %v, want %s after the start", at, 8*time.Second+muxCloseLinger)
 		}
 
 		// Idle: the reaper ticks every idle/4.
-		time.Sleep(start.Add(idle + idle/4).Sub(time.Now()))
+		time.Sleep(time.Until(start.Add(idle + idle/4))) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		if at := idleOut.closedAt.Load(); at == nil || at.Sub(start) > idle+idle/4 {
 			t.Fatalf("idle outbound connection closed at %v, want within %s", at, idle+idle/4)
@@ -172,7 +172,7 @@ func TestPoolTimers(t *testing.T) {
 		if idleInImpl.closedAt.Load() != nil {
 			t.Fatal("the receiving side closed its idle connection before the dialing side's grace")
 		}
-		time.Sleep(muxIdleGrace)
+		time.Sleep(muxIdleGrace) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		if at := idleInImpl.closedAt.Load(); at == nil || at.Sub(start) > idle+muxIdleGrace+idle/4 {
 			t.Fatalf("idle inbound connection closed at %v", at)

@@ -220,7 +220,7 @@ func overMaxH2(t *testing.T, tunnel net.Addr, svid *x509svid.SVID, port uint16, 
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{*testca.TLSCertificate(svid)},
 		// Only B's verification of the client is under test.
-		InsecureSkipVerify: true, //nolint:gosec // test client, see above
+		InsecureSkipVerify: true, //nolint:gosec,forbidigo // test client, see above
 		NextProtos:         []string{proxy.ALPNH2},
 	}}
 	c, err := d.DialContext(t.Context(), "tcp", tunnel.String())
@@ -295,7 +295,7 @@ func dialRaw(t *testing.T, tr string, tunnel net.Addr, svid *x509svid.SVID) *raw
 		MinVersion:   tls.VersionTLS13,
 		Certificates: []tls.Certificate{*testca.TLSCertificate(svid)},
 		// Only B's verification of the client is under test.
-		InsecureSkipVerify: true, //nolint:gosec // test client, see above
+		InsecureSkipVerify: true, //nolint:gosec,forbidigo // test client, see above
 	}
 	rc := &rawClient{done: make(chan struct{})}
 	ctx, cancel := context.WithTimeout(t.Context(), waitLimit)

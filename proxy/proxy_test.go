@@ -166,7 +166,7 @@ func TestAuditUnavailableRefuses(t *testing.T) {
 			}
 			if tc.dir == "inbound" {
 				// A saw B hang up before any TLS.
-				waitFor(t, m.a.audit, "peer_closed", func(h audit.Handshake) bool { return h.Reason == proxy.ReasonPeerClosed })
+				waitFor(t, m.a.audit, "peer_closed", func(h audit.Handshake) bool { return h.Reason == string(proxy.ReasonPeerClosed) })
 			}
 			labels := map[string]string{"direction": tc.dir, "result": "error"}
 			if got := n.metric(t, "agentmesh_proxy_handshakes_total", labels); got != 1 {
@@ -200,7 +200,7 @@ func TestMaxConnections(t *testing.T) {
 	if got, _ := io.ReadAll(second); len(got) != 0 {
 		t.Fatalf("second connection got %q past the limit", got)
 	}
-	rec := waitFor(t, b.audit, "max_connections", func(r audit.Refusals) bool { return r.Reasons[proxy.ReasonMaxConnections] > 0 })
+	rec := waitFor(t, b.audit, "max_connections", func(r audit.Refusals) bool { return r.Reasons[string(proxy.ReasonMaxConnections)] > 0 })
 	if rec.Source != "127.0.0.1" || rec.Direction != "inbound" {
 		t.Errorf("refusals record %+v", rec)
 	}

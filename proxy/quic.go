@@ -512,6 +512,8 @@ func (t *keyUpdateTrace) RecordEvent(e qlogwriter.Event) {
 		t.p.metrics.keyUpdates.WithLabelValues(initiatorLocal).Inc()
 	case qlog.KeyUpdateRemote:
 		t.p.metrics.keyUpdates.WithLabelValues(initiatorPeer).Inc()
+	case qlog.KeyUpdateTLS:
+		// The handshake installing the first 1-RTT keys: not an update.
 	}
 }
 

@@ -27,7 +27,7 @@ func TestQUICJunk(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer u.Close()
+	defer func() { _ = u.Close() }()
 
 	const each = 10
 	// Long headers: flags, version, DCID and SCID of 8 bytes.
@@ -83,10 +83,10 @@ func TestQUICJunk(t *testing.T) {
 			}
 			switch r.Source {
 			case "127.0.0.1":
-				known += r.Reasons[proxy.ReasonQUICInvalid]
-				timeouts += r.Reasons[proxy.ReasonTimeout]
+				known += r.Reasons[string(proxy.ReasonQUICInvalid)]
+				timeouts += r.Reasons[string(proxy.ReasonTimeout)]
 			case "unknown":
-				unknown += r.Reasons[proxy.ReasonQUICInvalid]
+				unknown += r.Reasons[string(proxy.ReasonQUICInvalid)]
 			default:
 				t.Fatalf("refusals record from %q", r.Source)
 			}
@@ -105,7 +105,7 @@ func TestQUICJunk(t *testing.T) {
 		t.Errorf("%d refused datagrams from 127.0.0.1 (want %d), %d from unknown (want %d), %d handshakes timed out (want 1)",
 			known, wantKnown, unknown, wantUnknown, timeouts)
 	}
-	if got := n.metric(t, "agentmesh_proxy_connections_refused_total", map[string]string{"reason": proxy.ReasonQUICInvalid}); got != float64(wantKnown+wantUnknown) {
+	if got := n.metric(t, "agentmesh_proxy_connections_refused_total", map[string]string{"reason": string(proxy.ReasonQUICInvalid)}); got != float64(wantKnown+wantUnknown) {
 		t.Errorf("connections_refused_total{reason=quic_invalid} = %v, want %d", got, wantKnown+wantUnknown)
 	}
 	if hs := n.audit.handshakes(); len(hs) != 0 {

@@ -14,61 +14,69 @@ import (
 	"golang.org/x/net/http2"
 )
 
-// Handshake refusal reasons (audit.Handshake.Reason). Stable identifiers.
+// Reason names why a connection setup was refused or failed, or how an outbound
+// connection was carried (ReasonPassthrough): audit.Handshake.Reason, the keys of
+// audit.Refusals.Reasons and the reason label of the refusal metrics. Stable
+// identifiers: dashboards, alerts and audit readers match them.
+type Reason string
+
+// Handshake refusal reasons (audit.Handshake.Reason).
 const (
-	ReasonNotTLS            = "not_tls"             // the first bytes were not a TLS handshake
-	ReasonTimeout           = "timeout"             // handshake or header not done within HandshakeTimeout
-	ReasonPeerClosed        = "peer_closed"         // the peer hung up during setup
-	ReasonHandshakeFailed   = "handshake_failed"    // any other TLS failure (versions, ciphers, ...)
-	ReasonBadCertificate    = "bad_certificate"     // not a valid X509-SVID (two URI SANs, CA leaf, ...)
-	ReasonCertExpired       = "certificate_expired" // chain outside its validity period
-	ReasonUnknownAuthority  = "unknown_authority"   // no chain to the bundle of the peer's trust domain
-	ReasonALPN              = "alpn_mismatch"       // the tunnel protocol was not negotiated
-	ReasonPeerNotAllowed    = "peer_not_allowed"    // inbound: no Service (or not the asked port's) allows the peer
-	ReasonPeerMismatch      = "peer_id_mismatch"    // outbound: valid SVID but not Route.PeerID
-	ReasonPortNotMeshed     = "port_not_meshed"     // inbound: the asked port is not a Service
-	ReasonBadRequest        = "bad_request"         // malformed header or unknown command
-	ReasonUnsupported       = "unsupported_version" // unknown header version
-	ReasonTargetUnreachable = "target_unreachable"  // the target (or, outbound, the peer's target) did not answer
-	ReasonPeerUnreachable   = "peer_unreachable"    // outbound: the peer proxy could not be dialed
-	ReasonPeerRefused       = "peer_refused"        // outbound: the peer sent an alert or refused the tunnel
-	ReasonNoSVID            = "no_svid"             // Credentials had no valid SVID
-	ReasonAuditUnavailable  = "audit_unavailable"   // Audit.Err() != nil, or appending the record failed
-	ReasonShutdown          = "shutdown"            // Run's context ended during setup
-	ReasonPlaintextRefused  = "plaintext_refused"   // strict mode: plain TCP to a meshed port from another host
-	ReasonRevoked           = "revoked"             // the deny-list denies the peer's certificate (or our own)
-	ReasonRevocationStale   = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
-	ReasonPolicyDenied      = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
-	ReasonCredentialExpired = "credential_expired"  // inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
-	ReasonMaxStreams        = "max_streams"         // inbound: a stream past PoolMaxStreams open at once on one pooled connection (h2)
+	ReasonNotTLS            Reason = "not_tls"             // the first bytes were not a TLS handshake
+	ReasonTimeout           Reason = "timeout"             // handshake or header not done within HandshakeTimeout
+	ReasonPeerClosed        Reason = "peer_closed"         // the peer hung up during setup
+	ReasonHandshakeFailed   Reason = "handshake_failed"    // any other TLS failure (versions, ciphers, ...)
+	ReasonBadCertificate    Reason = "bad_certificate"     // not a valid X509-SVID (two URI SANs, CA leaf, ...)
+	ReasonCertExpired       Reason = "certificate_expired" // chain outside its validity period
+	ReasonUnknownAuthority  Reason = "unknown_authority"   // no chain to the bundle of the peer's trust domain
+	ReasonALPN              Reason = "alpn_mismatch"       // the tunnel protocol was not negotiated
+	ReasonPeerNotAllowed    Reason = "peer_not_allowed"    // inbound: no Service (or not the asked port's) allows the peer
+	ReasonPeerMismatch      Reason = "peer_id_mismatch"    // outbound: valid SVID but not Route.PeerID
+	ReasonPortNotMeshed     Reason = "port_not_meshed"     // inbound: the asked port is not a Service
+	ReasonBadRequest        Reason = "bad_request"         // malformed header or unknown command
+	ReasonUnsupported       Reason = "unsupported_version" // unknown header version
+	ReasonTargetUnreachable Reason = "target_unreachable"  // the target (or, outbound, the peer's target) did not answer
+	ReasonPeerUnreachable   Reason = "peer_unreachable"    // outbound: the peer proxy could not be dialed
+	ReasonPeerRefused       Reason = "peer_refused"        // outbound: the peer sent an alert or refused the tunnel
+	ReasonNoSVID            Reason = "no_svid"             // Credentials had no valid SVID
+	ReasonAuditUnavailable  Reason = "audit_unavailable"   // Audit.Err() != nil, or appending the record failed
+	ReasonShutdown          Reason = "shutdown"            // Run's context ended during setup
+	ReasonPlaintextRefused  Reason = "plaintext_refused"   // strict mode: plain TCP to a meshed port from another host
+	ReasonRevoked           Reason = "revoked"             // the deny-list denies the peer's certificate (or our own)
+	ReasonRevocationStale   Reason = "revocation_stale"    // Config.Revocation failed: the deny-list may be out of date
+	ReasonPolicyDenied      Reason = "policy_denied"       // the authorization policy does not allow the connection (Config.Policy, SetPolicy)
+	ReasonCredentialExpired Reason = "credential_expired"  //nolint:gosec // G101: a reason name, not a credential. inbound: a stream on a pooled connection whose peer certificate (or ours) has expired
+	ReasonDrained           Reason = "drained"             // outbound: Drain retired our certificate while a pooled connection was being set up with it
+	ReasonMaxStreams        Reason = "max_streams"         // inbound: a stream past PoolMaxStreams open at once on one pooled connection (h2)
 
 	// Limits (docs/limits.md): refused at once, before any handshake work.
-	ReasonMaxConnections = "max_connections" // Config.MaxConnections connections were open
-	ReasonMaxHandshakes  = "max_handshakes"  // Config.MaxHandshakes inbound handshakes were in flight
+	ReasonMaxConnections Reason = "max_connections" // Config.MaxConnections connections were open
+	ReasonMaxHandshakes  Reason = "max_handshakes"  // Config.MaxHandshakes inbound handshakes were in flight
 
 	// QUIC datagrams dropped before any connection exists (quicjunk.go).
-	ReasonQUICInvalid  = "quic_invalid"  // not a QUIC Initial the server can use: not QUIC, unparsable, another version, too short, an unknown connection
-	ReasonQUICOverload = "quic_overload" // dropped because one of quic-go's receive queues was full
+	ReasonQUICInvalid  Reason = "quic_invalid"  // not a QUIC Initial the server can use: not QUIC, unparsable, another version, too short, an unknown connection
+	ReasonQUICOverload Reason = "quic_overload" // dropped because one of quic-go's receive queues was full
 
 	// Certificate rules beyond x509svid.Verify (internal/svidrules).
-	ReasonKeyUsage     = "wrong_key_usage"    // the leaf lacks the digitalSignature key usage, or its extended key usage lacks clientAuth (a client) or serverAuth (a server)
-	ReasonChainTooLong = "chain_too_long"     // the chain carries more intermediates than Config.MaxIntermediates
-	ReasonIDTooLong    = "spiffe_id_too_long" // the leaf's SPIFFE ID is longer than 2,048 bytes
+	ReasonKeyUsage     Reason = "wrong_key_usage"    // the leaf lacks the digitalSignature key usage, or its extended key usage lacks clientAuth (a client) or serverAuth (a server)
+	ReasonChainTooLong Reason = "chain_too_long"     // the chain carries more intermediates than Config.MaxIntermediates
+	ReasonIDTooLong    Reason = "spiffe_id_too_long" // the leaf's SPIFFE ID is longer than 2,048 bytes
 
 	// Outbound capture (docs/capture.md).
-	ReasonPassthrough        = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)
-	ReasonUnknownDestination = "unknown_destination" // no proxy at the destination and Unknown is UnknownDeny
-	ReasonNoOriginalDst      = "no_original_dst"     // a connection to the Outbound port that iptables did not redirect
-	ReasonLoop               = "loop"                // the destination is this proxy itself (or, captured, the peer's own tunnel)
-	ReasonUnsupportedRequest = "unsupported_request" // explicit: a valid request the proxy does not serve (SOCKS BIND, auth, ...)
-	ReasonResolveFailed      = "resolve_failed"      // explicit: the requested host name did not resolve
-	ReasonUnattested         = "unattested"          // the connecting process is no registered agent, and Unattested is UnattestedDeny
-	ReasonNotLocal           = "not_local"           // transparent or explicit: the client's address is not one of this host's (no open relay)
+	ReasonPassthrough        Reason = "passthrough"         // result ok: no proxy at the destination, dialed directly (UnknownPassthrough)
+	ReasonUnknownDestination Reason = "unknown_destination" // no proxy at the destination and Unknown is UnknownDeny
+	ReasonNoOriginalDst      Reason = "no_original_dst"     // a connection to the Outbound port that iptables did not redirect
+	ReasonLoop               Reason = "loop"                // the destination is this proxy itself (or, captured, the peer's own tunnel)
+	ReasonUnsupportedRequest Reason = "unsupported_request" // explicit: a valid request the proxy does not serve (SOCKS BIND, auth, ...)
+	ReasonResolveFailed      Reason = "resolve_failed"      // explicit: the requested host name did not resolve
+	ReasonUnattested         Reason = "unattested"          // the connecting process is no registered agent, and Unattested is UnattestedDeny
+	ReasonNotLocal           Reason = "not_local"           // transparent or explicit: the client's address is not one of this host's (no open relay)
 )
 
-// resultFor maps a reason to the handshake result: "" and passthrough are
-// success, operational failures are errors, everything else is a refusal.
-func resultFor(reason string) string {
+// resultFor maps a reason to the handshake result (the strings of
+// audit.Result, also the result label): "" and passthrough are success,
+// operational failures are errors, everything else is a refusal.
+func resultFor(reason Reason) string {
 	switch reason {
 	case "":
 		return resultOK
@@ -87,7 +95,7 @@ func resultFor(reason string) string {
 // shapes crypto/tls and net give us. ctx is the connection's context: once
 // it is done, failures are a consequence of the shutdown, whatever they look
 // like.
-func classify(ctx context.Context, err error) string {
+func classify(ctx context.Context, err error) Reason {
 	var r *refusal
 	var re *requestError
 	var rh tls.RecordHeaderError
@@ -150,7 +158,7 @@ func isTimeout(err error) bool {
 }
 
 // classifyVerify names why x509svid.Verify rejected a chain.
-func classifyVerify(err error) string {
+func classifyVerify(err error) Reason {
 	var ua x509.UnknownAuthorityError
 	var ci x509.CertificateInvalidError
 	switch {
@@ -166,7 +174,7 @@ func classifyVerify(err error) string {
 // capturedResult maps a reason to the result label of
 // agentmesh_proxy_captured_total, which tells passthrough from a tunnel and
 // the Unknown policy's denial from other refusals.
-func capturedResult(reason string) string {
+func capturedResult(reason Reason) string {
 	switch reason {
 	case ReasonPassthrough:
 		return resultPassthrough

@@ -32,14 +32,21 @@ const maxRefusedPeers = 4
 
 // preAuth reports whether an inbound refusal with reason happened before the peer was
 // authenticated: nothing in it names a verified identity, so anyone can cause it.
-func preAuth(reason string) bool {
+func preAuth(reason Reason) bool {
+	// Every reason is listed, so that a new one must be placed (exhaustive).
 	switch reason {
 	case ReasonNotTLS, ReasonTimeout, ReasonPeerClosed, ReasonHandshakeFailed, ReasonALPN,
-		ReasonBadCertificate, ReasonCertExpired, ReasonUnknownAuthority,
-		ReasonKeyUsage, ReasonChainTooLong, ReasonIDTooLong,
-		ReasonMaxConnections, ReasonMaxHandshakes, ReasonAuditUnavailable,
-		ReasonQUICInvalid, ReasonQUICOverload:
+		ReasonBadCertificate, ReasonCertExpired, ReasonUnknownAuthority, ReasonKeyUsage,
+		ReasonChainTooLong, ReasonIDTooLong, ReasonMaxConnections, ReasonMaxHandshakes,
+		ReasonAuditUnavailable, ReasonQUICInvalid, ReasonQUICOverload:
 		return true
+	case ReasonPeerNotAllowed, ReasonPeerMismatch, ReasonPortNotMeshed, ReasonBadRequest,
+		ReasonUnsupported, ReasonTargetUnreachable, ReasonPeerUnreachable, ReasonPeerRefused,
+		ReasonNoSVID, ReasonShutdown, ReasonPlaintextRefused, ReasonRevoked,
+		ReasonRevocationStale, ReasonPolicyDenied, ReasonCredentialExpired, ReasonDrained,
+		ReasonMaxStreams, ReasonPassthrough, ReasonUnknownDestination, ReasonNoOriginalDst, ReasonLoop,
+		ReasonUnsupportedRequest, ReasonResolveFailed, ReasonUnattested, ReasonNotLocal:
+		return false
 	}
 	return false
 }
@@ -53,13 +60,13 @@ type refusals struct {
 	other   *audit.Refusals
 }
 
-func newRefusals(max int) *refusals {
-	return &refusals{max: max, sources: make(map[netip.Addr]*audit.Refusals)}
+func newRefusals(limit int) *refusals {
+	return &refusals{max: limit, sources: make(map[netip.Addr]*audit.Refusals)}
 }
 
 // add counts one refused attempt from addr (host:port) at now. peer is the
 // certificate it presented, zero for none.
-func (r *refusals) add(dir Direction, addr, transport, reason string, peer audit.RefusedPeer, now time.Time) {
+func (r *refusals) add(dir Direction, addr, transport string, reason Reason, peer audit.RefusedPeer, now time.Time) {
 	ip := sourceOf(addr)
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -81,7 +88,7 @@ func (r *refusals) add(dir Direction, addr, transport, reason string, peer audit
 	}
 	e.Count++
 	e.Last = now
-	e.Reasons[reason]++
+	e.Reasons[string(reason)]++
 	e.Transports[transport]++
 	if peer.PeerSerial != "" || peer.PeerID != "" {
 		samplePeer(e, peer)
@@ -143,8 +150,8 @@ func sourceOf(addr string) netip.Addr {
 }
 
 // refuseEarly counts and aggregates a connection refused before it was authenticated.
-func (p *Proxy) refuseEarly(dir Direction, addr, transport, reason string) {
-	p.metrics.refused.WithLabelValues(reason).Inc()
+func (p *Proxy) refuseEarly(dir Direction, addr, transport string, reason Reason) {
+	p.metrics.refused.WithLabelValues(string(reason)).Inc()
 	p.refusals.add(dir, addr, transport, reason, audit.RefusedPeer{}, time.Now())
 }
 

@@ -96,7 +96,7 @@ func dialTunnel(t *testing.T, addr string, svid *x509svid.SVID, header []byte) {
 			Certificates: []tls.Certificate{*testca.TLSCertificate(svid)},
 			// The test client does not care who B is; only B's
 			// verification of the client is under test.
-			InsecureSkipVerify: true, //nolint:gosec // test client, see above
+			InsecureSkipVerify: true, //nolint:gosec,forbidigo // test client, see above
 			NextProtos:         []string{proxy.ALPN},
 		},
 	}
@@ -143,7 +143,7 @@ func TestRefusals(t *testing.T) {
 		on     func(*hostile) *node
 		dir    string
 		result string
-		reason string
+		reason proxy.Reason
 		peer   spiffeid.ID // expected peer_id in the record, zero for none
 		// preAuth: refused before authentication, so counted in an
 		// aggregated audit.Refusals record rather than a handshake record.
@@ -214,19 +214,19 @@ func TestRefusals(t *testing.T) {
 			from := n.audit.len()
 			tc.do(t, h)
 			if tc.preAuth {
-				rec := waitForFrom(t, n.audit, from, tc.reason, func(r audit.Refusals) bool { return r.Reasons[tc.reason] > 0 })
+				rec := waitForFrom(t, n.audit, from, string(tc.reason), func(r audit.Refusals) bool { return r.Reasons[string(tc.reason)] > 0 })
 				if rec.Direction != tc.dir || rec.Source != "127.0.0.1" || rec.Count != 1 || rec.Transports["tls"] != 1 {
 					t.Errorf("record %+v, want one tls attempt from 127.0.0.1", rec)
 				}
-				if want := peerString(tc.peer); want != "" && (len(rec.Peers) != 1 || rec.Peers[0].PeerID != want || rec.Peers[0].Reason != tc.reason) {
+				if want := peerString(tc.peer); want != "" && (len(rec.Peers) != 1 || rec.Peers[0].PeerID != want || rec.Peers[0].Reason != string(tc.reason)) {
 					t.Errorf("record peers %+v, want the certificate of %s", rec.Peers, want)
 				}
-				if hs := n.audit.handshakes(); len(hs) > 0 && hs[len(hs)-1].Reason == tc.reason {
+				if hs := n.audit.handshakes(); len(hs) > 0 && hs[len(hs)-1].Reason == string(tc.reason) {
 					t.Errorf("a refusal before authentication has its own handshake record %+v", hs[len(hs)-1])
 				}
 			} else {
-				rec := waitFor(t, n.audit, tc.reason, func(r audit.Handshake) bool { return r.Reason == tc.reason })
-				if rec.Direction != tc.dir || rec.Result != tc.result {
+				rec := waitFor(t, n.audit, string(tc.reason), func(r audit.Handshake) bool { return r.Reason == string(tc.reason) })
+				if rec.Direction != tc.dir || string(rec.Result) != tc.result {
 					t.Errorf("record %+v, want direction %s result %s", rec, tc.dir, tc.result)
 				}
 				if want := peerString(tc.peer); rec.PeerID != want {

@@ -193,7 +193,7 @@ func TestSetServices(t *testing.T) {
 	}
 	_ = c.SetDeadline(time.Now().Add(waitLimit))
 	closedByPeer(t, c.(*net.TCPConn), "C's new connection")
-	if h := nextHandshake(t, tr.b, from); h.PeerID != idC.String() || h.Reason != proxy.ReasonPeerNotAllowed {
+	if h := nextHandshake(t, tr.b, from); h.PeerID != idC.String() || h.Reason != string(proxy.ReasonPeerNotAllowed) {
 		t.Errorf("B's record for C's new tunnel %+v, want %s", h, proxy.ReasonPeerNotAllowed)
 	}
 

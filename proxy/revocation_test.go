@@ -279,7 +279,7 @@ func TestSetDenyListClosesConnections(t *testing.T) {
 				// new SVID brings the proxy back.
 				from := tr.b.audit.len()
 				tr.refusedRoute(t)
-				if h := nextHandshake(t, tr.b, from); h.Reason != proxy.ReasonRevoked || h.LocalSerial != "" {
+				if h := nextHandshake(t, tr.b, from); h.Reason != string(proxy.ReasonRevoked) || h.LocalSerial != "" {
 					t.Errorf("handshake with a denied own SVID: %+v", h)
 				}
 				if err := tr.b.Ready(); !errors.Is(err, proxy.ErrRevoked) {
@@ -340,7 +340,7 @@ func TestDenyListRefusesResumption(t *testing.T) {
 			m.refusedRoute(t)
 			h := nextHandshake(t, m.b, from)
 			// SetDenyList replaced B's ticket keys: not even resumed.
-			if h.Result != "refused" || h.Reason != proxy.ReasonRevoked || h.Resumed || h.PeerID != idA.String() {
+			if h.Result != "refused" || h.Reason != string(proxy.ReasonRevoked) || h.Resumed || h.PeerID != idA.String() {
 				t.Errorf("%s: B's record %+v, want refused revoked, not resumed", attempt, h)
 			}
 		}
@@ -371,13 +371,13 @@ func TestDenyListRefusesResumption(t *testing.T) {
 			from = n.audit.len()
 			m.refusedRoute(t)
 			h := nextHandshake(t, n, from)
-			if h.Direction != tc.dir || h.Reason != proxy.ReasonRevoked || !h.Resumed || h.PeerID != tc.denied.String() {
+			if h.Direction != tc.dir || h.Reason != string(proxy.ReasonRevoked) || !h.Resumed || h.PeerID != tc.denied.String() {
 				t.Errorf("record %+v, want %s revoked on a resumed session", h, tc.dir)
 			}
 			// The refused session is not offered again.
 			from = n.audit.len()
 			m.refusedRoute(t)
-			if h := nextHandshake(t, n, from); h.Reason != proxy.ReasonRevoked || h.Resumed {
+			if h := nextHandshake(t, n, from); h.Reason != string(proxy.ReasonRevoked) || h.Resumed {
 				t.Errorf("retry: record %+v, want revoked after a full handshake", h)
 			}
 		})
@@ -457,7 +457,7 @@ func TestRevocationStale(t *testing.T) {
 				from := n.audit.len()
 				m.refusedRoute(t)
 				h := nextHandshake(t, n, from)
-				if h.Direction != tc.dir || h.Result != "error" || h.Reason != proxy.ReasonRevocationStale || h.Resumed != resumed {
+				if h.Direction != tc.dir || h.Result != "error" || h.Reason != string(proxy.ReasonRevocationStale) || h.Resumed != resumed {
 					t.Errorf("record %+v, want %s error revocation_stale, resumed %v", h, tc.dir, resumed)
 				}
 			}
@@ -553,7 +553,7 @@ func TestDenyListCutoff(t *testing.T) {
 	}
 	from = m.b.audit.len()
 	m.refusedRoute(t)
-	if h := nextHandshake(t, m.b, from); h.Reason != proxy.ReasonRevoked || h.PeerSerial != oldSerial {
+	if h := nextHandshake(t, m.b, from); h.Reason != string(proxy.ReasonRevoked) || h.PeerSerial != oldSerial {
 		t.Errorf("B recorded %+v for A's old certificate, want refused as revoked", h)
 	}
 

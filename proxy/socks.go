@@ -73,7 +73,7 @@ func readSOCKSGreeting(r *bufio.Reader) error {
 	return nil
 }
 
-func socksGreetingError(reason string, err error) *requestError {
+func socksGreetingError(reason Reason, err error) *requestError {
 	return &requestError{reason: reason, reply: []byte{socksVersion5, socksMethodNoAcceptable}, err: err}
 }
 
@@ -139,7 +139,7 @@ func readSOCKSRequest(r *bufio.Reader) (socksRequest, error) {
 	return req, nil
 }
 
-func socksError(reason string, rep byte, err error) *requestError {
+func socksError(reason Reason, rep byte, err error) *requestError {
 	return &requestError{reason: reason, reply: socksReply(rep), err: err}
 }
 

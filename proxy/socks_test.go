@@ -16,7 +16,7 @@ func TestReadSOCKSGreeting(t *testing.T) {
 	tests := []struct {
 		name       string
 		in         string
-		wantReason string // "" for success or an I/O error
+		wantReason Reason // "" for success or an I/O error
 		wantReply  []byte // the exact bytes the client gets on refusal
 		wantIOErr  error
 	}{
@@ -47,7 +47,7 @@ func TestReadSOCKSRequest(t *testing.T) {
 		in         string
 		want       socksRequest
 		rest       string // what must be left unread
-		wantReason string
+		wantReason Reason
 		wantReply  []byte
 		wantIOErr  error
 	}{
@@ -102,7 +102,7 @@ func TestReadSOCKSRequest(t *testing.T) {
 func TestSOCKSReplyCode(t *testing.T) {
 	t.Parallel()
 	tests := []struct {
-		reason string
+		reason Reason
 		want   []byte
 	}{
 		{reason: "", want: []byte{0x05, 0x00, 0x00, 0x01, 0, 0, 0, 0, 0, 0}},
@@ -120,7 +120,7 @@ func TestSOCKSReplyCode(t *testing.T) {
 		{reason: ReasonBadRequest, want: []byte{0x05, 0x01, 0x00, 0x01, 0, 0, 0, 0, 0, 0}},
 	}
 	for _, tc := range tests {
-		t.Run("reason_"+tc.reason, func(t *testing.T) {
+		t.Run("reason_"+string(tc.reason), func(t *testing.T) {
 			t.Parallel()
 			if got := socksReply(socksReplyCode(tc.reason)); !bytes.Equal(got, tc.want) {
 				t.Fatalf("reply for %q = % x, want % x", tc.reason, got, tc.want)
@@ -131,7 +131,7 @@ func TestSOCKSReplyCode(t *testing.T) {
 
 // checkRequestError checks a parser's error: a *requestError with the
 // reason and exact reply, an I/O error, or none.
-func checkRequestError(t *testing.T, err error, wantReason string, wantReply []byte, wantIOErr error) {
+func checkRequestError(t *testing.T, err error, wantReason Reason, wantReply []byte, wantIOErr error) {
 	t.Helper()
 	var re *requestError
 	switch {

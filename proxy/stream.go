@@ -90,7 +90,7 @@ func (p *Proxy) tunnelPooled(ctx context.Context, o *outbound, peer Peer, transp
 // concludeStream is conclude for a stream: it counts the outcome, records a
 // refused or failed stream, answers an explicit-capture client and reports
 // whether bytes may flow; if not, it has closed the connection.
-func (p *Proxy) concludeStream(ctx context.Context, o *outbound, reason string, cause error) bool {
+func (p *Proxy) concludeStream(ctx context.Context, o *outbound, reason Reason, cause error) bool {
 	p.metrics.streams.WithLabelValues(string(Outbound), o.c.info.Transport, resultFor(reason)).Inc()
 	p.metrics.captured.WithLabelValues(string(o.mode), capturedResult(reason)).Inc()
 	if resultFor(reason) != resultOK {
@@ -124,7 +124,7 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 	}
 	// Our failures, not the peer's: no status to give, as with tls.
 	for _, f := range []struct {
-		reason string
+		reason Reason
 		err    error
 	}{{ReasonAuditUnavailable, p.auditErr()}, {ReasonRevocationStale, p.revocationErr()}} {
 		if f.err != nil {
@@ -142,7 +142,7 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 	// A stream counts against MaxConnections like a connection: it holds
 	// a socket to the target.
 	if !p.limit.TryAcquire() {
-		p.metrics.refused.WithLabelValues(ReasonMaxConnections).Inc()
+		p.metrics.refused.WithLabelValues(string(ReasonMaxConnections)).Inc()
 		p.refuseStream(ctx, st, info, statusUnreachable, ReasonMaxConnections, errOverLimit)
 		return
 	}
@@ -176,9 +176,9 @@ func (p *Proxy) serveStream(ctx context.Context, m *muxConn, st inStream, port u
 }
 
 // refuseStream counts, records and answers a refused inbound stream.
-func (p *Proxy) refuseStream(ctx context.Context, st inStream, info ConnInfo, s status, reason string, cause error) {
+func (p *Proxy) refuseStream(ctx context.Context, st inStream, info ConnInfo, s status, reason Reason, cause error) {
 	p.metrics.streams.WithLabelValues(string(Inbound), info.Transport, resultFor(reason)).Inc()
-	p.metrics.streamRefusals.WithLabelValues(string(Inbound), info.Transport, reason).Inc()
+	p.metrics.streamRefusals.WithLabelValues(string(Inbound), info.Transport, string(reason)).Inc()
 	p.recordStream(ctx, info, reason, cause)
 	if err := st.answer(s); err != nil {
 		_ = st.Close()
@@ -188,7 +188,7 @@ func (p *Proxy) refuseStream(ctx context.Context, st inStream, info ConnInfo, s 
 // recordStream logs and audits a stream that was refused or failed before
 // any byte flowed. Unlike an established stream's record, this one does not
 // depend on StreamAudit: a decision against a peer is always on record.
-func (p *Proxy) recordStream(ctx context.Context, info ConnInfo, reason string, cause error) {
+func (p *Proxy) recordStream(ctx context.Context, info ConnInfo, reason Reason, cause error) {
 	level, msg := slog.LevelWarn, "stream refused"
 	if reason == ReasonShutdown {
 		level, msg = slog.LevelDebug, "stream setup interrupted by shutdown"
@@ -202,7 +202,7 @@ func (p *Proxy) recordStream(ctx context.Context, info ConnInfo, reason string, 
 			slog.String(keySerial, info.PeerSerial),
 			slog.String(keyLocal, info.LocalSerial),
 			slog.String(keyDst, info.Target),
-			slog.String(keyReason, reason),
+			slog.String(keyReason, string(reason)),
 			slog.Any(keyErr, cause))
 	}
 	if p.cfg.Audit == nil || reason == ReasonAuditUnavailable {
@@ -222,11 +222,11 @@ func (p *Proxy) recordStream(ctx context.Context, info ConnInfo, reason string, 
 		Target:      info.Target,
 		Transport:   info.Transport,
 		Duration:    time.Since(info.Start),
-		Reason:      reason,
+		Reason:      string(reason),
 	}
 	info.stamp(&rec)
 	if err := p.cfg.Audit.Append(rec); err != nil {
 		p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit stream record",
-			slog.String(keyDirection, rec.Direction), slog.String(keyReason, reason), slog.Any(keyErr, err))
+			slog.String(keyDirection, rec.Direction), slog.String(keyReason, string(reason)), slog.Any(keyErr, err))
 	}
 }

@@ -30,7 +30,7 @@ func TestStrictRefusesPlaintext(t *testing.T) {
 		t.Fatalf("strict listener answered %q", got)
 	}
 	rec := waitFor(t, n.audit, "strict refusal", func(h audit.Handshake) bool {
-		return h.Reason == proxy.ReasonPlaintextRefused
+		return h.Reason == string(proxy.ReasonPlaintextRefused)
 	})
 	if rec.Direction != "inbound" || rec.Result != "refused" || rec.PeerAddr != c.LocalAddr().String() {
 		t.Fatalf("record = %+v", rec)

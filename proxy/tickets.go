@@ -35,7 +35,7 @@ type TicketKeyStatus struct {
 	Version uint64 `json:"version"`
 	// State is "active" (seals new tickets, and opens them) or "overlap"
 	// (opens tickets only). Destroyed keys are not listed.
-	State string `json:"state"`
+	State audit.KeyPhase `json:"state"`
 	// Created is when the key was made (Config.Now).
 	Created time.Time `json:"created"`
 	// EncryptUntil is when the key stops sealing tickets: for the active
@@ -141,7 +141,7 @@ func (t *ticketKeys) install(keys []*ticketKey) {
 
 // note queues the audit record of k going from one state to another.
 // Called with mu held (or before t is shared).
-func (t *ticketKeys) note(k *ticketKey, from, to, cause string) {
+func (t *ticketKeys) note(k *ticketKey, from, to audit.KeyPhase, cause string) {
 	t.pending = append(t.pending, audit.KeyState{
 		Key: keyKindTicket, Version: k.version, From: from, To: to, Cause: cause,
 	})
@@ -149,7 +149,7 @@ func (t *ticketKeys) note(k *ticketKey, from, to, cause string) {
 
 // destroy zeroes k and queues its last record. Called with mu held, after
 // install has taken k out of the engine.
-func (t *ticketKeys) destroy(k *ticketKey, from, cause string) {
+func (t *ticketKeys) destroy(k *ticketKey, from audit.KeyPhase, cause string) {
 	clear(k.key[:])
 	t.note(k, from, keyStateDestroyed, cause)
 }
@@ -399,16 +399,16 @@ func (p *Proxy) ResetTicketKeys(cause string) {
 func (p *Proxy) recordKeyState(rec audit.KeyState) {
 	ctx := context.Background()
 	p.cfg.Logger.LogAttrs(ctx, slog.LevelInfo, "key state",
-		slog.String(keyKey, rec.Key),
+		slog.String(keyKey, string(rec.Key)),
 		slog.Uint64(keyVersion, rec.Version),
-		slog.String(keyFrom, rec.From),
-		slog.String(keyTo, rec.To),
+		slog.String(keyFrom, string(rec.From)),
+		slog.String(keyTo, string(rec.To)),
 		slog.String(keyCause, rec.Cause))
 	if p.cfg.Audit == nil {
 		return
 	}
 	if err := p.cfg.Audit.Append(rec); err != nil {
 		p.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit key state record",
-			slog.String(keyKey, rec.Key), slog.Uint64(keyVersion, rec.Version), slog.Any(keyErr, err))
+			slog.String(keyKey, string(rec.Key)), slog.Uint64(keyVersion, rec.Version), slog.Any(keyErr, err))
 	}
 }

@@ -278,7 +278,7 @@ func (p *Proxy) clientTLSConfig(l *localTLS, peerID spiffeid.ID, t string) *tls.
 		// verifies the x509svid chain against the current bundle and
 		// requires the exact Route.PeerID or Peer.ID, and it runs on every
 		// handshake, resumed ones included.
-		InsecureSkipVerify: true, //nolint:gosec // replaced by VerifyConnection, see above
+		InsecureSkipVerify: true, //nolint:gosec,forbidigo // replaced by VerifyConnection, see above
 		VerifyConnection: func(cs tls.ConnectionState) error {
 			return p.verifyOutbound(cs, peerID, l)
 		},

@@ -136,8 +136,8 @@ func transparentInNetns(t *testing.T, netns string) {
 		name     string
 		skip     bool
 		addr     string
-		reason   string // "" for tunnelled
-		peerAddr string // of the refusal record; "client" for the client's address
+		reason   proxy.Reason // "" for tunnelled
+		peerAddr string       // of the refusal record; "client" for the client's address
 		captured string
 	}{
 		{name: "redirected_ipv4", addr: fmt.Sprintf("127.0.0.2:%d", tg.port), captured: "ok"},
@@ -157,7 +157,7 @@ func transparentInNetns(t *testing.T, netns string) {
 			from := a.audit.len()
 			if tc.reason != "" {
 				refused(t, tc.addr)
-				rec := waitForFrom(t, a.audit, from, tc.reason, func(h audit.Handshake) bool { return h.Reason == tc.reason })
+				rec := waitForFrom(t, a.audit, from, string(tc.reason), func(h audit.Handshake) bool { return h.Reason == string(tc.reason) })
 				if tc.peerAddr != "client" && rec.PeerAddr != tc.peerAddr {
 					t.Errorf("record %+v, want peer_addr %s", rec, tc.peerAddr)
 				}

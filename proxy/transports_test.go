@@ -105,7 +105,7 @@ func converse(c *net.TCPConn, msg string) error {
 		return err
 	}
 	if rest, err := io.ReadAll(c); err != nil || len(rest) != 0 {
-		return fmt.Errorf("after half-close: %q, %v", rest, err)
+		return fmt.Errorf("after half-close: %q, %w", rest, err)
 	}
 	return c.Close()
 }
@@ -383,10 +383,10 @@ func TestPooledRefusedStream(t *testing.T) {
 		_ = c.Close()
 		inRec := waitFor(t, m.b.audit, "refused stream", func(c audit.Connection) bool { return c.Reason != "" })
 		outRec := waitFor(t, a2.audit, "refused stream", func(c audit.Connection) bool { return c.Reason != "" })
-		if inRec.Reason != proxy.ReasonPortNotMeshed || inRec.Transport != tr || inRec.PeerID != idA.String() {
+		if inRec.Reason != string(proxy.ReasonPortNotMeshed) || inRec.Transport != tr || inRec.PeerID != idA.String() {
 			t.Errorf("B's record %+v, want port_not_meshed", inRec)
 		}
-		if outRec.Reason != proxy.ReasonPeerRefused || outRec.Transport != tr || outRec.PeerID != idB.String() {
+		if outRec.Reason != string(proxy.ReasonPeerRefused) || outRec.Transport != tr || outRec.PeerID != idB.String() {
 			t.Errorf("A's record %+v, want peer_refused", outRec)
 		}
 		if got := a2.metric(t, "agentmesh_proxy_streams_total", map[string]string{"result": "refused"}); got != 1 {
@@ -429,14 +429,14 @@ func TestPooledPeerRefusesHandshake(t *testing.T) {
 		}
 		in := waitFor(t, b.audit, "refused handshake", func(h audit.Handshake) bool { return h.Result != "ok" })
 		out := waitFor(t, a.audit, "refused handshake", func(h audit.Handshake) bool { return h.Result != "ok" })
-		if in.Reason != proxy.ReasonPeerNotAllowed || in.Transport != tr {
+		if in.Reason != string(proxy.ReasonPeerNotAllowed) || in.Transport != tr {
 			t.Errorf("B's handshake record %+v, want peer_not_allowed", in)
 		}
-		if out.Reason != proxy.ReasonPeerRefused || out.Transport != tr {
+		if out.Reason != string(proxy.ReasonPeerRefused) || out.Transport != tr {
 			t.Errorf("A's handshake record %+v, want peer_refused", out)
 		}
 		rec := waitFor(t, a.audit, "failed stream", func(c audit.Connection) bool { return true })
-		if rec.Reason != proxy.ReasonPeerRefused {
+		if rec.Reason != string(proxy.ReasonPeerRefused) {
 			t.Errorf("A's stream record %+v, want peer_refused", rec)
 		}
 	})
@@ -566,7 +566,7 @@ func TestPooledRevocationStale(t *testing.T) {
 					t.Fatalf("agent got %q while the deny-list is stale", got)
 				}
 				rec := waitForFrom(t, n.audit, from, "stale", func(c audit.Connection) bool { return c.Reason != "" })
-				if rec.Reason != proxy.ReasonRevocationStale || rec.Direction != side || rec.Transport != tr {
+				if rec.Reason != string(proxy.ReasonRevocationStale) || rec.Direction != side || rec.Transport != tr {
 					t.Fatalf("record %+v, want revocation_stale", rec)
 				}
 			})

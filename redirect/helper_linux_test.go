@@ -62,7 +62,7 @@ func serveHelper() {
 				if err != nil {
 					return
 				}
-				fmt.Fprintf(c, "%s %s\n", name, originalDst(c))
+				_, _ = fmt.Fprintf(c, "%s %s\n", name, originalDst(c)) // the client reads it or went away
 				_ = c.Close()
 			}
 		}()

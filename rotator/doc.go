@@ -9,7 +9,9 @@
 // Every key has a version (1, 2, ... in the order this Rotator made them) and a state
 // after NIST SP 800-57: pre-activation → active → overlap → destroyed, or compromised
 // (revoked, or declared compromised) and then destroyed without a drain grace. Each
-// transition is an audit.KeyState record with its cause and an Info log line.
+// transition is an audit.KeyState record with its cause and an Info log line. States are
+// audit.KeyPhase values (the State constants); a rotation's Trigger and a transition's Cause
+// are typed too, so that switches over them are checked for exhaustiveness.
 //
 // It does not talk to a CA itself (it calls an Issuer that the caller supplies), does not
 // open listeners or close connections (Config.Drain does), and never persists private

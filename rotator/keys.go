@@ -94,7 +94,7 @@ func (k *memoryKey) destroy() {
 	// lives and nothing else reaches those words: Bits aliases them, so clearing the
 	// slice clears the scalar in place. Setting D to zero afterwards also makes
 	// crypto/ecdsa refuse the key should a stray reference to it be used.
-	d := k.priv.D
+	d := k.priv.D //nolint:staticcheck // SA1019: see above
 	clear(d.Bits())
 	d.SetInt64(0)
 	k.priv = nil

@@ -56,7 +56,7 @@ func TestMemoryKeysSign(t *testing.T) {
 func TestMemoryKeysDestroyOverwritesScalar(t *testing.T) {
 	t.Parallel()
 	k := newMemoryKey(t)
-	d := k.priv.D
+	d := k.priv.D     //nolint:staticcheck // SA1019: the test checks the scalar is cleared in place
 	words := d.Bits() // aliases the scalar's storage
 	if !slices.ContainsFunc(words, func(w big.Word) bool { return w != 0 }) {
 		t.Fatal("fresh key has an all-zero scalar")
@@ -77,7 +77,7 @@ func TestMemoryKeysDestroyOverwritesScalar(t *testing.T) {
 		t.Fatalf("Sign after Destroy: err = %v, want ErrKeyDestroyed", err)
 	}
 	// A stray reference to the ecdsa key refuses to sign too.
-	stray := &ecdsa.PrivateKey{PublicKey: *k.pub, D: d}
+	stray := &ecdsa.PrivateKey{PublicKey: *k.pub, D: d} //nolint:staticcheck // SA1019: a stray reference, as Destroy must defeat
 	if _, err := stray.Sign(rand.Reader, digest[:], crypto.SHA256); err == nil {
 		t.Fatal("the overwritten ecdsa key still signs")
 	}
@@ -98,7 +98,7 @@ func TestMemoryKeysDestroyForeignKey(t *testing.T) {
 	if err := (MemoryKeys{}).Destroy(t.Context(), foreign); err == nil {
 		t.Fatal("Destroy of a key MemoryKeys did not make succeeded")
 	}
-	if foreign.D.Sign() == 0 {
+	if foreign.D.Sign() == 0 { //nolint:staticcheck // SA1019: only D shows the scalar was left alone
 		t.Fatal("a foreign key was overwritten")
 	}
 }
@@ -158,7 +158,7 @@ func TestMemoryKeyInTLS(t *testing.T) {
 		// is verified against the test CA in VerifyConnection instead.
 		client := tls.Client(c, &tls.Config{
 			MinVersion:         tls.VersionTLS13,
-			InsecureSkipVerify: true, //nolint:gosec // chain verified in VerifyConnection
+			InsecureSkipVerify: true, //nolint:gosec,forbidigo // chain verified in VerifyConnection
 			VerifyConnection: func(cs tls.ConnectionState) error {
 				inter := x509.NewCertPool()
 				inter.AddCert(cs.PeerCertificates[1])

@@ -14,32 +14,35 @@ import (
 	"github.com/agentmesh/agentmesh/audit"
 )
 
-// Key states, after NIST SP 800-57: a key is made (pre-activation), certified and
-// presented (active), superseded but still the credential of the connections it
-// authenticated (overlap), then destroyed once those are drained; or compromised at
-// any point, and then destroyed without grace.
+// Key states, after NIST SP 800-57 (audit.KeyPhase): a key is made (pre-activation),
+// certified and presented (active), superseded but still the credential of the
+// connections it authenticated (overlap), then destroyed once those are drained; or
+// compromised at any point, and then destroyed without grace.
 const (
-	StatePreActivation = "pre-activation"
-	StateActive        = "active"
-	StateOverlap       = "overlap"
-	StateCompromised   = "compromised"
-	StateDestroyed     = "destroyed"
+	StatePreActivation = audit.PhasePreActivation
+	StateActive        = audit.PhaseActive
+	StateOverlap       = audit.PhaseOverlap
+	StateCompromised   = audit.PhaseCompromised
+	StateDestroyed     = audit.PhaseDestroyed
 )
 
-// Causes of key state transitions. A key made, certified or superseded by a rotation
-// carries the rotation's trigger as its cause.
+// Cause is why a key entered its state (audit.KeyState.Cause). A key made, certified
+// or superseded by a rotation carries the rotation's Trigger as its cause.
+type Cause string
+
+// Causes of key state transitions besides the triggers.
 const (
-	CauseFailed     = "failed"          // the attempt the key was made for failed
-	CauseOverlapEnd = "overlap_end"     // Policy.Overlap after the rotation has passed
-	CauseExpired    = TriggerExpired    // the certificate expired
-	CauseRevoked    = TriggerRevoked    // Revoke: a deny-list names the SVID
-	CauseCompromise = TriggerCompromise // Rotate with Compromised
+	CauseFailed     Cause = "failed"                 // the attempt the key was made for failed
+	CauseOverlapEnd Cause = "overlap_end"            // Policy.Overlap after the rotation has passed
+	CauseExpired          = Cause(TriggerExpired)    // the certificate expired
+	CauseRevoked          = Cause(TriggerRevoked)    // Revoke: a deny-list names the SVID
+	CauseCompromise       = Cause(TriggerCompromise) // Rotate with Compromised
 	// CauseRestored: the key of the SVID Config.StateFile held, found again in the key
 	// store when Run started; it was made, and became active, in an earlier process.
-	CauseRestored = "restored"
+	CauseRestored Cause = "restored"
 	// CauseOrphan: a key found in the key store at start that no stored SVID names,
 	// left by a process that ended before destroying it (DestroyOrphans).
-	CauseOrphan = "orphan"
+	CauseOrphan Cause = "orphan"
 )
 
 const (
@@ -52,7 +55,7 @@ const (
 // overlapEnd returns when a credential superseded at rotated leaves overlap, and the
 // cause recorded then: overlap after the rotation, or the certificate's notAfter when
 // overlap is zero or reaches past it (a credential never outlives its certificate).
-func overlapEnd(rotated, notAfter time.Time, overlap time.Duration) (time.Time, string) {
+func overlapEnd(rotated, notAfter time.Time, overlap time.Duration) (time.Time, Cause) {
 	if overlap > 0 {
 		if end := rotated.Add(overlap); end.Before(notAfter) {
 			return end, CauseOverlapEnd
@@ -63,7 +66,7 @@ func overlapEnd(rotated, notAfter time.Time, overlap time.Duration) (time.Time, 
 
 // drainGrace is how long the connections of a credential retired for cause get before
 // they are closed: none for a revoked or compromised one, which must stop at once.
-func drainGrace(cause string, grace time.Duration) time.Duration {
+func drainGrace(cause Cause, grace time.Duration) time.Duration {
 	if cause == CauseRevoked || cause == CauseCompromise {
 		return 0
 	}
@@ -72,14 +75,14 @@ func drainGrace(cause string, grace time.Duration) time.Duration {
 
 // drainDeadline is when the last connection on a credential retired at start for
 // cause has been closed: no connection outlives its credential by more than that.
-func drainDeadline(start time.Time, cause string, grace time.Duration) time.Time {
+func drainDeadline(start time.Time, cause Cause, grace time.Duration) time.Time {
 	return start.Add(drainGrace(cause, grace))
 }
 
 // usageDue reports whether a key that signed n handshakes is due for rotation under
-// the threshold max (0: the usage trigger is off).
-func usageDue(n, max uint64) bool {
-	return max > 0 && n >= max
+// the threshold limit (0: the usage trigger is off).
+func usageDue(n, limit uint64) bool {
+	return limit > 0 && n >= limit
 }
 
 // change is one key state transition to record.
@@ -87,12 +90,12 @@ type change struct {
 	version  uint64
 	serial   string
 	notAfter time.Time
-	from, to string
-	cause    string
+	from, to audit.KeyPhase
+	cause    Cause
 }
 
 // changed describes c's entry into its current state from from.
-func changed(c *credential, from string) change {
+func changed(c *credential, from audit.KeyPhase) change {
 	ch := change{version: c.version, serial: c.serial, from: from, to: c.state, cause: c.cause}
 	if c.svid != nil {
 		ch.notAfter = c.notAfter()
@@ -104,11 +107,11 @@ func changed(c *credential, from string) change {
 // recordMu (and not mu: the audit log may apply backpressure).
 func (r *Rotator) record(ctx context.Context, changes ...change) {
 	for _, ch := range changes {
-		r.metrics.transition(ch.to)
+		r.metrics.transition(string(ch.to))
 		if r.cfg.Audit != nil {
 			err := r.cfg.Audit.Append(&audit.KeyState{
-				Key: "svid", SPIFFEID: r.cfg.ID.String(), Version: ch.version, Serial: ch.serial,
-				From: ch.from, To: ch.to, Cause: ch.cause, NotAfter: ch.notAfter,
+				Key: audit.KeySVID, SPIFFEID: r.cfg.ID.String(), Version: ch.version, Serial: ch.serial,
+				From: ch.from, To: ch.to, Cause: string(ch.cause), NotAfter: ch.notAfter,
 			})
 			if err != nil {
 				r.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit key state", slog.Any(keyErr, err))
@@ -116,8 +119,8 @@ func (r *Rotator) record(ctx context.Context, changes ...change) {
 		}
 		r.cfg.Logger.LogAttrs(ctx, slog.LevelInfo, "key state",
 			slog.String(keySPIFFEID, r.cfg.ID.String()), slog.Uint64(keyVersion, ch.version),
-			slog.String(keySerial, ch.serial), slog.String(keyFrom, ch.from),
-			slog.String(keyTo, ch.to), slog.String(keyCause, ch.cause))
+			slog.String(keySerial, ch.serial), slog.String(keyFrom, string(ch.from)),
+			slog.String(keyTo, string(ch.to)), slog.String(keyCause, string(ch.cause)))
 	}
 }
 
@@ -128,13 +131,13 @@ type job struct {
 	serial  string
 	key     crypto.Signer
 	grace   time.Duration
-	destroy bool   // false: drain only (the credential's destruction is another job's)
-	cause   string // of the destroyed record, unless the credential is compromised by then
+	destroy bool  // false: drain only (the credential's destruction is another job's)
+	cause   Cause // of the destroyed record, unless the credential is compromised by then
 }
 
 // retire returns c marked as retiring at now and the job that drains it (grace by
 // cause) and destroys its key.
-func (r *Rotator) retire(c *credential, cause string, now time.Time) (*credential, job) {
+func (r *Rotator) retire(c *credential, cause Cause, now time.Time) (*credential, job) {
 	policyGrace := r.policy.Load().DrainGrace
 	grace := drainGrace(cause, policyGrace)
 	n := *c
@@ -219,7 +222,7 @@ func (r *Rotator) destroyKey(ctx context.Context, key crypto.Signer) error {
 
 // destroyed records that the key of version v was destroyed at now. A compromised
 // credential keeps the cause it was compromised for.
-func (r *Rotator) destroyed(ctx context.Context, v uint64, cause string, now time.Time) {
+func (r *Rotator) destroyed(ctx context.Context, v uint64, cause Cause, now time.Time) {
 	r.recordMu.Lock()
 	defer r.recordMu.Unlock()
 	r.mu.Lock()
@@ -338,7 +341,7 @@ func (r *Rotator) endOverlaps(now time.Time) {
 
 // markRetiring schedules the drain and destruction of the credential with version v
 // (a compromised key, once the attempt it authenticated is over).
-func (r *Rotator) markRetiring(v uint64, cause string, now time.Time) {
+func (r *Rotator) markRetiring(v uint64, cause Cause, now time.Time) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var j job

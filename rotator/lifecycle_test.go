@@ -10,6 +10,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -21,7 +22,7 @@ func TestOverlapEnd(t *testing.T) {
 		name      string
 		overlap   time.Duration
 		want      time.Time
-		wantCause string
+		wantCause Cause
 	}{
 		{name: "zero overlap lasts until expiry", overlap: 0, want: notAfter, wantCause: CauseExpired},
 		{name: "shorter than the validity left", overlap: 5 * time.Minute, want: rotated.Add(5 * time.Minute), wantCause: CauseOverlapEnd},
@@ -45,7 +46,7 @@ func TestDrainDeadline(t *testing.T) {
 	start := time.Date(2026, 3, 1, 12, 0, 0, 0, time.UTC)
 	tests := []struct {
 		name  string
-		cause string
+		cause Cause
 		grace time.Duration
 		want  time.Time
 	}{
@@ -99,14 +100,14 @@ func TestTriggerFor(t *testing.T) {
 		c.handshakes.Store(handshakes)
 		return c
 	}
-	dropped := func(cause string) *credential { return cred(0).to(StateCompromised, cause, now) }
+	dropped := func(cause Cause) *credential { return cred(0).to(StateCompromised, cause, now) }
 	tests := []struct {
 		name     string
 		s        *snapshot
 		at       time.Time
 		reenroll bool
 		max      uint64
-		want     string
+		want     Trigger
 	}{
 		{name: "nothing held", s: &snapshot{}, at: now, want: TriggerEnroll},
 		{name: "revoked", s: &snapshot{dropped: dropped(CauseRevoked), dropCause: CauseRevoked}, at: now, want: TriggerRevoked},
@@ -135,7 +136,7 @@ func TestPruneRetired(t *testing.T) {
 	t.Parallel()
 	iss := newIssuer(t, time.Hour)
 	now := time.Now()
-	mk := func(state string) *credential {
+	mk := func(state audit.KeyPhase) *credential {
 		return newCredential(iss.ca.SVID(t, hostA), 1, nil).to(state, "x", now)
 	}
 	tests := []struct {
@@ -261,14 +262,17 @@ func (d *drainLog) all() []drainCall {
 }
 
 // step is one expected key_state record.
-type step struct{ from, to, cause string }
+type step struct {
+	from, to audit.KeyPhase
+	cause    Cause
+}
 
 func checkStates(t *testing.T, rec *records, version uint64, serial string, want ...step) {
 	t.Helper()
 	got := rec.keyStates(version)
 	var gotSteps []step
 	for _, k := range got {
-		gotSteps = append(gotSteps, step{k.From, k.To, k.Cause})
+		gotSteps = append(gotSteps, step{k.From, k.To, Cause(k.Cause)})
 	}
 	if !slices.Equal(gotSteps, want) {
 		t.Fatalf("key_state records of version %d = %v, want %v", version, gotSteps, want)
@@ -340,18 +344,18 @@ func TestOverlapEndDrainsThenDestroys(t *testing.T) {
 			t.Fatalf("retired entry = %+v, want destroyed for overlap_end", got)
 		}
 		checkStates(t, rec, 1, first,
-			step{"", StatePreActivation, TriggerEnroll},
-			step{StatePreActivation, StateActive, TriggerEnroll},
-			step{StateActive, StateOverlap, TriggerTime},
+			step{"", StatePreActivation, Cause(TriggerEnroll)},
+			step{StatePreActivation, StateActive, Cause(TriggerEnroll)},
+			step{StateActive, StateOverlap, Cause(TriggerTime)},
 			step{StateOverlap, StateDestroyed, CauseOverlapEnd},
 		)
 		// The second key went to overlap when the operator rotated, and its overlap
 		// (5 s) and drain (3 s) have not ended yet.
 		second := res.OldSerial
 		checkStates(t, rec, 2, second,
-			step{"", StatePreActivation, TriggerTime},
-			step{StatePreActivation, StateActive, TriggerTime},
-			step{StateActive, StateOverlap, TriggerOperator},
+			step{"", StatePreActivation, Cause(TriggerTime)},
+			step{StatePreActivation, StateActive, Cause(TriggerTime)},
+			step{StateActive, StateOverlap, Cause(TriggerOperator)},
 		)
 		if _, n := keys.destroyedAt(keys.key(2)); n != 0 {
 			t.Fatal("key 2 destroyed during its overlap")
@@ -369,15 +373,15 @@ func TestOverlapZeroEndsAtExpiry(t *testing.T) {
 		if o := r.Status().Overlap; len(o) != 1 || !o[0].OverlapUntil.Equal(first.NotAfter) {
 			t.Fatalf("overlap = %+v, want until %v", o, first.NotAfter)
 		}
-		advance(first.NotAfter.Sub(time.Now()) + policy.DefaultDrainGrace + time.Second)
+		advance(time.Until(first.NotAfter) + policy.DefaultDrainGrace + time.Second)
 		calls := drains.all()
 		if len(calls) != 1 || calls[0].serial != first.Serial || calls[0].grace != policy.DefaultDrainGrace || !calls[0].at.Equal(first.NotAfter) {
 			t.Fatalf("drains = %+v, want %s at its NotAfter with the default grace", calls, first.Serial)
 		}
 		checkStates(t, rec, 1, first.Serial,
-			step{"", StatePreActivation, TriggerEnroll},
-			step{StatePreActivation, StateActive, TriggerEnroll},
-			step{StateActive, StateOverlap, TriggerTime},
+			step{"", StatePreActivation, Cause(TriggerEnroll)},
+			step{StatePreActivation, StateActive, Cause(TriggerEnroll)},
+			step{StateActive, StateOverlap, Cause(TriggerTime)},
 			step{StateOverlap, StateDestroyed, CauseExpired},
 		)
 	})
@@ -391,7 +395,7 @@ func TestExpiredCurrentDrained(t *testing.T) {
 		r, rec := startWith(t, iss, Config{Policy: p, Keys: keys, Drain: drains.drain})
 		first := r.Status().Current
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
-		advance(first.NotAfter.Sub(time.Now()) + 3*time.Second)
+		advance(time.Until(first.NotAfter) + 3*time.Second)
 		calls := drains.all()
 		if len(calls) != 1 || calls[0].serial != first.Serial || calls[0].grace != 2*time.Second ||
 			calls[0].at.Sub(first.NotAfter) > time.Millisecond {
@@ -405,8 +409,8 @@ func TestExpiredCurrentDrained(t *testing.T) {
 			t.Fatalf("expired key destroyed %d times, want 1", n)
 		}
 		checkStates(t, rec, 1, first.Serial,
-			step{"", StatePreActivation, TriggerEnroll},
-			step{StatePreActivation, StateActive, TriggerEnroll},
+			step{"", StatePreActivation, Cause(TriggerEnroll)},
+			step{StatePreActivation, StateActive, Cause(TriggerEnroll)},
 			step{StateActive, StateDestroyed, CauseExpired},
 		)
 		// Revoking it now only stops holding it: a destroyed key has no later state.
@@ -420,8 +424,8 @@ func TestExpiredCurrentDrained(t *testing.T) {
 			t.Fatalf("status = %+v, want revoked %s", st, first.Serial)
 		}
 		checkStates(t, rec, 1, first.Serial,
-			step{"", StatePreActivation, TriggerEnroll},
-			step{StatePreActivation, StateActive, TriggerEnroll},
+			step{"", StatePreActivation, Cause(TriggerEnroll)},
+			step{StatePreActivation, StateActive, Cause(TriggerEnroll)},
 			step{StateActive, StateDestroyed, CauseExpired},
 		)
 		// Once the CA is back the re-enrolment supersedes it without a second drain.
@@ -434,7 +438,7 @@ func TestExpiredCurrentDrained(t *testing.T) {
 			t.Fatalf("drains = %+v, want the one", drains.all())
 		}
 		all := rec.all()
-		if last := all[len(all)-1]; last.Trigger != TriggerRevoked || last.Result != "ok" || last.OldSerial != first.Serial {
+		if last := all[len(all)-1]; last.Trigger != string(TriggerRevoked) || last.Result != "ok" || last.OldSerial != first.Serial {
 			t.Fatalf("last record = %+v, want the re-enrolment after the revocation", last)
 		}
 		if got, ok := findRetired(r.Status(), first.Serial); !ok || got.State != StateDestroyed {
@@ -455,7 +459,7 @@ func TestFailedAttemptKeyDestroyed(t *testing.T) {
 			t.Fatal("no renewal attempted")
 		}
 		checkStates(t, rec, 2, "",
-			step{"", StatePreActivation, TriggerTime},
+			step{"", StatePreActivation, Cause(TriggerTime)},
 			step{StatePreActivation, StateDestroyed, CauseFailed},
 		)
 		if _, n := keys.destroyedAt(keys.key(2)); n != 1 {
@@ -485,8 +489,8 @@ func TestRunWaitsForDrains(t *testing.T) {
 			t.Fatalf("drains = %+v, want one in progress", drains.all())
 		}
 		select {
-		case <-done:
-			t.Fatal("Run returned before it was cancelled")
+		case err := <-done:
+			t.Fatalf("Run returned %v before it was cancelled", err)
 		default:
 		}
 		cancel()

@@ -14,21 +14,26 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 )
 
+// Trigger is why a rotation happened (audit.Rotation.Trigger, the trigger label of
+// agentmesh_rotator_rotations_total). A key made, certified or superseded by a rotation
+// carries it as its Cause.
+type Trigger string
+
 // Triggers recorded with each rotation.
 const (
-	TriggerEnroll     = "enroll"     // no SVID yet
-	TriggerTime       = "time"       // the renewal time of the current SVID came
-	TriggerExpired    = "expired"    // the current SVID expired before a renewal succeeded
-	TriggerReject     = "reject"     // the CA refused renewal for good; enrol again
-	TriggerRevoked    = "revoked"    // Revoke dropped the current SVID; enrol again
-	TriggerUsage      = "usage"      // Policy.MaxHandshakes handshakes were signed with the current key
-	TriggerOperator   = "operator"   // Rotate: an operator asked
-	TriggerCompromise = "compromise" // Rotate: the current key is compromised
-	TriggerConfig     = "config"     // Rotate: the configuration changed
-	TriggerFleet      = "fleet"      // Rotate: a fleet command from the CA
+	TriggerEnroll     Trigger = "enroll"     // no SVID yet
+	TriggerTime       Trigger = "time"       // the renewal time of the current SVID came
+	TriggerExpired    Trigger = "expired"    // the current SVID expired before a renewal succeeded
+	TriggerReject     Trigger = "reject"     // the CA refused renewal for good; enrol again
+	TriggerRevoked    Trigger = "revoked"    // Revoke dropped the current SVID; enrol again
+	TriggerUsage      Trigger = "usage"      // Policy.MaxHandshakes handshakes were signed with the current key
+	TriggerOperator   Trigger = "operator"   // Rotate: an operator asked
+	TriggerCompromise Trigger = "compromise" // Rotate: the current key is compromised
+	TriggerConfig     Trigger = "config"     // Rotate: the configuration changed
+	TriggerFleet      Trigger = "fleet"      // Rotate: a fleet command from the CA
 	// TriggerRestart: Run started from a valid SVID that Config.StateFile kept; it is
 	// renewed at once, authenticated by itself, instead of enrolling again.
-	TriggerRestart = "restart"
+	TriggerRestart Trigger = "restart"
 )
 
 // initiatorRotator is the initiator of the rotations the loop decides by itself.
@@ -128,14 +133,14 @@ func (r *Rotator) loop(ctx context.Context) {
 			level = slog.LevelError
 		}
 		r.cfg.Logger.LogAttrs(ctx, level, "rotation failed, will retry",
-			slog.String(keySPIFFEID, r.cfg.ID.String()), slog.String(keyTrigger, trigger),
+			slog.String(keySPIFFEID, r.cfg.ID.String()), slog.String(keyTrigger, string(trigger)),
 			slog.Int(keyAttempt, s.attempts), slog.Duration(keyRetryIn, time.Until(l.next)),
 			slog.Any(keyErr, err))
 	}
 }
 
 // triggerFor names the rotation due in s at now. maxHandshakes is the usage threshold.
-func triggerFor(s *snapshot, now time.Time, reenroll bool, maxHandshakes uint64) string {
+func triggerFor(s *snapshot, now time.Time, reenroll bool, maxHandshakes uint64) Trigger {
 	c := s.current
 	switch {
 	case c == nil && s.dropped != nil && s.dropCause == CauseRevoked:
@@ -186,9 +191,10 @@ func (r *Rotator) wakeAt(next time.Time) time.Time {
 
 // attempt is one rotation to make.
 type attempt struct {
-	trigger, initiator, reason string
-	auth                       *credential // the SVID that authenticates a renewal; nil: enrol
-	old                        *credential // the credential replaced, for the records
+	trigger           Trigger
+	initiator, reason string
+	auth              *credential // the SVID that authenticates a renewal; nil: enrol
+	old               *credential // the credential replaced, for the records
 }
 
 // rotate makes one attempt: a new key (pre-activation), a certificate for it,
@@ -218,16 +224,16 @@ func (r *Rotator) rotate(ctx context.Context, a attempt) (RotateResult, error) {
 
 	rec := &audit.Rotation{
 		SPIFFEID:  r.cfg.ID.String(),
-		Trigger:   a.trigger,
+		Trigger:   string(a.trigger),
 		Initiator: a.initiator,
 		OldSerial: res.OldSerial,
-		Result:    "ok",
+		Result:    audit.ResultOK,
 		Reason:    a.reason,
 		Started:   started,
 		Finished:  finished,
 	}
 	if err != nil {
-		rec.Result, rec.Reason = "error", err.Error()
+		rec.Result, rec.Reason = audit.ResultError, err.Error()
 		if a.reason != "" {
 			rec.Reason = a.reason + ": " + err.Error()
 		}
@@ -236,7 +242,7 @@ func (r *Rotator) rotate(ctx context.Context, a attempt) (RotateResult, error) {
 		rec.NewSerial, rec.NotAfter = c.serial, c.notAfter()
 		res.NewSerial, res.NewVersion = c.serial, c.version
 	}
-	r.metrics.rotated(a.trigger, rec.Result)
+	r.metrics.rotated(string(a.trigger), string(rec.Result))
 	if r.cfg.Audit != nil {
 		if aerr := r.cfg.Audit.Append(rec); aerr != nil {
 			r.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit rotation", slog.Any(keyErr, aerr))
@@ -245,7 +251,7 @@ func (r *Rotator) rotate(ctx context.Context, a attempt) (RotateResult, error) {
 	if err == nil {
 		s := r.state.Load()
 		r.cfg.Logger.LogAttrs(ctx, slog.LevelInfo, "rotated",
-			slog.String(keySPIFFEID, r.cfg.ID.String()), slog.String(keyTrigger, a.trigger),
+			slog.String(keySPIFFEID, r.cfg.ID.String()), slog.String(keyTrigger, string(a.trigger)),
 			slog.String(keyInitiator, a.initiator),
 			slog.String(keyOldSerial, rec.OldSerial), slog.String(keySerial, rec.NewSerial),
 			slog.Time(keyNotAfter, rec.NotAfter), slog.Time(keyRenewAt, s.renewAt))
@@ -254,7 +260,7 @@ func (r *Rotator) rotate(ctx context.Context, a attempt) (RotateResult, error) {
 }
 
 // newKey makes the key of an attempt and records it as pre-activation.
-func (r *Rotator) newKey(ctx context.Context, trigger string) (crypto.Signer, uint64, error) {
+func (r *Rotator) newKey(ctx context.Context, trigger Trigger) (crypto.Signer, uint64, error) {
 	key, err := r.cfg.Keys.NewKey(ctx)
 	if err != nil {
 		return nil, 0, fmt.Errorf("rotator: new key: %w", err)
@@ -262,7 +268,7 @@ func (r *Rotator) newKey(ctx context.Context, trigger string) (crypto.Signer, ui
 	r.version++
 	r.recordMu.Lock()
 	defer r.recordMu.Unlock()
-	r.record(ctx, change{version: r.version, to: StatePreActivation, cause: trigger})
+	r.record(ctx, change{version: r.version, to: StatePreActivation, cause: Cause(trigger)})
 	return key, r.version, nil
 }
 
@@ -313,7 +319,7 @@ func (r *Rotator) publish(ctx context.Context, c *credential, a attempt, now tim
 	}
 	s := r.state.Load()
 	p := r.policy.Load()
-	active := c.to(StateActive, a.trigger, now)
+	active := c.to(StateActive, Cause(a.trigger), now)
 	changes := []change{changed(active, StatePreActivation)}
 	next := &snapshot{current: active, bundle: s.bundle}
 	retired := s.retired
@@ -326,7 +332,7 @@ func (r *Rotator) publish(ctx context.Context, c *credential, a attempt, now tim
 			gone, j := r.retire(prev, CauseExpired, now)
 			retired, jobs = prepend(gone, retired), append(jobs, j)
 		default:
-			o := prev.to(StateOverlap, a.trigger, now)
+			o := prev.to(StateOverlap, Cause(a.trigger), now)
 			o.overlapUntil, o.endCause = overlapEnd(now, prev.notAfter(), p.Overlap)
 			next.overlap = append(next.overlap, o)
 			changes = append(changes, changed(o, prev.state))

@@ -207,7 +207,7 @@ func TestRunRenewsOncePerWindow(t *testing.T) {
 		}
 		for i, a := range all[1:] {
 			prev := all[i]
-			if a.Trigger != TriggerTime || a.Result != "ok" || a.OldSerial != prev.NewSerial {
+			if a.Trigger != string(TriggerTime) || a.Result != "ok" || a.OldSerial != prev.NewSerial {
 				t.Fatalf("record %d = %+v after %+v", i+1, a, prev)
 			}
 			// Each renewal happened inside its window: [NotAfter-L/3-L/20, NotAfter-L/3].
@@ -269,7 +269,7 @@ func TestRunNeverPresentsExpired(t *testing.T) {
 			t.Fatalf("%d renewals attempted after expiry", renews-renewsAtExpiry)
 		}
 		last := rec.all()[len(rec.all())-1]
-		if last.Trigger != TriggerExpired || last.Result != "ok" {
+		if last.Trigger != string(TriggerExpired) || last.Result != "ok" {
 			t.Fatalf("last record = %+v, want a successful re-enrolment", last)
 		}
 		if enrolls, _ := iss.counts(); enrolls < 2 {

@@ -82,12 +82,12 @@ func DestroyOrphans(ctx context.Context, cfg OrphanConfig) ([]string, error) {
 		}
 		destroyed = append(destroyed, ref)
 		if cfg.Audit != nil {
-			if err := cfg.Audit.Append(&audit.KeyState{Key: "svid", To: StateDestroyed, Cause: CauseOrphan, Label: ref}); err != nil {
+			if err := cfg.Audit.Append(&audit.KeyState{Key: audit.KeySVID, To: StateDestroyed, Cause: string(CauseOrphan), Label: ref}); err != nil {
 				logger.LogAttrs(ctx, slog.LevelError, "audit key state", slog.Any(keyErr, err))
 			}
 		}
 		logger.LogAttrs(ctx, slog.LevelInfo, "key state", slog.String(keyLabel, ref),
-			slog.String(keyTo, StateDestroyed), slog.String(keyCause, CauseOrphan))
+			slog.String(keyTo, string(StateDestroyed)), slog.String(keyCause, string(CauseOrphan)))
 	}
 	return destroyed, errors.Join(errs...)
 }

@@ -61,7 +61,7 @@ func TestDestroyOrphans(t *testing.T) {
 	}
 	var audited []string
 	for _, k := range rec.keys {
-		if k.To == StateDestroyed && k.Cause == CauseOrphan {
+		if k.To == StateDestroyed && k.Cause == string(CauseOrphan) {
 			audited = append(audited, k.Label)
 		}
 	}
@@ -74,7 +74,7 @@ func TestDestroyOrphans(t *testing.T) {
 	eventually(t, "the stored SVID is presented", func() bool { return second.Ready() == nil })
 	// Restored, and then perhaps already renewed from it (trigger restart): either
 	// shows the stored key survived.
-	if st := second.Status(); st.Current == nil || (st.Current.Cause != CauseRestored && st.Current.Cause != TriggerRestart) {
+	if st := second.Status(); st.Current == nil || (st.Current.Cause != CauseRestored && st.Current.Cause != Cause(TriggerRestart)) {
 		t.Errorf("after DestroyOrphans the stored SVID was not restored: %+v", st.Current)
 	}
 }

@@ -58,14 +58,14 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatalf("timed out waiting until %s", what)
 		}
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(10 * time.Millisecond) //nolint:forbidigo // the poll interval of a wait on a condition
 	}
 }
 
 // rotation returns the first rotation record with trigger and result.
-func (r *records) rotation(trigger, result string) *audit.Rotation {
+func (r *records) rotation(trigger Trigger, result audit.Result) *audit.Rotation {
 	for _, rec := range r.all() {
-		if rec.Trigger == trigger && rec.Result == result {
+		if rec.Trigger == string(trigger) && rec.Result == result {
 			return rec
 		}
 	}
@@ -130,7 +130,7 @@ func TestRestartRenewsStoredSVID(t *testing.T) {
 	if enrolls, _ := iss.counts(); enrolls != 1 {
 		t.Errorf("%d enrolments, want the first rotator's only", enrolls)
 	}
-	if ks := rec.keyStates(1); len(ks) == 0 || ks[0].From != "" || ks[0].To != StateActive || ks[0].Cause != CauseRestored ||
+	if ks := rec.keyStates(1); len(ks) == 0 || ks[0].From != "" || ks[0].To != StateActive || ks[0].Cause != string(CauseRestored) ||
 		ks[0].Serial != enrolled.NewSerial {
 		t.Errorf("key_state records of the restored key: %+v, want it restored as active", ks)
 	}

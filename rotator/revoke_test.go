@@ -89,7 +89,7 @@ func TestRevokeCurrentReenrolsAtOnce(t *testing.T) {
 		}
 		all := rec.all()
 		last := all[len(all)-1]
-		if len(all) != 2 || last.Trigger != TriggerRevoked || last.Result != "ok" ||
+		if len(all) != 2 || last.Trigger != string(TriggerRevoked) || last.Result != "ok" ||
 			last.OldSerial != first || last.NewSerial != st.Current.Serial {
 			t.Fatalf("audit = %+v, want the enrolment then a re-enrolment from %s", all, first)
 		}
@@ -137,7 +137,7 @@ func TestRevokeRefusedBacksOff(t *testing.T) {
 			t.Fatalf("%d audit records for %d attempts", len(after), attempts)
 		}
 		for i, a := range after {
-			if a.Trigger != TriggerRevoked || a.Result != "error" || a.OldSerial != first || a.Reason == "" {
+			if a.Trigger != string(TriggerRevoked) || a.Result != "error" || a.OldSerial != first || a.Reason == "" {
 				t.Fatalf("record %d = %+v, want a refused re-enrolment from %s", i, a, first)
 			}
 		}
@@ -180,11 +180,11 @@ func TestRevokeDuringRenewal(t *testing.T) {
 		if len(all) != 3 {
 			t.Fatalf("audit = %+v, want enrolment, refused renewal, re-enrolment", all)
 		}
-		if renewal := all[1]; renewal.Trigger != TriggerTime || renewal.Result != "error" || renewal.NewSerial != "" {
+		if renewal := all[1]; renewal.Trigger != string(TriggerTime) || renewal.Result != "error" || renewal.NewSerial != "" {
 			t.Fatalf("renewal record = %+v, want refused", renewal)
 		}
 		reenrol := all[2]
-		if reenrol.Trigger != TriggerRevoked || reenrol.Result != "ok" || reenrol.OldSerial != first {
+		if reenrol.Trigger != string(TriggerRevoked) || reenrol.Result != "ok" || reenrol.OldSerial != first {
 			t.Fatalf("re-enrolment record = %+v", reenrol)
 		}
 		st := r.Status()
@@ -337,15 +337,15 @@ func TestRevokeDrainsAndDestroys(t *testing.T) {
 			t.Fatalf("first key destroyed %d times, want 1", n)
 		}
 		checkStates(t, rec, 2, second,
-			step{"", StatePreActivation, TriggerTime},
-			step{StatePreActivation, StateActive, TriggerTime},
+			step{"", StatePreActivation, Cause(TriggerTime)},
+			step{StatePreActivation, StateActive, Cause(TriggerTime)},
 			step{StateActive, StateCompromised, CauseRevoked},
 			step{StateCompromised, StateDestroyed, CauseRevoked},
 		)
 		checkStates(t, rec, 1, first,
-			step{"", StatePreActivation, TriggerEnroll},
-			step{StatePreActivation, StateActive, TriggerEnroll},
-			step{StateActive, StateOverlap, TriggerTime},
+			step{"", StatePreActivation, Cause(TriggerEnroll)},
+			step{StatePreActivation, StateActive, Cause(TriggerEnroll)},
+			step{StateActive, StateOverlap, Cause(TriggerTime)},
 			step{StateOverlap, StateCompromised, CauseRevoked},
 			step{StateCompromised, StateDestroyed, CauseRevoked},
 		)

@@ -15,7 +15,7 @@ import (
 type RotateRequest struct {
 	// Trigger is why: TriggerOperator, TriggerCompromise, TriggerConfig or
 	// TriggerFleet. TriggerCompromise implies Compromised.
-	Trigger string
+	Trigger Trigger
 	// Initiator says who asked ("uid:1000", "ca", "sighup"). Required.
 	Initiator string
 	// Reason is free text for the audit record.

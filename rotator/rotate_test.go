@@ -27,7 +27,7 @@ func TestRotateOperator(t *testing.T) {
 		if res.OldSerial != before.Current.Serial || res.OldVersion != 1 || res.NewVersion != 2 || res.NewSerial != st.Current.Serial {
 			t.Fatalf("result = %+v, status = %+v", res, st)
 		}
-		if len(st.Overlap) != 1 || st.Overlap[0].Serial != res.OldSerial || st.Overlap[0].Cause != TriggerOperator ||
+		if len(st.Overlap) != 1 || st.Overlap[0].Serial != res.OldSerial || st.Overlap[0].Cause != Cause(TriggerOperator) ||
 			!st.Overlap[0].OverlapUntil.Equal(time.Now().Add(time.Minute)) {
 			t.Fatalf("overlap = %+v, want %s for a minute", st.Overlap, res.OldSerial)
 		}
@@ -36,7 +36,7 @@ func TestRotateOperator(t *testing.T) {
 		}
 		all := rec.all()
 		last := all[len(all)-1]
-		if len(all) != 2 || last.Trigger != TriggerOperator || last.Initiator != "uid:1000" ||
+		if len(all) != 2 || last.Trigger != string(TriggerOperator) || last.Initiator != "uid:1000" ||
 			last.Reason != "key rollover drill" || last.Result != "ok" || last.NewSerial != res.NewSerial {
 			t.Fatalf("records = %+v", all)
 		}
@@ -44,12 +44,12 @@ func TestRotateOperator(t *testing.T) {
 			t.Fatalf("renews = %d, want the operator rotation to renew", renews)
 		}
 		checkStates(t, rec, 2, res.NewSerial,
-			step{"", StatePreActivation, TriggerOperator},
-			step{StatePreActivation, StateActive, TriggerOperator},
+			step{"", StatePreActivation, Cause(TriggerOperator)},
+			step{StatePreActivation, StateActive, Cause(TriggerOperator)},
 		)
 		// The schedule goes on from the new SVID.
 		advance(41 * time.Minute)
-		if all := rec.all(); len(all) != 3 || all[2].Trigger != TriggerTime || all[2].OldSerial != res.NewSerial {
+		if all := rec.all(); len(all) != 3 || all[2].Trigger != string(TriggerTime) || all[2].OldSerial != res.NewSerial {
 			t.Fatalf("records = %+v, want a scheduled renewal of %s", all, res.NewSerial)
 		}
 	})
@@ -108,13 +108,13 @@ func TestRotateCompromised(t *testing.T) {
 			t.Fatalf("renews = %d, want the renewal authenticated by the compromised SVID", renews)
 		}
 		checkStates(t, rec, 1, first,
-			step{"", StatePreActivation, TriggerEnroll},
-			step{StatePreActivation, StateActive, TriggerEnroll},
+			step{"", StatePreActivation, Cause(TriggerEnroll)},
+			step{StatePreActivation, StateActive, Cause(TriggerEnroll)},
 			step{StateActive, StateCompromised, CauseCompromise},
 			step{StateCompromised, StateDestroyed, CauseCompromise},
 		)
 		all := rec.all()
-		if last := all[len(all)-1]; last.Trigger != TriggerCompromise || last.Initiator != "ca" || last.OldSerial != first || last.Result != "ok" {
+		if last := all[len(all)-1]; last.Trigger != string(TriggerCompromise) || last.Initiator != "ca" || last.OldSerial != first || last.Result != "ok" {
 			t.Fatalf("rotation record = %+v", last)
 		}
 	})
@@ -150,7 +150,7 @@ func TestRotateCompromisedFailure(t *testing.T) {
 			t.Fatalf("enrolls %d->%d renews %d->%d, want enrolments only", enrolls, e, renews, n)
 		}
 		all := rec.all()
-		if last := all[len(all)-1]; last.Trigger != TriggerCompromise || last.Initiator != initiatorRotator || last.Result != "ok" || last.OldSerial != first {
+		if last := all[len(all)-1]; last.Trigger != string(TriggerCompromise) || last.Initiator != initiatorRotator || last.Result != "ok" || last.OldSerial != first {
 			t.Fatalf("last record = %+v, want the loop's re-enrolment after the compromise", last)
 		}
 		if st := r.Status(); len(st.Overlap) != 0 {
@@ -232,7 +232,7 @@ func TestSetPolicy(t *testing.T) {
 		}
 		advance(time.Until(got) + time.Second)
 		all := rec.all()
-		if len(all) != 2 || all[1].Trigger != TriggerTime || !all[1].Started.Equal(got) {
+		if len(all) != 2 || all[1].Trigger != string(TriggerTime) || !all[1].Started.Equal(got) {
 			t.Fatalf("records = %+v, want a renewal at the recomputed time %v", all, got)
 		}
 	})
@@ -257,7 +257,7 @@ func TestSetPolicyUsageAndOverlap(t *testing.T) {
 		}
 		synctest.Wait()
 		all := rec.all()
-		if len(all) != 2 || all[1].Trigger != TriggerUsage || all[1].OldSerial != first {
+		if len(all) != 2 || all[1].Trigger != string(TriggerUsage) || all[1].OldSerial != first {
 			t.Fatalf("records = %+v, want a usage rotation of %s", all, first)
 		}
 		st := r.Status()

@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -86,8 +87,8 @@ func (c Config) withDefaults() Config {
 	}
 	if c.Rand == nil {
 		var seed [32]byte
-		_, _ = crand.Read(seed[:]) // crypto/rand.Read never fails on supported platforms
-		c.Rand = rand.New(rand.NewChaCha8(seed))
+		_, _ = crand.Read(seed[:])               // crypto/rand.Read never fails on supported platforms
+		c.Rand = rand.New(rand.NewChaCha8(seed)) //nolint:gosec // G404: for jitter, which need not be secret; seeded from crypto/rand
 	}
 	return c
 }
@@ -103,13 +104,13 @@ type credential struct {
 	serial     string
 	handshakes *atomic.Uint64 // handshakes signed with key, counted by cert's signer
 
-	state        string    // one of the State constants
-	cause        string    // why it entered state
-	since        time.Time // when it entered state
-	overlapUntil time.Time // while in overlap: when the overlap ends
-	endCause     string    // while in overlap: CauseOverlapEnd or CauseExpired
-	retiring     bool      // its drain and destruction are scheduled
-	drainBy      time.Time // once retiring: when its last connection will have been closed
+	state        audit.KeyPhase // one of the State constants
+	cause        Cause          // why it entered state
+	since        time.Time      // when it entered state
+	overlapUntil time.Time      // while in overlap: when the overlap ends
+	endCause     Cause          // while in overlap: CauseOverlapEnd or CauseExpired
+	retiring     bool           // its drain and destruction are scheduled
+	drainBy      time.Time      // once retiring: when its last connection will have been closed
 }
 
 // newCredential wraps s. signed, when set, is called with the running count after each
@@ -157,7 +158,7 @@ func (c *credential) notAfter() time.Time { return c.svid.Certificates[0].NotAft
 func (c *credential) notBefore() time.Time { return c.svid.Certificates[0].NotBefore }
 
 // to returns a copy of c in state, entered at now for cause.
-func (c *credential) to(state, cause string, now time.Time) *credential {
+func (c *credential) to(state audit.KeyPhase, cause Cause, now time.Time) *credential {
 	n := *c
 	n.state, n.cause, n.since = state, cause, now
 	return &n
@@ -169,7 +170,7 @@ type snapshot struct {
 	// dropped is the current SVID that Revoke or a compromise took out of presentation
 	// (state compromised, then destroyed); nil once a new one is obtained.
 	dropped   *credential
-	dropCause string        // CauseRevoked or CauseCompromise, while dropped is set
+	dropCause Cause         // CauseRevoked or CauseCompromise, while dropped is set
 	overlap   []*credential // superseded SVIDs whose overlap has not ended, newest first
 	retired   []*credential // retiring (draining) or recently destroyed, newest first
 	bundle    *x509bundle.Bundle

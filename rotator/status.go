@@ -1,6 +1,10 @@
 package rotator
 
-import "time"
+import (
+	"time"
+
+	"github.com/agentmesh/agentmesh/audit"
+)
 
 // Status is a point-in-time view of the identity, for the admin API and
 // `agentmesh status`.
@@ -35,9 +39,9 @@ type CredentialStatus struct {
 	Serial  string `json:"serial"`
 	// State is the key's lifecycle state: "active", "overlap", "compromised" or
 	// "destroyed".
-	State string    `json:"state"`
-	Cause string    `json:"cause"` // why it entered State
-	Since time.Time `json:"since"` // when it entered State
+	State audit.KeyPhase `json:"state"`
+	Cause Cause          `json:"cause"` // why it entered State
+	Since time.Time      `json:"since"` // when it entered State
 	// Handshakes counts the signatures made with the key: one per full handshake.
 	Handshakes   uint64    `json:"handshakes"`
 	NotBefore    time.Time `json:"not_before"`

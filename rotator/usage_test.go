@@ -54,7 +54,7 @@ func TestUsageTriggerFiresAtExactlyN(t *testing.T) {
 			t.Fatalf("%d rotations after %d handshakes, want 2", len(all), n)
 		}
 		usage := all[1]
-		if usage.Trigger != TriggerUsage || usage.Initiator != initiatorRotator || usage.Result != "ok" || usage.OldSerial != first {
+		if usage.Trigger != string(TriggerUsage) || usage.Initiator != initiatorRotator || usage.Result != "ok" || usage.OldSerial != first {
 			t.Fatalf("record = %+v, want a usage rotation from %s by the rotator", usage, first)
 		}
 		st := r.Status()
@@ -65,9 +65,9 @@ func TestUsageTriggerFiresAtExactlyN(t *testing.T) {
 			t.Fatalf("renews = %d, want the usage rotation to renew with the current SVID", renews)
 		}
 		checkStates(t, rec, 1, first,
-			step{"", StatePreActivation, TriggerEnroll},
-			step{StatePreActivation, StateActive, TriggerEnroll},
-			step{StateActive, StateOverlap, TriggerUsage},
+			step{"", StatePreActivation, Cause(TriggerEnroll)},
+			step{StatePreActivation, StateActive, Cause(TriggerEnroll)},
+			step{StateActive, StateOverlap, Cause(TriggerUsage)},
 		)
 
 		// Exactly once per key: handshakes signed with the key while its usage rotation
@@ -84,7 +84,7 @@ func TestUsageTriggerFiresAtExactlyN(t *testing.T) {
 		close(gate)
 		synctest.Wait()
 		all = rec.all()
-		if len(all) != 3 || all[2].Trigger != TriggerUsage || all[2].OldSerial != second {
+		if len(all) != 3 || all[2].Trigger != string(TriggerUsage) || all[2].OldSerial != second {
 			t.Fatalf("records = %+v, want one more usage rotation", all)
 		}
 		if _, renews := iss.counts(); renews != 2 {
@@ -106,7 +106,7 @@ func TestUsageRotationRetriedAfterFailure(t *testing.T) {
 		advance(2 * time.Second)
 		all := rec.all()
 		if len(all) != 3 || all[1].Result != "error" || all[2].Result != "ok" ||
-			all[1].Trigger != TriggerUsage || all[2].Trigger != TriggerUsage || all[2].OldSerial != first {
+			all[1].Trigger != string(TriggerUsage) || all[2].Trigger != string(TriggerUsage) || all[2].OldSerial != first {
 			t.Fatalf("records = %+v, want a failed usage rotation, then its retry", all)
 		}
 	})

@@ -21,7 +21,7 @@ func main() {
 		Addr:              *addr,
 		ReadHeaderTimeout: 5 * time.Second,
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-			fmt.Fprintf(w, "hello from %s, request %d\n", *name, n.Add(1))
+			_, _ = fmt.Fprintf(w, "hello from %s, request %d\n", *name, n.Add(1)) // the client went away
 		}),
 	}
 	ln, err := net.Listen("tcp", *addr)

@@ -109,19 +109,19 @@ func CheckLeaf(leaf *x509.Certificate, r Role) error {
 		Detail: fmt.Sprintf("a %s leaf needs the %s extended key usage", r, name)}
 }
 
-// CheckDepth refuses a presented chain (leaf first) that carries more than max
+// CheckDepth refuses a presented chain (leaf first) that carries more than limit
 // intermediates. A trust anchor the peer sends along is not counted: it adds no link
 // the verifier would not have anyway.
-func CheckDepth(chain, anchors []*x509.Certificate, max int) error {
+func CheckDepth(chain, anchors []*x509.Certificate, limit int) error {
 	n := 0
 	for _, c := range chain[min(1, len(chain)):] {
 		if !slices.ContainsFunc(anchors, func(a *x509.Certificate) bool { return bytes.Equal(a.Raw, c.Raw) }) {
 			n++
 		}
 	}
-	if n > max {
+	if n > limit {
 		return &ViolationError{Rule: RuleChainDepth,
-			Detail: fmt.Sprintf("%d intermediates, at most %d allowed", n, max)}
+			Detail: fmt.Sprintf("%d intermediates, at most %d allowed", n, limit)}
 	}
 	return nil
 }
