@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"math/big"
 	"net/http"
 	"net/url"
@@ -166,7 +167,7 @@ func TestTokenIsSingleUse(t *testing.T) {
 		t.Fatalf("first Enroll: %v", err)
 	}
 	_, err = client.Enroll(context.Background(), id, newKey(t))
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusUnauthorized || !permanent(err) {
 		t.Fatalf("second Enroll with the same token: %v, want a permanent 401", err)
 	}
@@ -322,9 +323,9 @@ func TestRequestToken(t *testing.T) {
 
 	foreign := spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("evil.test"), "/x")
 	_, err = RequestToken(context.Background(), cfg.StateDir, foreign)
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusBadRequest {
-		t.Errorf("RequestToken for another trust domain: %v, want a 400 ResponseError", err)
+		t.Errorf("RequestToken for another trust domain: %v, want a 400 meshapi.ResponseError", err)
 	}
 	if err := ca.stop(); err != nil {
 		t.Fatalf("Run: %v", err)
@@ -453,7 +454,7 @@ func TestForgedClientCertificateCannotRenew(t *testing.T) {
 	}
 	svid := &x509svid.SVID{ID: evil, Certificates: []*x509.Certificate{forged, real.Certificates[1]}, PrivateKey: key}
 	_, err = newClient(t, ca, nil).Renew(context.Background(), svid, newKey(t))
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusUnauthorized || !re.Permanent() {
 		t.Fatalf("Renew with a forged certificate: %v, want a permanent 401", err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -279,16 +280,16 @@ func TestDirStateRevocations(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	list := func(version uint64, ids []spiffeid.ID, serials ...string) (*SignedDenyList, *DenyList) {
-		l := &DenyList{TrustDomain: testTD.Name(), Version: version, IssuedAt: t0}
+	list := func(version uint64, ids []spiffeid.ID, serials ...string) (*meshapi.SignedDenyList, *meshapi.DenyList) {
+		l := &meshapi.DenyList{TrustDomain: testTD.Name(), Version: version, IssuedAt: t0}
 		for _, id := range ids {
-			l.IDs = append(l.IDs, DeniedID{SPIFFEID: id, RevokedAt: t0, Version: version})
+			l.IDs = append(l.IDs, meshapi.DeniedID{SPIFFEID: id, RevokedAt: t0, Version: version})
 		}
 		for _, sn := range serials {
-			l.Serials = append(l.Serials, DeniedSerial{Serial: sn, RevokedAt: t0, Version: version})
+			l.Serials = append(l.Serials, meshapi.DeniedSerial{Serial: sn, RevokedAt: t0, Version: version})
 		}
 		l.index()
-		return &SignedDenyList{Payload: []byte{byte(version)}}, l
+		return &meshapi.SignedDenyList{Payload: []byte{byte(version)}}, l
 	}
 	idC := spiffeid.RequireFromPath(testTD, "/host/c")
 
@@ -348,14 +349,14 @@ func TestRegistryWatch(t *testing.T) {
 		go func() { r.run(ctx); close(janitorDone) }()
 
 		v0 := r.snapshot(time.Now()).Version
-		watch := func(since uint64, wait time.Duration) chan DirectoryDocument {
-			ch := make(chan DirectoryDocument, 1)
+		watch := func(since uint64, wait time.Duration) chan meshapi.DirectoryDocument {
+			ch := make(chan meshapi.DirectoryDocument, 1)
 			go func() {
 				b, err := r.watch(ctx, spiffeid.ID{}, since, wait)
 				if err != nil {
 					t.Errorf("watch: %v", err)
 				}
-				var doc DirectoryDocument
+				var doc meshapi.DirectoryDocument
 				if err := json.Unmarshal(b, &doc); err != nil {
 					t.Errorf("watch answer: %v", err)
 				}

@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -62,36 +63,36 @@ func TestEntriesAdminSocket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	x := Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
-	y := Entry{ID: agentY, Host: idA, UID: 0} // root's processes: uid 0 must reach the CA
-	for _, e := range []Entry{y, x} {
+	x := meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
+	y := meshapi.Entry{ID: agentY, Host: idA, UID: 0} // root's processes: uid 0 must reach the CA
+	for _, e := range []meshapi.Entry{y, x} {
 		if err := RegisterEntry(ctx, cfg.StateDir, e); err != nil {
 			t.Fatalf("RegisterEntry(%+v): %v", e, err)
 		}
 	}
 	got, err := ListEntries(ctx, cfg.StateDir)
-	if err != nil || !slices.Equal(got, []Entry{x, y}) {
+	if err != nil || !slices.Equal(got, []meshapi.Entry{x, y}) {
 		t.Fatalf("ListEntries = %+v, %v; want x, y", got, err)
 	}
 	doc, err := RequestDirectory(ctx, cfg.StateDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(doc.Entries, []Entry{x, y}) || doc.Version < before.Version+2 {
+	if !slices.Equal(doc.Entries, []meshapi.Entry{x, y}) || doc.Version < before.Version+2 {
 		t.Errorf("directory: version %d (was %d), entries %+v", doc.Version, before.Version, doc.Entries)
 	}
 
 	for _, tc := range []struct {
 		name    string
-		e       Entry
+		e       meshapi.Entry
 		status  int
 		message string
 	}{
-		{"same id", Entry{ID: agentX, Host: idB, UID: 1}, http.StatusConflict, "spiffe://mesh.test/agent/x is already registered to spiffe://mesh.test/host/a"},
-		{"same uid", Entry{ID: agentZ, Host: idA, UID: 1000}, http.StatusConflict, "uid 1000 on spiffe://mesh.test/host/a is already registered to spiffe://mesh.test/agent/x"},
-		{"same port", Entry{ID: agentZ, Host: idA, UID: 1002, Port: 8080}, http.StatusConflict, "port 8080 on spiffe://mesh.test/host/a is already registered to spiffe://mesh.test/agent/x"},
-		{"not an agent", Entry{ID: spiffeid.RequireFromPath(testTD, "/workload/z"), Host: idA, UID: 1002}, http.StatusBadRequest, "is not spiffe://mesh.test/agent/NAME"},
-		{"foreign host", Entry{ID: agentZ, Host: spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("o.test"), "/host/a"), UID: 1002}, http.StatusBadRequest, "is not spiffe://mesh.test/host/NAME"},
+		{"same id", meshapi.Entry{ID: agentX, Host: idB, UID: 1}, http.StatusConflict, "spiffe://mesh.test/agent/x is already registered to spiffe://mesh.test/host/a"},
+		{"same uid", meshapi.Entry{ID: agentZ, Host: idA, UID: 1000}, http.StatusConflict, "uid 1000 on spiffe://mesh.test/host/a is already registered to spiffe://mesh.test/agent/x"},
+		{"same port", meshapi.Entry{ID: agentZ, Host: idA, UID: 1002, Port: 8080}, http.StatusConflict, "port 8080 on spiffe://mesh.test/host/a is already registered to spiffe://mesh.test/agent/x"},
+		{"not an agent", meshapi.Entry{ID: spiffeid.RequireFromPath(testTD, "/workload/z"), Host: idA, UID: 1002}, http.StatusBadRequest, "is not spiffe://mesh.test/agent/NAME"},
+		{"foreign host", meshapi.Entry{ID: agentZ, Host: spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("o.test"), "/host/a"), UID: 1002}, http.StatusBadRequest, "is not spiffe://mesh.test/host/NAME"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := RegisterEntry(ctx, cfg.StateDir, tc.e)
@@ -112,7 +113,7 @@ func TestEntriesAdminSocket(t *testing.T) {
 			t.Errorf("UnregisterEntry of an unknown id: %v, want 404", err)
 		}
 	})
-	if got, _ := ListEntries(ctx, cfg.StateDir); !slices.Equal(got, []Entry{x, y}) {
+	if got, _ := ListEntries(ctx, cfg.StateDir); !slices.Equal(got, []meshapi.Entry{x, y}) {
 		t.Fatalf("refusals changed the entries: %+v", got)
 	}
 
@@ -123,11 +124,11 @@ func TestEntriesAdminSocket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(after.Entries, []Entry{y}) || after.Version <= doc.Version {
+	if !slices.Equal(after.Entries, []meshapi.Entry{y}) || after.Version <= doc.Version {
 		t.Errorf("directory after unregister: version %d (was %d), entries %+v", after.Version, doc.Version, after.Entries)
 	}
 	// Its uid and port are free again.
-	if err := RegisterEntry(ctx, cfg.StateDir, Entry{ID: agentZ, Host: idA, UID: 1000, Port: 8080}); err != nil {
+	if err := RegisterEntry(ctx, cfg.StateDir, meshapi.Entry{ID: agentZ, Host: idA, UID: 1000, Port: 8080}); err != nil {
 		t.Errorf("register on the freed uid and port: %v", err)
 	}
 
@@ -219,7 +220,7 @@ func TestAgentToken(t *testing.T) {
 
 	hostA := agentDirectory(t, ca, enroll(t, ca, idA))
 	hostB := agentDirectory(t, ca, enroll(t, ca, idB))
-	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}); err != nil {
+	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -365,7 +366,7 @@ func TestEntriesAdminChild(t *testing.T) {
 		t.Skip("run by TestEntriesRefuseOtherUsers as another user")
 	}
 	ctx := context.Background()
-	if err := RegisterEntry(ctx, dir, Entry{ID: agentX, Host: idA, UID: uint32(os.Getuid())}); responseStatus(err) != http.StatusForbidden {
+	if err := RegisterEntry(ctx, dir, meshapi.Entry{ID: agentX, Host: idA, UID: uint32(os.Getuid())}); responseStatus(err) != http.StatusForbidden {
 		t.Errorf("RegisterEntry: %v, want 403", err)
 	}
 	if err := UnregisterEntry(ctx, dir, agentX); responseStatus(err) != http.StatusForbidden {

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -18,18 +19,18 @@ import (
 
 // entriesWatcher runs a Directory for a proxy holding svid that advertises a, and
 // reports each OnEntries call.
-func entriesWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID, a ...string) (*Directory, chan []Entry) {
+func entriesWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID, a ...string) (*Directory, chan []meshapi.Entry) {
 	t.Helper()
 	logger, _ := newTestLogger(t)
 	cert := tlsCert(svid)
-	got := make(chan []Entry, 16)
+	got := make(chan []meshapi.Entry, 16)
 	d, err := NewDirectory(DirectoryConfig{
 		URL:         ca.URL(),
 		Roots:       ca.Roots(),
 		Certificate: func() (*tls.Certificate, error) { return cert, nil },
 		Addresses:   addrs(a...),
 		TunnelPort:  15008,
-		OnEntries:   func(e []Entry) { got <- e },
+		OnEntries:   func(e []meshapi.Entry) { got <- e },
 		Logger:      logger.With("proxy", svid.ID.String()),
 	})
 	if err != nil {
@@ -41,7 +42,7 @@ func entriesWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID, a ...strin
 
 // nextEntries waits for one OnEntries call; the guard is well under the 25s long-poll,
 // so a pass means the poll was woken.
-func nextEntries(t *testing.T, ch <-chan []Entry) []Entry {
+func nextEntries(t *testing.T, ch <-chan []meshapi.Entry) []meshapi.Entry {
 	t.Helper()
 	select {
 	case e := <-ch:
@@ -68,18 +69,18 @@ func TestDirectoryEntries(t *testing.T) {
 	}
 	waitUntil(t, dB, "host a in the directory", func() bool { _, _, ok := dB.PeerFor(netip.MustParseAddr("10.0.9.1")); return ok })
 
-	x := Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
-	y := Entry{ID: agentY, Host: idA, UID: 1001} // no port: not in AgentsAt
-	z := Entry{ID: agentZ, Host: idB, UID: 1000, Port: 9090}
-	for _, e := range []Entry{x, y, z} {
+	x := meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
+	y := meshapi.Entry{ID: agentY, Host: idA, UID: 1001} // no port: not in AgentsAt
+	z := meshapi.Entry{ID: agentZ, Host: idB, UID: 1000, Port: 9090}
+	for _, e := range []meshapi.Entry{x, y, z} {
 		if err := RegisterEntry(ctx, cfg.StateDir, e); err != nil {
 			t.Fatal(err)
 		}
 	}
 	// Host b's view: a's agent with a port by ID and port only; a's agent without a
 	// port not at all.
-	xSeen := Entry{ID: agentX, Host: idA, Port: 8080}
-	want := []Entry{xSeen, z}
+	xSeen := meshapi.Entry{ID: agentX, Host: idA, Port: 8080}
+	want := []meshapi.Entry{xSeen, z}
 	for got := nextEntries(t, gotB); !slices.Equal(got, want); got = nextEntries(t, gotB) {
 		t.Logf("OnEntries %+v on the way", got)
 	}
@@ -106,8 +107,8 @@ func TestDirectoryEntries(t *testing.T) {
 			}
 		}
 	}
-	zSeen := Entry{ID: agentZ, Host: idB, Port: 9090}
-	waitUntil(t, dA, "entries at host a's proxy", func() bool { return slices.Equal(dA.Entries(), []Entry{x, y, zSeen}) })
+	zSeen := meshapi.Entry{ID: agentZ, Host: idB, Port: 9090}
+	waitUntil(t, dA, "entries at host a's proxy", func() bool { return slices.Equal(dA.Entries(), []meshapi.Entry{x, y, zSeen}) })
 	addr := netip.MustParseAddr("10.0.9.1")
 	if n := testing.AllocsPerRun(100, func() { _ = dA.AgentsAt(addr) }); n != 0 {
 		t.Errorf("AgentsAt allocates %v times", n)
@@ -115,7 +116,7 @@ func TestDirectoryEntries(t *testing.T) {
 
 	// A change that is not to the entries moves the version without an OnEntries
 	// call: the next call is the next change of the entries.
-	if _, err := ca.Revoke(ctx, "op", RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
+	if _, err := ca.Revoke(ctx, "op", meshapi.RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
 		t.Fatal(err)
 	}
 	revoked, err := RequestDirectory(ctx, cfg.StateDir)
@@ -126,7 +127,7 @@ func TestDirectoryEntries(t *testing.T) {
 	if err := UnregisterEntry(ctx, cfg.StateDir, agentX); err != nil {
 		t.Fatal(err)
 	}
-	if got := nextEntries(t, gotB); !slices.Equal(got, []Entry{z}) {
+	if got := nextEntries(t, gotB); !slices.Equal(got, []meshapi.Entry{z}) {
 		t.Errorf("OnEntries after unregister %+v, want z only", got)
 	}
 	if got := dB.AgentsAt(addr); got != nil {
@@ -210,13 +211,13 @@ func BenchmarkAgentsAt(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	doc := &DirectoryDocument{Version: 1}
+	doc := &meshapi.DirectoryDocument{Version: 1}
 	for h := range 1000 {
 		host := spiffeid.RequireFromPathf(testTD, "/host/h%d", h)
-		doc.Peers = append(doc.Peers, DirectoryEntry{SPIFFEID: host, TunnelPort: 15008,
+		doc.Peers = append(doc.Peers, meshapi.DirectoryEntry{SPIFFEID: host, TunnelPort: 15008,
 			Addresses: []netip.Addr{netip.AddrFrom4([4]byte{10, 1, byte(h >> 8), byte(h)})}})
 		for a := range 10 {
-			doc.Entries = append(doc.Entries, Entry{ID: spiffeid.RequireFromPathf(testTD, "/agent/h%d-a%d", h, a),
+			doc.Entries = append(doc.Entries, meshapi.Entry{ID: spiffeid.RequireFromPathf(testTD, "/agent/h%d-a%d", h, a),
 				Host: host, UID: uint32(1000 + a), Port: uint16(8000 + a)})
 		}
 	}

@@ -34,7 +34,7 @@ func Example() {
 	go func() { done <- srv.Run(ctx) }()
 
 	id := spiffeid.RequireFromPath(td, "/agent/web")
-	client, err := ca.NewClient(ca.ClientConfig{
+	client, err := meshclient.NewClient(meshclient.ClientConfig{
 		URL:   srv.URL(),
 		Roots: srv.Roots(),
 		Token: func(context.Context) (string, error) { return srv.Token(id) },
@@ -85,7 +85,7 @@ func ExampleNewDirectory() {
 // The rotator tells refusals, after which only a new enrolment helps, from outages.
 func ExampleResponseError_Permanent() {
 	for _, status := range []int{http.StatusUnauthorized, http.StatusTooManyRequests, http.StatusServiceUnavailable} {
-		var err error = fmt.Errorf("renew: %w", &ca.ResponseError{Op: "rekey", Status: status})
+		var err error = fmt.Errorf("renew: %w", &meshapi.ResponseError{Op: "rekey", Status: status})
 		var p interface{ Permanent() bool }
 		fmt.Println(status, errors.As(err, &p) && p.Permanent())
 	}

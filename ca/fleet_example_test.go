@@ -24,13 +24,13 @@ func ExampleRequestFleetRotation() {
 	// On each proxy:
 	var current *tls.Certificate // the rotator's SVID
 	var roots []*x509.Certificate
-	rotate := make(chan ca.FleetRotation, 1)
+	rotate := make(chan meshapi.FleetRotation, 1)
 	_, err = ca.NewDirectory(ca.DirectoryConfig{
 		URL:         "https://ca.mesh.internal:9443",
 		Roots:       roots,
 		Certificate: func() (*tls.Certificate, error) { return current, nil },
 		// Called from the watch loop: hand the rotation over and return.
-		OnFleetRotation: func(fr ca.FleetRotation) {
+		OnFleetRotation: func(fr meshapi.FleetRotation) {
 			select {
 			case rotate <- fr:
 			default: // one is pending already

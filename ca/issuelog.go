@@ -8,6 +8,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"io"
 	"net/http"
 	"strings"
@@ -110,13 +111,13 @@ func (s *Server) auditIssuance(next http.Handler) http.Handler {
 		reused := action == audit.ActionEnroll && s.db.uses.end(jti, refused)
 		switch {
 		case status >= 500:
-			rec.Result, rec.Error = audit.IssueError, stepErrorMessage(answer.Bytes())
+			rec.Result, rec.Error = audit.IssueError, meshapi.ErrorMessage(answer.Bytes())
 		case refused:
-			rec.Result, rec.Error = audit.IssueRefused, stepErrorMessage(answer.Bytes())
+			rec.Result, rec.Error = audit.IssueRefused, meshapi.ErrorMessage(answer.Bytes())
 			rec.Reason = issueRefusal(action, status, att.reason, reused)
 		default:
 			rec.Result = audit.IssueOK
-			if chain, err := parseSignResponse(answer.Bytes()); err == nil && len(chain) > 0 {
+			if chain, err := meshapi.ParseSignResponse(answer.Bytes()); err == nil && len(chain) > 0 {
 				rec.SPIFFEID, rec.Serial, rec.NotAfter = certID(chain[0]), chain[0].SerialNumber.String(), chain[0].NotAfter
 			}
 		}

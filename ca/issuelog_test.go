@@ -8,6 +8,7 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"math/big"
 	"net/http"
 	"net/url"
@@ -87,7 +88,7 @@ func TestIssuanceAudit(t *testing.T) {
 		t.Fatalf("renew: %d %s", status, body)
 	}
 	// A renewal the CA refuses: the identity is revoked.
-	if _, err := ca.Revoke(ctx, "test", RevokeRequest{SPIFFEID: id.String(), Reason: "test"}); err != nil {
+	if _, err := ca.Revoke(ctx, "test", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "test"}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := newClient(t, ca, nil).Renew(ctx, svid2, newKey(t)); responseStatus(err) != http.StatusUnauthorized {

@@ -3,6 +3,7 @@ package ca
 import (
 	"context"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"sync"
 	"testing"
@@ -84,7 +85,7 @@ func TestRequestedLifetimeIsBounded(t *testing.T) {
 				t.Fatalf("sign with notAfter %s: %d %s, want %d", tc.notAfter, status, body, tc.status)
 			}
 			if status != http.StatusCreated {
-				if re := (&ResponseError{Status: status}); !re.Permanent() {
+				if re := (&meshapi.ResponseError{Status: status}); !re.Permanent() {
 					t.Errorf("status %d is not permanent", status)
 				}
 				return

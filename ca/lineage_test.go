@@ -3,6 +3,7 @@ package ca
 import (
 	"context"
 	"errors"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"slices"
 	"testing"
@@ -110,16 +111,16 @@ func TestLineageFork(t *testing.T) {
 	neighbour := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/neighbour"))
 	for name, tc := range map[string]struct {
 		cert *x509svid.SVID
-		req  RevokeRequest
+		req  meshapi.RevokeRequest
 	}{
-		"another identity":            {neighbour, RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}},
-		"keeping another certificate": {s3, RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s1), Reason: "r"}},
+		"another identity":            {neighbour, meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}},
+		"keeping another certificate": {s3, meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s1), Reason: "r"}},
 	} {
 		if _, err := RevokeRemote(ctx, cc, *tlsCert(tc.cert), tc.req); responseStatus(err) != http.StatusForbidden {
 			t.Errorf("%s: RevokeRemote = %v, want 403", name, err)
 		}
 	}
-	res, err := RevokeRemote(ctx, cc, *tlsCert(s3), RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "key-compromise"})
+	res, err := RevokeRemote(ctx, cc, *tlsCert(s3), meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "key-compromise"})
 	if err != nil {
 		t.Fatalf("revoking the lineage except S3: %v", err)
 	}
@@ -148,11 +149,11 @@ func TestLineageFork(t *testing.T) {
 	s4 := mustRenew(s3)
 	mustRenew(s4)
 	// S3 is no longer the head: keeping it is refused (another holder renewed after it).
-	_, err = RevokeRemote(ctx, cc, *tlsCert(s3), RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"})
+	_, err = RevokeRemote(ctx, cc, *tlsCert(s3), meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"})
 	if responseStatus(err) != http.StatusConflict {
 		t.Errorf("lineage revocation keeping a non-head: %v, want 409", err)
 	}
-	if _, err := ca.Revoke(ctx, "uid:0", RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}); !errors.Is(err, ErrNotLineageHead) {
+	if _, err := ca.Revoke(ctx, "uid:0", meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}); !errors.Is(err, ErrNotLineageHead) {
 		t.Errorf("Revoke keeping a non-head: %v, want ErrNotLineageHead", err)
 	}
 }
@@ -165,7 +166,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	ctx := context.Background()
 	hostA := agentDirectory(t, ca, enroll(t, ca, idA))
 	hostB := agentDirectory(t, ca, enroll(t, ca, idB))
-	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idA, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idA, UID: 1000}); err != nil {
 		t.Fatal(err)
 	}
 	enrolWith := func(tok string) (*x509svid.SVID, error) {
@@ -201,7 +202,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	if _, err := ca.UnregisterEntry(ctx, "op", agentX); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
 		t.Fatalf("register on host b: %v", err)
 	}
 	l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onA)))
@@ -235,7 +236,7 @@ func TestLineageMovedAgent(t *testing.T) {
 		t.Fatalf("Enroll on host b again: %v", err)
 	}
 	cc := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
-	res, err := RevokeRemote(ctx, cc, *tlsCert(fresh), RevokeRequest{SPIFFEID: agentX.String(), Except: serialOf(fresh), Reason: "key-compromise"})
+	res, err := RevokeRemote(ctx, cc, *tlsCert(fresh), meshapi.RevokeRequest{SPIFFEID: agentX.String(), Except: serialOf(fresh), Reason: "key-compromise"})
 	// Host a's certificate, revoked already, is covered again; nothing changes for it.
 	if err != nil || !slices.Equal(slices.Sorted(slices.Values(res.Serials)), slices.Sorted(slices.Values([]string{serialOf(onA), serialOf(onB)}))) {
 		t.Fatalf("agent lineage revocation: %+v, %v; want %s and %s", res, err, serialOf(onA), serialOf(onB))
@@ -245,7 +246,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	if _, err := ca.UnregisterEntry(ctx, "op", agentX); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
 		t.Fatal(err)
 	}
 	if l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onB))); l.Denies(agentX, serialOf(onB), time.Time{}) {

@@ -7,6 +7,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"math/big"
 	"net/http"
 	"net/netip"
@@ -82,8 +83,8 @@ func waitUntil(t *testing.T, d *Directory, what string, cond func() bool) {
 	}
 }
 
-func registerBody(port int, a ...string) registerRequest {
-	return registerRequest{Addresses: a, TunnelPort: port, Transports: []string{"tls"}}
+func registerBody(port int, a ...string) meshapi.RegisterRequest {
+	return meshapi.RegisterRequest{Addresses: a, TunnelPort: port, Transports: []string{"tls"}}
 }
 
 func decodeJSON[T any](t *testing.T, b []byte) T {
@@ -95,7 +96,7 @@ func decodeJSON[T any](t *testing.T, b []byte) T {
 	return v
 }
 
-func peerIDs(doc DirectoryDocument) []string {
+func peerIDs(doc meshapi.DirectoryDocument) []string {
 	var ids []string
 	for _, p := range doc.Peers {
 		ids = append(ids, p.SPIFFEID.String())
@@ -124,8 +125,8 @@ func TestMeshDirectory(t *testing.T) {
 	svidC := enroll(t, ca, idC)
 	agent := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/x"))
 	hcC := httpsClient(t, ca, tlsCert(svidC))
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
-	regURL := ca.URL() + meshPrefix + meshRegisterPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
+	regURL := ca.URL() + meshapi.Prefix + meshapi.RegisterPath
 
 	var v1 uint64
 	t.Run("watcher parked in a long-poll is woken by a registration", func(t *testing.T) {
@@ -133,19 +134,19 @@ func TestMeshDirectory(t *testing.T) {
 		if status != http.StatusOK {
 			t.Fatalf("GET directory: %d %s", status, body)
 		}
-		v0 := decodeJSON[DirectoryDocument](t, body).Version
+		v0 := decodeJSON[meshapi.DirectoryDocument](t, body).Version
 		select { // drop a stray signal, if any
 		case <-parked:
 		default:
 		}
 		type answer struct {
-			doc     DirectoryDocument
+			doc     meshapi.DirectoryDocument
 			elapsed time.Duration
 		}
 		answers := make(chan answer, 1)
 		go func() { // no t.Fatal here: not the test's goroutine
 			start := time.Now()
-			var doc DirectoryDocument
+			var doc meshapi.DirectoryDocument
 			resp, err := hcC.Get(dirURL + "?since=" + strconv.FormatUint(v0, 10) + "&wait=20s")
 			if err == nil {
 				err = json.NewDecoder(resp.Body).Decode(&doc)
@@ -161,7 +162,7 @@ func TestMeshDirectory(t *testing.T) {
 		if status != http.StatusOK {
 			t.Fatalf("register: %d %s", status, body)
 		}
-		resp := decodeJSON[registerResponse](t, body)
+		resp := decodeJSON[meshapi.RegisterResponse](t, body)
 		v1 = resp.Version
 		if v1 <= v0 || resp.Peer.SPIFFEID != idC {
 			t.Fatalf("register answer %+v, version before %d", resp, v0)
@@ -175,7 +176,7 @@ func TestMeshDirectory(t *testing.T) {
 		// Nothing changes: the wait runs out and the answer carries the same version.
 		start := time.Now()
 		status, body = do(t, hcC, http.MethodGet, dirURL+"?since="+strconv.FormatUint(v1, 10)+"&wait=300ms", nil)
-		if got := decodeJSON[DirectoryDocument](t, body).Version; status != http.StatusOK || got != v1 || time.Since(start) < 300*time.Millisecond {
+		if got := decodeJSON[meshapi.DirectoryDocument](t, body).Version; status != http.StatusOK || got != v1 || time.Since(start) < 300*time.Millisecond {
 			t.Fatalf("unchanged long-poll: %d version %d after %v, want %d after 300ms", status, got, time.Since(start), v1)
 		}
 	})
@@ -186,7 +187,7 @@ func TestMeshDirectory(t *testing.T) {
 			t.Fatalf("RequestDirectory: %v", err)
 		}
 		status, body := do(t, hcC, http.MethodPost, regURL, registerBody(15008, "10.0.0.3"))
-		if got := decodeJSON[registerResponse](t, body).Version; status != http.StatusOK || got != v1 {
+		if got := decodeJSON[meshapi.RegisterResponse](t, body).Version; status != http.StatusOK || got != v1 {
 			t.Fatalf("heartbeat: %d version %d, want %d", status, got, v1)
 		}
 		after, err := RequestDirectory(context.Background(), cfg.StateDir)
@@ -198,7 +199,7 @@ func TestMeshDirectory(t *testing.T) {
 				after.Version, v1, before.Peers[0].LastHeartbeat, after.Peers[0].LastHeartbeat)
 		}
 		status, body = do(t, hcC, http.MethodPost, regURL, registerBody(15009, "10.0.0.3"))
-		if got := decodeJSON[registerResponse](t, body).Version; status != http.StatusOK || got <= v1 {
+		if got := decodeJSON[meshapi.RegisterResponse](t, body).Version; status != http.StatusOK || got <= v1 {
 			t.Fatalf("port change: %d version %d, want > %d", status, got, v1)
 		}
 	})
@@ -348,8 +349,8 @@ func TestMeshAPIRefusals(t *testing.T) {
 	ca := startCA(t, cfg)
 	host := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/h"))
 	agent := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/x"))
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
-	regURL := ca.URL() + meshPrefix + meshRegisterPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
+	regURL := ca.URL() + meshapi.Prefix + meshapi.RegisterPath
 
 	// A CA of its own claiming the same trust domain, and one of another.
 	foreignSame := foreignSVID(t, testTD, "/host/h")
@@ -394,7 +395,7 @@ func TestMeshAPIRefusals(t *testing.T) {
 	// the refusal is a permanent ResponseError.
 	d := newProxyDirectory(t, ca, agent, 15008, 50*time.Millisecond, nil, "10.0.0.8")
 	_, err := d.register(context.Background())
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusForbidden || !re.Permanent() || re.Op != "register" {
 		t.Fatalf("agent register: %v, want a permanent 403", err)
 	}
@@ -414,9 +415,9 @@ func TestMeshShutdownAnswersLongPolls(t *testing.T) {
 		}
 	})
 	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/h"))))
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
 	_, body := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil)
-	v := decodeJSON[DirectoryDocument](t, body).Version
+	v := decodeJSON[meshapi.DirectoryDocument](t, body).Version
 	statuses := make(chan int, 1)
 	go func() {
 		resp, err := hc.Get(dirURL + "?wait=60s&since=" + strconv.FormatUint(v, 10))

@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/netip"
 	"slices"
 	"strings"
@@ -12,51 +13,53 @@ import (
 
 func TestParseRegistration(t *testing.T) {
 	t.Parallel()
-	ok := registerRequest{Addresses: []string{"10.0.0.2", "fd00::2"}, TunnelPort: 15008, Transports: []string{"tls"}}
+	ok := meshapi.RegisterRequest{Addresses: []string{"10.0.0.2", "fd00::2"}, TunnelPort: 15008, Transports: []string{"tls"}}
 	for _, tc := range []struct {
 		name   string
-		mutate func(*registerRequest)
+		mutate func(*meshapi.RegisterRequest)
 		want   *registration // nil: refused
 	}{
-		{"valid", func(*registerRequest) {}, &registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
-		{"addresses sorted and deduplicated", func(r *registerRequest) { r.Addresses = []string{"fd00::2", "10.0.0.2", "10.0.0.2"} },
+		{"valid", func(*meshapi.RegisterRequest) {}, &registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
+		{"addresses sorted and deduplicated", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"fd00::2", "10.0.0.2", "10.0.0.2"} },
 			&registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
-		{"mapped address unmapped", func(r *registerRequest) { r.Addresses = []string{"::ffff:10.0.0.2", "10.0.0.2"} },
+		{"mapped address unmapped", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"::ffff:10.0.0.2", "10.0.0.2"} },
 			&registration{Addresses: addrs("10.0.0.2"), TunnelPort: 15008, Transports: []string{"tls"}}},
-		{"transports default to tls", func(r *registerRequest) { r.Transports = nil },
+		{"transports default to tls", func(r *meshapi.RegisterRequest) { r.Transports = nil },
 			&registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
-		{"transport order kept, duplicates dropped", func(r *registerRequest) { r.Transports = []string{"quic", "h2", "quic", "tls"} },
+		{"transport order kept, duplicates dropped", func(r *meshapi.RegisterRequest) { r.Transports = []string{"quic", "h2", "quic", "tls"} },
 			&registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"quic", "h2", "tls"}}},
-		{"bundle version kept", func(r *registerRequest) { r.BundleVersion = "2030-01-01T00:00:00Z/3" },
+		{"bundle version kept", func(r *meshapi.RegisterRequest) { r.BundleVersion = "2030-01-01T00:00:00Z/3" },
 			&registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}, BundleVersion: "2030-01-01T00:00:00Z/3"}},
-		{"port 65535", func(r *registerRequest) { r.TunnelPort = 65535 },
+		{"port 65535", func(r *meshapi.RegisterRequest) { r.TunnelPort = 65535 },
 			&registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 65535, Transports: []string{"tls"}}},
-		{"no addresses", func(r *registerRequest) { r.Addresses = nil }, nil},
-		{"too many addresses", func(r *registerRequest) { r.Addresses = slices.Repeat([]string{"10.0.0.1"}, maxAddresses+1) }, nil},
-		{"host name", func(r *registerRequest) { r.Addresses = []string{"host-a.mesh.test"} }, nil},
-		{"address with port", func(r *registerRequest) { r.Addresses = []string{"10.0.0.2:15008"} }, nil},
-		{"cidr", func(r *registerRequest) { r.Addresses = []string{"10.0.0.0/24"} }, nil},
-		{"zoned", func(r *registerRequest) { r.Addresses = []string{"fe80::1%eth0"} }, nil},
-		{"unspecified v4", func(r *registerRequest) { r.Addresses = []string{"0.0.0.0"} }, nil},
-		{"unspecified v6", func(r *registerRequest) { r.Addresses = []string{"::"} }, nil},
-		{"unspecified mapped", func(r *registerRequest) { r.Addresses = []string{"::ffff:0.0.0.0"} }, nil},
-		{"multicast", func(r *registerRequest) { r.Addresses = []string{"224.0.0.1"} }, nil},
-		{"port 0", func(r *registerRequest) { r.TunnelPort = 0 }, nil},
-		{"port negative", func(r *registerRequest) { r.TunnelPort = -1 }, nil},
-		{"port 65536", func(r *registerRequest) { r.TunnelPort = 65536 }, nil},
-		{"transport uppercase", func(r *registerRequest) { r.Transports = []string{"TLS"} }, nil},
-		{"transport empty", func(r *registerRequest) { r.Transports = []string{""} }, nil},
-		{"transport too long", func(r *registerRequest) { r.Transports = []string{strings.Repeat("x", maxTransportLen+1)} }, nil},
-		{"too many transports", func(r *registerRequest) { r.Transports = slices.Repeat([]string{"tls"}, maxTransports+1) }, nil},
-		{"bundle version too long", func(r *registerRequest) { r.BundleVersion = strings.Repeat("v", maxBundleVersion+1) }, nil},
-		{"bundle version with control characters", func(r *registerRequest) { r.BundleVersion = "v1\n" }, nil},
+		{"no addresses", func(r *meshapi.RegisterRequest) { r.Addresses = nil }, nil},
+		{"too many addresses", func(r *meshapi.RegisterRequest) {
+			r.Addresses = slices.Repeat([]string{"10.0.0.1"}, meshapi.MaxAddresses+1)
+		}, nil},
+		{"host name", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"host-a.mesh.test"} }, nil},
+		{"address with port", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"10.0.0.2:15008"} }, nil},
+		{"cidr", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"10.0.0.0/24"} }, nil},
+		{"zoned", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"fe80::1%eth0"} }, nil},
+		{"unspecified v4", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"0.0.0.0"} }, nil},
+		{"unspecified v6", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"::"} }, nil},
+		{"unspecified mapped", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"::ffff:0.0.0.0"} }, nil},
+		{"multicast", func(r *meshapi.RegisterRequest) { r.Addresses = []string{"224.0.0.1"} }, nil},
+		{"port 0", func(r *meshapi.RegisterRequest) { r.TunnelPort = 0 }, nil},
+		{"port negative", func(r *meshapi.RegisterRequest) { r.TunnelPort = -1 }, nil},
+		{"port 65536", func(r *meshapi.RegisterRequest) { r.TunnelPort = 65536 }, nil},
+		{"transport uppercase", func(r *meshapi.RegisterRequest) { r.Transports = []string{"TLS"} }, nil},
+		{"transport empty", func(r *meshapi.RegisterRequest) { r.Transports = []string{""} }, nil},
+		{"transport too long", func(r *meshapi.RegisterRequest) { r.Transports = []string{strings.Repeat("x", maxTransportLen+1)} }, nil},
+		{"too many transports", func(r *meshapi.RegisterRequest) { r.Transports = slices.Repeat([]string{"tls"}, maxTransports+1) }, nil},
+		{"bundle version too long", func(r *meshapi.RegisterRequest) { r.BundleVersion = strings.Repeat("v", maxBundleVersion+1) }, nil},
+		{"bundle version with control characters", func(r *meshapi.RegisterRequest) { r.BundleVersion = "v1\n" }, nil},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			req := ok
 			req.Addresses = slices.Clone(ok.Addresses)
 			tc.mutate(&req)
-			got, err := parseRegistration(idA, req)
+			got, err := meshapi.ParseRegistration(idA, req)
 			if tc.want == nil {
 				if err == nil {
 					t.Fatalf("accepted: %+v", got)
@@ -85,11 +88,11 @@ func TestParseWatchQuery(t *testing.T) {
 		wantWait          time.Duration
 		ok                bool
 	}{
-		{"defaults", "", "", 0, defaultWatchWait, true},
+		{"defaults", "", "", 0, meshapi.DefaultWatchWait, true},
 		{"explicit", "42", "10s", 42, 10 * time.Second, true},
 		{"zero wait answers at once", "1", "0s", 1, 0, true},
-		{"wait capped", "1", "10m", 1, maxWatchWait, true},
-		{"max uint64", "18446744073709551615", "", 1<<64 - 1, defaultWatchWait, true},
+		{"wait capped", "1", "10m", 1, meshapi.MaxWatchWait, true},
+		{"max uint64", "18446744073709551615", "", 1<<64 - 1, meshapi.DefaultWatchWait, true},
 		{"negative since", "-1", "", 0, 0, false},
 		{"since overflow", "18446744073709551616", "", 0, 0, false},
 		{"since not a number", "abc", "", 0, 0, false},
@@ -98,7 +101,7 @@ func TestParseWatchQuery(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			since, wait, err := parseWatchQuery(tc.since, tc.wait)
+			since, wait, err := meshapi.ParseWatchQuery(tc.since, tc.wait)
 			if tc.ok != (err == nil) {
 				t.Fatalf("err = %v, ok wanted: %v", err, tc.ok)
 			}
@@ -125,8 +128,8 @@ func TestIsHostID(t *testing.T) {
 		{"trust domain", testTD.ID(), false},
 		{"zero", spiffeid.ID{}, false},
 	} {
-		if got := isHostID(tc.id); got != tc.want {
-			t.Errorf("%s: isHostID(%q) = %v, want %v", tc.name, tc.id, got, tc.want)
+		if got := meshapi.IsHostID(tc.id); got != tc.want {
+			t.Errorf("%s: meshapi.IsHostID(%q) = %v, want %v", tc.name, tc.id, got, tc.want)
 		}
 	}
 }
@@ -146,8 +149,8 @@ func TestDecodeStrict(t *testing.T) {
 		{"empty", ``, false},
 		{"array", `[]`, false},
 	} {
-		var req registerRequest
-		if err := decodeStrict(strings.NewReader(tc.body), &req); tc.ok != (err == nil) {
+		var req meshapi.RegisterRequest
+		if err := meshapi.DecodeStrict(strings.NewReader(tc.body), &req); tc.ok != (err == nil) {
 			t.Errorf("%s: err = %v, ok wanted: %v", tc.name, err, tc.ok)
 		}
 	}
@@ -169,7 +172,7 @@ func TestCheckAdvertisable(t *testing.T) {
 		{"::", false},
 		{"ff02::1", false},
 	} {
-		if err := checkAdvertisable(netip.MustParseAddr(tc.addr)); tc.ok != (err == nil) {
+		if err := meshapi.CheckAdvertisable(netip.MustParseAddr(tc.addr)); tc.ok != (err == nil) {
 			t.Errorf("%s: %v, ok wanted: %v", tc.addr, err, tc.ok)
 		}
 	}

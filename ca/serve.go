@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net/http"
 	"time"
@@ -31,7 +32,7 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Use(middleware.GetHead)
 	api.Route(mux)
 	mux.Route("/1.0", func(r chi.Router) { api.Route(r) })
-	mux.Route(meshPrefix, s.meshRoutes)
+	mux.Route(meshapi.Prefix, s.meshRoutes)
 	return s.accessLog(s.auditIssuance(s.requireValidClientCert(s.interceptStepRevoke(s.guardLineage(mux)))))
 }
 

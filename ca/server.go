@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net"
 	"net/http"
@@ -67,7 +68,7 @@ type Server struct {
 	deny                             atomic.Pointer[denyState] // the deny-list in force
 	revokeMu                         sync.Mutex                // serialises Revoke
 	fleetMu                          sync.Mutex                // serialises RotateFleet
-	fleet                            *FleetRotation            // the latest; guarded by fleetMu
+	fleet                            *meshapi.FleetRotation    // the latest; guarded by fleetMu
 	entries                          atomic.Pointer[entrySet]  // the registration entries in force
 	entriesMu                        sync.Mutex                // serialises changes to entries
 	lineageRefusals                  *prometheus.CounterVec    // issuances the lineage refused, by reason

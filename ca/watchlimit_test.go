@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"strconv"
 	"testing"
@@ -23,9 +24,9 @@ func TestMeshWatchLimit(t *testing.T) {
 	idH := spiffeid.RequireFromPath(testTD, "/host/h")
 	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, idH)))
 	other := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/other"))))
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
 	_, body := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil)
-	poll := dirURL + "?wait=60s&since=" + strconv.FormatUint(decodeJSON[DirectoryDocument](t, body).Version, 10)
+	poll := dirURL + "?wait=60s&since=" + strconv.FormatUint(decodeJSON[meshapi.DirectoryDocument](t, body).Version, 10)
 
 	statuses := make(chan int, cfg.MaxWatches)
 	for range cfg.MaxWatches {

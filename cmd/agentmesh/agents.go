@@ -6,6 +6,8 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"log/slog"
 	"maps"
 	"slices"
@@ -18,7 +20,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
@@ -32,14 +33,14 @@ type agents struct {
 	host     spiffeid.ID
 	newRot   func(id spiffeid.ID, reg prometheus.Registerer, p policy.Rotation) (*rotator.Rotator, error)
 	rotation atomic.Pointer[policy.Rotation] // the rotation policy in force, for new agents too
-	denyList func() *ca.DenyList
+	denyList func() *meshapi.DenyList
 	reg      prometheus.Registerer
 	logger   *slog.Logger
 
 	changed  chan struct{} // entries arrived; buffered 1
 	mu       sync.Mutex
-	entries  []ca.Entry // the latest directory entries; guarded by mu
-	received bool       // the directory answered once; guarded by mu
+	entries  []meshapi.Entry // the latest directory entries; guarded by mu
+	received bool            // the directory answered once; guarded by mu
 	running  map[spiffeid.ID]*agentRun
 	snap     atomic.Pointer[agentSnapshot]
 }
@@ -55,7 +56,7 @@ var (
 
 // agentRun is one registered agent and its rotator.
 type agentRun struct {
-	entry  ca.Entry
+	entry  meshapi.Entry
 	rot    *rotator.Rotator
 	reg    *ownedMetrics
 	cancel context.CancelFunc
@@ -69,7 +70,7 @@ type agentSnapshot struct {
 	byPort map[uint16]spiffeid.ID
 }
 
-func newAgents(host spiffeid.ID, rotation policy.Rotation, reg prometheus.Registerer, denyList func() *ca.DenyList,
+func newAgents(host spiffeid.ID, rotation policy.Rotation, reg prometheus.Registerer, denyList func() *meshapi.DenyList,
 	logger *slog.Logger, newRot func(spiffeid.ID, prometheus.Registerer, policy.Rotation) (*rotator.Rotator, error)) *agents {
 	a := &agents{host: host, newRot: newRot, denyList: denyList, reg: reg, logger: logger,
 		changed: make(chan struct{}, 1), running: map[spiffeid.ID]*agentRun{}}
@@ -94,7 +95,7 @@ func (a *agents) ByPort(port uint16) (spiffeid.ID, bool) {
 }
 
 // update takes the directory's entries (from its goroutine) for Run to apply.
-func (a *agents) update(entries []ca.Entry) {
+func (a *agents) update(entries []meshapi.Entry) {
 	a.mu.Lock()
 	a.entries, a.received = entries, true
 	a.mu.Unlock()
@@ -126,8 +127,8 @@ func (a *agents) Run(ctx context.Context) error {
 // apply starts a rotator for each entry of this host that has none and stops those whose
 // entry is gone: their SVIDs are dropped (their connections closed at once, their keys
 // destroyed) before the rotator ends, so an unregistered agent holds nothing.
-func (a *agents) apply(ctx context.Context, entries []ca.Entry) {
-	want := map[spiffeid.ID]ca.Entry{}
+func (a *agents) apply(ctx context.Context, entries []meshapi.Entry) {
+	want := map[spiffeid.ID]meshapi.Entry{}
 	for _, e := range entries {
 		if e.Host == a.host {
 			want[e.ID] = e
@@ -259,7 +260,7 @@ func (a *agents) statuses() []rotator.Status {
 
 // enrolOnly makes every renewal of an agent's SVID a fresh enrolment with a token the CA
 // grants only while the agent is registered to this host: unregistering ends renewals.
-type enrolOnly struct{ c *ca.Client }
+type enrolOnly struct{ c *meshclient.Client }
 
 func (e enrolOnly) Enroll(ctx context.Context, id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
 	return e.c.Enroll(ctx, id, key)

@@ -2,13 +2,13 @@ package main
 
 import (
 	"errors"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -26,19 +26,19 @@ func TestAgentsReady(t *testing.T) {
 	}
 	tests := []struct {
 		name    string
-		entries []ca.Entry // nil: the directory has not answered
+		entries []meshapi.Entry // nil: the directory has not answered
 		want    error
 	}{
 		{name: "directory not answered", want: errEntriesPending},
-		{name: "no agents", entries: []ca.Entry{}},
-		{name: "another host's agent", entries: []ca.Entry{{ID: search, Host: other}}},
-		{name: "own agent without identity", entries: []ca.Entry{{ID: search, Host: other}, {ID: planner, Host: host, UID: 1001}},
+		{name: "no agents", entries: []meshapi.Entry{}},
+		{name: "another host's agent", entries: []meshapi.Entry{{ID: search, Host: other}}},
+		{name: "own agent without identity", entries: []meshapi.Entry{{ID: search, Host: other}, {ID: planner, Host: host, UID: 1001}},
 			want: errAgentPending},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			a := newAgents(host, policy.Rotation{}, prometheus.NewRegistry(), func() *ca.DenyList { return nil },
+			a := newAgents(host, policy.Rotation{}, prometheus.NewRegistry(), func() *meshapi.DenyList { return nil },
 				slog.New(slog.DiscardHandler), newRot)
 			if tc.entries != nil {
 				a.update(tc.entries)

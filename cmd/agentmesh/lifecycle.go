@@ -6,6 +6,8 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -17,7 +19,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 
 	"github.com/agentmesh/agentmesh/audit"
-	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/hsm"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
@@ -61,7 +62,7 @@ func openKeyStore(ctx context.Context, cfg *proxyConfig) (rotator.KeyStore, func
 // the new one (asked with the new SVID, since a proxy may revoke its own identity's
 // lineage except the certificate it presents): the old serial, and any fork a thief
 // renewed from the stolen key before the rotation.
-func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc ca.ClientConfig, logger *slog.Logger) rotateFunc {
+func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc meshclient.ClientConfig, logger *slog.Logger) rotateFunc {
 	return func(ctx context.Context, req rotator.RotateRequest) (rotator.RotateResult, error) {
 		if req.Compromised {
 			px.ResetTicketKeys("compromise")
@@ -81,7 +82,7 @@ func rotateNow(rot *rotator.Rotator, px *proxy.Proxy, cc ca.ClientConfig, logger
 			}
 		}
 		keep := leaf.SerialNumber.String()
-		rr, err := ca.RevokeRemote(ctx, cc, *cert, ca.RevokeRequest{SPIFFEID: rot.ID().String(), Except: keep,
+		rr, err := meshclient.RevokeRemote(ctx, cc, *cert, meshapi.RevokeRequest{SPIFFEID: rot.ID().String(), Except: keep,
 			Reason: "key-compromise: " + req.Reason})
 		if err != nil {
 			return res, fmt.Errorf("rotated, but the CA did not revoke the lineage of serial %s: %w", res.OldSerial, err)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"net"
 	"net/netip"
 	"os"
@@ -21,7 +23,6 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/agentmesh/agentmesh/audit"
-	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
@@ -77,7 +78,7 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	if cfg.Mark != 0 {
 		markControl = proxy.MarkControl(cfg.Mark)
 	}
-	client, err := ca.NewClient(ca.ClientConfig{
+	client, err := meshclient.NewClient(meshclient.ClientConfig{
 		URL:     cfg.CAURL,
 		Roots:   bundle.X509Authorities(),
 		Token:   tokenFromFile(cfg.TokenFile),
@@ -119,13 +120,15 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	if err != nil {
 		return err
 	}
-	var dir *ca.Directory // set below; agent rotators start only once it runs
-	ag := newAgents(cfg.ID, cfg.Rotation, reg, func() *ca.DenyList { return dir.DenyList() }, logger.With("component", "agents"),
+	// Set below; agent rotators start only once the watch runs.
+	var watch *meshclient.Watch
+	var tokens *meshclient.AgentTokens
+	ag := newAgents(cfg.ID, cfg.Rotation, reg, func() *meshapi.DenyList { return watch.State().DenyList() }, logger.With("component", "agents"),
 		func(id spiffeid.ID, areg prometheus.Registerer, pol policy.Rotation) (*rotator.Rotator, error) {
-			ac, err := ca.NewClient(ca.ClientConfig{
+			ac, err := meshclient.NewClient(meshclient.ClientConfig{
 				URL:     cfg.CAURL,
 				Roots:   bundle.X509Authorities(),
-				Token:   func(ctx context.Context) (string, error) { return dir.AgentToken(ctx, id) },
+				Token:   func(ctx context.Context) (string, error) { return tokens.AgentToken(ctx, id) },
 				Control: markControl,
 				Logger:  logger.With("component", "ca_client", "agent", id.String()),
 			})
@@ -179,7 +182,7 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	// The directory client runs on every proxy, registering only when it advertises
 	// addresses: it carries the deny-list, which every proxy enforces.
 	var rotate rotateFunc // set once px exists; the callbacks below run only after that
-	dcfg := ca.DirectoryConfig{
+	dcfg := meshclient.Config{
 		URL:          cfg.CAURL,
 		Roots:        bundle.X509Authorities(),
 		Certificate:  rot.TLSCertificate,
@@ -193,12 +196,12 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		Logger:       logger.With("component", "directory"),
 		// Called only from dir.Run, which starts after px is set.
 		OnEntries: ag.update,
-		OnDenyList: func(l *ca.DenyList) int {
+		OnDenyList: func(l *meshapi.DenyList) int {
 			rot.Revoke(l.Denies)
 			ag.revoke(l.Denies)
 			return px.SetDenyList(l)
 		},
-		OnFleetRotation: func(f ca.FleetRotation) {
+		OnFleetRotation: func(f meshapi.FleetRotation) {
 			// Off the directory's goroutine: a rotation waits for the CA.
 			go func() {
 				req := rotator.RotateRequest{Trigger: rotator.TriggerFleet, Initiator: "ca", Reason: f.Reason}
@@ -216,14 +219,20 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 		// which follows a reload of the file.
 		dcfg.BundleVersion = rot.BundleVersion
 	}
-	dir, err = ca.NewDirectory(dcfg)
-	if err != nil {
+	if watch, err = meshclient.NewWatch(dcfg); err != nil {
 		return err
 	}
-	if len(cfg.Advertise) > 0 {
-		pcfg.Directory = directory{dir}
+	if tokens, err = meshclient.NewAgentTokens(dcfg); err != nil {
+		return err
 	}
-	pcfg.Revocation = func() error { return dir.CheckFresh(staleness(cfg.Staleness, rot)) }
+	var heartbeat *meshclient.Heartbeat
+	if len(cfg.Advertise) > 0 {
+		if heartbeat, err = meshclient.NewHeartbeat(dcfg); err != nil {
+			return err
+		}
+		pcfg.Directory = directory{watch}
+	}
+	pcfg.Revocation = func() error { return watch.CheckFresh(staleness(cfg.Staleness, rot)) }
 	px, err = proxy.New(pcfg)
 	if err != nil {
 		return err
@@ -234,7 +243,7 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	if err != nil {
 		return err
 	}
-	cc := ca.ClientConfig{URL: cfg.CAURL, Roots: bundle.X509Authorities(), Control: markControl}
+	cc := meshclient.ClientConfig{URL: cfg.CAURL, Roots: bundle.X509Authorities(), Control: markControl}
 	rotateLogger := logger.With("component", "rotate")
 	// One identity by name (the control socket), or all of them: the host's first, then
 	// every agent's (fleet commands and rotation policy changes).
@@ -281,7 +290,10 @@ func runProxy(ctx context.Context, configPath string, cfg *proxyConfig) error {
 	g.Go(func() error { return rot.Run(gctx) })
 	g.Go(func() error { return px.Run(gctx) })
 	g.Go(func() error { return adm.Run(gctx) })
-	g.Go(func() error { return dir.Run(gctx) })
+	g.Go(func() error { return watch.Run(gctx) })
+	if heartbeat != nil {
+		g.Go(func() error { return heartbeat.Run(gctx) })
+	}
 	g.Go(func() error { return ctl.Run(gctx) })
 	g.Go(func() error { return ag.Run(gctx) })
 	g.Go(func() error {
@@ -313,12 +325,13 @@ func staleness(configured time.Duration, rot *rotator.Rotator) time.Duration {
 	return leaf.NotAfter.Sub(leaf.NotBefore)
 }
 
-// directory adapts the CA's directory client to the proxy's lookup interface.
-type directory struct{ d *ca.Directory }
+// directory adapts the mesh state the watch holds to the proxy's lookup interface.
+type directory struct{ w *meshclient.Watch }
 
 func (x directory) PeerFor(a netip.Addr) (proxy.Peer, bool) {
-	id, tunnel, ok := x.d.PeerFor(a)
-	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: x.d.TransportsFor(a), Agents: x.d.AgentsAt(a)}, ok
+	st := x.w.State()
+	id, tunnel, ok := st.PeerFor(a)
+	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: st.TransportsFor(a), Agents: st.AgentsAt(a)}, ok
 }
 
 func portOf(addr string) (uint16, error) {

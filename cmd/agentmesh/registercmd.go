@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"math"
 	"net/netip"
 	"strconv"
@@ -73,7 +74,7 @@ at its first registration; a prefix overlapping another host's claim is refused.
 			if uid < 0 || uid > math.MaxUint32 {
 				return fmt.Errorf("--uid %d is outside 0..%d", uid, uint32(math.MaxUint32))
 			}
-			e := ca.Entry{ID: id, Host: h, UID: uint32(uid), Port: port}
+			e := meshapi.Entry{ID: id, Host: h, UID: uint32(uid), Port: port}
 			if err := ca.RegisterEntry(cmd.Context(), state, e); err != nil {
 				return err
 			}
@@ -203,7 +204,7 @@ func newListCmd() *cobra.Command {
 	return cmd
 }
 
-func describeEntry(e ca.Entry) string {
+func describeEntry(e meshapi.Entry) string {
 	s := fmt.Sprintf("%s on %s for uid %d", e.ID, e.Host, e.UID)
 	if e.Port != 0 {
 		s += fmt.Sprintf(", port %d", e.Port)

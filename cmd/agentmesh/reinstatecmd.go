@@ -3,6 +3,8 @@ package main
 import (
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"strings"
 	"time"
 
@@ -37,8 +39,8 @@ on the CA host (the admin socket in --state), or the holder of an admin SVID
 			if strings.TrimSpace(reason) == "" {
 				return errors.New("--reason is required")
 			}
-			req := ca.ReinstateRequest{SPIFFEID: id.String(), Reason: reason}
-			var res *ca.ReinstateResult
+			req := meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: reason}
+			var res *meshapi.ReinstateResult
 			remote, ok := adm.remote()
 			switch {
 			case !ok:
@@ -48,7 +50,7 @@ on the CA host (the admin socket in --state), or the holder of an admin SVID
 				if cerr != nil {
 					return cerr
 				}
-				res, err = ca.ReinstateRemote(cmd.Context(), cfg, pair, req)
+				res, err = meshclient.ReinstateRemote(cmd.Context(), cfg, pair, req)
 			default:
 				res, err = ca.RequestReinstate(cmd.Context(), adm.state, req)
 			}

@@ -4,6 +4,8 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"os"
 	"strings"
 
@@ -35,7 +37,7 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 (spiffe://TRUST-DOMAIN/admin/NAME) given with --ca, --root, --cert and --key.`,
 		Args: cobra.MaximumNArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			req := ca.RevokeRequest{Serial: serial, Reason: reason}
+			req := meshapi.RevokeRequest{Serial: serial, Reason: reason}
 			if len(args) == 1 {
 				id, err := spiffeid.FromString(args[0])
 				if err != nil {
@@ -50,7 +52,7 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 				return errors.New("--reason is required")
 			}
 			var (
-				res *ca.RevokeResult
+				res *meshapi.RevokeResult
 				err error
 			)
 			remote, ok := adm.remote()
@@ -58,12 +60,12 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 			case !ok:
 				return errAdminFlags
 			case remote:
-				var cfg ca.ClientConfig
+				var cfg meshclient.ClientConfig
 				var pair tls.Certificate
 				if cfg, pair, err = adm.credential(); err != nil {
 					return err
 				}
-				res, err = ca.RevokeRemote(cmd.Context(), cfg, pair, req)
+				res, err = meshclient.RevokeRemote(cmd.Context(), cfg, pair, req)
 			default:
 				res, err = ca.RequestRevoke(cmd.Context(), adm.state, req)
 			}
@@ -104,25 +106,25 @@ func (a *adminFlags) remote() (remote, ok bool) {
 }
 
 // credential reads the admin SVID and the CA's root for the CA's mTLS API.
-func (a *adminFlags) credential() (ca.ClientConfig, tls.Certificate, error) {
+func (a *adminFlags) credential() (meshclient.ClientConfig, tls.Certificate, error) {
 	caURL, root, certFile, keyFile := a.caURL, a.root, a.cert, a.key
 	if root == "" || certFile == "" || keyFile == "" {
-		return ca.ClientConfig{}, tls.Certificate{}, errors.New("--ca needs --root, --cert and --key")
+		return meshclient.ClientConfig{}, tls.Certificate{}, errors.New("--ca needs --root, --cert and --key")
 	}
 	fi, err := os.Stat(keyFile)
 	if err != nil {
-		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key: %w", err)
+		return meshclient.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key: %w", err)
 	}
 	if fi.Mode().Perm()&0o077 != 0 {
-		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key %s is readable by others (mode %v): chmod 600 it", keyFile, fi.Mode().Perm())
+		return meshclient.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key %s is readable by others (mode %v): chmod 600 it", keyFile, fi.Mode().Perm())
 	}
 	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
-		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("admin certificate: %w", err)
+		return meshclient.ClientConfig{}, tls.Certificate{}, fmt.Errorf("admin certificate: %w", err)
 	}
 	roots, err := pemutil.ReadCertificateBundle(root)
 	if err != nil {
-		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--root: %w", err)
+		return meshclient.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--root: %w", err)
 	}
-	return ca.ClientConfig{URL: caURL, Roots: roots}, pair, nil
+	return meshclient.ClientConfig{URL: caURL, Roots: roots}, pair, nil
 }

@@ -1,4 +1,4 @@
-package ca
+package meshclient
 
 import (
 	"context"

@@ -1,4 +1,4 @@
-package ca
+package meshapi
 
 import (
 	"crypto/x509"
