@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"errors"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"math/big"
 	"net/http"
 	"net/url"
@@ -23,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // checkSVID verifies chain as an X509-SVID of id against ca's roots and checks the

@@ -1,11 +1,12 @@
 package ca
 
 import (
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/netip"
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // FuzzDecodeClaims: StateDir/claims.json never crashes the CA, and what it accepts

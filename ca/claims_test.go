@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"net/netip"
 	"os"
@@ -18,6 +17,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/metrictest"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 func prefixes(s ...string) []netip.Prefix {
@@ -256,7 +257,7 @@ func TestAddressClaims(t *testing.T) {
 		if !ok || r.Initiator != idB.String() || r.Address != "10.0.0.1" || r.Owner != idA.String() || r.Serial == "" {
 			t.Errorf("refusal audit record: %+v", claimRecords(rec))
 		}
-		if got := metricValue(t, reg, metricClaimsRefused, string(reasonForeignAddress)); got != 1 {
+		if got := metrictest.Value(t, reg, metricClaimsRefused, labelReason, string(reasonForeignAddress)); got != 1 {
 			t.Errorf("%s{reason=foreign_address} = %v, want 1", metricClaimsRefused, got)
 		}
 		if got := owner("10.0.0.1"); got != idA {
@@ -308,7 +309,7 @@ func TestAddressClaims(t *testing.T) {
 				t.Errorf("POST /hosts %s: %v, want 400", body, err)
 			}
 		}
-		if got := metricValue(t, reg, metricClaimsRefused, string(reasonInvalidClaim)); got != 6 {
+		if got := metrictest.Value(t, reg, metricClaimsRefused, labelReason, string(reasonInvalidClaim)); got != 6 {
 			t.Errorf("%s{reason=invalid} = %v, want 6", metricClaimsRefused, got)
 		}
 		if _, err := RegisterHost(ctx, cfg.StateDir, idB, prefixes("10.0.1.0/24")); err != nil {

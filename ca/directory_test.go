@@ -4,7 +4,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -13,6 +12,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 var (
@@ -29,7 +30,7 @@ func addrs(s ...string) []netip.Addr {
 }
 
 func reg(id spiffeid.ID, port uint16, a ...string) registration {
-	return registration{ID: id, Addresses: addrs(a...), TunnelPort: port, Transports: []string{"tls"}}
+	return registration{Registration: meshapi.Registration{ID: id, Addresses: addrs(a...), TunnelPort: port, Transports: []string{"tls"}}}
 }
 
 // dirStep is one operation on a dirState in a table test: a registration (reg set) or
@@ -257,11 +258,11 @@ func TestDirStateSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	back, err := decodeDirectory(b, idB)
+	back, err := meshapi.DecodeState(b, idB)
 	if err != nil {
 		t.Fatalf("the client cannot read the server's document: %v\n%s", err, b)
 	}
-	if back.version != s.version || len(back.peers) != 2 {
+	if back.Version() != s.version || back.Peers() != 2 {
 		t.Errorf("round trip: %+v", back)
 	}
 }
@@ -288,7 +289,6 @@ func TestDirStateRevocations(t *testing.T) {
 		for _, sn := range serials {
 			l.Serials = append(l.Serials, meshapi.DeniedSerial{Serial: sn, RevokedAt: t0, Version: version})
 		}
-		l.index()
 		return &meshapi.SignedDenyList{Payload: []byte{byte(version)}}, l
 	}
 	idC := spiffeid.RequireFromPath(testTD, "/host/c")

@@ -3,7 +3,6 @@ package ca
 import (
 	"context"
 	"errors"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -13,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 var (

@@ -6,7 +6,6 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -24,6 +23,8 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/testaudit"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 // refusedAdminRecord audits refused writes of entries and revocations and refused
@@ -197,10 +198,10 @@ func auditLines(t *testing.T, l *audit.Log, path, kind string) []map[string]any 
 
 // agentDirectory is a Directory presenting svid that only watches (no addresses):
 // enough to ask for agent tokens.
-func agentDirectory(t *testing.T, ca *runningCA, svid *x509svid.SVID) *Directory {
+func agentDirectory(t *testing.T, ca *runningCA, svid *x509svid.SVID) *meshclient.Member {
 	t.Helper()
 	cert := tlsCert(svid)
-	d, err := NewDirectory(DirectoryConfig{URL: ca.URL(), Roots: ca.Roots(),
+	d, err := meshclient.NewMember(meshclient.Config{URL: ca.URL(), Roots: ca.Roots(),
 		Certificate: func() (*tls.Certificate, error) { return cert, nil }})
 	if err != nil {
 		t.Fatal(err)
@@ -224,7 +225,7 @@ func TestAgentToken(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	tok, err := hostA.AgentToken(ctx, agentX)
+	tok, err := hostA.Tokens.AgentToken(ctx, agentX)
 	if err != nil {
 		t.Fatalf("AgentToken by the entry's host: %v", err)
 	}
@@ -245,7 +246,7 @@ func TestAgentToken(t *testing.T) {
 
 	for _, tc := range []struct {
 		name    string
-		d       *Directory
+		d       *meshclient.Member
 		id      spiffeid.ID
 		message string
 	}{
@@ -254,7 +255,7 @@ func TestAgentToken(t *testing.T) {
 		{"an agent asking", agentDirectory(t, ca, agent), agentX, "only /host/* identities"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := tc.d.AgentToken(ctx, tc.id)
+			_, err := tc.d.Tokens.AgentToken(ctx, tc.id)
 			if responseStatus(err) != http.StatusForbidden || !strings.Contains(err.Error(), tc.message) || !permanent(err) {
 				t.Errorf("AgentToken = %v, want a permanent 403 with %q", err, tc.message)
 			}
@@ -286,7 +287,7 @@ func TestAgentToken(t *testing.T) {
 	if responseStatus(err) != http.StatusForbidden || !permanent(err) {
 		t.Errorf("Renew after unregister: %v, want a permanent 403", err)
 	}
-	if _, err := hostA.AgentToken(ctx, agentX); responseStatus(err) != http.StatusForbidden {
+	if _, err := hostA.Tokens.AgentToken(ctx, agentX); responseStatus(err) != http.StatusForbidden {
 		t.Errorf("AgentToken after unregister: %v, want 403", err)
 	}
 	// Host SVIDs and other workloads are not subject to entries.

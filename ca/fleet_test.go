@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"errors"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -17,6 +16,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 func TestNextFleetID(t *testing.T) {
@@ -79,12 +80,12 @@ func TestFleetDue(t *testing.T) {
 
 // fleetWatcher runs a watch-only Directory for svid that records the fleet rotations
 // it is handed.
-func fleetWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID) (*Directory, chan meshapi.FleetRotation) {
+func fleetWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID) (*meshclient.Member, chan meshapi.FleetRotation) {
 	t.Helper()
 	logger, _ := newTestLogger(t)
 	cert := tlsCert(svid)
 	got := make(chan meshapi.FleetRotation, 8)
-	d, err := NewDirectory(DirectoryConfig{
+	d, err := meshclient.NewMember(meshclient.Config{
 		URL:             ca.URL(),
 		Roots:           ca.Roots(),
 		Certificate:     func() (*tls.Certificate, error) { return cert, nil },
@@ -148,7 +149,7 @@ func TestFleetRotation(t *testing.T) {
 	ctx := context.Background()
 
 	early, earlyGot := fleetWatcher(t, ca, enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/early")))
-	waitUntil(t, early, "first directory", func() bool { return early.Version() != 0 })
+	waitUntil(t, early, "first directory", func() bool { return early.Watch.State().Version() != 0 })
 	select {
 	case <-parked: // the watcher's next long-poll is waiting on the CA
 	case <-time.After(10 * time.Second):
@@ -198,11 +199,11 @@ func TestFleetRotation(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, early, "directory after the revocation", func() bool { return early.Version() >= afterRevoke.Version })
+	waitUntil(t, early, "directory after the revocation", func() bool { return early.Watch.State().Version() >= afterRevoke.Version })
 	noFleet(t, earlyGot, "the same rotation in a later directory version")
 
 	late, lateGot := fleetWatcher(t, ca, enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/late")))
-	waitUntil(t, late, "first directory of the late client", func() bool { return late.Version() >= afterRevoke.Version })
+	waitUntil(t, late, "first directory of the late client", func() bool { return late.Watch.State().Version() >= afterRevoke.Version })
 	noFleet(t, lateGot, "a client created after the request")
 
 	var re *meshapi.ResponseError

@@ -8,7 +8,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"errors"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"math/big"
 	"net/http"
 	"net/url"
@@ -22,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // eventsOf returns the records of type E that r holds, in order.

@@ -3,7 +3,6 @@ package ca
 import (
 	"context"
 	"fmt"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"sync"
 	"testing"
@@ -11,6 +10,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // SVIDs live for Config.SVIDLifetime (back-dated by min(1m, lifetime/10)), from the
@@ -74,7 +75,7 @@ func TestRequestedLifetimeIsBounded(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			csr, err := newCSR(id, newKey(t))
+			csr, err := meshapi.NewCSR(id, newKey(t))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -90,7 +91,7 @@ func TestRequestedLifetimeIsBounded(t *testing.T) {
 				}
 				return
 			}
-			chain, err := parseSignResponse(body)
+			chain, err := meshapi.ParseSignResponse(body)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -3,7 +3,6 @@ package ca
 import (
 	"context"
 	"errors"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"slices"
 	"strconv"
@@ -14,6 +13,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 // signWithValidity posts an enrolment for id with a fresh key asking step-ca for this
@@ -24,7 +25,7 @@ func signWithValidity(t *testing.T, ca *runningCA, id spiffeid.ID, notBefore tim
 	if err != nil {
 		t.Fatalf("Token: %v", err)
 	}
-	csr, err := newCSR(id, newKey(t))
+	csr, err := meshapi.NewCSR(id, newKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -54,7 +55,7 @@ func TestRevocationCutoffReinstate(t *testing.T) {
 	old := enroll(t, ca, id)
 	admin := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/admin/op"))
 	worker := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/w"))
-	adminCfg := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
+	adminCfg := meshclient.ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
 	regURL := ca.URL() + meshapi.Prefix + meshapi.RegisterPath
 
 	if _, err := RequestReinstate(ctx, cfg.StateDir, meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "not revoked"}); !isStatus(err, http.StatusConflict) {
@@ -86,7 +87,7 @@ func TestRevocationCutoffReinstate(t *testing.T) {
 	})
 
 	t.Run("only operators reinstate, audited", func(t *testing.T) {
-		if _, err := ReinstateRemote(ctx, adminCfg, *tlsCert(worker), meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "me"}); !isStatus(err, http.StatusForbidden) {
+		if _, err := meshclient.ReinstateRemote(ctx, adminCfg, *tlsCert(worker), meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "me"}); !isStatus(err, http.StatusForbidden) {
 			t.Fatalf("a host SVID reinstated: %v, want 403", err)
 		}
 		recs := rec.reinstatements()
@@ -98,7 +99,7 @@ func TestRevocationCutoffReinstate(t *testing.T) {
 		}
 	})
 
-	res, err := ReinstateRemote(ctx, adminCfg, *tlsCert(admin), meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "host rebuilt"})
+	res, err := meshclient.ReinstateRemote(ctx, adminCfg, *tlsCert(admin), meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "host rebuilt"})
 	if err != nil {
 		t.Fatalf("ReinstateRemote: %v", err)
 	}
@@ -232,7 +233,7 @@ func currentDirVersion(t *testing.T, ca *runningCA, hc *http.Client) uint64 {
 	return decodeJSON[meshapi.DirectoryDocument](t, body).Version
 }
 
-// isStatus reports whether err is a *ResponseError with this status.
+// isStatus reports whether err is a *meshapi.ResponseError with this status.
 func isStatus(err error, status int) bool {
 	var re *meshapi.ResponseError
 	return errors.As(err, &re) && re.Status == status

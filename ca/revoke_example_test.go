@@ -10,6 +10,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // An operator revokes an identity through the admin socket of the CA running with

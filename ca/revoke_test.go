@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"errors"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,6 +18,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 // auditRecorder is a Config.Audit that keeps the records in memory.
@@ -201,13 +202,13 @@ func TestRevokeIdentity(t *testing.T) {
 			t.Errorf("pushed list %+v", l)
 		}
 		if ok, err := meshapi.NextDenyList(v1, l, time.Now()); !ok || err != nil {
-			t.Errorf("NextDenyList(v1, v2, time.Now()) = %v, %v", ok, err)
+			t.Errorf("meshapi.NextDenyList(v1, v2, time.Now()) = %v, %v", ok, err)
 		}
 		if ids := peerIDs(a.doc); !slices.Equal(ids, []string{other.ID.String()}) {
 			t.Errorf("peers after the revocation: %v", ids)
 		}
 		served, signed := servedDenyList(t, ca, hcRevoked) // a revoked SVID may still read it
-		if !sameDenyList(served, l) {
+		if !meshapi.SameDenyList(served, l) {
 			t.Error("GET /revocations serves another list than the directory")
 		}
 		if !slices.Equal(signed.Signer, first.Certificates[1].Raw) {
@@ -394,11 +395,11 @@ func TestMeshRevokeAuthorization(t *testing.T) {
 	host := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/h"))
 	admin := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/admin/alice"))
 	victim := spiffeid.RequireFromPath(testTD, "/host/victim")
-	cc := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
+	cc := meshclient.ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
 	req := meshapi.RevokeRequest{SPIFFEID: victim.String(), Reason: "decommissioned"}
 
 	for _, caller := range []*x509svid.SVID{agent, host} {
-		_, err := RevokeRemote(ctx, cc, *tlsCert(caller), req)
+		_, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(caller), req)
 		var re *meshapi.ResponseError
 		if !errors.As(err, &re) || re.Status != http.StatusForbidden || re.Op != "revoke" || !re.Permanent() {
 			t.Fatalf("RevokeRemote as %s: %v, want a permanent 403", caller.ID, err)
@@ -407,14 +408,14 @@ func TestMeshRevokeAuthorization(t *testing.T) {
 			t.Errorf("audit record %+v, want refused by %s", r, caller.ID)
 		}
 	}
-	if _, err := RevokeRemote(ctx, cc, *foreignSVID(t, testTD, "/admin/alice"), req); !permanent(err) {
+	if _, err := meshclient.RevokeRemote(ctx, cc, *foreignSVID(t, testTD, "/admin/alice"), req); !permanent(err) {
 		t.Errorf("RevokeRemote with a foreign CA's admin SVID: %v, want a permanent error", err)
 	}
 	if l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(agent))); l.Version != 1 {
 		t.Fatalf("refused requests moved the list to version %d", l.Version)
 	}
 
-	res, err := RevokeRemote(ctx, cc, *tlsCert(admin), req)
+	res, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(admin), req)
 	if err != nil || res.ListVersion != 2 || len(res.Serials) != 0 {
 		t.Fatalf("RevokeRemote as admin = %+v, %v; want version 2, no serials (never enrolled)", res, err)
 	}
@@ -425,15 +426,15 @@ func TestMeshRevokeAuthorization(t *testing.T) {
 		t.Errorf("Token for an identity revoked before its enrolment: %v", err)
 	}
 	var re *meshapi.ResponseError
-	if _, err := RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusBadRequest {
+	if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusBadRequest {
 		t.Errorf("RevokeRemote of nothing: %v, want 400", err)
 	}
 
 	// An operator revoked (here by itself) can no longer revoke.
-	if _, err := RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{SPIFFEID: admin.ID.String(), Reason: "leaving"}); err != nil {
+	if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{SPIFFEID: admin.ID.String(), Reason: "leaving"}); err != nil {
 		t.Fatalf("self-revocation: %v", err)
 	}
-	if _, err := RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{SPIFFEID: host.ID.String(), Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusForbidden {
+	if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{SPIFFEID: host.ID.String(), Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusForbidden {
 		t.Errorf("RevokeRemote by a revoked operator: %v, want 403", err)
 	}
 	if r := rec.last(t); r.Result != "refused" || r.Initiator != admin.ID.String() {
@@ -479,7 +480,7 @@ func TestRevocationsSurviveRestart(t *testing.T) {
 		beforeRun = s.deny.Load().list
 	})
 	l, signed := servedDenyList(t, second, httpsClient(t, second, tlsCert(later)))
-	if l.Version != 3 || !sameDenyList(l, beforeRun) || !l.Denies(id, "", time.Time{}) || !l.Denies(spiffeid.ID{}, serialOf(later), time.Time{}) {
+	if l.Version != 3 || !meshapi.SameDenyList(l, beforeRun) || !l.Denies(id, "", time.Time{}) || !l.Denies(spiffeid.ID{}, serialOf(later), time.Time{}) {
 		t.Fatalf("served after restart: %+v", l)
 	}
 	var v2 meshapi.SignedDenyList
@@ -491,7 +492,7 @@ func TestRevocationsSurviveRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	if ok, err := meshapi.NextDenyList(old, l, time.Now()); !ok || err != nil {
-		t.Errorf("NextDenyList(v2 before restart, v3 after, time.Now()) = %v, %v", ok, err)
+		t.Errorf("meshapi.NextDenyList(v2 before restart, v3 after, time.Now()) = %v, %v", ok, err)
 	}
 	onDisk, err := os.ReadFile(path)
 	if err != nil {

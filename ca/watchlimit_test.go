@@ -1,12 +1,13 @@
 package ca
 
 import (
-	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"strconv"
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // TestMeshWatchLimit: a client identity holds at most MaxWatches directory long-polls;

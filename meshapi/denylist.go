@@ -408,7 +408,7 @@ func NextDenyList(held, got *DenyList, now time.Time) (bool, error) {
 	case got.Version < held.Version:
 		return false, fmt.Errorf("%w: version %d, held %d", ErrDenyListStale, got.Version, held.Version)
 	case got.Version == held.Version:
-		if !sameDenyList(held, got) {
+		if !SameDenyList(held, got) {
 			return false, fmt.Errorf("%w: version %d differs from the one held", ErrDenyListConflict, got.Version)
 		}
 		return false, nil
@@ -449,7 +449,8 @@ func ExpiredEntries(held, got *DenyList) int {
 	return n
 }
 
-func sameDenyList(a, b *DenyList) bool {
+// SameDenyList reports whether a and b are the same list (same version and entries).
+func SameDenyList(a, b *DenyList) bool {
 	return a.TrustDomain == b.TrustDomain && a.Version == b.Version && a.IssuedAt.Equal(b.IssuedAt) &&
 		a.ExpiredThrough.Equal(b.ExpiredThrough) &&
 		slices.EqualFunc(a.IDs, b.IDs, sameDeniedID) && slices.EqualFunc(a.Serials, b.Serials, sameDeniedSerial)

@@ -1,11 +1,16 @@
 package meshapi
 
 import (
+	"crypto"
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net/url"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
 // SignRequest is step-ca's POST /1.0/sign body; rekey uses the csr field only.
@@ -55,4 +60,19 @@ func ParseSignResponse(b []byte) ([]*x509.Certificate, error) {
 		return nil, errors.New("answer holds no certificate")
 	}
 	return chain, nil
+}
+
+// NewCSR returns a PEM CSR for the single URI SAN id, signed by key (which may live in
+// a token: only Sign is used).
+func NewCSR(id spiffeid.ID, key crypto.Signer) (string, error) {
+	if key == nil {
+		return "", errors.New("no key")
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
+		URIs: []*url.URL{id.URL()},
+	}, key)
+	if err != nil {
+		return "", fmt.Errorf("create csr: %w", err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), nil
 }

@@ -4,14 +4,11 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"io"
 	"log/slog"
 	"net"
@@ -23,6 +20,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // ClientConfig configures a Client.
@@ -139,7 +138,7 @@ func (c *Client) Enroll(ctx context.Context, id spiffeid.ID, key crypto.Signer) 
 	if err != nil {
 		return nil, fmt.Errorf("ca: sign: bootstrap token: %w", err)
 	}
-	csr, err := newCSR(id, key)
+	csr, err := meshapi.NewCSR(id, key)
 	if err != nil {
 		return nil, fmt.Errorf("ca: sign: %w", err)
 	}
@@ -162,7 +161,7 @@ func (c *Client) Renew(ctx context.Context, current *x509svid.SVID, key crypto.S
 			return nil, fmt.Errorf("ca: rekey: current SVID: %w", err)
 		}
 	}
-	csr, err := newCSR(id, key)
+	csr, err := meshapi.NewCSR(id, key)
 	if err != nil {
 		return nil, fmt.Errorf("ca: rekey: %w", err)
 	}
@@ -209,19 +208,4 @@ func (c *Client) post(ctx context.Context, hc *http.Client, op, path string, bod
 		slog.String(keySerial, chain[0].SerialNumber.String()), slog.Time(keyNotAfter, chain[0].NotAfter),
 		slog.Duration(keyDuration, time.Since(start)))
 	return chain, nil
-}
-
-// newCSR returns a PEM CSR for the single URI SAN id, signed by key (which may live in
-// a token: only Sign is used).
-func newCSR(id spiffeid.ID, key crypto.Signer) (string, error) {
-	if key == nil {
-		return "", errors.New("no key")
-	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
-		URIs: []*url.URL{id.URL()},
-	}, key)
-	if err != nil {
-		return "", fmt.Errorf("create csr: %w", err)
-	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), nil
 }

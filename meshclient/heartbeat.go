@@ -55,7 +55,7 @@ func (h *Heartbeat) Run(ctx context.Context) error {
 		failed := false
 		version, err := retry(ctx, log, "directory registration failed", maxRetryBase, h.cfg.Heartbeat,
 			func() (uint64, error) {
-				v, err := h.register(ctx)
+				v, err := h.Register(ctx)
 				failed = failed || err != nil
 				return v, err
 			})
@@ -73,9 +73,9 @@ func (h *Heartbeat) Run(ctx context.Context) error {
 	}
 }
 
-// register sends one registration (a heartbeat) and returns the directory version
+// Register sends one registration (a heartbeat) and returns the directory version
 // after it.
-func (h *Heartbeat) register(ctx context.Context) (uint64, error) {
+func (h *Heartbeat) Register(ctx context.Context) (uint64, error) {
 	body := h.body
 	if h.cfg.BundleVersion != nil {
 		body.BundleVersion = h.cfg.BundleVersion()
