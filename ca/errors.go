@@ -44,7 +44,7 @@ var ErrServerClosed = errors.New("ca: server already run or closed")
 // ErrInvalidRequest is returned by Revoke (and answered 400 by the APIs) for a request
 // that breaks the rules: both or neither of spiffe_id and serial, a missing or
 // unprintable reason, a malformed serial.
-var ErrInvalidRequest = errors.New("ca: invalid request")
+var ErrInvalidRequest = meshapi.ErrInvalidRequest
 
 // ErrUnknownSerial is returned by Revoke (and answered 404 by the APIs) for a serial
 // this CA never issued.

@@ -73,7 +73,7 @@ func (s *Server) RotateFleet(ctx context.Context, initiator, reason string) (*me
 
 func (s *Server) rotateFleet(reason string, now time.Time) (*meshapi.FleetRotation, error) {
 	if !meshapi.ValidReason(reason) {
-		return nil, fmt.Errorf("%w: reason: at most %d meshapi.Printable ASCII characters", ErrInvalidRequest, meshapi.MaxReason)
+		return nil, fmt.Errorf("%w: reason: at most %d printable ASCII characters", ErrInvalidRequest, meshapi.MaxReason)
 	}
 	s.mu.Lock()
 	state := s.state

@@ -10,8 +10,6 @@ import (
 	"net/http"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
 	"github.com/agentmesh/agentmesh/audit"
 )
 
@@ -62,14 +60,8 @@ func reinstateRefused(err error) bool {
 }
 
 func (s *Server) reinstate(req meshapi.ReinstateRequest) (*meshapi.ReinstateResult, error) {
-	if req.Reason == "" || !meshapi.ValidReason(req.Reason) {
-		return nil, fmt.Errorf("%w: reason is required: 1 to %d meshapi.Printable ASCII characters", ErrInvalidRequest, meshapi.MaxReason)
-	}
-	id, err := spiffeid.FromString(req.SPIFFEID)
+	id, err := req.Check(s.cfg.TrustDomain)
 	if err != nil {
-		return nil, fmt.Errorf("%w: spiffe_id %q: %w", ErrInvalidID, req.SPIFFEID, err)
-	}
-	if err := checkIssuable(s.cfg.TrustDomain, id); err != nil {
 		return nil, err
 	}
 	// Serialised with revocations: a reinstatement never interleaves with the

@@ -140,7 +140,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 		t.Fatalf("applied %+v after revocation to version %d", l, res.ListVersion)
 	}
 	if c.Watch.State().DenyList() != l {
-		t.Error("meshapi.DenyList is not the list applied")
+		t.Error("DenyList is not the list applied")
 	}
 	rec := c.audit.next(t)
 	if rec.Result != "applied" || rec.Version != l.Version || rec.Previous != v1.Version ||

@@ -44,26 +44,13 @@ type revokeTarget struct {
 // parseRevokeRequest validates req for trust domain td.
 func parseRevokeRequest(td spiffeid.TrustDomain, req meshapi.RevokeRequest) (revokeTarget, error) {
 	t := revokeTarget{reason: req.Reason}
-	switch {
-	case (req.SPIFFEID == "") == (req.Serial == ""):
-		return t, fmt.Errorf("%w: exactly one of spiffe_id and serial is required", ErrInvalidRequest)
-	case req.Except != "" && (req.SPIFFEID == "" || !meshapi.CanonicalSerial(req.Except)):
-		return t, fmt.Errorf("%w: except needs spiffe_id and a decimal certificate serial", ErrInvalidRequest)
-	case req.Reason == "" || !meshapi.ValidReason(req.Reason):
-		return t, fmt.Errorf("%w: reason is required: 1 to %d meshapi.Printable ASCII characters", ErrInvalidRequest, meshapi.MaxReason)
-	case req.Serial != "":
-		if !meshapi.CanonicalSerial(req.Serial) {
-			return t, fmt.Errorf("%w: serial %q is not a decimal certificate serial", ErrInvalidRequest, req.Serial)
-		}
+	id, err := req.Check(td)
+	if err != nil {
+		return t, err
+	}
+	if req.Serial != "" {
 		t.serial = req.Serial
 		return t, nil
-	}
-	id, err := spiffeid.FromString(req.SPIFFEID)
-	if err != nil {
-		return t, fmt.Errorf("%w: spiffe_id %q: %w", ErrInvalidID, req.SPIFFEID, err)
-	}
-	if err := checkIssuable(td, id); err != nil {
-		return t, err
 	}
 	t.id, t.except = id, req.Except
 	return t, nil

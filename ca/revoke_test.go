@@ -357,7 +357,7 @@ func TestRevokeSerial(t *testing.T) {
 		{"both", meshapi.RevokeRequest{SPIFFEID: id.String(), Serial: serialOf(kept), Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
 		{"neither", meshapi.RevokeRequest{Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
 		{"no reason", meshapi.RevokeRequest{SPIFFEID: id.String()}, http.StatusBadRequest, ErrInvalidRequest},
-		{"reason not meshapi.Printable", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "a\nb"}, http.StatusBadRequest, ErrInvalidRequest},
+		{"reason not printable", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "a\nb"}, http.StatusBadRequest, ErrInvalidRequest},
 		{"reason too long", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: string(make([]byte, 257))}, http.StatusBadRequest, ErrInvalidRequest},
 		{"hex serial", meshapi.RevokeRequest{Serial: "0x1f", Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
 		{"foreign id", meshapi.RevokeRequest{SPIFFEID: "spiffe://other.test/host/a", Reason: "r"}, http.StatusBadRequest, ErrInvalidID},

@@ -41,3 +41,8 @@ var ErrDirectoryRollback = errors.New("meshapi: directory version older than the
 // ErrInvalidID is wrapped by CheckWorkloadID's error: the ID is not a workload ID of
 // the trust domain, so the CA neither issues nor lists it.
 var ErrInvalidID = errors.New("ca: spiffe id not issuable by this ca")
+
+// ErrInvalidRequest is wrapped by the error refusing a request body that breaks the
+// rules (answered 400): both or neither of spiffe_id and serial, a missing or
+// unprintable reason, a malformed serial.
+var ErrInvalidRequest = errors.New("ca: invalid request")

@@ -114,7 +114,7 @@ func ParseRegistration(id spiffeid.ID, req RegisterRequest) (Registration, error
 	reg.Transports = transports
 
 	if len(req.BundleVersion) > maxBundleVersion || !Printable(req.BundleVersion) {
-		return reg, fmt.Errorf("bundle_version: at most %d Printable ASCII characters", maxBundleVersion)
+		return reg, fmt.Errorf("bundle_version: at most %d printable ASCII characters", maxBundleVersion)
 	}
 	return reg, nil
 }

@@ -1,6 +1,7 @@
 package meshapi
 
 import (
+	"fmt"
 	"net/netip"
 	"slices"
 	"time"
@@ -152,4 +153,44 @@ type TokenRequest struct {
 // TokenResponse is the answer to POST /token.
 type TokenResponse struct {
 	Token string `json:"token"`
+}
+
+// Check validates a revoke request for the trust domain td and returns the identity
+// it names (zero for a serial). Errors wrap ErrInvalidRequest or ErrInvalidID.
+func (req RevokeRequest) Check(td spiffeid.TrustDomain) (spiffeid.ID, error) {
+	switch {
+	case (req.SPIFFEID == "") == (req.Serial == ""):
+		return spiffeid.ID{}, fmt.Errorf("%w: exactly one of spiffe_id and serial is required", ErrInvalidRequest)
+	case req.Except != "" && (req.SPIFFEID == "" || !CanonicalSerial(req.Except)):
+		return spiffeid.ID{}, fmt.Errorf("%w: except needs spiffe_id and a decimal certificate serial", ErrInvalidRequest)
+	case req.Reason == "" || !ValidReason(req.Reason):
+		return spiffeid.ID{}, fmt.Errorf("%w: reason is required: 1 to %d printable ASCII characters", ErrInvalidRequest, MaxReason)
+	case req.Serial != "":
+		if !CanonicalSerial(req.Serial) {
+			return spiffeid.ID{}, fmt.Errorf("%w: serial %q is not a decimal certificate serial", ErrInvalidRequest, req.Serial)
+		}
+		return spiffeid.ID{}, nil
+	}
+	return workloadID(td, req.SPIFFEID)
+}
+
+// Check validates a reinstate request for the trust domain td and returns the identity
+// it names. Errors wrap ErrInvalidRequest or ErrInvalidID.
+func (req ReinstateRequest) Check(td spiffeid.TrustDomain) (spiffeid.ID, error) {
+	if req.Reason == "" || !ValidReason(req.Reason) {
+		return spiffeid.ID{}, fmt.Errorf("%w: reason is required: 1 to %d printable ASCII characters", ErrInvalidRequest, MaxReason)
+	}
+	return workloadID(td, req.SPIFFEID)
+}
+
+// workloadID parses s as a workload ID of td.
+func workloadID(td spiffeid.TrustDomain, s string) (spiffeid.ID, error) {
+	id, err := spiffeid.FromString(s)
+	if err != nil {
+		return spiffeid.ID{}, fmt.Errorf("%w: spiffe_id %q: %w", ErrInvalidID, s, err)
+	}
+	if err := CheckWorkloadID(td, id); err != nil {
+		return spiffeid.ID{}, err
+	}
+	return id, nil
 }
