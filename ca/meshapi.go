@@ -1,8 +1,6 @@
 package ca
 
 import (
-	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"github.com/agentmesh/agentmesh/meshapi"
@@ -19,45 +17,34 @@ import (
 // labelReason is the reason label of the CA's refusal metrics.
 const labelReason = "reason"
 
-type callerIDKey struct{}
+// meshRoutes mounts the mesh API on r; the Server is its meshapi.Service.
+func (s *Server) meshRoutes(r chi.Router) { meshapi.Mount(r, meshService{s}) }
 
-// meshRoutes mounts the mesh API on r.
-func (s *Server) meshRoutes(r chi.Router) {
-	r.Use(s.requireSVID)
-	r.Post(meshapi.RegisterPath, s.handleRegister)
-	r.Get(meshapi.DirectoryPath, s.handleWatch)
-	r.Post(meshapi.RevokePath, s.handleMeshRevoke)
-	r.Post(meshapi.ReinstatePath, s.handleMeshReinstate)
-	r.Get(meshapi.RevocationsPath, s.handleRevocations)
-	r.Post(meshapi.AgentTokenPath, s.handleAgentToken)
+// meshService is the Server as the mesh API's meshapi.Service.
+type meshService struct{ *Server }
+
+// VerifyCaller adds the SVID rules (exactly one SPIFFE ID in the trust domain, not a
+// CA) to requireValidClientCert, which has already refused certificates that do not
+// chain to the root for client authentication.
+func (s meshService) VerifyCaller(r *http.Request) (spiffeid.ID, error) {
+	// The client may leave out the intermediate; the CA's own is a candidate.
+	chain := append(slices.Clip(r.TLS.PeerCertificates), s.certs.intermediate)
+	id, _, err := x509svid.Verify(chain, s.bundle, x509svid.WithTime(time.Now()))
+	return id, err
 }
 
-// requireSVID admits only requests whose client certificate is a valid X509-SVID of
-// the trust domain now (401 otherwise), and records its ID for the handlers.
-// requireValidClientCert has already refused certificates that do not chain to the
-// root for client authentication; this adds the SVID rules (exactly one SPIFFE ID in
-// the trust domain, not a CA) and makes the certificate mandatory.
-func (s *Server) requireSVID(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
-			s.refuse(w, r, http.StatusUnauthorized, spiffeid.ID{}, "client certificate required")
-			return
-		}
-		// The client may leave out the intermediate; the CA's own is a candidate.
-		chain := append(slices.Clip(r.TLS.PeerCertificates), s.certs.intermediate)
-		id, _, err := x509svid.Verify(chain, s.bundle, x509svid.WithTime(time.Now()))
-		if err != nil {
-			s.refuse(w, r, http.StatusUnauthorized, id, "client certificate is not a valid X509-SVID: "+err.Error())
-			return
-		}
-		next.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), callerIDKey{}, id)))
-	})
+func (s meshService) Refuse(w http.ResponseWriter, r *http.Request, status int, id spiffeid.ID, msg string) {
+	s.refuse(w, r, status, id, msg)
 }
 
-func callerID(r *http.Request) spiffeid.ID {
-	id, _ := r.Context().Value(callerIDKey{}).(spiffeid.ID)
-	return id
-}
+func (s meshService) Register(w http.ResponseWriter, r *http.Request)    { s.handleRegister(w, r) }
+func (s meshService) Watch(w http.ResponseWriter, r *http.Request)       { s.handleWatch(w, r) }
+func (s meshService) Revoke(w http.ResponseWriter, r *http.Request)      { s.handleMeshRevoke(w, r) }
+func (s meshService) Reinstate(w http.ResponseWriter, r *http.Request)   { s.handleMeshReinstate(w, r) }
+func (s meshService) Revocations(w http.ResponseWriter, r *http.Request) { s.handleRevocations(w, r) }
+func (s meshService) AgentToken(w http.ResponseWriter, r *http.Request)  { s.handleAgentToken(w, r) }
+
+func callerID(r *http.Request) spiffeid.ID { return meshapi.Caller(r) }
 
 // callerSerial is the serial of the client certificate requireSVID verified.
 func callerSerial(r *http.Request) string {
@@ -161,8 +148,4 @@ func (s *Server) handleWatch(w http.ResponseWriter, r *http.Request) {
 	_, _ = w.Write(body)
 }
 
-func writeJSON(w http.ResponseWriter, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.Header().Set("Cache-Control", "no-store")
-	_ = json.NewEncoder(w).Encode(v)
-}
+func writeJSON(w http.ResponseWriter, v any) { meshapi.WriteJSON(w, v) }

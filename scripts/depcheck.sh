@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Enforces the dependency direction of ARCHITECTURE.md: ca, rotator and proxy never
-# import each other; policy, audit and hsm import nothing of ours.
+# import each other; policy, audit and hsm import nothing of ours; meshapi imports only
+# policy and audit, and meshclient only meshapi and audit.
 set -euo pipefail
 mod=$(go list -m)
 fail=0
@@ -17,8 +18,10 @@ deny() { # package, forbidden packages...
 deny policy audit ca rotator proxy hsm
 deny audit policy ca rotator proxy hsm
 deny hsm policy audit ca rotator proxy
-deny ca rotator proxy
+deny ca rotator proxy meshclient
 deny rotator ca proxy hsm
 deny proxy ca rotator hsm
+deny meshapi ca rotator proxy hsm meshclient
+deny meshclient ca rotator proxy hsm policy
 [ $fail -eq 0 ] && echo "depcheck: ok"
 exit $fail
