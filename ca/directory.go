@@ -18,7 +18,7 @@ import (
 // registration is a validated register request: what a proxy claims, under the ID
 // its certificate proves. Addresses are unmapped, zone-less, sorted and unique.
 type registration struct {
-	meshapi.Registration
+	meshapi.HostRegistration
 	// Serial is the serial of the certificate the proxy registered with, so that
 	// revoking that certificate removes the entry. Not material: peers do not see it.
 	Serial string

@@ -30,7 +30,7 @@ func addrs(s ...string) []netip.Addr {
 }
 
 func reg(id spiffeid.ID, port uint16, a ...string) registration {
-	return registration{Registration: meshapi.Registration{ID: id, Addresses: addrs(a...), TunnelPort: port, Transports: []string{"tls"}}}
+	return registration{HostRegistration: meshapi.HostRegistration{ID: id, Addresses: addrs(a...), TunnelPort: port, Transports: []string{"tls"}}}
 }
 
 // dirStep is one operation on a dirState in a table test: a registration (reg set) or

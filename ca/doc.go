@@ -5,7 +5,7 @@
 // state directory by the hsm package), and issues short-lived SPIFFE X509-SVIDs. It also
 // serves the admin unix socket behind `agentmesh token`; and it keeps the mesh directory
 // (which proxy lives at which address) and serves the mesh API (meshapi.Mount, with the
-// Server as its meshapi.Service; the wire types and their validation are meshapi's,
+// Server as its meshapi.Backend; the wire types and their validation are meshapi's,
 // the proxies' side is meshclient); and it revokes identities and certificates,
 // publishing a signed, versioned deny-list with the directory, and announces fleet
 // rotations (every proxy renews now) the same way; and it keeps the registration

@@ -17,32 +17,32 @@ import (
 // labelReason is the reason label of the CA's refusal metrics.
 const labelReason = "reason"
 
-// meshRoutes mounts the mesh API on r; the Server is its meshapi.Service.
-func (s *Server) meshRoutes(r chi.Router) { meshapi.Mount(r, meshService{s}) }
+// meshRoutes mounts the mesh API on r; the Server is its meshapi.Backend.
+func (s *Server) meshRoutes(r chi.Router) { meshapi.Mount(r, meshBackend{s}) }
 
-// meshService is the Server as the mesh API's meshapi.Service.
-type meshService struct{ *Server }
+// meshBackend is the Server as the mesh API's meshapi.Backend.
+type meshBackend struct{ *Server }
 
 // VerifyCaller adds the SVID rules (exactly one SPIFFE ID in the trust domain, not a
 // CA) to requireValidClientCert, which has already refused certificates that do not
 // chain to the root for client authentication.
-func (s meshService) VerifyCaller(r *http.Request) (spiffeid.ID, error) {
+func (s meshBackend) VerifyCaller(r *http.Request) (spiffeid.ID, error) {
 	// The client may leave out the intermediate; the CA's own is a candidate.
 	chain := append(slices.Clip(r.TLS.PeerCertificates), s.certs.intermediate)
 	id, _, err := x509svid.Verify(chain, s.bundle, x509svid.WithTime(time.Now()))
 	return id, err
 }
 
-func (s meshService) Refuse(w http.ResponseWriter, r *http.Request, status int, id spiffeid.ID, msg string) {
+func (s meshBackend) Refuse(w http.ResponseWriter, r *http.Request, status int, id spiffeid.ID, msg string) {
 	s.refuse(w, r, status, id, msg)
 }
 
-func (s meshService) Register(w http.ResponseWriter, r *http.Request)    { s.handleRegister(w, r) }
-func (s meshService) Watch(w http.ResponseWriter, r *http.Request)       { s.handleWatch(w, r) }
-func (s meshService) Revoke(w http.ResponseWriter, r *http.Request)      { s.handleMeshRevoke(w, r) }
-func (s meshService) Reinstate(w http.ResponseWriter, r *http.Request)   { s.handleMeshReinstate(w, r) }
-func (s meshService) Revocations(w http.ResponseWriter, r *http.Request) { s.handleRevocations(w, r) }
-func (s meshService) AgentToken(w http.ResponseWriter, r *http.Request)  { s.handleAgentToken(w, r) }
+func (s meshBackend) Register(w http.ResponseWriter, r *http.Request)    { s.handleRegister(w, r) }
+func (s meshBackend) Watch(w http.ResponseWriter, r *http.Request)       { s.handleWatch(w, r) }
+func (s meshBackend) Revoke(w http.ResponseWriter, r *http.Request)      { s.handleMeshRevoke(w, r) }
+func (s meshBackend) Reinstate(w http.ResponseWriter, r *http.Request)   { s.handleMeshReinstate(w, r) }
+func (s meshBackend) Revocations(w http.ResponseWriter, r *http.Request) { s.handleRevocations(w, r) }
+func (s meshBackend) AgentToken(w http.ResponseWriter, r *http.Request)  { s.handleAgentToken(w, r) }
 
 func callerID(r *http.Request) spiffeid.ID { return meshapi.Caller(r) }
 
@@ -83,7 +83,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, http.StatusBadRequest, id, err.Error())
 		return
 	}
-	reg := registration{Registration: parsed, Serial: callerSerial(r), NotBefore: callerNotBefore(r)}
+	reg := registration{HostRegistration: parsed, Serial: callerSerial(r), NotBefore: callerNotBefore(r)}
 	if s.db.rev.revoked(id, reg.Serial, reg.NotBefore) {
 		s.refuse(w, r, http.StatusForbidden, id, fmt.Errorf("%w: %s serial %s", ErrRevoked, id, reg.Serial).Error())
 		return

@@ -3,7 +3,7 @@
 // revocations, reinstatements, agent tokens, registration entries, address claims,
 // step-ca's sign bodies), their validation, the signed deny-list and its verification,
 // and one immutable State, the mesh as a proxy holds it. Both sides import it: ca
-// serves the API (Mount, with the CA as its Service), meshclient consumes it.
+// serves the API (Mount, with the CA as its Backend), meshclient consumes it.
 //
 // # State
 //

@@ -9,11 +9,11 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// Service is the server side of the mesh API, as the CA implements it. Mount owns the
-// routes and authenticates every request; the Service decides. Each handler is called
+// Backend is the server side of the mesh API, as the CA implements it. Mount owns the
+// routes and authenticates every request; the Backend decides. Each handler is called
 // only for a caller whose client certificate VerifyCaller accepted, and reads it with
 // Caller.
-type Service interface {
+type Backend interface {
 	// VerifyCaller returns the SPIFFE ID of the request's client certificate when it
 	// is a valid X509-SVID of the trust domain now; otherwise an error, which Mount
 	// answers 401 through Refuse.
@@ -32,7 +32,7 @@ type Service interface {
 
 // Mount mounts the mesh API of s on r (the router of Prefix): every route requires a
 // client certificate that s.VerifyCaller accepts.
-func Mount(r chi.Router, s Service) {
+func Mount(r chi.Router, s Backend) {
 	r.Use(func(next http.Handler) http.Handler { return requireSVID(s, next) })
 	r.Post(RegisterPath, s.Register)
 	r.Get(DirectoryPath, s.Watch)
@@ -46,7 +46,7 @@ type callerKey struct{}
 
 // requireSVID admits only requests with a client certificate s accepts, and records
 // its ID for the handlers.
-func requireSVID(s Service, next http.Handler) http.Handler {
+func requireSVID(s Backend, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.TLS == nil || len(r.TLS.PeerCertificates) == 0 {
 			s.Refuse(w, r, http.StatusUnauthorized, spiffeid.ID{}, "client certificate required")

@@ -53,9 +53,9 @@ const (
 	AdminPathPrefix = "/admin/"
 )
 
-// Registration is a validated register request: what a proxy claims, under the ID
+// HostRegistration is a validated register request: what a proxy claims, under the ID
 // its certificate proves. Addresses are unmapped, zone-less, sorted and unique.
-type Registration struct {
+type HostRegistration struct {
 	ID            spiffeid.ID
 	Addresses     []netip.Addr
 	TunnelPort    uint16
@@ -84,8 +84,8 @@ func DecodeStrict(r io.Reader, v any) error {
 // ParseRegistration validates a register request for id and normalises it: addresses
 // unmapped (::ffff:10.0.0.1 is 10.0.0.1, as peers look it up), sorted and unique;
 // transports default to ["tls"] and are deduplicated in order.
-func ParseRegistration(id spiffeid.ID, req RegisterRequest) (Registration, error) {
-	reg := Registration{ID: id, BundleVersion: req.BundleVersion}
+func ParseRegistration(id spiffeid.ID, req RegisterRequest) (HostRegistration, error) {
+	reg := HostRegistration{ID: id, BundleVersion: req.BundleVersion}
 	if len(req.Addresses) == 0 || len(req.Addresses) > MaxAddresses {
 		return reg, fmt.Errorf("addresses: need 1 to %d, got %d", MaxAddresses, len(req.Addresses))
 	}

@@ -16,21 +16,21 @@ func TestParseRegistration(t *testing.T) {
 	for _, tc := range []struct {
 		name   string
 		mutate func(*RegisterRequest)
-		want   *Registration // nil: refused
+		want   *HostRegistration // nil: refused
 	}{
-		{"valid", func(*RegisterRequest) {}, &Registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
+		{"valid", func(*RegisterRequest) {}, &HostRegistration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
 		{"addresses sorted and deduplicated", func(r *RegisterRequest) { r.Addresses = []string{"fd00::2", "10.0.0.2", "10.0.0.2"} },
-			&Registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
+			&HostRegistration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
 		{"mapped address unmapped", func(r *RegisterRequest) { r.Addresses = []string{"::ffff:10.0.0.2", "10.0.0.2"} },
-			&Registration{Addresses: addrs("10.0.0.2"), TunnelPort: 15008, Transports: []string{"tls"}}},
+			&HostRegistration{Addresses: addrs("10.0.0.2"), TunnelPort: 15008, Transports: []string{"tls"}}},
 		{"transports default to tls", func(r *RegisterRequest) { r.Transports = nil },
-			&Registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
+			&HostRegistration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}}},
 		{"transport order kept, duplicates dropped", func(r *RegisterRequest) { r.Transports = []string{"quic", "h2", "quic", "tls"} },
-			&Registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"quic", "h2", "tls"}}},
+			&HostRegistration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"quic", "h2", "tls"}}},
 		{"bundle version kept", func(r *RegisterRequest) { r.BundleVersion = "2030-01-01T00:00:00Z/3" },
-			&Registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}, BundleVersion: "2030-01-01T00:00:00Z/3"}},
+			&HostRegistration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 15008, Transports: []string{"tls"}, BundleVersion: "2030-01-01T00:00:00Z/3"}},
 		{"port 65535", func(r *RegisterRequest) { r.TunnelPort = 65535 },
-			&Registration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 65535, Transports: []string{"tls"}}},
+			&HostRegistration{Addresses: addrs("10.0.0.2", "fd00::2"), TunnelPort: 65535, Transports: []string{"tls"}}},
 		{"no addresses", func(r *RegisterRequest) { r.Addresses = nil }, nil},
 		{"too many addresses", func(r *RegisterRequest) {
 			r.Addresses = slices.Repeat([]string{"10.0.0.1"}, MaxAddresses+1)
