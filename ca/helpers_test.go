@@ -4,9 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -24,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/internal/testlog"
 	"github.com/agentmesh/agentmesh/meshclient"
 )
@@ -119,14 +117,7 @@ func fixedToken(tok string) func(context.Context) (string, error) {
 	return func(context.Context) (string, error) { return tok, nil }
 }
 
-func newKey(tb testing.TB) crypto.Signer {
-	tb.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return k
-}
+func newKey(tb testing.TB) crypto.Signer { return testca.NewKey(tb) }
 
 // enroll gets a token for id from ca and enrols a new key with it.
 func enroll(tb testing.TB, ca *runningCA, id spiffeid.ID) *x509svid.SVID {

@@ -4,7 +4,6 @@ import (
 	"crypto/tls"
 	"net/http"
 	"strconv"
-	"strings"
 	"testing"
 	"time"
 
@@ -12,8 +11,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/metrictest"
+	"github.com/agentmesh/agentmesh/internal/testaudit"
 	"github.com/agentmesh/agentmesh/internal/testrun"
 	"github.com/agentmesh/agentmesh/meshapi"
 	"github.com/agentmesh/agentmesh/meshclient"
@@ -25,7 +24,7 @@ var idSelf = spiffeid.RequireFromPath(testTD, "/host/self")
 type feedWatch struct {
 	*meshclient.Watch
 	applied chan *meshapi.DenyList
-	audit   auditSink
+	audit   testaudit.DenyLists
 	reg     *prometheus.Registry
 	logs    *logBuffer
 }
@@ -33,7 +32,7 @@ type feedWatch struct {
 func newFeedWatch(t *testing.T, ca *runningCA, svid *x509svid.SVID, poll time.Duration) *feedWatch {
 	t.Helper()
 	logger, logs := newTestLogger(t)
-	c := &feedWatch{applied: make(chan *meshapi.DenyList, 16), audit: make(auditSink, 64), reg: prometheus.NewRegistry(), logs: logs}
+	c := &feedWatch{applied: make(chan *meshapi.DenyList, 16), audit: make(testaudit.DenyLists, 64), reg: prometheus.NewRegistry(), logs: logs}
 	w, err := meshclient.NewWatch(meshclient.Config{
 		URL: ca.URL(), Roots: ca.Roots(), PollInterval: poll,
 		Certificate: func() (*tls.Certificate, error) { return tlsCert(svid), nil },
@@ -64,45 +63,6 @@ func (c *feedWatch) nextApplied(t *testing.T) *meshapi.DenyList {
 	}
 }
 
-// auditSink receives a Watch's deny-list records.
-type auditSink chan audit.DenyList
-
-func (s auditSink) Append(e audit.Event) error {
-	rec, ok := e.(audit.DenyList)
-	if !ok {
-		rec = audit.DenyList{Result: "unexpected " + e.Kind()}
-	}
-	s <- rec
-	return nil
-}
-
-// next returns the next record, failing the test after a generous bound (a guard, not
-// synchronisation).
-func (s auditSink) next(t *testing.T) audit.DenyList {
-	t.Helper()
-	select {
-	case rec := <-s:
-		return rec
-	case <-time.After(10 * time.Second):
-		t.Fatal("no audit record within 10s")
-		return audit.DenyList{}
-	}
-}
-
-// logged reports whether one line of logs contains every part.
-func logged(logs *logBuffer, parts ...string) bool {
-	for line := range strings.Lines(logs.String()) {
-		all := true
-		for _, p := range parts {
-			all = all && strings.Contains(line, p)
-		}
-		if all {
-			return true
-		}
-	}
-	return false
-}
-
 // Against the real CA: a watch-only Watch gets the CA's first list, and a
 // revocation reaches it through the woken long-poll (the poll waits an hour), signed
 // by the CA's intermediate in the HSM and verified against the root. The revoked
@@ -115,7 +75,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 
 	c := newFeedWatch(t, ca, watcher, time.Hour)
 	v1 := c.nextApplied(t)
-	if rec := c.audit.next(t); rec.Result != "applied" || rec.Version != v1.Version || rec.Previous != 0 {
+	if rec := c.audit.Next(t); rec.Result != "applied" || rec.Version != v1.Version || rec.Previous != 0 {
 		t.Fatalf("first list: %+v", rec)
 	}
 	if v1.Denies(idB, victim.Certificates[0].SerialNumber.String(), time.Time{}) {
@@ -142,7 +102,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 	if c.Watch.State().DenyList() != l {
 		t.Error("DenyList is not the list applied")
 	}
-	rec := c.audit.next(t)
+	rec := c.audit.Next(t)
 	if rec.Result != "applied" || rec.Version != l.Version || rec.Previous != v1.Version ||
 		rec.IDs != 1 || rec.Serials != len(res.Serials) || rec.Closed != int(l.Version)*10 || rec.Lag < 0 {
 		t.Fatalf("record %+v, revocation %+v", rec, res)
@@ -150,7 +110,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 	if err := c.Watch.CheckFresh(time.Minute); err != nil {
 		t.Error(err)
 	}
-	if !logged(c.logs, "deny list applied", "version="+strconv.FormatUint(l.Version, 10)+" ", "source=directory") {
+	if !c.logs.Logged("deny list applied", "version="+strconv.FormatUint(l.Version, 10)+" ", "source=directory") {
 		t.Error("the list did not come with the directory")
 	}
 	if v := metrictest.Value(t, c.reg, "agentmesh_revocation_list_version"); v != float64(l.Version) {

@@ -1,19 +1,13 @@
 package meshapi
 
 import (
-	"net/netip"
-
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/internal/testmesh"
 )
 
-var testTD = spiffeid.RequireTrustDomainFromString("mesh.test")
+var testTD = testmesh.TD
 
-func addrs(s ...string) []netip.Addr {
-	out := make([]netip.Addr, len(s))
-	for i, a := range s {
-		out[i] = netip.MustParseAddr(a)
-	}
-	return out
-}
+var addrs = testmesh.Addrs
 
 var idA = spiffeid.RequireFromPath(testTD, "/host/a")

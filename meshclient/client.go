@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -178,27 +179,10 @@ func (c *Client) Renew(ctx context.Context, current *x509svid.SVID, key crypto.S
 func (c *Client) post(ctx context.Context, hc *http.Client, op, path string, body meshapi.SignRequest) ([]*x509.Certificate, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	b, err := json.Marshal(body)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path, bytes.NewReader(b))
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	req.Header.Set("Content-Type", "application/json")
 	start := time.Now()
-	resp, err := hc.Do(req)
+	answer, err := postJSON(ctx, hc, op, c.base+path, body, http.StatusCreated, http.StatusOK)
 	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	defer func() { _ = resp.Body.Close() }()
-	answer, err := io.ReadAll(io.LimitReader(resp.Body, meshapi.MaxResponse))
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
-	}
-	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
-		return nil, &meshapi.ResponseError{Op: op, Status: resp.StatusCode, Message: meshapi.ErrorMessage(answer)}
+		return nil, err
 	}
 	chain, err := meshapi.ParseSignResponse(answer)
 	if err != nil {
@@ -208,4 +192,32 @@ func (c *Client) post(ctx context.Context, hc *http.Client, op, path string, bod
 		slog.String(keySerial, chain[0].SerialNumber.String()), slog.Time(keyNotAfter, chain[0].NotAfter),
 		slog.Duration(keyDuration, time.Since(start)))
 	return chain, nil
+}
+
+// postJSON posts body as JSON to u and returns the answer, at most meshapi.MaxResponse
+// bytes, when its status is one of ok; any other status is a *meshapi.ResponseError
+// with op.
+func postJSON(ctx context.Context, hc *http.Client, op, u string, body any, ok ...int) ([]byte, error) {
+	b, err := json.Marshal(body)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
+	}
+	defer func() { _ = resp.Body.Close() }()
+	answer, err := io.ReadAll(io.LimitReader(resp.Body, meshapi.MaxResponse))
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
+	}
+	if !slices.Contains(ok, resp.StatusCode) {
+		return nil, &meshapi.ResponseError{Op: op, Status: resp.StatusCode, Message: meshapi.ErrorMessage(answer)}
+	}
+	return answer, nil
 }

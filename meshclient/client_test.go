@@ -12,6 +12,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
@@ -66,7 +67,7 @@ func TestClientErrorClassification(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, err = c.Enroll(context.Background(), id, newKey(t))
+			_, err = c.Enroll(context.Background(), id, testca.NewKey(t))
 			var re *meshapi.ResponseError
 			if !errors.As(err, &re) || re.Status != tc.status || re.Message != "nope" || re.Op != "sign" {
 				t.Fatalf("Enroll: %v, want a meshapi.ResponseError %d", err, tc.status)
@@ -89,7 +90,7 @@ func TestClientErrorClassification(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.Enroll(context.Background(), id, newKey(t)); err == nil || permanent(err) {
+		if _, err := c.Enroll(context.Background(), id, testca.NewKey(t)); err == nil || permanent(err) {
 			t.Errorf("Enroll to a closed port: %v, want a non-permanent error", err)
 		}
 	})
@@ -100,7 +101,7 @@ func TestClientErrorClassification(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.Enroll(context.Background(), id, newKey(t)); !errors.Is(err, ErrNoToken) {
+		if _, err := c.Enroll(context.Background(), id, testca.NewKey(t)); !errors.Is(err, ErrNoToken) {
 			t.Errorf("Enroll without a token source: %v, want ErrNoToken", err)
 		}
 	})

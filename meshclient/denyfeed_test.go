@@ -24,7 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/testaudit"
 	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/internal/testlog"
 	"github.com/agentmesh/agentmesh/internal/testrun"
@@ -238,7 +238,7 @@ func (f *fakeFeed) RoundTrip(r *http.Request) (*http.Response, error) {
 func serveFeed(t *testing.T, ca *testca.CA, f *fakeFeed) *httptest.Server {
 	t.Helper()
 	inter, interKey := ca.Intermediate()
-	key := newKey(t)
+	key := testca.NewKey(t)
 	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
 		SerialNumber: big.NewInt(2),
 		NotBefore:    time.Now().Add(-time.Minute),
@@ -260,35 +260,10 @@ func serveFeed(t *testing.T, ca *testca.CA, f *fakeFeed) *httptest.Server {
 	return srv
 }
 
-// auditSink receives a Directory's audit records.
-type auditSink chan audit.DenyList
-
-func (s auditSink) Append(e audit.Event) error {
-	rec, ok := e.(audit.DenyList)
-	if !ok {
-		rec = audit.DenyList{Result: "unexpected " + e.Kind()}
-	}
-	s <- rec
-	return nil
-}
-
-// next returns the next record, failing the test after a generous bound (a guard, not
-// synchronisation).
-func (s auditSink) next(t *testing.T) audit.DenyList {
-	t.Helper()
-	select {
-	case rec := <-s:
-		return rec
-	case <-time.After(10 * time.Second):
-		t.Fatal("no audit record within 10s")
-		return audit.DenyList{}
-	}
-}
-
 // feedClient is a Directory for svid against url, recording what it applies.
 type feedClient struct {
 	*Member
-	audit   auditSink
+	audit   testaudit.DenyLists
 	applied chan *meshapi.DenyList
 	reg     *prometheus.Registry
 	logs    *testlog.Buffer
@@ -297,7 +272,7 @@ type feedClient struct {
 func newFeedClient(t *testing.T, url string, roots []*x509.Certificate, cert *tls.Certificate, mutate func(*Config)) *feedClient {
 	t.Helper()
 	logger, logs := testlog.New(t)
-	c := &feedClient{audit: make(auditSink, 64), applied: make(chan *meshapi.DenyList, 16), reg: prometheus.NewRegistry(), logs: logs}
+	c := &feedClient{audit: make(testaudit.DenyLists, 64), applied: make(chan *meshapi.DenyList, 16), reg: prometheus.NewRegistry(), logs: logs}
 	cfg := Config{
 		URL:         url,
 		Roots:       roots,
@@ -378,7 +353,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 	for _, step := range steps {
 		want := step.list
 		feed.setList(t, step.signed)
-		rec := c.audit.next(t)
+		rec := c.audit.Next(t)
 		if rec.Result != denyResultApplied || rec.Version != want.Version || rec.Previous != want.Version-1 ||
 			rec.IDs != len(want.IDs) || rec.Serials != len(want.Serials) || rec.Closed != int(want.Version)*10 {
 			t.Fatalf("record for version %d: %+v", want.Version, rec)
@@ -413,7 +388,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 		{"not json", func() { feed.setRawList([]byte("<html>")) }, denyReasonMalformed, 0},
 	} {
 		tc.serve()
-		rec := c.audit.next(t)
+		rec := c.audit.Next(t)
 		if rec.Result != denyResultRefused || rec.Reason != tc.reason || rec.Version != tc.version ||
 			rec.Previous != 3 || rec.Error == "" || rec.Closed != 0 {
 			t.Fatalf("%s: record %+v, want refused %s", tc.name, rec, tc.reason)
@@ -438,7 +413,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 	}
 
 	feed.setList(t, signWith(t, ca, good4))
-	if rec := c.audit.next(t); rec.Result != denyResultApplied || rec.Version != 4 || rec.Previous != 3 {
+	if rec := c.audit.Next(t); rec.Result != denyResultApplied || rec.Version != 4 || rec.Previous != 3 {
 		t.Fatalf("good version 4: %+v", rec)
 	}
 	if l := <-c.applied; l.Version != 4 || !l.Denies(idE, "", time.Time{}) {
@@ -484,7 +459,7 @@ func TestDirectoryAnswerDenyList(t *testing.T) {
 	if _, _, ok := c.Watch.State().PeerFor(netip.MustParseAddr("10.0.0.1")); !ok || c.Watch.State().Version() != 5 {
 		t.Fatalf("directory with a forged list not applied: version %d", c.Watch.State().Version())
 	}
-	if rec := c.audit.next(t); rec.Result != denyResultRefused || rec.Reason != denyReasonBadSignature {
+	if rec := c.audit.Next(t); rec.Result != denyResultRefused || rec.Reason != denyReasonBadSignature {
 		t.Fatalf("forged list in the directory: %+v", rec)
 	}
 	if c.Watch.State().DenyList() != nil {
@@ -497,7 +472,7 @@ func TestDirectoryAnswerDenyList(t *testing.T) {
 	if l := <-c.applied; l.Version != 1 || c.Watch.State().Version() != 6 {
 		t.Fatalf("list %d applied, directory version %d; want 1, 6", l.Version, c.Watch.State().Version())
 	}
-	if rec := c.audit.next(t); rec.Result != denyResultApplied || rec.Version != 1 || rec.Closed != 10 || rec.Lag <= 0 {
+	if rec := c.audit.Next(t); rec.Result != denyResultApplied || rec.Version != 1 || rec.Closed != 10 || rec.Lag <= 0 {
 		t.Fatalf("list from the directory: %+v", rec)
 	}
 
@@ -629,18 +604,4 @@ func (c *feedClient) nextApplied(t *testing.T) *meshapi.DenyList {
 		t.Fatalf("no deny-list applied within 10s (holding %+v)", c.Watch.State().DenyList())
 		return nil
 	}
-}
-
-// logged reports whether one line of logs contains all of parts.
-func logged(logs *testlog.Buffer, parts ...string) bool {
-	for line := range strings.Lines(logs.String()) {
-		all := true
-		for _, p := range parts {
-			all = all && strings.Contains(line, p)
-		}
-		if all {
-			return true
-		}
-	}
-	return false
 }

@@ -20,6 +20,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/internal/testlog"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
@@ -132,7 +133,7 @@ func TestNewDirectoryValidates(t *testing.T) {
 // that only reads the ID.
 func selfSignedSVID(t *testing.T, id spiffeid.ID) *tls.Certificate {
 	t.Helper()
-	key := newKey(t)
+	key := testca.NewKey(t)
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(1),
 		NotBefore:    time.Now().Add(-time.Minute),

@@ -2,40 +2,21 @@ package meshclient
 
 import (
 	"context"
-	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"net/http"
-	"net/netip"
-	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/internal/testmesh"
 )
 
-var testTD = spiffeid.RequireTrustDomainFromString("mesh.test")
+var testTD = testmesh.TD
 
-func addrs(s ...string) []netip.Addr {
-	out := make([]netip.Addr, len(s))
-	for i, a := range s {
-		out[i] = netip.MustParseAddr(a)
-	}
-	return out
-}
+var addrs = testmesh.Addrs
 
 func fixedToken(tok string) func(context.Context) (string, error) {
 	return func(context.Context) (string, error) { return tok, nil }
-}
-
-func newKey(tb testing.TB) crypto.Signer {
-	tb.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return k
 }
 
 // permanent reports whether err says retrying cannot succeed.

@@ -1,12 +1,8 @@
 package meshclient
 
 import (
-	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/json"
-	"fmt"
-	"io"
 	"net/http"
 
 	"github.com/agentmesh/agentmesh/meshapi"
@@ -35,32 +31,11 @@ func meshPost(ctx context.Context, cfg ClientConfig, cert tls.Certificate, op, p
 	if err != nil {
 		return nil, err
 	}
-	body, err := json.Marshal(req)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
 	tr := c.transport(&cert, false)
 	defer tr.CloseIdleConnections()
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+meshapi.Prefix+path, bytes.NewReader(body))
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	hr.Header.Set("Content-Type", "application/json")
-	resp, err := (&http.Client{Transport: tr}).Do(hr)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	defer func() { _ = resp.Body.Close() }()
-	answer, err := io.ReadAll(io.LimitReader(resp.Body, meshapi.MaxResponse))
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, &meshapi.ResponseError{Op: op, Status: resp.StatusCode, Message: meshapi.ErrorMessage(answer)}
-	}
-	return answer, nil
+	return postJSON(ctx, &http.Client{Transport: tr}, op, c.base+meshapi.Prefix+path, req, http.StatusOK)
 }
 
 // ReinstateRemote asks the CA at cfg.URL to reinstate, over mTLS with cert, an

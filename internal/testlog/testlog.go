@@ -5,6 +5,7 @@ package testlog
 import (
 	"bytes"
 	"log/slog"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -37,4 +38,18 @@ func New(tb testing.TB) (*slog.Logger, *Buffer) {
 		}
 	})
 	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
+}
+
+// Logged reports whether one line of the output contains every part.
+func (b *Buffer) Logged(parts ...string) bool {
+	for line := range strings.Lines(b.String()) {
+		all := true
+		for _, p := range parts {
+			all = all && strings.Contains(line, p)
+		}
+		if all {
+			return true
+		}
+	}
+	return false
 }
