@@ -21,7 +21,6 @@ const (
 	minSVIDLifetime      = 10 * time.Second
 	defaultTokenLifetime = 5 * time.Minute
 	maxTokenLifetime     = 24 * time.Hour
-	defaultClientTimeout = 10 * time.Second
 	defaultDirectoryTTL  = 30 * time.Second
 
 	// rootValidity is the lifetime of the self-signed root; the intermediate ends
