@@ -107,7 +107,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 		rec.IDs != 1 || rec.Serials != len(res.Serials) || rec.Closed != int(l.Version)*10 || rec.Lag < 0 {
 		t.Fatalf("record %+v, revocation %+v", rec, res)
 	}
-	if err := c.Watch.CheckFresh(time.Minute); err != nil {
+	if err := c.CheckFresh(time.Minute); err != nil {
 		t.Error(err)
 	}
 	if !c.logs.Logged("deny list applied", "version="+strconv.FormatUint(l.Version, 10)+" ", "source=directory") {

@@ -13,7 +13,7 @@ import ()
 // The rotator tells refusals, after which only a new enrolment helps, from outages.
 func ExampleResponseError_Permanent() {
 	for _, status := range []int{http.StatusUnauthorized, http.StatusTooManyRequests, http.StatusServiceUnavailable} {
-		var err error = fmt.Errorf("renew: %w", &meshapi.ResponseError{Op: "rekey", Status: status})
+		err := fmt.Errorf("renew: %w", &meshapi.ResponseError{Op: "rekey", Status: status})
 		var p interface{ Permanent() bool }
 		fmt.Println(status, errors.As(err, &p) && p.Permanent())
 	}

@@ -349,7 +349,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 		signed *meshapi.SignedDenyList
 	}{{v1, signWith(t, ca, v1)}, {v2, signedV2}, {v3, signWith(t, ca, v3)}}
 	feed.setList(t, steps[0].signed)
-	testrun.Start(t, c.Member.Run)
+	testrun.Start(t, c.Run)
 	for _, step := range steps {
 		want := step.list
 		feed.setList(t, step.signed)
@@ -453,7 +453,7 @@ func TestDirectoryAnswerDenyList(t *testing.T) {
 	peerA := meshapi.DirectoryEntry{SPIFFEID: idA, Addresses: addrs("10.0.0.1"), TunnelPort: 15008, Transports: []string{"tls"}}
 	forger := testca.New(t, testca.WithTrustDomain(testTD))
 	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 5, Peers: []meshapi.DirectoryEntry{peerA}, Revocations: signWith(t, forger, denyListOf(1, nil))})
-	testrun.Start(t, c.Member.Run)
+	testrun.Start(t, c.Run)
 
 	awaitUpdate(t, c.Member)
 	if _, _, ok := c.Watch.State().PeerFor(netip.MustParseAddr("10.0.0.1")); !ok || c.Watch.State().Version() != 5 {
@@ -591,17 +591,4 @@ func TestDenyFeedPartition(t *testing.T) {
 func advance(d time.Duration) {
 	<-time.After(d)
 	synctest.Wait()
-}
-
-// nextApplied returns the next list c's OnDenyList got, failing the test after a
-// bound well under the CA's 25s long-poll: a pass means the watch was woken.
-func (c *feedClient) nextApplied(t *testing.T) *meshapi.DenyList {
-	t.Helper()
-	select {
-	case l := <-c.applied:
-		return l
-	case <-time.After(10 * time.Second):
-		t.Fatalf("no deny-list applied within 10s (holding %+v)", c.Watch.State().DenyList())
-		return nil
-	}
 }
