@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"io"
 	"io/fs"
 	"log/slog"
@@ -36,16 +37,6 @@ const (
 	// bytes including the terminating NUL).
 	maxSocketPath = 107
 )
-
-// tokenRequest is the body of POST /token.
-type tokenRequest struct {
-	SPIFFEID string `json:"spiffe_id"`
-}
-
-// tokenResponse is the answer to POST /token.
-type tokenResponse struct {
-	Token string `json:"token"`
-}
 
 // adminError is the body of an admin API error.
 type adminError struct {
@@ -146,7 +137,7 @@ func (s *Server) handleAdminDirectory(w http.ResponseWriter, _ *http.Request) {
 func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 	rec := audit.Issuance{Initiator: uidInitiator(cred.uid)}
-	var req tokenRequest
+	var req meshapi.TokenRequest
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, adminMaxBody))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
@@ -178,7 +169,7 @@ func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	s.log.LogAttrs(r.Context(), slog.LevelDebug, "admin token request", slog.Int(keyPeerUID, cred.uid))
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("Cache-Control", "no-store")
-	_ = json.NewEncoder(w).Encode(tokenResponse{Token: tok})
+	_ = json.NewEncoder(w).Encode(meshapi.TokenResponse{Token: tok})
 }
 
 func writeAdminError(w http.ResponseWriter, status int, msg string) {
@@ -192,7 +183,7 @@ func writeAdminError(w http.ResponseWriter, status int, msg string) {
 // runs). The caller must be root or the CA's user. A refusal is a *ResponseError with
 // Op "token".
 func RequestToken(ctx context.Context, stateDir string, id spiffeid.ID) (string, error) {
-	body, err := json.Marshal(tokenRequest{SPIFFEID: id.String()})
+	body, err := json.Marshal(meshapi.TokenRequest{SPIFFEID: id.String()})
 	if err != nil {
 		return "", fmt.Errorf("ca: token: %w", err)
 	}
@@ -200,7 +191,7 @@ func RequestToken(ctx context.Context, stateDir string, id spiffeid.ID) (string,
 	if err != nil {
 		return "", err
 	}
-	var ans tokenResponse
+	var ans meshapi.TokenResponse
 	if err := json.Unmarshal(b, &ans); err != nil || ans.Token == "" {
 		return "", fmt.Errorf("ca: token: malformed answer from the admin socket")
 	}
@@ -210,12 +201,12 @@ func RequestToken(ctx context.Context, stateDir string, id spiffeid.ID) (string,
 // RequestDirectory returns the mesh directory of the CA running with state directory
 // stateDir, read through its admin socket (what `agentmesh status` shows). The caller
 // must be root or the CA's user. A refusal is a *ResponseError with Op "directory".
-func RequestDirectory(ctx context.Context, stateDir string) (*DirectoryDocument, error) {
-	b, err := adminRequest(ctx, stateDir, "directory", http.MethodGet, adminDirectoryPath, nil, maxDirectoryResponse)
+func RequestDirectory(ctx context.Context, stateDir string) (*meshapi.DirectoryDocument, error) {
+	b, err := adminRequest(ctx, stateDir, "directory", http.MethodGet, adminDirectoryPath, nil, meshapi.MaxDirectoryResponse)
 	if err != nil {
 		return nil, err
 	}
-	var doc DirectoryDocument
+	var doc meshapi.DirectoryDocument
 	if err := json.Unmarshal(b, &doc); err != nil {
 		return nil, fmt.Errorf("ca: directory: malformed answer from the admin socket: %w", err)
 	}
@@ -253,26 +244,14 @@ func adminRequest(ctx context.Context, stateDir, op, method, path string, body [
 		return nil, fmt.Errorf("ca: %s: admin socket %s (is agentmesh ca running with this state directory?): %w", op, sock, err)
 	}
 	defer func() { _ = resp.Body.Close() }()
-	b, err := readLimited(resp.Body, limit)
+	b, err := meshapi.ReadLimited(resp.Body, limit)
 	if err != nil {
 		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
 	}
 	if resp.StatusCode != http.StatusOK {
 		var ae adminError
 		_ = json.Unmarshal(b, &ae)
-		return nil, &ResponseError{Op: op, Status: resp.StatusCode, Message: ae.Error}
-	}
-	return b, nil
-}
-
-// readLimited reads r to the end, failing rather than truncating past limit bytes.
-func readLimited(r io.Reader, limit int64) ([]byte, error) {
-	b, err := io.ReadAll(io.LimitReader(r, limit+1))
-	if err != nil {
-		return nil, err
-	}
-	if int64(len(b)) > limit {
-		return nil, fmt.Errorf("answer exceeds %d bytes", limit)
+		return nil, &meshapi.ResponseError{Op: op, Status: resp.StatusCode, Message: ae.Error}
 	}
 	return b, nil
 }

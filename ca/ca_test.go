@@ -22,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // checkSVID verifies chain as an X509-SVID of id against ca's roots and checks the
@@ -166,7 +167,7 @@ func TestTokenIsSingleUse(t *testing.T) {
 		t.Fatalf("first Enroll: %v", err)
 	}
 	_, err = client.Enroll(context.Background(), id, newKey(t))
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusUnauthorized || !permanent(err) {
 		t.Fatalf("second Enroll with the same token: %v, want a permanent 401", err)
 	}
@@ -322,9 +323,9 @@ func TestRequestToken(t *testing.T) {
 
 	foreign := spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("evil.test"), "/x")
 	_, err = RequestToken(context.Background(), cfg.StateDir, foreign)
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusBadRequest {
-		t.Errorf("RequestToken for another trust domain: %v, want a 400 ResponseError", err)
+		t.Errorf("RequestToken for another trust domain: %v, want a 400 meshapi.ResponseError", err)
 	}
 	if err := ca.stop(); err != nil {
 		t.Fatalf("Run: %v", err)
@@ -453,7 +454,7 @@ func TestForgedClientCertificateCannotRenew(t *testing.T) {
 	}
 	svid := &x509svid.SVID{ID: evil, Certificates: []*x509.Certificate{forged, real.Certificates[1]}, PrivateKey: key}
 	_, err = newClient(t, ca, nil).Renew(context.Background(), svid, newKey(t))
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusUnauthorized || !re.Permanent() {
 		t.Fatalf("Renew with a forged certificate: %v, want a permanent 401", err)
 	}

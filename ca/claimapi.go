@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net/http"
 	"net/netip"
@@ -22,18 +23,6 @@ import (
 // ?id= removes it, GET lists them.
 const adminHostsPath = "/hosts"
 
-// hostClaimRequest is the body of the admin socket's POST /hosts. Addresses are
-// strings so that a malformed one gets a message naming it.
-type hostClaimRequest struct {
-	Host      spiffeid.ID `json:"host"`
-	Addresses []string    `json:"addresses"`
-}
-
-// hostClaimsResponse answers GET /hosts.
-type hostClaimsResponse struct {
-	Hosts []HostClaim `json:"hosts"`
-}
-
 // SetHostClaim makes prefixes the addresses the proxy of host may claim (an operator's
 // claim, replacing a learnt one or an earlier one), for initiator ("uid:N" on the admin
 // socket). It is written to StateDir/claims.json before it takes effect; a live
@@ -42,15 +31,15 @@ type hostClaimsResponse struct {
 // more than 32 prefixes, a malformed prefix), ErrClaimConflict (a prefix overlaps
 // another host's claim) or ErrServerClosed. Every call is audited
 // (audit.AddressClaim), a refusal also counted.
-func (s *Server) SetHostClaim(ctx context.Context, initiator string, host spiffeid.ID, prefixes []netip.Prefix) (HostClaim, error) {
-	c, err := checkHostClaim(s.cfg.TrustDomain, HostClaim{Host: host, Prefixes: prefixes, Source: ClaimAdmin, At: time.Now().UTC().Round(0)})
+func (s *Server) SetHostClaim(ctx context.Context, initiator string, host spiffeid.ID, prefixes []netip.Prefix) (meshapi.HostClaim, error) {
+	c, err := checkHostClaim(s.cfg.TrustDomain, meshapi.HostClaim{Host: host, Prefixes: prefixes, Source: meshapi.ClaimAdmin, At: time.Now().UTC().Round(0)})
 	rec := claimRecord(initiator, claimActionRegister, host, c, "", netip.Addr{})
 	if err == nil {
 		err = s.changeClaims(func(cur *claimSet) (*claimSet, error) { return cur.with(c) })
 	}
 	if err != nil {
 		s.claimRefused(ctx, rec, err)
-		return HostClaim{}, err
+		return meshapi.HostClaim{}, err
 	}
 	s.dir.dropOutside(c)
 	s.audit(rec)
@@ -63,8 +52,8 @@ func (s *Server) SetHostClaim(ctx context.Context, initiator string, host spiffe
 // registration learns a claim again (see docs/directory.md). Its live directory entry
 // stays. Errors wrap ErrEntryNotFound (no claim) or ErrServerClosed. Audited like
 // SetHostClaim.
-func (s *Server) RemoveHostClaim(ctx context.Context, initiator string, host spiffeid.ID) (HostClaim, error) {
-	var old HostClaim
+func (s *Server) RemoveHostClaim(ctx context.Context, initiator string, host spiffeid.ID) (meshapi.HostClaim, error) {
+	var old meshapi.HostClaim
 	err := s.changeClaims(func(cur *claimSet) (*claimSet, error) {
 		next, removed, err := cur.without(host)
 		old = removed
@@ -73,7 +62,7 @@ func (s *Server) RemoveHostClaim(ctx context.Context, initiator string, host spi
 	rec := claimRecord(initiator, claimActionUnregister, host, old, "", netip.Addr{})
 	if err != nil {
 		s.claimRefused(ctx, rec, err)
-		return HostClaim{}, err
+		return meshapi.HostClaim{}, err
 	}
 	s.audit(rec)
 	s.log.LogAttrs(ctx, slog.LevelInfo, "address claim unregistered", slog.String(keyInitiator, initiator),
@@ -82,7 +71,7 @@ func (s *Server) RemoveHostClaim(ctx context.Context, initiator string, host spi
 }
 
 // HostClaims returns the address claims in force, sorted by host (a copy).
-func (s *Server) HostClaims() []HostClaim { return slices.Clone(s.claims.Load().sorted) }
+func (s *Server) HostClaims() []meshapi.HostClaim { return slices.Clone(s.claims.Load().sorted) }
 
 // changeClaims applies change to the claims in force and persists the result, under
 // claimsMu: no registration is checked against a claim set that is being replaced.
@@ -121,8 +110,8 @@ func (s *Server) handleAdminSetHost(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 	initiator := uidInitiator(cred.uid)
 	ctx := context.WithoutCancel(r.Context()) // the change completes if the caller goes away
-	var req hostClaimRequest
-	err := decodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req)
+	var req meshapi.HostClaimRequest
+	err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req)
 	if err != nil {
 		err = invalidClaim("invalid request body: %v", err)
 	}
@@ -136,7 +125,7 @@ func (s *Server) handleAdminSetHost(w http.ResponseWriter, r *http.Request) {
 		prefixes = append(prefixes, p)
 	}
 	if err != nil {
-		s.claimRefused(ctx, claimRecord(initiator, claimActionRegister, req.Host, HostClaim{}, "", netip.Addr{}), err)
+		s.claimRefused(ctx, claimRecord(initiator, claimActionRegister, req.Host, meshapi.HostClaim{}, "", netip.Addr{}), err)
 		writeAdminError(w, http.StatusBadRequest, err.Error())
 		return
 	}
@@ -157,7 +146,7 @@ func (s *Server) handleAdminRemoveHost(w http.ResponseWriter, r *http.Request) {
 	host, err := spiffeid.FromString(raw)
 	if err != nil {
 		err = invalidClaim("id %q: %v", raw, err)
-		rec := claimRecord(initiator, claimActionUnregister, spiffeid.ID{}, HostClaim{}, "", netip.Addr{})
+		rec := claimRecord(initiator, claimActionUnregister, spiffeid.ID{}, meshapi.HostClaim{}, "", netip.Addr{})
 		rec.Host = raw
 		s.claimRefused(ctx, rec, err)
 		writeAdminError(w, http.StatusBadRequest, err.Error())
@@ -173,7 +162,7 @@ func (s *Server) handleAdminRemoveHost(w http.ResponseWriter, r *http.Request) {
 
 // handleAdminHosts is the admin socket's GET /hosts.
 func (s *Server) handleAdminHosts(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, hostClaimsResponse{Hosts: s.HostClaims()})
+	writeJSON(w, meshapi.HostClaimsResponse{Hosts: s.HostClaims()})
 }
 
 // refusedClaimRecord is the audit record of an admin request on /hosts that adminOnly
@@ -192,16 +181,16 @@ func refusedClaimRecord(r *http.Request, initiator, msg string) audit.Event {
 // through its admin socket (what `agentmesh register HOST --addr CIDR` runs); see
 // Server.SetHostClaim. A refusal is a *ResponseError with Op "register host": 400 for
 // an invalid host or prefix, 403 for a caller not allowed, 409 for an overlap.
-func RegisterHost(ctx context.Context, stateDir string, host spiffeid.ID, prefixes []netip.Prefix) (HostClaim, error) {
-	req := hostClaimRequest{Host: host}
+func RegisterHost(ctx context.Context, stateDir string, host spiffeid.ID, prefixes []netip.Prefix) (meshapi.HostClaim, error) {
+	req := meshapi.HostClaimRequest{Host: host}
 	for _, p := range prefixes {
 		req.Addresses = append(req.Addresses, p.String())
 	}
 	body, err := json.Marshal(req)
 	if err != nil {
-		return HostClaim{}, fmt.Errorf("ca: register host: %w", err)
+		return meshapi.HostClaim{}, fmt.Errorf("ca: register host: %w", err)
 	}
-	return adminDecode[HostClaim](ctx, stateDir, "register host", http.MethodPost, adminHostsPath, body, adminMaxBody)
+	return adminDecode[meshapi.HostClaim](ctx, stateDir, "register host", http.MethodPost, adminHostsPath, body, adminMaxBody)
 }
 
 // UnregisterHost removes host's address claim from the CA running with state directory
@@ -217,8 +206,8 @@ func UnregisterHost(ctx context.Context, stateDir string, host spiffeid.ID) erro
 // ListHosts returns the address claims of the CA running with state directory
 // stateDir, sorted by host (what `agentmesh list` shows). A refusal is a
 // *ResponseError with Op "list hosts".
-func ListHosts(ctx context.Context, stateDir string) ([]HostClaim, error) {
-	ans, err := adminDecode[hostClaimsResponse](ctx, stateDir, "list hosts", http.MethodGet, adminHostsPath, nil, maxEntriesResponse)
+func ListHosts(ctx context.Context, stateDir string) ([]meshapi.HostClaim, error) {
+	ans, err := adminDecode[meshapi.HostClaimsResponse](ctx, stateDir, "list hosts", http.MethodGet, adminHostsPath, nil, maxEntriesResponse)
 	return ans.Hosts, err
 }
 

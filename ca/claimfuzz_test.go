@@ -5,6 +5,8 @@ import (
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // FuzzDecodeClaims: StateDir/claims.json never crashes the CA, and what it accepts
@@ -53,11 +55,11 @@ func FuzzParseClaimPrefix(f *testing.F) {
 // with one /32 each: the allowed case (every heartbeat) and a refusal, which scans the
 // other claims for the owner; and what a first registration and a CA start cost.
 func BenchmarkClaimCheck(b *testing.B) {
-	var claims []HostClaim
+	var claims []meshapi.HostClaim
 	for h := range 10000 {
 		a := netip.AddrFrom4([4]byte{10, byte(h >> 16), byte(h >> 8), byte(h)})
-		claims = append(claims, HostClaim{Host: spiffeid.RequireFromPathf(testTD, "/host/h%d", h),
-			Prefixes: []netip.Prefix{hostPrefix(a)}, Source: ClaimLearnt})
+		claims = append(claims, meshapi.HostClaim{Host: spiffeid.RequireFromPathf(testTD, "/host/h%d", h),
+			Prefixes: []netip.Prefix{hostPrefix(a)}, Source: meshapi.ClaimLearnt})
 	}
 	set, err := newClaimSet(claims)
 	if err != nil {
@@ -83,7 +85,7 @@ func BenchmarkClaimCheck(b *testing.B) {
 	})
 	// A host's first registration adds its claim (the file write aside).
 	b.Run("learn", func(b *testing.B) {
-		c := HostClaim{Host: spiffeid.RequireFromPath(testTD, "/host/new"), Prefixes: prefixes("192.0.2.1/32"), Source: ClaimLearnt}
+		c := meshapi.HostClaim{Host: spiffeid.RequireFromPath(testTD, "/host/new"), Prefixes: prefixes("192.0.2.1/32"), Source: meshapi.ClaimLearnt}
 		for b.Loop() {
 			if _, err := set.with(c); err != nil {
 				b.Fatal(err)

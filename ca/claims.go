@@ -3,6 +3,7 @@ package ca
 import (
 	"cmp"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/netip"
 	"slices"
 	"strings"
@@ -18,39 +19,6 @@ import (
 // came from; then it is fixed until an operator changes or removes it. Claims of two
 // hosts never overlap. They are written to StateDir/claims.json before they take effect,
 // so a restarted CA refuses the same foreign claims. See docs/directory.md.
-
-// ClaimSource says how the CA came to allow a host its addresses.
-type ClaimSource string
-
-const (
-	// ClaimAdmin is a claim an operator set on the admin socket.
-	ClaimAdmin ClaimSource = "admin"
-	// ClaimLearnt is a claim learnt at the host's first registration.
-	ClaimLearnt ClaimSource = "learnt"
-)
-
-// HostClaim is what the proxy of Host may advertise: addresses inside Prefixes.
-type HostClaim struct {
-	Host     spiffeid.ID    `json:"host"`     // spiffe://TD/host/H
-	Prefixes []netip.Prefix `json:"prefixes"` // masked, unmapped, sorted, 1 to 32 of them
-	Source   ClaimSource    `json:"source"`
-	// From is the address the host's first registration came from (learnt claims only).
-	From netip.Addr `json:"from,omitzero"`
-	At   time.Time  `json:"at"` // when the claim was set or learnt
-}
-
-// allows reports whether a is inside one of c's prefixes.
-func (c HostClaim) allows(a netip.Addr) bool {
-	return slices.ContainsFunc(c.Prefixes, func(p netip.Prefix) bool { return p.Contains(a) })
-}
-
-func (c HostClaim) prefixStrings() []string {
-	out := make([]string, len(c.Prefixes))
-	for i, p := range c.Prefixes {
-		out[i] = p.String()
-	}
-	return out
-}
 
 // claimReason says why a claim or a claim change was refused: the audit record's
 // reason and the refusal metric's label.
@@ -160,14 +128,14 @@ func hostPrefix(a netip.Addr) netip.Prefix { return netip.PrefixFrom(a, a.BitLen
 
 // checkHostClaim validates c for trust domain td and normalises its prefixes (sorted,
 // unique).
-func checkHostClaim(td spiffeid.TrustDomain, c HostClaim) (HostClaim, error) {
+func checkHostClaim(td spiffeid.TrustDomain, c meshapi.HostClaim) (meshapi.HostClaim, error) {
 	switch {
-	case c.Host.IsZero() || !c.Host.MemberOf(td) || !oneSegment(c.Host.Path(), hostPathPrefix):
-		return c, invalidClaim("host %q is not spiffe://%s%sNAME", c.Host, td.Name(), hostPathPrefix)
-	case len(c.Prefixes) == 0 || len(c.Prefixes) > maxAddresses:
-		return c, invalidClaim("prefixes: need 1 to %d, got %d", maxAddresses, len(c.Prefixes))
-	case c.Source != ClaimAdmin && c.Source != ClaimLearnt:
-		return c, invalidClaim("source %q is neither %s nor %s", c.Source, ClaimAdmin, ClaimLearnt)
+	case c.Host.IsZero() || !c.Host.MemberOf(td) || !oneSegment(c.Host.Path(), meshapi.HostPathPrefix):
+		return c, invalidClaim("host %q is not spiffe://%s%sNAME", c.Host, td.Name(), meshapi.HostPathPrefix)
+	case len(c.Prefixes) == 0 || len(c.Prefixes) > meshapi.MaxAddresses:
+		return c, invalidClaim("prefixes: need 1 to %d, got %d", meshapi.MaxAddresses, len(c.Prefixes))
+	case c.Source != meshapi.ClaimAdmin && c.Source != meshapi.ClaimLearnt:
+		return c, invalidClaim("source %q is neither %s nor %s", c.Source, meshapi.ClaimAdmin, meshapi.ClaimLearnt)
 	}
 	for _, p := range c.Prefixes {
 		if _, err := checkClaimPrefix(p); err != nil {
@@ -187,13 +155,13 @@ func comparePrefixes(a, b netip.Prefix) int {
 // claimSet is the claims in force, one per host, no two hosts' overlapping.
 // Immutable: changes build a new set. Pure: no clock, no lock, no I/O.
 type claimSet struct {
-	sorted []HostClaim // by host
-	byHost map[spiffeid.ID]HostClaim
+	sorted []meshapi.HostClaim // by host
+	byHost map[spiffeid.ID]meshapi.HostClaim
 }
 
 // newClaimSet indexes claims, refusing a host listed twice or prefixes of two hosts
 // that overlap. It does not validate them (checkHostClaim).
-func newClaimSet(claims []HostClaim) (*claimSet, error) {
+func newClaimSet(claims []meshapi.HostClaim) (*claimSet, error) {
 	s, err := indexClaims(claims)
 	if err != nil {
 		return nil, err
@@ -202,8 +170,8 @@ func newClaimSet(claims []HostClaim) (*claimSet, error) {
 }
 
 // indexClaims indexes claims, refusing a host listed twice, without the overlap check.
-func indexClaims(claims []HostClaim) (*claimSet, error) {
-	s := &claimSet{byHost: make(map[spiffeid.ID]HostClaim, len(claims))}
+func indexClaims(claims []meshapi.HostClaim) (*claimSet, error) {
+	s := &claimSet{byHost: make(map[spiffeid.ID]meshapi.HostClaim, len(claims))}
 	for _, c := range claims {
 		if _, dup := s.byHost[c.Host]; dup {
 			return nil, invalidClaim("host %s listed twice", c.Host)
@@ -211,11 +179,11 @@ func indexClaims(claims []HostClaim) (*claimSet, error) {
 		s.byHost[c.Host] = c
 	}
 	// Never nil, so that an empty set is written and listed as [] rather than null.
-	s.sorted = append([]HostClaim{}, slices.SortedFunc(slices.Values(claims), compareClaims)...)
+	s.sorted = append([]meshapi.HostClaim{}, slices.SortedFunc(slices.Values(claims), compareClaims)...)
 	return s, nil
 }
 
-func compareClaims(a, b HostClaim) int { return cmp.Compare(a.Host.String(), b.Host.String()) }
+func compareClaims(a, b meshapi.HostClaim) int { return cmp.Compare(a.Host.String(), b.Host.String()) }
 
 // disjoint refuses prefixes of two hosts that overlap, in O(n log n) for n prefixes:
 // two prefixes overlap only when one contains the other, so in the order of their first
@@ -255,7 +223,7 @@ func overlapError(p, q netip.Prefix, owner spiffeid.ID) *claimError {
 // overlap refuses c when a prefix of it overlaps one of another host's claim: a pass
 // over every claim, run only when a claim changes (an operator's command, a host's
 // first registration), never on a heartbeat.
-func (s *claimSet) overlap(c HostClaim) error {
+func (s *claimSet) overlap(c meshapi.HostClaim) error {
 	for _, o := range s.sorted {
 		if o.Host == c.Host {
 			continue
@@ -272,41 +240,41 @@ func (s *claimSet) overlap(c HostClaim) error {
 }
 
 // with returns s with c as its host's claim (replacing any), or the overlap.
-func (s *claimSet) with(c HostClaim) (*claimSet, error) {
+func (s *claimSet) with(c meshapi.HostClaim) (*claimSet, error) {
 	if err := s.overlap(c); err != nil {
 		return nil, err
 	}
-	next := slices.DeleteFunc(slices.Clone(s.sorted), func(o HostClaim) bool { return o.Host == c.Host })
+	next := slices.DeleteFunc(slices.Clone(s.sorted), func(o meshapi.HostClaim) bool { return o.Host == c.Host })
 	return indexClaims(append(next, c))
 }
 
 // without returns s minus host's claim and that claim.
-func (s *claimSet) without(host spiffeid.ID) (*claimSet, HostClaim, error) {
+func (s *claimSet) without(host spiffeid.ID) (*claimSet, meshapi.HostClaim, error) {
 	old, ok := s.byHost[host]
 	if !ok {
-		return nil, HostClaim{}, &claimError{reason: reasonNoClaim, err: ErrEntryNotFound,
+		return nil, meshapi.HostClaim{}, &claimError{reason: reasonNoClaim, err: ErrEntryNotFound,
 			msg: fmt.Sprintf("no address claim for %s", host)}
 	}
-	next, err := indexClaims(slices.DeleteFunc(slices.Clone(s.sorted), func(o HostClaim) bool { return o.Host == host }))
+	next, err := indexClaims(slices.DeleteFunc(slices.Clone(s.sorted), func(o meshapi.HostClaim) bool { return o.Host == host }))
 	return next, old, err
 }
 
 // owner returns the claim allowing a, if any (at most one: claims do not overlap).
-func (s *claimSet) owner(a netip.Addr) (HostClaim, bool) {
+func (s *claimSet) owner(a netip.Addr) (meshapi.HostClaim, bool) {
 	for _, c := range s.sorted {
-		if c.allows(a) {
+		if c.Allows(a) {
 			return c, true
 		}
 	}
-	return HostClaim{}, false
+	return meshapi.HostClaim{}, false
 }
 
 // check refuses addrs unless every one is inside c. It scans the other claims only to
 // name the holder of a refused address, so an allowed heartbeat costs a few prefix
 // comparisons.
-func (s *claimSet) check(c HostClaim, addrs []netip.Addr) error {
+func (s *claimSet) check(c meshapi.HostClaim, addrs []netip.Addr) error {
 	for _, a := range addrs {
-		if c.allows(a) {
+		if c.Allows(a) {
 			continue
 		}
 		if o, ok := s.owner(a); ok {
@@ -314,7 +282,7 @@ func (s *claimSet) check(c HostClaim, addrs []netip.Addr) error {
 		}
 		return &claimError{reason: reasonOutsideClaim, addr: a.String(), err: ErrClaimNotAllowed,
 			msg: fmt.Sprintf("address %s is outside the addresses %s may claim (%v): an operator changes them with agentmesh register %s --addr CIDR",
-				a, c.Host, c.prefixStrings(), c.Host)}
+				a, c.Host, c.PrefixStrings(), c.Host)}
 	}
 	return nil
 }
@@ -331,8 +299,8 @@ func (s *claimSet) check(c HostClaim, addrs []netip.Addr) error {
 //     needs an operator's claim.
 //
 // An address another host may claim is never learnt.
-func (s *claimSet) learn(host spiffeid.ID, from netip.Addr, addrs []netip.Addr, now time.Time) (HostClaim, error) {
-	c := HostClaim{Host: host, Source: ClaimLearnt, From: from, At: now.UTC().Round(0)}
+func (s *claimSet) learn(host spiffeid.ID, from netip.Addr, addrs []netip.Addr, now time.Time) (meshapi.HostClaim, error) {
+	c := meshapi.HostClaim{Host: host, Source: meshapi.ClaimLearnt, From: from, At: now.UTC().Round(0)}
 	for _, a := range addrs {
 		if o, ok := s.owner(a); ok {
 			return c, foreignAddress(a, o.Host)

@@ -17,6 +17,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/metrictest"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 func prefixes(s ...string) []netip.Prefix {
@@ -72,8 +74,8 @@ func TestClaimSet(t *testing.T) {
 	t.Parallel()
 	now := time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)
 	idC := spiffeid.RequireFromPath(testTD, "/host/c")
-	a := HostClaim{Host: idA, Prefixes: prefixes("10.0.0.0/24", "fd00::/64"), Source: ClaimAdmin}
-	set, err := newClaimSet([]HostClaim{a, {Host: idB, Prefixes: prefixes("10.0.1.7/32"), Source: ClaimLearnt}})
+	a := meshapi.HostClaim{Host: idA, Prefixes: prefixes("10.0.0.0/24", "fd00::/64"), Source: meshapi.ClaimAdmin}
+	set, err := newClaimSet([]meshapi.HostClaim{a, {Host: idB, Prefixes: prefixes("10.0.1.7/32"), Source: meshapi.ClaimLearnt}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +128,7 @@ func TestClaimSet(t *testing.T) {
 				}
 				return
 			}
-			if err != nil || !slices.Equal(c.Prefixes, tc.want) || c.Source != ClaimLearnt || c.From != from || !c.At.Equal(now) {
+			if err != nil || !slices.Equal(c.Prefixes, tc.want) || c.Source != meshapi.ClaimLearnt || c.From != from || !c.At.Equal(now) {
 				t.Fatalf("learn: %+v, %v, want %v", c, err, tc.want)
 			}
 			if _, err := set.with(c); err != nil {
@@ -135,14 +137,14 @@ func TestClaimSet(t *testing.T) {
 		})
 	}
 
-	if _, err := set.with(HostClaim{Host: idC, Prefixes: prefixes("10.0.0.128/25"), Source: ClaimAdmin}); reason(err) != reasonOverlap ||
+	if _, err := set.with(meshapi.HostClaim{Host: idC, Prefixes: prefixes("10.0.0.128/25"), Source: meshapi.ClaimAdmin}); reason(err) != reasonOverlap ||
 		!errors.Is(err, ErrClaimConflict) {
 		t.Errorf("a prefix inside a's: %v", err)
 	}
-	if _, err := set.with(HostClaim{Host: idC, Prefixes: prefixes("10.0.0.0/8"), Source: ClaimAdmin}); reason(err) != reasonOverlap {
+	if _, err := set.with(meshapi.HostClaim{Host: idC, Prefixes: prefixes("10.0.0.0/8"), Source: meshapi.ClaimAdmin}); reason(err) != reasonOverlap {
 		t.Errorf("a prefix around a's: %v", err)
 	}
-	moved, err := set.with(HostClaim{Host: idA, Prefixes: prefixes("10.9.0.0/16"), Source: ClaimAdmin})
+	moved, err := set.with(meshapi.HostClaim{Host: idA, Prefixes: prefixes("10.9.0.0/16"), Source: meshapi.ClaimAdmin})
 	if err != nil || !slices.Equal(moved.byHost[idA].Prefixes, prefixes("10.9.0.0/16")) || len(moved.sorted) != 2 {
 		t.Fatalf("replacing a's claim: %v", err)
 	}
@@ -175,13 +177,13 @@ func TestClaimSetDisjoint(t *testing.T) {
 		{"equal", []string{"192.0.2.1/32"}, nil, []string{"192.0.2.1/32"}, true},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			var claims []HostClaim
+			var claims []meshapi.HostClaim
 			for _, c := range []struct {
 				id spiffeid.ID
 				p  []string
 			}{{idA, tc.a}, {idB, tc.b}, {idC, tc.c}} {
 				if len(c.p) > 0 {
-					claims = append(claims, HostClaim{Host: c.id, Prefixes: prefixes(c.p...), Source: ClaimAdmin})
+					claims = append(claims, meshapi.HostClaim{Host: c.id, Prefixes: prefixes(c.p...), Source: meshapi.ClaimAdmin})
 				}
 			}
 			_, err := newClaimSet(claims)
@@ -219,7 +221,7 @@ func TestAddressClaims(t *testing.T) {
 	first := startCA(t, cfg)
 	hcA := httpsClient(t, first, tlsCert(enroll(t, first, idA)))
 	hcB := httpsClient(t, first, tlsCert(enroll(t, first, idB)))
-	regURL := func(ca *runningCA) string { return ca.URL() + meshPrefix + meshRegisterPath }
+	regURL := func(ca *runningCA) string { return ca.URL() + meshapi.Prefix + meshapi.RegisterPath }
 	owner := func(addr string) spiffeid.ID {
 		t.Helper()
 		doc, err := RequestDirectory(ctx, cfg.StateDir)
@@ -238,7 +240,7 @@ func TestAddressClaims(t *testing.T) {
 		t.Fatalf("a's first registration: %d %s", status, body)
 	}
 	learnt := first.HostClaims()
-	if len(learnt) != 1 || learnt[0].Host != idA || learnt[0].Source != ClaimLearnt ||
+	if len(learnt) != 1 || learnt[0].Host != idA || learnt[0].Source != meshapi.ClaimLearnt ||
 		!slices.Equal(learnt[0].Prefixes, prefixes("10.0.0.1/32", "fd00::1/128")) || learnt[0].From != netip.MustParseAddr("127.0.0.1") {
 		t.Fatalf("claims after a's first registration: %+v", learnt)
 	}
@@ -255,13 +257,13 @@ func TestAddressClaims(t *testing.T) {
 		if !ok || r.Initiator != idB.String() || r.Address != "10.0.0.1" || r.Owner != idA.String() || r.Serial == "" {
 			t.Errorf("refusal audit record: %+v", claimRecords(rec))
 		}
-		if got := metricValue(t, reg, metricClaimsRefused, string(reasonForeignAddress)); got != 1 {
+		if got := metrictest.Value(t, reg, metricClaimsRefused, labelReason, string(reasonForeignAddress)); got != 1 {
 			t.Errorf("%s{reason=foreign_address} = %v, want 1", metricClaimsRefused, got)
 		}
 		if got := owner("10.0.0.1"); got != idA {
 			t.Errorf("10.0.0.1 belongs to %v in the directory, want a", got)
 		}
-		if _, ok := slices.BinarySearchFunc(first.HostClaims(), idB, func(c HostClaim, id spiffeid.ID) int {
+		if _, ok := slices.BinarySearchFunc(first.HostClaims(), idB, func(c meshapi.HostClaim, id spiffeid.ID) int {
 			return strings.Compare(c.Host.String(), id.String())
 		}); ok {
 			t.Error("the refused registration taught b a claim")
@@ -307,7 +309,7 @@ func TestAddressClaims(t *testing.T) {
 				t.Errorf("POST /hosts %s: %v, want 400", body, err)
 			}
 		}
-		if got := metricValue(t, reg, metricClaimsRefused, string(reasonInvalidClaim)); got != 6 {
+		if got := metrictest.Value(t, reg, metricClaimsRefused, labelReason, string(reasonInvalidClaim)); got != 6 {
 			t.Errorf("%s{reason=invalid} = %v, want 6", metricClaimsRefused, got)
 		}
 		if _, err := RegisterHost(ctx, cfg.StateDir, idB, prefixes("10.0.1.0/24")); err != nil {
@@ -326,7 +328,7 @@ func TestAddressClaims(t *testing.T) {
 
 	cfg.Registerer = prometheus.NewRegistry()
 	second := startCA(t, cfg)
-	if got := second.HostClaims(); !slices.EqualFunc(got, claims, func(x, y HostClaim) bool {
+	if got := second.HostClaims(); !slices.EqualFunc(got, claims, func(x, y meshapi.HostClaim) bool {
 		return x.Host == y.Host && slices.Equal(x.Prefixes, y.Prefixes) && x.Source == y.Source && x.From == y.From && x.At.Equal(y.At)
 	}) {
 		t.Fatalf("claims after restart %+v, want %+v", got, claims)
@@ -368,7 +370,7 @@ func TestAddressClaims(t *testing.T) {
 			t.Fatalf("a after its claim was removed: %d %s", status, body)
 		}
 		hosts, err := ListHosts(ctx, cfg.StateDir)
-		if err != nil || len(hosts) != 2 || hosts[0].Host != idA || !slices.Equal(hosts[0].Prefixes, prefixes("10.0.0.5/32")) || hosts[0].Source != ClaimLearnt {
+		if err != nil || len(hosts) != 2 || hosts[0].Host != idA || !slices.Equal(hosts[0].Prefixes, prefixes("10.0.0.5/32")) || hosts[0].Source != meshapi.ClaimLearnt {
 			t.Fatalf("ListHosts: %+v, %v", hosts, err)
 		}
 	})

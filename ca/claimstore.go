@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"io/fs"
 	"log/slog"
 	"net/http"
@@ -30,7 +31,7 @@ const (
 
 // claimsFile is the format of StateDir/claims.json.
 type claimsFile struct {
-	Hosts []HostClaim `json:"hosts"`
+	Hosts []meshapi.HostClaim `json:"hosts"`
 }
 
 // claimMetrics always exist, so that nothing checks for nil; New registers them only
@@ -62,7 +63,7 @@ func newClaimMetrics() *claimMetrics {
 // JSON, every claim valid and in normal form, no host twice, no overlap.
 func decodeClaims(td spiffeid.TrustDomain, b []byte) (*claimSet, error) {
 	var f claimsFile
-	if err := decodeStrict(bytes.NewReader(b), &f); err != nil {
+	if err := meshapi.DecodeStrict(bytes.NewReader(b), &f); err != nil {
 		return nil, err
 	}
 	for _, c := range f.Hosts {
@@ -92,7 +93,7 @@ func parseClaimsFile(td spiffeid.TrustDomain, path string, b []byte) (*claimSet,
 // host claim any address.
 func (s *Server) loadClaims() error {
 	path := filepath.Join(s.cfg.StateDir, fileClaims)
-	set := &claimSet{sorted: []HostClaim{}, byHost: map[spiffeid.ID]HostClaim{}}
+	set := &claimSet{sorted: []meshapi.HostClaim{}, byHost: map[spiffeid.ID]meshapi.HostClaim{}}
 	b, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
@@ -148,7 +149,7 @@ func (s *Server) registerClaimed(ctx context.Context, reg registration, from net
 // and the claim's error (a refusal, or a claim that could not be written).
 type claimOutcome struct {
 	action claimAction
-	claim  HostClaim
+	claim  meshapi.HostClaim
 	learnt bool
 	err    error
 }
@@ -190,7 +191,7 @@ func (s *Server) applyClaimed(reg registration, from netip.Addr, now time.Time) 
 }
 
 // registerWithin is applyClaimed for a host whose claim is c in set.
-func (s *Server) registerWithin(set *claimSet, c HostClaim, reg registration, now time.Time) (uint64, claimOutcome, error) {
+func (s *Server) registerWithin(set *claimSet, c meshapi.HostClaim, reg registration, now time.Time) (uint64, claimOutcome, error) {
 	out := claimOutcome{action: claimActionClaim, claim: c}
 	if out.err = set.check(c, reg.Addresses); out.err != nil {
 		return 0, out, out.err
@@ -201,13 +202,13 @@ func (s *Server) registerWithin(set *claimSet, c HostClaim, reg registration, no
 
 // claimRecord is the audit record of a claim action on host, whose claim is c (zero:
 // none), by initiator; serial and from are the caller's on the mesh API.
-func claimRecord(initiator string, action claimAction, host spiffeid.ID, c HostClaim, serial string, from netip.Addr) audit.AddressClaim {
+func claimRecord(initiator string, action claimAction, host spiffeid.ID, c meshapi.HostClaim, serial string, from netip.Addr) audit.AddressClaim {
 	rec := audit.AddressClaim{Initiator: initiator, Action: string(action), Serial: serial, Result: string(claimOK)}
 	if !host.IsZero() {
 		rec.Host = host.String()
 	}
 	if len(c.Prefixes) > 0 {
-		rec.Allowed = c.prefixStrings()
+		rec.Allowed = c.PrefixStrings()
 	}
 	if from.IsValid() {
 		rec.PeerAddr = from.String()
@@ -239,11 +240,11 @@ func (s *Server) claimRefused(ctx context.Context, rec audit.AddressClaim, err e
 // dropOutside removes the live directory entry of c.Host when it advertises an address
 // outside c, so that an operator's change takes effect at once rather than at the
 // entry's expiry. Entries of other hosts are untouched: claims never overlap.
-func (r *registry) dropOutside(c HostClaim) {
+func (r *registry) dropOutside(c meshapi.HostClaim) {
 	r.mu.Lock()
 	before := r.state.version
 	e, ok := r.state.entries[c.Host]
-	drop := ok && slices.ContainsFunc(e.Addresses, func(a netip.Addr) bool { return !c.allows(a) })
+	drop := ok && slices.ContainsFunc(e.Addresses, func(a netip.Addr) bool { return !c.Allows(a) })
 	if drop {
 		delete(r.state.entries, c.Host)
 		for _, a := range e.Addresses {

@@ -21,7 +21,6 @@ const (
 	minSVIDLifetime      = authority.MinSVIDLifetime
 	defaultTokenLifetime = 5 * time.Minute
 	maxTokenLifetime     = 24 * time.Hour
-	defaultClientTimeout = 10 * time.Second
 	defaultDirectoryTTL  = 30 * time.Second
 )
 

@@ -2,6 +2,7 @@ package ca
 
 import (
 	"context"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"time"
 )
 
@@ -11,7 +12,7 @@ import (
 const pruneRecheck = 30 * time.Second
 
 // nextExpiry is the earliest expiry of an entry of l, zero when none expires.
-func nextExpiry(l *DenyList) time.Time {
+func nextExpiry(l *meshapi.DenyList) time.Time {
 	var first time.Time
 	consider := func(t time.Time) {
 		if !t.IsZero() && (first.IsZero() || t.Before(first)) {

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net/netip"
 	"slices"
@@ -14,58 +15,10 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// DirectoryDocument is the mesh directory as GET /mesh/v1/directory (and the admin
-// socket's GET /directory) serve it: every live proxy, the revocation deny-list and the
-// registration entries, at one version. Later sections (trust bundle) will be added as further fields; readers
-// ignore fields they do not know.
-type DirectoryDocument struct {
-	// Version increases (never repeats) on every change that matters to a peer: an
-	// entry added or removed, its addresses, tunnel port or transports changed, a new
-	// deny-list, a registration entry added or removed. A heartbeat that changes
-	// nothing else does not bump it.
-	Version uint64 `json:"version"`
-	// Peers are the live entries, sorted by SPIFFE ID.
-	Peers []DirectoryEntry `json:"peers"`
-	// Revocations is the CA's current signed deny-list; the CA always sets it. Verify
-	// it with VerifyDenyList: the directory itself is not signed.
-	Revocations *SignedDenyList `json:"revocations,omitempty"`
-	// Rotation is the latest fleet rotation an operator requested (every proxy
-	// renews its credential), nil when there was none. Publishing a new one moves
-	// the version.
-	Rotation *FleetRotation `json:"rotation,omitempty"`
-	// Entries are the registration entries, sorted by ID: which proxy holds which
-	// agent identity, for which uid, and the agents' ports (see AgentsAt).
-	Entries []Entry `json:"entries,omitempty"`
-}
-
-// DirectoryEntry is one registered proxy.
-type DirectoryEntry struct {
-	// SPIFFEID is the ID of the proxy's client certificate when it registered.
-	SPIFFEID spiffeid.ID `json:"spiffe_id"`
-	// Addresses are the IP addresses the proxy advertises, sorted; no other live
-	// entry holds any of them.
-	Addresses []netip.Addr `json:"addresses"`
-	// TunnelPort is the port of the proxy's tunnel listener on those addresses.
-	TunnelPort uint16 `json:"tunnel_port"`
-	// Transports are the tunnel transports the proxy accepts, in its order of
-	// preference ("tls", "h2", "quic").
-	Transports []string `json:"transports"`
-	// LastHeartbeat is when the CA last heard from the proxy. Informational: it
-	// changes without a version bump.
-	LastHeartbeat time.Time `json:"last_heartbeat"`
-	// BundleVersion is the trust-bundle version the proxy reported holding.
-	// Informational: it changes without a version bump.
-	BundleVersion string `json:"bundle_version,omitempty"`
-}
-
 // registration is a validated register request: what a proxy claims, under the ID
 // its certificate proves. Addresses are unmapped, zone-less, sorted and unique.
 type registration struct {
-	ID            spiffeid.ID
-	Addresses     []netip.Addr
-	TunnelPort    uint16
-	Transports    []string
-	BundleVersion string
+	meshapi.HostRegistration
 	// Serial is the serial of the certificate the proxy registered with, so that
 	// revoking that certificate removes the entry. Not material: peers do not see it.
 	Serial string
@@ -116,12 +69,12 @@ type dirState struct {
 	earliest time.Time // no entry expires before this; zero when there are none
 	// deny is the deny-list in force (nil: none) and revocations its signed form,
 	// served with the directory. No entry it denies is kept or admitted.
-	deny        *DenyList
-	revocations *SignedDenyList
+	deny        *meshapi.DenyList
+	revocations *meshapi.SignedDenyList
 	// rotation is the latest fleet rotation (nil: none), served as is. Immutable.
-	rotation *FleetRotation
+	rotation *meshapi.FleetRotation
 	// registered are the registration entries, sorted by ID. Immutable.
-	registered []Entry
+	registered []meshapi.Entry
 }
 
 // newDirState returns an empty registry at version seed. The caller seeds it from the
@@ -213,7 +166,7 @@ func (s *dirState) register(reg registration, now time.Time) (registerResult, []
 // setRevocations puts a new deny-list in force and drops the entries it denies (by ID,
 // or by the serial they registered with), which it returns. The version always moves:
 // the document carries the list.
-func (s *dirState) setRevocations(signed *SignedDenyList, deny *DenyList) []dirEntry {
+func (s *dirState) setRevocations(signed *meshapi.SignedDenyList, deny *meshapi.DenyList) []dirEntry {
 	s.deny, s.revocations = deny, signed
 	s.version++
 	var removed []dirEntry
@@ -235,25 +188,25 @@ func (s *dirState) setRevocations(signed *SignedDenyList, deny *DenyList) []dirE
 
 // setFleetRotation publishes a fleet rotation. The version always moves, so that
 // every watcher hears of it at once.
-func (s *dirState) setFleetRotation(fr *FleetRotation) {
+func (s *dirState) setFleetRotation(fr *meshapi.FleetRotation) {
 	s.rotation = fr
 	s.version++
 }
 
 // setEntries publishes the registration entries (sorted by ID, immutable). The
 // version always moves, so that every watcher hears of it at once.
-func (s *dirState) setEntries(entries []Entry) {
+func (s *dirState) setEntries(entries []meshapi.Entry) {
 	s.registered = entries
 	s.version++
 }
 
 // snapshot returns the directory as served, sorted by SPIFFE ID. It shares nothing
 // with the state but the signed deny-list and the fleet rotation, which are immutable.
-func (s *dirState) snapshot() DirectoryDocument {
-	doc := DirectoryDocument{Version: s.version, Peers: make([]DirectoryEntry, 0, len(s.entries)),
+func (s *dirState) snapshot() meshapi.DirectoryDocument {
+	doc := meshapi.DirectoryDocument{Version: s.version, Peers: make([]meshapi.DirectoryEntry, 0, len(s.entries)),
 		Revocations: s.revocations, Rotation: s.rotation, Entries: slices.Clone(s.registered)}
 	for _, e := range s.entries {
-		doc.Peers = append(doc.Peers, DirectoryEntry{
+		doc.Peers = append(doc.Peers, meshapi.DirectoryEntry{
 			SPIFFEID:      e.ID,
 			Addresses:     slices.Clone(e.Addresses),
 			TunnelPort:    e.TunnelPort,
@@ -262,7 +215,7 @@ func (s *dirState) snapshot() DirectoryDocument {
 			BundleVersion: e.BundleVersion,
 		})
 	}
-	slices.SortFunc(doc.Peers, func(a, b DirectoryEntry) int { return cmp.Compare(a.SPIFFEID.String(), b.SPIFFEID.String()) })
+	slices.SortFunc(doc.Peers, func(a, b meshapi.DirectoryEntry) int { return cmp.Compare(a.SPIFFEID.String(), b.SPIFFEID.String()) })
 	return doc
 }
 
@@ -270,7 +223,7 @@ func (s *dirState) snapshot() DirectoryDocument {
 // watchers a change wakes, and encoded once per caller (callerViews).
 type encodedDoc struct {
 	once  sync.Once
-	doc   DirectoryDocument
+	doc   meshapi.DirectoryDocument
 	views callerViews
 }
 
@@ -342,7 +295,7 @@ func (r *registry) register(reg registration, now time.Time) (registerResult, ui
 
 // setRevocations puts a new deny-list in force (and in the document), removing the
 // entries it denies; the version bump wakes every watcher.
-func (r *registry) setRevocations(signed *SignedDenyList, deny *DenyList) {
+func (r *registry) setRevocations(signed *meshapi.SignedDenyList, deny *meshapi.DenyList) {
 	r.mu.Lock()
 	before := r.state.version
 	removed := r.state.setRevocations(signed, deny)
@@ -355,7 +308,7 @@ func (r *registry) setRevocations(signed *SignedDenyList, deny *DenyList) {
 }
 
 // setFleetRotation publishes a fleet rotation; the version bump wakes every watcher.
-func (r *registry) setFleetRotation(fr *FleetRotation) {
+func (r *registry) setFleetRotation(fr *meshapi.FleetRotation) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	before := r.state.version
@@ -365,7 +318,7 @@ func (r *registry) setFleetRotation(fr *FleetRotation) {
 
 // setEntries publishes the registration entries and returns the version after it;
 // the version bump wakes every watcher.
-func (r *registry) setEntries(entries []Entry) uint64 {
+func (r *registry) setEntries(entries []meshapi.Entry) uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	before := r.state.version
@@ -398,7 +351,7 @@ func (r *registry) logExpired(removed []dirEntry, version uint64) {
 }
 
 // snapshot returns the current directory, expiring first.
-func (r *registry) snapshot(now time.Time) DirectoryDocument {
+func (r *registry) snapshot(now time.Time) meshapi.DirectoryDocument {
 	r.mu.Lock()
 	removed := r.expireLocked(now)
 	doc := r.state.snapshot()

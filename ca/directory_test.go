@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 var (
@@ -28,7 +30,7 @@ func addrs(s ...string) []netip.Addr {
 }
 
 func reg(id spiffeid.ID, port uint16, a ...string) registration {
-	return registration{ID: id, Addresses: addrs(a...), TunnelPort: port, Transports: []string{"tls"}}
+	return registration{HostRegistration: meshapi.HostRegistration{ID: id, Addresses: addrs(a...), TunnelPort: port, Transports: []string{"tls"}}}
 }
 
 // dirStep is one operation on a dirState in a table test: a registration (reg set) or
@@ -256,11 +258,11 @@ func TestDirStateSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	back, err := decodeDirectory(b, idB)
+	back, err := meshapi.DecodeState(b, idB)
 	if err != nil {
 		t.Fatalf("the client cannot read the server's document: %v\n%s", err, b)
 	}
-	if back.version != s.version || len(back.peers) != 2 {
+	if back.Version() != s.version || back.Peers() != 2 {
 		t.Errorf("round trip: %+v", back)
 	}
 }
@@ -279,16 +281,15 @@ func TestDirStateRevocations(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	list := func(version uint64, ids []spiffeid.ID, serials ...string) (*SignedDenyList, *DenyList) {
-		l := &DenyList{TrustDomain: testTD.Name(), Version: version, IssuedAt: t0}
+	list := func(version uint64, ids []spiffeid.ID, serials ...string) (*meshapi.SignedDenyList, *meshapi.DenyList) {
+		l := &meshapi.DenyList{TrustDomain: testTD.Name(), Version: version, IssuedAt: t0}
 		for _, id := range ids {
-			l.IDs = append(l.IDs, DeniedID{SPIFFEID: id, RevokedAt: t0, Version: version})
+			l.IDs = append(l.IDs, meshapi.DeniedID{SPIFFEID: id, RevokedAt: t0, Version: version})
 		}
 		for _, sn := range serials {
-			l.Serials = append(l.Serials, DeniedSerial{Serial: sn, RevokedAt: t0, Version: version})
+			l.Serials = append(l.Serials, meshapi.DeniedSerial{Serial: sn, RevokedAt: t0, Version: version})
 		}
-		l.index()
-		return &SignedDenyList{Payload: []byte{byte(version)}}, l
+		return &meshapi.SignedDenyList{Payload: []byte{byte(version)}}, l
 	}
 	idC := spiffeid.RequireFromPath(testTD, "/host/c")
 
@@ -348,14 +349,14 @@ func TestRegistryWatch(t *testing.T) {
 		go func() { r.run(ctx); close(janitorDone) }()
 
 		v0 := r.snapshot(time.Now()).Version
-		watch := func(since uint64, wait time.Duration) chan DirectoryDocument {
-			ch := make(chan DirectoryDocument, 1)
+		watch := func(since uint64, wait time.Duration) chan meshapi.DirectoryDocument {
+			ch := make(chan meshapi.DirectoryDocument, 1)
 			go func() {
 				b, err := r.watch(ctx, spiffeid.ID{}, since, wait)
 				if err != nil {
 					t.Errorf("watch: %v", err)
 				}
-				var doc DirectoryDocument
+				var doc meshapi.DirectoryDocument
 				if err := json.Unmarshal(b, &doc); err != nil {
 					t.Errorf("watch answer: %v", err)
 				}

@@ -1,11 +1,11 @@
 // Package ca is agentmesh's certificate authority: it composes the step-ca embedding
 // with its keys in a PKCS#11 token (package ca/authority: keys, certificates, tokens,
 // step-ca's HTTPS API, the issuance audit) with the state that decides who may hold an
-// identity, and issues short-lived SPIFFE X509-SVIDs. It also provides the
-// Client proxies use to enrol (one-time bootstrap token) and renew (mTLS rekey, a new key
-// each time), and the admin unix socket behind `agentmesh token`; and it keeps the mesh
-// directory (which proxy lives at which address), with the Directory client proxies run
-// to register in it and watch it; and it revokes identities and certificates,
+// identity, and issues short-lived SPIFFE X509-SVIDs. It also
+// serves the admin unix socket behind `agentmesh token`; and it keeps the mesh directory
+// (which proxy lives at which address) and serves the mesh API (meshapi.Mount, with the
+// Server as its meshapi.Backend; the wire types and their validation are meshapi's,
+// the proxies' side is meshclient); and it revokes identities and certificates,
 // publishing a signed, versioned deny-list with the directory, and announces fleet
 // rotations (every proxy renews now) the same way; and it keeps the registration
 // entries saying which proxy holds which agent identity for which local uid. It does
@@ -34,7 +34,7 @@
 // Every mesh request must present an X509-SVID of the trust domain, verified at request
 // time; the registered ID is the certificate's, never the body's, and only /host/ IDs
 // may register. An address belongs to at most one live entry, and a host may claim only
-// the addresses of its address claim (HostClaim): set by an operator on the admin socket
+// the addresses of its address claim (meshapi.HostClaim): set by an operator on the admin socket
 // (Server.SetHostClaim, RegisterHost), or learnt once at its first registration from the
 // address its request came from, then fixed; claims never overlap, are written to
 // StateDir/claims.json before they take effect, and every refusal is audited
@@ -47,13 +47,13 @@
 // # Revocation
 //
 // Server.Revoke (the admin socket's POST /revoke, RequestRevoke; or POST
-// /mesh/v1/revoke for /admin/ SVIDs, RevokeRemote) revokes an identity or one
+// /mesh/v1/revoke for /admin/ SVIDs, meshclient.RevokeRemote) revokes an identity or one
 // certificate. Over mTLS any other SVID may revoke a serial of its own identity, and
 // nothing else: a proxy that rotated away from a compromised key revokes the old
 // certificate with its new one. It is recorded in the database first, and from then on the CA refuses
 // bootstrap tokens, issuance, renewal and registration for it. Then the next version of
-// the deny-list (DenyList: versioned, signed by the intermediate's key in the HSM, see
-// VerifyDenyList and NextDenyList) is written to StateDir/denylist.json and published
+// the deny-list (meshapi.DenyList: versioned, signed by the intermediate's key in the
+// HSM, see meshapi.VerifyDenyList and NextDenyList) is written to StateDir/denylist.json and published
 // in the directory document and at GET /mesh/v1/revocations, waking every long-poll;
 // last, step-ca revokes each serial, which puts it in the CRL. Every request is audited
 // (Config.Audit). step-ca's own /revoke (step ca revoke --cert --key) goes the same way.
@@ -62,24 +62,24 @@
 // carries a NotBefore cutoff, made exact by the CA refusing any certificate whose
 // NotBefore is later than its issue time minus the backdate, or before the cutoff of a
 // revoked identity. Server.Reinstate (POST /reinstate, RequestReinstate; POST
-// /mesh/v1/reinstate for /admin/ SVIDs, ReinstateRemote) lets the identity enrol again;
+// /mesh/v1/reinstate for /admin/ SVIDs, meshclient.ReinstateRemote) lets the identity enrol again;
 // its older certificates stay refused. Entries whose certificates have all expired are
-// dropped from the list, which says so (DenyList.ExpiredThrough), so the list stays
+// dropped from the list, which says so (meshapi.DenyList.ExpiredThrough), so the list stays
 // bounded by the live certificates. See docs/directory.md.
 //
 // # Registration entries
 //
-// An Entry names an agent identity (spiffe://TD/agent/NAME), the one proxy that may
+// An entry (meshapi.Entry) names an agent identity (spiffe://TD/agent/NAME), the one proxy that may
 // hold it (its host's, spiffe://TD/host/H), the uid of the agent's processes on that
 // host and optionally the port the agent listens on. Operators change them on the admin
 // socket (Server.RegisterEntry and UnregisterEntry; POST and DELETE /entries,
 // RegisterEntry, UnregisterEntry, ListEntries): an ID is registered once, and a uid or
 // a port of a host belongs to one agent (409 otherwise). Entries are written to
 // StateDir/entries.json before they take effect, published in the directory document
-// (the version moves, waking every long-poll; Directory.Entries, AgentsAt and
-// DirectoryConfig.OnEntries), and every change is audited. The proxy of the entry's
+// (the version moves, waking every long-poll; meshapi.State.Entries, AgentsAt and
+// meshclient.Config.OnEntries), and every change is audited. The proxy of the entry's
 // host, and no other, gets one-time bootstrap tokens for the agent over the mesh API
-// (POST /mesh/v1/agents/token, Directory.AgentToken), each grant or refusal audited.
+// (POST /mesh/v1/agents/token, meshclient.AgentTokens), each grant or refusal audited.
 // An /agent/ SVID is renewed only while its entry exists, so unregistering stops the
 // agent's credentials at their next renewal, whoever attempts it.
 //
@@ -91,17 +91,17 @@
 // (overlap); anything else is a fork of a stolen key and is refused, audited
 // (audit.Lineage) and counted (Config.Registerer). Agent SVIDs never renew themselves: their
 // host re-enrols them with a token the CA grants only to the host the entry names, and
-// the certificate records that host. A revocation with RevokeRequest.Except revokes the
+// the certificate records that host. A revocation with meshapi.RevokeRequest.Except revokes the
 // whole lineage but that certificate (rotate --compromised); registering an agent to
 // another host revokes the certificates issued to the previous one.
 //
 // # Fleet rotation
 //
 // Server.RotateFleet (the admin socket's POST /rotate, RequestFleetRotation) records
-// a FleetRotation with a new ID (StateDir/fleet-rotation.json, so IDs keep increasing
+// a meshapi.FleetRotation with a new ID (StateDir/fleet-rotation.json, so IDs keep increasing
 // across restarts), publishes it in the directory document, waking every long-poll,
-// and audits it. Each Directory calls DirectoryConfig.OnFleetRotation once per new ID
-// requested after the Directory was created; the proxy's rotator then renews with a
+// and audits it. Each proxy's meshclient.Watch calls Config.OnFleetRotation once per new
+// ID requested after the Watch was created; the proxy's rotator then renews with a
 // new key. The CA rotates nothing itself.
 //
 // Bootstrap tokens (Server.Token, RequestToken) and the SVID profile are

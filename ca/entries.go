@@ -2,12 +2,12 @@ package ca
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"io/fs"
 	"log/slog"
 	"os"
@@ -37,18 +37,9 @@ const (
 	actionUnregister = "unregister"
 )
 
-// Entry is a registration entry: the agent identity ID, which the proxy of Host may
-// obtain and present for the processes of UID on that host.
-type Entry struct {
-	ID   spiffeid.ID `json:"id"`             // spiffe://TD/agent/NAME
-	Host spiffeid.ID `json:"host"`           // spiffe://TD/host/H: the only proxy that gets ID's SVIDs
-	UID  uint32      `json:"uid,omitempty"`  // the uid of the agent's processes on Host; served only to Host's proxy
-	Port uint16      `json:"port,omitempty"` // where the agent listens on its host; 0: none
-}
-
 // entriesFile is the format of StateDir/entries.json.
 type entriesFile struct {
-	Entries []Entry `json:"entries"`
+	Entries []meshapi.Entry `json:"entries"`
 }
 
 // isAgentID reports whether id is under /agent/ (of any depth: only one-segment ones
@@ -66,7 +57,7 @@ func oneSegment(path, prefix string) bool {
 
 // checkRegistration validates e for trust domain td: ID is td's /agent/NAME, Host td's
 // /host/H (one segment each). Errors wrap ErrInvalidRequest.
-func checkRegistration(td spiffeid.TrustDomain, e Entry) error {
+func checkRegistration(td spiffeid.TrustDomain, e meshapi.Entry) error {
 	switch {
 	case e.ID.IsZero():
 		return fmt.Errorf("%w: id is required", ErrInvalidRequest)
@@ -74,8 +65,8 @@ func checkRegistration(td spiffeid.TrustDomain, e Entry) error {
 		return fmt.Errorf("%w: id %s is not spiffe://%s%sNAME", ErrInvalidRequest, e.ID, td.Name(), agentPathPrefix)
 	case e.Host.IsZero():
 		return fmt.Errorf("%w: host is required", ErrInvalidRequest)
-	case !e.Host.MemberOf(td) || !oneSegment(e.Host.Path(), hostPathPrefix):
-		return fmt.Errorf("%w: host %s is not spiffe://%s%sNAME", ErrInvalidRequest, e.Host, td.Name(), hostPathPrefix)
+	case !e.Host.MemberOf(td) || !oneSegment(e.Host.Path(), meshapi.HostPathPrefix):
+		return fmt.Errorf("%w: host %s is not spiffe://%s%sNAME", ErrInvalidRequest, e.Host, td.Name(), meshapi.HostPathPrefix)
 	}
 	return nil
 }
@@ -93,17 +84,17 @@ type hostPort struct {
 // entrySet is the registration entries in force, indexed for the conflict rules.
 // Immutable: changes build a new set. Pure: no clock, no lock, no I/O.
 type entrySet struct {
-	sorted []Entry // by ID
-	byID   map[spiffeid.ID]Entry
+	sorted []meshapi.Entry // by ID
+	byID   map[spiffeid.ID]meshapi.Entry
 	byUID  map[hostUID]spiffeid.ID
 	byPort map[hostPort]spiffeid.ID // Port != 0 only
 }
 
 // newEntrySet indexes entries, refusing the first that conflicts with an earlier one
 // (an error wrapping ErrEntryConflict). It does not validate them (checkRegistration).
-func newEntrySet(entries []Entry) (*entrySet, error) {
+func newEntrySet(entries []meshapi.Entry) (*entrySet, error) {
 	s := &entrySet{
-		byID:   make(map[spiffeid.ID]Entry, len(entries)),
+		byID:   make(map[spiffeid.ID]meshapi.Entry, len(entries)),
 		byUID:  make(map[hostUID]spiffeid.ID, len(entries)),
 		byPort: make(map[hostPort]spiffeid.ID),
 	}
@@ -118,15 +109,13 @@ func newEntrySet(entries []Entry) (*entrySet, error) {
 		}
 	}
 	// Never nil, so that an empty set is written and listed as [] rather than null.
-	s.sorted = append([]Entry{}, slices.SortedFunc(slices.Values(entries), compareEntries)...)
+	s.sorted = append([]meshapi.Entry{}, slices.SortedFunc(slices.Values(entries), meshapi.CompareEntries)...)
 	return s, nil
 }
 
-func compareEntries(a, b Entry) int { return cmp.Compare(a.ID.String(), b.ID.String()) }
-
 // conflict says why e cannot join s: its ID is registered already (one host per
 // agent: unregister first), or another agent holds its uid or its port on its host.
-func (s *entrySet) conflict(e Entry) error {
+func (s *entrySet) conflict(e meshapi.Entry) error {
 	if old, ok := s.byID[e.ID]; ok {
 		return fmt.Errorf("%w: %s is already registered to %s", ErrEntryConflict, e.ID, old.Host)
 	}
@@ -140,7 +129,7 @@ func (s *entrySet) conflict(e Entry) error {
 }
 
 // with returns s plus e, or the conflict.
-func (s *entrySet) with(e Entry) (*entrySet, error) {
+func (s *entrySet) with(e meshapi.Entry) (*entrySet, error) {
 	if err := s.conflict(e); err != nil {
 		return nil, err
 	}
@@ -148,12 +137,12 @@ func (s *entrySet) with(e Entry) (*entrySet, error) {
 }
 
 // without returns s minus the entry of id and that entry, or ErrEntryNotFound.
-func (s *entrySet) without(id spiffeid.ID) (*entrySet, Entry, error) {
+func (s *entrySet) without(id spiffeid.ID) (*entrySet, meshapi.Entry, error) {
 	old, ok := s.byID[id]
 	if !ok {
-		return nil, Entry{}, fmt.Errorf("%w: %s", ErrEntryNotFound, id)
+		return nil, meshapi.Entry{}, fmt.Errorf("%w: %s", ErrEntryNotFound, id)
 	}
-	next, err := newEntrySet(slices.DeleteFunc(slices.Clone(s.sorted), func(e Entry) bool { return e.ID == id }))
+	next, err := newEntrySet(slices.DeleteFunc(slices.Clone(s.sorted), func(e meshapi.Entry) bool { return e.ID == id }))
 	return next, old, err // a subset never conflicts
 }
 
@@ -174,7 +163,7 @@ func (s *entrySet) without(id spiffeid.ID) (*entrySet, Entry, error) {
 // certificate of it not issued to e.Host, and lists them on the deny-list (audited as a
 // revocation by initiator): the old host keeps nothing usable. A failure there is
 // returned; the entry stands.
-func (s *Server) RegisterEntry(ctx context.Context, initiator string, e Entry) error {
+func (s *Server) RegisterEntry(ctx context.Context, initiator string, e meshapi.Entry) error {
 	version, err := s.registerEntry(e)
 	s.logEntryChange(ctx, actionRegister, initiator, e, version, err)
 	s.audit(registrationRecord(initiator, actionRegister, e, true, err))
@@ -184,7 +173,7 @@ func (s *Server) RegisterEntry(ctx context.Context, initiator string, e Entry) e
 	return s.revokeOtherHosts(ctx, initiator, e)
 }
 
-func (s *Server) registerEntry(e Entry) (uint64, error) {
+func (s *Server) registerEntry(e meshapi.Entry) (uint64, error) {
 	if err := checkRegistration(s.cfg.TrustDomain, e); err != nil {
 		return 0, err
 	}
@@ -199,8 +188,8 @@ func (s *Server) registerEntry(e Entry) (uint64, error) {
 // holding the identity drops it), from when on the CA refuses to renew id's SVIDs and
 // to mint tokens for it on the mesh API. Errors wrap ErrEntryNotFound or
 // ErrServerClosed. Audited and logged like RegisterEntry.
-func (s *Server) UnregisterEntry(ctx context.Context, initiator string, id spiffeid.ID) (Entry, error) {
-	var removed Entry
+func (s *Server) UnregisterEntry(ctx context.Context, initiator string, id spiffeid.ID) (meshapi.Entry, error) {
+	var removed meshapi.Entry
 	version, err := s.changeEntries(func(cur *entrySet) (*entrySet, error) {
 		next, old, err := cur.without(id)
 		removed = old
@@ -208,7 +197,7 @@ func (s *Server) UnregisterEntry(ctx context.Context, initiator string, id spiff
 	})
 	known := err == nil
 	if !known {
-		removed = Entry{ID: id}
+		removed = meshapi.Entry{ID: id}
 	}
 	s.logEntryChange(ctx, actionUnregister, initiator, removed, version, err)
 	s.audit(registrationRecord(initiator, actionUnregister, removed, known, err))
@@ -216,7 +205,7 @@ func (s *Server) UnregisterEntry(ctx context.Context, initiator string, id spiff
 }
 
 // Entries returns the registration entries in force, sorted by ID (a copy).
-func (s *Server) Entries() []Entry { return slices.Clone(s.entries.Load().sorted) }
+func (s *Server) Entries() []meshapi.Entry { return slices.Clone(s.entries.Load().sorted) }
 
 // changeEntries applies change to the entries in force, persists the result and
 // publishes it; it returns the directory version after it.
@@ -277,7 +266,7 @@ func (s *Server) loadEntries() error {
 // domain td: strict JSON, every entry valid, none conflicting. Its errors name path.
 func parseEntriesFile(td spiffeid.TrustDomain, path string, b []byte) (*entrySet, error) {
 	var f entriesFile
-	if err := decodeStrict(bytes.NewReader(b), &f); err != nil {
+	if err := meshapi.DecodeStrict(bytes.NewReader(b), &f); err != nil {
 		return nil, fmt.Errorf("registration entries %s: %w", path, err)
 	}
 	for _, e := range f.Entries {
@@ -315,7 +304,7 @@ func entryRefused(err error) bool {
 
 // registrationRecord is the audit record of an entry action on e; withUID says whether
 // e's UID is known (a refused unregister of an unknown ID has none).
-func registrationRecord(initiator, action string, e Entry, withUID bool, err error) audit.Registration {
+func registrationRecord(initiator, action string, e meshapi.Entry, withUID bool, err error) audit.Registration {
 	rec := audit.Registration{Initiator: initiator, Action: action, Port: e.Port, Result: "ok"}
 	if !e.ID.IsZero() {
 		rec.SPIFFEID = e.ID.String()
@@ -337,7 +326,7 @@ func registrationRecord(initiator, action string, e Entry, withUID bool, err err
 	return rec
 }
 
-func (s *Server) logEntryChange(ctx context.Context, action, initiator string, e Entry, version uint64, err error) {
+func (s *Server) logEntryChange(ctx context.Context, action, initiator string, e meshapi.Entry, version uint64, err error) {
 	attrs := []slog.Attr{slog.String(keyInitiator, initiator), slog.String(keySPIFFEID, e.ID.String())}
 	if !e.Host.IsZero() {
 		attrs = append(attrs, slog.String(keyHost, e.Host.String()), slog.Uint64(keyUID, uint64(e.UID)))

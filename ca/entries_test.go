@@ -12,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 var (
@@ -23,24 +24,24 @@ var (
 func TestCheckRegistration(t *testing.T) {
 	t.Parallel()
 	other := spiffeid.RequireTrustDomainFromString("other.test")
-	ok := Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
+	ok := meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
 	for _, tc := range []struct {
 		name   string
-		mutate func(*Entry)
+		mutate func(*meshapi.Entry)
 		valid  bool
 	}{
-		{"valid", func(*Entry) {}, true},
-		{"uid 0 and no port", func(e *Entry) { e.UID, e.Port = 0, 0 }, true},
-		{"no id", func(e *Entry) { e.ID = spiffeid.ID{} }, false},
-		{"no host", func(e *Entry) { e.Host = spiffeid.ID{} }, false},
-		{"id in another trust domain", func(e *Entry) { e.ID = spiffeid.RequireFromPath(other, "/agent/x") }, false},
-		{"host in another trust domain", func(e *Entry) { e.Host = spiffeid.RequireFromPath(other, "/host/a") }, false},
-		{"id not an agent", func(e *Entry) { e.ID = spiffeid.RequireFromPath(testTD, "/workload/x") }, false},
-		{"id is the agent prefix", func(e *Entry) { e.ID = spiffeid.RequireFromPath(testTD, "/agent") }, false},
-		{"id with two segments", func(e *Entry) { e.ID = spiffeid.RequireFromPath(testTD, "/agent/x/y") }, false},
-		{"id is the trust domain", func(e *Entry) { e.ID = testTD.ID() }, false},
-		{"host not a host", func(e *Entry) { e.Host = spiffeid.RequireFromPath(testTD, "/agent/a") }, false},
-		{"host with two segments", func(e *Entry) { e.Host = spiffeid.RequireFromPath(testTD, "/host/eu/a") }, false},
+		{"valid", func(*meshapi.Entry) {}, true},
+		{"uid 0 and no port", func(e *meshapi.Entry) { e.UID, e.Port = 0, 0 }, true},
+		{"no id", func(e *meshapi.Entry) { e.ID = spiffeid.ID{} }, false},
+		{"no host", func(e *meshapi.Entry) { e.Host = spiffeid.ID{} }, false},
+		{"id in another trust domain", func(e *meshapi.Entry) { e.ID = spiffeid.RequireFromPath(other, "/agent/x") }, false},
+		{"host in another trust domain", func(e *meshapi.Entry) { e.Host = spiffeid.RequireFromPath(other, "/host/a") }, false},
+		{"id not an agent", func(e *meshapi.Entry) { e.ID = spiffeid.RequireFromPath(testTD, "/workload/x") }, false},
+		{"id is the agent prefix", func(e *meshapi.Entry) { e.ID = spiffeid.RequireFromPath(testTD, "/agent") }, false},
+		{"id with two segments", func(e *meshapi.Entry) { e.ID = spiffeid.RequireFromPath(testTD, "/agent/x/y") }, false},
+		{"id is the trust domain", func(e *meshapi.Entry) { e.ID = testTD.ID() }, false},
+		{"host not a host", func(e *meshapi.Entry) { e.Host = spiffeid.RequireFromPath(testTD, "/agent/a") }, false},
+		{"host with two segments", func(e *meshapi.Entry) { e.Host = spiffeid.RequireFromPath(testTD, "/host/eu/a") }, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -59,21 +60,21 @@ func TestCheckRegistration(t *testing.T) {
 
 func TestEntrySet(t *testing.T) {
 	t.Parallel()
-	x := Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
+	x := meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
 	for _, tc := range []struct {
 		name     string
-		existing []Entry
-		add      Entry
+		existing []meshapi.Entry
+		add      meshapi.Entry
 		conflict bool
 	}{
 		{"first", nil, x, false},
-		{"same id, same host", []Entry{x}, x, true},
-		{"same id, other host", []Entry{x}, Entry{ID: agentX, Host: idB, UID: 1}, true},
-		{"same uid on the host", []Entry{x}, Entry{ID: agentY, Host: idA, UID: 1000}, true},
-		{"same port on the host", []Entry{x}, Entry{ID: agentY, Host: idA, UID: 1001, Port: 8080}, true},
-		{"same uid on another host", []Entry{x}, Entry{ID: agentY, Host: idB, UID: 1000, Port: 8080}, false},
-		{"other uid and port", []Entry{x}, Entry{ID: agentY, Host: idA, UID: 1001, Port: 8081}, false},
-		{"no port twice", []Entry{{ID: agentX, Host: idA, UID: 1}}, Entry{ID: agentY, Host: idA, UID: 2}, false},
+		{"same id, same host", []meshapi.Entry{x}, x, true},
+		{"same id, other host", []meshapi.Entry{x}, meshapi.Entry{ID: agentX, Host: idB, UID: 1}, true},
+		{"same uid on the host", []meshapi.Entry{x}, meshapi.Entry{ID: agentY, Host: idA, UID: 1000}, true},
+		{"same port on the host", []meshapi.Entry{x}, meshapi.Entry{ID: agentY, Host: idA, UID: 1001, Port: 8080}, true},
+		{"same uid on another host", []meshapi.Entry{x}, meshapi.Entry{ID: agentY, Host: idB, UID: 1000, Port: 8080}, false},
+		{"other uid and port", []meshapi.Entry{x}, meshapi.Entry{ID: agentY, Host: idA, UID: 1001, Port: 8081}, false},
+		{"no port twice", []meshapi.Entry{{ID: agentX, Host: idA, UID: 1}}, meshapi.Entry{ID: agentY, Host: idA, UID: 2}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -103,21 +104,21 @@ func TestEntrySet(t *testing.T) {
 
 	t.Run("without frees the id, uid and port", func(t *testing.T) {
 		t.Parallel()
-		set, err := newEntrySet([]Entry{{ID: agentY, Host: idA, UID: 2}, x, {ID: agentZ, Host: idB, UID: 1000, Port: 8080}})
+		set, err := newEntrySet([]meshapi.Entry{{ID: agentY, Host: idA, UID: 2}, x, {ID: agentZ, Host: idB, UID: 1000, Port: 8080}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !slices.IsSortedFunc(set.sorted, compareEntries) {
+		if !slices.IsSortedFunc(set.sorted, meshapi.CompareEntries) {
 			t.Errorf("not sorted: %+v", set.sorted)
 		}
 		next, old, err := set.without(agentX)
 		if err != nil || old != x {
 			t.Fatalf("without = %+v, %v", old, err)
 		}
-		if _, err := next.with(Entry{ID: agentX, Host: idB, UID: 7}); err != nil {
+		if _, err := next.with(meshapi.Entry{ID: agentX, Host: idB, UID: 7}); err != nil {
 			t.Errorf("re-register on another host: %v", err)
 		}
-		if _, err := next.with(Entry{ID: spiffeid.RequireFromPath(testTD, "/agent/w"), Host: idA, UID: 1000, Port: 8080}); err != nil {
+		if _, err := next.with(meshapi.Entry{ID: spiffeid.RequireFromPath(testTD, "/agent/w"), Host: idA, UID: 1000, Port: 8080}); err != nil {
 			t.Errorf("uid and port freed: %v", err)
 		}
 		if _, _, err := next.without(agentX); !errors.Is(err, ErrEntryNotFound) {
@@ -139,7 +140,7 @@ func registrations(r *auditRecorder) []audit.Registration {
 }
 
 func responseStatus(err error) int {
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if errors.As(err, &re) {
 		return re.Status
 	}
@@ -152,9 +153,9 @@ func TestEntriesSurviveRestart(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ctx := context.Background()
 	first := startCA(t, cfg)
-	x := Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
-	y := Entry{ID: agentY, Host: idB, UID: 0}
-	for _, e := range []Entry{x, y} {
+	x := meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
+	y := meshapi.Entry{ID: agentY, Host: idB, UID: 0}
+	for _, e := range []meshapi.Entry{x, y} {
 		if err := first.RegisterEntry(ctx, "op", e); err != nil {
 			t.Fatal(err)
 		}
@@ -172,14 +173,14 @@ func TestEntriesSurviveRestart(t *testing.T) {
 	}
 
 	second := startCA(t, cfg)
-	if got := second.Entries(); !slices.Equal(got, []Entry{x, y}) {
+	if got := second.Entries(); !slices.Equal(got, []meshapi.Entry{x, y}) {
 		t.Fatalf("entries after restart %+v", got)
 	}
 	doc, err := RequestDirectory(ctx, cfg.StateDir)
-	if err != nil || !slices.Equal(doc.Entries, []Entry{x, y}) {
+	if err != nil || !slices.Equal(doc.Entries, []meshapi.Entry{x, y}) {
 		t.Fatalf("directory after restart: %+v, %v", doc, err)
 	}
-	if err := RegisterEntry(ctx, cfg.StateDir, Entry{ID: agentX, Host: idB, UID: 5}); responseStatus(err) != http.StatusConflict {
+	if err := RegisterEntry(ctx, cfg.StateDir, meshapi.Entry{ID: agentX, Host: idB, UID: 5}); responseStatus(err) != http.StatusConflict {
 		t.Errorf("conflict with a loaded entry: %v, want 409", err)
 	}
 	if err := second.stop(); err != nil {

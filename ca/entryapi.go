@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -19,42 +20,18 @@ const (
 	// adminEntriesPath is the admin socket's registration entries: POST registers,
 	// DELETE ?id= unregisters, GET lists.
 	adminEntriesPath = "/entries"
-	// meshAgentTokenPath is where a proxy asks for a bootstrap token for an agent
-	// registered to its host.
-	meshAgentTokenPath = "/agents/token"
 	// maxEntriesResponse bounds a list of entries a client reads: ~150 bytes an
 	// entry.
 	maxEntriesResponse = 16 << 20
 )
-
-// entryRequest is the body of the admin socket's POST /entries: an Entry whose uid
-// must be present, so that a client that forgets it does not register root's
-// processes.
-type entryRequest struct {
-	ID   spiffeid.ID `json:"id"`
-	Host spiffeid.ID `json:"host"`
-	UID  *uint32     `json:"uid"`
-	Port uint16      `json:"port,omitempty"`
-}
-
-// entriesResponse answers GET /entries.
-type entriesResponse struct {
-	Entries []Entry `json:"entries"`
-}
-
-// agentTokenRequest is the body of POST /mesh/v1/agents/token. The ID is a string so
-// that a malformed one gets a message naming it rather than a decoding error.
-type agentTokenRequest struct {
-	ID string `json:"id"`
-}
 
 // handleAdminRegister is the admin socket's POST /entries (adminOnly has admitted the
 // caller).
 func (s *Server) handleAdminRegister(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 	initiator := uidInitiator(cred.uid)
-	var req entryRequest
-	err := decodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req)
+	var req meshapi.EntryRequest
+	err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req)
 	if err == nil && req.UID == nil {
 		err = errors.New("uid is required")
 	}
@@ -64,7 +41,7 @@ func (s *Server) handleAdminRegister(w http.ResponseWriter, r *http.Request) {
 		writeAdminError(w, http.StatusBadRequest, msg)
 		return
 	}
-	e := Entry{ID: req.ID, Host: req.Host, UID: *req.UID, Port: req.Port}
+	e := meshapi.Entry{ID: req.ID, Host: req.Host, UID: *req.UID, Port: req.Port}
 	// The change completes even if the caller goes away meanwhile.
 	if err := s.RegisterEntry(context.WithoutCancel(r.Context()), initiator, e); err != nil {
 		writeAdminError(w, entryStatus(err), err.Error()) // logged and audited
@@ -95,7 +72,7 @@ func (s *Server) handleAdminUnregister(w http.ResponseWriter, r *http.Request) {
 
 // handleAdminEntries is the admin socket's GET /entries.
 func (s *Server) handleAdminEntries(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, entriesResponse{Entries: s.Entries()})
+	writeJSON(w, meshapi.EntriesResponse{Entries: s.Entries()})
 }
 
 // entryStatus is the HTTP status answering a RegisterEntry or UnregisterEntry error.
@@ -151,16 +128,16 @@ func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 		s.refusedToken(rec, reason, msg)
 		s.refuse(w, r, status, caller, msg)
 	}
-	if !isHostID(caller) {
-		refuse(http.StatusForbidden, "only "+hostPathPrefix+"* identities may request agent tokens")
+	if !meshapi.IsHostID(caller) {
+		refuse(http.StatusForbidden, "only "+meshapi.HostPathPrefix+"* identities may request agent tokens")
 		return
 	}
 	if serial := callerSerial(r); s.db.rev.revoked(caller, serial, callerNotBefore(r)) {
 		refuse(http.StatusForbidden, fmt.Errorf("%w: %s serial %s", ErrRevoked, caller, serial).Error())
 		return
 	}
-	var req agentTokenRequest
-	if err := decodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
+	var req meshapi.AgentTokenRequest
+	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
 		refuse(http.StatusBadRequest, "invalid request body: "+err.Error())
 		return
 	}
@@ -194,7 +171,7 @@ func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 	s.db.lin.grant(tok, caller, time.Now())
 	s.log.LogAttrs(r.Context(), slog.LevelDebug, "agent token granted",
 		slog.String(keySPIFFEID, id.String()), slog.String(keyHost, caller.String()))
-	writeJSON(w, tokenResponse{Token: tok})
+	writeJSON(w, meshapi.TokenResponse{Token: tok})
 }
 
 // RegisterEntry registers e with the CA running with state directory stateDir, through
@@ -202,9 +179,9 @@ func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 // caller must be root or the CA's user. A refusal is a *ResponseError with Op
 // "register entry" carrying the CA's message: 400 for an invalid entry, 403 for a
 // caller not allowed or a revoked identity, 409 for a conflict.
-func RegisterEntry(ctx context.Context, stateDir string, e Entry) error {
+func RegisterEntry(ctx context.Context, stateDir string, e meshapi.Entry) error {
 	// As an entryRequest: Entry leaves uid 0 out, and the CA refuses an entry without one.
-	body, err := json.Marshal(entryRequest{ID: e.ID, Host: e.Host, UID: &e.UID, Port: e.Port})
+	body, err := json.Marshal(meshapi.EntryRequest{ID: e.ID, Host: e.Host, UID: &e.UID, Port: e.Port})
 	if err != nil {
 		return fmt.Errorf("ca: register entry: %w", err)
 	}
@@ -225,12 +202,12 @@ func UnregisterEntry(ctx context.Context, stateDir string, id spiffeid.ID) error
 // ListEntries returns the registration entries of the CA running with state directory
 // stateDir, sorted by ID, read through its admin socket (what `agentmesh list` runs). A
 // refusal is a *ResponseError with Op "list entries".
-func ListEntries(ctx context.Context, stateDir string) ([]Entry, error) {
+func ListEntries(ctx context.Context, stateDir string) ([]meshapi.Entry, error) {
 	b, err := adminRequest(ctx, stateDir, "list entries", http.MethodGet, adminEntriesPath, nil, maxEntriesResponse)
 	if err != nil {
 		return nil, err
 	}
-	var ans entriesResponse
+	var ans meshapi.EntriesResponse
 	if err := json.Unmarshal(b, &ans); err != nil {
 		return nil, fmt.Errorf("ca: list entries: malformed answer from the admin socket: %w", err)
 	}

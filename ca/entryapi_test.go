@@ -23,6 +23,8 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/testaudit"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 // refusedAdminRecord audits refused writes of entries and revocations and refused
@@ -62,36 +64,36 @@ func TestEntriesAdminSocket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	x := Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
-	y := Entry{ID: agentY, Host: idA, UID: 0} // root's processes: uid 0 must reach the CA
-	for _, e := range []Entry{y, x} {
+	x := meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
+	y := meshapi.Entry{ID: agentY, Host: idA, UID: 0} // root's processes: uid 0 must reach the CA
+	for _, e := range []meshapi.Entry{y, x} {
 		if err := RegisterEntry(ctx, cfg.StateDir, e); err != nil {
 			t.Fatalf("RegisterEntry(%+v): %v", e, err)
 		}
 	}
 	got, err := ListEntries(ctx, cfg.StateDir)
-	if err != nil || !slices.Equal(got, []Entry{x, y}) {
+	if err != nil || !slices.Equal(got, []meshapi.Entry{x, y}) {
 		t.Fatalf("ListEntries = %+v, %v; want x, y", got, err)
 	}
 	doc, err := RequestDirectory(ctx, cfg.StateDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(doc.Entries, []Entry{x, y}) || doc.Version < before.Version+2 {
+	if !slices.Equal(doc.Entries, []meshapi.Entry{x, y}) || doc.Version < before.Version+2 {
 		t.Errorf("directory: version %d (was %d), entries %+v", doc.Version, before.Version, doc.Entries)
 	}
 
 	for _, tc := range []struct {
 		name    string
-		e       Entry
+		e       meshapi.Entry
 		status  int
 		message string
 	}{
-		{"same id", Entry{ID: agentX, Host: idB, UID: 1}, http.StatusConflict, "spiffe://mesh.test/agent/x is already registered to spiffe://mesh.test/host/a"},
-		{"same uid", Entry{ID: agentZ, Host: idA, UID: 1000}, http.StatusConflict, "uid 1000 on spiffe://mesh.test/host/a is already registered to spiffe://mesh.test/agent/x"},
-		{"same port", Entry{ID: agentZ, Host: idA, UID: 1002, Port: 8080}, http.StatusConflict, "port 8080 on spiffe://mesh.test/host/a is already registered to spiffe://mesh.test/agent/x"},
-		{"not an agent", Entry{ID: spiffeid.RequireFromPath(testTD, "/workload/z"), Host: idA, UID: 1002}, http.StatusBadRequest, "is not spiffe://mesh.test/agent/NAME"},
-		{"foreign host", Entry{ID: agentZ, Host: spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("o.test"), "/host/a"), UID: 1002}, http.StatusBadRequest, "is not spiffe://mesh.test/host/NAME"},
+		{"same id", meshapi.Entry{ID: agentX, Host: idB, UID: 1}, http.StatusConflict, "spiffe://mesh.test/agent/x is already registered to spiffe://mesh.test/host/a"},
+		{"same uid", meshapi.Entry{ID: agentZ, Host: idA, UID: 1000}, http.StatusConflict, "uid 1000 on spiffe://mesh.test/host/a is already registered to spiffe://mesh.test/agent/x"},
+		{"same port", meshapi.Entry{ID: agentZ, Host: idA, UID: 1002, Port: 8080}, http.StatusConflict, "port 8080 on spiffe://mesh.test/host/a is already registered to spiffe://mesh.test/agent/x"},
+		{"not an agent", meshapi.Entry{ID: spiffeid.RequireFromPath(testTD, "/workload/z"), Host: idA, UID: 1002}, http.StatusBadRequest, "is not spiffe://mesh.test/agent/NAME"},
+		{"foreign host", meshapi.Entry{ID: agentZ, Host: spiffeid.RequireFromPath(spiffeid.RequireTrustDomainFromString("o.test"), "/host/a"), UID: 1002}, http.StatusBadRequest, "is not spiffe://mesh.test/host/NAME"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			err := RegisterEntry(ctx, cfg.StateDir, tc.e)
@@ -112,7 +114,7 @@ func TestEntriesAdminSocket(t *testing.T) {
 			t.Errorf("UnregisterEntry of an unknown id: %v, want 404", err)
 		}
 	})
-	if got, _ := ListEntries(ctx, cfg.StateDir); !slices.Equal(got, []Entry{x, y}) {
+	if got, _ := ListEntries(ctx, cfg.StateDir); !slices.Equal(got, []meshapi.Entry{x, y}) {
 		t.Fatalf("refusals changed the entries: %+v", got)
 	}
 
@@ -123,11 +125,11 @@ func TestEntriesAdminSocket(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(after.Entries, []Entry{y}) || after.Version <= doc.Version {
+	if !slices.Equal(after.Entries, []meshapi.Entry{y}) || after.Version <= doc.Version {
 		t.Errorf("directory after unregister: version %d (was %d), entries %+v", after.Version, doc.Version, after.Entries)
 	}
 	// Its uid and port are free again.
-	if err := RegisterEntry(ctx, cfg.StateDir, Entry{ID: agentZ, Host: idA, UID: 1000, Port: 8080}); err != nil {
+	if err := RegisterEntry(ctx, cfg.StateDir, meshapi.Entry{ID: agentZ, Host: idA, UID: 1000, Port: 8080}); err != nil {
 		t.Errorf("register on the freed uid and port: %v", err)
 	}
 
@@ -196,10 +198,10 @@ func auditLines(t *testing.T, l *audit.Log, path, kind string) []map[string]any 
 
 // agentDirectory is a Directory presenting svid that only watches (no addresses):
 // enough to ask for agent tokens.
-func agentDirectory(t *testing.T, ca *runningCA, svid *x509svid.SVID) *Directory {
+func agentDirectory(t *testing.T, ca *runningCA, svid *x509svid.SVID) *meshclient.Member {
 	t.Helper()
 	cert := tlsCert(svid)
-	d, err := NewDirectory(DirectoryConfig{URL: ca.URL(), Roots: ca.Roots(),
+	d, err := meshclient.NewMember(meshclient.Config{URL: ca.URL(), Roots: ca.Roots(),
 		Certificate: func() (*tls.Certificate, error) { return cert, nil }})
 	if err != nil {
 		t.Fatal(err)
@@ -219,11 +221,11 @@ func TestAgentToken(t *testing.T) {
 
 	hostA := agentDirectory(t, ca, enroll(t, ca, idA))
 	hostB := agentDirectory(t, ca, enroll(t, ca, idB))
-	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}); err != nil {
+	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}); err != nil {
 		t.Fatal(err)
 	}
 
-	tok, err := hostA.AgentToken(ctx, agentX)
+	tok, err := hostA.Tokens.AgentToken(ctx, agentX)
 	if err != nil {
 		t.Fatalf("AgentToken by the entry's host: %v", err)
 	}
@@ -244,7 +246,7 @@ func TestAgentToken(t *testing.T) {
 
 	for _, tc := range []struct {
 		name    string
-		d       *Directory
+		d       *meshclient.Member
 		id      spiffeid.ID
 		message string
 	}{
@@ -253,7 +255,7 @@ func TestAgentToken(t *testing.T) {
 		{"an agent asking", agentDirectory(t, ca, agent), agentX, "only /host/* identities"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := tc.d.AgentToken(ctx, tc.id)
+			_, err := tc.d.Tokens.AgentToken(ctx, tc.id)
 			if responseStatus(err) != http.StatusForbidden || !strings.Contains(err.Error(), tc.message) || !permanent(err) {
 				t.Errorf("AgentToken = %v, want a permanent 403 with %q", err, tc.message)
 			}
@@ -285,7 +287,7 @@ func TestAgentToken(t *testing.T) {
 	if responseStatus(err) != http.StatusForbidden || !permanent(err) {
 		t.Errorf("Renew after unregister: %v, want a permanent 403", err)
 	}
-	if _, err := hostA.AgentToken(ctx, agentX); responseStatus(err) != http.StatusForbidden {
+	if _, err := hostA.Tokens.AgentToken(ctx, agentX); responseStatus(err) != http.StatusForbidden {
 		t.Errorf("AgentToken after unregister: %v, want 403", err)
 	}
 	// Host SVIDs and other workloads are not subject to entries.
@@ -365,7 +367,7 @@ func TestEntriesAdminChild(t *testing.T) {
 		t.Skip("run by TestEntriesRefuseOtherUsers as another user")
 	}
 	ctx := context.Background()
-	if err := RegisterEntry(ctx, dir, Entry{ID: agentX, Host: idA, UID: uint32(os.Getuid())}); responseStatus(err) != http.StatusForbidden {
+	if err := RegisterEntry(ctx, dir, meshapi.Entry{ID: agentX, Host: idA, UID: uint32(os.Getuid())}); responseStatus(err) != http.StatusForbidden {
 		t.Errorf("RegisterEntry: %v, want 403", err)
 	}
 	if err := UnregisterEntry(ctx, dir, agentX); responseStatus(err) != http.StatusForbidden {

@@ -2,6 +2,7 @@ package ca
 
 import (
 	"encoding/json"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"sync"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -17,14 +18,14 @@ import (
 
 // entriesFor returns the entries the proxy of host may see: its own whole, the other
 // hosts' with a port, without their uid. entries is not modified.
-func entriesFor(entries []Entry, host spiffeid.ID) []Entry {
-	var out []Entry
+func entriesFor(entries []meshapi.Entry, host spiffeid.ID) []meshapi.Entry {
+	var out []meshapi.Entry
 	for _, e := range entries {
 		switch {
 		case e.Host == host && !host.IsZero():
 			out = append(out, e)
 		case e.Port != 0:
-			out = append(out, Entry{ID: e.ID, Host: e.Host, Port: e.Port})
+			out = append(out, meshapi.Entry{ID: e.ID, Host: e.Host, Port: e.Port})
 		}
 	}
 	return out
@@ -39,7 +40,7 @@ type callerViews struct {
 }
 
 // view returns the JSON of doc as caller may see it, encoding it on first use.
-func (c *callerViews) view(doc DirectoryDocument, caller spiffeid.ID) ([]byte, error) {
+func (c *callerViews) view(doc meshapi.DirectoryDocument, caller spiffeid.ID) ([]byte, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if b, ok := c.views[caller]; ok {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"io/fs"
 	"log/slog"
 	"net/http"
@@ -21,20 +22,6 @@ import (
 // a new key (`agentmesh rotate --all`). The CA does not rotate anything itself: it
 // records the request, publishes it in the directory document, and each proxy's
 // Directory hands it to the rotator (DirectoryConfig.OnFleetRotation).
-
-// FleetRotation is the latest fleet rotation the CA published.
-type FleetRotation struct {
-	// ID identifies the request. IDs only increase, across restarts too: each is at
-	// least the CA's clock in microseconds and above the previous one, which is
-	// persisted. A proxy acts on an ID at most once.
-	ID uint64 `json:"id"`
-	// At is when the CA accepted the request (its clock). A proxy whose Directory was
-	// created after At does not act on it: its credential is already newer.
-	At time.Time `json:"at"`
-	// Reason is the operator's free text, for audit records: at most 256 printable
-	// ASCII characters.
-	Reason string `json:"reason,omitempty"`
-}
 
 // fleetRequest is the body of the admin socket's POST /rotate.
 type fleetRequest struct {
@@ -63,7 +50,7 @@ func nextFleetID(prev uint64, now time.Time) uint64 {
 // characters (else ErrInvalidRequest). Concurrent calls are serialised; each gets its
 // own ID. Before Run, the rotation is published when Run starts serving. It fails
 // with ErrServerClosed after Close.
-func (s *Server) RotateFleet(ctx context.Context, initiator, reason string) (*FleetRotation, error) {
+func (s *Server) RotateFleet(ctx context.Context, initiator, reason string) (*meshapi.FleetRotation, error) {
 	started := time.Now()
 	fr, err := s.rotateFleet(reason, started)
 	rec := audit.Rotation{SPIFFEID: fleetSPIFFEID, Trigger: fleetTrigger, Initiator: initiator, Reason: reason,
@@ -84,9 +71,9 @@ func (s *Server) RotateFleet(ctx context.Context, initiator, reason string) (*Fl
 	return fr, err
 }
 
-func (s *Server) rotateFleet(reason string, now time.Time) (*FleetRotation, error) {
-	if !validReason(reason) {
-		return nil, fmt.Errorf("%w: reason: at most %d printable ASCII characters", ErrInvalidRequest, maxRevokeReason)
+func (s *Server) rotateFleet(reason string, now time.Time) (*meshapi.FleetRotation, error) {
+	if !meshapi.ValidReason(reason) {
+		return nil, fmt.Errorf("%w: reason: at most %d printable ASCII characters", ErrInvalidRequest, meshapi.MaxReason)
 	}
 	s.mu.Lock()
 	state := s.state
@@ -102,7 +89,7 @@ func (s *Server) rotateFleet(reason string, now time.Time) (*FleetRotation, erro
 	if s.fleet.latest != nil {
 		prev = s.fleet.latest.ID
 	}
-	fr := &FleetRotation{ID: nextFleetID(prev, now), At: now.UTC().Round(0), Reason: reason}
+	fr := &meshapi.FleetRotation{ID: nextFleetID(prev, now), At: now.UTC().Round(0), Reason: reason}
 	b, err := json.Marshal(fr)
 	if err != nil {
 		return nil, fmt.Errorf("ca: fleet rotation: %w", err)
@@ -140,12 +127,12 @@ func (s *Server) loadFleetRotation() error {
 
 // parseFleetRotationFile decodes b, the content of the fleet rotation file at path:
 // strict JSON, an ID, a time and a valid reason. Its errors name path.
-func parseFleetRotationFile(path string, b []byte) (*FleetRotation, error) {
-	var fr FleetRotation
-	if err := decodeStrict(bytes.NewReader(b), &fr); err != nil {
+func parseFleetRotationFile(path string, b []byte) (*meshapi.FleetRotation, error) {
+	var fr meshapi.FleetRotation
+	if err := meshapi.DecodeStrict(bytes.NewReader(b), &fr); err != nil {
 		return nil, fmt.Errorf("fleet rotation %s: %w", path, err)
 	}
-	if fr.ID == 0 || fr.At.IsZero() || !validReason(fr.Reason) {
+	if fr.ID == 0 || fr.At.IsZero() || !meshapi.ValidReason(fr.Reason) {
 		return nil, fmt.Errorf("fleet rotation %s: malformed", path)
 	}
 	return &fr, nil
@@ -156,7 +143,7 @@ func parseFleetRotationFile(path string, b []byte) (*FleetRotation, error) {
 func (s *Server) handleAdminRotate(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 	var req fleetRequest
-	if err := decodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
+	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
 		writeAdminError(w, http.StatusBadRequest, "invalid request body: "+err.Error())
 		return
 	}
@@ -181,7 +168,7 @@ func (s *Server) handleAdminRotate(w http.ResponseWriter, r *http.Request) {
 // --all --reason R` runs on the CA host); see Server.RotateFleet. The caller must be
 // root or the CA's user. A refusal is a *ResponseError with Op "rotate": 400 for a bad
 // reason, 403 for a caller not allowed.
-func RequestFleetRotation(ctx context.Context, stateDir, reason string) (*FleetRotation, error) {
+func RequestFleetRotation(ctx context.Context, stateDir, reason string) (*meshapi.FleetRotation, error) {
 	body, err := json.Marshal(fleetRequest{Reason: reason})
 	if err != nil {
 		return nil, fmt.Errorf("ca: rotate: %w", err)
@@ -190,42 +177,9 @@ func RequestFleetRotation(ctx context.Context, stateDir, reason string) (*FleetR
 	if err != nil {
 		return nil, err
 	}
-	var fr FleetRotation
+	var fr meshapi.FleetRotation
 	if err := json.Unmarshal(b, &fr); err != nil || fr.ID == 0 {
 		return nil, errors.New("ca: rotate: malformed answer from the admin socket")
 	}
 	return &fr, nil
-}
-
-// fleetDue decides what a Directory does with the fleet rotation fr of a directory
-// answer, seen being the highest ID it has seen and created when it was created: fr
-// is new when its ID is above seen (next is then its ID), and due (call is true) when
-// it is new and was requested after created. A proxy that starts after a request does
-// not rotate for it, and a replayed or older announcement never fires again. Pure.
-func fleetDue(seen uint64, created time.Time, fr FleetRotation) (next uint64, call bool) {
-	if fr.ID <= seen {
-		return seen, false
-	}
-	return fr.ID, fr.At.After(created)
-}
-
-// offerFleetRotation applies fleetDue to a directory answer's fleet rotation and calls
-// OnFleetRotation when it is due.
-func (d *Directory) offerFleetRotation(fr FleetRotation) {
-	d.fleetMu.Lock()
-	next, call := fleetDue(d.fleetSeen, d.created, fr)
-	isNew := next != d.fleetSeen
-	d.fleetSeen = next
-	d.fleetMu.Unlock()
-	switch {
-	case !isNew:
-		return
-	case !call:
-		d.log.Debug("fleet rotation predates this client: ignored", keyFleetID, fr.ID, keyFleetAt, fr.At)
-		return
-	}
-	d.log.Info("fleet rotation requested by the ca", keyFleetID, fr.ID, keyFleetAt, fr.At, keyReason, fr.Reason)
-	if d.cfg.OnFleetRotation != nil {
-		d.cfg.OnFleetRotation(fr)
-	}
 }

@@ -16,6 +16,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 func TestNextFleetID(t *testing.T) {
@@ -54,23 +56,23 @@ func TestFleetDue(t *testing.T) {
 	for _, tc := range []struct {
 		name     string
 		seen     uint64
-		fr       FleetRotation
+		fr       meshapi.FleetRotation
 		wantSeen uint64
 		wantCall bool
 	}{
-		{"first, after start", 0, FleetRotation{ID: 10, At: after}, 10, true},
-		{"first, before start", 0, FleetRotation{ID: 10, At: before}, 10, false},
-		{"requested at the start instant", 0, FleetRotation{ID: 10, At: created}, 10, false},
-		{"newer", 10, FleetRotation{ID: 11, At: after}, 11, true},
-		{"same again", 10, FleetRotation{ID: 10, At: after}, 10, false},
-		{"older (replayed answer)", 10, FleetRotation{ID: 9, At: after.Add(time.Hour)}, 10, false},
-		{"newer but before start", 10, FleetRotation{ID: 11, At: before}, 11, false},
+		{"first, after start", 0, meshapi.FleetRotation{ID: 10, At: after}, 10, true},
+		{"first, before start", 0, meshapi.FleetRotation{ID: 10, At: before}, 10, false},
+		{"requested at the start instant", 0, meshapi.FleetRotation{ID: 10, At: created}, 10, false},
+		{"newer", 10, meshapi.FleetRotation{ID: 11, At: after}, 11, true},
+		{"same again", 10, meshapi.FleetRotation{ID: 10, At: after}, 10, false},
+		{"older (replayed answer)", 10, meshapi.FleetRotation{ID: 9, At: after.Add(time.Hour)}, 10, false},
+		{"newer but before start", 10, meshapi.FleetRotation{ID: 11, At: before}, 11, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			seen, call := fleetDue(tc.seen, created, tc.fr)
+			seen, call := meshapi.FleetDue(tc.seen, created, tc.fr)
 			if seen != tc.wantSeen || call != tc.wantCall {
-				t.Errorf("fleetDue(%d, %+v) = %d, %v; want %d, %v", tc.seen, tc.fr, seen, call, tc.wantSeen, tc.wantCall)
+				t.Errorf("meshapi.FleetDue(%d, %+v) = %d, %v; want %d, %v", tc.seen, tc.fr, seen, call, tc.wantSeen, tc.wantCall)
 			}
 		})
 	}
@@ -78,16 +80,16 @@ func TestFleetDue(t *testing.T) {
 
 // fleetWatcher runs a watch-only Directory for svid that records the fleet rotations
 // it is handed.
-func fleetWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID) (*Directory, chan FleetRotation) {
+func fleetWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID) (*meshclient.Member, chan meshapi.FleetRotation) {
 	t.Helper()
 	logger, _ := newTestLogger(t)
 	cert := tlsCert(svid)
-	got := make(chan FleetRotation, 8)
-	d, err := NewDirectory(DirectoryConfig{
+	got := make(chan meshapi.FleetRotation, 8)
+	d, err := meshclient.NewMember(meshclient.Config{
 		URL:             ca.URL(),
 		Roots:           ca.Roots(),
 		Certificate:     func() (*tls.Certificate, error) { return cert, nil },
-		OnFleetRotation: func(fr FleetRotation) { got <- fr },
+		OnFleetRotation: func(fr meshapi.FleetRotation) { got <- fr },
 		Logger:          logger.With("proxy", svid.ID.String()),
 	})
 	if err != nil {
@@ -99,18 +101,18 @@ func fleetWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID) (*Directory,
 
 // nextFleet waits for one OnFleetRotation call; the guard is well under the 25s
 // long-poll, so a pass means the poll was woken.
-func nextFleet(t *testing.T, ch <-chan FleetRotation) FleetRotation {
+func nextFleet(t *testing.T, ch <-chan meshapi.FleetRotation) meshapi.FleetRotation {
 	t.Helper()
 	select {
 	case fr := <-ch:
 		return fr
 	case <-time.After(10 * time.Second):
 		t.Fatal("OnFleetRotation not called within 10s")
-		return FleetRotation{}
+		return meshapi.FleetRotation{}
 	}
 }
 
-func noFleet(t *testing.T, ch <-chan FleetRotation, why string) {
+func noFleet(t *testing.T, ch <-chan meshapi.FleetRotation, why string) {
 	t.Helper()
 	select {
 	case fr := <-ch:
@@ -119,7 +121,7 @@ func noFleet(t *testing.T, ch <-chan FleetRotation, why string) {
 	}
 }
 
-func sameFleet(a, b FleetRotation) bool {
+func sameFleet(a, b meshapi.FleetRotation) bool {
 	return a.ID == b.ID && a.At.Equal(b.At) && a.Reason == b.Reason
 }
 
@@ -147,7 +149,7 @@ func TestFleetRotation(t *testing.T) {
 	ctx := context.Background()
 
 	early, earlyGot := fleetWatcher(t, ca, enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/early")))
-	waitUntil(t, early, "first directory", func() bool { return early.Version() != 0 })
+	waitUntil(t, early, "first directory", func() bool { return early.Watch.State().Version() != 0 })
 	select {
 	case <-parked: // the watcher's next long-poll is waiting on the CA
 	case <-time.After(10 * time.Second):
@@ -190,21 +192,21 @@ func TestFleetRotation(t *testing.T) {
 	}
 
 	// The next directory version carries the same rotation again: no second call.
-	if _, err := ca.Revoke(ctx, "op", RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
+	if _, err := ca.Revoke(ctx, "op", meshapi.RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
 		t.Fatal(err)
 	}
 	afterRevoke, err := RequestDirectory(ctx, cfg.StateDir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	waitUntil(t, early, "directory after the revocation", func() bool { return early.Version() >= afterRevoke.Version })
+	waitUntil(t, early, "directory after the revocation", func() bool { return early.Watch.State().Version() >= afterRevoke.Version })
 	noFleet(t, earlyGot, "the same rotation in a later directory version")
 
 	late, lateGot := fleetWatcher(t, ca, enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/late")))
-	waitUntil(t, late, "first directory of the late client", func() bool { return late.Version() >= afterRevoke.Version })
+	waitUntil(t, late, "first directory of the late client", func() bool { return late.Watch.State().Version() >= afterRevoke.Version })
 	noFleet(t, lateGot, "a client created after the request")
 
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	if _, err := RequestFleetRotation(ctx, cfg.StateDir, "bad\nreason"); !errors.As(err, &re) || re.Status != http.StatusBadRequest {
 		t.Errorf("RequestFleetRotation with a control character: %v, want 400", err)
 	}
@@ -219,7 +221,7 @@ func TestFleetRotation(t *testing.T) {
 	if second.ID <= fr.ID {
 		t.Errorf("second ID %d not above the first %d", second.ID, fr.ID)
 	}
-	for name, ch := range map[string]chan FleetRotation{"early": earlyGot, "late": lateGot} {
+	for name, ch := range map[string]chan meshapi.FleetRotation{"early": earlyGot, "late": lateGot} {
 		if got := nextFleet(t, ch); !sameFleet(got, *second) {
 			t.Errorf("%s client: OnFleetRotation(%+v), want %+v", name, got, *second)
 		}
@@ -263,7 +265,7 @@ func TestFleetRotationSurvivesRestart(t *testing.T) {
 
 	// As if the clock had been set back a day since the last request.
 	path := filepath.Join(cfg.StateDir, fileFleetRotation)
-	ahead := FleetRotation{ID: uint64(time.Now().Add(24 * time.Hour).UnixMicro()), At: time.Now().UTC(), Reason: "r3"}
+	ahead := meshapi.FleetRotation{ID: uint64(time.Now().Add(24 * time.Hour).UnixMicro()), At: time.Now().UTC(), Reason: "r3"}
 	b, err := json.Marshal(ahead)
 	if err != nil {
 		t.Fatal(err)

@@ -4,9 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -24,6 +21,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/testca"
+	"github.com/agentmesh/agentmesh/internal/testlog"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 var testTD = spiffeid.RequireTrustDomainFromString("mesh.test")
@@ -38,33 +38,9 @@ func requireSoftHSM(tb testing.TB) {
 
 // logBuffer collects a test's log output; it is printed when the test fails and lets
 // tests assert that secrets never reach the log.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
+type logBuffer = testlog.Buffer
 
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
-func newTestLogger(tb testing.TB) (*slog.Logger, *logBuffer) {
-	tb.Helper()
-	lb := &logBuffer{}
-	tb.Cleanup(func() {
-		if tb.Failed() {
-			tb.Logf("logs:\n%s", lb.String())
-		}
-	})
-	return slog.New(slog.NewTextHandler(lb, &slog.HandlerOptions{Level: slog.LevelDebug})), lb
-}
+func newTestLogger(tb testing.TB) (*slog.Logger, *logBuffer) { return testlog.New(tb) }
 
 // testConfig is a CA on 127.0.0.1:0 in a fresh state directory, issuing 1-minute
 // SVIDs, logging into the returned buffer.
@@ -127,9 +103,9 @@ func startCAWith(tb testing.TB, cfg Config, beforeRun func(*Server)) *runningCA 
 }
 
 // newClient returns a client of ca whose Enroll uses tokens from ca.Token for id.
-func newClient(tb testing.TB, ca *runningCA, token func(context.Context) (string, error)) *Client {
+func newClient(tb testing.TB, ca *runningCA, token func(context.Context) (string, error)) *meshclient.Client {
 	tb.Helper()
-	c, err := NewClient(ClientConfig{URL: ca.URL(), Roots: ca.Roots(), Token: token})
+	c, err := meshclient.NewClient(meshclient.ClientConfig{URL: ca.URL(), Roots: ca.Roots(), Token: token})
 	if err != nil {
 		tb.Fatalf("NewClient: %v", err)
 	}
@@ -141,14 +117,7 @@ func fixedToken(tok string) func(context.Context) (string, error) {
 	return func(context.Context) (string, error) { return tok, nil }
 }
 
-func newKey(tb testing.TB) crypto.Signer {
-	tb.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return k
-}
+func newKey(tb testing.TB) crypto.Signer { return testca.NewKey(tb) }
 
 // enroll gets a token for id from ca and enrols a new key with it.
 func enroll(tb testing.TB, ca *runningCA, id spiffeid.ID) *x509svid.SVID {

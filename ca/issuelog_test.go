@@ -23,6 +23,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca/authority"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // eventsOf returns the records of type E that r holds, in order.
@@ -96,7 +97,7 @@ func TestIssuanceAudit(t *testing.T) {
 		t.Fatalf("renew: %d %s", status, body)
 	}
 	// A renewal the CA refuses: the identity is revoked.
-	if _, err := ca.Revoke(ctx, "test", RevokeRequest{SPIFFEID: id.String(), Reason: "test"}); err != nil {
+	if _, err := ca.Revoke(ctx, "test", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "test"}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := newClient(t, ca, nil).Renew(ctx, svid2, newKey(t)); responseStatus(err) != http.StatusUnauthorized {

@@ -10,6 +10,8 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // SVIDs live for Config.SVIDLifetime (back-dated by min(1m, lifetime/10)), from the
@@ -73,7 +75,7 @@ func TestRequestedLifetimeIsBounded(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			csr, err := newCSR(id, newKey(t))
+			csr, err := meshapi.NewCSR(id, newKey(t))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -84,12 +86,12 @@ func TestRequestedLifetimeIsBounded(t *testing.T) {
 				t.Fatalf("sign with notAfter %s: %d %s, want %d", tc.notAfter, status, body, tc.status)
 			}
 			if status != http.StatusCreated {
-				if re := (&ResponseError{Status: status}); !re.Permanent() {
+				if re := (&meshapi.ResponseError{Status: status}); !re.Permanent() {
 					t.Errorf("status %d is not permanent", status)
 				}
 				return
 			}
-			chain, err := parseSignResponse(body)
+			chain, err := meshapi.ParseSignResponse(body)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"maps"
 	"slices"
 	"strings"
@@ -229,7 +230,7 @@ func (l *lineageStore) record(leaf, old *x509.Certificate, store func() error) e
 	}
 	e := lineageEntry{Serial: leaf.SerialNumber.String(), IssuedAt: time.Now().UTC().Round(0), NotAfter: leaf.NotAfter.UTC()}
 	switch {
-	case isHostID(id):
+	case meshapi.IsHostID(id):
 		e.Host = id
 	case isAgentID(id):
 		if host := l.boundHost(leaf); host != nil {

@@ -13,6 +13,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/metrictest"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 func TestRenewDecision(t *testing.T) {
@@ -75,7 +78,7 @@ func TestLineageFork(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	ca, rec := startAuditedCA(t, reg)
 	ctx := context.Background()
-	cc := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
+	cc := meshclient.ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
 	client := newClient(t, ca, nil)
 	id := spiffeid.RequireFromPath(testTD, "/host/owner")
 	renew := func(from *x509svid.SVID) (*x509svid.SVID, error) {
@@ -102,7 +105,7 @@ func TestLineageFork(t *testing.T) {
 		t.Fatalf("Renew of the fork S2: %v, want a permanent 403", err)
 	}
 	wantLineageRefusal(t, rec, id, serialOf(s2), refusedFork)
-	if got := metricValue(t, reg, metricLineageRefused, string(refusedFork)); got != 1 {
+	if got := metrictest.Value(t, reg, metricLineageRefused, labelReason, string(refusedFork)); got != 1 {
 		t.Errorf("fork refusals counted %v, want 1", got)
 	}
 
@@ -110,16 +113,16 @@ func TestLineageFork(t *testing.T) {
 	neighbour := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/neighbour"))
 	for name, tc := range map[string]struct {
 		cert *x509svid.SVID
-		req  RevokeRequest
+		req  meshapi.RevokeRequest
 	}{
-		"another identity":            {neighbour, RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}},
-		"keeping another certificate": {s3, RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s1), Reason: "r"}},
+		"another identity":            {neighbour, meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}},
+		"keeping another certificate": {s3, meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s1), Reason: "r"}},
 	} {
-		if _, err := RevokeRemote(ctx, cc, *tlsCert(tc.cert), tc.req); responseStatus(err) != http.StatusForbidden {
+		if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(tc.cert), tc.req); responseStatus(err) != http.StatusForbidden {
 			t.Errorf("%s: RevokeRemote = %v, want 403", name, err)
 		}
 	}
-	res, err := RevokeRemote(ctx, cc, *tlsCert(s3), RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "key-compromise"})
+	res, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(s3), meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "key-compromise"})
 	if err != nil {
 		t.Fatalf("revoking the lineage except S3: %v", err)
 	}
@@ -148,11 +151,11 @@ func TestLineageFork(t *testing.T) {
 	s4 := mustRenew(s3)
 	mustRenew(s4)
 	// S3 is no longer the head: keeping it is refused (another holder renewed after it).
-	_, err = RevokeRemote(ctx, cc, *tlsCert(s3), RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"})
+	_, err = meshclient.RevokeRemote(ctx, cc, *tlsCert(s3), meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"})
 	if responseStatus(err) != http.StatusConflict {
 		t.Errorf("lineage revocation keeping a non-head: %v, want 409", err)
 	}
-	if _, err := ca.Revoke(ctx, "uid:0", RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}); !errors.Is(err, ErrNotLineageHead) {
+	if _, err := ca.Revoke(ctx, "uid:0", meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}); !errors.Is(err, ErrNotLineageHead) {
 		t.Errorf("Revoke keeping a non-head: %v, want ErrNotLineageHead", err)
 	}
 }
@@ -165,7 +168,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	ctx := context.Background()
 	hostA := agentDirectory(t, ca, enroll(t, ca, idA))
 	hostB := agentDirectory(t, ca, enroll(t, ca, idB))
-	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idA, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idA, UID: 1000}); err != nil {
 		t.Fatal(err)
 	}
 	enrolWith := func(tok string) (*x509svid.SVID, error) {
@@ -176,9 +179,9 @@ func TestLineageMovedAgent(t *testing.T) {
 		}
 		return &x509svid.SVID{ID: agentX, Certificates: chain, PrivateKey: key}, nil
 	}
-	token := func(d *Directory) string {
+	token := func(d *meshclient.Member) string {
 		t.Helper()
-		tok, err := d.AgentToken(ctx, agentX)
+		tok, err := d.Tokens.AgentToken(ctx, agentX)
 		if err != nil {
 			t.Fatalf("AgentToken: %v", err)
 		}
@@ -201,7 +204,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	if _, err := ca.UnregisterEntry(ctx, "op", agentX); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
 		t.Fatalf("register on host b: %v", err)
 	}
 	l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onA)))
@@ -221,7 +224,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	if !found {
 		t.Errorf("no refused sign record for host a: %+v", eventsOf[audit.Lineage](rec))
 	}
-	if _, err := hostA.AgentToken(ctx, agentX); responseStatus(err) != http.StatusForbidden {
+	if _, err := hostA.Tokens.AgentToken(ctx, agentX); responseStatus(err) != http.StatusForbidden {
 		t.Errorf("AgentToken by host a after the move: %v, want 403", err)
 	}
 	onB, err := enrolWith(token(hostB))
@@ -234,8 +237,8 @@ func TestLineageMovedAgent(t *testing.T) {
 	if err != nil {
 		t.Fatalf("Enroll on host b again: %v", err)
 	}
-	cc := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
-	res, err := RevokeRemote(ctx, cc, *tlsCert(fresh), RevokeRequest{SPIFFEID: agentX.String(), Except: serialOf(fresh), Reason: "key-compromise"})
+	cc := meshclient.ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
+	res, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(fresh), meshapi.RevokeRequest{SPIFFEID: agentX.String(), Except: serialOf(fresh), Reason: "key-compromise"})
 	// Host a's certificate, revoked already, is covered again; nothing changes for it.
 	if err != nil || !slices.Equal(slices.Sorted(slices.Values(res.Serials)), slices.Sorted(slices.Values([]string{serialOf(onA), serialOf(onB)}))) {
 		t.Fatalf("agent lineage revocation: %+v, %v; want %s and %s", res, err, serialOf(onA), serialOf(onB))
@@ -245,7 +248,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	if _, err := ca.UnregisterEntry(ctx, "op", agentX); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.RegisterEntry(ctx, "op", Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
 		t.Fatal(err)
 	}
 	if l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onB))); l.Denies(agentX, serialOf(onB), time.Time{}) {

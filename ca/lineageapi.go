@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"io"
 	"log/slog"
 	"net/http"
@@ -85,7 +86,7 @@ func (s *Server) guardLineage(next http.Handler) http.Handler {
 			return
 		}
 		r.Body = io.NopCloser(bytes.NewReader(body))
-		var req signRequest
+		var req meshapi.SignRequest
 		_ = json.Unmarshal(body, &req) // step-ca answers a malformed body
 		if host, ok := s.db.lin.grantedHost(req.OTT); ok {
 			claims, _ := tokenPayload(req.OTT)
@@ -155,12 +156,12 @@ func mayRevokeLineage(caller spiffeid.ID, callerSerial string, t revokeTarget) b
 // revokeLineage is Revoke for a request with Except: every unexpired certificate of the
 // identity's lineage but Except, which must be the newest, is marked revoked, listed
 // on the next deny-list and revoked in step-ca. The caller holds revokeMu.
-func (s *Server) revokeLineage(ctx context.Context, auth *stepauthority.Authority, t revokeTarget, now time.Time) (*RevokeResult, error) {
+func (s *Server) revokeLineage(ctx context.Context, auth *stepauthority.Authority, t revokeTarget, now time.Time) (*meshapi.RevokeResult, error) {
 	return s.revokeLineageWhere(ctx, auth, t.id, t.except, func(e lineageEntry) bool { return e.Serial == t.except }, t.reason, now)
 }
 
 func (s *Server) revokeLineageWhere(ctx context.Context, auth *stepauthority.Authority, id spiffeid.ID, head string,
-	keep func(lineageEntry) bool, reason string, now time.Time) (*RevokeResult, error) {
+	keep func(lineageEntry) bool, reason string, now time.Time) (*meshapi.RevokeResult, error) {
 	marked, markErr := s.db.lin.revokeWhere(id, head, keep, reason, now)
 	if markErr != nil && len(marked) == 0 {
 		return nil, fmt.Errorf("ca: revoke: %w", markErr)
@@ -169,8 +170,8 @@ func (s *Server) revokeLineageWhere(ctx context.Context, auth *stepauthority.Aut
 	if err != nil {
 		return nil, fmt.Errorf("ca: revoke: %w", errors.Join(markErr, err))
 	}
-	res := &RevokeResult{ListVersion: st.list.Version, Serials: make([]string, 0, len(marked))}
-	var entries []DeniedSerial
+	res := &meshapi.RevokeResult{ListVersion: st.list.Version, Serials: make([]string, 0, len(marked))}
+	var entries []meshapi.DeniedSerial
 	for _, m := range marked {
 		for _, e := range targetSerials(st.list, revokeTarget{serial: m.Serial}) {
 			entries = append(entries, e)
@@ -192,7 +193,7 @@ func (s *Server) revokeLineageWhere(ctx context.Context, auth *stepauthority.Aut
 // that was not issued to e's host: the certificates a previous host holds after a
 // move (and those of unknown host). Nothing to revoke is no revocation. The outcome
 // is audited as a revocation by initiator.
-func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e Entry) error {
+func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e meshapi.Entry) error {
 	lin, err := s.db.lin.lineage(e.ID)
 	if err != nil {
 		return fmt.Errorf("ca: revoke certificates of the previous host: %w", err)
@@ -210,7 +211,7 @@ func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e Entry
 	s.mu.Lock()
 	state, auth := s.state, s.auth.Step()
 	s.mu.Unlock()
-	var res *RevokeResult
+	var res *meshapi.RevokeResult
 	if state == stateClosed {
 		err = ErrServerClosed
 	} else {

@@ -1,16 +1,13 @@
 package ca
 
 import (
-	"bytes"
-	"crypto"
-	"crypto/rand"
-	"crypto/x509"
 	"encoding/json"
 	"reflect"
 	"strings"
 	"testing"
-	"testing/cryptotest"
 	"time"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // The files New loads from the state directory (entries.json, claims.json,
@@ -41,20 +38,20 @@ func mustJSON(tb testing.TB, v any) []byte {
 
 // FuzzEntriesFile: entries.json as storeEntries writes it.
 func FuzzEntriesFile(f *testing.F) {
-	f.Add(mustJSON(f, entriesFile{Entries: []Entry{{ID: agentX, Host: idA, UID: 1000, Port: 8080}}}))
-	f.Add(mustJSON(f, entriesFile{Entries: []Entry{{ID: agentX, Host: idA, UID: 1000}, {ID: agentY, Host: idB, UID: 1}}}))
-	f.Add(mustJSON(f, entriesFile{Entries: []Entry{{ID: agentX, Host: idA, UID: 1000}, {ID: agentY, Host: idA, UID: 1000}}})) // conflict
+	f.Add(mustJSON(f, entriesFile{Entries: []meshapi.Entry{{ID: agentX, Host: idA, UID: 1000, Port: 8080}}}))
+	f.Add(mustJSON(f, entriesFile{Entries: []meshapi.Entry{{ID: agentX, Host: idA, UID: 1000}, {ID: agentY, Host: idB, UID: 1}}}))
+	f.Add(mustJSON(f, entriesFile{Entries: []meshapi.Entry{{ID: agentX, Host: idA, UID: 1000}, {ID: agentY, Host: idA, UID: 1000}}})) // conflict
 	f.Add([]byte(`{"entries":[]}`))
 	f.Add([]byte(`{"entries":[{"id":"spiffe://evil.test/agent/x","host":"spiffe://mesh.test/host/a"}]}`))
 	f.Add([]byte(`{"entries":null,"extra":1}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		roundTrip(t, b, func(b []byte) ([]Entry, error) {
+		roundTrip(t, b, func(b []byte) ([]meshapi.Entry, error) {
 			set, err := parseEntriesFile(testTD, fuzzPath, b)
 			if err != nil {
 				return nil, err
 			}
 			return set.sorted, nil
-		}, func(es []Entry) any { return entriesFile{Entries: es} }, slicesEqualOrEmpty[Entry])
+		}, func(es []meshapi.Entry) any { return entriesFile{Entries: es} }, slicesEqualOrEmpty[meshapi.Entry])
 	})
 }
 
@@ -65,66 +62,28 @@ func FuzzClaimsFile(f *testing.F) {
 	f.Add([]byte(`{"hosts":[{"host":"spiffe://mesh.test/host/a","prefixes":["10.0.0.0/24"],"source":"admin","at":"2030-01-01T00:00:00Z"},{"host":"spiffe://mesh.test/host/b","prefixes":["10.0.0.5/32"],"source":"admin","at":"2030-01-01T00:00:00Z"}]}`))
 	f.Add([]byte(`{"hosts":[]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		roundTrip(t, b, func(b []byte) ([]HostClaim, error) {
+		roundTrip(t, b, func(b []byte) ([]meshapi.HostClaim, error) {
 			set, err := parseClaimsFile(testTD, fuzzPath, b)
 			if err != nil {
 				return nil, err
 			}
 			return set.sorted, nil
-		}, func(hs []HostClaim) any { return claimsFile{Hosts: hs} }, slicesEqualOrEmpty[HostClaim])
+		}, func(hs []meshapi.HostClaim) any { return claimsFile{Hosts: hs} }, slicesEqualOrEmpty[meshapi.HostClaim])
 	})
 }
 
 // FuzzFleetRotationFile: fleet-rotation.json as RotateFleet writes it.
 func FuzzFleetRotationFile(f *testing.F) {
 	at := time.Date(2030, 1, 1, 0, 0, 0, 0, time.UTC)
-	f.Add(mustJSON(f, FleetRotation{ID: 10, At: at, Reason: "quarterly"}))
-	f.Add(mustJSON(f, FleetRotation{ID: nextFleetID(10, at), At: at.Add(time.Hour), Reason: ""}))
-	f.Add(mustJSON(f, FleetRotation{ID: 0, At: at}))
+	f.Add(mustJSON(f, meshapi.FleetRotation{ID: 10, At: at, Reason: "quarterly"}))
+	f.Add(mustJSON(f, meshapi.FleetRotation{ID: nextFleetID(10, at), At: at.Add(time.Hour), Reason: ""}))
+	f.Add(mustJSON(f, meshapi.FleetRotation{ID: 0, At: at}))
 	f.Add([]byte(`{"id":1,"at":"2030-01-01T00:00:00Z","reason":"bell\u0007"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		roundTrip(t, b, func(b []byte) (*FleetRotation, error) { return parseFleetRotationFile(fuzzPath, b) },
-			func(fr *FleetRotation) any { return fr }, func(a, b *FleetRotation) bool {
+		roundTrip(t, b, func(b []byte) (*meshapi.FleetRotation, error) { return parseFleetRotationFile(fuzzPath, b) },
+			func(fr *meshapi.FleetRotation) any { return fr }, func(a, b *meshapi.FleetRotation) bool {
 				return a.ID == b.ID && a.At.Equal(b.At) && a.Reason == b.Reason
 			})
-	})
-}
-
-// FuzzDenyListFile: denylist.json as publish writes it. The fuzzed payload is also
-// signed correctly, so that the decoder behind the signature check is reached.
-func FuzzDenyListFile(f *testing.F) {
-	ca := newListCA(f, testTD)
-	good := ca.sign(f, sampleList())
-	f.Add(mustJSON(f, good), good.Payload)
-	empty := ca.sign(f, &DenyList{TrustDomain: testTD.Name(), Version: 1, IssuedAt: listT0, IDs: []DeniedID{}, Serials: []DeniedSerial{}})
-	f.Add(mustJSON(f, empty), empty.Payload)
-	f.Add([]byte(`{"payload":"e30=","signature":"","signer":""}`), []byte(`{}`))
-	roots := []*x509.Certificate{ca.root}
-	now := time.Now()
-	load := func(t *testing.T, b []byte) {
-		t.Helper()
-		st, err := parseDenyListFile(fuzzPath, b, testTD, roots, now)
-		if err != nil {
-			refusedNamingFile(t, err)
-			return
-		}
-		// The file is served as read: what is accepted is kept byte for byte, and its
-		// list verifies again once the CA re-signs it.
-		if !bytes.Equal(st.encoded, b) {
-			t.Fatal("the accepted file is not served as read")
-		}
-		checkReencodes(t, ca, st.list)
-	}
-	f.Fuzz(func(t *testing.T, file, payload []byte) {
-		// Deterministic signatures: coverage that changes with a random nonce makes
-		// every input look new and the fuzzer spend its time minimising them.
-		cryptotest.SetGlobalRandom(t, 1)
-		load(t, file)
-		sig, err := ca.interKey.Sign(rand.Reader, denyListDigest(payload), crypto.SHA256)
-		if err != nil {
-			t.Fatal(err)
-		}
-		load(t, mustJSON(t, SignedDenyList{Payload: payload, Signature: sig, Signer: ca.inter.Raw}))
 	})
 }
 

@@ -19,36 +19,25 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/internal/testrun"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 // runDirectory starts d.Run; the returned stop cancels it and waits for it to return
 // (also run at cleanup).
-func runDirectory(t *testing.T, d *Directory) (stop func()) {
+func runDirectory(t *testing.T, d *meshclient.Member) (stop func()) {
 	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- d.Run(ctx) }()
-	stopped := false
-	stop = func() {
-		if stopped {
-			return
-		}
-		stopped = true
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Directory.Run: %v", err)
-		}
-	}
-	t.Cleanup(stop)
-	return stop
+	return testrun.Start(t, d.Run)
 }
 
 // newProxyDirectory is the directory client of a proxy holding svid.
-func newProxyDirectory(t *testing.T, ca *runningCA, svid *x509svid.SVID, port uint16, heartbeat time.Duration, beat func(), a ...string) *Directory {
+func newProxyDirectory(t *testing.T, ca *runningCA, svid *x509svid.SVID, port uint16, heartbeat time.Duration, beat func(), a ...string) *meshclient.Member {
 	t.Helper()
 	logger, _ := newTestLogger(t)
 	cert := tlsCert(svid)
-	cfg := DirectoryConfig{
+	cfg := meshclient.Config{
 		URL:         ca.URL(),
 		Roots:       ca.Roots(),
 		Certificate: func() (*tls.Certificate, error) { return cert, nil },
@@ -60,7 +49,7 @@ func newProxyDirectory(t *testing.T, ca *runningCA, svid *x509svid.SVID, port ui
 	if beat != nil {
 		cfg.BundleVersion = func() string { beat(); return "1" }
 	}
-	d, err := NewDirectory(cfg)
+	d, err := meshclient.NewMember(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -69,21 +58,21 @@ func newProxyDirectory(t *testing.T, ca *runningCA, svid *x509svid.SVID, port ui
 
 // waitUntil waits on d's notifications until cond holds; the deadline is a guard
 // against a hang (well under a 25s long-poll, so a pass means a woken poll).
-func waitUntil(t *testing.T, d *Directory, what string, cond func() bool) {
+func waitUntil(t *testing.T, d *meshclient.Member, what string, cond func() bool) {
 	t.Helper()
 	guard := time.NewTimer(10 * time.Second)
 	defer guard.Stop()
 	for !cond() {
 		select {
-		case <-d.Updated():
+		case <-d.Watch.Updated():
 		case <-guard.C:
-			t.Fatalf("%s: not within 10s (directory version %d)", what, d.Version())
+			t.Fatalf("%s: not within 10s (directory version %d)", what, d.Watch.State().Version())
 		}
 	}
 }
 
-func registerBody(port int, a ...string) registerRequest {
-	return registerRequest{Addresses: a, TunnelPort: port, Transports: []string{"tls"}}
+func registerBody(port int, a ...string) meshapi.RegisterRequest {
+	return meshapi.RegisterRequest{Addresses: a, TunnelPort: port, Transports: []string{"tls"}}
 }
 
 func decodeJSON[T any](t *testing.T, b []byte) T {
@@ -95,7 +84,7 @@ func decodeJSON[T any](t *testing.T, b []byte) T {
 	return v
 }
 
-func peerIDs(doc DirectoryDocument) []string {
+func peerIDs(doc meshapi.DirectoryDocument) []string {
 	var ids []string
 	for _, p := range doc.Peers {
 		ids = append(ids, p.SPIFFEID.String())
@@ -124,8 +113,8 @@ func TestMeshDirectory(t *testing.T) {
 	svidC := enroll(t, ca, idC)
 	agent := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/x"))
 	hcC := httpsClient(t, ca, tlsCert(svidC))
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
-	regURL := ca.URL() + meshPrefix + meshRegisterPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
+	regURL := ca.URL() + meshapi.Prefix + meshapi.RegisterPath
 
 	var v1 uint64
 	t.Run("watcher parked in a long-poll is woken by a registration", func(t *testing.T) {
@@ -133,19 +122,19 @@ func TestMeshDirectory(t *testing.T) {
 		if status != http.StatusOK {
 			t.Fatalf("GET directory: %d %s", status, body)
 		}
-		v0 := decodeJSON[DirectoryDocument](t, body).Version
+		v0 := decodeJSON[meshapi.DirectoryDocument](t, body).Version
 		select { // drop a stray signal, if any
 		case <-parked:
 		default:
 		}
 		type answer struct {
-			doc     DirectoryDocument
+			doc     meshapi.DirectoryDocument
 			elapsed time.Duration
 		}
 		answers := make(chan answer, 1)
 		go func() { // no t.Fatal here: not the test's goroutine
 			start := time.Now()
-			var doc DirectoryDocument
+			var doc meshapi.DirectoryDocument
 			resp, err := hcC.Get(dirURL + "?since=" + strconv.FormatUint(v0, 10) + "&wait=20s")
 			if err == nil {
 				err = json.NewDecoder(resp.Body).Decode(&doc)
@@ -161,7 +150,7 @@ func TestMeshDirectory(t *testing.T) {
 		if status != http.StatusOK {
 			t.Fatalf("register: %d %s", status, body)
 		}
-		resp := decodeJSON[registerResponse](t, body)
+		resp := decodeJSON[meshapi.RegisterResponse](t, body)
 		v1 = resp.Version
 		if v1 <= v0 || resp.Peer.SPIFFEID != idC {
 			t.Fatalf("register answer %+v, version before %d", resp, v0)
@@ -175,7 +164,7 @@ func TestMeshDirectory(t *testing.T) {
 		// Nothing changes: the wait runs out and the answer carries the same version.
 		start := time.Now()
 		status, body = do(t, hcC, http.MethodGet, dirURL+"?since="+strconv.FormatUint(v1, 10)+"&wait=300ms", nil)
-		if got := decodeJSON[DirectoryDocument](t, body).Version; status != http.StatusOK || got != v1 || time.Since(start) < 300*time.Millisecond {
+		if got := decodeJSON[meshapi.DirectoryDocument](t, body).Version; status != http.StatusOK || got != v1 || time.Since(start) < 300*time.Millisecond {
 			t.Fatalf("unchanged long-poll: %d version %d after %v, want %d after 300ms", status, got, time.Since(start), v1)
 		}
 	})
@@ -186,7 +175,7 @@ func TestMeshDirectory(t *testing.T) {
 			t.Fatalf("RequestDirectory: %v", err)
 		}
 		status, body := do(t, hcC, http.MethodPost, regURL, registerBody(15008, "10.0.0.3"))
-		if got := decodeJSON[registerResponse](t, body).Version; status != http.StatusOK || got != v1 {
+		if got := decodeJSON[meshapi.RegisterResponse](t, body).Version; status != http.StatusOK || got != v1 {
 			t.Fatalf("heartbeat: %d version %d, want %d", status, got, v1)
 		}
 		after, err := RequestDirectory(context.Background(), cfg.StateDir)
@@ -198,7 +187,7 @@ func TestMeshDirectory(t *testing.T) {
 				after.Version, v1, before.Peers[0].LastHeartbeat, after.Peers[0].LastHeartbeat)
 		}
 		status, body = do(t, hcC, http.MethodPost, regURL, registerBody(15009, "10.0.0.3"))
-		if got := decodeJSON[registerResponse](t, body).Version; status != http.StatusOK || got <= v1 {
+		if got := decodeJSON[meshapi.RegisterResponse](t, body).Version; status != http.StatusOK || got <= v1 {
 			t.Fatalf("port change: %d version %d, want > %d", status, got, v1)
 		}
 	})
@@ -219,10 +208,10 @@ func TestMeshDirectory(t *testing.T) {
 	stopB := runDirectory(t, b)
 
 	t.Run("two proxies see each other but not themselves", func(t *testing.T) {
-		waitUntil(t, a, "a sees b", func() bool { _, _, ok := a.PeerFor(netip.MustParseAddr("10.0.0.2")); return ok })
-		waitUntil(t, b, "b sees a", func() bool { _, _, ok := b.PeerFor(netip.MustParseAddr("fd00::1")); return ok })
+		waitUntil(t, a, "a sees b", func() bool { _, _, ok := a.Watch.State().PeerFor(netip.MustParseAddr("10.0.0.2")); return ok })
+		waitUntil(t, b, "b sees a", func() bool { _, _, ok := b.Watch.State().PeerFor(netip.MustParseAddr("fd00::1")); return ok })
 		for _, tc := range []struct {
-			d      *Directory
+			d      *meshclient.Member
 			addr   string
 			id     spiffeid.ID
 			tunnel string
@@ -233,23 +222,23 @@ func TestMeshDirectory(t *testing.T) {
 			{b, "10.0.0.1", idA, "10.0.0.1:15008"},
 			{b, "fd00::1", idA, "[fd00::1]:15008"},
 		} {
-			id, tunnel, ok := tc.d.PeerFor(netip.MustParseAddr(tc.addr))
-			if ok && !slices.Equal(tc.d.TransportsFor(netip.MustParseAddr(tc.addr)), []string{"tls"}) {
-				t.Errorf("TransportsFor(%s) = %v, want the default [tls]", tc.addr, tc.d.TransportsFor(netip.MustParseAddr(tc.addr)))
+			id, tunnel, ok := tc.d.Watch.State().PeerFor(netip.MustParseAddr(tc.addr))
+			if ok && !slices.Equal(tc.d.Watch.State().TransportsFor(netip.MustParseAddr(tc.addr)), []string{"tls"}) {
+				t.Errorf("TransportsFor(%s) = %v, want the default [tls]", tc.addr, tc.d.Watch.State().TransportsFor(netip.MustParseAddr(tc.addr)))
 			}
 			if !ok || id != tc.id || tunnel != tc.tunnel {
 				t.Errorf("PeerFor(%s) = %v %q %v, want %v %q", tc.addr, id, tunnel, ok, tc.id, tc.tunnel)
 			}
 		}
 		for _, own := range []struct {
-			d    *Directory
+			d    *meshclient.Member
 			addr string
 		}{{a, "10.0.0.1"}, {a, "fd00::1"}, {b, "10.0.0.2"}, {b, "fd00::2"}} {
-			if id, _, ok := own.d.PeerFor(netip.MustParseAddr(own.addr)); ok {
+			if id, _, ok := own.d.Watch.State().PeerFor(netip.MustParseAddr(own.addr)); ok {
 				t.Errorf("PeerFor(%s) returned the proxy's own entry %v", own.addr, id)
 			}
 		}
-		if _, _, ok := a.PeerFor(netip.MustParseAddr("10.9.9.9")); ok {
+		if _, _, ok := a.Watch.State().PeerFor(netip.MustParseAddr("10.9.9.9")); ok {
 			t.Error("PeerFor of an unregistered address")
 		}
 	})
@@ -263,7 +252,7 @@ func TestMeshDirectory(t *testing.T) {
 		if !strings.Contains(logs.String(), "address claim refused") || !strings.Contains(logs.String(), "claimed_by=spiffe://mesh.test/host/a") {
 			t.Error("the conflict is not logged")
 		}
-		if id, _, ok := b.PeerFor(netip.MustParseAddr("10.0.0.1")); !ok || id != idA {
+		if id, _, ok := b.Watch.State().PeerFor(netip.MustParseAddr("10.0.0.1")); !ok || id != idA {
 			t.Errorf("after the refused claim, 10.0.0.1 maps to %v %v", id, ok)
 		}
 	})
@@ -286,7 +275,7 @@ func TestMeshDirectory(t *testing.T) {
 			doc, err := RequestDirectory(context.Background(), cfg.StateDir)
 			return err == nil && len(doc.Peers) == 2
 		})
-		v := a.Version()
+		v := a.Watch.State().Version()
 		// Heartbeats are sequential: after five starts, at least three have completed
 		// (the first signal may be an old one).
 		for range 5 {
@@ -297,8 +286,8 @@ func TestMeshDirectory(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if doc.Version != v || a.Version() != v || b.Version() != v {
-			t.Errorf("versions moved with heartbeats only: ca %d, a %d, b %d, was %d", doc.Version, a.Version(), b.Version(), v)
+		if doc.Version != v || a.Watch.State().Version() != v || b.Watch.State().Version() != v {
+			t.Errorf("versions moved with heartbeats only: ca %d, a %d, b %d, was %d", doc.Version, a.Watch.State().Version(), b.Watch.State().Version(), v)
 		}
 		if got := strings.Join(peerIDs(*doc), " "); got != idA.String()+" "+idB.String() {
 			t.Errorf("directory holds %s", got)
@@ -319,13 +308,13 @@ func TestMeshDirectory(t *testing.T) {
 				last = p.LastHeartbeat
 			}
 		}
-		waitUntil(t, a, "b expires", func() bool { _, _, ok := a.PeerFor(netip.MustParseAddr("10.0.0.2")); return !ok })
+		waitUntil(t, a, "b expires", func() bool { _, _, ok := a.Watch.State().PeerFor(netip.MustParseAddr("10.0.0.2")); return !ok })
 		t.Logf("b dropped %v after its Run stopped, %v after its last heartbeat (ttl %v, heartbeat %v)",
 			time.Since(stopped), time.Since(last), cfg.DirectoryTTL, heartbeat)
 		if !last.IsZero() && time.Since(last) < cfg.DirectoryTTL {
 			t.Errorf("b dropped %v after its last heartbeat, before its ttl of %v", time.Since(last), cfg.DirectoryTTL)
 		}
-		if _, _, ok := a.PeerFor(netip.MustParseAddr("fd00::2")); ok {
+		if _, _, ok := a.Watch.State().PeerFor(netip.MustParseAddr("fd00::2")); ok {
 			t.Error("b's second address is still listed")
 		}
 		doc, err = RequestDirectory(context.Background(), cfg.StateDir)
@@ -348,8 +337,8 @@ func TestMeshAPIRefusals(t *testing.T) {
 	ca := startCA(t, cfg)
 	host := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/h"))
 	agent := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/x"))
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
-	regURL := ca.URL() + meshPrefix + meshRegisterPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
+	regURL := ca.URL() + meshapi.Prefix + meshapi.RegisterPath
 
 	// A CA of its own claiming the same trust domain, and one of another.
 	foreignSame := foreignSVID(t, testTD, "/host/h")
@@ -391,10 +380,10 @@ func TestMeshAPIRefusals(t *testing.T) {
 	}
 
 	// A Directory whose identity may not register keeps retrying (never exits) and
-	// the refusal is a permanent ResponseError.
+	// the refusal is a permanent meshapi.ResponseError.
 	d := newProxyDirectory(t, ca, agent, 15008, 50*time.Millisecond, nil, "10.0.0.8")
-	_, err := d.register(context.Background())
-	var re *ResponseError
+	_, err := d.Heartbeat.Register(context.Background())
+	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusForbidden || !re.Permanent() || re.Op != "register" {
 		t.Fatalf("agent register: %v, want a permanent 403", err)
 	}
@@ -414,9 +403,9 @@ func TestMeshShutdownAnswersLongPolls(t *testing.T) {
 		}
 	})
 	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/h"))))
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
 	_, body := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil)
-	v := decodeJSON[DirectoryDocument](t, body).Version
+	v := decodeJSON[meshapi.DirectoryDocument](t, body).Version
 	statuses := make(chan int, 1)
 	go func() {
 		resp, err := hc.Get(dirURL + "?wait=60s&since=" + strconv.FormatUint(v, 10))

@@ -3,6 +3,8 @@ package ca
 import (
 	"sync"
 	"sync/atomic"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // The parts a Server is composed of besides the authority (ca/authority), the mesh
@@ -35,5 +37,5 @@ type denyStore struct {
 // fleetStore holds the latest fleet rotation.
 type fleetStore struct {
 	mu     sync.Mutex // serialises RotateFleet
-	latest *FleetRotation
+	latest *meshapi.FleetRotation
 }

@@ -2,15 +2,13 @@ package ca
 
 import (
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net/http"
 	"time"
-
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
 )
@@ -19,7 +17,6 @@ const (
 	// adminReinstatePath and meshReinstatePath take a ReinstateRequest: the admin
 	// socket and, for /admin/* SVIDs, the mesh API.
 	adminReinstatePath = "/reinstate"
-	meshReinstatePath  = "/reinstate"
 	// actionReinstate marks an audit.Revocation record as a reinstatement.
 	actionReinstate = "reinstate"
 )
@@ -27,26 +24,6 @@ const (
 // ErrNotRevoked is returned by Reinstate (and answered 409 by the APIs) for an
 // identity that is not revoked, or was reinstated already.
 var ErrNotRevoked = errors.New("ca: identity not revoked")
-
-// ReinstateRequest asks the CA to let a revoked identity enrol again.
-type ReinstateRequest struct {
-	// SPIFFEID is the revoked identity: a workload ID of the CA's trust domain.
-	SPIFFEID string `json:"spiffe_id"`
-	// Reason is why, for the audit log: required, at most 256 printable ASCII
-	// characters.
-	Reason string `json:"reason"`
-}
-
-// ReinstateResult says what a reinstatement did.
-type ReinstateResult struct {
-	SPIFFEID string `json:"spiffe_id"`
-	// Cutoff is the revocation's NotBefore cutoff: certificates of the identity with
-	// an earlier NotBefore stay refused, by the CA and (while they are unexpired) by
-	// the deny-list.
-	Cutoff       time.Time `json:"cutoff"`
-	RevokedAt    time.Time `json:"revoked_at"`
-	ReinstatedAt time.Time `json:"reinstated_at"`
-}
 
 // Reinstate lets a revoked identity be enrolled again, for initiator (recorded like
 // Revoke's). From then on the CA issues tokens, registration entries and certificates
@@ -58,7 +35,7 @@ type ReinstateResult struct {
 // Errors wrap ErrInvalidRequest or ErrInvalidID (bad request), ErrNotRevoked or
 // ErrServerClosed. Every call is audited (an audit.Revocation with action
 // "reinstate") and logged.
-func (s *Server) Reinstate(ctx context.Context, initiator string, req ReinstateRequest) (*ReinstateResult, error) {
+func (s *Server) Reinstate(ctx context.Context, initiator string, req meshapi.ReinstateRequest) (*meshapi.ReinstateResult, error) {
 	res, err := s.reinstate(req)
 	rec := audit.Revocation{Initiator: initiator, Action: actionReinstate, SPIFFEID: req.SPIFFEID,
 		Reason: req.Reason, Result: "ok"}
@@ -82,15 +59,9 @@ func reinstateRefused(err error) bool {
 	return errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrInvalidID) || errors.Is(err, ErrNotRevoked)
 }
 
-func (s *Server) reinstate(req ReinstateRequest) (*ReinstateResult, error) {
-	if req.Reason == "" || !validReason(req.Reason) {
-		return nil, fmt.Errorf("%w: reason is required: 1 to %d printable ASCII characters", ErrInvalidRequest, maxRevokeReason)
-	}
-	id, err := spiffeid.FromString(req.SPIFFEID)
+func (s *Server) reinstate(req meshapi.ReinstateRequest) (*meshapi.ReinstateResult, error) {
+	id, err := req.Check(s.cfg.TrustDomain)
 	if err != nil {
-		return nil, fmt.Errorf("%w: spiffe_id %q: %w", ErrInvalidID, req.SPIFFEID, err)
-	}
-	if err := checkIssuable(s.cfg.TrustDomain, id); err != nil {
 		return nil, err
 	}
 	// Serialised with revocations: a reinstatement never interleaves with the
@@ -126,7 +97,7 @@ func (s *Server) reinstate(req ReinstateRequest) (*ReinstateResult, error) {
 	if !ok {
 		return nil, fmt.Errorf("%w: %s", ErrNotRevoked, id)
 	}
-	return &ReinstateResult{SPIFFEID: id.String(), Cutoff: m.Cutoff, RevokedAt: m.RevokedAt, ReinstatedAt: m.ReinstatedAt}, nil
+	return &meshapi.ReinstateResult{SPIFFEID: id.String(), Cutoff: m.Cutoff, RevokedAt: m.RevokedAt, ReinstatedAt: m.ReinstatedAt}, nil
 }
 
 // reinstateStatus is the HTTP status answering a Reinstate error.
@@ -142,8 +113,8 @@ func reinstateStatus(err error) int {
 func (s *Server) handleAdminReinstate(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 	initiator := uidInitiator(cred.uid)
-	var req ReinstateRequest
-	if err := decodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
+	var req meshapi.ReinstateRequest
+	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
 		msg := "invalid request body: " + err.Error()
 		s.audit(refusedReinstatement(initiator, nil, msg))
 		writeAdminError(w, http.StatusBadRequest, msg)
@@ -162,8 +133,8 @@ func (s *Server) handleAdminReinstate(w http.ResponseWriter, r *http.Request) {
 func (s *Server) handleMeshReinstate(w http.ResponseWriter, r *http.Request) {
 	id := callerID(r)
 	initiator := id.String()
-	var req ReinstateRequest
-	if err := decodeStrict(http.MaxBytesReader(w, r.Body, maxRevokeBody), &req); err != nil {
+	var req meshapi.ReinstateRequest
+	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, maxRevokeBody), &req); err != nil {
 		msg := "invalid request body: " + err.Error()
 		s.audit(refusedReinstatement(initiator, nil, msg))
 		s.refuse(w, r, http.StatusBadRequest, id, msg)
@@ -174,7 +145,7 @@ func (s *Server) handleMeshReinstate(w http.ResponseWriter, r *http.Request) {
 	case s.db.rev.revoked(id, callerSerial(r), callerNotBefore(r)):
 		msg = fmt.Errorf("%w: %s serial %s", ErrRevoked, id, callerSerial(r)).Error()
 	case !isAdminID(id):
-		msg = "only " + adminPathPrefix + "* identities may reinstate"
+		msg = "only " + meshapi.AdminPathPrefix + "* identities may reinstate"
 	}
 	if msg != "" {
 		s.audit(refusedReinstatement(initiator, &req, msg))
@@ -191,7 +162,7 @@ func (s *Server) handleMeshReinstate(w http.ResponseWriter, r *http.Request) {
 
 // refusedReinstatement is the audit record of a reinstatement refused before it
 // reached Reinstate.
-func refusedReinstatement(initiator string, req *ReinstateRequest, msg string) audit.Revocation {
+func refusedReinstatement(initiator string, req *meshapi.ReinstateRequest, msg string) audit.Revocation {
 	rec := audit.Revocation{Initiator: initiator, Action: actionReinstate, Result: "refused", Error: msg}
 	if req != nil {
 		rec.SPIFFEID, rec.Reason = req.SPIFFEID, req.Reason
@@ -203,33 +174,14 @@ func refusedReinstatement(initiator string, req *ReinstateRequest, msg string) a
 // admin socket, to reinstate (what `agentmesh reinstate --state DIR` runs); see
 // Server.Reinstate. A refusal is a *ResponseError with Op "reinstate": 400 for a bad
 // request, 403 for a caller not allowed, 409 for an identity that is not revoked.
-func RequestReinstate(ctx context.Context, stateDir string, req ReinstateRequest) (*ReinstateResult, error) {
+func RequestReinstate(ctx context.Context, stateDir string, req meshapi.ReinstateRequest) (*meshapi.ReinstateResult, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, fmt.Errorf("ca: reinstate: %w", err)
 	}
-	b, err := adminRequest(ctx, stateDir, "reinstate", http.MethodPost, adminReinstatePath, body, maxResponse)
+	b, err := adminRequest(ctx, stateDir, "reinstate", http.MethodPost, adminReinstatePath, body, meshapi.MaxResponse)
 	if err != nil {
 		return nil, err
 	}
-	return decodeReinstateResult(b)
-}
-
-// ReinstateRemote asks the CA at cfg.URL to reinstate, over mTLS with cert, an
-// operator SVID (/admin/...): POST /mesh/v1/reinstate. A refusal is a *ResponseError
-// with Op "reinstate" (403 for any other SVID, 409 for an identity not revoked).
-func ReinstateRemote(ctx context.Context, cfg ClientConfig, cert tls.Certificate, req ReinstateRequest) (*ReinstateResult, error) {
-	b, err := meshPost(ctx, cfg, cert, "reinstate", meshReinstatePath, req)
-	if err != nil {
-		return nil, err
-	}
-	return decodeReinstateResult(b)
-}
-
-func decodeReinstateResult(b []byte) (*ReinstateResult, error) {
-	var res ReinstateResult
-	if err := json.Unmarshal(b, &res); err != nil || res.SPIFFEID == "" {
-		return nil, errors.New("ca: reinstate: malformed answer")
-	}
-	return &res, nil
+	return meshapi.DecodeReinstateResult(b)
 }

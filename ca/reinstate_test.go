@@ -13,6 +13,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 // signWithValidity posts an enrolment for id with a fresh key asking step-ca for this
@@ -23,7 +25,7 @@ func signWithValidity(t *testing.T, ca *runningCA, id spiffeid.ID, notBefore tim
 	if err != nil {
 		t.Fatalf("Token: %v", err)
 	}
-	csr, err := newCSR(id, newKey(t))
+	csr, err := meshapi.NewCSR(id, newKey(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,14 +55,14 @@ func TestRevocationCutoffReinstate(t *testing.T) {
 	old := enroll(t, ca, id)
 	admin := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/admin/op"))
 	worker := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/w"))
-	adminCfg := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
-	regURL := ca.URL() + meshPrefix + meshRegisterPath
+	adminCfg := meshclient.ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
+	regURL := ca.URL() + meshapi.Prefix + meshapi.RegisterPath
 
-	if _, err := RequestReinstate(ctx, cfg.StateDir, ReinstateRequest{SPIFFEID: id.String(), Reason: "not revoked"}); !isStatus(err, http.StatusConflict) {
+	if _, err := RequestReinstate(ctx, cfg.StateDir, meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "not revoked"}); !isStatus(err, http.StatusConflict) {
 		t.Fatalf("reinstating an identity never revoked: %v, want 409", err)
 	}
 	before := time.Now()
-	if _, err := RequestRevoke(ctx, cfg.StateDir, RevokeRequest{SPIFFEID: id.String(), Reason: "key compromise"}); err != nil {
+	if _, err := RequestRevoke(ctx, cfg.StateDir, meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "key compromise"}); err != nil {
 		t.Fatalf("RequestRevoke: %v", err)
 	}
 	if _, err := ca.Token(id); !errors.Is(err, ErrRevoked) {
@@ -85,7 +87,7 @@ func TestRevocationCutoffReinstate(t *testing.T) {
 	})
 
 	t.Run("only operators reinstate, audited", func(t *testing.T) {
-		if _, err := ReinstateRemote(ctx, adminCfg, *tlsCert(worker), ReinstateRequest{SPIFFEID: id.String(), Reason: "me"}); !isStatus(err, http.StatusForbidden) {
+		if _, err := meshclient.ReinstateRemote(ctx, adminCfg, *tlsCert(worker), meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "me"}); !isStatus(err, http.StatusForbidden) {
 			t.Fatalf("a host SVID reinstated: %v, want 403", err)
 		}
 		recs := rec.reinstatements()
@@ -97,14 +99,14 @@ func TestRevocationCutoffReinstate(t *testing.T) {
 		}
 	})
 
-	res, err := ReinstateRemote(ctx, adminCfg, *tlsCert(admin), ReinstateRequest{SPIFFEID: id.String(), Reason: "host rebuilt"})
+	res, err := meshclient.ReinstateRemote(ctx, adminCfg, *tlsCert(admin), meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "host rebuilt"})
 	if err != nil {
 		t.Fatalf("ReinstateRemote: %v", err)
 	}
 	if r := rec.reinstatements(); r[len(r)-1].Result != "ok" || r[len(r)-1].Initiator != admin.ID.String() || r[len(r)-1].Reason != "host rebuilt" {
 		t.Errorf("reinstatement audited as %+v", r[len(r)-1])
 	}
-	if _, err := RequestReinstate(ctx, cfg.StateDir, ReinstateRequest{SPIFFEID: id.String(), Reason: "again"}); !isStatus(err, http.StatusConflict) {
+	if _, err := RequestReinstate(ctx, cfg.StateDir, meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "again"}); !isStatus(err, http.StatusConflict) {
 		t.Errorf("reinstating twice: %v, want 409", err)
 	}
 	fresh := enroll(t, ca, id) // a new token enrols again
@@ -152,7 +154,7 @@ func TestRevocationCutoffReinstate(t *testing.T) {
 	})
 
 	t.Run("revoked again, the later cutoff covers the new certificate", func(t *testing.T) {
-		if _, err := RequestRevoke(ctx, cfg.StateDir, RevokeRequest{SPIFFEID: id.String(), Reason: "again"}); err != nil {
+		if _, err := RequestRevoke(ctx, cfg.StateDir, meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "again"}); err != nil {
 			t.Fatalf("RequestRevoke: %v", err)
 		}
 		l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(worker)))
@@ -176,7 +178,7 @@ func TestDenyListPrunedAfterExpiry(t *testing.T) {
 	victim := enroll(t, ca, id)
 	reader := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/admin/reader"))
 	hc := httpsClient(t, ca, tlsCert(reader))
-	if _, err := RequestRevoke(ctx, cfg.StateDir, RevokeRequest{SPIFFEID: id.String(), Reason: "gone"}); err != nil {
+	if _, err := RequestRevoke(ctx, cfg.StateDir, meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "gone"}); err != nil {
 		t.Fatal(err)
 	}
 	revoked, _ := servedDenyList(t, ca, hc)
@@ -185,7 +187,7 @@ func TestDenyListPrunedAfterExpiry(t *testing.T) {
 	}
 	// The reader's own certificate expires too: renew it on the way.
 	deadline := time.Now().Add(time.Minute)
-	var pruned *DenyList
+	var pruned *meshapi.DenyList
 	for pruned == nil && time.Now().Before(deadline) {
 		chain, err := newClient(t, ca, nil).Renew(ctx, reader, reader.PrivateKey)
 		if err == nil {
@@ -193,12 +195,12 @@ func TestDenyListPrunedAfterExpiry(t *testing.T) {
 			hc = httpsClient(t, ca, tlsCert(reader))
 		}
 		// Long-poll the directory: its version moves with every new list.
-		status, body := do(t, hc, http.MethodGet, ca.URL()+meshPrefix+meshDirectoryPath+"?since="+strconv.FormatUint(currentDirVersion(t, ca, hc), 10)+"&wait=3s", nil)
+		status, body := do(t, hc, http.MethodGet, ca.URL()+meshapi.Prefix+meshapi.DirectoryPath+"?since="+strconv.FormatUint(currentDirVersion(t, ca, hc), 10)+"&wait=3s", nil)
 		if status != http.StatusOK {
 			continue
 		}
-		doc := decodeJSON[DirectoryDocument](t, body)
-		l, err := VerifyDenyList(doc.Revocations, testTD, ca.Roots(), time.Now())
+		doc := decodeJSON[meshapi.DirectoryDocument](t, body)
+		l, err := meshapi.VerifyDenyList(doc.Revocations, testTD, ca.Roots(), time.Now())
 		if err == nil && l.Version > revoked.Version && len(l.IDs)+len(l.Serials) == 0 {
 			pruned = l
 		}
@@ -209,11 +211,11 @@ func TestDenyListPrunedAfterExpiry(t *testing.T) {
 	if len(pruned.IDs)+len(pruned.Serials) != 0 || pruned.ExpiredThrough.Before(victim.Certificates[0].NotAfter) {
 		t.Fatalf("pruned list: ids %+v, serials %+v, expired through %v", pruned.IDs, pruned.Serials, pruned.ExpiredThrough)
 	}
-	if ok, err := NextDenyList(revoked, pruned, time.Now()); !ok || err != nil {
+	if ok, err := meshapi.NextDenyList(revoked, pruned, time.Now()); !ok || err != nil {
 		t.Errorf("a holder of the revoked list refuses the pruned one: %v, %v", ok, err)
 	}
-	if ok, err := NextDenyList(pruned, revoked, time.Now()); ok || !errors.Is(err, ErrDenyListStale) {
-		t.Errorf("the revoked list after the pruned one: %v, %v; want ErrDenyListStale", ok, err)
+	if ok, err := meshapi.NextDenyList(pruned, revoked, time.Now()); ok || !errors.Is(err, meshapi.ErrDenyListStale) {
+		t.Errorf("the revoked list after the pruned one: %v, %v; want meshapi.ErrDenyListStale", ok, err)
 	}
 	// The identity stays revoked at the CA: the entry only left the list.
 	if _, err := ca.Token(id); !errors.Is(err, ErrRevoked) {
@@ -224,16 +226,16 @@ func TestDenyListPrunedAfterExpiry(t *testing.T) {
 // currentDirVersion is the directory version served now.
 func currentDirVersion(t *testing.T, ca *runningCA, hc *http.Client) uint64 {
 	t.Helper()
-	status, body := do(t, hc, http.MethodGet, ca.URL()+meshPrefix+meshDirectoryPath+"?wait=0s", nil)
+	status, body := do(t, hc, http.MethodGet, ca.URL()+meshapi.Prefix+meshapi.DirectoryPath+"?wait=0s", nil)
 	if status != http.StatusOK {
 		t.Fatalf("directory: %d %s", status, body)
 	}
-	return decodeJSON[DirectoryDocument](t, body).Version
+	return decodeJSON[meshapi.DirectoryDocument](t, body).Version
 }
 
-// isStatus reports whether err is a *ResponseError with this status.
+// isStatus reports whether err is a *meshapi.ResponseError with this status.
 func isStatus(err error, status int) bool {
-	var re *ResponseError
+	var re *meshapi.ResponseError
 	return errors.As(err, &re) && re.Status == status
 }
 
@@ -246,7 +248,7 @@ func TestReinstateWithoutCutoff(t *testing.T) {
 	if _, err := ca.db.rev.mark(revocationMark{SPIFFEID: id, Reason: "old", RevokedAt: time.Now().UTC()}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ca.Reinstate(context.Background(), "test", ReinstateRequest{SPIFFEID: id.String(), Reason: "try"}); !errors.Is(err, ErrInvalidRequest) {
+	if _, err := ca.Reinstate(context.Background(), "test", meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "try"}); !errors.Is(err, ErrInvalidRequest) {
 		t.Errorf("Reinstate: %v, want ErrInvalidRequest", err)
 	}
 	if _, err := ca.Token(id); !errors.Is(err, ErrRevoked) {

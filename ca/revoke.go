@@ -14,6 +14,8 @@ import (
 	"slices"
 	"time"
 
+	"github.com/agentmesh/agentmesh/meshapi"
+
 	"github.com/smallstep/certificates/authority"
 	"github.com/smallstep/certificates/authority/provisioner"
 	"github.com/smallstep/nosql/database"
@@ -24,39 +26,11 @@ import (
 	"github.com/agentmesh/agentmesh/internal/atomicfile"
 )
 
-// RevokeRequest asks the CA to revoke an identity (every certificate of it issued
-// before the revocation, and no new one until it is reinstated) or one certificate by
-// serial. Exactly one of SPIFFEID and Serial is set. With Except, SPIFFEID's lineage is
-// revoked instead of the identity.
-type RevokeRequest struct {
-	// SPIFFEID is the identity to revoke: a workload ID of the CA's trust domain.
-	SPIFFEID string `json:"spiffe_id,omitempty"`
-	// Serial is the decimal serial of one certificate this CA issued.
-	Serial string `json:"serial,omitempty"`
-	// Except, with SPIFFEID, revokes every unexpired certificate of the identity's
-	// lineage but this one (a decimal serial), which must be the newest: what a
-	// compromise rotation asks with its fresh certificate. The identity stays enrolled
-	// and renews from Except only. ErrNotLineageHead when Except is not the newest.
-	Except string `json:"except,omitempty"`
-	// Reason is why, for the deny-list, the CRL and the audit log: required, at most
-	// 256 printable ASCII characters.
-	Reason string `json:"reason"`
-}
-
-// RevokeResult says what a revocation did.
-type RevokeResult struct {
-	// ListVersion is the deny-list version that carries the revocation.
-	ListVersion uint64 `json:"list_version"`
-	// Serials are the certificates the revocation covers: listed in the deny-list,
-	// revoked in step-ca and so in its CRL.
-	Serials []string `json:"serials"`
-}
-
 // denyState is the deny-list in force: the list, its signed form and that form's
 // JSON, built once per version. Immutable.
 type denyState struct {
-	list    *DenyList
-	signed  *SignedDenyList
+	list    *meshapi.DenyList
+	signed  *meshapi.SignedDenyList
 	encoded []byte
 }
 
@@ -69,28 +43,15 @@ type revokeTarget struct {
 }
 
 // parseRevokeRequest validates req for trust domain td.
-func parseRevokeRequest(td spiffeid.TrustDomain, req RevokeRequest) (revokeTarget, error) {
+func parseRevokeRequest(td spiffeid.TrustDomain, req meshapi.RevokeRequest) (revokeTarget, error) {
 	t := revokeTarget{reason: req.Reason}
-	switch {
-	case (req.SPIFFEID == "") == (req.Serial == ""):
-		return t, fmt.Errorf("%w: exactly one of spiffe_id and serial is required", ErrInvalidRequest)
-	case req.Except != "" && (req.SPIFFEID == "" || !canonicalSerial(req.Except)):
-		return t, fmt.Errorf("%w: except needs spiffe_id and a decimal certificate serial", ErrInvalidRequest)
-	case req.Reason == "" || !validReason(req.Reason):
-		return t, fmt.Errorf("%w: reason is required: 1 to %d printable ASCII characters", ErrInvalidRequest, maxRevokeReason)
-	case req.Serial != "":
-		if !canonicalSerial(req.Serial) {
-			return t, fmt.Errorf("%w: serial %q is not a decimal certificate serial", ErrInvalidRequest, req.Serial)
-		}
+	id, err := req.Check(td)
+	if err != nil {
+		return t, err
+	}
+	if req.Serial != "" {
 		t.serial = req.Serial
 		return t, nil
-	}
-	id, err := spiffeid.FromString(req.SPIFFEID)
-	if err != nil {
-		return t, fmt.Errorf("%w: spiffe_id %q: %w", ErrInvalidID, req.SPIFFEID, err)
-	}
-	if err := checkIssuable(td, id); err != nil {
-		return t, err
 	}
 	t.id, t.except = id, req.Except
 	return t, nil
@@ -117,12 +78,12 @@ func parseRevokeRequest(td spiffeid.TrustDomain, req RevokeRequest) (revokeTarge
 // version. Errors wrap ErrInvalidRequest or ErrInvalidID (bad request),
 // ErrUnknownSerial (a serial this CA never issued) or ErrServerClosed. Concurrent calls
 // are serialised. Every call is audited (Config.Audit) and logged.
-func (s *Server) Revoke(ctx context.Context, initiator string, req RevokeRequest) (*RevokeResult, error) {
+func (s *Server) Revoke(ctx context.Context, initiator string, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
 	return s.revokeVia(ctx, initiator, "", req)
 }
 
 // revokeVia is Revoke for a request that came through via (audit.Revocation.Via).
-func (s *Server) revokeVia(ctx context.Context, initiator, via string, req RevokeRequest) (*RevokeResult, error) {
+func (s *Server) revokeVia(ctx context.Context, initiator, via string, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
 	res, err := s.revoke(ctx, req)
 	rec := audit.Revocation{Initiator: initiator, SPIFFEID: req.SPIFFEID, Serial: req.Serial, Reason: req.Reason,
 		Result: "ok", Via: via}
@@ -168,7 +129,7 @@ func (s *Server) audit(ev audit.Event) {
 	}
 }
 
-func (s *Server) revoke(ctx context.Context, req RevokeRequest) (*RevokeResult, error) {
+func (s *Server) revoke(ctx context.Context, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
 	t, err := parseRevokeRequest(s.cfg.TrustDomain, req)
 	if err != nil {
 		return nil, err
@@ -219,7 +180,7 @@ func (s *Server) revoke(ctx context.Context, req RevokeRequest) (*RevokeResult, 
 		return nil, fmt.Errorf("ca: revoke: %w", err)
 	}
 	entries := targetSerials(st.list, t)
-	res := &RevokeResult{ListVersion: st.list.Version, Serials: make([]string, 0, len(entries))}
+	res := &meshapi.RevokeResult{ListVersion: st.list.Version, Serials: make([]string, 0, len(entries))}
 	for _, e := range entries {
 		res.Serials = append(res.Serials, e.Serial)
 	}
@@ -232,8 +193,8 @@ func (s *Server) revoke(ctx context.Context, req RevokeRequest) (*RevokeResult, 
 }
 
 // targetSerials are the entries of l that t's revocation covers.
-func targetSerials(l *DenyList, t revokeTarget) []DeniedSerial {
-	var out []DeniedSerial
+func targetSerials(l *meshapi.DenyList, t revokeTarget) []meshapi.DeniedSerial {
+	var out []meshapi.DeniedSerial
 	for _, e := range l.Serials {
 		if (t.serial != "" && e.Serial == t.serial) || (t.serial == "" && e.SPIFFEID == t.id) {
 			out = append(out, e)
@@ -248,11 +209,11 @@ func targetSerials(l *DenyList, t revokeTarget) []DeniedSerial {
 // returns the state in force. The caller holds revokeMu (or is New).
 func (s *Server) publishMarks(now time.Time) (*denyState, error) {
 	cur := s.deny.Load()
-	var ids []DeniedID
-	var serials []DeniedSerial
+	var ids []meshapi.DeniedID
+	var serials []meshapi.DeniedSerial
 	marks := s.db.rev.all()
 	for _, m := range marks.ids {
-		if slices.ContainsFunc(cur.list.IDs, func(e DeniedID) bool {
+		if slices.ContainsFunc(cur.list.IDs, func(e meshapi.DeniedID) bool {
 			return e.SPIFFEID == m.SPIFFEID && e.RevokedAt.Equal(m.RevokedAt)
 		}) {
 			continue
@@ -263,14 +224,14 @@ func (s *Server) publishMarks(now time.Time) (*denyState, error) {
 		if err != nil {
 			return nil, err
 		}
-		e := DeniedID{SPIFFEID: m.SPIFFEID, Reason: m.Reason, RevokedAt: m.RevokedAt, NotBefore: m.Cutoff,
+		e := meshapi.DeniedID{SPIFFEID: m.SPIFFEID, Reason: m.Reason, RevokedAt: m.RevokedAt, NotBefore: m.Cutoff,
 			NotAfter: s.coveredUntil(m, live)}
 		if !e.NotAfter.After(now) {
 			continue // listed and dropped since, or covering nothing live
 		}
 		ids = append(ids, e)
 		for _, is := range live {
-			serials = append(serials, DeniedSerial{Serial: is.Serial, SPIFFEID: e.SPIFFEID, Reason: e.Reason,
+			serials = append(serials, meshapi.DeniedSerial{Serial: is.Serial, SPIFFEID: e.SPIFFEID, Reason: e.Reason,
 				RevokedAt: e.RevokedAt, NotAfter: is.NotAfter.UTC()})
 		}
 	}
@@ -278,10 +239,10 @@ func (s *Server) publishMarks(now time.Time) (*denyState, error) {
 		if !m.NotAfter.IsZero() && !m.NotAfter.After(now) {
 			continue // expired: listed and dropped since, or never worth listing
 		}
-		serials = append(serials, DeniedSerial{Serial: m.Serial, SPIFFEID: m.SPIFFEID, Reason: m.Reason,
+		serials = append(serials, meshapi.DeniedSerial{Serial: m.Serial, SPIFFEID: m.SPIFFEID, Reason: m.Reason,
 			RevokedAt: m.RevokedAt, NotAfter: m.NotAfter})
 	}
-	next, changed := nextDenyList(cur.list, now, ids, serials)
+	next, changed := cur.list.Successor(now, ids, serials)
 	if !changed {
 		return cur, nil
 	}
@@ -320,71 +281,9 @@ func (s *Server) coveredUntil(m revocationMark, live []issuedSerial) time.Time {
 	return until.UTC()
 }
 
-// nextDenyList returns the version after cur with the entries of ids and serials
-// that cur lacks, stamped with the new version, and without the entries of cur whose
-// certificates have all expired at now (ExpiredThrough then says so), and whether
-// anything changed. Pure.
-func nextDenyList(cur *DenyList, now time.Time, ids []DeniedID, serials []DeniedSerial) (*DenyList, bool) {
-	next := &DenyList{
-		TrustDomain:    cur.TrustDomain,
-		Version:        cur.Version + 1,
-		IssuedAt:       now.UTC().Round(0),
-		IDs:            slices.Clone(cur.IDs),
-		Serials:        slices.Clone(cur.Serials),
-		ExpiredThrough: cur.ExpiredThrough,
-	}
-	changed := false
-	// Drop what has expired. ExpiredThrough moves to the latest expiry dropped rather
-	// than to now, so that a proxy whose clock is a little behind the CA's accepts
-	// the list as soon as its clock passes the expiries themselves.
-	expired := func(notAfter time.Time) bool {
-		if notAfter.IsZero() || notAfter.After(next.IssuedAt) {
-			return false
-		}
-		if notAfter.After(next.ExpiredThrough) {
-			next.ExpiredThrough = notAfter.UTC()
-		}
-		changed = true
-		return true
-	}
-	next.IDs = slices.DeleteFunc(next.IDs, func(e DeniedID) bool { return expired(e.NotAfter) })
-	next.Serials = slices.DeleteFunc(next.Serials, func(e DeniedSerial) bool { return expired(e.NotAfter) })
-	for _, e := range ids {
-		if slices.ContainsFunc(next.IDs, func(o DeniedID) bool { return o.SPIFFEID == e.SPIFFEID && o.RevokedAt.Equal(e.RevokedAt) }) ||
-			(!e.NotAfter.IsZero() && !e.NotAfter.After(next.ExpiredThrough)) {
-			continue
-		}
-		e.Version = next.Version
-		next.IDs = append(next.IDs, e)
-		changed = true
-	}
-	for _, e := range serials {
-		if cur.deniesSerial(e.Serial) || slices.ContainsFunc(next.Serials, func(o DeniedSerial) bool { return o.Serial == e.Serial }) ||
-			(!e.NotAfter.IsZero() && !e.NotAfter.After(next.ExpiredThrough)) {
-			continue
-		}
-		e.Version = next.Version
-		next.Serials = append(next.Serials, e)
-		changed = true
-	}
-	if !changed {
-		return cur, false
-	}
-	slices.SortFunc(next.IDs, compareIDEntries)
-	slices.SortFunc(next.Serials, func(a, b DeniedSerial) int { return compareSerials(a.Serial, b.Serial) })
-	if next.IDs == nil {
-		next.IDs = []DeniedID{}
-	}
-	if next.Serials == nil {
-		next.Serials = []DeniedSerial{}
-	}
-	next.index()
-	return next, true
-}
-
 // signDenyState signs l with the intermediate's key (in the HSM).
-func (s *Server) signDenyState(l *DenyList) (*denyState, error) {
-	signed, err := signDenyList(l, s.auth.IntermediateSigner(), s.auth.Intermediate())
+func (s *Server) signDenyState(l *meshapi.DenyList) (*denyState, error) {
+	signed, err := meshapi.SignDenyList(l, s.auth.IntermediateSigner(), s.auth.Intermediate())
 	if err != nil {
 		return nil, err
 	}
@@ -398,11 +297,11 @@ func (s *Server) signDenyState(l *DenyList) (*denyState, error) {
 // parseDenyListFile decodes b, the content of the deny-list file at path: a signed
 // list of trust domain td that verifies against roots at now. Its errors name path.
 func parseDenyListFile(path string, b []byte, td spiffeid.TrustDomain, roots []*x509.Certificate, now time.Time) (*denyState, error) {
-	var signed SignedDenyList
-	if err := decodeStrict(bytes.NewReader(b), &signed); err != nil {
+	var signed meshapi.SignedDenyList
+	if err := meshapi.DecodeStrict(bytes.NewReader(b), &signed); err != nil {
 		return nil, fmt.Errorf("deny list %s: %w", path, err)
 	}
-	l, err := VerifyDenyList(&signed, td, roots, now)
+	l, err := meshapi.VerifyDenyList(&signed, td, roots, now)
 	if err != nil {
 		return nil, fmt.Errorf("deny list %s: %w", path, err)
 	}
@@ -421,9 +320,7 @@ func (s *Server) initDenyList(now time.Time) error {
 			s.log.Error("deny list missing while the database records revocations: starting again at version 1; "+
 				"proxies holding a later version will refuse it", keyPath, path)
 		}
-		first := &DenyList{TrustDomain: s.cfg.TrustDomain.Name(), Version: 1, IssuedAt: now.UTC().Round(0),
-			IDs: []DeniedID{}, Serials: []DeniedSerial{}}
-		first.index()
+		first := meshapi.FirstDenyList(s.cfg.TrustDomain.Name(), now)
 		st, err := s.signDenyState(first)
 		if err != nil {
 			return err
@@ -453,7 +350,7 @@ func (s *Server) initDenyList(now time.Time) error {
 
 // revokeInStepCA has step-ca revoke each serial not revoked yet (passively: renewal is
 // refused; the CRL is regenerated on each).
-func (s *Server) revokeInStepCA(ctx context.Context, auth *authority.Authority, entries []DeniedSerial) error {
+func (s *Server) revokeInStepCA(ctx context.Context, auth *authority.Authority, entries []meshapi.DeniedSerial) error {
 	// The revocation is the CA's own decision, already authorised: it uses step-ca's
 	// certificate path (the certificate is read from the database) rather than a
 	// one-time token minted for itself.
@@ -489,7 +386,7 @@ func (s *Server) reconcileStepCA(ctx context.Context, auth *authority.Authority)
 	s.deny.mu.Lock()
 	defer s.deny.mu.Unlock()
 	now := time.Now()
-	live := slices.DeleteFunc(slices.Clone(s.deny.Load().list.Serials), func(e DeniedSerial) bool {
+	live := slices.DeleteFunc(slices.Clone(s.deny.Load().list.Serials), func(e meshapi.DeniedSerial) bool {
 		return !e.NotAfter.IsZero() && !now.Before(e.NotAfter)
 	})
 	if err := s.revokeInStepCA(ctx, auth, live); err != nil {

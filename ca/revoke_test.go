@@ -18,6 +18,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 // auditRecorder is a Config.Audit that keeps the records in memory.
@@ -70,14 +72,14 @@ func serialOf(svid *x509svid.SVID) string { return svid.Certificates[0].SerialNu
 
 // servedDenyList fetches GET /mesh/v1/revocations with hc and verifies it against the
 // CA's root.
-func servedDenyList(t *testing.T, ca *runningCA, hc *http.Client) (*DenyList, *SignedDenyList) {
+func servedDenyList(t *testing.T, ca *runningCA, hc *http.Client) (*meshapi.DenyList, *meshapi.SignedDenyList) {
 	t.Helper()
-	status, body := do(t, hc, http.MethodGet, ca.URL()+meshPrefix+meshRevocationsPath, nil)
+	status, body := do(t, hc, http.MethodGet, ca.URL()+meshapi.Prefix+meshapi.RevocationsPath, nil)
 	if status != http.StatusOK {
 		t.Fatalf("GET revocations: %d %s", status, body)
 	}
-	signed := decodeJSON[SignedDenyList](t, body)
-	l, err := VerifyDenyList(&signed, testTD, ca.Roots(), time.Now())
+	signed := decodeJSON[meshapi.SignedDenyList](t, body)
+	l, err := meshapi.VerifyDenyList(&signed, testTD, ca.Roots(), time.Now())
 	if err != nil {
 		t.Fatalf("served deny list: %v", err)
 	}
@@ -134,8 +136,8 @@ func TestRevokeIdentity(t *testing.T) {
 	other := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/o"))
 	hcOther := httpsClient(t, ca, tlsCert(other))
 	hcRevoked := httpsClient(t, ca, tlsCert(second))
-	regURL := ca.URL() + meshPrefix + meshRegisterPath
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
+	regURL := ca.URL() + meshapi.Prefix + meshapi.RegisterPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
 	for i, hc := range []*http.Client{hcRevoked, hcOther} {
 		if status, body := do(t, hc, http.MethodPost, regURL, registerBody(15008, "10.0.1."+strconv.Itoa(i+1))); status != http.StatusOK {
 			t.Fatalf("register: %d %s", status, body)
@@ -147,13 +149,13 @@ func TestRevokeIdentity(t *testing.T) {
 		t.Fatalf("first list: version %d with %d ids, %d serials; want version 1, empty", v1.Version, len(v1.IDs), len(v1.Serials))
 	}
 	_, body := do(t, hcOther, http.MethodGet, dirURL+"?wait=0s", nil)
-	doc0 := decodeJSON[DirectoryDocument](t, body)
+	doc0 := decodeJSON[meshapi.DirectoryDocument](t, body)
 	if doc0.Revocations == nil || len(doc0.Peers) != 2 {
 		t.Fatalf("directory before: %d peers, revocations %v", len(doc0.Peers), doc0.Revocations)
 	}
 
 	type answer struct {
-		doc     DirectoryDocument
+		doc     meshapi.DirectoryDocument
 		elapsed time.Duration
 	}
 	answers := make(chan answer, 1)
@@ -163,7 +165,7 @@ func TestRevokeIdentity(t *testing.T) {
 	}
 	go func() { // no t.Fatal here: not the test's goroutine
 		start := time.Now()
-		var doc DirectoryDocument
+		var doc meshapi.DirectoryDocument
 		resp, err := hcOther.Get(dirURL + "?since=" + strconv.FormatUint(doc0.Version, 10) + "&wait=20s")
 		if err == nil {
 			err = json.NewDecoder(resp.Body).Decode(&doc)
@@ -176,12 +178,12 @@ func TestRevokeIdentity(t *testing.T) {
 	}()
 	<-parked
 
-	res, err := RequestRevoke(ctx, cfg.StateDir, RevokeRequest{SPIFFEID: id.String(), Reason: "key compromise"})
+	res, err := RequestRevoke(ctx, cfg.StateDir, meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "key compromise"})
 	if err != nil {
 		t.Fatalf("RequestRevoke: %v", err)
 	}
 	wantSerials := []string{serialOf(first), serialOf(second)}
-	slices.SortFunc(wantSerials, compareSerials)
+	slices.SortFunc(wantSerials, meshapi.CompareSerials)
 	if res.ListVersion != 2 || !slices.Equal(res.Serials, wantSerials) {
 		t.Fatalf("RequestRevoke = %+v, want version 2 with serials %v", res, wantSerials)
 	}
@@ -192,21 +194,21 @@ func TestRevokeIdentity(t *testing.T) {
 			t.Fatalf("long-poll answered version %d after %v (revocations %v)", a.doc.Version, a.elapsed, a.doc.Revocations)
 		}
 		t.Logf("long-poll woken %v after it started", a.elapsed)
-		l, err := VerifyDenyList(a.doc.Revocations, testTD, ca.Roots(), time.Now())
+		l, err := meshapi.VerifyDenyList(a.doc.Revocations, testTD, ca.Roots(), time.Now())
 		if err != nil {
 			t.Fatalf("pushed list: %v", err)
 		}
 		if l.Version != 2 || !l.Denies(id, "1", time.Time{}) || !l.Denies(spiffeid.ID{}, serialOf(first), time.Time{}) || l.Denies(other.ID, serialOf(other), time.Time{}) {
 			t.Errorf("pushed list %+v", l)
 		}
-		if ok, err := NextDenyList(v1, l, time.Now()); !ok || err != nil {
-			t.Errorf("NextDenyList(v1, v2, time.Now()) = %v, %v", ok, err)
+		if ok, err := meshapi.NextDenyList(v1, l, time.Now()); !ok || err != nil {
+			t.Errorf("meshapi.NextDenyList(v1, v2, time.Now()) = %v, %v", ok, err)
 		}
 		if ids := peerIDs(a.doc); !slices.Equal(ids, []string{other.ID.String()}) {
 			t.Errorf("peers after the revocation: %v", ids)
 		}
 		served, signed := servedDenyList(t, ca, hcRevoked) // a revoked SVID may still read it
-		if !sameDenyList(served, l) {
+		if !meshapi.SameDenyList(served, l) {
 			t.Error("GET /revocations serves another list than the directory")
 		}
 		if !slices.Equal(signed.Signer, first.Certificates[1].Raw) {
@@ -226,7 +228,7 @@ func TestRevokeIdentity(t *testing.T) {
 		if _, err := ca.Token(id); !errors.Is(err, ErrRevoked) {
 			t.Errorf("Token: %v, want ErrRevoked", err)
 		}
-		var re *ResponseError
+		var re *meshapi.ResponseError
 		if _, err := RequestToken(ctx, cfg.StateDir, id); !errors.As(err, &re) || re.Status != http.StatusForbidden {
 			t.Errorf("RequestToken: %v, want 403", err)
 		}
@@ -271,7 +273,7 @@ func TestRevokeIdentity(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		again, err := ca.Revoke(ctx, "operator", RevokeRequest{SPIFFEID: id.String(), Reason: "again"})
+		again, err := ca.Revoke(ctx, "operator", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "again"})
 		if err != nil || again.ListVersion != 2 || !slices.Equal(again.Serials, wantSerials) {
 			t.Fatalf("second Revoke = %+v, %v; want version 2, same serials", again, err)
 		}
@@ -317,7 +319,7 @@ func TestRevokeSerial(t *testing.T) {
 	lost := enroll(t, ca, id)
 	kept := enroll(t, ca, id)
 
-	res, err := ca.Revoke(ctx, "spiffe://mesh.test/admin/op", RevokeRequest{Serial: serialOf(lost), Reason: "laptop lost"})
+	res, err := ca.Revoke(ctx, "spiffe://mesh.test/admin/op", meshapi.RevokeRequest{Serial: serialOf(lost), Reason: "laptop lost"})
 	if err != nil || res.ListVersion != 2 || !slices.Equal(res.Serials, []string{serialOf(lost)}) {
 		t.Fatalf("Revoke = %+v, %v", res, err)
 	}
@@ -341,30 +343,30 @@ func TestRevokeSerial(t *testing.T) {
 	if got := crlSerials(t, ca, lost.Certificates[1]); !slices.Equal(got, []string{serialOf(lost)}) {
 		t.Errorf("CRL serials %v, want %s", got, serialOf(lost))
 	}
-	if again, err := ca.Revoke(ctx, "op", RevokeRequest{Serial: serialOf(lost), Reason: "again"}); err != nil || again.ListVersion != 2 {
+	if again, err := ca.Revoke(ctx, "op", meshapi.RevokeRequest{Serial: serialOf(lost), Reason: "again"}); err != nil || again.ListVersion != 2 {
 		t.Errorf("second Revoke = %+v, %v; want version 2", again, err)
 	}
 
 	for _, tc := range []struct {
 		name   string
-		req    RevokeRequest
+		req    meshapi.RevokeRequest
 		status int
 		want   error
 	}{
-		{"unknown serial", RevokeRequest{Serial: "12345", Reason: "r"}, http.StatusNotFound, ErrUnknownSerial},
-		{"both", RevokeRequest{SPIFFEID: id.String(), Serial: serialOf(kept), Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
-		{"neither", RevokeRequest{Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
-		{"no reason", RevokeRequest{SPIFFEID: id.String()}, http.StatusBadRequest, ErrInvalidRequest},
-		{"reason not printable", RevokeRequest{SPIFFEID: id.String(), Reason: "a\nb"}, http.StatusBadRequest, ErrInvalidRequest},
-		{"reason too long", RevokeRequest{SPIFFEID: id.String(), Reason: string(make([]byte, 257))}, http.StatusBadRequest, ErrInvalidRequest},
-		{"hex serial", RevokeRequest{Serial: "0x1f", Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
-		{"foreign id", RevokeRequest{SPIFFEID: "spiffe://other.test/host/a", Reason: "r"}, http.StatusBadRequest, ErrInvalidID},
-		{"trust domain id", RevokeRequest{SPIFFEID: "spiffe://mesh.test", Reason: "r"}, http.StatusBadRequest, ErrInvalidID},
-		{"not an id", RevokeRequest{SPIFFEID: "host/a", Reason: "r"}, http.StatusBadRequest, ErrInvalidID},
+		{"unknown serial", meshapi.RevokeRequest{Serial: "12345", Reason: "r"}, http.StatusNotFound, ErrUnknownSerial},
+		{"both", meshapi.RevokeRequest{SPIFFEID: id.String(), Serial: serialOf(kept), Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
+		{"neither", meshapi.RevokeRequest{Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
+		{"no reason", meshapi.RevokeRequest{SPIFFEID: id.String()}, http.StatusBadRequest, ErrInvalidRequest},
+		{"reason not printable", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "a\nb"}, http.StatusBadRequest, ErrInvalidRequest},
+		{"reason too long", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: string(make([]byte, 257))}, http.StatusBadRequest, ErrInvalidRequest},
+		{"hex serial", meshapi.RevokeRequest{Serial: "0x1f", Reason: "r"}, http.StatusBadRequest, ErrInvalidRequest},
+		{"foreign id", meshapi.RevokeRequest{SPIFFEID: "spiffe://other.test/host/a", Reason: "r"}, http.StatusBadRequest, ErrInvalidID},
+		{"trust domain id", meshapi.RevokeRequest{SPIFFEID: "spiffe://mesh.test", Reason: "r"}, http.StatusBadRequest, ErrInvalidID},
+		{"not an id", meshapi.RevokeRequest{SPIFFEID: "host/a", Reason: "r"}, http.StatusBadRequest, ErrInvalidID},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := RequestRevoke(ctx, cfg.StateDir, tc.req)
-			var re *ResponseError
+			var re *meshapi.ResponseError
 			if !errors.As(err, &re) || re.Status != tc.status || re.Op != "revoke" {
 				t.Fatalf("RequestRevoke: %v, want %d", err, tc.status)
 			}
@@ -393,12 +395,12 @@ func TestMeshRevokeAuthorization(t *testing.T) {
 	host := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/h"))
 	admin := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/admin/alice"))
 	victim := spiffeid.RequireFromPath(testTD, "/host/victim")
-	cc := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
-	req := RevokeRequest{SPIFFEID: victim.String(), Reason: "decommissioned"}
+	cc := meshclient.ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
+	req := meshapi.RevokeRequest{SPIFFEID: victim.String(), Reason: "decommissioned"}
 
 	for _, caller := range []*x509svid.SVID{agent, host} {
-		_, err := RevokeRemote(ctx, cc, *tlsCert(caller), req)
-		var re *ResponseError
+		_, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(caller), req)
+		var re *meshapi.ResponseError
 		if !errors.As(err, &re) || re.Status != http.StatusForbidden || re.Op != "revoke" || !re.Permanent() {
 			t.Fatalf("RevokeRemote as %s: %v, want a permanent 403", caller.ID, err)
 		}
@@ -406,14 +408,14 @@ func TestMeshRevokeAuthorization(t *testing.T) {
 			t.Errorf("audit record %+v, want refused by %s", r, caller.ID)
 		}
 	}
-	if _, err := RevokeRemote(ctx, cc, *foreignSVID(t, testTD, "/admin/alice"), req); !permanent(err) {
+	if _, err := meshclient.RevokeRemote(ctx, cc, *foreignSVID(t, testTD, "/admin/alice"), req); !permanent(err) {
 		t.Errorf("RevokeRemote with a foreign CA's admin SVID: %v, want a permanent error", err)
 	}
 	if l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(agent))); l.Version != 1 {
 		t.Fatalf("refused requests moved the list to version %d", l.Version)
 	}
 
-	res, err := RevokeRemote(ctx, cc, *tlsCert(admin), req)
+	res, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(admin), req)
 	if err != nil || res.ListVersion != 2 || len(res.Serials) != 0 {
 		t.Fatalf("RevokeRemote as admin = %+v, %v; want version 2, no serials (never enrolled)", res, err)
 	}
@@ -423,16 +425,16 @@ func TestMeshRevokeAuthorization(t *testing.T) {
 	if _, err := ca.Token(victim); !errors.Is(err, ErrRevoked) {
 		t.Errorf("Token for an identity revoked before its enrolment: %v", err)
 	}
-	var re *ResponseError
-	if _, err := RevokeRemote(ctx, cc, *tlsCert(admin), RevokeRequest{Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusBadRequest {
+	var re *meshapi.ResponseError
+	if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusBadRequest {
 		t.Errorf("RevokeRemote of nothing: %v, want 400", err)
 	}
 
 	// An operator revoked (here by itself) can no longer revoke.
-	if _, err := RevokeRemote(ctx, cc, *tlsCert(admin), RevokeRequest{SPIFFEID: admin.ID.String(), Reason: "leaving"}); err != nil {
+	if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{SPIFFEID: admin.ID.String(), Reason: "leaving"}); err != nil {
 		t.Fatalf("self-revocation: %v", err)
 	}
-	if _, err := RevokeRemote(ctx, cc, *tlsCert(admin), RevokeRequest{SPIFFEID: host.ID.String(), Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusForbidden {
+	if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(admin), meshapi.RevokeRequest{SPIFFEID: host.ID.String(), Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusForbidden {
 		t.Errorf("RevokeRemote by a revoked operator: %v, want 403", err)
 	}
 	if r := rec.last(t); r.Result != "refused" || r.Initiator != admin.ID.String() {
@@ -449,7 +451,7 @@ func TestRevocationsSurviveRestart(t *testing.T) {
 	id := spiffeid.RequireFromPath(testTD, "/host/p")
 	revoked := enroll(t, first, id)
 	later := enroll(t, first, spiffeid.RequireFromPath(testTD, "/agent/l"))
-	if _, err := first.Revoke(ctx, "op", RevokeRequest{SPIFFEID: id.String(), Reason: "r"}); err != nil {
+	if _, err := first.Revoke(ctx, "op", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "r"}); err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(cfg.StateDir, fileDenyList)
@@ -464,39 +466,39 @@ func TestRevocationsSurviveRestart(t *testing.T) {
 		t.Fatalf("Run: %v", err)
 	}
 
-	var beforeRun *DenyList
+	var beforeRun *meshapi.DenyList
 	second := startCAWith(t, cfg, func(s *Server) {
 		st := s.deny.Load()
 		if string(st.encoded) != string(persisted) || st.list.Version != 2 {
 			t.Fatalf("after restart: version %d, same bytes %v", st.list.Version, string(st.encoded) == string(persisted))
 		}
 		// Not running yet: listed and published now, revoked in step-ca by Run.
-		res, err := s.Revoke(ctx, "op", RevokeRequest{Serial: serialOf(later), Reason: "before run"})
+		res, err := s.Revoke(ctx, "op", meshapi.RevokeRequest{Serial: serialOf(later), Reason: "before run"})
 		if err != nil || res.ListVersion != 3 {
 			t.Fatalf("Revoke before Run = %+v, %v", res, err)
 		}
 		beforeRun = s.deny.Load().list
 	})
 	l, signed := servedDenyList(t, second, httpsClient(t, second, tlsCert(later)))
-	if l.Version != 3 || !sameDenyList(l, beforeRun) || !l.Denies(id, "", time.Time{}) || !l.Denies(spiffeid.ID{}, serialOf(later), time.Time{}) {
+	if l.Version != 3 || !meshapi.SameDenyList(l, beforeRun) || !l.Denies(id, "", time.Time{}) || !l.Denies(spiffeid.ID{}, serialOf(later), time.Time{}) {
 		t.Fatalf("served after restart: %+v", l)
 	}
-	var v2 SignedDenyList
+	var v2 meshapi.SignedDenyList
 	if err := json.Unmarshal(persisted, &v2); err != nil {
 		t.Fatal(err)
 	}
-	old, err := VerifyDenyList(&v2, testTD, second.Roots(), time.Now())
+	old, err := meshapi.VerifyDenyList(&v2, testTD, second.Roots(), time.Now())
 	if err != nil {
 		t.Fatal(err)
 	}
-	if ok, err := NextDenyList(old, l, time.Now()); !ok || err != nil {
-		t.Errorf("NextDenyList(v2 before restart, v3 after, time.Now()) = %v, %v", ok, err)
+	if ok, err := meshapi.NextDenyList(old, l, time.Now()); !ok || err != nil {
+		t.Errorf("meshapi.NextDenyList(v2 before restart, v3 after, time.Now()) = %v, %v", ok, err)
 	}
 	onDisk, err := os.ReadFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if fromDisk := decodeJSON[SignedDenyList](t, onDisk); string(fromDisk.Payload) != string(signed.Payload) {
+	if fromDisk := decodeJSON[meshapi.SignedDenyList](t, onDisk); string(fromDisk.Payload) != string(signed.Payload) {
 		t.Error("the served list is not the persisted one")
 	}
 	if _, err := second.Token(id); !errors.Is(err, ErrRevoked) {
@@ -520,7 +522,7 @@ func TestConcurrentRevocations(t *testing.T) {
 	for i := range n {
 		wg.Go(func() {
 			id := spiffeid.RequireFromPath(testTD, "/host/c"+strconv.Itoa(i))
-			res, err := ca.Revoke(context.Background(), "op", RevokeRequest{SPIFFEID: id.String(), Reason: "r"})
+			res, err := ca.Revoke(context.Background(), "op", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "r"})
 			if err != nil {
 				t.Errorf("Revoke %s: %v", id, err)
 				return

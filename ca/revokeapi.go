@@ -1,13 +1,11 @@
 package ca
 
 import (
-	"bytes"
 	"context"
-	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"strings"
 
@@ -23,12 +21,12 @@ const maxRevokeBody = 4 << 10
 
 // isAdminID reports whether id names an operator: /admin/<name>.
 func isAdminID(id spiffeid.ID) bool {
-	return strings.HasPrefix(id.Path(), adminPathPrefix) && len(id.Path()) > len(adminPathPrefix)
+	return strings.HasPrefix(id.Path(), meshapi.AdminPathPrefix) && len(id.Path()) > len(meshapi.AdminPathPrefix)
 }
 
 // refusedRevocation is the audit record of a revocation request refused before it
 // reached Revoke (caller not allowed, unreadable body).
-func refusedRevocation(initiator string, req *RevokeRequest, msg string) audit.Revocation {
+func refusedRevocation(initiator string, req *meshapi.RevokeRequest, msg string) audit.Revocation {
 	rec := audit.Revocation{Initiator: initiator, Result: "refused", Error: msg}
 	if req != nil {
 		rec.SPIFFEID, rec.Serial, rec.Reason = req.SPIFFEID, req.Serial, req.Reason
@@ -56,8 +54,8 @@ func revokeStatus(err error) int {
 func (s *Server) handleAdminRevoke(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 	initiator := uidInitiator(cred.uid)
-	var req RevokeRequest
-	if err := decodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
+	var req meshapi.RevokeRequest
+	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
 		msg := "invalid request body: " + err.Error()
 		s.audit(refusedRevocation(initiator, nil, msg))
 		writeAdminError(w, http.StatusBadRequest, msg)
@@ -113,8 +111,8 @@ func (s *Server) handleMeshRevoke(w http.ResponseWriter, r *http.Request) {
 		s.refuse(w, r, http.StatusForbidden, id, msg)
 		return
 	}
-	var req RevokeRequest
-	if err := decodeStrict(http.MaxBytesReader(w, r.Body, maxRevokeBody), &req); err != nil {
+	var req meshapi.RevokeRequest
+	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, maxRevokeBody), &req); err != nil {
 		msg := "invalid request body: " + err.Error()
 		s.audit(refusedRevocation(initiator, nil, msg))
 		s.refuse(w, r, http.StatusBadRequest, id, msg)
@@ -140,7 +138,7 @@ func (s *Server) handleMeshRevoke(w http.ResponseWriter, r *http.Request) {
 		if !mayRevoke(id, t, owner) && !mayRevokeLineage(id, callerSerial(r), t) {
 			// An unknown serial is refused like another identity's: only operators
 			// learn which serials exist.
-			msg := "only " + adminPathPrefix + "* identities may revoke, other than a serial of the caller's own identity " +
+			msg := "only " + meshapi.AdminPathPrefix + "* identities may revoke, other than a serial of the caller's own identity " +
 				"or its lineage except the presented certificate"
 			s.audit(refusedRevocation(initiator, &req, msg))
 			s.refuse(w, r, http.StatusForbidden, id, msg)
@@ -168,73 +166,14 @@ func (s *Server) handleRevocations(w http.ResponseWriter, _ *http.Request) {
 // caller must be root or the CA's user. A refusal is a *ResponseError with Op
 // "revoke": 400 for a bad request, 403 for a caller not allowed, 404 for an unknown
 // serial.
-func RequestRevoke(ctx context.Context, stateDir string, req RevokeRequest) (*RevokeResult, error) {
+func RequestRevoke(ctx context.Context, stateDir string, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, fmt.Errorf("ca: revoke: %w", err)
 	}
-	b, err := adminRequest(ctx, stateDir, "revoke", http.MethodPost, adminRevokePath, body, maxResponse)
+	b, err := adminRequest(ctx, stateDir, "revoke", http.MethodPost, adminRevokePath, body, meshapi.MaxResponse)
 	if err != nil {
 		return nil, err
 	}
-	return decodeRevokeResult(b)
-}
-
-// RevokeRemote asks the CA at cfg.URL to revoke, over mTLS with cert (an SVID of the
-// trust domain): POST /mesh/v1/revoke. An operator SVID (/admin/...) may revoke any
-// identity or serial; any other SVID only a serial of its own identity, which is how a
-// proxy revokes its previous certificate after rotating away from a compromised key
-// (with its new SVID). cfg.Token is not used. A refusal is a *ResponseError with Op
-// "revoke": 400 for a bad request, 401 for a certificate that is not a valid SVID, 403
-// for a request the certificate may not make (or a revoked certificate), 404 for a
-// serial unknown to the CA (operators only: others get 403).
-func RevokeRemote(ctx context.Context, cfg ClientConfig, cert tls.Certificate, req RevokeRequest) (*RevokeResult, error) {
-	answer, err := meshPost(ctx, cfg, cert, "revoke", meshRevokePath, req)
-	if err != nil {
-		return nil, err
-	}
-	return decodeRevokeResult(answer)
-}
-
-// meshPost sends req as JSON to the mesh API's path at cfg.URL over mTLS with cert
-// and returns the answer of a 200; any other status is a *ResponseError with op.
-func meshPost(ctx context.Context, cfg ClientConfig, cert tls.Certificate, op, path string, req any) ([]byte, error) {
-	c, err := NewClient(cfg)
-	if err != nil {
-		return nil, err
-	}
-	body, err := json.Marshal(req)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	tr := c.transport(&cert, false)
-	defer tr.CloseIdleConnections()
-	ctx, cancel := context.WithTimeout(ctx, c.timeout)
-	defer cancel()
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+meshPrefix+path, bytes.NewReader(body))
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	hr.Header.Set("Content-Type", "application/json")
-	resp, err := (&http.Client{Transport: tr}).Do(hr)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	defer func() { _ = resp.Body.Close() }()
-	answer, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse))
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, &ResponseError{Op: op, Status: resp.StatusCode, Message: stepErrorMessage(answer)}
-	}
-	return answer, nil
-}
-
-func decodeRevokeResult(b []byte) (*RevokeResult, error) {
-	var res RevokeResult
-	if err := json.Unmarshal(b, &res); err != nil || res.ListVersion == 0 {
-		return nil, errors.New("ca: revoke: malformed answer")
-	}
-	return &res, nil
+	return meshapi.DecodeRevokeResult(b)
 }

@@ -10,6 +10,9 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 func TestMayRevoke(t *testing.T) {
@@ -54,7 +57,7 @@ func TestMeshSelfRevocation(t *testing.T) {
 	cfg.Audit = rec
 	ca := startCA(t, cfg)
 	ctx := context.Background()
-	cc := ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
+	cc := meshclient.ClientConfig{URL: ca.URL(), Roots: ca.Roots()}
 	id := spiffeid.RequireFromPath(testTD, "/host/self")
 	old := enroll(t, ca, id)
 	key := newKey(t)
@@ -65,7 +68,7 @@ func TestMeshSelfRevocation(t *testing.T) {
 	current := &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key}
 	neighbour := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/neighbour"))
 
-	res, err := RevokeRemote(ctx, cc, *tlsCert(current), RevokeRequest{Serial: serialOf(old), Reason: "key compromised"})
+	res, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(current), meshapi.RevokeRequest{Serial: serialOf(old), Reason: "key compromised"})
 	if err != nil {
 		t.Fatalf("revoking its own previous serial: %v", err)
 	}
@@ -92,16 +95,16 @@ func TestMeshSelfRevocation(t *testing.T) {
 
 	for _, tc := range []struct {
 		name string
-		req  RevokeRequest
+		req  meshapi.RevokeRequest
 	}{
-		{"another identity's serial", RevokeRequest{Serial: serialOf(neighbour), Reason: "r"}},
-		{"its own identity", RevokeRequest{SPIFFEID: id.String(), Reason: "r"}},
-		{"another identity", RevokeRequest{SPIFFEID: neighbour.ID.String(), Reason: "r"}},
-		{"an unknown serial", RevokeRequest{Serial: "123456789", Reason: "r"}},
+		{"another identity's serial", meshapi.RevokeRequest{Serial: serialOf(neighbour), Reason: "r"}},
+		{"its own identity", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "r"}},
+		{"another identity", meshapi.RevokeRequest{SPIFFEID: neighbour.ID.String(), Reason: "r"}},
+		{"an unknown serial", meshapi.RevokeRequest{Serial: "123456789", Reason: "r"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			_, err := RevokeRemote(ctx, cc, *tlsCert(current), tc.req)
-			var re *ResponseError
+			_, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(current), tc.req)
+			var re *meshapi.ResponseError
 			if !errors.As(err, &re) || re.Status != http.StatusForbidden || !re.Permanent() {
 				t.Fatalf("RevokeRemote: %v, want a permanent 403", err)
 			}
@@ -111,12 +114,12 @@ func TestMeshSelfRevocation(t *testing.T) {
 			}
 		})
 	}
-	var re *ResponseError
-	if _, err := RevokeRemote(ctx, cc, *tlsCert(current), RevokeRequest{Serial: "0123", Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusBadRequest {
+	var re *meshapi.ResponseError
+	if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(current), meshapi.RevokeRequest{Serial: "0123", Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusBadRequest {
 		t.Errorf("RevokeRemote with a malformed serial: %v, want 400", err)
 	}
 	// The compromised certificate cannot strike back at its successor.
-	if _, err := RevokeRemote(ctx, cc, *tlsCert(old), RevokeRequest{Serial: serialOf(current), Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusForbidden {
+	if _, err := meshclient.RevokeRemote(ctx, cc, *tlsCert(old), meshapi.RevokeRequest{Serial: serialOf(current), Reason: "r"}); !errors.As(err, &re) || re.Status != http.StatusForbidden {
 		t.Errorf("RevokeRemote with the revoked certificate: %v, want 403", err)
 	}
 

@@ -4,6 +4,7 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"maps"
 	"slices"
 	"sync"
@@ -55,7 +56,7 @@ func (m revocationMark) reinstated() bool { return !m.ReinstatedAt.IsZero() }
 // covers reports whether m refuses a certificate of its identity with this NotBefore:
 // every one until reinstated, afterwards those issued before the cutoff.
 func (m revocationMark) covers(notBefore time.Time) bool {
-	return !m.reinstated() || coveredBy(notBefore, m.Cutoff)
+	return !m.reinstated() || meshapi.CoveredBy(notBefore, m.Cutoff)
 }
 
 func (m revocationMark) key() []byte {
@@ -214,7 +215,7 @@ func (s *revocationStore) liveSerials(id spiffeid.ID, cutoff, now time.Time) ([]
 		return nil, err
 	}
 	return slices.DeleteFunc(list, func(e issuedSerial) bool {
-		return !now.Before(e.NotAfter) || (!e.NotBefore.IsZero() && !coveredBy(e.NotBefore, cutoff))
+		return !now.Before(e.NotAfter) || (!e.NotBefore.IsZero() && !meshapi.CoveredBy(e.NotBefore, cutoff))
 	}), nil
 }
 
@@ -267,7 +268,7 @@ func (s *revocationStore) storeIssued(leaf *x509.Certificate, store func() error
 	}
 	list = slices.DeleteFunc(list, func(e issuedSerial) bool { return !now.Before(e.NotAfter) })
 	list = append(list, issuedSerial{Serial: leaf.SerialNumber.String(), NotBefore: leaf.NotBefore, NotAfter: leaf.NotAfter})
-	slices.SortFunc(list, func(a, b issuedSerial) int { return compareSerials(a.Serial, b.Serial) })
+	slices.SortFunc(list, func(a, b issuedSerial) int { return meshapi.CompareSerials(a.Serial, b.Serial) })
 	b, err := json.Marshal(list)
 	if err != nil {
 		return fmt.Errorf("encode serial index: %w", err)

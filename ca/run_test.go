@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // freeAddr returns a loopback TCP address nothing listens on at the moment.
@@ -49,7 +50,7 @@ func TestRun(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- Run(ctx, ProcessConfig{CA: cfg, Logger: logger, MetricsAddr: metrics}) }()
 
-	var fr *FleetRotation
+	var fr *meshapi.FleetRotation
 	deadline := time.Now().Add(time.Minute)
 	for {
 		var err error
@@ -126,12 +127,12 @@ func TestParseHostClaim(t *testing.T) {
 					t.Errorf("prefix %d = %s, want %s", i, p, tc.want[i])
 				}
 			}
-			if !IsHostID(id) {
-				t.Errorf("IsHostID(%s) = false", id)
+			if !meshapi.IsHostID(id) {
+				t.Errorf("meshapi.IsHostID(%s) = false", id)
 			}
 		})
 	}
-	if IsHostID(testTD.ID()) {
+	if meshapi.IsHostID(testTD.ID()) {
 		t.Error("the trust domain's own ID is a host ID")
 	}
 }

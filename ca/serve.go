@@ -13,6 +13,7 @@ import (
 	"github.com/go-chi/chi/v5/middleware"
 
 	"github.com/agentmesh/agentmesh/ca/authority"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // apiHandler routes step-ca's API at / and /1.0 (as step-ca does) and the mesh API at
@@ -21,7 +22,7 @@ func (s *Server) apiHandler() http.Handler {
 	mux := chi.NewRouter()
 	mux.Use(middleware.GetHead)
 	authority.Route(mux)
-	mux.Route(meshPrefix, s.meshRoutes)
+	mux.Route(meshapi.Prefix, s.meshRoutes)
 	return s.accessLog(s.auth.AuditIssuance(s.auth.RequireValidClientCert(s.interceptStepRevoke(s.guardLineage(mux)))))
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"net/http"
 	"strconv"
 
@@ -56,7 +57,7 @@ func (s *Server) handleStepRevoke(w http.ResponseWriter, r *http.Request) {
 	}
 	var body api.RevokeRequest
 	err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxStepRevokeBody)).Decode(&body)
-	req := RevokeRequest{Serial: body.Serial, Reason: body.Reason}
+	req := meshapi.RevokeRequest{Serial: body.Serial, Reason: body.Reason}
 	if req.Reason == "" {
 		req.Reason = "step ca revoke, reason code " + strconv.Itoa(body.ReasonCode)
 	}

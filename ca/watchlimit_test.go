@@ -6,6 +6,8 @@ import (
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // TestMeshWatchLimit: a client identity holds at most MaxWatches directory long-polls;
@@ -23,9 +25,9 @@ func TestMeshWatchLimit(t *testing.T) {
 	idH := spiffeid.RequireFromPath(testTD, "/host/h")
 	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, idH)))
 	other := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/other"))))
-	dirURL := ca.URL() + meshPrefix + meshDirectoryPath
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
 	_, body := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil)
-	poll := dirURL + "?wait=60s&since=" + strconv.FormatUint(decodeJSON[DirectoryDocument](t, body).Version, 10)
+	poll := dirURL + "?wait=60s&since=" + strconv.FormatUint(decodeJSON[meshapi.DirectoryDocument](t, body).Version, 10)
 
 	statuses := make(chan int, cfg.MaxWatches)
 	for range cfg.MaxWatches {

@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -10,8 +11,6 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-
-	"github.com/agentmesh/agentmesh/ca"
 )
 
 // TestCAAudit: the CA's audit log holds one issuance record for each token, enrolment,
@@ -49,7 +48,7 @@ func TestCAAudit(t *testing.T) {
 	if _, err := a.client.Enroll(t.Context(), spiffeid.RequireFromString(hostA), a.key); err == nil {
 		t.Fatal("a used token enrolled again")
 	}
-	bogus, err := ca.NewClient(ca.ClientConfig{URL: authority.url, Roots: a.roots,
+	bogus, err := meshclient.NewClient(meshclient.ClientConfig{URL: authority.url, Roots: a.roots,
 		Token: func(context.Context) (string, error) { return "not.a.token", nil }})
 	if err != nil {
 		t.Fatal(err)

@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	endian "encoding/binary"
 	"fmt"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"io"
 	"math"
 	"net"
@@ -27,8 +28,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"go.step.sm/crypto/pemutil"
-
-	"github.com/agentmesh/agentmesh/ca"
 )
 
 // TestRevocation revokes a host identity while three proxies in network namespaces carry
@@ -311,7 +310,7 @@ func openedBefore(r map[string]any, closed, t time.Time) bool {
 // rogue is the test's own holder of an identity: a key in memory and an SVID. Its
 // tunnels ask for port.
 type rogue struct {
-	client *ca.Client
+	client *meshclient.Client
 	key    crypto.Signer
 	svid   *x509svid.SVID
 	roots  []*x509.Certificate
@@ -336,7 +335,7 @@ func enrollWithToken(t *testing.T, authority *meshCA, id, tok string) (*rogue, e
 	if err != nil {
 		t.Fatal(err)
 	}
-	client, err := ca.NewClient(ca.ClientConfig{URL: authority.url, Roots: roots,
+	client, err := meshclient.NewClient(meshclient.ClientConfig{URL: authority.url, Roots: roots,
 		Token: func(context.Context) (string, error) { return tok, nil }})
 	if err != nil {
 		t.Fatal(err)

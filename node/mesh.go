@@ -15,7 +15,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
-	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -63,27 +64,27 @@ type caLink struct {
 	control func(network, address string, c syscall.RawConn) error // the proxy's mark, or nil
 }
 
-func (l caLink) clientConfig(token func(context.Context) (string, error), logger *slog.Logger) ca.ClientConfig {
-	return ca.ClientConfig{URL: l.url, Roots: l.roots, Token: token, Control: l.control, Logger: logger}
+func (l caLink) clientConfig(token func(context.Context) (string, error), logger *slog.Logger) meshclient.ClientConfig {
+	return meshclient.ClientConfig{URL: l.url, Roots: l.roots, Token: token, Control: l.control, Logger: logger}
 }
 
 // issuer enrols with token and renews over mTLS.
 func (l caLink) issuer(token func(context.Context) (string, error), logger *slog.Logger) (rotator.Issuer, error) {
-	return ca.NewClient(l.clientConfig(token, logger))
+	return meshclient.NewClient(l.clientConfig(token, logger))
 }
 
 // agentIssuer makes every renewal of an agent's SVID a fresh enrolment with a token the
 // CA grants only while the agent is registered to this host: unregistering ends
 // renewals.
 func (l caLink) agentIssuer(token func(context.Context) (string, error), logger *slog.Logger) (rotator.Issuer, error) {
-	c, err := ca.NewClient(l.clientConfig(token, logger))
+	c, err := meshclient.NewClient(l.clientConfig(token, logger))
 	if err != nil {
 		return nil, err
 	}
 	return enrolOnly{c}, nil
 }
 
-type enrolOnly struct{ c *ca.Client }
+type enrolOnly struct{ c *meshclient.Client }
 
 func (e enrolOnly) Enroll(ctx context.Context, id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
 	return e.c.Enroll(ctx, id, key)
@@ -95,7 +96,7 @@ func (e enrolOnly) Renew(ctx context.Context, current *x509svid.SVID, key crypto
 
 // RevokeLineage implements lineageRevoker.
 func (l caLink) RevokeLineage(ctx context.Context, cert tls.Certificate, id spiffeid.ID, keep, reason string) ([]string, error) {
-	rr, err := ca.RevokeRemote(ctx, l.clientConfig(nil, nil), cert, ca.RevokeRequest{SPIFFEID: id.String(), Except: keep, Reason: reason})
+	rr, err := meshclient.RevokeRemote(ctx, l.clientConfig(nil, nil), cert, meshapi.RevokeRequest{SPIFFEID: id.String(), Except: keep, Reason: reason})
 	if err != nil {
 		return nil, err
 	}
@@ -118,37 +119,44 @@ type directorySettings struct {
 
 // directory starts nothing: Run does. Events arrive only once it runs.
 func (l caLink) directory(s directorySettings, ev meshEvents) (meshDirectory, error) {
-	d, err := ca.NewDirectory(ca.DirectoryConfig{
+	m, err := meshclient.NewMember(meshclient.Config{
 		URL: l.url, Roots: l.roots, Control: l.control,
 		Certificate: s.certificate, Addresses: s.addresses, TunnelPort: s.tunnelPort, Transports: s.transports,
 		BundleVersion: s.bundleVersion, Heartbeat: s.heartbeat, PollInterval: s.poll,
 		Audit: s.audit, Registerer: s.registerer, Logger: s.logger,
-		OnEntries: func(entries []ca.Entry) {
+		OnEntries: func(entries []meshapi.Entry) {
 			regs := make([]registration, len(entries))
 			for i, e := range entries {
 				regs[i] = registration{ID: e.ID, Host: e.Host, UID: e.UID, Port: e.Port}
 			}
 			ev.onEntries(regs)
 		},
-		OnDenyList:      func(l *ca.DenyList) int { return ev.onDenyList(l) },
-		OnFleetRotation: func(f ca.FleetRotation) { ev.onFleetRotation(f.ID, f.Reason) },
+		OnDenyList:      func(l *meshapi.DenyList) int { return ev.onDenyList(l) },
+		OnFleetRotation: func(f meshapi.FleetRotation) { ev.onFleetRotation(f.ID, f.Reason) },
 	})
 	if err != nil {
 		return nil, err
 	}
-	return caDirectory{d}, nil
+	return member{m}, nil
 }
 
-// caDirectory adapts the CA's directory client to meshDirectory.
-type caDirectory struct{ *ca.Directory }
+// member adapts the mesh client to meshDirectory: lookups read the mesh state in force.
+type member struct{ *meshclient.Member }
 
-func (x caDirectory) PeerFor(a netip.Addr) (proxy.Peer, bool) {
-	id, tunnel, ok := x.Directory.PeerFor(a)
-	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: x.TransportsFor(a), Agents: x.AgentsAt(a)}, ok
+func (m member) PeerFor(a netip.Addr) (proxy.Peer, bool) {
+	st := m.Watch.State()
+	id, tunnel, ok := st.PeerFor(a)
+	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: st.TransportsFor(a), Agents: st.AgentsAt(a)}, ok
 }
 
-func (x caDirectory) DenyList() proxy.DenyList {
-	if l := x.Directory.DenyList(); l != nil {
+func (m member) CheckFresh(maxAge time.Duration) error { return m.Watch.CheckFresh(maxAge) }
+
+func (m member) AgentToken(ctx context.Context, id spiffeid.ID) (string, error) {
+	return m.Tokens.AgentToken(ctx, id)
+}
+
+func (m member) DenyList() proxy.DenyList {
+	if l := m.Watch.State().DenyList(); l != nil {
 		return l
 	}
 	return nil

@@ -58,7 +58,7 @@ only redirect
 only meshapi policy audit
 only meshclient meshapi policy audit
 only ca meshapi policy audit hsm
-only ca/authority policy audit hsm
+only ca/authority meshapi policy audit hsm
 only rotator policy audit
 only proxy policy audit
 only node proxy rotator meshclient meshapi policy audit hsm

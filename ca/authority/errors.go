@@ -4,6 +4,7 @@ import (
 	"errors"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // The errors keep package ca's "ca: " prefix: ca returns them unchanged, under the same
@@ -21,4 +22,4 @@ var ErrHSM = hsm.ErrToken
 
 // ErrInvalidID is returned by Token and CheckIssuable for a SPIFFE ID outside the trust
 // domain, without a path, or longer than a SPIFFE ID may be.
-var ErrInvalidID = errors.New("ca: spiffe id not issuable by this ca")
+var ErrInvalidID = meshapi.ErrInvalidID

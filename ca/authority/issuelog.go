@@ -7,7 +7,6 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"io"
 	"net/http"
 	"strings"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/svidrules"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // Every bootstrap token, enrolment, renewal and rekey, granted or refused, is one
@@ -110,14 +110,14 @@ func (a *Authority) AuditIssuance(next http.Handler) http.Handler {
 		reused := action == audit.ActionEnroll && a.uses.end(jti, refused)
 		switch {
 		case status >= 500:
-			rec.Result, rec.Error = audit.IssueError, answerMessage(answer.b)
+			rec.Result, rec.Error = audit.IssueError, meshapi.ErrorMessage(answer.b)
 		case refused:
-			rec.Result, rec.Error = audit.IssueRefused, answerMessage(answer.b)
+			rec.Result, rec.Error = audit.IssueRefused, meshapi.ErrorMessage(answer.b)
 			rec.Reason = issueRefusal(action, status, att.reason, reused)
 		default:
 			rec.Result = audit.IssueOK
-			if leaf := issuedLeaf(answer.b); leaf != nil {
-				rec.SPIFFEID, rec.Serial, rec.NotAfter = certID(leaf), leaf.SerialNumber.String(), leaf.NotAfter
+			if chain, err := meshapi.ParseSignResponse(answer.b); err == nil && len(chain) > 0 {
+				rec.SPIFFEID, rec.Serial, rec.NotAfter = certID(chain[0]), chain[0].SerialNumber.String(), chain[0].NotAfter
 			}
 		}
 		a.audit(rec)
@@ -285,43 +285,4 @@ func (a *Authority) audit(ev audit.Event) {
 	if a.cfg.Audit != nil {
 		a.cfg.Audit(ev)
 	}
-}
-
-// issuedLeaf is the certificate a step-ca sign, renew or rekey answer issued: the
-// first of certChain, else crt; nil when the answer holds none.
-func issuedLeaf(answer []byte) *x509.Certificate {
-	var r struct {
-		Crt       string   `json:"crt"`
-		CertChain []string `json:"certChain"`
-	}
-	if json.Unmarshal(answer, &r) != nil {
-		return nil
-	}
-	if len(r.CertChain) > 0 {
-		r.Crt = r.CertChain[0]
-	}
-	block, _ := pem.Decode([]byte(r.Crt))
-	if block == nil || block.Type != "CERTIFICATE" {
-		return nil
-	}
-	leaf, err := x509.ParseCertificate(block.Bytes)
-	if err != nil {
-		return nil
-	}
-	return leaf
-}
-
-// answerMessage is the message of a step-ca error answer, or at most the first 200
-// bytes of an answer that is not one.
-func answerMessage(answer []byte) string {
-	var e struct {
-		Message string `json:"message"`
-	}
-	if json.Unmarshal(answer, &e) != nil || e.Message == "" {
-		e.Message = strings.TrimSpace(string(answer))
-		if len(e.Message) > 200 {
-			e.Message = e.Message[:200] + "..."
-		}
-	}
-	return e.Message
 }

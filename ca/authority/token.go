@@ -10,7 +10,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/jose"
 
-	"github.com/agentmesh/agentmesh/internal/svidrules"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // tokenClaims is the payload of a JWK provisioner one-time token as step-ca reads it.
@@ -46,17 +46,7 @@ func newTokenIssuer(td spiffeid.TrustDomain, key crypto.Signer, kid, audience, r
 // CheckIssuable returns ErrInvalidID unless id is a workload ID in td of at most
 // svidrules.MaxIDLength bytes.
 func CheckIssuable(td spiffeid.TrustDomain, id spiffeid.ID) error {
-	switch {
-	case id.IsZero():
-		return fmt.Errorf("%w: empty", ErrInvalidID)
-	case !id.MemberOf(td):
-		return fmt.Errorf("%w: %s is not in trust domain %s", ErrInvalidID, id, td.Name())
-	case id.Path() == "":
-		return fmt.Errorf("%w: %s has no path", ErrInvalidID, id)
-	case len(id.String()) > svidrules.MaxIDLength:
-		return fmt.Errorf("%w: %d bytes, a SPIFFE ID has at most %d", ErrInvalidID, len(id.String()), svidrules.MaxIDLength)
-	}
-	return nil
+	return meshapi.CheckWorkloadID(td, id)
 }
 
 // issue returns a one-time token for id valid from now: sub = sans[0] = id, a random

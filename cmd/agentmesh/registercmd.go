@@ -10,6 +10,8 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/agentmesh/agentmesh/meshapi"
+
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -122,7 +124,7 @@ func registerAgent(cmd *cobra.Command, state string, args []string, host string,
 	if uid < 0 || uid > math.MaxUint32 {
 		return fmt.Errorf("--uid %d is outside 0..%d", uid, uint32(math.MaxUint32))
 	}
-	e := ca.Entry{ID: id, Host: h, UID: uint32(uid), Port: port}
+	e := meshapi.Entry{ID: id, Host: h, UID: uint32(uid), Port: port}
 	if err := ca.RegisterEntry(cmd.Context(), state, e); err != nil {
 		return err
 	}
@@ -150,7 +152,7 @@ func newUnregisterCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			if ca.IsHostID(id) {
+			if meshapi.IsHostID(id) {
 				err = ca.UnregisterHost(cmd.Context(), state, id)
 			} else {
 				err = ca.UnregisterEntry(cmd.Context(), state, id)
@@ -205,7 +207,7 @@ func newListCmd() *cobra.Command {
 	return cmd
 }
 
-func describeEntry(e ca.Entry) string {
+func describeEntry(e meshapi.Entry) string {
 	s := fmt.Sprintf("%s on %s for uid %d", e.ID, e.Host, e.UID)
 	if e.Port != 0 {
 		s += fmt.Sprintf(", port %d", e.Port)

@@ -6,6 +6,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
+
 	"github.com/spf13/cobra"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -37,8 +40,8 @@ on the CA host (the admin socket in --state), or the holder of an admin SVID
 			if strings.TrimSpace(reason) == "" {
 				return errors.New("--reason is required")
 			}
-			req := ca.ReinstateRequest{SPIFFEID: id.String(), Reason: reason}
-			res, err := adminCall(cmd.Context(), &adm, req, ca.RequestReinstate, ca.ReinstateRemote)
+			req := meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: reason}
+			res, err := adminCall(cmd.Context(), &adm, req, ca.RequestReinstate, meshclient.ReinstateRemote)
 			if err != nil {
 				return err
 			}

@@ -8,6 +8,9 @@ import (
 	"os"
 	"strings"
 
+	"github.com/agentmesh/agentmesh/meshapi"
+	"github.com/agentmesh/agentmesh/meshclient"
+
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -40,7 +43,7 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 			if err != nil {
 				return err
 			}
-			res, err := adminCall(cmd.Context(), &adm, req, ca.RequestRevoke, ca.RevokeRemote)
+			res, err := adminCall(cmd.Context(), &adm, req, ca.RequestRevoke, meshclient.RevokeRemote)
 			if err != nil {
 				return err
 			}
@@ -58,8 +61,8 @@ socket in --state), or, from anywhere, the holder of an admin SVID
 
 // revokeRequest reads revoke's command line: exactly one of SPIFFE-ID or --serial, and
 // a reason.
-func revokeRequest(args []string, serial, reason string) (ca.RevokeRequest, error) {
-	req := ca.RevokeRequest{Serial: serial, Reason: reason}
+func revokeRequest(args []string, serial, reason string) (meshapi.RevokeRequest, error) {
+	req := meshapi.RevokeRequest{Serial: serial, Reason: reason}
 	if len(args) == 1 {
 		id, err := spiffeid.FromString(args[0])
 		if err != nil {
@@ -101,7 +104,7 @@ func (a *adminFlags) remote() (remote, ok bool) {
 // remote (the CA's mTLS API, authenticated with the admin SVID).
 func adminCall[Req, Res any](ctx context.Context, a *adminFlags, req Req,
 	local func(context.Context, string, Req) (Res, error),
-	remote func(context.Context, ca.ClientConfig, tls.Certificate, Req) (Res, error)) (Res, error) {
+	remote func(context.Context, meshclient.ClientConfig, tls.Certificate, Req) (Res, error)) (Res, error) {
 	var zero Res
 	isRemote, ok := a.remote()
 	switch {
@@ -118,25 +121,25 @@ func adminCall[Req, Res any](ctx context.Context, a *adminFlags, req Req,
 }
 
 // credential reads the admin SVID and the CA's root for the CA's mTLS API.
-func (a *adminFlags) credential() (ca.ClientConfig, tls.Certificate, error) {
+func (a *adminFlags) credential() (meshclient.ClientConfig, tls.Certificate, error) {
 	caURL, root, certFile, keyFile := a.caURL, a.root, a.cert, a.key
 	if root == "" || certFile == "" || keyFile == "" {
-		return ca.ClientConfig{}, tls.Certificate{}, errors.New("--ca needs --root, --cert and --key")
+		return meshclient.ClientConfig{}, tls.Certificate{}, errors.New("--ca needs --root, --cert and --key")
 	}
 	fi, err := os.Stat(keyFile)
 	if err != nil {
-		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key: %w", err)
+		return meshclient.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key: %w", err)
 	}
 	if fi.Mode().Perm()&0o077 != 0 {
-		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key %s is readable by others (mode %v): chmod 600 it", keyFile, fi.Mode().Perm())
+		return meshclient.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--key %s is readable by others (mode %v): chmod 600 it", keyFile, fi.Mode().Perm())
 	}
 	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
 	if err != nil {
-		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("admin certificate: %w", err)
+		return meshclient.ClientConfig{}, tls.Certificate{}, fmt.Errorf("admin certificate: %w", err)
 	}
 	roots, err := pemutil.ReadCertificateBundle(root)
 	if err != nil {
-		return ca.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--root: %w", err)
+		return meshclient.ClientConfig{}, tls.Certificate{}, fmt.Errorf("--root: %w", err)
 	}
-	return ca.ClientConfig{URL: caURL, Roots: roots}, pair, nil
+	return meshclient.ClientConfig{URL: caURL, Roots: roots}, pair, nil
 }

@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/agentmesh/agentmesh/ca"
+	"github.com/agentmesh/agentmesh/meshclient"
 )
 
 // adminCall takes the path the flags name, exactly one of them, and refuses an admin
@@ -19,7 +19,7 @@ func TestAdminCall(t *testing.T) {
 	local := func(_ context.Context, state string, req string) (string, error) {
 		return "local " + state + " " + req, nil
 	}
-	remote := func(_ context.Context, cfg ca.ClientConfig, _ tls.Certificate, req string) (string, error) {
+	remote := func(_ context.Context, cfg meshclient.ClientConfig, _ tls.Certificate, req string) (string, error) {
 		return "remote " + cfg.URL + " " + req, nil
 	}
 	dir := t.TempDir()

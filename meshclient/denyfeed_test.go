@@ -1,4 +1,4 @@
-package ca
+package meshclient
 
 import (
 	"context"
@@ -24,8 +24,11 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/testaudit"
 	"github.com/agentmesh/agentmesh/internal/testca"
+	"github.com/agentmesh/agentmesh/internal/testlog"
+	"github.com/agentmesh/agentmesh/internal/testrun"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 var (
@@ -69,11 +72,11 @@ func TestDenyListRefusal(t *testing.T) {
 		reason  string
 		refused bool
 	}{
-		{ErrDenyListSignature, denyReasonBadSignature, true},
-		{ErrDenyListStale, denyReasonStale, true},
-		{ErrDenyListConflict, denyReasonConflict, true},
-		{ErrDenyListGap, denyReasonGap, true},
-		{ErrDenyListMalformed, denyReasonMalformed, true},
+		{meshapi.ErrDenyListSignature, denyReasonBadSignature, true},
+		{meshapi.ErrDenyListStale, denyReasonStale, true},
+		{meshapi.ErrDenyListConflict, denyReasonConflict, true},
+		{meshapi.ErrDenyListGap, denyReasonGap, true},
+		{meshapi.ErrDenyListMalformed, denyReasonMalformed, true},
 		{errors.New("connection refused"), denyReasonMalformed, false},
 	} {
 		// Wrapped as callers do: classified by errors.Is, not identity.
@@ -88,23 +91,23 @@ func TestDenyListRefusal(t *testing.T) {
 }
 
 // deniedID is a revoked-identity entry first listed in version v.
-func deniedID(id spiffeid.ID, v uint64) DeniedID {
-	return DeniedID{SPIFFEID: id, Reason: "test", RevokedAt: time.Now(), Version: v}
+func deniedID(id spiffeid.ID, v uint64) meshapi.DeniedID {
+	return meshapi.DeniedID{SPIFFEID: id, Reason: "test", RevokedAt: time.Now(), Version: v}
 }
 
 // denyListOf is version v of a list of testTD with the given entries.
-func denyListOf(v uint64, serials []DeniedSerial, ids ...DeniedID) *DenyList {
+func denyListOf(v uint64, serials []meshapi.DeniedSerial, ids ...meshapi.DeniedID) *meshapi.DenyList {
 	if serials == nil {
-		serials = []DeniedSerial{}
+		serials = []meshapi.DeniedSerial{}
 	}
-	return &DenyList{TrustDomain: testTD.Name(), Version: v, IssuedAt: time.Now(), IDs: append([]DeniedID{}, ids...), Serials: serials}
+	return &meshapi.DenyList{TrustDomain: testTD.Name(), Version: v, IssuedAt: time.Now(), IDs: append([]meshapi.DeniedID{}, ids...), Serials: serials}
 }
 
 // signWith signs l with the intermediate of ca.
-func signWith(t testing.TB, ca *testca.CA, l *DenyList) *SignedDenyList {
+func signWith(t testing.TB, ca *testca.CA, l *meshapi.DenyList) *meshapi.SignedDenyList {
 	t.Helper()
 	cert, key := ca.Intermediate()
-	s, err := signDenyList(l, key, cert)
+	s, err := meshapi.SignDenyList(l, key, cert)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -142,7 +145,7 @@ func (f *fakeFeed) awaitPoll(t *testing.T) {
 	}
 }
 
-func (f *fakeFeed) setList(t testing.TB, s *SignedDenyList) {
+func (f *fakeFeed) setList(t testing.TB, s *meshapi.SignedDenyList) {
 	t.Helper()
 	b, err := json.Marshal(s)
 	if err != nil {
@@ -158,7 +161,7 @@ func (f *fakeFeed) setRawList(b []byte) {
 }
 
 // setDirectory makes doc the directory answer and wakes the long-polls.
-func (f *fakeFeed) setDirectory(t testing.TB, doc DirectoryDocument) {
+func (f *fakeFeed) setDirectory(t testing.TB, doc meshapi.DirectoryDocument) {
 	t.Helper()
 	b, err := json.Marshal(doc)
 	if err != nil {
@@ -179,7 +182,7 @@ func (f *fakeFeed) setUnreachable(down bool) {
 
 func (f *fakeFeed) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch r.URL.Path {
-	case meshPrefix + meshRevocationsPath:
+	case meshapi.Prefix + meshapi.RevocationsPath:
 		select {
 		case f.polled <- struct{}{}:
 		default:
@@ -188,11 +191,11 @@ func (f *fakeFeed) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		b := f.list
 		f.mu.Unlock()
 		if b == nil {
-			writeStepError(w, http.StatusServiceUnavailable, "unavailable")
+			http.Error(w, `{"status":503,"message":"unavailable"}`, http.StatusServiceUnavailable)
 			return
 		}
 		_, _ = w.Write(b)
-	case meshPrefix + meshDirectoryPath:
+	case meshapi.Prefix + meshapi.DirectoryPath:
 		// A long-poll, as the CA's: answers when the document is not the version the
 		// client holds.
 		since := r.URL.Query().Get("since")
@@ -217,7 +220,7 @@ func (f *fakeFeed) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // RoundTrip serves a request in memory, for tests inside a synctest bubble, where
 // loopback sockets would let no fake time pass. There is then no TLS, so the
-// Directory learns its trust domain from DirectoryConfig.Certificate.
+// Directory learns its trust domain from Config.Certificate.
 func (f *fakeFeed) RoundTrip(r *http.Request) (*http.Response, error) {
 	f.mu.Lock()
 	down := f.unreachable
@@ -235,7 +238,7 @@ func (f *fakeFeed) RoundTrip(r *http.Request) (*http.Response, error) {
 func serveFeed(t *testing.T, ca *testca.CA, f *fakeFeed) *httptest.Server {
 	t.Helper()
 	inter, interKey := ca.Intermediate()
-	key := newKey(t)
+	key := testca.NewKey(t)
 	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
 		SerialNumber: big.NewInt(2),
 		NotBefore:    time.Now().Add(-time.Minute),
@@ -257,49 +260,24 @@ func serveFeed(t *testing.T, ca *testca.CA, f *fakeFeed) *httptest.Server {
 	return srv
 }
 
-// auditSink receives a Directory's audit records.
-type auditSink chan audit.DenyList
-
-func (s auditSink) Append(e audit.Event) error {
-	rec, ok := e.(audit.DenyList)
-	if !ok {
-		rec = audit.DenyList{Result: "unexpected " + e.Kind()}
-	}
-	s <- rec
-	return nil
-}
-
-// next returns the next record, failing the test after a generous bound (a guard, not
-// synchronisation).
-func (s auditSink) next(t *testing.T) audit.DenyList {
-	t.Helper()
-	select {
-	case rec := <-s:
-		return rec
-	case <-time.After(10 * time.Second):
-		t.Fatal("no audit record within 10s")
-		return audit.DenyList{}
-	}
-}
-
 // feedClient is a Directory for svid against url, recording what it applies.
 type feedClient struct {
-	*Directory
-	audit   auditSink
-	applied chan *DenyList
+	*Member
+	audit   testaudit.DenyLists
+	applied chan *meshapi.DenyList
 	reg     *prometheus.Registry
-	logs    *logBuffer
+	logs    *testlog.Buffer
 }
 
-func newFeedClient(t *testing.T, url string, roots []*x509.Certificate, cert *tls.Certificate, mutate func(*DirectoryConfig)) *feedClient {
+func newFeedClient(t *testing.T, url string, roots []*x509.Certificate, cert *tls.Certificate, mutate func(*Config)) *feedClient {
 	t.Helper()
-	logger, logs := newTestLogger(t)
-	c := &feedClient{audit: make(auditSink, 64), applied: make(chan *DenyList, 16), reg: prometheus.NewRegistry(), logs: logs}
-	cfg := DirectoryConfig{
+	logger, logs := testlog.New(t)
+	c := &feedClient{audit: make(testaudit.DenyLists, 64), applied: make(chan *meshapi.DenyList, 16), reg: prometheus.NewRegistry(), logs: logs}
+	cfg := Config{
 		URL:         url,
 		Roots:       roots,
 		Certificate: func() (*tls.Certificate, error) { return cert, nil },
-		OnDenyList: func(l *DenyList) int {
+		OnDenyList: func(l *meshapi.DenyList) int {
 			c.applied <- l
 			return int(l.Version) * 10 // what a proxy would report as closed
 		},
@@ -310,11 +288,11 @@ func newFeedClient(t *testing.T, url string, roots []*x509.Certificate, cert *tl
 	if mutate != nil {
 		mutate(&cfg)
 	}
-	d, err := NewDirectory(cfg)
+	d, err := NewMember(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
-	c.Directory = d
+	c.Member = d
 	return c
 }
 
@@ -355,27 +333,27 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 	ca := testca.New(t, testca.WithTrustDomain(testTD))
 	feed := newFakeFeed() // no directory answer: the watch stays parked
 	srv := serveFeed(t, ca, feed)
-	c := newFeedClient(t, srv.URL, ca.Roots(), tlsCert(ca.SVID(t, idSelf)), func(cfg *DirectoryConfig) {
+	c := newFeedClient(t, srv.URL, ca.Roots(), testca.TLSCertificate(ca.SVID(t, idSelf)), func(cfg *Config) {
 		cfg.PollInterval = 10 * time.Millisecond
 	})
 
-	serial := DeniedSerial{Serial: "123456789", SPIFFEID: idD, Reason: "key lost", RevokedAt: time.Now(), Version: 3}
+	serial := meshapi.DeniedSerial{Serial: "123456789", SPIFFEID: idD, Reason: "key lost", RevokedAt: time.Now(), Version: 3}
 	entB, entC := deniedID(idB, 2), deniedID(idC, 3)
 	v1 := denyListOf(1, nil)
 	v2 := denyListOf(2, nil, entB)
-	v3 := denyListOf(3, []DeniedSerial{serial}, entB, entC)
+	v3 := denyListOf(3, []meshapi.DeniedSerial{serial}, entB, entC)
 	signedV2 := signWith(t, ca, v2)
 
 	steps := []struct {
-		list   *DenyList
-		signed *SignedDenyList
+		list   *meshapi.DenyList
+		signed *meshapi.SignedDenyList
 	}{{v1, signWith(t, ca, v1)}, {v2, signedV2}, {v3, signWith(t, ca, v3)}}
 	feed.setList(t, steps[0].signed)
-	runDirectory(t, c.Directory)
+	testrun.Start(t, c.Run)
 	for _, step := range steps {
 		want := step.list
 		feed.setList(t, step.signed)
-		rec := c.audit.next(t)
+		rec := c.audit.Next(t)
 		if rec.Result != denyResultApplied || rec.Version != want.Version || rec.Previous != want.Version-1 ||
 			rec.IDs != len(want.IDs) || rec.Serials != len(want.Serials) || rec.Closed != int(want.Version)*10 {
 			t.Fatalf("record for version %d: %+v", want.Version, rec)
@@ -384,14 +362,14 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 			t.Fatalf("OnDenyList got version %d, want %d", l.Version, want.Version)
 		}
 	}
-	if l := c.DenyList(); !l.Denies(idC, "1", time.Time{}) || !l.Denies(spiffeid.RequireFromPath(testTD, "/host/z"), "123456789", time.Time{}) || l.Denies(idE, "1", time.Time{}) {
+	if l := c.Watch.State().DenyList(); !l.Denies(idC, "1", time.Time{}) || !l.Denies(spiffeid.RequireFromPath(testTD, "/host/z"), "123456789", time.Time{}) || l.Denies(idE, "1", time.Time{}) {
 		t.Fatalf("list in force does not deny what v3 lists: %+v", l)
 	}
 
 	forger := testca.New(t, testca.WithTrustDomain(testTD)) // another CA claiming the trust domain
 	foreign := denyListOf(4, nil)
 	foreign.TrustDomain = "other.test"
-	good4 := denyListOf(4, []DeniedSerial{serial}, entB, entC, deniedID(idE, 4))
+	good4 := denyListOf(4, []meshapi.DeniedSerial{serial}, entB, entC, deniedID(idE, 4))
 	for _, tc := range []struct {
 		name    string
 		serve   func()
@@ -401,21 +379,21 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 		{"forged", func() { feed.setList(t, signWith(t, forger, good4)) }, denyReasonBadSignature, 0},
 		{"replayed", func() { feed.setList(t, signedV2) }, denyReasonStale, 2},
 		{"conflicting", func() {
-			feed.setList(t, signWith(t, ca, denyListOf(3, []DeniedSerial{serial}, entB, deniedID(idD, 3))))
+			feed.setList(t, signWith(t, ca, denyListOf(3, []meshapi.DeniedSerial{serial}, entB, deniedID(idD, 3))))
 		}, denyReasonConflict, 3},
 		{"gapped", func() {
-			feed.setList(t, signWith(t, ca, denyListOf(4, []DeniedSerial{serial}, entC, deniedID(idE, 4))))
+			feed.setList(t, signWith(t, ca, denyListOf(4, []meshapi.DeniedSerial{serial}, entC, deniedID(idE, 4))))
 		}, denyReasonGap, 4},
 		{"foreign trust domain", func() { feed.setList(t, signWith(t, ca, foreign)) }, denyReasonMalformed, 0},
 		{"not json", func() { feed.setRawList([]byte("<html>")) }, denyReasonMalformed, 0},
 	} {
 		tc.serve()
-		rec := c.audit.next(t)
+		rec := c.audit.Next(t)
 		if rec.Result != denyResultRefused || rec.Reason != tc.reason || rec.Version != tc.version ||
 			rec.Previous != 3 || rec.Error == "" || rec.Closed != 0 {
 			t.Fatalf("%s: record %+v, want refused %s", tc.name, rec, tc.reason)
 		}
-		if v := c.DenyList().Version; v != 3 {
+		if v := c.Watch.State().DenyList().Version; v != 3 {
 			t.Fatalf("%s: list in force is version %d, want 3", tc.name, v)
 		}
 		// Polled again, the same list is counted, not recorded or logged again.
@@ -435,7 +413,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 	}
 
 	feed.setList(t, signWith(t, ca, good4))
-	if rec := c.audit.next(t); rec.Result != denyResultApplied || rec.Version != 4 || rec.Previous != 3 {
+	if rec := c.audit.Next(t); rec.Result != denyResultApplied || rec.Version != 4 || rec.Previous != 3 {
 		t.Fatalf("good version 4: %+v", rec)
 	}
 	if l := <-c.applied; l.Version != 4 || !l.Denies(idE, "", time.Time{}) {
@@ -468,33 +446,33 @@ func TestDirectoryAnswerDenyList(t *testing.T) {
 	ca := testca.New(t, testca.WithTrustDomain(testTD))
 	feed := newFakeFeed()
 	srv := serveFeed(t, ca, feed)
-	c := newFeedClient(t, srv.URL, ca.Roots(), tlsCert(ca.SVID(t, idSelf)), func(cfg *DirectoryConfig) {
+	c := newFeedClient(t, srv.URL, ca.Roots(), testca.TLSCertificate(ca.SVID(t, idSelf)), func(cfg *Config) {
 		cfg.PollInterval = time.Hour
 		cfg.Heartbeat = 50 * time.Millisecond // retry a refused directory quickly
 	})
-	peerA := DirectoryEntry{SPIFFEID: idA, Addresses: addrs("10.0.0.1"), TunnelPort: 15008, Transports: []string{"tls"}}
+	peerA := meshapi.DirectoryEntry{SPIFFEID: idA, Addresses: addrs("10.0.0.1"), TunnelPort: 15008, Transports: []string{"tls"}}
 	forger := testca.New(t, testca.WithTrustDomain(testTD))
-	feed.setDirectory(t, DirectoryDocument{Version: 5, Peers: []DirectoryEntry{peerA}, Revocations: signWith(t, forger, denyListOf(1, nil))})
-	runDirectory(t, c.Directory)
+	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 5, Peers: []meshapi.DirectoryEntry{peerA}, Revocations: signWith(t, forger, denyListOf(1, nil))})
+	testrun.Start(t, c.Run)
 
-	awaitUpdate(t, c.Directory)
-	if _, _, ok := c.PeerFor(netip.MustParseAddr("10.0.0.1")); !ok || c.Version() != 5 {
-		t.Fatalf("directory with a forged list not applied: version %d", c.Version())
+	awaitUpdate(t, c.Member)
+	if _, _, ok := c.Watch.State().PeerFor(netip.MustParseAddr("10.0.0.1")); !ok || c.Watch.State().Version() != 5 {
+		t.Fatalf("directory with a forged list not applied: version %d", c.Watch.State().Version())
 	}
-	if rec := c.audit.next(t); rec.Result != denyResultRefused || rec.Reason != denyReasonBadSignature {
+	if rec := c.audit.Next(t); rec.Result != denyResultRefused || rec.Reason != denyReasonBadSignature {
 		t.Fatalf("forged list in the directory: %+v", rec)
 	}
-	if c.DenyList() != nil {
+	if c.Watch.State().DenyList() != nil {
 		t.Fatal("a forged list is in force")
 	}
 
 	v1 := denyListOf(1, nil, deniedID(idB, 1))
-	feed.setDirectory(t, DirectoryDocument{Version: 6, Peers: []DirectoryEntry{}, Revocations: signWith(t, ca, v1)})
-	awaitUpdate(t, c.Directory)
-	if l := <-c.applied; l.Version != 1 || c.Version() != 6 {
-		t.Fatalf("list %d applied, directory version %d; want 1, 6", l.Version, c.Version())
+	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 6, Peers: []meshapi.DirectoryEntry{}, Revocations: signWith(t, ca, v1)})
+	awaitUpdate(t, c.Member)
+	if l := <-c.applied; l.Version != 1 || c.Watch.State().Version() != 6 {
+		t.Fatalf("list %d applied, directory version %d; want 1, 6", l.Version, c.Watch.State().Version())
 	}
-	if rec := c.audit.next(t); rec.Result != denyResultApplied || rec.Version != 1 || rec.Closed != 10 || rec.Lag <= 0 {
+	if rec := c.audit.Next(t); rec.Result != denyResultApplied || rec.Version != 1 || rec.Closed != 10 || rec.Lag <= 0 {
 		t.Fatalf("list from the directory: %+v", rec)
 	}
 
@@ -502,12 +480,12 @@ func TestDirectoryAnswerDenyList(t *testing.T) {
 	v2 := denyListOf(2, nil, v1.IDs[0], deniedID(idC, 2))
 	bad := peerA
 	bad.TunnelPort = 0
-	feed.setDirectory(t, DirectoryDocument{Version: 7, Peers: []DirectoryEntry{bad}, Revocations: signWith(t, ca, v2)})
+	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 7, Peers: []meshapi.DirectoryEntry{bad}, Revocations: signWith(t, ca, v2)})
 	if l := <-c.applied; l.Version != 2 {
 		t.Fatalf("list %d applied, want 2", l.Version)
 	}
-	if c.Version() != 6 {
-		t.Errorf("malformed directory applied: version %d", c.Version())
+	if c.Watch.State().Version() != 6 {
+		t.Errorf("malformed directory applied: version %d", c.Watch.State().Version())
 	}
 	if !strings.Contains(c.logs.String(), "source="+feedSourceDirectory) {
 		t.Error("log does not say the list came with the directory")
@@ -523,8 +501,8 @@ func TestDenyFeedPartition(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		ca := testca.New(t, testca.WithTrustDomain(testTD))
 		feed := newFakeFeed()
-		c := newFeedClient(t, "https://ca.mesh.test:9443", ca.Roots(), tlsCert(ca.SVID(t, idSelf)), nil)
-		c.hc.Transport = feed // in memory: see RoundTrip
+		c := newFeedClient(t, "https://ca.mesh.test:9443", ca.Roots(), testca.TLSCertificate(ca.SVID(t, idSelf)), nil)
+		c.Watch.conn.hc.Transport = feed // in memory: see RoundTrip
 		v1 := denyListOf(1, nil)
 		feed.setList(t, signWith(t, ca, v1))
 
@@ -539,8 +517,8 @@ func TestDenyFeedPartition(t *testing.T) {
 			}
 		}()
 		synctest.Wait()
-		if l := <-c.applied; l.Version != 1 || !c.Confirmed().Equal(start) {
-			t.Fatalf("first poll: version %d confirmed at %v, want 1 at once", l.Version, c.Confirmed().Sub(start))
+		if l := <-c.applied; l.Version != 1 || !c.Watch.Confirmed().Equal(start) {
+			t.Fatalf("first poll: version %d confirmed at %v, want 1 at once", l.Version, c.Watch.Confirmed().Sub(start))
 		}
 		if up := metricValue(t, c.reg, metricFeedUp, ""); up != 1 {
 			t.Fatalf("feed_up = %v after the first list", up)
@@ -561,19 +539,19 @@ func TestDenyFeedPartition(t *testing.T) {
 		if up := metricValue(t, c.reg, metricFeedUp, ""); up != 0 {
 			t.Errorf("feed_up = %v during the outage", up)
 		}
-		if err := c.CheckFresh(maxAge); err != nil {
+		if err := c.Watch.CheckFresh(maxAge); err != nil {
 			t.Errorf("CheckFresh after 10s: %v", err)
 		}
 		advance(5 * time.Second)
-		err := c.CheckFresh(maxAge)
+		err := c.Watch.CheckFresh(maxAge)
 		if !errors.Is(err, ErrFeedStale) {
 			t.Fatalf("CheckFresh after 15s = %v, want ErrFeedStale", err)
 		}
 		if n := strings.Count(c.logs.String(), "revocation feed unreachable"); n != 1 {
 			t.Errorf("alert logged %d times, want once per outage", n)
 		}
-		if !c.Confirmed().Equal(start) {
-			t.Errorf("confirmed moved during the outage: %v", c.Confirmed().Sub(start))
+		if !c.Watch.Confirmed().Equal(start) {
+			t.Errorf("confirmed moved during the outage: %v", c.Watch.Confirmed().Sub(start))
 		}
 
 		// Meanwhile the CA revoked someone. The next poll converges.
@@ -589,7 +567,7 @@ func TestDenyFeedPartition(t *testing.T) {
 		default:
 			t.Fatal("the first poll after the partition did not apply the new list")
 		}
-		if err := c.CheckFresh(maxAge); err != nil {
+		if err := c.Watch.CheckFresh(maxAge); err != nil {
 			t.Errorf("CheckFresh after recovery: %v", err)
 		}
 		if up := metricValue(t, c.reg, metricFeedUp, ""); up != 1 {
@@ -598,7 +576,7 @@ func TestDenyFeedPartition(t *testing.T) {
 		if !strings.Contains(c.logs.String(), "revocation feed reachable again") {
 			t.Error("recovery not logged")
 		}
-		if got, want := metricValue(t, c.reg, metricDenyListConfirmed, ""), float64(c.Confirmed().UnixNano())/1e9; got != want {
+		if got, want := metricValue(t, c.reg, metricDenyListConfirmed, ""), float64(c.Watch.Confirmed().UnixNano())/1e9; got != want {
 			t.Errorf("confirmed gauge %v, want %v", got, want)
 		}
 		for range 2 {
@@ -613,96 +591,4 @@ func TestDenyFeedPartition(t *testing.T) {
 func advance(d time.Duration) {
 	<-time.After(d)
 	synctest.Wait()
-}
-
-// nextApplied returns the next list c's OnDenyList got, failing the test after a
-// bound well under the CA's 25s long-poll: a pass means the watch was woken.
-func (c *feedClient) nextApplied(t *testing.T) *DenyList {
-	t.Helper()
-	select {
-	case l := <-c.applied:
-		return l
-	case <-time.After(10 * time.Second):
-		t.Fatalf("no deny-list applied within 10s (holding %+v)", c.DenyList())
-		return nil
-	}
-}
-
-// Against the real CA: a watch-only Directory gets the CA's first list, and a
-// revocation reaches it through the woken long-poll (the poll waits an hour), signed
-// by the CA's intermediate in the HSM and verified against the root. The revoked
-// proxy's own Directory learns it too.
-func TestDenyListFollowsRevocation(t *testing.T) {
-	cfg, _ := testConfig(t)
-	ca := startCA(t, cfg)
-	watcher := enroll(t, ca, idSelf)
-	victim := enroll(t, ca, idB)
-
-	c := newFeedClient(t, ca.URL(), ca.Roots(), tlsCert(watcher), func(cfg *DirectoryConfig) {
-		cfg.PollInterval = time.Hour
-	})
-	runDirectory(t, c.Directory)
-	v1 := c.nextApplied(t)
-	if rec := c.audit.next(t); rec.Result != denyResultApplied || rec.Version != v1.Version || rec.Previous != 0 {
-		t.Fatalf("first list: %+v", rec)
-	}
-	if v1.Denies(idB, victim.Certificates[0].SerialNumber.String(), time.Time{}) {
-		t.Fatal("the first list denies the victim")
-	}
-	victimDir := newFeedClient(t, ca.URL(), ca.Roots(), tlsCert(victim), func(cfg *DirectoryConfig) {
-		cfg.PollInterval = 100 * time.Millisecond
-	})
-	runDirectory(t, victimDir.Directory)
-	victimDir.nextApplied(t)
-
-	// Watch-only: no registration.
-	status, body := do(t, httpsClient(t, ca, tlsCert(watcher)), http.MethodGet, ca.URL()+meshPrefix+meshDirectoryPath+"?wait=0s", nil)
-	if doc := decodeJSON[DirectoryDocument](t, body); status != http.StatusOK || len(doc.Peers) != 0 {
-		t.Fatalf("directory: %d %s", status, body)
-	}
-
-	res, err := ca.Revoke(t.Context(), "test", RevokeRequest{SPIFFEID: idB.String(), Reason: "key compromised"})
-	if err != nil {
-		t.Fatalf("Revoke: %v", err)
-	}
-	serial := victim.Certificates[0].SerialNumber.String()
-	l := c.nextApplied(t)
-	if l.Version != res.ListVersion || l.Version != v1.Version+1 || !l.Denies(idB, serial, time.Time{}) || l.Denies(idSelf, "1", time.Time{}) {
-		t.Fatalf("applied %+v after revocation to version %d", l, res.ListVersion)
-	}
-	if c.DenyList() != l {
-		t.Error("DenyList is not the list applied")
-	}
-	rec := c.audit.next(t)
-	if rec.Result != denyResultApplied || rec.Version != l.Version || rec.Previous != v1.Version ||
-		rec.IDs != 1 || rec.Serials != len(res.Serials) || rec.Closed != int(l.Version)*10 || rec.Lag < 0 {
-		t.Fatalf("record %+v, revocation %+v", rec, res)
-	}
-	if err := c.CheckFresh(time.Minute); err != nil {
-		t.Error(err)
-	}
-	if !logged(c.logs, "deny list applied", "version="+strconv.FormatUint(l.Version, 10)+" ", "source="+feedSourceDirectory) {
-		t.Error("the list did not come with the directory")
-	}
-	if v := metricValue(t, c.reg, metricDenyListVersion, ""); v != float64(l.Version) {
-		t.Errorf("list_version = %v, want %d", v, l.Version)
-	}
-
-	if l := victimDir.nextApplied(t); !l.Denies(idB, serial, time.Time{}) {
-		t.Fatalf("the revoked proxy got %+v", l)
-	}
-}
-
-// logged reports whether one line of logs contains all of parts.
-func logged(logs *logBuffer, parts ...string) bool {
-	for line := range strings.Lines(logs.String()) {
-		all := true
-		for _, p := range parts {
-			all = all && strings.Contains(line, p)
-		}
-		if all {
-			return true
-		}
-	}
-	return false
 }

@@ -1,4 +1,4 @@
-package ca
+package meshapi
 
 import (
 	"bytes"
@@ -24,9 +24,9 @@ import (
 const denyListContext = "agentmesh deny-list v1\n"
 
 const (
-	// maxRevokeReason bounds the operator's free-text reason, in bytes of printable
+	// MaxReason bounds the operator's free-text reason, in bytes of printable
 	// ASCII.
-	maxRevokeReason = 256
+	MaxReason = 256
 	// maxSerialDigits bounds a decimal serial: RFC 5280 serials are at most 20 octets,
 	// 49 decimal digits.
 	maxSerialDigits = 49
@@ -112,7 +112,7 @@ func (l *DenyList) Denies(id spiffeid.ID, serial string, notBefore time.Time) bo
 		return false
 	}
 	if l.ids != nil || l.serials != nil {
-		if cutoff, ok := l.ids[id]; ok && !id.IsZero() && coveredBy(notBefore, cutoff) {
+		if cutoff, ok := l.ids[id]; ok && !id.IsZero() && CoveredBy(notBefore, cutoff) {
 			return true
 		}
 		_, ok := l.serials[serial]
@@ -120,7 +120,7 @@ func (l *DenyList) Denies(id spiffeid.ID, serial string, notBefore time.Time) bo
 	}
 	// A list built by hand: scan it.
 	for i := range l.IDs {
-		if !id.IsZero() && l.IDs[i].SPIFFEID == id && coveredBy(notBefore, l.IDs[i].NotBefore) {
+		if !id.IsZero() && l.IDs[i].SPIFFEID == id && CoveredBy(notBefore, l.IDs[i].NotBefore) {
 			return true
 		}
 	}
@@ -132,9 +132,9 @@ func (l *DenyList) Denies(id spiffeid.ID, serial string, notBefore time.Time) bo
 	return false
 }
 
-// coveredBy reports whether a certificate with this NotBefore was issued before an
+// CoveredBy reports whether a certificate with this NotBefore was issued before an
 // identity entry's cutoff (zero: every certificate is).
-func coveredBy(notBefore, cutoff time.Time) bool {
+func CoveredBy(notBefore, cutoff time.Time) bool {
 	return cutoff.IsZero() || notBefore.Before(cutoff)
 }
 
@@ -183,9 +183,9 @@ func denyListDigest(payload []byte) []byte {
 	return h.Sum(nil)
 }
 
-// signDenyList encodes l and signs it with signer, the key of the CA certificate
+// SignDenyList encodes l and signs it with signer, the key of the CA certificate
 // cert (an ECDSA key, possibly in a token).
-func signDenyList(l *DenyList, signer crypto.Signer, cert *x509.Certificate) (*SignedDenyList, error) {
+func SignDenyList(l *DenyList, signer crypto.Signer, cert *x509.Certificate) (*SignedDenyList, error) {
 	pub, ok := signer.Public().(*ecdsa.PublicKey)
 	if !ok {
 		return nil, fmt.Errorf("sign deny list: %T is not an ECDSA key", signer.Public())
@@ -199,7 +199,7 @@ func signDenyList(l *DenyList, signer crypto.Signer, cert *x509.Certificate) (*S
 	}
 	sig, err := signer.Sign(rand.Reader, denyListDigest(payload), crypto.SHA256)
 	if err != nil {
-		return nil, fmt.Errorf("%w: sign deny list: %w", ErrHSM, err)
+		return nil, fmt.Errorf("%w: %w", ErrSign, err)
 	}
 	return &SignedDenyList{Payload: payload, Signature: sig, Signer: slices.Clone(cert.Raw)}, nil
 }
@@ -259,7 +259,7 @@ func VerifyDenyList(s *SignedDenyList, td spiffeid.TrustDomain, roots []*x509.Ce
 // decodeDenyList decodes and checks a payload (see VerifyDenyList) and indexes it.
 func decodeDenyList(payload []byte, td spiffeid.TrustDomain) (*DenyList, error) {
 	var l DenyList
-	if err := decodeStrict(bytes.NewReader(payload), &l); err != nil {
+	if err := DecodeStrict(bytes.NewReader(payload), &l); err != nil {
 		return nil, fmt.Errorf("decode: %w", err)
 	}
 	if err := l.check(td); err != nil {
@@ -288,7 +288,7 @@ func (l *DenyList) check(td spiffeid.TrustDomain) error {
 		return errors.New("expired_through after issued_at")
 	}
 	for i, e := range l.IDs {
-		if err := checkIssuable(td, e.SPIFFEID); err != nil {
+		if err := CheckWorkloadID(td, e.SPIFFEID); err != nil {
 			return fmt.Errorf("ids[%d]: %w", i, err)
 		}
 		if err := checkEntry(e.Reason, e.RevokedAt, e.Version, l.Version); err != nil {
@@ -300,16 +300,16 @@ func (l *DenyList) check(td spiffeid.TrustDomain) error {
 		if e.NotBefore.After(e.RevokedAt) {
 			return fmt.Errorf("ids[%d] %s: not_before after revoked_at", i, e.SPIFFEID)
 		}
-		if i > 0 && compareIDEntries(l.IDs[i-1], e) >= 0 {
+		if i > 0 && CompareIDEntries(l.IDs[i-1], e) >= 0 {
 			return fmt.Errorf("ids[%d] %s: not sorted or duplicated", i, e.SPIFFEID)
 		}
 	}
 	for i, e := range l.Serials {
-		if !canonicalSerial(e.Serial) {
+		if !CanonicalSerial(e.Serial) {
 			return fmt.Errorf("serials[%d]: %q is not a canonical decimal serial", i, e.Serial)
 		}
 		if !e.SPIFFEID.IsZero() {
-			if err := checkIssuable(td, e.SPIFFEID); err != nil {
+			if err := CheckWorkloadID(td, e.SPIFFEID); err != nil {
 				return fmt.Errorf("serials[%d]: %w", i, err)
 			}
 		}
@@ -319,7 +319,7 @@ func (l *DenyList) check(td spiffeid.TrustDomain) error {
 		if err := l.checkExpiry(e.NotAfter); err != nil {
 			return fmt.Errorf("serials[%d] %s: %w", i, e.Serial, err)
 		}
-		if i > 0 && compareSerials(l.Serials[i-1].Serial, e.Serial) >= 0 {
+		if i > 0 && CompareSerials(l.Serials[i-1].Serial, e.Serial) >= 0 {
 			return fmt.Errorf("serials[%d] %s: not sorted or duplicated", i, e.Serial)
 		}
 	}
@@ -336,8 +336,8 @@ func (l *DenyList) checkExpiry(notAfter time.Time) error {
 
 func checkEntry(reason string, revokedAt time.Time, version, listVersion uint64) error {
 	switch {
-	case !validReason(reason):
-		return fmt.Errorf("reason: at most %d printable ASCII characters", maxRevokeReason)
+	case !ValidReason(reason):
+		return fmt.Errorf("reason: at most %d printable ASCII characters", MaxReason)
 	case revokedAt.IsZero():
 		return errors.New("revoked_at missing")
 	case version == 0 || version > listVersion:
@@ -346,13 +346,13 @@ func checkEntry(reason string, revokedAt time.Time, version, listVersion uint64)
 	return nil
 }
 
-func validReason(r string) bool {
-	return len(r) <= maxRevokeReason && printable(r)
+func ValidReason(r string) bool {
+	return len(r) <= MaxReason && Printable(r)
 }
 
-// canonicalSerial reports whether s is a positive decimal without leading zeros, as
+// CanonicalSerial reports whether s is a positive decimal without leading zeros, as
 // big.Int.String writes a serial.
-func canonicalSerial(s string) bool {
+func CanonicalSerial(s string) bool {
 	if s == "" || len(s) > maxSerialDigits || s[0] == '0' {
 		return false
 	}
@@ -364,15 +364,15 @@ func canonicalSerial(s string) bool {
 	return true
 }
 
-// compareSerials orders canonical decimal serials numerically.
-func compareSerials(a, b string) int {
+// CompareSerials orders canonical decimal serials numerically.
+func CompareSerials(a, b string) int {
 	return cmp.Or(cmp.Compare(len(a), len(b)), cmp.Compare(a, b))
 }
 
 func compareIDs(a, b spiffeid.ID) int { return cmp.Compare(a.String(), b.String()) }
 
-// compareIDEntries orders identity entries by SPIFFE ID, then version.
-func compareIDEntries(a, b DeniedID) int {
+// CompareIDEntries orders identity entries by SPIFFE ID, then version.
+func CompareIDEntries(a, b DeniedID) int {
 	return cmp.Or(compareIDs(a.SPIFFEID, b.SPIFFEID), cmp.Compare(a.Version, b.Version))
 }
 
@@ -408,7 +408,7 @@ func NextDenyList(held, got *DenyList, now time.Time) (bool, error) {
 	case got.Version < held.Version:
 		return false, fmt.Errorf("%w: version %d, held %d", ErrDenyListStale, got.Version, held.Version)
 	case got.Version == held.Version:
-		if !sameDenyList(held, got) {
+		if !SameDenyList(held, got) {
 			return false, fmt.Errorf("%w: version %d differs from the one held", ErrDenyListConflict, got.Version)
 		}
 		return false, nil
@@ -429,9 +429,9 @@ func NextDenyList(held, got *DenyList, now time.Time) (bool, error) {
 	return true, nil
 }
 
-// expiredEntries is how many entries of held a newer list got dropped as expired
+// ExpiredEntries is how many entries of held a newer list got dropped as expired
 // (after NextDenyList accepted it).
-func expiredEntries(held, got *DenyList) int {
+func ExpiredEntries(held, got *DenyList) int {
 	if held == nil || got == nil {
 		return 0
 	}
@@ -449,7 +449,8 @@ func expiredEntries(held, got *DenyList) int {
 	return n
 }
 
-func sameDenyList(a, b *DenyList) bool {
+// SameDenyList reports whether a and b are the same list (same version and entries).
+func SameDenyList(a, b *DenyList) bool {
 	return a.TrustDomain == b.TrustDomain && a.Version == b.Version && a.IssuedAt.Equal(b.IssuedAt) &&
 		a.ExpiredThrough.Equal(b.ExpiredThrough) &&
 		slices.EqualFunc(a.IDs, b.IDs, sameDeniedID) && slices.EqualFunc(a.Serials, b.Serials, sameDeniedSerial)

@@ -1,43 +1,20 @@
-package ca
+package meshclient
 
 import (
 	"context"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
 	"net/http/httptest"
-	"os"
-	"path/filepath"
-	"strconv"
-	"strings"
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
-)
 
-func TestResponseErrorPermanent(t *testing.T) {
-	t.Parallel()
-	for _, tc := range []struct {
-		status int
-		want   bool
-	}{
-		{http.StatusBadRequest, true},
-		{http.StatusUnauthorized, true},
-		{http.StatusForbidden, true},
-		{http.StatusNotFound, true},
-		{http.StatusRequestTimeout, false},
-		{http.StatusTooManyRequests, false},
-		{http.StatusInternalServerError, false},
-		{http.StatusBadGateway, false},
-		{http.StatusServiceUnavailable, false},
-		{http.StatusOK, false},
-	} {
-		if got := (&ResponseError{Op: "sign", Status: tc.status}).Permanent(); got != tc.want {
-			t.Errorf("Permanent() for %d = %v, want %v", tc.status, got, tc.want)
-		}
-	}
-}
+	"github.com/agentmesh/agentmesh/internal/testca"
+	"github.com/agentmesh/agentmesh/meshapi"
+)
 
 func TestNewClientValidates(t *testing.T) {
 	t.Parallel()
@@ -82,17 +59,18 @@ func TestClientErrorClassification(t *testing.T) {
 		t.Run(http.StatusText(tc.status), func(t *testing.T) {
 			t.Parallel()
 			srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
-				writeStepError(w, tc.status, "nope")
+				w.WriteHeader(tc.status)
+				_, _ = fmt.Fprintf(w, `{"status":%d,"message":"nope"}`, tc.status)
 			}))
 			defer srv.Close()
 			c, err := NewClient(ClientConfig{URL: srv.URL, Roots: []*x509.Certificate{srv.Certificate()}, Token: fixedToken("t")})
 			if err != nil {
 				t.Fatal(err)
 			}
-			_, err = c.Enroll(context.Background(), id, newKey(t))
-			var re *ResponseError
+			_, err = c.Enroll(context.Background(), id, testca.NewKey(t))
+			var re *meshapi.ResponseError
 			if !errors.As(err, &re) || re.Status != tc.status || re.Message != "nope" || re.Op != "sign" {
-				t.Fatalf("Enroll: %v, want a ResponseError %d", err, tc.status)
+				t.Fatalf("Enroll: %v, want a meshapi.ResponseError %d", err, tc.status)
 			}
 			if permanent(err) != tc.permanent {
 				t.Errorf("permanent = %v, want %v", permanent(err), tc.permanent)
@@ -112,7 +90,7 @@ func TestClientErrorClassification(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.Enroll(context.Background(), id, newKey(t)); err == nil || permanent(err) {
+		if _, err := c.Enroll(context.Background(), id, testca.NewKey(t)); err == nil || permanent(err) {
 			t.Errorf("Enroll to a closed port: %v, want a non-permanent error", err)
 		}
 	})
@@ -123,68 +101,8 @@ func TestClientErrorClassification(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := c.Enroll(context.Background(), id, newKey(t)); !errors.Is(err, ErrNoToken) {
+		if _, err := c.Enroll(context.Background(), id, testca.NewKey(t)); !errors.Is(err, ErrNoToken) {
 			t.Errorf("Enroll without a token source: %v, want ErrNoToken", err)
 		}
-	})
-}
-
-func TestParseSignResponse(t *testing.T) {
-	t.Parallel()
-	real, err := os.ReadFile(filepath.Join("testdata", "fuzz", "FuzzParseSignResponse", "step-ca-sign-answer"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	answer := corpusBytes(t, real)
-	chain, err := parseSignResponse(answer)
-	if err != nil || len(chain) != 2 || !chain[1].IsCA || chain[0].IsCA {
-		t.Fatalf("real answer: %d certificates, %v", len(chain), err)
-	}
-	for _, tc := range []struct {
-		name string
-		in   string
-		n    int
-	}{
-		{"empty object", `{}`, 0},
-		{"not json", `<html>`, 0},
-		{"error answer", `{"status":401,"message":"no"}`, 0},
-		{"bad pem", `{"certChain":["-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"]}`, 0},
-		{"other pem type only", `{"crt":"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"}`, 0},
-	} {
-		got, err := parseSignResponse([]byte(tc.in))
-		if err == nil || len(got) != tc.n {
-			t.Errorf("%s: %d certificates, err %v", tc.name, len(got), err)
-		}
-	}
-}
-
-// corpusBytes decodes a one-[]byte fuzz corpus file.
-func corpusBytes(t *testing.T, file []byte) []byte {
-	t.Helper()
-	s := strings.TrimSpace(strings.TrimPrefix(string(file), "go test fuzz v1\n"))
-	s = strings.TrimSuffix(strings.TrimPrefix(s, "[]byte("), ")")
-	out, err := strconv.Unquote(s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return []byte(out)
-}
-
-// FuzzParseSignResponse: answers from the network never panic the parser, and a nil
-// error always comes with at least one certificate.
-func FuzzParseSignResponse(f *testing.F) {
-	f.Add([]byte(`{"crt":"","ca":"","certChain":[]}`))
-	f.Add([]byte(`{"status":500,"message":"x"}`))
-	f.Fuzz(func(t *testing.T, b []byte) {
-		chain, err := parseSignResponse(b)
-		if err == nil && len(chain) == 0 {
-			t.Fatal("no error and no certificate")
-		}
-		for _, c := range chain {
-			if c == nil {
-				t.Fatal("nil certificate")
-			}
-		}
-		_ = stepErrorMessage(b)
 	})
 }

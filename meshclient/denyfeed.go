@@ -1,29 +1,28 @@
-package ca
+package meshclient
 
 import (
 	"context"
 	"crypto/sha256"
-	"crypto/tls"
-	"crypto/x509"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand/v2"
+	"github.com/agentmesh/agentmesh/meshapi"
+	"log/slog"
 	"net/http"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/audit"
 )
 
-// The revocation feed is the Directory's copy of the CA's signed deny-list. It arrives
+// The revocation feed is the Watch's copy of the CA's signed deny-list. It arrives
 // two ways: in every directory answer (the long-poll wakes as soon as the CA publishes
 // a new version) and from a poll of GET /mesh/v1/revocations every PollInterval, which
-// keeps the copy fresh when the watch is stuck. Both go through offerDenyList.
+// keeps the copy fresh when the watch is stuck. Both go through denyFeed.offer.
 
 const (
 	defaultPollInterval = 5 * time.Second
@@ -70,7 +69,7 @@ const (
 )
 
 // feedMetrics always exist so the feed never checks for nil; they are registered only
-// when DirectoryConfig.Registerer is set.
+// when Config.Registerer is set.
 type feedMetrics struct {
 	version   prometheus.Gauge
 	confirmed prometheus.Gauge
@@ -120,7 +119,7 @@ func newFeedMetrics(reg prometheus.Registerer) (*feedMetrics, error) {
 }
 
 // feedHealth counts failed polls to tell a blip from an outage. Guarded by
-// Directory.feedMu.
+// denyFeed.feedMu.
 type feedHealth struct {
 	failures int  // consecutive failed polls since the last verified list
 	down     bool // the outage has been reported
@@ -147,15 +146,15 @@ func (h feedHealth) succeeded() (next feedHealth, recovered bool) {
 // the metric.
 func denyListRefusal(err error) string {
 	switch {
-	case errors.Is(err, ErrDenyListSignature):
+	case errors.Is(err, meshapi.ErrDenyListSignature):
 		return denyReasonBadSignature
-	case errors.Is(err, ErrDenyListStale):
+	case errors.Is(err, meshapi.ErrDenyListStale):
 		return denyReasonStale
-	case errors.Is(err, ErrDenyListConflict):
+	case errors.Is(err, meshapi.ErrDenyListConflict):
 		return denyReasonConflict
-	case errors.Is(err, ErrDenyListGap):
+	case errors.Is(err, meshapi.ErrDenyListGap):
 		return denyReasonGap
-	case errors.Is(err, ErrDenyListPremature):
+	case errors.Is(err, meshapi.ErrDenyListPremature):
 		return denyReasonPremature
 	default:
 		return denyReasonMalformed
@@ -165,7 +164,7 @@ func denyListRefusal(err error) string {
 // refusedList reports whether err is the refusal of a received list (as opposed to
 // a failure to fetch one).
 func refusedList(err error) bool {
-	for _, target := range []error{ErrDenyListSignature, ErrDenyListMalformed, ErrDenyListStale, ErrDenyListConflict, ErrDenyListGap, ErrDenyListPremature} {
+	for _, target := range []error{meshapi.ErrDenyListSignature, meshapi.ErrDenyListMalformed, meshapi.ErrDenyListStale, meshapi.ErrDenyListConflict, meshapi.ErrDenyListGap, meshapi.ErrDenyListPremature} {
 		if errors.Is(err, target) {
 			return true
 		}
@@ -175,7 +174,7 @@ func refusedList(err error) bool {
 
 // denyListKey identifies a received list, so that the same refused list arriving
 // again (by the watch and by every poll) is logged and audited once.
-func denyListKey(s *SignedDenyList) [sha256.Size]byte {
+func denyListKey(s *meshapi.SignedDenyList) [sha256.Size]byte {
 	h := sha256.New()
 	for _, b := range [][]byte{s.Payload, s.Signature, s.Signer} {
 		h.Write(binary.BigEndian.AppendUint64(nil, uint64(len(b))))
@@ -184,22 +183,48 @@ func denyListKey(s *SignedDenyList) [sha256.Size]byte {
 	return [sha256.Size]byte(h.Sum(nil))
 }
 
-// DenyList returns the deny-list in force: the newest verified version received, nil
-// before the first one. The list is immutable and safe for concurrent use; read it
-// again rather than keep it.
-func (d *Directory) DenyList() *DenyList { return d.deny.Load() }
+// denyFeed is the Watch's copy of the CA's signed deny-list: it verifies every list
+// received (from the directory watch or its own poll), applies the newer ones through
+// publish, and refuses, logs, audits and counts the others. It also tracks how fresh
+// the list is (Confirmed, CheckFresh) and whether the feed is reachable.
+type denyFeed struct {
+	cfg     Config
+	conn    *conn
+	log     *slog.Logger
+	publish func(*meshapi.DenyList) // makes a newer list the one in force
+	metrics *feedMetrics
+
+	deny        atomic.Pointer[meshapi.DenyList]
+	confirmed   atomic.Pointer[time.Time]
+	denyMu      sync.Mutex        // serialises offer's check-then-store and OnDenyList
+	lastRefused [sha256.Size]byte // guarded by denyMu: key of the last list refused
+	feedMu      sync.Mutex
+	health      feedHealth // guarded by feedMu
+}
+
+func newDenyFeed(cfg Config, c *conn, created time.Time, publish func(*meshapi.DenyList)) (*denyFeed, error) {
+	metrics, err := newFeedMetrics(cfg.Registerer)
+	if err != nil {
+		return nil, err
+	}
+	f := &denyFeed{cfg: cfg, conn: c, log: cfg.Logger, publish: publish, metrics: metrics}
+	// A new proxy gets one staleness window to reach the CA.
+	f.confirmed.Store(&created)
+	metrics.confirmed.Set(float64(created.UnixNano()) / 1e9)
+	return f, nil
+}
 
 // Confirmed returns when the deny-list in force was last confirmed current: the last
 // time a fetch from the CA returned it, or a newer one, signed and verified. Until the
-// first fetch it is when NewDirectory was called, so a new proxy gets one staleness
+// first fetch it is when NewWatch was called, so a new proxy gets one staleness
 // window to reach the CA.
-func (d *Directory) Confirmed() time.Time { return *d.confirmed.Load() }
+func (d *denyFeed) Confirmed() time.Time { return *d.confirmed.Load() }
 
 // CheckFresh returns nil while the deny-list was confirmed at most maxAge ago, and
 // otherwise an error wrapping ErrFeedStale that says how old it is. It does not
 // allocate unless it fails, so a proxy can call it on every handshake to fail closed
 // when it can no longer learn of revocations. Safe for concurrent use.
-func (d *Directory) CheckFresh(maxAge time.Duration) error {
+func (d *denyFeed) CheckFresh(maxAge time.Duration) error {
 	age := time.Since(d.Confirmed())
 	if age <= maxAge {
 		return nil
@@ -210,7 +235,7 @@ func (d *Directory) CheckFresh(maxAge time.Duration) error {
 // pollLoop fetches the deny-list at once and then every PollInterval (minus up to a
 // tenth of jitter). Unlike the other loops it does not back off: a poll is cheap, and
 // the point is to converge within one interval once the CA is reachable again.
-func (d *Directory) pollLoop(ctx context.Context) {
+func (d *denyFeed) pollLoop(ctx context.Context) {
 	for {
 		err := d.poll(ctx)
 		if ctx.Err() != nil {
@@ -219,7 +244,7 @@ func (d *Directory) pollLoop(ctx context.Context) {
 		if err != nil {
 			d.pollFailed(err)
 		}
-		if !sleep(ctx, heartbeatDelay(d.cfg.PollInterval, rand.Float64())) {
+		if !pause(ctx, d.cfg.PollInterval, true) {
 			return
 		}
 	}
@@ -227,26 +252,26 @@ func (d *Directory) pollLoop(ctx context.Context) {
 
 // poll fetches the deny-list once and offers it. It returns nil only when the answer
 // verified as the list in force.
-func (d *Directory) poll(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, defaultClientTimeout)
+func (d *denyFeed) poll(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, defaultTimeout)
 	defer cancel()
-	answer, err := d.do(ctx, "revocations", http.MethodGet, d.base+meshPrefix+meshRevocationsPath, nil, maxDirectoryResponse)
+	answer, err := d.conn.do(ctx, "revocations", http.MethodGet, meshapi.RevocationsPath, nil, meshapi.MaxDirectoryResponse)
 	if err != nil {
 		return err
 	}
-	var s SignedDenyList
+	var s meshapi.SignedDenyList
 	if err := json.Unmarshal(answer, &s); err != nil {
-		err = fmt.Errorf("%w: %w", ErrDenyListMalformed, err)
-		d.refuseDenyList(feedSourcePoll, &SignedDenyList{Payload: answer}, nil, err)
+		err = fmt.Errorf("%w: %w", meshapi.ErrDenyListMalformed, err)
+		d.refuse(feedSourcePoll, &meshapi.SignedDenyList{Payload: answer}, nil, err)
 		return fmt.Errorf("ca: revocations: %w", err)
 	}
-	return d.offerDenyList(feedSourcePoll, &s)
+	return d.offer(feedSourcePoll, &s)
 }
 
 // pollFailed records a failed poll: the outage (feedDownAfter in a row) is one Error
 // and the feed-up gauge at 0; otherwise the first failure is a Warn and the rest Debug,
 // except a refused list, which refuseDenyList has already logged.
-func (d *Directory) pollFailed(err error) {
+func (d *denyFeed) pollFailed(err error) {
 	d.feedMu.Lock()
 	h, alert := d.health.failed()
 	d.health = h
@@ -265,7 +290,7 @@ func (d *Directory) pollFailed(err error) {
 }
 
 // confirm records that the list in force was verified current at now.
-func (d *Directory) confirm(now time.Time) {
+func (d *denyFeed) confirm(now time.Time) {
 	// The watch and the poll confirm concurrently: never move the time back.
 	for cur := d.confirmed.Load(); now.After(*cur); cur = d.confirmed.Load() {
 		if d.confirmed.CompareAndSwap(cur, &now) {
@@ -283,20 +308,20 @@ func (d *Directory) confirm(now time.Time) {
 	}
 }
 
-// offerDenyList verifies a list received from source and applies it when it is newer
+// offer verifies a list received from source and applies it when it is newer
 // than the one held; a refused list is logged, audited and counted, and the list held
 // stays in force. It returns nil when s verified as the list in force (newer, or the
 // one held), which confirms the feed.
-func (d *Directory) offerDenyList(source string, s *SignedDenyList) error {
-	td, err := d.trustDomain()
+func (d *denyFeed) offer(source string, s *meshapi.SignedDenyList) error {
+	td, err := d.conn.trustDomain()
 	if err != nil {
 		// Not the list's fault: nothing to refuse, the fetch failed.
 		return fmt.Errorf("ca: deny list: %w", err)
 	}
 	now := time.Now()
-	l, err := VerifyDenyList(s, td, d.cfg.Roots, now)
+	l, err := meshapi.VerifyDenyList(s, td, d.cfg.Roots, now)
 	if err != nil {
-		d.refuseDenyList(source, s, nil, err)
+		d.refuse(source, s, nil, err)
 		return err
 	}
 
@@ -306,17 +331,18 @@ func (d *Directory) offerDenyList(source string, s *SignedDenyList) error {
 	// enforced.
 	d.denyMu.Lock()
 	held := d.deny.Load()
-	newer, err := NextDenyList(held, l, now)
+	newer, err := meshapi.NextDenyList(held, l, now)
 	if err != nil || !newer {
 		d.denyMu.Unlock()
 		if err != nil {
-			d.refuseDenyList(source, s, l, err)
+			d.refuse(source, s, l, err)
 			return err
 		}
 		d.confirm(now)
 		return nil
 	}
 	d.deny.Store(l)
+	d.publish(l)
 	d.lastRefused = [sha256.Size]byte{}
 	closed := 0
 	if d.cfg.OnDenyList != nil {
@@ -332,7 +358,7 @@ func (d *Directory) offerDenyList(source string, s *SignedDenyList) error {
 	if held != nil {
 		previous = held.Version
 	}
-	expired := expiredEntries(held, l)
+	expired := meshapi.ExpiredEntries(held, l)
 	d.log.Info("deny list applied", keyVersion, l.Version, keyFeedPrevious, previous,
 		keyIDs, len(l.IDs), keySerials, len(l.Serials), keyFeedClosed, closed,
 		keyFeedExpired, expired, keyFeedLag, lag, keyFeedSource, source)
@@ -343,11 +369,11 @@ func (d *Directory) offerDenyList(source string, s *SignedDenyList) error {
 	return nil
 }
 
-// refuseDenyList counts, logs and audits a refused list; l is the list when it
-// verified (refused by NextDenyList), nil when it did not. The same list refused
+// refuse counts, logs and audits a refused list; l is the list when it
+// verified (refused by meshapi.NextDenyList), nil when it did not. The same list refused
 // again in a row is only counted: the watch and every poll bring it back until the
 // CA publishes another.
-func (d *Directory) refuseDenyList(source string, s *SignedDenyList, l *DenyList, err error) {
+func (d *denyFeed) refuse(source string, s *meshapi.SignedDenyList, l *meshapi.DenyList, err error) {
 	reason := denyListRefusal(err)
 	d.metrics.refused.WithLabelValues(reason).Inc()
 	key := denyListKey(s)
@@ -372,47 +398,11 @@ func (d *Directory) refuseDenyList(source string, s *SignedDenyList, l *DenyList
 	d.audit(rec)
 }
 
-func (d *Directory) audit(rec audit.DenyList) {
+func (d *denyFeed) audit(rec audit.DenyList) {
 	if d.cfg.Audit == nil {
 		return
 	}
 	if err := d.cfg.Audit.Append(rec); err != nil {
 		d.log.Error("audit deny list", keyErr, err, keyVersion, rec.Version, keyReason, rec.Reason)
 	}
-}
-
-// trustDomain is the trust domain of this proxy's certificate, whose deny-list it
-// follows: the one last presented to the CA, or else the current one.
-func (d *Directory) trustDomain() (spiffeid.TrustDomain, error) {
-	if p := d.self.Load(); p != nil {
-		return p.TrustDomain(), nil
-	}
-	c, err := d.cfg.Certificate()
-	if err != nil {
-		return spiffeid.TrustDomain{}, fmt.Errorf("current svid: %w", err)
-	}
-	id, err := certificateID(c)
-	if err != nil {
-		return spiffeid.TrustDomain{}, err
-	}
-	return id.TrustDomain(), nil
-}
-
-// certificateID is the SPIFFE ID of the leaf of c.
-func certificateID(c *tls.Certificate) (spiffeid.ID, error) {
-	if c == nil || len(c.Certificate) == 0 {
-		return spiffeid.ID{}, errors.New("current svid: no certificate")
-	}
-	leaf := c.Leaf
-	if leaf == nil {
-		var err error
-		if leaf, err = x509.ParseCertificate(c.Certificate[0]); err != nil {
-			return spiffeid.ID{}, fmt.Errorf("current svid: %w", err)
-		}
-	}
-	id, err := x509svid.IDFromCert(leaf)
-	if err != nil {
-		return spiffeid.ID{}, fmt.Errorf("current svid: %w", err)
-	}
-	return id, nil
 }

@@ -1,14 +1,12 @@
-package ca
+package meshclient
 
 import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
 	"io"
@@ -16,16 +14,16 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-)
 
-// maxResponse bounds what the client reads from the CA.
-const maxResponse = 1 << 20
+	"github.com/agentmesh/agentmesh/meshapi"
+)
 
 // ClientConfig configures a Client.
 type ClientConfig struct {
@@ -90,7 +88,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		return nil, fmt.Errorf("%w: negative Timeout", ErrInvalidConfig)
 	}
 	if cfg.Timeout == 0 {
-		cfg.Timeout = defaultClientTimeout
+		cfg.Timeout = defaultTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
@@ -129,12 +127,6 @@ func (c *Client) transport(clientCert *tls.Certificate, keepAlive bool) *http.Tr
 	}
 }
 
-// signRequest is step-ca's POST /1.0/sign body; rekey uses the csr field only.
-type signRequest struct {
-	CSR string `json:"csr"`
-	OTT string `json:"ott,omitempty"`
-}
-
 // Enroll asks for a first SVID for id and the public half of key, authenticated by a
 // bootstrap token from ClientConfig.Token: a CSR with the single URI SAN id, signed by
 // key, to POST /1.0/sign. It returns the chain, leaf first. A refusal (bad, expired or
@@ -147,11 +139,11 @@ func (c *Client) Enroll(ctx context.Context, id spiffeid.ID, key crypto.Signer) 
 	if err != nil {
 		return nil, fmt.Errorf("ca: sign: bootstrap token: %w", err)
 	}
-	csr, err := newCSR(id, key)
+	csr, err := meshapi.NewCSR(id, key)
 	if err != nil {
 		return nil, fmt.Errorf("ca: sign: %w", err)
 	}
-	return c.post(ctx, c.enroll, "sign", "/1.0/sign", signRequest{CSR: csr, OTT: tok})
+	return c.post(ctx, c.enroll, "sign", "/1.0/sign", meshapi.SignRequest{CSR: csr, OTT: tok})
 }
 
 // Renew asks for an SVID for the public half of key (a new key each rotation),
@@ -170,7 +162,7 @@ func (c *Client) Renew(ctx context.Context, current *x509svid.SVID, key crypto.S
 			return nil, fmt.Errorf("ca: rekey: current SVID: %w", err)
 		}
 	}
-	csr, err := newCSR(id, key)
+	csr, err := meshapi.NewCSR(id, key)
 	if err != nil {
 		return nil, fmt.Errorf("ca: rekey: %w", err)
 	}
@@ -181,35 +173,18 @@ func (c *Client) Renew(ctx context.Context, current *x509svid.SVID, key crypto.S
 	// A transport per call: the client certificate changes with every rotation.
 	tr := c.transport(cert, false)
 	defer tr.CloseIdleConnections()
-	return c.post(ctx, &http.Client{Transport: tr}, "rekey", "/1.0/rekey", signRequest{CSR: csr})
+	return c.post(ctx, &http.Client{Transport: tr}, "rekey", "/1.0/rekey", meshapi.SignRequest{CSR: csr})
 }
 
-func (c *Client) post(ctx context.Context, hc *http.Client, op, path string, body signRequest) ([]*x509.Certificate, error) {
+func (c *Client) post(ctx context.Context, hc *http.Client, op, path string, body meshapi.SignRequest) ([]*x509.Certificate, error) {
 	ctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
-	b, err := json.Marshal(body)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, c.base+path, bytes.NewReader(b))
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
-	}
-	req.Header.Set("Content-Type", "application/json")
 	start := time.Now()
-	resp, err := hc.Do(req)
+	answer, err := postJSON(ctx, hc, op, c.base+path, body, http.StatusCreated, http.StatusOK)
 	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
+		return nil, err
 	}
-	defer func() { _ = resp.Body.Close() }()
-	answer, err := io.ReadAll(io.LimitReader(resp.Body, maxResponse))
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
-	}
-	if resp.StatusCode != http.StatusCreated && resp.StatusCode != http.StatusOK {
-		return nil, &ResponseError{Op: op, Status: resp.StatusCode, Message: stepErrorMessage(answer)}
-	}
-	chain, err := parseSignResponse(answer)
+	chain, err := meshapi.ParseSignResponse(answer)
 	if err != nil {
 		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
@@ -219,76 +194,30 @@ func (c *Client) post(ctx context.Context, hc *http.Client, op, path string, bod
 	return chain, nil
 }
 
-// newCSR returns a PEM CSR for the single URI SAN id, signed by key (which may live in
-// a token: only Sign is used).
-func newCSR(id spiffeid.ID, key crypto.Signer) (string, error) {
-	if key == nil {
-		return "", errors.New("no key")
-	}
-	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{
-		URIs: []*url.URL{id.URL()},
-	}, key)
+// postJSON posts body as JSON to u and returns the answer, at most meshapi.MaxResponse
+// bytes, when its status is one of ok; any other status is a *meshapi.ResponseError
+// with op.
+func postJSON(ctx context.Context, hc *http.Client, op, u string, body any, ok ...int) ([]byte, error) {
+	b, err := json.Marshal(body)
 	if err != nil {
-		return "", fmt.Errorf("create csr: %w", err)
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
-	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), nil
-}
-
-// signResponse is the part of step-ca's sign/renew/rekey answer the client reads.
-type signResponse struct {
-	Crt       string   `json:"crt"`
-	CA        string   `json:"ca"`
-	CertChain []string `json:"certChain"`
-}
-
-// parseSignResponse returns the certificates of a step-ca sign/rekey answer, leaf
-// first: certChain when present, else crt then ca.
-func parseSignResponse(b []byte) ([]*x509.Certificate, error) {
-	var r signResponse
-	if err := json.Unmarshal(b, &r); err != nil {
-		return nil, fmt.Errorf("malformed answer: %w", err)
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, bytes.NewReader(b))
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
-	pems := r.CertChain
-	if len(pems) == 0 {
-		pems = []string{r.Crt, r.CA}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := hc.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
-	var chain []*x509.Certificate
-	for _, p := range pems {
-		rest := []byte(p)
-		for {
-			var block *pem.Block
-			block, rest = pem.Decode(rest)
-			if block == nil {
-				break
-			}
-			if block.Type != "CERTIFICATE" {
-				continue
-			}
-			crt, err := x509.ParseCertificate(block.Bytes)
-			if err != nil {
-				return nil, fmt.Errorf("malformed certificate in answer: %w", err)
-			}
-			chain = append(chain, crt)
-		}
+	defer func() { _ = resp.Body.Close() }()
+	answer, err := io.ReadAll(io.LimitReader(resp.Body, meshapi.MaxResponse))
+	if err != nil {
+		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
 	}
-	if len(chain) == 0 {
-		return nil, errors.New("answer holds no certificate")
+	if !slices.Contains(ok, resp.StatusCode) {
+		return nil, &meshapi.ResponseError{Op: op, Status: resp.StatusCode, Message: meshapi.ErrorMessage(answer)}
 	}
-	return chain, nil
-}
-
-// stepErrorMessage extracts the message of a step-ca error body ({"status":N,
-// "message":"..."}), or a bounded prefix of a body that is not one.
-func stepErrorMessage(b []byte) string {
-	var e struct {
-		Message string `json:"message"`
-	}
-	if json.Unmarshal(b, &e) == nil && e.Message != "" {
-		return e.Message
-	}
-	s := strings.TrimSpace(string(b))
-	if len(s) > 200 {
-		s = s[:200] + "..."
-	}
-	return s
+	return answer, nil
 }

@@ -1,4 +1,4 @@
-package ca
+package meshapi
 
 import (
 	"crypto"
@@ -64,9 +64,9 @@ func (c *listCA) leaf(t testing.TB, key crypto.Signer, notAfter time.Time) *x509
 
 func (c *listCA) sign(t testing.TB, l *DenyList) *SignedDenyList {
 	t.Helper()
-	s, err := signDenyList(l, c.interKey, c.inter)
+	s, err := SignDenyList(l, c.interKey, c.inter)
 	if err != nil {
-		t.Fatalf("signDenyList: %v", err)
+		t.Fatalf("SignDenyList: %v", err)
 	}
 	return s
 }
@@ -163,7 +163,7 @@ func TestVerifyDenyList(t *testing.T) {
 	if err != nil {
 		t.Fatalf("VerifyDenyList(good): %v", err)
 	}
-	if ok, err := NextDenyList(nil, l, time.Now()); !ok || err != nil || !sameDenyList(l, sampleList()) || !l.Denies(idHostA, "", time.Time{}) {
+	if ok, err := NextDenyList(nil, l, time.Now()); !ok || err != nil || !SameDenyList(l, sampleList()) || !l.Denies(idHostA, "", time.Time{}) {
 		t.Fatalf("verified list %+v differs from the signed one", l)
 	}
 	// The root itself may sign (a CA certificate of the domain).
@@ -271,7 +271,7 @@ func mustSignAs(t testing.TB, l *DenyList, key crypto.Signer, cert *x509.Certifi
 
 func mustSign(t testing.TB, l *DenyList, key crypto.Signer, cert *x509.Certificate) *SignedDenyList {
 	t.Helper()
-	s, err := signDenyList(l, key, cert)
+	s, err := SignDenyList(l, key, cert)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -281,8 +281,8 @@ func mustSign(t testing.TB, l *DenyList, key crypto.Signer, cert *x509.Certifica
 func TestSignDenyListChecksKey(t *testing.T) {
 	t.Parallel()
 	ca := newListCA(t, testTD)
-	if _, err := signDenyList(sampleList(), ca.rootKey, ca.inter); err == nil {
-		t.Error("signDenyList signed with a key that is not the certificate's")
+	if _, err := SignDenyList(sampleList(), ca.rootKey, ca.inter); err == nil {
+		t.Error("SignDenyList signed with a key that is not the certificate's")
 	}
 }
 
@@ -337,7 +337,7 @@ func TestNextDenyListBuild(t *testing.T) {
 	cur := sampleList()
 	cur.index()
 	at := listT0.Add(10 * time.Minute)
-	next, changed := nextDenyList(cur, at,
+	next, changed := cur.Successor(at,
 		// The same revocation of idHostA again is no new entry.
 		[]DeniedID{{SPIFFEID: idHostA, Reason: "again", RevokedAt: listT0.Add(2 * time.Minute)}, {SPIFFEID: idHostB, Reason: "gone", RevokedAt: at}},
 		[]DeniedSerial{{Serial: "100", SPIFFEID: idHostB, RevokedAt: at}, {Serial: "77", Reason: "again", RevokedAt: at}, {Serial: "8", RevokedAt: at}})
@@ -363,13 +363,13 @@ func TestNextDenyListBuild(t *testing.T) {
 	if cur.Version != 3 || len(cur.Serials) != 2 {
 		t.Error("nextDenyList modified the current list")
 	}
-	if same, changed := nextDenyList(cur, at, []DeniedID{{SPIFFEID: idHostA, RevokedAt: listT0.Add(2 * time.Minute)}}, []DeniedSerial{{Serial: "9"}}); changed || same != cur {
+	if same, changed := cur.Successor(at, []DeniedID{{SPIFFEID: idHostA, RevokedAt: listT0.Add(2 * time.Minute)}}, []DeniedSerial{{Serial: "9"}}); changed || same != cur {
 		t.Error("nothing new still made a new version")
 	}
 	// Signed and verified, the built list round-trips.
 	ca := newListCA(t, testTD)
 	l, err := VerifyDenyList(ca.sign(t, next), testTD, []*x509.Certificate{ca.root}, time.Now())
-	if err != nil || !sameDenyList(l, next) {
+	if err != nil || !SameDenyList(l, next) {
 		t.Fatalf("round trip: %v", err)
 	}
 }
@@ -424,7 +424,7 @@ func checkReencodes(t *testing.T, ca *listCA, l *DenyList) {
 	if err != nil {
 		t.Fatalf("an accepted list does not verify once re-encoded: %v", err)
 	}
-	if !sameDenyList(l, again) {
+	if !SameDenyList(l, again) {
 		t.Fatalf("re-encoding changed the list: %+v -> %+v", l, again)
 	}
 	if same, err := NextDenyList(l, again, time.Now()); same || err != nil {

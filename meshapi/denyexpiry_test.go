@@ -1,4 +1,4 @@
-package ca
+package meshapi
 
 import (
 	"crypto/x509"
@@ -21,7 +21,7 @@ func expiringList() *DenyList {
 // builds it.
 func shrunk(t *testing.T) *DenyList {
 	t.Helper()
-	next, changed := nextDenyList(expiringList(), listT0.Add(40*time.Minute), nil, nil)
+	next, changed := expiringList().Successor(listT0.Add(40*time.Minute), nil, nil)
 	if !changed {
 		t.Fatal("nextDenyList dropped nothing past the expiry")
 	}
@@ -78,11 +78,11 @@ func TestNextDenyListDropsExpired(t *testing.T) {
 	if ok, err := NextDenyList(cur, next, listT0.Add(40*time.Minute)); !ok || err != nil {
 		t.Fatalf("NextDenyList(current, pruned) = %v, %v; want accepted", ok, err)
 	}
-	if _, changed := nextDenyList(next, listT0.Add(41*time.Minute), nil, nil); changed {
+	if _, changed := next.Successor(listT0.Add(41*time.Minute), nil, nil); changed {
 		t.Error("nothing more expired, but a new version was built")
 	}
 	// An entry that expired already is never listed again.
-	again, changed := nextDenyList(next, listT0.Add(41*time.Minute), nil,
+	again, changed := next.Successor(listT0.Add(41*time.Minute), nil,
 		[]DeniedSerial{{Serial: "9", RevokedAt: listT0, NotAfter: listT0.Add(30 * time.Minute)}})
 	if changed || again != next {
 		t.Error("an expired entry was listed again")
@@ -90,7 +90,7 @@ func TestNextDenyListDropsExpired(t *testing.T) {
 	// Signed and verified, the pruned list round-trips.
 	ca := newListCA(t, testTD)
 	l, err := VerifyDenyList(ca.sign(t, next), testTD, []*x509.Certificate{ca.root}, time.Now())
-	if err != nil || !sameDenyList(l, next) {
+	if err != nil || !SameDenyList(l, next) {
 		t.Fatalf("pruned list does not verify: %v", err)
 	}
 }
@@ -136,8 +136,8 @@ func TestNextDenyListShrink(t *testing.T) {
 			}
 		})
 	}
-	if n := expiredEntries(held, shrunk(t)); n != 2 {
-		t.Errorf("expiredEntries = %d, want 2 (the identity entry and serial 9)", n)
+	if n := ExpiredEntries(held, shrunk(t)); n != 2 {
+		t.Errorf("ExpiredEntries = %d, want 2 (the identity entry and serial 9)", n)
 	}
 }
 

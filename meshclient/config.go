@@ -1,0 +1,161 @@
+package meshclient
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
+)
+
+// Config configures the mesh clients a proxy runs: the Watch (directory and
+// deny-list), the Heartbeat (registration) and AgentTokens. They share how to reach the
+// CA (URL, Roots, Certificate, Control, Logger); each reads its own fields.
+type Config struct {
+	// URL is the https://host:port base URL of agentmesh ca. Required.
+	URL string
+	// Roots are the trust anchors for the CA's TLS serving certificate and for the
+	// CA certificate that signs the deny-list (the CA's root). Required.
+	Roots []*x509.Certificate
+	// Certificate returns the proxy's current SVID (a /host/ ID of the CA's trust
+	// domain, or any ID of it without Addresses; Leaf set or not, intermediates after
+	// the leaf). Its trust domain is the one whose deny-list is followed. It is called
+	// for every request (each request is a new TLS connection), so a rotation applies
+	// at the next heartbeat or poll. An error fails that request, which is retried.
+	// Required.
+	Certificate func() (*tls.Certificate, error)
+	// Addresses are the IP addresses this host is reached at, advertised to peers
+	// (at most 32). IPv4-mapped IPv6 addresses are unmapped; zoned, unspecified and
+	// multicast ones are refused. Heartbeat only; a proxy without them runs no
+	// Heartbeat: one that routes by static configuration still runs the Watch, and so
+	// follows the directory and the deny-list.
+	Addresses []netip.Addr
+	// TunnelPort is the port of this proxy's tunnel listener. Required (1-65535)
+	// with Addresses.
+	TunnelPort uint16
+	// Transports are the tunnel transports this proxy accepts, most preferred first.
+	// Default ["tls"].
+	Transports []string
+	// BundleVersion, when set, returns the version of the trust bundle the proxy holds;
+	// it is reported with each heartbeat. Default nil: not reported.
+	BundleVersion func() string
+	// Heartbeat is the interval between registrations (minus up to a tenth of jitter,
+	// so that proxies started together spread out), and the cap of the retry backoff.
+	// Keep it well under the CA's DirectoryTTL (30s by default). Default 10s.
+	Heartbeat time.Duration
+	// Control, when set, is called on every socket dialed to the CA before it
+	// connects; the proxy sets its SO_MARK there so capture rules skip this traffic.
+	// Default nil.
+	Control func(network, address string, c syscall.RawConn) error
+	// OnDenyList is called with every deny-list newly accepted from the CA (signed
+	// by a CA certificate chaining to Roots, for the trust domain of Certificate, and
+	// newer than the one held), in version order, never concurrently, from one of
+	// the Watch's goroutines; the next list waits until it returns. It returns how many
+	// live connections it closed, for the audit record. Default nil: the list is
+	// only held (State().DenyList()).
+	OnDenyList func(*meshapi.DenyList) (closed int)
+	// PollInterval is the period (minus up to a tenth of jitter) of the fallback
+	// poll of the deny-list, besides the directory watch that delivers new lists at
+	// once. It bounds how stale the list gets while the watch is stuck, and two
+	// failed polls in a row report the feed unreachable. Default 5s.
+	PollInterval time.Duration
+	// OnFleetRotation is called with a fleet rotation announced in the directory (an
+	// operator ran `agentmesh rotate --all`) whose ID is above every one this
+	// Watch has seen and which was requested (FleetRotation.At, the CA's clock)
+	// after this Watch was created: a proxy started after the request already has
+	// a newer credential. Each ID at most once, from the Watch's watch goroutine, which
+	// waits until it returns: start the rotation and return. A CA clock ahead of or
+	// behind this host's by more than the time between start and request can make a
+	// proxy started around a request rotate once more, or not. Default nil: logged
+	// only.
+	OnFleetRotation func(meshapi.FleetRotation)
+	// OnEntries is called with the registration entries (sorted by ID; the caller
+	// owns the slice) after the first directory version is applied, and after every
+	// later one whose entries differ from the previous one's. From Run's watch
+	// goroutine, never concurrently, which waits until it returns. Default nil: the
+	// entries are only held (State().Entries, AgentsAt).
+	OnEntries func([]meshapi.Entry)
+	// Audit receives an audit.DenyList record for every deny-list applied or
+	// refused (the same refused list arriving again in a row is recorded once).
+	// Default nil: none.
+	Audit interface{ Append(audit.Event) error }
+	// Registerer receives the revocation feed's metrics
+	// (agentmesh_revocation_*). Default nil: not registered.
+	Registerer prometheus.Registerer
+	// Logger receives retries at Warn, (re-)registrations, applied deny-lists and
+	// fleet rotations at Info, refused deny-lists and an unreachable revocation feed at Error, and
+	// applied directory versions at Debug. Default: discard.
+	Logger *slog.Logger
+}
+
+func (c Config) withDefaults() Config {
+	if len(c.Transports) == 0 {
+		c.Transports = []string{"tls"}
+	}
+	if c.Heartbeat == 0 {
+		c.Heartbeat = defaultHeartbeat
+	}
+	if c.PollInterval == 0 {
+		c.PollInterval = defaultPollInterval
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	return c
+}
+
+// check validates what every mesh client needs and returns the CA's base URL and the
+// pool that verifies its serving certificate.
+func (c Config) check() (string, *x509.CertPool, error) {
+	base, pool, err := endpoint(c.URL, c.Roots)
+	switch {
+	case err != nil:
+		return "", nil, err
+	case c.Certificate == nil:
+		return "", nil, fmt.Errorf("%w: Certificate is required", ErrInvalidConfig)
+	case c.Heartbeat < 0:
+		return "", nil, fmt.Errorf("%w: negative Heartbeat", ErrInvalidConfig)
+	case c.PollInterval < 0:
+		return "", nil, fmt.Errorf("%w: negative PollInterval", ErrInvalidConfig)
+	}
+	return base, pool, nil
+}
+
+// registerBody validates the advertised addresses, port and transports and returns
+// the register request they make (without the bundle version, which is per request).
+func (c Config) registerBody() (meshapi.RegisterRequest, error) {
+	body := meshapi.RegisterRequest{TunnelPort: int(c.TunnelPort)}
+	switch {
+	case len(c.Addresses) > meshapi.MaxAddresses:
+		return body, fmt.Errorf("%w: Addresses: at most %d", ErrInvalidConfig, meshapi.MaxAddresses)
+	case len(c.Addresses) > 0 && c.TunnelPort == 0:
+		return body, fmt.Errorf("%w: TunnelPort is required with Addresses", ErrInvalidConfig)
+	}
+	addrs := make([]netip.Addr, 0, len(c.Addresses))
+	for _, a := range c.Addresses {
+		if !a.IsValid() {
+			return body, fmt.Errorf("%w: Addresses: invalid address", ErrInvalidConfig)
+		}
+		if err := meshapi.CheckAdvertisable(a); err != nil {
+			return body, fmt.Errorf("%w: Addresses: %w", ErrInvalidConfig, err)
+		}
+		addrs = append(addrs, a.Unmap())
+	}
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	for _, a := range slices.Compact(addrs) {
+		body.Addresses = append(body.Addresses, a.String())
+	}
+	var err error
+	if body.Transports, err = meshapi.NormaliseTransports(c.Transports); err != nil {
+		return body, fmt.Errorf("%w: %w", ErrInvalidConfig, err)
+	}
+	return body, nil
+}

@@ -1,0 +1,24 @@
+// Package meshclient is the proxy side of the mesh API of agentmesh ca. Each type does
+// one job, and each request presents the proxy's current SVID (Config.Certificate) on
+// a new connection, through Config.Control, never through HTTP(S)_PROXY:
+//
+//   - Watch long-polls the directory and polls the deny-list as a fallback; it
+//     publishes each new *meshapi.State behind an atomic pointer (State) and signals
+//     Updated. It verifies every deny-list (signature, trust domain, order) before it
+//     is applied (Config.OnDenyList), audited (Config.Audit) and counted
+//     (agentmesh_revocation_*); hands new fleet rotations to Config.OnFleetRotation and
+//     changed registration entries to Config.OnEntries; and reports how fresh the
+//     deny-list is (Confirmed, CheckFresh), so that a proxy can fail closed.
+//   - Heartbeat registers the proxy's addresses, tunnel port and transports, and again
+//     every Config.Heartbeat.
+//   - AgentTokens asks for the bootstrap token of an agent registered to this host.
+//   - Client enrols (bootstrap token) and renews (mTLS rekey) SVIDs: the rotator's
+//     Issuer.
+//   - RevokeRemote and ReinstateRemote send an operator's request over mTLS.
+//
+// Member composes the Watch, the Heartbeat and AgentTokens for a proxy that runs them
+// all. Failures are retried with capped exponential backoff and full jitter
+// (github.com/cenkalti/backoff/v5), never longer than a heartbeat, and never end Run.
+// The package imports meshapi and audit, never ca, proxy or rotator. See
+// docs/directory.md.
+package meshclient
