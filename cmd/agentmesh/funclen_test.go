@@ -15,15 +15,6 @@ import (
 // that needs more belongs to the package that owns it.
 const maxFuncLines = 60
 
-// pendingMove lists the functions of the proxy verb, over the limit, whose logic is
-// moving into package node, with their length today: they may not grow, and an entry
-// whose function is gone or within the limit fails the test until it is deleted.
-var pendingMove = map[string]int{
-	"proxycmd.go:runProxy":  244,
-	"config.go:validate":    161,
-	"control.go:newControl": 69,
-}
-
 // funcLengths returns the length in lines of every function and method declared in
 // the non-test Go files of dir, keyed by "file.go:name" (methods by their name alone, the
 // longest when several share it).
@@ -62,17 +53,8 @@ func TestFunctionLength(t *testing.T) {
 		t.Fatal("no functions found: the test reads the wrong directory")
 	}
 	for name, n := range lengths {
-		limit, pending := pendingMove[name]
-		switch {
-		case !pending && n > maxFuncLines:
+		if n > maxFuncLines {
 			t.Errorf("%s is %d lines, over the %d of cmd: move its logic to the package that owns it", name, n, maxFuncLines)
-		case pending && n > limit:
-			t.Errorf("%s grew to %d lines (%d listed in pendingMove): move its logic out instead", name, n, limit)
-		}
-	}
-	for name := range pendingMove {
-		if n, ok := lengths[name]; !ok || n <= maxFuncLines {
-			t.Errorf("%s is gone or within the limit: delete it from pendingMove", name)
 		}
 	}
 }
