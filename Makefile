@@ -48,7 +48,7 @@ demo: deps build
 ## no proxy and a plain crypto/tls relay: bench/results/{results.md,chart.png}; BENCH_QUICK=1
 ## for a run of about a minute
 bench:
-	$(GO) run ./bench/cmd/meshbench
+	$(GO) -C bench run ./cmd/meshbench
 
 ## bench-micro: Go benchmarks (audit log, full versus resumed connection, durable versus queued
 ## audit acknowledgement: BenchmarkAuditAck), -count=6 for benchstat

@@ -348,7 +348,7 @@ func parseSettings() (settings, error) {
 	flag.Int64Var(&s.bulk, "bulk", s.bulk, "bytes to upload")
 	flag.StringVar(&modes, "modes", "", "comma-separated subset of the modes (default all): "+modeNames())
 	flag.StringVar(&s.agentmesh, "agentmesh", "", "use this agentmesh binary instead of building ./cmd/agentmesh")
-	flag.StringVar(&s.out, "out", filepath.Join(root, "bench", "results"), "directory for results.md and chart.png")
+	flag.StringVar(&s.out, "out", filepath.Join(root, "results"), "directory for results.md and chart.png")
 	flag.Parse()
 	if s.phase.measure <= 0 || s.rounds <= 0 || s.rotation <= 0 || s.bulk <= 0 {
 		return s, errors.New("-duration, -rounds, -rotation and -bulk must be positive")
@@ -367,8 +367,8 @@ func parseSettings() (settings, error) {
 	return s, nil
 }
 
-// moduleRoot is the directory of the agentmesh go.mod, so the default output directory
-// does not depend on where the command is run from.
+// moduleRoot is the directory of the bench module's go.mod, so the default output
+// directory does not depend on where the command is run from.
 func moduleRoot() (string, error) {
 	out, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
@@ -376,7 +376,7 @@ func moduleRoot() (string, error) {
 	}
 	mod := strings.TrimSpace(string(out))
 	if mod == "" || mod == os.DevNull {
-		return "", errors.New("run meshbench inside the agentmesh module")
+		return "", errors.New("run meshbench inside the agentmesh bench module")
 	}
 	return filepath.Dir(mod), nil
 }
