@@ -16,6 +16,7 @@ import (
 	"go.step.sm/crypto/kms/apiv1"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // p11Object is a key object as pkcs11-tool lists it.
@@ -28,10 +29,7 @@ type p11Object struct {
 // listTokenObjects runs pkcs11-tool, in its own process, against the CA's SoftHSM token.
 func listTokenObjects(t *testing.T, stateDir string) []p11Object {
 	t.Helper()
-	tool, err := exec.LookPath("pkcs11-tool")
-	if err != nil {
-		t.Skipf("pkcs11-tool (opensc) not installed: %v", err)
-	}
+	tool := softhsmtest.RequireTool(t, "pkcs11-tool")
 	pin, err := os.ReadFile(hsm.DefaultPINFile(stateDir))
 	if err != nil {
 		t.Fatal(err)

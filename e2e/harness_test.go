@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // binary is the agentmesh binary under test, built once by TestMain; demoService is
@@ -63,9 +65,7 @@ func requireE2E(t *testing.T) {
 	if binary == "" {
 		t.Skip("e2e tests need the built binary (not with -short)")
 	}
-	if _, err := os.Stat("/usr/lib/softhsm/libsofthsm2.so"); err != nil {
-		t.Skip("SoftHSM2 is not installed: run make deps")
-	}
+	softhsmtest.Require(t)
 }
 
 // process is a running agentmesh subcommand whose log lines can be awaited.

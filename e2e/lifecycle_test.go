@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // TestKeyLifecycle follows keys through their states with real processes: an operator
@@ -25,9 +27,7 @@ import (
 // configuration is refused with its line and field.
 func TestKeyLifecycle(t *testing.T) {
 	requireE2E(t)
-	if _, err := exec.LookPath("pkcs11-tool"); err != nil {
-		t.Skip("pkcs11-tool (opensc) not installed: run make deps")
-	}
+	softhsmtest.RequireTool(t, "pkcs11-tool")
 	const (
 		overlap     = 3 * time.Second
 		grace       = 2 * time.Second

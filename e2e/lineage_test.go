@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -24,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // TestCompromiseFork steals proxy a's current certificate and key (from its SoftHSM
@@ -34,9 +34,7 @@ import (
 func TestCompromiseFork(t *testing.T) {
 	requireE2E(t)
 	requireRoot(t)
-	if _, err := os.Stat(hsm.SoftHSMModule); err != nil {
-		t.Skipf("SoftHSM2 not installed: %v", err)
-	}
+	softhsmtest.Require(t)
 	l := newLAN(t)
 	hca, a, b := l.add("ca"), l.add("a"), l.add("b")
 	l.join()
