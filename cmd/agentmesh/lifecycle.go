@@ -151,6 +151,7 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 	next, err := loadProxyConfig(w.path)
 	if err != nil {
 		w.logger.Error("configuration refused; the one in force stays", "err", err)
+		w.auditConfig(initiator, err)
 		return
 	}
 	cur := w.cur
@@ -167,6 +168,7 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 	}
 	if err := w.rot.SetPolicy(next.Rotation); err != nil {
 		w.logger.Error("configuration refused; the one in force stays", "err", err)
+		w.auditConfig(initiator, err)
 		return
 	}
 	if err := w.agents.setRotation(next.Rotation); err != nil {
@@ -175,9 +177,21 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 	cur.Rotation = next.Rotation
 	w.px.ResetTicketKeys("policy")
 	w.logger.Info("configuration reloaded", "initiator", initiator)
+	w.auditConfig(initiator, nil)
 	req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Initiator: initiator, Reason: "configuration changed"}
 	if _, err := w.rotate(ctx, req); err != nil {
 		w.logger.Warn("rotation after the configuration change failed", "err", err)
+	}
+}
+
+// auditConfig records a configuration change applied, or refused with err.
+func (w *watcher) auditConfig(initiator string, err error) {
+	rec := audit.ConfigChange{Path: w.path, Initiator: initiator, Result: audit.ConfigApplied}
+	if err != nil {
+		rec.Result, rec.Error = audit.ConfigRefused, err.Error()
+	}
+	if err := w.audit.Append(rec); err != nil {
+		w.logger.Error("audit configuration change", "err", err)
 	}
 }
 
