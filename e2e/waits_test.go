@@ -36,11 +36,21 @@ func awaitDenyList(t *testing.T, p *meshProxy, version uint64, timeout time.Dura
 	return awaitRecord(t, p, want, timeout)
 }
 
-// currentSerial returns the serial of the SVID p holds for id, from status --json.
+// currentSerial returns the serial of the SVID p holds for id: that of its latest
+// successful rotation (the enrolment included), from its audit log, which a proxy in
+// another network namespace writes to the test's file system too.
 func currentSerial(t *testing.T, p *meshProxy, id string) string {
 	t.Helper()
-	st := awaitStatus(t, p, 10*time.Second, func(ids map[string]identityStatus) bool { return ids[id].Current != nil })
-	return st[id].Current.Serial
+	serial := ""
+	for _, r := range readAudit(t, p.auditPath()) {
+		if matches(r, map[string]string{"type": "rotation", "spiffe_id": id, "result": "ok"}) {
+			serial = fmt.Sprint(r["new_serial"])
+		}
+	}
+	if serial == "" {
+		t.Fatalf("%s: no rotation of %s recorded", p.name, id)
+	}
+	return serial
 }
 
 // awaitListen waits until the process p (in whichever network namespace it runs) has a

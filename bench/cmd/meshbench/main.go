@@ -184,6 +184,10 @@ func run(ctx context.Context) error {
 	if err := measure(ctx, s, binary, live, logf); err != nil {
 		return err
 	}
+	var timings []timing
+	if ca != nil {
+		timings = timingScenarios(ctx, ca, dir, echo.port(), logf)
+	}
 	for _, r := range live {
 		if err := r.top.healthy(); err != nil {
 			r.err = err
@@ -213,7 +217,7 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	md := report(s, results, cpuEnd.foreignShare(cpuStart), time.Now())
+	md := report(s, results, timings, cpuEnd.foreignShare(cpuStart), time.Now())
 	if err := os.MkdirAll(s.out, 0o755); err != nil {
 		return err
 	}
@@ -228,6 +232,11 @@ func run(ctx context.Context) error {
 	for _, r := range results {
 		if n := r.failures(); n > 0 {
 			errs = append(errs, fmt.Errorf("%s: %d failures", r.name, n))
+		}
+	}
+	for _, t := range timings {
+		if t.err != nil {
+			errs = append(errs, fmt.Errorf("timing: %s: %w", t.what, t.err))
 		}
 	}
 	return errors.Join(errs...)
