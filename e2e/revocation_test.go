@@ -250,8 +250,8 @@ func partition(t *testing.T, authority *meshCA, hca *lanHost, hosts map[string]*
 		b.mustRun(t, "iptables", append([]string{"-D"}, r...)...)
 	}
 	healed := time.Now()
-	// Within one poll of reconnecting is measured by make bench (revocation); here the
-	// list only has to arrive.
+	// The list has to arrive; how soon after reconnecting (one poll when the machine is
+	// idle) is printed, not asserted, since under -race CPU contention decides it.
 	applied := awaitDenyList(t, proxies["b"], next, 30*time.Second)
 	fmt.Printf("partition_converged_ms=%d (poll %v)\n", recordTime(t, applied).Sub(healed).Milliseconds(), poll)
 }
