@@ -106,6 +106,8 @@ type meshProxy struct {
 	dir    string
 	tunnel string
 	admin  string
+	// audit is the audit log's path when the configuration sets one (audit.path).
+	audit string
 }
 
 type route struct {
@@ -165,6 +167,9 @@ func startProxyOn(t *testing.T, h host, ca *meshCA, name, tunnel, admin string, 
 			fmt.Fprintf(&b, "  - port: %d\n    allow: [%s]\n", s.port, strings.Join(s.allow, ", "))
 		}
 	}
+	if _, rest, ok := strings.Cut(extra, "audit:\n  path: "); ok {
+		px.audit, _, _ = strings.Cut(rest, "\n")
+	}
 	cfg := filepath.Join(dir, "proxy.yaml")
 	writeFile(t, cfg, b.String())
 	px.process = startCmd(t, name, h.command(binary, "proxy", "--config", cfg))
@@ -172,7 +177,12 @@ func startProxyOn(t *testing.T, h host, ca *meshCA, name, tunnel, admin string, 
 	return px
 }
 
-func (p *meshProxy) auditPath() string { return filepath.Join(p.dir, "audit.log") }
+func (p *meshProxy) auditPath() string {
+	if p.audit != "" {
+		return p.audit
+	}
+	return filepath.Join(p.dir, "audit.log")
+}
 
 // listenerPort starts a TCP listener on loopback and returns it with its port.
 func listenerPort(t *testing.T) (net.Listener, int) {
