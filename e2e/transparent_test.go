@@ -165,11 +165,11 @@ func curlLatency(t *testing.T, h *lanHost, url string, n int) float64 {
 // reporting the version of the trust bundle it holds.
 func (c *meshCA) awaitHeartbeats(t *testing.T, since time.Time, ids ...string) {
 	t.Helper()
-	deadline := time.Now().Add(15 * time.Second)
-	tick := time.NewTicker(200 * time.Millisecond)
-	defer tick.Stop()
-	for {
+	waitFor(t, 30*time.Second, fmt.Sprintf("the CA hearing from %v since %v", ids, since), func() error {
 		out, _, err := runCmdOut(t, "curl", "-sS", "--unix-socket", filepath.Join(c.state, "admin.sock"), "http://ca/directory")
+		if err != nil {
+			return err
+		}
 		var doc struct {
 			Peers []struct {
 				ID     string    `json:"spiffe_id"`
@@ -177,22 +177,20 @@ func (c *meshCA) awaitHeartbeats(t *testing.T, since time.Time, ids ...string) {
 				Bundle string    `json:"bundle_version"`
 			} `json:"peers"`
 		}
-		if err == nil && json.Unmarshal([]byte(out), &doc) == nil {
-			fresh := 0
-			for _, p := range doc.Peers {
-				if slices.Contains(ids, p.ID) && p.Last.After(since) && p.Bundle != "" {
-					fresh++
-				}
-			}
-			if fresh == len(ids) {
-				return
+		if err := json.Unmarshal([]byte(out), &doc); err != nil {
+			return err
+		}
+		fresh := 0
+		for _, p := range doc.Peers {
+			if slices.Contains(ids, p.ID) && p.Last.After(since) && p.Bundle != "" {
+				fresh++
 			}
 		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the CA heard no heartbeat from %v since %v: %s %v", ids, since, out, err)
+		if fresh != len(ids) {
+			return fmt.Errorf("%d of %d fresh: %s", fresh, len(ids), out)
 		}
-		<-tick.C
-	}
+		return nil
+	})
 }
 
 var saveNoise = regexp.MustCompile(`(?m)^#.*\n|\[\d+:\d+\]`)
