@@ -193,7 +193,7 @@ func report(s settings, results []*modeResult, timings []timing, foreign float64
 			if t.err == nil {
 				v = fmtDur(t.value)
 			}
-			row(&b, t.what, v, "≤ "+fmtDur(t.limit), t.verdict())
+			row(&b, t.what, v, "≤ "+t.limit.String(), t.verdict())
 		}
 	}
 
