@@ -57,10 +57,11 @@ demo: deps build
 	@scripts/demo.sh
 
 ## bench: what the mesh costs a connection, a request and a gigabyte, per transport, against
-## no proxy and a plain crypto/tls relay: bench/results/{results.md,chart.png}; BENCH_QUICK=1
-## for a run of about a minute
+## no proxy and a plain crypto/tls relay, and the control paths' timing targets (revocation,
+## drain): bench/results/{results.md,chart.png}; BENCH_QUICK=1 for a run of about a minute.
+## bench/ is its own module, so it runs from there
 bench:
-	$(GO) run ./bench/cmd/meshbench
+	$(GO) -C bench run ./cmd/meshbench
 
 ## bench-micro: Go benchmarks (audit log, full versus resumed connection, durable versus queued
 ## audit acknowledgement: BenchmarkAuditAck), -count=6 for benchstat

@@ -190,6 +190,27 @@ type Policy struct {
 // Kind returns "policy".
 func (Policy) Kind() string { return "policy" }
 
+// ConfigResult is the outcome of a changed proxy configuration file.
+type ConfigResult string
+
+const (
+	ConfigApplied ConfigResult = "applied" // the changed settings are in force
+	ConfigRefused ConfigResult = "refused" // the file is invalid; the configuration in force stays
+)
+
+// ConfigChange records a changed proxy configuration file being applied or refused, so that
+// an operator (and a test) sees a refusal and its reason (file:line: field) without
+// reading the log.
+type ConfigChange struct {
+	Path      string       `json:"path"`
+	Initiator string       `json:"initiator"` // "file" | "sighup"
+	Result    ConfigResult `json:"result"`
+	Error     string       `json:"error,omitempty"`
+}
+
+// Kind returns "config".
+func (ConfigChange) Kind() string { return "config" }
+
 // Registration records a change to the CA's registration entries, or a request for an
 // agent's credential that the CA granted or refused.
 type Registration struct {

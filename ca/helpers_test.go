@@ -11,7 +11,6 @@ import (
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
 	"path/filepath"
 	"sync"
 	"testing"
@@ -20,7 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
-	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/internal/testlog"
 	"github.com/agentmesh/agentmesh/meshclient"
@@ -28,12 +27,11 @@ import (
 
 var testTD = spiffeid.RequireTrustDomainFromString("mesh.test")
 
-// requireSoftHSM skips the test when the SoftHSM2 module is not installed.
+// requireSoftHSM skips the test when the SoftHSM2 module is not installed (fails it
+// when CI=true).
 func requireSoftHSM(tb testing.TB) {
 	tb.Helper()
-	if _, err := os.Stat(hsm.SoftHSMModule); err != nil {
-		tb.Skipf("SoftHSM2 module %s not installed (apt-get install softhsm2): %v", hsm.SoftHSMModule, err)
-	}
+	softhsmtest.Require(tb)
 }
 
 // logBuffer collects a test's log output; it is printed when the test fails and lets

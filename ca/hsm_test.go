@@ -17,6 +17,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/ca/authority"
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // p11Object is a key object as pkcs11-tool lists it.
@@ -29,10 +30,7 @@ type p11Object struct {
 // listTokenObjects runs pkcs11-tool, in its own process, against the CA's SoftHSM token.
 func listTokenObjects(t *testing.T, stateDir string) []p11Object {
 	t.Helper()
-	tool, err := exec.LookPath("pkcs11-tool")
-	if err != nil {
-		t.Skipf("pkcs11-tool (opensc) not installed: %v", err)
-	}
+	tool := softhsmtest.RequireTool(t, "pkcs11-tool")
 	pin, err := os.ReadFile(hsm.DefaultPINFile(stateDir))
 	if err != nil {
 		t.Fatal(err)

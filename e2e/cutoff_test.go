@@ -33,7 +33,7 @@ func TestRevocationCutoff(t *testing.T) {
 	authority := startCA(t, lifetime)
 	svcPort := freePort(t)
 	svc := startCmd(t, "service", exec.Command(demoService, "-listen", "127.0.0.1:"+itoa(svcPort), "-name", "service"))
-	svc.await("listening", 30*time.Second)
+	awaitListen(t, svc, svcPort)
 	victim := "spiffe://" + trustDomain + "/host/v"
 	b := startProxy(t, authority, "b", nil, []service{{port: svcPort, allow: []string{victim}}}, "revocation:\n  poll: 1s\n")
 	awaitMetric(t, b, listVersionMetric, func(v float64) bool { return v >= 1 }, 30*time.Second)
@@ -139,7 +139,7 @@ func TestStepRevoke(t *testing.T) {
 	authority := startCA(t, time.Minute)
 	svcPort := freePort(t)
 	svc := startCmd(t, "service", exec.Command(demoService, "-listen", "127.0.0.1:"+itoa(svcPort), "-name", "service"))
-	svc.await("listening", 30*time.Second)
+	awaitListen(t, svc, svcPort)
 	holder := "spiffe://" + trustDomain + "/host/s"
 	b := startProxy(t, authority, "b", nil, []service{{port: svcPort, allow: []string{holder}}}, "revocation:\n  poll: 1s\n")
 	held := awaitMetric(t, b, listVersionMetric, func(v float64) bool { return v >= 1 }, 30*time.Second)

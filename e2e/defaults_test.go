@@ -44,7 +44,7 @@ func TestIPv6Capture(t *testing.T) {
 		}
 	}
 	svc := startCmd(t, "service-b", b.command(demoService, "-listen", "[::]:8080", "-name", "service-b"))
-	svc.await("listening", 30*time.Second)
+	awaitListen(t, svc, 8080)
 	meshed := func(h *lanHost) string {
 		return fmt.Sprintf("mark: 1337\ndirectory:\n  advertise: [%s, %s]\n  heartbeat: 1s\n", h.ip, h.ip6)
 	}
@@ -100,7 +100,7 @@ func TestPassthroughPolicy(t *testing.T) {
 	for _, h := range []*lanHost{c, d} {
 		name := "service-" + strings.TrimSuffix(strings.TrimPrefix(h.ns, "am-"), "-"+l.id)
 		svc := startCmd(t, name, h.command(demoService, "-listen", "0.0.0.0:8080", "-name", name))
-		svc.await("listening", 30*time.Second)
+		awaitListen(t, svc, 8080)
 	}
 	policyA := filepath.Join(t.TempDir(), "policy-a.yaml")
 	writeFile(t, policyA, fmt.Sprintf(`outbound:

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // binary is the agentmesh binary under test, built once by TestMain; demoService is
@@ -63,12 +65,11 @@ func requireE2E(t *testing.T) {
 	if binary == "" {
 		t.Skip("e2e tests need the built binary (not with -short)")
 	}
-	if _, err := os.Stat("/usr/lib/softhsm/libsofthsm2.so"); err != nil {
-		t.Skip("SoftHSM2 is not installed: run make deps")
-	}
+	softhsmtest.Require(t)
 }
 
-// process is a running agentmesh subcommand whose log lines can be awaited.
+// process is a running agentmesh subcommand (or a test's helper process) whose output
+// is kept, to show when a test fails.
 type process struct {
 	t    *testing.T
 	name string
@@ -86,8 +87,8 @@ type watcher struct {
 	ch chan string
 }
 
-// start runs the binary with args; its stderr is logged into the test and can be
-// waited on with await. It is stopped with SIGTERM when the test ends.
+// start runs the binary with args; its stderr is kept and shown when the test fails.
+// It is stopped with SIGTERM when the test ends.
 func start(t *testing.T, name string, args ...string) *process {
 	t.Helper()
 	return startCmd(t, name, exec.Command(binary, args...))
@@ -137,52 +138,28 @@ func (p *process) read(r io.Reader) {
 	close(p.done)
 }
 
-// watch returns a channel that receives every log line so far and every later one
-// matching pattern (lines are dropped when the channel's buffer is full).
-func (p *process) watch(pattern string) <-chan string { return p.addWatcher(pattern, true) }
-
-// watchNew is watch for lines logged from now on only.
-func (p *process) watchNew(pattern string) <-chan string { return p.addWatcher(pattern, false) }
-
-func (p *process) addWatcher(pattern string, past bool) <-chan string {
-	w := &watcher{re: regexp.MustCompile(pattern), ch: make(chan string, 1024)}
+// awaitOutput waits for a line of output matching pattern and returns it. It is for the
+// output of the tests' own clients (a response body a shell prints); agentmesh's log
+// lines are for people, and tests wait on its audit records, status and metrics.
+func (p *process) awaitOutput(pattern string, timeout time.Duration) string {
+	p.t.Helper()
+	w := &watcher{re: regexp.MustCompile(pattern), ch: make(chan string, 1)}
 	p.mu.Lock()
-	defer p.mu.Unlock()
-	if past {
-		for _, l := range p.lines {
-			if w.re.MatchString(l) {
-				w.ch <- l
-			}
+	for _, l := range p.lines {
+		if w.re.MatchString(l) {
+			p.mu.Unlock()
+			return l
 		}
 	}
 	p.watchers = append(p.watchers, w)
-	return w.ch
-}
-
-// await waits for a log line matching pattern and returns it.
-func (p *process) await(pattern string, timeout time.Duration) string {
-	p.t.Helper()
-	ch := p.watch(pattern)
+	p.mu.Unlock()
 	select {
-	case l := <-ch:
+	case l := <-w.ch:
 		return l
 	case <-p.done:
-		p.t.Fatalf("%s exited (%v) before logging %q:\n%s", p.name, p.err, pattern, p.output())
+		p.t.Fatalf("%s exited (%v) before printing %q:\n%s", p.name, p.err, pattern, p.output())
 	case <-time.After(timeout):
-		p.t.Fatalf("%s did not log %q within %v:\n%s", p.name, pattern, timeout, p.output())
-	}
-	return ""
-}
-
-// last returns the latest log line so far matching pattern, or "".
-func (p *process) last(pattern string) string {
-	re := regexp.MustCompile(pattern)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	for i := len(p.lines) - 1; i >= 0; i-- {
-		if re.MatchString(p.lines[i]) {
-			return p.lines[i]
-		}
+		p.t.Fatalf("%s did not print %q within %v:\n%s", p.name, pattern, timeout, p.output())
 	}
 	return ""
 }
@@ -199,20 +176,6 @@ func (p *process) tail(n int) string {
 	}
 	slices.Reverse(out)
 	return strings.Join(out, "\n")
-}
-
-// count returns how many log lines so far match pattern.
-func (p *process) count(pattern string) int {
-	re := regexp.MustCompile(pattern)
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	n := 0
-	for _, l := range p.lines {
-		if re.MatchString(l) {
-			n++
-		}
-	}
-	return n
 }
 
 // grep returns the first n log lines containing s.

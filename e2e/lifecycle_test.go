@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // TestKeyLifecycle follows keys through their states with real processes: an operator
@@ -25,9 +27,7 @@ import (
 // configuration is refused with its line and field.
 func TestKeyLifecycle(t *testing.T) {
 	requireE2E(t)
-	if _, err := exec.LookPath("pkcs11-tool"); err != nil {
-		t.Skip("pkcs11-tool (opensc) not installed: run make deps")
-	}
+	softhsmtest.RequireTool(t, "pkcs11-tool")
 	const (
 		overlap     = 3 * time.Second
 		grace       = 2 * time.Second
@@ -62,36 +62,45 @@ func TestKeyLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer long.conn.Close()
-	oldSerial := serialOf(a.last(`msg=rotated`))
+	oldSerial := currentSerial(t, a, a.id)
 	keysBefore := tokenKeys(t, a)
 	if len(keysBefore) != 1 {
 		t.Fatalf("token holds %d SVID keys after enrolment, want 1: %v", len(keysBefore), keysBefore)
 	}
 	out, errOut, err := runCmd(t.Context(), "rotate", "--state", a.dir, "--reason", "e2e drain")
-	rotated := time.Now()
 	if err != nil {
 		t.Fatalf("agentmesh rotate: %v\n%s", err, errOut)
 	}
 	t.Logf("agentmesh rotate: %s", strings.TrimSpace(out))
-	newSerial := serialOf(a.await(`msg=rotated .*trigger=operator`, 5*time.Second))
+	newSerial := fmt.Sprint(awaitRotated(t, a, a.id, "operator", time.Time{}, 30*time.Second)["new_serial"])
 	if k := tokenKeys(t, a); len(k) != 2 {
 		t.Errorf("token holds %d SVID keys during the overlap, want 2: %v", len(k), k)
 	}
 	if err := get(t.Context(), &http.Client{Timeout: 5 * time.Second}, "http://"+routeAddr+"/new"); err != nil {
 		t.Fatalf("new connection after the rotation: %v", err)
 	}
-	time.Sleep(time.Until(rotated.Add(overlap - 500*time.Millisecond)))
-	if !long.alive() {
-		t.Fatal("the connection on the old credential did not survive until the end of its overlap")
-	}
-	rec := awaitRecord(t, a, map[string]string{"type": "connection", "reason": "drained", "local_serial": oldSerial}, overlap+grace+10*time.Second)
+	// Requests on the old credential's connection until the drain closes it: the last
+	// one answered shows how long it lived.
+	var lastAnswered time.Time
+	waitFor(t, overlap+grace+30*time.Second, "the connection on the old credential drained", func() error {
+		if !long.alive() {
+			return nil
+		}
+		lastAnswered = time.Now()
+		return errors.New("still answers")
+	})
+	rec := awaitRecord(t, a, map[string]string{"type": "connection", "reason": "drained", "local_serial": oldSerial}, 10*time.Second)
 	// From the moment the old key entered overlap, as the proxy recorded it.
 	inOverlap := awaitRecord(t, a, map[string]string{"type": "key_state", "key": "svid", "serial": oldSerial, "to": "overlap"}, time.Second)
+	if end := recordTime(t, inOverlap).Add(overlap); lastAnswered.Before(end.Add(-500 * time.Millisecond)) {
+		t.Fatalf("the connection on the old credential last answered %v before the end of its overlap", end.Sub(lastAnswered))
+	}
 	after := recordTime(t, rec).Sub(recordTime(t, inOverlap))
 	fmt.Printf("overlap=%v drain_grace=%v old_connection_closed_after_ms=%d\n", overlap, grace, after.Milliseconds())
-	// The records are stamped as they are appended, a moment after the events.
-	if after < overlap+grace-100*time.Millisecond || after > overlap+grace+2*time.Second {
-		t.Errorf("the old credential's connection closed %v after the rotation, want about overlap+grace = %v", after, overlap+grace)
+	// Never before overlap + grace (the records are stamped as they are appended, a
+	// moment after the events); how soon after is measured by make bench (drain).
+	if after < overlap+grace-100*time.Millisecond {
+		t.Errorf("the old credential's connection closed %v after the rotation, want no sooner than overlap+grace = %v", after, overlap+grace)
 	}
 	if long.alive() {
 		t.Error("the connection on the old credential outlived overlap + grace")
@@ -108,24 +117,22 @@ func TestKeyLifecycle(t *testing.T) {
 	x := enrollAs(t, authority, idX)
 	x.port = uint16(httpPort)
 	sessions := tls.NewLRUClientSessionCache(4)
-	rotatedTicketKeys := b.watchNew(`msg="key state".*key=ticket .*to=overlap`)
+	ticketed := time.Now()
 	if x.tunnel(t, b.tunnel, sessions) {
 		t.Fatal("first handshake resumed")
 	}
 	// Once the ticket's key has been superseded it only decrypts, for one more period.
-	select {
-	case <-rotatedTicketKeys:
-	case <-time.After(2*ticketEvery + 5*time.Second):
-		t.Fatal("b did not rotate its ticket keys")
-	}
+	awaitRecordSince(t, b.name, b.auditPath(), map[string]string{"type": "key_state", "key": "ticket", "to": "overlap"},
+		ticketed, 2*ticketEvery+30*time.Second)
 	if !x.tunnel(t, b.tunnel, sessions) {
 		t.Fatal("a ticket from the previous ticket key did not resume")
 	}
 	wantRecord(t, b, map[string]string{"type": "handshake", "direction": "inbound", "result": "ok", "peer_id": idX, "resumed": "true"})
-	if _, errOut, err := runCmd(t.Context(), "revoke", "--state", authority.state, idX, "--reason", "e2e"); err != nil {
+	out, errOut, err = runCmd(t.Context(), "revoke", "--state", authority.state, idX, "--reason", "e2e")
+	if err != nil {
 		t.Fatalf("agentmesh revoke: %v\n%s", err, errOut)
 	}
-	b.await(`deny list applied`, 5*time.Second)
+	awaitDenyList(t, b, listVersion(t, out), 30*time.Second)
 	if x.tunnelErr(b.tunnel, sessions) == nil {
 		t.Error("a revoked identity resumed its session")
 	}
@@ -137,8 +144,10 @@ func TestKeyLifecycle(t *testing.T) {
 	if y.tunnel(t, b.tunnel, ySessions) || !y.tunnel(t, b.tunnel, ySessions) {
 		t.Fatal("the second CA's identity did not resume its session before the CA was removed")
 	}
+	bundleChanged := time.Now()
 	writeFile(t, bundleFile, string(readFile(t, ownRoot)))
-	b.await(`trust bundle reloaded`, 10*time.Second)
+	awaitRecordSince(t, b.name, b.auditPath(), map[string]string{"type": "bundle", "spiffe_id": b.id, "result": "applied"},
+		bundleChanged, 30*time.Second)
 	if y.tunnelErr(b.tunnel, ySessions) == nil {
 		t.Error("an identity of a removed CA resumed its session")
 	}
@@ -165,7 +174,7 @@ func TestKeyLifecycle(t *testing.T) {
 		t.Fatalf("agentmesh rotate --all: %v\n%s", err, errOut)
 	}
 	for _, p := range []*meshProxy{a, b} {
-		p.await(`msg=rotated .*trigger=fleet`, 10*time.Second)
+		awaitRotated(t, p, p.id, "fleet", time.Time{}, 30*time.Second)
 	}
 
 	// Configuration: an invalid change is refused with its line and field and the
@@ -176,10 +185,13 @@ func TestKeyLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	writeFile(t, cfgPath, strings.Replace(string(good), "overlap: "+overlap.String(), "overlap: -1s", 1))
-	a.await(`configuration refused.*proxy.yaml:\d+: rotation.overlap`, 10*time.Second)
+	refused := awaitRecord(t, a, map[string]string{"type": "config", "result": "refused"}, 30*time.Second)
+	if msg := fmt.Sprint(refused["error"]); !regexp.MustCompile(`proxy.yaml:\d+: rotation.overlap`).MatchString(msg) {
+		t.Errorf("configuration refused with %q, want its file, line and field (proxy.yaml:N: rotation.overlap)", msg)
+	}
 	writeFile(t, cfgPath, strings.Replace(string(good), "overlap: "+overlap.String(), "overlap: 5s", 1))
-	a.await(`configuration reloaded`, 10*time.Second)
-	a.await(`msg=rotated .*trigger=config`, 10*time.Second)
+	awaitRecord(t, a, map[string]string{"type": "config", "result": "applied"}, 30*time.Second)
+	awaitRotated(t, a, a.id, "config", time.Time{}, 30*time.Second)
 	if err := get(t.Context(), &http.Client{Timeout: 5 * time.Second}, "http://"+routeAddr+"/after-reload"); err != nil {
 		t.Errorf("request after the reload: %v", err)
 	}
@@ -248,6 +260,9 @@ func awaitRecordSince(t *testing.T, name, path string, want map[string]string, s
 	t.Helper()
 	var found map[string]any
 	waitFor(t, timeout, fmt.Sprintf("%s: an audit record with %v since %v", name, want, since), func() error {
+		if _, err := os.Stat(path); err != nil {
+			return err // not created yet
+		}
 		for _, r := range readAudit(t, path) {
 			if ts, err := time.Parse(time.RFC3339Nano, fmt.Sprint(r["time"])); err == nil && !ts.Before(since) && matches(r, want) {
 				found = r

@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -24,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // TestCompromiseFork steals proxy a's current certificate and key (from its SoftHSM
@@ -34,9 +34,7 @@ import (
 func TestCompromiseFork(t *testing.T) {
 	requireE2E(t)
 	requireRoot(t)
-	if _, err := os.Stat(hsm.SoftHSMModule); err != nil {
-		t.Skipf("SoftHSM2 not installed: %v", err)
-	}
+	softhsmtest.Require(t)
 	l := newLAN(t)
 	hca, a, b := l.add("ca"), l.add("a"), l.add("b")
 	l.join()
@@ -47,7 +45,7 @@ func TestCompromiseFork(t *testing.T) {
 	for _, n := range []string{"a", "b"} {
 		h := hosts[n]
 		svc := startCmd(t, "service-"+n, h.command(demoService, "-listen", "127.0.0.1:8080", "-name", "service-"+n))
-		svc.await("listening", 30*time.Second)
+		awaitListen(t, svc, 8080)
 		extra := "revocation:\n  poll: 1s\n"
 		if n == "a" {
 			extra = "keys: softhsm\n" + extra
@@ -170,7 +168,7 @@ func TestMovedAgent(t *testing.T) {
 	serialA := serialOfSVID(onA.svid)
 
 	svc := startCmd(t, "mover", b.command(demoService, "-listen", "127.0.0.1:8080", "-name", "mover"))
-	svc.await("listening", 30*time.Second)
+	awaitListen(t, svc, 8080)
 	pb := startProxyOn(t, b.host, authority, "b", "0.0.0.0:15008", "127.0.0.1:15020", nil,
 		[]service{{port: 8080, allow: []string{agent, hostA}}},
 		fmt.Sprintf("revocation:\n  poll: 1s\ndirectory:\n  advertise: [%s]\n  heartbeat: 1s\n", b.ip))

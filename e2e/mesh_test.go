@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -48,9 +47,10 @@ func startCAIn(t *testing.T, h host, listen string, lifetime time.Duration, stat
 	ip, _, _ := net.SplitHostPort(listen)
 	args := append([]string{"ca", "--state", state, "--trust-domain", trustDomain,
 		"--listen", listen, "--dns-name", ip, "--svid-lifetime", lifetime.String(), "--log-level", "debug"}, extra...)
-	p := startCmd(t, "ca", h.command(binary, args...))
-	p.await(`ca ready`, 60*time.Second)
-	return &meshCA{process: p, state: state, url: "https://" + listen, root: filepath.Join(state, "root.crt"), h: h, args: args}
+	c := &meshCA{process: startCmd(t, "ca", h.command(binary, args...)), state: state, url: "https://" + listen,
+		root: filepath.Join(state, "root.crt"), h: h, args: args}
+	c.awaitAdmin(t, "the ca")
+	return c
 }
 
 // restart stops the CA and starts it again on the same state directory, and waits
@@ -61,7 +61,19 @@ func (c *meshCA) restart(t *testing.T) {
 		t.Fatalf("stop the ca: %v", err)
 	}
 	c.process = startCmd(t, "ca", c.h.command(binary, c.args...))
-	waitFor(t, 60*time.Second, "the restarted ca answering on its admin socket", func() error {
+	c.awaitAdmin(t, "the restarted ca")
+}
+
+// awaitAdmin waits until the CA answers on its admin socket, which it serves once it
+// runs.
+func (c *meshCA) awaitAdmin(t *testing.T, what string) {
+	t.Helper()
+	waitFor(t, 60*time.Second, what+" answering on its admin socket", func() error {
+		select {
+		case <-c.done:
+			t.Fatalf("the ca exited (%v):\n%s", c.err, c.tail(20))
+		default:
+		}
 		_, err := ca.RequestDirectory(t.Context(), c.state)
 		return err
 	})
@@ -94,6 +106,8 @@ type meshProxy struct {
 	dir    string
 	tunnel string
 	admin  string
+	// audit is the audit log's path when the configuration sets one (audit.path).
+	audit string
 }
 
 type route struct {
@@ -153,14 +167,22 @@ func startProxyOn(t *testing.T, h host, ca *meshCA, name, tunnel, admin string, 
 			fmt.Fprintf(&b, "  - port: %d\n    allow: [%s]\n", s.port, strings.Join(s.allow, ", "))
 		}
 	}
+	if _, rest, ok := strings.Cut(extra, "audit:\n  path: "); ok {
+		px.audit, _, _ = strings.Cut(rest, "\n")
+	}
 	cfg := filepath.Join(dir, "proxy.yaml")
 	writeFile(t, cfg, b.String())
 	px.process = startCmd(t, name, h.command(binary, "proxy", "--config", cfg))
-	px.await(`msg=rotated .*trigger=enroll`, 60*time.Second)
+	awaitRotated(t, px, px.id, "enroll", time.Time{}, 60*time.Second)
 	return px
 }
 
-func (p *meshProxy) auditPath() string { return filepath.Join(p.dir, "audit.log") }
+func (p *meshProxy) auditPath() string {
+	if p.audit != "" {
+		return p.audit
+	}
+	return filepath.Join(p.dir, "audit.log")
+}
 
 // listenerPort starts a TCP listener on loopback and returns it with its port.
 func listenerPort(t *testing.T) (net.Listener, int) {
@@ -171,16 +193,6 @@ func listenerPort(t *testing.T) (net.Listener, int) {
 	}
 	t.Cleanup(func() { ln.Close() })
 	return ln, ln.Addr().(*net.TCPAddr).Port
-}
-
-var serialRe = regexp.MustCompile(`serial=(\d+)`)
-
-// serialOf extracts the serial from a "rotated" log line.
-func serialOf(line string) string {
-	if m := serialRe.FindStringSubmatch(line); m != nil {
-		return m[1]
-	}
-	return ""
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }

@@ -28,8 +28,14 @@ func scrapeMetric(url, name string, labels ...string) (float64, error) {
 	if err != nil {
 		return 0, err
 	}
+	return sumMetric(url, string(body), name, labels...)
+}
+
+// sumMetric sums the samples of metric name on the /metrics page body (from url) as
+// scrapeMetric does.
+func sumMetric(url, body, name string, labels ...string) (float64, error) {
 	sum, found := 0.0, false
-	for line := range strings.Lines(string(body)) {
+	for line := range strings.Lines(body) {
 		series, value, ok := strings.Cut(strings.TrimSpace(line), " ")
 		if !ok || (series != name && !strings.HasPrefix(series, name+"{")) || !hasLabels(series, labels) {
 			continue

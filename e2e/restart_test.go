@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -120,17 +122,13 @@ func restartExpired(t *testing.T) {
 	c := startProxy(t, authority, "c", nil, nil, "rotation:\n  retry_max: 2s\n")
 	enrolled := awaitRecord(t, c, map[string]string{"type": "rotation", "spiffe_id": c.id, "trigger": "enroll", "result": "ok"}, 10*time.Second)
 	stored := fmt.Sprint(enrolled["new_serial"])
-	notAfter, err := time.Parse(time.RFC3339, fmt.Sprint(enrolled["not_after"]))
-	if err != nil {
-		t.Fatalf("not_after of the enrolment record: %v", err)
-	}
 	awaitStored(t, c, stored)
 	if err := c.cmd.Process.Kill(); err != nil {
 		t.Fatal(err)
 	}
 	<-c.done
 	// Down past the SVID's expiry: renewal is impossible, re-enrolment needs a new token.
-	time.Sleep(time.Until(notAfter.Add(time.Second)))
+	awaitStoredExpired(t, c, authority.root, lifetime+30*time.Second)
 	c = restart(t, c)
 
 	refused := awaitRecord(t, c, map[string]string{"type": "rotation", "spiffe_id": c.id, "trigger": "expired",
@@ -192,6 +190,41 @@ func awaitStored(t *testing.T, p *meshProxy, serial string) string {
 		return err
 	})
 	return st.Key
+}
+
+// awaitStoredExpired waits until the SVID in p's state file no longer verifies against
+// the CA's root because it has expired.
+func awaitStoredExpired(t *testing.T, p *meshProxy, root string, timeout time.Duration) {
+	t.Helper()
+	var st struct {
+		Chain [][]byte `json:"chain"`
+	}
+	if err := json.Unmarshal(readFile(t, filepath.Join(p.dir, "svid.json")), &st); err != nil || len(st.Chain) == 0 {
+		t.Fatalf("%s: svid.json: %v (%d certificates)", p.name, err, len(st.Chain))
+	}
+	leaf, err := x509.ParseCertificate(st.Chain[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, inter := x509.NewCertPool(), x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(readFile(t, root)) {
+		t.Fatalf("no certificate in %s", root)
+	}
+	for _, der := range st.Chain[1:] {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			t.Fatal(err)
+		}
+		inter.AddCert(c)
+	}
+	waitFor(t, timeout, p.name+": the stored SVID expired", func() error {
+		_, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+		var invalid x509.CertificateInvalidError
+		if errors.As(err, &invalid) && invalid.Reason == x509.Expired {
+			return nil
+		}
+		return fmt.Errorf("verifies with %v", err)
+	})
 }
 
 // readyz returns the status code of p's /readyz, or 0 when it does not answer.

@@ -107,35 +107,53 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 	next, err := LoadConfig(w.cur.path)
 	if err != nil {
 		w.logger.Error("configuration refused; the one in force stays", "err", err)
+		w.auditConfig(initiator, err)
 		return
 	}
 	cur := &w.cur
 	if reflect.DeepEqual(next, cur) {
 		return
 	}
-	restart := !sameFixed(next, cur)
+	if !sameFixed(next, cur) {
+		w.logger.Warn("configuration changed beyond rotation, routes and services: restart the proxy to apply the rest")
+	}
 	if !reflect.DeepEqual(next.routes, cur.routes) || !reflect.DeepEqual(next.services, cur.services) {
 		if err := w.to.applyListeners(next.routes, next.services); err != nil {
 			w.logger.Error("routes and services refused; those in force stay", "err", err)
-		} else {
-			cur.Routes, cur.routes, cur.Services, cur.services = next.Routes, next.routes, next.Services, next.services
+			w.auditConfig(initiator, err)
+			return
 		}
+		cur.Routes, cur.routes, cur.Services, cur.services = next.Routes, next.routes, next.Services, next.services
 	}
-	if restart {
-		w.logger.Warn("configuration changed beyond rotation: restart the proxy to apply the rest")
+	rotate := !reflect.DeepEqual(next.Rotation, cur.Rotation)
+	if rotate {
+		if err := w.to.setRotation(next.Rotation); err != nil {
+			w.logger.Error("configuration refused; the one in force stays", "err", err)
+			w.auditConfig(initiator, err)
+			return
+		}
+		cur.Rotation = next.Rotation
 	}
-	if reflect.DeepEqual(next.Rotation, cur.Rotation) {
-		return
-	}
-	if err := w.to.setRotation(next.Rotation); err != nil {
-		w.logger.Error("configuration refused; the one in force stays", "err", err)
-		return
-	}
-	cur.Rotation = next.Rotation
 	w.logger.Info("configuration reloaded", "initiator", initiator)
+	w.auditConfig(initiator, nil)
+	if !rotate {
+		return
+	}
 	req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Initiator: initiator, Reason: "configuration changed"}
 	if _, err := w.to.rotateAll(ctx, req); err != nil {
 		w.logger.Warn("rotation after the configuration change failed", "err", err)
+	}
+}
+
+// auditConfig records a configuration change applied, or refused with err, so that an
+// operator sees a refusal and its file:line: field without reading the log.
+func (w *watcher) auditConfig(initiator string, err error) {
+	rec := audit.ConfigChange{Path: w.cur.path, Initiator: initiator, Result: audit.ConfigApplied}
+	if err != nil {
+		rec.Result, rec.Error = audit.ConfigRefused, err.Error()
+	}
+	if err := w.to.appendAudit(rec); err != nil {
+		w.logger.Error("audit configuration change", "err", err)
 	}
 }
 

@@ -4,10 +4,15 @@
 // token open, so a test process serves one SoftHSM directory: tests share it, each with
 // a token label or a key label prefix of its own. It does not give tests separate
 // directories.
+//
+// Require and RequireTool are the one way a test finds SoftHSM missing: they skip the
+// test on a developer's machine but fail it when CI=true, so that CI never reports
+// green for tests that did not run.
 package softhsmtest
 
 import (
 	"os"
+	"os/exec"
 	"sync"
 	"testing"
 
@@ -30,14 +35,41 @@ type Dir struct {
 	err     error
 }
 
-// Token returns the directory and the PKCS#11 URI of its token Label, creating both at
-// the first call. It skips tb when SoftHSM2 is not installed, and fails it when the
-// directory cannot be prepared.
-func (d *Dir) Token(tb testing.TB) (dir, uri string) {
+// Require stops tb unless the SoftHSM2 module is installed: it skips it, or fails it
+// when CI=true.
+func Require(tb testing.TB) {
 	tb.Helper()
 	if _, err := os.Stat(hsm.SoftHSMModule); err != nil {
-		tb.Skipf("SoftHSM2 module %s not installed (apt-get install softhsm2): %v", hsm.SoftHSMModule, err)
+		missing(tb, "SoftHSM2 module %s not installed (make deps, or apt-get install softhsm2): %v", hsm.SoftHSMModule, err)
 	}
+}
+
+// RequireTool returns the path of a command-line tool that tests use on SoftHSM tokens
+// (pkcs11-tool, softhsm2-util) and stops tb as Require does when it is missing.
+func RequireTool(tb testing.TB, name string) string {
+	tb.Helper()
+	path, err := exec.LookPath(name)
+	if err != nil {
+		missing(tb, "%s not installed (make deps): %v", name, err)
+	}
+	return path
+}
+
+func missing(tb testing.TB, format string, args ...any) {
+	tb.Helper()
+	if os.Getenv("CI") == "true" {
+		tb.Fatalf("CI=true: "+format, args...)
+		return
+	}
+	tb.Skipf(format, args...)
+}
+
+// Token returns the directory and the PKCS#11 URI of its token Label, creating both at
+// the first call. It stops tb as Require does when SoftHSM2 is not installed, and fails
+// it when the directory cannot be prepared.
+func (d *Dir) Token(tb testing.TB) (dir, uri string) {
+	tb.Helper()
+	Require(tb)
 	d.once.Do(func() {
 		if d.dir, d.err = os.MkdirTemp("", d.Pattern); d.err != nil {
 			return

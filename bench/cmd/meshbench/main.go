@@ -184,6 +184,10 @@ func run(ctx context.Context) error {
 	if err := measure(ctx, s, binary, live, logf); err != nil {
 		return err
 	}
+	var timings []timing
+	if ca != nil {
+		timings = timingScenarios(ctx, ca, dir, echo.port(), logf)
+	}
 	for _, r := range live {
 		if err := r.top.healthy(); err != nil {
 			r.err = err
@@ -213,7 +217,7 @@ func run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	md := report(s, results, cpuEnd.foreignShare(cpuStart), time.Now())
+	md := report(s, results, timings, cpuEnd.foreignShare(cpuStart), time.Now())
 	if err := os.MkdirAll(s.out, 0o755); err != nil {
 		return err
 	}
@@ -228,6 +232,11 @@ func run(ctx context.Context) error {
 	for _, r := range results {
 		if n := r.failures(); n > 0 {
 			errs = append(errs, fmt.Errorf("%s: %d failures", r.name, n))
+		}
+	}
+	for _, t := range timings {
+		if t.err != nil {
+			errs = append(errs, fmt.Errorf("timing: %s: %w", t.what, t.err))
 		}
 	}
 	return errors.Join(errs...)
@@ -348,7 +357,7 @@ func parseSettings() (settings, error) {
 	flag.Int64Var(&s.bulk, "bulk", s.bulk, "bytes to upload")
 	flag.StringVar(&modes, "modes", "", "comma-separated subset of the modes (default all): "+modeNames())
 	flag.StringVar(&s.agentmesh, "agentmesh", "", "use this agentmesh binary instead of building ./cmd/agentmesh")
-	flag.StringVar(&s.out, "out", filepath.Join(root, "bench", "results"), "directory for results.md and chart.png")
+	flag.StringVar(&s.out, "out", filepath.Join(root, "results"), "directory for results.md and chart.png")
 	flag.Parse()
 	if s.phase.measure <= 0 || s.rounds <= 0 || s.rotation <= 0 || s.bulk <= 0 {
 		return s, errors.New("-duration, -rounds, -rotation and -bulk must be positive")
@@ -367,8 +376,8 @@ func parseSettings() (settings, error) {
 	return s, nil
 }
 
-// moduleRoot is the directory of the agentmesh go.mod, so the default output directory
-// does not depend on where the command is run from.
+// moduleRoot is the directory of the bench module's go.mod, so the default output
+// directory does not depend on where the command is run from.
 func moduleRoot() (string, error) {
 	out, err := exec.Command("go", "env", "GOMOD").Output()
 	if err != nil {
@@ -376,7 +385,7 @@ func moduleRoot() (string, error) {
 	}
 	mod := strings.TrimSpace(string(out))
 	if mod == "" || mod == os.DevNull {
-		return "", errors.New("run meshbench inside the agentmesh module")
+		return "", errors.New("run meshbench inside the agentmesh bench module")
 	}
 	return filepath.Dir(mod), nil
 }

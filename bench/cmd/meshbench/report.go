@@ -100,7 +100,7 @@ func targets(results []*modeResult) []target {
 }
 
 // report renders the Markdown page.
-func report(s settings, results []*modeResult, foreign float64, now time.Time) string {
+func report(s settings, results []*modeResult, timings []timing, foreign float64, now time.Time) string {
 	var b strings.Builder
 	b.WriteString("# agentmesh benchmark\n\n")
 	run := "full"
@@ -180,6 +180,21 @@ func report(s settings, results []*modeResult, foreign float64, now time.Time) s
 			op = "≤"
 		}
 		row(&b, t.what, num(t.value, "%.2f×"), fmt.Sprintf("%s %.1f×", op, t.limit), t.verdict())
+	}
+
+	if len(timings) > 0 {
+		b.WriteString("\n## Timing targets\n\n")
+		b.WriteString("The control paths' real-time targets, each on a pair of proxies of its own; the end-to-end\n" +
+			"tests check the same behaviour with deadlines a loaded machine cannot miss.\n\n")
+		row(&b, "target", "measured", "required", "")
+		row(&b, "---", "--:", "--:", "---")
+		for _, t := range timings {
+			v := "n/a"
+			if t.err == nil {
+				v = fmtDur(t.value)
+			}
+			row(&b, t.what, v, "≤ "+t.limit.String(), t.verdict())
+		}
 	}
 
 	var errs []string

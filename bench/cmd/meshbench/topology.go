@@ -42,21 +42,27 @@ func freeAddr() (string, error) {
 	return fmt.Sprintf("127.0.0.1:%d", p), err
 }
 
-// buildBinaries builds agentmesh (unless prebuilt is set) and tlsrelay into dir.
+// buildBinaries builds agentmesh (unless prebuilt is set) and tlsrelay into dir. Each is
+// built inside its own module: agentmesh in the product's, whose go.sum covers its
+// dependencies, tlsrelay in the bench module.
 func buildBinaries(ctx context.Context, dir, prebuilt string) (agentmesh, relay string, err error) {
-	const mod = "github.com/agentmesh/agentmesh"
+	benchRoot, err := moduleRoot()
+	if err != nil {
+		return "", "", err
+	}
 	agentmesh, relay = prebuilt, filepath.Join(dir, "tlsrelay")
-	targets := [][2]string{{relay, mod + "/bench/cmd/tlsrelay"}}
+	targets := [][3]string{{relay, benchRoot, "./cmd/tlsrelay"}}
 	if prebuilt == "" {
 		agentmesh = filepath.Join(dir, "agentmesh")
-		targets = append(targets, [2]string{agentmesh, mod + "/cmd/agentmesh"})
+		targets = append(targets, [3]string{agentmesh, filepath.Dir(benchRoot), "./cmd/agentmesh"})
 	}
 	for _, t := range targets {
-		cmd := exec.CommandContext(ctx, "go", "build", "-o", t[0], t[1])
+		cmd := exec.CommandContext(ctx, "go", "build", "-o", t[0], t[2])
+		cmd.Dir = t[1]
 		// The PKCS#11 KMS of agentmesh compiles only with cgo.
 		cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
 		if out, err := cmd.CombinedOutput(); err != nil {
-			return "", "", fmt.Errorf("go build %s: %w\n%s", t[1], err, out)
+			return "", "", fmt.Errorf("go build %s in %s: %w\n%s", t[2], t[1], err, out)
 		}
 	}
 	return agentmesh, relay, nil
