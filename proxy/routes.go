@@ -61,7 +61,9 @@ func (r *route) untrack(c *tunnelConn) {
 type routeListener struct {
 	ln   net.Listener
 	cur  atomic.Pointer[route]
-	stop context.CancelFunc // ends its accept loop quietly; nil until started
+	// removed is set before SetRoutes closes the listener, so that its accept
+	// loop ends quietly: a removed listener's closing is not a failure.
+	removed atomic.Bool
 }
 
 // routeSet holds the route listeners, in the order of the routes in force.
@@ -101,16 +103,18 @@ func (p *Proxy) startRoutes(ctx context.Context, g *errgroup.Group) {
 	}
 }
 
-// startRouteLocked starts l's accept loop. Its connections live by Run's
-// context; its own only stops accepting, so that a removed listener's
-// closing is not a failure.
+// startRouteLocked starts l's accept loop on Run's group and context. A
+// loop whose listener SetRoutes removed ends without an error. (A context
+// derived per listener would not do: Run's shutdown wakes on its own context
+// and closes the listeners before a derived one is cancelled.)
 func (p *Proxy) startRouteLocked(l *routeListener) {
 	ctx := p.routes.ctx
-	lctx, cancel := context.WithCancel(ctx)
-	l.stop = cancel
 	p.routes.run.Go(func() error {
-		defer cancel()
-		return p.acceptLoop(lctx, l.ln, Outbound, transportNone, func(c net.Conn) { p.serveRoute(ctx, c, l.cur.Load()) })
+		err := p.acceptLoop(ctx, l.ln, Outbound, transportNone, func(c net.Conn) { p.serveRoute(ctx, c, l.cur.Load()) })
+		if l.removed.Load() {
+			return nil
+		}
+		return err
 	})
 }
 
@@ -193,9 +197,7 @@ func (p *Proxy) SetRoutes(routes []Route) error {
 		if kept[j] {
 			continue
 		}
-		if l.stop != nil {
-			l.stop()
-		}
+		l.removed.Store(true)
 		_ = l.ln.Close() // nothing to do about a failed close of a listener we leave
 		p.drainRouteLocked(l.cur.Load(), grace)
 	}
