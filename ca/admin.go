@@ -1,13 +1,10 @@
 package ca
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/agentmesh/agentmesh/meshapi"
-	"io"
 	"io/fs"
 	"log/slog"
 	"net"
@@ -17,10 +14,13 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/agentmesh/agentmesh/meshapi"
+
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/peercred"
+	"github.com/agentmesh/agentmesh/internal/unixhttp"
 )
 
 // The admin API is HTTP over the unix socket StateDir/admin.sock (0600, in a 0700
@@ -217,41 +217,15 @@ func RequestDirectory(ctx context.Context, stateDir string) (*meshapi.DirectoryD
 // answer's body (at most limit bytes) when it is a 200.
 func adminRequest(ctx context.Context, stateDir, op, method, path string, body []byte, limit int64) ([]byte, error) {
 	sock := filepath.Join(stateDir, fileAdminSocket)
-	tr := &http.Transport{
-		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
-		},
-		DisableKeepAlives: true,
-	}
-	defer tr.CloseIdleConnections()
-	client := &http.Client{Transport: tr, Timeout: adminClientTimeout}
-
-	var rd io.Reader
-	if body != nil {
-		rd = bytes.NewReader(body)
-	}
-	// The host is a placeholder: the transport always dials the socket.
-	req, err := http.NewRequestWithContext(ctx, method, "http://agentmesh-ca"+path, rd)
+	status, b, err := unixhttp.Do(ctx, unixhttp.Request{Socket: sock, Method: method, Path: path, Body: body,
+		Limit: limit, Timeout: adminClientTimeout})
 	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
+		return nil, fmt.Errorf("ca: %s: admin socket (is agentmesh ca running with this state directory?): %w", op, err)
 	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: admin socket %s (is agentmesh ca running with this state directory?): %w", op, sock, err)
-	}
-	defer func() { _ = resp.Body.Close() }()
-	b, err := meshapi.ReadLimited(resp.Body, limit)
-	if err != nil {
-		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
-	}
-	if resp.StatusCode != http.StatusOK {
+	if status != http.StatusOK {
 		var ae adminError
 		_ = json.Unmarshal(b, &ae)
-		return nil, &meshapi.ResponseError{Op: op, Status: resp.StatusCode, Message: ae.Error}
+		return nil, &meshapi.ResponseError{Op: op, Status: status, Message: ae.Error}
 	}
 	return b, nil
 }
