@@ -303,9 +303,9 @@ func newFeedClient(t *testing.T, url string, roots []*x509.Certificate, cert *tl
 		URL:         url,
 		Roots:       roots,
 		Certificate: func() (*tls.Certificate, error) { return cert, nil },
-		Audit:      c.audit,
-		Registerer: c.reg,
-		Logger:     logger,
+		Audit:       c.audit,
+		Registerer:  c.reg,
+		Logger:      logger,
 	}
 	if mutate != nil {
 		mutate(&cfg)
