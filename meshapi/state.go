@@ -22,8 +22,8 @@ type peerRoute struct {
 }
 
 // State is one version of the mesh directory as a proxy holds it: the routes to the
-// other proxies, the registration entries and the agents by address, and the fleet
-// rotation announced. Immutable once built: share it, never modify it. The zero State
+// other proxies, the registration entries and the agents by address, the fleet
+// rotation announced, the trust bundle published and the deny-list in force. Immutable once built: share it, never modify it. The zero State
 // (version 0) knows no peer.
 type State struct {
 	version  uint64
