@@ -75,25 +75,17 @@ func NewBundleDocument(anchors []*x509.Certificate) *BundleDocument {
 // ParseBundle decodes b's roots and checks its version: at least one CA certificate,
 // and nothing but certificates.
 func ParseBundle(b *BundleDocument) ([]*x509.Certificate, error) {
-	var anchors []*x509.Certificate
-	rest := []byte(b.Roots)
-	for {
-		var block *pem.Block
-		block, rest = pem.Decode(rest)
-		if block == nil {
-			break
-		}
-		if block.Type != "CERTIFICATE" {
-			return nil, fmt.Errorf("malformed bundle: a %s block", block.Type)
-		}
-		c, err := x509.ParseCertificate(block.Bytes)
-		if err != nil {
-			return nil, fmt.Errorf("malformed bundle: %w", err)
-		}
+	anchors, other, rest, err := pemCertificates(b.Roots)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("malformed bundle: %w", err)
+	case len(other) > 0:
+		return nil, fmt.Errorf("malformed bundle: a %s block", other[0])
+	}
+	for _, c := range anchors {
 		if !c.IsCA {
 			return nil, fmt.Errorf("malformed bundle: %s is not a CA", c.Subject)
 		}
-		anchors = append(anchors, c)
 	}
 	switch {
 	case len(anchors) == 0 || len(bytes.TrimSpace(rest)) > 0:

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/testaudit"
 	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/meshapi"
 	"github.com/agentmesh/agentmesh/rotator"
@@ -119,38 +120,23 @@ func (p *statePublisher) publish(st *meshapi.State) {
 	}
 }
 
-// follow runs the applier's followMesh on src until the test ends.
-func (f *fixture) follow(t *testing.T, src meshStates) {
+// followed is the fixture with its applier following the states of a publisher, until
+// the test ends; call it inside a synctest bubble.
+func followed(t *testing.T) (*fixture, *statePublisher) {
+	t.Helper()
+	f, src := newFixture(t), newStatePublisher()
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = f.applier.followMesh(ctx, src) })
 	t.Cleanup(func() { cancel(); wg.Wait() })
+	return f, src
 }
 
-// denyRecords returns the deny-list records, in order.
-func (r *auditRecords) denyRecords() []audit.DenyList {
+// recordsOf returns the records of type T, in order.
+func recordsOf[T audit.Event](r *auditRecords) []T {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	var out []audit.DenyList
-	for _, e := range r.list {
-		if d, ok := e.(audit.DenyList); ok {
-			out = append(out, d)
-		}
-	}
-	return out
-}
-
-// bundleRecords returns the trust bundle records, in order.
-func (r *auditRecords) bundleRecords() []*audit.TrustBundle {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []*audit.TrustBundle
-	for _, e := range r.list {
-		if b, ok := e.(*audit.TrustBundle); ok {
-			out = append(out, b)
-		}
-	}
-	return out
+	return testaudit.Of[T](r.list)
 }
 
 // TestFollowMeshDenyList: each deny-list version is applied once, to the proxy and the
@@ -159,9 +145,7 @@ func (r *auditRecords) bundleRecords() []*audit.TrustBundle {
 // host.
 func TestFollowMeshDenyList(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFixture(t)
-		src := newStatePublisher()
-		f.follow(t, src)
+		f, src := followed(t)
 
 		l1 := &meshapi.DenyList{Version: 1, IssuedAt: time.Now()}
 		src.publish(stateOf(t, 0, meshapi.DirectoryDocument{}, l1)) // before any directory
@@ -184,7 +168,7 @@ func TestFollowMeshDenyList(t *testing.T) {
 		if got := len(f.px.denyLists); got != 2 {
 			t.Fatalf("proxy got %d deny-lists, want one per version", got)
 		}
-		recs := f.audit.denyRecords()
+		recs := recordsOf[audit.DenyList](f.audit)
 		if len(recs) != 2 {
 			t.Fatalf("deny-list records %+v, want one per version", recs)
 		}
@@ -204,9 +188,7 @@ func TestFollowMeshDenyList(t *testing.T) {
 // identity once, however many states carry it.
 func TestFollowMeshFleetRotation(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFixture(t)
-		src := newStatePublisher()
-		f.follow(t, src)
+		f, src := followed(t)
 		fr := &meshapi.FleetRotation{ID: 9, At: time.Now().Add(time.Second), Reason: "drill"}
 		for v := range uint64(3) {
 			src.publish(stateOf(t, v+1, meshapi.DirectoryDocument{Rotation: fr}, nil))
@@ -223,14 +205,12 @@ func TestFollowMeshFleetRotation(t *testing.T) {
 // bundle in force stays.
 func TestFollowMeshBundle(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		f := newFixture(t)
-		src := newStatePublisher()
-		f.follow(t, src)
+		f, src := followed(t)
 		foreign := testca.New(t, testca.WithTrustDomain(testHost.TrustDomain()))
 
 		src.publish(stateOf(t, 1, meshapi.DirectoryDocument{Bundle: meshapi.NewBundleDocument(foreign.Roots())}, nil))
 		synctest.Wait()
-		recs := f.audit.bundleRecords()
+		recs := recordsOf[*audit.TrustBundle](f.audit)
 		if len(recs) != 1 || recs[0].Result != audit.BundleRefused || recs[0].Error == "" {
 			t.Fatalf("bundle records %+v, want one refusal", recs)
 		}
@@ -242,7 +222,7 @@ func TestFollowMeshBundle(t *testing.T) {
 		both := append(f.ca.Roots(), coming.Roots()...)
 		src.publish(stateOf(t, 2, meshapi.DirectoryDocument{Bundle: meshapi.NewBundleDocument(both)}, nil))
 		synctest.Wait()
-		recs = f.audit.bundleRecords()
+		recs = recordsOf[*audit.TrustBundle](f.audit)
 		if len(recs) != 2 || recs[1].Result != audit.BundleApplied || len(recs[1].Added) != 1 || len(recs[1].Removed) != 0 {
 			t.Fatalf("bundle records %+v, want the coming CA added", recs)
 		}
