@@ -158,8 +158,8 @@ func TestFollowMeshDenyList(t *testing.T) {
 		}
 		src.publish(stateOf(t, 8, entries, l1))
 		synctest.Wait()
-		l2 := &meshapi.DenyList{Version: 2, IssuedAt: time.Now(), IDs: []meshapi.DeniedID{{SPIFFEID: planner}}}
-		time.Sleep(time.Second) // the bubble's clock: the lag of l2
+		// Signed a second ago: the bubble's clock stands still, so the lag is exact.
+		l2 := &meshapi.DenyList{Version: 2, IssuedAt: time.Now().Add(-time.Second), IDs: []meshapi.DeniedID{{SPIFFEID: planner}}}
 		src.publish(stateOf(t, 8, entries, l2))
 		synctest.Wait()
 		src.publish(stateOf(t, 9, entries, l2))
@@ -176,10 +176,12 @@ func TestFollowMeshDenyList(t *testing.T) {
 		if recs[0].Version != 1 || recs[0].Previous != 0 || recs[1] != want {
 			t.Fatalf("records %+v, want version 1 then %+v", recs, want)
 		}
-		if agent, _ := f.agents.lookup(planner); agent != nil {
-			if st := agent.Status(); !st.Revoked {
-				t.Fatalf("denied agent's status = %+v, want its SVID dropped", st)
-			}
+		agent, ok := f.agents.lookup(planner)
+		if !ok {
+			t.Fatal("the denied agent's rotator is gone; want it held with its SVID dropped")
+		}
+		if st := agent.Status(); !st.Revoked {
+			t.Fatalf("denied agent's status = %+v, want its SVID dropped", st)
 		}
 	})
 }
