@@ -599,3 +599,31 @@ func advance(d time.Duration) {
 	<-time.After(d)
 	synctest.Wait()
 }
+
+// The watch publishes each directory it accepts as a new State, the CA's trust bundle
+// with it, and signals Updated.
+func TestWatchPublishesBundle(t *testing.T) {
+	t.Parallel()
+	ca := testca.New(t, testca.WithTrustDomain(testTD))
+	feed := newFakeFeed()
+	srv := serveFeed(t, ca, feed)
+	c := newFeedClient(t, srv.URL, ca.Roots(), testca.TLSCertificate(ca.SVID(t, idSelf)), func(cfg *Config) {
+		cfg.PollInterval = time.Hour
+		cfg.Heartbeat = 50 * time.Millisecond // retry a refused directory quickly
+	})
+	bundle := meshapi.NewBundleDocument(ca.Roots())
+	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 5, Bundle: bundle})
+	testrun.Start(t, c.Run)
+	st := c.awaitState(t, "directory version 5", func(st *meshapi.State) bool { return st.Version() == 5 })
+	if st.BundleVersion() != bundle.Version || len(st.Bundle()) != 1 || !st.Bundle()[0].Equal(ca.Roots()[0]) {
+		t.Fatalf("published bundle %q of %d roots, want %q", st.BundleVersion(), len(st.Bundle()), bundle.Version)
+	}
+
+	// A document of an older CA has no bundle: the State has none, and the proxy keeps
+	// the bundle it holds (node diffs only a published one).
+	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 7})
+	st = c.awaitState(t, "directory version 7", func(st *meshapi.State) bool { return st.Version() == 7 })
+	if st.BundleVersion() != "" || st.Bundle() != nil {
+		t.Fatalf("state of a document without a bundle has bundle %q", st.BundleVersion())
+	}
+}
