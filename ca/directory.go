@@ -3,6 +3,7 @@ package ca
 import (
 	"cmp"
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"github.com/agentmesh/agentmesh/meshapi"
@@ -75,6 +76,8 @@ type dirState struct {
 	rotation *meshapi.FleetRotation
 	// registered are the registration entries, sorted by ID. Immutable.
 	registered []meshapi.Entry
+	// bundle is the trust bundle (the CA's roots), nil: none. Immutable.
+	bundle *meshapi.BundleDocument
 }
 
 // newDirState returns an empty registry at version seed. The caller seeds it from the
@@ -200,11 +203,17 @@ func (s *dirState) setEntries(entries []meshapi.Entry) {
 	s.version++
 }
 
+// setBundle publishes the trust bundle; the version moves, as for every section.
+func (s *dirState) setBundle(b *meshapi.BundleDocument) {
+	s.bundle = b
+	s.version++
+}
+
 // snapshot returns the directory as served, sorted by SPIFFE ID. It shares nothing
 // with the state but the signed deny-list and the fleet rotation, which are immutable.
 func (s *dirState) snapshot() meshapi.DirectoryDocument {
 	doc := meshapi.DirectoryDocument{Version: s.version, Peers: make([]meshapi.DirectoryEntry, 0, len(s.entries)),
-		Revocations: s.revocations, Rotation: s.rotation, Entries: slices.Clone(s.registered)}
+		Revocations: s.revocations, Rotation: s.rotation, Entries: slices.Clone(s.registered), Bundle: s.bundle}
 	for _, e := range s.entries {
 		doc.Peers = append(doc.Peers, meshapi.DirectoryEntry{
 			SPIFFEID:      e.ID,
@@ -313,6 +322,15 @@ func (r *registry) setFleetRotation(fr *meshapi.FleetRotation) {
 	defer r.mu.Unlock()
 	before := r.state.version
 	r.state.setFleetRotation(fr)
+	r.publishedLocked(before)
+}
+
+// setBundle publishes the trust bundle, the roots anchors, to every watcher.
+func (r *registry) setBundle(anchors []*x509.Certificate) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	before := r.state.version
+	r.state.setBundle(meshapi.NewBundleDocument(anchors))
 	r.publishedLocked(before)
 }
 

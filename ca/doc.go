@@ -76,8 +76,8 @@
 // RegisterEntry, UnregisterEntry, ListEntries): an ID is registered once, and a uid or
 // a port of a host belongs to one agent (409 otherwise). Entries are written to
 // StateDir/entries.json before they take effect, published in the directory document
-// (the version moves, waking every long-poll; meshapi.State.Entries, AgentsAt and
-// meshclient.Config.OnEntries), and every change is audited. The proxy of the entry's
+// (the version moves, waking every long-poll; meshapi.State.Entries and AgentsAt, which
+// the proxy diffs against the state it applied before), and every change is audited. The proxy of the entry's
 // host, and no other, gets one-time bootstrap tokens for the agent over the mesh API
 // (POST /mesh/v1/agents/token, meshclient.AgentTokens), each grant or refusal audited.
 // An /agent/ SVID is renewed only while its entry exists, so unregistering stops the
@@ -100,9 +100,10 @@
 // Server.RotateFleet (the admin socket's POST /rotate, RequestFleetRotation) records
 // a meshapi.FleetRotation with a new ID (StateDir/fleet-rotation.json, so IDs keep increasing
 // across restarts), publishes it in the directory document, waking every long-poll,
-// and audits it. Each proxy's meshclient.Watch calls Config.OnFleetRotation once per new
-// ID requested after the Watch was created; the proxy's rotator then renews with a
-// new key. The CA rotates nothing itself.
+// and audits it. Each proxy's meshclient.Watch publishes it in its mesh state, and the
+// proxy rotates once per new ID requested after it started (meshapi.FleetDue); its
+// rotator then renews with a new key. The CA rotates nothing itself. The document also
+// carries the trust bundle (the CA's roots, meshapi.BundleDocument).
 //
 // Bootstrap tokens (Server.Token, RequestToken) and the SVID profile are
 // ca/authority's; step-ca's backdate is min(1m, lifetime/10). Token IDs are recorded as

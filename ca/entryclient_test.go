@@ -15,47 +15,38 @@ import (
 	"github.com/agentmesh/agentmesh/meshclient"
 )
 
-// entriesWatcher runs a Directory for a proxy holding svid that advertises a, and
-// reports each OnEntries call.
-func entriesWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID, a ...string) (*meshclient.Member, chan []meshapi.Entry) {
+// entriesWatcher runs a Member for a proxy holding svid that advertises a, and
+// follows its registration entries.
+func entriesWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID, a ...string) (*meshclient.Member, *stateFollower) {
 	t.Helper()
 	logger, _ := newTestLogger(t)
 	cert := tlsCert(svid)
-	got := make(chan []meshapi.Entry, 16)
 	d, err := meshclient.NewMember(meshclient.Config{
 		URL:         ca.URL(),
 		Roots:       ca.Roots(),
 		Certificate: func() (*tls.Certificate, error) { return cert, nil },
 		Addresses:   addrs(a...),
 		TunnelPort:  15008,
-		OnEntries:   func(e []meshapi.Entry) { got <- e },
 		Logger:      logger.With("proxy", svid.ID.String()),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	runDirectory(t, d)
-	return d, got
+	return d, newStateFollower(d.Watch, time.Now())
 }
 
-// nextEntries waits for one OnEntries call; the guard is well under the 25s long-poll,
-// so a pass means the poll was woken.
-func nextEntries(t *testing.T, ch <-chan []meshapi.Entry) []meshapi.Entry {
+// nextEntries waits for the next state whose entries a proxy applies.
+func nextEntries(t *testing.T, f *stateFollower) []meshapi.Entry {
 	t.Helper()
-	select {
-	case e := <-ch:
-		return e
-	case <-time.After(10 * time.Second):
-		t.Fatal("OnEntries not called within 10s")
-		return nil
-	}
+	return f.entries(t)
 }
 
 // The directory carries the entries to every proxy at once, each proxy seeing its own
 // host's entries whole and of the others only the agents with a port, without their
 // uid: Entries, AgentsAt by the addresses of the agents' host (the proxy's own
-// included), and OnEntries on the first directory and on each change of the entries,
-// not on other changes.
+// included), and entries to apply in the first directory and on each change of the
+// entries, not on other changes.
 func TestDirectoryEntries(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
@@ -63,7 +54,7 @@ func TestDirectoryEntries(t *testing.T) {
 	dA, _ := entriesWatcher(t, ca, enroll(t, ca, idA), "10.0.9.1", "fd00::9:1")
 	dB, gotB := entriesWatcher(t, ca, enroll(t, ca, idB), "10.0.9.2")
 	if first := nextEntries(t, gotB); len(first) != 0 {
-		t.Fatalf("first OnEntries %+v, want none", first)
+		t.Fatalf("first entries %+v, want none", first)
 	}
 	waitUntil(t, dB, "host a in the directory", func() bool { _, _, ok := dB.Watch.State().PeerFor(netip.MustParseAddr("10.0.9.1")); return ok })
 
@@ -80,7 +71,7 @@ func TestDirectoryEntries(t *testing.T) {
 	xSeen := meshapi.Entry{ID: agentX, Host: idA, Port: 8080}
 	want := []meshapi.Entry{xSeen, z}
 	for got := nextEntries(t, gotB); !slices.Equal(got, want); got = nextEntries(t, gotB) {
-		t.Logf("OnEntries %+v on the way", got)
+		t.Logf("entries %+v on the way", got)
 	}
 	if got := dB.Watch.State().Entries(); !slices.Equal(got, want) {
 		t.Errorf("Entries = %+v", got)
@@ -112,8 +103,8 @@ func TestDirectoryEntries(t *testing.T) {
 		t.Errorf("AgentsAt allocates %v times", n)
 	}
 
-	// A change that is not to the entries moves the version without an OnEntries
-	// call: the next call is the next change of the entries.
+	// A change that is not to the entries moves the version without entries to
+	// apply: the next are those of the next change of the entries.
 	if _, err := ca.Revoke(ctx, "op", meshapi.RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
 		t.Fatal(err)
 	}
@@ -126,7 +117,7 @@ func TestDirectoryEntries(t *testing.T) {
 		t.Fatal(err)
 	}
 	if got := nextEntries(t, gotB); !slices.Equal(got, []meshapi.Entry{z}) {
-		t.Errorf("OnEntries after unregister %+v, want z only", got)
+		t.Errorf("entries after unregister %+v, want z only", got)
 	}
 	if got := dB.Watch.State().AgentsAt(addr); got != nil {
 		t.Errorf("AgentsAt(%v) after unregister = %v, want nil", addr, got)

@@ -21,7 +21,7 @@ import (
 // A fleet rotation is an operator's request that every proxy renew its SVID now, with
 // a new key (`agentmesh rotate --all`). The CA does not rotate anything itself: it
 // records the request, publishes it in the directory document, and each proxy's
-// Directory hands it to the rotator (DirectoryConfig.OnFleetRotation).
+// meshclient.Watch publishes it in its mesh state, which the proxy applies.
 
 // fleetRequest is the body of the admin socket's POST /rotate.
 type fleetRequest struct {

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log"
+	"time"
 
 	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/meshapi"
@@ -13,8 +14,8 @@ import (
 )
 
 // An operator asks every proxy to rotate its credential, on the CA host (what
-// `agentmesh rotate --all --reason R` does); each proxy's Watch hands the request
-// to its rotator. (Not run as a test: it needs a running CA; fleet_test.go does the
+// `agentmesh rotate --all --reason R` does); each proxy's Watch publishes it in its
+// mesh state, and the proxy rotates. (Not run as a test: it needs a running CA; fleet_test.go does the
 // same.)
 func ExampleRequestFleetRotation() {
 	fr, err := ca.RequestFleetRotation(context.Background(), "/var/lib/agentmesh-ca", "quarterly key rotation")
@@ -23,23 +24,29 @@ func ExampleRequestFleetRotation() {
 	}
 	fmt.Println("fleet rotation", fr.ID, "requested at", fr.At)
 
-	// On each proxy:
+	// On each proxy: the rotation arrives in a mesh state; it is due once per ID, when
+	// requested after the proxy started.
 	var current *tls.Certificate // the rotator's SVID
 	var roots []*x509.Certificate
-	rotate := make(chan meshapi.FleetRotation, 1)
-	_, err = meshclient.NewWatch(meshclient.Config{
+	started := time.Now()
+	w, err := meshclient.NewWatch(meshclient.Config{
 		URL:         "https://ca.mesh.internal:9443",
 		Roots:       roots,
 		Certificate: func() (*tls.Certificate, error) { return current, nil },
-		// Called from the watch loop: hand the rotation over and return.
-		OnFleetRotation: func(fr meshapi.FleetRotation) {
-			select {
-			case rotate <- fr:
-			default: // one is pending already
-			}
-		},
 	})
 	if err != nil {
 		log.Fatal(err)
+	}
+	go func() { _ = w.Run(context.Background()) }()
+	var seen uint64
+	for range w.Updated() {
+		fr := w.State().Rotation()
+		if fr == nil {
+			continue
+		}
+		var due bool
+		if seen, due = meshapi.FleetDue(seen, started, *fr); due {
+			fmt.Println("rotate every identity held:", fr.Reason)
+		}
 	}
 }

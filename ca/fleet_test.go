@@ -78,47 +78,23 @@ func TestFleetDue(t *testing.T) {
 	}
 }
 
-// fleetWatcher runs a watch-only Directory for svid that records the fleet rotations
-// it is handed.
-func fleetWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID) (*meshclient.Member, chan meshapi.FleetRotation) {
+// fleetWatcher runs a watch-only Member for svid and follows its fleet rotations.
+func fleetWatcher(t *testing.T, ca *runningCA, svid *x509svid.SVID) (*meshclient.Member, *stateFollower) {
 	t.Helper()
 	logger, _ := newTestLogger(t)
 	cert := tlsCert(svid)
-	got := make(chan meshapi.FleetRotation, 8)
+	created := time.Now()
 	d, err := meshclient.NewMember(meshclient.Config{
-		URL:             ca.URL(),
-		Roots:           ca.Roots(),
-		Certificate:     func() (*tls.Certificate, error) { return cert, nil },
-		OnFleetRotation: func(fr meshapi.FleetRotation) { got <- fr },
-		Logger:          logger.With("proxy", svid.ID.String()),
+		URL:         ca.URL(),
+		Roots:       ca.Roots(),
+		Certificate: func() (*tls.Certificate, error) { return cert, nil },
+		Logger:      logger.With("proxy", svid.ID.String()),
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	runDirectory(t, d)
-	return d, got
-}
-
-// nextFleet waits for one OnFleetRotation call; the guard is well under the 25s
-// long-poll, so a pass means the poll was woken.
-func nextFleet(t *testing.T, ch <-chan meshapi.FleetRotation) meshapi.FleetRotation {
-	t.Helper()
-	select {
-	case fr := <-ch:
-		return fr
-	case <-time.After(10 * time.Second):
-		t.Fatal("OnFleetRotation not called within 10s")
-		return meshapi.FleetRotation{}
-	}
-}
-
-func noFleet(t *testing.T, ch <-chan meshapi.FleetRotation, why string) {
-	t.Helper()
-	select {
-	case fr := <-ch:
-		t.Errorf("%s: OnFleetRotation called with %+v", why, fr)
-	default:
-	}
+	return d, newStateFollower(d.Watch, created)
 }
 
 func sameFleet(a, b meshapi.FleetRotation) bool {
@@ -171,7 +147,7 @@ func TestFleetRotation(t *testing.T) {
 		t.Errorf("fleet rotation %+v", fr)
 	}
 	if got := nextFleet(t, earlyGot); !sameFleet(got, *fr) {
-		t.Errorf("OnFleetRotation(%+v), want %+v", got, *fr)
+		t.Errorf("fleet rotation due %+v, want %+v", got, *fr)
 	}
 	doc, err := RequestDirectory(ctx, cfg.StateDir)
 	if err != nil {
@@ -221,9 +197,9 @@ func TestFleetRotation(t *testing.T) {
 	if second.ID <= fr.ID {
 		t.Errorf("second ID %d not above the first %d", second.ID, fr.ID)
 	}
-	for name, ch := range map[string]chan meshapi.FleetRotation{"early": earlyGot, "late": lateGot} {
+	for name, ch := range map[string]*stateFollower{"early": earlyGot, "late": lateGot} {
 		if got := nextFleet(t, ch); !sameFleet(got, *second) {
-			t.Errorf("%s client: OnFleetRotation(%+v), want %+v", name, got, *second)
+			t.Errorf("%s client: fleet rotation due %+v, want %+v", name, got, *second)
 		}
 		noFleet(t, ch, name+" client after the second request")
 	}

@@ -124,6 +124,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 
 	s.dir = newRegistry(cfg.DirectoryTTL, s.log, time.Now())
+	s.dir.setBundle(s.Roots())
 	s.watches = newWatchLimit(cfg.MaxWatches)
 	if err := s.initDenyList(time.Now()); err != nil {
 		return nil, err

@@ -1,8 +1,16 @@
 package meshapi
 
 import (
+	"bytes"
 	"cmp"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
 	"net/netip"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -10,8 +18,8 @@ import (
 
 // DirectoryDocument is the mesh directory as GET /mesh/v1/directory (and the admin
 // socket's GET /directory) serve it: every live proxy, the revocation deny-list and the
-// registration entries, at one version. Later sections (trust bundle) will be added as further fields; readers
-// ignore fields they do not know.
+// registration entries, the trust bundle, at one version. Later sections will be added
+// as further fields; readers ignore fields they do not know.
 type DirectoryDocument struct {
 	// Version increases (never repeats) on every change that matters to a peer: an
 	// entry added or removed, its addresses, tunnel port or transports changed, a new
@@ -30,6 +38,62 @@ type DirectoryDocument struct {
 	// Entries are the registration entries, sorted by ID: which proxy holds which
 	// agent identity, for which uid, and the agents' ports (see AgentsAt).
 	Entries []Entry `json:"entries,omitempty"`
+	// Bundle is the trust domain's bundle: the CA's roots. Optional: a document of an
+	// older CA has none, and its readers keep the bundle they hold. It comes over the
+	// TLS connection to the CA that the reader's own roots authenticate.
+	Bundle *BundleDocument `json:"bundle,omitempty"`
+}
+
+// BundleDocument is the trust bundle as the directory serves it.
+type BundleDocument struct {
+	// Version names the roots: BundleVersion of them, which readers check.
+	Version string `json:"version"`
+	// Roots are the CA certificates, PEM, in the CA's order.
+	Roots string `json:"roots"`
+}
+
+// BundleVersion names a set of trust anchors: the first 16 hex digits of the SHA-256
+// of their DER, in order; the digest proxies report as bundle_version, so the version
+// a proxy reports and the one the CA publishes compare.
+func BundleVersion(anchors []*x509.Certificate) string {
+	h := sha256.New()
+	for _, a := range anchors {
+		h.Write(a.Raw)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:16]
+}
+
+// NewBundleDocument is the document of the roots anchors.
+func NewBundleDocument(anchors []*x509.Certificate) *BundleDocument {
+	var b strings.Builder
+	for _, a := range anchors {
+		_ = pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: a.Raw}) // a strings.Builder does not fail
+	}
+	return &BundleDocument{Version: BundleVersion(anchors), Roots: b.String()}
+}
+
+// ParseBundle decodes b's roots and checks its version: at least one CA certificate,
+// and nothing but certificates.
+func ParseBundle(b *BundleDocument) ([]*x509.Certificate, error) {
+	anchors, other, rest, err := pemCertificates(b.Roots)
+	switch {
+	case err != nil:
+		return nil, fmt.Errorf("malformed bundle: %w", err)
+	case len(other) > 0:
+		return nil, fmt.Errorf("malformed bundle: a %s block", other[0])
+	}
+	for _, c := range anchors {
+		if !c.IsCA {
+			return nil, fmt.Errorf("malformed bundle: %s is not a CA", c.Subject)
+		}
+	}
+	switch {
+	case len(anchors) == 0 || len(bytes.TrimSpace(rest)) > 0:
+		return nil, errors.New("malformed bundle: no roots, or text that is not PEM")
+	case BundleVersion(anchors) != b.Version:
+		return nil, fmt.Errorf("malformed bundle: version %q does not name its roots (%s)", b.Version, BundleVersion(anchors))
+	}
+	return anchors, nil
 }
 
 // DirectoryEntry is one registered proxy.

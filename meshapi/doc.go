@@ -9,8 +9,9 @@
 //
 // A State is one directory version (NewState, DecodeState): the routes to the other
 // proxies by address (PeerFor, TransportsFor), the registration entries (Entries) and
-// the agents by address (AgentsAt), the fleet rotation announced (Rotation), and the
-// verified deny-list in force (DenyList). It is never modified: WithDirectory and
+// the agents by address (AgentsAt), the fleet rotation announced (Rotation), the trust
+// bundle the CA published and its version (Bundle, BundleVersion), and the verified
+// deny-list in force (DenyList). It is never modified: WithDirectory and
 // WithDenyList return new ones, so a holder publishes each behind an atomic pointer
 // and readers need no lock. A document with one malformed entry is refused whole: the
 // CA validates every entry, so one that is not is a fault, and a partial directory

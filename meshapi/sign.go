@@ -39,22 +39,11 @@ func ParseSignResponse(b []byte) ([]*x509.Certificate, error) {
 	}
 	var chain []*x509.Certificate
 	for _, p := range pems {
-		rest := []byte(p)
-		for {
-			var block *pem.Block
-			block, rest = pem.Decode(rest)
-			if block == nil {
-				break
-			}
-			if block.Type != "CERTIFICATE" {
-				continue
-			}
-			crt, err := x509.ParseCertificate(block.Bytes)
-			if err != nil {
-				return nil, fmt.Errorf("malformed certificate in answer: %w", err)
-			}
-			chain = append(chain, crt)
+		certs, _, _, err := pemCertificates(p)
+		if err != nil {
+			return nil, fmt.Errorf("malformed certificate in answer: %w", err)
 		}
+		chain = append(chain, certs...)
 	}
 	if len(chain) == 0 {
 		return nil, errors.New("answer holds no certificate")
@@ -75,4 +64,25 @@ func NewCSR(id spiffeid.ID, key crypto.Signer) (string, error) {
 		return "", fmt.Errorf("create csr: %w", err)
 	}
 	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})), nil
+}
+
+// pemCertificates parses the CERTIFICATE blocks of text, in order. other are the types
+// of the other blocks, passed over; rest is what follows the last block.
+func pemCertificates(text string) (certs []*x509.Certificate, other []string, rest []byte, err error) {
+	rest = []byte(text)
+	for {
+		var block *pem.Block
+		if block, rest = pem.Decode(rest); block == nil {
+			return certs, other, rest, nil
+		}
+		if block.Type != "CERTIFICATE" {
+			other = append(other, block.Type)
+			continue
+		}
+		c, err := x509.ParseCertificate(block.Bytes)
+		if err != nil {
+			return nil, nil, nil, err
+		}
+		certs = append(certs, c)
+	}
 }

@@ -1,6 +1,7 @@
 package meshapi
 
 import (
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -21,8 +22,8 @@ type peerRoute struct {
 }
 
 // State is one version of the mesh directory as a proxy holds it: the routes to the
-// other proxies, the registration entries and the agents by address, and the fleet
-// rotation announced. Immutable once built: share it, never modify it. The zero State
+// other proxies, the registration entries and the agents by address, the fleet
+// rotation announced, the trust bundle published and the deny-list in force. Immutable once built: share it, never modify it. The zero State
 // (version 0) knows no peer.
 type State struct {
 	version  uint64
@@ -30,6 +31,10 @@ type State struct {
 	entries  []Entry        // sorted by ID
 	rotation *FleetRotation // as announced, nil when none
 	deny     *DenyList      // the verified deny-list in force, nil before the first
+	// bundle are the CA's roots the directory published, named by bundleVersion; nil
+	// and "" when it published none.
+	bundle        []*x509.Certificate
+	bundleVersion string
 	// agents are the agents registered with a port, by port, to the host of the proxy
 	// advertising each address (this proxy's own included); the inner maps are shared
 	// by every address of a host. Precomputed so that AgentsAt allocates nothing.
@@ -91,6 +96,13 @@ func NewState(doc *DirectoryDocument, self spiffeid.ID) (*State, error) {
 	}
 	if err := snap.addEntries(doc); err != nil {
 		return nil, err
+	}
+	if doc.Bundle != nil {
+		var err error
+		if snap.bundle, err = ParseBundle(doc.Bundle); err != nil {
+			return nil, fmt.Errorf("malformed directory: %w", err)
+		}
+		snap.bundleVersion = doc.Bundle.Version
 	}
 	return snap, nil
 }
@@ -184,11 +196,19 @@ func (s *State) AgentsAt(addr netip.Addr) map[uint16]spiffeid.ID {
 // Rotation is the fleet rotation the directory announced, nil when none.
 func (s *State) Rotation() *FleetRotation { return s.rotation }
 
+// Bundle are the CA's roots the directory published (shared: do not modify them), nil
+// when it published none.
+func (s *State) Bundle() []*x509.Certificate { return s.bundle }
+
+// BundleVersion names Bundle (BundleVersion of it), "" when there is none.
+func (s *State) BundleVersion() string { return s.bundleVersion }
+
 // DenyList is the verified deny-list in force, nil before the first one. The list is
 // immutable and safe for concurrent use.
 func (s *State) DenyList() *DenyList { return s.deny }
 
-// WithDirectory returns a State with next's directory (routes, entries, rotation) and
+// WithDirectory returns a State with next's directory (routes, entries, rotation,
+// bundle) and
 // s's deny-list.
 func (s *State) WithDirectory(next *State) *State {
 	c := *next

@@ -50,7 +50,7 @@ func TestDecodeDirectory(t *testing.T) {
 		},
 		{
 			name:    "unknown sections ignored",
-			doc:     `{"version":2,"peers":null,"bundle":{"version":9},"future":[1]}`,
+			doc:     `{"version":2,"peers":null,"witness":{"version":9},"future":[1]}`,
 			version: 2,
 			routes:  map[string]string{},
 		},
@@ -143,6 +143,10 @@ func FuzzDirectoryResponse(f *testing.F) {
 			if e.ID.IsZero() || e.Host.IsZero() || (i > 0 && CompareEntries(snap.entries[i-1], e) >= 0) {
 				t.Fatalf("entries %+v", snap.entries)
 			}
+		}
+		if (len(snap.bundle) == 0) != (snap.bundleVersion == "") ||
+			(snap.bundle != nil && snap.bundleVersion != BundleVersion(snap.bundle)) {
+			t.Fatalf("bundle of %d roots named %q", len(snap.bundle), snap.bundleVersion)
 		}
 	})
 }

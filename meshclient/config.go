@@ -55,37 +55,14 @@ type Config struct {
 	// connects; the proxy sets its SO_MARK there so capture rules skip this traffic.
 	// Default nil.
 	Control func(network, address string, c syscall.RawConn) error
-	// OnDenyList is called with every deny-list newly accepted from the CA (signed
-	// by a CA certificate chaining to Roots, for the trust domain of Certificate, and
-	// newer than the one held), in version order, never concurrently, from one of
-	// the Watch's goroutines; the next list waits until it returns. It returns how many
-	// live connections it closed, for the audit record. Default nil: the list is
-	// only held (State().DenyList()).
-	OnDenyList func(*meshapi.DenyList) (closed int)
 	// PollInterval is the period (minus up to a tenth of jitter) of the fallback
 	// poll of the deny-list, besides the directory watch that delivers new lists at
 	// once. It bounds how stale the list gets while the watch is stuck, and two
 	// failed polls in a row report the feed unreachable. Default 5s.
 	PollInterval time.Duration
-	// OnFleetRotation is called with a fleet rotation announced in the directory (an
-	// operator ran `agentmesh rotate --all`) whose ID is above every one this
-	// Watch has seen and which was requested (FleetRotation.At, the CA's clock)
-	// after this Watch was created: a proxy started after the request already has
-	// a newer credential. Each ID at most once, from the Watch's watch goroutine, which
-	// waits until it returns: start the rotation and return. A CA clock ahead of or
-	// behind this host's by more than the time between start and request can make a
-	// proxy started around a request rotate once more, or not. Default nil: logged
-	// only.
-	OnFleetRotation func(meshapi.FleetRotation)
-	// OnEntries is called with the registration entries (sorted by ID; the caller
-	// owns the slice) after the first directory version is applied, and after every
-	// later one whose entries differ from the previous one's. From Run's watch
-	// goroutine, never concurrently, which waits until it returns. Default nil: the
-	// entries are only held (State().Entries, AgentsAt).
-	OnEntries func([]meshapi.Entry)
-	// Audit receives an audit.DenyList record for every deny-list applied or
-	// refused (the same refused list arriving again in a row is recorded once).
-	// Default nil: none.
+	// Audit receives an audit.DenyList record for every deny-list refused (the same
+	// refused list arriving again in a row is recorded once); the record of a list
+	// applied is its applier's, which knows what applying it closed. Default nil: none.
 	Audit interface{ Append(audit.Event) error }
 	// Registerer receives the revocation feed's metrics
 	// (agentmesh_revocation_*). Default nil: not registered.

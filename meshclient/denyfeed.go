@@ -35,10 +35,9 @@ const (
 	feedSourcePoll      = "poll"
 )
 
-// Results and refusal reasons of audit.DenyList records (also the reason label of
-// the refused-lists metric).
+// The result and refusal reasons of audit.DenyList records of refused lists (also
+// the reason label of the refused-lists metric).
 const (
-	denyResultApplied      = "applied"
 	denyResultRefused      = "refused"
 	denyReasonBadSignature = "bad_signature"
 	denyReasonStale        = "stale_version"
@@ -60,12 +59,9 @@ const (
 
 // Log attribute keys of the revocation feed, besides those in names.go.
 const (
-	keyFeedPrevious = "previous"
-	keyFeedClosed   = "closed"
-	keyFeedExpired  = "expired"
-	keyFeedLag      = "lag"
-	keyFeedSource   = "source"
-	keyFeedAge      = "age"
+	keyFeedLag    = "lag"
+	keyFeedSource = "source"
+	keyFeedAge    = "age"
 )
 
 // feedMetrics always exist so the feed never checks for nil; they are registered only
@@ -196,7 +192,7 @@ type denyFeed struct {
 
 	deny        atomic.Pointer[meshapi.DenyList]
 	confirmed   atomic.Pointer[time.Time]
-	denyMu      sync.Mutex        // serialises offer's check-then-store and OnDenyList
+	denyMu      sync.Mutex        // serialises offer's check-then-store and publication
 	lastRefused [sha256.Size]byte // guarded by denyMu: key of the last list refused
 	feedMu      sync.Mutex
 	health      feedHealth // guarded by feedMu
@@ -325,10 +321,8 @@ func (d *denyFeed) offer(source string, s *meshapi.SignedDenyList) error {
 		return err
 	}
 
-	// The lock makes check-then-store atomic between the watch and the poll, and
-	// keeps OnDenyList calls in version order and never concurrent. Holding it across
-	// the callback is the point: a second list must wait until the first is
-	// enforced.
+	// The lock makes check-then-store atomic between the watch and the poll, so that
+	// states are published in version order.
 	d.denyMu.Lock()
 	held := d.deny.Load()
 	newer, err := meshapi.NextDenyList(held, l, now)
@@ -344,28 +338,14 @@ func (d *denyFeed) offer(source string, s *meshapi.SignedDenyList) error {
 	d.deny.Store(l)
 	d.publish(l)
 	d.lastRefused = [sha256.Size]byte{}
-	closed := 0
-	if d.cfg.OnDenyList != nil {
-		closed = d.cfg.OnDenyList(l)
-	}
 	d.denyMu.Unlock()
 
 	lag := time.Since(l.IssuedAt)
 	d.confirm(now)
 	d.metrics.version.Set(float64(l.Version))
 	d.metrics.lag.Observe(max(lag, 0).Seconds())
-	var previous uint64
-	if held != nil {
-		previous = held.Version
-	}
-	expired := meshapi.ExpiredEntries(held, l)
-	d.log.Info("deny list applied", keyVersion, l.Version, keyFeedPrevious, previous,
-		keyIDs, len(l.IDs), keySerials, len(l.Serials), keyFeedClosed, closed,
-		keyFeedExpired, expired, keyFeedLag, lag, keyFeedSource, source)
-	d.audit(audit.DenyList{
-		Version: l.Version, Previous: previous, Result: denyResultApplied,
-		IDs: len(l.IDs), Serials: len(l.Serials), Closed: closed, Expired: expired, Lag: lag,
-	})
+	d.log.Debug("deny list published", keyVersion, l.Version, keyIDs, len(l.IDs), keySerials, len(l.Serials),
+		keyFeedLag, lag, keyFeedSource, source)
 	return nil
 }
 

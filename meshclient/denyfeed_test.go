@@ -260,30 +260,52 @@ func serveFeed(t *testing.T, ca *testca.CA, f *fakeFeed) *httptest.Server {
 	return srv
 }
 
-// feedClient is a Directory for svid against url, recording what it applies.
+// feedClient is a Member for svid against url, recording what it refuses.
 type feedClient struct {
 	*Member
-	audit   testaudit.DenyLists
-	applied chan *meshapi.DenyList
-	reg     *prometheus.Registry
-	logs    *testlog.Buffer
+	audit testaudit.DenyLists
+	seen  uint64 // the version of the last list nextApplied returned
+	reg   *prometheus.Registry
+	logs  *testlog.Buffer
+}
+
+// awaitState waits, on Updated, until the published State satisfies ok.
+func (c *feedClient) awaitState(t *testing.T, what string, ok func(*meshapi.State) bool) *meshapi.State {
+	t.Helper()
+	for {
+		if st := c.Watch.State(); ok(st) {
+			return st
+		}
+		select {
+		case <-c.Watch.Updated():
+		case <-time.After(15 * time.Second):
+			t.Fatalf("no state with %s published (version %d)", what, c.Watch.State().Version())
+		}
+	}
+}
+
+// nextApplied waits for a published State with a deny-list newer than the last one
+// returned, as a proxy following the states would apply it, and returns the list.
+func (c *feedClient) nextApplied(t *testing.T) *meshapi.DenyList {
+	t.Helper()
+	st := c.awaitState(t, "a newer deny-list", func(st *meshapi.State) bool {
+		return st.DenyList() != nil && st.DenyList().Version > c.seen
+	})
+	c.seen = st.DenyList().Version
+	return st.DenyList()
 }
 
 func newFeedClient(t *testing.T, url string, roots []*x509.Certificate, cert *tls.Certificate, mutate func(*Config)) *feedClient {
 	t.Helper()
 	logger, logs := testlog.New(t)
-	c := &feedClient{audit: make(testaudit.DenyLists, 64), applied: make(chan *meshapi.DenyList, 16), reg: prometheus.NewRegistry(), logs: logs}
+	c := &feedClient{audit: make(testaudit.DenyLists, 64), reg: prometheus.NewRegistry(), logs: logs}
 	cfg := Config{
 		URL:         url,
 		Roots:       roots,
 		Certificate: func() (*tls.Certificate, error) { return cert, nil },
-		OnDenyList: func(l *meshapi.DenyList) int {
-			c.applied <- l
-			return int(l.Version) * 10 // what a proxy would report as closed
-		},
-		Audit:      c.audit,
-		Registerer: c.reg,
-		Logger:     logger,
+		Audit:       c.audit,
+		Registerer:  c.reg,
+		Logger:      logger,
 	}
 	if mutate != nil {
 		mutate(&cfg)
@@ -353,13 +375,8 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 	for _, step := range steps {
 		want := step.list
 		feed.setList(t, step.signed)
-		rec := c.audit.Next(t)
-		if rec.Result != denyResultApplied || rec.Version != want.Version || rec.Previous != want.Version-1 ||
-			rec.IDs != len(want.IDs) || rec.Serials != len(want.Serials) || rec.Closed != int(want.Version)*10 {
-			t.Fatalf("record for version %d: %+v", want.Version, rec)
-		}
-		if l := <-c.applied; l.Version != want.Version {
-			t.Fatalf("OnDenyList got version %d, want %d", l.Version, want.Version)
+		if l := c.nextApplied(t); l.Version != want.Version || len(l.IDs) != len(want.IDs) || len(l.Serials) != len(want.Serials) {
+			t.Fatalf("published version %d, want %+v", l.Version, want)
 		}
 	}
 	if l := c.Watch.State().DenyList(); !l.Denies(idC, "1", time.Time{}) || !l.Denies(spiffeid.RequireFromPath(testTD, "/host/z"), "123456789", time.Time{}) || l.Denies(idE, "1", time.Time{}) {
@@ -413,11 +430,8 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 	}
 
 	feed.setList(t, signWith(t, ca, good4))
-	if rec := c.audit.Next(t); rec.Result != denyResultApplied || rec.Version != 4 || rec.Previous != 3 {
-		t.Fatalf("good version 4: %+v", rec)
-	}
-	if l := <-c.applied; l.Version != 4 || !l.Denies(idE, "", time.Time{}) {
-		t.Fatalf("OnDenyList got %+v", l)
+	if l := c.nextApplied(t); l.Version != 4 || !l.Denies(idE, "", time.Time{}) {
+		t.Fatalf("good version 4: published %+v", l)
 	}
 	select {
 	case rec := <-c.audit:
@@ -431,7 +445,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 		t.Errorf("feed_up = %v, want 1", up)
 	}
 	out := c.logs.String()
-	for _, want := range []string{"deny list applied", "deny list refused", "reason=" + denyReasonGap, "source=" + feedSourcePoll} {
+	for _, want := range []string{"deny list refused", "reason=" + denyReasonGap, "source=" + feedSourcePoll} {
 		if !strings.Contains(out, want) {
 			t.Errorf("log lacks %q", want)
 		}
@@ -468,21 +482,19 @@ func TestDirectoryAnswerDenyList(t *testing.T) {
 
 	v1 := denyListOf(1, nil, deniedID(idB, 1))
 	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 6, Peers: []meshapi.DirectoryEntry{}, Revocations: signWith(t, ca, v1)})
-	awaitUpdate(t, c.Member)
-	if l := <-c.applied; l.Version != 1 || c.Watch.State().Version() != 6 {
-		t.Fatalf("list %d applied, directory version %d; want 1, 6", l.Version, c.Watch.State().Version())
+	st := c.awaitState(t, "directory version 6", func(st *meshapi.State) bool { return st.Version() == 6 })
+	if l := st.DenyList(); l == nil || l.Version != 1 {
+		t.Fatalf("list %+v published with directory version 6, want version 1", l)
 	}
-	if rec := c.audit.Next(t); rec.Result != denyResultApplied || rec.Version != 1 || rec.Closed != 10 || rec.Lag <= 0 {
-		t.Fatalf("list from the directory: %+v", rec)
-	}
+	c.seen = 1
 
 	// A peer without a tunnel port makes the directory malformed; its list applies.
 	v2 := denyListOf(2, nil, v1.IDs[0], deniedID(idC, 2))
 	bad := peerA
 	bad.TunnelPort = 0
 	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 7, Peers: []meshapi.DirectoryEntry{bad}, Revocations: signWith(t, ca, v2)})
-	if l := <-c.applied; l.Version != 2 {
-		t.Fatalf("list %d applied, want 2", l.Version)
+	if l := c.nextApplied(t); l.Version != 2 {
+		t.Fatalf("list %d published, want 2", l.Version)
 	}
 	if c.Watch.State().Version() != 6 {
 		t.Errorf("malformed directory applied: version %d", c.Watch.State().Version())
@@ -517,7 +529,7 @@ func TestDenyFeedPartition(t *testing.T) {
 			}
 		}()
 		synctest.Wait()
-		if l := <-c.applied; l.Version != 1 || !c.Watch.Confirmed().Equal(start) {
+		if l := c.nextApplied(t); l.Version != 1 || !c.Watch.Confirmed().Equal(start) {
 			t.Fatalf("first poll: version %d confirmed at %v, want 1 at once", l.Version, c.Watch.Confirmed().Sub(start))
 		}
 		if up := metricValue(t, c.reg, metricFeedUp, ""); up != 1 {
@@ -559,13 +571,8 @@ func TestDenyFeedPartition(t *testing.T) {
 		feed.setUnreachable(false)
 		feed.setList(t, signWith(t, ca, v2))
 		advance(5 * time.Second)
-		select {
-		case l := <-c.applied:
-			if l.Version != 2 {
-				t.Fatalf("applied version %d, want 2", l.Version)
-			}
-		default:
-			t.Fatal("the first poll after the partition did not apply the new list")
+		if l := c.Watch.State().DenyList(); l.Version != 2 {
+			t.Fatalf("the first poll after the partition published version %d, want 2", l.Version)
 		}
 		if err := c.Watch.CheckFresh(maxAge); err != nil {
 			t.Errorf("CheckFresh after recovery: %v", err)
@@ -579,10 +586,10 @@ func TestDenyFeedPartition(t *testing.T) {
 		if got, want := metricValue(t, c.reg, metricDenyListConfirmed, ""), float64(c.Watch.Confirmed().UnixNano())/1e9; got != want {
 			t.Errorf("confirmed gauge %v, want %v", got, want)
 		}
-		for range 2 {
-			if rec := <-c.audit; rec.Result != denyResultApplied {
-				t.Errorf("record %+v", rec)
-			}
+		select {
+		case rec := <-c.audit:
+			t.Errorf("a list refused during the partition: %+v", rec)
+		default:
 		}
 	})
 }
@@ -591,4 +598,32 @@ func TestDenyFeedPartition(t *testing.T) {
 func advance(d time.Duration) {
 	<-time.After(d)
 	synctest.Wait()
+}
+
+// The watch publishes each directory it accepts as a new State, the CA's trust bundle
+// with it, and signals Updated.
+func TestWatchPublishesBundle(t *testing.T) {
+	t.Parallel()
+	ca := testca.New(t, testca.WithTrustDomain(testTD))
+	feed := newFakeFeed()
+	srv := serveFeed(t, ca, feed)
+	c := newFeedClient(t, srv.URL, ca.Roots(), testca.TLSCertificate(ca.SVID(t, idSelf)), func(cfg *Config) {
+		cfg.PollInterval = time.Hour
+		cfg.Heartbeat = 50 * time.Millisecond // retry a refused directory quickly
+	})
+	bundle := meshapi.NewBundleDocument(ca.Roots())
+	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 5, Bundle: bundle})
+	testrun.Start(t, c.Run)
+	st := c.awaitState(t, "directory version 5", func(st *meshapi.State) bool { return st.Version() == 5 })
+	if st.BundleVersion() != bundle.Version || len(st.Bundle()) != 1 || !st.Bundle()[0].Equal(ca.Roots()[0]) {
+		t.Fatalf("published bundle %q of %d roots, want %q", st.BundleVersion(), len(st.Bundle()), bundle.Version)
+	}
+
+	// A document of an older CA has no bundle: the State has none, and the proxy keeps
+	// the bundle it holds (node diffs only a published one).
+	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 7})
+	st = c.awaitState(t, "directory version 7", func(st *meshapi.State) bool { return st.Version() == 7 })
+	if st.BundleVersion() != "" || st.Bundle() != nil {
+		t.Fatalf("state of a document without a bundle has bundle %q", st.BundleVersion())
+	}
 }

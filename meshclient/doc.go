@@ -4,11 +4,11 @@
 //
 //   - Watch long-polls the directory and polls the deny-list as a fallback; it
 //     publishes each new *meshapi.State behind an atomic pointer (State) and signals
-//     Updated. It verifies every deny-list (signature, trust domain, order) before it
-//     is applied (Config.OnDenyList), audited (Config.Audit) and counted
-//     (agentmesh_revocation_*); hands new fleet rotations to Config.OnFleetRotation and
-//     changed registration entries to Config.OnEntries; and reports how fresh the
-//     deny-list is (Confirmed, CheckFresh), so that a proxy can fail closed.
+//     Updated; nothing else. It verifies every deny-list (signature, trust domain,
+//     order) before it joins a State, audits (Config.Audit) and counts
+//     (agentmesh_revocation_*) refused ones, and reports how fresh the deny-list is
+//     (Confirmed, CheckFresh), so that a proxy can fail closed. What a new State
+//     changes (entries, deny-list, fleet rotation) is for its reader to diff and apply.
 //   - Heartbeat registers the proxy's addresses, tunnel port and transports, and again
 //     every Config.Heartbeat.
 //   - AgentTokens asks for the bootstrap token of an agent registered to this host.

@@ -36,8 +36,6 @@ const (
 	keySerial     = "serial"
 	keySerials    = "serials"
 	keyIDs        = "ids"
-	keyFleetID    = "fleet_rotation_id"
-	keyFleetAt    = "requested_at"
 	keySPIFFEID   = "spiffe_id"
 	keyNotAfter   = "not_after"
 	keyOp         = "op"

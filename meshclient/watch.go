@@ -34,7 +34,6 @@ type Watch struct {
 	updated chan struct{}
 	running atomic.Bool
 	feed    *denyFeed
-	fleet   *fleetFilter
 }
 
 // NewWatch checks cfg and returns a Watch. It does not contact the CA and starts no
@@ -47,11 +46,9 @@ func NewWatch(cfg Config) (*Watch, error) {
 	}
 	w := &Watch{cfg: cfg, conn: c, log: cfg.Logger, updated: make(chan struct{}, 1)}
 	w.state.Store(&meshapi.State{})
-	created := time.Now()
-	if w.feed, err = newDenyFeed(cfg, c, created, w.publishDenyList); err != nil {
+	if w.feed, err = newDenyFeed(cfg, c, time.Now(), w.publishDenyList); err != nil {
 		return nil, err
 	}
-	w.fleet = &fleetFilter{created: created, log: cfg.Logger, on: cfg.OnFleetRotation}
 	return w, nil
 }
 
@@ -140,11 +137,6 @@ func (w *Watch) fetch(ctx context.Context, held uint64) (*meshapi.State, error) 
 		// Refusals are logged and audited there; the poll reports an outage.
 		_ = w.feed.offer(feedSourceDirectory, doc.Revocations)
 	}
-	if doc.Rotation != nil {
-		// On its own too: an older answer's rotation is not new (FleetDue), and the
-		// peers of a malformed directory do not hold it up.
-		w.fleet.offer(*doc.Rotation)
-	}
 	next, err := meshapi.NewState(doc, w.conn.selfID())
 	if err != nil {
 		return nil, fmt.Errorf("ca: directory: %w", err)
@@ -168,11 +160,6 @@ func (w *Watch) apply(next *meshapi.State) (bool, error) {
 	}
 	w.state.Store(cur.WithDirectory(next))
 	w.mu.Unlock()
-	// Before the notification, so that whoever wakes on Updated sees what OnEntries
-	// did. Version 0 is the empty state held before the first directory.
-	if w.cfg.OnEntries != nil && (cur.Version() == 0 || !cur.SameEntries(next)) {
-		w.cfg.OnEntries(next.Entries())
-	}
 	w.signal()
 	w.log.Debug("directory version applied", keyVersion, next.Version(), keyHeld, cur.Version(), keyPeers, next.Peers())
 	return true, nil
@@ -190,36 +177,5 @@ func (w *Watch) signal() {
 	select {
 	case w.updated <- struct{}{}:
 	default:
-	}
-}
-
-// fleetFilter hands each new fleet rotation of the directory to Config.OnFleetRotation
-// once, and only when it was requested after the Watch was created.
-type fleetFilter struct {
-	created time.Time
-	log     *slog.Logger
-	on      func(meshapi.FleetRotation)
-	mu      sync.Mutex
-	seen    uint64 // guarded by mu: the highest fleet rotation ID seen
-}
-
-// offer applies meshapi.FleetDue to a directory answer's fleet rotation and calls on
-// when it is due.
-func (f *fleetFilter) offer(fr meshapi.FleetRotation) {
-	f.mu.Lock()
-	next, call := meshapi.FleetDue(f.seen, f.created, fr)
-	isNew := next != f.seen
-	f.seen = next
-	f.mu.Unlock()
-	switch {
-	case !isNew:
-		return
-	case !call:
-		f.log.Debug("fleet rotation predates this client: ignored", keyFleetID, fr.ID, keyFleetAt, fr.At)
-		return
-	}
-	f.log.Info("fleet rotation requested by the ca", keyFleetID, fr.ID, keyFleetAt, fr.At, keyReason, fr.Reason)
-	if f.on != nil {
-		f.on(fr)
 	}
 }

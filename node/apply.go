@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -37,6 +36,10 @@ type applier struct {
 	log      *slog.Logger
 	// fleetCtx bounds the rotations fleet commands start (the process's context).
 	fleetCtx context.Context
+	// started is when the node started: fleet rotations requested before it are not
+	// run (its credentials are newer).
+	started time.Time
+	bundles bundleSources
 }
 
 // onEntries takes the directory's registration entries: the agents' supervisor starts
@@ -106,26 +109,6 @@ func (a *applier) setRotation(p policy.Rotation) error {
 // connections, and returns its version and the connections it closed.
 func (a *applier) setPolicy(authz *policy.Authz) (version uint64, closed int) {
 	return a.live.SetPolicy(authz)
-}
-
-// setBundle makes next the trust bundle when it differs from the one held. The rotator
-// audits each change of anchors; if next drops a CA, every ticket key is replaced too,
-// so no session of that CA resumes.
-func (a *applier) setBundle(next *x509bundle.Bundle) (changed bool, err error) {
-	held, err := a.rot.GetX509BundleForTrustDomain(next.TrustDomain())
-	if err != nil || held.Equal(next) {
-		return false, nil
-	}
-	if err := a.rot.SetBundle(next); err != nil {
-		return false, err
-	}
-	for _, ca := range held.X509Authorities() {
-		if !next.HasX509Authority(ca) {
-			a.live.ResetTicketKeys("ca_removed")
-			break
-		}
-	}
-	return true, nil
 }
 
 // bundleRefused audits a root file that does not load.

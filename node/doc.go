@@ -5,11 +5,16 @@
 // admin port, control socket) and runs them under one errgroup.
 //
 // While it runs, node applies each new mesh state and each configuration change as a
-// diff, in one place (applier): the registration entries become the identities held
-// (one rotator per agent registered to this host, started and stopped as entries come
-// and go), a deny-list reaches every rotator and the proxy, a fleet command rotates
-// every identity, and the watcher re-reads the configuration, CA root and policy files
-// on change and on SIGHUP: the rotation policy, the trust bundle and the authorization
+// diff, in one place (applier). The mesh client's watch publishes states and signals;
+// followMesh reads each, diffStates computes what it changes from the one applied
+// before (pure), and applyDiff applies it: a newer deny-list reaches every rotator and
+// the proxy and is audited with the connections it closed, the registration entries
+// become the identities held (one rotator per agent registered to this host, started
+// and stopped as entries come and go), the CA's published roots join the root file's
+// in the trust bundle (bundle.go: the union; one without the anchor of the node's own
+// SVID is refused and audited), and a fleet command rotates every identity, once per
+// ID requested after start. The watcher re-reads the configuration, CA root and policy
+// files on change and on SIGHUP: the rotation policy, the trust bundle and the authorization
 // policy apply live; routes and services go through applyListeners; an invalid file is
 // refused (policy files are audited) and the last good configuration stays in force.
 // The compromise flow (rotation.now) rotates, drops every session-ticket key and asks

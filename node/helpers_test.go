@@ -182,7 +182,8 @@ func newFixture(t *testing.T) *fixture {
 			return f.newRotator(t, id, reg, p), nil
 		})
 	f.applier = &applier{rot: f.rot, agents: f.agents, live: f.px, auditor: f.audit, log: logger, fleetCtx: t.Context(),
-		rotation: rotation{tickets: f.px, revoker: f.revoker, logger: logger}}
+		rotation: rotation{tickets: f.px, revoker: f.revoker, logger: logger}, started: time.Now(),
+		bundles: bundleSources{file: f.ca.Roots()}}
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = f.rot.Run(ctx) })

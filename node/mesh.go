@@ -24,10 +24,12 @@ import (
 // This file is the only one of the package that knows the mesh API's client: the rest
 // of node sees it through the interfaces below, declared here by their consumer.
 
-// meshDirectory is the node's view of the mesh client: its loop, the peer lookups the
-// proxy makes, the deny-list's freshness, and enrolment tokens for local agents.
+// meshDirectory is the node's view of the mesh client: its loop, the mesh states it
+// publishes, the peer lookups the proxy makes, the deny-list's freshness, and enrolment
+// tokens for local agents.
 type meshDirectory interface {
 	proxy.Directory
+	meshStates
 	Run(ctx context.Context) error
 	CheckFresh(maxAge time.Duration) error
 	// DenyList is the list in force, nil before the first one.
@@ -47,14 +49,6 @@ type registration struct {
 	Host spiffeid.ID
 	UID  uint32 // the uid of the agent's processes on Host
 	Port uint16 // where the agent listens on its host; 0: none
-}
-
-// meshEvents receives what the mesh client learns, from its goroutines, never
-// concurrently per kind.
-type meshEvents interface {
-	onEntries([]registration)
-	onDenyList(proxy.DenyList) (closed int)
-	onFleetRotation(id uint64, reason string)
 }
 
 // caLink is how the proxy reaches agentmesh ca.
@@ -117,22 +111,13 @@ type directorySettings struct {
 	logger        *slog.Logger
 }
 
-// directory starts nothing: Run does. Events arrive only once it runs.
-func (l caLink) directory(s directorySettings, ev meshEvents) (meshDirectory, error) {
+// directory starts nothing: Run does. States are published only once it runs.
+func (l caLink) directory(s directorySettings) (meshDirectory, error) {
 	m, err := meshclient.NewMember(meshclient.Config{
 		URL: l.url, Roots: l.roots, Control: l.control,
 		Certificate: s.certificate, Addresses: s.addresses, TunnelPort: s.tunnelPort, Transports: s.transports,
 		BundleVersion: s.bundleVersion, Heartbeat: s.heartbeat, PollInterval: s.poll,
 		Audit: s.audit, Registerer: s.registerer, Logger: s.logger,
-		OnEntries: func(entries []meshapi.Entry) {
-			regs := make([]registration, len(entries))
-			for i, e := range entries {
-				regs[i] = registration{ID: e.ID, Host: e.Host, UID: e.UID, Port: e.Port}
-			}
-			ev.onEntries(regs)
-		},
-		OnDenyList:      func(l *meshapi.DenyList) int { return ev.onDenyList(l) },
-		OnFleetRotation: func(f meshapi.FleetRotation) { ev.onFleetRotation(f.ID, f.Reason) },
 	})
 	if err != nil {
 		return nil, err
@@ -148,6 +133,10 @@ func (m member) PeerFor(a netip.Addr) (proxy.Peer, bool) {
 	id, tunnel, ok := st.PeerFor(a)
 	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: st.TransportsFor(a), Agents: st.AgentsAt(a)}, ok
 }
+
+func (m member) Updated() <-chan struct{} { return m.Watch.Updated() }
+
+func (m member) State() *meshapi.State { return m.Watch.State() }
 
 func (m member) CheckFresh(maxAge time.Duration) error { return m.Watch.CheckFresh(maxAge) }
 

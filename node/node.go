@@ -27,9 +27,9 @@ import (
 const defaultStaleness = time.Hour
 
 // node is the proxy process's components, built in dependency order by newNode. The
-// callbacks the components are given (drain, onEntries, onDenyList, onFleetRotation,
-// newAgentRotator) are methods of node: they run only from the components' Run, which
-// starts after every field is set.
+// callbacks the components are given (drain, denyList, newAgentRotator) are methods of
+// node, and mesh states are applied by followMesh: they run only from the components'
+// Run, which starts after every field is set.
 type node struct {
 	applier          // rot, agents, rotation: what mesh states and configuration changes apply to
 	cfg      *Config // as loaded at start; the watcher keeps the one in force
@@ -53,7 +53,7 @@ type node struct {
 // errgroup. logger is the process's.
 func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	n := &node{cfg: cfg, logger: logger}
-	n.applier = applier{log: logger, fleetCtx: ctx}
+	n.applier = applier{log: logger, fleetCtx: ctx, started: time.Now()}
 	closeKeys, err := n.build(ctx)
 	if err != nil {
 		return err
@@ -99,6 +99,7 @@ func (n *node) buildBase() error {
 		return err
 	}
 	n.auditor = n.audit
+	n.bundles.file = n.bundle.X509Authorities()
 	n.link = caLink{url: cfg.CA.URL, roots: n.bundle.X509Authorities()}
 	// The CA clients carry the proxy's mark like its tunnels, so capture rules that
 	// exclude the mark never redirect the proxy's renewals back to itself.
@@ -140,12 +141,12 @@ func (n *node) buildMesh() error {
 		if s.tunnelPort, err = portOf(n.cfg.Tunnel); err != nil {
 			return err
 		}
-		// The bundle is the CA's root file for now: its digest names its version,
-		// which follows a reload of the file.
+		// The bundle in force (the root file united with the roots the CA publishes):
+		// its digest names its version, which follows every change of either.
 		s.bundleVersion = n.rot.BundleVersion
 	}
 	var err error
-	n.dir, err = n.link.directory(s, n)
+	n.dir, err = n.link.directory(s)
 	return err
 }
 
@@ -212,8 +213,9 @@ func (n *node) run(ctx context.Context) error {
 		w.policyVersion = 1
 	}
 	g, gctx := errgroup.WithContext(ctx)
-	for _, run := range []func(context.Context) error{n.rot.Run, n.px.Run, n.admin.Run, n.dir.Run, n.control.Run,
-		n.agents.Run, w.run} {
+	followMesh := func(ctx context.Context) error { return n.followMesh(ctx, n.dir) }
+	for _, run := range []func(context.Context) error{n.rot.Run, n.px.Run, n.admin.Run, n.dir.Run, followMesh,
+		n.control.Run, n.agents.Run, w.run} {
 		g.Go(func() error { return run(gctx) })
 	}
 	err := g.Wait()
