@@ -425,7 +425,7 @@ func TestStepAPIRoutes(t *testing.T) {
 func TestForgedClientCertificateCannotRenew(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ca := startCA(t, cfg)
-	real := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/workload/real"))
+	genuine := enroll(t, ca, spiffeid.RequireFromPath(testTD, "/workload/real"))
 
 	evil := spiffeid.RequireFromPath(testTD, "/workload/evil")
 	key := newKey(t)
@@ -437,9 +437,9 @@ func TestForgedClientCertificateCannotRenew(t *testing.T) {
 		URIs:           []*url.URL{evil.URL()},
 		KeyUsage:       x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:    []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth},
-		AuthorityKeyId: real.Certificates[0].AuthorityKeyId,
+		AuthorityKeyId: genuine.Certificates[0].AuthorityKeyId,
 	}
-	for _, ext := range real.Certificates[0].Extensions {
+	for _, ext := range genuine.Certificates[0].Extensions {
 		if ext.Id.Equal(provisioner.StepOIDProvisioner) {
 			tmpl.ExtraExtensions = append(tmpl.ExtraExtensions, ext)
 		}
@@ -452,7 +452,7 @@ func TestForgedClientCertificateCannotRenew(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svid := &x509svid.SVID{ID: evil, Certificates: []*x509.Certificate{forged, real.Certificates[1]}, PrivateKey: key}
+	svid := &x509svid.SVID{ID: evil, Certificates: []*x509.Certificate{forged, genuine.Certificates[1]}, PrivateKey: key}
 	_, err = newClient(t, ca, nil).Renew(context.Background(), svid, newKey(t))
 	var re *meshapi.ResponseError
 	if !errors.As(err, &re) || re.Status != http.StatusUnauthorized || !re.Permanent() {

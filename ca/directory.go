@@ -345,15 +345,6 @@ func (r *registry) setEntries(entries []meshapi.Entry) uint64 {
 	return r.state.version
 }
 
-// expire drops entries not refreshed within the TTL.
-func (r *registry) expire(now time.Time) {
-	r.mu.Lock()
-	removed := r.expireLocked(now)
-	version := r.state.version
-	r.mu.Unlock()
-	r.logExpired(removed, version)
-}
-
 func (r *registry) expireLocked(now time.Time) []dirEntry {
 	before := r.state.version
 	removed := r.state.expire(now)

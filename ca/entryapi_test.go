@@ -178,7 +178,7 @@ func auditLines(t *testing.T, l *audit.Log, path, kind string) []map[string]any 
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	var out []map[string]any
 	sc := bufio.NewScanner(f)
 	for sc.Scan() {

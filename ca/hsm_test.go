@@ -111,7 +111,11 @@ func TestKeysLiveInTheToken(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer km.Close()
+	defer func() {
+		if err := km.Close(); err != nil {
+			t.Errorf("close KMS: %v", err)
+		}
+	}()
 	for _, tc := range []struct {
 		name string
 		uri  string
@@ -214,7 +218,11 @@ func TestWrongPIN(t *testing.T) {
 	if err != nil {
 		t.Fatalf("New with the PIN in the state directory: %v", err)
 	}
-	defer srv.Close()
+	defer func() {
+		if err := srv.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	}()
 	if !srv.Roots()[0].Equal(root) {
 		t.Fatal("the root changed")
 	}

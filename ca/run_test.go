@@ -84,7 +84,7 @@ func TestRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	n, err := audit.Verify(f)
 	if err != nil || n == 0 {
 		t.Fatalf("audit log after fleet rotation %d: %d records, %v", fr.ID, n, err)

@@ -24,8 +24,8 @@ type watchLimit struct {
 	refused uint64              // since start; guarded by mu
 }
 
-func newWatchLimit(max int) *watchLimit {
-	return &watchLimit{max: max, held: make(map[spiffeid.ID]int)}
+func newWatchLimit(limit int) *watchLimit {
+	return &watchLimit{max: limit, held: make(map[spiffeid.ID]int)}
 }
 
 // acquire takes one of id's slots. It returns the release function, or ok false and

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -97,7 +98,7 @@ func TestAgents(t *testing.T) {
 	// default unknown: deny), so the first request to pass shows that a knows b.
 	waitFor(t, 30*time.Second, "curl as the planner", func() error {
 		if out, err := as(plannerUID, "curl", "-sS", "--max-time", "10", url); err != nil || !strings.Contains(out, "hello from search") {
-			return fmt.Errorf("%v: %s", err, out)
+			return errors.Join(err, fmt.Errorf("output: %s", out))
 		}
 		return nil
 	})

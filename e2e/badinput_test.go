@@ -116,7 +116,7 @@ func readAudit(t *testing.T, path string) []map[string]any {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	var out []map[string]any
 	var torn error
 	sc := bufio.NewScanner(f)

@@ -31,10 +31,7 @@ func TestCertificateRules(t *testing.T) {
 	authority.root = filepath.Join(t.TempDir(), "bundle.pem")
 	writeFile(t, authority.root, string(meshRoot))
 
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
-	}()
+	httpPort := serveHTTP(t, func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok") })
 	td := spiffeid.RequireTrustDomainFromString(trustDomain)
 	idA := spiffeid.RequireFromString("spiffe://" + trustDomain + "/host/a")
 	tooLong := testca.LongID(t, td, 2049)

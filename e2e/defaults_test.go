@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"errors"
 	"fmt"
 	"os/exec"
 	"path/filepath"
@@ -68,7 +69,7 @@ func TestIPv6Capture(t *testing.T) {
 		out, err := a.run(t, 20*time.Second, "setpriv", "--reuid="+agentUID, "--regid="+agentUID, "--clear-groups",
 			"curl", "-6", "-sS", "--max-time", "10", url)
 		if err != nil || !strings.Contains(out, "hello from service-b") {
-			return fmt.Errorf("%v: %q", err, out)
+			return errors.Join(err, fmt.Errorf("output %q", out))
 		}
 		return nil
 	})

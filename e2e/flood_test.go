@@ -171,10 +171,7 @@ func TestConnectFlood(t *testing.T) {
 func startOKPair(t *testing.T, bExtra string) (*meshProxy, string) {
 	t.Helper()
 	ca := startCA(t, time.Minute)
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") }))
-	}()
+	httpPort := serveHTTP(t, func(w http.ResponseWriter, _ *http.Request) { _, _ = io.WriteString(w, "ok") })
 	idA := "spiffe://" + trustDomain + "/host/a"
 	b := startProxy(t, ca, "b", nil, []service{{port: httpPort, allow: []string{idA}}}, bExtra)
 	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
@@ -261,7 +258,7 @@ func quicJunk(ctx context.Context, addr string) int {
 	for ctx.Err() == nil {
 		hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		conn, err := quic.DialAddr(hctx, addr, &tls.Config{
-			InsecureSkipVerify: true, //nolint:gosec // junk: the server refuses us, we do not check it
+			InsecureSkipVerify: true, //nolint:gosec,forbidigo // junk: the server refuses us, we do not check it
 			NextProtos:         []string{"agentmesh-quic/1"},
 		}, &quic.Config{HandshakeIdleTimeout: 5 * time.Second})
 		cancel()

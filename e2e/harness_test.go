@@ -40,7 +40,11 @@ func run(m *testing.M) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	defer os.RemoveAll(dir)
+	defer func() {
+		if err := os.RemoveAll(dir); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+		}
+	}()
 	binary = filepath.Join(dir, "agentmesh")
 	args := []string{"build", "-o", binary}
 	if raceEnabled {
@@ -87,14 +91,8 @@ type watcher struct {
 	ch chan string
 }
 
-// start runs the binary with args; its stderr is kept and shown when the test fails.
-// It is stopped with SIGTERM when the test ends.
-func start(t *testing.T, name string, args ...string) *process {
-	t.Helper()
-	return startCmd(t, name, exec.Command(binary, args...))
-}
-
-// startCmd runs cmd as start does.
+// startCmd runs cmd; its stderr is kept and shown when the test fails. It is stopped
+// with SIGTERM when the test ends.
 func startCmd(t *testing.T, name string, cmd *exec.Cmd) *process {
 	t.Helper()
 	p := &process{t: t, name: name, cmd: cmd, done: make(chan struct{})}
@@ -108,8 +106,10 @@ func startCmd(t *testing.T, name string, cmd *exec.Cmd) *process {
 	}
 	go p.read(stderr)
 	t.Cleanup(func() {
-		p.stop()
+		// A test that cares how the process ended calls stop itself and checks.
+		err := p.stop()
 		if t.Failed() {
+			t.Logf("%s: exit: %v", name, err)
 			t.Logf("%s: rotation log lines:\n%s", name, p.grep("rotat", 20))
 			t.Logf("%s: last log lines:\n%s", name, p.tail(20))
 		}
@@ -267,6 +267,6 @@ func waitFor(t *testing.T, timeout time.Duration, what string, check func() erro
 		if time.Now().After(deadline) {
 			t.Fatalf("%s: not within %v: %v", what, timeout, err)
 		}
-		time.Sleep(100 * time.Millisecond)
+		time.Sleep(100 * time.Millisecond) //nolint:forbidigo // the poll interval of a wait on a condition
 	}
 }

@@ -39,12 +39,7 @@ func TestKeyLifecycle(t *testing.T) {
 	second := startCA(t, 2*time.Minute)
 	bundleFile := filepath.Join(t.TempDir(), "bundle.pem")
 	writeFile(t, bundleFile, string(readFile(t, authority.root))+string(readFile(t, second.root)))
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			fmt.Fprintf(w, "hello %s", r.URL.Path)
-		}))
-	}()
+	httpPort := serveHello(t)
 	idA, idX, idY := "spiffe://"+trustDomain+"/host/a", "spiffe://"+trustDomain+"/host/x", "spiffe://"+trustDomain+"/host/y"
 	ownRoot := authority.root
 	authority.root = bundleFile

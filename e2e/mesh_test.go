@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -193,6 +194,16 @@ func listenerPort(t *testing.T) (net.Listener, int) {
 	}
 	t.Cleanup(func() { ln.Close() })
 	return ln, ln.Addr().(*net.TCPAddr).Port
+}
+
+// serveHTTP serves h over HTTP on a loopback port until the test ends and returns the
+// port.
+func serveHTTP(t *testing.T, h http.HandlerFunc) int {
+	t.Helper()
+	ln, port := listenerPort(t)
+	srv := &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	return port
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }

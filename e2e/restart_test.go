@@ -41,12 +41,7 @@ func restartValid(t *testing.T) {
 		"--state", authority.state); err != nil {
 		t.Fatalf("register %s: %v\n%s%s", agent, err, out, errOut)
 	}
-	httpLn, httpPort := listenerPort(t)
-	go func() {
-		_ = http.Serve(httpLn, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			fmt.Fprintf(w, "hello %s", r.URL.Path)
-		}))
-	}()
+	httpPort := serveHello(t)
 	b := startProxy(t, authority, "b", nil, []service{{port: httpPort, allow: []string{idA}}}, "")
 	routeAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	a := startProxy(t, authority, "a", []route{{listen: routeAddr, peer: b.tunnel, peerID: b.id, targetPort: httpPort}}, nil, "")
@@ -223,7 +218,10 @@ func awaitStoredExpired(t *testing.T, p *meshProxy, root string, timeout time.Du
 		if errors.As(err, &invalid) && invalid.Reason == x509.Expired {
 			return nil
 		}
-		return fmt.Errorf("verifies with %v", err)
+		if err == nil {
+			return errors.New("still verifies")
+		}
+		return fmt.Errorf("verify: %w", err)
 	})
 }
 

@@ -239,13 +239,7 @@ func startLoadPair(t *testing.T, ca *meshCA, transport, extra string) (a, b *mes
 // returns its port.
 func serveHello(t *testing.T) int {
 	t.Helper()
-	ln, port := listenerPort(t)
-	go func() {
-		_ = http.Serve(ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			fmt.Fprintf(w, "hello %s", r.URL.Path)
-		}))
-	}()
-	return port
+	return serveHTTP(t, func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, "hello "+r.URL.Path) })
 }
 
 // requestLoad makes rate HTTP requests per second to serveHello behind addr, each on a
@@ -271,7 +265,7 @@ func requestLoad(ctx context.Context, addr string, rate int, requests *atomic.In
 				body, rerr := io.ReadAll(resp.Body)
 				resp.Body.Close()
 				if rerr != nil || resp.StatusCode != 200 || string(body) != "hello /ping" {
-					err = fmt.Errorf("status %d body %q err %v", resp.StatusCode, body, rerr)
+					err = errors.Join(fmt.Errorf("status %d body %q", resp.StatusCode, body), rerr)
 				}
 			}
 			if err != nil {

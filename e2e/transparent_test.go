@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -69,7 +70,7 @@ func TestTransparent(t *testing.T) {
 	waitFor(t, 30*time.Second, "a transparent curl through the mesh", func() error {
 		out, err := a.run(t, 20*time.Second, "curl", "-sS", "--max-time", "10", "-H", "X-Marker: "+marker, url)
 		if err != nil || !strings.Contains(out, "hello from service-b") {
-			return fmt.Errorf("%v: answered %q", err, out)
+			return errors.Join(err, fmt.Errorf("answered %q", out))
 		}
 		return nil
 	})

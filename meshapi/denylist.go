@@ -346,6 +346,8 @@ func checkEntry(reason string, revokedAt time.Time, version, listVersion uint64)
 	return nil
 }
 
+// ValidReason reports whether r may stand as a deny-list entry's reason: at most
+// MaxReason printable ASCII characters.
 func ValidReason(r string) bool {
 	return len(r) <= MaxReason && Printable(r)
 }

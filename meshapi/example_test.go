@@ -8,8 +8,6 @@ import (
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
-import ()
-
 // The rotator tells refusals, after which only a new enrolment helps, from outages.
 func ExampleResponseError_Permanent() {
 	for _, status := range []int{http.StatusUnauthorized, http.StatusTooManyRequests, http.StatusServiceUnavailable} {

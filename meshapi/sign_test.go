@@ -9,15 +9,13 @@ import (
 	"testing"
 )
 
-import ()
-
 func TestParseSignResponse(t *testing.T) {
 	t.Parallel()
-	real, err := os.ReadFile(filepath.Join("testdata", "fuzz", "FuzzParseSignResponse", "step-ca-sign-answer"))
+	corpus, err := os.ReadFile(filepath.Join("testdata", "fuzz", "FuzzParseSignResponse", "step-ca-sign-answer"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	answer := corpusBytes(t, real)
+	answer := corpusBytes(t, corpus)
 	chain, err := ParseSignResponse(answer)
 	if err != nil || len(chain) != 2 || !chain[1].IsCA || chain[0].IsCA {
 		t.Fatalf("real answer: %d certificates, %v", len(chain), err)

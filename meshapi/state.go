@@ -107,11 +107,11 @@ func NewState(doc *DirectoryDocument, self spiffeid.ID) (*State, error) {
 	return snap, nil
 }
 
-// addEntries adds doc's registration entries to snap: the list, sorted by ID, and the
+// addEntries adds doc's registration entries to s: the list, sorted by ID, and the
 // agents with a port by the addresses of their host's proxy. A malformed entry (no ID
 // or host, an ID listed twice, a port of a host listed twice) refuses the document,
 // as a malformed peer does: the CA validates every entry.
-func (snap *State) addEntries(doc *DirectoryDocument) error {
+func (s *State) addEntries(doc *DirectoryDocument) error {
 	if len(doc.Entries) == 0 {
 		return nil
 	}
@@ -136,11 +136,11 @@ func (snap *State) addEntries(doc *DirectoryDocument) error {
 		}
 		ports[e.Port] = e.ID
 	}
-	snap.entries = entries
+	s.entries = entries
 	if len(byHost) == 0 {
 		return nil
 	}
-	snap.agents = make(map[netip.Addr]map[uint16]spiffeid.ID)
+	s.agents = make(map[netip.Addr]map[uint16]spiffeid.ID)
 	for _, p := range doc.Peers {
 		ports := byHost[p.SPIFFEID]
 		if ports == nil {
@@ -152,7 +152,7 @@ func (snap *State) addEntries(doc *DirectoryDocument) error {
 			if !a.IsValid() || CheckAdvertisable(a) != nil {
 				return fmt.Errorf("malformed directory: peer %s has an invalid address %q", p.SPIFFEID, a)
 			}
-			snap.agents[a.Unmap()] = ports
+			s.agents[a.Unmap()] = ports
 		}
 	}
 	return nil

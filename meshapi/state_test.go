@@ -15,8 +15,6 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-import ()
-
 func TestDecodeDirectory(t *testing.T) {
 	t.Parallel()
 	self := spiffeid.RequireFromPath(testTD, "/host/self")

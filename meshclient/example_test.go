@@ -12,8 +12,6 @@ import (
 	"github.com/agentmesh/agentmesh/meshclient"
 )
 
-import ()
-
 // What a proxy runs to take part in the mesh: registered and watching while Run runs,
 // its Watch tells the proxy which peer lives at a destination address. (Not run as a test: it needs a CA;
 // ca/mesh_test.go does the same.)

@@ -56,7 +56,7 @@ func jittered(interval time.Duration, r float64) time.Duration {
 // is done; it reports whether the wait ended by itself.
 func pause(ctx context.Context, d time.Duration, jitter bool) bool {
 	if jitter {
-		d = jittered(d, rand.Float64())
+		d = jittered(d, rand.Float64()) //nolint:gosec // G404: jitter spreads polls out; nothing secret
 	}
 	t := time.NewTimer(d)
 	defer t.Stop()

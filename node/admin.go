@@ -54,7 +54,7 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
-		fmt.Fprintln(w, "ok")
+		_, _ = fmt.Fprintln(w, "ok") // a failed write is a client gone
 	})
 	readiness := func() error { return errors.Join(ready(), px.Ready()) }
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
@@ -62,7 +62,7 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
-		fmt.Fprintln(w, "ready")
+		_, _ = fmt.Fprintln(w, "ready") // a failed write is a client gone
 	})
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
@@ -108,7 +108,9 @@ func serveUntil(ctx context.Context, srv *http.Server, ln net.Listener) error {
 	}
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Second)
 	defer cancel()
-	_ = srv.Shutdown(sctx)
-	<-errc
+	_ = srv.Shutdown(sctx) // past the grace period the listener is closed all the same
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
 	return nil
 }

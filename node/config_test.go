@@ -160,12 +160,12 @@ func TestLoadConfigProxyRules(t *testing.T) {
 	}
 }
 
-func replace(old, new string) func(string) string {
+func replace(old, repl string) func(string) string {
 	return func(s string) string {
 		if !strings.Contains(s, old) {
 			panic("test config lacks " + old)
 		}
-		return strings.Replace(s, old, new, 1)
+		return strings.Replace(s, old, repl, 1)
 	}
 }
 

@@ -24,10 +24,10 @@ const hostSVIDFile = "svid.json"
 func openKeyStore(ctx context.Context, cfg *Config) (rotator.KeyStore, func(), error) {
 	uri := cfg.Keys
 	release := func() {}
-	switch {
-	case uri == "memory":
+	switch uri {
+	case "memory":
 		return rotator.MemoryKeys{}, func() {}, nil
-	case uri == "" || uri == "softhsm":
+	case "", "softhsm":
 		var err error
 		// The PIN: a systemd credential when the unit passes one, else
 		// STATE/hsm.pin, beside the token directory STATE/hsm and not in it.

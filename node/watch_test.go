@@ -74,7 +74,7 @@ func (w *watched) writeRoots(cas ...*testca.CA) {
 
 // next lets the watcher look at the files once more.
 func next() {
-	time.Sleep(configPoll)
+	time.Sleep(configPoll) //nolint:forbidigo // synctest: advances the bubble's clock
 	synctest.Wait()
 }
 

@@ -53,7 +53,9 @@ func TestAcceptBackoff(t *testing.T) {
 		}()
 		<-ln.idle // the bubble's clock runs while this waits
 		cancel()
-		ln.Close()
+		if err := ln.Close(); err != nil {
+			t.Fatal(err)
+		}
 		if err := <-done; err != nil {
 			t.Fatalf("acceptLoop = %v after cancel", err)
 		}

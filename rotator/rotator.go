@@ -223,27 +223,27 @@ type Rotator struct {
 	stored  string         // serial in StateFile ("": none); only Run's goroutine uses it
 }
 
-// Validate reports what New would refuse in cfg: a missing ID, Issuer or Bundle, a
+// Validate reports what New would refuse in c: a missing ID, Issuer or Bundle, a
 // bundle of another trust domain, an invalid Policy (a *policy.FieldError), or a
 // StateFile with keys that die with the process.
-func (cfg Config) Validate() error {
+func (c Config) Validate() error {
 	switch {
-	case cfg.ID.IsZero():
+	case c.ID.IsZero():
 		return errors.New("rotator: config: ID is required")
-	case cfg.Issuer == nil:
+	case c.Issuer == nil:
 		return errors.New("rotator: config: Issuer is required")
-	case cfg.Bundle == nil || cfg.Bundle.Empty():
+	case c.Bundle == nil || c.Bundle.Empty():
 		return errors.New("rotator: config: Bundle with at least one authority is required")
-	case cfg.Bundle.TrustDomain() != cfg.ID.TrustDomain():
+	case c.Bundle.TrustDomain() != c.ID.TrustDomain():
 		return errors.New("rotator: config: Bundle is not for the ID's trust domain")
 	}
-	if err := cfg.Policy.Validate(); err != nil {
+	if err := c.Policy.Validate(); err != nil {
 		return err
 	}
-	if _, ok := cfg.Keys.(PersistentKeys); cfg.StateFile != "" && !ok {
+	if _, ok := c.Keys.(PersistentKeys); c.StateFile != "" && !ok {
 		var keys KeyStore = MemoryKeys{} // the default
-		if cfg.Keys != nil {
-			keys = cfg.Keys
+		if c.Keys != nil {
+			keys = c.Keys
 		}
 		return fmt.Errorf("rotator: config: StateFile needs a key store whose keys outlive the process, not %T", keys)
 	}

@@ -38,7 +38,7 @@ func TestRenewServing(t *testing.T) {
 			renewServing(ctx, &cur, issue, slog.New(slog.DiscardHandler))
 			close(done)
 		}()
-		time.Sleep(4*time.Hour + 8*time.Second)
+		time.Sleep(4*time.Hour + 8*time.Second) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		cancel()
 		<-done

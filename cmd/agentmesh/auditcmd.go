@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 
 	"github.com/spf13/cobra"
@@ -20,12 +21,14 @@ func newAuditCmd() *cobra.Command {
 			bad := false
 			for _, path := range args {
 				n, err := verifyFile(path)
+				line := fmt.Sprintf("%s: OK (%d records)\n", path, n)
 				if err != nil {
 					bad = true
-					fmt.Fprintf(cmd.OutOrStdout(), "%s: BAD after %d good records: %v\n", path, n, err)
-					continue
+					line = fmt.Sprintf("%s: BAD after %d good records: %v\n", path, n, err)
 				}
-				fmt.Fprintf(cmd.OutOrStdout(), "%s: OK (%d records)\n", path, n)
+				if _, err := io.WriteString(cmd.OutOrStdout(), line); err != nil {
+					return err
+				}
 			}
 			if bad {
 				return errors.New("audit verification failed")
@@ -41,6 +44,6 @@ func verifyFile(path string) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	return audit.Verify(f)
 }

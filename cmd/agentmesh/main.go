@@ -20,7 +20,7 @@ func main() {
 		var ee exitError
 		if errors.As(err, &ee) {
 			// A bare exit status: the command has said all there is to say.
-			if err != error(ee) {
+			if err != error(ee) { //nolint:errorlint // identity, not a match: only a wrapped status has words to print
 				fmt.Fprintln(os.Stderr, "agentmesh:", err)
 			}
 			os.Exit(int(ee))

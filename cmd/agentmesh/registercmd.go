@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
-	"text/tabwriter"
 	"time"
 
 	"github.com/agentmesh/agentmesh/meshapi"
@@ -183,24 +182,24 @@ func newListCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			w := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
-			fmt.Fprintln(w, "ID\tHOST\tUID\tPORT")
+			w := newTable(cmd.OutOrStdout())
+			w.printf("ID\tHOST\tUID\tPORT\n")
 			for _, e := range entries {
 				port := "-"
 				if e.Port != 0 {
 					port = strconv.Itoa(int(e.Port))
 				}
-				fmt.Fprintf(w, "%s\t%s\t%d\t%s\n", e.ID, e.Host, e.UID, port)
+				w.printf("%s\t%s\t%d\t%s\n", e.ID, e.Host, e.UID, port)
 			}
-			fmt.Fprintln(w, "\nHOST\tADDRESSES\tSOURCE\tSINCE")
+			w.printf("\nHOST\tADDRESSES\tSOURCE\tSINCE\n")
 			for _, h := range hosts {
 				source := string(h.Source)
 				if h.From.IsValid() {
 					source += " from " + h.From.String()
 				}
-				fmt.Fprintf(w, "%s\t%s\t%s\t%s\n", h.Host, prefixList(h.Prefixes), source, h.At.Format(time.RFC3339))
+				w.printf("%s\t%s\t%s\t%s\n", h.Host, prefixList(h.Prefixes), source, h.At.Format(time.RFC3339))
 			}
-			return w.Flush()
+			return w.flush()
 		},
 	}
 	addStateFlag(cmd, &state)

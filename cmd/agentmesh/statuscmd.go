@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net/http"
-	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -52,22 +51,22 @@ func newStatusCmd() *cobra.Command {
 }
 
 func printStatus(w io.Writer, st node.StatusDocument) error {
-	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintf(tw, "proxy  ready=%t", st.Ready)
+	tw := newTable(w)
+	tw.printf("proxy  ready=%t", st.Ready)
 	if st.NotReady != "" {
-		fmt.Fprintf(tw, "  (%s)", st.NotReady)
+		tw.printf("  (%s)", st.NotReady)
 	}
-	fmt.Fprintln(tw)
+	tw.printf("\n")
 	for _, id := range st.Identities {
-		fmt.Fprintf(tw, "%s  ready=%t", id.SPIFFEID, id.Ready)
+		tw.printf("%s  ready=%t", id.SPIFFEID, id.Ready)
 		if !id.RenewAt.IsZero() {
-			fmt.Fprintf(tw, "  renews %s", id.RenewAt.Format(time.RFC3339))
+			tw.printf("  renews %s", id.RenewAt.Format(time.RFC3339))
 		}
 		if id.Error != "" {
-			fmt.Fprintf(tw, "  (%s)", id.Error)
+			tw.printf("  (%s)", id.Error)
 		}
-		fmt.Fprintln(tw)
-		fmt.Fprintln(tw, "  VERSION\tSTATE\tCAUSE\tSERIAL\tNOT BEFORE\tNOT AFTER\tHANDSHAKES\tUNTIL")
+		tw.printf("\n")
+		tw.printf("  VERSION\tSTATE\tCAUSE\tSERIAL\tNOT BEFORE\tNOT AFTER\tHANDSHAKES\tUNTIL\n")
 		var keys []rotator.CredentialStatus
 		if id.Current != nil {
 			keys = append(keys, *id.Current)
@@ -81,15 +80,15 @@ func printStatus(w io.Writer, st node.StatusDocument) error {
 			case !k.OverlapUntil.IsZero():
 				until = "overlap until " + k.OverlapUntil.Format(time.RFC3339)
 			}
-			fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", k.Version, k.State, k.Cause, k.Serial,
+			tw.printf("  %d\t%s\t%s\t%s\t%s\t%s\t%d\t%s\n", k.Version, k.State, k.Cause, k.Serial,
 				k.NotBefore.Format(time.RFC3339), k.NotAfter.Format(time.RFC3339), k.Handshakes, until)
 		}
 	}
-	fmt.Fprintln(tw, "session-ticket keys")
-	fmt.Fprintln(tw, "  VERSION\tSTATE\tCREATED\tENCRYPTS UNTIL\tDECRYPTS UNTIL")
+	tw.printf("session-ticket keys\n")
+	tw.printf("  VERSION\tSTATE\tCREATED\tENCRYPTS UNTIL\tDECRYPTS UNTIL\n")
 	for _, k := range st.TicketKeys {
-		fmt.Fprintf(tw, "  %d\t%s\t%s\t%s\t%s\n", k.Version, k.State, k.Created.Format(time.RFC3339),
+		tw.printf("  %d\t%s\t%s\t%s\t%s\n", k.Version, k.State, k.Created.Format(time.RFC3339),
 			k.EncryptUntil.Format(time.RFC3339), k.DecryptUntil.Format(time.RFC3339))
 	}
-	return tw.Flush()
+	return tw.flush()
 }

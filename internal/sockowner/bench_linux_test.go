@@ -1,6 +1,7 @@
 package sockowner
 
 import (
+	"errors"
 	"net"
 	"net/netip"
 	"os"
@@ -35,7 +36,9 @@ func openConns(b *testing.B, n int) []socketPair {
 		}
 		b.Cleanup(func() {
 			for _, c := range []net.Conn{c, s} {
-				c.(*net.TCPConn).SetLinger(0)
+				if err := c.(*net.TCPConn).SetLinger(0); err != nil {
+					b.Error(err)
+				}
 				c.Close()
 			}
 		})
@@ -61,7 +64,7 @@ func benchLookup(b *testing.B, fn lookupFunc) {
 
 // BenchmarkUID is the lookup the proxy makes per captured connection, over sock_diag.
 func BenchmarkUID(b *testing.B) {
-	if _, err := viaQuery(diagUID)(netip.MustParseAddrPort("127.0.0.1:1"), netip.MustParseAddrPort("127.0.0.1:2")); err != ErrNotFound {
+	if _, err := viaQuery(diagUID)(netip.MustParseAddrPort("127.0.0.1:1"), netip.MustParseAddrPort("127.0.0.1:2")); !errors.Is(err, ErrNotFound) {
 		b.Fatalf("sock_diag does not work here (%v): this would measure /proc", err)
 	}
 	benchLookup(b, UID)
@@ -77,7 +80,7 @@ func BenchmarkUIDNotFound(b *testing.B) {
 	local, remote := netip.MustParseAddrPort("[::ffff:127.0.0.1]:1"), netip.MustParseAddrPort("[::ffff:127.0.0.1]:2")
 	b.ReportAllocs()
 	for b.Loop() {
-		if _, err := UID(local, remote); err != ErrNotFound {
+		if _, err := UID(local, remote); !errors.Is(err, ErrNotFound) {
 			b.Fatal(err)
 		}
 	}

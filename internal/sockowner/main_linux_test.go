@@ -43,7 +43,9 @@ var childBin struct {
 func TestMain(m *testing.M) {
 	m.Run()
 	if childBin.dir != "" {
-		os.RemoveAll(childBin.dir)
+		if err := os.RemoveAll(childBin.dir); err != nil {
+			fmt.Fprintln(os.Stderr, "remove the child binary:", err)
+		}
 	}
 }
 
@@ -75,15 +77,14 @@ func copyExecutable(dir *string) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer src.Close()
+	defer func() { _ = src.Close() }() // read only
 	path := filepath.Join(*dir, "sockowner.test")
 	dst, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o755)
 	if err != nil {
 		return "", err
 	}
 	if _, err := io.Copy(dst, src); err != nil {
-		dst.Close()
-		return "", err
+		return "", errors.Join(err, dst.Close())
 	}
 	return path, dst.Close()
 }
@@ -99,11 +100,15 @@ func TestChildProcess(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		fmt.Fprintln(os.Stdout, c.LocalAddr())
+		if _, err := fmt.Fprintln(os.Stdout, c.LocalAddr()); err != nil {
+			t.Fatal(err)
+		}
 		if mode == childDialClose {
 			c.Close()
 		}
-		io.Copy(io.Discard, os.Stdin)
+		if _, err := io.Copy(io.Discard, os.Stdin); err != nil {
+			t.Fatal(err)
+		}
 	case childNoDiag:
 		if err := refuseSockDiag(); err != nil {
 			t.Fatalf("install seccomp filter: %v", err)
@@ -135,9 +140,15 @@ func dialAs(t *testing.T, ln net.Listener, addr string, uid uint32, mode string)
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	waited := false
 	t.Cleanup(func() {
 		stdin.Close()
-		cmd.Wait()
+		if waited {
+			return
+		}
+		if err := cmd.Wait(); err != nil {
+			t.Errorf("child process: %v\n%s", err, stderr.Bytes())
+		}
 	})
 	out := bufio.NewReader(stdout)
 	line, err := out.ReadString('\n')
@@ -146,6 +157,7 @@ func dialAs(t *testing.T, ln net.Listener, addr string, uid uint32, mode string)
 		stdin.Close()
 		rest, _ := io.ReadAll(out)
 		werr := cmd.Wait()
+		waited = true
 		t.Fatalf("child process: %v\n%s%s%s", werr, line, rest, stderr.Bytes())
 	}
 	c, err := ln.Accept()
@@ -204,7 +216,7 @@ func refuseSockDiag() error {
 	}
 	fprog := unix.SockFprog{Len: uint16(len(prog)), Filter: &prog[0]}
 	tid, _, errno := unix.Syscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER,
-		unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&fprog)))
+		unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&fprog))) //nolint:gosec // G103: seccomp(2) takes the filter program by address
 	runtime.KeepAlive(prog)
 	if errno != 0 {
 		return errno

@@ -46,7 +46,7 @@ func scanProcTable(name string, q query) (uint32, error) {
 	if err != nil {
 		return 0, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	var uid uint32
 	found := false
 	err = scanProcNet(f, func(e procEntry) bool {

@@ -94,8 +94,8 @@ func TestParseDiagReply(t *testing.T) {
 			got, err := parseDiagReply(tc.reply, seq)
 			switch {
 			case tc.wantErr == nil && err != nil,
-				tc.wantErr == errAny && err == nil,
-				tc.wantErr != nil && tc.wantErr != errAny && !errors.Is(err, tc.wantErr):
+				errors.Is(tc.wantErr, errAny) && err == nil,
+				tc.wantErr != nil && !errors.Is(tc.wantErr, errAny) && !errors.Is(err, tc.wantErr):
 				t.Fatalf("parseDiagReply: %v; want %v", err, tc.wantErr)
 			case err == nil && got != tc.want:
 				t.Fatalf("parseDiagReply = %+v; want %+v", got, tc.want)

@@ -230,7 +230,9 @@ func TestClosedSocketHasNoOwner(t *testing.T) {
 	ln, addr := netCase{listen: "127.0.0.1:0"}.listenAndDialAddr(t)
 	client, server := connect(t, ln, addr)
 	local, remote := ends(client)
-	client.Close()
+	if err := client.Close(); err != nil {
+		t.Fatal(err)
+	}
 	// EOF: the kernel has the FIN, the client socket is orphaned and draining.
 	if _, err := io.Copy(io.Discard, server); err != nil {
 		t.Fatal(err)

@@ -95,7 +95,7 @@ func (p *process) await(ctx context.Context, pattern string, timeout time.Durati
 	case <-w.ch:
 		return nil
 	case <-p.done:
-		return fmt.Errorf("%s exited (%v) before logging %q:\n%s", p.name, p.err, pattern, p.tail(15))
+		return errors.Join(fmt.Errorf("%s exited before logging %q:\n%s", p.name, pattern, p.tail(15)), p.err)
 	case <-t.C:
 		return fmt.Errorf("%s did not log %q within %v:\n%s", p.name, pattern, timeout, p.tail(15))
 	case <-ctx.Done():
@@ -115,7 +115,7 @@ func (p *process) tail(n int) string {
 func (p *process) exited() error {
 	select {
 	case <-p.done:
-		return fmt.Errorf("%s exited (%v):\n%s", p.name, p.err, p.tail(15))
+		return errors.Join(fmt.Errorf("%s exited:\n%s", p.name, p.tail(15)), p.err)
 	default:
 		return nil
 	}

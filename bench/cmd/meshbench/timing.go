@@ -192,7 +192,7 @@ func findRecord(path string, match func(auditRecord) bool) (auditRecord, error) 
 	if err != nil {
 		return auditRecord{}, err
 	}
-	defer f.Close()
+	defer func() { _ = f.Close() }() // read only
 	sc := bufio.NewScanner(f)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	for sc.Scan() {
@@ -216,7 +216,7 @@ func dialEcho(addr string) (net.Conn, error) {
 	}
 	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
 	buf := []byte{modeEcho, 'x'}
-	if _, err := c.Write(buf); err == nil {
+	if _, err = c.Write(buf); err == nil {
 		_, err = io.ReadFull(c, buf[:1])
 	}
 	if err != nil {
