@@ -59,8 +59,8 @@ func (r *route) untrack(c *tunnelConn) {
 
 // routeListener is one route's listener; cur is the route it serves now.
 type routeListener struct {
-	ln   net.Listener
-	cur  atomic.Pointer[route]
+	ln  net.Listener
+	cur atomic.Pointer[route]
 	// removed is set before SetRoutes closes the listener, so that its accept
 	// loop ends quietly: a removed listener's closing is not a failure.
 	removed atomic.Bool
