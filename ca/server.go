@@ -14,10 +14,10 @@ import (
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/agentmesh/agentmesh/ca/authority"
+	"github.com/agentmesh/agentmesh/internal/metricreg"
 )
 
 // shutdownTimeout bounds the graceful part of Run's shutdown; connections still open
@@ -139,7 +139,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	// Registered last, so that a New that fails leaves the registry as it was.
-	if err := registerMetrics(cfg.Registerer, s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt); err != nil {
+	if err := metricreg.Register(cfg.Registerer, s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt); err != nil {
 		return nil, err
 	}
 
@@ -317,17 +317,4 @@ func boundary(err error) error {
 		return err
 	}
 	return fmt.Errorf("ca: %w", err)
-}
-
-// registerMetrics registers the CA's collectors with reg (none when reg is nil).
-func registerMetrics(reg prometheus.Registerer, cs ...prometheus.Collector) error {
-	if reg == nil {
-		return nil
-	}
-	for _, c := range cs {
-		if err := reg.Register(c); err != nil {
-			return fmt.Errorf("register metrics: %w", err)
-		}
-	}
-	return nil
 }

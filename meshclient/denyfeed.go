@@ -7,12 +7,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/agentmesh/agentmesh/meshapi"
 	"log/slog"
 	"net/http"
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/agentmesh/agentmesh/internal/metricreg"
+	"github.com/agentmesh/agentmesh/meshapi"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -103,13 +105,8 @@ func newFeedMetrics(reg prometheus.Registerer) (*feedMetrics, error) {
 	for _, r := range []string{denyReasonBadSignature, denyReasonStale, denyReasonConflict, denyReasonGap, denyReasonPremature, denyReasonMalformed} {
 		m.refused.WithLabelValues(r)
 	}
-	if reg == nil {
-		return m, nil
-	}
-	for _, c := range []prometheus.Collector{m.version, m.confirmed, m.lag, m.refused, m.up} {
-		if err := reg.Register(c); err != nil {
-			return nil, fmt.Errorf("ca: register metrics: %w", err)
-		}
+	if err := metricreg.Register(reg, m.version, m.confirmed, m.lag, m.refused, m.up); err != nil {
+		return nil, err
 	}
 	return m, nil
 }
