@@ -6,6 +6,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"log/slog"
+	"slices"
 	"sync"
 	"testing"
 	"testing/synctest"
@@ -70,6 +71,26 @@ func (r *auditRecords) policies() []*audit.Policy {
 		}
 	}
 	return out
+}
+
+// configChanges returns the config records, in order.
+func (r *auditRecords) configChanges() []audit.ConfigChange {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var out []audit.ConfigChange
+	for _, e := range r.list {
+		if c, ok := e.(audit.ConfigChange); ok {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// listeners returns the routes and services sets applied, in order.
+func (p *proxyRecorder) listeners() ([][]proxy.Route, [][]proxy.Service) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return slices.Clone(p.routes), slices.Clone(p.services)
 }
 
 // proxyRecorder stands for the running proxy at the boundary node drives: it keeps what

@@ -14,6 +14,7 @@ import (
 	"testing/synctest"
 	"time"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -134,12 +135,46 @@ func TestWatchConfig(t *testing.T) {
 				t.Fatalf("%s after the rotation policy changed: %+v, want version 2 by trigger config", h.ID(), st.Current)
 			}
 		}
-		// The same policy again, with routes changed only: routes need a restart, so
+		// The same policy again, with routes changed only: they apply live, and
 		// nothing rotates.
 		w.write("proxy.yaml", strings.Replace(watchedConfig("overlap: 20s"), "18080", "18081", 1))
 		next()
 		if got := w.px.resets(); len(got) != 1 {
 			t.Fatalf("ticket key resets %v after a route change, want none more", got)
+		}
+	})
+}
+
+// TestWatchListeners: a changed route and a narrowed service allow list apply live,
+// without a rotation, and are audited; an invalid file changes neither, is audited as
+// refused with its file and line, and the last good configuration stays in force.
+func TestWatchListeners(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		w := startWatcher(t)
+		good := strings.Replace(watchedConfig("overlap: 10s"), "127.0.0.1:18080", "127.0.0.1:18081", 1)
+		good = strings.Replace(good, "allow: [spiffe://example.org/host/b]", "allow: [spiffe://example.org/host/c]", 1)
+		w.write("proxy.yaml", good)
+		next()
+		routes, services := w.px.listeners()
+		if len(routes) != 1 || len(routes[0]) != 1 || routes[0][0].Listen != "127.0.0.1:18081" {
+			t.Fatalf("routes applied %+v, want one set with the route at 127.0.0.1:18081", routes)
+		}
+		if len(services) != 1 || len(services[0]) != 1 || services[0][0].Allow[0].String() != "spiffe://example.org/host/c" {
+			t.Fatalf("services applied %+v, want one set allowing host/c", services)
+		}
+		if got := w.px.resets(); len(got) != 0 {
+			t.Fatalf("ticket key resets %v after a listener change, want none", got)
+		}
+		// A route without a listen address: the whole file is refused.
+		w.write("proxy.yaml", strings.Replace(good, "listen: 127.0.0.1:18081", "listen: \"\"", 1))
+		next()
+		if routes, services = w.px.listeners(); len(routes) != 1 || len(services) != 1 {
+			t.Fatalf("an invalid file was applied: routes %+v, services %+v", routes, services)
+		}
+		recs := w.audit.configChanges()
+		if len(recs) != 2 || recs[0].Result != audit.ConfigApplied || recs[1].Result != audit.ConfigRefused ||
+			!strings.Contains(recs[1].Error, "proxy.yaml:") {
+			t.Fatalf("config records %+v, want applied then refused naming the file", recs)
 		}
 	})
 }
