@@ -19,7 +19,7 @@ import (
 	"github.com/agentmesh/agentmesh/ca/authority"
 )
 
-// The issuance policy the CA hands step-ca's authority (authority.Policy): revoked
+// The issuance policy the CA hands step-ca's authority (authority.IssuePolicy): revoked
 // identities are refused at every issuance path: /sign by an X.509 enforcer, /renew
 // and /rekey by the renewal authorisation (step-ca runs enforcers on /sign only), and
 // all three again when the certificate is stored (authDB), which closes the race with

@@ -221,7 +221,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		}
 	}()
 
-	if err := s.auth.Start(authority.Policy{DB: s.db, Enforce: s.enforceNotRevoked, AuthorizeRenew: s.authorizeRenew}); err != nil {
+	if err := s.auth.Start(authority.IssuePolicy{DB: s.db, Enforce: s.enforceNotRevoked, AuthorizeRenew: s.authorizeRenew}); err != nil {
 		return boundary(err)
 	}
 	s.reconcileStepCA(ctx, s.auth.Step())

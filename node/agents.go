@@ -28,7 +28,7 @@ type agents struct {
 	host     spiffeid.ID
 	newRot   func(id spiffeid.ID, reg prometheus.Registerer, p policy.Rotation) (*rotator.Rotator, error)
 	rotation atomic.Pointer[policy.Rotation] // the rotation policy in force, for new agents too
-	denyList func() proxy.DenyList
+	denyList func() proxy.Denier
 	reg      prometheus.Registerer
 	logger   *slog.Logger
 
@@ -65,7 +65,7 @@ type agentSnapshot struct {
 	byPort map[uint16]spiffeid.ID
 }
 
-func newAgents(host spiffeid.ID, rotation policy.Rotation, reg prometheus.Registerer, denyList func() proxy.DenyList,
+func newAgents(host spiffeid.ID, rotation policy.Rotation, reg prometheus.Registerer, denyList func() proxy.Denier,
 	logger *slog.Logger, newRot func(spiffeid.ID, prometheus.Registerer, policy.Rotation) (*rotator.Rotator, error)) *agents {
 	a := &agents{host: host, newRot: newRot, denyList: denyList, reg: reg, logger: logger,
 		changed: make(chan struct{}, 1), running: map[spiffeid.ID]*agentRun{}}

@@ -38,7 +38,7 @@ func TestAgentsReady(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			a := newAgents(host, policy.Rotation{}, prometheus.NewRegistry(), func() proxy.DenyList { return nil },
+			a := newAgents(host, policy.Rotation{}, prometheus.NewRegistry(), func() proxy.Denier { return nil },
 				slog.New(slog.DiscardHandler), newRot)
 			if tc.entries != nil {
 				a.update(tc.entries)

@@ -17,7 +17,7 @@ import (
 // liveProxy is what mesh states and configuration changes change in the running proxy.
 type liveProxy interface {
 	ticketKeyResetter
-	SetDenyList(proxy.DenyList) (closed int)
+	SetDenyList(proxy.Denier) (closed int)
 	SetPolicy(*policy.Authz) (version uint64, closed int)
 	SetRoutes([]proxy.Route) error
 	SetServices([]proxy.Service) (closed int, err error)
@@ -48,7 +48,7 @@ func (a *applier) onEntries(entries []registration) { a.agents.update(entries) }
 
 // onDenyList applies a new deny-list: every rotator drops the credentials it denies, and
 // the proxy refuses them and closes their connections.
-func (a *applier) onDenyList(l proxy.DenyList) int {
+func (a *applier) onDenyList(l proxy.Denier) int {
 	a.rot.Revoke(l.Denies)
 	a.agents.revoke(l.Denies)
 	return a.live.SetDenyList(l)

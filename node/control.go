@@ -24,8 +24,8 @@ import (
 // authenticated by the kernel (SO_PEERCRED): root or the proxy's own user.
 const ControlSocket = "control.sock"
 
-// RotateRequest is the body of the control socket's POST /rotate.
-type RotateRequest struct {
+// ControlRequest is the body of the control socket's POST /rotate.
+type ControlRequest struct {
 	// SPIFFEID names the identity to rotate; empty means the proxy's own.
 	SPIFFEID    string `json:"spiffe_id,omitempty"`
 	Reason      string `json:"reason"`
@@ -86,7 +86,7 @@ func newControl(stateDir string, find func(spiffeid.ID) (rotateFunc, bool), logg
 func rotateHandler(find func(spiffeid.ID) (rotateFunc, bool)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		uid, _ := r.Context().Value(peerUIDKey{}).(int)
-		var req RotateRequest
+		var req ControlRequest
 		dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 4<<10))
 		dec.DisallowUnknownFields()
 		if err := dec.Decode(&req); err != nil {

@@ -97,14 +97,14 @@ func (p *proxyRecorder) listeners() ([][]proxy.Route, [][]proxy.Service) {
 // it was given.
 type proxyRecorder struct {
 	mu           sync.Mutex
-	denyLists    []proxy.DenyList
+	denyLists    []proxy.Denier
 	authz        []*policy.Authz
 	routes       [][]proxy.Route
 	services     [][]proxy.Service
 	ticketResets []string
 }
 
-func (p *proxyRecorder) SetDenyList(l proxy.DenyList) int {
+func (p *proxyRecorder) SetDenyList(l proxy.Denier) int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.denyLists = append(p.denyLists, l)
@@ -198,7 +198,7 @@ func newFixture(t *testing.T) *fixture {
 	f.issuer = &testIssuer{t: t, ca: f.ca}
 	logger := slog.New(slog.DiscardHandler)
 	f.rot = f.newRotator(t, testHost, prometheus.NewRegistry(), policy.Rotation{})
-	f.agents = newAgents(testHost, policy.Rotation{}, prometheus.NewRegistry(), func() proxy.DenyList { return nil }, logger,
+	f.agents = newAgents(testHost, policy.Rotation{}, prometheus.NewRegistry(), func() proxy.Denier { return nil }, logger,
 		func(id spiffeid.ID, reg prometheus.Registerer, p policy.Rotation) (*rotator.Rotator, error) {
 			return f.newRotator(t, id, reg, p), nil
 		})

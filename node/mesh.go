@@ -33,7 +33,7 @@ type meshDirectory interface {
 	Run(ctx context.Context) error
 	CheckFresh(maxAge time.Duration) error
 	// DenyList is the list in force, nil before the first one.
-	DenyList() proxy.DenyList
+	DenyList() proxy.Denier
 	AgentToken(ctx context.Context, id spiffeid.ID) (string, error)
 }
 
@@ -144,7 +144,7 @@ func (m member) AgentToken(ctx context.Context, id spiffeid.ID) (string, error) 
 	return m.Tokens.AgentToken(ctx, id)
 }
 
-func (m member) DenyList() proxy.DenyList {
+func (m member) DenyList() proxy.Denier {
 	if l := m.Watch.State().DenyList(); l != nil {
 		return l
 	}

@@ -244,7 +244,7 @@ func (n *node) drain(ctx context.Context, serial string, grace time.Duration) in
 }
 
 // denyList is the deny-list in force, for agents' rotators as they start.
-func (n *node) denyList() proxy.DenyList { return n.dir.DenyList() }
+func (n *node) denyList() proxy.Denier { return n.dir.DenyList() }
 
 // newAgentRotator makes the rotator of a local agent: it enrols with tokens the CA
 // grants this host while the agent is registered to it.

@@ -144,7 +144,7 @@ func Example_explicitCapture() {
 
 // ExampleProxy_SetDenyList revokes host A at proxy B while A has a tunnel
 // open: B closes it at once, and refuses A from then on. In production the
-// directory client calls SetDenyList with each verified *ca.DenyList.
+// directory client calls SetDenyList with each verified *meshapi.DenyList.
 func ExampleProxy_SetDenyList() {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -231,7 +231,7 @@ func exampleConfig(ca *testca.CA, id spiffeid.ID) proxy.Config {
 	}
 }
 
-// deniedIDs is a proxy.DenyList that denies every certificate of the listed
+// deniedIDs is a proxy.Denier that denies every certificate of the listed
 // identities.
 type deniedIDs []spiffeid.ID
 

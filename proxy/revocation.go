@@ -6,9 +6,9 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// DenyList is the revocation deny-list the proxy enforces. Implemented by
-// *ca.DenyList.
-type DenyList interface {
+// Denier is the revocation deny-list the proxy enforces. Implemented by
+// *meshapi.DenyList.
+type Denier interface {
 	// Denies reports whether a certificate for id with this serial
 	// (decimal) and this NotBefore is revoked: the serial is, or the
 	// identity was revoked after the certificate was issued (the list
@@ -22,7 +22,7 @@ type DenyList interface {
 }
 
 // denyState is the deny-list in force; list is nil for none.
-type denyState struct{ list DenyList }
+type denyState struct{ list Denier }
 
 // denies reports whether the deny-list in force denies (id, serial,
 // notBefore).
@@ -58,7 +58,7 @@ func (p *Proxy) deniedConn(ci ConnInfo) bool {
 // handshake that completes meanwhile is either refused by VerifyConnection
 // or registered in time to be found; a connection that passed verification
 // just before the change checks the list again when it registers.
-func (p *Proxy) SetDenyList(d DenyList) (closed int) {
+func (p *Proxy) SetDenyList(d Denier) (closed int) {
 	p.deny.Store(&denyState{list: d})
 	// Belt and braces: resumption goes through VerifyConnection, which
 	// enforces d anyway.

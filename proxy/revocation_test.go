@@ -38,7 +38,7 @@ func (c *clock) Advance(d time.Duration) {
 	c.now = c.now.Add(d)
 }
 
-// denySet is a proxy.DenyList. Unlike *ca.DenyList it may change after
+// denySet is a proxy.Denier. Unlike *meshapi.DenyList it may change after
 // SetDenyList, which lets a test present a ticket whose keys were not
 // replaced and so reach VerifyConnection on a resumed session.
 type denySet struct {
@@ -46,7 +46,7 @@ type denySet struct {
 	ids     map[spiffeid.ID]bool
 	serials map[string]bool
 	// cutoffs deny an identity's certificates with an earlier NotBefore,
-	// as a *ca.DenyList's identity entry does.
+	// as a *meshapi.DenyList's identity entry does.
 	cutoffs map[spiffeid.ID]time.Time
 }
 
@@ -214,7 +214,7 @@ func TestSetDenyListClosesConnections(t *testing.T) {
 	tests := []struct {
 		name string
 		// list returns the node to call SetDenyList on and the list.
-		list       func(t *testing.T, tr *triangle) (*node, proxy.DenyList)
+		list       func(t *testing.T, tr *triangle) (*node, proxy.Denier)
 		wantClosed int
 		direction  string
 		// survivor is the agent connection that must keep working.
@@ -222,18 +222,18 @@ func TestSetDenyListClosesConnections(t *testing.T) {
 	}{
 		{
 			name: "peer_id_inbound", wantClosed: 1, direction: "inbound",
-			list:     func(t *testing.T, tr *triangle) (*node, proxy.DenyList) { return tr.b, deny(idA) },
+			list:     func(t *testing.T, tr *triangle) (*node, proxy.Denier) { return tr.b, deny(idA) },
 			survivor: func(tr *triangle) *net.TCPConn { return tr.fromC },
 		},
 		{
 			name: "peer_serial_outbound", wantClosed: 1, direction: "outbound",
-			list: func(t *testing.T, tr *triangle) (*node, proxy.DenyList) {
+			list: func(t *testing.T, tr *triangle) (*node, proxy.Denier) {
 				return tr.a, denySerial(tr.b.serial(t))
 			},
 		},
 		{
 			name: "own_serial", wantClosed: 2, direction: "inbound",
-			list: func(t *testing.T, tr *triangle) (*node, proxy.DenyList) {
+			list: func(t *testing.T, tr *triangle) (*node, proxy.Denier) {
 				return tr.b, denySerial(tr.b.serial(t))
 			},
 		},

@@ -52,10 +52,10 @@ type Config struct {
 	Audit func(audit.Event)
 }
 
-// Policy is what the caller decides about issuance: the database step-ca stores
+// IssuePolicy is what the caller decides about issuance: the database step-ca stores
 // certificates and used tokens in (wrap it with TokenDB so that reuses are audited),
 // and the checks applied to /sign (Enforce) and to /renew and /rekey (AuthorizeRenew).
-type Policy struct {
+type IssuePolicy struct {
 	DB             stepdb.AuthDB
 	Enforce        func(*x509.Certificate) error
 	AuthorizeRenew func(context.Context, *provisioner.Controller, *x509.Certificate) error
@@ -201,7 +201,7 @@ func (a *Authority) config() *config.Config {
 // checks, and issues the TLS serving certificate. It starts step-ca's CRL goroutine,
 // which is why it is separate from Open; Close stops it and closes the KMS and p.DB.
 // Call it once.
-func (a *Authority) Start(p Policy) error {
+func (a *Authority) Start(p IssuePolicy) error {
 	auth, err := stepauthority.New(a.config(),
 		stepauthority.WithKeyManager(a.kms),
 		stepauthority.WithX509RootCerts(a.certs.root),

@@ -46,7 +46,7 @@ through the directory's watch within a second).`,
 				}
 				return rotateFleet(cmd, state, reason)
 			}
-			req := node.RotateRequest{Reason: reason, Compromised: compromised}
+			req := node.ControlRequest{Reason: reason, Compromised: compromised}
 			if len(args) == 1 {
 				id, err := spiffeid.FromString(args[0])
 				if err != nil {
@@ -82,7 +82,7 @@ func rotateFleet(cmd *cobra.Command, state, reason string) error {
 }
 
 // requestRotate sends POST /rotate to the control socket of the proxy in stateDir.
-func requestRotate(ctx context.Context, stateDir string, req node.RotateRequest) (*rotator.RotateResult, error) {
+func requestRotate(ctx context.Context, stateDir string, req node.ControlRequest) (*rotator.RotateResult, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, err
