@@ -115,8 +115,8 @@ type Revocation struct {
 // Kind returns "revocation".
 func (Revocation) Kind() string { return "revocation" }
 
-// DenyList records a proxy accepting or refusing a signed deny-list from the CA.
-type DenyList struct {
+// DenyListChange records a proxy accepting or refusing a signed deny-list from the CA.
+type DenyListChange struct {
 	Version  uint64 `json:"version"`  // the version received
 	Previous uint64 `json:"previous"` // the version held before
 	Result   string `json:"result"`   // "applied" | "refused"
@@ -136,7 +136,7 @@ type DenyList struct {
 }
 
 // Kind returns "deny_list".
-func (DenyList) Kind() string { return "deny_list" }
+func (DenyListChange) Kind() string { return "deny_list" }
 
 // KeyState records one lifecycle transition of a key (NIST SP 800-57 states):
 // pre-activation → active → overlap → destroyed, or compromised at any point.

@@ -24,7 +24,7 @@ func TestOwnEventsHaveNoHeaderKeys(t *testing.T) {
 			BytesIn: 1, BytesOut: 2, Duration: 3, Reason: "r"},
 		audit.Revocation{Initiator: "i", SPIFFEID: "s", Serial: "n", Reason: "r", Result: "ok", Error: "e",
 			Serials: []string{"1"}, ListVersion: 2},
-		audit.DenyList{Version: 2, Previous: 1, Result: "refused", Reason: "gap", Error: "e", IDs: 1, Serials: 2,
+		audit.DenyListChange{Version: 2, Previous: 1, Result: "refused", Reason: "gap", Error: "e", IDs: 1, Serials: 2,
 			Closed: 3, Lag: 4},
 		audit.KeyState{Key: "svid", SPIFFEID: "s", Version: 1, Serial: "n", From: "active", To: "overlap",
 			Cause: "time", NotAfter: now},

@@ -362,7 +362,7 @@ func (d *denyFeed) refuse(source string, s *meshapi.SignedDenyList, l *meshapi.D
 	if repeated {
 		return
 	}
-	rec := audit.DenyList{Result: denyResultRefused, Reason: reason, Error: err.Error()}
+	rec := audit.DenyListChange{Result: denyResultRefused, Reason: reason, Error: err.Error()}
 	if held != nil {
 		rec.Previous = held.Version
 	}
@@ -375,7 +375,7 @@ func (d *denyFeed) refuse(source string, s *meshapi.SignedDenyList, l *meshapi.D
 	d.audit(rec)
 }
 
-func (d *denyFeed) audit(rec audit.DenyList) {
+func (d *denyFeed) audit(rec audit.DenyListChange) {
 	if d.cfg.Audit == nil {
 		return
 	}

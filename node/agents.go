@@ -26,8 +26,8 @@ import (
 // versions, overlap and audit trail, like the host's.
 type agents struct {
 	host     spiffeid.ID
-	newRot   func(id spiffeid.ID, reg prometheus.Registerer, p policy.Rotation) (*rotator.Rotator, error)
-	rotation atomic.Pointer[policy.Rotation] // the rotation policy in force, for new agents too
+	newRot   func(id spiffeid.ID, reg prometheus.Registerer, p policy.RotationPolicy) (*rotator.Rotator, error)
+	rotation atomic.Pointer[policy.RotationPolicy] // the rotation policy in force, for new agents too
 	denyList func() proxy.Denier
 	reg      prometheus.Registerer
 	logger   *slog.Logger
@@ -65,8 +65,8 @@ type agentSnapshot struct {
 	byPort map[uint16]spiffeid.ID
 }
 
-func newAgents(host spiffeid.ID, rotation policy.Rotation, reg prometheus.Registerer, denyList func() proxy.Denier,
-	logger *slog.Logger, newRot func(spiffeid.ID, prometheus.Registerer, policy.Rotation) (*rotator.Rotator, error)) *agents {
+func newAgents(host spiffeid.ID, rotation policy.RotationPolicy, reg prometheus.Registerer, denyList func() proxy.Denier,
+	logger *slog.Logger, newRot func(spiffeid.ID, prometheus.Registerer, policy.RotationPolicy) (*rotator.Rotator, error)) *agents {
 	a := &agents{host: host, newRot: newRot, denyList: denyList, reg: reg, logger: logger,
 		changed: make(chan struct{}, 1), running: map[spiffeid.ID]*agentRun{}}
 	a.rotation.Store(&rotation)
@@ -222,7 +222,7 @@ func (a *agents) revoke(denied func(spiffeid.ID, string, time.Time) bool) {
 }
 
 // setRotation makes p the rotation policy of every agent, present and future.
-func (a *agents) setRotation(p policy.Rotation) error {
+func (a *agents) setRotation(p policy.RotationPolicy) error {
 	a.rotation.Store(&p)
 	var errs []error
 	for _, rot := range a.rotators() {

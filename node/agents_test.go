@@ -21,7 +21,7 @@ func TestAgentsReady(t *testing.T) {
 	other := spiffeid.RequireFromString("spiffe://td.test/host/b")
 	planner := spiffeid.RequireFromString("spiffe://td.test/agent/planner")
 	search := spiffeid.RequireFromString("spiffe://td.test/agent/search")
-	newRot := func(spiffeid.ID, prometheus.Registerer, policy.Rotation) (*rotator.Rotator, error) {
+	newRot := func(spiffeid.ID, prometheus.Registerer, policy.RotationPolicy) (*rotator.Rotator, error) {
 		return nil, errors.New("not started in this test")
 	}
 	tests := []struct {
@@ -38,7 +38,7 @@ func TestAgentsReady(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			a := newAgents(host, policy.Rotation{}, prometheus.NewRegistry(), func() proxy.Denier { return nil },
+			a := newAgents(host, policy.RotationPolicy{}, prometheus.NewRegistry(), func() proxy.Denier { return nil },
 				slog.New(slog.DiscardHandler), newRot)
 			if tc.entries != nil {
 				a.update(tc.entries)

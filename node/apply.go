@@ -93,7 +93,7 @@ func (a *applier) rotateOne(id spiffeid.ID) (rotateFunc, bool) {
 // setRotation makes p the rotation policy of every identity held and replaces the
 // session-ticket keys (a policy change is a security event). The host's rotator
 // refusing p leaves everything as it was.
-func (a *applier) setRotation(p policy.Rotation) error {
+func (a *applier) setRotation(p policy.RotationPolicy) error {
 	if err := a.rot.SetPolicy(p); err != nil {
 		return err
 	}

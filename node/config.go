@@ -47,17 +47,17 @@ type Config struct {
 	// Resumption turns TLS session resumption on the tls transport on or off. Default on.
 	Resumption *bool `yaml:"resumption"`
 	// QUICKeyUpdateInterval is the number of packets per QUIC traffic key; 0: quic-go's default.
-	QUICKeyUpdateInterval uint64             `yaml:"quic_key_update_interval"`
-	TLS                   TLSSettings        `yaml:"tls"`
-	Directory             DirectorySettings  `yaml:"directory"`
-	Revocation            RevocationSettings `yaml:"revocation"`
-	Audit                 AuditSettings      `yaml:"audit"`
-	Pool                  PoolSettings       `yaml:"pool"`
-	Limits                LimitsSettings     `yaml:"limits"`
-	Log                   LogSettings        `yaml:"log"`
-	Rotation              policy.Rotation    `yaml:"rotation"`
-	Routes                []RouteSettings    `yaml:"routes"`
-	Services              []ServiceSettings  `yaml:"services"`
+	QUICKeyUpdateInterval uint64                `yaml:"quic_key_update_interval"`
+	TLS                   TLSSettings           `yaml:"tls"`
+	Directory             DirectorySettings     `yaml:"directory"`
+	Revocation            RevocationSettings    `yaml:"revocation"`
+	Audit                 AuditSettings         `yaml:"audit"`
+	Pool                  PoolSettings          `yaml:"pool"`
+	Limits                LimitsSettings        `yaml:"limits"`
+	Log                   LogSettings           `yaml:"log"`
+	Rotation              policy.RotationPolicy `yaml:"rotation"`
+	Routes                []RouteSettings       `yaml:"routes"`
+	Services              []ServiceSettings     `yaml:"services"`
 
 	path       string // the file, watched for changes
 	id         spiffeid.ID

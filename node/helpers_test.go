@@ -197,9 +197,9 @@ func newFixture(t *testing.T) *fixture {
 	f := &fixture{ca: testca.New(t), px: &proxyRecorder{}, revoker: &revokerRecorder{}, audit: &auditRecords{}}
 	f.issuer = &testIssuer{t: t, ca: f.ca}
 	logger := slog.New(slog.DiscardHandler)
-	f.rot = f.newRotator(t, testHost, prometheus.NewRegistry(), policy.Rotation{})
-	f.agents = newAgents(testHost, policy.Rotation{}, prometheus.NewRegistry(), func() proxy.Denier { return nil }, logger,
-		func(id spiffeid.ID, reg prometheus.Registerer, p policy.Rotation) (*rotator.Rotator, error) {
+	f.rot = f.newRotator(t, testHost, prometheus.NewRegistry(), policy.RotationPolicy{})
+	f.agents = newAgents(testHost, policy.RotationPolicy{}, prometheus.NewRegistry(), func() proxy.Denier { return nil }, logger,
+		func(id spiffeid.ID, reg prometheus.Registerer, p policy.RotationPolicy) (*rotator.Rotator, error) {
 			return f.newRotator(t, id, reg, p), nil
 		})
 	f.applier = &applier{rot: f.rot, agents: f.agents, live: f.px, auditor: f.audit, log: logger, fleetCtx: t.Context(),
@@ -214,7 +214,7 @@ func newFixture(t *testing.T) *fixture {
 	return f
 }
 
-func (f *fixture) newRotator(t *testing.T, id spiffeid.ID, reg prometheus.Registerer, p policy.Rotation) *rotator.Rotator {
+func (f *fixture) newRotator(t *testing.T, id spiffeid.ID, reg prometheus.Registerer, p policy.RotationPolicy) *rotator.Rotator {
 	t.Helper()
 	r, err := rotator.New(rotator.Config{ID: id, Issuer: f.issuer, Bundle: f.ca.Bundle(), Policy: p, Keys: rotator.MemoryKeys{},
 		Audit: f.audit, Registerer: reg, Logger: slog.New(slog.DiscardHandler),

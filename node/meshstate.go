@@ -101,7 +101,7 @@ func (a *applier) applyDiff(d stateDiff) {
 // closed.
 func (a *applier) applyDenyList(held, l *meshapi.DenyList) {
 	closed := a.onDenyList(l)
-	rec := audit.DenyList{Version: l.Version, Result: string(audit.LoadApplied), IDs: len(l.IDs),
+	rec := audit.DenyListChange{Version: l.Version, Result: string(audit.LoadApplied), IDs: len(l.IDs),
 		Serials: len(l.Serials), Closed: closed, Expired: meshapi.ExpiredEntries(held, l), Lag: time.Since(l.IssuedAt)}
 	if held != nil {
 		rec.Previous = held.Version

@@ -168,11 +168,11 @@ func TestFollowMeshDenyList(t *testing.T) {
 		if got := len(f.px.denyLists); got != 2 {
 			t.Fatalf("proxy got %d deny-lists, want one per version", got)
 		}
-		recs := recordsOf[audit.DenyList](f.audit)
+		recs := recordsOf[audit.DenyListChange](f.audit)
 		if len(recs) != 2 {
 			t.Fatalf("deny-list records %+v, want one per version", recs)
 		}
-		want := audit.DenyList{Version: 2, Previous: 1, Result: string(audit.LoadApplied), IDs: 1, Lag: time.Second}
+		want := audit.DenyListChange{Version: 2, Previous: 1, Result: string(audit.LoadApplied), IDs: 1, Lag: time.Second}
 		if recs[0].Version != 1 || recs[0].Previous != 0 || recs[1] != want {
 			t.Fatalf("records %+v, want version 1 then %+v", recs, want)
 		}

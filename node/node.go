@@ -248,7 +248,7 @@ func (n *node) denyList() proxy.Denier { return n.dir.DenyList() }
 
 // newAgentRotator makes the rotator of a local agent: it enrols with tokens the CA
 // grants this host while the agent is registered to it.
-func (n *node) newAgentRotator(id spiffeid.ID, reg prometheus.Registerer, pol policy.Rotation) (*rotator.Rotator, error) {
+func (n *node) newAgentRotator(id spiffeid.ID, reg prometheus.Registerer, pol policy.RotationPolicy) (*rotator.Rotator, error) {
 	issuer, err := n.link.agentIssuer(func(ctx context.Context) (string, error) { return n.dir.AgentToken(ctx, id) },
 		n.logger.With("component", "ca_client", "agent", id.String()))
 	if err != nil {

@@ -26,7 +26,7 @@ const configPoll = 500 * time.Millisecond
 
 // configTarget is what a configuration change applies to (the applier).
 type configTarget interface {
-	setRotation(policy.Rotation) error
+	setRotation(policy.RotationPolicy) error
 	rotateAll(ctx context.Context, req rotator.RotateRequest) (rotator.RotateResult, error)
 	setPolicy(*policy.Authz) (version uint64, closed int)
 	setBundle(*x509bundle.Bundle) (changed bool, err error)

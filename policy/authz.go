@@ -40,16 +40,16 @@ type outboundRule struct {
 	toAddrs []addrPattern // passthrough destinations (PassthroughScheme)
 }
 
-// Direction says which rule list a Decision refers to.
-type Direction uint8
+// Flow says which rule list, inbound or outbound, a Decision refers to.
+type Flow uint8
 
-// Directions of a Decision. The zero Direction belongs to the zero Decision.
+// Flows of a Decision. The zero Flow belongs to the zero Decision.
 const (
-	DirectionInbound Direction = iota + 1
+	DirectionInbound Flow = iota + 1
 	DirectionOutbound
 )
 
-func (d Direction) String() string {
+func (d Flow) String() string {
 	switch d {
 	case DirectionInbound:
 		return "inbound"
@@ -62,7 +62,7 @@ func (d Direction) String() string {
 // Decision is the outcome of an authorization check with the deciding rule.
 type Decision struct {
 	Allow     bool
-	Direction Direction
+	Direction Flow
 	Rule      int    // index into the Direction's rule list in file order; -1 for the default
 	Name      string // the deciding rule's name; "default" for the default
 	// The request decided: source, destination (zero when unknown) and, inbound, port.

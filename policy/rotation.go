@@ -2,9 +2,9 @@ package policy
 
 import "time"
 
-// Rotation says when a proxy renews its SVIDs and how long superseded ones stay usable.
+// RotationPolicy says when a proxy renews its SVIDs and how long superseded ones stay usable.
 // The zero value is valid and means the defaults documented on each field.
-type Rotation struct {
+type RotationPolicy struct {
 	// RenewFraction is the fraction of an SVID's lifetime that must still remain when
 	// renewal starts. Default 1/3; valid range (0, 0.9].
 	RenewFraction float64 `yaml:"renew_fraction"`
@@ -59,7 +59,7 @@ const (
 
 // WithDefaults returns r with every zero field set to its default, except
 // MaxHandshakes (zero means off) and TicketKeyPeriod (its default depends on the SVID).
-func (r Rotation) WithDefaults() Rotation {
+func (r RotationPolicy) WithDefaults() RotationPolicy {
 	if r.RenewFraction == 0 {
 		r.RenewFraction = DefaultRenewFraction
 	}
@@ -80,7 +80,7 @@ func (r Rotation) WithDefaults() Rotation {
 
 // Validate reports the first field of r (after defaults) that is out of range, as a
 // *FieldError whose Field is relative to the rotation section ("renew_fraction").
-func (r Rotation) Validate() error {
+func (r RotationPolicy) Validate() error {
 	r = r.WithDefaults()
 	switch {
 	case r.RenewFraction <= 0 || r.RenewFraction > 0.9:

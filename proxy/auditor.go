@@ -6,8 +6,8 @@ import (
 	"github.com/agentmesh/agentmesh/audit"
 )
 
-// Auditor records audit events; *audit.Log satisfies it.
-type Auditor interface {
+// AuditLog records audit events; *audit.Log satisfies it.
+type AuditLog interface {
 	// Append records e. It may block while the log's queue is full and
 	// fails once the log is unusable. Called concurrently.
 	Append(audit.Event) error

@@ -159,7 +159,7 @@ type Config struct {
 	// Audit receives one record per handshake (success and failure) and per
 	// closed connection. Nil disables auditing. While Audit.Err() is not nil
 	// new handshakes are refused, so no handshake goes unrecorded.
-	Audit Auditor
+	Audit AuditLog
 	// Registerer registers the proxy's metrics. Nil: metrics are kept but
 	// not registered.
 	Registerer prometheus.Registerer

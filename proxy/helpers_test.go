@@ -340,5 +340,5 @@ var errTest = errors.New("test: injected failure")
 // The real implementations satisfy the consumer-side interfaces.
 var (
 	_ proxy.Credentials = (*testca.Credentials)(nil)
-	_ proxy.Auditor     = (*audit.Log)(nil)
+	_ proxy.AuditLog    = (*audit.Log)(nil)
 )

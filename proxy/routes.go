@@ -140,7 +140,7 @@ func (p *Proxy) RouteAddr(i int) net.Addr {
 
 // SetDrainGrace sets how long the connections of a route removed or changed
 // by SetRoutes may run before they are closed: the grace the rotation policy
-// gives a superseded credential's connections (policy.Rotation.DrainGrace,
+// gives a superseded credential's connections (policy.RotationPolicy.DrainGrace,
 // its default until set). A grace <= 0 closes them at once.
 func (p *Proxy) SetDrainGrace(grace time.Duration) { p.grace.Store(int64(grace)) }
 

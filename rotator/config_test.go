@@ -26,7 +26,7 @@ func TestConfigValidate(t *testing.T) {
 		{name: "no issuer", edit: func(c *Config) { c.Issuer = nil }, want: "Issuer is required"},
 		{name: "no bundle", edit: func(c *Config) { c.Bundle = nil }, want: "Bundle with at least one authority"},
 		{name: "foreign bundle", edit: func(c *Config) { c.Bundle = foreign.Bundle() }, want: "not for the ID's trust domain"},
-		{name: "bad policy", edit: func(c *Config) { c.Policy = policy.Rotation{RenewFraction: 2} }, want: "renew_fraction"},
+		{name: "bad policy", edit: func(c *Config) { c.Policy = policy.RotationPolicy{RenewFraction: 2} }, want: "renew_fraction"},
 		{name: "state file in memory", edit: func(c *Config) { c.StateFile = "svid.json" }, want: "not rotator.MemoryKeys"},
 	}
 	for _, tc := range tests {

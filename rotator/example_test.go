@@ -17,7 +17,7 @@ import (
 // brought forward by a jitter draw of 0.5 times a twentieth of the lifetime.
 func ExampleRenewAt() {
 	notBefore := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
-	at := rotator.RenewAt(notBefore, notBefore.Add(time.Hour), policy.Rotation{}.WithDefaults(), 0.5)
+	at := rotator.RenewAt(notBefore, notBefore.Add(time.Hour), policy.RotationPolicy{}.WithDefaults(), 0.5)
 	fmt.Println(at.Sub(notBefore))
 	// Output: 38m30s
 }

@@ -300,7 +300,7 @@ func TestOverlapEndDrainsThenDestroys(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
 		keys, drains := &keyLog{}, &drainLog{}
-		p := policy.Rotation{Overlap: 5 * time.Second, DrainGrace: 3 * time.Second, JitterFraction: 1e-9}
+		p := policy.RotationPolicy{Overlap: 5 * time.Second, DrainGrace: 3 * time.Second, JitterFraction: 1e-9}
 		r, rec := startWith(t, iss, Config{Policy: p, Keys: keys, Drain: drains.drain})
 		first := r.Status().Current.Serial
 		advance(41 * time.Second) // renewed at 40 s
@@ -391,7 +391,7 @@ func TestExpiredCurrentDrained(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
 		keys, drains := &keyLog{}, &drainLog{}
-		p := policy.Rotation{DrainGrace: 2 * time.Second, RetryMin: time.Second, RetryMax: 5 * time.Second}
+		p := policy.RotationPolicy{DrainGrace: 2 * time.Second, RetryMin: time.Second, RetryMax: 5 * time.Second}
 		r, rec := startWith(t, iss, Config{Policy: p, Keys: keys, Drain: drains.drain})
 		first := r.Status().Current
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
@@ -451,7 +451,7 @@ func TestFailedAttemptKeyDestroyed(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
 		keys := &keyLog{}
-		p := policy.Rotation{RetryMin: time.Minute, RetryMax: time.Minute} // one attempt in the window
+		p := policy.RotationPolicy{RetryMin: time.Minute, RetryMax: time.Minute} // one attempt in the window
 		r, rec := startWith(t, iss, Config{Policy: p, Keys: keys})
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
 		advance(41 * time.Second)
@@ -477,7 +477,7 @@ func TestRunWaitsForDrains(t *testing.T) {
 		keys := &keyLog{}
 		drains := &drainLog{hold: make(chan struct{})} // a drain that only ctx ends
 		r, err := New(Config{ID: hostA, Issuer: iss, Bundle: iss.ca.Bundle(), Keys: keys, Drain: drains.drain,
-			Policy: policy.Rotation{Overlap: time.Second, DrainGrace: time.Nanosecond}})
+			Policy: policy.RotationPolicy{Overlap: time.Second, DrainGrace: time.Nanosecond}})
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -136,7 +136,7 @@ func (r *records) all() []*audit.Rotation {
 }
 
 // start runs a rotator in the current synctest bubble until the test ends.
-func start(t *testing.T, iss *issuer, p policy.Rotation) (*Rotator, *records) {
+func start(t *testing.T, iss *issuer, p policy.RotationPolicy) (*Rotator, *records) {
 	t.Helper()
 	return startWith(t, iss, Config{Policy: p})
 }
@@ -186,7 +186,7 @@ func newIssuer(t *testing.T, lifetime time.Duration) *issuer {
 func TestRunRenewsOncePerWindow(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
-		r, rec := start(t, iss, policy.Rotation{})
+		r, rec := start(t, iss, policy.RotationPolicy{})
 		if err := r.Ready(); err != nil {
 			t.Fatalf("not ready after enrolment: %v", err)
 		}
@@ -222,7 +222,7 @@ func TestRunRenewsOncePerWindow(t *testing.T) {
 func TestRunBacksOffThenRecovers(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
-		p := policy.Rotation{RetryMin: time.Second, RetryMax: 4 * time.Second}
+		p := policy.RotationPolicy{RetryMin: time.Second, RetryMax: 4 * time.Second}
 		r, _ := start(t, iss, p)
 		first := r.Status().Current.Serial
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
@@ -249,7 +249,7 @@ func TestRunBacksOffThenRecovers(t *testing.T) {
 func TestRunNeverPresentsExpired(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
-		r, rec := start(t, iss, policy.Rotation{RetryMin: time.Second, RetryMax: 10 * time.Second})
+		r, rec := start(t, iss, policy.RotationPolicy{RetryMin: time.Second, RetryMax: 10 * time.Second})
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
 		advance(61 * time.Second)
 		if _, err := r.TLSCertificate(); !errors.Is(err, ErrExpired) {
@@ -281,7 +281,7 @@ func TestRunNeverPresentsExpired(t *testing.T) {
 func TestRunRefusesBadAnswer(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
-		r, rec := start(t, iss, policy.Rotation{RetryMin: time.Second, RetryMax: 2 * time.Second})
+		r, rec := start(t, iss, policy.RotationPolicy{RetryMin: time.Second, RetryMax: 2 * time.Second})
 		first := r.Status().Current.Serial
 		iss.set(func(i *issuer) {
 			i.answer = func() spiffeid.ID { return spiffeid.RequireFromString("spiffe://example.org/host/evil") }
@@ -305,7 +305,7 @@ func TestRunRefusesBadAnswer(t *testing.T) {
 func TestRunOverlapEnds(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
-		r, _ := start(t, iss, policy.Rotation{Overlap: 5 * time.Second, JitterFraction: 0.0001})
+		r, _ := start(t, iss, policy.RotationPolicy{Overlap: 5 * time.Second, JitterFraction: 0.0001})
 		advance(41 * time.Second) // renewed at ~40 s
 		st := r.Status()
 		if len(st.Overlap) != 1 {

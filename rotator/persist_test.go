@@ -108,7 +108,7 @@ func TestRestartRenewsStoredSVID(t *testing.T) {
 	iss.set(func(i *issuer) { i.fail = errors.New("ca unreachable") })
 	reg := prometheus.NewRegistry()
 	second, rec, _ := run(t, iss, Config{Keys: tokenKeys(t, prefix), StateFile: file, Registerer: reg,
-		Policy: policy.Rotation{RetryMin: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond}})
+		Policy: policy.RotationPolicy{RetryMin: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond}})
 	eventually(t, "the stored SVID is presented", func() bool { return second.Ready() == nil })
 	svid, err := second.GetX509SVID()
 	if err != nil || svid.Certificates[0].SerialNumber.String() != enrolled.NewSerial {
@@ -169,7 +169,7 @@ func TestRestartExpiredStoredSVIDEnrols(t *testing.T) {
 	iss.set(func(i *issuer) { i.fail = usedToken{} })
 	reg := prometheus.NewRegistry()
 	r, rec, _ := run(t, iss, Config{Keys: keys, StateFile: file, Registerer: reg,
-		Policy: policy.Rotation{RetryMin: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond}})
+		Policy: policy.RotationPolicy{RetryMin: 10 * time.Millisecond, RetryMax: 50 * time.Millisecond}})
 	eventually(t, "the enrolment is refused", func() bool { return r.Status().NeedsToken })
 	st := r.Status()
 	if st.Ready || !strings.Contains(st.Error, "new bootstrap token") {

@@ -41,7 +41,7 @@ func presented(r *Rotator) (string, error) {
 func TestRevokeCurrentReenrolsAtOnce(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Hour)
-		r, rec := start(t, iss, policy.Rotation{})
+		r, rec := start(t, iss, policy.RotationPolicy{})
 		first := r.Status().Current.Serial
 		// Hold the re-enrolment in the issuer to look at the state in between.
 		gate := make(chan struct{})
@@ -99,7 +99,7 @@ func TestRevokeCurrentReenrolsAtOnce(t *testing.T) {
 func TestRevokeRefusedBacksOff(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, 24*time.Hour) // no renewal due within the test
-		p := policy.Rotation{RetryMin: time.Second, RetryMax: time.Minute}
+		p := policy.RotationPolicy{RetryMin: time.Second, RetryMax: time.Minute}
 		r, rec := startWith(t, iss, Config{Policy: p, Rand: rand.New(rand.NewPCG(1, 2))})
 		first := r.Status().Current.Serial
 		iss.set(func(i *issuer) { i.fail = revokedErr{} })
@@ -158,7 +158,7 @@ func TestRevokeRefusedBacksOff(t *testing.T) {
 func TestRevokeDuringRenewal(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
-		r, rec := start(t, iss, policy.Rotation{Overlap: 15 * time.Second})
+		r, rec := start(t, iss, policy.RotationPolicy{Overlap: 15 * time.Second})
 		first := r.Status().Current.Serial
 		gate := make(chan struct{})
 		iss.set(func(i *issuer) { i.gate = gate })
@@ -200,7 +200,7 @@ func TestRevokeDuringRenewal(t *testing.T) {
 func TestRevokeOverlapEntry(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
-		p := policy.Rotation{Overlap: 15 * time.Second, RetryMin: time.Second, RetryMax: 2 * time.Second}
+		p := policy.RotationPolicy{Overlap: 15 * time.Second, RetryMin: time.Second, RetryMax: 2 * time.Second}
 		r, rec := start(t, iss, p)
 		first := r.Status().Current.Serial
 		advance(41 * time.Second)
@@ -255,7 +255,7 @@ func TestRevokeOverlapEntry(t *testing.T) {
 func TestRevokeUnrelated(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
-		r, rec := start(t, iss, policy.Rotation{})
+		r, rec := start(t, iss, policy.RotationPolicy{})
 		before := r.Status()
 		other := spiffeid.RequireFromString("spiffe://example.org/host/b")
 		for name, denied := range map[string]func(spiffeid.ID, string, time.Time) bool{
@@ -300,7 +300,7 @@ func TestRevokeDrainsAndDestroys(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Minute)
 		keys, drains := &keyLog{}, &drainLog{}
-		p := policy.Rotation{Overlap: 10 * time.Second, DrainGrace: 20 * time.Second}
+		p := policy.RotationPolicy{Overlap: 10 * time.Second, DrainGrace: 20 * time.Second}
 		r, rec := startWith(t, iss, Config{Policy: p, Keys: keys, Drain: drains.drain})
 		first := r.Status().Current.Serial
 		advance(41 * time.Second)

@@ -180,7 +180,7 @@ func (r *Rotator) compromise(ctx context.Context, v uint64, now time.Time) *cred
 // superseded SVIDs (from their rotation time) and the usage threshold, which rotates
 // at once if the current key already reached it. An invalid policy is refused with a
 // *policy.FieldError and the old one kept. Safe for concurrent use.
-func (r *Rotator) SetPolicy(p policy.Rotation) error {
+func (r *Rotator) SetPolicy(p policy.RotationPolicy) error {
 	if err := p.Validate(); err != nil {
 		return err
 	}

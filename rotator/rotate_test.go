@@ -17,7 +17,7 @@ import (
 func TestRotateOperator(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Hour)
-		r, rec := start(t, iss, policy.Rotation{Overlap: time.Minute})
+		r, rec := start(t, iss, policy.RotationPolicy{Overlap: time.Minute})
 		before := r.Status()
 		res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Initiator: "uid:1000", Reason: "key rollover drill"})
 		if err != nil {
@@ -59,7 +59,7 @@ func TestRotateCompromised(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Hour)
 		keys, drains := &keyLog{}, &drainLog{}
-		r, rec := startWith(t, iss, Config{Policy: policy.Rotation{Overlap: time.Minute}, Keys: keys, Drain: drains.drain})
+		r, rec := startWith(t, iss, Config{Policy: policy.RotationPolicy{Overlap: time.Minute}, Keys: keys, Drain: drains.drain})
 		first := r.Status().Current.Serial
 		gate := make(chan struct{})
 		iss.set(func(i *issuer) { i.gate = gate })
@@ -124,7 +124,7 @@ func TestRotateCompromisedFailure(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Hour)
 		keys := &keyLog{}
-		p := policy.Rotation{RetryMin: time.Second, RetryMax: 2 * time.Second}
+		p := policy.RotationPolicy{RetryMin: time.Second, RetryMax: 2 * time.Second}
 		r, rec := startWith(t, iss, Config{Policy: p, Keys: keys})
 		first := r.Status().Current.Serial
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
@@ -209,10 +209,10 @@ func TestRotateWithoutRun(t *testing.T) {
 func TestSetPolicy(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Hour)
-		r, rec := start(t, iss, policy.Rotation{})
+		r, rec := start(t, iss, policy.RotationPolicy{})
 		cur := r.Status().Current
 		before := r.Status().RenewAt
-		if err := r.SetPolicy(policy.Rotation{RenewFraction: 2}); !errors.As(err, new(*policy.FieldError)) {
+		if err := r.SetPolicy(policy.RotationPolicy{RenewFraction: 2}); !errors.As(err, new(*policy.FieldError)) {
 			t.Fatalf("SetPolicy(invalid) = %v, want a *policy.FieldError", err)
 		}
 		synctest.Wait()
@@ -221,7 +221,7 @@ func TestSetPolicy(t *testing.T) {
 		}
 
 		// Renew when 90% remains: 3-6 minutes into the hour.
-		if err := r.SetPolicy(policy.Rotation{RenewFraction: 0.9}); err != nil {
+		if err := r.SetPolicy(policy.RotationPolicy{RenewFraction: 0.9}); err != nil {
 			t.Fatal(err)
 		}
 		synctest.Wait()
@@ -252,7 +252,7 @@ func TestSetPolicyUsageAndOverlap(t *testing.T) {
 			t.Fatal("rotated with the usage trigger off")
 		}
 		// A threshold below what the key already signed rotates at once.
-		if err := r.SetPolicy(policy.Rotation{MaxHandshakes: 2}); err != nil {
+		if err := r.SetPolicy(policy.RotationPolicy{MaxHandshakes: 2}); err != nil {
 			t.Fatal(err)
 		}
 		synctest.Wait()
@@ -266,7 +266,7 @@ func TestSetPolicyUsageAndOverlap(t *testing.T) {
 		}
 		// A shorter overlap applies to what is already in overlap, from its rotation.
 		advance(10 * time.Second)
-		if err := r.SetPolicy(policy.Rotation{MaxHandshakes: 2, Overlap: 30 * time.Second}); err != nil {
+		if err := r.SetPolicy(policy.RotationPolicy{MaxHandshakes: 2, Overlap: 30 * time.Second}); err != nil {
 			t.Fatal(err)
 		}
 		synctest.Wait()
@@ -284,7 +284,7 @@ func TestSetPolicyUsageAndOverlap(t *testing.T) {
 func TestSetBundle(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Hour)
-		r, _ := start(t, iss, policy.Rotation{})
+		r, _ := start(t, iss, policy.RotationPolicy{})
 		other := testca.New(t)
 		if err := r.SetBundle(other.Bundle()); err != nil {
 			t.Fatal(err)

@@ -36,9 +36,9 @@ type Config struct {
 	Bundle *x509bundle.Bundle
 
 	// Policy sets renewal timing, overlap, drain grace, the usage trigger and retry
-	// bounds. Zero fields take the defaults documented in policy.Rotation. SetPolicy
+	// bounds. Zero fields take the defaults documented in policy.RotationPolicy. SetPolicy
 	// replaces it at run time.
-	Policy policy.Rotation
+	Policy policy.RotationPolicy
 
 	// Keys makes the key of each new certificate (every rotation gets a fresh one) and
 	// destroys it once the credential is retired. Default: MemoryKeys{}.
@@ -187,7 +187,7 @@ type snapshot struct {
 // safe for concurrent use and never block; Run must be called once.
 type Rotator struct {
 	cfg     Config
-	policy  atomic.Pointer[policy.Rotation] // defaults applied; replaced by SetPolicy
+	policy  atomic.Pointer[policy.RotationPolicy] // defaults applied; replaced by SetPolicy
 	state   atomic.Pointer[snapshot]
 	metrics *metrics
 

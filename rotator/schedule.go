@@ -14,7 +14,7 @@ import (
 //
 // A notBefore in the future (the CA's clock ahead of ours) only shortens the lifetime
 // used for the computation, never moves renewal past notAfter.
-func RenewAt(notBefore, notAfter time.Time, p policy.Rotation, jitter float64) time.Time {
+func RenewAt(notBefore, notAfter time.Time, p policy.RotationPolicy, jitter float64) time.Time {
 	lifetime := notAfter.Sub(notBefore)
 	if lifetime <= 0 {
 		return notAfter
@@ -30,7 +30,7 @@ func RenewAt(notBefore, notAfter time.Time, p policy.Rotation, jitter float64) t
 // The library's exponential backoff gives the ceiling; its own randomisation stays off
 // because it is not full jitter (a factor r spreads the wait over [1-r, 1+r] times the
 // ceiling, so past RetryMax) and it draws from the global source, not from u.
-func Backoff(attempt int, p policy.Rotation, u float64) time.Duration {
+func Backoff(attempt int, p policy.RotationPolicy, u float64) time.Duration {
 	b := backoff.ExponentialBackOff{InitialInterval: p.RetryMin, Multiplier: 2, MaxInterval: p.RetryMax}
 	ceiling := b.NextBackOff()
 	for i := 1; i < attempt && ceiling < p.RetryMax; i++ {

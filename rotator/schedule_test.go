@@ -9,7 +9,7 @@ import (
 
 func TestRenewAt(t *testing.T) {
 	t.Parallel()
-	p := policy.Rotation{}.WithDefaults()
+	p := policy.RotationPolicy{}.WithDefaults()
 	base := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 	tests := []struct {
 		name      string
@@ -42,7 +42,7 @@ func TestRenewAt(t *testing.T) {
 // than a third of the lifetime before expiry nor earlier than that plus a twentieth.
 func TestRenewAtBounds(t *testing.T) {
 	t.Parallel()
-	p := policy.Rotation{}.WithDefaults()
+	p := policy.RotationPolicy{}.WithDefaults()
 	nb := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
 	for _, lifetime := range []time.Duration{time.Minute, 5 * time.Minute, time.Hour, 90 * 24 * time.Hour} {
 		na := nb.Add(lifetime)
@@ -60,7 +60,7 @@ func TestRenewAtBounds(t *testing.T) {
 // TestBackoffMinAboveMax: a RetryMin over RetryMax waits RetryMax from the first retry.
 func TestBackoffMinAboveMax(t *testing.T) {
 	t.Parallel()
-	p := policy.Rotation{RetryMin: time.Minute, RetryMax: 10 * time.Second}.WithDefaults()
+	p := policy.RotationPolicy{RetryMin: time.Minute, RetryMax: 10 * time.Second}.WithDefaults()
 	for _, attempt := range []int{1, 2, 7} {
 		if got := Backoff(attempt, p, 1); got != 10*time.Second {
 			t.Fatalf("Backoff(%d) = %v, want RetryMax 10s", attempt, got)
@@ -70,7 +70,7 @@ func TestBackoffMinAboveMax(t *testing.T) {
 
 func TestBackoff(t *testing.T) {
 	t.Parallel()
-	p := policy.Rotation{RetryMin: time.Second, RetryMax: 30 * time.Second}.WithDefaults()
+	p := policy.RotationPolicy{RetryMin: time.Second, RetryMax: 30 * time.Second}.WithDefaults()
 	tests := []struct {
 		name    string
 		attempt int

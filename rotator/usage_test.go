@@ -16,7 +16,7 @@ func TestUsageTriggerFiresAtExactlyN(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		const n = 5
 		iss := newIssuer(t, time.Hour) // no scheduled renewal within the test
-		r, rec := start(t, iss, policy.Rotation{MaxHandshakes: n})
+		r, rec := start(t, iss, policy.RotationPolicy{MaxHandshakes: n})
 		first := r.Status().Current.Serial
 		handshake := func() string {
 			t.Helper()
@@ -96,7 +96,7 @@ func TestUsageTriggerFiresAtExactlyN(t *testing.T) {
 func TestUsageRotationRetriedAfterFailure(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		iss := newIssuer(t, time.Hour)
-		p := policy.Rotation{MaxHandshakes: 1, RetryMin: time.Second, RetryMax: time.Second}
+		p := policy.RotationPolicy{MaxHandshakes: 1, RetryMin: time.Second, RetryMax: time.Second}
 		r, rec := start(t, iss, p)
 		first := r.Status().Current.Serial
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
