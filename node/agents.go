@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/policy"
@@ -219,6 +220,16 @@ func (a *agents) revoke(denied func(spiffeid.ID, string, time.Time) bool) {
 	for _, rot := range a.rotators() {
 		rot.Revoke(denied)
 	}
+}
+
+// setBundle makes b the trust bundle of every running agent's rotator; agents started
+// later take the host's bundle in force (newAgentRotator).
+func (a *agents) setBundle(b *x509bundle.Bundle) error {
+	var errs []error
+	for _, rot := range a.rotators() {
+		errs = append(errs, rot.SetBundle(b))
+	}
+	return errors.Join(errs...)
 }
 
 // setRotation makes p the rotation policy of every agent, present and future.

@@ -75,8 +75,8 @@ func (a *applier) applyMeshBundle(version string, roots []*x509.Certificate) {
 	}
 }
 
-// installBundle makes the union of the sources the trust bundle when it differs from
-// the one held. The rotator audits each change of anchors; if the new bundle drops a
+// installBundle makes the union of the sources the trust bundle of the host's and every
+// agent's rotator when it differs from the one held. The rotator audits each change of anchors; if the new bundle drops a
 // CA, every ticket key is replaced too, so no session of that CA resumes. Called with
 // bundles.mu held.
 func (a *applier) installBundle() (changed bool, err error) {
@@ -88,6 +88,9 @@ func (a *applier) installBundle() (changed bool, err error) {
 	}
 	if err := a.rot.SetBundle(next); err != nil {
 		return false, err
+	}
+	if err := a.agents.setBundle(next); err != nil {
+		a.log.Error("trust bundle refused by an agent's rotator", "err", err)
 	}
 	for _, ca := range held.X509Authorities() {
 		if !next.HasX509Authority(ca) {

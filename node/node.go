@@ -254,7 +254,13 @@ func (n *node) newAgentRotator(id spiffeid.ID, reg prometheus.Registerer, pol po
 	if err != nil {
 		return nil, err
 	}
-	return rotator.New(rotator.Config{ID: id, Issuer: issuer, Bundle: n.bundle, Policy: pol, Keys: n.keys,
+	// The bundle in force, which a root file or the mesh state may have changed since
+	// the start: the host's rotator holds it.
+	bundle, err := n.rot.GetX509BundleForTrustDomain(id.TrustDomain())
+	if err != nil {
+		return nil, err
+	}
+	return rotator.New(rotator.Config{ID: id, Issuer: issuer, Bundle: bundle, Policy: pol, Keys: n.keys,
 		Drain: n.drain, Audit: n.audit, Registerer: reg, Logger: n.logger.With("component", "rotator", "agent", id.String())})
 }
 

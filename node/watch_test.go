@@ -179,16 +179,27 @@ func TestWatchListeners(t *testing.T) {
 	})
 }
 
-// TestWatchBundle: a root file with a new CA widens the bundle; one that drops a CA
-// replaces every ticket key too; one that does not load is audited and changes nothing.
+// TestWatchBundle: a root file with a new CA widens the bundle of the host and of every
+// agent; one that drops a CA replaces every ticket key too; one that does not load is
+// audited and changes nothing.
 func TestWatchBundle(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		w := startWatcher(t)
+		w.register(registration{ID: planner, Host: testHost, UID: 1001})
 		other := testca.New(t)
 		w.writeRoots(w.ca, other)
 		next()
 		if n := w.rot.Status().BundleLen; n != 2 || len(w.px.resets()) != 0 {
 			t.Fatalf("bundle of %d authorities, resets %v; want 2 and none", n, w.px.resets())
+		}
+		held := w.applier.held()
+		if len(held) != 2 {
+			t.Fatalf("%d identities held, want the host's and the agent's", len(held))
+		}
+		for _, h := range held {
+			if n := h.(*rotator.Rotator).Status().BundleLen; n != 2 {
+				t.Fatalf("%s holds a bundle of %d authorities, want 2", h.ID(), n)
+			}
 		}
 		w.write("root.crt", "not PEM")
 		next()
