@@ -333,14 +333,16 @@ func (d *denyFeed) offer(source string, s *meshapi.SignedDenyList) error {
 		return nil
 	}
 	d.deny.Store(l)
-	d.publish(l)
 	d.lastRefused = [sha256.Size]byte{}
-	d.denyMu.Unlock()
-
+	// The feed's metrics and health are up to date before the state is published, so
+	// that whoever reads them on Updated sees this list.
 	lag := time.Since(l.IssuedAt)
 	d.confirm(now)
 	d.metrics.version.Set(float64(l.Version))
 	d.metrics.lag.Observe(max(lag, 0).Seconds())
+	d.publish(l)
+	d.denyMu.Unlock()
+
 	d.log.Debug("deny list published", keyVersion, l.Version, keyIDs, len(l.IDs), keySerials, len(l.Serials),
 		keyFeedLag, lag, keyFeedSource, source)
 	return nil
