@@ -457,13 +457,7 @@ func TestDenyFeedRefusesBadLists(t *testing.T) {
 // fails once at start and then waits an hour.
 func TestDirectoryAnswerDenyList(t *testing.T) {
 	t.Parallel()
-	ca := testca.New(t, testca.WithTrustDomain(testTD))
-	feed := newFakeFeed()
-	srv := serveFeed(t, ca, feed)
-	c := newFeedClient(t, srv.URL, ca.Roots(), testca.TLSCertificate(ca.SVID(t, idSelf)), func(cfg *Config) {
-		cfg.PollInterval = time.Hour
-		cfg.Heartbeat = 50 * time.Millisecond // retry a refused directory quickly
-	})
+	ca, feed, c := newWatchOnly(t)
 	peerA := meshapi.DirectoryEntry{SPIFFEID: idA, Addresses: addrs("10.0.0.1"), TunnelPort: 15008, Transports: []string{"tls"}}
 	forger := testca.New(t, testca.WithTrustDomain(testTD))
 	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 5, Peers: []meshapi.DirectoryEntry{peerA}, Revocations: signWith(t, forger, denyListOf(1, nil))})
@@ -604,13 +598,7 @@ func advance(d time.Duration) {
 // with it, and signals Updated.
 func TestWatchPublishesBundle(t *testing.T) {
 	t.Parallel()
-	ca := testca.New(t, testca.WithTrustDomain(testTD))
-	feed := newFakeFeed()
-	srv := serveFeed(t, ca, feed)
-	c := newFeedClient(t, srv.URL, ca.Roots(), testca.TLSCertificate(ca.SVID(t, idSelf)), func(cfg *Config) {
-		cfg.PollInterval = time.Hour
-		cfg.Heartbeat = 50 * time.Millisecond // retry a refused directory quickly
-	})
+	ca, feed, c := newWatchOnly(t)
 	bundle := meshapi.NewBundleDocument(ca.Roots())
 	feed.setDirectory(t, meshapi.DirectoryDocument{Version: 5, Bundle: bundle})
 	testrun.Start(t, c.Run)
@@ -626,4 +614,18 @@ func TestWatchPublishesBundle(t *testing.T) {
 	if st.BundleVersion() != "" || st.Bundle() != nil {
 		t.Fatalf("state of a document without a bundle has bundle %q", st.BundleVersion())
 	}
+}
+
+// newWatchOnly starts a client whose deny-lists arrive by the watch only: the poll
+// fails once at start and then waits an hour, and a refused directory is retried quickly.
+func newWatchOnly(t *testing.T) (*testca.CA, *fakeFeed, *feedClient) {
+	t.Helper()
+	ca := testca.New(t, testca.WithTrustDomain(testTD))
+	feed := newFakeFeed()
+	srv := serveFeed(t, ca, feed)
+	c := newFeedClient(t, srv.URL, ca.Roots(), testca.TLSCertificate(ca.SVID(t, idSelf)), func(cfg *Config) {
+		cfg.PollInterval = time.Hour
+		cfg.Heartbeat = 50 * time.Millisecond
+	})
+	return ca, feed, c
 }
