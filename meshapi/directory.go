@@ -42,6 +42,9 @@ type DirectoryDocument struct {
 	// older CA has none, and its readers keep the bundle they hold. It comes over the
 	// TLS connection to the CA that the reader's own roots authenticate.
 	Bundle *BundleDocument `json:"bundle,omitempty"`
+	// AnchorRotation is the step of a rotation of the CA's trust anchors that proxies
+	// converge to and acknowledge, nil when none is in such a step.
+	AnchorRotation *AnchorRotation `json:"anchor_rotation,omitempty"`
 }
 
 // BundleDocument is the trust bundle as the directory serves it.

@@ -35,6 +35,7 @@ type State struct {
 	// and "" when it published none.
 	bundle        []*x509.Certificate
 	bundleVersion string
+	anchor        *AnchorRotation // the anchor rotation step published, nil when none
 	// agents are the agents registered with a port, by port, to the host of the proxy
 	// advertising each address (this proxy's own included); the inner maps are shared
 	// by every address of a host. Precomputed so that AgentsAt allocates nothing.
@@ -69,7 +70,8 @@ func NewState(doc *DirectoryDocument, self spiffeid.ID) (*State, error) {
 	if doc.Version == 0 {
 		return nil, errors.New("malformed directory: no version")
 	}
-	snap := &State{version: doc.Version, peers: make(map[netip.Addr]peerRoute), rotation: doc.Rotation}
+	snap := &State{version: doc.Version, peers: make(map[netip.Addr]peerRoute), rotation: doc.Rotation,
+		anchor: doc.AnchorRotation}
 	for i, p := range doc.Peers {
 		switch {
 		case p.SPIFFEID.IsZero():
@@ -202,6 +204,10 @@ func (s *State) Bundle() []*x509.Certificate { return s.bundle }
 
 // BundleVersion names Bundle (BundleVersion of it), "" when there is none.
 func (s *State) BundleVersion() string { return s.bundleVersion }
+
+// AnchorRotation is the step of a rotation of the CA's trust anchors the directory
+// published, nil when none. Shared: do not modify it.
+func (s *State) AnchorRotation() *AnchorRotation { return s.anchor }
 
 // DenyList is the verified deny-list in force, nil before the first one. The list is
 // immutable and safe for concurrent use.
