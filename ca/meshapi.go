@@ -27,8 +27,9 @@ type meshBackend struct{ *Server }
 // CA) to requireValidClientCert, which has already refused certificates that do not
 // chain to the root for client authentication.
 func (s meshBackend) VerifyCaller(r *http.Request) (spiffeid.ID, error) {
-	// The client may leave out the intermediate; the CA's own is a candidate.
-	chain := append(slices.Clip(r.TLS.PeerCertificates), s.auth.Intermediate())
+	// The client may leave out the intermediate; those of the CA's generations are
+	// candidates.
+	chain := append(slices.Clip(r.TLS.PeerCertificates), s.auth.Intermediates()...)
 	id, _, err := x509svid.Verify(chain, s.auth.Bundle(), x509svid.WithTime(time.Now()))
 	return id, err
 }

@@ -281,9 +281,10 @@ func (s *Server) coveredUntil(m revocationMark, live []issuedSerial) time.Time {
 	return until.UTC()
 }
 
-// signDenyState signs l with the intermediate's key (in the HSM).
+// signDenyState signs l with the active intermediate's key (in the HSM).
 func (s *Server) signDenyState(l *meshapi.DenyList) (*denyState, error) {
-	signed, err := meshapi.SignDenyList(l, s.auth.IntermediateSigner(), s.auth.Intermediate())
+	signer, inter := s.auth.ActiveSigner()
+	signed, err := meshapi.SignDenyList(l, signer, inter)
 	if err != nil {
 		return nil, err
 	}
@@ -332,7 +333,7 @@ func (s *Server) initDenyList(now time.Time) error {
 	case err != nil:
 		return fmt.Errorf("read deny list: %w", err)
 	default:
-		st, err := parseDenyListFile(path, b, s.cfg.TrustDomain, []*x509.Certificate{s.auth.Root()}, now)
+		st, err := parseDenyListFile(path, b, s.cfg.TrustDomain, s.auth.Anchors(), now)
 		if err != nil {
 			return err
 		}

@@ -185,9 +185,9 @@ func (s *Server) Addr() net.Addr { return s.auth.Addr() }
 // the serving certificate.
 func (s *Server) URL() string { return s.auth.URL() }
 
-// Roots returns the CA's trust anchors (the root certificate). The caller may not
-// modify them.
-func (s *Server) Roots() []*x509.Certificate { return []*x509.Certificate{s.auth.Root()} }
+// Roots returns the CA's trust anchors: its root, and during a rotation the roots of
+// the generations it trusts. The caller may not modify them.
+func (s *Server) Roots() []*x509.Certificate { return s.auth.Anchors() }
 
 // Close releases what New acquired (listeners, admin socket, token session, database,
 // state lock) when Run will not be called. Once Run has been called, Run owns these and

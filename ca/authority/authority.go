@@ -11,6 +11,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -18,7 +19,6 @@ import (
 	"github.com/smallstep/certificates/authority/config"
 	"github.com/smallstep/certificates/authority/provisioner"
 	stepdb "github.com/smallstep/certificates/db"
-	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"go.step.sm/crypto/kms/pkcs11"
 
@@ -71,8 +71,8 @@ type Authority struct {
 	log            *slog.Logger
 	kmsURI         string
 	kms            *pkcs11.PKCS11
+	km             keyStore // a.kms, through which the generations' keys are managed
 	releaseSoftHSM func()
-	certs          caCerts
 	provKey        crypto.Signer
 	provisioner    *provisioner.JWK
 	created        bool // Open created the root or the intermediate
@@ -84,8 +84,11 @@ type Authority struct {
 	dnsNames []string
 	tokens   *tokenIssuer
 
-	clientRoots, clientIntermediates *x509.CertPool
-	bundle                           *x509bundle.Bundle // the trust domain's roots, for x509svid.Verify
+	// mu serialises the changes of generations (Prepare, Activate …); readers load pki
+	// and anchors, each an immutable snapshot.
+	mu      sync.Mutex
+	pki     atomic.Pointer[pkiState]
+	anchors atomic.Pointer[anchorSet]
 
 	db          stepdb.AuthDB // set by Start
 	step        atomic.Pointer[stepauthority.Authority]
@@ -128,9 +131,14 @@ func Open(ctx context.Context, cfg Config) (_ *Authority, err error) {
 	if a.kms, err = hsm.OpenKMS(ctx, a.kmsURI); err != nil {
 		return nil, err
 	}
-	if a.certs, a.created, err = loadOrCreatePKI(a.kms, cfg.StateDir, cfg.TrustDomain, time.Now()); err != nil {
+	a.km = a.kms
+	st, created, err := loadPKI(a.km, cfg.StateDir, cfg.TrustDomain, time.Now())
+	if err != nil {
 		return nil, err
 	}
+	a.created = created
+	a.pki.Store(st)
+	a.SetAnchors(st.roots())
 	if a.provKey, err = loadOrCreateKey(a.kms, keyURIProvisioner); err != nil {
 		return nil, err
 	}
@@ -142,11 +150,6 @@ func Open(ctx context.Context, cfg Config) (_ *Authority, err error) {
 	if err := checkClaims(a.provisioner); err != nil {
 		return nil, err
 	}
-	a.clientRoots = x509.NewCertPool()
-	a.clientRoots.AddCert(a.certs.root)
-	a.clientIntermediates = x509.NewCertPool()
-	a.clientIntermediates.AddCert(a.certs.intermediate)
-	a.bundle = x509bundle.FromX509Authorities(cfg.TrustDomain, []*x509.Certificate{a.certs.root})
 	return a, nil
 }
 
@@ -156,17 +159,25 @@ func (a *Authority) KMS() string { return hsm.RedactURI(a.kmsURI) }
 // Created reports whether Open created the root or the intermediate.
 func (a *Authority) Created() bool { return a.created }
 
-// Root is the trust anchor. The caller may not modify it.
-func (a *Authority) Root() *x509.Certificate { return a.certs.root }
+// Root is the active generation's root. The caller may not modify it.
+func (a *Authority) Root() *x509.Certificate { return a.pki.Load().active.Root }
 
-// Intermediate is the certificate that signs every SVID. The caller may not modify it.
-func (a *Authority) Intermediate() *x509.Certificate { return a.certs.intermediate }
+// Intermediate is the active generation's intermediate, which signs every SVID issued
+// now. The caller may not modify it.
+func (a *Authority) Intermediate() *x509.Certificate { return a.pki.Load().active.Intermediate }
 
-// IntermediateSigner signs with the intermediate's key in the token.
-func (a *Authority) IntermediateSigner() crypto.Signer { return a.certs.intermediateSigner }
+// IntermediateSigner signs with the active intermediate's key in the token.
+func (a *Authority) IntermediateSigner() crypto.Signer {
+	return a.pki.Load().active.intermediateSigner
+}
 
-// Bundle is the trust domain's bundle: the root.
-func (a *Authority) Bundle() *x509bundle.Bundle { return a.bundle }
+// ActiveSigner is IntermediateSigner and Intermediate read together, so that a
+// signature and the certificate that verifies it come from one generation even while
+// Activate or Revert runs.
+func (a *Authority) ActiveSigner() (crypto.Signer, *x509.Certificate) {
+	g := a.pki.Load().active
+	return g.intermediateSigner, g.Intermediate
+}
 
 // Step is step-ca's running authority, nil before Start.
 func (a *Authority) Step() *stepauthority.Authority { return a.step.Load() }
@@ -178,7 +189,7 @@ func (a *Authority) config() *config.Config {
 	return &config.Config{
 		Root:             []string{filepath.Join(a.cfg.StateDir, fileRoot)},
 		IntermediateCert: filepath.Join(a.cfg.StateDir, fileIntermediate),
-		IntermediateKey:  keyURIIntermediate,
+		IntermediateKey:  a.pki.Load().active.IntermediateKey,
 		Address:          a.ln.Addr().String(),
 		DNSNames:         a.dnsNames,
 		CommonName:       "agentmesh CA " + a.cfg.TrustDomain.Name(),
@@ -204,8 +215,12 @@ func (a *Authority) config() *config.Config {
 func (a *Authority) Start(p IssuePolicy) error {
 	auth, err := stepauthority.New(a.config(),
 		stepauthority.WithKeyManager(a.kms),
-		stepauthority.WithX509RootCerts(a.certs.root),
-		stepauthority.WithX509Signer(a.certs.intermediate, a.certs.intermediateSigner),
+		stepauthority.WithX509RootCerts(a.Root()),
+		// Issuance (SVIDs, renewals, the serving certificate, CRLs) follows the
+		// active generation at run time; the intermediate only feeds step-ca's name
+		// constraints check, which every generation shares.
+		stepauthority.WithX509SignerFunc(a.activeChain),
+		stepauthority.WithX509IntermediateCerts(a.Intermediate()),
 		stepauthority.WithDatabase(p.DB),
 		stepauthority.WithX509Enforcers(provisioner.CertificateEnforcerFunc(p.Enforce)),
 		stepauthority.WithAuthorizeRenewFunc(p.AuthorizeRenew),

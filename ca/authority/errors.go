@@ -23,3 +23,9 @@ var ErrHSM = hsm.ErrToken
 // ErrInvalidID is returned by Token and CheckIssuable for a SPIFFE ID outside the trust
 // domain, without a path, or longer than a SPIFFE ID may be.
 var ErrInvalidID = meshapi.ErrInvalidID
+
+// ErrGenerationState is returned by the operations on generations that the held
+// generations do not allow: Activate with none prepared, Prepare while the previous
+// generation is not destroyed or with another kind than the one prepared, Probe of a
+// generation not held.
+var ErrGenerationState = errors.New("ca: generations do not allow this operation")

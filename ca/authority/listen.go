@@ -29,7 +29,7 @@ func (a *Authority) Listen(ctx context.Context, listen string, dnsNames []string
 	a.dnsNames = serverNames(dnsNames, listen, urlHost)
 	audience := "https://" + net.JoinHostPort(a.dnsNames[0], port) + "/1.0/sign"
 	a.tokens, err = newTokenIssuer(a.cfg.TrustDomain, a.provKey, a.provisioner.Key.KeyID, audience,
-		x509util.Fingerprint(a.certs.root), a.cfg.TokenLifetime)
+		func() string { return x509util.Fingerprint(a.Root()) }, a.cfg.TokenLifetime)
 	return err
 }
 

@@ -15,6 +15,7 @@ const (
 const (
 	fileRoot         = "root.crt"
 	fileIntermediate = "intermediate.crt"
+	filePKI          = "pki.json"
 	filePIN          = "hsm.pin"
 )
 

@@ -24,8 +24,8 @@ import (
 // caCerts is the CA's X.509 hierarchy: a self-signed root and one intermediate that
 // signs every SVID. Both keys are in the token.
 type caCerts struct {
-	root, intermediate *x509.Certificate
-	intermediateSigner crypto.Signer
+	root, intermediate             *x509.Certificate
+	rootSigner, intermediateSigner crypto.Signer
 }
 
 // caNameConstraints restricts what a CA certificate may sign to URI names in the trust
@@ -37,20 +37,37 @@ func caNameConstraints(tmpl *x509.Certificate, td spiffeid.TrustDomain) {
 	tmpl.PermittedDNSDomainsCritical = true // marks the whole name-constraints extension critical
 }
 
-// createRoot makes the self-signed root with the root key in the token.
-func createRoot(signer crypto.Signer, td spiffeid.TrustDomain, now time.Time) (*x509.Certificate, error) {
+// caTemplate is the template of every CA certificate: the trust domain's URI SAN and
+// name constraints, certificate and CRL signing, from an hour before now.
+func caTemplate(cn string, td spiffeid.TrustDomain, now, notAfter time.Time, maxPathLen int) *x509.Certificate {
 	tmpl := &x509.Certificate{
 		SerialNumber:          randomSerial(),
-		Subject:               pkix.Name{Organization: []string{"agentmesh"}, CommonName: "agentmesh root CA " + td.Name()},
+		Subject:               pkix.Name{Organization: []string{"agentmesh"}, CommonName: cn},
 		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(rootValidity),
+		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
-		MaxPathLen:            1,
+		MaxPathLen:            maxPathLen,
+		MaxPathLenZero:        maxPathLen == 0,
 		URIs:                  []*url.URL{td.ID().URL()},
 	}
 	caNameConstraints(tmpl, td)
+	return tmpl
+}
+
+// generationSuffix tells apart the names of the certificates of generation n: none for
+// the first, whose names predate rotations.
+func generationSuffix(n int) string {
+	if n <= 1 {
+		return ""
+	}
+	return fmt.Sprintf(" G%d", n)
+}
+
+// createRoot makes generation n's self-signed root with the root key in the token.
+func createRoot(signer crypto.Signer, td spiffeid.TrustDomain, n int, now time.Time) (*x509.Certificate, error) {
+	tmpl := caTemplate("agentmesh root CA "+td.Name()+generationSuffix(n), td, now, now.Add(rootValidity), 1)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, signer.Public(), signer)
 	if err != nil {
 		return nil, fmt.Errorf("%w: sign root: %w", ErrHSM, err)
@@ -58,25 +75,29 @@ func createRoot(signer crypto.Signer, td spiffeid.TrustDomain, now time.Time) (*
 	return x509.ParseCertificate(der)
 }
 
-// createIntermediate makes the intermediate for intermediatePub, signed by the root key
-// in the token. It ends with the root.
-func createIntermediate(root *x509.Certificate, rootSigner crypto.Signer, intermediatePub crypto.PublicKey, td spiffeid.TrustDomain, now time.Time) (*x509.Certificate, error) {
-	tmpl := &x509.Certificate{
-		SerialNumber:          randomSerial(),
-		Subject:               pkix.Name{Organization: []string{"agentmesh"}, CommonName: "agentmesh intermediate CA " + td.Name()},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              root.NotAfter,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-		MaxPathLen:            0,
-		MaxPathLenZero:        true,
-		URIs:                  []*url.URL{td.ID().URL()},
-	}
-	caNameConstraints(tmpl, td)
+// createIntermediate makes generation n's intermediate for intermediatePub, signed by
+// the root key in the token. It ends with the root.
+func createIntermediate(root *x509.Certificate, rootSigner crypto.Signer, intermediatePub crypto.PublicKey, td spiffeid.TrustDomain, n int, now time.Time) (*x509.Certificate, error) {
+	tmpl := caTemplate("agentmesh intermediate CA "+td.Name()+generationSuffix(n), td, now, root.NotAfter, 0)
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, root, intermediatePub, rootSigner)
 	if err != nil {
 		return nil, fmt.Errorf("%w: sign intermediate: %w", ErrHSM, err)
+	}
+	return x509.ParseCertificate(der)
+}
+
+// crossSign makes root (same subject, key and constraints) issued by parent with
+// parent's key in the token, ending no later than either.
+func crossSign(root, parent *x509.Certificate, parentSigner crypto.Signer, td spiffeid.TrustDomain, now time.Time) (*x509.Certificate, error) {
+	tmpl := caTemplate(root.Subject.CommonName, td, now, root.NotAfter, root.MaxPathLen)
+	tmpl.Subject = root.Subject
+	tmpl.SubjectKeyId = root.SubjectKeyId
+	if parent.NotAfter.Before(tmpl.NotAfter) {
+		tmpl.NotAfter = parent.NotAfter
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, root.PublicKey, parentSigner)
+	if err != nil {
+		return nil, fmt.Errorf("%w: cross-sign root: %w", ErrHSM, err)
 	}
 	return x509.ParseCertificate(der)
 }
@@ -110,26 +131,18 @@ func loadOrCreatePKI(km apiv1.KeyManager, stateDir string, td spiffeid.TrustDoma
 		if rootSigner, err = loadOrCreateKey(km, keyURIRoot); err != nil {
 			return caCerts{}, false, err
 		}
-		if root, err = createRoot(rootSigner, td, now); err != nil {
+		if root, err = createRoot(rootSigner, td, 1, now); err != nil {
 			return caCerts{}, false, err
 		}
 		if err := atomicfile.Write(rootPath, pemCert(root), 0o644); err != nil {
 			return caCerts{}, false, err
 		}
 	} else {
-		got, err := rootTrustDomain(root)
-		if err != nil {
-			return caCerts{}, false, fmt.Errorf("%s: %w", rootPath, err)
-		}
-		if got != td {
-			return caCerts{}, false, fmt.Errorf("%w: %s is the root of %q, configured trust domain is %q",
-				ErrTrustDomainMismatch, rootPath, got.Name(), td.Name())
-		}
-		if rootSigner, err = loadKey(km, keyURIRoot); err != nil {
+		if err := checkRoot(root, rootPath, td); err != nil {
 			return caCerts{}, false, err
 		}
-		if !samePublicKey(rootSigner, root.PublicKey) {
-			return caCerts{}, false, fmt.Errorf("%w: root key in the token does not match %s", ErrHSM, rootPath)
+		if rootSigner, err = loadMatchingKey(km, keyURIRoot, root, rootPath); err != nil {
+			return caCerts{}, false, err
 		}
 	}
 
@@ -143,7 +156,7 @@ func loadOrCreatePKI(km apiv1.KeyManager, stateDir string, td spiffeid.TrustDoma
 		if interSigner, err = loadOrCreateKey(km, keyURIIntermediate); err != nil {
 			return caCerts{}, false, err
 		}
-		if inter, err = createIntermediate(root, rootSigner, interSigner.Public(), td, now); err != nil {
+		if inter, err = createIntermediate(root, rootSigner, interSigner.Public(), td, 1, now); err != nil {
 			return caCerts{}, false, err
 		}
 		if err := atomicfile.Write(interPath, pemCert(inter), 0o644); err != nil {
@@ -153,17 +166,40 @@ func loadOrCreatePKI(km apiv1.KeyManager, stateDir string, td spiffeid.TrustDoma
 		if err := inter.CheckSignatureFrom(root); err != nil {
 			return caCerts{}, false, fmt.Errorf("%s is not signed by %s: %w", interPath, rootPath, err)
 		}
-		if interSigner, err = loadKey(km, keyURIIntermediate); err != nil {
+		if interSigner, err = loadMatchingKey(km, keyURIIntermediate, inter, interPath); err != nil {
 			return caCerts{}, false, err
-		}
-		if !samePublicKey(interSigner, inter.PublicKey) {
-			return caCerts{}, false, fmt.Errorf("%w: intermediate key in the token does not match %s", ErrHSM, interPath)
 		}
 	}
 	if now.After(inter.NotAfter) {
 		return caCerts{}, false, fmt.Errorf("intermediate %s expired at %v", interPath, inter.NotAfter)
 	}
-	return caCerts{root: root, intermediate: inter, intermediateSigner: interSigner}, created, nil
+	return caCerts{root: root, intermediate: inter, rootSigner: rootSigner, intermediateSigner: interSigner}, created, nil
+}
+
+// checkRoot refuses a root (read from path) of another trust domain than td.
+func checkRoot(root *x509.Certificate, path string, td spiffeid.TrustDomain) error {
+	got, err := rootTrustDomain(root)
+	if err != nil {
+		return fmt.Errorf("%s: %w", path, err)
+	}
+	if got != td {
+		return fmt.Errorf("%w: %s is the root of %q, configured trust domain is %q",
+			ErrTrustDomainMismatch, path, got.Name(), td.Name())
+	}
+	return nil
+}
+
+// loadMatchingKey returns the signer of the key uri, which must be the key of cert
+// (read from path).
+func loadMatchingKey(km apiv1.KeyManager, uri string, cert *x509.Certificate, path string) (crypto.Signer, error) {
+	s, err := loadKey(km, uri)
+	if err != nil {
+		return nil, err
+	}
+	if !samePublicKey(s, cert.PublicKey) {
+		return nil, fmt.Errorf("%w: key %s in the token does not match %s", ErrHSM, uri, path)
+	}
+	return s, nil
 }
 
 // readCertFile reads one PEM certificate; a missing file is (nil, nil).
@@ -176,6 +212,11 @@ func readCertFile(path string) (*x509.Certificate, error) {
 		return nil, fmt.Errorf("read %s: %w", path, err)
 	}
 	block, _ := pem.Decode(b)
+	return parseCertBlock(path, block)
+}
+
+// parseCertBlock parses a PEM certificate block read from path.
+func parseCertBlock(path string, block *pem.Block) (*x509.Certificate, error) {
 	if block == nil || block.Type != "CERTIFICATE" {
 		return nil, fmt.Errorf("%s: no PEM certificate", path)
 	}

@@ -24,17 +24,23 @@ import (
 	"github.com/agentmesh/agentmesh/internal/svidrules"
 )
 
-// Route mounts step-ca's API on r at / and at /1.0, as step-ca does.
+// Route mounts step-ca's API on r at / and at /1.0, as step-ca does, with /roots and
+// /roots.pem serving the authority's anchors (SetAnchors).
 func Route(r chi.Router) {
 	api.Route(r)
-	r.Route("/1.0", func(r chi.Router) { api.Route(r) })
+	routeRoots(r)
+	r.Route("/1.0", func(r chi.Router) {
+		api.Route(r)
+		routeRoots(r)
+	})
 }
 
 // BaseContext is the base context of API requests: step-ca's handlers find the
 // authority and the database in it, and report errors to the logger through it. Call
 // it after Start.
 func (a *Authority) BaseContext() context.Context {
-	ctx := stepauthority.NewContext(context.Background(), a.step.Load())
+	ctx := context.WithValue(context.Background(), authorityKey{}, a)
+	ctx = stepauthority.NewContext(ctx, a.step.Load())
 	ctx = stepdb.NewContext(ctx, a.db)
 	return apilog.WithErrorLogger(ctx, a.logAPIError)
 }
@@ -83,7 +89,7 @@ func (a *Authority) TLSConfig() *tls.Config {
 }
 
 // RequireValidClientCert refuses (401) any request whose client certificate does not
-// chain to the root through the intermediate for client authentication now. step-ca's
+// chain to an anchor through the intermediate of a generation held for client authentication now. step-ca's
 // handlers take r.TLS.PeerCertificates[0] as authenticated, so nothing unverified may
 // reach them.
 func (a *Authority) RequireValidClientCert(next http.Handler) http.Handler {
@@ -100,25 +106,27 @@ func (a *Authority) RequireValidClientCert(next http.Handler) http.Handler {
 }
 
 // VerifyClientChain verifies a client certificate chain (leaf first) against the
-// root for client authentication at now. It also applies the certificate rules x509
+// anchors (SetAnchors), through the intermediate of any generation held, for client
+// authentication at now. It also applies the certificate rules x509
 // verification lacks (a SPIFFE ID of at most 2,048 bytes, one intermediate: the CA's
 // own hierarchy), as the proxies do; the key usage rule is KeyUsages here.
 func (a *Authority) VerifyClientChain(chain []*x509.Certificate, now time.Time) error {
 	if err := svidrules.CheckLeaf(chain[0], svidrules.Client); err != nil {
 		return err
 	}
-	if err := svidrules.CheckDepth(chain, []*x509.Certificate{a.certs.root}, svidrules.DefaultMaxIntermediates); err != nil {
+	anchors := a.anchors.Load()
+	if err := svidrules.CheckDepth(chain, anchors.roots, svidrules.DefaultMaxIntermediates); err != nil {
 		return err
 	}
-	inter := a.clientIntermediates
+	inter := a.pki.Load().intermediates
 	if len(chain) > 1 {
-		inter = a.clientIntermediates.Clone()
+		inter = inter.Clone()
 		for _, c := range chain[1:] {
 			inter.AddCert(c)
 		}
 	}
 	_, err := chain[0].Verify(x509.VerifyOptions{
-		Roots:         a.clientRoots,
+		Roots:         anchors.pool,
 		Intermediates: inter,
 		CurrentTime:   now,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},

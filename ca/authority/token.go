@@ -28,11 +28,11 @@ type tokenIssuer struct {
 	td       spiffeid.TrustDomain
 	signer   jose.Signer
 	audience string // https://<first DNS name>:<port>/1.0/sign
-	rootSHA  string
+	rootSHA  func() string // the active root's fingerprint
 	lifetime time.Duration
 }
 
-func newTokenIssuer(td spiffeid.TrustDomain, key crypto.Signer, kid, audience, rootSHA string, lifetime time.Duration) (*tokenIssuer, error) {
+func newTokenIssuer(td spiffeid.TrustDomain, key crypto.Signer, kid, audience string, rootSHA func() string, lifetime time.Duration) (*tokenIssuer, error) {
 	signer, err := jose.NewSigner(
 		jose.SigningKey{Algorithm: jose.ES256, Key: jose.NewOpaqueSigner(key)},
 		new(jose.SignerOptions).WithType("JWT").WithHeader("kid", kid),
@@ -69,7 +69,7 @@ func (t *tokenIssuer) issue(id spiffeid.ID, now time.Time) (string, time.Time, e
 			Expiry:    jose.NewNumericDate(exp),
 		},
 		SANs: []string{id.String()},
-		SHA:  t.rootSHA,
+		SHA:  t.rootSHA(),
 	}
 	tok, err := jose.Signed(t.signer).Claims(claims).CompactSerialize()
 	if err != nil {
