@@ -27,7 +27,7 @@ type tokenClaims struct {
 type tokenIssuer struct {
 	td       spiffeid.TrustDomain
 	signer   jose.Signer
-	audience string // https://<first DNS name>:<port>/1.0/sign
+	audience string        // https://<first DNS name>:<port>/1.0/sign
 	rootSHA  func() string // the active root's fingerprint
 	lifetime time.Duration
 }
