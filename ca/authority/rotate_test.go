@@ -80,6 +80,17 @@ func sameGeneration(t *testing.T, what string, got, want Generation) {
 // verifyProbe verifies a's probe chain of g with the roots.
 func verifyProbe(t *testing.T, a *Authority, g Generation, roots ...*x509.Certificate) error {
 	t.Helper()
+	chain := probeChain(t, a, g)
+	id, _, err := x509svid.Verify(chain, x509bundle.FromX509Authorities(testTD, roots))
+	if err == nil && id.Path() != ProbePath {
+		t.Fatalf("probe ID %s", id)
+	}
+	return err
+}
+
+// probeChain is a's probe of g, parsed.
+func probeChain(t *testing.T, a *Authority, g Generation) []*x509.Certificate {
+	t.Helper()
 	p, err := a.Probe(g)
 	if err != nil {
 		t.Fatal(err)
@@ -95,11 +106,7 @@ func verifyProbe(t *testing.T, a *Authority, g Generation, roots ...*x509.Certif
 	if len(chain) != 2 || !chain[1].Equal(g.Intermediate) {
 		t.Fatalf("probe chain of %d certificates, want leaf and generation %d's intermediate", len(chain), g.N)
 	}
-	id, _, err := x509svid.Verify(chain, x509bundle.FromX509Authorities(testTD, roots))
-	if err == nil && id.Path() != ProbePath {
-		t.Fatalf("probe ID %s", id)
-	}
-	return err
+	return chain
 }
 
 // An intermediate rotation keeps the root and its key, resumes after every restart,
