@@ -3,13 +3,16 @@ package authority
 import (
 	"context"
 	"crypto/x509"
+	"fmt"
 	"net/http"
 	"slices"
+	"strings"
 
 	"github.com/go-chi/chi/v5"
 	"github.com/smallstep/certificates/api"
 	"github.com/smallstep/certificates/api/render"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"go.step.sm/crypto/x509util"
 )
 
 // anchorSet is the roots the authority trusts, in the forms its users need.
@@ -52,28 +55,60 @@ func (a *Authority) Intermediates() []*x509.Certificate {
 // authorityKey is the context key of the Authority serving a request (BaseContext).
 type authorityKey struct{}
 
-// routeRoots serves the anchors at /roots and /roots.pem in step-ca's formats, in place
-// of step-ca's handlers, which serve the roots it was started with.
-func routeRoots(r chi.Router) {
-	r.MethodFunc(http.MethodGet, "/roots", func(w http.ResponseWriter, r *http.Request) {
-		roots := anchorsOf(r.Context())
-		resp := &api.RootsResponse{Certificates: make([]api.Certificate, len(roots))}
-		for i, c := range roots {
-			resp.Certificates[i] = api.Certificate{Certificate: c}
+// routeCerts serves, in place of step-ca's handlers (which serve the certificates it
+// was started with), the anchors at /roots, /roots.pem and /root/{sha}, and the
+// intermediates of the generations held at /intermediates and /intermediates.pem, in
+// step-ca's formats.
+func routeCerts(r chi.Router) {
+	anchors := func(a *Authority) []*x509.Certificate { return a.anchors.Load().roots }
+	intermediates := (*Authority).Intermediates
+	r.MethodFunc(http.MethodGet, "/roots", certsJSON(anchors, func(c []api.Certificate) any {
+		return &api.RootsResponse{Certificates: c}
+	}))
+	r.MethodFunc(http.MethodGet, "/roots.pem", certsPEM(anchors))
+	r.MethodFunc(http.MethodGet, "/intermediates", certsJSON(intermediates, func(c []api.Certificate) any {
+		return &api.IntermediatesResponse{Certificates: c}
+	}))
+	r.MethodFunc(http.MethodGet, "/intermediates.pem", certsPEM(intermediates))
+	r.MethodFunc(http.MethodGet, "/root/{sha}", func(w http.ResponseWriter, r *http.Request) {
+		sum := strings.ToLower(strings.ReplaceAll(chi.URLParam(r, "sha"), "-", ""))
+		for _, c := range anchors(authorityOf(r.Context())) {
+			if x509util.Fingerprint(c) == sum {
+				render.JSON(w, r, &api.RootResponse{RootPEM: api.Certificate{Certificate: c}})
+				return
+			}
 		}
-		render.JSONStatus(w, r, resp, http.StatusCreated) // step-ca's status for /roots
+		WriteError(w, http.StatusNotFound, fmt.Sprintf("root certificate with fingerprint %q was not found", sum))
 	})
-	r.MethodFunc(http.MethodGet, "/roots.pem", func(w http.ResponseWriter, r *http.Request) {
+}
+
+// certsJSON answers with the certificates list returns in the response wrap makes,
+// with step-ca's status for these lists.
+func certsJSON(list func(*Authority) []*x509.Certificate, wrap func([]api.Certificate) any) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		certs := list(authorityOf(r.Context()))
+		out := make([]api.Certificate, len(certs))
+		for i, c := range certs {
+			out[i] = api.Certificate{Certificate: c}
+		}
+		render.JSONStatus(w, r, wrap(out), http.StatusCreated)
+	}
+}
+
+// certsPEM answers with the certificates list returns, in PEM.
+func certsPEM(list func(*Authority) []*x509.Certificate) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/x-pem-file")
-		for _, c := range anchorsOf(r.Context()) {
+		for _, c := range list(authorityOf(r.Context())) {
 			if _, err := w.Write(pemCert(c)); err != nil {
 				return
 			}
 		}
-	})
+	}
 }
 
-func anchorsOf(ctx context.Context) []*x509.Certificate {
+// authorityOf is the Authority BaseContext put in a request's context.
+func authorityOf(ctx context.Context) *Authority {
 	a, _ := ctx.Value(authorityKey{}).(*Authority)
-	return a.anchors.Load().roots
+	return a
 }

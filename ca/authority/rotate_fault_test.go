@@ -15,6 +15,7 @@ import (
 
 	"github.com/go-chi/chi/v5"
 	"go.step.sm/crypto/kms/apiv1"
+	"go.step.sm/crypto/x509util"
 
 	"github.com/agentmesh/agentmesh/meshapi"
 )
@@ -147,24 +148,47 @@ func TestAnchorsServed(t *testing.T) {
 		t.Fatalf("bundle of %d anchors", n)
 	}
 	checkServedRoots(t, a.Authority, g1.Root, g1.Root, g2.Root)
+	if code := servedStatus(t, a.Authority, g1.Root, "/1.0/root/"+x509util.Fingerprint(g2.Root)); code != http.StatusOK {
+		t.Fatalf("GET /1.0/root/ of the new root: %d", code)
+	}
 
 	if err := a.Activate(); err != nil {
 		t.Fatal(err)
 	}
 	a.SetAnchors([]*x509.Certificate{g2.Root})
 	checkServedRoots(t, a.Authority, g2.Root, g2.Root)
+	if code := servedStatus(t, a.Authority, g2.Root, "/root/"+x509util.Fingerprint(g1.Root)); code != http.StatusNotFound {
+		t.Fatalf("GET /root/ of the retired root: %d", code)
+	}
 	if err := a.VerifyClientChain(probeChain(t, a.Authority, g1), time.Now()); err == nil {
 		t.Fatal("a client certificate of the retired root verifies")
 	}
+}
+
+// servedStatus is the status of GET path over TLS trusting only trust.
+func servedStatus(t *testing.T, a *Authority, trust *x509.Certificate, path string) int {
+	t.Helper()
+	c := trustingClient(trust)
+	defer c.CloseIdleConnections()
+	resp, err := c.Get(a.URL() + path)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	_ = resp.Body.Close()
+	return resp.StatusCode
+}
+
+func trustingClient(trust *x509.Certificate) *http.Client {
+	pool := x509.NewCertPool()
+	pool.AddCert(trust)
+	return &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 }
 
 // checkServedRoots fetches /roots.pem and /1.0/roots over TLS trusting only trust (so
 // the serving certificate must chain to it) and checks they are want.
 func checkServedRoots(t *testing.T, a *Authority, trust *x509.Certificate, want ...*x509.Certificate) {
 	t.Helper()
-	pool := x509.NewCertPool()
-	pool.AddCert(trust)
-	c := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
+	c := trustingClient(trust)
 	defer c.CloseIdleConnections()
 	get := func(path string) []byte {
 		resp, err := c.Get(a.URL() + path)

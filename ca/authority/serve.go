@@ -24,14 +24,15 @@ import (
 	"github.com/agentmesh/agentmesh/internal/svidrules"
 )
 
-// Route mounts step-ca's API on r at / and at /1.0, as step-ca does, with /roots and
-// /roots.pem serving the authority's anchors (SetAnchors).
+// Route mounts step-ca's API on r at / and at /1.0, as step-ca does, with the roots
+// and intermediates served from the authority's anchors (SetAnchors) and generations
+// (routeCerts).
 func Route(r chi.Router) {
 	api.Route(r)
-	routeRoots(r)
+	routeCerts(r)
 	r.Route("/1.0", func(r chi.Router) {
 		api.Route(r)
-		routeRoots(r)
+		routeCerts(r)
 	})
 }
 
