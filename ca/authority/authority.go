@@ -64,8 +64,9 @@ type IssuePolicy struct {
 // Authority is step-ca's authority with its keys in a PKCS#11 token, served over
 // HTTPS. Open prepares the keys and certificates, Listen binds the HTTPS listener,
 // Start runs step-ca, Serve serves it; Close releases all of it. Its state is immutable
-// after Listen except the serving certificate and the running step-ca, each behind an
-// atomic pointer, so every method is safe for concurrent use once Listen has returned.
+// after Listen except the serving certificate, the running step-ca, the generations of
+// keys and certificates and the anchors, each an immutable snapshot behind an atomic
+// pointer, so every method is safe for concurrent use once Listen has returned.
 type Authority struct {
 	cfg            Config
 	log            *slog.Logger

@@ -28,6 +28,28 @@
 // (ECDSA P-256, never extractable) stay in the token, where a first start interrupted
 // after key generation finds them again.
 //
+// # Generations and rotation
+//
+// The keys and certificates come in generations (Generation). Generation 1 is the
+// hierarchy above (key labels agentmesh-root and agentmesh-intermediate); a rotation of
+// the CA's trust anchors, which package ca coordinates, prepares the next (Prepare: new
+// keys generated in the token, labelled agentmesh-intermediate-N and, for a root
+// rotation, agentmesh-root-N, and their certificates; a new root is cross-signed with
+// the old one both ways), makes it the active one (Activate; Revert undoes it) and
+// finally deletes the keys of the one it replaced from the token (DestroyPrevious; an
+// abort uses DiscardNext). Which generations are active, next and previous is
+// StateDir/pki.json, their certificates gen-N-*.crt beside it; root.crt and
+// intermediate.crt hold the active generation's. Each operation persists before it
+// publishes and is idempotent, so a CA killed during one re-runs it after a restart.
+//
+// step-ca issues through a signer function that reads the active generation, so
+// SVIDs, renewals, CRLs and the serving certificate follow Activate at once. Client
+// certificates must chain to an anchor (SetAnchors; by default the roots of every
+// generation held) through the intermediate of any generation held; /roots,
+// /roots.pem and /root/{sha} serve the anchors, /intermediates the generations'
+// intermediates. Probe issues a test chain under a generation, which proxies verify
+// to prove they trust its root.
+//
 // One JWK provisioner, "agentmesh", whose key is the provisioner key in the token,
 // signs bootstrap tokens (Authority.Token). Its template makes X509-SVIDs: exactly the
 // token's one URI SAN, empty subject, digitalSignature, serverAuth+clientAuth, not a
@@ -42,7 +64,7 @@
 // by the authority and renewed at two thirds of its life, failures retried with an
 // exponential backoff (github.com/cenkalti/backoff/v5) from 1s to 1m. Client
 // certificates are requested, not required: every request that presents one must
-// chain to the root for client authentication at that moment
+// chain to an anchor for client authentication at that moment
 // (RequireValidClientCert), or it gets a 401 (an expired SVID is thus a permanent
 // error telling the rotator to re-enrol, not a handshake failure).
 //

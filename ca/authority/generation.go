@@ -126,13 +126,23 @@ func keysOnlyOf(g *generation, others ...*generation) []string {
 	return keys
 }
 
-// Key URIs of generation n ≥ 2: labels agentmesh-root-N and agentmesh-intermediate-N
-// with CKA_IDs of their own, distinct from generation 1's.
-func rootKeyURI(n int) string {
+// RootKeyURI is the PKCS#11 URI of generation n's root key when a root rotation made
+// it (generation 1's for n = 1): labels agentmesh-root-N with CKA_IDs of their own,
+// distinct from generation 1's. An intermediate rotation's generation keeps the root
+// key of the one before.
+func RootKeyURI(n int) string {
+	if n <= 1 {
+		return keyURIRoot
+	}
 	return fmt.Sprintf("pkcs11:id=a901%04x;object=agentmesh-root-%d", n, n)
 }
 
-func intermediateKeyURI(n int) string {
+// IntermediateKeyURI is the PKCS#11 URI of generation n's intermediate key (label
+// agentmesh-intermediate-N; generation 1's for n = 1).
+func IntermediateKeyURI(n int) string {
+	if n <= 1 {
+		return keyURIIntermediate
+	}
 	return fmt.Sprintf("pkcs11:id=a902%04x;object=agentmesh-intermediate-%d", n, n)
 }
 

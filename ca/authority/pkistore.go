@@ -89,10 +89,22 @@ func savePKI(dir string, st *pkiState) error {
 	if err := atomicfile.Write(filepath.Join(dir, filePKI), append(b, '\n'), 0o644); err != nil {
 		return err
 	}
-	if err := atomicfile.Write(filepath.Join(dir, fileRoot), pemCert(st.active.Root), 0o644); err != nil {
-		return err
+	return writeActiveFiles(dir, st.active)
+}
+
+// writeActiveFiles makes root.crt and intermediate.crt hold g's certificates, unless
+// they do already.
+func writeActiveFiles(dir string, g *generation) error {
+	for name, c := range map[string]*x509.Certificate{fileRoot: g.Root, fileIntermediate: g.Intermediate} {
+		path := filepath.Join(dir, name)
+		if cur, err := readCertFile(path); err == nil && cur != nil && cur.Equal(c) {
+			continue
+		}
+		if err := atomicfile.Write(path, pemCert(c), 0o644); err != nil {
+			return err
+		}
 	}
-	return atomicfile.Write(filepath.Join(dir, fileIntermediate), pemCert(st.active.Intermediate), 0o644)
+	return nil
 }
 
 // removeStaleFiles removes the certificate files of generations st does not hold.
@@ -151,6 +163,10 @@ func loadPKI(km apiv1.KeyManager, dir string, td spiffeid.TrustDomain, now time.
 		return nil, false, err
 	}
 	if st.previous, err = loadGeneration(km, dir, td, rec.Previous); err != nil {
+		return nil, false, err
+	}
+	// A crash may have come between pki.json and the files of the active generation.
+	if err := writeActiveFiles(dir, st.active); err != nil {
 		return nil, false, err
 	}
 	return st.with(func(*pkiState) {}), false, nil

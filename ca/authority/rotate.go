@@ -72,7 +72,7 @@ func (a *Authority) Prepare(kind meshapi.AnchorKind) (Generation, error) {
 	g, err := newGeneration(a.km, st.active, kind, n, a.cfg.TrustDomain, time.Now())
 	if err != nil {
 		// Nothing refers to generation n's keys: remove what this attempt generated.
-		_ = deleteKeys(a.km, []string{rootKeyURI(n), intermediateKeyURI(n)})
+		_ = deleteKeys(a.km, []string{RootKeyURI(n), IntermediateKeyURI(n)})
 		return Generation{}, err
 	}
 	st = st.with(func(s *pkiState) { s.next, s.last = g, n })
@@ -87,12 +87,12 @@ func (a *Authority) Prepare(kind meshapi.AnchorKind) (Generation, error) {
 // root and root key.
 func newGeneration(km keyStore, cur *generation, kind meshapi.AnchorKind, n int, td spiffeid.TrustDomain, now time.Time) (*generation, error) {
 	g := &generation{
-		Generation: Generation{N: n, Root: cur.Root, RootKey: cur.RootKey, IntermediateKey: intermediateKeyURI(n)},
+		Generation: Generation{N: n, Root: cur.Root, RootKey: cur.RootKey, IntermediateKey: IntermediateKeyURI(n)},
 		rootSigner: cur.rootSigner,
 	}
 	var err error
 	if kind == meshapi.RotateRoot {
-		g.RootKey = rootKeyURI(n)
+		g.RootKey = RootKeyURI(n)
 		if g.rootSigner, err = loadOrCreateKey(km, g.RootKey); err != nil {
 			return nil, err
 		}

@@ -96,7 +96,7 @@ func (k failingKeys) CreateKey(req *apiv1.CreateKeyRequest) (*apiv1.CreateKeyRes
 func TestPrepareHSMRefusal(t *testing.T) {
 	a := openRotating(t, "rot-fault")
 	g1 := a.Active()
-	a.km = failingKeys{keyStore: a.km, refuse: intermediateKeyURI(2)}
+	a.km = failingKeys{keyStore: a.km, refuse: IntermediateKeyURI(2)}
 	_, err := a.Prepare(meshapi.RotateRoot)
 	if !errors.Is(err, ErrHSM) || !errors.Is(err, errTokenFull) {
 		t.Fatalf("Prepare with the token refusing: %v, want ErrHSM", err)
@@ -105,7 +105,7 @@ func TestPrepareHSMRefusal(t *testing.T) {
 		t.Fatal("a next generation after a failed Prepare")
 	}
 	sameGeneration(t, "active after a failed Prepare", a.Active(), g1)
-	if hasKey(t, a.Authority, rootKeyURI(2)) {
+	if hasKey(t, a.Authority, RootKeyURI(2)) {
 		t.Fatal("the failed Prepare left its root key in the token")
 	}
 	for _, f := range []string{filePKI, filepath.Base(genFile("", 2, genRoot))} {
