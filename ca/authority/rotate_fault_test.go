@@ -75,10 +75,18 @@ func TestRevertAndDiscard(t *testing.T) {
 	}
 }
 
-// failingKeys refuses to generate one key, as a token that is full or read-only.
+// failingKeys refuses to generate one key and to delete another, as a token that is
+// full, read-only or unreachable.
 type failingKeys struct {
 	keyStore
-	refuse string
+	refuse, refuseDelete string
+}
+
+func (k failingKeys) DeleteKey(uri string) error {
+	if uri == k.refuseDelete {
+		return errTokenFull
+	}
+	return k.keyStore.DeleteKey(uri)
 }
 
 var errTokenFull = errors.New("CKR_DEVICE_MEMORY")
@@ -223,5 +231,59 @@ func checkServedRoots(t *testing.T, a *Authority, trust *x509.Certificate, want 
 		if !got[i].Equal(want[i]) {
 			t.Fatalf("served root %d is %s, want %s", i, got[i].Subject, want[i].Subject)
 		}
+	}
+}
+
+// Open checks every generation's keys against its certificates: a prepared generation
+// whose key left the token behind the CA's back is an HSM error, not a silent loss.
+func TestOpenChecksGenerationKeys(t *testing.T) {
+	a := openRotating(t, "rot-open")
+	g2, err := a.Prepare(meshapi.RotateIntermediate)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := a.km.DeleteKey(g2.IntermediateKey); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Close(nil); err != nil {
+		t.Fatal(err)
+	}
+	b, err := Open(t.Context(), a.cfg)
+	if err == nil {
+		_ = b.Close(nil)
+	}
+	a.Authority = nil
+	if !errors.Is(err, ErrHSM) {
+		t.Fatalf("Open with generation 2's key missing: %v, want ErrHSM", err)
+	}
+}
+
+// A DestroyPrevious the token fails (or a crash interrupts) after it forgot the
+// generation still deletes its key when run again after a restart.
+func TestDestroyResumes(t *testing.T) {
+	a := openRotating(t, "rot-destroy")
+	g1 := a.Active()
+	if _, err := a.Prepare(meshapi.RotateIntermediate); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Activate(); err != nil {
+		t.Fatal(err)
+	}
+	a.km = failingKeys{keyStore: a.km, refuseDelete: g1.IntermediateKey}
+	if err := a.DestroyPrevious(); !errors.Is(err, ErrHSM) {
+		t.Fatalf("DestroyPrevious with the token failing: %v, want ErrHSM", err)
+	}
+	if !hasKey(t, a.Authority, g1.IntermediateKey) {
+		t.Fatal("the key is gone although the token refused")
+	}
+	a.restart(t)
+	if _, ok := a.Previous(); ok {
+		t.Fatal("the generation being destroyed is held again after restart")
+	}
+	if err := a.DestroyPrevious(); err != nil {
+		t.Fatal(err)
+	}
+	if hasKey(t, a.Authority, g1.IntermediateKey) {
+		t.Fatal("the interrupted deletion was not completed")
 	}
 }

@@ -39,7 +39,11 @@ func openRotating(t *testing.T, label string) *rotating {
 	r := &rotating{cfg: Config{TrustDomain: testTD, StateDir: t.TempDir(), KMS: uri, SVIDLifetime: time.Hour,
 		Backdate: time.Minute, TokenLifetime: time.Minute, Logger: slog.New(slog.DiscardHandler)}}
 	r.open(t)
-	t.Cleanup(func() { _ = r.Close(nil) })
+	t.Cleanup(func() {
+		if r.Authority != nil {
+			_ = r.Close(nil)
+		}
+	})
 	return r
 }
 
