@@ -9,8 +9,11 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"net/url"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -44,9 +47,38 @@ func (a *Authority) gens() *stubGenerations {
 		g.init = true
 		g.active = Generation{N: 1, Root: a.certs.root, Intermediate: a.certs.intermediate}
 		g.anchors = []*x509.Certificate{a.certs.root}
+		var st stubState
+		if b, err := os.ReadFile(filepath.Join(a.cfg.StateDir, "pki-stub.json")); err == nil && json.Unmarshal(b, &st) == nil {
+			g.active.N = st.Active
+			if st.Next != 0 {
+				n := g.active
+				n.N = st.Next
+				g.next = &n
+			}
+			if st.Previous != 0 {
+				p := g.active
+				p.N = st.Previous
+				g.previous = &p
+			}
+		}
 	}
 	g.mu.Unlock()
 	return g
+}
+
+type stubState struct{ Active, Next, Previous int }
+
+// save persists which generations exist (g.mu held).
+func (a *Authority) save(g *stubGenerations) {
+	st := stubState{Active: g.active.N}
+	if g.next != nil {
+		st.Next = g.next.N
+	}
+	if g.previous != nil {
+		st.Previous = g.previous.N
+	}
+	b, _ := json.Marshal(st)
+	_ = os.WriteFile(filepath.Join(a.cfg.StateDir, "pki-stub.json"), b, 0o600)
 }
 
 func (a *Authority) Active() Generation {
@@ -80,6 +112,7 @@ func (a *Authority) Prepare(_ meshapi.AnchorKind) (Generation, error) {
 	g := a.gens()
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	defer a.save(g)
 	if g.next == nil {
 		n := g.active
 		n.N++
@@ -92,6 +125,7 @@ func (a *Authority) Activate() error {
 	g := a.gens()
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	defer a.save(g)
 	if g.next != nil {
 		prev := g.active
 		g.active, g.previous, g.next = *g.next, &prev, nil
@@ -103,6 +137,7 @@ func (a *Authority) Revert() error {
 	g := a.gens()
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	defer a.save(g)
 	if g.previous != nil {
 		next := g.active
 		g.active, g.next, g.previous = *g.previous, &next, nil
@@ -114,6 +149,7 @@ func (a *Authority) DestroyPrevious() error {
 	g := a.gens()
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	defer a.save(g)
 	g.previous = nil
 	return nil
 }
@@ -122,6 +158,7 @@ func (a *Authority) DiscardNext() error {
 	g := a.gens()
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	defer a.save(g)
 	g.next = nil
 	return nil
 }
