@@ -188,13 +188,13 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 	if err := s.saveAnchorLocked(rec); err != nil {
 		return meshapi.RotationStatus{}, err
 	}
-	if _, err := s.anchor.auth.Prepare(rec.Kind); err != nil {
+	if err := s.prepareLocked(rec); err != nil {
 		// Leave no rotation: the previous record (or none) is in force again. The
 		// generation is not persisted when key generation fails.
 		if serr := s.saveAnchorLocked(prev); serr != nil {
 			return meshapi.RotationStatus{}, errors.Join(err, serr)
 		}
-		return meshapi.RotationStatus{}, fmt.Errorf("ca: rotation: prepare: %w", err)
+		return meshapi.RotationStatus{}, fmt.Errorf("ca: rotation: %w", err)
 	}
 	s.anchor.rec, s.anchor.applied, s.anchor.failure = rec, true, ""
 	for _, id := range req.Exclude {
