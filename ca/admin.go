@@ -101,6 +101,10 @@ func (s *Server) adminHandler() http.Handler {
 	mux.HandleFunc("POST "+adminHostsPath, s.adminOnly(s.handleAdminSetHost))
 	mux.HandleFunc("DELETE "+adminHostsPath, s.adminOnly(s.handleAdminRemoveHost))
 	mux.HandleFunc("GET "+adminHostsPath, s.adminOnly(s.handleAdminHosts))
+	mux.HandleFunc("GET "+meshapi.AdminRotationPath, s.adminOnly(s.handleAdminRotationStatus))
+	mux.HandleFunc("POST "+meshapi.AdminRotationPath, s.adminOnly(s.handleAdminRotationStart))
+	mux.HandleFunc("POST "+meshapi.AdminRotationAbortPath, s.adminOnly(s.handleAdminRotationAbort))
+	mux.HandleFunc("POST "+meshapi.AdminRotationExcludePath, s.adminOnly(s.handleAdminRotationExclude))
 	return mux
 }
 

@@ -22,6 +22,7 @@ const (
 	defaultTokenLifetime = 5 * time.Minute
 	maxTokenLifetime     = 24 * time.Hour
 	defaultDirectoryTTL  = 30 * time.Second
+	defaultLiveWindow    = 30 * time.Second
 )
 
 // Config configures a Server. The zero value of every optional field selects the
@@ -84,6 +85,18 @@ type Config struct {
 	// must be >= 0.
 	MaxWatches int
 
+	// RotationLiveWindow is how recent a proxy's last heartbeat must be for a rotation
+	// of the trust anchors to count it live (`rotation status` marks the others; every
+	// member that has not acknowledged blocks the next phase either way). Default 30s;
+	// must be positive.
+	RotationLiveWindow time.Duration
+
+	// RotationRenewWindow is the window over which proxies spread the early renewals
+	// a rotation of the trust anchors asks for, each after a random delay below it
+	// (RotateRequest.RenewWindowMS overrides it per rotation). Default SVIDLifetime/4;
+	// must be positive and below SVIDLifetime.
+	RotationRenewWindow time.Duration
+
 	// Logger receives the CA's logs, including step-ca's per-request errors and
 	// net/http's server errors. Default: discard.
 	Logger *slog.Logger
@@ -118,6 +131,12 @@ func (c Config) withDefaults() Config {
 	if c.MaxWatches == 0 {
 		c.MaxWatches = DefaultMaxWatches
 	}
+	if c.RotationLiveWindow == 0 {
+		c.RotationLiveWindow = defaultLiveWindow
+	}
+	if c.RotationRenewWindow == 0 {
+		c.RotationRenewWindow = c.SVIDLifetime / 4
+	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -145,6 +164,11 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: DirectoryTTL %v is negative", ErrInvalidConfig, c.DirectoryTTL)
 	case c.MaxWatches < 0:
 		return fmt.Errorf("%w: MaxWatches %d is negative", ErrInvalidConfig, c.MaxWatches)
+	case c.RotationLiveWindow < 0:
+		return fmt.Errorf("%w: RotationLiveWindow %v is negative", ErrInvalidConfig, c.RotationLiveWindow)
+	case c.RotationRenewWindow < 0 || c.RotationRenewWindow >= c.SVIDLifetime:
+		return fmt.Errorf("%w: RotationRenewWindow %v is outside (0, SVIDLifetime %v)", ErrInvalidConfig,
+			c.RotationRenewWindow, c.SVIDLifetime)
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("%w: Listen %q: %w", ErrInvalidConfig, c.Listen, err)

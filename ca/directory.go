@@ -78,6 +78,9 @@ type dirState struct {
 	registered []meshapi.Entry
 	// bundle is the trust bundle (the CA's roots), nil: none. Immutable.
 	bundle *meshapi.BundleDocument
+	// anchor is the step of a trust-anchor rotation proxies converge to, nil: none.
+	// Immutable.
+	anchor *meshapi.AnchorRotation
 }
 
 // newDirState returns an empty registry at version seed. The caller seeds it from the
@@ -209,11 +212,20 @@ func (s *dirState) setBundle(b *meshapi.BundleDocument) {
 	s.version++
 }
 
+// setAnchorRotation publishes the step of a trust-anchor rotation (nil: none); the
+// version moves, as for every section.
+func (s *dirState) setAnchorRotation(a *meshapi.AnchorRotation) {
+	s.anchor = a
+	s.version++
+}
+
 // snapshot returns the directory as served, sorted by SPIFFE ID. It shares nothing
-// with the state but the signed deny-list and the fleet rotation, which are immutable.
+// with the state but the signed deny-list, the fleet rotation and the anchor
+// rotation step, which are immutable.
 func (s *dirState) snapshot() meshapi.DirectoryDocument {
 	doc := meshapi.DirectoryDocument{Version: s.version, Peers: make([]meshapi.DirectoryEntry, 0, len(s.entries)),
-		Revocations: s.revocations, Rotation: s.rotation, Entries: slices.Clone(s.registered), Bundle: s.bundle}
+		Revocations: s.revocations, Rotation: s.rotation, Entries: slices.Clone(s.registered), Bundle: s.bundle,
+		AnchorRotation: s.anchor}
 	for _, e := range s.entries {
 		doc.Peers = append(doc.Peers, meshapi.DirectoryEntry{
 			SPIFFEID:      e.ID,
@@ -331,6 +343,16 @@ func (r *registry) setBundle(anchors []*x509.Certificate) {
 	defer r.mu.Unlock()
 	before := r.state.version
 	r.state.setBundle(meshapi.NewBundleDocument(anchors))
+	r.publishedLocked(before)
+}
+
+// setAnchorRotation publishes the step of a trust-anchor rotation (nil: none) to
+// every watcher.
+func (r *registry) setAnchorRotation(a *meshapi.AnchorRotation) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	before := r.state.version
+	r.state.setAnchorRotation(a)
 	r.publishedLocked(before)
 }
 

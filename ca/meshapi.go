@@ -44,6 +44,7 @@ func (s meshBackend) Revoke(w http.ResponseWriter, r *http.Request)      { s.han
 func (s meshBackend) Reinstate(w http.ResponseWriter, r *http.Request)   { s.handleMeshReinstate(w, r) }
 func (s meshBackend) Revocations(w http.ResponseWriter, r *http.Request) { s.handleRevocations(w, r) }
 func (s meshBackend) AgentToken(w http.ResponseWriter, r *http.Request)  { s.handleAgentToken(w, r) }
+func (s meshBackend) AnchorAck(w http.ResponseWriter, r *http.Request)   { s.handleAnchorAck(w, r) }
 
 func callerID(r *http.Request) spiffeid.ID { return meshapi.Caller(r) }
 

@@ -246,6 +246,12 @@ func (s *Server) publishMarks(now time.Time) (*denyState, error) {
 	if !changed {
 		return cur, nil
 	}
+	return s.putDenyList(next)
+}
+
+// putDenyList signs next with the active intermediate's key, persists it and puts it
+// in force. The caller holds revokeMu (or is New).
+func (s *Server) putDenyList(next *meshapi.DenyList) (*denyState, error) {
 	st, err := s.signDenyState(next)
 	if err != nil {
 		return nil, err

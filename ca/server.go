@@ -49,6 +49,7 @@ type Server struct {
 	fleet   fleetStore
 	entries entryStore
 	claims  claimStore
+	anchor  anchorStore // the rotation of the trust anchors
 
 	mu          sync.Mutex
 	state       serverState // guarded by mu
@@ -138,8 +139,12 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := s.loadClaims(); err != nil {
 		return nil, err
 	}
+	if err := s.loadAnchorRotation(); err != nil {
+		return nil, err
+	}
 	// Registered last, so that a New that fails leaves the registry as it was.
-	if err := metricreg.Register(cfg.Registerer, s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt); err != nil {
+	if err := metricreg.Register(cfg.Registerer, append(s.anchor.metrics.collectors(),
+		s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt)...); err != nil {
 		return nil, err
 	}
 
@@ -225,6 +230,9 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		return boundary(err)
 	}
 	s.reconcileStepCA(ctx, s.auth.Step())
+	// Before serving: a CA restarted mid-rotation trusts, issues from and publishes
+	// what its recorded phase says from its first request on.
+	s.resumeAnchorRotation(time.Now())
 
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
 	apiSrv := &http.Server{
@@ -251,6 +259,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	g.Go(func() error { s.auth.RenewServingCert(gctx); return nil })
 	g.Go(func() error { s.dir.run(gctx); return nil })
 	g.Go(func() error { s.pruneLoop(gctx); return nil })
+	g.Go(func() error { s.anchorLoop(gctx); return nil })
 	g.Go(func() error {
 		<-gctx.Done()
 		// Long-polls answer now rather than hold the graceful shutdown up.

@@ -156,6 +156,11 @@ type RotationExclude struct {
 	Reason string      `json:"reason,omitempty"`
 }
 
+// RotationAbort aborts the running rotation.
+type RotationAbort struct {
+	Reason string `json:"reason,omitempty"`
+}
+
 // RotationStatus is what `agentmesh ca rotation status --json` prints: the running
 // rotation, or the last one (Phase done or aborted), or none (ID 0).
 type RotationStatus struct {

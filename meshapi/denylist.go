@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -58,12 +59,61 @@ type DenyList struct {
 	// before IssuedAt, and no entry of the list has a not_after at or before it. Zero
 	// until the CA first drops an entry.
 	ExpiredThrough time.Time `json:"expired_through,omitzero"`
+	// Issuers are the CA keys retired by a rotation of the CA's trust anchors, sorted
+	// by KeyFingerprint, unique: every certificate they issued is denied. Absent from
+	// lists signed before rotations existed.
+	Issuers []DeniedIssuer `json:"issuers,omitempty"`
 
 	// Lookup indexes, built by VerifyDenyList and by the CA; nil on a list built by
 	// hand, which Denies then scans. ids maps an identity to its latest cutoff (zero:
 	// every certificate).
 	ids     map[spiffeid.ID]time.Time
 	serials map[string]struct{}
+	issuers map[string]struct{}
+}
+
+// DeniedIssuer is a CA key a rotation retired and destroyed: every certificate issued
+// by a CA certificate with this key is denied.
+type DeniedIssuer struct {
+	// KeyFingerprint is the issuer's KeyFingerprint.
+	KeyFingerprint string    `json:"key_fingerprint"`
+	RevokedAt      time.Time `json:"revoked_at"`
+	// NotAfter is when the last certificate the key issued expires.
+	NotAfter time.Time `json:"not_after,omitzero"`
+	// Version is the list version that first carried the entry.
+	Version uint64 `json:"version"`
+}
+
+// DeniesIssuer reports whether the CA key with KeyFingerprint fp is denied. A nil
+// list denies nothing. Safe for concurrent use.
+func (l *DenyList) DeniesIssuer(fp string) bool {
+	if l == nil || fp == "" {
+		return false
+	}
+	if l.issuers != nil {
+		_, ok := l.issuers[fp]
+		return ok
+	}
+	return slices.ContainsFunc(l.Issuers, func(e DeniedIssuer) bool { return e.KeyFingerprint == fp })
+}
+
+// WithIssuer returns the version after cur, issued at now, carrying every entry of cur
+// and issuer when not nil (and not already listed or already expired by cur's
+// ExpiredThrough). With a nil issuer it is cur re-issued as a new version: what the CA
+// signs when it starts issuing from another key. Pure.
+func (cur *DenyList) WithIssuer(now time.Time, issuer *DeniedIssuer) *DenyList {
+	next := &DenyList{TrustDomain: cur.TrustDomain, Version: cur.Version + 1, IssuedAt: now.UTC().Round(0),
+		IDs: slices.Clone(cur.IDs), Serials: slices.Clone(cur.Serials), ExpiredThrough: cur.ExpiredThrough,
+		Issuers: slices.Clone(cur.Issuers)}
+	if issuer != nil && !cur.DeniesIssuer(issuer.KeyFingerprint) &&
+		(issuer.NotAfter.IsZero() || issuer.NotAfter.After(cur.ExpiredThrough)) {
+		e := *issuer
+		e.Version = next.Version
+		next.Issuers = append(next.Issuers, e)
+		slices.SortFunc(next.Issuers, func(a, b DeniedIssuer) int { return cmp.Compare(a.KeyFingerprint, b.KeyFingerprint) })
+	}
+	next.index()
+	return next
 }
 
 // DeniedID is a revoked identity: the certificates of SPIFFEID issued before the
@@ -154,6 +204,10 @@ func (l *DenyList) index() {
 	l.serials = make(map[string]struct{}, len(l.Serials))
 	for _, e := range l.Serials {
 		l.serials[e.Serial] = struct{}{}
+	}
+	l.issuers = make(map[string]struct{}, len(l.Issuers))
+	for _, e := range l.Issuers {
+		l.issuers[e.KeyFingerprint] = struct{}{}
 	}
 }
 
@@ -323,6 +377,25 @@ func (l *DenyList) check(td spiffeid.TrustDomain) error {
 			return fmt.Errorf("serials[%d] %s: not sorted or duplicated", i, e.Serial)
 		}
 	}
+	return l.checkIssuers()
+}
+
+// checkIssuers validates the issuer entries: hex SHA-256 fingerprints, sorted, unique.
+func (l *DenyList) checkIssuers() error {
+	for i, e := range l.Issuers {
+		if len(e.KeyFingerprint) != sha256.Size*2 || strings.Trim(e.KeyFingerprint, "0123456789abcdef") != "" {
+			return fmt.Errorf("issuers[%d]: %q is not a key fingerprint", i, e.KeyFingerprint)
+		}
+		if err := checkEntry("", e.RevokedAt, e.Version, l.Version); err != nil {
+			return fmt.Errorf("issuers[%d] %s: %w", i, e.KeyFingerprint, err)
+		}
+		if err := l.checkExpiry(e.NotAfter); err != nil {
+			return fmt.Errorf("issuers[%d] %s: %w", i, e.KeyFingerprint, err)
+		}
+		if i > 0 && l.Issuers[i-1].KeyFingerprint >= e.KeyFingerprint {
+			return fmt.Errorf("issuers[%d] %s: not sorted or duplicated", i, e.KeyFingerprint)
+		}
+	}
 	return nil
 }
 
@@ -428,6 +501,11 @@ func NextDenyList(held, got *DenyList, now time.Time) (bool, error) {
 	if _, err := extends(held, got, now, held.Serials, got.Serials, serialKey, serialExpiry, func(e DeniedSerial) uint64 { return e.Version }, sameDeniedSerial); err != nil {
 		return false, err
 	}
+	issuerKey := func(e DeniedIssuer) string { return "issuer " + e.KeyFingerprint }
+	issuerExpiry := func(e DeniedIssuer) time.Time { return e.NotAfter }
+	if _, err := extends(held, got, now, held.Issuers, got.Issuers, issuerKey, issuerExpiry, func(e DeniedIssuer) uint64 { return e.Version }, sameDeniedIssuer); err != nil {
+		return false, err
+	}
 	return true, nil
 }
 
@@ -455,7 +533,8 @@ func ExpiredEntries(held, got *DenyList) int {
 func SameDenyList(a, b *DenyList) bool {
 	return a.TrustDomain == b.TrustDomain && a.Version == b.Version && a.IssuedAt.Equal(b.IssuedAt) &&
 		a.ExpiredThrough.Equal(b.ExpiredThrough) &&
-		slices.EqualFunc(a.IDs, b.IDs, sameDeniedID) && slices.EqualFunc(a.Serials, b.Serials, sameDeniedSerial)
+		slices.EqualFunc(a.IDs, b.IDs, sameDeniedID) && slices.EqualFunc(a.Serials, b.Serials, sameDeniedSerial) &&
+		slices.EqualFunc(a.Issuers, b.Issuers, sameDeniedIssuer)
 }
 
 // extends checks one kind of entry of a newer list got against held at now: every
@@ -508,4 +587,9 @@ func sameDeniedID(a, b DeniedID) bool {
 func sameDeniedSerial(a, b DeniedSerial) bool {
 	return a.Serial == b.Serial && a.SPIFFEID == b.SPIFFEID && a.Reason == b.Reason &&
 		a.RevokedAt.Equal(b.RevokedAt) && a.NotAfter.Equal(b.NotAfter) && a.Version == b.Version
+}
+
+func sameDeniedIssuer(a, b DeniedIssuer) bool {
+	return a.KeyFingerprint == b.KeyFingerprint && a.RevokedAt.Equal(b.RevokedAt) && a.NotAfter.Equal(b.NotAfter) &&
+		a.Version == b.Version
 }

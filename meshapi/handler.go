@@ -28,6 +28,7 @@ type Backend interface {
 	Reinstate(w http.ResponseWriter, r *http.Request)   // POST ReinstatePath
 	Revocations(w http.ResponseWriter, r *http.Request) // GET RevocationsPath
 	AgentToken(w http.ResponseWriter, r *http.Request)  // POST AgentTokenPath
+	AnchorAck(w http.ResponseWriter, r *http.Request)   // POST AnchorAckPath
 }
 
 // Mount mounts the mesh API of s on r (the router of Prefix): every route requires a
@@ -40,6 +41,7 @@ func Mount(r chi.Router, s Backend) {
 	r.Post(ReinstatePath, s.Reinstate)
 	r.Get(RevocationsPath, s.Revocations)
 	r.Post(AgentTokenPath, s.AgentToken)
+	r.Post(AnchorAckPath, s.AnchorAck)
 }
 
 type callerKey struct{}

@@ -17,6 +17,7 @@ func (cur *DenyList) Successor(now time.Time, ids []DeniedID, serials []DeniedSe
 		IDs:            slices.Clone(cur.IDs),
 		Serials:        slices.Clone(cur.Serials),
 		ExpiredThrough: cur.ExpiredThrough,
+		Issuers:        slices.Clone(cur.Issuers),
 	}
 	changed := false
 	// Drop what has expired. ExpiredThrough moves to the latest expiry dropped rather
@@ -34,6 +35,7 @@ func (cur *DenyList) Successor(now time.Time, ids []DeniedID, serials []DeniedSe
 	}
 	next.IDs = slices.DeleteFunc(next.IDs, func(e DeniedID) bool { return expired(e.NotAfter) })
 	next.Serials = slices.DeleteFunc(next.Serials, func(e DeniedSerial) bool { return expired(e.NotAfter) })
+	next.Issuers = slices.DeleteFunc(next.Issuers, func(e DeniedIssuer) bool { return expired(e.NotAfter) })
 	for _, e := range ids {
 		if slices.ContainsFunc(next.IDs, func(o DeniedID) bool { return o.SPIFFEID == e.SPIFFEID && o.RevokedAt.Equal(e.RevokedAt) }) ||
 			(!e.NotAfter.IsZero() && !e.NotAfter.After(next.ExpiredThrough)) {

@@ -43,6 +43,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 		},
 	}
 	addCAFlags(cmd.Flags(), &cfg)
+	cmd.AddCommand(newCARotateCmd(), newCARotationCmd())
 	f := cmd.Flags()
 	f.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain, e.g. example.org")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -62,6 +63,8 @@ func addCAFlags(f *pflag.FlagSet, cfg *ca.ProcessConfig) {
 	f.DurationVar(&cfg.CA.TokenLifetime, "token-lifetime", 5*time.Minute, "validity of bootstrap tokens")
 	f.StringVar(&cfg.CA.PINFile, "hsm-pin-file", hsm.CredentialPIN(), "PIN file of the SoftHSM2 token, outside --state (default: the systemd credential hsm.pin when passed, else STATE.pin beside the state directory)")
 	f.IntVar(&cfg.CA.MaxWatches, "max-watches", ca.DefaultMaxWatches, "concurrent directory long-polls one client identity may hold; more are answered 429")
+	f.DurationVar(&cfg.CA.RotationLiveWindow, "rotation-live-window", 30*time.Second, "a proxy with a heartbeat within this window is live in a rotation of the trust anchors")
+	f.DurationVar(&cfg.CA.RotationRenewWindow, "rotation-renew-window", 0, "window proxies spread a rotation's early renewals over (default: a quarter of --svid-lifetime)")
 	f.StringVar(&cfg.AuditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
 	f.StringVar(&cfg.MetricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")
 }
