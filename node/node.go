@@ -100,7 +100,9 @@ func (n *node) buildBase() error {
 	}
 	n.auditor = n.audit
 	n.bundles.file = n.bundle.X509Authorities()
-	n.link = caLink{url: cfg.CA.URL, roots: n.bundle.X509Authorities()}
+	n.link = newCALink(cfg.CA.URL, n.bundle.X509Authorities())
+	n.caAnchors = n.link.anchors
+	n.anchor = newAnchorFollower(n.reg)
 	// The CA clients carry the proxy's mark like its tunnels, so capture rules that
 	// exclude the mark never redirect the proxy's renewals back to itself.
 	if cfg.Mark != 0 {
@@ -122,7 +124,7 @@ func (n *node) buildHost() error {
 	}
 	n.rot, err = rotator.New(rotator.Config{ID: n.cfg.id, Issuer: issuer, Bundle: n.bundle, Policy: n.cfg.Rotation,
 		Keys: n.keys, StateFile: n.svidFile, Drain: n.drain, Audit: n.audit, Registerer: n.reg,
-		Logger: n.component("rotator")})
+		OnRotate: n.anchor.onRotate, Logger: n.component("rotator")})
 	if err != nil {
 		return err
 	}
@@ -147,6 +149,7 @@ func (n *node) buildMesh() error {
 	}
 	var err error
 	n.dir, err = n.link.directory(s)
+	n.anchor.acker = n.dir
 	return err
 }
 
@@ -215,7 +218,7 @@ func (n *node) run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	followMesh := func(ctx context.Context) error { return n.followMesh(ctx, n.dir) }
 	for _, run := range []func(context.Context) error{n.rot.Run, n.px.Run, n.admin.Run, n.dir.Run, followMesh,
-		n.control.Run, n.agents.Run, w.run} {
+		n.control.Run, n.agents.Run, w.run, n.followAnchors} {
 		g.Go(func() error { return run(gctx) })
 	}
 	err := g.Wait()
@@ -261,7 +264,8 @@ func (n *node) newAgentRotator(id spiffeid.ID, reg prometheus.Registerer, pol po
 		return nil, err
 	}
 	return rotator.New(rotator.Config{ID: id, Issuer: issuer, Bundle: bundle, Policy: pol, Keys: n.keys,
-		Drain: n.drain, Audit: n.audit, Registerer: reg, Logger: n.logger.With("component", "rotator", "agent", id.String())})
+		Drain: n.drain, Audit: n.audit, Registerer: reg, OnRotate: n.anchor.onRotate,
+		Logger: n.logger.With("component", "rotator", "agent", id.String())})
 }
 
 // identities is the state of every identity held: the host's first, then the agents'.
