@@ -128,6 +128,7 @@ func followed(t *testing.T) (*fixture, *statePublisher) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = f.applier.followMesh(ctx, src) })
+	wg.Go(func() { _ = f.applier.followAnchors(ctx) })
 	t.Cleanup(func() { cancel(); wg.Wait() })
 	return f, src
 }
