@@ -239,7 +239,7 @@ func (f *fixture) newRotator(t *testing.T, id spiffeid.ID, reg prometheus.Regist
 	r, err := rotator.New(rotator.Config{ID: id, Issuer: f.issuer, Bundle: bundle, Policy: p, Keys: rotator.MemoryKeys{},
 		Audit: f.audit, Registerer: reg, Logger: slog.New(slog.DiscardHandler),
 		OnRotate: func() { f.applier.anchor.onRotate() },
-		Drain: func(context.Context, string, time.Duration) int { return 0 }})
+		Drain:    func(context.Context, string, time.Duration) int { return 0 }})
 	if err != nil {
 		t.Fatal(err)
 	}
