@@ -1,17 +1,12 @@
 package meshclient
 
 import (
-	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"net/http"
 	"slices"
 	"sync/atomic"
-
-	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // Anchors are the trust anchors the mesh clients verify the CA with: its TLS serving
@@ -85,26 +80,4 @@ func (a *Anchors) verifyServer(cs tls.ConnectionState, host string) error {
 		return fmt.Errorf("ca: verify server certificate: %w", err)
 	}
 	return nil
-}
-
-// ErrStaleStep is wrapped by AckAnchor's error when the CA answers that the step
-// acknowledged is not its current one: acknowledging it again cannot succeed.
-var ErrStaleStep = errors.New("ca: anchor rotation step is not current")
-
-// AckAnchor acknowledges a step of a rotation of the CA's trust anchors with the host
-// SVID (Config.Certificate): POST /mesh/v1/rotation/ack. A 409 answer wraps
-// ErrStaleStep; any other refusal is a *meshapi.ResponseError with Op "rotation ack".
-// It does not retry. Safe for concurrent use.
-func (w *Watch) AckAnchor(ctx context.Context, ack meshapi.AnchorAck) error {
-	body, err := json.Marshal(ack)
-	if err != nil {
-		return fmt.Errorf("ca: rotation ack: %w", err)
-	}
-	ctx, cancel := context.WithTimeout(ctx, defaultTimeout)
-	defer cancel()
-	_, err = w.conn.do(ctx, "rotation ack", http.MethodPost, meshapi.AnchorAckPath, body, meshapi.MaxResponse)
-	if re, ok := errors.AsType[*meshapi.ResponseError](err); ok && re.Status == http.StatusConflict {
-		return fmt.Errorf("%w: %w", ErrStaleStep, err)
-	}
-	return err
 }
