@@ -143,7 +143,8 @@ func (n *node) buildMesh() error {
 		if s.tunnelPort, err = portOf(n.cfg.Tunnel); err != nil {
 			return err
 		}
-		// The bundle in force (the root file united with the roots the CA publishes):
+		// The bundle in force (bundle.go: the roots the CA publishes, or the root file
+		// before them, with the anchors the SVIDs held still need):
 		// its digest names its version, which follows every change of either.
 		s.bundleVersion = n.rot.BundleVersion
 	}
