@@ -170,18 +170,21 @@ func TestAnchorRotationSteps(t *testing.T) {
 	})
 }
 
-// TestAnchorStepCatchUp: a proxy back from a partition that first sees retire keeps the
-// old root while its SVID needs it, renews from the new issuer, then drops it.
+// TestAnchorStepCatchUp: a proxy back from a partition that missed distribute and
+// activate and sees retire first keeps the old root while its SVID needs it, renews
+// from the new issuer, then drops it.
 func TestAnchorStepCatchUp(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f, src := followed(t)
 		old := f.ca
+		src.publish(stepState(t, 1, old.Roots(), nil)) // before the partition
+		synctest.Wait()
 		next := testca.New(t, testca.WithTrustDomain(testHost.TrustDomain()))
 		f.issuer.use(next)
 		const window = time.Minute
 		ret := &meshapi.AnchorRotation{ID: 3, Kind: meshapi.RotateRoot, Phase: meshapi.PhaseRetire, Probe: probeOf(t, next),
 			Issuer: issuerOf(next), RenewWindowMS: window.Milliseconds()}
-		src.publish(stepState(t, 1, next.Roots(), ret))
+		src.publish(stepState(t, 2, next.Roots(), ret))
 		synctest.Wait()
 		if b := f.applier.bundleInForce(); !b.HasX509Authority(old.Roots()[0]) || !b.HasX509Authority(next.Roots()[0]) {
 			t.Fatal("the bundle in force dropped the anchor of the SVID held, or lacks the published one")

@@ -16,25 +16,43 @@ type anchorSetter interface {
 }
 
 // bundleSources are where the bundle in force comes from: the roots the CA publishes
-// in the mesh state once one has arrived, before that the CA root file; united with
-// every anchor of the bundle held before that one of the SVIDs held needs (it verifies
-// the SVID, which the published roots do not). So a proxy never drops the anchor of
-// its own SVIDs, whatever the mesh state says (a proxy back from a partition may see
-// the last step of a rotation first), and drops a retired root by itself once every
-// SVID it holds was renewed under the new one.
+// in the mesh state, and the CA root file's anchors but those the CA withdrew (it
+// published them, then a later state no longer did: a root retired by a rotation). The
+// file is the operator's word, which may add anchors of another CA; the CA's word
+// retires its own. United with every anchor of the bundle held before that one of the
+// SVIDs held needs (it verifies the SVID, which the rest does not). So a proxy never
+// drops the anchor of its own SVIDs, whatever the mesh state says (a proxy back from a
+// partition may see the last step of a rotation first), and drops a retired root by
+// itself once every SVID it holds was renewed under the new one.
 type bundleSources struct {
-	mu       sync.Mutex // serialises the file's and the mesh state's installs and renewals' recomputations
-	file     []*x509.Certificate
-	mesh     []*x509.Certificate
-	meshSeen bool
+	mu        sync.Mutex // serialises the file's and the mesh state's installs and renewals' recomputations
+	file      []*x509.Certificate
+	mesh      []*x509.Certificate
+	withdrawn []*x509.Certificate // published by the CA once, not any more
 }
 
-// base is the published roots once a mesh state brought some, else the file's.
-func (b *bundleSources) base() []*x509.Certificate {
-	if b.meshSeen {
-		return b.mesh
+// setMesh makes roots the published ones: those published before and not now are
+// withdrawn, those published now are not.
+func (b *bundleSources) setMesh(roots []*x509.Certificate) {
+	for _, c := range b.mesh {
+		if !slices.ContainsFunc(roots, c.Equal) && !slices.ContainsFunc(b.withdrawn, c.Equal) {
+			b.withdrawn = append(b.withdrawn, c)
+		}
 	}
-	return b.file
+	b.withdrawn = slices.DeleteFunc(b.withdrawn, func(c *x509.Certificate) bool { return slices.ContainsFunc(roots, c.Equal) })
+	b.mesh = roots
+}
+
+// base is the published roots, then the file's that are neither published nor
+// withdrawn.
+func (b *bundleSources) base() []*x509.Certificate {
+	out := slices.Clone(b.mesh)
+	for _, c := range b.file {
+		if !slices.ContainsFunc(out, c.Equal) && !slices.ContainsFunc(b.withdrawn, c.Equal) {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // inForce is base united with the anchors of held that an SVID of svids needs: one
@@ -76,8 +94,7 @@ func (a *applier) svids() []*x509svid.SVID {
 	return out
 }
 
-// setBundle makes the root file's anchors next: the base of the bundle in force until a
-// mesh state publishes roots, after which the CA's word replaces the file's.
+// setBundle makes the root file's anchors next.
 func (a *applier) setBundle(next *x509bundle.Bundle) (changed bool, err error) {
 	a.bundles.mu.Lock()
 	defer a.bundles.mu.Unlock()
@@ -86,12 +103,12 @@ func (a *applier) setBundle(next *x509bundle.Bundle) (changed bool, err error) {
 }
 
 // applyMeshBundle makes the CA's roots published in a mesh state (version names them)
-// the base of the bundle in force. The state came over the connection to the CA that
-// the bundle in force authenticates.
+// the published ones. The state came over the connection to the CA that the bundle in
+// force authenticates.
 func (a *applier) applyMeshBundle(version string, roots []*x509.Certificate) {
 	a.bundles.mu.Lock()
 	defer a.bundles.mu.Unlock()
-	a.bundles.mesh, a.bundles.meshSeen = roots, true
+	a.bundles.setMesh(roots)
 	changed, err := a.installBundle()
 	switch {
 	case err != nil:

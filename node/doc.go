@@ -10,10 +10,10 @@
 // before (pure), and applyDiff applies it: a newer deny-list reaches every rotator and
 // the proxy and is audited with the connections it closed, the registration entries
 // become the identities held (one rotator per agent registered to this host, started
-// and stopped as entries come and go), the CA's published roots replace the root
-// file's as the base of the bundle in force (bundle.go: united with every anchor an
-// SVID held still needs, recomputed after every renewal; the mesh client verifies the
-// CA with it too), a fleet command rotates every identity, once per ID requested after
+// and stopped as entries come and go), the CA's published roots join the root file's
+// in the bundle in force (bundle.go: less the roots the CA withdrew, plus every anchor
+// an SVID held still needs, recomputed after every renewal; the mesh client verifies
+// the CA with it too), a fleet command rotates every identity, once per ID requested after
 // start, and a step of a rotation of the CA's anchors is converged to and acknowledged
 // (anchor.go: check the step's bundle is in force, verify its probe, renew every SVID
 // not from its issuer, acknowledge; audited). The watcher re-reads the configuration, CA root and policy

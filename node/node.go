@@ -143,8 +143,8 @@ func (n *node) buildMesh() error {
 		if s.tunnelPort, err = portOf(n.cfg.Tunnel); err != nil {
 			return err
 		}
-		// The bundle in force (bundle.go: the roots the CA publishes, or the root file
-		// before them, with the anchors the SVIDs held still need):
+		// The bundle in force (bundle.go: the roots the CA publishes, the root file's it
+		// did not withdraw, and the anchors the SVIDs held still need):
 		// its digest names its version, which follows every change of either.
 		s.bundleVersion = n.rot.BundleVersion
 	}
