@@ -30,8 +30,11 @@ type ClientConfig struct {
 	// URL is the https://host:port base URL of agentmesh ca. Required.
 	URL string
 	// Roots are the trust anchors for the CA's TLS serving certificate (the CA's root).
-	// Required.
+	// Required unless Anchors is set.
 	Roots []*x509.Certificate
+	// Anchors, when set, replace Roots: the anchors held at each handshake verify the
+	// CA. Default nil: Roots, fixed.
+	Anchors *Anchors
 	// Token returns a bootstrap token for Enroll; it is called once per Enroll. Default
 	// nil: Enroll fails with ErrNoToken.
 	Token func(ctx context.Context) (string, error)
@@ -51,7 +54,8 @@ type ClientConfig struct {
 // concurrent use.
 type Client struct {
 	base    string
-	roots   *x509.CertPool
+	anchors *Anchors
+	host    string
 	token   func(ctx context.Context) (string, error)
 	timeout time.Duration
 	control func(network, address string, c syscall.RawConn) error
@@ -59,28 +63,32 @@ type Client struct {
 	enroll  *http.Client
 }
 
-// endpoint validates the CA address and trust anchors every client needs and returns
-// the base URL and the pool to verify the CA's serving certificate with.
-func endpoint(rawURL string, roots []*x509.Certificate) (string, *x509.CertPool, error) {
+// caEndpoint is where the CA is and what verifies it.
+type caEndpoint struct {
+	base    string // the base URL
+	host    string // the name (or address) its serving certificate must hold
+	anchors *Anchors
+}
+
+// endpoint validates the CA address and trust anchors every client needs (anchors
+// when set, else roots).
+func endpoint(rawURL string, roots []*x509.Certificate, anchors *Anchors) (caEndpoint, error) {
 	u, err := url.Parse(rawURL)
 	switch {
 	case err != nil:
-		return "", nil, fmt.Errorf("%w: URL %q: %w", ErrInvalidConfig, rawURL, err)
+		return caEndpoint{}, fmt.Errorf("%w: URL %q: %w", ErrInvalidConfig, rawURL, err)
 	case u.Scheme != "https" || u.Host == "":
-		return "", nil, fmt.Errorf("%w: URL %q is not https://host:port", ErrInvalidConfig, rawURL)
-	case len(roots) == 0:
-		return "", nil, fmt.Errorf("%w: Roots are required", ErrInvalidConfig)
+		return caEndpoint{}, fmt.Errorf("%w: URL %q is not https://host:port", ErrInvalidConfig, rawURL)
+	case anchors == nil && len(roots) == 0:
+		return caEndpoint{}, fmt.Errorf("%w: Roots are required", ErrInvalidConfig)
 	}
-	pool := x509.NewCertPool()
-	for _, r := range roots {
-		pool.AddCert(r)
-	}
-	return strings.TrimSuffix(u.Scheme+"://"+u.Host+u.Path, "/"), pool, nil
+	return caEndpoint{base: strings.TrimSuffix(u.Scheme+"://"+u.Host+u.Path, "/"), host: u.Hostname(),
+		anchors: anchorsOf(anchors, roots)}, nil
 }
 
 // NewClient checks cfg and returns a Client. It does not contact the CA.
 func NewClient(cfg ClientConfig) (*Client, error) {
-	base, pool, err := endpoint(cfg.URL, cfg.Roots)
+	ep, err := endpoint(cfg.URL, cfg.Roots, cfg.Anchors)
 	switch {
 	case err != nil:
 		return nil, err
@@ -94,8 +102,9 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
 	c := &Client{
-		base:    base,
-		roots:   pool,
+		base:    ep.base,
+		anchors: ep.anchors,
+		host:    ep.host,
 		token:   cfg.Token,
 		timeout: cfg.Timeout,
 		control: cfg.Control,
@@ -107,7 +116,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 
 // transport builds an HTTPS transport to the CA, presenting clientCert when not nil.
 func (c *Client) transport(clientCert *tls.Certificate, keepAlive bool) *http.Transport {
-	tc := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: c.roots}
+	tc := c.anchors.tlsConfig(c.host)
 	if clientCert != nil {
 		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return clientCert, nil

@@ -23,8 +23,13 @@ type Config struct {
 	// URL is the https://host:port base URL of agentmesh ca. Required.
 	URL string
 	// Roots are the trust anchors for the CA's TLS serving certificate and for the
-	// CA certificate that signs the deny-list (the CA's root). Required.
+	// CA certificate that signs the deny-list (the CA's root). Required unless
+	// Anchors is set.
 	Roots []*x509.Certificate
+	// Anchors, when set, replace Roots: the anchors held at each handshake and each
+	// deny-list verification are used, so the proxy can follow a rotation of the CA's
+	// root. Default nil: Roots, fixed.
+	Anchors *Anchors
 	// Certificate returns the proxy's current SVID (a /host/ ID of the CA's trust
 	// domain, or any ID of it without Addresses; Leaf set or not, intermediates after
 	// the leaf). Its trust domain is the one whose deny-list is followed. It is called
@@ -89,21 +94,21 @@ func (c Config) withDefaults() Config {
 	return c
 }
 
-// check validates what every mesh client needs and returns the CA's base URL and the
-// pool that verifies its serving certificate.
-func (c Config) check() (string, *x509.CertPool, error) {
-	base, pool, err := endpoint(c.URL, c.Roots)
+// check validates what every mesh client needs and returns where the CA is and what
+// verifies it.
+func (c Config) check() (caEndpoint, error) {
+	ep, err := endpoint(c.URL, c.Roots, c.Anchors)
 	switch {
 	case err != nil:
-		return "", nil, err
+		return ep, err
 	case c.Certificate == nil:
-		return "", nil, fmt.Errorf("%w: Certificate is required", ErrInvalidConfig)
+		return ep, fmt.Errorf("%w: Certificate is required", ErrInvalidConfig)
 	case c.Heartbeat < 0:
-		return "", nil, fmt.Errorf("%w: negative Heartbeat", ErrInvalidConfig)
+		return ep, fmt.Errorf("%w: negative Heartbeat", ErrInvalidConfig)
 	case c.PollInterval < 0:
-		return "", nil, fmt.Errorf("%w: negative PollInterval", ErrInvalidConfig)
+		return ep, fmt.Errorf("%w: negative PollInterval", ErrInvalidConfig)
 	}
-	return base, pool, nil
+	return ep, nil
 }
 
 // registerBody validates the advertised addresses, port and transports and returns

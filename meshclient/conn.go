@@ -21,28 +21,27 @@ import (
 // remembers the ID it last presented: how a client knows its own directory entry and
 // trust domain.
 type conn struct {
-	base string
-	cert func() (*tls.Certificate, error)
-	hc   *http.Client
-	tr   *http.Transport
-	self atomic.Pointer[spiffeid.ID]
+	base    string
+	anchors *Anchors
+	cert    func() (*tls.Certificate, error)
+	hc      *http.Client
+	tr      *http.Transport
+	self    atomic.Pointer[spiffeid.ID]
 }
 
 func newConn(cfg Config) (*conn, error) {
-	base, pool, err := cfg.check()
+	ep, err := cfg.check()
 	if err != nil {
 		return nil, err
 	}
-	c := &conn{base: base, cert: cfg.Certificate}
+	c := &conn{base: ep.base, anchors: ep.anchors, cert: cfg.Certificate}
+	tc := ep.anchors.tlsConfig(ep.host)
+	tc.MinVersion, tc.GetClientCertificate = tls.VersionTLS13, c.clientCertificate
 	c.tr = &http.Transport{
 		// Never through HTTP(S)_PROXY: on a meshed host that is the agentmesh proxy.
-		Proxy:       nil,
-		DialContext: (&net.Dialer{Timeout: defaultTimeout, Control: cfg.Control}).DialContext,
-		TLSClientConfig: &tls.Config{
-			MinVersion:           tls.VersionTLS13,
-			RootCAs:              pool,
-			GetClientCertificate: c.clientCertificate,
-		},
+		Proxy:           nil,
+		DialContext:     (&net.Dialer{Timeout: defaultTimeout, Control: cfg.Control}).DialContext,
+		TLSClientConfig: tc,
 		// A new connection, hence a fresh call to Certificate, for every request: a
 		// rotated SVID is presented at the next heartbeat, and the CA never sees a
 		// connection outlive the certificate that opened it. At one heartbeat and

@@ -312,7 +312,7 @@ func (d *denyFeed) offer(source string, s *meshapi.SignedDenyList) error {
 		return fmt.Errorf("ca: deny list: %w", err)
 	}
 	now := time.Now()
-	l, err := meshapi.VerifyDenyList(s, td, d.cfg.Roots, now)
+	l, err := meshapi.VerifyDenyList(s, td, d.conn.anchors.Roots(), now)
 	if err != nil {
 		d.refuse(source, s, nil, err)
 		return err

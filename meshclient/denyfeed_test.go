@@ -237,6 +237,20 @@ func (f *fakeFeed) RoundTrip(r *http.Request) (*http.Response, error) {
 // intermediate, so that ca's root is both the TLS anchor and the deny-list's.
 func serveFeed(t *testing.T, ca *testca.CA, f *fakeFeed) *httptest.Server {
 	t.Helper()
+	srv := httptest.NewUnstartedServer(f)
+	srv.TLS = &tls.Config{
+		Certificates: []tls.Certificate{*servingCertificate(t, ca)},
+		ClientAuth:   tls.RequestClientCert,
+	}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	return srv
+}
+
+// servingCertificate is a TLS serving certificate for 127.0.0.1 from ca's
+// intermediate, the chain's intermediate included.
+func servingCertificate(t *testing.T, ca *testca.CA) *tls.Certificate {
+	t.Helper()
 	inter, interKey := ca.Intermediate()
 	key := testca.NewKey(t)
 	der, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
@@ -250,14 +264,7 @@ func serveFeed(t *testing.T, ca *testca.CA, f *fakeFeed) *httptest.Server {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := httptest.NewUnstartedServer(f)
-	srv.TLS = &tls.Config{
-		Certificates: []tls.Certificate{{Certificate: [][]byte{der, inter.Raw}, PrivateKey: key}},
-		ClientAuth:   tls.RequestClientCert,
-	}
-	srv.StartTLS()
-	t.Cleanup(srv.Close)
-	return srv
+	return &tls.Certificate{Certificate: [][]byte{der, inter.Raw}, PrivateKey: key}
 }
 
 // feedClient is a Member for svid against url, recording what it refuses.

@@ -19,6 +19,10 @@ var ErrRunning = errors.New("ca: directory client already running")
 // confirmed with the CA for longer than allowed.
 var ErrFeedStale = errors.New("ca: revocation feed stale")
 
+// ErrStaleStep is wrapped by AckAnchor's error when the CA answers that the step
+// acknowledged is not its current one: acknowledging it again cannot succeed.
+var ErrStaleStep = errors.New("ca: anchor rotation step is not current")
+
 // defaultTimeout bounds each request to the CA but the long-poll.
 const defaultTimeout = 10 * time.Second
 

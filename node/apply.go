@@ -40,6 +40,10 @@ type applier struct {
 	// run (its credentials are newer).
 	started time.Time
 	bundles bundleSources
+	// caAnchors follow the bundle in force (the mesh client's); nil: none to follow.
+	caAnchors anchorSetter
+	// anchor follows the steps of rotations of the CA's trust anchors.
+	anchor anchorFollower
 }
 
 // onEntries takes the directory's registration entries: the agents' supervisor starts

@@ -11,9 +11,12 @@
 // the proxy and is audited with the connections it closed, the registration entries
 // become the identities held (one rotator per agent registered to this host, started
 // and stopped as entries come and go), the CA's published roots join the root file's
-// in the trust bundle (bundle.go: the union; one without the anchor of the node's own
-// SVID is refused and audited), and a fleet command rotates every identity, once per
-// ID requested after start. The watcher re-reads the configuration, CA root and policy
+// in the bundle in force (bundle.go: less the roots the CA withdrew, plus every anchor
+// an SVID held still needs, recomputed after every renewal; the mesh client verifies
+// the CA with it too), a fleet command rotates every identity, once per ID requested after
+// start, and a step of a rotation of the CA's anchors is converged to and acknowledged
+// (anchor.go: check the step's bundle is in force, verify its probe, renew every SVID
+// not from its issuer, acknowledge; audited). The watcher re-reads the configuration, CA root and policy
 // files on change and on SIGHUP: the rotation policy, the trust bundle and the authorization
 // policy apply live; routes and services go through applyListeners; an invalid file is
 // refused (policy files are audited) and the last good configuration stays in force.
@@ -23,5 +26,5 @@
 // node does not enforce anything itself: interception, tunnels and policy decisions are
 // package proxy's, credential lifecycles package rotator's. Its use of the mesh API's
 // client is confined to mesh.go, behind interfaces node declares (meshDirectory,
-// lineageRevoker), so the client can change without touching the rest.
+// lineageRevoker, anchorAcker), so the client can change without touching the rest.
 package node

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
@@ -30,18 +31,32 @@ var (
 	search    = spiffeid.RequireFromString("spiffe://example.org/agent/search")
 )
 
-// testIssuer issues from an in-memory CA, as agentmesh ca would.
+// testIssuer issues from an in-memory CA, as agentmesh ca would; use switches it to
+// another, as a rotation of the CA's anchors does.
 type testIssuer struct {
 	t  *testing.T
+	mu sync.Mutex
 	ca *testca.CA
 }
 
+func (i *testIssuer) current() *testca.CA {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	return i.ca
+}
+
+func (i *testIssuer) use(ca *testca.CA) {
+	i.mu.Lock()
+	defer i.mu.Unlock()
+	i.ca = ca
+}
+
 func (i *testIssuer) Enroll(_ context.Context, id spiffeid.ID, key crypto.Signer) ([]*x509.Certificate, error) {
-	return i.ca.Issue(i.t, id, key.Public()), nil
+	return i.current().Issue(i.t, id, key.Public()), nil
 }
 
 func (i *testIssuer) Renew(_ context.Context, cur *x509svid.SVID, key crypto.Signer) ([]*x509.Certificate, error) {
-	return i.ca.Issue(i.t, cur.ID, key.Public()), nil
+	return i.current().Issue(i.t, cur.ID, key.Public()), nil
 }
 
 // auditRecords keeps every record appended.
@@ -186,6 +201,7 @@ type fixture struct {
 	agents  *agents
 	px      *proxyRecorder
 	revoker *revokerRecorder
+	acker   *ackRecorder
 	audit   *auditRecords
 	applier *applier
 }
@@ -194,17 +210,20 @@ type fixture struct {
 // until the test ends; call it inside a synctest bubble.
 func newFixture(t *testing.T) *fixture {
 	t.Helper()
-	f := &fixture{ca: testca.New(t), px: &proxyRecorder{}, revoker: &revokerRecorder{}, audit: &auditRecords{}}
+	f := &fixture{ca: testca.New(t), px: &proxyRecorder{}, revoker: &revokerRecorder{}, acker: &ackRecorder{},
+		audit: &auditRecords{}}
 	f.issuer = &testIssuer{t: t, ca: f.ca}
 	logger := slog.New(slog.DiscardHandler)
-	f.rot = f.newRotator(t, testHost, prometheus.NewRegistry(), policy.RotationPolicy{})
+	f.rot = f.newRotator(t, testHost, prometheus.NewRegistry(), policy.RotationPolicy{}, f.ca.Bundle())
 	f.agents = newAgents(testHost, policy.RotationPolicy{}, prometheus.NewRegistry(), func() proxy.Denier { return nil }, logger,
 		func(id spiffeid.ID, reg prometheus.Registerer, p policy.RotationPolicy) (*rotator.Rotator, error) {
-			return f.newRotator(t, id, reg, p), nil
+			// The bundle in force, as the node gives an agent's rotator.
+			return f.newRotator(t, id, reg, p, f.applier.bundleInForce()), nil
 		})
 	f.applier = &applier{rot: f.rot, agents: f.agents, live: f.px, auditor: f.audit, log: logger, fleetCtx: t.Context(),
 		rotation: rotation{tickets: f.px, revoker: f.revoker, logger: logger}, started: time.Now(),
-		bundles: bundleSources{file: f.ca.Roots()}}
+		bundles: bundleSources{file: f.ca.Roots()}, anchor: newAnchorFollower(prometheus.NewRegistry())}
+	f.applier.anchor.acker = f.acker
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = f.rot.Run(ctx) })
@@ -214,11 +233,13 @@ func newFixture(t *testing.T) *fixture {
 	return f
 }
 
-func (f *fixture) newRotator(t *testing.T, id spiffeid.ID, reg prometheus.Registerer, p policy.RotationPolicy) *rotator.Rotator {
+func (f *fixture) newRotator(t *testing.T, id spiffeid.ID, reg prometheus.Registerer, p policy.RotationPolicy,
+	bundle *x509bundle.Bundle) *rotator.Rotator {
 	t.Helper()
-	r, err := rotator.New(rotator.Config{ID: id, Issuer: f.issuer, Bundle: f.ca.Bundle(), Policy: p, Keys: rotator.MemoryKeys{},
+	r, err := rotator.New(rotator.Config{ID: id, Issuer: f.issuer, Bundle: bundle, Policy: p, Keys: rotator.MemoryKeys{},
 		Audit: f.audit, Registerer: reg, Logger: slog.New(slog.DiscardHandler),
-		Drain: func(context.Context, string, time.Duration) int { return 0 }})
+		OnRotate: func() { f.applier.anchor.onRotate() },
+		Drain:    func(context.Context, string, time.Duration) int { return 0 }})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"crypto"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"log/slog"
 	"net/netip"
 	"syscall"
@@ -35,6 +36,7 @@ type meshDirectory interface {
 	// DenyList is the list in force, nil before the first one.
 	DenyList() proxy.Denier
 	AgentToken(ctx context.Context, id spiffeid.ID) (string, error)
+	anchorAcker
 }
 
 // lineageRevoker asks the CA to revoke every certificate of id's lineage but keep,
@@ -53,13 +55,19 @@ type registration struct {
 
 // caLink is how the proxy reaches agentmesh ca.
 type caLink struct {
-	url     string
-	roots   []*x509.Certificate
+	url string
+	// anchors verify the CA: the bundle in force, which the node keeps them set to, so
+	// the proxy still reaches a CA that serves under a new root.
+	anchors *meshclient.Anchors
 	control func(network, address string, c syscall.RawConn) error // the proxy's mark, or nil
 }
 
+func newCALink(url string, roots []*x509.Certificate) caLink {
+	return caLink{url: url, anchors: meshclient.NewAnchors(roots)}
+}
+
 func (l caLink) clientConfig(token func(context.Context) (string, error), logger *slog.Logger) meshclient.ClientConfig {
-	return meshclient.ClientConfig{URL: l.url, Roots: l.roots, Token: token, Control: l.control, Logger: logger}
+	return meshclient.ClientConfig{URL: l.url, Anchors: l.anchors, Token: token, Control: l.control, Logger: logger}
 }
 
 // issuer enrols with token and renews over mTLS.
@@ -114,7 +122,7 @@ type directorySettings struct {
 // directory starts nothing: Run does. States are published only once it runs.
 func (l caLink) directory(s directorySettings) (meshDirectory, error) {
 	m, err := meshclient.NewMember(meshclient.Config{
-		URL: l.url, Roots: l.roots, Control: l.control,
+		URL: l.url, Anchors: l.anchors, Control: l.control,
 		Certificate: s.certificate, Addresses: s.addresses, TunnelPort: s.tunnelPort, Transports: s.transports,
 		BundleVersion: s.bundleVersion, Heartbeat: s.heartbeat, PollInterval: s.poll,
 		Audit: s.audit, Registerer: s.registerer, Logger: s.logger,
@@ -143,6 +151,12 @@ func (m member) CheckFresh(maxAge time.Duration) error { return m.Watch.CheckFre
 func (m member) AgentToken(ctx context.Context, id spiffeid.ID) (string, error) {
 	return m.Tokens.AgentToken(ctx, id)
 }
+
+func (m member) AckAnchor(ctx context.Context, ack meshapi.AnchorAck) error {
+	return m.Watch.AckAnchor(ctx, ack)
+}
+
+func (member) StaleStep(err error) bool { return errors.Is(err, meshclient.ErrStaleStep) }
 
 func (m member) DenyList() proxy.Denier {
 	if l := m.Watch.State().DenyList(); l != nil {

@@ -31,6 +31,11 @@ type stateDiff struct {
 	// changed; nil otherwise.
 	bundle        []*x509.Certificate
 	bundleVersion string
+	// anchor is the step of a rotation of the CA's anchors to converge to, when
+	// anchorChanged: a new step, or none any more (nil).
+	anchor        *meshapi.AnchorRotation
+	anchorChanged bool
+	anchorRoots   []*x509.Certificate // the step's bundle
 }
 
 // diffStates is what applying next after prev changes, for a node started at started.
@@ -58,6 +63,9 @@ func diffStates(prev, next *meshapi.State, started time.Time) stateDiff {
 	if v := next.BundleVersion(); v != "" && v != prev.BundleVersion() {
 		d.bundle, d.bundleVersion = next.Bundle(), v
 	}
+	if r := next.AnchorRotation(); !sameStep(prev.AnchorRotation(), r) {
+		d.anchor, d.anchorChanged, d.anchorRoots = r, true, next.Bundle()
+	}
 	return d
 }
 
@@ -79,7 +87,8 @@ func (a *applier) followMesh(ctx context.Context, src meshStates) error {
 }
 
 // applyDiff applies d: the deny-list first, so that nothing a newer state brings runs
-// under an older list; then the identities to hold, the trust bundle, a fleet rotation.
+// under an older list; then the identities to hold, the trust bundle, a fleet rotation,
+// and a step of a rotation of the CA's anchors (whose bundle is then in force).
 func (a *applier) applyDiff(d stateDiff) {
 	if d.denyList != nil {
 		a.applyDenyList(d.heldDeny, d.denyList)
@@ -94,6 +103,9 @@ func (a *applier) applyDiff(d stateDiff) {
 		a.log.Info("fleet rotation requested by the ca", "fleet_rotation_id", d.fleet.ID,
 			"requested_at", d.fleet.At, "reason", d.fleet.Reason)
 		a.onFleetRotation(d.fleet.ID, d.fleet.Reason)
+	}
+	if d.anchorChanged {
+		a.followAnchor(d.anchor, d.anchorRoots)
 	}
 }
 

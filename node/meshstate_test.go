@@ -128,6 +128,7 @@ func followed(t *testing.T) (*fixture, *statePublisher) {
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = f.applier.followMesh(ctx, src) })
+	wg.Go(func() { _ = f.applier.followAnchors(ctx) })
 	t.Cleanup(func() { cancel(); wg.Wait() })
 	return f, src
 }
@@ -202,9 +203,9 @@ func TestFollowMeshFleetRotation(t *testing.T) {
 	})
 }
 
-// TestFollowMeshBundle: a published bundle that holds the anchor of the node's own SVID
-// joins the root file's (audited); one that does not is refused and audited, and the
-// bundle in force stays.
+// TestFollowMeshBundle: a published bundle replaces the root file's, but the anchor of
+// the SVIDs held stays in force until none needs it; each change is audited, and an
+// anchor leaving resets the ticket keys.
 func TestFollowMeshBundle(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f, src := followed(t)
@@ -213,26 +214,21 @@ func TestFollowMeshBundle(t *testing.T) {
 		src.publish(stateOf(t, 1, meshapi.DirectoryDocument{Bundle: meshapi.NewBundleDocument(foreign.Roots())}, nil))
 		synctest.Wait()
 		recs := recordsOf[*audit.TrustBundle](f.audit)
-		if len(recs) != 1 || recs[0].Result != audit.BundleRefused || recs[0].Error == "" {
-			t.Fatalf("bundle records %+v, want one refusal", recs)
+		if len(recs) != 1 || recs[0].Result != audit.BundleApplied || len(recs[0].Added) != 1 || len(recs[0].Removed) != 0 {
+			t.Fatalf("bundle records %+v, want the published CA added", recs)
 		}
-		if n := f.rot.Status().BundleLen; n != 1 {
-			t.Fatalf("bundle of %d anchors after a refused one, want the root file's 1", n)
+		if b := f.applier.bundleInForce(); len(b.X509Authorities()) != 2 || !b.HasX509Authority(f.ca.Roots()[0]) {
+			t.Fatalf("bundle of %d anchors, want the published one and the SVID's", len(b.X509Authorities()))
 		}
 
-		coming := testca.New(t, testca.WithTrustDomain(testHost.TrustDomain()))
-		both := append(f.ca.Roots(), coming.Roots()...)
+		both := append(f.ca.Roots(), foreign.Roots()...)
 		src.publish(stateOf(t, 2, meshapi.DirectoryDocument{Bundle: meshapi.NewBundleDocument(both)}, nil))
 		synctest.Wait()
-		recs = recordsOf[*audit.TrustBundle](f.audit)
-		if len(recs) != 2 || recs[1].Result != audit.BundleApplied || len(recs[1].Added) != 1 || len(recs[1].Removed) != 0 {
-			t.Fatalf("bundle records %+v, want the coming CA added", recs)
-		}
 		if v := f.rot.BundleVersion(); v != meshapi.BundleVersion(both) {
 			t.Fatalf("bundle version %s, want the published %s", v, meshapi.BundleVersion(both))
 		}
 
-		// The mesh state no longer lists the coming CA: it leaves, and ticket keys with it.
+		// The mesh state no longer lists the other CA: it leaves, and ticket keys with it.
 		src.publish(stateOf(t, 3, meshapi.DirectoryDocument{Bundle: meshapi.NewBundleDocument(f.ca.Roots())}, nil))
 		synctest.Wait()
 		if n := f.rot.Status().BundleLen; n != 1 || !slices.Equal(f.px.resets(), []string{"ca_removed"}) {

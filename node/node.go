@@ -100,7 +100,9 @@ func (n *node) buildBase() error {
 	}
 	n.auditor = n.audit
 	n.bundles.file = n.bundle.X509Authorities()
-	n.link = caLink{url: cfg.CA.URL, roots: n.bundle.X509Authorities()}
+	n.link = newCALink(cfg.CA.URL, n.bundle.X509Authorities())
+	n.caAnchors = n.link.anchors
+	n.anchor = newAnchorFollower(n.reg)
 	// The CA clients carry the proxy's mark like its tunnels, so capture rules that
 	// exclude the mark never redirect the proxy's renewals back to itself.
 	if cfg.Mark != 0 {
@@ -122,7 +124,7 @@ func (n *node) buildHost() error {
 	}
 	n.rot, err = rotator.New(rotator.Config{ID: n.cfg.id, Issuer: issuer, Bundle: n.bundle, Policy: n.cfg.Rotation,
 		Keys: n.keys, StateFile: n.svidFile, Drain: n.drain, Audit: n.audit, Registerer: n.reg,
-		Logger: n.component("rotator")})
+		OnRotate: n.anchor.onRotate, Logger: n.component("rotator")})
 	if err != nil {
 		return err
 	}
@@ -141,12 +143,14 @@ func (n *node) buildMesh() error {
 		if s.tunnelPort, err = portOf(n.cfg.Tunnel); err != nil {
 			return err
 		}
-		// The bundle in force (the root file united with the roots the CA publishes):
+		// The bundle in force (bundle.go: the roots the CA publishes, the root file's it
+		// did not withdraw, and the anchors the SVIDs held still need):
 		// its digest names its version, which follows every change of either.
 		s.bundleVersion = n.rot.BundleVersion
 	}
 	var err error
 	n.dir, err = n.link.directory(s)
+	n.anchor.acker = n.dir
 	return err
 }
 
@@ -215,7 +219,7 @@ func (n *node) run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	followMesh := func(ctx context.Context) error { return n.followMesh(ctx, n.dir) }
 	for _, run := range []func(context.Context) error{n.rot.Run, n.px.Run, n.admin.Run, n.dir.Run, followMesh,
-		n.control.Run, n.agents.Run, w.run} {
+		n.control.Run, n.agents.Run, w.run, n.followAnchors} {
 		g.Go(func() error { return run(gctx) })
 	}
 	err := g.Wait()
@@ -261,7 +265,8 @@ func (n *node) newAgentRotator(id spiffeid.ID, reg prometheus.Registerer, pol po
 		return nil, err
 	}
 	return rotator.New(rotator.Config{ID: id, Issuer: issuer, Bundle: bundle, Policy: pol, Keys: n.keys,
-		Drain: n.drain, Audit: n.audit, Registerer: reg, Logger: n.logger.With("component", "rotator", "agent", id.String())})
+		Drain: n.drain, Audit: n.audit, Registerer: reg, OnRotate: n.anchor.onRotate,
+		Logger: n.logger.With("component", "rotator", "agent", id.String())})
 }
 
 // identities is the state of every identity held: the host's first, then the agents'.

@@ -40,8 +40,9 @@ type configTarget interface {
 // is refused with its file, line and field, and what is in force stays. A valid change
 // of the rotation policy applies it, replaces the session-ticket keys and rotates
 // (trigger config); routes and services go to applyListeners; other settings need a
-// restart, which it says. A changed root file becomes the trust bundle. A changed
-// authorization policy applies at once, to new, resumed and live connections alike.
+// restart, which it says. A changed root file changes the trust bundle (bundle.go). A
+// changed authorization policy applies at once, to new, resumed and live connections
+// alike.
 type watcher struct {
 	cur    Config // the configuration in force
 	to     configTarget
@@ -185,9 +186,9 @@ func (w *watcher) reloadPolicy(initiator string) {
 	}
 }
 
-// reloadBundle makes the root file the trust bundle when it changed and is valid. The
-// rotator audits each change of anchors and each bundle it refuses; a file that does
-// not load is audited here.
+// reloadBundle makes the root file's anchors part of the trust bundle when it changed
+// and is valid (bundle.go). The rotator audits each change of anchors and each bundle
+// it refuses; a file that does not load is audited here.
 func (w *watcher) reloadBundle() {
 	next, err := x509bundle.Load(w.cur.id.TrustDomain(), w.cur.CA.Root)
 	if err != nil {

@@ -206,10 +206,11 @@ func TestWatchBundle(t *testing.T) {
 		if n := w.rot.Status().BundleLen; n != 2 {
 			t.Fatalf("bundle of %d authorities after a bad file, want 2 kept", n)
 		}
+		// A file without the anchor of the SVIDs held: that anchor stays in force.
 		w.writeRoots(other)
 		next()
-		if n := w.rot.Status().BundleLen; n != 1 || !slices.Equal(w.px.resets(), []string{"ca_removed"}) {
-			t.Fatalf("bundle of %d authorities, resets %v; want 1 and ca_removed", n, w.px.resets())
+		if b := w.applier.bundleInForce(); len(b.X509Authorities()) != 2 || !b.HasX509Authority(w.ca.Roots()[0]) || len(w.px.resets()) != 0 {
+			t.Fatalf("bundle of %d authorities, resets %v; want 2 with the SVIDs' anchor and none", len(b.X509Authorities()), w.px.resets())
 		}
 	})
 }

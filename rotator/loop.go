@@ -31,6 +31,7 @@ const (
 	TriggerCompromise Trigger = "compromise" // Rotate: the current key is compromised
 	TriggerConfig     Trigger = "config"     // Rotate: the configuration changed
 	TriggerFleet      Trigger = "fleet"      // Rotate: a fleet command from the CA
+	TriggerAnchor     Trigger = "anchor"     // Rotate: a rotation of the CA's anchors asks for a new issuer
 	// TriggerRestart: Run started from a valid SVID that Config.StateFile kept; it is
 	// renewed at once, authenticated by itself, instead of enrolling again.
 	TriggerRestart Trigger = "restart"
@@ -247,6 +248,9 @@ func (r *Rotator) rotate(ctx context.Context, a attempt) (RotateResult, error) {
 		if aerr := r.cfg.Audit.Append(rec); aerr != nil {
 			r.cfg.Logger.LogAttrs(ctx, slog.LevelError, "audit rotation", slog.Any(keyErr, aerr))
 		}
+	}
+	if err == nil && r.cfg.OnRotate != nil {
+		r.cfg.OnRotate()
 	}
 	if err == nil {
 		s := r.state.Load()

@@ -13,8 +13,8 @@ import (
 
 // RotateRequest asks for a rotation outside the schedule.
 type RotateRequest struct {
-	// Trigger is why: TriggerOperator, TriggerCompromise, TriggerConfig or
-	// TriggerFleet. TriggerCompromise implies Compromised.
+	// Trigger is why: TriggerOperator, TriggerCompromise, TriggerConfig, TriggerFleet
+	// or TriggerAnchor. TriggerCompromise implies Compromised.
 	Trigger Trigger
 	// Initiator says who asked ("uid:1000", "ca", "sighup"). Required.
 	Initiator string
@@ -35,7 +35,7 @@ type RotateResult struct {
 
 func (q RotateRequest) validate() error {
 	switch q.Trigger {
-	case TriggerOperator, TriggerCompromise, TriggerConfig, TriggerFleet:
+	case TriggerOperator, TriggerCompromise, TriggerConfig, TriggerFleet, TriggerAnchor:
 	default:
 		return fmt.Errorf("%w: unknown trigger %q", ErrBadRequest, q.Trigger)
 	}
@@ -58,7 +58,7 @@ type rotateReply struct {
 
 // Rotate renews now, outside the schedule, and returns when the new SVID is published
 // (or the attempt failed). trigger is one of "operator", "compromise", "config",
-// "fleet"; initiator says who ("uid:1000", "ca", "sighup"); reason is free text for
+// "fleet", "anchor"; initiator says who ("uid:1000", "ca", "sighup"); reason is free text for
 // the audit record. With compromised the current key goes to "compromised" instead of
 // "overlap" and the returned serial is the one to revoke at the CA.
 //

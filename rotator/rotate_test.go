@@ -3,6 +3,7 @@ package rotator
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -302,6 +303,35 @@ func TestSetBundle(t *testing.T) {
 			if err := r.SetBundle(bad); !errors.Is(err, ErrBadRequest) {
 				t.Errorf("SetBundle(%v) = %v, want ErrBadRequest", bad, err)
 			}
+		}
+	})
+}
+
+// TestRotateAnchorCallsOnRotate: an anchor rotation is recorded with its trigger, and
+// OnRotate is called once per SVID published (enrolment included), never for a
+// failed attempt.
+func TestRotateAnchorCallsOnRotate(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		iss := newIssuer(t, time.Hour)
+		var published atomic.Int32
+		r, rec := startWith(t, iss, Config{OnRotate: func() { published.Add(1) }})
+		if n := published.Load(); n != 1 {
+			t.Fatalf("OnRotate called %d times after enrolment, want 1", n)
+		}
+		req := RotateRequest{Trigger: TriggerAnchor, Initiator: "ca", Reason: "anchor rotation 7 activate"}
+		if _, err := r.Rotate(t.Context(), req); err != nil {
+			t.Fatal(err)
+		}
+		all := rec.all()
+		if last := all[len(all)-1]; last.Trigger != string(TriggerAnchor) || last.Result != "ok" || published.Load() != 2 {
+			t.Fatalf("records %+v, OnRotate %d; want an anchor rotation and 2 calls", all, published.Load())
+		}
+		iss.set(func(i *issuer) { i.fail = errors.New("ca down") })
+		if _, err := r.Rotate(t.Context(), req); err == nil {
+			t.Fatal("rotation succeeded with the CA down")
+		}
+		if n := published.Load(); n != 2 {
+			t.Fatalf("OnRotate called %d times after a failed rotation, want 2", n)
 		}
 	})
 }

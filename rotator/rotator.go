@@ -69,6 +69,11 @@ type Config struct {
 	// Registerer receives the rotator's metrics. Nil means they are not registered.
 	Registerer prometheus.Registerer
 
+	// OnRotate, when set, is called after each new SVID is published, on the
+	// rotating goroutine: it must not block (the proxy recomputes its bundle in force,
+	// which may drop an anchor no SVID chains to any more). Default nil.
+	OnRotate func()
+
 	// Logger receives rotation events. Nil discards them.
 	Logger *slog.Logger
 
