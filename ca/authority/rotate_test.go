@@ -2,17 +2,23 @@ package authority
 
 import (
 	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"log/slog"
+	"net/url"
 	"os"
 	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/smallstep/certificates/authority/provisioner"
 	stepdb "github.com/smallstep/certificates/db"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 	"go.step.sm/crypto/kms/apiv1"
 
@@ -145,6 +151,9 @@ func TestRotateIntermediate(t *testing.T) {
 	if servingIssuer(t, a.Authority) != g1.Intermediate.Subject.CommonName {
 		t.Fatalf("serving certificate issued by %s before Activate", servingIssuer(t, a.Authority))
 	}
+	if chain := issueSVID(t, a.Authority); chain[0].CheckSignatureFrom(g1.Intermediate) != nil {
+		t.Fatal("SVID issued before Activate is not from generation 1")
+	}
 
 	a.restart(t)
 	next, ok := a.Next()
@@ -162,6 +171,9 @@ func TestRotateIntermediate(t *testing.T) {
 	}
 	if servingIssuer(t, a.Authority) != g2.Intermediate.Subject.CommonName {
 		t.Fatalf("serving certificate issued by %s after Activate", servingIssuer(t, a.Authority))
+	}
+	if chain := issueSVID(t, a.Authority); len(chain) != 2 || !chain[1].Equal(g2.Intermediate) || chain[0].CheckSignatureFrom(g2.Intermediate) != nil {
+		t.Fatalf("SVID issued after Activate is not from generation 2 (chain of %d)", len(chain))
 	}
 	if err := a.Activate(); err != nil {
 		t.Fatalf("second Activate: %v", err)
@@ -288,4 +300,37 @@ func startServing(t *testing.T, a *Authority) {
 func servingIssuer(t *testing.T, a *Authority) string {
 	t.Helper()
 	return a.servingCert.Load().Leaf.Issuer.CommonName
+}
+
+// issueSVID has step-ca sign an SVID for /agent/a through the provisioner, as /sign
+// does, and returns its chain.
+func issueSVID(t *testing.T, a *Authority) []*x509.Certificate {
+	t.Helper()
+	id := spiffeid.RequireFromPath(testTD, "/agent/a")
+	tok, _, err := a.Token(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := provisioner.NewContextWithMethod(t.Context(), provisioner.SignMethod)
+	opts, err := a.Step().Authorize(ctx, tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	der, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{id.URL()}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	csr, err := x509.ParseCertificateRequest(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := a.Step().SignWithContext(ctx, csr, provisioner.SignOptions{}, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return chain
 }
