@@ -154,6 +154,9 @@ func TestAnchorRotationSteps(t *testing.T) {
 		if b := f.applier.bundleInForce(); len(b.X509Authorities()) != 1 || !b.HasX509Authority(next.Roots()[0]) {
 			t.Fatalf("bundle in force of %d anchors after retire, want the new root only", len(b.X509Authorities()))
 		}
+		if r := f.caAnchors.Roots(); len(r) != 1 || !r[0].Equal(next.Roots()[0]) {
+			t.Fatalf("the mesh client verifies the CA with %d anchors after retire, want the new root only", len(r))
+		}
 		if acks, _ := f.acker.list(); len(acks) != 3 || acks[2].Phase != meshapi.PhaseRetire {
 			t.Fatalf("acks %+v, want retire's last", acks)
 		}
