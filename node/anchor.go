@@ -276,7 +276,8 @@ func (a *applier) renewForIssuer(ctx context.Context, s anchorStep) ([]string, e
 }
 
 // renewOne waits a random delay below the renew window, then rotates h until its SVID
-// is s.Issuer's; false when ctx ended first.
+// is s.Issuer's; false when ctx ended first or h stopped (an agent unregistered
+// meanwhile holds nothing to renew).
 func (a *applier) renewOne(ctx context.Context, h *rotator.Rotator, s anchorStep) bool {
 	var delay time.Duration
 	if w := s.RenewWindow(); w > 0 {
@@ -289,6 +290,9 @@ func (a *applier) renewOne(ctx context.Context, h *rotator.Rotator, s anchorStep
 			return false
 		}
 		_, err := h.Rotate(ctx, req)
+		if errors.Is(err, rotator.ErrStopped) {
+			return false
+		}
 		if svid, serr := h.GetX509SVID(); err == nil && serr == nil && issuedBy(svid, s.Issuer) {
 			return true
 		}

@@ -305,3 +305,31 @@ func TestAnchorStepNotMember(t *testing.T) {
 		}
 	})
 }
+
+// TestAnchorStepAgentGone: an agent unregistered while its renewal waits does not hold
+// the step back: the host renews and the step is acknowledged.
+func TestAnchorStepAgentGone(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, src := followed(t)
+		next := testca.New(t, testca.WithTrustDomain(testHost.TrustDomain()))
+		both := append(f.ca.Roots(), next.Roots()...)
+		src.publish(stepState(t, 1, both, nil)) // the agent enrols from the old issuer
+		synctest.Wait()
+		f.issuer.use(next)
+		const window = time.Minute
+		act := &meshapi.AnchorRotation{ID: 6, Kind: meshapi.RotateRoot, Phase: meshapi.PhaseActivate, Probe: probeOf(t, next),
+			Issuer: issuerOf(next), RenewWindowMS: window.Milliseconds()}
+		src.publish(stepState(t, 2, both, act))
+		synctest.Wait()
+		src.publish(stateOf(t, 3, meshapi.DirectoryDocument{Bundle: meshapi.NewBundleDocument(both), AnchorRotation: act}, nil))
+		time.Sleep(window) //nolint:forbidigo // synctest: advances the bubble's clock
+		synctest.Wait()
+		if _, ok := f.agents.lookup(planner); ok {
+			t.Fatal("the unregistered agent is still held")
+		}
+		recs := recordsOf[audit.AnchorStep](f.audit)
+		if len(recs) != 1 || recs[0].Result != audit.AnchorStepAcked || len(recs[0].Renewed) > 1 {
+			t.Fatalf("anchor step records %+v, want activate acknowledged, the agent's renewal dropped", recs)
+		}
+	})
+}
