@@ -22,7 +22,7 @@ import (
 
 // metricAnchorAcked is the last step of a rotation of the CA's anchors this proxy
 // acknowledged: its rotation ID, labelled by phase (one series at a time).
-const metricAnchorAcked = "agentmesh_anchor_step_acked_rotation_id"
+const metricAnchorAcked = "agentmesh_proxy_anchor_step_acked_rotation_id"
 
 // anchorRetry bounds the backoff of a step's renewals and acknowledgements: short, since
 // the CA's gate waits for them, and capped well under a heartbeat window.
