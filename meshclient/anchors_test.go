@@ -39,7 +39,7 @@ func newAckServer(t *testing.T, serving *tls.Certificate) *ackServer {
 	s.Server = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
 	// Per handshake, since without SNI (an IP address) GetCertificate is not asked.
 	s.TLS = &tls.Config{GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-		return &tls.Config{Certificates: []tls.Certificate{*s.cert.Load()}, ClientAuth: tls.RequireAnyClientCert}, nil
+		return &tls.Config{Certificates: []tls.Certificate{*s.cert.Load()}, ClientAuth: tls.RequestClientCert}, nil
 	}}
 	// Handshakes the client refuses are expected here.
 	s.Config.ErrorLog = slog.NewLogLogger(slog.DiscardHandler, slog.LevelError)
@@ -56,6 +56,10 @@ func (s *ackServer) serve(w http.ResponseWriter, r *http.Request) {
 	var ack meshapi.AnchorAck
 	if err := json.NewDecoder(r.Body).Decode(&ack); err != nil {
 		writeError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	if len(r.TLS.PeerCertificates) == 0 {
+		writeError(w, http.StatusUnauthorized, "no client certificate")
 		return
 	}
 	id, err := x509svid.IDFromCert(r.TLS.PeerCertificates[0])
@@ -100,14 +104,26 @@ func TestAnchorsFollowTheCA(t *testing.T) {
 		t.Fatalf("ack under the old root: %v", err)
 	}
 
+	// The issuer's client shares the anchors: it reaches the CA (which answers its
+	// enrolment 404 here) exactly when the watch does.
+	issuer, err := NewClient(ClientConfig{URL: srv.URL, Anchors: anchors, Token: fixedToken("t")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reached := func() bool {
+		_, err := issuer.Enroll(t.Context(), idA, testca.NewKey(t))
+		_, ok := errors.AsType[*meshapi.ResponseError](err)
+		return ok
+	}
+
 	srv.cert.Store(servingCertificate(t, next))
 	err = w.AckAnchor(t.Context(), ack)
-	if _, ok := errors.AsType[*meshapi.ResponseError](err); err == nil || ok {
-		t.Fatalf("ack to a CA serving under a root not held: %v, want a TLS failure", err)
+	if _, ok := errors.AsType[*meshapi.ResponseError](err); err == nil || ok || reached() {
+		t.Fatalf("ack to a CA serving under a root not held: %v, want a TLS failure, for the issuer too", err)
 	}
 	anchors.Set(append(old.Roots(), next.Roots()...))
-	if err := w.AckAnchor(t.Context(), ack); err != nil {
-		t.Fatalf("ack once the new root is held: %v", err)
+	if err := w.AckAnchor(t.Context(), ack); err != nil || !reached() {
+		t.Fatalf("ack once the new root is held: %v, or the issuer does not reach the CA", err)
 	}
 	acks, from := srv.received()
 	if len(acks) != 2 || acks[1] != ack || from[1] != idA.String() {

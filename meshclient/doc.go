@@ -15,6 +15,13 @@
 //   - Client enrols (bootstrap token) and renews (mTLS rekey) SVIDs: the rotator's
 //     Issuer.
 //   - RevokeRemote and ReinstateRemote send an operator's request over mTLS.
+//   - Watch.AckAnchor acknowledges a step of a rotation of the CA's trust anchors
+//     with the host SVID; a 409 answer wraps ErrStaleStep.
+//
+// Every client verifies the CA's serving certificate, and the Watch every deny-list,
+// with Anchors when set (Config.Anchors, ClientConfig.Anchors): the proxy replaces them
+// with its bundle in force, so that it still reaches a CA that serves under a new root.
+// Without them, Roots are fixed at construction.
 //
 // Member composes the Watch, the Heartbeat and AgentTokens for a proxy that runs them
 // all. Failures are retried with capped exponential backoff and full jitter

@@ -22,7 +22,7 @@ import (
 
 // metricAnchorAcked is the last step of a rotation of the CA's anchors this proxy
 // acknowledged: its rotation ID, labelled by phase (one series at a time).
-const metricAnchorAcked = "agentmesh_anchor_step_acked_rotation_id"
+const metricAnchorAcked = "agentmesh_proxy_anchor_step_acked_rotation_id"
 
 // anchorRetry bounds the backoff of a step's renewals and acknowledgements: short, since
 // the CA's gate waits for them, and capped well under a heartbeat window.
@@ -60,7 +60,10 @@ func sameStep(a, b *meshapi.AnchorRotation) bool {
 // step for followAnchors to take, renewals to recompute the bundle in force after, the
 // CA to acknowledge to and the metric of the last step acknowledged.
 type anchorFollower struct {
-	acker anchorAcker // set once the mesh client is built, before anything runs
+	// acker is set once the mesh client is built, before anything runs; nil for a
+	// proxy that advertises no address: not a directory member, the CA awaits no
+	// acknowledgement from it.
+	acker anchorAcker
 	acked *prometheus.GaugeVec
 	steps chan *anchorStep // the latest step (nil: none); buffered 1, replaced, never queued
 	// renewed is signalled by every rotator after it published a new SVID; buffered
@@ -165,6 +168,13 @@ func (a *applier) convergeStep(ctx context.Context, s anchorStep) {
 		return // the step ended: a newer one or shutdown
 	}
 	a.recomputeBundle()
+	if a.anchor.acker == nil {
+		rec.Result = audit.AnchorStepConverged
+		a.log.Info("anchor rotation step converged; not a directory member, so not acknowledged",
+			"rotation_id", s.ID, "phase", s.Phase, "renewed", len(rec.Renewed))
+		a.auditStep(rec)
+		return
+	}
 	rec.Attempts, err = a.ackStep(ctx, s)
 	switch {
 	case ctx.Err() != nil:
@@ -266,7 +276,8 @@ func (a *applier) renewForIssuer(ctx context.Context, s anchorStep) ([]string, e
 }
 
 // renewOne waits a random delay below the renew window, then rotates h until its SVID
-// is s.Issuer's; false when ctx ended first.
+// is s.Issuer's; false when ctx ended first or h stopped (an agent unregistered
+// meanwhile holds nothing to renew).
 func (a *applier) renewOne(ctx context.Context, h *rotator.Rotator, s anchorStep) bool {
 	var delay time.Duration
 	if w := s.RenewWindow(); w > 0 {
@@ -279,6 +290,9 @@ func (a *applier) renewOne(ctx context.Context, h *rotator.Rotator, s anchorStep
 			return false
 		}
 		_, err := h.Rotate(ctx, req)
+		if errors.Is(err, rotator.ErrStopped) {
+			return false
+		}
 		if svid, serr := h.GetX509SVID(); err == nil && serr == nil && issuedBy(svid, s.Issuer) {
 			return true
 		}

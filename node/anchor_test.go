@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -153,6 +154,9 @@ func TestAnchorRotationSteps(t *testing.T) {
 		if b := f.applier.bundleInForce(); len(b.X509Authorities()) != 1 || !b.HasX509Authority(next.Roots()[0]) {
 			t.Fatalf("bundle in force of %d anchors after retire, want the new root only", len(b.X509Authorities()))
 		}
+		if r := f.caAnchors.Roots(); len(r) != 1 || !r[0].Equal(next.Roots()[0]) {
+			t.Fatalf("the mesh client verifies the CA with %d anchors after retire, want the new root only", len(r))
+		}
 		if acks, _ := f.acker.list(); len(acks) != 3 || acks[2].Phase != meshapi.PhaseRetire {
 			t.Fatalf("acks %+v, want retire's last", acks)
 		}
@@ -275,6 +279,57 @@ func TestAnchorStepSuperseded(t *testing.T) {
 		}
 		if acks, _ := f.acker.list(); len(acks) != 1 || acks[0].Phase != meshapi.PhaseAbort {
 			t.Fatalf("acks %+v, want abort's only", acks)
+		}
+	})
+}
+
+// TestAnchorStepNotMember: a proxy that is not a directory member converges (renews
+// from the step's issuer) and records it, without acknowledging.
+func TestAnchorStepNotMember(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, src := followed(t)
+		f.applier.anchor.acker = nil
+		next := testca.New(t, testca.WithTrustDomain(testHost.TrustDomain()))
+		f.issuer.use(next)
+		act := &meshapi.AnchorRotation{ID: 2, Kind: meshapi.RotateRoot, Phase: meshapi.PhaseActivate, Probe: probeOf(t, next),
+			Issuer: issuerOf(next)}
+		src.publish(stepState(t, 1, append(f.ca.Roots(), next.Roots()...), act))
+		synctest.Wait()
+		recs := recordsOf[audit.AnchorStep](f.audit)
+		// The agent enrols with this state, from the new issuer already: only the host renews.
+		if len(recs) != 1 || recs[0].Result != audit.AnchorStepConverged || !slices.Equal(recs[0].Renewed, []string{testHost.String()}) {
+			t.Fatalf("anchor step records %+v, want one converged with the host's renewal", recs)
+		}
+		if !issuedBy(currentSVID(t, f.rot), act.Issuer) {
+			t.Fatal("the host still holds an SVID of the old issuer")
+		}
+	})
+}
+
+// TestAnchorStepAgentGone: an agent unregistered while its renewal waits does not hold
+// the step back: the host renews and the step is acknowledged.
+func TestAnchorStepAgentGone(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		f, src := followed(t)
+		next := testca.New(t, testca.WithTrustDomain(testHost.TrustDomain()))
+		both := append(f.ca.Roots(), next.Roots()...)
+		src.publish(stepState(t, 1, both, nil)) // the agent enrols from the old issuer
+		synctest.Wait()
+		f.issuer.use(next)
+		const window = time.Minute
+		act := &meshapi.AnchorRotation{ID: 6, Kind: meshapi.RotateRoot, Phase: meshapi.PhaseActivate, Probe: probeOf(t, next),
+			Issuer: issuerOf(next), RenewWindowMS: window.Milliseconds()}
+		src.publish(stepState(t, 2, both, act))
+		synctest.Wait()
+		src.publish(stateOf(t, 3, meshapi.DirectoryDocument{Bundle: meshapi.NewBundleDocument(both), AnchorRotation: act}, nil))
+		time.Sleep(window) //nolint:forbidigo // synctest: advances the bubble's clock
+		synctest.Wait()
+		if _, ok := f.agents.lookup(planner); ok {
+			t.Fatal("the unregistered agent is still held")
+		}
+		recs := recordsOf[audit.AnchorStep](f.audit)
+		if len(recs) != 1 || recs[0].Result != audit.AnchorStepAcked || len(recs[0].Renewed) > 1 {
+			t.Fatalf("anchor step records %+v, want activate acknowledged, the agent's renewal dropped", recs)
 		}
 	})
 }

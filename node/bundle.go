@@ -141,7 +141,15 @@ func (a *applier) installBundle() (changed bool, err error) {
 		return false, nil
 	}
 	next := x509bundle.FromX509Authorities(td, inForce(a.bundles.base(), held.X509Authorities(), a.svids()))
-	if next.Empty() || held.Equal(next) {
+	if next.Empty() {
+		return false, nil
+	}
+	if held.Equal(next) {
+		// An agent's rotator made while the bundle changed may hold the one before it:
+		// the same bundle changes nothing in the others.
+		if err := a.agents.setBundle(next); err != nil {
+			a.log.Error("trust bundle refused by an agent's rotator", "err", err)
+		}
 		return false, nil
 	}
 	if err := a.rot.SetBundle(next); err != nil {

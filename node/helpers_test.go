@@ -19,6 +19,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/testca"
+	"github.com/agentmesh/agentmesh/meshclient"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
@@ -202,8 +203,10 @@ type fixture struct {
 	px      *proxyRecorder
 	revoker *revokerRecorder
 	acker   *ackRecorder
-	audit   *auditRecords
-	applier *applier
+	// caAnchors are what the mesh client verifies the CA with.
+	caAnchors *meshclient.Anchors
+	audit     *auditRecords
+	applier   *applier
 }
 
 // newFixture builds the fixture and runs the host's rotator and the agents' supervisor
@@ -224,6 +227,8 @@ func newFixture(t *testing.T) *fixture {
 		rotation: rotation{tickets: f.px, revoker: f.revoker, logger: logger}, started: time.Now(),
 		bundles: bundleSources{file: f.ca.Roots()}, anchor: newAnchorFollower(prometheus.NewRegistry())}
 	f.applier.anchor.acker = f.acker
+	f.caAnchors = meshclient.NewAnchors(f.ca.Roots())
+	f.applier.caAnchors = f.caAnchors
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Go(func() { _ = f.rot.Run(ctx) })

@@ -144,14 +144,20 @@ func (n *node) buildMesh() error {
 			return err
 		}
 		// The bundle in force (bundle.go: the roots the CA publishes, the root file's it
-		// did not withdraw, and the anchors the SVIDs held still need):
-		// its digest names its version, which follows every change of either.
+		// did not withdraw, and the anchors the SVIDs held still need): its digest names
+		// its version, which follows every change of any.
 		s.bundleVersion = n.rot.BundleVersion
 	}
 	var err error
-	n.dir, err = n.link.directory(s)
-	n.anchor.acker = n.dir
-	return err
+	if n.dir, err = n.link.directory(s); err != nil {
+		return err
+	}
+	// Only a member of the directory (a proxy that advertises addresses) acknowledges
+	// the steps of a rotation of the CA's anchors: the CA awaits no other.
+	if len(n.cfg.advertise) > 0 {
+		n.anchor.acker = n.dir
+	}
+	return nil
 }
 
 // buildProxy loads the authorization policy and makes the proxy.

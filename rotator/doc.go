@@ -1,6 +1,7 @@
 // Package rotator owns the lifecycle of one SPIFFE identity's X509-SVIDs and their keys:
 // enrolment; renewal on schedule, on usage (a number of handshakes signed with one key)
-// and on request (operator, compromise, configuration change, fleet command), with
+// and on request (operator, compromise, configuration change, fleet command, a
+// rotation of the CA's anchors), with
 // capped, jittered backoff; validation of every answer from the CA; hot swap through
 // one immutable snapshot; the overlap in which a superseded SVID remains the credential
 // of the connections it authenticated; draining those connections when the overlap
