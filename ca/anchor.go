@@ -75,7 +75,8 @@ type anchorStore struct {
 	metrics *anchorMetrics
 }
 
-// loadAnchorRotation reads StateDir/rotation.json, if any. A rotation in progress is
+// loadAnchorRotation reads StateDir/rotation.json, if any (New: nothing else runs
+// yet, so s.anchor.mu need not be held). A rotation in progress is
 // resumed by Run (resumeAnchorRotation) before it serves. A file that does not parse
 // stops New: it is written atomically, so it was tampered with.
 func (s *Server) loadAnchorRotation() error {
@@ -84,6 +85,8 @@ func (s *Server) loadAnchorRotation() error {
 	}
 	s.anchor.wake = make(chan struct{}, 1)
 	s.anchor.metrics = newAnchorMetrics()
+	// The anchors' expiry is exported from the start, rotation or not.
+	defer s.updateAnchorMetricsLocked(time.Now())
 	path := filepath.Join(s.cfg.StateDir, fileAnchorRotation)
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -289,5 +290,66 @@ func TestAnchorRotationAbortAndExclude(t *testing.T) {
 	}
 	if _, err := ExcludeFromRotation(ctx, cfg.StateDir, meshapi.RotationExclude{Host: hostA}); err == nil {
 		t.Fatal("exclude after the rotation ended: accepted")
+	}
+}
+
+// gaugeValue is the value of the gauge name with labels in reg, and whether it exists.
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) (float64, bool) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	metrics:
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if v, ok := labels[lp.GetName()]; ok && v != lp.GetValue() {
+					continue metrics
+				}
+			}
+			return m.GetGauge().GetValue(), true
+		}
+	}
+	return 0, false
+}
+
+// The metrics follow the rotation: the current phase, who is missing, and the
+// expiry of every anchor in force.
+func TestAnchorRotationMetrics(t *testing.T) {
+	cfg, _ := testConfig(t)
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
+	ca := startCA(t, cfg)
+	root := ca.auth.Active().Root
+	v, ok := gaugeValue(t, reg, metricAnchorNotAfter, map[string]string{labelRole: string(roleRoot),
+		labelFingerprint: meshapi.KeyFingerprint(root)})
+	if !ok || int64(v) != root.NotAfter.Unix() {
+		t.Fatalf("%s = %v (present %v), want %d", metricAnchorNotAfter, v, ok, root.NotAfter.Unix())
+	}
+	hostB := spiffeid.RequireFromPath(testTD, "/host/b")
+	if _, err := StartRotation(context.Background(), cfg.StateDir, meshapi.RotateRequest{Kind: meshapi.RotateIntermediate,
+		Exclude: []spiffeid.ID{hostB}}); err != nil {
+		t.Fatalf("rotate: %v", err)
+	}
+	ca.tickAnchor(time.Now())
+	// No live proxy but the excluded one: distribute passes at once, activate waits
+	// for the expiry of what the old key issued.
+	for labels, want := range map[[2]string]float64{
+		{metricRotationPhase, string(meshapi.PhaseActivate)}:   1,
+		{metricRotationPhase, string(meshapi.PhaseDistribute)}: 0,
+		{metricRotationMembers, string(memberExcluded)}:        1,
+		{metricRotationMembers, string(memberMissing)}:         0,
+	} {
+		label := labelPhase
+		if labels[0] == metricRotationMembers {
+			label = labelState
+		}
+		if got, _ := gaugeValue(t, reg, labels[0], map[string]string{label: labels[1]}); got != want {
+			t.Errorf("%s{%s} = %v, want %v", labels[0], labels[1], got, want)
+		}
 	}
 }
