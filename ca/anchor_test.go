@@ -70,6 +70,29 @@ func ackAs(t *testing.T, ca *runningCA, hc *http.Client, ack any) int {
 	return status
 }
 
+// caWithHost starts an audited CA with host /host/a registered.
+func caWithHost(t *testing.T) (Config, *auditRecorder, *runningCA, spiffeid.ID, *http.Client) {
+	t.Helper()
+	cfg, _ := testConfig(t)
+	rec := &auditRecorder{}
+	cfg.Audit = rec
+	ca := startCA(t, cfg)
+	hostA := spiffeid.RequireFromPath(testTD, "/host/a")
+	return cfg, rec, ca, hostA, registeredHost(t, ca, hostA)
+}
+
+// registeredHost enrols host, registers it in the directory (a member of the next
+// rotation) and returns a client presenting its SVID.
+func registeredHost(t *testing.T, ca *runningCA, host spiffeid.ID) *http.Client {
+	t.Helper()
+	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, host)))
+	if status, body := do(t, hc, http.MethodPost, ca.URL()+meshapi.Prefix+meshapi.RegisterPath,
+		registerBody(15008, "127.0.0.1")); status != http.StatusOK {
+		t.Fatalf("register: %d %s", status, body)
+	}
+	return hc
+}
+
 func ackOf(st *meshapi.AnchorRotation) meshapi.AnchorAck {
 	return meshapi.AnchorAck{ID: st.ID, Phase: st.Phase, BundleVersion: st.BundleVersion}
 }
@@ -79,17 +102,8 @@ func ackOf(st *meshapi.AnchorRotation) meshapi.AnchorAck {
 // start refused with the phase, the expiry gate of activate, the audit trail, the
 // metrics and the end of the step in the directory.
 func TestAnchorRotationAcknowledged(t *testing.T) {
-	cfg, _ := testConfig(t)
-	rec := &auditRecorder{}
-	cfg.Audit = rec
-	ca := startCA(t, cfg)
-	hostA := spiffeid.RequireFromPath(testTD, "/host/a")
-	hcA := httpsClient(t, ca, tlsCert(enroll(t, ca, hostA)))
+	cfg, rec, ca, hostA, hcA := caWithHost(t)
 	hcAgent := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/x"))))
-	if status, body := do(t, hcA, http.MethodPost, ca.URL()+meshapi.Prefix+meshapi.RegisterPath,
-		registerBody(15008, "127.0.0.1")); status != http.StatusOK {
-		t.Fatalf("register: %d %s", status, body)
-	}
 	ctx := context.Background()
 	oldIssuer := meshapi.KeyFingerprint(ca.auth.Active().Intermediate)
 
@@ -208,11 +222,7 @@ func TestAnchorRotationResumesAfterRestart(t *testing.T) {
 	first := startCA(t, cfg)
 	hostA := spiffeid.RequireFromPath(testTD, "/host/a")
 	hostB := spiffeid.RequireFromPath(testTD, "/host/b")
-	hcA := httpsClient(t, first, tlsCert(enroll(t, first, hostA)))
-	if status, body := do(t, hcA, http.MethodPost, first.URL()+meshapi.Prefix+meshapi.RegisterPath,
-		registerBody(15008, "127.0.0.1")); status != http.StatusOK {
-		t.Fatalf("register: %d %s", status, body)
-	}
+	hcA := registeredHost(t, first, hostA)
 	ctx := context.Background()
 	// b is down: excluded from the start.
 	if _, err := StartRotation(ctx, cfg.StateDir, meshapi.RotateRequest{Kind: meshapi.RotateRoot,
@@ -245,19 +255,11 @@ func TestAnchorRotationResumesAfterRestart(t *testing.T) {
 	waitPhase(t, second, meshapi.PhaseRetire)
 }
 
-// Abort before retire goes back through abort and abort-retire, acknowledged; after
-// retire it is refused. An exclusion unblocks a gate and is audited.
+// Abort goes back through abort and abort-retire, acknowledged, and discards the new
+// generation; with no rotation it is refused. An exclusion unblocks a gate and is
+// audited.
 func TestAnchorRotationAbortAndExclude(t *testing.T) {
-	cfg, _ := testConfig(t)
-	rec := &auditRecorder{}
-	cfg.Audit = rec
-	ca := startCA(t, cfg)
-	hostA := spiffeid.RequireFromPath(testTD, "/host/a")
-	hcA := httpsClient(t, ca, tlsCert(enroll(t, ca, hostA)))
-	if status, body := do(t, hcA, http.MethodPost, ca.URL()+meshapi.Prefix+meshapi.RegisterPath,
-		registerBody(15008, "127.0.0.1")); status != http.StatusOK {
-		t.Fatalf("register: %d %s", status, body)
-	}
+	cfg, rec, ca, hostA, hcA := caWithHost(t)
 	ctx := context.Background()
 	if _, err := AbortRotation(ctx, cfg.StateDir, "nothing to abort"); err == nil {
 		t.Fatal("abort with no rotation: accepted")

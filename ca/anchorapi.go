@@ -115,37 +115,23 @@ func adminStatus(err error) int {
 	return http.StatusInternalServerError
 }
 
-// handleAdminRotationStart is the admin socket's POST /rotation.
-func (s *Server) handleAdminRotationStart(w http.ResponseWriter, r *http.Request) {
-	var req meshapi.RotateRequest
-	if !decodeAdmin(w, r, &req) {
-		return
+// adminRotation is an admin socket handler of the rotation API: it decodes a T (an
+// empty body is the zero T), calls call with the caller and answers its status.
+func adminRotation[T any](call func(initiator string, req T) (meshapi.RotationStatus, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req T
+		if !decodeAdmin(w, r, &req) {
+			return
+		}
+		cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
+		st, err := call(uidInitiator(cred.uid), req)
+		answerAdmin(w, st, err)
 	}
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	st, err := s.StartAnchorRotation(uidInitiator(cred.uid), req)
-	answerAdmin(w, st, err)
 }
 
-// handleAdminRotationAbort is the admin socket's POST /rotation/abort.
-func (s *Server) handleAdminRotationAbort(w http.ResponseWriter, r *http.Request) {
-	var req meshapi.RotationAbort
-	if !decodeAdmin(w, r, &req) {
-		return
-	}
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	st, err := s.AbortAnchorRotation(uidInitiator(cred.uid), req.Reason)
-	answerAdmin(w, st, err)
-}
-
-// handleAdminRotationExclude is the admin socket's POST /rotation/exclude.
-func (s *Server) handleAdminRotationExclude(w http.ResponseWriter, r *http.Request) {
-	var req meshapi.RotationExclude
-	if !decodeAdmin(w, r, &req) {
-		return
-	}
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	st, err := s.ExcludeFromAnchorRotation(uidInitiator(cred.uid), req)
-	answerAdmin(w, st, err)
+// abortAnchorRotation is AbortAnchorRotation for adminRotation.
+func (s *Server) abortAnchorRotation(initiator string, req meshapi.RotationAbort) (meshapi.RotationStatus, error) {
+	return s.AbortAnchorRotation(initiator, req.Reason)
 }
 
 // handleAdminRotationStatus is the admin socket's GET /rotation.
