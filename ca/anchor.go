@@ -203,6 +203,8 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 	for _, id := range req.Exclude {
 		s.auditExclude(rec, initiator, id, req.Reason)
 	}
+	// Prepare took the HSM's time: the phase times start from now.
+	now = time.Now()
 	s.advanceLocked(now)
 	return s.anchorStatusLocked(now), nil
 }
