@@ -102,6 +102,26 @@ func (s *Server) ackAnchor(id spiffeid.ID, leaf *x509.Certificate, ack meshapi.A
 	return rec.Kind, "", nil
 }
 
+// refusedRotationRecord is the audit record of a refused request to change the
+// rotation through the admin socket, nil for other requests.
+func refusedRotationRecord(r *http.Request, initiator, msg string) audit.Event {
+	if r.Method != http.MethodPost {
+		return nil
+	}
+	var action audit.CARotationAction
+	switch r.URL.Path {
+	case meshapi.AdminRotationPath:
+		action = audit.CARotationStart
+	case meshapi.AdminRotationAbortPath:
+		action = audit.CARotationAbort
+	case meshapi.AdminRotationExcludePath:
+		action = audit.CARotationExclude
+	default:
+		return nil
+	}
+	return audit.CARotation{Action: action, Initiator: initiator, Result: audit.ResultRefused, Error: msg}
+}
+
 // adminStatus maps the rotation API's errors to HTTP statuses.
 func adminStatus(err error) int {
 	switch {
