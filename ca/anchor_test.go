@@ -152,6 +152,13 @@ func TestAnchorRotationAcknowledged(t *testing.T) {
 	if step.Issuer != meshapi.KeyFingerprint(ca.auth.Active().Intermediate) {
 		t.Fatalf("activate issuer %q, want the active intermediate's", step.Issuer)
 	}
+	if step.Issuer != oldIssuer {
+		// The proxy still holds its SVID from the old key: not converged yet.
+		if got := ackAs(t, ca, hcA, ackOf(step)); got != http.StatusPreconditionFailed {
+			t.Fatalf("ack activate with an SVID of the old issuer: %d, want 412", got)
+		}
+		hcA = httpsClient(t, ca, tlsCert(enroll(t, ca, hostA)))
+	}
 	if got := ackAs(t, ca, hcA, ackOf(step)); got != http.StatusOK {
 		t.Fatalf("ack activate: %d", got)
 	}
