@@ -170,23 +170,7 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 	if prev != nil && !prev.Phase.Ended() {
 		return meshapi.RotationStatus{}, fmt.Errorf("%w: %s", ErrRotationInProgress, prev.current())
 	}
-	var prevID uint64
-	if prev != nil {
-		prevID = prev.ID
-	}
-	rec := &anchorRecord{ID: nextAnchorID(prevID, now), Kind: req.Kind, Phase: meshapi.PhasePrepare,
-		Started: now.UTC(), Since: now.UTC(), Initiator: initiator, Reason: req.Reason,
-		RenewWindowMS: req.RenewWindowMS, Members: []anchorMember{}}
-	if rec.RenewWindowMS == 0 {
-		rec.RenewWindowMS = s.cfg.RotationRenewWindow.Milliseconds()
-	}
-	for _, p := range s.dir.snapshot(now).Peers {
-		rec.join(p.SPIFFEID, p.LastHeartbeat)
-	}
-	for _, id := range req.Exclude {
-		rec.join(id, time.Time{})
-		rec.member(id).Excluded = true
-	}
+	rec := s.newAnchorRecord(prev, initiator, req, now)
 	// Persisted before the HSM is touched: a crash in prepare resumes it.
 	if err := s.saveAnchorLocked(rec); err != nil {
 		return meshapi.RotationStatus{}, err
@@ -203,10 +187,33 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 	for _, id := range req.Exclude {
 		s.auditExclude(rec, initiator, id, req.Reason)
 	}
-	// Prepare took the HSM's time: the phase times start from now.
+	// Prepare's time (the HSM's key generation) counts in its phase.
 	now = time.Now()
 	s.advanceLocked(now)
 	return s.anchorStatusLocked(now), nil
+}
+
+// newAnchorRecord is the record of a rotation req starts at now after prev (nil:
+// none), in prepare: its members are the proxies in the directory, and those req
+// excludes.
+func (s *Server) newAnchorRecord(prev *anchorRecord, initiator string, req meshapi.RotateRequest, now time.Time) *anchorRecord {
+	var prevID uint64
+	if prev != nil {
+		prevID = prev.ID
+	}
+	rec := &anchorRecord{ID: nextAnchorID(prevID, now), Kind: req.Kind, Phase: meshapi.PhasePrepare,
+		Started: now.UTC(), Since: now.UTC(), Initiator: initiator, Reason: req.Reason,
+		RenewWindowMS: req.RenewWindowMS, Members: []anchorMember{}}
+	if rec.RenewWindowMS == 0 {
+		rec.RenewWindowMS = s.cfg.RotationRenewWindow.Milliseconds()
+	}
+	for _, p := range s.dir.snapshot(now).Peers {
+		rec.join(p.SPIFFEID, p.LastHeartbeat)
+	}
+	for _, id := range req.Exclude {
+		rec.exclude(id)
+	}
+	return rec
 }
 
 // checkRotateRequest validates an operator's request.
@@ -283,8 +290,7 @@ func (s *Server) ExcludeFromAnchorRotation(initiator string, ex meshapi.Rotation
 	if rec == nil || rec.Phase.Ended() {
 		return meshapi.RotationStatus{}, fmt.Errorf("%w: %s", ErrRotationInProgress, rec.current())
 	}
-	rec.join(ex.Host, time.Time{})
-	rec.member(ex.Host).Excluded = true
+	rec.exclude(ex.Host)
 	if err := s.saveAnchorLocked(rec); err != nil {
 		return meshapi.RotationStatus{}, err
 	}
