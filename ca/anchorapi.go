@@ -87,8 +87,8 @@ func (s *Server) ackAnchor(id spiffeid.ID, leaf *x509.Certificate, ack meshapi.A
 	// issuer, which is then the active intermediate: its own proves it or not.
 	if ack.Phase == meshapi.PhaseActivate || ack.Phase == meshapi.PhaseAbort {
 		if err := leaf.CheckSignatureFrom(s.anchor.auth.Active().Intermediate); err != nil {
-			return rec.Kind, ackNotConverged, fmt.Errorf("%w: the certificate is not issued by the intermediate of %s",
-				errNotConverged, rec.current())
+			return rec.Kind, ackNotConverged, fmt.Errorf("%w: renew from the intermediate issuing in phase %s of rotation %d",
+				errNotConverged, rec.Phase, rec.ID)
 		}
 	}
 	if rec.acked(id, now.UTC()) {
