@@ -141,19 +141,16 @@ func (s *Server) wakeAnchor() {
 // ErrRotationInProgress naming its phase; a bad request with ErrInvalidRequest.
 // Every outcome is audited.
 func (s *Server) StartAnchorRotation(initiator string, req meshapi.RotateRequest) (meshapi.RotationStatus, error) {
-	now := time.Now()
+	st, err := s.startAnchorRotation(initiator, req, time.Now())
+	if err == nil {
+		return st, nil // audited before its first phase change
+	}
 	rec := audit.CARotation{Action: audit.CARotationStart, AnchorKind: string(req.Kind), Initiator: initiator,
-		Reason: req.Reason, Result: audit.ResultOK}
-	st, err := s.startAnchorRotation(initiator, req, now)
-	switch {
-	case err == nil:
-		rec.RotationID, rec.Phase = st.ID, string(st.Phase)
-		s.log.Info("ca rotation started", keyRotationID, st.ID, keyKind, req.Kind, keyInitiator, initiator)
-	case errors.Is(err, ErrInvalidRequest), errors.Is(err, ErrRotationInProgress):
-		rec.Result, rec.Error = audit.ResultRefused, err.Error()
+		Reason: req.Reason, Result: audit.ResultRefused, Error: err.Error()}
+	if errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrRotationInProgress) {
 		s.log.Info("ca rotation refused", keyInitiator, initiator, keyErr, err)
-	default:
-		rec.Result, rec.Error = audit.ResultError, err.Error()
+	} else {
+		rec.Result = audit.ResultError
 		s.log.Error("ca rotation failed in prepare; nothing changed", keyInitiator, initiator, keyErr, err)
 	}
 	s.audit(rec)
@@ -184,6 +181,9 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 		return meshapi.RotationStatus{}, fmt.Errorf("ca: rotation: %w", err)
 	}
 	s.anchor.rec, s.anchor.applied, s.anchor.failure = rec, true, ""
+	s.log.Info("ca rotation started", keyRotationID, rec.ID, keyKind, rec.Kind, keyInitiator, initiator)
+	s.audit(audit.CARotation{Action: audit.CARotationStart, RotationID: rec.ID, AnchorKind: string(rec.Kind),
+		Phase: string(rec.Phase), Initiator: initiator, Reason: req.Reason, Result: audit.ResultOK})
 	for _, id := range req.Exclude {
 		s.auditExclude(rec, initiator, id, req.Reason)
 	}
