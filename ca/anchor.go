@@ -30,11 +30,6 @@ const fileAnchorRotation = "rotation.json"
 // initiatorCA names the coordinator's own steps in audit records.
 const initiatorCA = "ca"
 
-// ErrRotationInProgress is returned (and answered 409) when a rotation of the trust
-// anchors is started while one runs, or excluded from or aborted when none does or
-// too late; the message names the current phase.
-var ErrRotationInProgress = errors.New("ca: rotation of the trust anchors")
-
 // errStaleAck refuses an acknowledgement of another step than the current one (409).
 var errStaleAck = errors.New("ca: acknowledgement of a step that is not the current one")
 
