@@ -102,9 +102,9 @@ func (s *Server) adminHandler() http.Handler {
 	mux.HandleFunc("DELETE "+adminHostsPath, s.adminOnly(s.handleAdminRemoveHost))
 	mux.HandleFunc("GET "+adminHostsPath, s.adminOnly(s.handleAdminHosts))
 	mux.HandleFunc("GET "+meshapi.AdminRotationPath, s.adminOnly(s.handleAdminRotationStatus))
-	mux.HandleFunc("POST "+meshapi.AdminRotationPath, s.adminOnly(s.handleAdminRotationStart))
-	mux.HandleFunc("POST "+meshapi.AdminRotationAbortPath, s.adminOnly(s.handleAdminRotationAbort))
-	mux.HandleFunc("POST "+meshapi.AdminRotationExcludePath, s.adminOnly(s.handleAdminRotationExclude))
+	mux.HandleFunc("POST "+meshapi.AdminRotationPath, s.adminOnly(adminRotation(s.StartAnchorRotation)))
+	mux.HandleFunc("POST "+meshapi.AdminRotationAbortPath, s.adminOnly(adminRotation(s.abortAnchorRotation)))
+	mux.HandleFunc("POST "+meshapi.AdminRotationExcludePath, s.adminOnly(adminRotation(s.ExcludeFromAnchorRotation)))
 	return mux
 }
 

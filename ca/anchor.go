@@ -30,11 +30,6 @@ const fileAnchorRotation = "rotation.json"
 // initiatorCA names the coordinator's own steps in audit records.
 const initiatorCA = "ca"
 
-// ErrRotationInProgress is returned (and answered 409) when a rotation of the trust
-// anchors is started while one runs, or excluded from or aborted when none does or
-// too late; the message names the current phase.
-var ErrRotationInProgress = errors.New("ca: rotation of the trust anchors")
-
 // errStaleAck refuses an acknowledgement of another step than the current one (409).
 var errStaleAck = errors.New("ca: acknowledgement of a step that is not the current one")
 
@@ -75,7 +70,8 @@ type anchorStore struct {
 	metrics *anchorMetrics
 }
 
-// loadAnchorRotation reads StateDir/rotation.json, if any. A rotation in progress is
+// loadAnchorRotation reads StateDir/rotation.json, if any (New: nothing else runs
+// yet, so s.anchor.mu need not be held). A rotation in progress is
 // resumed by Run (resumeAnchorRotation) before it serves. A file that does not parse
 // stops New: it is written atomically, so it was tampered with.
 func (s *Server) loadAnchorRotation() error {
@@ -84,6 +80,8 @@ func (s *Server) loadAnchorRotation() error {
 	}
 	s.anchor.wake = make(chan struct{}, 1)
 	s.anchor.metrics = newAnchorMetrics()
+	// The anchors' expiry is exported from the start, rotation or not.
+	defer s.updateAnchorMetricsLocked(time.Now())
 	path := filepath.Join(s.cfg.StateDir, fileAnchorRotation)
 	b, err := os.ReadFile(path)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -138,19 +136,16 @@ func (s *Server) wakeAnchor() {
 // ErrRotationInProgress naming its phase; a bad request with ErrInvalidRequest.
 // Every outcome is audited.
 func (s *Server) StartAnchorRotation(initiator string, req meshapi.RotateRequest) (meshapi.RotationStatus, error) {
-	now := time.Now()
+	st, err := s.startAnchorRotation(initiator, req, time.Now())
+	if err == nil {
+		return st, nil // audited before its first phase change
+	}
 	rec := audit.CARotation{Action: audit.CARotationStart, AnchorKind: string(req.Kind), Initiator: initiator,
-		Reason: req.Reason, Result: audit.ResultOK}
-	st, err := s.startAnchorRotation(initiator, req, now)
-	switch {
-	case err == nil:
-		rec.RotationID, rec.Phase = st.ID, string(st.Phase)
-		s.log.Info("ca rotation started", keyRotationID, st.ID, keyKind, req.Kind, keyInitiator, initiator)
-	case errors.Is(err, ErrInvalidRequest), errors.Is(err, ErrRotationInProgress):
-		rec.Result, rec.Error = audit.ResultRefused, err.Error()
+		Reason: req.Reason, Result: audit.ResultRefused, Error: err.Error()}
+	if errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrRotationInProgress) {
 		s.log.Info("ca rotation refused", keyInitiator, initiator, keyErr, err)
-	default:
-		rec.Result, rec.Error = audit.ResultError, err.Error()
+	} else {
+		rec.Result = audit.ResultError
 		s.log.Error("ca rotation failed in prepare; nothing changed", keyInitiator, initiator, keyErr, err)
 	}
 	s.audit(rec)
@@ -167,6 +162,36 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 	if prev != nil && !prev.Phase.Ended() {
 		return meshapi.RotationStatus{}, fmt.Errorf("%w: %s", ErrRotationInProgress, prev.current())
 	}
+	rec := s.newAnchorRecord(prev, initiator, req, now)
+	// Persisted before the HSM is touched: a crash in prepare resumes it.
+	if err := s.saveAnchorLocked(rec); err != nil {
+		return meshapi.RotationStatus{}, err
+	}
+	if err := s.prepareLocked(rec); err != nil {
+		// Leave no rotation: the previous record (or none) is in force again. The
+		// generation is not persisted when key generation fails.
+		if serr := s.saveAnchorLocked(prev); serr != nil {
+			return meshapi.RotationStatus{}, errors.Join(err, serr)
+		}
+		return meshapi.RotationStatus{}, fmt.Errorf("ca: rotation: %w", err)
+	}
+	s.anchor.rec, s.anchor.applied, s.anchor.failure = rec, true, ""
+	s.log.Info("ca rotation started", keyRotationID, rec.ID, keyKind, rec.Kind, keyInitiator, initiator)
+	s.audit(audit.CARotation{Action: audit.CARotationStart, RotationID: rec.ID, AnchorKind: string(rec.Kind),
+		Phase: string(rec.Phase), Initiator: initiator, Reason: req.Reason, Result: audit.ResultOK})
+	for _, id := range req.Exclude {
+		s.auditExclude(rec, initiator, id, req.Reason)
+	}
+	// Prepare's time (the HSM's key generation) counts in its phase.
+	now = time.Now()
+	s.advanceLocked(now)
+	return s.anchorStatusLocked(now), nil
+}
+
+// newAnchorRecord is the record of a rotation req starts at now after prev (nil:
+// none), in prepare: its members are the proxies in the directory, and those req
+// excludes.
+func (s *Server) newAnchorRecord(prev *anchorRecord, initiator string, req meshapi.RotateRequest, now time.Time) *anchorRecord {
 	var prevID uint64
 	if prev != nil {
 		prevID = prev.ID
@@ -181,27 +206,9 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 		rec.join(p.SPIFFEID, p.LastHeartbeat)
 	}
 	for _, id := range req.Exclude {
-		rec.join(id, time.Time{})
-		rec.member(id).Excluded = true
+		rec.exclude(id)
 	}
-	// Persisted before the HSM is touched: a crash in prepare resumes it.
-	if err := s.saveAnchorLocked(rec); err != nil {
-		return meshapi.RotationStatus{}, err
-	}
-	if err := s.prepareLocked(rec); err != nil {
-		// Leave no rotation: the previous record (or none) is in force again. The
-		// generation is not persisted when key generation fails.
-		if serr := s.saveAnchorLocked(prev); serr != nil {
-			return meshapi.RotationStatus{}, errors.Join(err, serr)
-		}
-		return meshapi.RotationStatus{}, fmt.Errorf("ca: rotation: %w", err)
-	}
-	s.anchor.rec, s.anchor.applied, s.anchor.failure = rec, true, ""
-	for _, id := range req.Exclude {
-		s.auditExclude(rec, initiator, id, req.Reason)
-	}
-	s.advanceLocked(now)
-	return s.anchorStatusLocked(now), nil
+	return rec
 }
 
 // checkRotateRequest validates an operator's request.
@@ -278,8 +285,7 @@ func (s *Server) ExcludeFromAnchorRotation(initiator string, ex meshapi.Rotation
 	if rec == nil || rec.Phase.Ended() {
 		return meshapi.RotationStatus{}, fmt.Errorf("%w: %s", ErrRotationInProgress, rec.current())
 	}
-	rec.join(ex.Host, time.Time{})
-	rec.member(ex.Host).Excluded = true
+	rec.exclude(ex.Host)
 	if err := s.saveAnchorLocked(rec); err != nil {
 		return meshapi.RotationStatus{}, err
 	}

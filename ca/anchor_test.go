@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -69,6 +70,29 @@ func ackAs(t *testing.T, ca *runningCA, hc *http.Client, ack any) int {
 	return status
 }
 
+// caWithHost starts an audited CA with host /host/a registered.
+func caWithHost(t *testing.T) (Config, *auditRecorder, *runningCA, spiffeid.ID, *http.Client) {
+	t.Helper()
+	cfg, _ := testConfig(t)
+	rec := &auditRecorder{}
+	cfg.Audit = rec
+	ca := startCA(t, cfg)
+	hostA := spiffeid.RequireFromPath(testTD, "/host/a")
+	return cfg, rec, ca, hostA, registeredHost(t, ca, hostA)
+}
+
+// registeredHost enrols host, registers it in the directory (a member of the next
+// rotation) and returns a client presenting its SVID.
+func registeredHost(t *testing.T, ca *runningCA, host spiffeid.ID) *http.Client {
+	t.Helper()
+	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, host)))
+	if status, body := do(t, hc, http.MethodPost, ca.URL()+meshapi.Prefix+meshapi.RegisterPath,
+		registerBody(15008, "127.0.0.1")); status != http.StatusOK {
+		t.Fatalf("register: %d %s", status, body)
+	}
+	return hc
+}
+
 func ackOf(st *meshapi.AnchorRotation) meshapi.AnchorAck {
 	return meshapi.AnchorAck{ID: st.ID, Phase: st.Phase, BundleVersion: st.BundleVersion}
 }
@@ -78,17 +102,8 @@ func ackOf(st *meshapi.AnchorRotation) meshapi.AnchorAck {
 // start refused with the phase, the expiry gate of activate, the audit trail, the
 // metrics and the end of the step in the directory.
 func TestAnchorRotationAcknowledged(t *testing.T) {
-	cfg, _ := testConfig(t)
-	rec := &auditRecorder{}
-	cfg.Audit = rec
-	ca := startCA(t, cfg)
-	hostA := spiffeid.RequireFromPath(testTD, "/host/a")
-	hcA := httpsClient(t, ca, tlsCert(enroll(t, ca, hostA)))
+	cfg, rec, ca, hostA, hcA := caWithHost(t)
 	hcAgent := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/agent/x"))))
-	if status, body := do(t, hcA, http.MethodPost, ca.URL()+meshapi.Prefix+meshapi.RegisterPath,
-		registerBody(15008, "127.0.0.1")); status != http.StatusOK {
-		t.Fatalf("register: %d %s", status, body)
-	}
 	ctx := context.Background()
 	oldIssuer := meshapi.KeyFingerprint(ca.auth.Active().Intermediate)
 
@@ -136,6 +151,13 @@ func TestAnchorRotationAcknowledged(t *testing.T) {
 	step = anchorStep(t, ca)
 	if step.Issuer != meshapi.KeyFingerprint(ca.auth.Active().Intermediate) {
 		t.Fatalf("activate issuer %q, want the active intermediate's", step.Issuer)
+	}
+	if step.Issuer != oldIssuer {
+		// The proxy still holds its SVID from the old key: not converged yet.
+		if got := ackAs(t, ca, hcA, ackOf(step)); got != http.StatusPreconditionFailed {
+			t.Fatalf("ack activate with an SVID of the old issuer: %d, want 412", got)
+		}
+		hcA = httpsClient(t, ca, tlsCert(enroll(t, ca, hostA)))
 	}
 	if got := ackAs(t, ca, hcA, ackOf(step)); got != http.StatusOK {
 		t.Fatalf("ack activate: %d", got)
@@ -207,11 +229,7 @@ func TestAnchorRotationResumesAfterRestart(t *testing.T) {
 	first := startCA(t, cfg)
 	hostA := spiffeid.RequireFromPath(testTD, "/host/a")
 	hostB := spiffeid.RequireFromPath(testTD, "/host/b")
-	hcA := httpsClient(t, first, tlsCert(enroll(t, first, hostA)))
-	if status, body := do(t, hcA, http.MethodPost, first.URL()+meshapi.Prefix+meshapi.RegisterPath,
-		registerBody(15008, "127.0.0.1")); status != http.StatusOK {
-		t.Fatalf("register: %d %s", status, body)
-	}
+	hcA := registeredHost(t, first, hostA)
 	ctx := context.Background()
 	// b is down: excluded from the start.
 	if _, err := StartRotation(ctx, cfg.StateDir, meshapi.RotateRequest{Kind: meshapi.RotateRoot,
@@ -244,19 +262,11 @@ func TestAnchorRotationResumesAfterRestart(t *testing.T) {
 	waitPhase(t, second, meshapi.PhaseRetire)
 }
 
-// Abort before retire goes back through abort and abort-retire, acknowledged; after
-// retire it is refused. An exclusion unblocks a gate and is audited.
+// Abort goes back through abort and abort-retire, acknowledged, and discards the new
+// generation; with no rotation it is refused. An exclusion unblocks a gate and is
+// audited.
 func TestAnchorRotationAbortAndExclude(t *testing.T) {
-	cfg, _ := testConfig(t)
-	rec := &auditRecorder{}
-	cfg.Audit = rec
-	ca := startCA(t, cfg)
-	hostA := spiffeid.RequireFromPath(testTD, "/host/a")
-	hcA := httpsClient(t, ca, tlsCert(enroll(t, ca, hostA)))
-	if status, body := do(t, hcA, http.MethodPost, ca.URL()+meshapi.Prefix+meshapi.RegisterPath,
-		registerBody(15008, "127.0.0.1")); status != http.StatusOK {
-		t.Fatalf("register: %d %s", status, body)
-	}
+	cfg, rec, ca, hostA, hcA := caWithHost(t)
 	ctx := context.Background()
 	if _, err := AbortRotation(ctx, cfg.StateDir, "nothing to abort"); err == nil {
 		t.Fatal("abort with no rotation: accepted")
@@ -289,5 +299,66 @@ func TestAnchorRotationAbortAndExclude(t *testing.T) {
 	}
 	if _, err := ExcludeFromRotation(ctx, cfg.StateDir, meshapi.RotationExclude{Host: hostA}); err == nil {
 		t.Fatal("exclude after the rotation ended: accepted")
+	}
+}
+
+// gaugeValue is the value of the gauge name with labels in reg, and whether it exists.
+func gaugeValue(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) (float64, bool) {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("gather: %v", err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != name {
+			continue
+		}
+	metrics:
+		for _, m := range mf.GetMetric() {
+			for _, lp := range m.GetLabel() {
+				if v, ok := labels[lp.GetName()]; ok && v != lp.GetValue() {
+					continue metrics
+				}
+			}
+			return m.GetGauge().GetValue(), true
+		}
+	}
+	return 0, false
+}
+
+// The metrics follow the rotation: the current phase, who is missing, and the
+// expiry of every anchor in force.
+func TestAnchorRotationMetrics(t *testing.T) {
+	cfg, _ := testConfig(t)
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
+	ca := startCA(t, cfg)
+	root := ca.auth.Active().Root
+	v, ok := gaugeValue(t, reg, metricAnchorNotAfter, map[string]string{labelRole: string(roleRoot),
+		labelFingerprint: meshapi.KeyFingerprint(root)})
+	if !ok || int64(v) != root.NotAfter.Unix() {
+		t.Fatalf("%s = %v (present %v), want %d", metricAnchorNotAfter, v, ok, root.NotAfter.Unix())
+	}
+	hostB := spiffeid.RequireFromPath(testTD, "/host/b")
+	if _, err := StartRotation(context.Background(), cfg.StateDir, meshapi.RotateRequest{Kind: meshapi.RotateIntermediate,
+		Exclude: []spiffeid.ID{hostB}}); err != nil {
+		t.Fatalf("rotate: %v", err)
+	}
+	ca.tickAnchor(time.Now())
+	// No live proxy but the excluded one: distribute passes at once, activate waits
+	// for the expiry of what the old key issued.
+	for labels, want := range map[[2]string]float64{
+		{metricRotationPhase, string(meshapi.PhaseActivate)}:   1,
+		{metricRotationPhase, string(meshapi.PhaseDistribute)}: 0,
+		{metricRotationMembers, string(memberExcluded)}:        1,
+		{metricRotationMembers, string(memberMissing)}:         0,
+	} {
+		label := labelPhase
+		if labels[0] == metricRotationMembers {
+			label = labelState
+		}
+		if got, _ := gaugeValue(t, reg, labels[0], map[string]string{label: labels[1]}); got != want {
+			t.Errorf("%s{%s} = %v, want %v", labels[0], labels[1], got, want)
+		}
 	}
 }

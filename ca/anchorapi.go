@@ -87,8 +87,8 @@ func (s *Server) ackAnchor(id spiffeid.ID, leaf *x509.Certificate, ack meshapi.A
 	// issuer, which is then the active intermediate: its own proves it or not.
 	if ack.Phase == meshapi.PhaseActivate || ack.Phase == meshapi.PhaseAbort {
 		if err := leaf.CheckSignatureFrom(s.anchor.auth.Active().Intermediate); err != nil {
-			return rec.Kind, ackNotConverged, fmt.Errorf("%w: the certificate is not issued by the intermediate of %s",
-				errNotConverged, rec.current())
+			return rec.Kind, ackNotConverged, fmt.Errorf("%w: renew from the intermediate issuing in phase %s of rotation %d",
+				errNotConverged, rec.Phase, rec.ID)
 		}
 	}
 	if rec.acked(id, now.UTC()) {
@@ -100,6 +100,26 @@ func (s *Server) ackAnchor(id spiffeid.ID, leaf *x509.Certificate, ack meshapi.A
 		s.wakeAnchor()
 	}
 	return rec.Kind, "", nil
+}
+
+// refusedRotationRecord is the audit record of a refused request to change the
+// rotation through the admin socket, nil for other requests.
+func refusedRotationRecord(r *http.Request, initiator, msg string) audit.Event {
+	if r.Method != http.MethodPost {
+		return nil
+	}
+	var action audit.CARotationAction
+	switch r.URL.Path {
+	case meshapi.AdminRotationPath:
+		action = audit.CARotationStart
+	case meshapi.AdminRotationAbortPath:
+		action = audit.CARotationAbort
+	case meshapi.AdminRotationExcludePath:
+		action = audit.CARotationExclude
+	default:
+		return nil
+	}
+	return audit.CARotation{Action: action, Initiator: initiator, Result: audit.ResultRefused, Error: msg}
 }
 
 // adminStatus maps the rotation API's errors to HTTP statuses.
@@ -115,37 +135,23 @@ func adminStatus(err error) int {
 	return http.StatusInternalServerError
 }
 
-// handleAdminRotationStart is the admin socket's POST /rotation.
-func (s *Server) handleAdminRotationStart(w http.ResponseWriter, r *http.Request) {
-	var req meshapi.RotateRequest
-	if !decodeAdmin(w, r, &req) {
-		return
+// adminRotation is an admin socket handler of the rotation API: it decodes a T (an
+// empty body is the zero T), calls call with the caller and answers its status.
+func adminRotation[T any](call func(initiator string, req T) (meshapi.RotationStatus, error)) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		var req T
+		if !decodeAdmin(w, r, &req) {
+			return
+		}
+		cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
+		st, err := call(uidInitiator(cred.uid), req)
+		answerAdmin(w, st, err)
 	}
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	st, err := s.StartAnchorRotation(uidInitiator(cred.uid), req)
-	answerAdmin(w, st, err)
 }
 
-// handleAdminRotationAbort is the admin socket's POST /rotation/abort.
-func (s *Server) handleAdminRotationAbort(w http.ResponseWriter, r *http.Request) {
-	var req meshapi.RotationAbort
-	if !decodeAdmin(w, r, &req) {
-		return
-	}
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	st, err := s.AbortAnchorRotation(uidInitiator(cred.uid), req.Reason)
-	answerAdmin(w, st, err)
-}
-
-// handleAdminRotationExclude is the admin socket's POST /rotation/exclude.
-func (s *Server) handleAdminRotationExclude(w http.ResponseWriter, r *http.Request) {
-	var req meshapi.RotationExclude
-	if !decodeAdmin(w, r, &req) {
-		return
-	}
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	st, err := s.ExcludeFromAnchorRotation(uidInitiator(cred.uid), req)
-	answerAdmin(w, st, err)
+// abortAnchorRotation is AbortAnchorRotation for adminRotation.
+func (s *Server) abortAnchorRotation(initiator string, req meshapi.RotationAbort) (meshapi.RotationStatus, error) {
+	return s.AbortAnchorRotation(initiator, req.Reason)
 }
 
 // handleAdminRotationStatus is the admin socket's GET /rotation.

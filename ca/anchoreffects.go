@@ -27,6 +27,7 @@ func (s *Server) resumeAnchorRotation(now time.Time) {
 	s.anchor.mu.Lock()
 	defer s.anchor.mu.Unlock()
 	if s.anchor.rec == nil {
+		s.updateAnchorMetricsLocked(now)
 		return
 	}
 	s.anchor.applied = false

@@ -135,6 +135,12 @@ func (r *anchorRecord) join(id spiffeid.ID, heartbeat time.Time) bool {
 	return true
 }
 
+// exclude removes id from the gates, as a member so that status shows it.
+func (r *anchorRecord) exclude(id spiffeid.ID) {
+	r.join(id, time.Time{})
+	r.member(id).Excluded = true
+}
+
 // missing are the members that have not acknowledged the current phase and are not
 // excluded.
 func (r *anchorRecord) missing() []spiffeid.ID {

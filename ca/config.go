@@ -104,14 +104,16 @@ type Config struct {
 	// Audit receives an audit.Revocation record for every revocation request, an
 	// audit.Rotation for every fleet rotation, an audit.Registration for every
 	// registration entry change and agent token request (mesh API), and an
-	// audit.AddressClaim for every address claim learnt, changed or refused: done,
+	// audit.AddressClaim for every address claim learnt, changed or refused, and an
+	// audit.CARotation for every event of a rotation of the trust anchors: done,
 	// refused or failed. A failing Append is logged at Error; the action stands. Default nil: no
 	// audit records.
 	Audit interface{ Append(audit.Event) error }
 
 	// Registerer receives the CA's metrics: agentmesh_ca_lineage_refused_total{reason}
-	// (renewals, rekeys and enrolments the lineage rules refused) and
-	// agentmesh_ca_address_claims_*. Default nil: not registered.
+	// (renewals, rekeys and enrolments the lineage rules refused),
+	// agentmesh_ca_address_claims_*, and agentmesh_ca_rotation_* and
+	// agentmesh_ca_anchor_not_after_seconds{role,fingerprint} (anchormetrics.go). Default nil: not registered.
 	Registerer prometheus.Registerer
 }
 

@@ -29,6 +29,10 @@ func TestConfigValidate(t *testing.T) {
 		{"listen port 0", func(c *Config) { c.Listen = "127.0.0.1:0" }, true},
 		{"short directory ttl", func(c *Config) { c.DirectoryTTL = time.Second }, true},
 		{"negative directory ttl", func(c *Config) { c.DirectoryTTL = -time.Second }, false},
+		{"negative live window", func(c *Config) { c.RotationLiveWindow = -time.Second }, false},
+		{"renew window below the lifetime", func(c *Config) { c.RotationRenewWindow = 59 * time.Minute }, true},
+		{"renew window at the lifetime", func(c *Config) { c.RotationRenewWindow = time.Hour }, false},
+		{"negative renew window", func(c *Config) { c.RotationRenewWindow = -time.Second }, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -50,7 +54,7 @@ func TestConfigDefaults(t *testing.T) {
 	c := Config{StateDir: "relative/state"}.withDefaults()
 	switch {
 	case c.Listen != ":9443", c.SVIDLifetime != time.Hour, c.TokenLifetime != 5*time.Minute, c.Logger == nil,
-		c.DirectoryTTL != 30*time.Second:
+		c.DirectoryTTL != 30*time.Second, c.RotationLiveWindow != 30*time.Second, c.RotationRenewWindow != 15*time.Minute:
 		t.Errorf("defaults: %+v", c)
 	case !strings.HasPrefix(c.StateDir, "/"):
 		t.Errorf("StateDir %q not made absolute", c.StateDir)

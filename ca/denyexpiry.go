@@ -25,6 +25,9 @@ func nextExpiry(l *meshapi.DenyList) time.Time {
 	for _, e := range l.Serials {
 		consider(e.NotAfter)
 	}
+	for _, e := range l.Issuers {
+		consider(e.NotAfter)
+	}
 	return first
 }
 

@@ -105,6 +105,18 @@
 // rotator then renews with a new key. The CA rotates nothing itself. The document also
 // carries the trust bundle (the CA's roots, meshapi.BundleDocument).
 //
+// # Rotation of the trust anchors
+//
+// Server.StartAnchorRotation (POST /rotation on the admin socket, StartRotation;
+// `agentmesh ca rotate intermediate|root`) replaces the intermediate, or the root and
+// the intermediate, through the phases of meshapi.AnchorPhase. anchorstate.go is the
+// pure record and its gates, anchor.go persists it (StateDir/rotation.json, before
+// each phase's effects run) and serves the operator's requests, anchoreffects.go runs
+// each phase's effects (ca/authority's generations, the trust bundle the CA trusts and
+// publishes, the step in the directory, the deny-list) and the driver that advances on
+// acknowledgements (POST /mesh/v1/rotation/ack) and a one-second tick. Every effect is
+// idempotent: a CA killed in any phase re-runs it before serving again.
+//
 // Bootstrap tokens (Server.Token, RequestToken) and the SVID profile are
 // ca/authority's; step-ca's backdate is min(1m, lifetime/10). Token IDs are recorded as
 // used in the bbolt database (StateDir/db) by a hash, never in plain text.
@@ -120,6 +132,8 @@
 //	fleet-rotation.json          the latest fleet rotation (0644), written atomically
 //	entries.json                 the registration entries (0600), written atomically
 //	claims.json                  the hosts' address claims (0600), written atomically
+//	rotation.json                the rotation of the trust anchors running, or the
+//	                             last one (0644), written atomically
 //	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS),
 //	softhsm2.lock                prepared by hsm.SoftHSM
 //	(no hsm.pin)                 its random user PIN is Config.PINFile, outside the
@@ -127,7 +141,8 @@
 //	                             hsm.pin of an earlier version is moved there
 //	admin.sock                   admin API: POST /token, GET /directory, POST /revoke,
 //	                             POST /reinstate, POST /rotate, POST, DELETE and GET
-//	                             /entries and /hosts (0600;
+//	                             /entries and /hosts, GET and POST /rotation, POST
+//	                             /rotation/abort and /rotation/exclude (0600;
 //	                             root or the CA's uid, via SO_PEERCRED)
 //	lock                         flock held while a Server owns the directory
 //

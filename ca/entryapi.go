@@ -111,7 +111,7 @@ func refusedAdminRecord(r *http.Request, initiator, msg string) audit.Event {
 	case r.URL.Path == adminHostsPath && r.Method != http.MethodGet:
 		return refusedClaimRecord(r, initiator, msg)
 	}
-	return nil
+	return refusedRotationRecord(r, initiator, msg)
 }
 
 // handleAgentToken is POST /mesh/v1/agents/token: a bootstrap token for an agent,

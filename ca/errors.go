@@ -78,3 +78,8 @@ var ErrClaimConflict = errors.New("ca: address claimed by another host")
 // comes from an address it does not advertise (nothing to learn: an operator must set
 // the claim with `agentmesh register HOST --addr CIDR`).
 var ErrClaimNotAllowed = errors.New("ca: address not allowed to this host")
+
+// ErrRotationInProgress is returned (and answered 409) when a rotation of the trust
+// anchors is started while one runs, or excluded from or aborted when none does or
+// too late; the message names the current phase.
+var ErrRotationInProgress = errors.New("ca: rotation of the trust anchors")

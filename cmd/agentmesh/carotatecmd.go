@@ -93,36 +93,35 @@ func newCARotationStatusCmd() *cobra.Command {
 }
 
 func newCARotationAbortCmd() *cobra.Command {
-	var state, reason string
-	cmd := &cobra.Command{
-		Use:   "abort",
-		Short: "Abort the running rotation (before retire): back to the old anchor, acknowledged again",
-		Args:  cobra.NoArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			st, err := ca.AbortRotation(cmd.Context(), state, reason)
-			if err != nil {
-				return err
-			}
-			return printRotation(cmd.OutOrStdout(), st, time.Now())
-		},
-	}
-	addStateFlag(cmd, &state)
-	cmd.Flags().StringVar(&reason, "reason", "", "why (recorded in the audit log)")
-	return cmd
+	return rotationVerb("abort", "Abort the running rotation (before retire): back to the old anchor, acknowledged again",
+		cobra.NoArgs, func(cmd *cobra.Command, _ []string, state, reason string) (*meshapi.RotationStatus, error) {
+			return ca.AbortRotation(cmd.Context(), state, reason)
+		})
 }
 
 func newCARotationExcludeCmd() *cobra.Command {
-	var state, reason string
-	cmd := &cobra.Command{
-		Use:   "exclude HOST-ID",
-		Short: "Stop awaiting a proxy's acknowledgements in the running rotation (audited)",
-		Args:  cobra.ExactArgs(1),
-		RunE: func(cmd *cobra.Command, args []string) error {
+	return rotationVerb("exclude HOST-ID", "Stop awaiting a proxy's acknowledgements in the running rotation (audited)",
+		cobra.ExactArgs(1), func(cmd *cobra.Command, args []string, state, reason string) (*meshapi.RotationStatus, error) {
 			id, err := argID("HOST-ID", args[0])
 			if err != nil {
-				return err
+				return nil, err
 			}
-			st, err := ca.ExcludeFromRotation(cmd.Context(), state, meshapi.RotationExclude{Host: id, Reason: reason})
+			return ca.ExcludeFromRotation(cmd.Context(), state, meshapi.RotationExclude{Host: id, Reason: reason})
+		})
+}
+
+// rotationVerb is a verb of `agentmesh ca rotation` that changes the running rotation
+// with --state and --reason, and prints its status.
+func rotationVerb(use, short string, args cobra.PositionalArgs,
+	call func(cmd *cobra.Command, args []string, state, reason string) (*meshapi.RotationStatus, error),
+) *cobra.Command {
+	var state, reason string
+	cmd := &cobra.Command{
+		Use:   use,
+		Short: short,
+		Args:  args,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			st, err := call(cmd, args, state, reason)
 			if err != nil {
 				return err
 			}
