@@ -166,7 +166,7 @@ func (s *Server) applyLocked(rec *anchorRecord, now time.Time) error {
 		if err := a.DestroyPrevious(); err != nil {
 			return fmt.Errorf("destroy: %w", err)
 		}
-		return s.endLocked(rec, now, rec.OldIssuer, rec.Activated)
+		return s.endLocked(rec, now, rec.OldIssuer, rec.OldIssuerNotAfter)
 	case meshapi.PhaseAborted:
 		if err := a.DiscardNext(); err != nil {
 			return fmt.Errorf("discard: %w", err)
@@ -174,7 +174,7 @@ func (s *Server) applyLocked(rec *anchorRecord, now time.Time) error {
 		if rec.Reverted.IsZero() {
 			return s.endLocked(rec, now, "", time.Time{})
 		}
-		return s.endLocked(rec, now, rec.NewIssuer, rec.Reverted)
+		return s.endLocked(rec, now, rec.NewIssuer, rec.NewIssuerNotAfter)
 	case meshapi.PhaseDone:
 		s.dir.setAnchorRotation(nil)
 	}
@@ -188,19 +188,19 @@ func (s *Server) prepareLocked(rec *anchorRecord) error {
 	if err != nil {
 		return fmt.Errorf("prepare: %w", err)
 	}
-	rec.OldIssuer = meshapi.KeyFingerprint(s.anchor.auth.Active().Intermediate)
-	rec.NewIssuer = meshapi.KeyFingerprint(next.Intermediate)
+	old := s.anchor.auth.Active().Intermediate
+	rec.OldIssuer, rec.OldIssuerNotAfter = meshapi.KeyFingerprint(old), old.NotAfter
+	rec.NewIssuer, rec.NewIssuerNotAfter = meshapi.KeyFingerprint(next.Intermediate), next.Intermediate.NotAfter
 	return nil
 }
 
 // endLocked ends a rotation: the issuer the rotation retired (fingerprint, "" for
-// none) goes on the deny-list, the anchors are those of the active generation, and
+// none) goes on the deny-list until its certificate expires (notAfter), the anchors are those of the active generation, and
 // the directory no longer carries a step.
-func (s *Server) endLocked(rec *anchorRecord, now time.Time, issuer string, stopped time.Time) error {
+func (s *Server) endLocked(rec *anchorRecord, now time.Time, issuer string, notAfter time.Time) error {
 	if issuer != "" {
-		lifetime := s.cfg.SVIDLifetime
 		e := &meshapi.DeniedIssuer{KeyFingerprint: issuer, RevokedAt: now.UTC().Round(0),
-			NotAfter: stopped.Add(lifetime + backdate(lifetime)).UTC().Round(0)}
+			NotAfter: notAfter.UTC().Round(0)}
 		if err := s.denyIssuer(now, e); err != nil {
 			return err
 		}

@@ -41,6 +41,11 @@ type anchorRecord struct {
 	// after an abort, the new one if it issued), known even after its key is gone.
 	OldIssuer string `json:"old_issuer,omitempty"`
 	NewIssuer string `json:"new_issuer,omitempty"`
+	// OldIssuerNotAfter and NewIssuerNotAfter are when those intermediates expire:
+	// until then a certificate they signed would verify, so a retired one stays on the
+	// deny-list until then.
+	OldIssuerNotAfter time.Time `json:"old_issuer_not_after,omitzero"`
+	NewIssuerNotAfter time.Time `json:"new_issuer_not_after,omitzero"`
 	// Error is the last failure of the phase's effects, "" once they succeeded.
 	Error string `json:"error,omitempty"`
 }

@@ -1,13 +1,13 @@
 package meshapi
 
 import (
-	"crypto/sha256"
 	"crypto/x509"
-	"encoding/hex"
 	"fmt"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/internal/svidrules"
 )
 
 // A rotation of the CA's trust anchors (its intermediate, or its root with a new
@@ -123,10 +123,7 @@ func (a AnchorAck) Check() error {
 // KeyFingerprint names a certificate's key: the hex SHA-256 of its
 // SubjectPublicKeyInfo. An SVID is issued by the CA certificate whose KeyFingerprint
 // is that of the SVID's chain[1].
-func KeyFingerprint(c *x509.Certificate) string {
-	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
-	return hex.EncodeToString(sum[:])
-}
+func KeyFingerprint(c *x509.Certificate) string { return svidrules.KeyFingerprint(c) }
 
 // The admin socket's rotation API.
 const (

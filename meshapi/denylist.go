@@ -78,7 +78,8 @@ type DeniedIssuer struct {
 	// KeyFingerprint is the issuer's KeyFingerprint.
 	KeyFingerprint string    `json:"key_fingerprint"`
 	RevokedAt      time.Time `json:"revoked_at"`
-	// NotAfter is when the last certificate the key issued expires.
+	// NotAfter is when the issuer's own certificate expires: until then a certificate it
+	// signed could still verify under a kept root.
 	NotAfter time.Time `json:"not_after,omitzero"`
 	// Version is the list version that first carried the entry.
 	Version uint64 `json:"version"`

@@ -1,9 +1,12 @@
 package proxy
 
 import (
+	"crypto/x509"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/internal/svidrules"
 )
 
 // Denier is the revocation deny-list the proxy enforces. Implemented by
@@ -19,6 +22,24 @@ type Denier interface {
 	// for concurrent use. A list must not change once given to
 	// SetDenyList: a new version is a new SetDenyList.
 	Denies(id spiffeid.ID, serial string, notBefore time.Time) bool
+}
+
+// issuerDenier is a Denier that also denies whole issuers: the CA keys a rotation of
+// the CA's trust anchors retired, by svidrules.KeyFingerprint. Implemented by
+// *meshapi.DenyList.
+type issuerDenier interface {
+	DeniesIssuer(keyFingerprint string) bool
+}
+
+// deniesIssuer reports whether the deny-list in force denies the CA certificate that
+// issued chain[0] (chain[1]): a retired intermediate still valid under a kept root.
+func (p *Proxy) deniesIssuer(chain []*x509.Certificate) bool {
+	st := p.deny.Load()
+	if st == nil || len(chain) < 2 {
+		return false
+	}
+	d, ok := st.list.(issuerDenier)
+	return ok && d.DeniesIssuer(svidrules.KeyFingerprint(chain[1]))
 }
 
 // denyState is the deny-list in force; list is nil for none.

@@ -12,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/svidrules"
 	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/proxy"
 )
@@ -559,4 +560,31 @@ func TestDenyListCutoff(t *testing.T) {
 
 	m.a.creds.Set(m.ca.SVID(t, idA)) // issued now, after the cutoff
 	m.connect(t, "certificate issued after the cutoff")
+}
+
+// deniedIssuer is a proxy.Denier that denies every certificate of one issuer, as
+// a *meshapi.DenyList's issuer entry does after a rotation of the CA's anchors.
+type deniedIssuer string
+
+func (deniedIssuer) Denies(spiffeid.ID, string, time.Time) bool { return false }
+
+func (d deniedIssuer) DeniesIssuer(fp string) bool { return string(d) == fp }
+
+// TestDenyListIssuer: an issuer entry refuses a handshake with a certificate of that
+// issuer, recorded as revoked, and only that issuer's.
+func TestDenyListIssuer(t *testing.T) {
+	t.Parallel()
+	m := newMesh(t, echo)
+	m.connect(t, "before the issuer is denied")
+	other, _ := testca.New(t).Intermediate()
+	m.b.SetDenyList(deniedIssuer(svidrules.KeyFingerprint(other)))
+	m.connect(t, "another issuer denied")
+
+	inter, _ := m.ca.Intermediate()
+	from := m.b.audit.len()
+	m.b.SetDenyList(deniedIssuer(svidrules.KeyFingerprint(inter)))
+	m.refusedRoute(t)
+	if h := nextHandshake(t, m.b, from); h.Reason != string(proxy.ReasonRevoked) || h.PeerID != idA.String() {
+		t.Errorf("B recorded %+v for A's certificate of a denied issuer, want refused as revoked", h)
+	}
 }

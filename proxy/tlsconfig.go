@@ -360,6 +360,10 @@ func (p *Proxy) verifyPeer(cs tls.ConnectionState, l *localTLS, role svidrules.R
 		return id, serial, &refusal{reason: ReasonRevoked, peerID: id.String(), peerSerial: serial,
 			err: fmt.Errorf("%w: peer %s serial %s", ErrRevoked, id, serial)}
 	}
+	if p.deniesIssuer(cs.PeerCertificates) {
+		return id, serial, &refusal{reason: ReasonRevoked, peerID: id.String(), peerSerial: serial,
+			err: fmt.Errorf("%w: peer %s: its issuer was retired", ErrRevoked, id)}
+	}
 	// Checked here too, not only when l is picked: a resumed session rests
 	// on the certificate of its original handshake, which may have been
 	// denied since.

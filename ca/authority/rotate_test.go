@@ -151,7 +151,8 @@ func TestRotateIntermediate(t *testing.T) {
 	if servingIssuer(t, a.Authority) != g1.Intermediate.Subject.CommonName {
 		t.Fatalf("serving certificate issued by %s before Activate", servingIssuer(t, a.Authority))
 	}
-	if chain := issueSVID(t, a.Authority); chain[0].CheckSignatureFrom(g1.Intermediate) != nil {
+	oldSVID := issueSVID(t, a.Authority)
+	if oldSVID[0].CheckSignatureFrom(g1.Intermediate) != nil {
 		t.Fatal("SVID issued before Activate is not from generation 1")
 	}
 
@@ -182,8 +183,15 @@ func TestRotateIntermediate(t *testing.T) {
 
 	a.restart(t)
 	sameGeneration(t, "active after restart", a.Active(), g2)
+	if err := a.VerifyClientChain(oldSVID, time.Now()); err != nil {
+		t.Fatalf("an SVID of the previous generation refused before DestroyPrevious: %v", err)
+	}
 	if err := a.DestroyPrevious(); err != nil {
 		t.Fatal(err)
+	}
+	// The old intermediate is still valid under the kept root, but no longer the CA's.
+	if err := a.VerifyClientChain(oldSVID, time.Now()); err == nil {
+		t.Fatal("an SVID of the destroyed generation, sent with its intermediate, still verifies")
 	}
 	if _, ok := a.Previous(); ok || hasKey(t, a.Authority, g1.IntermediateKey) || !hasKey(t, a.Authority, g1.RootKey) || !hasKey(t, a.Authority, g2.IntermediateKey) {
 		t.Fatalf("after DestroyPrevious: previous held %v, old intermediate key %v, root key %v",

@@ -119,16 +119,12 @@ func (a *Authority) VerifyClientChain(chain []*x509.Certificate, now time.Time) 
 	if err := svidrules.CheckDepth(chain, anchors.roots, svidrules.DefaultMaxIntermediates); err != nil {
 		return err
 	}
-	inter := a.pki.Load().intermediates
-	if len(chain) > 1 {
-		inter = inter.Clone()
-		for _, c := range chain[1:] {
-			inter.AddCert(c)
-		}
-	}
+	// Only the intermediates of the generations held, never one the client sends: a
+	// retired intermediate whose key was destroyed stays valid under a kept root, and
+	// must not be accepted once its generation is gone.
 	_, err := chain[0].Verify(x509.VerifyOptions{
 		Roots:         anchors.pool,
-		Intermediates: inter,
+		Intermediates: a.pki.Load().intermediates,
 		CurrentTime:   now,
 		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
 	})

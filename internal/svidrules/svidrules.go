@@ -2,7 +2,9 @@ package svidrules
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"slices"
@@ -124,4 +126,12 @@ func CheckDepth(chain, anchors []*x509.Certificate, limit int) error {
 			Detail: fmt.Sprintf("%d intermediates, at most %d allowed", n, limit)}
 	}
 	return nil
+}
+
+// KeyFingerprint names a certificate's key: the hex SHA-256 of its
+// SubjectPublicKeyInfo. A certificate is issued by the CA certificate whose
+// KeyFingerprint is that of its chain[1].
+func KeyFingerprint(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.RawSubjectPublicKeyInfo)
+	return hex.EncodeToString(sum[:])
 }
