@@ -34,8 +34,9 @@ func ackStatus(reason ackRefusal) int {
 		return http.StatusPreconditionFailed
 	case ackNotHost:
 		return http.StatusForbidden
+	default: // unpublished bundle, malformed body
+		return http.StatusBadRequest
 	}
-	return http.StatusBadRequest
 }
 
 // handleAnchorAck is the mesh API's POST /rotation/ack: a proxy acknowledges the

@@ -269,6 +269,7 @@ func (s *Server) publishStepLocked(rec *anchorRecord) error {
 		issuer, probeGen = rec.OldIssuer, old
 	case meshapi.PhaseAbortRetire:
 		anchors, issuer, probeGen = []*x509.Certificate{old.Root}, rec.OldIssuer, old
+	default: // activate: both anchors, the new issuer
 	}
 	probe, err := s.anchor.auth.Probe(probeGen)
 	if err != nil {

@@ -53,12 +53,12 @@ func TestAnchorLoopGates(t *testing.T) {
 		go s.anchorLoop(ctx)
 
 		drained := cfg.SVIDLifetime + backdate(cfg.SVIDLifetime)
-		time.Sleep(drained - time.Millisecond)
+		time.Sleep(drained - time.Millisecond) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		if st := s.AnchorRotationStatus(); st.Phase != meshapi.PhaseActivate {
 			t.Fatalf("phase %s before the old key's certificates expired", st.Phase)
 		}
-		time.Sleep(anchorTick)
+		time.Sleep(anchorTick) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		st := s.AnchorRotationStatus()
 		if st.Phase != meshapi.PhaseRetire || len(st.Missing) != 1 {

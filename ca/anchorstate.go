@@ -88,8 +88,9 @@ func nextAnchorPhase(p meshapi.AnchorPhase) meshapi.AnchorPhase {
 		return meshapi.PhaseAbortRetire
 	case meshapi.PhaseAbortRetire:
 		return meshapi.PhaseAborted
+	default: // done and aborted are ends
+		return p
 	}
-	return p
 }
 
 // abortable reports whether a rotation in phase p may still be aborted: before retire

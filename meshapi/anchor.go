@@ -60,8 +60,9 @@ func (p AnchorPhase) Acknowledged() bool {
 	switch p {
 	case PhaseDistribute, PhaseActivate, PhaseRetire, PhaseAbort, PhaseAbortRetire:
 		return true
+	default: // prepare, destroy and the ends are the CA's alone
+		return false
 	}
-	return false
 }
 
 // Ended reports whether p ends a rotation.

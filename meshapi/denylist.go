@@ -98,16 +98,16 @@ func (l *DenyList) DeniesIssuer(fp string) bool {
 	return slices.ContainsFunc(l.Issuers, func(e DeniedIssuer) bool { return e.KeyFingerprint == fp })
 }
 
-// WithIssuer returns the version after cur, issued at now, carrying every entry of cur
-// and issuer when not nil (and not already listed or already expired by cur's
-// ExpiredThrough). With a nil issuer it is cur re-issued as a new version: what the CA
+// WithIssuer returns the version after l, issued at now, carrying every entry of l
+// and issuer when not nil (and not already listed or already expired by l's
+// ExpiredThrough). With a nil issuer it is l re-issued as a new version: what the CA
 // signs when it starts issuing from another key. Pure.
-func (cur *DenyList) WithIssuer(now time.Time, issuer *DeniedIssuer) *DenyList {
-	next := &DenyList{TrustDomain: cur.TrustDomain, Version: cur.Version + 1, IssuedAt: now.UTC().Round(0),
-		IDs: slices.Clone(cur.IDs), Serials: slices.Clone(cur.Serials), ExpiredThrough: cur.ExpiredThrough,
-		Issuers: slices.Clone(cur.Issuers)}
-	if issuer != nil && !cur.DeniesIssuer(issuer.KeyFingerprint) &&
-		(issuer.NotAfter.IsZero() || issuer.NotAfter.After(cur.ExpiredThrough)) {
+func (l *DenyList) WithIssuer(now time.Time, issuer *DeniedIssuer) *DenyList {
+	next := &DenyList{TrustDomain: l.TrustDomain, Version: l.Version + 1, IssuedAt: now.UTC().Round(0),
+		IDs: slices.Clone(l.IDs), Serials: slices.Clone(l.Serials), ExpiredThrough: l.ExpiredThrough,
+		Issuers: slices.Clone(l.Issuers)}
+	if issuer != nil && !l.DeniesIssuer(issuer.KeyFingerprint) &&
+		(issuer.NotAfter.IsZero() || issuer.NotAfter.After(l.ExpiredThrough)) {
 		e := *issuer
 		e.Version = next.Version
 		next.Issuers = append(next.Issuers, e)

@@ -135,7 +135,7 @@ func TestAnchorsServed(t *testing.T) {
 	startServing(t, a.Authority)
 	mux := chi.NewRouter()
 	Route(mux)
-	srv := &http.Server{Handler: mux}
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = a.Serve(srv) }()
 	t.Cleanup(func() { _ = srv.Close() })
 
