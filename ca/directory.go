@@ -328,43 +328,35 @@ func (r *registry) setRevocations(signed *meshapi.SignedDenyList, deny *meshapi.
 	}
 }
 
-// setFleetRotation publishes a fleet rotation; the version bump wakes every watcher.
-func (r *registry) setFleetRotation(fr *meshapi.FleetRotation) {
+// publish applies change to the document under the lock and returns the version
+// after it; a version bump wakes every watcher.
+func (r *registry) publish(change func(*dirState)) uint64 {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	before := r.state.version
-	r.state.setFleetRotation(fr)
-	r.publishedLocked(before)
-}
-
-// setBundle publishes the trust bundle, the roots anchors, to every watcher.
-func (r *registry) setBundle(anchors []*x509.Certificate) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	before := r.state.version
-	r.state.setBundle(meshapi.NewBundleDocument(anchors))
-	r.publishedLocked(before)
-}
-
-// setAnchorRotation publishes the step of a trust-anchor rotation (nil: none) to
-// every watcher.
-func (r *registry) setAnchorRotation(a *meshapi.AnchorRotation) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	before := r.state.version
-	r.state.setAnchorRotation(a)
-	r.publishedLocked(before)
-}
-
-// setEntries publishes the registration entries and returns the version after it;
-// the version bump wakes every watcher.
-func (r *registry) setEntries(entries []meshapi.Entry) uint64 {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	before := r.state.version
-	r.state.setEntries(entries)
+	change(r.state)
 	r.publishedLocked(before)
 	return r.state.version
+}
+
+// setFleetRotation publishes a fleet rotation.
+func (r *registry) setFleetRotation(fr *meshapi.FleetRotation) {
+	r.publish(func(s *dirState) { s.setFleetRotation(fr) })
+}
+
+// setBundle publishes the trust bundle, the roots anchors.
+func (r *registry) setBundle(anchors []*x509.Certificate) {
+	r.publish(func(s *dirState) { s.setBundle(meshapi.NewBundleDocument(anchors)) })
+}
+
+// setAnchorRotation publishes the step of a trust-anchor rotation (nil: none).
+func (r *registry) setAnchorRotation(a *meshapi.AnchorRotation) {
+	r.publish(func(s *dirState) { s.setAnchorRotation(a) })
+}
+
+// setEntries publishes the registration entries and returns the version after it.
+func (r *registry) setEntries(entries []meshapi.Entry) uint64 {
+	return r.publish(func(s *dirState) { s.setEntries(entries) })
 }
 
 func (r *registry) expireLocked(now time.Time) []dirEntry {
