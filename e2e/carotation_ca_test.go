@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -221,55 +220,47 @@ func sameCerts(a, b []*x509.Certificate) bool {
 	})
 }
 
-// caRecords are the records of the CA's audit log that name rotation id (in any
-// field).
+// rotationRecords are the records of type typ about rotation id in the audit log at
+// path.
+func rotationRecords(t *testing.T, path, typ string, id uint64) []map[string]any {
+	t.Helper()
+	return slices.DeleteFunc(readAudit(t, path), func(r map[string]any) bool {
+		n, _ := r["rotation_id"].(float64) // a JSON number: exact below 2^53, as IDs (µs) are
+		return r["type"] != typ || uint64(n) != id
+	})
+}
+
+// caRecords are the CA's audit records (ca_rotation) about rotation id.
 func (m *rotationMesh) caRecords(t *testing.T, id uint64) []map[string]any {
 	t.Helper()
-	return recordsNaming(readAudit(t, m.ca.auditPath()), strconv.FormatUint(id, 10))
+	return rotationRecords(t, m.ca.auditPath(), "ca_rotation", id)
 }
 
-// recordsNaming returns the records with a field whose value is s.
-func recordsNaming(recs []map[string]any, s string) []map[string]any {
-	return slices.DeleteFunc(recs, func(r map[string]any) bool { return !mentions(r, s) })
-}
-
-// mentions reports whether r has a field whose value is each of values (numbers
-// written in full).
-func mentions(r map[string]any, values ...string) bool {
-	for _, v := range values {
-		found := false
-		for _, f := range r {
-			s := fmt.Sprint(f)
-			if n, ok := f.(float64); ok {
-				s = strconv.FormatFloat(n, 'f', -1, 64)
-			}
-			found = found || s == v
-		}
-		if !found {
-			return false
-		}
-	}
-	return true
+func hasRecord(recs []map[string]any, want map[string]string) bool {
+	return slices.ContainsFunc(recs, func(r map[string]any) bool { return matches(r, want) })
 }
 
 // checkAudit checks the audit records of rotation id: on the CA, one of each phase
-// change and of each acknowledgement of the proxies of acked; on each of those
-// proxies, one of each step it acknowledged.
+// entered and of each acknowledgement of the proxies of acked; on each of those
+// proxies, one of each step it acknowledged, and its metric of the last one.
 func (m *rotationMesh) checkAudit(t *testing.T, id uint64, acked []string) {
 	t.Helper()
 	ca := m.caRecords(t, id)
 	for _, p := range rotationPhases[1:] {
-		if !slices.ContainsFunc(ca, func(r map[string]any) bool { return mentions(r, string(p)) }) {
+		if !hasRecord(ca, map[string]string{"action": "phase", "phase": string(p)}) {
 			t.Errorf("the CA's audit log has no record of rotation %d entering %s", id, p)
 		}
 	}
 	for _, n := range acked {
-		own := recordsNaming(readAudit(t, m.proxies[n].auditPath()), strconv.FormatUint(id, 10))
+		if v := adminMetric(t, m.proxies[n].admin, "agentmesh_anchor_step_acked_rotation_id", `phase="retire"`); v != float64(id) {
+			t.Errorf("%s: agentmesh_anchor_step_acked_rotation_id{phase=\"retire\"} = %v, want %d", n, v, id)
+		}
+		own := rotationRecords(t, m.proxies[n].auditPath(), "anchor_step", id)
 		for _, p := range []meshapi.AnchorPhase{meshapi.PhaseDistribute, meshapi.PhaseActivate, meshapi.PhaseRetire} {
-			if !slices.ContainsFunc(ca, func(r map[string]any) bool { return mentions(r, string(p), hostID(n)) }) {
+			if !hasRecord(ca, map[string]string{"action": "ack", "phase": string(p), "host": hostID(n), "result": "ok"}) {
 				t.Errorf("the CA's audit log has no record of %s acknowledging %s of rotation %d", n, p, id)
 			}
-			if !slices.ContainsFunc(own, func(r map[string]any) bool { return mentions(r, string(p)) }) {
+			if !hasRecord(own, map[string]string{"phase": string(p), "spiffe_id": hostID(n), "result": "acknowledged"}) {
 				t.Errorf("%s's audit log has no record of its acknowledgement of %s of rotation %d", n, p, id)
 			}
 		}

@@ -94,6 +94,13 @@ func (m *rotationMesh) partitionRotation(t *testing.T) {
 	if mb := member(st, d); mb.Acked == meshapi.PhaseDistribute || !slices.Contains(idStrings(st.Missing), d) {
 		t.Errorf("status while d is cut off: %+v, want d missing", mb)
 	}
+	for series, want := range map[string]float64{`agentmesh_ca_rotation_phase{phase="distribute"}`: 1,
+		`agentmesh_ca_rotation_members{state="missing"}`: 1, `agentmesh_ca_rotation_members{state="acked"}`: 3} {
+		name, labels, _ := strings.Cut(strings.TrimSuffix(series, "}"), "{")
+		if v, _ := m.caMetric(t, name, labels); v != want {
+			t.Errorf("%s = %v while d is cut off, want %v", series, v, want)
+		}
+	}
 	if out := m.ca.rotationCLI(t, "status"); !strings.Contains(out, d) || !strings.Contains(out, string(meshapi.PhaseDistribute)) {
 		t.Errorf("agentmesh ca rotation status does not name the phase and d:\n%s", out)
 	}
@@ -181,8 +188,8 @@ func (m *rotationMesh) excludeRotation(t *testing.T) {
 	if mb := member(st, d); !mb.Excluded {
 		t.Errorf("d in the status of a rotation that excluded it: %+v", mb)
 	}
-	if !slices.ContainsFunc(m.caRecords(t, id), func(r map[string]any) bool { return mentions(r, d) }) {
-		t.Errorf("no audit record of rotation %d names the excluded %s", id, d)
+	if !hasRecord(m.caRecords(t, id), map[string]string{"action": "exclude", "host": d, "result": "ok"}) {
+		t.Errorf("the CA's audit log has no record of the exclusion of %s from rotation %d", d, id)
 	}
 	m.checkLoad(t, "exclude", mark)
 }
@@ -229,7 +236,7 @@ func (m *rotationMesh) checkDone(t *testing.T, kind meshapi.AnchorKind, id uint6
 		t.Errorf("%s rotation done: intermediate.crt is the old intermediate", kind)
 	}
 	m.checkPresented(t, acked, after)
-	m.checkAnchorMetric(t, after.roots)
+	m.checkAnchorMetric(t, after)
 	m.checkAudit(t, id, acked)
 	return st
 }
@@ -297,14 +304,16 @@ func (m *rotationMesh) checkPresented(t *testing.T, names []string, view anchorV
 	}
 }
 
-// checkAnchorMetric checks that the CA exposes the expiry of each anchor in roots.
-func (m *rotationMesh) checkAnchorMetric(t *testing.T, roots []*x509.Certificate) {
+// checkAnchorMetric checks that the CA exposes the expiry of each root in view and of
+// its intermediate.
+func (m *rotationMesh) checkAnchorMetric(t *testing.T, view anchorView) {
 	t.Helper()
-	for _, r := range roots {
-		fp := meshapi.KeyFingerprint(r)
-		v, ok := m.caMetric(t, "agentmesh_ca_anchor_not_after_seconds", `fingerprint="`+fp+`"`)
-		if !ok || int64(v) != r.NotAfter.Unix() {
-			t.Errorf("agentmesh_ca_anchor_not_after_seconds{fingerprint=%q} = %v (present: %v), want %d", fp, v, ok, r.NotAfter.Unix())
+	for role, certs := range map[string][]*x509.Certificate{"root": view.roots, "intermediate": {view.intermediate}} {
+		for _, c := range certs {
+			labels := []string{`role="` + role + `"`, `fingerprint="` + meshapi.KeyFingerprint(c) + `"`}
+			if v, ok := m.caMetric(t, "agentmesh_ca_anchor_not_after_seconds", labels...); !ok || int64(v) != c.NotAfter.Unix() {
+				t.Errorf("agentmesh_ca_anchor_not_after_seconds%v = %v (present: %v), want %d", labels, v, ok, c.NotAfter.Unix())
+			}
 		}
 	}
 }
