@@ -47,14 +47,15 @@ var (
 	allHosts  = []string{"a", "b", "c", "d"}
 )
 
-// rotationProxyConfig is the end of every proxy's configuration, renewing when
-// renewFraction of an SVID's lifetime remains: the time a CA being restarted, or a
-// proxy cut off, still has before the SVID expires. Heartbeats every second keep the
-// CA's view of the members fresh; the deny-list poll backs up the watch after a CA
-// restart.
-func rotationProxyConfig(renewFraction float64) string {
-	return fmt.Sprintf("transports: [h2, quic, tls]\nrevocation:\n  poll: 1s\ndirectory:\n  heartbeat: 1s\n"+
-		"rotation:\n  renew_fraction: %v\n  retry_max: 1s\n", renewFraction)
+// rotationProxyConfig is the end of the configuration of the proxy at ip, renewing
+// when renewFraction of an SVID's lifetime remains: the time a CA being restarted, or a
+// proxy cut off, still has before the SVID expires. Advertising its address makes it a
+// member of the CA's directory, whose acknowledgements a rotation awaits; heartbeats
+// every second keep the CA's view of the members fresh; the deny-list poll backs up the
+// watch after a CA restart.
+func rotationProxyConfig(ip string, renewFraction float64) string {
+	return fmt.Sprintf("transports: [h2, quic, tls]\nrevocation:\n  poll: 1s\ndirectory:\n  heartbeat: 1s\n  advertise: [%s]\n"+
+		"rotation:\n  renew_fraction: %v\n  retry_max: 1s\n", ip, renewFraction)
 }
 
 func hostID(name string) string { return "spiffe://" + trustDomain + "/host/" + name }
@@ -108,7 +109,7 @@ func (m *rotationMesh) startProxy(t *testing.T, name string, routes []route, ser
 	t.Helper()
 	h := m.hosts[name]
 	m.proxies[name] = startProxyOn(t, h.host, m.ca, name, "0.0.0.0:15008", h.ip+":15020", routes, services,
-		rotationProxyConfig(renewFraction))
+		rotationProxyConfig(h.ip, renewFraction))
 }
 
 // peers are the load hosts other than n.
