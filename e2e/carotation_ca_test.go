@@ -125,14 +125,15 @@ func (c *meshCA) awaitPhase(t *testing.T, id uint64, p meshapi.AnchorPhase) mesh
 }
 
 // crash kills the CA with SIGKILL, so it leaves its state as a crash would, starts it
-// again on the same state directory and waits until its admin socket answers.
-func (c *meshCA) crash(t *testing.T) {
+// again on the same state directory and waits until its admin socket answers. The new
+// process lives until owner (the test that started the mesh) ends.
+func (c *meshCA) crash(t, owner *testing.T) {
 	t.Helper()
 	if err := c.cmd.Process.Kill(); err != nil {
 		t.Fatalf("kill the ca: %v", err)
 	}
 	<-c.done
-	c.process = startCmd(t, "ca", c.h.command(binary, c.args...))
+	c.process = startCmd(owner, "ca", c.h.command(binary, c.args...))
 	c.awaitAdmin(t, "the ca restarted after SIGKILL")
 }
 

@@ -16,6 +16,8 @@ import (
 // and one long-lived keep-alive connection per route; and proxy d, with no routes,
 // which the partition subtests cut off the CA.
 type rotationMesh struct {
+	// t is the test that started the mesh: its processes live until it ends.
+	t       *testing.T
 	hca     *lanHost
 	hosts   map[string]*lanHost
 	ca      *meshCA
@@ -65,7 +67,7 @@ func hostID(name string) string { return "spiffe://" + trustDomain + "/host/" + 
 func startRotationMesh(t *testing.T) *rotationMesh {
 	t.Helper()
 	l := newLAN(t)
-	m := &rotationMesh{hca: l.add("ca"), hosts: map[string]*lanHost{}, proxies: map[string]*meshProxy{}}
+	m := &rotationMesh{t: t, hca: l.add("ca"), hosts: map[string]*lanHost{}, proxies: map[string]*meshProxy{}}
 	for _, n := range allHosts {
 		m.hosts[n] = l.add(n)
 	}

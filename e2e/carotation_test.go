@@ -135,7 +135,7 @@ func (m *rotationMesh) crashRotation(t *testing.T) {
 			missed = append(missed, p)
 			continue
 		}
-		m.ca.crash(t)
+		m.ca.crash(t, m.t)
 		killed = append(killed, p)
 		if p == meshapi.PhasePrepare {
 			// The command's CA died under it; prepare resumes on restart, or never was
