@@ -6,9 +6,11 @@ import (
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -124,17 +126,48 @@ func (c *meshCA) awaitPhase(t *testing.T, id uint64, p meshapi.AnchorPhase) mesh
 	})
 }
 
-// crash kills the CA with SIGKILL, so it leaves its state as a crash would, starts it
-// again on the same state directory and waits until its admin socket answers. The new
-// process lives until owner (the test that started the mesh) ends.
-func (c *meshCA) crash(t, owner *testing.T) {
+// start starts the stopped CA again on its state directory and waits until its admin
+// socket answers. The new process lives until owner (the test that started the mesh)
+// ends.
+func (c *meshCA) start(t, owner *testing.T, what string) {
 	t.Helper()
-	if err := c.cmd.Process.Kill(); err != nil {
-		t.Fatalf("kill the ca: %v", err)
-	}
-	<-c.done
 	c.process = startCmd(owner, "ca", c.h.command(binary, c.args...))
-	c.awaitAdmin(t, "the ca restarted after SIGKILL")
+	c.awaitAdmin(t, what)
+}
+
+// recordedRotation is the part of the CA's StateDir/rotation.json the crash subtest
+// reads: the rotation and the phase recorded, written before the phase's effects run.
+type recordedRotation struct {
+	ID    uint64              `json:"id"`
+	Phase meshapi.AnchorPhase `json:"phase"`
+}
+
+// recorded reads the rotation the CA recorded (none: ID 0).
+func (c *meshCA) recorded(t *testing.T) recordedRotation {
+	t.Helper()
+	var rec recordedRotation
+	b, err := os.ReadFile(filepath.Join(c.state, "rotation.json"))
+	if err == nil {
+		err = json.Unmarshal(b, &rec)
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("rotation.json: %v", err)
+	}
+	return rec
+}
+
+// awaitRecorded polls rotation.json every millisecond (prepare and destroy last
+// milliseconds) until a rotation after last is recorded in phase p or past it.
+func (c *meshCA) awaitRecorded(t *testing.T, last uint64, p meshapi.AnchorPhase) recordedRotation {
+	t.Helper()
+	var rec recordedRotation
+	waitForEvery(t, time.Millisecond, rotationTimeout, fmt.Sprintf("the CA recording a rotation after %d in %s", last, p), func() error {
+		if rec = c.recorded(t); rec.ID <= last || !reached(rec.Phase, p) {
+			return fmt.Errorf("rotation %d in %s", rec.ID, rec.Phase)
+		}
+		return nil
+	})
+	return rec
 }
 
 // caKeys lists the labels of the private keys in the CA's SoftHSM token.
