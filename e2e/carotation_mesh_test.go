@@ -73,7 +73,9 @@ func startRotationMesh(t *testing.T) *rotationMesh {
 	}
 	l.join()
 	m.metrics = "http://" + m.hca.ip + ":9464/metrics"
-	m.ca = startCAOn(t, m.hca.host, m.hca.ip+":9443", rotationLifetime, "--metrics", m.hca.ip+":9464")
+	// A live window of three heartbeats: a proxy cut off shows as down within seconds.
+	m.ca = startCAOn(t, m.hca.host, m.hca.ip+":9443", rotationLifetime, "--metrics", m.hca.ip+":9464",
+		"--rotation-live-window", "3s")
 	transports := map[string]string{"a": "h2", "b": "quic", "c": "tls"}
 	for _, n := range loadHosts {
 		h := m.hosts[n]

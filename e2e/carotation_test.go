@@ -2,7 +2,9 @@ package e2e
 
 import (
 	"crypto/x509"
+	"errors"
 	"fmt"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
@@ -76,39 +78,52 @@ func (m *rotationMesh) partitionRotation(t *testing.T) {
 		return nil
 	})
 	// The CA reconsiders its gate on every heartbeat: once a, b and c have each sent
-	// one after the last acknowledgement, it has had the chance to activate. d's SVID
-	// must outlive the cut (rotationProxyConfig): the waits are on heartbeats, seconds.
+	// one after the last acknowledgement, it has had the chance to activate. A member
+	// holds the gate live or not: d is waited for until it shows as down. d's SVID must
+	// outlive the cut (rotationProxyConfig): these waits take seconds.
 	lastAck := latestAck(acked, loadHosts)
-	st := m.ca.awaitRotation(t, id, 30*time.Second, "heartbeats of a, b and c after their acknowledgements", func(st meshapi.RotationStatus) error {
+	st := m.ca.awaitRotation(t, id, 30*time.Second, "heartbeats of a, b and c after their acknowledgements, d down", func(st meshapi.RotationStatus) error {
 		if st.Phase != meshapi.PhaseDistribute {
 			t.Fatalf("rotation %d left distribute while d was cut off: %+v", id, st)
 		}
 		for _, n := range loadHosts {
-			if mb := member(st, hostID(n)); !mb.LastHeartbeat.After(lastAck) {
-				return fmt.Errorf("%s: last heartbeat %v", n, mb.LastHeartbeat)
+			if mb := member(st, hostID(n)); !mb.LastHeartbeat.After(lastAck) || !mb.Live {
+				return fmt.Errorf("%s: last heartbeat %v, live %v", n, mb.LastHeartbeat, mb.Live)
 			}
+		}
+		if member(st, d).Live {
+			return errors.New("d still live")
 		}
 		return nil
 	})
-	if mb := member(st, d); mb.Acked == meshapi.PhaseDistribute || !slices.Contains(idStrings(st.Missing), d) {
-		t.Errorf("status while d is cut off: %+v, want d missing", mb)
-	}
-	for series, want := range map[string]float64{`agentmesh_ca_rotation_phase{phase="distribute"}`: 1,
-		`agentmesh_ca_rotation_members{state="missing"}`: 1, `agentmesh_ca_rotation_members{state="acked"}`: 3} {
-		name, labels, _ := strings.Cut(strings.TrimSuffix(series, "}"), "{")
-		if v, _ := m.caMetric(t, name, labels); v != want {
-			t.Errorf("%s = %v while d is cut off, want %v", series, v, want)
-		}
-	}
-	if out := m.ca.rotationCLI(t, "status"); !strings.Contains(out, d) || !strings.Contains(out, string(meshapi.PhaseDistribute)) {
-		t.Errorf("agentmesh ca rotation status does not name the phase and d:\n%s", out)
-	}
+	m.checkHeld(t, st, d)
 	lift()
 	lifted := time.Now()
 	m.ca.awaitPhase(t, id, meshapi.PhaseActivate)
 	fmt.Printf("carotation partition: activated %d ms after the cut was lifted\n", time.Since(lifted).Milliseconds())
 	m.checkDone(t, meshapi.RotateIntermediate, id, before, allHosts)
 	m.checkLoad(t, "partition", mark)
+}
+
+// checkHeld checks what the operator sees of a rotation held in distribute by the
+// member missing, cut off: the status, the metrics and the human status.
+func (m *rotationMesh) checkHeld(t *testing.T, st meshapi.RotationStatus, missing string) {
+	t.Helper()
+	if mb := member(st, missing); mb.Acked == meshapi.PhaseDistribute || !slices.Equal(idStrings(st.Missing), []string{missing}) {
+		t.Errorf("status while %s is cut off: %+v, missing %v", missing, mb, st.Missing)
+	}
+	for series, want := range map[string]float64{`agentmesh_ca_rotation_phase{phase="distribute"}`: 1,
+		`agentmesh_ca_rotation_members{state="missing"}`: 1, `agentmesh_ca_rotation_members{state="acked"}`: float64(len(st.Members) - 1)} {
+		name, labels, _ := strings.Cut(strings.TrimSuffix(series, "}"), "{")
+		if v, _ := m.caMetric(t, name, labels); v != want {
+			t.Errorf("%s = %v while %s is cut off, want %v", series, v, missing, want)
+		}
+	}
+	out := m.ca.rotationCLI(t, "status")
+	if !strings.Contains(out, "phase "+string(meshapi.PhaseDistribute)) ||
+		!regexp.MustCompile(`(?m)^missing\s+`+regexp.QuoteMeta(missing)+`\s+down\s+last heartbeat \d{4}-`).MatchString(out) {
+		t.Errorf("agentmesh ca rotation status does not name the phase and %s, down, with its last heartbeat:\n%s", missing, out)
+	}
 }
 
 // crashRotation rotates the root and kills the CA with SIGKILL once in each phase,
