@@ -54,6 +54,11 @@ func (m *rotationMesh) fullRotations(t *testing.T) {
 		// Activation lasts at least an SVID lifetime: the overlap is observed there.
 		if st := m.ca.awaitPhase(t, id, meshapi.PhaseActivate); st.Phase == meshapi.PhaseActivate {
 			m.checkOverlap(t, kind, before, st)
+			// A second rotation is refused, naming the phase of the one running.
+			out, errOut, err := runCmd(t.Context(), m.ca.rotateArgs(meshapi.RotateRoot)...)
+			if err == nil || !strings.Contains(errOut, "phase activate") {
+				t.Errorf("agentmesh ca rotate root while rotation %d is in activate: %v\n%s%s", id, err, out, errOut)
+			}
 		}
 		m.checkDone(t, kind, id, before, allHosts)
 	}
