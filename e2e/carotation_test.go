@@ -23,8 +23,10 @@ import (
 // after, and every proxy presenting an SVID from the new intermediate.
 //
 // Then: a proxy cut off the CA holds the rotation in distribute, named in the status,
-// until the cut is lifted; the CA killed with SIGKILL in each phase resumes; and a
-// proxy cut off and excluded lets the rotation complete without it, audited.
+// until the cut is lifted; the CA killed with SIGKILL in each phase resumes; a root
+// rotation aborted once every proxy holds SVIDs from the new key returns to the old
+// anchor; and a proxy cut off and excluded lets the rotation complete without it,
+// audited.
 func TestCARotation(t *testing.T) {
 	requireE2E(t)
 	requireRoot(t)
@@ -37,6 +39,7 @@ func TestCARotation(t *testing.T) {
 		{"full", m.fullRotations},
 		{"partition", m.partitionRotation},
 		{"crash", m.crashRotation},
+		{"abort", m.abortRotation},
 		{"exclude", m.excludeRotation},
 	} {
 		// Each rotation starts from where the last one ended: one that failed to
@@ -177,6 +180,55 @@ func (m *rotationMesh) crashRotation(t *testing.T) {
 	m.checkDone(t, meshapi.RotateRoot, id, before, allHosts)
 	m.checkLoad(t, "crash", mark)
 }
+
+// abortRotation starts a root rotation and aborts it once every proxy has renewed from
+// the new key: the CA issues from the old key again, every proxy renews back and
+// acknowledges, the new root is withdrawn and the new keys leave the token.
+func (m *rotationMesh) abortRotation(t *testing.T) {
+	mark := m.mark()
+	before := m.view(t)
+	id := m.ca.rotate(t, meshapi.RotateRoot)
+	m.ca.awaitRotation(t, id, rotationTimeout, "every proxy acknowledging activate", func(st meshapi.RotationStatus) error {
+		if st.Phase != meshapi.PhaseActivate || len(st.Missing) > 0 {
+			return fmt.Errorf("in %s, missing %v", st.Phase, st.Missing)
+		}
+		return nil
+	})
+	m.ca.rotationCLI(t, "abort", "--reason", "e2e abort")
+	st := m.ca.awaitRotation(t, id, rotationTimeout, "the rotation aborted", func(st meshapi.RotationStatus) error {
+		if st.Phase != meshapi.PhaseAborted {
+			return fmt.Errorf("in %s for %d ms, waiting for %q, missing %v (%s)", st.Phase, st.PhaseMS, st.Waiting, st.Missing, st.Error)
+		}
+		return nil
+	})
+	var passed []meshapi.AnchorPhase
+	for _, p := range st.Phases {
+		fmt.Printf("carotation kind=root aborted phase=%s ms=%d\n", p.Phase, p.MS)
+		passed = append(passed, p.Phase)
+	}
+	want := []meshapi.AnchorPhase{meshapi.PhasePrepare, meshapi.PhaseDistribute, meshapi.PhaseActivate, meshapi.PhaseAbort, meshapi.PhaseAbortRetire}
+	if !slices.Equal(passed, want) {
+		t.Errorf("aborted rotation passed %v, want %v", passed, want)
+	}
+	after := m.view(t)
+	if !slices.Equal(sorted(after.keys), sorted(before.keys)) || !sameCerts(after.roots, before.roots) || !after.intermediate.Equal(before.intermediate) {
+		t.Errorf("after the abort: keys %v, roots %s; before: keys %v, roots %s; same intermediate: %v",
+			after.keys, subjects(after.roots), before.keys, subjects(before.roots), after.intermediate.Equal(before.intermediate))
+	}
+	m.checkPresented(t, allHosts, after)
+	ca := m.caRecords(t, id)
+	for _, p := range []meshapi.AnchorPhase{meshapi.PhaseAbort, meshapi.PhaseAbortRetire, meshapi.PhaseAborted} {
+		if !hasRecord(ca, map[string]string{"action": "phase", "phase": string(p)}) {
+			t.Errorf("the CA's audit log has no record of rotation %d entering %s", id, p)
+		}
+	}
+	if !hasRecord(ca, map[string]string{"action": "abort", "result": "ok"}) {
+		t.Errorf("the CA's audit log has no record of the abort of rotation %d", id)
+	}
+	m.checkLoad(t, "abort", mark)
+}
+
+func sorted(s []string) []string { return slices.Sorted(slices.Values(s)) }
 
 // excludeRotation cuts d off the CA and rotates with d excluded: the rotation
 // completes without it and the exclusion is audited. d stays behind: its SVIDs expire.
