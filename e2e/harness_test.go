@@ -258,6 +258,12 @@ func writeFile(t *testing.T, path, content string) {
 // through it: on an audit record, a metric, /readyz, status --json or a state file.
 func waitFor(t *testing.T, timeout time.Duration, what string, check func() error) {
 	t.Helper()
+	waitForEvery(t, 100*time.Millisecond, timeout, what, check)
+}
+
+// waitForEvery is waitFor polling every interval: for a state that lasts only a moment.
+func waitForEvery(t *testing.T, interval, timeout time.Duration, what string, check func() error) {
+	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
 		err := check()
@@ -267,6 +273,6 @@ func waitFor(t *testing.T, timeout time.Duration, what string, check func() erro
 		if time.Now().After(deadline) {
 			t.Fatalf("%s: not within %v: %v", what, timeout, err)
 		}
-		time.Sleep(100 * time.Millisecond) //nolint:forbidigo // the poll interval of a wait on a condition
+		time.Sleep(interval) //nolint:forbidigo // the poll interval of a wait on a condition
 	}
 }

@@ -201,16 +201,23 @@ func tokenKeys(t *testing.T, p *meshProxy) []string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return pkcs11Keys(t, filepath.Join(dir, "softhsm2.conf"), "agentmesh-proxy", strings.TrimSpace(string(pin)), `svid-\S+`)
+}
+
+// pkcs11Keys lists the labels matching pattern of the private keys in the SoftHSM
+// token labelled token (configured by conf, opened with pin), through opensc's
+// pkcs11-tool.
+func pkcs11Keys(t *testing.T, conf, token, pin, pattern string) []string {
+	t.Helper()
 	cmd := exec.CommandContext(t.Context(), "pkcs11-tool", "--module", "/usr/lib/softhsm/libsofthsm2.so",
-		"--token-label", "agentmesh-proxy", "--login", "--pin", strings.TrimSpace(string(pin)),
-		"--list-objects", "--type", "privkey")
-	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+filepath.Join(dir, "softhsm2.conf"))
+		"--token-label", token, "--login", "--pin", pin, "--list-objects", "--type", "privkey")
+	cmd.Env = append(os.Environ(), "SOFTHSM2_CONF="+conf)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		t.Fatalf("pkcs11-tool: %v\n%s", err, out)
 	}
 	var labels []string
-	for _, m := range regexp.MustCompile(`label:\s+(svid-\S+)`).FindAllStringSubmatch(string(out), -1) {
+	for _, m := range regexp.MustCompile(`label:\s+(`+pattern+`)`).FindAllStringSubmatch(string(out), -1) {
 		labels = append(labels, m[1])
 	}
 	return labels
