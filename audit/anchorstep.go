@@ -9,9 +9,6 @@ const (
 	AnchorStepAcked AnchorStepResult = "acknowledged"
 	// AnchorStepRefused: the CA refused the acknowledgement (a stale step, say).
 	AnchorStepRefused AnchorStepResult = "refused"
-	// AnchorStepConverged: a proxy that is not a directory member converged to the
-	// step; the CA awaits no acknowledgement from it.
-	AnchorStepConverged AnchorStepResult = "converged"
 	// AnchorStepProbeFailed: the probe chain did not verify with the bundle in force;
 	// the step is not acknowledged.
 	AnchorStepProbeFailed AnchorStepResult = "probe_failed"

@@ -193,8 +193,8 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 }
 
 // newAnchorRecord is the record of a rotation req starts at now after prev (nil:
-// none), in prepare: its members are the proxies in the directory, and those req
-// excludes.
+// none), in prepare: its members are the proxies in the directory or following it,
+// and those req excludes.
 func (s *Server) newAnchorRecord(prev *anchorRecord, initiator string, req meshapi.RotateRequest, now time.Time) *anchorRecord {
 	var prevID uint64
 	if prev != nil {
@@ -206,9 +206,7 @@ func (s *Server) newAnchorRecord(prev *anchorRecord, initiator string, req mesha
 	if rec.RenewWindowMS == 0 {
 		rec.RenewWindowMS = s.cfg.RotationRenewWindow.Milliseconds()
 	}
-	for _, p := range s.dir.snapshot(now).Peers {
-		rec.join(p.SPIFFEID, p.LastHeartbeat)
-	}
+	s.joinProxiesLocked(rec, now)
 	for _, id := range req.Exclude {
 		rec.exclude(id)
 	}

@@ -53,18 +53,30 @@ func (s *Server) anchorLoop(ctx context.Context) {
 	}
 }
 
-// tickAnchor admits the proxies registered since the rotation started as members,
+// joinProxiesLocked makes every proxy the CA knows a member of rec (reporting whether
+// one joined) and refreshes their heartbeats: those registered in the directory, and
+// those following it without advertising (a proxy that only originates still has to
+// trust the new anchor before anyone presents it), by their last long-poll, within the
+// directory's TTL.
+func (s *Server) joinProxiesLocked(rec *anchorRecord, now time.Time) bool {
+	joined := false
+	for _, p := range s.dir.snapshot(now).Peers {
+		joined = rec.join(p.SPIFFEID, p.LastHeartbeat) || joined
+	}
+	for id, at := range s.watches.followers(now, now.Add(-s.cfg.DirectoryTTL)) {
+		joined = rec.join(id, at.UTC()) || joined
+	}
+	return joined
+}
+
+// tickAnchor admits the proxies registered or following since the rotation started as members,
 // refreshes the members' heartbeats, advances when a gate opens and updates the
 // metrics.
 func (s *Server) tickAnchor(now time.Time) {
 	s.anchor.mu.Lock()
 	defer s.anchor.mu.Unlock()
 	if rec := s.anchor.rec; rec != nil && !rec.Phase.Ended() {
-		joined := false
-		for _, p := range s.dir.snapshot(now).Peers {
-			joined = rec.join(p.SPIFFEID, p.LastHeartbeat) || joined
-		}
-		if joined {
+		if s.joinProxiesLocked(rec, now) {
 			if err := s.saveAnchorLocked(rec); err != nil {
 				s.log.Error("ca rotation: members not persisted", keyErr, err)
 			}
@@ -84,10 +96,13 @@ func (s *Server) advanceLocked(now time.Time) {
 			return
 		}
 		if !s.anchor.applied {
+			began := time.Now()
 			if err := s.applyLocked(rec, now); err != nil {
 				s.effectFailedLocked(rec, err)
 				return
 			}
+			// The effects' time (an HSM deleting keys, say) counts in the phase.
+			now = now.Add(time.Since(began))
 			s.anchor.applied, s.anchor.failure, rec.Error = true, "", ""
 			if err := s.saveAnchorLocked(rec); err != nil {
 				s.log.Error("ca rotation: step not persisted", keyErr, err)

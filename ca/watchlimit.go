@@ -5,8 +5,11 @@ import (
 	"net/http"
 	"strconv"
 	"sync"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // DefaultMaxWatches is how many directory long-polls one client identity may hold at
@@ -22,10 +25,43 @@ type watchLimit struct {
 	mu      sync.Mutex
 	held    map[spiffeid.ID]int // entries only while > 0, so bounded by live polls
 	refused uint64              // since start; guarded by mu
+	// seen is when each proxy (host ID) last started or ended a long-poll: every proxy
+	// follows the directory, advertising or not, so these are the proxies a rotation
+	// of the trust anchors must hear from. Pruned by followers.
+	seen map[spiffeid.ID]time.Time
 }
 
 func newWatchLimit(limit int) *watchLimit {
-	return &watchLimit{max: limit, held: make(map[spiffeid.ID]int)}
+	return &watchLimit{max: limit, held: make(map[spiffeid.ID]int), seen: make(map[spiffeid.ID]time.Time)}
+}
+
+// followers are the proxies holding a long-poll at now (seen now) or that held one
+// since since (seen when it ended); older ones are forgotten.
+func (l *watchLimit) followers(now, since time.Time) map[spiffeid.ID]time.Time {
+	if l == nil {
+		return nil
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	out := make(map[spiffeid.ID]time.Time, len(l.seen))
+	for id, at := range l.seen {
+		switch {
+		case l.held[id] > 0:
+			out[id] = now
+		case at.Before(since):
+			delete(l.seen, id)
+		default:
+			out[id] = at
+		}
+	}
+	return out
+}
+
+// sawLocked records that id, when a proxy, started or ended a long-poll now.
+func (l *watchLimit) sawLocked(id spiffeid.ID) {
+	if meshapi.IsHostID(id) {
+		l.seen[id] = time.Now()
+	}
 }
 
 // acquire takes one of id's slots. It returns the release function, or ok false and
@@ -38,9 +74,11 @@ func (l *watchLimit) acquire(id spiffeid.ID) (release func(), refused uint64, ok
 		return nil, l.refused, false
 	}
 	l.held[id]++
+	l.sawLocked(id)
 	return func() {
 		l.mu.Lock()
 		defer l.mu.Unlock()
+		l.sawLocked(id)
 		if l.held[id]--; l.held[id] <= 0 {
 			delete(l.held, id)
 		}

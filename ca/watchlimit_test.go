@@ -4,6 +4,7 @@ import (
 	"net/http"
 	"strconv"
 	"testing"
+	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
@@ -71,5 +72,33 @@ func TestMeshWatchLimit(t *testing.T) {
 	}
 	if status, _ := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil); status != http.StatusOK {
 		t.Errorf("a poll after the others ended: %d, want 200", status)
+	}
+}
+
+// TestAnchorMembersFollowers: a proxy that follows the directory without registering
+// (it advertises no address) is a member of a rotation of the trust anchors, awaited
+// like a registered one, with its last long-poll for a heartbeat; an agent that polls
+// is not.
+func TestAnchorMembersFollowers(t *testing.T) {
+	cfg, _ := testConfig(t)
+	ca := startCA(t, cfg)
+	follower := spiffeid.RequireFromPath(testTD, "/host/follower")
+	agent := spiffeid.RequireFromPath(testTD, "/agent/poller")
+	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath + "?wait=0s"
+	before := time.Now()
+	for _, id := range []spiffeid.ID{follower, agent} {
+		if status, body := do(t, httpsClient(t, ca, tlsCert(enroll(t, ca, id))), http.MethodGet, dirURL, nil); status != http.StatusOK {
+			t.Fatalf("%s polls the directory: %d %s", id, status, body)
+		}
+	}
+	st, err := ca.StartAnchorRotation("uid:0", meshapi.RotateRequest{Kind: meshapi.RotateIntermediate})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.Members) != 1 || st.Members[0].ID != follower || st.Members[0].LastHeartbeat.Before(before.Add(-time.Second)) {
+		t.Fatalf("members %+v, want the following proxy only, seen at its poll", st.Members)
+	}
+	if st.Phase != meshapi.PhaseDistribute || len(st.Missing) != 1 || st.Missing[0] != follower {
+		t.Fatalf("phase %s missing %v, want distribute awaiting the following proxy", st.Phase, st.Missing)
 	}
 }

@@ -60,9 +60,7 @@ func sameStep(a, b *meshapi.AnchorRotation) bool {
 // step for followAnchors to take, renewals to recompute the bundle in force after, the
 // CA to acknowledge to and the metric of the last step acknowledged.
 type anchorFollower struct {
-	// acker is set once the mesh client is built, before anything runs; nil for a
-	// proxy that advertises no address: not a directory member, the CA awaits no
-	// acknowledgement from it.
+	// acker is set once the mesh client is built, before anything runs.
 	acker anchorAcker
 	acked *prometheus.GaugeVec
 	steps chan *anchorStep // the latest step (nil: none); buffered 1, replaced, never queued
@@ -168,13 +166,6 @@ func (a *applier) convergeStep(ctx context.Context, s anchorStep) {
 		return // the step ended: a newer one or shutdown
 	}
 	a.recomputeBundle()
-	if a.anchor.acker == nil {
-		rec.Result = audit.AnchorStepConverged
-		a.log.Info("anchor rotation step converged; not a directory member, so not acknowledged",
-			"rotation_id", s.ID, "phase", s.Phase, "renewed", len(rec.Renewed))
-		a.auditStep(rec)
-		return
-	}
 	rec.Attempts, err = a.ackStep(ctx, s)
 	switch {
 	case ctx.Err() != nil:

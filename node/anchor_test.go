@@ -5,7 +5,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
-	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -279,29 +278,6 @@ func TestAnchorStepSuperseded(t *testing.T) {
 		}
 		if acks, _ := f.acker.list(); len(acks) != 1 || acks[0].Phase != meshapi.PhaseAbort {
 			t.Fatalf("acks %+v, want abort's only", acks)
-		}
-	})
-}
-
-// TestAnchorStepNotMember: a proxy that is not a directory member converges (renews
-// from the step's issuer) and records it, without acknowledging.
-func TestAnchorStepNotMember(t *testing.T) {
-	synctest.Test(t, func(t *testing.T) {
-		f, src := followed(t)
-		f.applier.anchor.acker = nil
-		next := testca.New(t, testca.WithTrustDomain(testHost.TrustDomain()))
-		f.issuer.use(next)
-		act := &meshapi.AnchorRotation{ID: 2, Kind: meshapi.RotateRoot, Phase: meshapi.PhaseActivate, Probe: probeOf(t, next),
-			Issuer: issuerOf(next)}
-		src.publish(stepState(t, 1, append(f.ca.Roots(), next.Roots()...), act))
-		synctest.Wait()
-		recs := recordsOf[audit.AnchorStep](f.audit)
-		// The agent enrols with this state, from the new issuer already: only the host renews.
-		if len(recs) != 1 || recs[0].Result != audit.AnchorStepConverged || !slices.Equal(recs[0].Renewed, []string{testHost.String()}) {
-			t.Fatalf("anchor step records %+v, want one converged with the host's renewal", recs)
-		}
-		if !issuedBy(currentSVID(t, f.rot), act.Issuer) {
-			t.Fatal("the host still holds an SVID of the old issuer")
 		}
 	})
 }

@@ -152,11 +152,9 @@ func (n *node) buildMesh() error {
 	if n.dir, err = n.link.directory(s); err != nil {
 		return err
 	}
-	// Only a member of the directory (a proxy that advertises addresses) acknowledges
-	// the steps of a rotation of the CA's anchors: the CA awaits no other.
-	if len(n.cfg.advertise) > 0 {
-		n.anchor.acker = n.dir
-	}
+	// Every proxy acknowledges the steps of a rotation of the CA's anchors, advertising
+	// or not: the CA counts those that follow the directory as members too.
+	n.anchor.acker = n.dir
 	return nil
 }
 
