@@ -286,8 +286,8 @@ func (m *rotationMesh) checkAudit(t *testing.T, id uint64, acked []string) {
 		}
 	}
 	for _, n := range acked {
-		if v := adminMetric(t, m.proxies[n].admin, "agentmesh_anchor_step_acked_rotation_id", `phase="retire"`); v != float64(id) {
-			t.Errorf("%s: agentmesh_anchor_step_acked_rotation_id{phase=\"retire\"} = %v, want %d", n, v, id)
+		if v := adminMetric(t, m.proxies[n].admin, "agentmesh_proxy_anchor_step_acked_rotation_id", `phase="retire"`); v != float64(id) {
+			t.Errorf("%s: agentmesh_proxy_anchor_step_acked_rotation_id{phase=\"retire\"} = %v, want %d", n, v, id)
 		}
 		own := rotationRecords(t, m.proxies[n].auditPath(), "anchor_step", id)
 		for _, p := range []meshapi.AnchorPhase{meshapi.PhaseDistribute, meshapi.PhaseActivate, meshapi.PhaseRetire} {
