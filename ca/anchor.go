@@ -163,6 +163,10 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 		return meshapi.RotationStatus{}, fmt.Errorf("%w: %s", ErrRotationInProgress, prev.current())
 	}
 	rec := s.newAnchorRecord(prev, initiator, req, now)
+	if err := s.auditDurable(audit.CARotation{Action: audit.CARotationPhase, RotationID: rec.ID,
+		AnchorKind: string(rec.Kind), Phase: string(rec.Phase), Initiator: initiator, Result: audit.ResultOK}); err != nil {
+		return meshapi.RotationStatus{}, fmt.Errorf("ca: rotation: audit: %w", err)
+	}
 	// Persisted before the HSM is touched: a crash in prepare resumes it.
 	if err := s.saveAnchorLocked(rec); err != nil {
 		return meshapi.RotationStatus{}, err

@@ -183,8 +183,9 @@ func TestAnchorRotationAcknowledged(t *testing.T) {
 	if fmt.Sprint(phases) != "[prepare distribute activate retire destroy]" {
 		t.Fatalf("phases %v", phases)
 	}
-	if got := len(rec.caRotations(audit.CARotationPhase)); got != 5 {
-		t.Fatalf("%d phase audit records, want 5", got)
+	// One record per phase entered: prepare, distribute, activate, retire, destroy, done.
+	if got := len(rec.caRotations(audit.CARotationPhase)); got != 6 {
+		t.Fatalf("%d phase audit records, want 6", got)
 	}
 	if !ca.deny.Load().list.DeniesIssuer(oldIssuer) {
 		t.Fatal("the replaced issuer is not on the deny-list after destroy")

@@ -65,42 +65,50 @@ func (s *Server) handleAnchorAck(w http.ResponseWriter, r *http.Request) {
 		refuse(ackMalformed, err)
 		return
 	}
-	kind, reason, err := s.ackAnchor(id, r.TLS.PeerCertificates[0], ack, time.Now())
+	kind, reason, recorded, err := s.ackAnchor(id, r.TLS.PeerCertificates[0], ack, ev, time.Now())
 	ev.AnchorKind = string(kind)
 	if err != nil {
 		refuse(reason, err)
 		return
 	}
-	s.audit(ev)
+	if !recorded { // a repeated acknowledgement
+		s.audit(ev)
+	}
 	writeJSON(w, ack)
 }
 
 // ackAnchor records id's acknowledgement of the current step, made with the
-// certificate leaf; it returns the rotation's kind, or why it refused.
-func (s *Server) ackAnchor(id spiffeid.ID, leaf *x509.Certificate, ack meshapi.AnchorAck, now time.Time) (meshapi.AnchorKind, ackRefusal, error) {
+// certificate leaf; it returns the rotation's kind, or why it refused. A first
+// acknowledgement of the step is audited (ev) durably before it is persisted, and
+// recorded is true.
+func (s *Server) ackAnchor(id spiffeid.ID, leaf *x509.Certificate, ack meshapi.AnchorAck, ev audit.CARotation, now time.Time) (_ meshapi.AnchorKind, _ ackRefusal, recorded bool, _ error) {
 	s.anchor.mu.Lock()
 	defer s.anchor.mu.Unlock()
 	rec := s.anchor.rec
 	if reason, err := rec.checkAck(ack); err != nil {
-		return "", reason, err
+		return "", reason, false, err
 	}
 	// On activate and abort the proxy says every SVID it holds comes from the step's
 	// issuer, which is then the active intermediate: its own proves it or not.
 	if ack.Phase == meshapi.PhaseActivate || ack.Phase == meshapi.PhaseAbort {
 		if err := leaf.CheckSignatureFrom(s.anchor.auth.Active().Intermediate); err != nil {
-			return rec.Kind, ackNotConverged, fmt.Errorf("%w: renew from the intermediate issuing in phase %s of rotation %d",
+			return rec.Kind, ackNotConverged, false, fmt.Errorf("%w: renew from the intermediate issuing in phase %s of rotation %d",
 				errNotConverged, rec.Phase, rec.ID)
 		}
 	}
-	if rec.acked(id, now.UTC()) {
-		if err := s.saveAnchorLocked(rec); err != nil {
-			// Not recorded: the proxy retries.
-			return rec.Kind, "", err
-		}
-		s.log.Info("ca rotation acknowledged", keyRotationID, rec.ID, keyPhase, rec.Phase, keySPIFFEID, id.String())
-		s.wakeAnchor()
+	if !rec.acked(id, now.UTC()) {
+		return rec.Kind, "", false, nil
 	}
-	return rec.Kind, "", nil
+	ev.AnchorKind = string(rec.Kind)
+	if err := s.auditDurable(ev); err != nil {
+		return rec.Kind, "", false, fmt.Errorf("audit: %w", err) // the proxy retries
+	}
+	if err := s.saveAnchorLocked(rec); err != nil {
+		return rec.Kind, "", true, err // the proxy retries
+	}
+	s.log.Info("ca rotation acknowledged", keyRotationID, rec.ID, keyPhase, rec.Phase, keySPIFFEID, id.String())
+	s.wakeAnchor()
+	return rec.Kind, "", true, nil
 }
 
 // refusedRotationRecord is the audit record of a refused request to change the

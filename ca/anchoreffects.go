@@ -120,18 +120,23 @@ func (s *Server) enterLocked(p meshapi.AnchorPhase, now time.Time) bool {
 	next := *rec
 	next.Members, next.Phases, next.Published = slices.Clone(rec.Members), slices.Clone(rec.Phases), slices.Clone(rec.Published)
 	next.enter(p, now.UTC())
+	from := rec.Phase
+	left := next.Phases[len(next.Phases)-1]
+	// On disk before the phase is: a CA killed between the two enters the phase again
+	// on restart and records it twice, never not at all.
+	if err := s.auditDurable(audit.CARotation{Action: audit.CARotationPhase, RotationID: next.ID,
+		AnchorKind: string(next.Kind), Phase: string(p), From: string(from), Initiator: initiatorCA,
+		Result: audit.ResultOK, PhaseDuration: left.End.Sub(left.Start)}); err != nil {
+		s.effectFailedLocked(rec, fmt.Errorf("audit: %w", err))
+		return false
+	}
 	if err := s.saveAnchorLocked(&next); err != nil {
 		s.effectFailedLocked(rec, err)
 		return false
 	}
-	from := rec.Phase
 	s.anchor.rec, s.anchor.applied = &next, false
-	left := next.Phases[len(next.Phases)-1]
 	s.log.Info("ca rotation phase", keyRotationID, next.ID, keyPhase, p, keyFrom, from, keyDuration,
 		time.Duration(left.MS)*time.Millisecond)
-	s.audit(audit.CARotation{Action: audit.CARotationPhase, RotationID: next.ID, AnchorKind: string(next.Kind),
-		Phase: string(p), From: string(from), Initiator: initiatorCA, Result: audit.ResultOK,
-		PhaseDuration: left.End.Sub(left.Start)})
 	return true
 }
 

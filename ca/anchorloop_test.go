@@ -10,6 +10,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca/authority"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
@@ -70,7 +71,7 @@ func TestAnchorLoopGates(t *testing.T) {
 		}
 
 		// The acknowledgement wakes the driver: destroy and done follow without a tick.
-		if _, _, err := s.ackAnchor(hostA, auth.Active().Intermediate, ackOf(step), time.Now()); err != nil {
+		if _, _, _, err := s.ackAnchor(hostA, auth.Active().Intermediate, ackOf(step), audit.CARotation{}, time.Now()); err != nil {
 			t.Fatalf("ack retire: %v", err)
 		}
 		start := time.Now()

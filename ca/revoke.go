@@ -129,6 +129,28 @@ func (s *Server) audit(ev audit.Event) {
 	}
 }
 
+// auditSyncTimeout bounds how long auditDurable waits for the audit log's fsync.
+const auditSyncTimeout = 5 * time.Second
+
+// auditDurable writes ev and, when the audit log can say so, waits until it is on
+// disk: a state change persisted after it never lacks its record, even across a
+// SIGKILL.
+func (s *Server) auditDurable(ev audit.Event) error {
+	if s.cfg.Audit == nil {
+		return nil
+	}
+	if err := s.cfg.Audit.Append(ev); err != nil {
+		return err
+	}
+	l, ok := s.cfg.Audit.(interface{ Sync(context.Context) error })
+	if !ok {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), auditSyncTimeout)
+	defer cancel()
+	return l.Sync(ctx)
+}
+
 func (s *Server) revoke(ctx context.Context, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
 	t, err := parseRevokeRequest(s.cfg.TrustDomain, req)
 	if err != nil {
