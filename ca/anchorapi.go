@@ -85,6 +85,9 @@ func (s *Server) ackAnchor(id spiffeid.ID, leaf *x509.Certificate, ack meshapi.A
 	s.anchor.mu.Lock()
 	defer s.anchor.mu.Unlock()
 	rec := s.anchor.rec
+	if rec.repeated(id, ack) {
+		return rec.Kind, "", false, nil
+	}
 	if reason, err := rec.checkAck(ack); err != nil {
 		return "", reason, false, err
 	}

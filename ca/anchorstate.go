@@ -210,6 +210,18 @@ func (r *anchorRecord) checkAck(ack meshapi.AnchorAck) (ackRefusal, error) {
 	return "", nil
 }
 
+// repeated reports whether ack repeats caller's last acknowledgement of r, the step
+// passed since or not: a proxy whose acknowledgement was recorded but not answered (the
+// CA killed in between) retries it after the rotation moved on, and is answered as
+// accepted rather than stale.
+func (r *anchorRecord) repeated(caller spiffeid.ID, ack meshapi.AnchorAck) bool {
+	if r == nil || ack.ID != r.ID || !slices.Contains(r.Published, ack.BundleVersion) {
+		return false
+	}
+	m := r.member(caller)
+	return m != nil && m.Acked == ack.Phase
+}
+
 // current names r's step for an error message.
 func (r *anchorRecord) current() string {
 	if r == nil {

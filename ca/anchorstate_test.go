@@ -143,3 +143,34 @@ func TestAnchorAckedAndStatus(t *testing.T) {
 		t.Fatalf("phases %+v, activated %v", rec.Phases, rec.Activated)
 	}
 }
+
+// A proxy's repeat of its last acknowledgement is accepted after the rotation moved
+// on (its answer was lost to a CA killed after recording it); a step it never
+// acknowledged, another rotation's or an unpublished bundle's is not a repeat.
+func TestAnchorAckRepeated(t *testing.T) {
+	t.Parallel()
+	a, b := spiffeid.RequireFromPath(testTD, "/host/a"), spiffeid.RequireFromPath(testTD, "/host/b")
+	rec := &anchorRecord{ID: 7, Phase: meshapi.PhaseRetire, Bundle: "v2", Published: []string{"v1", "v2"}}
+	rec.acked(a, time.Now())
+	rec.Phase = meshapi.PhaseDone
+	retire := meshapi.AnchorAck{ID: 7, Phase: meshapi.PhaseRetire, BundleVersion: "v2"}
+	if !rec.repeated(a, retire) {
+		t.Fatal("a's acknowledgement of retire, repeated after done, is not accepted")
+	}
+	for _, tc := range []struct {
+		caller spiffeid.ID
+		ack    meshapi.AnchorAck
+	}{
+		{b, retire},
+		{a, meshapi.AnchorAck{ID: 7, Phase: meshapi.PhaseActivate, BundleVersion: "v2"}},
+		{a, meshapi.AnchorAck{ID: 8, Phase: meshapi.PhaseRetire, BundleVersion: "v2"}},
+		{a, meshapi.AnchorAck{ID: 7, Phase: meshapi.PhaseRetire, BundleVersion: "v9"}},
+	} {
+		if rec.repeated(tc.caller, tc.ack) {
+			t.Errorf("%s %+v taken for a repeat", tc.caller, tc.ack)
+		}
+	}
+	if (*anchorRecord)(nil).repeated(a, retire) {
+		t.Error("a repeat with no rotation")
+	}
+}

@@ -284,14 +284,6 @@ func (s *longStreams) counts() longStreamCounts {
 	return longStreamCounts{requests: s.requests, drained: n, errs: slices.Clone(s.errs)}
 }
 
-// awaitReadyAll waits until every proxy of names answers /readyz 200.
-func (m *rotationMesh) awaitReadyAll(t *testing.T, names ...string) {
-	t.Helper()
-	for _, n := range names {
-		awaitReady(t, m.proxies[n], 30*time.Second)
-	}
-}
-
 // caMetric sums the CA's metric name over the series with labels (0 when there is
 // none).
 func (m *rotationMesh) caMetric(t *testing.T, name string, labels ...string) (float64, bool) {

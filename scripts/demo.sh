@@ -219,6 +219,20 @@ field() { [[ $1 =~ (^| )$2=([^ ]*) ]] && printf '%s' "${BASH_REMATCH[2]}"; }
   done ) &
 pids+=($!)
 
+# The CA's intermediate rotates under the traffic: every phase waits for both proxies'
+# acknowledgements (docs/ca-rotation.md); activate lasts an SVID lifetime, so that no
+# certificate of the old key is left when the bundle drops it.
+say "ca rotation: agentmesh ca rotate intermediate, phases as the CA reports them:"
+( "$BIN" ca rotate intermediate --state "$work/ca" --reason demo >/dev/null
+  last=
+  while st=$("$BIN" ca rotation status --json --state "$work/ca" 2>/dev/null); do
+    phase=$(grep -o '"phase":"[a-z-]*"' <<<"$st" | head -1 | cut -d'"' -f4)
+    if [ "$phase" != "$last" ]; then echo "    $(date +%T) ca rotation: $phase"; last=$phase; fi
+    case $phase in done | aborted) break ;; esac
+    sleep 1
+  done ) &
+pids+=($!)
+
 say "client on host A: ${curl_a[*]} $URL in a loop${duration:+ for $duration}"
 requests=0 failed=0
 start=$(date +%s)
