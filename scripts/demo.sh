@@ -226,7 +226,7 @@ say "ca rotation: agentmesh ca rotate intermediate, phases as the CA reports the
 ( "$BIN" ca rotate intermediate --state "$work/ca" --reason demo >/dev/null
   last=
   while st=$("$BIN" ca rotation status --json --state "$work/ca" 2>/dev/null); do
-    phase=$(grep -o '"phase":"[a-z-]*"' <<<"$st" | head -1 | cut -d'"' -f4)
+    phase=$(grep -o '"phase": *"[a-z-]*"' <<<"$st" | head -1 | cut -d'"' -f4)
     if [ "$phase" != "$last" ]; then echo "    $(date +%T) ca rotation: $phase"; last=$phase; fi
     case $phase in done | aborted) break ;; esac
     sleep 1
