@@ -115,9 +115,18 @@ func revocationTiming(ctx context.Context, ca *meshCA, dir string, echoPort int)
 	case <-time.After(30 * time.Second):
 		ts[1].err = errors.New("not within 30 s")
 	}
-	at, err := pollAudit(filepath.Join(top.server.state, "audit.log"), func(r auditRecord) bool {
-		return r.Type == "handshake" && r.Direction == "inbound" && r.Result == "refused" && r.Reason == "revoked" &&
-			r.PeerID == top.client.id && !r.Time.Before(started)
+	// Whichever proxy applies the deny-list first refuses: the server the client's
+	// certificate (inbound, revoked), or the client its own (outbound, revoked, or no_svid
+	// once its rotator dropped it: an error, not a refusal of a peer).
+	at, err := pollAudits(map[string]func(auditRecord) bool{
+		filepath.Join(top.server.state, "audit.log"): func(r auditRecord) bool {
+			return r.Type == "handshake" && r.Direction == "inbound" && r.Result == "refused" && r.Reason == "revoked" &&
+				r.PeerID == top.client.id && !r.Time.Before(started)
+		},
+		filepath.Join(top.client.state, "audit.log"): func(r auditRecord) bool {
+			return r.Type == "handshake" && r.Direction == "outbound" && r.Result != "ok" &&
+				(r.Reason == "revoked" || r.Reason == "no_svid") && !r.Time.Before(started)
+		},
 	})
 	if err != nil {
 		ts[0].err = err
@@ -173,18 +182,37 @@ type auditRecord struct {
 	LocalSerial                                      string `json:"local_serial"`
 }
 
+// pollAudits returns the earliest record, across the audit logs given, for which the
+// log's match holds, reading them again until one is there or 30 s have passed.
+func pollAudits(logs map[string]func(auditRecord) bool) (auditRecord, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		var first auditRecord
+		var errs []error
+		for path, match := range logs {
+			r, err := findRecord(path, match)
+			switch {
+			case err != nil:
+				errs = append(errs, err)
+			case first.Time.IsZero() || r.Time.Before(first.Time):
+				first = r
+			}
+		}
+		if !first.Time.IsZero() {
+			return first, nil
+		}
+		if time.Now().After(deadline) {
+			return auditRecord{}, errors.Join(errs...)
+		}
+		time.Sleep(100 * time.Millisecond) // the polling interval
+	}
+}
+
 // pollAudit returns the first record of the audit log at path for which match holds,
 // reading the log again until one is there (records are appended as events end) or
 // 30 s have passed.
 func pollAudit(path string, match func(auditRecord) bool) (auditRecord, error) {
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		r, err := findRecord(path, match)
-		if err == nil || time.Now().After(deadline) {
-			return r, err
-		}
-		time.Sleep(100 * time.Millisecond) // the polling interval
-	}
+	return pollAudits(map[string]func(auditRecord) bool{path: match})
 }
 
 func findRecord(path string, match func(auditRecord) bool) (auditRecord, error) {
