@@ -70,27 +70,25 @@ const (
 	ackMalformed    ackRefusal = "malformed"
 )
 
+// anchorPhaseAfter is each phase's successor once its gate opens: the forward path and
+// the abort path. Ends (done, aborted) have none.
+var anchorPhaseAfter = map[meshapi.AnchorPhase]meshapi.AnchorPhase{
+	meshapi.PhasePrepare:     meshapi.PhaseDistribute,
+	meshapi.PhaseDistribute:  meshapi.PhaseActivate,
+	meshapi.PhaseActivate:    meshapi.PhaseRetire,
+	meshapi.PhaseRetire:      meshapi.PhaseDestroy,
+	meshapi.PhaseDestroy:     meshapi.PhaseDone,
+	meshapi.PhaseAbort:       meshapi.PhaseAbortRetire,
+	meshapi.PhaseAbortRetire: meshapi.PhaseAborted,
+}
+
 // nextAnchorPhase is the phase after p once its gate opens (p itself when p waits for
 // nothing more). Pure.
 func nextAnchorPhase(p meshapi.AnchorPhase) meshapi.AnchorPhase {
-	switch p {
-	case meshapi.PhasePrepare:
-		return meshapi.PhaseDistribute
-	case meshapi.PhaseDistribute:
-		return meshapi.PhaseActivate
-	case meshapi.PhaseActivate:
-		return meshapi.PhaseRetire
-	case meshapi.PhaseRetire:
-		return meshapi.PhaseDestroy
-	case meshapi.PhaseDestroy:
-		return meshapi.PhaseDone
-	case meshapi.PhaseAbort:
-		return meshapi.PhaseAbortRetire
-	case meshapi.PhaseAbortRetire:
-		return meshapi.PhaseAborted
-	default: // done and aborted are ends
-		return p
+	if next, ok := anchorPhaseAfter[p]; ok {
+		return next
 	}
+	return p
 }
 
 // abortable reports whether a rotation in phase p may still be aborted: before retire
