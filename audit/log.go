@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/mod/sumdb/tlog"
 )
 
 // Config configures a Log. The zero value of every field but Path is usable.
@@ -47,6 +49,54 @@ type Config struct {
 	// tries again; it doubles up to 1s while the failure lasts, so the log is back within a
 	// second of the volume recovering. Zero or negative means 100ms.
 	RetryInterval time.Duration
+
+	// MaxFileBytes is the size past which the active file is renamed to a segment
+	// (SegmentName) and a new one continues the same tree. Zero or negative means 64 MiB.
+	MaxFileBytes int64
+
+	// Origin names the log in its checkpoints (meshapi.AuditOrigin). Required with Signer.
+	Origin string
+	// Signer is the audit signing key, never the TLS key: an ECDSA P-256 key, in a
+	// PKCS#11 token where there is one. With it the log signs a checkpoint of its durable
+	// records every CheckpointRecords records or CheckpointInterval, whichever comes
+	// first, while it has grown, keeps the latest in Path + ".checkpoint" and sends it to
+	// Witness. Nil means no checkpoints.
+	Signer crypto.Signer
+	// CheckpointRecords and CheckpointInterval: zero or negative means 1000 and 10s.
+	CheckpointRecords  int
+	CheckpointInterval time.Duration
+	// Witness, when set, cosigns each new checkpoint; the latest cosigned one is kept in
+	// Path + ".cosigned". Nil: checkpoints are signed but not witnessed.
+	Witness Witness
+}
+
+// Witness cosigns checkpoints: the CA, through the mesh API, for a proxy's log.
+type Witness interface {
+	// Witness sends a signed checkpoint with the consistency proof from the size the
+	// witness is believed to hold (req.OldSize) and returns the checkpoint cosigned. A
+	// witness that holds another size answers a *WitnessConflict, and the log retries
+	// once with a proof from that size; one that finds the checkpoint inconsistent
+	// answers an error wrapping ErrInconsistent.
+	Witness(ctx context.Context, req WitnessRequest) ([]byte, error)
+}
+
+// WitnessRequest is a checkpoint for a Witness.
+type WitnessRequest struct {
+	Checkpoint []byte // signed note
+	Key        string // the writer's verifier key (NoteSigner.VerifierKey)
+	OldSize    uint64
+	Proof      tlog.TreeProof
+}
+
+// WitnessConflict is a Witness's answer when it holds a checkpoint of another size than
+// WitnessRequest.OldSize: Cosigned is that checkpoint, empty when it holds none.
+type WitnessConflict struct {
+	Size     uint64
+	Cosigned []byte
+}
+
+func (e *WitnessConflict) Error() string {
+	return fmt.Sprintf("audit: witness holds a checkpoint of size %d", e.Size)
 }
 
 func (c Config) withDefaults() Config {
