@@ -23,7 +23,7 @@ const (
 	DefaultResendWindow = 2 * time.Second
 	DefaultMaxBacklog   = 1_000_000
 	defaultPoll         = 100 * time.Millisecond
-	defaultReconnectMax = 5 * time.Second
+	defaultReconnectMax = 2 * time.Second
 	reconnectMin        = 200 * time.Millisecond
 	// cursorEvery bounds how often the cursor file is written.
 	cursorEvery = time.Second
@@ -62,7 +62,7 @@ type Config struct {
 	// means 100ms.
 	Poll time.Duration
 	// ReconnectMax caps the wait between connection attempts, which starts at 200ms and
-	// doubles, with jitter. Zero or negative means 5s.
+	// doubles, with jitter. Zero or negative means 2s.
 	ReconnectMax time.Duration
 	// Audit receives the backlog alert's record (BacklogFull); usually the log itself.
 	// Nil: the alert is the metric only.
