@@ -3,7 +3,6 @@ package siem_test
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -23,12 +22,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/testaudit"
 )
 
 // receiver is a loopback RFC 5425 listener: it parses every frame of every connection
 // and passes the messages on, in order, on msgs.
 type receiver struct {
 	ln    net.Listener
+	srv   *tls.Config
 	roots *x509.CertPool
 	msgs  chan message
 	conns chan net.Conn // each accepted connection, so a test can drop it
@@ -66,13 +67,25 @@ func newReceiver(t testing.TB) *receiver {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{MinVersion: tls.VersionTLS12,
-		Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+	srv := &tls.Config{MinVersion: tls.VersionTLS12, Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+	roots := x509.NewCertPool()
+	roots.AddCert(ca)
+	return listen(t, "127.0.0.1:0", srv, roots)
+}
+
+// relisten is a new receiver of r's certificate on addr (r's address, once r is closed).
+func relisten(t testing.TB, r *receiver, addr string) *receiver {
+	t.Helper()
+	return listen(t, addr, r.srv, r.roots)
+}
+
+func listen(t testing.TB, addr string, srv *tls.Config, roots *x509.CertPool) *receiver {
+	t.Helper()
+	ln, err := tls.Listen("tcp", addr, srv)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &receiver{ln: ln, roots: x509.NewCertPool(), msgs: make(chan message, 100000), conns: make(chan net.Conn, 16)}
-	r.roots.AddCert(ca)
+	r := &receiver{ln: ln, srv: srv, roots: roots, msgs: make(chan message, 100000), conns: make(chan net.Conn, 16)}
 	t.Cleanup(func() { _ = ln.Close() })
 	go r.accept(t)
 	return r
@@ -137,20 +150,7 @@ func (r *receiver) next(t testing.TB) message {
 func openLog(t testing.TB) (*audit.Log, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "audit.log")
-	l, err := audit.Open(audit.Config{Path: path})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- l.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
-	return l, path
+	return testaudit.Start(t, path), path
 }
 
 // appendN appends n handshake records, results alternating ok and refused (odd seqs

@@ -2,6 +2,7 @@ package siem
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -369,6 +370,9 @@ func (s *Sink) failed(d *delivery, err error) uint64 {
 // checkBacklog updates the backlog gauge from the log's size in bytes, and raises or
 // clears the alert.
 func (s *Sink) checkBacklog(total int64, next uint64) {
+	if s.lines == 0 {
+		s.lineBytes, s.lines = sampleLines(s.cfg.Log)
+	}
 	avg := int64(avgRecordBytes)
 	if s.lines > 0 {
 		avg = max(s.lineBytes/s.lines, 1)
@@ -404,4 +408,22 @@ func logBytes(path string) int64 {
 		}
 	}
 	return n
+}
+
+// sampleLines measures the records at the start of the active file (up to 64 KiB), for
+// the backlog estimate before any record was read: bytes and lines, zero when empty.
+func sampleLines(path string) (int64, int64) {
+	f, err := os.Open(path)
+	if err != nil {
+		return 0, 0
+	}
+	defer func() { _ = f.Close() }() // read only
+	buf := make([]byte, 64<<10)
+	n, _ := io.ReadFull(f, buf)
+	buf = buf[:n]
+	lines := int64(bytes.Count(buf, []byte{'\n'}))
+	if lines == 0 {
+		return 0, 0
+	}
+	return int64(bytes.LastIndexByte(buf, '\n') + 1), lines
 }

@@ -2,17 +2,22 @@ package siem_test
 
 import (
 	"context"
+	"os"
+	"path/filepath"
+	"sync"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/audit/siem"
 )
 
-// runSink starts a sink of the log at path to r until the end of the test.
-func runSink(t *testing.T, r *receiver, path string, mod func(*siem.Config)) *prometheus.Registry {
+// runSink starts a sink of the log at path to r until stop or the end of the test.
+func runSink(t *testing.T, r *receiver, path string, mod func(*siem.Config)) (reg *prometheus.Registry, stop func()) {
 	t.Helper()
-	reg := prometheus.NewRegistry()
+	reg = prometheus.NewRegistry()
 	cfg := siem.Config{Log: path, Address: r.ln.Addr().String(), TLS: r.tlsConfig(), Hostname: "host-a",
 		Origin: `example.org/audit/a "b"`, Registerer: reg}
 	if mod != nil {
@@ -25,13 +30,17 @@ func runSink(t *testing.T, r *receiver, path string, mod func(*siem.Config)) *pr
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- s.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Error(err)
-		}
-	})
-	return reg
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Error(err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return reg, stop
 }
 
 func TestSinkFraming(t *testing.T) {
@@ -39,7 +48,7 @@ func TestSinkFraming(t *testing.T) {
 	l, path := openLog(t)
 	appendN(t, l, 5)
 	r := newReceiver(t)
-	runSink(t, r, path, nil)
+	_, _ = runSink(t, r, path, nil)
 	appendN(t, l, 5) // followed as the log grows
 	want := lines(t, path)
 	for seq := uint64(1); seq <= 10; seq++ {
@@ -61,7 +70,7 @@ func TestSinkFilter(t *testing.T) {
 	l, path := openLog(t)
 	appendN(t, l, 10) // odd seqs ok, even refused
 	r := newReceiver(t)
-	reg := runSink(t, r, path, func(c *siem.Config) {
+	reg, _ := runSink(t, r, path, func(c *siem.Config) {
 		c.Filter = siem.Filter{Include: []siem.Rule{{Type: "handshake"}}, Exclude: []siem.Rule{{Type: "handshake", Result: "ok"}}}
 	})
 	for want := uint64(2); want <= 10; want += 2 {
@@ -87,7 +96,7 @@ func TestSinkResend(t *testing.T) {
 	l, path := openLog(t)
 	appendN(t, l, 20)
 	r := newReceiver(t)
-	reg := runSink(t, r, path, nil)
+	reg, _ := runSink(t, r, path, nil)
 	first := <-r.conns
 	for seq := uint64(1); seq <= 20; seq++ {
 		if m := r.next(t); m.seq != seq {
@@ -112,5 +121,85 @@ func TestSinkResend(t *testing.T) {
 	}
 	if got := metric(t, reg, "agentmesh_audit_siem_resent_total"); got != 20 {
 		t.Errorf("resent_total = %v, want 20", got)
+	}
+}
+
+// TestSinkCursor: a sink starts at its cursor, skipping the segments before it, and a
+// clean stop leaves the cursor after the last record sent.
+func TestSinkCursor(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "audit.log")
+	writeLines(t, audit.SegmentName(path, 1), 1, 3)
+	writeLines(t, audit.SegmentName(path, 4), 4, 6)
+	writeLines(t, path, 7, 8)
+	if err := os.WriteFile(path+".siem", []byte("5\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := newReceiver(t)
+	_, stop := runSink(t, r, path, nil)
+	for seq := uint64(5); seq <= 8; seq++ {
+		if m := r.next(t); m.seq != seq {
+			t.Fatalf("got seq %d, want %d", m.seq, seq)
+		}
+	}
+	stop()
+	if b, err := os.ReadFile(path + ".siem"); err != nil || string(b) != "9\n" {
+		t.Fatalf("cursor after a clean stop: %q, %v; want 9", b, err)
+	}
+}
+
+// alerts is an audit log stand-in that passes on the records appended.
+type alerts chan audit.Event
+
+func (a alerts) Append(e audit.Event) error {
+	a <- e
+	return nil
+}
+
+// TestSinkBacklogFull: with the receiver away and more records waiting than the bound,
+// the sink raises its alert, metric and one audit record, and drops nothing: once the
+// receiver is back every record arrives.
+func TestSinkBacklogFull(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "audit.log")
+	writeLines(t, path, 1, 50)
+	r := newReceiver(t)
+	addr := r.ln.Addr().String()
+	if err := r.ln.Close(); err != nil { // away: connections are refused
+		t.Fatal(err)
+	}
+	got := make(alerts, 4)
+	reg, _ := runSink(t, r, path, func(c *siem.Config) {
+		c.MaxBacklog, c.Audit, c.ReconnectMax = 10, got, 200*time.Millisecond
+	})
+	select {
+	case e := <-got:
+		bf, ok := e.(siem.BacklogFull)
+		if !ok || bf.Kind() != "siem_backlog" {
+			t.Fatalf("audit record %#v, want a siem.BacklogFull", e)
+		}
+		if bf.Backlog <= 10 || bf.Max != 10 || bf.Next != 1 || bf.Address != addr {
+			t.Errorf("alert record %+v", bf)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("no backlog alert within 10s")
+	}
+	if v := metric(t, reg, "agentmesh_audit_siem_backlog_full"); v != 1 {
+		t.Errorf("backlog_full = %v, want 1", v)
+	}
+	if v := metric(t, reg, "agentmesh_audit_siem_backlog_records"); v <= 10 {
+		t.Errorf("backlog_records = %v, want more than 10", v)
+	}
+	// Back on the same address: everything arrives, and the alert clears.
+	r2 := relisten(t, r, addr)
+	for seq := uint64(1); seq <= 50; seq++ {
+		if m := r2.next(t); m.seq != seq {
+			t.Fatalf("got seq %d, want %d", m.seq, seq)
+		}
+	}
+	select {
+	case e := <-got:
+		t.Errorf("a second alert record %#v in one episode", e)
+	default:
 	}
 }
