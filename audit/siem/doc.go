@@ -14,6 +14,10 @@
 // buffers. A receiver de-duplicates by the seq in the structured data. After a crash of
 // the process the Sink resends from its cursor file, written at most every second and
 // never past that window, so at most about ResendWindow + 1s of records come twice.
+// When the log's writer cuts off a batch it could not fsync and writes it again, the
+// Sink, which may have sent some of it, notices by the records' hash chain and sends
+// the records again as they were rewritten: the receiver then holds two versions of
+// those seqs, of which the later is the log's.
 //
 // # Message
 //

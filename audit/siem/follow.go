@@ -2,7 +2,6 @@ package siem
 
 import (
 	"bufio"
-	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -29,9 +28,30 @@ type follower struct {
 	// whose newline is not written yet.
 	next    uint64
 	partial []byte
-	// offset is how far into f the reader has consumed, for the backlog estimate.
+	// first is the seq of f's first line; offset is how far into f the reader has
+	// consumed.
+	first  uint64
 	offset int64
+	// prevHash is the hash of the line read last (nil when unknown), recent the lines
+	// read from the active file, oldest first: what tells that the file changed under
+	// the reader and where it did (resync). resyncedAt is where the last resync left
+	// the reader, so a line that does not chain there is passed on, not resynced again.
+	prevHash   []byte
+	recent     []recentLine
+	resyncedAt int64
+	// broken counts lines that did not chain to the one before (a tampered file).
+	broken int
 }
+
+// recentLine is a line read from the active file: its seq and the start of its hash.
+type recentLine struct {
+	seq  uint64
+	hash [16]byte
+}
+
+// maxRecent bounds recent; it is more than a batch of the writer (audit.Config.QueueSize,
+// 4096 by default), the most it cuts off at once.
+const maxRecent = 16384
 
 // openFollower positions a follower so that its first line is the record with seq from
 // (or the first one after, when the log starts later).
@@ -48,7 +68,7 @@ func openFollower(path string, from uint64) (*follower, error) {
 			start = i
 		}
 	}
-	fl := &follower{path: path, files: segs[start:], next: 1}
+	fl := &follower{path: path, files: segs[start:], next: 1, resyncedAt: -1}
 	if err := fl.advance(); err != nil {
 		return nil, err
 	}
@@ -98,7 +118,7 @@ func (fl *follower) advance() error {
 	if fl.f != nil {
 		_ = fl.f.Close() // read only
 	}
-	fl.f, fl.offset, fl.partial = f, 0, fl.partial[:0]
+	fl.f, fl.first, fl.offset, fl.partial, fl.recent = f, fl.next, 0, fl.partial[:0], fl.recent[:0]
 	if fl.r == nil {
 		fl.r = bufio.NewReaderSize(f, 64<<10)
 	} else {
@@ -129,8 +149,18 @@ func (fl *follower) line() ([]byte, error) {
 				line = fl.partial
 				fl.partial = fl.partial[:0]
 			}
-			fl.next++
-			return bytes.TrimSuffix(line, []byte{'\n'}), nil
+			line = line[:len(line)-1]
+			if !chained(line, fl.next, fl.prevHash) {
+				if start := fl.offset - int64(len(line)) - 1; fl.active && start != fl.resyncedAt {
+					if err := fl.resync(); err != nil {
+						return nil, err
+					}
+					continue
+				}
+				fl.broken++
+			}
+			fl.accept(line)
+			return line, nil
 		case errors.Is(err, bufio.ErrBufferFull) || errors.Is(err, io.EOF):
 			if len(fl.partial)+len(chunk) > maxLine+1 {
 				return nil, fmt.Errorf("siem: %s: record %d longer than 1 MiB", fl.f.Name(), fl.next)
@@ -159,16 +189,19 @@ func (fl *follower) atEnd() (bool, error) {
 	if !fl.active {
 		return true, fl.advance()
 	}
+	old, err := fl.f.Stat()
+	if err != nil {
+		return false, fmt.Errorf("siem: stat %s: %w", fl.f.Name(), err)
+	}
+	if old.Size() < fl.offset {
+		return true, fl.resync() // cut: see resync
+	}
 	cur, err := os.Stat(fl.path)
 	if errors.Is(err, os.ErrNotExist) {
 		return false, nil // renamed, its successor not created yet
 	}
 	if err != nil {
 		return false, fmt.Errorf("siem: stat %s: %w", fl.path, err)
-	}
-	old, err := fl.f.Stat()
-	if err != nil {
-		return false, fmt.Errorf("siem: stat %s: %w", fl.f.Name(), err)
 	}
 	if os.SameFile(cur, old) {
 		return false, nil

@@ -1,6 +1,8 @@
 package siem_test
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -10,13 +12,19 @@ import (
 	"github.com/agentmesh/agentmesh/audit"
 )
 
-// writeLines writes the lines of seqs [first, last] to file, as a log's writer would
-// (the sink reads lines by position; it does not check them).
-func writeLines(t testing.TB, file string, first, last uint64) {
+// chain writes record lines as a log's writer would: seq, type and the hash chain (the
+// hash is of the line's content, not audit's exact one; the sink does not check it).
+type chain struct{ prev string }
+
+// write appends the lines of seqs [first, last] to file, of type "t" + (seq + tag).
+func (c *chain) write(t testing.TB, file string, first, last, tag uint64) {
 	t.Helper()
 	var b strings.Builder
 	for seq := first; seq <= last; seq++ {
-		fmt.Fprintf(&b, `{"seq":%d,"time":"2026-12-07T23:00:00Z","type":"t%d"}`+"\n", seq, seq)
+		body := fmt.Sprintf(`{"seq":%d,"time":"2026-12-07T23:00:00Z","type":"t%d","prev":"%s"`, seq, seq+tag, c.prev)
+		sum := sha256.Sum256([]byte(body))
+		c.prev = hex.EncodeToString(sum[:])
+		fmt.Fprintf(&b, "%s,\"hash\":\"%s\"}\n", body, c.prev)
 	}
 	f, err := os.OpenFile(file, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
@@ -30,16 +38,24 @@ func writeLines(t testing.TB, file string, first, last uint64) {
 	}
 }
 
+// writeLines starts a chain at seq first.
+func writeLines(t testing.TB, file string, first, last uint64) *chain {
+	t.Helper()
+	c := &chain{prev: strings.Repeat("0", 64)}
+	c.write(t, file, first, last, 0)
+	return c
+}
+
 // TestSinkSegments: the sink reads a log's segments in order, then the active file, and
 // follows it through a rotation (renamed to a segment, a new active file after it).
 func TestSinkSegments(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(t.TempDir(), "audit.log")
-	writeLines(t, audit.SegmentName(path, 1), 1, 3)
-	writeLines(t, audit.SegmentName(path, 4), 4, 6)
-	writeLines(t, path, 7, 8)
+	c := writeLines(t, audit.SegmentName(path, 1), 1, 3)
+	c.write(t, audit.SegmentName(path, 4), 4, 6, 0)
+	c.write(t, path, 7, 8, 0)
 	r := newReceiver(t)
-	runSink(t, r, path, nil)
+	reg, _ := runSink(t, r, path, nil)
 	expect := func(first, last uint64) {
 		t.Helper()
 		for seq := first; seq <= last; seq++ {
@@ -52,10 +68,56 @@ func TestSinkSegments(t *testing.T) {
 	expect(1, 8)
 	// A rotation while the sink follows the active file: its last lines first, then
 	// the new file.
-	writeLines(t, path, 9, 9)
+	c.write(t, path, 9, 9, 0)
 	if err := os.Rename(path, audit.SegmentName(path, 7)); err != nil {
 		t.Fatal(err)
 	}
-	writeLines(t, path, 10, 11)
+	c.write(t, path, 10, 11, 0)
 	expect(9, 11)
+	if v := metric(t, reg, "agentmesh_audit_siem_errors_total"); v != 0 {
+		t.Errorf("errors_total = %v: every line follows the one before", v)
+	}
+}
+
+// TestSinkCutTail: the log's writer cuts a batch whose fsync failed off the active file
+// and writes it again, under the same seqs with new times and hashes; the sink, which had
+// read the batch, goes back to the first line that changed and sends the records as they
+// are now, however far the rewrite has gone when it looks.
+func TestSinkCutTail(t *testing.T) {
+	t.Parallel()
+	for _, rewritten := range []uint64{0, 1, 3} {
+		t.Run(fmt.Sprint(rewritten), func(t *testing.T) {
+			t.Parallel()
+			path := filepath.Join(t.TempDir(), "audit.log")
+			c := writeLines(t, path, 1, 3)
+			st, err := os.Stat(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			durable := *c
+			c.write(t, path, 4, 5, 0)
+			r := newReceiver(t)
+			reg, _ := runSink(t, r, path, nil)
+			for seq := uint64(1); seq <= 5; seq++ {
+				if m := r.next(t); m.seq != seq {
+					t.Fatalf("got seq %d, want %d", m.seq, seq)
+				}
+			}
+			if err := os.Truncate(path, st.Size()); err != nil {
+				t.Fatal(err)
+			}
+			if rewritten > 0 {
+				durable.write(t, path, 4, 3+rewritten, 10)
+			}
+			durable.write(t, path, 4+rewritten, 6, 10)
+			for seq := uint64(4); seq <= 6; seq++ {
+				if m := r.next(t); m.seq != seq || m.msgID != fmt.Sprintf("t%d", seq+10) {
+					t.Fatalf("got seq %d (MSGID %s), want %d (t%d)", m.seq, m.msgID, seq, seq+10)
+				}
+			}
+			if v := metric(t, reg, "agentmesh_audit_siem_errors_total"); v != 0 {
+				t.Errorf("errors_total = %v", v)
+			}
+		})
+	}
 }

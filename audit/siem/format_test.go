@@ -3,6 +3,7 @@ package siem
 import (
 	"bytes"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 )
@@ -131,5 +132,45 @@ func FuzzFrame(f *testing.F) {
 			t.Fatalf("header fields of %q", msg)
 		}
 		_ = resultOf(line)
+		_ = chained(line, 42, hashOf(line))
 	})
+}
+
+func TestChained(t *testing.T) {
+	t.Parallel()
+	h1, h2 := strings.Repeat("1", 64), strings.Repeat("2", 64)
+	line := `{"seq":5,"time":"t","type":"x","prev":"` + h1 + `","hash":"` + h2 + `"}`
+	tests := []struct {
+		name string
+		line string
+		seq  uint64
+		prev string
+		want bool
+	}{
+		{"follows", line, 5, h1, true},
+		{"prev unknown", line, 5, "", true},
+		{"another seq", line, 6, h1, false},
+		{"another prev", line, 5, h2, false},
+		{"the middle of a line", line[3:], 5, h1, false},
+		{"no prev field", `{"seq":5,"type":"x"}`, 5, h1, true},
+		{"not a record", `garbage`, 5, "", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var prev []byte
+			if tc.prev != "" {
+				prev = []byte(tc.prev)
+			}
+			if got := chained([]byte(tc.line), tc.seq, prev); got != tc.want {
+				t.Errorf("chained = %v, want %v", got, tc.want)
+			}
+		})
+	}
+	if got := string(hashOf([]byte(line))); got != h2 {
+		t.Errorf("hashOf = %q, want %q", got, h2)
+	}
+	if got := hashOf([]byte(`{"seq":5}`)); got != nil {
+		t.Errorf("hashOf of a line without hash = %q", got)
+	}
 }

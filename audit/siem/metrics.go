@@ -23,6 +23,9 @@ const (
 	opRead   = "read"   // reading the log failed
 	opCursor = "cursor" // the cursor file could not be read or written
 	opAudit  = "audit"  // the backlog alert's record could not be appended
+	// opChain: a line of a segment does not continue the chain (a changed file); it is
+	// sent as it is, and audit verify names it.
+	opChain = "chain"
 
 	keyErr     = "err"
 	keyAddress = "address"
@@ -55,10 +58,10 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		conn: prometheus.NewGauge(prometheus.GaugeOpts{Name: metricConnected,
 			Help: "1 while the SIEM connection is up."}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{Name: metricErrors,
-			Help: "SIEM delivery failures by operation: dial, write, read (the log), cursor, audit."},
+			Help: "SIEM delivery failures by operation: dial, write, read (the log), cursor, audit, chain (a record that does not follow the one before, sent as it is)."},
 			[]string{labelOp}),
 	}
-	for _, op := range []string{opDial, opWrite, opRead, opCursor, opAudit} {
+	for _, op := range []string{opDial, opWrite, opRead, opCursor, opAudit, opChain} {
 		m.errors.WithLabelValues(op)
 	}
 	if reg == nil {

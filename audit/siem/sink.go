@@ -217,10 +217,11 @@ func (d *delivery) resendFrom(now time.Time, window time.Duration) uint64 {
 		i++
 	}
 	d.marks = d.marks[i:]
-	if len(d.marks) == 0 {
-		return d.next
+	from := d.next
+	for _, m := range d.marks {
+		from = min(from, m.seq) // not always the first: the follower may have gone back (resync)
 	}
-	return d.marks[0].seq
+	return from
 }
 
 // deliver sends records from next on over conn until it fails or ctx is done, and
@@ -304,6 +305,10 @@ func (s *Sink) batch(d *delivery) (more bool, err error) {
 		if err != nil {
 			s.m.errors.WithLabelValues(opRead).Inc()
 			return false, &readError{err}
+		}
+		if d.fl.broken > 0 {
+			s.m.errors.WithLabelValues(opChain).Add(float64(d.fl.broken))
+			d.fl.broken = 0
 		}
 		seq := d.fl.next - 1
 		s.lineBytes += int64(len(line)) + 1

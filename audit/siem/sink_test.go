@@ -129,9 +129,9 @@ func TestSinkResend(t *testing.T) {
 func TestSinkCursor(t *testing.T) {
 	t.Parallel()
 	path := filepath.Join(t.TempDir(), "audit.log")
-	writeLines(t, audit.SegmentName(path, 1), 1, 3)
-	writeLines(t, audit.SegmentName(path, 4), 4, 6)
-	writeLines(t, path, 7, 8)
+	c := writeLines(t, audit.SegmentName(path, 1), 1, 3)
+	c.write(t, audit.SegmentName(path, 4), 4, 6, 0)
+	c.write(t, path, 7, 8, 0)
 	if err := os.WriteFile(path+".siem", []byte("5\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
