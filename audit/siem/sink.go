@@ -147,8 +147,9 @@ func New(cfg Config) (*Sink, error) {
 	return &Sink{cfg: cfg, m: m, cursor: cfg.Log + ".siem"}, nil
 }
 
-// Run delivers records until ctx is done, then writes the cursor and returns nil. It
-// fails only when the log cannot be read at all.
+// Run delivers records until ctx is done, then writes the cursor and returns nil. A
+// receiver away or a log that cannot be read is retried, counted and logged, never
+// returned: the SIEM does not stop the process.
 func (s *Sink) Run(ctx context.Context) error {
 	next := s.loadCursor()
 	s.savedCursor = next
@@ -158,10 +159,16 @@ func (s *Sink) Run(ctx context.Context) error {
 			return nil //nolint:nilerr // only ctx ends the retries: a shutdown
 		}
 		next, err = s.deliver(ctx, conn, next)
-		if err != nil {
-			return err
-		}
 		s.saveCursor(next)
+		if err != nil {
+			// The log could not be read (deliver counted it): the process goes on, the
+			// sink tries again from where it was after a pause.
+			s.cfg.Logger.Warn("siem cannot read the audit log", "path", s.cfg.Log, keyErr, err, keyRetryIn, s.cfg.ReconnectMax)
+			select {
+			case <-ctx.Done():
+			case <-time.After(s.cfg.ReconnectMax):
+			}
+		}
 		if ctx.Err() != nil {
 			return nil
 		}
@@ -259,10 +266,14 @@ func (s *Sink) deliver(ctx context.Context, conn *tls.Conn, next uint64) (uint64
 		}
 		if err != nil {
 			var rerr *readError
-			if errors.As(err, &rerr) {
-				return d.next, rerr.err
+			if !errors.As(err, &rerr) {
+				return s.failed(d, err), nil
 			}
-			return s.failed(d, err), nil
+			// What the batch wrote before the log failed is sent before the pause.
+			if err := s.flush(d); err != nil {
+				return s.failed(d, err), rerr.err
+			}
+			return d.next, rerr.err
 		}
 		if now := time.Now(); now.Sub(s.tickAt) >= cursorEvery {
 			s.tickAt = now
@@ -287,8 +298,8 @@ func (s *Sink) deliver(ctx context.Context, conn *tls.Conn, next uint64) (uint64
 	}
 }
 
-// readError marks a failure to read the log, which ends Run, from a connection failure,
-// which only ends the connection.
+// readError tells a failure to read the log, after which the sink pauses, from a
+// connection failure, after which it reconnects at once.
 type readError struct{ err error }
 
 func (e *readError) Error() string { return e.err.Error() }
