@@ -153,6 +153,11 @@ func New(cfg Config) (*Sink, error) {
 func (s *Sink) Run(ctx context.Context) error {
 	next := s.loadCursor()
 	s.savedCursor = next
+	// Where the cursor is in the log's bytes, for the backlog while no receiver is reached.
+	if fl, err := openFollower(s.cfg.Log, next); err == nil {
+		s.consumed = logBytes(s.cfg.Log) - fl.unread()
+		_ = fl.close() // read only
+	}
 	for {
 		conn, err := s.dial(ctx, next)
 		if err != nil {
@@ -311,6 +316,7 @@ func (s *Sink) batch(d *delivery) (more bool, err error) {
 	for range batchRecords {
 		line, err := d.fl.line()
 		if errors.Is(err, io.EOF) {
+			d.next = d.fl.next // lower than before when the follower went back (resync)
 			return false, nil
 		}
 		if err != nil {
