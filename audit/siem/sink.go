@@ -313,6 +313,8 @@ func (e *readError) Error() string { return e.err.Error() }
 // stopped at that bound rather than at the end of the log.
 func (s *Sink) batch(d *delivery) (more bool, err error) {
 	first := true
+	// Once a batch: the buffer may flush itself in a Write.
+	_ = d.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 	for range batchRecords {
 		line, err := d.fl.line()
 		if errors.Is(err, io.EOF) {
@@ -340,7 +342,6 @@ func (s *Sink) batch(d *delivery) (more bool, err error) {
 			d.marks = append(d.marks, mark{seq: seq})
 			first = false
 		}
-		_ = d.conn.SetWriteDeadline(time.Now().Add(writeTimeout))
 		if _, err := d.w.Write(s.frame); err != nil {
 			return false, err
 		}
