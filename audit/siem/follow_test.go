@@ -46,14 +46,21 @@ func writeLines(t testing.TB, file string, first, last uint64) *chain {
 	return c
 }
 
-// TestSinkSegments: the sink reads a log's segments in order, then the active file, and
-// follows it through a rotation (renamed to a segment, a new active file after it).
-func TestSinkSegments(t *testing.T) {
-	t.Parallel()
+// segmentedLog writes a log of two segments, seqs 1-3 and 4-6, and an active file, 7-8.
+func segmentedLog(t testing.TB) (string, *chain) {
+	t.Helper()
 	path := filepath.Join(t.TempDir(), "audit.log")
 	c := writeLines(t, audit.SegmentName(path, 1), 1, 3)
 	c.write(t, audit.SegmentName(path, 4), 4, 6, 0)
 	c.write(t, path, 7, 8, 0)
+	return path, c
+}
+
+// TestSinkSegments: the sink reads a log's segments in order, then the active file, and
+// follows it through a rotation (renamed to a segment, a new active file after it).
+func TestSinkSegments(t *testing.T) {
+	t.Parallel()
+	path, c := segmentedLog(t)
 	r := newReceiver(t)
 	reg, _ := runSink(t, r, path, nil)
 	expect := func(first, last uint64) {

@@ -128,10 +128,7 @@ func TestSinkResend(t *testing.T) {
 // clean stop leaves the cursor after the last record sent.
 func TestSinkCursor(t *testing.T) {
 	t.Parallel()
-	path := filepath.Join(t.TempDir(), "audit.log")
-	c := writeLines(t, audit.SegmentName(path, 1), 1, 3)
-	c.write(t, audit.SegmentName(path, 4), 4, 6, 0)
-	c.write(t, path, 7, 8, 0)
+	path, _ := segmentedLog(t)
 	if err := os.WriteFile(path+".siem", []byte("5\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
