@@ -39,7 +39,11 @@ type follower struct {
 	prevHash   []byte
 	recent     []recentLine
 	resyncedAt int64
-	// broken counts lines that did not chain to the one before (a tampered file).
+	// inChain: the last line read followed the one before it. Only then does a line
+	// that does not send the reader back (resync).
+	inChain bool
+	// broken counts the places where the lines stopped following each other (a
+	// changed file), not yet passed on to the metric.
 	broken int
 }
 
@@ -68,7 +72,7 @@ func openFollower(path string, from uint64) (*follower, error) {
 			start = i
 		}
 	}
-	fl := &follower{path: path, files: segs[start:], next: 1, resyncedAt: -1}
+	fl := &follower{path: path, files: segs[start:], next: 1, resyncedAt: -1, inChain: true}
 	if err := fl.advance(); err != nil {
 		return nil, err
 	}
@@ -150,14 +154,22 @@ func (fl *follower) line() ([]byte, error) {
 				fl.partial = fl.partial[:0]
 			}
 			line = line[:len(line)-1]
-			if !chained(line, fl.next, fl.prevHash) {
-				if start := fl.offset - int64(len(line)) - 1; fl.active && start != fl.resyncedAt {
-					if err := fl.resync(); err != nil {
-						return nil, err
-					}
-					continue
+			start := fl.offset - int64(len(line)) - 1
+			switch {
+			case chained(line, fl.next, fl.prevHash):
+				fl.inChain = true
+			case fl.inChain && fl.active && start != fl.resyncedAt:
+				if err := fl.resync(); err != nil {
+					return nil, err
 				}
+				continue
+			case fl.inChain:
+				// Not the writer's rollback (resync found nothing to go back to) but a
+				// changed file: counted once, then the lines go out as they are until
+				// one chains again, without a resync each.
+				fl.inChain = false
 				fl.broken++
+			default: // still out of the chain: counted when it broke
 			}
 			fl.accept(line)
 			return line, nil

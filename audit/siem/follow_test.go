@@ -128,3 +128,35 @@ func TestSinkCutTail(t *testing.T) {
 		})
 	}
 }
+
+// TestSinkTamperedSegment: a log with a line deleted from a segment. The sink sends
+// every line in its place, numbered by its position as audit.Scan and audit verify
+// number them (verify names the gap), counts the break in the chain once, and does not
+// go back and forth over the active file, whose lines no longer match their seqs.
+func TestSinkTamperedSegment(t *testing.T) {
+	t.Parallel()
+	path, _ := segmentedLog(t)
+	seg := audit.SegmentName(path, 4)
+	b, err := os.ReadFile(seg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.SplitAfter(string(b), "\n")
+	if err := os.WriteFile(seg, []byte(lines[0]+lines[2]), 0o600); err != nil { // without seq 5
+		t.Fatal(err)
+	}
+	r := newReceiver(t)
+	reg, _ := runSink(t, r, path, nil)
+	for seq := uint64(1); seq <= 7; seq++ {
+		want := seq
+		if seq >= 5 {
+			want = seq + 1 // the line written as seq+1 is now at seq
+		}
+		if m := r.next(t); m.seq != seq || m.msgID != fmt.Sprintf("t%d", want) {
+			t.Fatalf("got seq %d (MSGID %s), want %d (t%d)", m.seq, m.msgID, seq, want)
+		}
+	}
+	if v := metric(t, reg, "agentmesh_audit_siem_errors_total"); v != 1 {
+		t.Errorf("errors_total = %v, want 1: one break in the chain", v)
+	}
+}
