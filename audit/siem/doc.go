@@ -3,7 +3,7 @@
 // the log's files as they grow, keeps its place in a cursor file beside the log, and
 // after a broken connection resends what it wrote shortly before the break, since TLS
 // syslog has no acknowledgement. It does not write, rotate or verify the log (package
-// audit does), parse records beyond their header, type and result, or drop records: a
+// audit does; it reads only seq, time, type, prev, hash and result), or drop records: a
 // receiver that is away leaves a backlog, which is reported, never discarded.
 //
 // # Delivery promise
