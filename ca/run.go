@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/audit/siem"
 )
 
 // ProcessConfig configures the process `agentmesh ca` runs: a Server, the audit log it
@@ -36,6 +37,10 @@ type ProcessConfig struct {
 	// MetricsAddr is the TCP address serving the CA's Prometheus metrics (with the Go
 	// runtime's and the process's) at GET /metrics. Default "": not served.
 	MetricsAddr string
+
+	// SIEM sends the audit log's records to a syslog receiver (LoadSIEMSettings). Nil:
+	// no delivery.
+	SIEM *siem.Settings
 }
 
 // metricsShutdown bounds how long the metrics listener waits for requests in flight.
@@ -69,13 +74,17 @@ func Run(ctx context.Context, cfg ProcessConfig) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	cfg.CA.Registerer = reg
-	err = serve(ctx, cfg, reg)
+	sink, err := newSIEMSink(cfg, auditLog, reg)
+	if err == nil {
+		err = serve(ctx, cfg, reg, sink)
+	}
 	stopAudit()
 	return errors.Join(err, <-auditDone)
 }
 
-// serve runs the Server and the metrics listener under one errgroup.
-func serve(ctx context.Context, cfg ProcessConfig, reg *prometheus.Registry) error {
+// serve runs the Server, the metrics listener and the SIEM sink (when not nil) under one
+// errgroup.
+func serve(ctx context.Context, cfg ProcessConfig, reg *prometheus.Registry, sink *siem.Sink) error {
 	srv, err := New(ctx, cfg.CA)
 	if err != nil {
 		return err
@@ -91,6 +100,9 @@ func serve(ctx context.Context, cfg ProcessConfig, reg *prometheus.Registry) err
 	}
 	cfg.Logger.Info("ca ready", "url", srv.URL(), "trust_domain", cfg.CA.TrustDomain.String(), "state", cfg.CA.StateDir)
 	g.Go(func() error { return srv.Run(gctx) })
+	if sink != nil {
+		g.Go(func() error { return sink.Run(gctx) })
+	}
 	return g.Wait()
 }
 

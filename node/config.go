@@ -13,6 +13,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit/siem"
 	"github.com/agentmesh/agentmesh/internal/svidrules"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
@@ -105,6 +106,9 @@ type AuditSettings struct {
 	// Ack is when a new connection's handshake record counts as written: "durable"
 	// (default: fsynced) or "queued" (for measuring what durability costs).
 	Ack proxy.AuditAck `yaml:"ack"`
+	// SIEM sends every record (or those its filter keeps) to a syslog receiver over TLS.
+	// Nil: no delivery.
+	SIEM *siem.Settings `yaml:"siem"`
 }
 
 // LimitsSettings bounds what unauthenticated peers can make the proxy hold
@@ -217,6 +221,9 @@ func fieldError(field string, err error) error { return &fieldErr{field: field, 
 func (c *Config) finish(base string) error {
 	c.State, c.CA.Root, c.CA.TokenFile = resolve(base, c.State), resolve(base, c.CA.Root), resolve(base, c.CA.TokenFile)
 	c.Policy, c.Audit.Path = resolve(base, c.Policy), resolve(base, c.Audit.Path)
+	if s := c.Audit.SIEM; s != nil {
+		s.CAFile, s.CertFile, s.KeyFile = resolve(base, s.CAFile), resolve(base, s.CertFile), resolve(base, s.KeyFile)
+	}
 	c.Tunnel, c.Admin = orDefault(c.Tunnel, ":15008"), orDefault(c.Admin, "127.0.0.1:15020")
 	var err error
 	if c.id, err = parseID(c.ID); err != nil {
@@ -328,9 +335,16 @@ func (s DirectorySettings) addresses() ([]netip.Addr, error) {
 func (s AuditSettings) validate() error {
 	switch s.Ack {
 	case "", proxy.AuditAckDurable, proxy.AuditAckQueued:
-		return nil
+	default:
+		return fieldError("audit.ack", fmt.Errorf(`must be "durable" or "queued", not %q`, s.Ack))
 	}
-	return fieldError("audit.ack", fmt.Errorf(`must be "durable" or "queued", not %q`, s.Ack))
+	if s.SIEM != nil {
+		var fe *siem.FieldError
+		if err := s.SIEM.Validate(); errors.As(err, &fe) {
+			return fieldError("audit.siem."+fe.Field, fe.Err)
+		}
+	}
+	return nil
 }
 
 func (s LimitsSettings) validate() error {

@@ -119,6 +119,8 @@ func TestLoadConfigErrors(t *testing.T) {
 		{name: "negative connection limit", edit: replace("state: state", "state: state\nlimits:\n  max_connections: -1"), line: 4, field: "limits.max_connections"},
 		{name: "negative handshake limit", edit: replace("state: state", "state: state\nlimits:\n  max_handshakes_in_flight: -5"), line: 4, field: "limits.max_handshakes_in_flight"},
 		{name: "unknown audit ack", edit: replace("state: state", "state: state\naudit:\n  ack: eventually"), line: 4, field: "audit.ack"},
+		{name: "siem without port", edit: replace("state: state", "state: state\naudit:\n  siem:\n    address: syslog\n    ca_file: ca.pem"), line: 5, field: "audit.siem.address"},
+		{name: "siem empty rule", edit: replace("state: state", "state: state\naudit:\n  siem:\n    address: syslog:6514\n    ca_file: ca.pem\n    exclude:\n      - {}"), line: 8, field: "audit.siem.exclude[0]"},
 		{name: "wrong type", edit: replace("target_port: 8080", "target_port: eighty"), line: 13},
 		{name: "bad duration", edit: replace("overlap: 10s", "overlap: ten"), line: 8},
 		{name: "not YAML", edit: func(string) string { return "id: [unclosed\n" }, line: 1},

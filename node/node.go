@@ -18,6 +18,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/audit/siem"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
@@ -45,6 +46,7 @@ type node struct {
 	px       *proxy.Proxy
 	admin    *admin
 	control  *control
+	siem     *siem.Sink // nil without audit.siem
 }
 
 // Run runs the proxy process cfg describes until ctx is done: the audit log, the host's
@@ -73,7 +75,7 @@ func (n *node) build(ctx context.Context) (func(), error) {
 		return nil, err
 	}
 	n.keys = keys
-	for _, step := range []func() error{n.buildHost, n.buildMesh, n.buildProxy, n.buildServers} {
+	for _, step := range []func() error{n.buildHost, n.buildMesh, n.buildProxy, n.buildServers, n.buildSIEM} {
 		if err := step(); err != nil {
 			closeKeys()
 			return nil, err
@@ -223,7 +225,7 @@ func (n *node) run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	followMesh := func(ctx context.Context) error { return n.followMesh(ctx, n.dir) }
 	for _, run := range []func(context.Context) error{n.rot.Run, n.px.Run, n.admin.Run, n.dir.Run, followMesh,
-		n.control.Run, n.agents.Run, w.run, n.followAnchors} {
+		n.control.Run, n.agents.Run, w.run, n.followAnchors, n.runSIEM} {
 		g.Go(func() error { return run(gctx) })
 	}
 	err := g.Wait()

@@ -57,11 +57,11 @@ only hsm
 only redirect
 only meshapi policy audit
 only meshclient meshapi policy audit
-only ca meshapi policy audit hsm
+only ca meshapi policy audit audit/siem hsm
 only ca/authority meshapi policy audit hsm
 only rotator policy audit
 only proxy policy audit
-only node proxy rotator meshclient meshapi policy audit hsm
+only node proxy rotator meshclient meshapi policy audit audit/siem hsm
 only internal policy audit hsm
 
 never ca node proxy rotator meshclient

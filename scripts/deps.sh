@@ -17,6 +17,9 @@ have tcpdump || need+=(tcpdump)
 have python3 || need+=(python3-minimal)   # the half-close test's client
 have setpriv || need+=(util-linux)
 have systemd-analyze || need+=(systemd)   # verifies deploy/systemd in the tests
+# The SIEM test's receiver: rsyslogd with its TLS stream driver (lmnsd_gtls).
+have rsyslogd || need+=(rsyslog)
+ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || need+=(rsyslog-gnutls)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "deps: all present"

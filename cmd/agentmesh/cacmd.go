@@ -20,6 +20,7 @@ func newCACmd() *cobra.Command {
 		logLevel    string
 		logFormat   string
 	)
+	var siemFile string
 	cmd := &cobra.Command{
 		Use:   "ca",
 		Short: "Run the embedded step-ca with its keys in a PKCS#11 token",
@@ -38,6 +39,11 @@ creates the token, keys, certificates and database in --state; later starts reus
 				return fmt.Errorf("--log-level: %w", err)
 			}
 			cfg.CA.TrustDomain = td
+			if siemFile != "" {
+				if cfg.SIEM, err = ca.LoadSIEMSettings(siemFile); err != nil {
+					return fmt.Errorf("--siem: %w", err)
+				}
+			}
 			cfg.Logger = newLogger(os.Stderr, level, logFormat)
 			return ca.Run(cmd.Context(), cfg)
 		},
@@ -48,6 +54,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 	f.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain, e.g. example.org")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	f.StringVar(&siemFile, "siem", "", "YAML file of the SIEM receiver the audit log is sent to, with the fields of a proxy's audit.siem (default: none)")
 	_ = cmd.MarkFlagRequired("state")
 	_ = cmd.MarkFlagRequired("trust-domain")
 	return cmd
