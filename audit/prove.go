@@ -108,13 +108,13 @@ func proveFromHashFile(path string, index, size uint64) (tlog.RecordProof, error
 func proveFromRecords(path string, index, size uint64) (tlog.RecordProof, error) {
 	var (
 		e      edge
-		stored []tlog.Hash
+		stored []byte
 	)
 	err := Scan(path, 1, func(seq uint64, line []byte) error {
 		if seq > size {
 			return ErrStop
 		}
-		e.add(tlog.RecordHash(line), func(h tlog.Hash) { stored = append(stored, h) })
+		stored = e.add(tlog.RecordHash(line), stored)
 		return nil
 	})
 	if err != nil {
@@ -126,10 +126,10 @@ func proveFromRecords(path string, index, size uint64) (tlog.RecordProof, error)
 	return tlog.ProveRecord(int64(size), int64(index), tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
 		out := make([]tlog.Hash, len(idx))
 		for i, x := range idx {
-			if x < 0 || x >= int64(len(stored)) {
+			if x < 0 || x >= int64(len(stored)/tlog.HashSize) {
 				return nil, fmt.Errorf("audit: stored hash %d out of range", x)
 			}
-			out[i] = stored[x]
+			copy(out[i][:], stored[x*tlog.HashSize:])
 		}
 		return out, nil
 	}))

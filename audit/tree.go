@@ -36,18 +36,20 @@ type edge struct {
 	roots [64]tlog.Hash
 }
 
-// add appends a leaf and calls out with each stored hash it creates, in storage order.
-func (e *edge) add(leaf tlog.Hash, out func(tlog.Hash)) {
-	out(leaf)
+// add appends a leaf and appends to stored the stored hashes it creates, in storage
+// order (tlog.StoredHashIndex).
+func (e *edge) add(leaf tlog.Hash, stored []byte) []byte {
+	stored = append(stored, leaf[:]...)
 	h := leaf
 	// Each trailing one bit of n is a complete subtree that the new leaf completes.
 	m := bits.TrailingZeros64(^e.n)
 	for l := range m {
 		h = tlog.NodeHash(e.roots[l], h)
-		out(h)
+		stored = append(stored, h[:]...)
 	}
 	e.roots[m] = h
 	e.n++
+	return stored
 }
 
 // root is the tree hash of the n leaves, tlog.TreeHash computed from the edge.
@@ -89,7 +91,7 @@ type tree struct {
 }
 
 func (t *tree) addLine(line []byte) {
-	t.edge.add(tlog.RecordHash(line), func(h tlog.Hash) { t.buf = append(t.buf, h[:]...) })
+	t.buf = t.edge.add(tlog.RecordHash(line), t.buf)
 }
 
 // flush writes the buffered stored hashes after those already in the file, then
