@@ -110,7 +110,7 @@ func TestRotationCrash(t *testing.T) {
 func itoa(n uint64) string { return strconv.FormatUint(n, 10) }
 
 // TestScanDuringRotation: a reader scanning while the writer rotates is never handed a
-// record under another seq than its own.
+// record under another seq than its own, and VerifyLog of the live log passes.
 func TestScanDuringRotation(t *testing.T) {
 	t.Parallel()
 	path := tempLog(t)
@@ -146,6 +146,9 @@ func TestScanDuringRotation(t *testing.T) {
 		})
 		if err != nil {
 			t.Fatalf("scan %d: %v", scans, err)
+		}
+		if _, err := audit.VerifyLog(path, audit.VerifyOptions{}); err != nil {
+			t.Fatalf("scan %d: VerifyLog: %v", scans, err)
 		}
 	}
 	if n := len(allLines(t, path)); n != 600 {

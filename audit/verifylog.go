@@ -202,27 +202,52 @@ func walkLog(path string, rep *VerifyReport, want []Checkpoint) (map[uint64]tlog
 			roots[e.n] = e.root()
 		}
 	}
-	segs, err := Segments(path)
-	if err != nil {
-		return nil, err
-	}
-	for i, s := range segs {
-		active := i == len(segs)-1
-		if s.First != 0 && s.First != c.n+1 {
-			return nil, &VerifyError{File: s.Path, Seq: c.n + 1, Line: 1,
-				Reason: fmt.Sprintf("segment named for seq %d follows seq %d: a segment was removed or renamed", s.First, c.n)}
-		}
-		torn, err := verifyFile(s.Path, &c, leaf, active)
+	for relists := 0; ; relists++ {
+		segs, err := Segments(path)
 		if err != nil {
 			return nil, err
 		}
+		err = walkFiles(segs, &c, leaf, rep)
+		ve, ok := errors.AsType[*VerifyError](err)
+		if ok && ve.File == path && ve.Line == 1 && relists < maxScanRetries && rotatedAt(path, c.n+1) {
+			continue // the log rotated under the walk: read the new segment, then the new active file
+		}
+		if err != nil {
+			return nil, err
+		}
+		rep.Records, rep.Root = e.n, e.root()
+		return roots, nil
+	}
+}
+
+// walkFiles checks the files of segs after the c.n records already checked: segments are
+// read whole, so those starting at or before c.n are done.
+func walkFiles(segs []Segment, c *chain, leaf func([]byte), rep *VerifyReport) error {
+	for i, s := range segs {
+		active := i == len(segs)-1
+		if s.First != 0 && s.First <= c.n {
+			continue
+		}
+		if s.First != 0 && s.First != c.n+1 {
+			return &VerifyError{File: s.Path, Seq: c.n + 1, Line: 1,
+				Reason: fmt.Sprintf("segment named for seq %d follows seq %d: a segment was removed or renamed", s.First, c.n)}
+		}
+		torn, err := verifyFile(s.Path, c, leaf, active)
+		if err != nil {
+			return err
+		}
 		if torn > 0 && !active {
-			return nil, &VerifyError{File: s.Path, Seq: c.n + 1, Line: c.line + 1, Reason: "incomplete last line in a segment"}
+			return &VerifyError{File: s.Path, Seq: c.n + 1, Line: c.line + 1, Reason: "incomplete last line in a segment"}
 		}
 		rep.TornBytes = torn
 	}
-	rep.Records, rep.Root = e.n, e.root()
-	return roots, nil
+	return nil
+}
+
+// rotatedAt reports whether the log at path now has a segment starting at seq first.
+func rotatedAt(path string, first uint64) bool {
+	_, err := os.Stat(SegmentName(path, first))
+	return err == nil
 }
 
 // verifyFile checks one file's records with c and returns the length of an incomplete
