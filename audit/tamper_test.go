@@ -111,6 +111,14 @@ func TestTamperNoWitness(t *testing.T) {
 	if !errors.Is(err, audit.ErrCheckpoint) {
 		t.Fatalf("VerifyLog with the wrong key = %v, want ErrCheckpoint", err)
 	}
+	// The witness bound the writer's key: another given key is refused.
+	w2 := newTestWitness(t)
+	p2, _ := witnessedLog(t, w2, 5, 5)
+	url, client := w2.serve(t)
+	_, err = audit.VerifyLog(p2, audit.VerifyOptions{Key: verifierKey(t, key), Witness: fetchView(t, url, client)})
+	if !errors.Is(err, audit.ErrCheckpoint) {
+		t.Fatalf("VerifyLog with a key the witness did not bind = %v, want ErrCheckpoint", err)
+	}
 	fresh := resign(t, key, path)
 	if _, err := audit.VerifyLog(path, audit.VerifyOptions{Checkpoint: fresh, Key: verifierKey(t, key)}); err != nil {
 		t.Fatalf("VerifyLog of a re-signed cut log without the witness = %v; it cannot know", err)

@@ -67,7 +67,16 @@ func VerifyLog(path string, opts VerifyOptions) (VerifyReport, error) {
 		return rep, err
 	}
 	key := opts.Key
-	if key == "" && w != nil {
+	if w != nil {
+		if key != "" {
+			v, err := ParseVerifierKey(key)
+			if err != nil {
+				return rep, fmt.Errorf("key: %w", err)
+			}
+			if !w.key.Equal(v) {
+				return rep, fmt.Errorf("%w: the witness bound another key to this log than the one given", ErrCheckpoint)
+			}
+		}
 		key = w.key.Key()
 	}
 	cp, signed, err := openLocalCheckpoint(opts.Checkpoint, key)
