@@ -79,10 +79,10 @@ func VerifyLog(path string, opts VerifyOptions) (VerifyReport, error) {
 		}
 		key = w.key.Key()
 	}
-	cp, signed, err := openLocalCheckpoint(opts.Checkpoint, key)
-	if err != nil {
-		return rep, err
-	}
+	// A local checkpoint that does not verify is reported after the chain and the
+	// witness have had their say: the witness names what a rewrite changed, which a
+	// forged checkpoint would otherwise hide.
+	cp, signed, cpErr := openLocalCheckpoint(opts.Checkpoint, key)
 	// The sizes whose roots are compared, computed on the way.
 	var want []Checkpoint
 	if cp != nil {
@@ -95,17 +95,20 @@ func VerifyLog(path string, opts VerifyOptions) (VerifyReport, error) {
 	if err != nil {
 		return rep, err
 	}
-	if cp != nil {
-		if err := checkRoots(rep.Records, roots, []Checkpoint{*cp}, "the checkpoint"); err != nil {
-			return rep, err
-		}
-		rep.Checkpoint, rep.CheckpointSigned = cp, signed
-	}
 	if w != nil {
 		if err := checkRoots(rep.Records, roots, w.history, "the witness"); err != nil {
 			return rep, err
 		}
 		rep.Witnessed = &w.latest
+	}
+	if cpErr != nil {
+		return rep, cpErr
+	}
+	if cp != nil {
+		if err := checkRoots(rep.Records, roots, []Checkpoint{*cp}, "the checkpoint"); err != nil {
+			return rep, err
+		}
+		rep.Checkpoint, rep.CheckpointSigned = cp, signed
 	}
 	return rep, nil
 }
