@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -356,8 +355,10 @@ func (g *lagMarks) age(witnessed, size uint64, now time.Time) time.Duration {
 	return max(0, now.Sub(g.marks[0].t))
 }
 
-// writeFileAtomic replaces path with data: a temporary file, fsynced, renamed over it,
-// and the directory fsynced, so a crash leaves the old or the new content.
+// writeFileAtomic replaces path with data: a temporary file, fsynced, renamed over it, so
+// a crash leaves the old or the new content. The directory is not fsynced: losing the
+// rename in a crash leaves the previous checkpoint, which the log and the witness handle
+// (the witness holds the truth), and it saves a journal commit per checkpoint.
 func writeFileAtomic(path string, data []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -373,9 +374,6 @@ func writeFileAtomic(path string, data []byte) error {
 	}
 	if err == nil {
 		err = os.Rename(tmp, path)
-	}
-	if err == nil {
-		err = syncDir(filepath.Dir(path))
 	}
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)
