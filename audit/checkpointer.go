@@ -109,23 +109,28 @@ func (l *Log) Checkpoint(ctx context.Context) error {
 	if l.cp == nil {
 		return nil
 	}
-	select {
-	case l.cp.sem <- struct{}{}:
-	case <-ctx.Done():
-		return fmt.Errorf("audit: checkpoint: %w", ctx.Err())
-	}
-	defer func() { <-l.cp.sem }()
-	return l.checkpointRound(ctx, l.cfg.Witness)
+	return l.round(ctx, l.cfg.Witness)
 }
 
 // checkpointLoop runs checkpoint rounds when kicked by the writer, at every interval, and
 // once at start (the latest checkpoint may not be witnessed yet). A failed round is
-// logged and counted; the next one retries.
+// logged and counted; the next one retries. After a failed witness exchange, kicks only
+// sign until the next interval: a witness that is down or refuses the log hears from it
+// once per interval, not once per CheckpointRecords records.
 func (l *Log) checkpointLoop(ctx context.Context) {
 	t := time.NewTicker(l.cfg.CheckpointInterval)
 	defer t.Stop()
+	witnessFailed, tick := false, true
 	for {
-		if err := l.Checkpoint(ctx); err != nil && ctx.Err() == nil {
+		w := l.cfg.Witness
+		if witnessFailed && !tick {
+			w = nil
+		}
+		err := l.round(ctx, w)
+		if w != nil {
+			witnessFailed = err != nil
+		}
+		if err != nil && ctx.Err() == nil {
 			level := slog.LevelWarn
 			if errors.Is(err, ErrInconsistent) {
 				level = slog.LevelError
@@ -136,9 +141,22 @@ func (l *Log) checkpointLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			tick = true
 		case <-l.cp.kick:
+			tick = false
 		}
 	}
+}
+
+// round is one checkpoint round with w, under sem.
+func (l *Log) round(ctx context.Context, w Witness) error {
+	select {
+	case l.cp.sem <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("audit: checkpoint: %w", ctx.Err())
+	}
+	defer func() { <-l.cp.sem }()
+	return l.checkpointRound(ctx, w)
 }
 
 // kickCheckpoint tells the loop, without waiting, that CheckpointRecords records were
