@@ -2,16 +2,13 @@ package audit
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -112,6 +109,15 @@ func (c Config) withDefaults() Config {
 	if c.RetryInterval <= 0 {
 		c.RetryInterval = 100 * time.Millisecond
 	}
+	if c.MaxFileBytes <= 0 {
+		c.MaxFileBytes = 64 << 20
+	}
+	if c.CheckpointRecords <= 0 {
+		c.CheckpointRecords = 1000
+	}
+	if c.CheckpointInterval <= 0 {
+		c.CheckpointInterval = 10 * time.Second
+	}
 	return c
 }
 
@@ -148,6 +154,17 @@ type Log struct {
 	prev    [sha256.Size]byte
 	pending []item
 	scratch []byte
+	// first is the seq of the active file's first record (the next one when it is
+	// empty): its segment's name once rotated.
+	first uint64
+
+	// tree is the Merkle tree of the durable records; its writes belong to the writer.
+	tree *tree
+	// cp is nil without Config.Signer. latest and cosigned are the latest signed and
+	// cosigned checkpoints.
+	cp       *checkpointer
+	latest   atomic.Pointer[signedCheckpoint]
+	cosigned atomic.Pointer[signedCheckpoint]
 }
 
 type failure struct{ err error }
@@ -186,18 +203,8 @@ func Open(cfg Config) (*Log, error) {
 	}
 	wake := make(chan struct{})
 	l.wake.Store(&wake)
-	if err := l.recoverTail(); err != nil {
+	if err := l.open(); err != nil {
 		_ = f.Close() // the open error is the one to report
-		return nil, fmt.Errorf("audit: open %s: %w", cfg.Path, err)
-	}
-	// The file may have just been created: make its directory entry durable too, or a crash
-	// could lose the whole file along with records already reported durable.
-	if err := syncDir(filepath.Dir(cfg.Path)); err != nil {
-		_ = f.Close()
-		return nil, fmt.Errorf("audit: open %s: %w", cfg.Path, err)
-	}
-	if l.m, err = newMetrics(cfg.Registerer); err != nil {
-		_ = f.Close()
 		return nil, fmt.Errorf("audit: open %s: %w", cfg.Path, err)
 	}
 	return l, nil
@@ -228,8 +235,15 @@ func (l *Log) Run(ctx context.Context) error {
 		close(l.queue)
 		l.mu.Unlock()
 	})
+	if l.cp != nil {
+		wg.Go(func() { l.checkpointLoop(ctx) })
+	}
 	l.writeLoop()
 	wg.Wait()
+	l.finalCheckpoint()
+	if err := l.tree.close(); err != nil {
+		l.m.errors.WithLabelValues(opHashes).Inc()
+	}
 	if err := l.f.Close(); err != nil {
 		l.fail(opClose, fmt.Errorf("close %s: %w", l.cfg.Path, err))
 	}
@@ -383,10 +397,18 @@ func (l *Log) writePending() error {
 	}
 	seq, prev, written := l.seq, l.prev, int64(0)
 	op, err := "", error(nil)
-	for _, it := range l.pending {
+	// The tree grows with the records and is cut back with them on failure.
+	edge, hashed := l.tree.edge, len(l.tree.buf)
+	var now time.Time // of the batch's first record
+	for i, it := range l.pending {
 		seq++
+		t := l.cfg.Now()
+		if i == 0 {
+			now = t
+		}
 		var sum [sha256.Size]byte
-		l.scratch, sum = appendRecord(l.scratch[:0], seq, l.cfg.Now().UTC(), it.kind, &prev, it.fields)
+		l.scratch, sum = appendRecord(l.scratch[:0], seq, t.UTC(), it.kind, &prev, it.fields)
+		l.tree.addLine(l.scratch[:len(l.scratch)-1])
 		prev = sum
 		// bufio only reaches the file when its buffer fills; errors stick and show at Flush.
 		_, _ = l.w.Write(l.scratch)
@@ -405,82 +427,36 @@ func (l *Log) writePending() error {
 	if err != nil {
 		l.fail(op, err)
 		l.rollback()
+		l.tree.edge, l.tree.buf = edge, l.tree.buf[:hashed]
 		return l.failureErr()
 	}
 	l.m.records.Add(float64(len(l.pending)))
+	first := l.seq + 1
 	l.seq, l.prev, l.size = seq, prev, l.size+written
 	clear(l.pending)
 	l.pending = l.pending[:0]
 	l.recover()
+	l.committed(first, now)
 	return nil
 }
 
-// recoverTail truncates a torn last line and loads seq and prev from the last record.
-func (l *Log) recoverTail() error {
-	st, err := l.f.Stat()
-	if err != nil {
-		return err
+// committed follows a durable batch whose first record is first: the tree's hashes, the
+// checkpoint's kick, rotation.
+func (l *Log) committed(first uint64, now time.Time) {
+	if err := l.tree.flush(); err != nil {
+		// Derived data: proofs wait for a later batch's write to succeed, and Open
+		// rebuilds the file. The records are durable regardless.
+		l.m.errors.WithLabelValues(opHashes).Inc()
 	}
-	size := st.Size()
-	l.size = size
-	if size == 0 {
-		return nil
-	}
-	nl, err := lastNewline(l.f, size)
-	if err != nil {
-		return err
-	}
-	if keep := nl + 1; keep != size {
-		if err := l.f.Truncate(keep); err != nil {
-			return fmt.Errorf("truncate torn tail: %w", err)
+	if l.cp != nil {
+		if l.cfg.Witness != nil {
+			l.cp.lag.add(first, now)
 		}
-		if err := l.f.Sync(); err != nil {
-			return fmt.Errorf("truncate torn tail: %w", err)
-		}
-		l.cfg.Logger.LogAttrs(context.Background(), slog.LevelWarn, "audit log had a torn last line; truncated it",
-			slog.String(keyPath, l.cfg.Path), slog.Int64(keyDroppedBytes, size-keep))
-		size = keep
-		l.size = size
+		l.kickCheckpoint(l.seq)
 	}
-	if size == 0 {
-		return nil
+	if l.size >= l.cfg.MaxFileBytes {
+		l.rotate()
 	}
-	start, err := lastNewline(l.f, size-1)
-	if err != nil {
-		return err
-	}
-	start++
-	if size-1-start > maxRecordBytes {
-		return fmt.Errorf("%w: last line longer than 1 MiB", ErrCorrupt)
-	}
-	line := make([]byte, size-1-start)
-	if _, err := l.f.ReadAt(line, start); err != nil {
-		return fmt.Errorf("read last record: %w", err)
-	}
-	rec, _, reason := parseRecord(line, nil)
-	if reason != "" {
-		return fmt.Errorf("%w: last record: %s", ErrCorrupt, reason)
-	}
-	l.seq, l.prev = rec.seq, rec.hash
-	return nil
-}
-
-// lastNewline returns the offset of the last '\n' before end, or -1, reading backwards in
-// chunks so a large file costs only the length of its last line.
-func lastNewline(f *os.File, end int64) (int64, error) {
-	var buf [32 << 10]byte
-	for end > 0 {
-		n := min(int64(len(buf)), end)
-		chunk := buf[:n]
-		if _, err := f.ReadAt(chunk, end-n); err != nil && !errors.Is(err, io.EOF) {
-			return 0, fmt.Errorf("read tail: %w", err)
-		}
-		if i := bytes.LastIndexByte(chunk, '\n'); i >= 0 {
-			return end - n + int64(i), nil
-		}
-		end -= n
-	}
-	return -1, nil
 }
 
 func syncDir(dir string) error {
