@@ -75,6 +75,7 @@ type Authority struct {
 	km             keyStore // a.kms, through which the generations' keys are managed
 	releaseSoftHSM func()
 	provKey        crypto.Signer
+	auditKey       crypto.Signer
 	provisioner    *provisioner.JWK
 	created        bool // Open created the root or the intermediate
 	uses           *tokenUses
@@ -143,6 +144,9 @@ func Open(ctx context.Context, cfg Config) (_ *Authority, err error) {
 	if a.provKey, err = loadOrCreateKey(a.kms, keyURIProvisioner); err != nil {
 		return nil, err
 	}
+	if a.auditKey, err = loadOrCreateKey(a.kms, keyURIAudit); err != nil {
+		return nil, err
+	}
 	jwk, err := provisionerJWK(a.provKey.Public())
 	if err != nil {
 		return nil, err
@@ -179,6 +183,11 @@ func (a *Authority) ActiveSigner() (crypto.Signer, *x509.Certificate) {
 	g := a.pki.Load().active
 	return g.intermediateSigner, g.Intermediate
 }
+
+// AuditSigner signs with the CA's audit key (ECDSA P-256, agentmesh-audit in the
+// token, generated there on first use): the CA's own checkpoints and its cosignatures
+// of the proxies'.
+func (a *Authority) AuditSigner() crypto.Signer { return a.auditKey }
 
 // Step is step-ca's running authority, nil before Start.
 func (a *Authority) Step() *stepauthority.Authority { return a.step.Load() }
