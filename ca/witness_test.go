@@ -269,9 +269,11 @@ func TestWitnessState(t *testing.T) {
 // The CA's own log is witnessed by the proxies: each answer carries the CA's latest
 // checkpoint with a proof from the one the host last cosigned, the host's next request
 // returns it cosigned, and the public API serves the largest one cosigned, with every
-// host's cosignature of it.
+// host's cosignature of it. The alert rules in deploy/ select what the CA exports.
 func TestWitnessCALog(t *testing.T) {
 	cfg, _ := testConfig(t)
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
 	caOrigin := meshapi.CAAuditOrigin(testTD)
 	var caLog *memLog
 	cfg.OpenAuditLog = func(key crypto.Signer) (CheckpointLog, error) {
@@ -373,4 +375,6 @@ func TestWitnessCALog(t *testing.T) {
 		b, _ := json.Marshal(st)
 		t.Errorf("WitnessStatus: %s, %v", b, err)
 	}
+	// Every series the alert rules select now exists.
+	checkAlertRules(t, reg)
 }
