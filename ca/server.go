@@ -235,6 +235,8 @@ func (s *Server) Run(ctx context.Context) (err error) {
 			err = boundary(rerr)
 		}
 	}()
+	// Runs first: the last checkpoint of the CA's log is signed while the token is open.
+	defer s.checkpointOwnLog(ctx)
 
 	if err := s.auth.Start(authority.IssuePolicy{DB: s.db, Enforce: s.enforceNotRevoked, AuthorizeRenew: s.authorizeRenew}); err != nil {
 		return boundary(err)

@@ -2,6 +2,7 @@ package ca
 
 import (
 	"cmp"
+	"context"
 	"fmt"
 	"path/filepath"
 	"slices"
@@ -24,6 +25,10 @@ import (
 // has the CA's Origin and audit key as Signer.
 type CheckpointLog interface {
 	Append(audit.Event) error
+	// Sync returns once the records appended before are durable.
+	Sync(ctx context.Context) error
+	// Checkpoint signs a checkpoint of the durable records now, if the log grew.
+	Checkpoint(ctx context.Context) error
 	// Latest is the latest signed checkpoint of the durable records; a nil note when
 	// none yet.
 	Latest() ([]byte, audit.Checkpoint)
@@ -178,4 +183,25 @@ func (s *Server) initWitness() error {
 		s.cfg.Audit = s.caLog
 	}
 	return nil
+}
+
+// ownLogTimeout bounds the CA's last checkpoint at shutdown.
+const ownLogTimeout = 5 * time.Second
+
+// checkpointOwnLog signs a checkpoint of every record the CA wrote, once it has stopped
+// serving and before the token closes: the audit key is in the token, so the log's own
+// checkpoint at its shutdown, later, could not be signed.
+func (s *Server) checkpointOwnLog(ctx context.Context) {
+	if s.caLog == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ownLogTimeout)
+	defer cancel()
+	if err := s.caLog.Sync(ctx); err != nil {
+		s.log.Error("ca audit log not synced at shutdown", keyErr, err)
+		return
+	}
+	if err := s.caLog.Checkpoint(ctx); err != nil {
+		s.log.Error("ca audit checkpoint at shutdown failed", keyErr, err)
+	}
 }

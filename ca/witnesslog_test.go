@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"context"
 	"crypto"
 	"fmt"
 	"net/http"
@@ -81,6 +82,9 @@ func (m *memLog) sign(tb testing.TB) []byte {
 	}
 	return m.latest
 }
+
+func (*memLog) Sync(context.Context) error       { return nil }
+func (*memLog) Checkpoint(context.Context) error { return nil }
 
 func (m *memLog) Latest() ([]byte, audit.Checkpoint) {
 	m.mu.Lock()
