@@ -55,7 +55,8 @@ type Config struct {
 	// provisioner keys, for example
 	// "pkcs11:module-path=/usr/lib/libyubihsm_pkcs11.so;token=agentmesh?pin-source=file:///etc/agentmesh/pin".
 	// Missing keys are generated inside it on first start, as objects labelled
-	// agentmesh-root, agentmesh-intermediate and agentmesh-provisioner: give each CA its
+	// agentmesh-root, agentmesh-intermediate, agentmesh-provisioner and agentmesh-audit
+	// (the audit key: checkpoints and cosignatures): give each CA its
 	// own token. The URI is never logged with a pin-value. Default "": a SoftHSM2 token
 	// created inside StateDir on first start, its random PIN in PINFile.
 	KMS string

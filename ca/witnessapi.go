@@ -275,33 +275,34 @@ func (s *Server) handleAdminForget(w http.ResponseWriter, r *http.Request) {
 // witnesses (its own first) with their state, through its admin socket (what
 // `agentmesh status --state` shows). A refusal is a *meshapi.ResponseError.
 func WitnessStatus(ctx context.Context, stateDir string) ([]meshapi.WitnessedLog, error) {
-	b, err := adminRequest(ctx, stateDir, "audit witness", http.MethodGet, adminWitnessPath, nil, meshapi.MaxResponse)
-	if err != nil {
-		return nil, err
-	}
-	var out []meshapi.WitnessedLog
-	if err := json.Unmarshal(b, &out); err != nil {
-		return nil, fmt.Errorf("ca: audit witness: malformed answer from the admin socket: %w", err)
-	}
-	return out, nil
+	return adminJSON[[]meshapi.WitnessedLog](ctx, stateDir, "audit witness", http.MethodGet, adminWitnessPath, nil)
 }
 
 // ForgetAuditLog has the CA running with state directory stateDir forget the audit
-// log of origin, so that its host may start a new one under it (`agentmesh ca audit
-// forget`): it returns what the CA held. Audited. A refusal is a
+// log of req.Origin, so that its host may start a new one under it (`agentmesh ca
+// audit forget`): it returns what the CA held. Audited. A refusal is a
 // *meshapi.ResponseError (404: no such log).
 func ForgetAuditLog(ctx context.Context, stateDir string, req ForgetRequest) (*meshapi.WitnessedLog, error) {
 	body, err := json.Marshal(req)
 	if err != nil {
 		return nil, fmt.Errorf("ca: audit forget: %w", err)
 	}
-	b, err := adminRequest(ctx, stateDir, "audit forget", http.MethodPost, adminForgetPath, body, meshapi.MaxResponse)
+	wl, err := adminJSON[meshapi.WitnessedLog](ctx, stateDir, "audit forget", http.MethodPost, adminForgetPath, body)
 	if err != nil {
 		return nil, err
 	}
-	var out meshapi.WitnessedLog
-	if err := json.Unmarshal(b, &out); err != nil {
-		return nil, fmt.Errorf("ca: audit forget: malformed answer from the admin socket: %w", err)
+	return &wl, nil
+}
+
+// adminJSON sends one request to the admin socket of stateDir and decodes its answer.
+func adminJSON[T any](ctx context.Context, stateDir, op, method, path string, body []byte) (T, error) {
+	var out T
+	b, err := adminRequest(ctx, stateDir, op, method, path, body, meshapi.MaxResponse)
+	if err != nil {
+		return out, err
 	}
-	return &out, nil
+	if err := json.Unmarshal(b, &out); err != nil {
+		return out, fmt.Errorf("ca: %s: malformed answer from the admin socket: %w", op, err)
+	}
+	return out, nil
 }

@@ -32,8 +32,8 @@ type CheckpointLog interface {
 	// Latest is the latest signed checkpoint of the durable records; a nil note when
 	// none yet.
 	Latest() ([]byte, audit.Checkpoint)
-	// ProveConsistency proves the tree of size old a prefix of that of size new.
-	ProveConsistency(old, new uint64) (tlog.TreeProof, error)
+	// ProveConsistency proves the tree of size oldSize a prefix of that of size newSize.
+	ProveConsistency(oldSize, newSize uint64) (tlog.TreeProof, error)
 }
 
 // caCheckpoint is the CA's latest checkpoint and the consistency proof to it from

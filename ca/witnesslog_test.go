@@ -92,13 +92,13 @@ func (m *memLog) Latest() ([]byte, audit.Checkpoint) {
 	return m.latest, m.cp
 }
 
-func (m *memLog) ProveConsistency(old, new uint64) (tlog.TreeProof, error) {
+func (m *memLog) ProveConsistency(oldSize, newSize uint64) (tlog.TreeProof, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if old == 0 || old == new {
+	if oldSize == 0 || oldSize == newSize {
 		return tlog.TreeProof{}, nil
 	}
-	return tlog.ProveTree(int64(new), int64(old), m)
+	return tlog.ProveTree(int64(newSize), int64(oldSize), m)
 }
 
 // request is a CheckpointRequest of m's latest checkpoint from oldSize.

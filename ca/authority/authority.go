@@ -100,9 +100,10 @@ type Authority struct {
 // Open opens the token (creating the embedded SoftHSM2 token on first start), then the
 // root and intermediate of cfg.StateDir, creating whatever is missing: keys generated
 // inside the token, the root self-signed with name constraints to the trust domain, the
-// intermediate signed by the root. It fails with ErrTrustDomainMismatch for a state
-// directory of another trust domain, with ErrHSM when a key is missing or does not
-// match its certificate. On error it releases what it acquired.
+// intermediate signed by the root, the provisioner and audit keys. It fails with
+// ErrTrustDomainMismatch for a state directory of another trust domain, with ErrHSM
+// when a key is missing or does not match its certificate. On error it releases what
+// it acquired.
 func Open(ctx context.Context, cfg Config) (_ *Authority, err error) {
 	a := &Authority{cfg: cfg, log: cfg.Logger, uses: newTokenUses()}
 	defer func() {
