@@ -78,6 +78,9 @@ func ProveFile(path string, index uint64, cp []byte) (InclusionProof, error) {
 // UnverifiedCheckpoint parses a signed checkpoint's body without checking any signature:
 // to learn a log's origin or size before checking it with the right keys.
 func UnverifiedCheckpoint(cp []byte) (Checkpoint, error) {
+	if cp == nil {
+		return Checkpoint{}, fmt.Errorf("%w: none", ErrCheckpoint)
+	}
 	c, _, err := openLocalCheckpoint(cp, "")
 	if err != nil {
 		return Checkpoint{}, err

@@ -249,18 +249,18 @@ func (l *Log) ProveInclusion(index, size uint64) (tlog.RecordProof, error) {
 }
 
 // ProveConsistency returns the proof that the tree of size old is a prefix of the tree
-// of size new, which must be at most the durable size. Sizes 0 and old == new need no
+// of size size, which must be at most the durable size. Sizes 0 and old == size need no
 // hashes: the proof is empty. Safe for concurrent use.
-func (l *Log) ProveConsistency(old, new uint64) (tlog.TreeProof, error) {
-	if cur := l.tree.current().size; old > new || new > cur {
-		return nil, fmt.Errorf("%w: sizes %d to %d (log holds %d)", errNoProof, old, new, cur)
+func (l *Log) ProveConsistency(old, size uint64) (tlog.TreeProof, error) {
+	if cur := l.tree.current().size; old > size || size > cur {
+		return nil, fmt.Errorf("%w: sizes %d to %d (log holds %d)", errNoProof, old, size, cur)
 	}
-	if old == 0 || old == new {
+	if old == 0 || old == size {
 		return tlog.TreeProof{}, nil
 	}
-	p, err := tlog.ProveTree(int64(new), int64(old), l.tree)
+	p, err := tlog.ProveTree(int64(size), int64(old), l.tree)
 	if err != nil {
-		return nil, fmt.Errorf("audit: prove tree %d to %d: %w", old, new, err)
+		return nil, fmt.Errorf("audit: prove tree %d to %d: %w", old, size, err)
 	}
 	return p, nil
 }
