@@ -356,6 +356,15 @@ func TestWitnessCALog(t *testing.T) {
 		t.Fatalf("the ca's log witnessed by both at 7: %+v", wl)
 	}
 
+	// The CA's log idle, a host returning the same cosignature still counts as seen.
+	before := wl.LastSeen
+	req = h2.log.request(t, 3)
+	req.CACosigned, req.CASize = h2Cosigned, 7
+	h2.accept(t, ca, req)
+	if wl := witnessed(t, ca, caOrigin); !wl.LastSeen.After(before) || latestSize(t, wl, caKey) != 7 {
+		t.Errorf("the ca's log cosigned again at 7: last seen %v, was %v", wl.LastSeen, before)
+	}
+
 	// A "cosignature" of a checkpoint the CA never signed is not kept; the host's own
 	// checkpoint still is.
 	forged := newMemLog(t, caOrigin, newKey(t))
