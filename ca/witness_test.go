@@ -306,3 +306,27 @@ func TestWitnessStoreConcurrent(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+// BenchmarkWitnessCheckpoint is one host's checkpoint witnessed end to end over one
+// kept-alive mTLS connection: the request, the proof's check, the CA's cosignature in
+// the token, the record written atomically, the answer.
+func BenchmarkWitnessCheckpoint(b *testing.B) {
+	cfg, _ := testConfig(b)
+	ca := startCA(b, cfg)
+	id := spiffeid.RequireFromPath(testTD, "/host/bench")
+	hc := httpsClient(b, ca, tlsCert(enroll(b, ca, id)))
+	hc.Transport.(*http.Transport).DisableKeepAlives = false
+	host := newMemLog(b, meshapi.AuditOrigin(id), newKey(b))
+	var held uint64
+	for b.Loop() {
+		b.StopTimer()
+		host.add(b, "r", 100)
+		host.sign(b)
+		req := host.request(b, held)
+		b.StartTimer()
+		if status, body := postCheckpoint(b, ca, hc, req); status != http.StatusOK {
+			b.Fatalf("%d %s", status, body)
+		}
+		held = req.OldSize + 100
+	}
+}
