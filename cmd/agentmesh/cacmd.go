@@ -49,7 +49,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 		},
 	}
 	addCAFlags(cmd.Flags(), &cfg)
-	cmd.AddCommand(newCARotateCmd(), newCARotationCmd())
+	cmd.AddCommand(newCARotateCmd(), newCARotationCmd(), newCAAuditCmd())
 	f := cmd.Flags()
 	f.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain, e.g. example.org")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -73,6 +73,7 @@ func addCAFlags(f *pflag.FlagSet, cfg *ca.ProcessConfig) {
 	f.DurationVar(&cfg.CA.RotationLiveWindow, "rotation-live-window", 30*time.Second, "a proxy with a heartbeat within this window is live in a rotation of the trust anchors")
 	f.DurationVar(&cfg.CA.RotationRenewWindow, "rotation-renew-window", 0, "window proxies spread a rotation's early renewals over (default: a quarter of --svid-lifetime)")
 	f.StringVar(&cfg.AuditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
+	f.DurationVar(&cfg.CA.WitnessStaleAfter, "witness-stale-after", 30*time.Second, "a witnessed audit log without a checkpoint for this long is stale (three of the proxies' checkpoint intervals)")
 	f.StringVar(&cfg.MetricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")
 }
 
