@@ -1,87 +1,72 @@
 package ca
 
 import (
-	"bytes"
-	"os"
-	"regexp"
+	"log/slog"
 	"slices"
+	"strings"
 	"testing"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"go.yaml.in/yaml/v3"
+	"github.com/prometheus/common/model"
+	"github.com/prometheus/prometheus/model/labels"
+	"github.com/prometheus/prometheus/model/rulefmt"
+	"github.com/prometheus/prometheus/promql/parser"
 )
 
 // alertRulesFile holds the Prometheus alerting rules shipped in deploy/.
 const alertRulesFile = "../deploy/prometheus/alerts.yaml"
 
-// ruleFile is the part of Prometheus's rule file format the rules use.
-type ruleFile struct {
-	Groups []struct {
-		Name  string `yaml:"name"`
-		Rules []struct {
-			Alert       string            `yaml:"alert"`
-			Expr        string            `yaml:"expr"`
-			For         string            `yaml:"for"`
-			Labels      map[string]string `yaml:"labels"`
-			Annotations map[string]string `yaml:"annotations"`
-		} `yaml:"rules"`
-	} `yaml:"groups"`
-}
-
-var (
-	// selectorRE finds the CA's metric selectors in a PromQL expression; the other
-	// binaries' are checked by their own tests.
-	selectorRE = regexp.MustCompile(`(agentmesh_ca_[a-z0-9_]+)(\{([^}]*)\})?`)
-	matcherRE  = regexp.MustCompile(`([a-z_]+)="([^"]*)"`)
-)
-
-// checkAlertRules checks the alerting rules in deploy/ against what the CA exports
-// (g, after the CA did what each series needs): every rule is complete, and every
-// selector of a CA metric names a metric the CA exports, with label values of series
-// it exports.
+// checkAlertRules checks the alerting rules in deploy/ as Prometheus loads them
+// (rulefmt: the file's format, every expression and template) and against what the CA
+// exports (g, after the CA did what each series needs): every rule has a severity and a
+// summary, and every selector of a CA metric matches a series the CA exports.
 func checkAlertRules(t *testing.T, g prometheus.Gatherer) {
 	t.Helper()
-	b, err := os.ReadFile(alertRulesFile)
-	if err != nil {
-		t.Fatal(err)
+	p := parser.NewParser(parser.Options{})
+	groups, errs := rulefmt.ParseFile(alertRulesFile, false, model.UTF8Validation, p, slog.New(slog.DiscardHandler))
+	for _, err := range errs {
+		t.Error(err)
 	}
-	var f ruleFile
-	dec := yaml.NewDecoder(bytes.NewReader(b))
-	dec.KnownFields(true)
-	if err := dec.Decode(&f); err != nil {
-		t.Fatalf("%s: %v", alertRulesFile, err)
+	if groups == nil {
+		t.FailNow()
 	}
 	mfs, err := g.Gather()
 	if err != nil {
 		t.Fatal(err)
 	}
-	series := map[string][]map[string]string{}
+	var series []labels.Labels
 	for _, mf := range mfs {
 		for _, m := range mf.GetMetric() {
-			labels := map[string]string{}
+			b := labels.NewScratchBuilder(len(m.GetLabel()) + 1)
+			b.Add(labels.MetricName, mf.GetName())
 			for _, lp := range m.GetLabel() {
-				labels[lp.GetName()] = lp.GetValue()
+				b.Add(lp.GetName(), lp.GetValue())
 			}
-			series[mf.GetName()] = append(series[mf.GetName()], labels)
+			b.Sort()
+			series = append(series, b.Labels())
 		}
 	}
 	rules := 0
-	for _, grp := range f.Groups {
+	for _, grp := range groups.Groups {
 		for _, r := range grp.Rules {
 			rules++
-			if r.Alert == "" || r.Expr == "" || !slices.Contains([]string{"critical", "warning"}, r.Labels["severity"]) ||
-				r.Annotations["summary"] == "" {
-				t.Errorf("%s: rule %q lacks an alert name, expr, severity or summary", alertRulesFile, r.Alert)
+			if r.Alert == "" || !slices.Contains([]string{"critical", "warning"}, r.Labels["severity"]) || r.Annotations["summary"] == "" {
+				t.Errorf("%s: rule %q lacks an alert name, a severity or a summary", alertRulesFile, r.Alert)
 			}
-			if _, err := time.ParseDuration(r.For); r.For != "" && err != nil {
-				t.Errorf("%s: rule %s: for %q: %v", alertRulesFile, r.Alert, r.For, err)
+			expr, err := p.ParseExpr(r.Expr)
+			if err != nil {
+				t.Fatalf("%s: rule %s: %v", alertRulesFile, r.Alert, err) // rulefmt parsed it already
 			}
-			for _, sel := range selectorRE.FindAllStringSubmatch(r.Expr, -1) {
-				if !exported(series[sel[1]], matcherRE.FindAllStringSubmatch(sel[3], -1)) {
-					t.Errorf("%s: rule %s selects %s, which the CA does not export", alertRulesFile, r.Alert, sel[0])
+			parser.Inspect(expr, func(n parser.Node, _ []parser.Node) error {
+				vs, ok := n.(*parser.VectorSelector)
+				if !ok || !isCAMetric(vs.Name) {
+					return nil // the other binaries' metrics are checked by their own tests
 				}
-			}
+				if !slices.ContainsFunc(series, func(s labels.Labels) bool { return matchesAll(s, vs.LabelMatchers) }) {
+					t.Errorf("%s: rule %s selects %s, which the CA does not export", alertRulesFile, r.Alert, vs)
+				}
+				return nil
+			})
 		}
 	}
 	if rules == 0 {
@@ -89,14 +74,14 @@ func checkAlertRules(t *testing.T, g prometheus.Gatherer) {
 	}
 }
 
-// exported reports whether some series has every label value of matchers.
-func exported(series []map[string]string, matchers [][]string) bool {
-	return slices.ContainsFunc(series, func(labels map[string]string) bool {
-		for _, m := range matchers {
-			if labels[m[1]] != m[2] {
-				return false
-			}
+func isCAMetric(name string) bool { return strings.HasPrefix(name, "agentmesh_ca_") }
+
+// matchesAll reports whether the series s satisfies every matcher.
+func matchesAll(s labels.Labels, ms []*labels.Matcher) bool {
+	for _, m := range ms {
+		if !m.Matches(s.Get(m.Name)) {
+			return false
 		}
-		return true
-	})
+	}
+	return true
 }
