@@ -43,15 +43,15 @@ type node struct {
 	// this proxy witnessing the CA's log in turn.
 	auditWitness audit.Witness
 	caLog        *caLog
-	bundle   *x509bundle.Bundle // the CA root file at start
-	link     caLink
-	keys     rotator.KeyStore
-	svidFile string // the host SVID's state file, "" when keys die with the process
-	dir      meshDirectory
-	authz    *policy.Authz // the policy file at start, nil without one
-	px       *proxy.Proxy
-	admin    *admin
-	control  *control
+	bundle       *x509bundle.Bundle // the CA root file at start
+	link         caLink
+	keys         rotator.KeyStore
+	svidFile     string // the host SVID's state file, "" when keys die with the process
+	dir          meshDirectory
+	authz        *policy.Authz // the policy file at start, nil without one
+	px           *proxy.Proxy
+	admin        *admin
+	control      *control
 }
 
 // Run runs the proxy process cfg describes until ctx is done: the audit log, the host's
