@@ -196,12 +196,15 @@ func (l *caLog) cosign(cp caCheckpoint) (caAuditState, audit.Checkpoint, error) 
 	if err != nil {
 		return next, audit.Checkpoint{}, err
 	}
+	// Another origin is a malformed answer, not the CA's log changing.
+	if _, c, err := audit.OpenCheckpoint(cp.note, ca); err != nil {
+		return next, c, err
+	} else if c.Origin != l.origin {
+		return next, c, fmt.Errorf("%w: origin %q, not %q", audit.ErrCheckpoint, c.Origin, l.origin)
+	}
 	cosigned, c, err := audit.Cosign(cp.note, ca, l.last, cp.proof, signer)
 	if err != nil {
 		return next, c, err
-	}
-	if c.Origin != l.origin {
-		return next, c, fmt.Errorf("%w: ca checkpoint of origin %q, not %q", audit.ErrCheckpoint, c.Origin, l.origin)
 	}
 	next.Cosigned = string(cosigned)
 	return next, c, nil
