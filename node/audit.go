@@ -31,7 +31,19 @@ const (
 	// smaller file only segments.
 	minCheckpointInterval = 100 * time.Millisecond
 	minMaxFileBytes       = 64 << 10
+	// defaultCheckpointInterval is audit.Config's.
+	defaultCheckpointInterval = 10 * time.Second
 )
+
+// auditVerifierKey is the verifier key of the log's checkpoints: the log names its
+// signer by its origin.
+func auditVerifierKey(origin string, key crypto.Signer) (string, error) {
+	s, err := audit.NewNoteSigner(origin, key)
+	if err != nil {
+		return "", fmt.Errorf("audit key: %w", err)
+	}
+	return s.VerifierKey(), nil
+}
 
 // openAuditKey returns the key that signs the audit log's checkpoints, which is never
 // a TLS key: with keys in a token (uri, as openKeyStore returns it), a key of that
@@ -112,7 +124,42 @@ func (n *node) witness(ctx context.Context, req audit.WitnessRequest) ([]byte, e
 	if n.auditWitness == nil {
 		return nil, errNoWitness
 	}
+	n.witnessed.Store(time.Now().UnixNano())
 	return n.auditWitness.Witness(ctx, req)
+}
+
+// witnessIdle keeps the CA hearing from this proxy while its log does not grow, when
+// the log sends it nothing: every checkpoint interval without a witness call, it sends
+// the latest checkpoint again, as an extension of itself. The CA so sees the host alive
+// (a host that stops sending shows as stale), and this proxy's cosignature of the CA's
+// latest checkpoint, which each answer carries, reaches the CA. The call changes nothing
+// the CA holds: the same checkpoint is cosigned again, or, when the CA holds an older
+// one, refused with a conflict that the log's own next round resolves.
+func (n *node) witnessIdle(ctx context.Context) error {
+	interval := n.cfg.Audit.CheckpointInterval
+	if interval <= 0 {
+		interval = defaultCheckpointInterval
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-t.C:
+		}
+		if time.Since(time.Unix(0, n.witnessed.Load())) < interval {
+			continue
+		}
+		note, c := n.audit.Latest()
+		if note == nil {
+			continue
+		}
+		_, err := n.witness(ctx, audit.WitnessRequest{Checkpoint: note, Key: n.auditVerifierKey, OldSize: c.Size})
+		if _, conflict := errors.AsType[*audit.WitnessConflict](err); err != nil && !conflict {
+			n.logger.Warn("audit checkpoint not sent again to the ca", "err", err)
+		}
+	}
 }
 
 // validateCheckpoints checks the checkpoint settings of the audit section (0: the

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -43,15 +44,19 @@ type node struct {
 	// this proxy witnessing the CA's log in turn.
 	auditWitness audit.Witness
 	caLog        *caLog
-	bundle       *x509bundle.Bundle // the CA root file at start
-	link         caLink
-	keys         rotator.KeyStore
-	svidFile     string // the host SVID's state file, "" when keys die with the process
-	dir          meshDirectory
-	authz        *policy.Authz // the policy file at start, nil without one
-	px           *proxy.Proxy
-	admin        *admin
-	control      *control
+	// auditVerifierKey is auditKey's verifier key, as the log's checkpoints name it;
+	// witnessed is when the CA was last asked to witness (Unix ns).
+	auditVerifierKey string
+	witnessed        atomic.Int64
+	bundle           *x509bundle.Bundle // the CA root file at start
+	link             caLink
+	keys             rotator.KeyStore
+	svidFile         string // the host SVID's state file, "" when keys die with the process
+	dir              meshDirectory
+	authz            *policy.Authz // the policy file at start, nil without one
+	px               *proxy.Proxy
+	admin            *admin
+	control          *control
 }
 
 // Run runs the proxy process cfg describes until ctx is done: the audit log, the host's
@@ -108,6 +113,9 @@ func (n *node) buildBase() error {
 	n.reg = prometheus.NewRegistry()
 	n.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	acfg := cfg.auditConfig(n.auditKey, witnessFunc(n.witness))
+	if n.auditVerifierKey, err = auditVerifierKey(acfg.Origin, n.auditKey); err != nil {
+		return err
+	}
 	acfg.Registerer, acfg.Logger = n.reg, n.component("audit")
 	if n.audit, err = audit.Open(acfg); err != nil {
 		return err
@@ -244,7 +252,7 @@ func (n *node) run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	followMesh := func(ctx context.Context) error { return n.followMesh(ctx, n.dir) }
 	for _, run := range []func(context.Context) error{n.rot.Run, n.px.Run, n.admin.Run, n.dir.Run, followMesh,
-		n.control.Run, n.agents.Run, w.run, n.followAnchors} {
+		n.control.Run, n.agents.Run, w.run, n.followAnchors, n.witnessIdle} {
 		g.Go(func() error { return run(gctx) })
 	}
 	err := g.Wait()
