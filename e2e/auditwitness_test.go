@@ -204,8 +204,10 @@ func (w *witnessView) awaitWitnessed(t *testing.T, p *meshProxy, size uint64) {
 		if err != nil {
 			return err
 		}
-		if kept, err := cosignedSize(wl, string(held)); err != nil || kept < size {
-			return fmt.Errorf("the proxy keeps a cosigned checkpoint of size %d: %v", kept, err)
+		if kept, err := cosignedSize(wl, string(held)); err != nil {
+			return fmt.Errorf("the proxy's cosigned checkpoint: %w", err)
+		} else if kept < size {
+			return fmt.Errorf("the proxy keeps a cosigned checkpoint of size %d", kept)
 		}
 		return nil
 	})
