@@ -245,8 +245,31 @@ func (l *Log) open() error {
 			trusted, root = s.cp.Size, s.cp.Hash
 		}
 	}
-	l.tree, err = openTree(l.cfg.Path, l.seq, trusted, root)
-	return err
+	if l.tree, err = openTree(l.cfg.Path, l.seq, trusted, root); err != nil {
+		return err
+	}
+	l.dropForeignCheckpoints()
+	return nil
+}
+
+// dropForeignCheckpoints forgets a kept checkpoint that the records no longer match (the
+// files were replaced or rewritten): the log signs its own anew, and the witness, which
+// kept the old one, judges.
+func (l *Log) dropForeignCheckpoints() {
+	for _, p := range []*atomic.Pointer[signedCheckpoint]{&l.latest, &l.cosigned} {
+		s := p.Load()
+		if s == nil {
+			continue
+		}
+		if h, err := l.treeHashAt(s.cp.Size); err == nil && h == s.cp.Hash {
+			continue
+		}
+		l.cfg.Logger.LogAttrs(context.Background(), slog.LevelError, "audit log does not match its kept checkpoint; the log was rewritten",
+			slog.String(keyPath, l.cfg.Path), slog.Uint64(keySize, s.cp.Size))
+		if p == &l.latest {
+			p.Store(nil)
+		}
+	}
 }
 
 // Run is the writer loop. It takes every queued record, writes the batch, fsyncs once per
@@ -505,7 +528,7 @@ func (l *Log) recoverTail() error {
 	size := st.Size()
 	l.size = size
 	if size == 0 {
-		return nil
+		return l.continueFromSegments()
 	}
 	nl, err := lastNewline(l.f, size)
 	if err != nil {
