@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"bufio"
+	"context"
 	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
@@ -10,7 +11,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -145,16 +145,7 @@ func (w *witnessView) origin(p *meshProxy) string {
 
 // get answers what the CA holds of origin's log, without a client certificate.
 func (w *witnessView) get(origin string) (meshapi.WitnessedLog, error) {
-	var wl meshapi.WitnessedLog
-	resp, err := w.hc.Get(w.ca.url + meshapi.WitnessPrefix + meshapi.WitnessCheckpointsPath + "?origin=" + url.QueryEscape(origin))
-	if err != nil {
-		return wl, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return wl, fmt.Errorf("GET witnessed log %s: %s", origin, resp.Status)
-	}
-	return wl, json.NewDecoder(resp.Body).Decode(&wl)
+	return meshapi.FetchWitnessedLog(context.Background(), w.hc, w.ca.url, origin)
 }
 
 func (w *witnessView) log(t *testing.T, p *meshProxy) meshapi.WitnessedLog {
@@ -231,24 +222,18 @@ func (w *witnessView) measureLag(t *testing.T, p *meshProxy, version uint64) che
 		if err != nil {
 			return err
 		}
-		if size := noteSize(b); size < seq {
-			return fmt.Errorf("cosigned size %d", size)
+		c, err := audit.UnverifiedCheckpoint(b)
+		if err != nil {
+			return err
+		}
+		if c.Size < seq {
+			return fmt.Errorf("cosigned checkpoint of size %d", c.Size)
 		}
 		lag.observed = time.Since(written)
 		return nil
 	})
 	lag.gauge = metricValue(t, p, "agentmesh_audit_checkpoint_lag_seconds")
 	return lag
-}
-
-// noteSize is the size line of a checkpoint note, 0 when it has none.
-func noteSize(b []byte) uint64 {
-	lines := strings.SplitN(string(b), "\n", 3)
-	if len(lines) < 3 {
-		return 0
-	}
-	n, _ := strconv.ParseUint(lines[1], 10, 64)
-	return n
 }
 
 func (w *witnessView) caMetric(t *testing.T, name string, labels ...string) float64 {

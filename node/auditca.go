@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"encoding/json"
@@ -225,7 +224,7 @@ func (l *caLog) refused(ctx context.Context, reason string, cp caCheckpoint, cau
 	if l.last != nil {
 		rec.HeldSize = l.last.Size
 	}
-	if c, err := unverifiedCheckpoint(cp.note); err == nil {
+	if c, err := audit.UnverifiedCheckpoint(cp.note); err == nil {
 		rec.Size = c.Size
 	}
 	l.refuse.Set(1)
@@ -239,14 +238,4 @@ func (l *caLog) refused(ctx context.Context, reason string, cp caCheckpoint, cau
 		l.logger.Error("ca audit refusal not kept", "err", err)
 	}
 	l.st = st
-}
-
-// unverifiedCheckpoint parses the body of a signed checkpoint without checking any
-// signature: for the record of one refused.
-func unverifiedCheckpoint(msg []byte) (audit.Checkpoint, error) {
-	i := bytes.LastIndex(msg, []byte("\n\n"))
-	if i < 0 {
-		return audit.Checkpoint{}, audit.ErrCheckpoint
-	}
-	return audit.ParseCheckpoint(string(msg[:i+1]))
 }
