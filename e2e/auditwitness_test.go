@@ -308,16 +308,25 @@ func (w *witnessView) proveCARecord(t *testing.T, index uint64, written time.Tim
 }
 
 // rewrittenRange is where verify must find a log rewritten from index on: between the
-// last checkpoint the witness accepted below index+1 and the first one above.
+// last checkpoint the witness accepted below index+1 and the first one above, the
+// latest one (not in History) included.
 func rewrittenRange(t *testing.T, wl meshapi.WitnessedLog, index uint64) (from, to uint64) {
 	t.Helper()
-	for _, h := range wl.History {
-		if h.Size > index {
-			return from, h.Size
-		}
-		from = h.Size
+	latest, err := audit.UnverifiedCheckpoint([]byte(wl.Latest))
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatalf("the witness holds no checkpoint beyond index %d: %+v", index, wl.History)
+	sizes := []uint64{}
+	for _, h := range wl.History {
+		sizes = append(sizes, h.Size)
+	}
+	for _, size := range append(sizes, latest.Size) {
+		if size > index {
+			return from, size
+		}
+		from = size
+	}
+	t.Fatalf("the witness holds no checkpoint beyond index %d: %+v, latest %d", index, wl.History, latest.Size)
 	return 0, 0
 }
 
