@@ -98,6 +98,7 @@ func FuzzCheckInclusion(f *testing.F) {
 			t.Fatalf("a proof not signed by the key was accepted: %q", doc)
 		}
 		_, _ = UnverifiedCheckpoint([]byte(p.Checkpoint))
+		_, _ = UnverifiedCheckpoint(nil)
 	})
 }
 

@@ -15,15 +15,8 @@ import (
 func rotatedLog(t testing.TB, cfg audit.Config, first, n int) {
 	t.Helper()
 	l := start(t, cfg)
-	for i := range n {
-		if err := l.Append(handshake(first + i)); err != nil {
-			t.Fatal(err)
-		}
-		if i%7 == 6 {
-			if err := l.Sync(t.Context()); err != nil {
-				t.Fatal(err)
-			}
-		}
+	for i := 0; i < n; i += 7 {
+		appendSync(t, l, first+i, min(7, n-i))
 	}
 	if err := l.stop(); err != nil {
 		t.Fatal(err)

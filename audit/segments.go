@@ -70,7 +70,7 @@ func int64Cmp(a, b uint64) int {
 	}
 }
 
-// ErrStop, returned by a Scan callback, ends the scan without error.
+// ErrStop is what a Scan callback returns to end the scan without error.
 var ErrStop = errors.New("audit: stop scan")
 
 // Scan calls fn with every complete record line (without its newline) of the log at path

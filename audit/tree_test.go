@@ -13,6 +13,7 @@ import (
 	"golang.org/x/mod/sumdb/tlog"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/metrictest"
 )
 
 // reference computes the stored hashes and root of a log's lines with tlog itself.
@@ -61,14 +62,7 @@ func TestTreeMatchesTlog(t *testing.T) {
 	for _, n := range []int{1, 2, 3, 7, 8, 9, 64, 100} {
 		path := tempLog(t)
 		l := start(t, audit.Config{Path: path, Origin: testOrigin, Signer: newKey(t), CheckpointInterval: time.Hour})
-		for i := range n {
-			if err := l.Append(handshake(i)); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := l.Sync(t.Context()); err != nil {
-			t.Fatal(err)
-		}
+		appendSync(t, l, 0, n)
 		if err := l.Checkpoint(t.Context()); err != nil {
 			t.Fatal(err)
 		}
@@ -183,11 +177,7 @@ func TestTreeReopen(t *testing.T) {
 func appendN(t testing.TB, cfg audit.Config, first, n int) {
 	t.Helper()
 	l := start(t, cfg)
-	for i := range n {
-		if err := l.Append(handshake(first + i)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	appendSync(t, l, first, n)
 	if err := l.stop(); err != nil {
 		t.Fatal(err)
 	}
@@ -203,38 +193,24 @@ func TestCheckpointSchedule(t *testing.T) {
 		w := newTestWitness(t)
 		l := start(t, audit.Config{Path: path, Origin: testOrigin, Signer: newKey(t), Witness: w, Registerer: reg,
 			CheckpointRecords: 10, CheckpointInterval: time.Minute})
-		for i := range 25 {
-			if err := l.Append(handshake(i)); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := l.Sync(t.Context()); err != nil {
-			t.Fatal(err)
-		}
+		appendSync(t, l, 0, 25)
 		synctest.Wait()
 		if _, c := l.Latest(); c.Size != 25 {
 			t.Fatalf("after 25 records, latest checkpoint has size %d, want 25 (kicked by the count)", c.Size)
 		}
-		if got := labeled(t, reg, "agentmesh_audit_checkpoints_total", "result", "witnessed"); got < 1 {
+		if got := metrictest.Value(t, reg, "agentmesh_audit_checkpoints_total", "result", "witnessed"); got < 1 {
 			t.Errorf("checkpoints_total{witnessed} = %v, want >= 1", got)
 		}
 		if got := gauge(t, reg, "agentmesh_audit_checkpoint_lag_seconds"); got != 0 {
 			t.Errorf("checkpoint_lag_seconds = %v with everything witnessed, want 0", got)
 		}
 		// Fewer than CheckpointRecords more: the interval signs them.
-		for i := range 3 {
-			if err := l.Append(handshake(i)); err != nil {
-				t.Fatal(err)
-			}
-		}
-		if err := l.Sync(t.Context()); err != nil {
-			t.Fatal(err)
-		}
+		appendSync(t, l, 25, 3)
 		synctest.Wait()
 		if _, c := l.Latest(); c.Size != 25 {
 			t.Fatalf("latest = %d before the interval, want 25", c.Size)
 		}
-		time.Sleep(time.Minute)
+		time.Sleep(time.Minute) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		if _, c := l.Latest(); c.Size != 28 {
 			t.Fatalf("latest = %d after the interval, want 28", c.Size)
@@ -260,18 +236,13 @@ func TestCheckpointLag(t *testing.T) {
 		w := &failingWitness{}
 		l := start(t, audit.Config{Path: tempLog(t), Origin: testOrigin, Signer: newKey(t), Witness: w, Registerer: reg,
 			CheckpointInterval: 10 * time.Second})
-		if err := l.Append(handshake(0)); err != nil {
-			t.Fatal(err)
-		}
-		if err := l.Sync(t.Context()); err != nil {
-			t.Fatal(err)
-		}
-		time.Sleep(30 * time.Second)
+		appendSync(t, l, 0, 1)
+		time.Sleep(30 * time.Second) //nolint:forbidigo // synctest: advances the bubble's clock
 		synctest.Wait()
 		if got := gauge(t, reg, "agentmesh_audit_checkpoint_lag_seconds"); got != 30 {
 			t.Errorf("checkpoint_lag_seconds = %v, want 30", got)
 		}
-		if got := labeled(t, reg, "agentmesh_audit_checkpoints_total", "result", "error"); got < 3 {
+		if got := metrictest.Value(t, reg, "agentmesh_audit_checkpoints_total", "result", "error"); got < 3 {
 			t.Errorf("checkpoints_total{error} = %v, want one per tick", got)
 		}
 	})

@@ -195,8 +195,9 @@ func walkLog(path string, rep *VerifyReport, want []Checkpoint) (map[uint64]tlog
 		c chain
 		e edge
 	)
+	var scratch []byte
 	leaf := func(line []byte) {
-		e.add(tlog.RecordHash(line), func(tlog.Hash) {})
+		scratch = e.add(tlog.RecordHash(line), scratch[:0])
 		if sizes[e.n] {
 			roots[e.n] = e.root()
 		}

@@ -10,6 +10,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/metrictest"
 )
 
 // TestWitnessConflict: a log that lost its record of what the witness holds (its
@@ -25,18 +26,11 @@ func TestWitnessConflict(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	cfg := audit.Config{Path: path, Origin: testOrigin, Signer: key, Witness: w, Registerer: reg, CheckpointInterval: time.Hour}
 	l := start(t, cfg)
-	for i := range 5 {
-		if err := l.Append(handshake(i)); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := l.Sync(t.Context()); err != nil {
-		t.Fatal(err)
-	}
+	appendSync(t, l, 0, 5)
 	if err := l.Checkpoint(t.Context()); err != nil {
 		t.Fatalf("Checkpoint after a conflict = %v, want the retry to succeed", err)
 	}
-	if got := labeled(t, reg, "agentmesh_audit_checkpoints_total", "result", "conflict"); got != 1 {
+	if got := metrictest.Value(t, reg, "agentmesh_audit_checkpoints_total", "result", "conflict"); got != 1 {
 		t.Errorf("checkpoints_total{conflict} = %v, want 1", got)
 	}
 	if w.view().History[len(w.view().History)-1].Size != 30 {
@@ -70,17 +64,12 @@ func TestWitnessRefusesRewrite(t *testing.T) {
 		}
 		reg := prometheus.NewRegistry()
 		l := start(t, audit.Config{Path: path, Origin: testOrigin, Signer: key, Witness: w, Registerer: reg, CheckpointInterval: time.Hour})
-		if err := l.Append(handshake(0)); err != nil {
-			t.Fatal(err)
-		}
-		if err := l.Sync(t.Context()); err != nil {
-			t.Fatal(err)
-		}
+		appendSync(t, l, 0, 1)
 		if err := l.Checkpoint(t.Context()); !errors.Is(err, audit.ErrInconsistent) {
 			t.Fatalf("keep .cosigned %v: Checkpoint of a rewritten log = %v, want ErrInconsistent", keepCosigned, err)
 		}
 		// The round at start may have been refused already.
-		if got := labeled(t, reg, "agentmesh_audit_checkpoints_total", "result", "refused"); got < 1 {
+		if got := metrictest.Value(t, reg, "agentmesh_audit_checkpoints_total", "result", "refused"); got < 1 {
 			t.Errorf("keep .cosigned %v: checkpoints_total{refused} = %v, want >= 1", keepCosigned, got)
 		}
 		if _, c, _ := audit.OpenCheckpoint([]byte(w.view().Latest), mustVerifier(t, w.view().Key)); c.Size != 30 {
