@@ -276,6 +276,13 @@ func readWitnessRecord(name string, witness note.Verifier) (*witnessRecord, erro
 	if err != nil {
 		return nil, err
 	}
+	return decodeWitnessRecord(b, name, witness)
+}
+
+// decodeWitnessRecord decodes the content of the witness file name: strict JSON, of
+// the file's origin, its latest checkpoint signed by its key and witness's and the
+// last of its history.
+func decodeWitnessRecord(b []byte, name string, witness note.Verifier) (*witnessRecord, error) {
 	var rec witnessRecord
 	if err := meshapi.DecodeStrict(bytes.NewReader(b), &rec); err != nil {
 		return nil, err

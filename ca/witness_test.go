@@ -1,12 +1,14 @@
 package ca
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"encoding/json"
 	"errors"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"testing"
 	"time"
@@ -377,4 +379,99 @@ func TestWitnessCALog(t *testing.T) {
 	}
 	// Every series the alert rules select now exists.
 	checkAlertRules(t, reg)
+}
+
+// startRealCALog has cfg's CA write its own log to a real audit log at path, signing
+// checkpoints only when asked (Checkpoint), run until after the CA has stopped.
+func startRealCALog(t *testing.T, cfg *Config, path string) func() *audit.Log {
+	t.Helper()
+	var l *audit.Log
+	cfg.OpenAuditLog = func(key crypto.Signer) (CheckpointLog, error) {
+		var err error
+		l, err = audit.Open(audit.Config{Path: path, Origin: meshapi.CAAuditOrigin(testTD), Signer: key,
+			CheckpointRecords: 1 << 30, CheckpointInterval: time.Hour})
+		if err != nil {
+			return nil, err
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan error, 1)
+		go func() { done <- l.Run(ctx) }()
+		// Registered before startCA's own cleanup, so it runs after the CA stopped.
+		t.Cleanup(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("audit Run: %v", err)
+			}
+		})
+		return l, nil
+	}
+	return func() *audit.Log { return l }
+}
+
+// The CA's own audit log, a real one, witnessed by a proxy: `audit verify --witness`'s
+// check (audit.VerifyLog against the public API's answer) passes on it, and fails on
+// a copy cut before the checkpoint the proxy cosigned.
+func TestWitnessRealCALog(t *testing.T) {
+	cfg, _ := testConfig(t)
+	path := filepath.Join(t.TempDir(), "ca-audit.log")
+	caLog := startRealCALog(t, &cfg, path)
+	ca := startCA(t, cfg)
+	ctx := context.Background()
+	checkpoint := func() audit.Checkpoint {
+		t.Helper()
+		if err := caLog().Sync(ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := caLog().Checkpoint(ctx); err != nil {
+			t.Fatal(err)
+		}
+		_, c := caLog().Latest()
+		return c
+	}
+	h := newWitnessHost(t, ca, "h1") // its enrolment is the CA log's first records
+	h.log.add(t, "a", 1)
+	h.log.sign(t)
+	h.accept(t, ca, h.log.request(t, 0)) // and the binding of its key
+	first := checkpoint()
+	resp := h.accept(t, ca, h.log.request(t, 1))
+	msg, c, err := audit.Cosign([]byte(resp.CACheckpoint), verifier(t, resp.WitnessKey), nil, nil, h.log.signer)
+	if err != nil || c != first {
+		t.Fatalf("the ca's checkpoint %+v (latest %+v): %v", c, first, err)
+	}
+	newWitnessHost(t, ca, "h2") // more records
+	second := checkpoint()
+	req := h.log.request(t, 1)
+	req.CACosigned, req.CASize = string(msg), first.Size
+	resp = h.accept(t, ca, req)
+	proof, err := decodeProof(resp.CAProof)
+	if err != nil {
+		t.Fatal(err)
+	}
+	msg, c, err = audit.Cosign([]byte(resp.CACheckpoint), verifier(t, resp.WitnessKey), &first, proof, h.log.signer)
+	if err != nil || c != second || second.Size <= first.Size {
+		t.Fatalf("the ca's checkpoint from %d: %+v (latest %+v): %v", first.Size, c, second, err)
+	}
+	req.CACosigned, req.CASize = string(msg), second.Size
+	h.accept(t, ca, req)
+
+	view, err := witnessed(t, ca, meshapi.CAAuditOrigin(testTD)).View()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := audit.VerifyLog(path, audit.VerifyOptions{Witness: &view}); err != nil || rep.Records < second.Size {
+		t.Fatalf("VerifyLog of the ca's log against its witnesses: %+v, %v", rep, err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := bytes.SplitAfter(b, []byte("\n"))
+	cut := filepath.Join(t.TempDir(), "cut.log")
+	if err := os.WriteFile(cut, bytes.Join(lines[:first.Size], nil), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var ve *audit.VerifyError
+	if _, err := audit.VerifyLog(cut, audit.VerifyOptions{Witness: &view}); !errors.As(err, &ve) || ve.Seq != first.Size+1 {
+		t.Errorf("VerifyLog of a copy cut to %d records, before the witnessed %d: %v; want the first missing record named", first.Size, second.Size, err)
+	}
 }
