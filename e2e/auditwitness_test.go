@@ -32,14 +32,17 @@ import (
 // proxy whose log is rewritten consistently while it is stopped (the chain recomputed,
 // a fresh checkpoint signed with its own key) is refused at its next checkpoint: the CA
 // records it, counts it and shows the log inconsistent, and `audit verify --witness`
-// names the records rewritten. An inclusion proof of the CA's record of a revocation,
+// names the records rewritten. A proxy whose log is idle still checks in; one that is
+// stopped turns stale. An inclusion proof of the CA's record of a revocation,
 // against a CA checkpoint a proxy cosigned, checks offline. It prints the checkpoint
 // lag measured.
 func TestAuditWitness(t *testing.T) {
 	requireE2E(t)
+	// Five checkpoint intervals: a proxy that sends none for that long is stale.
+	const staleAfter = 5 * time.Second
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	authority := startCAOn(t, host{}, fmt.Sprintf("127.0.0.1:%d", freePort(t)), 10*time.Minute,
-		"--metrics", metrics, "--audit-checkpoint-interval", "1s")
+		"--metrics", metrics, "--audit-checkpoint-interval", "1s", "--witness-stale-after", staleAfter.String())
 	w := newWitnessView(t, authority, "http://"+metrics+"/metrics")
 	const every = "audit:\n  checkpoint_interval: 1s\n"
 	a := startProxy(t, authority, "a", nil, nil, every)
@@ -102,6 +105,24 @@ func TestAuditWitness(t *testing.T) {
 		t.Errorf("the CA's view of b: state %q, latest changed %t; want inconsistent and the one it held", got.State, got.Latest != held.Latest)
 	}
 
+	// a, whose log has not grown for as long, still checks in; stopped, it turns stale.
+	if got := w.log(t, a); got.State != "ok" || time.Since(got.LastSeen) > staleAfter {
+		t.Errorf("a, idle: state %q, last seen %v ago; want ok", got.State, time.Since(got.LastSeen))
+	}
+	if err := a.stop(); err != nil {
+		t.Fatalf("stop a: %v", err)
+	}
+	waitFor(t, time.Minute, "a stale at the CA", func() error {
+		wl, err := w.get(w.origin(a))
+		if err != nil {
+			return err
+		}
+		if stale := w.caMetric(t, "agentmesh_ca_audit_witnessed_logs", `state="stale"`); wl.State != "stale" || stale != 1 {
+			return fmt.Errorf("state %q, stale logs %v", wl.State, stale)
+		}
+		return nil
+	})
+
 	// verify --witness names the records rewritten, and passes on a's log, untouched.
 	if err := b.stop(); err != nil {
 		t.Fatalf("stop b: %v", err)
@@ -109,9 +130,6 @@ func TestAuditWitness(t *testing.T) {
 	out, errOut, err := runCmd(t.Context(), "audit", "verify", b.auditPath(), "--witness", authority.url, "--root", authority.root)
 	if want := fmt.Sprintf("[%d, %d)", from, to); err == nil || !strings.Contains(out+errOut, want) {
 		t.Errorf("audit verify --witness of b's rewritten log: %v, want a failure naming %s:\n%s%s", err, want, out, errOut)
-	}
-	if err := a.stop(); err != nil {
-		t.Fatalf("stop a: %v", err)
 	}
 	if out, errOut, err := runCmd(t.Context(), "audit", "verify", a.auditPath(), "--witness", authority.url, "--root", authority.root); err != nil {
 		t.Errorf("audit verify --witness of a's log: %v\n%s%s", err, out, errOut)
