@@ -1,10 +1,18 @@
 package node
 
 import (
+	"crypto/ecdsa"
 	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/agentmesh/agentmesh/hsm"
+	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
 
 // TestAuditCheckpointSettings: the checkpoint settings reach the audit log's
@@ -57,5 +65,87 @@ func TestAuditCheckpointSettingsErrors(t *testing.T) {
 				t.Fatalf("error at %s:%d field %q, want line 4 field %q (%v)", fe.File, fe.Line, fe.Field, tc.field, err)
 			}
 		})
+	}
+}
+
+// token is the SoftHSM token of the package's tests, each with key label prefixes of
+// its own. TestMain removes it.
+var token = softhsmtest.Dir{Pattern: "agentmesh-node-", Label: "node-test"}
+
+func TestMain(m *testing.M) {
+	m.Run() // its result becomes the exit code when TestMain returns
+	token.Remove()
+}
+
+// TestAuditKeyInToken: the audit key is made in the token at the first start, named in
+// STATE/audit-key.ref, and the same key is opened at the next; the SVID keys' store
+// does not see it; a reference to a key the token lacks stops the start; with keys in
+// memory, the key is too.
+func TestAuditKeyInToken(t *testing.T) {
+	_, uri := token.Token(t)
+	state := t.TempDir()
+	key, release, err := openAuditKey(t.Context(), state, uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := filepath.Join(state, auditKeyFile)
+	info, err := os.Stat(ref)
+	if err != nil || info.Mode().Perm() != 0o600 {
+		t.Fatalf("%s: %v, mode %v", ref, err, info.Mode())
+	}
+	label := strings.TrimSpace(string(readFile(t, ref)))
+	if !strings.HasPrefix(label, auditKeyPrefix) {
+		t.Errorf("reference %q", label)
+	}
+	if _, err := auditVerifierKey("example.org/host/a/audit", key); err != nil {
+		t.Errorf("the audit key cannot sign checkpoints: %v", err)
+	}
+	release()
+
+	again, release, err := openAuditKey(t.Context(), state, uri)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer release()
+	if pub, ok := again.Public().(*ecdsa.PublicKey); !ok || !pub.Equal(key.Public()) {
+		t.Error("the second start opened another key")
+	}
+	svid, err := hsm.OpenKeys(t.Context(), uri, "svid-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = svid.Close() }()
+	if labels, err := svid.List(t.Context()); err != nil || slices.Contains(labels, label) {
+		t.Errorf("the SVID keys' store lists %v (%v)", labels, err)
+	}
+
+	gone := t.TempDir()
+	writeTestFile(t, filepath.Join(gone, auditKeyFile), auditKeyPrefix+strings.Repeat("0", 32)+"\n")
+	if _, _, err := openAuditKey(t.Context(), gone, uri); !errors.Is(err, hsm.ErrKeyNotFound) {
+		t.Errorf("a reference to a key the token lacks: %v, want ErrKeyNotFound", err)
+	}
+
+	mem := t.TempDir()
+	if key, _, err := openAuditKey(t.Context(), mem, ""); err != nil || key == nil {
+		t.Fatalf("memory: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(mem, auditKeyFile)); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("memory: a reference written: %v", err)
+	}
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func writeTestFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -187,11 +187,7 @@ func TestCALogRefuses(t *testing.T) {
 			f.observe(t, f.ca, tree)
 			f.refused(t, tc.reason)
 			var st caAuditState
-			b, err := os.ReadFile(f.path)
-			if err == nil {
-				err = json.Unmarshal(b, &st)
-			}
-			if err != nil || st.Refused != tc.reason {
+			if err := json.Unmarshal(readFile(t, f.path), &st); err != nil || st.Refused != tc.reason {
 				t.Fatalf("state file: %+v, %v", st, err)
 			}
 			f.reopen(t)
