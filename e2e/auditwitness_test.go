@@ -32,14 +32,12 @@ import (
 // proxy whose log is rewritten consistently while it is stopped (the chain recomputed,
 // a fresh checkpoint signed with its own key) is refused at its next checkpoint: the CA
 // records it, counts it and shows the log inconsistent, and `audit verify --witness`
-// names the records rewritten. A proxy whose log is idle still checks in; one that is
-// stopped turns stale. An inclusion proof of the CA's record of a revocation,
-// against a CA checkpoint a proxy cosigned, checks offline. It prints the checkpoint
-// lag measured.
+// names the records rewritten. A CA whose log is rewritten so is refused by the proxies
+// in turn. A proxy whose log is idle still checks in; one that is stopped turns stale.
+// An inclusion proof of the CA's record of a revocation, against a CA checkpoint a
+// proxy cosigned, checks offline. It prints the checkpoint lag measured.
 func TestAuditWitness(t *testing.T) {
 	requireE2E(t)
-	// Five checkpoint intervals: a proxy that sends none for that long is stale.
-	const staleAfter = 5 * time.Second
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	authority := startCAOn(t, host{}, fmt.Sprintf("127.0.0.1:%d", freePort(t)), 10*time.Minute,
 		"--metrics", metrics, "--audit-checkpoint-interval", "1s", "--witness-stale-after", staleAfter.String())
@@ -71,57 +69,11 @@ func TestAuditWitness(t *testing.T) {
 	t.Logf("checkpoint lag: a proxy's record is in a checkpoint the CA cosigned %v after it was written "+
 		"(checkpoint_interval 1s; agentmesh_audit_checkpoint_lag_seconds read then: %vs); the CA's record in a CA checkpoint a proxy cosigned after %v",
 		lag.observed.Round(time.Millisecond), lag.gauge, caLag.Round(time.Millisecond))
+	w.awaitCALogCosigned(t, a, b)
 
-	// b is stopped, its log rewritten from its deny-list record on, consistently: the
-	// chain recomputed and the derived files removed, so that b signs a fresh
-	// checkpoint of the new log with its own key when it starts again. The cosigned
-	// checkpoint it keeps makes it prove the new log from the CA's.
-	if err := b.stop(); err != nil {
-		t.Fatalf("stop b: %v", err)
-	}
-	held := w.log(t, b)
-	index := recordSeq(t, denied) - 1
-	from, to := rewrittenRange(t, held, index)
-	rewriteLog(t, b.auditPath(), index)
-	for _, suffix := range []string{".hashes", ".checkpoint"} {
-		if err := os.Remove(b.auditPath() + suffix); err != nil && !errors.Is(err, os.ErrNotExist) {
-			t.Fatal(err)
-		}
-	}
-	inconsistentBefore := w.caMetric(t, "agentmesh_ca_audit_checkpoints_total", `result="inconsistent"`)
-	b = restart(t, b)
-	awaitMetric(t, b, "agentmesh_audit_checkpoints_total", func(v float64) bool { return v >= 1 }, time.Minute, `result="refused"`)
-	waitFor(t, time.Minute, "the CA counting b's log inconsistent", func() error {
-		got := w.caMetric(t, "agentmesh_ca_audit_checkpoints_total", `result="inconsistent"`)
-		logs := w.caMetric(t, "agentmesh_ca_audit_witnessed_logs", `state="inconsistent"`)
-		if got <= inconsistentBefore || logs != 1 {
-			return fmt.Errorf("inconsistent checkpoints %v (before %v), inconsistent logs %v", got, inconsistentBefore, logs)
-		}
-		return nil
-	})
-	awaitRecordIn(t, "ca", authority.auditPath(), map[string]string{"type": "witness", "action": "checkpoint",
-		"result": "refused", "reason": "inconsistent", "origin": w.origin(b), "initiator": b.id}, time.Minute)
-	if got := w.log(t, b); got.State != "inconsistent" || got.Latest != held.Latest {
-		t.Errorf("the CA's view of b: state %q, latest changed %t; want inconsistent and the one it held", got.State, got.Latest != held.Latest)
-	}
-
-	// a, whose log has not grown for as long, still checks in; stopped, it turns stale.
-	if got := w.log(t, a); got.State != "ok" || time.Since(got.LastSeen) > staleAfter {
-		t.Errorf("a, idle: state %q, last seen %v ago; want ok", got.State, time.Since(got.LastSeen))
-	}
-	if err := a.stop(); err != nil {
-		t.Fatalf("stop a: %v", err)
-	}
-	waitFor(t, time.Minute, "a stale at the CA", func() error {
-		wl, err := w.get(w.origin(a))
-		if err != nil {
-			return err
-		}
-		if stale := w.caMetric(t, "agentmesh_ca_audit_witnessed_logs", `state="stale"`); wl.State != "stale" || stale != 1 {
-			return fmt.Errorf("state %q, stale logs %v", wl.State, stale)
-		}
-		return nil
-	})
+	b, from, to := w.rewriteProxyLog(t, b, recordSeq(t, denied)-1)
+	w.rewriteCALog(t, a, recordSeq(t, revoked)-1)
+	w.checkLiveness(t, a)
 
 	// verify --witness names the records rewritten, and passes on a's log, untouched.
 	if err := b.stop(); err != nil {
@@ -134,6 +86,109 @@ func TestAuditWitness(t *testing.T) {
 	if out, errOut, err := runCmd(t.Context(), "audit", "verify", a.auditPath(), "--witness", authority.url, "--root", authority.root); err != nil {
 		t.Errorf("audit verify --witness of a's log: %v\n%s%s", err, out, errOut)
 	}
+}
+
+// staleAfter is the CA's --witness-stale-after in TestAuditWitness: five checkpoint
+// intervals.
+const staleAfter = 5 * time.Second
+
+// rewriteProxyLog stops p, rewrites its log from the record at index on, consistently
+// (the chain recomputed, the derived files removed, so that p signs a fresh checkpoint
+// of the new log with its own key when it starts again; the cosigned checkpoint it
+// keeps makes it prove the new log from the CA's), and starts it again: the CA refuses
+// its next checkpoint, records and counts it, and keeps the one it held. It returns the
+// restarted proxy and the range of records verify must name.
+func (w *witnessView) rewriteProxyLog(t *testing.T, p *meshProxy, index uint64) (*meshProxy, uint64, uint64) {
+	t.Helper()
+	if err := p.stop(); err != nil {
+		t.Fatalf("stop %s: %v", p.name, err)
+	}
+	held := w.log(t, p)
+	from, to := rewrittenRange(t, held, index)
+	rewriteLog(t, p.auditPath(), index)
+	inconsistentBefore := w.caMetric(t, "agentmesh_ca_audit_checkpoints_total", `result="inconsistent"`)
+	p = restart(t, p)
+	awaitMetric(t, p, "agentmesh_audit_checkpoints_total", func(v float64) bool { return v >= 1 }, time.Minute, `result="refused"`)
+	waitFor(t, time.Minute, "the CA counting "+p.name+"'s log inconsistent", func() error {
+		got := w.caMetric(t, "agentmesh_ca_audit_checkpoints_total", `result="inconsistent"`)
+		logs := w.caMetric(t, "agentmesh_ca_audit_witnessed_logs", `state="inconsistent"`)
+		if got <= inconsistentBefore || logs != 1 {
+			return fmt.Errorf("inconsistent checkpoints %v (before %v), inconsistent logs %v", got, inconsistentBefore, logs)
+		}
+		return nil
+	})
+	awaitRecordIn(t, "ca", w.ca.auditPath(), map[string]string{"type": "witness", "action": "checkpoint",
+		"result": "refused", "reason": "inconsistent", "origin": w.origin(p), "initiator": p.id}, time.Minute)
+	if got := w.log(t, p); got.State != "inconsistent" || got.Latest != held.Latest {
+		t.Errorf("the CA's view of %s: state %q, latest changed %t; want inconsistent and the one it held", p.name, got.State, got.Latest != held.Latest)
+	}
+	return p, from, to
+}
+
+// awaitCALogCosigned waits until every proxy holds a CA checkpoint it cosigned, under
+// the CA's key, and none found the CA's log inconsistent.
+func (w *witnessView) awaitCALogCosigned(t *testing.T, proxies ...*meshProxy) {
+	t.Helper()
+	caKey := w.log(t, proxies[0]).WitnessKeys
+	for _, p := range proxies {
+		waitFor(t, time.Minute, p.name+" keeping a CA checkpoint it cosigned", func() error {
+			var st struct {
+				WitnessKey string `json:"witness_key"`
+				Cosigned   string `json:"cosigned"`
+			}
+			b, err := os.ReadFile(filepath.Join(p.dir, "ca-audit.json"))
+			if err == nil {
+				err = json.Unmarshal(b, &st)
+			}
+			switch {
+			case err != nil:
+				return err
+			case len(caKey) != 1 || st.WitnessKey != caKey[0] || st.Cosigned == "":
+				return fmt.Errorf("pinned %q, cosigned %q; the CA's key is %v", st.WitnessKey, st.Cosigned, caKey)
+			}
+			return nil
+		})
+		if v := metricValue(t, p, "agentmesh_proxy_ca_audit_inconsistent"); v != 0 {
+			t.Errorf("%s: agentmesh_proxy_ca_audit_inconsistent = %v", p.name, v)
+		}
+	}
+}
+
+// rewriteCALog stops the CA, rewrites its log from the record at index on as
+// rewriteProxyLog does, and starts it again: its next checkpoint does not extend the
+// one p cosigned, and p refuses it, with an audit record and its metric.
+func (w *witnessView) rewriteCALog(t *testing.T, p *meshProxy, index uint64) {
+	t.Helper()
+	if err := w.ca.stop(); err != nil {
+		t.Fatalf("stop the ca: %v", err)
+	}
+	rewriteLog(t, w.ca.auditPath(), index)
+	w.ca.start(t, t, "the ca with its log rewritten")
+	awaitMetricValue(t, p, "agentmesh_proxy_ca_audit_inconsistent", 1, time.Minute)
+	awaitRecord(t, p, map[string]string{"type": "ca_audit_refused", "reason": "inconsistent",
+		"origin": meshapi.CAAuditOrigin(spiffeid.RequireTrustDomainFromString(trustDomain))}, time.Minute)
+}
+
+// checkLiveness: p, whose log has not grown for seconds, still checks in with the CA;
+// stopped, it turns stale.
+func (w *witnessView) checkLiveness(t *testing.T, p *meshProxy) {
+	t.Helper()
+	if got := w.log(t, p); got.State != "ok" || time.Since(got.LastSeen) > staleAfter {
+		t.Errorf("%s, idle: state %q, last seen %v ago; want ok", p.name, got.State, time.Since(got.LastSeen))
+	}
+	if err := p.stop(); err != nil {
+		t.Fatalf("stop %s: %v", p.name, err)
+	}
+	waitFor(t, time.Minute, p.name+" stale at the CA", func() error {
+		wl, err := w.get(w.origin(p))
+		if err != nil {
+			return err
+		}
+		if stale := w.caMetric(t, "agentmesh_ca_audit_witnessed_logs", `state="stale"`); wl.State != "stale" || stale != 1 {
+			return fmt.Errorf("state %q, stale logs %v", wl.State, stale)
+		}
+		return nil
+	})
 }
 
 // witnessView reads what the CA witnessed: its public witness API and its metrics.
@@ -354,7 +409,9 @@ var (
 )
 
 // rewriteLog alters the record at index of the log at path and recomputes the chain
-// from there on, as someone holding the host would: every line stays a valid record.
+// from there on, as someone holding the host would: every line stays a valid record. The
+// files derived from the log (its stored hashes, its latest checkpoint) are removed, to
+// be made again from the new log; its cosigned checkpoint stays.
 func rewriteLog(t *testing.T, path string, index uint64) {
 	t.Helper()
 	f, err := os.Open(path)
@@ -371,7 +428,6 @@ func rewriteLog(t *testing.T, path string, index uint64) {
 	if sc.Err() != nil || uint64(len(lines)) <= index {
 		t.Fatalf("read %s: %v, %d records", path, sc.Err(), len(lines))
 	}
-	lines[index] = strings.Replace(lines[index], `"result":"applied"`, `"result":"applied","note":"nothing to see"`, 1)
 	var prev string
 	for i := index; i < uint64(len(lines)); i++ {
 		line := lines[i]
@@ -379,11 +435,19 @@ func rewriteLog(t *testing.T, path string, index uint64) {
 			line = prevField.ReplaceAllLiteralString(line, `"prev":"`+prev+`"`)
 		}
 		body := hashField.ReplaceAllLiteralString(line, "}")
+		if i == index {
+			body = strings.TrimSuffix(body, "}") + `,"note":"nothing to see here"}`
+		}
 		sum := sha256.Sum256([]byte(body))
 		prev = hex.EncodeToString(sum[:])
 		lines[i] = strings.TrimSuffix(body, "}") + `,"hash":"` + prev + `"}`
 	}
 	writeFile(t, path, strings.Join(lines, "\n")+"\n")
+	for _, suffix := range []string{".hashes", ".checkpoint"} {
+		if err := os.Remove(path + suffix); err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Fatal(err)
+		}
+	}
 }
 
 // recordSeq is a record's seq.
