@@ -105,7 +105,7 @@ func writeCodeError(w http.ResponseWriter, status int, code string) {
 	_ = json.NewEncoder(w).Encode(map[string]any{"status": status, "message": "refused", "code": code})
 }
 
-func signerFor(t *testing.T, name string) *audit.NoteSigner {
+func signerFor(t testing.TB, name string) *audit.NoteSigner {
 	t.Helper()
 	s, err := audit.NewNoteSigner(name, testca.NewKey(t))
 	if err != nil {

@@ -104,15 +104,7 @@ func newCALog(path, origin string, key crypto.Signer, a rotator.Auditor, reg pro
 		return l, nil
 	}
 	if err == nil {
-		err = json.Unmarshal(b, &l.st)
-	}
-	if err == nil && l.st.Cosigned != "" {
-		var v *audit.NoteVerifier
-		if v, err = audit.ParseVerifierKey(l.st.WitnessKey); err == nil {
-			var c audit.Checkpoint
-			_, c, err = audit.OpenCheckpoint([]byte(l.st.Cosigned), v)
-			l.last = &c
-		}
+		l.last, err = loadCAAuditState(b, &l.st)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("ca audit state %s: %w", path, err)
@@ -121,6 +113,29 @@ func newCALog(path, origin string, key crypto.Signer, a rotator.Auditor, reg pro
 		l.refuse.Set(1)
 	}
 	return l, nil
+}
+
+// loadCAAuditState decodes b into st and returns the checkpoint st holds (nil: none):
+// the pinned key must parse and have signed it.
+func loadCAAuditState(b []byte, st *caAuditState) (*audit.Checkpoint, error) {
+	if err := json.Unmarshal(b, st); err != nil {
+		return nil, err
+	}
+	if st.WitnessKey == "" {
+		if st.Cosigned != "" {
+			return nil, errors.New("a cosigned checkpoint without the key pinned")
+		}
+		return nil, nil
+	}
+	v, err := audit.ParseVerifierKey(st.WitnessKey)
+	if err != nil || st.Cosigned == "" {
+		return nil, err
+	}
+	_, c, err := audit.OpenCheckpoint([]byte(st.Cosigned), v)
+	if err != nil {
+		return nil, err
+	}
+	return &c, nil
 }
 
 // Cosigned returns the last CA checkpoint cosigned and its size; none once a CA
