@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -130,6 +131,23 @@ func TestCALogCosigns(t *testing.T) {
 	f.cosigned(t, tree)
 	tree.Add(t, 1, "r")
 	f.observe(t, f.ca, tree)
+	f.cosigned(t, tree)
+	// Witness calls overlap (the log's rounds, witnessIdle): both cosign, readers never
+	// see half a state.
+	tree.Add(t, 3, "r")
+	note, proof := tree.Signed(t, caOrigin, f.ca, tree.Size()-3)
+	var wg sync.WaitGroup
+	for range 2 {
+		wg.Go(func() {
+			f.l.observe(t.Context(), caCheckpoint{witnessKey: f.ca.VerifierKey(), note: note, proof: proof, hostKey: f.host.VerifierKey()})
+		})
+		wg.Go(func() {
+			if msg, size := f.l.Cosigned(); msg == nil || size == 0 {
+				t.Error("no CA checkpoint while one is replaced")
+			}
+		})
+	}
+	wg.Wait()
 	f.cosigned(t, tree)
 	if got := f.rec.caRefusals(); len(got) != 0 {
 		t.Errorf("refusals %+v", got)
