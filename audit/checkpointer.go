@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"sync"
 	"time"
+
+	"golang.org/x/mod/sumdb/tlog"
 )
 
 // Checkpoints (Config.Signer): a goroutine of Run signs the durable tree every
@@ -178,7 +180,9 @@ func (l *Log) checkpointRound(ctx context.Context, w Witness) error {
 	if w == nil || latest == nil {
 		return nil
 	}
-	if c := l.cosigned.Load(); c != nil && c.cp.Size >= latest.cp.Size {
+	// Anything but the cosigned checkpoint itself goes to the witness, a smaller one
+	// too: that the log lost records is the witness's to hear and refuse.
+	if c := l.cosigned.Load(); c != nil && c.cp == latest.cp {
 		return nil
 	}
 	return l.witness(ctx, w, latest)
@@ -205,8 +209,9 @@ func (l *Log) sign(cur treeState) (*signedCheckpoint, error) {
 }
 
 // witness has w cosign s, sending the consistency proof from the last cosigned size, or,
-// when the witness holds another size, from that size once it is shown to be a prefix of
-// this log.
+// when the witness holds another size, from that size. When what the witness holds is not
+// a prefix of this log, the log was rewritten or cut: the checkpoint is still sent, so
+// the witness refuses it and alerts, and the round fails as refused whatever it answers.
 func (l *Log) witness(ctx context.Context, w Witness, s *signedCheckpoint) error {
 	var old uint64
 	if c := l.cosigned.Load(); c != nil {
@@ -215,11 +220,12 @@ func (l *Log) witness(ctx context.Context, w Witness, s *signedCheckpoint) error
 	out, err := l.sendWitness(ctx, w, s, old)
 	if conflict, ok := errors.AsType[*WitnessConflict](err); ok {
 		l.m.checkpoints.WithLabelValues(resultConflict).Inc()
-		if err := l.checkPrefix(conflict, s.cp.Size); err != nil {
-			l.m.checkpoints.WithLabelValues(resultRefused).Inc()
-			return fmt.Errorf("audit: witness: %w", err)
-		}
+		perr := l.checkPrefix(conflict, s.cp.Size)
 		out, err = l.sendWitness(ctx, w, s, conflict.Size)
+		if perr != nil {
+			l.m.checkpoints.WithLabelValues(resultRefused).Inc()
+			return fmt.Errorf("audit: witness: %w", perr)
+		}
 	}
 	switch {
 	case errors.Is(err, ErrInconsistent):
@@ -238,9 +244,12 @@ func (l *Log) witness(ctx context.Context, w Witness, s *signedCheckpoint) error
 }
 
 func (l *Log) sendWitness(ctx context.Context, w Witness, s *signedCheckpoint, old uint64) ([]byte, error) {
-	proof, err := l.ProveConsistency(old, s.cp.Size)
-	if err != nil {
-		return nil, err
+	var proof tlog.TreeProof
+	if old <= s.cp.Size { // else there is no proof: the witness refuses the cut log
+		var err error
+		if proof, err = l.ProveConsistency(old, s.cp.Size); err != nil {
+			return nil, err
+		}
 	}
 	return w.Witness(ctx, WitnessRequest{Checkpoint: s.note, Key: l.cp.verifier.Key(), OldSize: old, Proof: proof})
 }
@@ -288,8 +297,11 @@ func (l *Log) keepCosigned(out []byte, s *signedCheckpoint) error {
 }
 
 // updateLag sets checkpoint_lag_seconds: the age of the oldest record not in a cosigned
-// checkpoint.
+// checkpoint. Without a Witness it stays 0: nothing is expected to cosign.
 func (l *Log) updateLag() {
+	if l.cfg.Witness == nil {
+		return
+	}
 	var w uint64
 	if c := l.cosigned.Load(); c != nil {
 		w = c.cp.Size

@@ -511,7 +511,9 @@ func (l *Log) committed(first uint64, now time.Time) {
 		l.m.errors.WithLabelValues(opHashes).Inc()
 	}
 	if l.cp != nil {
-		l.cp.lag.add(first, now)
+		if l.cfg.Witness != nil {
+			l.cp.lag.add(first, now)
+		}
 		l.kickCheckpoint(l.seq)
 	}
 	if l.size >= l.cfg.MaxFileBytes {

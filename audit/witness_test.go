@@ -31,7 +31,7 @@ type testWitness struct {
 	latest  []byte
 	held    *audit.Checkpoint
 	history []meshapi.CheckpointSummary
-	calls   int
+	refused int // checkpoints found inconsistent: the CA's alert
 }
 
 func newTestWitness(t testing.TB) *testWitness {
@@ -55,7 +55,6 @@ func newKey(t testing.TB) *ecdsa.PrivateKey {
 func (w *testWitness) Witness(_ context.Context, req audit.WitnessRequest) ([]byte, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.calls++
 	if w.key != "" && w.key != req.Key {
 		return nil, errors.New("witness: another key is bound to this origin")
 	}
@@ -71,6 +70,9 @@ func (w *testWitness) Witness(_ context.Context, req audit.WitnessRequest) ([]by
 		return nil, &audit.WitnessConflict{Size: size, Cosigned: w.latest}
 	}
 	out, c, err := audit.Cosign(req.Checkpoint, writer, w.held, req.Proof, w.signer)
+	if errors.Is(err, audit.ErrInconsistent) {
+		w.refused++
+	}
 	if err != nil {
 		return nil, err
 	}
