@@ -1,16 +1,22 @@
 package node
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"errors"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
+	"testing/synctest"
 	"time"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/hsm"
 	"github.com/agentmesh/agentmesh/internal/softhsmtest"
 )
@@ -148,4 +154,67 @@ func writeTestFile(t *testing.T, path, content string) {
 	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestIdleCheckIn: every interval in which nothing called the witness, the log's
+// latest checkpoint goes to it again, as an extension of itself; nothing goes before
+// the log signed one, nor while the log calls the witness itself.
+func TestIdleCheckIn(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		var (
+			last atomic.Int64
+			mu   sync.Mutex
+			note []byte
+			sent []audit.WitnessRequest
+		)
+		witness := witnessFunc(func(_ context.Context, req audit.WitnessRequest) ([]byte, error) {
+			last.Store(time.Now().UnixNano())
+			mu.Lock()
+			defer mu.Unlock()
+			sent = append(sent, req)
+			return nil, &audit.WitnessConflict{Size: 2} // not logged: the log resolves it
+		})
+		latest := func() ([]byte, audit.Checkpoint) {
+			mu.Lock()
+			defer mu.Unlock()
+			return note, audit.Checkpoint{Size: 5}
+		}
+		sentCount := func() int {
+			synctest.Wait()
+			mu.Lock()
+			defer mu.Unlock()
+			return len(sent)
+		}
+		c := idleCheckIn{latest: latest, witness: witness, key: "k", interval: time.Second, last: &last,
+			logger: slog.New(slog.DiscardHandler)}
+		ctx, cancel := context.WithCancel(t.Context())
+		done := make(chan error, 1)
+		go func() { done <- c.run(ctx) }()
+
+		time.Sleep(3 * time.Second) //nolint:forbidigo // synctest: advances the bubble's clock
+		if n := sentCount(); n != 0 {
+			t.Fatalf("%d sent before the log signed a checkpoint", n)
+		}
+		mu.Lock()
+		note = []byte("signed note")
+		mu.Unlock()
+		time.Sleep(2 * time.Second) //nolint:forbidigo // synctest: advances the bubble's clock
+		if n := sentCount(); n != 2 || sent[0].OldSize != 5 || sent[0].Key != "k" || len(sent[0].Proof) != 0 ||
+			string(sent[0].Checkpoint) != "signed note" {
+			t.Fatalf("sent %+v, want the latest twice as an extension of size 5", sent)
+		}
+		// The log's own rounds call the witness twice a second: nothing more is sent.
+		for range 8 {
+			last.Store(time.Now().UnixNano())
+			time.Sleep(500 * time.Millisecond) //nolint:forbidigo // synctest: advances the bubble's clock
+		}
+		if n := sentCount(); n != 2 {
+			t.Fatalf("%d sent while the log called the witness itself", n)
+		}
+		cancel()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	})
 }
