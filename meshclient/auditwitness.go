@@ -19,8 +19,7 @@ const opCheckpoint = "audit checkpoint"
 // AuditWitness is the CA as the witness of this proxy's audit log: it implements
 // audit.Witness over the mesh API (POST /mesh/v1 + meshapi.AuditCheckpointPath, with the
 // host SVID of Config.Certificate). The same call carries this proxy's witnessing of the
-// CA's own log, which CALog does. Safe for concurrent use; the audit log makes one call
-// at a time.
+// CA's own log, which CALog does. Safe for concurrent use.
 type AuditWitness struct {
 	conn *conn
 	ca   CALog
@@ -29,7 +28,7 @@ type AuditWitness struct {
 // CALog is the proxy's half of witnessing the CA's own audit log, carried by every
 // checkpoint the proxy sends: it checks each CA checkpoint an answer carries against
 // the last one it cosigned, cosigns it, and hands the cosignature back for the next
-// request. AuditWitness calls it one call at a time.
+// request. Its methods must be safe for concurrent use: witness calls may overlap.
 type CALog interface {
 	// Cosigned returns the last CA checkpoint this host cosigned, with its
 	// cosignature (nil: none, or none it will vouch for), and the size of the last CA
