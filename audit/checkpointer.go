@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -110,23 +109,28 @@ func (l *Log) Checkpoint(ctx context.Context) error {
 	if l.cp == nil {
 		return nil
 	}
-	select {
-	case l.cp.sem <- struct{}{}:
-	case <-ctx.Done():
-		return fmt.Errorf("audit: checkpoint: %w", ctx.Err())
-	}
-	defer func() { <-l.cp.sem }()
-	return l.checkpointRound(ctx, l.cfg.Witness)
+	return l.round(ctx, l.cfg.Witness)
 }
 
 // checkpointLoop runs checkpoint rounds when kicked by the writer, at every interval, and
 // once at start (the latest checkpoint may not be witnessed yet). A failed round is
-// logged and counted; the next one retries.
+// logged and counted; the next one retries. After a failed witness exchange, kicks only
+// sign until the next interval: a witness that is down or refuses the log hears from it
+// once per interval, not once per CheckpointRecords records.
 func (l *Log) checkpointLoop(ctx context.Context) {
 	t := time.NewTicker(l.cfg.CheckpointInterval)
 	defer t.Stop()
+	witnessFailed, tick := false, true
 	for {
-		if err := l.Checkpoint(ctx); err != nil && ctx.Err() == nil {
+		w := l.cfg.Witness
+		if witnessFailed && !tick {
+			w = nil
+		}
+		err := l.round(ctx, w)
+		if w != nil {
+			witnessFailed = err != nil
+		}
+		if err != nil && ctx.Err() == nil {
 			level := slog.LevelWarn
 			if errors.Is(err, ErrInconsistent) {
 				level = slog.LevelError
@@ -137,9 +141,22 @@ func (l *Log) checkpointLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			tick = true
 		case <-l.cp.kick:
+			tick = false
 		}
 	}
+}
+
+// round is one checkpoint round with w, under sem.
+func (l *Log) round(ctx context.Context, w Witness) error {
+	select {
+	case l.cp.sem <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("audit: checkpoint: %w", ctx.Err())
+	}
+	defer func() { <-l.cp.sem }()
+	return l.checkpointRound(ctx, w)
 }
 
 // kickCheckpoint tells the loop, without waiting, that CheckpointRecords records were
@@ -356,8 +373,10 @@ func (g *lagMarks) age(witnessed, size uint64, now time.Time) time.Duration {
 	return max(0, now.Sub(g.marks[0].t))
 }
 
-// writeFileAtomic replaces path with data: a temporary file, fsynced, renamed over it,
-// and the directory fsynced, so a crash leaves the old or the new content.
+// writeFileAtomic replaces path with data: a temporary file, fsynced, renamed over it, so
+// a crash leaves the old or the new content. The directory is not fsynced: losing the
+// rename in a crash leaves the previous checkpoint, which the log and the witness handle
+// (the witness holds the truth), and it saves a journal commit per checkpoint.
 func writeFileAtomic(path string, data []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -373,9 +392,6 @@ func writeFileAtomic(path string, data []byte) error {
 	}
 	if err == nil {
 		err = os.Rename(tmp, path)
-	}
-	if err == nil {
-		err = syncDir(filepath.Dir(path))
 	}
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)

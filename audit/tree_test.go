@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -233,8 +234,7 @@ func TestCheckpointLag(t *testing.T) {
 	t.Parallel()
 	synctest.Test(t, func(t *testing.T) {
 		reg := prometheus.NewRegistry()
-		w := &failingWitness{}
-		l := start(t, audit.Config{Path: tempLog(t), Origin: testOrigin, Signer: newKey(t), Witness: w, Registerer: reg,
+		l := start(t, audit.Config{Path: tempLog(t), Origin: testOrigin, Signer: newKey(t), Witness: &failingWitness{}, Registerer: reg,
 			CheckpointInterval: 10 * time.Second})
 		appendSync(t, l, 0, 1)
 		time.Sleep(30 * time.Second) //nolint:forbidigo // synctest: advances the bubble's clock
@@ -248,8 +248,37 @@ func TestCheckpointLag(t *testing.T) {
 	})
 }
 
-type failingWitness struct{}
+// failingWitness is a witness that cannot be reached; it counts the attempts.
+type failingWitness struct{ calls atomic.Int64 }
 
-func (failingWitness) Witness(context.Context, audit.WitnessRequest) ([]byte, error) {
+func (w *failingWitness) Witness(context.Context, audit.WitnessRequest) ([]byte, error) {
+	w.calls.Add(1)
 	return nil, errors.New("witness unreachable")
+}
+
+// TestWitnessFailureBackoff: after a failed exchange, the records that keep coming are
+// signed but the witness is tried again only at the next interval.
+func TestWitnessFailureBackoff(t *testing.T) {
+	t.Parallel()
+	synctest.Test(t, func(t *testing.T) {
+		reg := prometheus.NewRegistry()
+		w := &failingWitness{}
+		l := start(t, audit.Config{Path: tempLog(t), Origin: testOrigin, Signer: newKey(t), Witness: w, Registerer: reg,
+			CheckpointRecords: 10, CheckpointInterval: time.Minute})
+		for i := range 10 {
+			appendSync(t, l, 10*i, 10)
+			synctest.Wait()
+		}
+		if _, c := l.Latest(); c.Size != 100 {
+			t.Errorf("latest checkpoint = %d, want 100: kicks still sign", c.Size)
+		}
+		if got := w.calls.Load(); got != 1 {
+			t.Errorf("witness tried %d times before the interval, want 1", got)
+		}
+		time.Sleep(time.Minute) //nolint:forbidigo // synctest: advances the bubble's clock
+		synctest.Wait()
+		if got := w.calls.Load(); got != 2 {
+			t.Errorf("witness tried %d times after the interval, want 2", got)
+		}
+	})
 }
