@@ -125,6 +125,9 @@ func openWitnessView(v *WitnessView) (*witnessView, error) {
 	if v == nil {
 		return nil, nil
 	}
+	if len(v.Latest) == 0 {
+		return nil, fmt.Errorf("%w: the witness holds no checkpoint of this log", ErrCheckpoint)
+	}
 	key, err := ParseVerifierKey(v.Key)
 	if err != nil {
 		return nil, fmt.Errorf("witness: writer key: %w", err)
