@@ -35,6 +35,8 @@ type ProcessConfig struct {
 	// AuditPath is the audit log of revocations, registrations and fleet rotations.
 	// Default "": audit.log in CA.StateDir.
 	AuditPath string
+	// AuditLog tunes the audit log's checkpoints and segments. Default: the log's.
+	AuditLog AuditLogSettings
 
 	// MetricsAddr is the TCP address serving the CA's Prometheus metrics (with the Go
 	// runtime's and the process's) at GET /metrics. Default "": not served.
@@ -65,6 +67,9 @@ func Run(ctx context.Context, cfg ProcessConfig) error {
 	if cfg.AuditPath == "" {
 		cfg.AuditPath = filepath.Join(cfg.CA.StateDir, "audit.log")
 	}
+	if err := cfg.AuditLog.validate(); err != nil {
+		return err
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	cfg.CA.Registerer = reg
@@ -72,8 +77,8 @@ func Run(ctx context.Context, cfg ProcessConfig) error {
 	// token: so New opens the log, and the proxies witness it.
 	var auditLog *audit.Log
 	cfg.CA.OpenAuditLog = func(key crypto.Signer) (CheckpointLog, error) {
-		l, err := audit.Open(audit.Config{Path: cfg.AuditPath, Logger: cfg.Logger.With("component", "audit"),
-			Registerer: reg, Origin: meshapi.CAAuditOrigin(cfg.CA.TrustDomain), Signer: key})
+		l, err := audit.Open(cfg.AuditLog.apply(audit.Config{Path: cfg.AuditPath, Logger: cfg.Logger.With("component", "audit"),
+			Registerer: reg, Origin: meshapi.CAAuditOrigin(cfg.CA.TrustDomain), Signer: key}))
 		if err != nil {
 			return nil, err
 		}

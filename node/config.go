@@ -38,9 +38,10 @@ type Config struct {
 	// Policy is the authorization policy file, reloaded on SIGHUP and on change.
 	Policy string `yaml:"policy"`
 	Mark   int    `yaml:"mark"`
-	// Keys is where SVID keys live: "softhsm" (default: a SoftHSM2 token in STATE/hsm;
-	// the host identity survives a restart), a pkcs11: URI (that token, likewise), or
-	// "memory" (lost with the process: every start needs a new bootstrap token).
+	// Keys is where SVID keys and the audit log's signing key live: "softhsm" (default: a
+	// SoftHSM2 token in STATE/hsm; the host identity survives a restart), a pkcs11: URI
+	// (that token, likewise), or "memory" (lost with the process: every start needs a new
+	// bootstrap token, and the CA refuses the new audit key until it forgets the log).
 	Keys string `yaml:"keys"`
 	// Transports are the tunnel transports this proxy accepts and prefers, most
 	// preferred first: tls, h2, quic. Default [tls].
@@ -109,6 +110,15 @@ type AuditSettings struct {
 	// SIEM sends every record (or those its filter keeps) to a syslog receiver over TLS.
 	// Nil: no delivery.
 	SIEM *siem.Settings `yaml:"siem"`
+	// CheckpointRecords and CheckpointInterval are how often the log signs a checkpoint
+	// and sends it to the CA to be witnessed: every so many records or so long,
+	// whichever comes first, while it grows. 0: 1000 records and 10s; the interval is
+	// at least 100ms.
+	CheckpointRecords  int           `yaml:"checkpoint_records"`
+	CheckpointInterval time.Duration `yaml:"checkpoint_interval"`
+	// MaxFileBytes is the size past which the active file becomes a segment and a new
+	// one continues the same tree. 0: 64 MiB; at least 64 KiB.
+	MaxFileBytes int64 `yaml:"max_file_bytes"`
 }
 
 // LimitsSettings bounds what unauthenticated peers can make the proxy hold
@@ -344,7 +354,7 @@ func (s AuditSettings) validate() error {
 			return fieldError("audit.siem."+fe.Field, fe.Err)
 		}
 	}
-	return nil
+	return validateCheckpoints(s.CheckpointRecords, s.CheckpointInterval, s.MaxFileBytes)
 }
 
 func (s LimitsSettings) validate() error {
