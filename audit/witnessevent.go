@@ -22,7 +22,7 @@ type WitnessEvent struct {
 	// Size and Hash (base64) are the checkpoint sent; HeldSize and HeldHash the one
 	// the witness holds (the last it cosigned), which stays.
 	Size     uint64 `json:"size,omitempty"`
-	Hash     string `json:"hash,omitempty"`
+	Hash     string `json:"checkpoint_hash,omitempty"`
 	HeldSize uint64 `json:"held_size,omitempty"`
 	HeldHash string `json:"held_hash,omitempty"`
 }
