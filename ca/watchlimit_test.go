@@ -8,6 +8,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
@@ -91,7 +92,7 @@ func TestAnchorMembersFollowers(t *testing.T) {
 			t.Fatalf("%s polls the directory: %d %s", id, status, body)
 		}
 	}
-	st, err := ca.StartAnchorRotation("uid:0", meshapi.RotateRequest{Kind: meshapi.RotateIntermediate})
+	st, err := ca.StartAnchorRotation(audit.Actor{Initiator: "uid:0"}, meshapi.RotateRequest{Kind: meshapi.RotateIntermediate})
 	if err != nil {
 		t.Fatal(err)
 	}
