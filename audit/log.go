@@ -112,6 +112,15 @@ func (c Config) withDefaults() Config {
 	if c.RetryInterval <= 0 {
 		c.RetryInterval = 100 * time.Millisecond
 	}
+	if c.MaxFileBytes <= 0 {
+		c.MaxFileBytes = 64 << 20
+	}
+	if c.CheckpointRecords <= 0 {
+		c.CheckpointRecords = 1000
+	}
+	if c.CheckpointInterval <= 0 {
+		c.CheckpointInterval = 10 * time.Second
+	}
 	return c
 }
 
@@ -148,6 +157,17 @@ type Log struct {
 	prev    [sha256.Size]byte
 	pending []item
 	scratch []byte
+	// first is the seq of the active file's first record (the next one when it is
+	// empty): its segment's name once rotated.
+	first uint64
+
+	// tree is the Merkle tree of the durable records; its writes belong to the writer.
+	tree *tree
+	// cp is nil without Config.Signer. latest and cosigned are the latest signed and
+	// cosigned checkpoints.
+	cp       *checkpointer
+	latest   atomic.Pointer[signedCheckpoint]
+	cosigned atomic.Pointer[signedCheckpoint]
 }
 
 type failure struct{ err error }
@@ -186,21 +206,47 @@ func Open(cfg Config) (*Log, error) {
 	}
 	wake := make(chan struct{})
 	l.wake.Store(&wake)
-	if err := l.recoverTail(); err != nil {
+	if err := l.open(); err != nil {
 		_ = f.Close() // the open error is the one to report
 		return nil, fmt.Errorf("audit: open %s: %w", cfg.Path, err)
 	}
+	return l, nil
+}
+
+// open continues the chain and the tree from what the files hold.
+func (l *Log) open() error {
+	if err := l.recoverTail(); err != nil {
+		return err
+	}
 	// The file may have just been created: make its directory entry durable too, or a crash
 	// could lose the whole file along with records already reported durable.
-	if err := syncDir(filepath.Dir(cfg.Path)); err != nil {
-		_ = f.Close()
-		return nil, fmt.Errorf("audit: open %s: %w", cfg.Path, err)
+	if err := syncDir(filepath.Dir(l.cfg.Path)); err != nil {
+		return err
 	}
-	if l.m, err = newMetrics(cfg.Registerer); err != nil {
-		_ = f.Close()
-		return nil, fmt.Errorf("audit: open %s: %w", cfg.Path, err)
+	var err error
+	if l.m, err = newMetrics(l.cfg.Registerer); err != nil {
+		return err
 	}
-	return l, nil
+	if err := l.openCheckpoints(); err != nil {
+		return err
+	}
+	var (
+		trusted uint64
+		root    tlog.Hash
+	)
+	if s := l.latest.Load(); s != nil {
+		if s.cp.Size > l.seq {
+			// Records a checkpoint covered are gone: the next checkpoint will be smaller,
+			// and the witness will refuse it.
+			l.cfg.Logger.LogAttrs(context.Background(), slog.LevelError, "audit log holds fewer records than its latest checkpoint",
+				slog.String(keyPath, l.cfg.Path), slog.Uint64(keySeq, l.seq), slog.Uint64(keySize, s.cp.Size))
+			l.latest.Store(nil)
+		} else {
+			trusted, root = s.cp.Size, s.cp.Hash
+		}
+	}
+	l.tree, err = openTree(l.cfg.Path, l.seq, trusted, root)
+	return err
 }
 
 // Run is the writer loop. It takes every queued record, writes the batch, fsyncs once per
@@ -228,8 +274,15 @@ func (l *Log) Run(ctx context.Context) error {
 		close(l.queue)
 		l.mu.Unlock()
 	})
+	if l.cp != nil {
+		wg.Go(func() { l.checkpointLoop(ctx) })
+	}
 	l.writeLoop()
 	wg.Wait()
+	l.finalCheckpoint()
+	if err := l.tree.close(); err != nil {
+		l.m.errors.WithLabelValues(opHashes).Inc()
+	}
 	if err := l.f.Close(); err != nil {
 		l.fail(opClose, fmt.Errorf("close %s: %w", l.cfg.Path, err))
 	}
@@ -383,10 +436,18 @@ func (l *Log) writePending() error {
 	}
 	seq, prev, written := l.seq, l.prev, int64(0)
 	op, err := "", error(nil)
-	for _, it := range l.pending {
+	// The tree grows with the records and is cut back with them on failure.
+	edge, hashed := l.tree.edge, len(l.tree.buf)
+	var now time.Time // of the batch's first record
+	for i, it := range l.pending {
 		seq++
+		t := l.cfg.Now()
+		if i == 0 {
+			now = t
+		}
 		var sum [sha256.Size]byte
-		l.scratch, sum = appendRecord(l.scratch[:0], seq, l.cfg.Now().UTC(), it.kind, &prev, it.fields)
+		l.scratch, sum = appendRecord(l.scratch[:0], seq, t.UTC(), it.kind, &prev, it.fields)
+		l.tree.addLine(l.scratch[:len(l.scratch)-1])
 		prev = sum
 		// bufio only reaches the file when its buffer fills; errors stick and show at Flush.
 		_, _ = l.w.Write(l.scratch)
@@ -405,14 +466,34 @@ func (l *Log) writePending() error {
 	if err != nil {
 		l.fail(op, err)
 		l.rollback()
+		l.tree.edge, l.tree.buf = edge, l.tree.buf[:hashed]
 		return l.failureErr()
 	}
 	l.m.records.Add(float64(len(l.pending)))
+	first := l.seq + 1
 	l.seq, l.prev, l.size = seq, prev, l.size+written
 	clear(l.pending)
 	l.pending = l.pending[:0]
 	l.recover()
+	l.committed(first, now)
 	return nil
+}
+
+// committed follows a durable batch whose first record is first: the tree's hashes, the
+// checkpoint's kick, rotation.
+func (l *Log) committed(first uint64, now time.Time) {
+	if err := l.tree.flush(); err != nil {
+		// Derived data: proofs wait for a later batch's write to succeed, and Open
+		// rebuilds the file. The records are durable regardless.
+		l.m.errors.WithLabelValues(opHashes).Inc()
+	}
+	if l.cp != nil {
+		l.cp.lag.add(first, now)
+		l.kickCheckpoint(l.seq)
+	}
+	if l.size >= l.cfg.MaxFileBytes {
+		l.rotate()
+	}
 }
 
 // recoverTail truncates a torn last line and loads seq and prev from the last record.
@@ -443,26 +524,37 @@ func (l *Log) recoverTail() error {
 		l.size = size
 	}
 	if size == 0 {
-		return nil
+		return l.continueFromSegments()
 	}
-	start, err := lastNewline(l.f, size-1)
+	rec, err := lastRecord(l.f, size)
 	if err != nil {
 		return err
 	}
+	l.seq, l.prev = rec.seq, rec.hash
+	l.first, err = firstSeq(l.f)
+	return err
+}
+
+// lastRecord reads the last record of f, whose size is size and whose last byte is a
+// newline.
+func lastRecord(f *os.File, size int64) (record, error) {
+	start, err := lastNewline(f, size-1)
+	if err != nil {
+		return record{}, err
+	}
 	start++
 	if size-1-start > maxRecordBytes {
-		return fmt.Errorf("%w: last line longer than 1 MiB", ErrCorrupt)
+		return record{}, fmt.Errorf("%w: last line longer than 1 MiB", ErrCorrupt)
 	}
 	line := make([]byte, size-1-start)
-	if _, err := l.f.ReadAt(line, start); err != nil {
-		return fmt.Errorf("read last record: %w", err)
+	if _, err := f.ReadAt(line, start); err != nil {
+		return record{}, fmt.Errorf("read last record: %w", err)
 	}
 	rec, _, reason := parseRecord(line, nil)
 	if reason != "" {
-		return fmt.Errorf("%w: last record: %s", ErrCorrupt, reason)
+		return record{}, fmt.Errorf("%w: last record: %s", ErrCorrupt, reason)
 	}
-	l.seq, l.prev = rec.seq, rec.hash
-	return nil
+	return rec, nil
 }
 
 // lastNewline returns the offset of the last '\n' before end, or -1, reading backwards in

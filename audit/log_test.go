@@ -328,14 +328,19 @@ func TestAppendBlocksWhenFull(t *testing.T) {
 	}
 }
 
-// TestWriteFailure uses /dev/full, where every write fails with ENOSPC, even as root.
+// TestWriteFailure uses /dev/full, where every write fails with ENOSPC, even as root,
+// through a link so that the log's companion files go to a temporary directory.
 func TestWriteFailure(t *testing.T) {
 	t.Parallel()
 	if _, err := os.Stat("/dev/full"); err != nil {
 		t.Skip("no /dev/full on this system")
 	}
+	path := tempLog(t)
+	if err := os.Symlink("/dev/full", path); err != nil {
+		t.Fatal(err)
+	}
 	reg := prometheus.NewRegistry()
-	l := start(t, audit.Config{Path: "/dev/full", Registerer: reg})
+	l := start(t, audit.Config{Path: path, Registerer: reg})
 	if err := l.Append(handshake(0)); err != nil {
 		t.Fatalf("first Append = %v; the failure is only known at write time", err)
 	}

@@ -32,6 +32,8 @@ type ProcessConfig struct {
 	// AuditPath is the audit log of revocations, registrations and fleet rotations.
 	// Default "": audit.log in CA.StateDir.
 	AuditPath string
+	// AuditLog tunes the audit log's checkpoints and segments. Default: the log's.
+	AuditLog AuditLogSettings
 
 	// MetricsAddr is the TCP address serving the CA's Prometheus metrics (with the Go
 	// runtime's and the process's) at GET /metrics. Default "": not served.
@@ -58,7 +60,10 @@ func Run(ctx context.Context, cfg ProcessConfig) error {
 	if cfg.AuditPath == "" {
 		cfg.AuditPath = filepath.Join(cfg.CA.StateDir, "audit.log")
 	}
-	auditLog, err := audit.Open(audit.Config{Path: cfg.AuditPath, Logger: cfg.Logger.With("component", "audit")})
+	if err := cfg.AuditLog.validate(); err != nil {
+		return err
+	}
+	auditLog, err := audit.Open(cfg.AuditLog.apply(audit.Config{Path: cfg.AuditPath, Logger: cfg.Logger.With("component", "audit")}))
 	if err != nil {
 		return err
 	}

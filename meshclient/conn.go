@@ -95,27 +95,37 @@ func (c *conn) trustDomain() (spiffeid.TrustDomain, error) {
 // do sends one request to the mesh API path and returns the body of a 200 answer, at
 // most limit bytes. Any other status is a *meshapi.ResponseError.
 func (c *conn) do(ctx context.Context, op, method, path string, body []byte, limit int64) ([]byte, error) {
+	status, b, err := c.send(ctx, op, method, path, body, limit)
+	if err != nil {
+		return nil, err
+	}
+	if status != http.StatusOK {
+		return nil, &meshapi.ResponseError{Op: op, Status: status, Message: meshapi.ErrorMessage(b)}
+	}
+	return b, nil
+}
+
+// send sends one request to the mesh API path and returns the status and body of the
+// answer, whatever the status, at most limit bytes.
+func (c *conn) send(ctx context.Context, op, method, path string, body []byte, limit int64) (int, []byte, error) {
 	var rd *bytes.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)
 	}
 	req, err := newRequest(ctx, method, c.base+meshapi.Prefix+path, rd)
 	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
+		return 0, nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	resp, err := c.hc.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", op, err)
+		return 0, nil, fmt.Errorf("ca: %s: %w", op, err)
 	}
 	defer func() { _ = resp.Body.Close() }()
 	b, err := meshapi.ReadLimited(resp.Body, limit)
 	if err != nil {
-		return nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
+		return 0, nil, fmt.Errorf("ca: %s: read answer: %w", op, err)
 	}
-	if resp.StatusCode != http.StatusOK {
-		return nil, &meshapi.ResponseError{Op: op, Status: resp.StatusCode, Message: meshapi.ErrorMessage(b)}
-	}
-	return b, nil
+	return resp.StatusCode, b, nil
 }
 
 // newRequest builds a request, with a JSON body when body is not nil.

@@ -105,6 +105,15 @@ type AuditSettings struct {
 	// Ack is when a new connection's handshake record counts as written: "durable"
 	// (default: fsynced) or "queued" (for measuring what durability costs).
 	Ack proxy.AuditAck `yaml:"ack"`
+	// CheckpointRecords and CheckpointInterval are how often the log signs a checkpoint
+	// and sends it to the CA to be witnessed: every so many records or so long,
+	// whichever comes first, while it grows. 0: 1000 records and 10s; the interval is
+	// at least 100ms.
+	CheckpointRecords  int           `yaml:"checkpoint_records"`
+	CheckpointInterval time.Duration `yaml:"checkpoint_interval"`
+	// MaxFileBytes is the size past which the active file becomes a segment and a new
+	// one continues the same tree. 0: 64 MiB; at least 64 KiB.
+	MaxFileBytes int64 `yaml:"max_file_bytes"`
 }
 
 // LimitsSettings bounds what unauthenticated peers can make the proxy hold
@@ -328,9 +337,10 @@ func (s DirectorySettings) addresses() ([]netip.Addr, error) {
 func (s AuditSettings) validate() error {
 	switch s.Ack {
 	case "", proxy.AuditAckDurable, proxy.AuditAckQueued:
-		return nil
+	default:
+		return fieldError("audit.ack", fmt.Errorf(`must be "durable" or "queued", not %q`, s.Ack))
 	}
-	return fieldError("audit.ack", fmt.Errorf(`must be "durable" or "queued", not %q`, s.Ack))
+	return validateCheckpoints(s.CheckpointRecords, s.CheckpointInterval, s.MaxFileBytes)
 }
 
 func (s LimitsSettings) validate() error {

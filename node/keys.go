@@ -20,27 +20,28 @@ const hostSVIDFile = "svid.json"
 // ("softhsm", the default: a SoftHSM2 token in the state directory; "pkcs11:…": that
 // token), where they are generated, used and destroyed without ever leaving it and
 // outlive the process, so a restarted proxy keeps its identity; or process memory
-// ("memory"), lost with the process, so every start enrols with a new token.
-func openKeyStore(ctx context.Context, cfg *Config) (rotator.KeyStore, func(), error) {
+// ("memory"), lost with the process, so every start enrols with a new token. It also
+// returns the token's URI ("" for memory), for the audit key (openAuditKey).
+func openKeyStore(ctx context.Context, cfg *Config) (rotator.KeyStore, string, func(), error) {
 	uri := cfg.Keys
 	release := func() {}
 	switch uri {
 	case "memory":
-		return rotator.MemoryKeys{}, func() {}, nil
+		return rotator.MemoryKeys{}, "", func() {}, nil
 	case "", "softhsm":
 		var err error
 		// The PIN: a systemd credential when the unit passes one, else
 		// STATE/hsm.pin, beside the token directory STATE/hsm and not in it.
 		if uri, release, err = hsm.SoftHSM(filepath.Join(cfg.State, "hsm"), "agentmesh-proxy", hsm.CredentialPIN()); err != nil {
-			return nil, nil, fmt.Errorf("keys: %w", err)
+			return nil, "", nil, fmt.Errorf("keys: %w", err)
 		}
 	}
 	keys, err := hsm.OpenKeys(ctx, uri, "svid-")
 	if err != nil {
 		release()
-		return nil, nil, fmt.Errorf("keys: %w", err)
+		return nil, "", nil, fmt.Errorf("keys: %w", err)
 	}
-	return keys, func() { _ = keys.Close(); release() }, nil
+	return keys, uri, func() { _ = keys.Close(); release() }, nil
 }
 
 // tokenFromFile reads the bootstrap token when the rotator enrols, so an operator can

@@ -105,6 +105,20 @@ func (l caLink) RevokeLineage(ctx context.Context, cert tls.Certificate, id spif
 	return rr.Serials, nil
 }
 
+// auditWitness is the CA as the audit log's witness, over the mesh API with the host
+// SVID cert gives; ca witnesses the CA's log in turn.
+func (l caLink) auditWitness(cert func() (*tls.Certificate, error), ca *caLog) (audit.Witness, error) {
+	return meshclient.NewAuditWitness(meshclient.Config{URL: l.url, Anchors: l.anchors, Control: l.control,
+		Certificate: cert}, caLogClient{ca})
+}
+
+// caLogClient adapts caLog to the mesh client's CALog.
+type caLogClient struct{ *caLog }
+
+func (c caLogClient) Observe(ctx context.Context, cp meshclient.CACheckpoint) {
+	c.observe(ctx, caCheckpoint{witnessKey: cp.WitnessKey, note: cp.Checkpoint, proof: cp.Proof, hostKey: cp.HostKey})
+}
+
 // directorySettings is what the directory client needs besides the CA link.
 type directorySettings struct {
 	certificate   func() (*tls.Certificate, error)

@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"crypto"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -18,6 +20,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
 	"github.com/agentmesh/agentmesh/policy"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
@@ -36,15 +39,24 @@ type node struct {
 	logger   *slog.Logger
 	reg      *prometheus.Registry
 	audit    *audit.Log
-	bundle   *x509bundle.Bundle // the CA root file at start
-	link     caLink
-	keys     rotator.KeyStore
-	svidFile string // the host SVID's state file, "" when keys die with the process
-	dir      meshDirectory
-	authz    *policy.Authz // the policy file at start, nil without one
-	px       *proxy.Proxy
-	admin    *admin
-	control  *control
+	auditKey crypto.Signer // signs the audit log's checkpoints and cosigns the CA's
+	// auditWitness is the CA as the audit log's witness, made by buildMesh; caLog is
+	// this proxy witnessing the CA's log in turn.
+	auditWitness audit.Witness
+	caLog        *caLog
+	// auditVerifierKey is auditKey's verifier key, as the log's checkpoints name it;
+	// witnessed is when the CA was last asked to witness (Unix ns).
+	auditVerifierKey string
+	witnessed        atomic.Int64
+	bundle           *x509bundle.Bundle // the CA root file at start
+	link             caLink
+	keys             rotator.KeyStore
+	svidFile         string // the host SVID's state file, "" when keys die with the process
+	dir              meshDirectory
+	authz            *policy.Authz // the policy file at start, nil without one
+	px               *proxy.Proxy
+	admin            *admin
+	control          *control
 }
 
 // Run runs the proxy process cfg describes until ctx is done: the audit log, the host's
@@ -65,37 +77,47 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 // build makes every component, in the order their dependencies need; it returns the
 // key store's release.
 func (n *node) build(ctx context.Context) (func(), error) {
-	if err := n.buildBase(); err != nil {
-		return nil, err
+	if err := os.MkdirAll(n.cfg.State, 0o700); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
 	}
-	keys, closeKeys, err := openKeyStore(ctx, n.cfg)
+	keys, uri, closeKeys, err := openKeyStore(ctx, n.cfg)
 	if err != nil {
 		return nil, err
 	}
-	n.keys = keys
-	for _, step := range []func() error{n.buildHost, n.buildMesh, n.buildProxy, n.buildServers} {
+	// The audit key is in the same token as the SVID keys, and is needed first: the
+	// audit log is the first component made.
+	auditKey, closeAuditKey, err := openAuditKey(ctx, n.cfg.State, uri)
+	if err != nil {
+		closeKeys()
+		return nil, err
+	}
+	release := func() { closeAuditKey(); closeKeys() }
+	n.keys, n.auditKey = keys, auditKey
+	for _, step := range []func() error{n.buildBase, n.buildHost, n.buildMesh, n.buildProxy, n.buildServers} {
 		if err := step(); err != nil {
-			closeKeys()
+			release()
 			return nil, err
 		}
 	}
-	return closeKeys, nil
+	return release, nil
 }
 
-// buildBase makes the state directory, the trust bundle, the metrics registry, the
-// audit log and the link to the CA.
+// buildBase makes the trust bundle, the metrics registry, the audit log and the link
+// to the CA.
 func (n *node) buildBase() error {
 	cfg := n.cfg
-	if err := os.MkdirAll(cfg.State, 0o700); err != nil {
-		return fmt.Errorf("state directory: %w", err)
-	}
 	var err error
 	if n.bundle, err = x509bundle.Load(cfg.id.TrustDomain(), cfg.CA.Root); err != nil {
 		return fmt.Errorf("load ca.root %s: %w", cfg.CA.Root, err)
 	}
 	n.reg = prometheus.NewRegistry()
 	n.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	if n.audit, err = audit.Open(audit.Config{Path: cfg.Audit.Path, Registerer: n.reg, Logger: n.component("audit")}); err != nil {
+	acfg := cfg.auditConfig(n.auditKey, witnessFunc(n.witness))
+	if n.auditVerifierKey, err = auditVerifierKey(acfg.Origin, n.auditKey); err != nil {
+		return err
+	}
+	acfg.Registerer, acfg.Logger = n.reg, n.component("audit")
+	if n.audit, err = audit.Open(acfg); err != nil {
 		return err
 	}
 	n.auditor = n.audit
@@ -150,6 +172,13 @@ func (n *node) buildMesh() error {
 	}
 	var err error
 	if n.dir, err = n.link.directory(s); err != nil {
+		return err
+	}
+	if n.caLog, err = newCALog(filepath.Join(n.cfg.State, caAuditFile), meshapi.CAAuditOrigin(n.cfg.id.TrustDomain()),
+		n.auditKey, n.audit, n.reg, n.component("audit")); err != nil {
+		return err
+	}
+	if n.auditWitness, err = n.link.auditWitness(n.rot.TLSCertificate, n.caLog); err != nil {
 		return err
 	}
 	// Every proxy acknowledges the steps of a rotation of the CA's anchors, advertising
@@ -223,7 +252,7 @@ func (n *node) run(ctx context.Context) error {
 	g, gctx := errgroup.WithContext(ctx)
 	followMesh := func(ctx context.Context) error { return n.followMesh(ctx, n.dir) }
 	for _, run := range []func(context.Context) error{n.rot.Run, n.px.Run, n.admin.Run, n.dir.Run, followMesh,
-		n.control.Run, n.agents.Run, w.run, n.followAnchors} {
+		n.control.Run, n.agents.Run, w.run, n.followAnchors, n.witnessIdle} {
 		g.Go(func() error { return run(gctx) })
 	}
 	err := g.Wait()

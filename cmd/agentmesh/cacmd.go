@@ -66,6 +66,9 @@ func addCAFlags(f *pflag.FlagSet, cfg *ca.ProcessConfig) {
 	f.DurationVar(&cfg.CA.RotationLiveWindow, "rotation-live-window", 30*time.Second, "a proxy with a heartbeat within this window is live in a rotation of the trust anchors")
 	f.DurationVar(&cfg.CA.RotationRenewWindow, "rotation-renew-window", 0, "window proxies spread a rotation's early renewals over (default: a quarter of --svid-lifetime)")
 	f.StringVar(&cfg.AuditPath, "audit", "", "audit log of revocations (default: audit.log in --state)")
+	f.IntVar(&cfg.AuditLog.CheckpointRecords, "audit-checkpoint-records", 0, "records between two signed checkpoints of the audit log (default 1000)")
+	f.DurationVar(&cfg.AuditLog.CheckpointInterval, "audit-checkpoint-interval", 0, "longest time between two signed checkpoints of a growing audit log (default 10s; at least 100ms)")
+	f.Int64Var(&cfg.AuditLog.MaxFileBytes, "audit-max-file-bytes", 0, "size past which the audit log's file becomes a segment (default 64 MiB; at least 64 KiB)")
 	f.StringVar(&cfg.MetricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")
 }
 
