@@ -21,17 +21,31 @@ var ErrInvalidEvent = errors.New("audit: invalid event")
 // valid record, so the chain cannot be continued. Run Verify on the file and move it aside.
 var ErrCorrupt = errors.New("audit: existing log is corrupt")
 
-// VerifyError names the first record that breaks the chain. Records before it are intact.
+// VerifyError names the first record that breaks the chain, or, for VerifyLog, the first
+// record that differs from what a checkpoint or the witness committed to. Records before
+// it are intact.
 type VerifyError struct {
-	// Seq is the sequence number the record at Line should carry (the last good seq + 1);
-	// the value written in the line itself is untrusted and is quoted in Reason instead.
+	// File is the file holding the record (a segment or the active file); empty for
+	// Verify and for a record the files no longer hold.
+	File string
+	// Seq is the sequence number the bad record should carry (the last good seq + 1; its
+	// leaf index in the tree is Seq-1); the value written in the line itself is untrusted
+	// and is quoted in Reason instead.
 	Seq uint64
-	// Line is the 1-based line number in the verified stream.
+	// Line is the 1-based line number in File (or in the verified stream); 0 when the
+	// problem is not one line's (a rewritten range, a cut tail).
 	Line int
 	// Reason says what is wrong, for an operator.
 	Reason string
 }
 
 func (e *VerifyError) Error() string {
-	return fmt.Sprintf("audit: verify: line %d (seq %d): %s", e.Line, e.Seq, e.Reason)
+	at := fmt.Sprintf("index %d (seq %d)", e.Seq-1, e.Seq)
+	if e.Line > 0 {
+		at = fmt.Sprintf("line %d (seq %d)", e.Line, e.Seq)
+	}
+	if e.File != "" {
+		at = e.File + ": " + at
+	}
+	return fmt.Sprintf("audit: verify: %s: %s", at, e.Reason)
 }

@@ -17,7 +17,32 @@ import (
 // input is a valid, empty log. Verify streams: memory is bounded by the longest line
 // (1 MiB), whatever the size of the log. It never panics, whatever the input.
 func Verify(r io.Reader) (int, error) {
-	torn := false
+	var c chain
+	torn, err := c.read(r, nil)
+	if err == nil && torn {
+		err = c.bad("incomplete last line (no trailing newline): torn write or truncation")
+	}
+	return int(c.n), err
+}
+
+// chain checks records one line at a time, carrying seq and prev across files.
+type chain struct {
+	n       uint64            // good records so far
+	prev    [sha256.Size]byte // zero before the first record
+	line    int               // lines read from the current file
+	file    string            // for errors; "" for a stream
+	scratch []byte
+}
+
+func (c *chain) bad(reason string) error {
+	return &VerifyError{File: c.file, Seq: c.n + 1, Line: c.line + 1, Reason: reason}
+}
+
+// read checks every complete line of r as the next records, calling fn (if not nil) with
+// each good one. It stops at the first bad record (a *VerifyError) and reports whether r
+// ended with an incomplete line, which it does not check.
+func (c *chain) read(r io.Reader, fn func(line []byte)) (torn bool, err error) {
+	c.line = 0
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 0, 4<<10), maxRecordBytes+1) // grows on demand
 	sc.Split(func(data []byte, atEOF bool) (int, []byte, error) {
@@ -28,47 +53,50 @@ func Verify(r io.Reader) (int, error) {
 		}
 		if atEOF && len(data) > 0 {
 			torn = true
-			return len(data), data, nil
+			return len(data), nil, nil
 		}
 		return 0, nil, nil
 	})
-
-	var (
-		n       int
-		prev    [sha256.Size]byte // zero for the first record
-		scratch []byte
-	)
-	bad := func(reason string) (int, error) {
-		return n, &VerifyError{Seq: uint64(n) + 1, Line: n + 1, Reason: reason}
-	}
 	for sc.Scan() {
 		if torn {
-			return bad("incomplete last line (no trailing newline): torn write or truncation")
+			break
 		}
-		var (
-			rec    record
-			reason string
-		)
-		rec, scratch, reason = parseRecord(sc.Bytes(), scratch)
-		switch want := uint64(n) + 1; {
-		case reason != "":
-			return bad(reason)
-		case rec.seq != want:
-			return bad(fmt.Sprintf("seq is %d, want %d: a record was removed, inserted or reordered", rec.seq, want))
-		case rec.prev != prev:
-			if n == 0 {
-				return bad("prev of the first record is not zero: records before it were removed")
-			}
-			return bad(fmt.Sprintf("prev does not match the hash of record %d: a record was replaced or edited", n))
+		if reason := c.next(sc.Bytes()); reason != "" {
+			return false, c.bad(reason)
 		}
-		prev = rec.hash
-		n++
+		if fn != nil {
+			fn(sc.Bytes())
+		}
+		c.line++
 	}
 	if err := sc.Err(); err != nil {
 		if errors.Is(err, bufio.ErrTooLong) {
-			return bad("line longer than 1 MiB")
+			return false, c.bad("line longer than 1 MiB")
 		}
-		return n, fmt.Errorf("audit: verify: read: %w", err)
+		return false, fmt.Errorf("audit: verify: read: %w", err)
 	}
-	return n, nil
+	return torn, nil
+}
+
+// next checks line as the record after the good ones and returns why it is bad, or "".
+func (c *chain) next(line []byte) string {
+	var (
+		rec    record
+		reason string
+	)
+	rec, c.scratch, reason = parseRecord(line, c.scratch)
+	switch want := c.n + 1; {
+	case reason != "":
+		return reason
+	case rec.seq != want:
+		return fmt.Sprintf("seq is %d, want %d: a record was removed, inserted or reordered", rec.seq, want)
+	case rec.prev != c.prev:
+		if c.n == 0 {
+			return "prev of the first record is not zero: records before it were removed"
+		}
+		return fmt.Sprintf("prev does not match the hash of record %d: a record was replaced or edited", c.n)
+	}
+	c.prev = rec.hash
+	c.n++
+	return ""
 }
