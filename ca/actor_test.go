@@ -119,6 +119,10 @@ func TestAdminRecordsNameTheirCaller(t *testing.T) {
 			rotationAction(audit.CARotationAck), tlsActorOf(a)},
 		{"abort ca rotation (admin socket)", func(*testing.T) { _, err := AbortRotation(ctx, state, "drill over"); must(err) },
 			rotationAction(audit.CARotationAbort), socket},
+		// Refused (the CA witnesses no such log) or not, a forget names its operator.
+		{"forget a witnessed audit log (admin socket)", func(*testing.T) {
+			_, _ = ForgetAuditLog(ctx, state, ForgetRequest{Origin: meshapi.AuditOrigin(id("/host/zz")), Reason: "disk replaced"})
+		}, is("witness"), socket},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := rec.count()

@@ -100,6 +100,8 @@ func (s *Server) adminHandler() http.Handler {
 	mux.HandleFunc("POST "+adminHostsPath, s.adminOnly(s.handleAdminSetHost))
 	mux.HandleFunc("DELETE "+adminHostsPath, s.adminOnly(s.handleAdminRemoveHost))
 	mux.HandleFunc("GET "+adminHostsPath, s.adminOnly(s.handleAdminHosts))
+	mux.HandleFunc("GET "+adminWitnessPath, s.adminOnly(s.handleAdminWitness))
+	mux.HandleFunc("POST "+adminForgetPath, s.adminOnly(s.handleAdminForget))
 	mux.HandleFunc("GET "+meshapi.AdminRotationPath, s.adminOnly(s.handleAdminRotationStatus))
 	mux.HandleFunc("POST "+meshapi.AdminRotationPath, s.adminOnly(adminRotation(s.StartAnchorRotation)))
 	mux.HandleFunc("POST "+meshapi.AdminRotationAbortPath, s.adminOnly(adminRotation(s.abortAnchorRotation)))

@@ -1,6 +1,7 @@
 package ca
 
 import (
+	"crypto"
 	"fmt"
 	"log/slog"
 	"net"
@@ -23,6 +24,8 @@ const (
 	maxTokenLifetime     = 24 * time.Hour
 	defaultDirectoryTTL  = 30 * time.Second
 	defaultLiveWindow    = 30 * time.Second
+	// defaultWitnessStale is three of the proxies' default checkpoint intervals (10s).
+	defaultWitnessStale = 30 * time.Second
 )
 
 // Config configures a Server. The zero value of every optional field selects the
@@ -52,7 +55,8 @@ type Config struct {
 	// provisioner keys, for example
 	// "pkcs11:module-path=/usr/lib/libyubihsm_pkcs11.so;token=agentmesh?pin-source=file:///etc/agentmesh/pin".
 	// Missing keys are generated inside it on first start, as objects labelled
-	// agentmesh-root, agentmesh-intermediate and agentmesh-provisioner: give each CA its
+	// agentmesh-root, agentmesh-intermediate, agentmesh-provisioner and agentmesh-audit
+	// (the audit key: checkpoints and cosignatures): give each CA its
 	// own token. The URI is never logged with a pin-value. Default "": a SoftHSM2 token
 	// created inside StateDir on first start, its random PIN in PINFile.
 	KMS string
@@ -97,6 +101,20 @@ type Config struct {
 	// must be positive and below SVIDLifetime.
 	RotationRenewWindow time.Duration
 
+	// WitnessStaleAfter is how long a witnessed audit log may go without a checkpoint
+	// before it counts as stale (metrics, status); set it to three times the proxies'
+	// checkpoint interval. Default 30s; must be >= 0.
+	WitnessStaleAfter time.Duration
+
+	// OpenAuditLog, when set, is called once by New with the CA's audit key (the ECDSA
+	// P-256 key agentmesh-audit in the token, generated there on first start) to open
+	// the CA's own audit log, which signs its checkpoints with it under
+	// meshapi.CAAuditOrigin(TrustDomain): that log then receives the records Audit
+	// would, and its checkpoints go to the proxies with every answer to theirs, to be
+	// cosigned. The caller runs and closes the log. Default nil: Audit, and no
+	// checkpoints of the CA's log.
+	OpenAuditLog func(key crypto.Signer) (CheckpointLog, error)
+
 	// Logger receives the CA's logs, including step-ca's per-request errors and
 	// net/http's server errors. Default: discard.
 	Logger *slog.Logger
@@ -113,7 +131,8 @@ type Config struct {
 	// Registerer receives the CA's metrics: agentmesh_ca_lineage_refused_total{reason}
 	// (renewals, rekeys and enrolments the lineage rules refused),
 	// agentmesh_ca_address_claims_*, and agentmesh_ca_rotation_* and
-	// agentmesh_ca_anchor_not_after_seconds{role,fingerprint} (anchormetrics.go). Default nil: not registered.
+	// agentmesh_ca_anchor_not_after_seconds{role,fingerprint} (anchormetrics.go), and
+	// agentmesh_ca_audit_* (witnessmetrics.go). Default nil: not registered.
 	Registerer prometheus.Registerer
 }
 
@@ -138,6 +157,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.RotationRenewWindow == 0 {
 		c.RotationRenewWindow = c.SVIDLifetime / 4
+	}
+	if c.WitnessStaleAfter == 0 {
+		c.WitnessStaleAfter = defaultWitnessStale
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -166,6 +188,8 @@ func (c Config) validate() error {
 		return fmt.Errorf("%w: DirectoryTTL %v is negative", ErrInvalidConfig, c.DirectoryTTL)
 	case c.MaxWatches < 0:
 		return fmt.Errorf("%w: MaxWatches %d is negative", ErrInvalidConfig, c.MaxWatches)
+	case c.WitnessStaleAfter < 0:
+		return fmt.Errorf("%w: WitnessStaleAfter %v is negative", ErrInvalidConfig, c.WitnessStaleAfter)
 	case c.RotationLiveWindow < 0:
 		return fmt.Errorf("%w: RotationLiveWindow %v is negative", ErrInvalidConfig, c.RotationLiveWindow)
 	case c.RotationRenewWindow < 0 || c.RotationRenewWindow >= c.SVIDLifetime:

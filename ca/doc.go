@@ -117,6 +117,26 @@
 // acknowledgements (POST /mesh/v1/rotation/ack) and a one-second tick. Every effect is
 // idempotent: a CA killed in any phase re-runs it before serving again.
 //
+// # Witness of the audit logs
+//
+// Every proxy sends its audit log's signed checkpoints to POST
+// /mesh/v1/audit/checkpoint (witnessapi.go) with a consistency proof from the one the
+// CA holds. The CA binds the host's audit key to its origin (meshapi.AuditOrigin) at
+// the first checkpoint, cosigns each one that extends the one it holds with its own
+// audit key (agentmesh-audit in the token: never a TLS or issuing key), and keeps the
+// latest, with a bounded history, per origin in StateDir/witness/ (witness.go, written
+// before the answer). A checkpoint that does not extend it is refused (403
+// meshapi.CodeAuditInconsistent), audited and counted, and the log's state stays
+// "inconsistent" until `agentmesh ca audit forget ORIGIN`; one from a size the CA does
+// not hold is answered 409 with the one it holds. A log without a checkpoint for
+// Config.WitnessStaleAfter is "stale". The CA's own audit log (Config.OpenAuditLog)
+// signs checkpoints with the same key; every answer carries its latest with a proof
+// from the one that proxy last cosigned, and the proxies' cosignatures come back with
+// their next checkpoints (witnessca.go), so the CA is not its own witness. GET
+// /audit/v1/checkpoints?origin= serves what the witness holds, to anyone: it is all
+// signed. Metrics: agentmesh_ca_audit_* (witnessmetrics.go); alert rules:
+// deploy/prometheus/alerts.yaml.
+//
 // Bootstrap tokens (Server.Token, RequestToken) and the SVID profile are
 // ca/authority's; step-ca's backdate is min(1m, lifetime/10). Token IDs are recorded as
 // used in the bbolt database (StateDir/db) by a hash, never in plain text.
@@ -132,6 +152,12 @@
 //	fleet-rotation.json          the latest fleet rotation (0644), written atomically
 //	entries.json                 the registration entries (0600), written atomically
 //	claims.json                  the hosts' address claims (0600), written atomically
+//	witness/ORIGIN.json          per witnessed audit log (origin path-escaped): its
+//	                             key, latest cosigned checkpoint, history, state,
+//	                             and the CA checkpoint its host cosigned (0600),
+//	                             written atomically
+//	audit.log*                   the CA's own audit log (ProcessConfig.AuditPath),
+//	                             its checkpoints in audit.log.checkpoint
 //	rotation.json                the rotation of the trust anchors running, or the
 //	                             last one (0644), written atomically
 //	softhsm2.conf, tokens/       the embedded SoftHSM2 token (only without Config.KMS),
@@ -142,7 +168,8 @@
 //	admin.sock                   admin API: POST /token, GET /directory, POST /revoke,
 //	                             POST /reinstate, POST /rotate, POST, DELETE and GET
 //	                             /entries and /hosts, GET and POST /rotation, POST
-//	                             /rotation/abort and /rotation/exclude (0600;
+//	                             /rotation/abort and /rotation/exclude, GET
+//	                             /audit/witness, POST /audit/forget (0600;
 //	                             root or the CA's uid, via SO_PEERCRED)
 //	lock                         flock held while a Server owns the directory
 //

@@ -80,7 +80,7 @@ func TestKeysLiveInTheToken(t *testing.T) {
 	}
 
 	objs := listTokenObjects(t, cfg.StateDir)
-	for _, label := range []string{"agentmesh-root", "agentmesh-intermediate", "agentmesh-provisioner"} {
+	for _, label := range []string{"agentmesh-root", "agentmesh-intermediate", "agentmesh-provisioner", "agentmesh-audit"} {
 		t.Run(label, func(t *testing.T) {
 			var priv *p11Object
 			for i := range objs {
@@ -131,6 +131,16 @@ func TestKeysLiveInTheToken(t *testing.T) {
 		if k, ok := pub.(interface{ Equal(crypto.PublicKey) bool }); !ok || !k.Equal(tc.cert.PublicKey) {
 			t.Errorf("%s key in the token does not match the %s certificate", tc.name, tc.name)
 		}
+	}
+	// The audit key, which signs the CA's checkpoints and cosigns the proxies', is the
+	// token's agentmesh-audit, no TLS or issuing key.
+	auditPub, err := km.GetPublicKey(&apiv1.GetPublicKeyRequest{Name: authority.KeyURIAudit})
+	if err != nil {
+		t.Fatalf("GetPublicKey audit: %v", err)
+	}
+	if !auditPub.(interface{ Equal(crypto.PublicKey) bool }).Equal(ca.auth.AuditSigner().Public()) ||
+		auditPub.(interface{ Equal(crypto.PublicKey) bool }).Equal(inter.PublicKey) {
+		t.Error("the audit key is not the token's agentmesh-audit, or is the intermediate's")
 	}
 	if pub, err := km.GetPublicKey(&apiv1.GetPublicKeyRequest{Name: authority.KeyURIRoot}); err != nil ||
 		pub.(interface{ Equal(crypto.PublicKey) bool }).Equal(inter.PublicKey) {

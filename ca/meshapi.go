@@ -45,6 +45,9 @@ func (s meshBackend) Reinstate(w http.ResponseWriter, r *http.Request)   { s.han
 func (s meshBackend) Revocations(w http.ResponseWriter, r *http.Request) { s.handleRevocations(w, r) }
 func (s meshBackend) AgentToken(w http.ResponseWriter, r *http.Request)  { s.handleAgentToken(w, r) }
 func (s meshBackend) AnchorAck(w http.ResponseWriter, r *http.Request)   { s.handleAnchorAck(w, r) }
+func (s meshBackend) AuditCheckpoint(w http.ResponseWriter, r *http.Request) {
+	s.handleAuditCheckpoint(w, r)
+}
 
 func callerID(r *http.Request) spiffeid.ID { return meshapi.Caller(r) }
 

@@ -44,6 +44,9 @@ const (
 	keyHosts         = "hosts"
 	keyPrefixes      = "prefixes"
 	keyRemoteAddr    = "remote_addr"
+	keyOrigin        = "origin"
+	keySize          = "size"
+	keyHeldSize      = "held_size"
 )
 
 // Files and directories inside Config.StateDir. hsm.SoftHSM names the embedded
@@ -67,4 +70,6 @@ const (
 	fileEntries = "entries.json"
 	// fileClaims holds the address claims of hosts (0600).
 	fileClaims = "claims.json"
+	// dirWitness holds the witnessed audit logs, one file per origin (witness.go).
+	dirWitness = "witness"
 )

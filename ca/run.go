@@ -2,6 +2,7 @@ package ca
 
 import (
 	"context"
+	"crypto"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // ProcessConfig configures the process `agentmesh ca` runs: a Server, the audit log it
@@ -63,28 +65,39 @@ func Run(ctx context.Context, cfg ProcessConfig) error {
 	if err := cfg.AuditLog.validate(); err != nil {
 		return err
 	}
-	auditLog, err := audit.Open(cfg.AuditLog.apply(audit.Config{Path: cfg.AuditPath, Logger: cfg.Logger.With("component", "audit")}))
-	if err != nil {
-		return err
-	}
-	cfg.CA.Audit = auditLog
-	auditCtx, stopAudit := context.WithCancel(context.WithoutCancel(ctx))
-	auditDone := make(chan error, 1)
-	go func() { auditDone <- auditLog.Run(auditCtx) }()
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	cfg.CA.Registerer = reg
-	err = serve(ctx, cfg, reg)
+	// The log signs its checkpoints with the CA's audit key, which New opens in the
+	// token: so New opens the log, and the proxies witness it.
+	var auditLog *audit.Log
+	cfg.CA.OpenAuditLog = func(key crypto.Signer) (CheckpointLog, error) {
+		l, err := audit.Open(cfg.AuditLog.apply(audit.Config{Path: cfg.AuditPath, Logger: cfg.Logger.With("component", "audit"),
+			Registerer: reg, Origin: meshapi.CAAuditOrigin(cfg.CA.TrustDomain), Signer: key}))
+		if err != nil {
+			return nil, err
+		}
+		auditLog = l
+		return l, nil
+	}
+	srv, err := New(ctx, cfg.CA)
+	if auditLog == nil {
+		return err
+	}
+	// From here on the log runs until everything that writes to it has stopped, and
+	// is closed last, so the records of the CA's last requests are written.
+	auditCtx, stopAudit := context.WithCancel(context.WithoutCancel(ctx))
+	auditDone := make(chan error, 1)
+	go func() { auditDone <- auditLog.Run(auditCtx) }()
+	if err == nil {
+		err = serve(ctx, cfg, reg, srv)
+	}
 	stopAudit()
 	return errors.Join(err, <-auditDone)
 }
 
-// serve runs the Server and the metrics listener under one errgroup.
-func serve(ctx context.Context, cfg ProcessConfig, reg *prometheus.Registry) error {
-	srv, err := New(ctx, cfg.CA)
-	if err != nil {
-		return err
-	}
+// serve runs srv and the metrics listener under one errgroup.
+func serve(ctx context.Context, cfg ProcessConfig, reg *prometheus.Registry, srv *Server) error {
 	g, gctx := errgroup.WithContext(ctx)
 	if cfg.MetricsAddr != "" {
 		ln, err := net.Listen("tcp", cfg.MetricsAddr)

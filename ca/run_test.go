@@ -89,6 +89,17 @@ func TestRun(t *testing.T) {
 	if err != nil || n == 0 {
 		t.Fatalf("audit log after fleet rotation %d: %d records, %v", fr.ID, n, err)
 	}
+	// The log signed a checkpoint of all of it at shutdown, under the CA's origin.
+	msg, err := os.ReadFile(filepath.Join(cfg.StateDir, "audit.log.checkpoint"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text, sigs, _ := strings.Cut(string(msg), "\n\n")
+	c, err := audit.ParseCheckpoint(text + "\n")
+	if err != nil || c.Origin != meshapi.CAAuditOrigin(cfg.TrustDomain) || c.Size != uint64(n) ||
+		!strings.HasPrefix(sigs, "— "+c.Origin+" ") {
+		t.Errorf("the ca's last checkpoint: %+v, %v\n%s", c, err, msg)
+	}
 }
 
 func TestParseHostClaim(t *testing.T) {

@@ -15,13 +15,16 @@ import (
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
-// apiHandler routes step-ca's API at / and /1.0 (as step-ca does) and the mesh API at
-// /mesh/v1, behind the client certificate check.
+// apiHandler routes step-ca's API at / and /1.0 (as step-ca does), the mesh API at
+// /mesh/v1 and the witness's public API at /audit/v1, behind the client certificate
+// check (which admits requests without one).
 func (s *Server) apiHandler() http.Handler {
 	mux := chi.NewRouter()
 	mux.Use(middleware.GetHead)
 	authority.Route(mux)
 	mux.Route(meshapi.Prefix, s.meshRoutes)
+	// Public, no client certificate: everything the witness serves is signed.
+	mux.Get(meshapi.WitnessPrefix+meshapi.WitnessCheckpointsPath, s.handleWitnessedLog)
 	return s.accessLog(s.auth.AuditIssuance(s.auth.RequireValidClientCert(s.interceptStepRevoke(s.guardLineage(mux)))))
 }
 

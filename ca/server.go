@@ -56,6 +56,13 @@ type Server struct {
 	releaseOnce sync.Once
 
 	watches *watchLimit // directory long-polls held per client identity
+
+	// The witness of the audit logs (witness*.go).
+	witness     *witnessStore
+	wm          *witnessMetrics
+	auditSigner witnessKey    // the CA's audit key: its checkpoints, its cosignatures
+	caOrigin    string        // the origin of the CA's own audit log
+	caLog       CheckpointLog // nil: the CA's log has no checkpoints to serve
 }
 
 // New prepares a CA in cfg.StateDir without serving it.
@@ -112,6 +119,9 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		return nil, err
 	}
 	s.claims.metrics = newClaimMetrics()
+	if err := s.initWitness(); err != nil {
+		return nil, err
+	}
 	if s.db, err = openDB(cfg.StateDir, s.auth, &s.entries.Pointer, s.lineageRefused); err != nil {
 		return nil, err
 	}
@@ -144,7 +154,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	// Registered last, so that a New that fails leaves the registry as it was.
 	if err := metricreg.Register(cfg.Registerer, append(s.anchor.metrics.collectors(),
-		s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt)...); err != nil {
+		append(s.wm.collectors(), s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt)...)...); err != nil {
 		return nil, err
 	}
 
@@ -225,6 +235,8 @@ func (s *Server) Run(ctx context.Context) (err error) {
 			err = boundary(rerr)
 		}
 	}()
+	// Runs first: the last checkpoint of the CA's log is signed while the token is open.
+	defer s.checkpointOwnLog(ctx)
 
 	if err := s.auth.Start(authority.IssuePolicy{DB: s.db, Enforce: s.enforceNotRevoked, AuthorizeRenew: s.authorizeRenew}); err != nil {
 		return boundary(err)

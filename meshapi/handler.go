@@ -29,6 +29,9 @@ type Backend interface {
 	Revocations(w http.ResponseWriter, r *http.Request) // GET RevocationsPath
 	AgentToken(w http.ResponseWriter, r *http.Request)  // POST AgentTokenPath
 	AnchorAck(w http.ResponseWriter, r *http.Request)   // POST AnchorAckPath
+	// AuditCheckpoint witnesses the caller's audit checkpoint (POST
+	// AuditCheckpointPath).
+	AuditCheckpoint(w http.ResponseWriter, r *http.Request)
 }
 
 // Mount mounts the mesh API of s on r (the router of Prefix): every route requires a
@@ -42,6 +45,7 @@ func Mount(r chi.Router, s Backend) {
 	r.Get(RevocationsPath, s.Revocations)
 	r.Post(AgentTokenPath, s.AgentToken)
 	r.Post(AnchorAckPath, s.AnchorAck)
+	r.Post(AuditCheckpointPath, s.AuditCheckpoint)
 }
 
 type callerKey struct{}

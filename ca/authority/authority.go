@@ -75,6 +75,7 @@ type Authority struct {
 	km             keyStore // a.kms, through which the generations' keys are managed
 	releaseSoftHSM func()
 	provKey        crypto.Signer
+	auditKey       crypto.Signer
 	provisioner    *provisioner.JWK
 	created        bool // Open created the root or the intermediate
 	uses           *tokenUses
@@ -99,9 +100,10 @@ type Authority struct {
 // Open opens the token (creating the embedded SoftHSM2 token on first start), then the
 // root and intermediate of cfg.StateDir, creating whatever is missing: keys generated
 // inside the token, the root self-signed with name constraints to the trust domain, the
-// intermediate signed by the root. It fails with ErrTrustDomainMismatch for a state
-// directory of another trust domain, with ErrHSM when a key is missing or does not
-// match its certificate. On error it releases what it acquired.
+// intermediate signed by the root, the provisioner and audit keys. It fails with
+// ErrTrustDomainMismatch for a state directory of another trust domain, with ErrHSM
+// when a key is missing or does not match its certificate. On error it releases what
+// it acquired.
 func Open(ctx context.Context, cfg Config) (_ *Authority, err error) {
 	a := &Authority{cfg: cfg, log: cfg.Logger, uses: newTokenUses()}
 	defer func() {
@@ -143,6 +145,9 @@ func Open(ctx context.Context, cfg Config) (_ *Authority, err error) {
 	if a.provKey, err = loadOrCreateKey(a.kms, keyURIProvisioner); err != nil {
 		return nil, err
 	}
+	if a.auditKey, err = loadOrCreateKey(a.kms, keyURIAudit); err != nil {
+		return nil, err
+	}
 	jwk, err := provisionerJWK(a.provKey.Public())
 	if err != nil {
 		return nil, err
@@ -179,6 +184,11 @@ func (a *Authority) ActiveSigner() (crypto.Signer, *x509.Certificate) {
 	g := a.pki.Load().active
 	return g.intermediateSigner, g.Intermediate
 }
+
+// AuditSigner signs with the CA's audit key (ECDSA P-256, agentmesh-audit in the
+// token, generated there on first use): the CA's own checkpoints and its cosignatures
+// of the proxies'.
+func (a *Authority) AuditSigner() crypto.Signer { return a.auditKey }
 
 // Step is step-ca's running authority, nil before Start.
 func (a *Authority) Step() *stepauthority.Authority { return a.step.Load() }

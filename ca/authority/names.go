@@ -27,6 +27,10 @@ const (
 	keyURIRoot         = "pkcs11:id=a901;object=agentmesh-root"
 	keyURIIntermediate = "pkcs11:id=a902;object=agentmesh-intermediate"
 	keyURIProvisioner  = "pkcs11:id=a903;object=agentmesh-provisioner"
+	// keyURIAudit signs the CA's audit checkpoints and cosigns the proxies': never a
+	// TLS or issuing key, and not rotated with the anchors, so the witness key the
+	// proxies pin outlives every generation.
+	keyURIAudit = "pkcs11:id=a904;object=agentmesh-audit"
 )
 
 // Log attribute keys, the same as package ca's.
@@ -49,4 +53,5 @@ const (
 	TokenLabel         = tokenLabel
 	KeyURIRoot         = keyURIRoot
 	KeyURIIntermediate = keyURIIntermediate
+	KeyURIAudit        = keyURIAudit
 )

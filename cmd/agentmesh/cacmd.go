@@ -43,7 +43,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 		},
 	}
 	addCAFlags(cmd.Flags(), &cfg)
-	cmd.AddCommand(newCARotateCmd(), newCARotationCmd())
+	cmd.AddCommand(newCARotateCmd(), newCARotationCmd(), newCAAuditCmd())
 	f := cmd.Flags()
 	f.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain, e.g. example.org")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

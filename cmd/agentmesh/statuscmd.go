@@ -9,18 +9,26 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/agentmesh/agentmesh/ca"
 	"github.com/agentmesh/agentmesh/node"
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
 func newStatusCmd() *cobra.Command {
-	var adminAddr string
+	var adminAddr, caState string
 	var asJSON bool
 	cmd := &cobra.Command{
 		Use:   "status",
-		Short: "Show a proxy's identities, their serials and when each renews",
+		Short: "Show a proxy's identities, their serials and when each renews; with --state, the CA's witnessed audit logs",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if caState != "" {
+				logs, err := ca.WitnessStatus(cmd.Context(), caState)
+				if err != nil {
+					return err
+				}
+				return printWitness(cmd.OutOrStdout(), logs, asJSON, time.Now())
+			}
 			req, err := http.NewRequestWithContext(cmd.Context(), http.MethodGet, "http://"+adminAddr+"/status", nil)
 			if err != nil {
 				return err
@@ -46,6 +54,7 @@ func newStatusCmd() *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&adminAddr, "admin", "127.0.0.1:15020", "the proxy's admin address")
+	cmd.Flags().StringVar(&caState, "state", "", "state directory of the agentmesh ca running on this host: show the audit logs it witnesses and their state (ok, stale, inconsistent)")
 	cmd.Flags().BoolVar(&asJSON, "json", false, "print JSON")
 	return cmd
 }
