@@ -25,7 +25,8 @@ func TestMeshWatchLimit(t *testing.T) {
 		s.dir.testHookWaiting = func() { parked <- struct{}{} }
 	})
 	idH := spiffeid.RequireFromPath(testTD, "/host/h")
-	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, idH)))
+	h := enroll(t, ca, idH)
+	hc := httpsClient(t, ca, tlsCert(h))
 	other := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/other"))))
 	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
 	_, body := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil)
@@ -57,7 +58,7 @@ func TestMeshWatchLimit(t *testing.T) {
 		}
 	}
 	rec.mu.Unlock()
-	if len(refusals) != 2 || refusals[1] != (WatchRefusal{Initiator: idH.String(), Limit: 2, Refused: 2}) {
+	if len(refusals) != 2 || refusals[1] != (WatchRefusal{Actor: tlsActorOf(h), Limit: 2, Refused: 2}) {
 		t.Errorf("audit records %+v, want two refusals of %s counting up to 2", refusals, idH)
 	}
 	// Another identity has slots of its own.
