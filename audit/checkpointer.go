@@ -7,9 +7,10 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
+
+	"golang.org/x/mod/sumdb/tlog"
 )
 
 // Checkpoints (Config.Signer): a goroutine of Run signs the durable tree every
@@ -108,23 +109,28 @@ func (l *Log) Checkpoint(ctx context.Context) error {
 	if l.cp == nil {
 		return nil
 	}
-	select {
-	case l.cp.sem <- struct{}{}:
-	case <-ctx.Done():
-		return fmt.Errorf("audit: checkpoint: %w", ctx.Err())
-	}
-	defer func() { <-l.cp.sem }()
-	return l.checkpointRound(ctx, l.cfg.Witness)
+	return l.round(ctx, l.cfg.Witness)
 }
 
 // checkpointLoop runs checkpoint rounds when kicked by the writer, at every interval, and
 // once at start (the latest checkpoint may not be witnessed yet). A failed round is
-// logged and counted; the next one retries.
+// logged and counted; the next one retries. After a failed witness exchange, kicks only
+// sign until the next interval: a witness that is down or refuses the log hears from it
+// once per interval, not once per CheckpointRecords records.
 func (l *Log) checkpointLoop(ctx context.Context) {
 	t := time.NewTicker(l.cfg.CheckpointInterval)
 	defer t.Stop()
+	witnessFailed, tick := false, true
 	for {
-		if err := l.Checkpoint(ctx); err != nil && ctx.Err() == nil {
+		w := l.cfg.Witness
+		if witnessFailed && !tick {
+			w = nil
+		}
+		err := l.round(ctx, w)
+		if w != nil {
+			witnessFailed = err != nil
+		}
+		if err != nil && ctx.Err() == nil {
 			level := slog.LevelWarn
 			if errors.Is(err, ErrInconsistent) {
 				level = slog.LevelError
@@ -135,9 +141,22 @@ func (l *Log) checkpointLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			tick = true
 		case <-l.cp.kick:
+			tick = false
 		}
 	}
+}
+
+// round is one checkpoint round with w, under sem.
+func (l *Log) round(ctx context.Context, w Witness) error {
+	select {
+	case l.cp.sem <- struct{}{}:
+	case <-ctx.Done():
+		return fmt.Errorf("audit: checkpoint: %w", ctx.Err())
+	}
+	defer func() { <-l.cp.sem }()
+	return l.checkpointRound(ctx, w)
 }
 
 // kickCheckpoint tells the loop, without waiting, that CheckpointRecords records were
@@ -178,7 +197,9 @@ func (l *Log) checkpointRound(ctx context.Context, w Witness) error {
 	if w == nil || latest == nil {
 		return nil
 	}
-	if c := l.cosigned.Load(); c != nil && c.cp.Size >= latest.cp.Size {
+	// Anything but the cosigned checkpoint itself goes to the witness, a smaller one
+	// too: that the log lost records is the witness's to hear and refuse.
+	if c := l.cosigned.Load(); c != nil && c.cp == latest.cp {
 		return nil
 	}
 	return l.witness(ctx, w, latest)
@@ -205,8 +226,9 @@ func (l *Log) sign(cur treeState) (*signedCheckpoint, error) {
 }
 
 // witness has w cosign s, sending the consistency proof from the last cosigned size, or,
-// when the witness holds another size, from that size once it is shown to be a prefix of
-// this log.
+// when the witness holds another size, from that size. When what the witness holds is not
+// a prefix of this log, the log was rewritten or cut: the checkpoint is still sent, so
+// the witness refuses it and alerts, and the round fails as refused whatever it answers.
 func (l *Log) witness(ctx context.Context, w Witness, s *signedCheckpoint) error {
 	var old uint64
 	if c := l.cosigned.Load(); c != nil {
@@ -215,11 +237,12 @@ func (l *Log) witness(ctx context.Context, w Witness, s *signedCheckpoint) error
 	out, err := l.sendWitness(ctx, w, s, old)
 	if conflict, ok := errors.AsType[*WitnessConflict](err); ok {
 		l.m.checkpoints.WithLabelValues(resultConflict).Inc()
-		if err := l.checkPrefix(conflict, s.cp.Size); err != nil {
-			l.m.checkpoints.WithLabelValues(resultRefused).Inc()
-			return fmt.Errorf("audit: witness: %w", err)
-		}
+		perr := l.checkPrefix(conflict, s.cp.Size)
 		out, err = l.sendWitness(ctx, w, s, conflict.Size)
+		if perr != nil {
+			l.m.checkpoints.WithLabelValues(resultRefused).Inc()
+			return fmt.Errorf("audit: witness: %w", perr)
+		}
 	}
 	switch {
 	case errors.Is(err, ErrInconsistent):
@@ -238,9 +261,12 @@ func (l *Log) witness(ctx context.Context, w Witness, s *signedCheckpoint) error
 }
 
 func (l *Log) sendWitness(ctx context.Context, w Witness, s *signedCheckpoint, old uint64) ([]byte, error) {
-	proof, err := l.ProveConsistency(old, s.cp.Size)
-	if err != nil {
-		return nil, err
+	var proof tlog.TreeProof
+	if old <= s.cp.Size { // else there is no proof: the witness refuses the cut log
+		var err error
+		if proof, err = l.ProveConsistency(old, s.cp.Size); err != nil {
+			return nil, err
+		}
 	}
 	return w.Witness(ctx, WitnessRequest{Checkpoint: s.note, Key: l.cp.verifier.Key(), OldSize: old, Proof: proof})
 }
@@ -288,8 +314,11 @@ func (l *Log) keepCosigned(out []byte, s *signedCheckpoint) error {
 }
 
 // updateLag sets checkpoint_lag_seconds: the age of the oldest record not in a cosigned
-// checkpoint.
+// checkpoint. Without a Witness it stays 0: nothing is expected to cosign.
 func (l *Log) updateLag() {
+	if l.cfg.Witness == nil {
+		return
+	}
 	var w uint64
 	if c := l.cosigned.Load(); c != nil {
 		w = c.cp.Size
@@ -344,8 +373,10 @@ func (g *lagMarks) age(witnessed, size uint64, now time.Time) time.Duration {
 	return max(0, now.Sub(g.marks[0].t))
 }
 
-// writeFileAtomic replaces path with data: a temporary file, fsynced, renamed over it,
-// and the directory fsynced, so a crash leaves the old or the new content.
+// writeFileAtomic replaces path with data: a temporary file, fsynced, renamed over it, so
+// a crash leaves the old or the new content. The directory is not fsynced: losing the
+// rename in a crash leaves the previous checkpoint, which the log and the witness handle
+// (the witness holds the truth), and it saves a journal commit per checkpoint.
 func writeFileAtomic(path string, data []byte) error {
 	tmp := path + ".tmp"
 	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -361,9 +392,6 @@ func writeFileAtomic(path string, data []byte) error {
 	}
 	if err == nil {
 		err = os.Rename(tmp, path)
-	}
-	if err == nil {
-		err = syncDir(filepath.Dir(path))
 	}
 	if err != nil {
 		return fmt.Errorf("write %s: %w", path, err)

@@ -1,8 +1,11 @@
 // Package audit owns agentmesh's append-only audit log: one JSON line per event
-// (handshake, rotation, connection, ...), hash-chained, group-committed with fsync, and its
-// verification. It does not decide what is audited or what to do when the log fails (the
-// proxy, rotator and CA do: by default they refuse work they cannot record), it does not
-// rotate, ship or index files, and it does not yet write signed checkpoints.
+// (handshake, rotation, connection, ...), hash-chained, group-committed with fsync, a
+// Merkle tree over the records with signed checkpoints that a witness cosigns, size
+// rotation into segments, inclusion and consistency proofs, and verification. It does not
+// decide what is audited or what to do when the log fails (the proxy, rotator and CA do:
+// by default they refuse work they cannot record), it does not hold keys (Config.Signer
+// is given, typically a PKCS#11 key) or speak to the witness (Config.Witness is given),
+// and it does not ship or index files (audit/siem reads them with Scan).
 //
 // # Typed values
 //
@@ -49,13 +52,33 @@
 //   - reordered records: seq goes out of order;
 //   - a malformed or torn line (a crash mid-write, or an edit that is not a valid record).
 //
-// It does not detect:
-//   - truncation of the tail: removing the last k records leaves a valid, shorter chain;
-//   - a rewrite by someone who recomputes the hashes from the edited record to the end: the
-//     chain uses no secret, so it proves integrity against accidents and naive edits, not
-//     against an attacker with write access to the file.
+// On its own the chain does not detect a cut tail (the last k records removed) or a
+// rewrite by someone who recomputes the hashes from the edited record to the end: it uses
+// no secret. The Merkle tree and its witnessed checkpoints do.
 //
-// Both are future work for signed checkpoints: every N records or seconds the proxy will
-// sign (seq, hash) with its own key and send it to the CA, anchoring the chain outside the
-// host.
+// # Merkle tree, checkpoints and the witness
+//
+// Leaf i of the tree is the record with seq i+1, hashed as RFC 6962 does
+// (tlog.RecordHash of its line without the newline), with golang.org/x/mod/sumdb/tlog:
+// the Go checksum database's own code, whose proofs and C2SP checkpoint and signed-note
+// formats other tools read. The writer keeps the tree's right edge in memory (appending
+// costs a leaf hash and on average one node hash, no reads) and its stored hashes in
+// Path + ".hashes" for proofs. That file is derived data: fsynced before each checkpoint,
+// trusted by Open up to the latest checkpoint and recomputed from the records beyond it,
+// never trusted by VerifyLog.
+//
+// With Config.Signer, the writer signs a checkpoint (origin, size, root) of its durable
+// records every CheckpointRecords records or CheckpointInterval while the log grows,
+// keeps it in Path + ".checkpoint", and has Config.Witness cosign it with a consistency
+// proof from the last checkpoint the witness cosigned (Path + ".cosigned"). A witness
+// cosigns only a checkpoint that extends the one it holds, so after a record is in a
+// cosigned checkpoint no one on the host can change, remove or reorder it, or cut the log
+// after it, without VerifyLog against the witness naming the first index that differs.
+// Witnessing never holds up Append: failures are counted and retried at the next tick.
+//
+// # Segments
+//
+// Past Config.MaxFileBytes the active file is renamed to SegmentName(Path, first seq) and
+// a new one continues the seq, the chain and the tree. Scan reads records across them;
+// VerifyLog checks them all, and a missing segment is named by the seq it held.
 package audit

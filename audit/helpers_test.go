@@ -117,3 +117,16 @@ func rehash(line []byte) []byte {
 	out = append(out, hex.EncodeToString(sum[:])...)
 	return append(out, `"}`...)
 }
+
+// appendSync appends n records numbered from first and waits until they are durable.
+func appendSync(t testing.TB, l running, first, n int) {
+	t.Helper()
+	for i := range n {
+		if err := l.Append(handshake(first + i)); err != nil {
+			t.Fatalf("Append: %v", err)
+		}
+	}
+	if err := l.Sync(t.Context()); err != nil {
+		t.Fatalf("Sync: %v", err)
+	}
+}

@@ -2,16 +2,13 @@ package audit
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"crypto"
 	"crypto/sha256"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -211,42 +208,6 @@ func Open(cfg Config) (*Log, error) {
 		return nil, fmt.Errorf("audit: open %s: %w", cfg.Path, err)
 	}
 	return l, nil
-}
-
-// open continues the chain and the tree from what the files hold.
-func (l *Log) open() error {
-	if err := l.recoverTail(); err != nil {
-		return err
-	}
-	// The file may have just been created: make its directory entry durable too, or a crash
-	// could lose the whole file along with records already reported durable.
-	if err := syncDir(filepath.Dir(l.cfg.Path)); err != nil {
-		return err
-	}
-	var err error
-	if l.m, err = newMetrics(l.cfg.Registerer); err != nil {
-		return err
-	}
-	if err := l.openCheckpoints(); err != nil {
-		return err
-	}
-	var (
-		trusted uint64
-		root    tlog.Hash
-	)
-	if s := l.latest.Load(); s != nil {
-		if s.cp.Size > l.seq {
-			// Records a checkpoint covered are gone: the next checkpoint will be smaller,
-			// and the witness will refuse it.
-			l.cfg.Logger.LogAttrs(context.Background(), slog.LevelError, "audit log holds fewer records than its latest checkpoint",
-				slog.String(keyPath, l.cfg.Path), slog.Uint64(keySeq, l.seq), slog.Uint64(keySize, s.cp.Size))
-			l.latest.Store(nil)
-		} else {
-			trusted, root = s.cp.Size, s.cp.Hash
-		}
-	}
-	l.tree, err = openTree(l.cfg.Path, l.seq, trusted, root)
-	return err
 }
 
 // Run is the writer loop. It takes every queued record, writes the batch, fsyncs once per
@@ -488,91 +449,14 @@ func (l *Log) committed(first uint64, now time.Time) {
 		l.m.errors.WithLabelValues(opHashes).Inc()
 	}
 	if l.cp != nil {
-		l.cp.lag.add(first, now)
+		if l.cfg.Witness != nil {
+			l.cp.lag.add(first, now)
+		}
 		l.kickCheckpoint(l.seq)
 	}
 	if l.size >= l.cfg.MaxFileBytes {
 		l.rotate()
 	}
-}
-
-// recoverTail truncates a torn last line and loads seq and prev from the last record.
-func (l *Log) recoverTail() error {
-	st, err := l.f.Stat()
-	if err != nil {
-		return err
-	}
-	size := st.Size()
-	l.size = size
-	if size == 0 {
-		return nil
-	}
-	nl, err := lastNewline(l.f, size)
-	if err != nil {
-		return err
-	}
-	if keep := nl + 1; keep != size {
-		if err := l.f.Truncate(keep); err != nil {
-			return fmt.Errorf("truncate torn tail: %w", err)
-		}
-		if err := l.f.Sync(); err != nil {
-			return fmt.Errorf("truncate torn tail: %w", err)
-		}
-		l.cfg.Logger.LogAttrs(context.Background(), slog.LevelWarn, "audit log had a torn last line; truncated it",
-			slog.String(keyPath, l.cfg.Path), slog.Int64(keyDroppedBytes, size-keep))
-		size = keep
-		l.size = size
-	}
-	if size == 0 {
-		return l.continueFromSegments()
-	}
-	rec, err := lastRecord(l.f, size)
-	if err != nil {
-		return err
-	}
-	l.seq, l.prev = rec.seq, rec.hash
-	l.first, err = firstSeq(l.f)
-	return err
-}
-
-// lastRecord reads the last record of f, whose size is size and whose last byte is a
-// newline.
-func lastRecord(f *os.File, size int64) (record, error) {
-	start, err := lastNewline(f, size-1)
-	if err != nil {
-		return record{}, err
-	}
-	start++
-	if size-1-start > maxRecordBytes {
-		return record{}, fmt.Errorf("%w: last line longer than 1 MiB", ErrCorrupt)
-	}
-	line := make([]byte, size-1-start)
-	if _, err := f.ReadAt(line, start); err != nil {
-		return record{}, fmt.Errorf("read last record: %w", err)
-	}
-	rec, _, reason := parseRecord(line, nil)
-	if reason != "" {
-		return record{}, fmt.Errorf("%w: last record: %s", ErrCorrupt, reason)
-	}
-	return rec, nil
-}
-
-// lastNewline returns the offset of the last '\n' before end, or -1, reading backwards in
-// chunks so a large file costs only the length of its last line.
-func lastNewline(f *os.File, end int64) (int64, error) {
-	var buf [32 << 10]byte
-	for end > 0 {
-		n := min(int64(len(buf)), end)
-		chunk := buf[:n]
-		if _, err := f.ReadAt(chunk, end-n); err != nil && !errors.Is(err, io.EOF) {
-			return 0, fmt.Errorf("read tail: %w", err)
-		}
-		if i := bytes.LastIndexByte(chunk, '\n'); i >= 0 {
-			return end - n + int64(i), nil
-		}
-		end -= n
-	}
-	return -1, nil
 }
 
 func syncDir(dir string) error {

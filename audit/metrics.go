@@ -95,7 +95,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		checkpointLag: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: metricCheckpointLag,
-			Help: "Age of the oldest audit record not yet in a cosigned checkpoint; 0 when all are.",
+			Help: "Age of the oldest audit record not yet in a cosigned checkpoint; 0 when all are, and for a log without a witness.",
 		}),
 	}
 	// Pre-create the series so dashboards see zeros instead of gaps.

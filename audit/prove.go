@@ -78,6 +78,9 @@ func ProveFile(path string, index uint64, cp []byte) (InclusionProof, error) {
 // UnverifiedCheckpoint parses a signed checkpoint's body without checking any signature:
 // to learn a log's origin or size before checking it with the right keys.
 func UnverifiedCheckpoint(cp []byte) (Checkpoint, error) {
+	if cp == nil {
+		return Checkpoint{}, fmt.Errorf("%w: none", ErrCheckpoint)
+	}
 	c, _, err := openLocalCheckpoint(cp, "")
 	if err != nil {
 		return Checkpoint{}, err
@@ -105,13 +108,13 @@ func proveFromHashFile(path string, index, size uint64) (tlog.RecordProof, error
 func proveFromRecords(path string, index, size uint64) (tlog.RecordProof, error) {
 	var (
 		e      edge
-		stored []tlog.Hash
+		stored []byte
 	)
 	err := Scan(path, 1, func(seq uint64, line []byte) error {
 		if seq > size {
 			return ErrStop
 		}
-		e.add(tlog.RecordHash(line), func(h tlog.Hash) { stored = append(stored, h) })
+		stored = e.add(tlog.RecordHash(line), stored)
 		return nil
 	})
 	if err != nil {
@@ -123,10 +126,10 @@ func proveFromRecords(path string, index, size uint64) (tlog.RecordProof, error)
 	return tlog.ProveRecord(int64(size), int64(index), tlog.HashReaderFunc(func(idx []int64) ([]tlog.Hash, error) {
 		out := make([]tlog.Hash, len(idx))
 		for i, x := range idx {
-			if x < 0 || x >= int64(len(stored)) {
+			if x < 0 || x >= int64(len(stored)/tlog.HashSize) {
 				return nil, fmt.Errorf("audit: stored hash %d out of range", x)
 			}
-			out[i] = stored[x]
+			copy(out[i][:], stored[x*tlog.HashSize:])
 		}
 		return out, nil
 	}))

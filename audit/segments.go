@@ -70,7 +70,7 @@ func int64Cmp(a, b uint64) int {
 	}
 }
 
-// ErrStop, returned by a Scan callback, ends the scan without error.
+// ErrStop is what a Scan callback returns to end the scan without error.
 var ErrStop = errors.New("audit: stop scan")
 
 // Scan calls fn with every complete record line (without its newline) of the log at path
@@ -80,6 +80,31 @@ var ErrStop = errors.New("audit: stop scan")
 // (no newline yet: a write in progress) is not passed. fn returning ErrStop ends the scan
 // with nil; another error ends it with that error.
 func Scan(path string, from uint64, fn func(seq uint64, line []byte) error) error {
+	// A rotation between listing the segments and opening the active file would number
+	// the new active file's records after the old one's: scanFile notices and the scan
+	// goes on from where it was with a fresh listing.
+	for stuck := 0; ; stuck++ {
+		start := from
+		err := scanOnce(path, from, func(seq uint64, line []byte) error {
+			from = seq + 1
+			return fn(seq, line)
+		})
+		if !errors.Is(err, errRotated) || stuck == maxScanRetries {
+			return err
+		}
+		if from != start {
+			stuck = 0
+		}
+	}
+}
+
+// maxScanRetries bounds the fresh listings a scan makes without passing a record.
+const maxScanRetries = 100
+
+// errRotated: the active file is not the one the listing of segments was made with.
+var errRotated = errors.New("audit: scan: the log rotated during the scan")
+
+func scanOnce(path string, from uint64, fn func(seq uint64, line []byte) error) error {
 	segs, err := Segments(path)
 	if err != nil {
 		return err
@@ -92,7 +117,7 @@ func Scan(path string, from uint64, fn func(seq uint64, line []byte) error) erro
 		if i+1 < len(segs) && segs[i+1].First != 0 && segs[i+1].First <= from {
 			continue // every record of s is before from
 		}
-		n, err := scanFile(s.Path, next, from, fn)
+		n, err := scanFile(s.Path, next, from, s.First == 0, fn)
 		if errors.Is(err, ErrStop) {
 			return nil
 		}
@@ -105,8 +130,9 @@ func Scan(path string, from uint64, fn func(seq uint64, line []byte) error) erro
 }
 
 // scanFile passes the lines of one file, whose first record is first, from seq from on.
-// It returns how many complete lines the file holds.
-func scanFile(path string, first, from uint64, fn func(uint64, []byte) error) (uint64, error) {
+// It returns how many complete lines the file holds. For the active file it checks first
+// against the seq of its first line, returning errRotated when they differ.
+func scanFile(path string, first, from uint64, active bool, fn func(uint64, []byte) error) (uint64, error) {
 	f, err := os.Open(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return 0, nil // the active file before its first record, or rotated away meanwhile
@@ -140,6 +166,9 @@ func scanFile(path string, first, from uint64, fn func(uint64, []byte) error) (u
 			line, long = append(long, chunk...), nil
 		}
 		seq := first + n
+		if active && n == 0 && !bytes.HasPrefix(line, append(strconv.AppendUint([]byte(`{"seq":`), seq, 10), ',')) {
+			return 0, errRotated
+		}
 		n++
 		if seq < from {
 			continue

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"os"
 	"regexp"
+	"strings"
 	"testing"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -57,6 +58,10 @@ func TestTamper(t *testing.T) {
 			ls[victim] = bytes.Replace(ls[victim], []byte(`"result":"ok"`), []byte(`"result":"denied"`), 1)
 			return rechain(t, ls, victim)
 		}, true, victim / step * step},
+		{"rewrite with recomputed hashes and a checkpoint signed by another key", func(ls [][]byte) [][]byte {
+			ls[victim] = bytes.Replace(ls[victim], []byte(`"result":"ok"`), []byte(`"result":"denied"`), 1)
+			return rechain(t, ls, victim)
+		}, true, victim / step * step},
 	}
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
@@ -69,7 +74,11 @@ func TestTamper(t *testing.T) {
 			}
 			cp := origCP
 			if tc.resign {
-				cp = resign(t, key, tampered)
+				signer := key
+				if strings.Contains(tc.name, "another key") {
+					signer = newKey(t)
+				}
+				cp = resign(t, signer, tampered)
 			}
 			// The writer's key is not given: it comes from the witness's binding.
 			rep, err := audit.VerifyLog(tampered, audit.VerifyOptions{Checkpoint: cp, Witness: fetchView(t, url, client)})
@@ -110,6 +119,14 @@ func TestTamperNoWitness(t *testing.T) {
 	_, err = audit.VerifyLog(path, audit.VerifyOptions{Checkpoint: cp, Key: verifierKey(t, newKey(t))})
 	if !errors.Is(err, audit.ErrCheckpoint) {
 		t.Fatalf("VerifyLog with the wrong key = %v, want ErrCheckpoint", err)
+	}
+	// The witness bound the writer's key: another given key is refused.
+	w2 := newTestWitness(t)
+	p2, _ := witnessedLog(t, w2, 5, 5)
+	url, client := w2.serve(t)
+	_, err = audit.VerifyLog(p2, audit.VerifyOptions{Key: verifierKey(t, key), Witness: fetchView(t, url, client)})
+	if !errors.Is(err, audit.ErrCheckpoint) {
+		t.Fatalf("VerifyLog with a key the witness did not bind = %v, want ErrCheckpoint", err)
 	}
 	fresh := resign(t, key, path)
 	if _, err := audit.VerifyLog(path, audit.VerifyOptions{Checkpoint: fresh, Key: verifierKey(t, key)}); err != nil {

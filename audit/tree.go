@@ -36,18 +36,20 @@ type edge struct {
 	roots [64]tlog.Hash
 }
 
-// add appends a leaf and calls out with each stored hash it creates, in storage order.
-func (e *edge) add(leaf tlog.Hash, out func(tlog.Hash)) {
-	out(leaf)
+// add appends a leaf and appends to stored the stored hashes it creates, in storage
+// order (tlog.StoredHashIndex).
+func (e *edge) add(leaf tlog.Hash, stored []byte) []byte {
+	stored = append(stored, leaf[:]...)
 	h := leaf
 	// Each trailing one bit of n is a complete subtree that the new leaf completes.
 	m := bits.TrailingZeros64(^e.n)
 	for l := range m {
 		h = tlog.NodeHash(e.roots[l], h)
-		out(h)
+		stored = append(stored, h[:]...)
 	}
 	e.roots[m] = h
 	e.n++
+	return stored
 }
 
 // root is the tree hash of the n leaves, tlog.TreeHash computed from the edge.
@@ -89,7 +91,7 @@ type tree struct {
 }
 
 func (t *tree) addLine(line []byte) {
-	t.edge.add(tlog.RecordHash(line), func(h tlog.Hash) { t.buf = append(t.buf, h[:]...) })
+	t.buf = t.edge.add(tlog.RecordHash(line), t.buf)
 }
 
 // flush writes the buffered stored hashes after those already in the file, then
@@ -249,18 +251,18 @@ func (l *Log) ProveInclusion(index, size uint64) (tlog.RecordProof, error) {
 }
 
 // ProveConsistency returns the proof that the tree of size old is a prefix of the tree
-// of size new, which must be at most the durable size. Sizes 0 and old == new need no
+// of size size, which must be at most the durable size. Sizes 0 and old == size need no
 // hashes: the proof is empty. Safe for concurrent use.
-func (l *Log) ProveConsistency(old, new uint64) (tlog.TreeProof, error) {
-	if cur := l.tree.current().size; old > new || new > cur {
-		return nil, fmt.Errorf("%w: sizes %d to %d (log holds %d)", errNoProof, old, new, cur)
+func (l *Log) ProveConsistency(old, size uint64) (tlog.TreeProof, error) {
+	if cur := l.tree.current().size; old > size || size > cur {
+		return nil, fmt.Errorf("%w: sizes %d to %d (log holds %d)", errNoProof, old, size, cur)
 	}
-	if old == 0 || old == new {
+	if old == 0 || old == size {
 		return tlog.TreeProof{}, nil
 	}
-	p, err := tlog.ProveTree(int64(new), int64(old), l.tree)
+	p, err := tlog.ProveTree(int64(size), int64(old), l.tree)
 	if err != nil {
-		return nil, fmt.Errorf("audit: prove tree %d to %d: %w", old, new, err)
+		return nil, fmt.Errorf("audit: prove tree %d to %d: %w", old, size, err)
 	}
 	return p, nil
 }

@@ -67,13 +67,22 @@ func VerifyLog(path string, opts VerifyOptions) (VerifyReport, error) {
 		return rep, err
 	}
 	key := opts.Key
-	if key == "" && w != nil {
+	if w != nil {
+		if key != "" {
+			v, err := ParseVerifierKey(key)
+			if err != nil {
+				return rep, fmt.Errorf("key: %w", err)
+			}
+			if !w.key.Equal(v) {
+				return rep, fmt.Errorf("%w: the witness bound another key to this log than the one given", ErrCheckpoint)
+			}
+		}
 		key = w.key.Key()
 	}
-	cp, signed, err := openLocalCheckpoint(opts.Checkpoint, key)
-	if err != nil {
-		return rep, err
-	}
+	// A local checkpoint that does not verify is reported after the chain and the
+	// witness have had their say: the witness names what a rewrite changed, which a
+	// forged checkpoint would otherwise hide.
+	cp, signed, cpErr := openLocalCheckpoint(opts.Checkpoint, key)
 	// The sizes whose roots are compared, computed on the way.
 	var want []Checkpoint
 	if cp != nil {
@@ -86,17 +95,20 @@ func VerifyLog(path string, opts VerifyOptions) (VerifyReport, error) {
 	if err != nil {
 		return rep, err
 	}
-	if cp != nil {
-		if err := checkRoots(rep.Records, roots, []Checkpoint{*cp}, "the checkpoint"); err != nil {
-			return rep, err
-		}
-		rep.Checkpoint, rep.CheckpointSigned = cp, signed
-	}
 	if w != nil {
 		if err := checkRoots(rep.Records, roots, w.history, "the witness"); err != nil {
 			return rep, err
 		}
 		rep.Witnessed = &w.latest
+	}
+	if cpErr != nil {
+		return rep, cpErr
+	}
+	if cp != nil {
+		if err := checkRoots(rep.Records, roots, []Checkpoint{*cp}, "the checkpoint"); err != nil {
+			return rep, err
+		}
+		rep.Checkpoint, rep.CheckpointSigned = cp, signed
 	}
 	return rep, nil
 }
@@ -112,6 +124,9 @@ type witnessView struct {
 func openWitnessView(v *WitnessView) (*witnessView, error) {
 	if v == nil {
 		return nil, nil
+	}
+	if len(v.Latest) == 0 {
+		return nil, fmt.Errorf("%w: the witness holds no checkpoint of this log", ErrCheckpoint)
 	}
 	key, err := ParseVerifierKey(v.Key)
 	if err != nil {
@@ -195,33 +210,59 @@ func walkLog(path string, rep *VerifyReport, want []Checkpoint) (map[uint64]tlog
 		c chain
 		e edge
 	)
+	var scratch []byte
 	leaf := func(line []byte) {
-		e.add(tlog.RecordHash(line), func(tlog.Hash) {})
+		scratch = e.add(tlog.RecordHash(line), scratch[:0])
 		if sizes[e.n] {
 			roots[e.n] = e.root()
 		}
 	}
-	segs, err := Segments(path)
-	if err != nil {
-		return nil, err
-	}
-	for i, s := range segs {
-		active := i == len(segs)-1
-		if s.First != 0 && s.First != c.n+1 {
-			return nil, &VerifyError{File: s.Path, Seq: c.n + 1, Line: 1,
-				Reason: fmt.Sprintf("segment named for seq %d follows seq %d: a segment was removed or renamed", s.First, c.n)}
-		}
-		torn, err := verifyFile(s.Path, &c, leaf, active)
+	for relists := 0; ; relists++ {
+		segs, err := Segments(path)
 		if err != nil {
 			return nil, err
 		}
+		err = walkFiles(segs, &c, leaf, rep)
+		ve, ok := errors.AsType[*VerifyError](err)
+		if ok && ve.File == path && ve.Line == 1 && relists < maxScanRetries && rotatedAt(path, c.n+1) {
+			continue // the log rotated under the walk: read the new segment, then the new active file
+		}
+		if err != nil {
+			return nil, err
+		}
+		rep.Records, rep.Root = e.n, e.root()
+		return roots, nil
+	}
+}
+
+// walkFiles checks the files of segs after the c.n records already checked: segments are
+// read whole, so those starting at or before c.n are done.
+func walkFiles(segs []Segment, c *chain, leaf func([]byte), rep *VerifyReport) error {
+	for i, s := range segs {
+		active := i == len(segs)-1
+		if s.First != 0 && s.First <= c.n {
+			continue
+		}
+		if s.First != 0 && s.First != c.n+1 {
+			return &VerifyError{File: s.Path, Seq: c.n + 1, Line: 1,
+				Reason: fmt.Sprintf("segment named for seq %d follows seq %d: a segment was removed or renamed", s.First, c.n)}
+		}
+		torn, err := verifyFile(s.Path, c, leaf, active)
+		if err != nil {
+			return err
+		}
 		if torn > 0 && !active {
-			return nil, &VerifyError{File: s.Path, Seq: c.n + 1, Line: c.line + 1, Reason: "incomplete last line in a segment"}
+			return &VerifyError{File: s.Path, Seq: c.n + 1, Line: c.line + 1, Reason: "incomplete last line in a segment"}
 		}
 		rep.TornBytes = torn
 	}
-	rep.Records, rep.Root = e.n, e.root()
-	return roots, nil
+	return nil
+}
+
+// rotatedAt reports whether the log at path now has a segment starting at seq first.
+func rotatedAt(path string, first uint64) bool {
+	_, err := os.Stat(SegmentName(path, first))
+	return err == nil
 }
 
 // verifyFile checks one file's records with c and returns the length of an incomplete

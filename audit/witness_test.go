@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
-
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
@@ -33,7 +31,7 @@ type testWitness struct {
 	latest  []byte
 	held    *audit.Checkpoint
 	history []meshapi.CheckpointSummary
-	calls   int
+	refused int // checkpoints found inconsistent: the CA's alert
 }
 
 func newTestWitness(t testing.TB) *testWitness {
@@ -57,7 +55,6 @@ func newKey(t testing.TB) *ecdsa.PrivateKey {
 func (w *testWitness) Witness(_ context.Context, req audit.WitnessRequest) ([]byte, error) {
 	w.mu.Lock()
 	defer w.mu.Unlock()
-	w.calls++
 	if w.key != "" && w.key != req.Key {
 		return nil, errors.New("witness: another key is bound to this origin")
 	}
@@ -73,6 +70,9 @@ func (w *testWitness) Witness(_ context.Context, req audit.WitnessRequest) ([]by
 		return nil, &audit.WitnessConflict{Size: size, Cosigned: w.latest}
 	}
 	out, c, err := audit.Cosign(req.Checkpoint, writer, w.held, req.Proof, w.signer)
+	if errors.Is(err, audit.ErrInconsistent) {
+		w.refused++
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -81,13 +81,6 @@ func (w *testWitness) Witness(_ context.Context, req audit.WitnessRequest) ([]by
 	}
 	w.key, w.latest, w.held = req.Key, out, &c
 	return out, nil
-}
-
-// forget drops what the witness holds, as after `agentmesh ca audit forget`.
-func (w *testWitness) forget() {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	w.key, w.latest, w.held, w.history = "", nil, nil, nil
 }
 
 func (w *testWitness) view() meshapi.WitnessedLog {
@@ -136,17 +129,10 @@ func witnessedLog(t testing.TB, w *testWitness, n, step int) (string, *ecdsa.Pri
 	key := newKey(t)
 	l := start(t, audit.Config{Path: path, Origin: testOrigin, Signer: key, Witness: w,
 		CheckpointRecords: 1 << 30, CheckpointInterval: time.Hour})
-	for i := range n {
-		if err := l.Append(handshake(i)); err != nil {
-			t.Fatal(err)
-		}
-		if (i+1)%step == 0 || i == n-1 {
-			if err := l.Sync(t.Context()); err != nil {
-				t.Fatal(err)
-			}
-			if err := l.Checkpoint(t.Context()); err != nil {
-				t.Fatalf("Checkpoint: %v", err)
-			}
+	for i := 0; i < n; i += step {
+		appendSync(t, l, i, min(step, n-i))
+		if err := l.Checkpoint(t.Context()); err != nil {
+			t.Fatalf("Checkpoint: %v", err)
 		}
 	}
 	if err := l.stop(); err != nil {
@@ -162,27 +148,4 @@ func verifierKey(t testing.TB, key *ecdsa.PrivateKey) string {
 		t.Fatal(err)
 	}
 	return s.VerifierKey()
-}
-
-// labeled returns the value of a counter series selected by one label.
-func labeled(t testing.TB, reg *prometheus.Registry, name, label, value string) float64 {
-	t.Helper()
-	mfs, err := reg.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, mf := range mfs {
-		if mf.GetName() != name {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			for _, lp := range m.GetLabel() {
-				if lp.GetName() == label && lp.GetValue() == value {
-					return m.GetCounter().GetValue()
-				}
-			}
-		}
-	}
-	t.Fatalf("metric %s{%s=%q} not found", name, label, value)
-	return 0
 }

@@ -49,11 +49,11 @@ or a rewritten log fails naming the first index that differs.`,
 			}
 			bad := false
 			for _, path := range args {
-				line := path + ": " + verifyLine(f.verify(cmd.Context(), path))
-				if _, err := io.WriteString(cmd.OutOrStdout(), line+"\n"); err != nil {
+				o := f.verify(cmd.Context(), path)
+				if _, err := io.WriteString(cmd.OutOrStdout(), path+": "+verifyLine(o)+"\n"); err != nil {
 					return err
 				}
-				bad = bad || !isOK(line)
+				bad = bad || o.err != nil
 			}
 			if bad {
 				return errors.New("audit verification failed")
@@ -74,8 +74,6 @@ type verifyOutcome struct {
 	rep audit.VerifyReport
 	err error
 }
-
-func isOK(line string) bool { return len(line) >= 2 && line[:2] == "OK" }
 
 func verifyLine(o verifyOutcome) string {
 	if o.err != nil {
