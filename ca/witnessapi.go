@@ -203,7 +203,7 @@ func (s *Server) hostWitnessed(rec *witnessRecord, now time.Time) meshapi.Witnes
 // witnessStatus lists every witnessed log, the CA's own first, then by origin,
 // without their histories.
 func (s *Server) witnessStatus(now time.Time) []meshapi.WitnessedLog {
-	var out []meshapi.WitnessedLog
+	out := []meshapi.WitnessedLog{} // a JSON list, never null
 	for _, rec := range s.witness.records() {
 		wl := s.hostWitnessed(rec, now)
 		wl.History = nil

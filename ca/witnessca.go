@@ -61,8 +61,9 @@ func (s *Server) caCheckpoint(from uint64) (string, []string) {
 }
 
 // withCACosigned is rec with cosigned (a checkpoint of the CA's log, origin caOrigin,
-// signed by caKey and cosigned by the host's key) when it is newer than the one rec
-// holds; rec itself when not newer.
+// signed by caKey and cosigned by the host's key) seen at now, unless it is older than
+// the one rec holds. The same size again only refreshes the time: the CA's log did not
+// grow, and the host still vouches for it.
 func withCACosigned(rec *witnessRecord, cosigned string, host, caKey note.Verifier, caOrigin string, now time.Time) (*witnessRecord, error) {
 	_, c, err := audit.OpenCheckpoint([]byte(cosigned), caKey, host)
 	if err != nil {
@@ -71,7 +72,7 @@ func withCACosigned(rec *witnessRecord, cosigned string, host, caKey note.Verifi
 	if c.Origin != caOrigin {
 		return rec, fmt.Errorf("%w: cosigned origin %q is not the ca's", audit.ErrCheckpoint, c.Origin)
 	}
-	if rec.CACosigned != "" && c.Size <= rec.CASize {
+	if rec.CACosigned != "" && c.Size < rec.CASize {
 		return rec, nil
 	}
 	next := *rec

@@ -2,7 +2,6 @@ package ca
 
 import (
 	"bytes"
-	"encoding/json"
 	"path/filepath"
 	"testing"
 	"time"
@@ -55,24 +54,15 @@ func (fw *fuzzWitness) parse(tb testing.TB, req meshapi.CheckpointRequest) check
 	return r
 }
 
-func jsonOf(tb testing.TB, v any) []byte {
-	tb.Helper()
-	b, err := json.Marshal(v)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return b
-}
-
 // FuzzCheckpointRequest: a host's request never crashes the witness, and what the
 // witness cosigns extends the checkpoint it held, signed by the bound key.
 func FuzzCheckpointRequest(f *testing.F) {
 	fw := newFuzzWitness(f)
-	f.Add(jsonOf(f, fw.host.request(f, 3)))
-	f.Add(jsonOf(f, fw.host.request(f, 0)))
+	f.Add(mustJSON(f, fw.host.request(f, 3)))
+	f.Add(mustJSON(f, fw.host.request(f, 0)))
 	bad := fw.host.request(f, 3)
 	bad.Proof = append(bad.Proof, bad.Proof[0])
-	f.Add(jsonOf(f, bad))
+	f.Add(mustJSON(f, bad))
 	f.Add([]byte(`{"checkpoint":"x\n3\nAAAA\n\n— x AAAA\n","key":"x+00000000+AgA=","old_size":3,"proof":["AA=="]}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		var body meshapi.CheckpointRequest
@@ -108,7 +98,7 @@ func FuzzWitnessRecord(f *testing.F) {
 	fw := newFuzzWitness(f)
 	dir := f.TempDir()
 	name := witnessFile(dir, fw.held.Origin)
-	f.Add(jsonOf(f, fw.held))
+	f.Add(mustJSON(f, fw.held))
 	f.Add([]byte(`{"origin":"mesh.test/host/h1/audit","host":"","key":"","cosigned":"","history":null,"last_seen":"0001-01-01T00:00:00Z"}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		rec, err := decodeWitnessRecord(b, name, fw.witness.verifier)

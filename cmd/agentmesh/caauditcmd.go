@@ -31,9 +31,10 @@ func newCAAuditForgetCmd() *cobra.Command {
 		Short: "Forget a witnessed audit log so that its host may start a new one (a replaced disk); audited",
 		Long: `Forget what the CA holds of the audit log ORIGIN (e.g. example.org/host/h1/audit):
 the key bound to it, its cosigned checkpoints and its state. The host's next checkpoint
-starts a new log under the origin, with any key. Use it only when the host's log is known
-lost (a replaced disk, a reinstalled host): until then a log that no longer extends the
-checkpoints the CA cosigned is refused, which is the point of the witness.`,
+starts a new log under the origin, with any key. Use it only when the host's log or its
+audit key is known lost (a replaced disk or token, a reinstalled host): until then a log
+that no longer extends the checkpoints the CA cosigned, or one signed by another key, is
+refused, which is the point of the witness.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			wl, err := ca.ForgetAuditLog(cmd.Context(), state, ca.ForgetRequest{Origin: args[0], Reason: reason})

@@ -69,6 +69,7 @@ func addCAFlags(f *pflag.FlagSet, cfg *ca.ProcessConfig) {
 	f.IntVar(&cfg.AuditLog.CheckpointRecords, "audit-checkpoint-records", 0, "records between two signed checkpoints of the audit log (default 1000)")
 	f.DurationVar(&cfg.AuditLog.CheckpointInterval, "audit-checkpoint-interval", 0, "longest time between two signed checkpoints of a growing audit log (default 10s; at least 100ms)")
 	f.Int64Var(&cfg.AuditLog.MaxFileBytes, "audit-max-file-bytes", 0, "size past which the audit log's file becomes a segment (default 64 MiB; at least 64 KiB)")
+	f.DurationVar(&cfg.CA.WitnessStaleAfter, "witness-stale-after", 30*time.Second, "a witnessed audit log without a checkpoint for this long is stale (three of the proxies' checkpoint intervals)")
 	f.StringVar(&cfg.MetricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")
 }
 
