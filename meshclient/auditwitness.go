@@ -19,8 +19,7 @@ const opCheckpoint = "audit checkpoint"
 // AuditWitness is the CA as the witness of this proxy's audit log: it implements
 // audit.Witness over the mesh API (POST /mesh/v1 + meshapi.AuditCheckpointPath, with the
 // host SVID of Config.Certificate). The same call carries this proxy's witnessing of the
-// CA's own log, which CALog does. Safe for concurrent use; the audit log makes one call
-// at a time.
+// CA's own log, which CALog does. Safe for concurrent use.
 type AuditWitness struct {
 	conn *conn
 	ca   CALog
@@ -29,7 +28,7 @@ type AuditWitness struct {
 // CALog is the proxy's half of witnessing the CA's own audit log, carried by every
 // checkpoint the proxy sends: it checks each CA checkpoint an answer carries against
 // the last one it cosigned, cosigns it, and hands the cosignature back for the next
-// request. AuditWitness calls it one call at a time.
+// request. Its methods must be safe for concurrent use: witness calls may overlap.
 type CALog interface {
 	// Cosigned returns the last CA checkpoint this host cosigned, with its
 	// cosignature (nil: none, or none it will vouch for), and the size of the last CA
@@ -89,38 +88,51 @@ func (w *AuditWitness) Witness(ctx context.Context, req audit.WitnessRequest) ([
 	if err != nil {
 		return nil, err
 	}
+	cosigned, ca, err := parseCheckpointAnswer(req, status, ans)
+	if err != nil {
+		return nil, err
+	}
+	if w.ca != nil && ca != nil {
+		w.ca.Observe(ctx, *ca)
+	}
+	return cosigned, nil
+}
+
+// parseCheckpointAnswer reads the CA's answer (status, body) to req: the checkpoint
+// cosigned, and the CA's own checkpoint when the answer carries one. It never panics.
+func parseCheckpointAnswer(req audit.WitnessRequest, status int, ans []byte) ([]byte, *CACheckpoint, error) {
 	switch status {
 	case http.StatusOK:
 	case http.StatusConflict:
-		return nil, conflict(ans)
+		return nil, nil, conflict(ans)
 	case http.StatusForbidden:
 		rerr := &meshapi.ResponseError{Op: opCheckpoint, Status: status, Message: meshapi.ErrorMessage(ans)}
 		if refusedInconsistent(ans) {
-			return nil, fmt.Errorf("%w: %w", audit.ErrInconsistent, rerr)
+			return nil, nil, fmt.Errorf("%w: %w", audit.ErrInconsistent, rerr)
 		}
-		return nil, rerr
+		return nil, nil, rerr
 	default:
-		return nil, &meshapi.ResponseError{Op: opCheckpoint, Status: status, Message: meshapi.ErrorMessage(ans)}
+		return nil, nil, &meshapi.ResponseError{Op: opCheckpoint, Status: status, Message: meshapi.ErrorMessage(ans)}
 	}
 	var resp meshapi.CheckpointResponse
 	if err := json.Unmarshal(ans, &resp); err != nil {
-		return nil, fmt.Errorf("ca: %s: malformed answer: %w", opCheckpoint, err)
+		return nil, nil, fmt.Errorf("ca: %s: malformed answer: %w", opCheckpoint, err)
 	}
 	cosigned := []byte(resp.Cosigned)
 	if err := checkCosigned(req, cosigned, resp.WitnessKey); err != nil {
-		return nil, fmt.Errorf("ca: %s: %w", opCheckpoint, err)
+		return nil, nil, fmt.Errorf("ca: %s: %w", opCheckpoint, err)
 	}
-	if w.ca != nil && resp.CACheckpoint != "" {
-		// A malformed proof fails the call, which the log counts and repeats (the
-		// CA's answer to the next one, a conflict, names the size it accepted).
-		proof, err := decodeHashes(resp.CAProof)
-		if err != nil {
-			return nil, fmt.Errorf("ca: %s: ca checkpoint: %w", opCheckpoint, err)
-		}
-		w.ca.Observe(ctx, CACheckpoint{WitnessKey: resp.WitnessKey, Checkpoint: []byte(resp.CACheckpoint),
-			Proof: proof, HostKey: req.Key})
+	if resp.CACheckpoint == "" {
+		return cosigned, nil, nil
 	}
-	return cosigned, nil
+	// A malformed proof fails the call, which the log counts and repeats (the CA's
+	// answer to the next one, a conflict, names the size it accepted).
+	proof, err := decodeHashes(resp.CAProof)
+	if err != nil {
+		return nil, nil, fmt.Errorf("ca: %s: ca checkpoint: %w", opCheckpoint, err)
+	}
+	return cosigned, &CACheckpoint{WitnessKey: resp.WitnessKey, Checkpoint: []byte(resp.CACheckpoint),
+		Proof: proof, HostKey: req.Key}, nil
 }
 
 // conflict is the *audit.WitnessConflict a 409 answer carries.

@@ -13,62 +13,12 @@ import (
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
-	"golang.org/x/mod/sumdb/tlog"
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/testca"
+	"github.com/agentmesh/agentmesh/internal/testtlog"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
-
-// records is a log's record hashes, enough for tlog's trees.
-type records struct {
-	stored []tlog.Hash
-	n      int64
-}
-
-func (r *records) ReadHashes(idx []int64) ([]tlog.Hash, error) {
-	out := make([]tlog.Hash, len(idx))
-	for i, x := range idx {
-		if x >= int64(len(r.stored)) {
-			return nil, fmt.Errorf("hash %d not stored", x)
-		}
-		out[i] = r.stored[x]
-	}
-	return out, nil
-}
-
-func (r *records) size() int64 { return r.n }
-
-func (r *records) add(t *testing.T, n int, text string) {
-	t.Helper()
-	for range n {
-		h, err := tlog.StoredHashes(r.size(), fmt.Appendf(nil, "%s %d", text, r.size()), r)
-		if err != nil {
-			t.Fatal(err)
-		}
-		r.stored, r.n = append(r.stored, h...), r.n+1
-	}
-}
-
-// checkpoint signs the tree as origin with s and proves it from old (0: no proof).
-func (r *records) checkpoint(t *testing.T, origin string, s *audit.NoteSigner, old int64) ([]byte, tlog.TreeProof) {
-	t.Helper()
-	root, err := tlog.TreeHash(r.size(), r)
-	if err != nil {
-		t.Fatal(err)
-	}
-	note, err := audit.SignCheckpoint(audit.Checkpoint{Origin: origin, Size: uint64(r.size()), Hash: root}, s)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var proof tlog.TreeProof
-	if old > 0 && old < r.size() {
-		if proof, err = tlog.ProveTree(r.size(), old, r); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return note, proof
-}
 
 // witnessServer stands for the CA's checkpoint endpoint over real TLS: it witnesses one
 // host's log as the CA does, and answers with its own log's checkpoint.
@@ -76,7 +26,7 @@ type witnessServer struct {
 	*httptest.Server
 	t       *testing.T
 	key     *audit.NoteSigner
-	caLog   *records
+	caLog   *testtlog.Tree
 	code    string // the code of a 403, when set; every answer is then that
 	mu      sync.Mutex
 	held    *audit.Checkpoint
@@ -87,8 +37,8 @@ type witnessServer struct {
 
 func newWitnessServer(t *testing.T, ca *testca.CA) *witnessServer {
 	t.Helper()
-	s := &witnessServer{t: t, key: signerFor(t, "example.org/ca/audit"), caLog: &records{}}
-	s.caLog.add(t, 3, "ca")
+	s := &witnessServer{t: t, key: signerFor(t, "example.org/ca/audit"), caLog: &testtlog.Tree{}}
+	s.caLog.Add(t, 3, "ca")
 	s.Server = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
 	s.TLS = &tls.Config{Certificates: []tls.Certificate{*servingCertificate(t, ca)}, ClientAuth: tls.RequestClientCert}
 	s.Config.ErrorLog = slog.NewLogLogger(slog.DiscardHandler, slog.LevelError)
@@ -143,8 +93,8 @@ func (s *witnessServer) serve(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	s.held, s.heldMsg = &c, cosigned
-	s.caLog.add(s.t, 2, "ca")
-	caNote, caProof := s.caLog.checkpoint(s.t, "example.org/ca/audit", s.key, int64(req.CASize))
+	s.caLog.Add(s.t, 2, "ca")
+	caNote, caProof := s.caLog.Signed(s.t, "example.org/ca/audit", s.key, req.CASize)
 	writeJSON(w, meshapi.CheckpointResponse{Cosigned: string(cosigned), WitnessKey: s.key.VerifierKey(),
 		CACheckpoint: string(caNote), CAProof: encodeHashes(caProof)})
 }
@@ -155,7 +105,7 @@ func writeCodeError(w http.ResponseWriter, status int, code string) {
 	_ = json.NewEncoder(w).Encode(map[string]any{"status": status, "message": "refused", "code": code})
 }
 
-func signerFor(t *testing.T, name string) *audit.NoteSigner {
+func signerFor(t testing.TB, name string) *audit.NoteSigner {
 	t.Helper()
 	s, err := audit.NewNoteSigner(name, testca.NewKey(t))
 	if err != nil {
@@ -211,9 +161,9 @@ func TestAuditWitness(t *testing.T) {
 		t.Fatal(err)
 	}
 	writer := signerFor(t, "example.org/host/a/audit")
-	log := &records{}
-	log.add(t, 4, "host")
-	note, _ := log.checkpoint(t, "example.org/host/a/audit", writer, 0)
+	log := &testtlog.Tree{}
+	log.Add(t, 4, "host")
+	note, _ := log.Signed(t, "example.org/host/a/audit", writer, 0)
 	cosigned, err := w.Witness(t.Context(), audit.WitnessRequest{Checkpoint: note, Key: writer.VerifierKey()})
 	if err != nil {
 		t.Fatal(err)
@@ -227,8 +177,8 @@ func TestAuditWitness(t *testing.T) {
 
 	// The next one carries a proof from 4 and the CALog's cosignature of the CA's log
 	// at 5; the CA proves its log at 7 from 5.
-	log.add(t, 3, "host")
-	note, proof := log.checkpoint(t, "example.org/host/a/audit", writer, 4)
+	log.Add(t, 3, "host")
+	note, proof := log.Signed(t, "example.org/host/a/audit", writer, 4)
 	if _, err := w.Witness(t.Context(), audit.WitnessRequest{Checkpoint: note, Key: writer.VerifierKey(), OldSize: 4, Proof: proof}); err != nil {
 		t.Fatal(err)
 	}
@@ -250,9 +200,9 @@ func TestAuditWitness(t *testing.T) {
 	}
 
 	// A rewritten log of the same history's size plus one: refused as inconsistent.
-	other := &records{}
-	other.add(t, 8, "rewritten")
-	note, proof = other.checkpoint(t, "example.org/host/a/audit", writer, 7)
+	other := &testtlog.Tree{}
+	other.Add(t, 8, "rewritten")
+	note, proof = other.Signed(t, "example.org/host/a/audit", writer, 7)
 	_, err = w.Witness(t.Context(), audit.WitnessRequest{Checkpoint: note, Key: writer.VerifierKey(), OldSize: 7, Proof: proof})
 	if re, ok := errors.AsType[*meshapi.ResponseError](err); !errors.Is(err, audit.ErrInconsistent) || !ok || re.Status != http.StatusForbidden {
 		t.Fatalf("err = %v, want ErrInconsistent and a 403 ResponseError", err)
@@ -273,11 +223,11 @@ func TestAuditWitness(t *testing.T) {
 func TestAuditWitnessChecksTheAnswer(t *testing.T) {
 	t.Parallel()
 	writer, witness := signerFor(t, "w"), signerFor(t, "ca")
-	log := &records{}
-	log.add(t, 2, "x")
-	sent, _ := log.checkpoint(t, "o", writer, 0)
-	log.add(t, 1, "x")
-	other, _ := log.checkpoint(t, "o", writer, 0)
+	log := &testtlog.Tree{}
+	log.Add(t, 2, "x")
+	sent, _ := log.Signed(t, "o", writer, 0)
+	log.Add(t, 1, "x")
+	other, _ := log.Signed(t, "o", writer, 0)
 	cosign := func(msg []byte) []byte {
 		out, _, err := audit.Cosign(msg, mustVerifier(writer.VerifierKey()), nil, nil, witness)
 		if err != nil {

@@ -17,6 +17,11 @@
 //   - RevokeRemote and ReinstateRemote send an operator's request over mTLS.
 //   - Watch.AckAnchor acknowledges a step of a rotation of the CA's trust anchors
 //     with the host SVID; a 409 answer wraps ErrStaleStep.
+//   - AuditWitness is the CA as the witness of the proxy's audit log (audit.Witness):
+//     it sends each checkpoint and returns it cosigned, a 409 as an
+//     *audit.WitnessConflict, a refusal as inconsistent wrapping audit.ErrInconsistent;
+//     the CA's own checkpoint each answer carries goes to a CALog, whose cosignature
+//     the next request carries back (docs/audit.md).
 //
 // Every client verifies the CA's serving certificate, and the Watch every deny-list,
 // with Anchors when set (Config.Anchors, ClientConfig.Anchors): the proxy replaces them

@@ -9,9 +9,11 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/agentmesh/agentmesh/audit"
@@ -129,18 +131,35 @@ func (n *node) witness(ctx context.Context, req audit.WitnessRequest) ([]byte, e
 }
 
 // witnessIdle keeps the CA hearing from this proxy while its log does not grow, when
-// the log sends it nothing: every checkpoint interval without a witness call, it sends
-// the latest checkpoint again, as an extension of itself. The CA so sees the host alive
-// (a host that stops sending shows as stale), and this proxy's cosignature of the CA's
-// latest checkpoint, which each answer carries, reaches the CA. The call changes nothing
-// the CA holds: the same checkpoint is cosigned again, or, when the CA holds an older
-// one, refused with a conflict that the log's own next round resolves.
+// the log sends it nothing (idleCheckIn). The CA so sees the host alive (a host that
+// stops sending shows as stale), and this proxy's cosignature of the CA's latest
+// checkpoint, which each answer carries, reaches the CA.
 func (n *node) witnessIdle(ctx context.Context) error {
 	interval := n.cfg.Audit.CheckpointInterval
 	if interval <= 0 {
 		interval = defaultCheckpointInterval
 	}
-	t := time.NewTicker(interval)
+	c := idleCheckIn{latest: n.audit.Latest, witness: witnessFunc(n.witness), key: n.auditVerifierKey,
+		interval: interval, last: &n.witnessed, logger: n.component("audit")}
+	return c.run(ctx)
+}
+
+// idleCheckIn sends a log's latest checkpoint to its witness again, as an extension of
+// itself, every interval in which nothing called the witness. The call changes nothing
+// the witness holds: the same checkpoint is cosigned again, or, when the witness holds
+// an older one, refused with a conflict that the log's own next round resolves.
+type idleCheckIn struct {
+	latest   func() ([]byte, audit.Checkpoint) // the log's latest signed checkpoint
+	witness  audit.Witness
+	key      string // the log's verifier key
+	interval time.Duration
+	last     *atomic.Int64 // when the witness was last called, Unix ns
+	logger   *slog.Logger
+}
+
+// run sends until ctx is done; failures are logged and the next interval tries again.
+func (c idleCheckIn) run(ctx context.Context) error {
+	t := time.NewTicker(c.interval)
 	defer t.Stop()
 	for {
 		select {
@@ -148,16 +167,16 @@ func (n *node) witnessIdle(ctx context.Context) error {
 			return nil
 		case <-t.C:
 		}
-		if time.Since(time.Unix(0, n.witnessed.Load())) < interval {
+		if time.Since(time.Unix(0, c.last.Load())) < c.interval {
 			continue
 		}
-		note, c := n.audit.Latest()
+		note, cp := c.latest()
 		if note == nil {
 			continue
 		}
-		_, err := n.witness(ctx, audit.WitnessRequest{Checkpoint: note, Key: n.auditVerifierKey, OldSize: c.Size})
-		if _, conflict := errors.AsType[*audit.WitnessConflict](err); err != nil && !conflict {
-			n.logger.Warn("audit checkpoint not sent again to the ca", "err", err)
+		_, err := c.witness.Witness(ctx, audit.WitnessRequest{Checkpoint: note, Key: c.key, OldSize: cp.Size})
+		if _, conflict := errors.AsType[*audit.WitnessConflict](err); err != nil && !conflict && ctx.Err() == nil {
+			c.logger.WarnContext(ctx, "audit checkpoint not sent again to the witness", "err", err)
 		}
 	}
 }

@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bytes"
 	"context"
 	"crypto"
 	"encoding/json"
@@ -11,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/mod/sumdb/tlog"
@@ -75,8 +75,8 @@ type caCheckpoint struct {
 	hostKey    string         // this proxy's audit verifier key: the cosignature's name
 }
 
-// caLog witnesses the CA's log. Its methods are called by the audit log's witness
-// calls, one at a time; mu guards against any other.
+// caLog witnesses the CA's log. Its methods are called by witness calls, which may
+// overlap (the log's rounds, witnessIdle).
 type caLog struct {
 	path   string
 	origin string // meshapi.CAAuditOrigin of the trust domain
@@ -85,9 +85,17 @@ type caLog struct {
 	refuse prometheus.Gauge
 	logger *slog.Logger
 
-	mu   sync.Mutex
-	st   caAuditState
-	last *audit.Checkpoint // of st.Cosigned
+	cur atomic.Pointer[caLogState]
+	// write serialises observe, which replaces the state file, then cur; Cosigned reads
+	// cur and never waits.
+	write sync.Mutex
+}
+
+// caLogState is what caLog holds: the state file's content and its checkpoint,
+// immutable once published.
+type caLogState struct {
+	file caAuditState
+	last *audit.Checkpoint // of file.Cosigned; nil: none
 }
 
 // newCALog loads path (missing: nothing pinned yet). A file that does not parse, or
@@ -100,83 +108,94 @@ func newCALog(path, origin string, key crypto.Signer, a rotator.Auditor, reg pro
 	if reg != nil {
 		reg.MustRegister(l.refuse)
 	}
+	st := &caLogState{}
 	b, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		return l, nil
-	}
 	if err == nil {
-		err = json.Unmarshal(b, &l.st)
-	}
-	if err == nil && l.st.Cosigned != "" {
-		var v *audit.NoteVerifier
-		if v, err = audit.ParseVerifierKey(l.st.WitnessKey); err == nil {
-			var c audit.Checkpoint
-			_, c, err = audit.OpenCheckpoint([]byte(l.st.Cosigned), v)
-			l.last = &c
-		}
+		st.last, err = loadCAAuditState(b, &st.file)
+	} else if errors.Is(err, fs.ErrNotExist) {
+		err = nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("ca audit state %s: %w", path, err)
 	}
-	if l.st.Refused != "" {
+	if st.file.Refused != "" {
 		l.refuse.Set(1)
 	}
+	l.cur.Store(st)
 	return l, nil
+}
+
+// loadCAAuditState decodes b into st and returns the checkpoint st holds (nil: none):
+// the pinned key must parse and have signed it.
+func loadCAAuditState(b []byte, st *caAuditState) (*audit.Checkpoint, error) {
+	if err := json.Unmarshal(b, st); err != nil {
+		return nil, err
+	}
+	if st.WitnessKey == "" {
+		if st.Cosigned != "" {
+			return nil, errors.New("a cosigned checkpoint without the key pinned")
+		}
+		return nil, nil
+	}
+	v, err := audit.ParseVerifierKey(st.WitnessKey)
+	if err != nil || st.Cosigned == "" {
+		return nil, err
+	}
+	_, c, err := audit.OpenCheckpoint([]byte(st.Cosigned), v)
+	if err != nil {
+		return nil, err
+	}
+	return &c, nil
 }
 
 // Cosigned returns the last CA checkpoint cosigned and its size; none once a CA
 // checkpoint was refused, while the CA is still asked to prove its log from that size.
 func (l *caLog) Cosigned() ([]byte, uint64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
+	cur := l.cur.Load()
 	var size uint64
-	if l.last != nil {
-		size = l.last.Size
+	if cur.last != nil {
+		size = cur.last.Size
 	}
-	if l.st.Refused != "" || l.st.Cosigned == "" {
+	if cur.file.Refused != "" || cur.file.Cosigned == "" {
 		return nil, size
 	}
-	return []byte(l.st.Cosigned), size
+	return []byte(cur.file.Cosigned), size
 }
 
 // observe checks cp against the pinned key and the last checkpoint cosigned, cosigns it
 // and keeps it. A refusal is recorded (audit record, metric, Error log) and sticks; a
 // malformed checkpoint is logged and ignored.
 func (l *caLog) observe(ctx context.Context, cp caCheckpoint) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.st.Refused != "" {
+	l.write.Lock()
+	defer l.write.Unlock()
+	cur := l.cur.Load()
+	if cur.file.Refused != "" {
 		return
 	}
-	next, c, err := l.cosign(cp)
-	var refused string
+	next, c, err := l.cosign(cur, cp)
 	switch {
 	case errors.Is(err, errKeyChanged):
-		refused = caRefusedKey
+		l.refused(ctx, cur, caRefusedKey, cp, err)
 	case errors.Is(err, audit.ErrInconsistent):
-		refused = caRefusedInconsistent
+		l.refused(ctx, cur, caRefusedInconsistent, cp, err)
 	case err != nil:
-		l.logger.Warn("ca checkpoint not cosigned", "err", err)
-		return
+		l.logger.WarnContext(ctx, "ca checkpoint not cosigned", "err", err)
+	default:
+		if err := l.save(next); err != nil {
+			// The last one kept is sent again, and the CA proves from its size again.
+			l.logger.WarnContext(ctx, "ca checkpoint cosigned but not kept", "err", err)
+			return
+		}
+		l.cur.Store(&caLogState{file: next, last: &c})
 	}
-	if refused != "" {
-		l.refused(ctx, refused, cp, err)
-		return
-	}
-	if err := l.save(next); err != nil {
-		// The last one kept is sent again, and the CA proves from its size again.
-		l.logger.Warn("ca checkpoint cosigned but not kept", "err", err)
-		return
-	}
-	l.st, l.last = next, &c
 }
 
 // errKeyChanged: the CA's witness key is not the one pinned.
 var errKeyChanged = errors.New("the ca's audit key is not the one pinned at first sight")
 
 // cosign returns the state with cp cosigned and its checkpoint, or why cp is refused.
-func (l *caLog) cosign(cp caCheckpoint) (caAuditState, audit.Checkpoint, error) {
-	next := l.st
+func (l *caLog) cosign(cur *caLogState, cp caCheckpoint) (caAuditState, audit.Checkpoint, error) {
+	next := cur.file
 	if next.WitnessKey == "" {
 		next.WitnessKey = cp.witnessKey
 	} else if next.WitnessKey != cp.witnessKey {
@@ -202,7 +221,7 @@ func (l *caLog) cosign(cp caCheckpoint) (caAuditState, audit.Checkpoint, error) 
 	} else if c.Origin != l.origin {
 		return next, c, fmt.Errorf("%w: origin %q, not %q", audit.ErrCheckpoint, c.Origin, l.origin)
 	}
-	cosigned, c, err := audit.Cosign(cp.note, ca, l.last, cp.proof, signer)
+	cosigned, c, err := audit.Cosign(cp.note, ca, cur.last, cp.proof, signer)
 	if err != nil {
 		return next, c, err
 	}
@@ -219,34 +238,24 @@ func (l *caLog) save(st caAuditState) error {
 	return atomicfile.Write(l.path, b, 0o600)
 }
 
-// refused records a refused CA checkpoint and keeps the refusal.
-func (l *caLog) refused(ctx context.Context, reason string, cp caCheckpoint, cause error) {
+// refused records a refused CA checkpoint and keeps the refusal. Called holding write.
+func (l *caLog) refused(ctx context.Context, cur *caLogState, reason string, cp caCheckpoint, cause error) {
 	rec := CAAuditRefusal{Origin: l.origin, Reason: reason, Error: cause.Error()}
-	if l.last != nil {
-		rec.HeldSize = l.last.Size
+	if cur.last != nil {
+		rec.HeldSize = cur.last.Size
 	}
-	if c, err := unverifiedCheckpoint(cp.note); err == nil {
+	if c, err := audit.UnverifiedCheckpoint(cp.note); err == nil {
 		rec.Size = c.Size
 	}
 	l.refuse.Set(1)
-	l.logger.Error("ca audit log refused: this proxy cosigns none of its checkpoints any more", "reason", reason, "err", cause)
+	l.logger.ErrorContext(ctx, "ca audit log refused: this proxy cosigns none of its checkpoints any more", "reason", reason, "err", cause)
 	if err := l.audit.Append(rec); err != nil {
-		l.logger.Error("ca audit refusal not recorded", "err", err)
+		l.logger.ErrorContext(ctx, "ca audit refusal not recorded", "err", err)
 	}
-	st := l.st
-	st.Refused = reason
-	if err := l.save(st); err != nil {
-		l.logger.Error("ca audit refusal not kept", "err", err)
+	next := *cur
+	next.file.Refused = reason
+	if err := l.save(next.file); err != nil {
+		l.logger.ErrorContext(ctx, "ca audit refusal not kept", "err", err)
 	}
-	l.st = st
-}
-
-// unverifiedCheckpoint parses the body of a signed checkpoint without checking any
-// signature: for the record of one refused.
-func unverifiedCheckpoint(msg []byte) (audit.Checkpoint, error) {
-	i := bytes.LastIndex(msg, []byte("\n\n"))
-	if i < 0 {
-		return audit.Checkpoint{}, audit.ErrCheckpoint
-	}
-	return audit.ParseCheckpoint(string(msg[:i+1]))
+	l.cur.Store(&next)
 }

@@ -37,9 +37,10 @@ type Config struct {
 	// Policy is the authorization policy file, reloaded on SIGHUP and on change.
 	Policy string `yaml:"policy"`
 	Mark   int    `yaml:"mark"`
-	// Keys is where SVID keys live: "softhsm" (default: a SoftHSM2 token in STATE/hsm;
-	// the host identity survives a restart), a pkcs11: URI (that token, likewise), or
-	// "memory" (lost with the process: every start needs a new bootstrap token).
+	// Keys is where SVID keys and the audit log's signing key live: "softhsm" (default: a
+	// SoftHSM2 token in STATE/hsm; the host identity survives a restart), a pkcs11: URI
+	// (that token, likewise), or "memory" (lost with the process: every start needs a new
+	// bootstrap token, and the CA refuses the new audit key until it forgets the log).
 	Keys string `yaml:"keys"`
 	// Transports are the tunnel transports this proxy accepts and prefers, most
 	// preferred first: tls, h2, quic. Default [tls].

@@ -23,6 +23,15 @@
 // The compromise flow (rotation.now) rotates, drops every session-ticket key and asks
 // the CA to revoke the identity's lineage but the new certificate.
 //
+// The audit log signs checkpoints with an audit key that is no TLS key: in the proxy's
+// token under its own label prefix, named in STATE/audit-key.ref (audit.go), or in
+// memory with keys: memory. The CA witnesses them through the mesh client, and while the
+// log is idle the proxy checks in with its latest checkpoint every interval. Each answer
+// carries the CA's own latest checkpoint, which the proxy checks against the one it
+// cosigned before (the CA's key pinned at first sight, STATE/ca-audit.json), cosigns and
+// sends back: an inconsistent CA log is refused for good, recorded (CAAuditRefusal) and
+// counted (auditca.go).
+//
 // node does not enforce anything itself: interception, tunnels and policy decisions are
 // package proxy's, credential lifecycles package rotator's. Its use of the mesh API's
 // client is confined to mesh.go, behind interfaces node declares (meshDirectory,
