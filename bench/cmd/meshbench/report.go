@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"time"
 
@@ -186,7 +187,7 @@ func report(s settings, results []*modeResult, timings []timing, foreign float64
 		if t.atMost {
 			op = "≤"
 		}
-		row(&b, t.what, num(t.value, "%.2f×"), fmt.Sprintf("%s %.1f×", op, t.limit), t.verdict())
+		row(&b, t.what, num(t.value, "%.2f×"), op+" "+strconv.FormatFloat(t.limit, 'f', -1, 64)+"×", t.verdict())
 	}
 
 	if len(timings) > 0 {
