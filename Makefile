@@ -55,7 +55,8 @@ demo: deps build
 
 ## bench: what the mesh costs a connection, a request and a gigabyte, per transport, against
 ## no proxy and a plain crypto/tls relay, and the control paths' timing targets (revocation,
-## drain): bench/results/{results.md,chart.png}; BENCH_QUICK=1 for a run of about a minute.
+## drain), and the audit path's cost (tls-full against tls-full-queued and tls-full-nocheckpoint):
+## bench/results/{results.md,chart.png}; BENCH_QUICK=1 for a run of about a minute.
 ## bench/ is its own module, so it runs from there
 bench:
 	$(GO) -C bench run ./cmd/meshbench

@@ -27,12 +27,11 @@ type CARotation struct {
 	// From is the phase left (phase).
 	From          string `json:"from,omitempty"`
 	BundleVersion string `json:"bundle_version,omitempty"`
-	// Initiator is who asked: "uid:N" on the admin socket, the proxy's SPIFFE ID for
-	// an acknowledgement, "ca" for the coordinator's own steps.
-	Initiator string `json:"initiator"`
+	// Actor is who asked: "uid:N" on the admin socket, the proxy's SPIFFE ID and
+	// serial for an acknowledgement, "ca" for the coordinator's own steps.
+	Actor
 	// Host is the proxy acknowledged or excluded.
 	Host   string `json:"host,omitempty"`
-	Serial string `json:"serial,omitempty"`
 	Result Result `json:"result"`
 	// Reason is the operator's reason, or why a request was refused.
 	Reason string `json:"reason,omitempty"`

@@ -5,11 +5,11 @@ package audit
 // registration), or a registration the CA refused for claiming an address the host
 // may not.
 type AddressClaim struct {
-	// Initiator is who asked: "uid:N" on the admin socket, the caller's SPIFFE ID on
-	// the mesh API.
-	Initiator string `json:"initiator"`
-	Action    string `json:"action"` // "register" | "unregister" | "learn" | "claim"
-	Host      string `json:"host,omitempty"`
+	// Actor is who asked: "uid:N" on the admin socket, the caller's SPIFFE ID and
+	// serial on the mesh API.
+	Actor
+	Action string `json:"action"` // "register" | "unregister" | "learn" | "claim"
+	Host   string `json:"host,omitempty"`
 	// Address is the address (or prefix) refused, or the one a claim was learnt from.
 	Address string `json:"address,omitempty"`
 	// Owner is the host another address or prefix is allowed to, for a conflict.
@@ -19,9 +19,7 @@ type AddressClaim struct {
 	Allowed []string `json:"allowed,omitempty"`
 	// PeerAddr is the address the caller connected from (mesh API).
 	PeerAddr string `json:"peer_addr,omitempty"`
-	// Serial is the serial of the caller's certificate (mesh API).
-	Serial string `json:"serial,omitempty"`
-	Result string `json:"result"` // "ok" | "refused" | "error"
+	Result   string `json:"result"` // "ok" | "refused" | "error"
 	// Reason says why a claim was refused: "outside_claim", "foreign_address",
 	// "unverified_source", "overlap", "invalid", "not_found".
 	Reason string `json:"reason,omitempty"`

@@ -42,9 +42,11 @@ func (Handshake) Kind() string { return "handshake" }
 
 // Rotation records one credential enrolment or renewal attempt.
 type Rotation struct {
-	SPIFFEID  string    `json:"spiffe_id"`
-	Trigger   string    `json:"trigger"`   // "enroll", "time", "expired", ...
-	Initiator string    `json:"initiator"` // "rotator", "operator", ...
+	SPIFFEID string `json:"spiffe_id"`
+	Trigger  string `json:"trigger"` // "enroll", "time", "expired", ...
+	// Actor is who asked: "rotator" for its own schedule, "ca" for a fleet command,
+	// "uid:N" for an operator at the proxy's control socket or the CA's admin socket.
+	Actor
 	OldSerial string    `json:"old_serial,omitempty"`
 	NewSerial string    `json:"new_serial,omitempty"`
 	NotAfter  time.Time `json:"not_after,omitzero"`
@@ -92,14 +94,14 @@ func (Connection) Kind() string { return "connection" }
 // Revocation records one revocation request at the CA: who asked, what, why, and what
 // it did.
 type Revocation struct {
-	// Initiator is who asked: "uid:0" for the local admin socket, or the caller's
-	// SPIFFE ID for the mTLS API.
-	Initiator string `json:"initiator"`
-	SPIFFEID  string `json:"spiffe_id,omitempty"` // the identity revoked, when by identity
-	Serial    string `json:"serial,omitempty"`    // the serial revoked, when by serial
-	Reason    string `json:"reason,omitempty"`
-	Result    Result `json:"result"`
-	Error     string `json:"error,omitempty"`
+	// Actor is who asked: "uid:N" for the local admin socket, the caller's SPIFFE ID
+	// and serial for the mTLS API.
+	Actor
+	SPIFFEID string `json:"spiffe_id,omitempty"` // the identity revoked, when by identity
+	Serial   string `json:"serial,omitempty"`    // the serial revoked, when by serial
+	Reason   string `json:"reason,omitempty"`
+	Result   Result `json:"result"`
+	Error    string `json:"error,omitempty"`
 	// Serials are the certificate serials revoked in step-ca (and listed in the CRL).
 	Serials []string `json:"serials,omitempty"`
 	// ListVersion is the deny-list version that carries the revocation.
@@ -202,10 +204,10 @@ const (
 // an operator (and a test) sees a refusal and its reason (file:line: field) without
 // reading the log.
 type ConfigChange struct {
-	Path      string       `json:"path"`
-	Initiator string       `json:"initiator"` // "file" | "sighup"
-	Result    ConfigResult `json:"result"`
-	Error     string       `json:"error,omitempty"`
+	Path   string       `json:"path"`
+	Actor               // "file" | "sighup"
+	Result ConfigResult `json:"result"`
+	Error  string       `json:"error,omitempty"`
 }
 
 // Kind returns "config".
@@ -214,16 +216,16 @@ func (ConfigChange) Kind() string { return "config" }
 // Registration records a change to the CA's registration entries, or a request for an
 // agent's credential that the CA granted or refused.
 type Registration struct {
-	// Initiator is who asked: "uid:N" on the admin socket, a proxy's SPIFFE ID on the
-	// mesh API.
-	Initiator string  `json:"initiator"`
-	Action    string  `json:"action"` // "register" | "unregister" | "token"
-	SPIFFEID  string  `json:"spiffe_id,omitempty"`
-	Host      string  `json:"host,omitempty"`
-	UID       *uint32 `json:"uid,omitempty"`
-	Port      uint16  `json:"port,omitempty"`
-	Result    string  `json:"result"` // "ok" | "refused" | "error"
-	Error     string  `json:"error,omitempty"`
+	// Actor is who asked: "uid:N" on the admin socket, a proxy's SPIFFE ID and serial
+	// on the mesh API.
+	Actor
+	Action   string  `json:"action"` // "register" | "unregister" | "token"
+	SPIFFEID string  `json:"spiffe_id,omitempty"`
+	Host     string  `json:"host,omitempty"`
+	UID      *uint32 `json:"uid,omitempty"`
+	Port     uint16  `json:"port,omitempty"`
+	Result   string  `json:"result"` // "ok" | "refused" | "error"
+	Error    string  `json:"error,omitempty"`
 }
 
 // Kind returns "registration".

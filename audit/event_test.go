@@ -18,11 +18,11 @@ func TestOwnEventsHaveNoHeaderKeys(t *testing.T) {
 	full := []audit.Event{
 		audit.Handshake{Direction: "d", Result: "r", Reason: "x", Transport: "t", LocalID: "l", LocalSerial: "ls", PeerID: "p",
 			PeerSerial: "s", PeerAddr: "a", TLSVersion: "v", Cipher: "c", Resumed: true, Duration: 1},
-		audit.Rotation{SPIFFEID: "i", Trigger: "t", Initiator: "i", OldSerial: "o", NewSerial: "n",
+		audit.Rotation{SPIFFEID: "i", Trigger: "t", Actor: audit.Actor{Initiator: "i", CallerSerial: "cs"}, OldSerial: "o", NewSerial: "n",
 			NotAfter: now, Result: "r", Reason: "x", Started: now, Finished: now},
 		audit.Connection{Direction: "d", PeerID: "p", PeerSerial: "s", LocalSerial: "l", Target: "t",
 			BytesIn: 1, BytesOut: 2, Duration: 3, Reason: "r"},
-		audit.Revocation{Initiator: "i", SPIFFEID: "s", Serial: "n", Reason: "r", Result: "ok", Error: "e",
+		audit.Revocation{Actor: audit.Actor{Initiator: "i", CallerSerial: "cs"}, SPIFFEID: "s", Serial: "n", Reason: "r", Result: "ok", Error: "e",
 			Serials: []string{"1"}, ListVersion: 2},
 		audit.DenyListChange{Version: 2, Previous: 1, Result: "refused", Reason: "gap", Error: "e", IDs: 1, Serials: 2,
 			Closed: 3, Lag: 4},

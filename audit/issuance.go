@@ -53,12 +53,10 @@ type Issuance struct {
 	Action IssueAction `json:"action"`
 	Result IssueResult `json:"result"`
 	Reason IssueReason `json:"reason,omitempty"`
-	// Initiator is who asked: "uid:N" on the admin socket; the SPIFFE ID of the
+	// Actor is who asked: "uid:N" on the admin socket; the SPIFFE ID and serial of the
 	// certificate presented over mTLS (a token over the mesh API, a renewal); "token"
 	// for an enrolment, whose caller is the bearer of the token TokenID names.
-	Initiator string `json:"initiator"`
-	// CallerSerial is the serial (decimal) of the certificate the caller presented.
-	CallerSerial string `json:"caller_serial,omitempty"`
+	Actor
 	// PeerAddr is the caller's network address (HTTPS API).
 	PeerAddr string `json:"peer_addr,omitempty"`
 	// SPIFFEID is the identity the token or certificate is (or was asked) for.

@@ -27,7 +27,7 @@ func TestRoundTrip(t *testing.T) {
 	l := start(t, audit.Config{Path: path, Now: func() time.Time { return now }})
 	events := []audit.Event{
 		handshake(1),
-		&audit.Rotation{SPIFFEID: "spiffe://example.org/host/a", Trigger: "time", Initiator: "rotator",
+		&audit.Rotation{SPIFFEID: "spiffe://example.org/host/a", Trigger: "time", Actor: audit.Actor{Initiator: "rotator"},
 			OldSerial: "01", NewSerial: "02", Result: "ok", Started: now, Finished: now},
 		audit.Connection{Direction: "outbound", Target: "10.0.0.2:443", BytesIn: 10, BytesOut: 20},
 	}

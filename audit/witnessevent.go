@@ -7,13 +7,12 @@ package audit
 // log so that a new one may start under its origin. Accepted checkpoints are not
 // recorded: the witness store keeps them.
 type WitnessEvent struct {
-	// Initiator is who acted: the host's SPIFFE ID for a checkpoint, "uid:N" on the
-	// admin socket for forget. CallerSerial is the serial of the host's certificate.
-	Initiator    string `json:"initiator"`
-	CallerSerial string `json:"caller_serial,omitempty"`
-	Action       string `json:"action"` // "bind" | "checkpoint" | "forget"
-	Origin       string `json:"origin"`
-	Result       string `json:"result"` // "ok" | "refused" | "error"
+	// Actor is who acted: the host's SPIFFE ID and serial for a checkpoint, "uid:N" on
+	// the admin socket for forget.
+	Actor
+	Action string `json:"action"` // "bind" | "checkpoint" | "forget"
+	Origin string `json:"origin"`
+	Result string `json:"result"` // "ok" | "refused" | "error"
 	// Reason says why a checkpoint was refused: "inconsistent", "key_changed".
 	Reason string `json:"reason,omitempty"`
 	Error  string `json:"error,omitempty"`

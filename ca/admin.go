@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/agentmesh/agentmesh/meshapi"
@@ -118,11 +117,7 @@ func (s *Server) adminOnly(next http.HandlerFunc) http.HandlerFunc {
 		if cred.err != nil || !peerAllowed(cred.uid, os.Getuid()) {
 			s.log.Warn("admin request refused", keyPath, r.URL.Path, keyPeerUID, cred.uid, keyErr, cred.err)
 			const msg = "caller is neither root nor the ca's user"
-			initiator := "uid:unknown"
-			if cred.err == nil {
-				initiator = uidInitiator(cred.uid)
-			}
-			if rec := refusedAdminRecord(r, initiator, msg); rec != nil {
+			if rec := refusedAdminRecord(r, adminActor(r), msg); rec != nil {
 				s.audit(rec)
 			}
 			writeAdminError(w, http.StatusForbidden, msg)
@@ -132,8 +127,14 @@ func (s *Server) adminOnly(next http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
-// uidInitiator names a local caller in audit records.
-func uidInitiator(uid int) string { return "uid:" + strconv.Itoa(uid) }
+// adminActor names the caller of an admin socket request in audit records: its uid.
+func adminActor(r *http.Request) audit.Actor {
+	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
+	if cred.err != nil {
+		return audit.PeerUIDActor(-1)
+	}
+	return audit.PeerUIDActor(cred.uid)
+}
 
 // handleAdminDirectory answers with the current mesh directory, at once.
 func (s *Server) handleAdminDirectory(w http.ResponseWriter, _ *http.Request) {
@@ -142,7 +143,7 @@ func (s *Server) handleAdminDirectory(w http.ResponseWriter, _ *http.Request) {
 
 func (s *Server) handleToken(w http.ResponseWriter, r *http.Request) {
 	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	rec := audit.Issuance{Initiator: uidInitiator(cred.uid)}
+	rec := audit.Issuance{Actor: adminActor(r)}
 	var req meshapi.TokenRequest
 	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, adminMaxBody))
 	dec.DisallowUnknownFields()

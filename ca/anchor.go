@@ -135,24 +135,24 @@ func (s *Server) wakeAnchor() {
 // rotation and the error wraps ErrHSM. A rotation running already is refused with
 // ErrRotationInProgress naming its phase; a bad request with ErrInvalidRequest.
 // Every outcome is audited.
-func (s *Server) StartAnchorRotation(initiator string, req meshapi.RotateRequest) (meshapi.RotationStatus, error) {
-	st, err := s.startAnchorRotation(initiator, req, time.Now())
+func (s *Server) StartAnchorRotation(actor audit.Actor, req meshapi.RotateRequest) (meshapi.RotationStatus, error) {
+	st, err := s.startAnchorRotation(actor, req, time.Now())
 	if err == nil {
 		return st, nil // audited before its first phase change
 	}
-	rec := audit.CARotation{Action: audit.CARotationStart, AnchorKind: string(req.Kind), Initiator: initiator,
+	rec := audit.CARotation{Action: audit.CARotationStart, AnchorKind: string(req.Kind), Actor: actor,
 		Reason: req.Reason, Result: audit.ResultRefused, Error: err.Error()}
 	if errors.Is(err, ErrInvalidRequest) || errors.Is(err, ErrRotationInProgress) {
-		s.log.Info("ca rotation refused", keyInitiator, initiator, keyErr, err)
+		s.log.Info("ca rotation refused", keyInitiator, actor.Initiator, keyErr, err)
 	} else {
 		rec.Result = audit.ResultError
-		s.log.Error("ca rotation failed in prepare; nothing changed", keyInitiator, initiator, keyErr, err)
+		s.log.Error("ca rotation failed in prepare; nothing changed", keyInitiator, actor.Initiator, keyErr, err)
 	}
 	s.audit(rec)
 	return st, err
 }
 
-func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest, now time.Time) (meshapi.RotationStatus, error) {
+func (s *Server) startAnchorRotation(actor audit.Actor, req meshapi.RotateRequest, now time.Time) (meshapi.RotationStatus, error) {
 	if err := s.checkRotateRequest(req); err != nil {
 		return meshapi.RotationStatus{}, err
 	}
@@ -162,9 +162,9 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 	if prev != nil && !prev.Phase.Ended() {
 		return meshapi.RotationStatus{}, fmt.Errorf("%w: %s", ErrRotationInProgress, prev.current())
 	}
-	rec := s.newAnchorRecord(prev, initiator, req, now)
+	rec := s.newAnchorRecord(prev, actor, req, now)
 	if err := s.auditDurable(audit.CARotation{Action: audit.CARotationPhase, RotationID: rec.ID,
-		AnchorKind: string(rec.Kind), Phase: string(rec.Phase), Initiator: initiator, Result: audit.ResultOK}); err != nil {
+		AnchorKind: string(rec.Kind), Phase: string(rec.Phase), Actor: actor, Result: audit.ResultOK}); err != nil {
 		return meshapi.RotationStatus{}, fmt.Errorf("ca: rotation: audit: %w", err)
 	}
 	// Persisted before the HSM is touched: a crash in prepare resumes it.
@@ -180,11 +180,11 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 		return meshapi.RotationStatus{}, fmt.Errorf("ca: rotation: %w", err)
 	}
 	s.anchor.rec, s.anchor.applied, s.anchor.failure = rec, true, ""
-	s.log.Info("ca rotation started", keyRotationID, rec.ID, keyKind, rec.Kind, keyInitiator, initiator)
+	s.log.Info("ca rotation started", keyRotationID, rec.ID, keyKind, rec.Kind, keyInitiator, actor.Initiator)
 	s.audit(audit.CARotation{Action: audit.CARotationStart, RotationID: rec.ID, AnchorKind: string(rec.Kind),
-		Phase: string(rec.Phase), Initiator: initiator, Reason: req.Reason, Result: audit.ResultOK})
+		Phase: string(rec.Phase), Actor: actor, Reason: req.Reason, Result: audit.ResultOK})
 	for _, id := range req.Exclude {
-		s.auditExclude(rec, initiator, id, req.Reason)
+		s.auditExclude(rec, actor, id, req.Reason)
 	}
 	// Prepare's time (the HSM's key generation) counts in its phase.
 	now = time.Now()
@@ -195,13 +195,13 @@ func (s *Server) startAnchorRotation(initiator string, req meshapi.RotateRequest
 // newAnchorRecord is the record of a rotation req starts at now after prev (nil:
 // none), in prepare: its members are the proxies in the directory or following it,
 // and those req excludes.
-func (s *Server) newAnchorRecord(prev *anchorRecord, initiator string, req meshapi.RotateRequest, now time.Time) *anchorRecord {
+func (s *Server) newAnchorRecord(prev *anchorRecord, actor audit.Actor, req meshapi.RotateRequest, now time.Time) *anchorRecord {
 	var prevID uint64
 	if prev != nil {
 		prevID = prev.ID
 	}
 	rec := &anchorRecord{ID: nextAnchorID(prevID, now), Kind: req.Kind, Phase: meshapi.PhasePrepare,
-		Started: now.UTC(), Since: now.UTC(), Initiator: initiator, Reason: req.Reason,
+		Started: now.UTC(), Since: now.UTC(), Initiator: actor.Initiator, Reason: req.Reason,
 		RenewWindowMS: req.RenewWindowMS, Members: []anchorMember{}}
 	if rec.RenewWindowMS == 0 {
 		rec.RenewWindowMS = s.cfg.RotationRenewWindow.Milliseconds()
@@ -244,12 +244,12 @@ func (s *Server) checkHostID(id spiffeid.ID) error {
 // with no rotation running, ErrRotationInProgress naming the phase). From distribute
 // or activate it enters abort (the old key issues again, proxies acknowledge); from
 // prepare (a CA that crashed in it) it discards the new keys at once. Audited.
-func (s *Server) AbortAnchorRotation(initiator, reason string) (meshapi.RotationStatus, error) {
+func (s *Server) AbortAnchorRotation(actor audit.Actor, reason string) (meshapi.RotationStatus, error) {
 	now := time.Now()
 	s.anchor.mu.Lock()
 	defer s.anchor.mu.Unlock()
 	rec := s.anchor.rec
-	ev := audit.CARotation{Action: audit.CARotationAbort, Initiator: initiator, Reason: reason, Result: audit.ResultOK}
+	ev := audit.CARotation{Action: audit.CARotationAbort, Actor: actor, Reason: reason, Result: audit.ResultOK}
 	if rec != nil {
 		ev.RotationID, ev.AnchorKind, ev.Phase = rec.ID, string(rec.Kind), string(rec.Phase)
 	}
@@ -260,7 +260,7 @@ func (s *Server) AbortAnchorRotation(initiator, reason string) (meshapi.Rotation
 		return meshapi.RotationStatus{}, err
 	}
 	s.audit(ev)
-	s.log.Info("ca rotation aborted", keyRotationID, rec.ID, keyPhase, rec.Phase, keyInitiator, initiator)
+	s.log.Info("ca rotation aborted", keyRotationID, rec.ID, keyPhase, rec.Phase, keyInitiator, actor.Initiator)
 	next := meshapi.PhaseAbort
 	if rec.Phase == meshapi.PhasePrepare {
 		next = meshapi.PhaseAborted
@@ -272,7 +272,7 @@ func (s *Server) AbortAnchorRotation(initiator, reason string) (meshapi.Rotation
 
 // ExcludeFromAnchorRotation excludes host from the acknowledgements of the running
 // rotation (ErrRotationInProgress when none runs); audited.
-func (s *Server) ExcludeFromAnchorRotation(initiator string, ex meshapi.RotationExclude) (meshapi.RotationStatus, error) {
+func (s *Server) ExcludeFromAnchorRotation(actor audit.Actor, ex meshapi.RotationExclude) (meshapi.RotationStatus, error) {
 	if err := s.checkHostID(ex.Host); err != nil {
 		return meshapi.RotationStatus{}, err
 	}
@@ -291,15 +291,15 @@ func (s *Server) ExcludeFromAnchorRotation(initiator string, ex meshapi.Rotation
 	if err := s.saveAnchorLocked(rec); err != nil {
 		return meshapi.RotationStatus{}, err
 	}
-	s.auditExclude(rec, initiator, ex.Host, ex.Reason)
+	s.auditExclude(rec, actor, ex.Host, ex.Reason)
 	s.wakeAnchor()
 	return s.anchorStatusLocked(now), nil
 }
 
-func (s *Server) auditExclude(rec *anchorRecord, initiator string, host spiffeid.ID, reason string) {
-	s.log.Info("ca rotation member excluded", keyRotationID, rec.ID, keyHost, host.String(), keyInitiator, initiator)
+func (s *Server) auditExclude(rec *anchorRecord, actor audit.Actor, host spiffeid.ID, reason string) {
+	s.log.Info("ca rotation member excluded", keyRotationID, rec.ID, keyHost, host.String(), keyInitiator, actor.Initiator)
 	s.audit(audit.CARotation{Action: audit.CARotationExclude, RotationID: rec.ID, AnchorKind: string(rec.Kind),
-		Phase: string(rec.Phase), Initiator: initiator, Host: host.String(), Reason: reason, Result: audit.ResultOK})
+		Phase: string(rec.Phase), Actor: actor, Host: host.String(), Reason: reason, Result: audit.ResultOK})
 }
 
 // AnchorRotationStatus is the running rotation, or the last one (ID 0: none ever).

@@ -44,8 +44,8 @@ func ackStatus(reason ackRefusal) int {
 // refusals are audited.
 func (s *Server) handleAnchorAck(w http.ResponseWriter, r *http.Request) {
 	id := callerID(r)
-	ev := audit.CARotation{Action: audit.CARotationAck, Initiator: id.String(), Host: id.String(),
-		Serial: callerSerial(r), Result: audit.ResultOK}
+	ev := audit.CARotation{Action: audit.CARotationAck, Actor: audit.TLSActor(r.TLS), Host: id.String(),
+		Result: audit.ResultOK}
 	refuse := func(reason ackRefusal, err error) {
 		ev.Result, ev.Reason, ev.Error = audit.ResultRefused, string(reason), err.Error()
 		s.audit(ev)
@@ -116,7 +116,7 @@ func (s *Server) ackAnchor(id spiffeid.ID, leaf *x509.Certificate, ack meshapi.A
 
 // refusedRotationRecord is the audit record of a refused request to change the
 // rotation through the admin socket, nil for other requests.
-func refusedRotationRecord(r *http.Request, initiator, msg string) audit.Event {
+func refusedRotationRecord(r *http.Request, actor audit.Actor, msg string) audit.Event {
 	if r.Method != http.MethodPost {
 		return nil
 	}
@@ -131,7 +131,7 @@ func refusedRotationRecord(r *http.Request, initiator, msg string) audit.Event {
 	default:
 		return nil
 	}
-	return audit.CARotation{Action: action, Initiator: initiator, Result: audit.ResultRefused, Error: msg}
+	return audit.CARotation{Action: action, Actor: actor, Result: audit.ResultRefused, Error: msg}
 }
 
 // adminStatus maps the rotation API's errors to HTTP statuses.
@@ -149,21 +149,20 @@ func adminStatus(err error) int {
 
 // adminRotation is an admin socket handler of the rotation API: it decodes a T (an
 // empty body is the zero T), calls call with the caller and answers its status.
-func adminRotation[T any](call func(initiator string, req T) (meshapi.RotationStatus, error)) http.HandlerFunc {
+func adminRotation[T any](call func(actor audit.Actor, req T) (meshapi.RotationStatus, error)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		var req T
 		if !decodeAdmin(w, r, &req) {
 			return
 		}
-		cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-		st, err := call(uidInitiator(cred.uid), req)
+		st, err := call(adminActor(r), req)
 		answerAdmin(w, st, err)
 	}
 }
 
 // abortAnchorRotation is AbortAnchorRotation for adminRotation.
-func (s *Server) abortAnchorRotation(initiator string, req meshapi.RotationAbort) (meshapi.RotationStatus, error) {
-	return s.AbortAnchorRotation(initiator, req.Reason)
+func (s *Server) abortAnchorRotation(actor audit.Actor, req meshapi.RotationAbort) (meshapi.RotationStatus, error) {
+	return s.AbortAnchorRotation(actor, req.Reason)
 }
 
 // handleAdminRotationStatus is the admin socket's GET /rotation.

@@ -125,7 +125,7 @@ func (s *Server) effectFailedLocked(rec *anchorRecord, err error) {
 	s.anchor.failure = rec.Error
 	s.log.Error("ca rotation: effects of the phase failed; retrying", keyRotationID, rec.ID, keyPhase, rec.Phase, keyErr, err)
 	s.audit(audit.CARotation{Action: audit.CARotationEffect, RotationID: rec.ID, AnchorKind: string(rec.Kind),
-		Phase: string(rec.Phase), Initiator: initiatorCA, Result: audit.ResultError, Error: rec.Error})
+		Phase: string(rec.Phase), Actor: audit.Actor{Initiator: initiatorCA}, Result: audit.ResultError, Error: rec.Error})
 }
 
 // enterLocked moves the rotation to phase p, persisted before any of p's effects run;
@@ -140,7 +140,7 @@ func (s *Server) enterLocked(p meshapi.AnchorPhase, now time.Time) bool {
 	// On disk before the phase is: a CA killed between the two enters the phase again
 	// on restart and records it twice, never not at all.
 	if err := s.auditDurable(audit.CARotation{Action: audit.CARotationPhase, RotationID: next.ID,
-		AnchorKind: string(next.Kind), Phase: string(p), From: string(from), Initiator: initiatorCA,
+		AnchorKind: string(next.Kind), Phase: string(p), From: string(from), Actor: audit.Actor{Initiator: initiatorCA},
 		Result: audit.ResultOK, PhaseDuration: left.End.Sub(left.Start)}); err != nil {
 		s.effectFailedLocked(rec, fmt.Errorf("audit: %w", err))
 		return false

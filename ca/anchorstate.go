@@ -21,7 +21,7 @@ type anchorRecord struct {
 	Phase     meshapi.AnchorPhase `json:"phase"`
 	Started   time.Time           `json:"started"`
 	Since     time.Time           `json:"phase_since"`
-	Initiator string              `json:"initiator,omitempty"`
+	Initiator string              `json:"actor,omitempty"`
 	Reason    string              `json:"reason,omitempty"`
 	// RenewWindowMS is the window proxies spread their renewals over.
 	RenewWindowMS int64 `json:"renew_window_ms"`

@@ -24,16 +24,16 @@ import (
 const adminHostsPath = "/hosts"
 
 // SetHostClaim makes prefixes the addresses the proxy of host may claim (an operator's
-// claim, replacing a learnt one or an earlier one), for initiator ("uid:N" on the admin
+// claim, replacing a learnt one or an earlier one), for actor (audit.PeerUIDActor on the admin
 // socket). It is written to StateDir/claims.json before it takes effect; a live
 // directory entry of host advertising an address outside it is removed at once. Errors
 // wrap ErrInvalidRequest (host is not a /host/NAME ID of the CA's trust domain, no or
 // more than 32 prefixes, a malformed prefix), ErrClaimConflict (a prefix overlaps
 // another host's claim) or ErrServerClosed. Every call is audited
 // (audit.AddressClaim), a refusal also counted.
-func (s *Server) SetHostClaim(ctx context.Context, initiator string, host spiffeid.ID, prefixes []netip.Prefix) (meshapi.HostClaim, error) {
+func (s *Server) SetHostClaim(ctx context.Context, actor audit.Actor, host spiffeid.ID, prefixes []netip.Prefix) (meshapi.HostClaim, error) {
 	c, err := checkHostClaim(s.cfg.TrustDomain, meshapi.HostClaim{Host: host, Prefixes: prefixes, Source: meshapi.ClaimAdmin, At: time.Now().UTC().Round(0)})
-	rec := claimRecord(initiator, claimActionRegister, host, c, "", netip.Addr{})
+	rec := claimRecord(actor, claimActionRegister, host, c, netip.Addr{})
 	if err == nil {
 		err = s.changeClaims(func(cur *claimSet) (*claimSet, error) { return cur.with(c) })
 	}
@@ -43,29 +43,29 @@ func (s *Server) SetHostClaim(ctx context.Context, initiator string, host spiffe
 	}
 	s.dir.dropOutside(c)
 	s.audit(rec)
-	s.log.LogAttrs(ctx, slog.LevelInfo, "address claim registered", slog.String(keyInitiator, initiator),
+	s.log.LogAttrs(ctx, slog.LevelInfo, "address claim registered", slog.String(keyInitiator, actor.Initiator),
 		slog.String(keyHost, host.String()), slog.Any(keyPrefixes, rec.Allowed))
 	return c, nil
 }
 
-// RemoveHostClaim removes host's claim and returns it, for initiator: the host's next
+// RemoveHostClaim removes host's claim and returns it, for actor: the host's next
 // registration learns a claim again (see docs/directory.md). Its live directory entry
 // stays. Errors wrap ErrEntryNotFound (no claim) or ErrServerClosed. Audited like
 // SetHostClaim.
-func (s *Server) RemoveHostClaim(ctx context.Context, initiator string, host spiffeid.ID) (meshapi.HostClaim, error) {
+func (s *Server) RemoveHostClaim(ctx context.Context, actor audit.Actor, host spiffeid.ID) (meshapi.HostClaim, error) {
 	var old meshapi.HostClaim
 	err := s.changeClaims(func(cur *claimSet) (*claimSet, error) {
 		next, removed, err := cur.without(host)
 		old = removed
 		return next, err
 	})
-	rec := claimRecord(initiator, claimActionUnregister, host, old, "", netip.Addr{})
+	rec := claimRecord(actor, claimActionUnregister, host, old, netip.Addr{})
 	if err != nil {
 		s.claimRefused(ctx, rec, err)
 		return meshapi.HostClaim{}, err
 	}
 	s.audit(rec)
-	s.log.LogAttrs(ctx, slog.LevelInfo, "address claim unregistered", slog.String(keyInitiator, initiator),
+	s.log.LogAttrs(ctx, slog.LevelInfo, "address claim unregistered", slog.String(keyInitiator, actor.Initiator),
 		slog.String(keyHost, host.String()))
 	return old, nil
 }
@@ -107,8 +107,7 @@ func claimStatus(err error) int {
 
 // handleAdminSetHost is the admin socket's POST /hosts.
 func (s *Server) handleAdminSetHost(w http.ResponseWriter, r *http.Request) {
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	initiator := uidInitiator(cred.uid)
+	actor := adminActor(r)
 	ctx := context.WithoutCancel(r.Context()) // the change completes if the caller goes away
 	var req meshapi.HostClaimRequest
 	err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req)
@@ -125,11 +124,11 @@ func (s *Server) handleAdminSetHost(w http.ResponseWriter, r *http.Request) {
 		prefixes = append(prefixes, p)
 	}
 	if err != nil {
-		s.claimRefused(ctx, claimRecord(initiator, claimActionRegister, req.Host, meshapi.HostClaim{}, "", netip.Addr{}), err)
+		s.claimRefused(ctx, claimRecord(actor, claimActionRegister, req.Host, meshapi.HostClaim{}, netip.Addr{}), err)
 		writeAdminError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	c, err := s.SetHostClaim(ctx, initiator, req.Host, prefixes)
+	c, err := s.SetHostClaim(ctx, actor, req.Host, prefixes)
 	if err != nil {
 		writeAdminError(w, cmp.Or(claimStatus(err), http.StatusServiceUnavailable), err.Error()) // logged and audited
 		return
@@ -139,20 +138,19 @@ func (s *Server) handleAdminSetHost(w http.ResponseWriter, r *http.Request) {
 
 // handleAdminRemoveHost is the admin socket's DELETE /hosts?id=HOST.
 func (s *Server) handleAdminRemoveHost(w http.ResponseWriter, r *http.Request) {
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	initiator := uidInitiator(cred.uid)
+	actor := adminActor(r)
 	ctx := context.WithoutCancel(r.Context())
 	raw := r.URL.Query().Get("id")
 	host, err := spiffeid.FromString(raw)
 	if err != nil {
 		err = invalidClaim("id %q: %v", raw, err)
-		rec := claimRecord(initiator, claimActionUnregister, spiffeid.ID{}, meshapi.HostClaim{}, "", netip.Addr{})
+		rec := claimRecord(actor, claimActionUnregister, spiffeid.ID{}, meshapi.HostClaim{}, netip.Addr{})
 		rec.Host = raw
 		s.claimRefused(ctx, rec, err)
 		writeAdminError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	old, err := s.RemoveHostClaim(ctx, initiator, host)
+	old, err := s.RemoveHostClaim(ctx, actor, host)
 	if err != nil {
 		writeAdminError(w, cmp.Or(claimStatus(err), http.StatusServiceUnavailable), err.Error()) // logged and audited
 		return
@@ -167,12 +165,12 @@ func (s *Server) handleAdminHosts(w http.ResponseWriter, _ *http.Request) {
 
 // refusedClaimRecord is the audit record of an admin request on /hosts that adminOnly
 // refused.
-func refusedClaimRecord(r *http.Request, initiator, msg string) audit.Event {
+func refusedClaimRecord(r *http.Request, actor audit.Actor, msg string) audit.Event {
 	action := claimActionRegister
 	if r.Method == http.MethodDelete {
 		action = claimActionUnregister
 	}
-	return audit.AddressClaim{Initiator: initiator, Action: string(action), Host: r.URL.Query().Get("id"),
+	return audit.AddressClaim{Actor: actor, Action: string(action), Host: r.URL.Query().Get("id"),
 		Result: string(claimRefused), Reason: string(reasonNotAdmin), Error: msg}
 }
 

@@ -254,7 +254,7 @@ func TestAddressClaims(t *testing.T) {
 			t.Fatalf("b claiming a's address: %d %s, want 409 naming a", status, body)
 		}
 		r, ok := findClaim(claimRecords(rec), claimActionLearn, claimRefused, reasonForeignAddress)
-		if !ok || r.Initiator != idB.String() || r.Address != "10.0.0.1" || r.Owner != idA.String() || r.Serial == "" {
+		if !ok || r.Initiator != idB.String() || r.Address != "10.0.0.1" || r.Owner != idA.String() || r.CallerSerial == "" {
 			t.Errorf("refusal audit record: %+v", claimRecords(rec))
 		}
 		if got := metrictest.Value(t, reg, metricClaimsRefused, labelReason, string(reasonForeignAddress)); got != 1 {

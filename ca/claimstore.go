@@ -131,7 +131,8 @@ func (s *Server) storeClaims(next *claimSet) error {
 // refusal counted) once the locks are released.
 func (s *Server) registerClaimed(ctx context.Context, reg registration, from netip.Addr, now time.Time) (uint64, error) {
 	version, out, err := s.applyClaimed(reg, from, now)
-	rec := claimRecord(reg.ID.String(), out.action, reg.ID, out.claim, reg.Serial, from)
+	// The registration's ID and serial are its mTLS caller's (handleRegister).
+	rec := claimRecord(audit.Actor{Initiator: reg.ID.String(), CallerSerial: reg.Serial}, out.action, reg.ID, out.claim, from)
 	switch {
 	case out.err != nil:
 		s.claimRefused(ctx, rec, out.err)
@@ -201,9 +202,9 @@ func (s *Server) registerWithin(set *claimSet, c meshapi.HostClaim, reg registra
 }
 
 // claimRecord is the audit record of a claim action on host, whose claim is c (zero:
-// none), by initiator; serial and from are the caller's on the mesh API.
-func claimRecord(initiator string, action claimAction, host spiffeid.ID, c meshapi.HostClaim, serial string, from netip.Addr) audit.AddressClaim {
-	rec := audit.AddressClaim{Initiator: initiator, Action: string(action), Serial: serial, Result: string(claimOK)}
+// none), by actor; from is the caller's address on the mesh API.
+func claimRecord(actor audit.Actor, action claimAction, host spiffeid.ID, c meshapi.HostClaim, from netip.Addr) audit.AddressClaim {
+	rec := audit.AddressClaim{Actor: actor, Action: string(action), Result: string(claimOK)}
 	if !host.IsZero() {
 		rec.Host = host.String()
 	}

@@ -146,8 +146,8 @@ func (s *entrySet) without(id spiffeid.ID) (*entrySet, meshapi.Entry, error) {
 	return next, old, err // a subset never conflicts
 }
 
-// RegisterEntry adds e, for initiator (who asked: "uid:N" for the admin socket; it goes
-// to the audit log). It is written to StateDir/entries.json (atomically, before it is
+// RegisterEntry adds e, for actor (who asked: the admin socket's uid; it goes to the
+// audit log). It is written to StateDir/entries.json (atomically, before it is
 // published) and published in the directory document, whose version moves so that
 // every long-poll wakes at once. From then on the proxy of e.Host may obtain e.ID's
 // SVIDs.
@@ -161,16 +161,16 @@ func (s *entrySet) without(id spiffeid.ID) (*entrySet, meshapi.Entry, error) {
 // Registering an agent that was registered to another host before (a move:
 // UnregisterEntry, then RegisterEntry with the new host) revokes every unexpired
 // certificate of it not issued to e.Host, and lists them on the deny-list (audited as a
-// revocation by initiator): the old host keeps nothing usable. A failure there is
+// revocation by actor): the old host keeps nothing usable. A failure there is
 // returned; the entry stands.
-func (s *Server) RegisterEntry(ctx context.Context, initiator string, e meshapi.Entry) error {
+func (s *Server) RegisterEntry(ctx context.Context, actor audit.Actor, e meshapi.Entry) error {
 	version, err := s.registerEntry(e)
-	s.logEntryChange(ctx, actionRegister, initiator, e, version, err)
-	s.audit(registrationRecord(initiator, actionRegister, e, true, err))
+	s.logEntryChange(ctx, actionRegister, actor, e, version, err)
+	s.audit(registrationRecord(actor, actionRegister, e, true, err))
 	if err != nil {
 		return err
 	}
-	return s.revokeOtherHosts(ctx, initiator, e)
+	return s.revokeOtherHosts(ctx, actor, e)
 }
 
 func (s *Server) registerEntry(e meshapi.Entry) (uint64, error) {
@@ -183,12 +183,12 @@ func (s *Server) registerEntry(e meshapi.Entry) (uint64, error) {
 	return s.changeEntries(func(cur *entrySet) (*entrySet, error) { return cur.with(e) })
 }
 
-// UnregisterEntry removes the entry of id and returns it, for initiator (see
+// UnregisterEntry removes the entry of id and returns it, for actor (see
 // RegisterEntry): persisted, then published in the directory document (so the proxy
 // holding the identity drops it), from when on the CA refuses to renew id's SVIDs and
 // to mint tokens for it on the mesh API. Errors wrap ErrEntryNotFound or
 // ErrServerClosed. Audited and logged like RegisterEntry.
-func (s *Server) UnregisterEntry(ctx context.Context, initiator string, id spiffeid.ID) (meshapi.Entry, error) {
+func (s *Server) UnregisterEntry(ctx context.Context, actor audit.Actor, id spiffeid.ID) (meshapi.Entry, error) {
 	var removed meshapi.Entry
 	version, err := s.changeEntries(func(cur *entrySet) (*entrySet, error) {
 		next, old, err := cur.without(id)
@@ -199,8 +199,8 @@ func (s *Server) UnregisterEntry(ctx context.Context, initiator string, id spiff
 	if !known {
 		removed = meshapi.Entry{ID: id}
 	}
-	s.logEntryChange(ctx, actionUnregister, initiator, removed, version, err)
-	s.audit(registrationRecord(initiator, actionUnregister, removed, known, err))
+	s.logEntryChange(ctx, actionUnregister, actor, removed, version, err)
+	s.audit(registrationRecord(actor, actionUnregister, removed, known, err))
 	return removed, err
 }
 
@@ -304,8 +304,8 @@ func entryRefused(err error) bool {
 
 // registrationRecord is the audit record of an entry action on e; withUID says whether
 // e's UID is known (a refused unregister of an unknown ID has none).
-func registrationRecord(initiator, action string, e meshapi.Entry, withUID bool, err error) audit.Registration {
-	rec := audit.Registration{Initiator: initiator, Action: action, Port: e.Port, Result: "ok"}
+func registrationRecord(actor audit.Actor, action string, e meshapi.Entry, withUID bool, err error) audit.Registration {
+	rec := audit.Registration{Actor: actor, Action: action, Port: e.Port, Result: "ok"}
 	if !e.ID.IsZero() {
 		rec.SPIFFEID = e.ID.String()
 	}
@@ -326,8 +326,8 @@ func registrationRecord(initiator, action string, e meshapi.Entry, withUID bool,
 	return rec
 }
 
-func (s *Server) logEntryChange(ctx context.Context, action, initiator string, e meshapi.Entry, version uint64, err error) {
-	attrs := []slog.Attr{slog.String(keyInitiator, initiator), slog.String(keySPIFFEID, e.ID.String())}
+func (s *Server) logEntryChange(ctx context.Context, action string, actor audit.Actor, e meshapi.Entry, version uint64, err error) {
+	attrs := []slog.Attr{slog.String(keyInitiator, actor.Initiator), slog.String(keySPIFFEID, e.ID.String())}
 	if !e.Host.IsZero() {
 		attrs = append(attrs, slog.String(keyHost, e.Host.String()), slog.Uint64(keyUID, uint64(e.UID)))
 	}

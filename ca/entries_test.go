@@ -156,7 +156,7 @@ func TestEntriesSurviveRestart(t *testing.T) {
 	x := meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}
 	y := meshapi.Entry{ID: agentY, Host: idB, UID: 0}
 	for _, e := range []meshapi.Entry{x, y} {
-		if err := first.RegisterEntry(ctx, "op", e); err != nil {
+		if err := first.RegisterEntry(ctx, audit.Actor{Initiator: "op"}, e); err != nil {
 			t.Fatal(err)
 		}
 	}

@@ -28,8 +28,7 @@ const (
 // handleAdminRegister is the admin socket's POST /entries (adminOnly has admitted the
 // caller).
 func (s *Server) handleAdminRegister(w http.ResponseWriter, r *http.Request) {
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	initiator := uidInitiator(cred.uid)
+	actor := adminActor(r)
 	var req meshapi.EntryRequest
 	err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req)
 	if err == nil && req.UID == nil {
@@ -37,13 +36,13 @@ func (s *Server) handleAdminRegister(w http.ResponseWriter, r *http.Request) {
 	}
 	if err != nil {
 		msg := "invalid request body: " + err.Error()
-		s.audit(audit.Registration{Initiator: initiator, Action: actionRegister, Result: "refused", Error: msg})
+		s.audit(audit.Registration{Actor: actor, Action: actionRegister, Result: "refused", Error: msg})
 		writeAdminError(w, http.StatusBadRequest, msg)
 		return
 	}
 	e := meshapi.Entry{ID: req.ID, Host: req.Host, UID: *req.UID, Port: req.Port}
 	// The change completes even if the caller goes away meanwhile.
-	if err := s.RegisterEntry(context.WithoutCancel(r.Context()), initiator, e); err != nil {
+	if err := s.RegisterEntry(context.WithoutCancel(r.Context()), actor, e); err != nil {
 		writeAdminError(w, entryStatus(err), err.Error()) // logged and audited
 		return
 	}
@@ -52,17 +51,16 @@ func (s *Server) handleAdminRegister(w http.ResponseWriter, r *http.Request) {
 
 // handleAdminUnregister is the admin socket's DELETE /entries?id=ID.
 func (s *Server) handleAdminUnregister(w http.ResponseWriter, r *http.Request) {
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	initiator := uidInitiator(cred.uid)
+	actor := adminActor(r)
 	raw := r.URL.Query().Get("id")
 	id, err := spiffeid.FromString(raw)
 	if err != nil {
 		msg := fmt.Sprintf("%v: id %q: %v", ErrInvalidRequest, raw, err)
-		s.audit(audit.Registration{Initiator: initiator, Action: actionUnregister, SPIFFEID: raw, Result: "refused", Error: msg})
+		s.audit(audit.Registration{Actor: actor, Action: actionUnregister, SPIFFEID: raw, Result: "refused", Error: msg})
 		writeAdminError(w, http.StatusBadRequest, msg)
 		return
 	}
-	removed, err := s.UnregisterEntry(context.WithoutCancel(r.Context()), initiator, id)
+	removed, err := s.UnregisterEntry(context.WithoutCancel(r.Context()), actor, id)
 	if err != nil {
 		writeAdminError(w, entryStatus(err), err.Error()) // logged and audited
 		return
@@ -94,24 +92,24 @@ func entryStatus(err error) int {
 
 // refusedAdminRecord is the audit record of an admin request adminOnly refused, for
 // the requests that are audited (nil for the others).
-func refusedAdminRecord(r *http.Request, initiator, msg string) audit.Event {
+func refusedAdminRecord(r *http.Request, actor audit.Actor, msg string) audit.Event {
 	switch {
 	case r.URL.Path == adminTokenPath:
-		return audit.Issuance{Action: audit.ActionToken, Initiator: initiator, Result: audit.IssueRefused,
+		return audit.Issuance{Action: audit.ActionToken, Actor: actor, Result: audit.IssueRefused,
 			Reason: audit.ReasonNotAllowed, Error: msg}
 	case r.URL.Path == adminRevokePath:
-		return refusedRevocation(initiator, nil, msg)
+		return refusedRevocation(actor, nil, msg)
 	case r.URL.Path == adminReinstatePath:
-		return refusedReinstatement(initiator, nil, msg)
+		return refusedReinstatement(actor, nil, msg)
 	case r.URL.Path == adminEntriesPath && r.Method == http.MethodPost:
-		return audit.Registration{Initiator: initiator, Action: actionRegister, Result: "refused", Error: msg}
+		return audit.Registration{Actor: actor, Action: actionRegister, Result: "refused", Error: msg}
 	case r.URL.Path == adminEntriesPath && r.Method == http.MethodDelete:
-		return audit.Registration{Initiator: initiator, Action: actionUnregister,
+		return audit.Registration{Actor: actor, Action: actionUnregister,
 			SPIFFEID: r.URL.Query().Get("id"), Result: "refused", Error: msg}
 	case r.URL.Path == adminHostsPath && r.Method != http.MethodGet:
-		return refusedClaimRecord(r, initiator, msg)
+		return refusedClaimRecord(r, actor, msg)
 	}
-	return refusedRotationRecord(r, initiator, msg)
+	return refusedRotationRecord(r, actor, msg)
 }
 
 // handleAgentToken is POST /mesh/v1/agents/token: a bootstrap token for an agent,
@@ -119,7 +117,7 @@ func refusedAdminRecord(r *http.Request, initiator, msg string) audit.Event {
 // is audited (audit.Issuance, action "token", with the caller's SPIFFE ID and serial).
 func (s *Server) handleAgentToken(w http.ResponseWriter, r *http.Request) {
 	caller := callerID(r)
-	rec := audit.Issuance{Initiator: caller.String(), CallerSerial: callerSerial(r), PeerAddr: r.RemoteAddr}
+	rec := audit.Issuance{Actor: audit.TLSActor(r.TLS), PeerAddr: r.RemoteAddr}
 	refuse := func(status int, msg string) {
 		reason := audit.ReasonNotAllowed
 		if status == http.StatusBadRequest {

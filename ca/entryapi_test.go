@@ -35,15 +35,15 @@ func TestRefusedAdminRecord(t *testing.T) {
 		method, target string
 		want           audit.Event
 	}{
-		{http.MethodPost, adminEntriesPath, audit.Registration{Initiator: "uid:7", Action: "register", Result: "refused", Error: "no"}},
-		{http.MethodDelete, adminEntriesPath + "?id=spiffe://mesh.test/agent/x", audit.Registration{Initiator: "uid:7", Action: "unregister",
+		{http.MethodPost, adminEntriesPath, audit.Registration{Actor: audit.Actor{Initiator: "uid:7"}, Action: "register", Result: "refused", Error: "no"}},
+		{http.MethodDelete, adminEntriesPath + "?id=spiffe://mesh.test/agent/x", audit.Registration{Actor: audit.Actor{Initiator: "uid:7"}, Action: "unregister",
 			SPIFFEID: "spiffe://mesh.test/agent/x", Result: "refused", Error: "no"}},
-		{http.MethodPost, adminRevokePath, audit.Revocation{Initiator: "uid:7", Result: "refused", Error: "no"}},
+		{http.MethodPost, adminRevokePath, audit.Revocation{Actor: audit.Actor{Initiator: "uid:7"}, Result: "refused", Error: "no"}},
 		{http.MethodGet, adminEntriesPath, nil},
-		{http.MethodPost, adminTokenPath, audit.Issuance{Action: audit.ActionToken, Initiator: "uid:7", Result: audit.IssueRefused,
+		{http.MethodPost, adminTokenPath, audit.Issuance{Action: audit.ActionToken, Actor: audit.Actor{Initiator: "uid:7"}, Result: audit.IssueRefused,
 			Reason: audit.ReasonNotAllowed, Error: "no"}},
 	} {
-		got := refusedAdminRecord(httptest.NewRequest(tc.method, tc.target, nil), "uid:7", "no")
+		got := refusedAdminRecord(httptest.NewRequest(tc.method, tc.target, nil), audit.Actor{Initiator: "uid:7"}, "no")
 		if !reflect.DeepEqual(got, tc.want) {
 			t.Errorf("%s %s: %+v, want %+v", tc.method, tc.target, got, tc.want)
 		}
@@ -221,7 +221,7 @@ func TestAgentToken(t *testing.T) {
 
 	hostA := agentDirectory(t, ca, enroll(t, ca, idA))
 	hostB := agentDirectory(t, ca, enroll(t, ca, idB))
-	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}); err != nil {
+	if err := ca.RegisterEntry(ctx, audit.Actor{Initiator: "op"}, meshapi.Entry{ID: agentX, Host: idA, UID: 1000, Port: 8080}); err != nil {
 		t.Fatal(err)
 	}
 
@@ -280,7 +280,7 @@ func TestAgentToken(t *testing.T) {
 		t.Errorf("audit log: granted record %v, refused record for host b %v; records %v", granted, refusedB, recs)
 	}
 
-	if _, err := ca.UnregisterEntry(ctx, "op", agentX); err != nil {
+	if _, err := ca.UnregisterEntry(ctx, audit.Actor{Initiator: "op"}, agentX); err != nil {
 		t.Fatal(err)
 	}
 	_, err = newClient(t, ca, nil).Renew(ctx, agent, newKey(t))

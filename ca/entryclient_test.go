@@ -11,6 +11,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/meshapi"
 	"github.com/agentmesh/agentmesh/meshclient"
 )
@@ -105,7 +106,7 @@ func TestDirectoryEntries(t *testing.T) {
 
 	// A change that is not to the entries moves the version without entries to
 	// apply: the next are those of the next change of the entries.
-	if _, err := ca.Revoke(ctx, "op", meshapi.RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
+	if _, err := ca.Revoke(ctx, audit.Actor{Initiator: "op"}, meshapi.RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
 		t.Fatal(err)
 	}
 	revoked, err := RequestDirectory(ctx, cfg.StateDir)

@@ -45,17 +45,17 @@ func nextFleetID(prev uint64, now time.Time) uint64 {
 // new FleetRotation (StateDir/fleet-rotation.json, written atomically before anything
 // is published, so a restart never reissues an ID), publishes it in the directory
 // document, whose version moves so that every long-poll wakes at once, and audits it
-// (audit.Rotation: trigger "fleet", SPIFFE ID "*", initiator as given, "uid:N" from
+// (audit.Rotation: trigger "fleet", SPIFFE ID "*", actor as given, "uid:N" from
 // the admin socket). reason is optional free text, at most 256 printable ASCII
 // characters (else ErrInvalidRequest). Concurrent calls are serialised; each gets its
 // own ID. Before Run, the rotation is published when Run starts serving. It fails
 // with ErrServerClosed after Close.
-func (s *Server) RotateFleet(ctx context.Context, initiator, reason string) (*meshapi.FleetRotation, error) {
+func (s *Server) RotateFleet(ctx context.Context, actor audit.Actor, reason string) (*meshapi.FleetRotation, error) {
 	started := time.Now()
 	fr, err := s.rotateFleet(reason, started)
-	rec := audit.Rotation{SPIFFEID: fleetSPIFFEID, Trigger: fleetTrigger, Initiator: initiator, Reason: reason,
+	rec := audit.Rotation{SPIFFEID: fleetSPIFFEID, Trigger: fleetTrigger, Actor: actor, Reason: reason,
 		Result: "ok", Started: started, Finished: time.Now()}
-	attrs := []slog.Attr{slog.String(keyInitiator, initiator), slog.String(keyReason, reason)}
+	attrs := []slog.Attr{slog.String(keyInitiator, actor.Initiator), slog.String(keyReason, reason)}
 	switch {
 	case err == nil:
 		s.log.LogAttrs(ctx, slog.LevelInfo, "fleet rotation requested", append(attrs, slog.Uint64(keyFleetID, fr.ID))...)
@@ -141,14 +141,13 @@ func parseFleetRotationFile(path string, b []byte) (*meshapi.FleetRotation, erro
 // handleAdminRotate is the admin socket's POST /rotate (adminOnly has admitted the
 // caller).
 func (s *Server) handleAdminRotate(w http.ResponseWriter, r *http.Request) {
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
 	var req fleetRequest
 	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
 		writeAdminError(w, http.StatusBadRequest, "invalid request body: "+err.Error())
 		return
 	}
 	// The request completes even if the caller goes away meanwhile.
-	fr, err := s.RotateFleet(context.WithoutCancel(r.Context()), uidInitiator(cred.uid), req.Reason)
+	fr, err := s.RotateFleet(context.WithoutCancel(r.Context()), adminActor(r), req.Reason)
 	switch {
 	case errors.Is(err, ErrInvalidRequest):
 		writeAdminError(w, http.StatusBadRequest, err.Error())

@@ -8,7 +8,6 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
@@ -157,7 +156,7 @@ func TestFleetRotation(t *testing.T) {
 		t.Errorf("directory after the request: version %d (was %d), rotation %+v", doc.Version, before.Version, doc.Rotation)
 	}
 	recs := rec.rotations()
-	want := audit.Rotation{SPIFFEID: "*", Trigger: "fleet", Initiator: "uid:" + strconv.Itoa(os.Getuid()),
+	want := audit.Rotation{SPIFFEID: "*", Trigger: "fleet", Actor: audit.PeerUIDActor(os.Getuid()),
 		Reason: "quarterly key rotation", Result: "ok"}
 	if len(recs) != 1 {
 		t.Fatalf("audit rotation records %+v, want one", recs)
@@ -168,7 +167,7 @@ func TestFleetRotation(t *testing.T) {
 	}
 
 	// The next directory version carries the same rotation again: no second call.
-	if _, err := ca.Revoke(ctx, "op", meshapi.RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
+	if _, err := ca.Revoke(ctx, audit.Actor{Initiator: "op"}, meshapi.RevokeRequest{SPIFFEID: "spiffe://mesh.test/host/gone", Reason: "r"}); err != nil {
 		t.Fatal(err)
 	}
 	afterRevoke, err := RequestDirectory(ctx, cfg.StateDir)
@@ -212,7 +211,7 @@ func TestFleetRotationSurvivesRestart(t *testing.T) {
 	cfg, _ := testConfig(t)
 	ctx := context.Background()
 	first := startCA(t, cfg)
-	fr1, err := first.RotateFleet(ctx, "op", "r1")
+	fr1, err := first.RotateFleet(ctx, audit.Actor{Initiator: "op"}, "r1")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -250,7 +249,7 @@ func TestFleetRotationSurvivesRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	third := startCA(t, cfg)
-	fr4, err := third.RotateFleet(ctx, "op", "r4")
+	fr4, err := third.RotateFleet(ctx, audit.Actor{Initiator: "op"}, "r4")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -49,7 +49,7 @@ func TestIssuanceAudit(t *testing.T) {
 	ca := startCA(t, cfg)
 	ctx := context.Background()
 	id := spiffeid.RequireFromPath(testTD, "/workload/audited")
-	admin := uidInitiator(os.Getuid())
+	admin := audit.PeerUIDActor(os.Getuid()).Initiator
 
 	// A token through the admin socket, then an enrolment with it.
 	tok, err := RequestToken(ctx, cfg.StateDir, id)
@@ -97,7 +97,7 @@ func TestIssuanceAudit(t *testing.T) {
 		t.Fatalf("renew: %d %s", status, body)
 	}
 	// A renewal the CA refuses: the identity is revoked.
-	if _, err := ca.Revoke(ctx, "test", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "test"}); err != nil {
+	if _, err := ca.Revoke(ctx, audit.Actor{Initiator: "test"}, meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "test"}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := newClient(t, ca, nil).Renew(ctx, svid2, newKey(t)); responseStatus(err) != http.StatusUnauthorized {
@@ -105,14 +105,14 @@ func TestIssuanceAudit(t *testing.T) {
 	}
 
 	want := []audit.Issuance{
-		{Action: audit.ActionToken, Result: audit.IssueOK, Initiator: admin, SPIFFEID: id.String(), TokenID: tokenID},
-		{Action: audit.ActionEnroll, Result: audit.IssueOK, Initiator: authority.InitiatorToken, SPIFFEID: id.String(), TokenID: tokenID, Serial: enrolled},
-		{Action: audit.ActionEnroll, Result: audit.IssueRefused, Reason: audit.ReasonTokenReused, Initiator: authority.InitiatorToken, SPIFFEID: id.String(), TokenID: tokenID},
-		{Action: audit.ActionEnroll, Result: audit.IssueRefused, Reason: audit.ReasonTokenInvalid, Initiator: authority.InitiatorToken},
-		{Action: audit.ActionToken, Result: audit.IssueRefused, Reason: audit.ReasonBadRequest, Initiator: admin, SPIFFEID: long.String()},
-		{Action: audit.ActionRekey, Result: audit.IssueOK, Initiator: id.String(), CallerSerial: enrolled, SPIFFEID: id.String(), Serial: serialOf(svid2)},
-		{Action: audit.ActionRenew, Result: audit.IssueOK, Initiator: id.String(), CallerSerial: serialOf(svid2), SPIFFEID: id.String()},
-		{Action: audit.ActionRekey, Result: audit.IssueRefused, Reason: audit.ReasonCertificateInvalid, Initiator: id.String(), CallerSerial: serialOf(svid2), SPIFFEID: id.String()},
+		{Action: audit.ActionToken, Result: audit.IssueOK, Actor: audit.Actor{Initiator: admin}, SPIFFEID: id.String(), TokenID: tokenID},
+		{Action: audit.ActionEnroll, Result: audit.IssueOK, Actor: audit.Actor{Initiator: authority.InitiatorToken}, SPIFFEID: id.String(), TokenID: tokenID, Serial: enrolled},
+		{Action: audit.ActionEnroll, Result: audit.IssueRefused, Reason: audit.ReasonTokenReused, Actor: audit.Actor{Initiator: authority.InitiatorToken}, SPIFFEID: id.String(), TokenID: tokenID},
+		{Action: audit.ActionEnroll, Result: audit.IssueRefused, Reason: audit.ReasonTokenInvalid, Actor: audit.Actor{Initiator: authority.InitiatorToken}},
+		{Action: audit.ActionToken, Result: audit.IssueRefused, Reason: audit.ReasonBadRequest, Actor: audit.Actor{Initiator: admin}, SPIFFEID: long.String()},
+		{Action: audit.ActionRekey, Result: audit.IssueOK, Actor: audit.Actor{Initiator: id.String(), CallerSerial: enrolled}, SPIFFEID: id.String(), Serial: serialOf(svid2)},
+		{Action: audit.ActionRenew, Result: audit.IssueOK, Actor: audit.Actor{Initiator: id.String(), CallerSerial: serialOf(svid2)}, SPIFFEID: id.String()},
+		{Action: audit.ActionRekey, Result: audit.IssueRefused, Reason: audit.ReasonCertificateInvalid, Actor: audit.Actor{Initiator: id.String(), CallerSerial: serialOf(svid2)}, SPIFFEID: id.String()},
 	}
 	got := eventsOf[audit.Issuance](rec)
 	if len(got) != len(want) {

@@ -155,7 +155,7 @@ func TestLineageFork(t *testing.T) {
 	if responseStatus(err) != http.StatusConflict {
 		t.Errorf("lineage revocation keeping a non-head: %v, want 409", err)
 	}
-	if _, err := ca.Revoke(ctx, "uid:0", meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}); !errors.Is(err, ErrNotLineageHead) {
+	if _, err := ca.Revoke(ctx, audit.Actor{Initiator: "uid:0"}, meshapi.RevokeRequest{SPIFFEID: id.String(), Except: serialOf(s3), Reason: "r"}); !errors.Is(err, ErrNotLineageHead) {
 		t.Errorf("Revoke keeping a non-head: %v, want ErrNotLineageHead", err)
 	}
 }
@@ -168,7 +168,7 @@ func TestLineageMovedAgent(t *testing.T) {
 	ctx := context.Background()
 	hostA := agentDirectory(t, ca, enroll(t, ca, idA))
 	hostB := agentDirectory(t, ca, enroll(t, ca, idB))
-	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idA, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, audit.Actor{Initiator: "op"}, meshapi.Entry{ID: agentX, Host: idA, UID: 1000}); err != nil {
 		t.Fatal(err)
 	}
 	enrolWith := func(tok string) (*x509svid.SVID, error) {
@@ -201,10 +201,10 @@ func TestLineageMovedAgent(t *testing.T) {
 	}
 	wantLineageRefusal(t, rec, agentX, serialOf(onA), refusedAgentRenewal)
 
-	if _, err := ca.UnregisterEntry(ctx, "op", agentX); err != nil {
+	if _, err := ca.UnregisterEntry(ctx, audit.Actor{Initiator: "op"}, agentX); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, audit.Actor{Initiator: "op"}, meshapi.Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
 		t.Fatalf("register on host b: %v", err)
 	}
 	l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onA)))
@@ -245,10 +245,10 @@ func TestLineageMovedAgent(t *testing.T) {
 	}
 	onB = fresh
 	// Registering again to the same host revokes nothing of it.
-	if _, err := ca.UnregisterEntry(ctx, "op", agentX); err != nil {
+	if _, err := ca.UnregisterEntry(ctx, audit.Actor{Initiator: "op"}, agentX); err != nil {
 		t.Fatal(err)
 	}
-	if err := ca.RegisterEntry(ctx, "op", meshapi.Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
+	if err := ca.RegisterEntry(ctx, audit.Actor{Initiator: "op"}, meshapi.Entry{ID: agentX, Host: idB, UID: 1000}); err != nil {
 		t.Fatal(err)
 	}
 	if l, _ := servedDenyList(t, ca, httpsClient(t, ca, tlsCert(onB))); l.Denies(agentX, serialOf(onB), time.Time{}) {

@@ -192,8 +192,8 @@ func (s *Server) revokeLineageWhere(ctx context.Context, auth *stepauthority.Aut
 // revokeOtherHosts revokes, after e was registered, every certificate of e's agent
 // that was not issued to e's host: the certificates a previous host holds after a
 // move (and those of unknown host). Nothing to revoke is no revocation. The outcome
-// is audited as a revocation by initiator.
-func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e meshapi.Entry) error {
+// is audited as a revocation by actor.
+func (s *Server) revokeOtherHosts(ctx context.Context, actor audit.Actor, e meshapi.Entry) error {
 	lin, err := s.db.lin.lineage(e.ID)
 	if err != nil {
 		return fmt.Errorf("ca: revoke certificates of the previous host: %w", err)
@@ -218,7 +218,7 @@ func (s *Server) revokeOtherHosts(ctx context.Context, initiator string, e mesha
 		res, err = s.revokeLineageWhere(ctx, auth, e.ID, "", func(c lineageEntry) bool { return c.Host == e.Host }, reason, now)
 	}
 	s.deny.mu.Unlock()
-	rec := audit.Revocation{Initiator: initiator, SPIFFEID: e.ID.String(), Reason: reason, Result: "ok"}
+	rec := audit.Revocation{Actor: actor, SPIFFEID: e.ID.String(), Reason: reason, Result: "ok"}
 	if res != nil {
 		rec.Serials, rec.ListVersion = res.Serials, res.ListVersion
 	}

@@ -25,7 +25,7 @@ const (
 // identity that is not revoked, or was reinstated already.
 var ErrNotRevoked = errors.New("ca: identity not revoked")
 
-// Reinstate lets a revoked identity be enrolled again, for initiator (recorded like
+// Reinstate lets a revoked identity be enrolled again, for actor (recorded like
 // Revoke's). From then on the CA issues tokens, registration entries and certificates
 // for it again, but every certificate issued before the revocation stays refused: the
 // CA refuses to renew or register one (their NotBefore is before the cutoff), and the
@@ -35,11 +35,11 @@ var ErrNotRevoked = errors.New("ca: identity not revoked")
 // Errors wrap ErrInvalidRequest or ErrInvalidID (bad request), ErrNotRevoked or
 // ErrServerClosed. Every call is audited (an audit.Revocation with action
 // "reinstate") and logged.
-func (s *Server) Reinstate(ctx context.Context, initiator string, req meshapi.ReinstateRequest) (*meshapi.ReinstateResult, error) {
+func (s *Server) Reinstate(ctx context.Context, actor audit.Actor, req meshapi.ReinstateRequest) (*meshapi.ReinstateResult, error) {
 	res, err := s.reinstate(req)
-	rec := audit.Revocation{Initiator: initiator, Action: actionReinstate, SPIFFEID: req.SPIFFEID,
+	rec := audit.Revocation{Actor: actor, Action: actionReinstate, SPIFFEID: req.SPIFFEID,
 		Reason: req.Reason, Result: "ok"}
-	attrs := []slog.Attr{slog.String(keyInitiator, initiator), slog.String(keySPIFFEID, req.SPIFFEID),
+	attrs := []slog.Attr{slog.String(keyInitiator, actor.Initiator), slog.String(keySPIFFEID, req.SPIFFEID),
 		slog.String(keyReason, req.Reason)}
 	switch {
 	case err == nil:
@@ -111,16 +111,15 @@ func reinstateStatus(err error) int {
 // handleAdminReinstate is the admin socket's POST /reinstate (adminOnly has admitted
 // the caller).
 func (s *Server) handleAdminReinstate(w http.ResponseWriter, r *http.Request) {
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	initiator := uidInitiator(cred.uid)
+	actor := adminActor(r)
 	var req meshapi.ReinstateRequest
 	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
 		msg := "invalid request body: " + err.Error()
-		s.audit(refusedReinstatement(initiator, nil, msg))
+		s.audit(refusedReinstatement(actor, nil, msg))
 		writeAdminError(w, http.StatusBadRequest, msg)
 		return
 	}
-	res, err := s.Reinstate(r.Context(), initiator, req)
+	res, err := s.Reinstate(r.Context(), actor, req)
 	if err != nil {
 		writeAdminError(w, reinstateStatus(err), err.Error()) // logged and audited by Reinstate
 		return
@@ -132,11 +131,11 @@ func (s *Server) handleAdminReinstate(w http.ResponseWriter, r *http.Request) {
 // revoked) only.
 func (s *Server) handleMeshReinstate(w http.ResponseWriter, r *http.Request) {
 	id := callerID(r)
-	initiator := id.String()
+	actor := audit.TLSActor(r.TLS)
 	var req meshapi.ReinstateRequest
 	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, maxRevokeBody), &req); err != nil {
 		msg := "invalid request body: " + err.Error()
-		s.audit(refusedReinstatement(initiator, nil, msg))
+		s.audit(refusedReinstatement(actor, nil, msg))
 		s.refuse(w, r, http.StatusBadRequest, id, msg)
 		return
 	}
@@ -148,11 +147,11 @@ func (s *Server) handleMeshReinstate(w http.ResponseWriter, r *http.Request) {
 		msg = "only " + meshapi.AdminPathPrefix + "* identities may reinstate"
 	}
 	if msg != "" {
-		s.audit(refusedReinstatement(initiator, &req, msg))
+		s.audit(refusedReinstatement(actor, &req, msg))
 		s.refuse(w, r, http.StatusForbidden, id, msg)
 		return
 	}
-	res, err := s.Reinstate(r.Context(), initiator, req)
+	res, err := s.Reinstate(r.Context(), actor, req)
 	if err != nil {
 		writeStepError(w, reinstateStatus(err), err.Error()) // logged and audited by Reinstate
 		return
@@ -162,8 +161,8 @@ func (s *Server) handleMeshReinstate(w http.ResponseWriter, r *http.Request) {
 
 // refusedReinstatement is the audit record of a reinstatement refused before it
 // reached Reinstate.
-func refusedReinstatement(initiator string, req *meshapi.ReinstateRequest, msg string) audit.Revocation {
-	rec := audit.Revocation{Initiator: initiator, Action: actionReinstate, Result: "refused", Error: msg}
+func refusedReinstatement(actor audit.Actor, req *meshapi.ReinstateRequest, msg string) audit.Revocation {
+	rec := audit.Revocation{Actor: actor, Action: actionReinstate, Result: "refused", Error: msg}
 	if req != nil {
 		rec.SPIFFEID, rec.Reason = req.SPIFFEID, req.Reason
 	}

@@ -248,7 +248,7 @@ func TestReinstateWithoutCutoff(t *testing.T) {
 	if _, err := ca.db.rev.mark(revocationMark{SPIFFEID: id, Reason: "old", RevokedAt: time.Now().UTC()}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := ca.Reinstate(context.Background(), "test", meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "try"}); !errors.Is(err, ErrInvalidRequest) {
+	if _, err := ca.Reinstate(context.Background(), audit.Actor{Initiator: "test"}, meshapi.ReinstateRequest{SPIFFEID: id.String(), Reason: "try"}); !errors.Is(err, ErrInvalidRequest) {
 		t.Errorf("Reinstate: %v, want ErrInvalidRequest", err)
 	}
 	if _, err := ca.Token(id); !errors.Is(err, ErrRevoked) {

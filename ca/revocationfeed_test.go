@@ -11,6 +11,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/metrictest"
 	"github.com/agentmesh/agentmesh/internal/testaudit"
 	"github.com/agentmesh/agentmesh/internal/testrun"
@@ -78,7 +79,7 @@ func TestDenyListFollowsRevocation(t *testing.T) {
 		t.Fatalf("directory: %d %s", status, body)
 	}
 
-	res, err := ca.Revoke(t.Context(), "test", meshapi.RevokeRequest{SPIFFEID: idB.String(), Reason: "key compromised"})
+	res, err := ca.Revoke(t.Context(), audit.Actor{Initiator: "test"}, meshapi.RevokeRequest{SPIFFEID: idB.String(), Reason: "key compromised"})
 	if err != nil {
 		t.Fatalf("Revoke: %v", err)
 	}

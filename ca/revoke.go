@@ -57,9 +57,9 @@ func parseRevokeRequest(td spiffeid.TrustDomain, req meshapi.RevokeRequest) (rev
 	return t, nil
 }
 
-// Revoke revokes an identity or a certificate, for initiator (who asked: "uid:N" for
-// the admin socket, the caller's SPIFFE ID for the mTLS API; it goes to the audit
-// log).
+// Revoke revokes an identity or a certificate, for actor (who asked: the uid
+// on the admin socket, the SPIFFE ID and serial of the caller over mTLS; it goes to the
+// audit log).
 //
 // Enforcement comes first: the revocation is recorded in the database, from when on
 // the CA refuses tokens, issuance, renewal and directory registration for it. Then the
@@ -78,19 +78,19 @@ func parseRevokeRequest(td spiffeid.TrustDomain, req meshapi.RevokeRequest) (rev
 // version. Errors wrap ErrInvalidRequest or ErrInvalidID (bad request),
 // ErrUnknownSerial (a serial this CA never issued) or ErrServerClosed. Concurrent calls
 // are serialised. Every call is audited (Config.Audit) and logged.
-func (s *Server) Revoke(ctx context.Context, initiator string, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
-	return s.revokeVia(ctx, initiator, "", req)
+func (s *Server) Revoke(ctx context.Context, actor audit.Actor, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
+	return s.revokeVia(ctx, actor, "", req)
 }
 
 // revokeVia is Revoke for a request that came through via (audit.Revocation.Via).
-func (s *Server) revokeVia(ctx context.Context, initiator, via string, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
+func (s *Server) revokeVia(ctx context.Context, actor audit.Actor, via string, req meshapi.RevokeRequest) (*meshapi.RevokeResult, error) {
 	res, err := s.revoke(ctx, req)
-	rec := audit.Revocation{Initiator: initiator, SPIFFEID: req.SPIFFEID, Serial: req.Serial, Reason: req.Reason,
+	rec := audit.Revocation{Actor: actor, SPIFFEID: req.SPIFFEID, Serial: req.Serial, Reason: req.Reason,
 		Result: "ok", Via: via}
 	if res != nil {
 		rec.Serials, rec.ListVersion = res.Serials, res.ListVersion
 	}
-	attrs := []slog.Attr{slog.String(keyInitiator, initiator), slog.String(keyReason, req.Reason)}
+	attrs := []slog.Attr{slog.String(keyInitiator, actor.Initiator), slog.String(keyReason, req.Reason)}
 	if req.SPIFFEID != "" {
 		attrs = append(attrs, slog.String(keySPIFFEID, req.SPIFFEID))
 	}

@@ -273,7 +273,7 @@ func TestRevokeIdentity(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		again, err := ca.Revoke(ctx, "operator", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "again"})
+		again, err := ca.Revoke(ctx, audit.Actor{Initiator: "operator"}, meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "again"})
 		if err != nil || again.ListVersion != 2 || !slices.Equal(again.Serials, wantSerials) {
 			t.Fatalf("second Revoke = %+v, %v; want version 2, same serials", again, err)
 		}
@@ -295,7 +295,7 @@ func TestRevokeIdentity(t *testing.T) {
 		if len(recs) != 2 {
 			t.Fatalf("%d audit records, want 2: %+v", len(recs), recs)
 		}
-		want := audit.Revocation{Initiator: uidInitiator(os.Getuid()), SPIFFEID: id.String(), Reason: "key compromise",
+		want := audit.Revocation{Actor: audit.PeerUIDActor(os.Getuid()), SPIFFEID: id.String(), Reason: "key compromise",
 			Result: "ok", Serials: wantSerials, ListVersion: 2}
 		if r := recs[0]; r.Initiator != want.Initiator || r.SPIFFEID != want.SPIFFEID || r.Reason != want.Reason ||
 			r.Result != want.Result || !slices.Equal(r.Serials, want.Serials) || r.ListVersion != want.ListVersion {
@@ -319,7 +319,7 @@ func TestRevokeSerial(t *testing.T) {
 	lost := enroll(t, ca, id)
 	kept := enroll(t, ca, id)
 
-	res, err := ca.Revoke(ctx, "spiffe://mesh.test/admin/op", meshapi.RevokeRequest{Serial: serialOf(lost), Reason: "laptop lost"})
+	res, err := ca.Revoke(ctx, audit.Actor{Initiator: "spiffe://mesh.test/admin/op"}, meshapi.RevokeRequest{Serial: serialOf(lost), Reason: "laptop lost"})
 	if err != nil || res.ListVersion != 2 || !slices.Equal(res.Serials, []string{serialOf(lost)}) {
 		t.Fatalf("Revoke = %+v, %v", res, err)
 	}
@@ -343,7 +343,7 @@ func TestRevokeSerial(t *testing.T) {
 	if got := crlSerials(t, ca, lost.Certificates[1]); !slices.Equal(got, []string{serialOf(lost)}) {
 		t.Errorf("CRL serials %v, want %s", got, serialOf(lost))
 	}
-	if again, err := ca.Revoke(ctx, "op", meshapi.RevokeRequest{Serial: serialOf(lost), Reason: "again"}); err != nil || again.ListVersion != 2 {
+	if again, err := ca.Revoke(ctx, audit.Actor{Initiator: "op"}, meshapi.RevokeRequest{Serial: serialOf(lost), Reason: "again"}); err != nil || again.ListVersion != 2 {
 		t.Errorf("second Revoke = %+v, %v; want version 2", again, err)
 	}
 
@@ -373,7 +373,7 @@ func TestRevokeSerial(t *testing.T) {
 			if r := rec.last(t); r.Result != "refused" || r.Error == "" {
 				t.Errorf("audit record %+v, want refused", r)
 			}
-			if _, err := ca.Revoke(ctx, "test", tc.req); !errors.Is(err, tc.want) {
+			if _, err := ca.Revoke(ctx, audit.Actor{Initiator: "test"}, tc.req); !errors.Is(err, tc.want) {
 				t.Errorf("Revoke: %v, want %v", err, tc.want)
 			}
 		})
@@ -451,7 +451,7 @@ func TestRevocationsSurviveRestart(t *testing.T) {
 	id := spiffeid.RequireFromPath(testTD, "/host/p")
 	revoked := enroll(t, first, id)
 	later := enroll(t, first, spiffeid.RequireFromPath(testTD, "/agent/l"))
-	if _, err := first.Revoke(ctx, "op", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "r"}); err != nil {
+	if _, err := first.Revoke(ctx, audit.Actor{Initiator: "op"}, meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "r"}); err != nil {
 		t.Fatal(err)
 	}
 	path := filepath.Join(cfg.StateDir, fileDenyList)
@@ -473,7 +473,7 @@ func TestRevocationsSurviveRestart(t *testing.T) {
 			t.Fatalf("after restart: version %d, same bytes %v", st.list.Version, string(st.encoded) == string(persisted))
 		}
 		// Not running yet: listed and published now, revoked in step-ca by Run.
-		res, err := s.Revoke(ctx, "op", meshapi.RevokeRequest{Serial: serialOf(later), Reason: "before run"})
+		res, err := s.Revoke(ctx, audit.Actor{Initiator: "op"}, meshapi.RevokeRequest{Serial: serialOf(later), Reason: "before run"})
 		if err != nil || res.ListVersion != 3 {
 			t.Fatalf("Revoke before Run = %+v, %v", res, err)
 		}
@@ -522,7 +522,7 @@ func TestConcurrentRevocations(t *testing.T) {
 	for i := range n {
 		wg.Go(func() {
 			id := spiffeid.RequireFromPath(testTD, "/host/c"+strconv.Itoa(i))
-			res, err := ca.Revoke(context.Background(), "op", meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "r"})
+			res, err := ca.Revoke(context.Background(), audit.Actor{Initiator: "op"}, meshapi.RevokeRequest{SPIFFEID: id.String(), Reason: "r"})
 			if err != nil {
 				t.Errorf("Revoke %s: %v", id, err)
 				return

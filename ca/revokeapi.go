@@ -26,8 +26,8 @@ func isAdminID(id spiffeid.ID) bool {
 
 // refusedRevocation is the audit record of a revocation request refused before it
 // reached Revoke (caller not allowed, unreadable body).
-func refusedRevocation(initiator string, req *meshapi.RevokeRequest, msg string) audit.Revocation {
-	rec := audit.Revocation{Initiator: initiator, Result: "refused", Error: msg}
+func refusedRevocation(actor audit.Actor, req *meshapi.RevokeRequest, msg string) audit.Revocation {
+	rec := audit.Revocation{Actor: actor, Result: "refused", Error: msg}
 	if req != nil {
 		rec.SPIFFEID, rec.Serial, rec.Reason = req.SPIFFEID, req.Serial, req.Reason
 	}
@@ -52,17 +52,16 @@ func revokeStatus(err error) int {
 // handleAdminRevoke is the admin socket's POST /revoke (adminOnly has admitted the
 // caller).
 func (s *Server) handleAdminRevoke(w http.ResponseWriter, r *http.Request) {
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	initiator := uidInitiator(cred.uid)
+	actor := adminActor(r)
 	var req meshapi.RevokeRequest
 	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
 		msg := "invalid request body: " + err.Error()
-		s.audit(refusedRevocation(initiator, nil, msg))
+		s.audit(refusedRevocation(actor, nil, msg))
 		writeAdminError(w, http.StatusBadRequest, msg)
 		return
 	}
 	// The revocation completes even if the caller goes away meanwhile.
-	res, err := s.Revoke(context.WithoutCancel(r.Context()), initiator, req)
+	res, err := s.Revoke(context.WithoutCancel(r.Context()), actor, req)
 	if err != nil {
 		writeAdminError(w, revokeStatus(err), err.Error()) // logged and audited by Revoke
 		return
@@ -104,17 +103,17 @@ func (s *Server) serialOwner(serial string) (spiffeid.ID, error) {
 // anything, other SVIDs only serials of their own identity (see mayRevoke).
 func (s *Server) handleMeshRevoke(w http.ResponseWriter, r *http.Request) {
 	id := callerID(r)
-	initiator := id.String()
+	actor := audit.TLSActor(r.TLS)
 	if s.db.rev.revoked(id, callerSerial(r), callerNotBefore(r)) {
 		msg := fmt.Errorf("%w: %s serial %s", ErrRevoked, id, callerSerial(r)).Error()
-		s.audit(refusedRevocation(initiator, nil, msg))
+		s.audit(refusedRevocation(actor, nil, msg))
 		s.refuse(w, r, http.StatusForbidden, id, msg)
 		return
 	}
 	var req meshapi.RevokeRequest
 	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, maxRevokeBody), &req); err != nil {
 		msg := "invalid request body: " + err.Error()
-		s.audit(refusedRevocation(initiator, nil, msg))
+		s.audit(refusedRevocation(actor, nil, msg))
 		s.refuse(w, r, http.StatusBadRequest, id, msg)
 		return
 	}
@@ -123,14 +122,14 @@ func (s *Server) handleMeshRevoke(w http.ResponseWriter, r *http.Request) {
 		// sends it; the owner is looked up only for a well-formed serial.
 		t, err := parseRevokeRequest(s.cfg.TrustDomain, req)
 		if err != nil {
-			s.audit(refusedRevocation(initiator, &req, err.Error()))
+			s.audit(refusedRevocation(actor, &req, err.Error()))
 			s.refuse(w, r, revokeStatus(err), id, err.Error())
 			return
 		}
 		var owner spiffeid.ID
 		if t.serial != "" {
 			if owner, err = s.serialOwner(t.serial); err != nil {
-				s.log.Error("revocation authorisation failed", keyInitiator, initiator, keySerial, t.serial, keyErr, err)
+				s.log.Error("revocation authorisation failed", keyInitiator, actor.Initiator, keySerial, t.serial, keyErr, err)
 				writeStepError(w, http.StatusInternalServerError, "read certificate")
 				return
 			}
@@ -140,12 +139,12 @@ func (s *Server) handleMeshRevoke(w http.ResponseWriter, r *http.Request) {
 			// learn which serials exist.
 			msg := "only " + meshapi.AdminPathPrefix + "* identities may revoke, other than a serial of the caller's own identity " +
 				"or its lineage except the presented certificate"
-			s.audit(refusedRevocation(initiator, &req, msg))
+			s.audit(refusedRevocation(actor, &req, msg))
 			s.refuse(w, r, http.StatusForbidden, id, msg)
 			return
 		}
 	}
-	res, err := s.Revoke(context.WithoutCancel(r.Context()), initiator, req)
+	res, err := s.Revoke(context.WithoutCancel(r.Context()), actor, req)
 	if err != nil {
 		writeStepError(w, revokeStatus(err), err.Error()) // logged and audited by Revoke
 		return

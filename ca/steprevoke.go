@@ -9,7 +9,8 @@ import (
 	"strconv"
 
 	"github.com/smallstep/certificates/api"
-	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+
+	"github.com/agentmesh/agentmesh/audit"
 )
 
 // step-ca's revocation routes (the step CLI posts to /revoke). They revoke in step-ca
@@ -40,21 +41,13 @@ func (s *Server) interceptStepRevoke(next http.Handler) http.Handler {
 // --cert C --key K` sends it: the holder of a certificate (presented over mTLS and
 // verified by requireValidClientCert) revokes that certificate. It is revoked like
 // `agentmesh revoke --serial` (Server.Revoke: deny-list, step-ca, CRL), with the
-// caller's SPIFFE ID as initiator, and answered in step-ca's format. A revocation with
+// caller's SPIFFE ID as actor, and answered in step-ca's format. A revocation with
 // a one-time token, without a client certificate or of another serial is refused (and
 // audited) with a message that names agentmesh revoke: the only other holder of that
 // authority is an operator.
 func (s *Server) handleStepRevoke(w http.ResponseWriter, r *http.Request) {
-	initiator := "anonymous"
-	var serial string
-	if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
-		leaf := r.TLS.PeerCertificates[0]
-		serial = leaf.SerialNumber.String()
-		initiator = "serial:" + serial
-		if id, err := x509svid.IDFromCert(leaf); err == nil {
-			initiator = id.String()
-		}
-	}
+	actor := audit.TLSActor(r.TLS)
+	serial := actor.CallerSerial
 	var body api.RevokeRequest
 	err := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxStepRevokeBody)).Decode(&body)
 	req := meshapi.RevokeRequest{Serial: body.Serial, Reason: body.Reason}
@@ -63,10 +56,10 @@ func (s *Server) handleStepRevoke(w http.ResponseWriter, r *http.Request) {
 	}
 	refuse := func(status int, msg string) {
 		msg += "; an operator revokes any certificate or identity with `agentmesh revoke`"
-		rec := refusedRevocation(initiator, &req, msg)
+		rec := refusedRevocation(actor, &req, msg)
 		rec.Via = viaStepCA
 		s.audit(rec)
-		s.log.Info("step-ca revocation refused", keyInitiator, initiator, keySerial, body.Serial, keyErr, msg)
+		s.log.Info("step-ca revocation refused", keyInitiator, actor.Initiator, keySerial, body.Serial, keyErr, msg)
 		writeStepError(w, status, msg)
 	}
 	switch {
@@ -84,7 +77,7 @@ func (s *Server) handleStepRevoke(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	// The revocation completes even if the caller goes away meanwhile.
-	if _, err := s.revokeVia(context.WithoutCancel(r.Context()), initiator, viaStepCA, req); err != nil {
+	if _, err := s.revokeVia(context.WithoutCancel(r.Context()), actor, viaStepCA, req); err != nil {
 		writeStepError(w, revokeStatus(err), err.Error()) // logged and audited by revokeVia
 		return
 	}

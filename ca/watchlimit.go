@@ -9,6 +9,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
@@ -88,8 +89,8 @@ func (l *watchLimit) acquire(id spiffeid.ID) (release func(), refused uint64, ok
 // WatchRefusal is the audit record of a directory long-poll refused because its
 // caller already holds Config.MaxWatches of them (HTTP 429).
 type WatchRefusal struct {
-	Initiator string `json:"initiator"` // the caller's SPIFFE ID
-	Limit     int    `json:"limit"`     // Config.MaxWatches
+	audit.Actor     // the caller's SPIFFE ID and serial
+	Limit       int `json:"limit"` // Config.MaxWatches
 	// Refused counts the long-polls refused for this reason since the CA started,
 	// this one included.
 	Refused uint64 `json:"refused_total"`
@@ -103,7 +104,7 @@ func (WatchRefusal) Kind() string { return "directory_watch_refused" }
 func (s *Server) refuseWatch(w http.ResponseWriter, r *http.Request, id spiffeid.ID, refused uint64) {
 	s.log.LogAttrs(r.Context(), slog.LevelWarn, "directory watch refused: too many concurrent watches",
 		slog.String(keySPIFFEID, id.String()), slog.Int("limit", s.cfg.MaxWatches), slog.Uint64("refused_total", refused))
-	s.audit(WatchRefusal{Initiator: id.String(), Limit: s.cfg.MaxWatches, Refused: refused})
+	s.audit(WatchRefusal{Actor: audit.TLSActor(r.TLS), Limit: s.cfg.MaxWatches, Refused: refused})
 	w.Header().Set("Retry-After", strconv.Itoa(1))
 	writeStepError(w, http.StatusTooManyRequests, "too many concurrent directory watches for "+id.String())
 }

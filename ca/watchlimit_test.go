@@ -8,6 +8,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
@@ -24,7 +25,8 @@ func TestMeshWatchLimit(t *testing.T) {
 		s.dir.testHookWaiting = func() { parked <- struct{}{} }
 	})
 	idH := spiffeid.RequireFromPath(testTD, "/host/h")
-	hc := httpsClient(t, ca, tlsCert(enroll(t, ca, idH)))
+	h := enroll(t, ca, idH)
+	hc := httpsClient(t, ca, tlsCert(h))
 	other := httpsClient(t, ca, tlsCert(enroll(t, ca, spiffeid.RequireFromPath(testTD, "/host/other"))))
 	dirURL := ca.URL() + meshapi.Prefix + meshapi.DirectoryPath
 	_, body := do(t, hc, http.MethodGet, dirURL+"?wait=0s", nil)
@@ -56,7 +58,7 @@ func TestMeshWatchLimit(t *testing.T) {
 		}
 	}
 	rec.mu.Unlock()
-	if len(refusals) != 2 || refusals[1] != (WatchRefusal{Initiator: idH.String(), Limit: 2, Refused: 2}) {
+	if len(refusals) != 2 || refusals[1] != (WatchRefusal{Actor: tlsActorOf(h), Limit: 2, Refused: 2}) {
 		t.Errorf("audit records %+v, want two refusals of %s counting up to 2", refusals, idH)
 	}
 	// Another identity has slots of its own.
@@ -91,7 +93,7 @@ func TestAnchorMembersFollowers(t *testing.T) {
 			t.Fatalf("%s polls the directory: %d %s", id, status, body)
 		}
 	}
-	st, err := ca.StartAnchorRotation("uid:0", meshapi.RotateRequest{Kind: meshapi.RotateIntermediate})
+	st, err := ca.StartAnchorRotation(audit.Actor{Initiator: "uid:0"}, meshapi.RotateRequest{Kind: meshapi.RotateIntermediate})
 	if err != nil {
 		t.Fatal(err)
 	}

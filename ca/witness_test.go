@@ -203,7 +203,7 @@ func TestWitnessHostLog(t *testing.T) {
 		t.Errorf("GET a forgotten log: %d, want 404", status)
 	}
 	forgets := slices.DeleteFunc(eventsOf[audit.WitnessEvent](rec), func(e audit.WitnessEvent) bool { return e.Action != witnessActionForget })
-	if len(forgets) != 1 || forgets[0].Result != witnessResultOK || forgets[0].Initiator != uidInitiator(os.Getuid()) ||
+	if len(forgets) != 1 || forgets[0].Result != witnessResultOK || forgets[0].Actor != audit.PeerUIDActor(os.Getuid()) ||
 		forgets[0].HeldSize != 5 || forgets[0].Reason != "disk replaced" {
 		t.Errorf("forget records: %+v", forgets)
 	}

@@ -68,7 +68,7 @@ func (s *Server) handleAuditCheckpoint(w http.ResponseWriter, r *http.Request) {
 	held := slot.rec.Load()
 	now := time.Now()
 	next, result, err := decideCheckpoint(held, id.String(), req, s.auditSigner, now)
-	ev := audit.WitnessEvent{Initiator: id.String(), CallerSerial: callerSerial(r), Action: witnessActionCheckpoint,
+	ev := audit.WitnessEvent{Actor: audit.TLSActor(r.TLS), Action: witnessActionCheckpoint,
 		Origin: origin, Key: req.writer.Key(), Size: req.c.Size, Hash: hashString(req.c.Hash),
 		HeldSize: held.latest().Size, HeldHash: held.latest().Hash}
 	var conflict *audit.WitnessConflict
@@ -117,7 +117,7 @@ func (s *Server) acceptCheckpoint(w http.ResponseWriter, r *http.Request, slot *
 	slot.rec.Store(next)
 	s.wm.checkpoints.WithLabelValues(string(checkpointAccepted)).Inc()
 	if held == nil {
-		s.audit(audit.WitnessEvent{Initiator: next.Host, CallerSerial: callerSerial(r), Action: witnessActionBind,
+		s.audit(audit.WitnessEvent{Actor: audit.TLSActor(r.TLS), Action: witnessActionBind,
 			Origin: next.Origin, Result: witnessResultOK, Key: next.Key, Size: next.latest().Size, Hash: next.latest().Hash})
 		s.log.Info("audit log witnessed from its first checkpoint", keyOrigin, next.Origin, keySPIFFEID, next.Host)
 	}
@@ -230,8 +230,7 @@ type ForgetRequest struct {
 // handleAdminForget forgets a witnessed log so that its host may start a new one (a
 // replaced disk): its key, checkpoints and state go; audited.
 func (s *Server) handleAdminForget(w http.ResponseWriter, r *http.Request) {
-	cred, _ := r.Context().Value(peerCredKey{}).(peerCred)
-	ev := audit.WitnessEvent{Initiator: uidInitiator(cred.uid), Action: witnessActionForget, Result: witnessResultRefused}
+	ev := audit.WitnessEvent{Actor: adminActor(r), Action: witnessActionForget, Result: witnessResultRefused}
 	var req ForgetRequest
 	if err := meshapi.DecodeStrict(http.MaxBytesReader(w, r.Body, adminMaxBody), &req); err != nil {
 		ev.Error = "invalid request body: " + err.Error()

@@ -274,7 +274,7 @@ func (a *applier) renewOne(ctx context.Context, h *rotator.Rotator, s anchorStep
 	if w := s.RenewWindow(); w > 0 {
 		delay = rand.N(w) //nolint:gosec // G404: spreads renewals over the window; nothing secret
 	}
-	req := rotator.RotateRequest{Trigger: rotator.TriggerAnchor, Initiator: "ca",
+	req := rotator.RotateRequest{Trigger: rotator.TriggerAnchor, Actor: audit.Actor{Initiator: "ca"},
 		Reason: fmt.Sprintf("anchor rotation %d %s", s.ID, s.Phase)}
 	for attempt := 0; ; attempt++ {
 		if !sleep(ctx, delay) {

@@ -62,7 +62,7 @@ func (a *applier) onDenyList(l proxy.Denier) int {
 // rotation waits for the CA.
 func (a *applier) onFleetRotation(id uint64, reason string) {
 	go func() {
-		req := rotator.RotateRequest{Trigger: rotator.TriggerFleet, Initiator: "ca", Reason: reason}
+		req := rotator.RotateRequest{Trigger: rotator.TriggerFleet, Actor: audit.Actor{Initiator: "ca"}, Reason: reason}
 		if _, err := a.rotateAll(a.fleetCtx, req); err != nil {
 			a.log.Warn("fleet rotation failed", "fleet_rotation", id, "err", err)
 		}

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
@@ -94,7 +95,7 @@ func TestApplyRotateOne(t *testing.T) {
 			if !ok {
 				t.Fatalf("rotateOne(%q) found nothing", id)
 			}
-			res, err := rotate(t.Context(), rotator.RotateRequest{Trigger: rotator.TriggerOperator, Initiator: "uid:0", Reason: "test"})
+			res, err := rotate(t.Context(), rotator.RotateRequest{Trigger: rotator.TriggerOperator, Actor: audit.Actor{Initiator: "uid:0"}, Reason: "test"})
 			if err != nil || res.OldSerial == "" || res.NewVersion != res.OldVersion+1 {
 				t.Fatalf("rotate %q = %+v, %v; want a new version", id, res, err)
 			}

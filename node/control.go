@@ -10,11 +10,11 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/peercred"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -111,7 +111,7 @@ func rotateHandler(find func(spiffeid.ID) (rotateFunc, bool)) http.HandlerFunc {
 			trigger = rotator.TriggerCompromise
 		}
 		res, err := rotate(r.Context(), rotator.RotateRequest{Trigger: trigger,
-			Initiator: "uid:" + strconv.Itoa(uid), Reason: req.Reason, Compromised: req.Compromised})
+			Actor: audit.PeerUIDActor(uid), Reason: req.Reason, Compromised: req.Compromised})
 		if err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return

@@ -60,7 +60,7 @@ func (r rotation) now(ctx context.Context, rot heldIdentity, req rotator.RotateR
 		return res, fmt.Errorf("rotated, but the CA did not revoke the lineage of serial %s: %w", res.OldSerial, err)
 	}
 	r.logger.Info("compromised lineage revoked", "spiffe_id", rot.ID().String(), "serial", keep,
-		"serials", serials, "initiator", req.Initiator)
+		"serials", serials, "initiator", req.Actor.Initiator)
 	return res, nil
 }
 

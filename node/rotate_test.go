@@ -7,6 +7,7 @@ import (
 	"testing"
 	"testing/synctest"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
@@ -18,7 +19,7 @@ func TestCompromiseRevokesLineage(t *testing.T) {
 		f := newFixture(t)
 		old := f.rot.Status().Current.Serial
 		res, err := f.applier.rotation.now(t.Context(), f.rot, rotator.RotateRequest{Trigger: rotator.TriggerCompromise,
-			Initiator: "uid:0", Reason: "laptop stolen", Compromised: true})
+			Actor: audit.Actor{Initiator: "uid:0"}, Reason: "laptop stolen", Compromised: true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -41,7 +42,7 @@ func TestOperatorRotationRevokesNothing(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		f := newFixture(t)
 		if _, err := f.applier.rotation.now(t.Context(), f.rot, rotator.RotateRequest{Trigger: rotator.TriggerOperator,
-			Initiator: "uid:0", Reason: "drill"}); err != nil {
+			Actor: audit.Actor{Initiator: "uid:0"}, Reason: "drill"}); err != nil {
 			t.Fatal(err)
 		}
 		if len(f.px.resets()) != 0 || len(f.revoker.calls) != 0 {
@@ -58,7 +59,7 @@ func TestCompromiseRevocationFails(t *testing.T) {
 		f.revoker.err = errors.New("ca unreachable")
 		old := f.rot.Status().Current.Serial
 		res, err := f.applier.rotation.now(t.Context(), f.rot, rotator.RotateRequest{Trigger: rotator.TriggerCompromise,
-			Initiator: "uid:0", Reason: "leak", Compromised: true})
+			Actor: audit.Actor{Initiator: "uid:0"}, Reason: "leak", Compromised: true})
 		if err == nil || !strings.Contains(err.Error(), "did not revoke the lineage of serial "+old) {
 			t.Fatalf("err = %v, want the lineage of %s named", err, old)
 		}

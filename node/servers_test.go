@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -16,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/proxy"
 	"github.com/agentmesh/agentmesh/rotator"
 )
@@ -85,7 +87,7 @@ func TestControlRotate(t *testing.T) {
 	mu.Lock()
 	defer mu.Unlock()
 	if len(got) != 2 || got[0].Trigger != rotator.TriggerCompromise || !got[0].Compromised || got[1].Trigger != rotator.TriggerOperator ||
-		!strings.HasPrefix(got[0].Initiator, "uid:") {
+		got[0].Actor != audit.PeerUIDActor(os.Getuid()) || got[1].Actor != got[0].Actor {
 		t.Fatalf("rotations = %+v", got)
 	}
 }

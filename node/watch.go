@@ -140,7 +140,7 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 	if !rotate {
 		return
 	}
-	req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Initiator: initiator, Reason: "configuration changed"}
+	req := rotator.RotateRequest{Trigger: rotator.TriggerConfig, Actor: audit.Actor{Initiator: initiator}, Reason: "configuration changed"}
 	if _, err := w.to.rotateAll(ctx, req); err != nil {
 		w.logger.Warn("rotation after the configuration change failed", "err", err)
 	}
@@ -149,7 +149,7 @@ func (w *watcher) reloadConfig(ctx context.Context, initiator string) {
 // auditConfig records a configuration change applied, or refused with err, so that an
 // operator sees a refusal and its file:line: field without reading the log.
 func (w *watcher) auditConfig(initiator string, err error) {
-	rec := audit.ConfigChange{Path: w.cur.path, Initiator: initiator, Result: audit.ConfigApplied}
+	rec := audit.ConfigChange{Path: w.cur.path, Actor: audit.Actor{Initiator: initiator}, Result: audit.ConfigApplied}
 	if err != nil {
 		rec.Result, rec.Error = audit.ConfigRefused, err.Error()
 	}

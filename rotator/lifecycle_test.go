@@ -327,7 +327,7 @@ func TestOverlapEndDrainsThenDestroys(t *testing.T) {
 			t.Fatalf("status while draining = %+v, want %s retired, still in overlap, drained by %v", st, first, overlapUntil.Add(3*time.Second))
 		}
 		// The loop is not held up by the drain: an operator rotation completes meanwhile.
-		res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Initiator: "uid:0"})
+		res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Actor: audit.Actor{Initiator: "uid:0"}})
 		if err != nil || res.NewVersion != 3 {
 			t.Fatalf("Rotate during a drain = %+v, %v; want version 3", res, err)
 		}

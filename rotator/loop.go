@@ -109,7 +109,7 @@ func (r *Rotator) loop(ctx context.Context) {
 		if trigger == TriggerTime && l.restored {
 			trigger = TriggerRestart
 		}
-		a := attempt{trigger: trigger, initiator: initiatorRotator, old: s.current}
+		a := attempt{trigger: trigger, actor: audit.Actor{Initiator: initiatorRotator}, old: s.current}
 		if a.old == nil {
 			a.old = s.dropped
 		}
@@ -192,10 +192,11 @@ func (r *Rotator) wakeAt(next time.Time) time.Time {
 
 // attempt is one rotation to make.
 type attempt struct {
-	trigger           Trigger
-	initiator, reason string
-	auth              *credential // the SVID that authenticates a renewal; nil: enrol
-	old               *credential // the credential replaced, for the records
+	trigger Trigger
+	actor   audit.Actor
+	reason  string
+	auth    *credential // the SVID that authenticates a renewal; nil: enrol
+	old     *credential // the credential replaced, for the records
 }
 
 // rotate makes one attempt: a new key (pre-activation), a certificate for it,
@@ -226,7 +227,7 @@ func (r *Rotator) rotate(ctx context.Context, a attempt) (RotateResult, error) {
 	rec := &audit.Rotation{
 		SPIFFEID:  r.cfg.ID.String(),
 		Trigger:   string(a.trigger),
-		Initiator: a.initiator,
+		Actor:     a.actor,
 		OldSerial: res.OldSerial,
 		Result:    audit.ResultOK,
 		Reason:    a.reason,
@@ -256,7 +257,7 @@ func (r *Rotator) rotate(ctx context.Context, a attempt) (RotateResult, error) {
 		s := r.state.Load()
 		r.cfg.Logger.LogAttrs(ctx, slog.LevelInfo, "rotated",
 			slog.String(keySPIFFEID, r.cfg.ID.String()), slog.String(keyTrigger, string(a.trigger)),
-			slog.String(keyInitiator, a.initiator),
+			slog.String(keyInitiator, a.actor.Initiator),
 			slog.String(keyOldSerial, rec.OldSerial), slog.String(keySerial, rec.NewSerial),
 			slog.Time(keyNotAfter, rec.NotAfter), slog.Time(keyRenewAt, s.renewAt))
 	}

@@ -285,7 +285,7 @@ func TestDroppedSVIDForgotten(t *testing.T) {
 			r.cfg.Issuer.(*issuer).set(func(i *issuer) { i.gate = gate })
 			done := make(chan error, 1)
 			go func() {
-				_, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerCompromise, Initiator: "test"})
+				_, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerCompromise, Actor: audit.Actor{Initiator: "test"}})
 				done <- err
 			}()
 			eventually(t, "the compromised SVID is removed before the renewal ends", func() bool {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/policy"
 )
 
@@ -16,8 +17,10 @@ type RotateRequest struct {
 	// Trigger is why: TriggerOperator, TriggerCompromise, TriggerConfig, TriggerFleet
 	// or TriggerAnchor. TriggerCompromise implies Compromised.
 	Trigger Trigger
-	// Initiator says who asked ("uid:1000", "ca", "sighup"). Required.
-	Initiator string
+	// Actor says who asked: audit.PeerUIDActor for an operator at a control socket,
+	// {Initiator: "ca"} for a fleet command, "sighup" for a configuration change.
+	// Actor.Initiator is required.
+	Actor audit.Actor
 	// Reason is free text for the audit record.
 	Reason string
 	// Compromised says the current key must not be trusted any more: it is taken out
@@ -39,7 +42,7 @@ func (q RotateRequest) validate() error {
 	default:
 		return fmt.Errorf("%w: unknown trigger %q", ErrBadRequest, q.Trigger)
 	}
-	if q.Initiator == "" {
+	if q.Actor.Initiator == "" {
 		return fmt.Errorf("%w: no initiator", ErrBadRequest)
 	}
 	return nil
@@ -58,7 +61,7 @@ type rotateReply struct {
 
 // Rotate renews now, outside the schedule, and returns when the new SVID is published
 // (or the attempt failed). trigger is one of "operator", "compromise", "config",
-// "fleet", "anchor"; initiator says who ("uid:1000", "ca", "sighup"); reason is free text for
+// "fleet", "anchor"; req.Actor says who ("uid:1000", "ca", "sighup"); reason is free text for
 // the audit record. With compromised the current key goes to "compromised" instead of
 // "overlap" and the returned serial is the one to revoke at the CA.
 //
@@ -99,7 +102,7 @@ func (r *Rotator) serve(ctx context.Context, call *rotateCall, l *loopState) {
 	req := call.req
 	now := time.Now()
 	s := r.state.Load()
-	a := attempt{trigger: req.Trigger, initiator: req.Initiator, reason: req.Reason, old: s.current}
+	a := attempt{trigger: req.Trigger, actor: req.Actor, reason: req.Reason, old: s.current}
 	if a.old == nil {
 		a.old = s.dropped
 	}

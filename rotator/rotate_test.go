@@ -11,6 +11,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/internal/testca"
 	"github.com/agentmesh/agentmesh/policy"
 )
@@ -20,7 +21,7 @@ func TestRotateOperator(t *testing.T) {
 		iss := newIssuer(t, time.Hour)
 		r, rec := start(t, iss, policy.RotationPolicy{Overlap: time.Minute})
 		before := r.Status()
-		res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Initiator: "uid:1000", Reason: "key rollover drill"})
+		res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Actor: audit.Actor{Initiator: "uid:1000"}, Reason: "key rollover drill"})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -70,7 +71,7 @@ func TestRotateCompromised(t *testing.T) {
 		}
 		done := make(chan outcome, 1)
 		go func() {
-			res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerCompromise, Initiator: "ca", Reason: "key leaked"})
+			res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerCompromise, Actor: audit.Actor{Initiator: "ca"}, Reason: "key leaked"})
 			done <- outcome{res, err}
 		}()
 		synctest.Wait()
@@ -129,7 +130,7 @@ func TestRotateCompromisedFailure(t *testing.T) {
 		r, rec := startWith(t, iss, Config{Policy: p, Keys: keys})
 		first := r.Status().Current.Serial
 		iss.set(func(i *issuer) { i.fail = errors.New("ca unavailable") })
-		res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Initiator: "uid:0", Compromised: true})
+		res, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Actor: audit.Actor{Initiator: "uid:0"}, Compromised: true})
 		if err == nil || res.OldSerial != first || res.NewSerial != "" {
 			t.Fatalf("Rotate = %+v, %v; want an error that still names %s to revoke", res, err, first)
 		}
@@ -168,11 +169,11 @@ func TestRotateBadRequest(t *testing.T) {
 		t.Fatal(err)
 	}
 	for name, req := range map[string]RotateRequest{
-		"unknown trigger":     {Trigger: "whim", Initiator: "uid:0"},
-		"loop trigger":        {Trigger: TriggerTime, Initiator: "uid:0"},
+		"unknown trigger":     {Trigger: "whim", Actor: audit.Actor{Initiator: "uid:0"}},
+		"loop trigger":        {Trigger: TriggerTime, Actor: audit.Actor{Initiator: "uid:0"}},
 		"no initiator":        {Trigger: TriggerOperator},
 		"empty request":       {},
-		"usage is the loop's": {Trigger: TriggerUsage, Initiator: "uid:0"},
+		"usage is the loop's": {Trigger: TriggerUsage, Actor: audit.Actor{Initiator: "uid:0"}},
 	} {
 		if _, err := r.Rotate(t.Context(), req); !errors.Is(err, ErrBadRequest) {
 			t.Errorf("%s: err = %v, want ErrBadRequest", name, err)
@@ -187,7 +188,7 @@ func TestRotateWithoutRun(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		req := RotateRequest{Trigger: TriggerOperator, Initiator: "uid:0"}
+		req := RotateRequest{Trigger: TriggerOperator, Actor: audit.Actor{Initiator: "uid:0"}}
 		ctx, cancel := context.WithTimeout(t.Context(), time.Second)
 		defer cancel()
 		if _, err := r.Rotate(ctx, req); !errors.Is(err, context.DeadlineExceeded) {
@@ -295,7 +296,7 @@ func TestSetBundle(t *testing.T) {
 			t.Fatalf("bundle after SetBundle: %v", err)
 		}
 		// Answers from the CA that the new bundle does not anchor are refused.
-		if _, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Initiator: "test"}); err == nil {
+		if _, err := r.Rotate(t.Context(), RotateRequest{Trigger: TriggerOperator, Actor: audit.Actor{Initiator: "test"}}); err == nil {
 			t.Fatal("a certificate from a removed CA was accepted")
 		}
 		foreign := testca.New(t, testca.WithTrustDomain(spiffeid.RequireTrustDomainFromString("other.org")))
@@ -318,7 +319,7 @@ func TestRotateAnchorCallsOnRotate(t *testing.T) {
 		if n := published.Load(); n != 1 {
 			t.Fatalf("OnRotate called %d times after enrolment, want 1", n)
 		}
-		req := RotateRequest{Trigger: TriggerAnchor, Initiator: "ca", Reason: "anchor rotation 7 activate"}
+		req := RotateRequest{Trigger: TriggerAnchor, Actor: audit.Actor{Initiator: "ca"}, Reason: "anchor rotation 7 activate"}
 		if _, err := r.Rotate(t.Context(), req); err != nil {
 			t.Fatal(err)
 		}

@@ -78,11 +78,9 @@ func (a *Authority) AuditIssuance(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		rec := audit.Issuance{Action: action, Initiator: initiatorUnknown, PeerAddr: r.RemoteAddr}
+		rec := audit.Issuance{Action: action, Actor: audit.TLSActor(r.TLS), PeerAddr: r.RemoteAddr}
 		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
-			leaf := r.TLS.PeerCertificates[0]
-			rec.Initiator, rec.CallerSerial = certID(leaf), leaf.SerialNumber.String()
-			rec.SPIFFEID = rec.Initiator
+			rec.SPIFFEID = certID(r.TLS.PeerCertificates[0])
 		}
 		var jti string
 		if action == audit.ActionEnroll {

@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -10,7 +8,6 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/binary"
-	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"fmt"
@@ -151,38 +148,6 @@ func startProxy(ctx context.Context, ca *meshCA, dir, name, tunnel, body string)
 		return nil, err
 	}
 	return &meshProxy{process: p, id: id, state: state}, nil
-}
-
-// handshakes counts the inbound tunnel handshakes the proxy's audit log records as
-// accepted, and how many of them resumed a session. Read it once the proxy has stopped,
-// so every record is on disk.
-func (p *meshProxy) handshakes() (ok, resumed int, err error) {
-	f, err := os.Open(filepath.Join(p.state, "audit.log"))
-	if err != nil {
-		return 0, 0, err
-	}
-	defer func() { _ = f.Close() }() // read only
-	sc := bufio.NewScanner(f)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	for sc.Scan() {
-		if !bytes.Contains(sc.Bytes(), []byte(`"type":"handshake"`)) {
-			continue
-		}
-		var rec struct {
-			Direction, Result string
-			Resumed           bool
-		}
-		if err := json.Unmarshal(sc.Bytes(), &rec); err != nil {
-			return 0, 0, fmt.Errorf("audit log: %w", err)
-		}
-		if rec.Direction == "inbound" && rec.Result == "ok" {
-			ok++
-			if rec.Resumed {
-				resumed++
-			}
-		}
-	}
-	return ok, resumed, sc.Err()
 }
 
 // rotate asks the proxy to rotate its identity now, as an operator would.
