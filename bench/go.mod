@@ -1,6 +1,6 @@
 module github.com/agentmesh/agentmesh/bench
 
-go 1.26.0
+go 1.26.7
 
 require (
 	github.com/agentmesh/agentmesh v0.0.0
@@ -20,7 +20,7 @@ require (
 	github.com/munnerz/goautoneg v0.0.0-20191010083416-a7dc8b61c822 // indirect
 	github.com/prometheus/client_golang v1.25.0 // indirect
 	github.com/prometheus/client_model v0.6.3 // indirect
-	github.com/prometheus/common v0.72.0 // indirect
+	github.com/prometheus/common v0.72.1 // indirect
 	github.com/prometheus/procfs v0.22.0 // indirect
 	github.com/spiffe/go-spiffe/v2 v2.9.0 // indirect
 	golang.org/x/image v0.30.0 // indirect

@@ -38,7 +38,7 @@ func checkAlertRules(t *testing.T, g prometheus.Gatherer) {
 	for _, mf := range mfs {
 		for _, m := range mf.GetMetric() {
 			b := labels.NewScratchBuilder(len(m.GetLabel()) + 1)
-			b.Add(labels.MetricName, mf.GetName())
+			b.Add(model.MetricNameLabel, mf.GetName())
 			for _, lp := range m.GetLabel() {
 				b.Add(lp.GetName(), lp.GetValue())
 			}
