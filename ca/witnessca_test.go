@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/agentmesh/agentmesh/audit"
+	"github.com/agentmesh/agentmesh/internal/testaudit"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
@@ -153,16 +154,8 @@ func startRealCALog(t *testing.T, cfg *Config, path string) func() *audit.Log {
 		if err != nil {
 			return nil, err
 		}
-		ctx, cancel := context.WithCancel(context.Background())
-		done := make(chan error, 1)
-		go func() { done <- l.Run(ctx) }()
 		// Registered before startCA's own cleanup, so it runs after the CA stopped.
-		t.Cleanup(func() {
-			cancel()
-			if err := <-done; err != nil {
-				t.Errorf("audit Run: %v", err)
-			}
-		})
+		testaudit.Run(t, l)
 		return l, nil
 	}
 	return func() *audit.Log { return l }

@@ -18,6 +18,13 @@ func Start(t testing.TB, path string) *audit.Log {
 	if err != nil {
 		t.Fatal(err)
 	}
+	Run(t, l)
+	return l
+}
+
+// Run runs l's writer until the test ends (its cleanup, so after cleanups registered
+// later); a writer that fails fails the test.
+func Run(t testing.TB, l *audit.Log) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- l.Run(ctx) }()
@@ -27,5 +34,4 @@ func Start(t testing.TB, path string) *audit.Log {
 			t.Errorf("audit Run: %v", err)
 		}
 	})
-	return l
 }
