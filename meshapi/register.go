@@ -30,7 +30,8 @@ const (
 	// registered to its host.
 	AgentTokenPath = "/agents/token"
 
-	MaxRegisterBody = 64 << 10
+	// MaxRegisterBody bounds a registration, its ProxyStatus included.
+	MaxRegisterBody = 512 << 10
 	// MaxDirectoryResponse bounds a directory document a client reads: ~250 bytes an
 	// entry, so room for tens of thousands of proxies.
 	MaxDirectoryResponse = 16 << 20

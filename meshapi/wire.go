@@ -90,6 +90,8 @@ type RegisterRequest struct {
 	TunnelPort    int      `json:"tunnel_port"`
 	Transports    []string `json:"transports"`
 	BundleVersion string   `json:"bundle_version,omitempty"`
+	// Status is the proxy's own state for the CA's status page; nil from an older proxy.
+	Status *ProxyStatus `json:"status,omitempty"`
 }
 
 // RegisterResponse answers a registration: the entry as stored and the directory
