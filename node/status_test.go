@@ -125,13 +125,8 @@ func TestNewProxyStatusBounds(t *testing.T) {
 
 func TestBuildVersion(t *testing.T) {
 	t.Parallel()
-	settings := func(kv ...string) []debug.BuildSetting {
-		var out []debug.BuildSetting
-		for i := 0; i < len(kv); i += 2 {
-			out = append(out, debug.BuildSetting{Key: kv[i], Value: kv[i+1]})
-		}
-		return out
-	}
+	rev := debug.BuildSetting{Key: "vcs.revision", Value: "0123456789abcdef0123"}
+	modified := func(m string) debug.BuildSetting { return debug.BuildSetting{Key: "vcs.modified", Value: m} }
 	for _, tc := range []struct {
 		name string
 		bi   *debug.BuildInfo
@@ -142,9 +137,9 @@ func TestBuildVersion(t *testing.T) {
 		{name: "tagged", bi: &debug.BuildInfo{Main: debug.Module{Version: "v1.4.0"}}, ok: true, want: "v1.4.0"},
 		{name: "checkout", ok: true, want: "(devel) 0123456789ab",
 			bi: &debug.BuildInfo{Main: debug.Module{Version: "(devel)"},
-				Settings: settings("GOOS", "linux", "vcs.revision", "0123456789abcdef0123", "vcs.modified", "false")}},
+				Settings: []debug.BuildSetting{{Key: "GOOS", Value: "linux"}, rev, modified("false")}}},
 		{name: "dirty checkout", ok: true, want: "(devel) 0123456789ab+dirty",
-			bi: &debug.BuildInfo{Settings: settings("vcs.revision", "0123456789abcdef0123", "vcs.modified", "true")}},
+			bi: &debug.BuildInfo{Settings: []debug.BuildSetting{rev, modified("true")}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
