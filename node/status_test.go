@@ -8,7 +8,6 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
-	"unicode/utf8"
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/meshapi"
@@ -99,27 +98,39 @@ func TestProxyStatusAfterRevocation(t *testing.T) {
 	})
 }
 
-// TestNewProxyStatusBounds: at most meshapi.MaxProxyStatusIdentities identities, the
-// first ones, and free text clipped to whole characters.
+// TestNewProxyStatusBounds: what a heartbeat reports stays within the bounds the CA
+// keeps: the first meshapi.MaxProxyStatusIdentities identities, the first
+// meshapi.MaxStatusKeys keys of each, texts cut to printable ASCII.
 func TestNewProxyStatusBounds(t *testing.T) {
 	t.Parallel()
-	long := strings.Repeat("é", maxStatusText) // two bytes each: clipped in the middle of none
+	long := "a\nb" + strings.Repeat("é", meshapi.MaxStatusText)
+	retired := make([]rotator.CredentialStatus, meshapi.MaxStatusKeys)
+	for i := range retired {
+		retired[i] = rotator.CredentialStatus{Version: uint64(len(retired) - i), State: audit.PhaseDestroyed}
+	}
 	ids := make([]rotator.Status, meshapi.MaxProxyStatusIdentities+44)
 	for i := range ids {
-		ids[i] = rotator.Status{SPIFFEID: fmt.Sprintf("spiffe://example.org/agent/%d", i), Error: long}
+		ids[i] = rotator.Status{SPIFFEID: fmt.Sprintf("spiffe://example.org/agent/%d", i), Error: long,
+			Current: &rotator.CredentialStatus{Version: 99, State: audit.PhaseActive}, Retired: retired}
 	}
-	st := newProxyStatus("v1", errors.New(long), ids)
+	st := newProxyStatus(strings.Repeat("v", 100), errors.New(long), ids)
 	if len(st.Identities) != meshapi.MaxProxyStatusIdentities || st.Identities[0].SPIFFEID != ids[0].SPIFFEID {
 		t.Fatalf("%d identities starting with %s, want the first %d", len(st.Identities), st.Identities[0].SPIFFEID,
 			meshapi.MaxProxyStatusIdentities)
 	}
+	if keys := st.Identities[0].Keys; len(keys) != meshapi.MaxStatusKeys || keys[0].Version != 99 || keys[1].Version != uint64(len(retired)) {
+		t.Errorf("%d keys, the first %+v; want %d, the current one first", len(keys), keys[0], meshapi.MaxStatusKeys)
+	}
+	if len(st.Version) != meshapi.MaxStatusVersion {
+		t.Errorf("version of %d bytes, want %d", len(st.Version), meshapi.MaxStatusVersion)
+	}
 	for _, s := range []string{st.NotReady, st.Identities[0].Error} {
-		if len(s) > maxStatusText || len(s) < maxStatusText-1 || !utf8.ValidString(s) {
-			t.Errorf("text of %d bytes (valid UTF-8: %t), want clipped to %d", len(s), utf8.ValidString(s), maxStatusText)
+		if len(s) != meshapi.MaxStatusText || !meshapi.Printable(s) || !strings.HasPrefix(s, "a; b??") {
+			t.Errorf("text %q of %d bytes, want %d printable ASCII, its lines joined", s[:10], len(s), meshapi.MaxStatusText)
 		}
 	}
-	if st.Ready || st.Identities[0].Keys == nil {
-		t.Errorf("status = ready %t, keys %v; want not ready and an empty key list", st.Ready, st.Identities[0].Keys)
+	if st.Ready {
+		t.Error("status ready with an error")
 	}
 }
 
