@@ -7,6 +7,7 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
+	"maps"
 	"math/big"
 	"net/http"
 	"net/url"
@@ -16,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
@@ -40,12 +42,15 @@ func eventsOf[E audit.Event](r *auditRecorder) []E {
 }
 
 // TestIssuanceAudit: every token, enrolment, renewal and rekey the CA is asked for,
-// granted or refused, is exactly one issuance record naming its caller; no record
-// holds a token.
+// granted or refused, is exactly one issuance record naming its caller, and each but
+// the tokens is timed in agentmesh_ca_issue_duration_seconds by action and result; no
+// record holds a token.
 func TestIssuanceAudit(t *testing.T) {
 	cfg, _ := testConfig(t)
 	rec := &auditRecorder{}
 	cfg.Audit = rec
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
 	ca := startCA(t, cfg)
 	ctx := context.Background()
 	id := spiffeid.RequireFromPath(testTD, "/workload/audited")
@@ -138,6 +143,39 @@ func TestIssuanceAudit(t *testing.T) {
 	if g := got[6]; g.Serial == "" || g.Serial == serialOf(svid2) {
 		t.Errorf("renewal record serial %q, want a new one", g.Serial)
 	}
+	timed := map[[2]string]uint64{}
+	for _, w := range want {
+		if w.Action != audit.ActionToken {
+			timed[[2]string{string(w.Action), string(w.Result)}]++
+		}
+	}
+	if got := issueDurations(t, reg); !maps.Equal(got, timed) {
+		t.Errorf("%s sample counts %v, want %v", metricIssueDuration, got, timed)
+	}
+}
+
+// issueDurations returns the sample count of each (action, result) series of
+// agentmesh_ca_issue_duration_seconds in g.
+func issueDurations(t *testing.T, g prometheus.Gatherer) map[[2]string]uint64 {
+	t.Helper()
+	mfs, err := g.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	counts := map[[2]string]uint64{}
+	for _, mf := range mfs {
+		if mf.GetName() != metricIssueDuration {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			l := map[string]string{}
+			for _, lp := range m.GetLabel() {
+				l[lp.GetName()] = lp.GetValue()
+			}
+			counts[[2]string{l[labelAction], l[labelResult]}] = m.GetHistogram().GetSampleCount()
+		}
+	}
+	return counts
 }
 
 // TestClientCertificateRules: a client certificate signed by the CA's own
