@@ -29,11 +29,11 @@ const (
 // deploy/ against what a running mesh exports: a CA and two proxies carry traffic over
 // the tls and h2 transports, one proxy rotates, the CA revokes an identity and starts
 // a rotation of its intermediate, and the proxies cosign the CA's audit log, so that
-// the labelled series exist. Then every PromQL
-// expression of the dashboard (panel targets, template variables) and of the rules
-// must parse as Prometheus parses it, and every metric it selects, with every label it
-// matches on, must be exported by the CA or one of the proxies: a renamed metric or
-// label fails here, not on an operator's empty graph or silent alert.
+// the labelled series exist. Then every PromQL expression of the dashboard (panel
+// targets, template variables) and of the rules must parse as Prometheus parses it,
+// and every metric it selects, with every label it matches or groups on, must be
+// exported by the CA or one of the proxies: a renamed metric or label fails here, not
+// on an operator's empty graph or silent alert.
 func TestDashboardQueries(t *testing.T) {
 	requireE2E(t)
 	caMetrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
