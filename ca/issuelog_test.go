@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
-	"maps"
 	"math/big"
 	"net/http"
 	"net/url"
@@ -25,6 +24,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca/authority"
+	"github.com/agentmesh/agentmesh/internal/metrictest"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
@@ -143,39 +143,18 @@ func TestIssuanceAudit(t *testing.T) {
 	if g := got[6]; g.Serial == "" || g.Serial == serialOf(svid2) {
 		t.Errorf("renewal record serial %q, want a new one", g.Serial)
 	}
-	timed := map[[2]string]uint64{}
+	timed := map[[2]string]float64{}
 	for _, w := range want {
-		if w.Action != audit.ActionToken {
-			timed[[2]string{string(w.Action), string(w.Result)}]++
-		}
+		timed[[2]string{string(w.Action), string(w.Result)}]++
 	}
-	if got := issueDurations(t, reg); !maps.Equal(got, timed) {
-		t.Errorf("%s sample counts %v, want %v", metricIssueDuration, got, timed)
-	}
-}
-
-// issueDurations returns the sample count of each (action, result) series of
-// agentmesh_ca_issue_duration_seconds in g.
-func issueDurations(t *testing.T, g prometheus.Gatherer) map[[2]string]uint64 {
-	t.Helper()
-	mfs, err := g.Gather()
-	if err != nil {
-		t.Fatal(err)
-	}
-	counts := map[[2]string]uint64{}
-	for _, mf := range mfs {
-		if mf.GetName() != metricIssueDuration {
-			continue
-		}
-		for _, m := range mf.GetMetric() {
-			l := map[string]string{}
-			for _, lp := range m.GetLabel() {
-				l[lp.GetName()] = lp.GetValue()
+	for _, action := range []audit.IssueAction{audit.ActionEnroll, audit.ActionRenew, audit.ActionRekey} {
+		for _, result := range []audit.IssueResult{audit.IssueOK, audit.IssueRefused, audit.IssueError} {
+			got := metrictest.Value(t, reg, metricIssueDuration, labelAction, string(action), labelResult, string(result))
+			if want := timed[[2]string{string(action), string(result)}]; got != want {
+				t.Errorf("%s{action=%q,result=%q}: %v samples, want %v", metricIssueDuration, action, result, got, want)
 			}
-			counts[[2]string{l[labelAction], l[labelResult]}] = m.GetHistogram().GetSampleCount()
 		}
 	}
-	return counts
 }
 
 // TestClientCertificateRules: a client certificate signed by the CA's own
