@@ -16,8 +16,15 @@ import (
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
+	"github.com/prometheus/prometheus/model/histogram"
+	"github.com/prometheus/prometheus/model/labels"
 	"github.com/prometheus/prometheus/model/rulefmt"
+	"github.com/prometheus/prometheus/promql"
 	"github.com/prometheus/prometheus/promql/parser"
+	"github.com/prometheus/prometheus/storage"
+	"github.com/prometheus/prometheus/tsdb/chunkenc"
+	"github.com/prometheus/prometheus/tsdb/chunks"
+	"github.com/prometheus/prometheus/util/annotations"
 )
 
 const (
@@ -363,20 +370,23 @@ func checkDatasource(t *testing.T, where string, ds json.RawMessage) {
 	}
 }
 
-// checkRules loads the alert rules as Prometheus does (rulefmt: the format, every
-// expression and template), checks every expression against e and that every rule
+// loadRules loads the alert rules as Prometheus does (rulefmt: the format, every
+// expression and template).
+func loadRules(t *testing.T) *rulefmt.RuleGroups {
+	t.Helper()
+	groups, errs := rulefmt.ParseFile(alertRulesFile, false, model.UTF8Validation, parser.NewParser(parser.Options{}), slog.New(slog.DiscardHandler))
+	if len(errs) > 0 || groups == nil {
+		t.Fatalf("%s: %v", alertRulesFile, errs)
+	}
+	return groups
+}
+
+// checkRules checks every expression of the alert rules against e and that every rule
 // has a severity and a summary, and returns the alerts' names.
 func checkRules(t *testing.T, e exportedSeries) []string {
 	t.Helper()
-	groups, errs := rulefmt.ParseFile(alertRulesFile, false, model.UTF8Validation, parser.NewParser(parser.Options{}), slog.New(slog.DiscardHandler))
-	for _, err := range errs {
-		t.Error(err)
-	}
-	if groups == nil {
-		t.FailNow()
-	}
 	var alerts []string
-	for _, g := range groups.Groups {
+	for _, g := range loadRules(t).Groups {
 		for _, r := range g.Rules {
 			where := fmt.Sprintf("%s: group %s rule %s", alertRulesFile, g.Name, r.Alert)
 			if r.Alert == "" || !slices.Contains([]string{"critical", "warning"}, r.Labels["severity"]) ||
@@ -389,3 +399,152 @@ func checkRules(t *testing.T, e exportedSeries) []string {
 	}
 	return alerts
 }
+
+// TestAlertRulesFire evaluates the alert rules' expressions with Prometheus's engine on
+// series shaped as the mesh exports them: each fires for the case it is written for
+// and not for its look-alike (an identity renewed or dropped, a past phase, refusals
+// few or a small share). Only the expressions: their `for` is Prometheus's own.
+func TestAlertRulesFire(t *testing.T) {
+	exprs := map[string]string{}
+	for _, g := range loadRules(t).Groups {
+		for _, r := range g.Rules {
+			exprs[r.Alert] = r.Expr
+		}
+	}
+	// One sample a minute for 200 minutes from time 0 (time() is the evaluation's Unix
+	// time, in seconds); the instance label names each case.
+	constant := func(v float64) func(int) float64 { return func(int) float64 { return v } }
+	ramp := func(perMinute float64) func(int) float64 {
+		return func(m int) float64 { return perMinute * float64(m) }
+	}
+	from := func(minute int, before, after float64) func(int) float64 {
+		return func(m int) float64 {
+			if m < minute {
+				return before
+			}
+			return after
+		}
+	}
+	db := memSeries(t, map[string]func(int) float64{
+		`agentmesh_rotator_svid_renew_timestamp_seconds{instance="late"}`:             constant(600),
+		`agentmesh_rotator_svid_expiry_timestamp_seconds{instance="late"}`:            constant(900),
+		`agentmesh_rotator_svid_renew_timestamp_seconds{instance="renewed"}`:          from(10, 600, 1200),
+		`agentmesh_rotator_svid_expiry_timestamp_seconds{instance="renewed"}`:         from(10, 900, 1500),
+		`agentmesh_rotator_svid_renew_timestamp_seconds{instance="dropped"}`:          constant(0),
+		`agentmesh_rotator_svid_expiry_timestamp_seconds{instance="dropped"}`:         constant(0),
+		`agentmesh_revocation_list_confirmed_timestamp_seconds{instance="fresh"}`:     ramp(60),
+		`agentmesh_revocation_list_confirmed_timestamp_seconds{instance="stale"}`:     constant(60),
+		`agentmesh_audit_errors_total{instance="failing",op="fsync"}`:                 from(3, 0, 1),
+		`agentmesh_audit_errors_total{instance="refusing",op="encode"}`:               ramp(1),
+		`agentmesh_proxy_handshakes_total{instance="spike",result="refused"}`:         ramp(120),
+		`agentmesh_proxy_handshakes_total{instance="spike",result="ok"}`:              ramp(600),
+		`agentmesh_proxy_handshakes_total{instance="few",result="refused"}`:           ramp(6),
+		`agentmesh_proxy_handshakes_total{instance="few",result="ok"}`:                ramp(6),
+		`agentmesh_proxy_handshakes_total{instance="busy",result="refused"}`:          ramp(120),
+		`agentmesh_proxy_handshakes_total{instance="busy",result="ok"}`:               ramp(6000),
+		`agentmesh_ca_rotation_phase{instance="stuck",phase="distribute"}`:            constant(1),
+		`agentmesh_ca_rotation_phase_seconds{instance="stuck",phase="distribute"}`:    ramp(60),
+		`agentmesh_ca_rotation_phase{instance="moving",phase="prepare"}`:              constant(0),
+		`agentmesh_ca_rotation_phase_seconds{instance="moving",phase="prepare"}`:      constant(20000),
+		`agentmesh_ca_rotation_phase{instance="moving",phase="activate"}`:             constant(1),
+		`agentmesh_ca_rotation_phase_seconds{instance="moving",phase="activate"}`:     ramp(1),
+		`agentmesh_ca_rotation_phase{instance="ended",phase="done"}`:                  constant(1),
+		`agentmesh_ca_rotation_phase_seconds{instance="ended",phase="done"}`:          constant(20000),
+		`agentmesh_ca_anchor_not_after_seconds{instance="soon",role="root"}`:          constant(20 * 86400),
+		`agentmesh_ca_anchor_not_after_seconds{instance="later",role="intermediate"}`: constant(40 * 86400),
+	})
+	engine := promql.NewEngine(promql.EngineOpts{MaxSamples: 100000, Timeout: 10 * time.Second, LookbackDelta: 5 * time.Minute,
+		Parser: parser.NewParser(parser.Options{})})
+	for _, tc := range []struct {
+		alert string
+		at    time.Duration
+		fire  []string // the instances it fires for
+	}{
+		{"AgentmeshIdentityNotRenewed", 10 * time.Minute, nil}, // at its renewal time
+		{"AgentmeshIdentityNotRenewed", 11 * time.Minute, []string{"late"}},
+		{"AgentmeshRevocationFeedStale", 10 * time.Minute, []string{"stale"}},
+		{"AgentmeshAuditWriteErrors", 2 * time.Minute, nil},
+		{"AgentmeshAuditWriteErrors", 8 * time.Minute, []string{"failing"}},
+		{"AgentmeshHandshakesRefused", 6 * time.Minute, []string{"spike"}},
+		{"AgentmeshCARotationStuck", 3 * time.Hour, nil},
+		{"AgentmeshCARotationStuck", 3*time.Hour + 2*time.Minute, []string{"stuck"}},
+		{"AgentmeshCAAnchorExpiring", 10 * time.Minute, []string{"soon"}},
+	} {
+		t.Run(fmt.Sprintf("%s at %v", tc.alert, tc.at), func(t *testing.T) {
+			expr, ok := exprs[tc.alert]
+			if !ok {
+				t.Fatalf("%s has no rule %s", alertRulesFile, tc.alert)
+			}
+			q, err := engine.NewInstantQuery(t.Context(), db, nil, expr, time.Unix(0, 0).Add(tc.at))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer q.Close()
+			vec, err := q.Exec(t.Context()).Vector()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []string
+			for _, s := range vec {
+				got = append(got, s.Metric.Get(model.InstanceLabel))
+			}
+			slices.Sort(got)
+			if !slices.Equal(got, tc.fire) {
+				t.Errorf("fires for %v, want %v", got, tc.fire)
+			}
+		})
+	}
+}
+
+// memSeries is a queryable holding each series (a metric literal) with one sample a
+// minute for 200 minutes, value(minute).
+func memSeries(t *testing.T, series map[string]func(int) float64) storage.Queryable {
+	t.Helper()
+	var all []storage.Series
+	for metric, value := range series {
+		lset, err := parser.NewParser(parser.Options{}).ParseMetric(metric)
+		if err != nil {
+			t.Fatal(err)
+		}
+		samples := make([]chunks.Sample, 200)
+		for m := range samples {
+			samples[m] = floatSample{t: int64(m) * time.Minute.Milliseconds(), f: value(m)}
+		}
+		all = append(all, storage.NewListSeries(lset, samples))
+	}
+	slices.SortFunc(all, func(a, b storage.Series) int { return labels.Compare(a.Labels(), b.Labels()) })
+	return &storage.MockQueryable{MockQuerier: &storage.MockQuerier{
+		SelectMockFunction: func(_ bool, _ *storage.SelectHints, ms ...*labels.Matcher) storage.SeriesSet {
+			var sel []storage.Series
+			for _, s := range all {
+				if slices.IndexFunc(ms, func(m *labels.Matcher) bool { return !m.Matches(s.Labels().Get(m.Name)) }) < 0 {
+					sel = append(sel, s)
+				}
+			}
+			return &listSeriesSet{series: sel, i: -1}
+		}}}
+}
+
+type listSeriesSet struct {
+	series []storage.Series
+	i      int
+}
+
+func (s *listSeriesSet) Next() bool                      { s.i++; return s.i < len(s.series) }
+func (s *listSeriesSet) At() storage.Series              { return s.series[s.i] }
+func (*listSeriesSet) Err() error                        { return nil }
+func (*listSeriesSet) Warnings() annotations.Annotations { return nil }
+
+// floatSample is a float sample at t (milliseconds).
+type floatSample struct {
+	t int64
+	f float64
+}
+
+func (s floatSample) T() int64                    { return s.t }
+func (floatSample) ST() int64                     { return 0 }
+func (s floatSample) F() float64                  { return s.f }
+func (floatSample) H() *histogram.Histogram       { return nil }
+func (floatSample) FH() *histogram.FloatHistogram { return nil }
+func (floatSample) Type() chunkenc.ValueType      { return chunkenc.ValFloat }
+func (s floatSample) Copy() chunks.Sample         { return s }
