@@ -132,7 +132,9 @@ type Config struct {
 	// (renewals, rekeys and enrolments the lineage rules refused),
 	// agentmesh_ca_address_claims_*, and agentmesh_ca_rotation_* and
 	// agentmesh_ca_anchor_not_after_seconds{role,fingerprint} (anchormetrics.go), and
-	// agentmesh_ca_audit_* (witnessmetrics.go). Default nil: not registered.
+	// agentmesh_ca_audit_* (witnessmetrics.go), and
+	// agentmesh_ca_issue_duration_seconds{action,result} (issuemetrics.go). Default nil:
+	// not registered.
 	Registerer prometheus.Registerer
 }
 

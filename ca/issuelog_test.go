@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
@@ -23,6 +24,7 @@ import (
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/ca/authority"
+	"github.com/agentmesh/agentmesh/internal/metrictest"
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
@@ -40,12 +42,15 @@ func eventsOf[E audit.Event](r *auditRecorder) []E {
 }
 
 // TestIssuanceAudit: every token, enrolment, renewal and rekey the CA is asked for,
-// granted or refused, is exactly one issuance record naming its caller; no record
-// holds a token.
+// granted or refused, is exactly one issuance record naming its caller, and each but
+// the tokens is timed in agentmesh_ca_issue_duration_seconds by action and result; no
+// record holds a token.
 func TestIssuanceAudit(t *testing.T) {
 	cfg, _ := testConfig(t)
 	rec := &auditRecorder{}
 	cfg.Audit = rec
+	reg := prometheus.NewRegistry()
+	cfg.Registerer = reg
 	ca := startCA(t, cfg)
 	ctx := context.Background()
 	id := spiffeid.RequireFromPath(testTD, "/workload/audited")
@@ -137,6 +142,18 @@ func TestIssuanceAudit(t *testing.T) {
 	}
 	if g := got[6]; g.Serial == "" || g.Serial == serialOf(svid2) {
 		t.Errorf("renewal record serial %q, want a new one", g.Serial)
+	}
+	timed := map[[2]string]float64{}
+	for _, w := range want {
+		timed[[2]string{string(w.Action), string(w.Result)}]++
+	}
+	for _, action := range []audit.IssueAction{audit.ActionEnroll, audit.ActionRenew, audit.ActionRekey} {
+		for _, result := range []audit.IssueResult{audit.IssueOK, audit.IssueRefused, audit.IssueError} {
+			got := metrictest.Value(t, reg, metricIssueDuration, labelAction, string(action), labelResult, string(result))
+			if want := timed[[2]string{string(action), string(result)}]; got != want {
+				t.Errorf("%s{action=%q,result=%q}: %v samples, want %v", metricIssueDuration, action, result, got, want)
+			}
+		}
 	}
 }
 

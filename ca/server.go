@@ -50,6 +50,7 @@ type Server struct {
 	entries entryStore
 	claims  claimStore
 	anchor  anchorStore // the rotation of the trust anchors
+	issues  *issueMetrics
 
 	mu          sync.Mutex
 	state       serverState // guarded by mu
@@ -89,7 +90,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger}
+	s := &Server{cfg: cfg, log: cfg.Logger, issues: newIssueMetrics()}
 	s.deny.wake = make(chan struct{}, 1)
 	defer func() {
 		if err != nil {
@@ -115,6 +116,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 		TokenLifetime: cfg.TokenLifetime,
 		Logger:        s.log,
 		Audit:         s.audit,
+		Issued:        s.issues.observe,
 	}); err != nil {
 		return nil, err
 	}
@@ -154,7 +156,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	// Registered last, so that a New that fails leaves the registry as it was.
 	if err := metricreg.Register(cfg.Registerer, append(s.anchor.metrics.collectors(),
-		append(s.wm.collectors(), s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt)...)...); err != nil {
+		append(s.wm.collectors(), s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt, s.issues.duration)...)...); err != nil {
 		return nil, err
 	}
 

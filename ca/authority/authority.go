@@ -50,6 +50,10 @@ type Config struct {
 	Logger *slog.Logger
 	// Audit receives the issuance records; nil drops them.
 	Audit func(audit.Event)
+	// Issued is told of every enrolment, renewal and rekey answered, as its issuance
+	// record classifies it, with the time taken to answer. It must not block. Nil:
+	// nothing is told.
+	Issued func(action audit.IssueAction, result audit.IssueResult, took time.Duration)
 }
 
 // IssuePolicy is what the caller decides about issuance: the database step-ca stores

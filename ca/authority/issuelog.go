@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/go-chi/chi/v5/middleware"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -78,6 +79,7 @@ func (a *Authority) AuditIssuance(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
+		start := time.Now()
 		rec := audit.Issuance{Action: action, Actor: audit.TLSActor(r.TLS), PeerAddr: r.RemoteAddr}
 		if r.TLS != nil && len(r.TLS.PeerCertificates) > 0 {
 			rec.SPIFFEID = certID(r.TLS.PeerCertificates[0])
@@ -87,7 +89,7 @@ func (a *Authority) AuditIssuance(next http.Handler) http.Handler {
 			body, err := io.ReadAll(io.LimitReader(r.Body, MaxSignBody+1))
 			if err != nil || len(body) > MaxSignBody {
 				rec.Result, rec.Reason, rec.Error = audit.IssueRefused, audit.ReasonBadRequest, "request body unreadable or too large"
-				a.audit(rec)
+				a.issued(rec, start)
 				WriteError(w, http.StatusRequestEntityTooLarge, rec.Error)
 				return
 			}
@@ -118,8 +120,17 @@ func (a *Authority) AuditIssuance(next http.Handler) http.Handler {
 				rec.SPIFFEID, rec.Serial, rec.NotAfter = certID(chain[0]), chain[0].SerialNumber.String(), chain[0].NotAfter
 			}
 		}
-		a.audit(rec)
+		a.issued(rec, start)
 	})
+}
+
+// issued writes an issuance request's record and tells Config.Issued, if set, how
+// long the request since start took.
+func (a *Authority) issued(rec audit.Issuance, start time.Time) {
+	a.audit(rec)
+	if a.cfg.Issued != nil {
+		a.cfg.Issued(rec.Action, rec.Result, time.Since(start))
+	}
 }
 
 // issueRefusal names why an issuance request was refused: what a layer noted, else

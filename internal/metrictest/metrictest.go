@@ -9,7 +9,8 @@ import (
 )
 
 // Value returns the value of the counter or gauge name in g whose labels include every
-// pair of labels (a name, then its value, and so on), or 0 when g has no such series.
+// pair of labels (a name, then its value, and so on), the sample count of such a
+// histogram, or 0 when g has no such series.
 func Value(tb testing.TB, g prometheus.Gatherer, name string, labels ...string) float64 {
 	tb.Helper()
 	if len(labels)%2 != 0 {
@@ -37,6 +38,9 @@ func Value(tb testing.TB, g prometheus.Gatherer, name string, labels ...string) 
 			}
 			if c := m.GetCounter(); c != nil {
 				return c.GetValue()
+			}
+			if h := m.GetHistogram(); h != nil {
+				return float64(h.GetSampleCount())
 			}
 			return m.GetGauge().GetValue()
 		}
