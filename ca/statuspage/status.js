@@ -5,6 +5,7 @@
 
 (function () {
   const period = 1000;
+  const lane = 1.1; // rem: the height of one key's lane on the timeline
 
   function el(tag, attrs, ...children) {
     const e = document.createElement(tag);
@@ -56,6 +57,7 @@
 
   // The time axis runs from the earliest segment start to now; an open segment ends
   // now, an instant (destroyed, compromised) is drawn as a thin mark (CSS min-width).
+  // Each key version has a lane of its own, oldest on top: keys overlap in time.
   function renderTimeline(doc) {
     const now = Date.parse(doc.now);
     let start = now;
@@ -65,6 +67,8 @@
     const span = Math.max(1, now - start);
     const rows = (doc.timeline || []).map((row) => {
       const axis = el("div", { class: "axis" });
+      const lanes = [...new Set(row.segments.map((s) => s.version))];
+      axis.style.height = (lanes.length * lane) + "rem";
       for (const s of row.segments) {
         const from = Date.parse(s.start);
         const to = zero(s.end) ? now : Date.parse(s.end);
@@ -73,6 +77,7 @@
           title: "key " + s.version + " " + s.state + (s.cause ? " (" + s.cause + ")" : "") + ": " +
             ts(s.start) + " → " + (zero(s.end) ? "now" : ts(s.end)),
         });
+        seg.style.top = (lanes.indexOf(s.version) * lane) + "rem";
         seg.style.left = ((from - start) / span * 100) + "%";
         seg.style.width = (Math.max(0, to - from) / span * 100) + "%";
         axis.append(seg);
