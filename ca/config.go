@@ -107,8 +107,9 @@ type Config struct {
 	WitnessStaleAfter time.Duration
 
 	// AdminIDs are the SPIFFE IDs whose SVIDs may open the status page on the HTTPS
-	// port (/status/); anyone else gets 403, audited (audit.StatusAccess). Default
-	// none: nobody, on that port.
+	// port (/status/); anyone else gets 403, audited (audit.StatusAccess) and counted
+	// (agentmesh_ca_status_refused_total{reason}, with the Registerer's metrics).
+	// Default none: nobody, on that port.
 	AdminIDs []spiffeid.ID
 
 	// StatusListen is a loopback TCP address serving the status page over plain HTTP
@@ -143,9 +144,7 @@ type Config struct {
 	// (renewals, rekeys and enrolments the lineage rules refused),
 	// agentmesh_ca_address_claims_*, and agentmesh_ca_rotation_* and
 	// agentmesh_ca_anchor_not_after_seconds{role,fingerprint} (anchormetrics.go), and
-	// agentmesh_ca_audit_* (witnessmetrics.go), and
-	// agentmesh_ca_status_refused_total{reason} (statuspage.go). Default nil: not
-	// registered.
+	// agentmesh_ca_audit_* (witnessmetrics.go). Default nil: not registered.
 	Registerer prometheus.Registerer
 }
 

@@ -98,8 +98,9 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger, status: newFleetStatus(), statusRefused: newStatusRefused()}
+	s := &Server{cfg: cfg, log: cfg.Logger}
 	s.deny.wake = make(chan struct{}, 1)
+	s.status, s.statusRefused = newFleetStatus(), newStatusRefused()
 	defer func() {
 		if err != nil {
 			_ = s.release()
