@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -15,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sync/errgroup"
+
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/agentmesh/agentmesh/ca/authority"
 	"github.com/agentmesh/agentmesh/internal/metricreg"
@@ -51,6 +54,12 @@ type Server struct {
 	claims  claimStore
 	anchor  anchorStore // the rotation of the trust anchors
 	issues  *issueMetrics
+
+	// The status page (statuspage*.go): what the proxies report of themselves, the
+	// refusals counted, and the loopback listener (nil: none).
+	status        *fleetStatus
+	statusRefused *prometheus.CounterVec
+	statusLn      net.Listener
 
 	mu          sync.Mutex
 	state       serverState // guarded by mu
@@ -92,6 +101,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	s := &Server{cfg: cfg, log: cfg.Logger, issues: newIssueMetrics()}
 	s.deny.wake = make(chan struct{}, 1)
+	s.status, s.statusRefused = newFleetStatus(), newStatusRefused()
 	defer func() {
 		if err != nil {
 			_ = s.release()
@@ -135,6 +145,11 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if s.adminLn, err = listenAdmin(filepath.Join(cfg.StateDir, fileAdminSocket)); err != nil {
 		return nil, err
 	}
+	if cfg.StatusListen != "" {
+		if s.statusLn, err = listenStatus(cfg.StatusListen); err != nil {
+			return nil, err
+		}
+	}
 
 	s.dir = newRegistry(cfg.DirectoryTTL, s.log, time.Now())
 	s.dir.setBundle(s.Roots())
@@ -156,7 +171,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	// Registered last, so that a New that fails leaves the registry as it was.
 	if err := metricreg.Register(cfg.Registerer, append(s.anchor.metrics.collectors(),
-		append(s.wm.collectors(), s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt, s.issues.duration)...)...); err != nil {
+		append(s.wm.collectors(), s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt, s.statusRefused, s.issues.duration)...)...); err != nil {
 		return nil, err
 	}
 
@@ -249,27 +264,20 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	s.resumeAnchorRotation(time.Now())
 
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
-	apiSrv := &http.Server{
-		Handler:           s.apiHandler(),
-		ErrorLog:          errLog,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
-	}
-	adminSrv := &http.Server{
-		Handler:           s.adminHandler(),
-		ConnContext:       withPeerCred,
-		ErrorLog:          errLog,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-	}
+	apiSrv := newHTTPServer(s.apiHandler(), errLog)
+	apiSrv.MaxHeaderBytes = 64 << 10
+	adminSrv := newHTTPServer(s.adminHandler(), errLog)
+	adminSrv.ConnContext, adminSrv.IdleTimeout = withPeerCred, 0
+	// The loopback status page; with no listener it is never started and its
+	// shutdown returns at once.
+	statusSrv := newHTTPServer(s.statusHandler(), errLog)
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return serveErr("https api", s.auth.Serve(apiSrv)) })
 	g.Go(func() error { return serveErr("admin api", adminSrv.Serve(s.adminLn)) })
+	if s.statusLn != nil {
+		g.Go(func() error { return serveErr("status page", statusSrv.Serve(s.statusLn)) })
+	}
 	g.Go(func() error { s.auth.RenewServingCert(gctx); return nil })
 	g.Go(func() error { s.dir.run(gctx); return nil })
 	g.Go(func() error { s.pruneLoop(gctx); return nil })
@@ -280,7 +288,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		s.dir.close()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
 		defer cancel()
-		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv))
+		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv), shutdown(sctx, statusSrv))
 	})
 	s.log.Info("ca serving", keyURL, s.auth.URL(), keyAddr, s.auth.Addr().String(),
 		keyAdminSocket, s.adminLn.Addr().String())
@@ -289,6 +297,18 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	}
 	s.log.Info("ca stopped")
 	return nil
+}
+
+// newHTTPServer is a server of h with the CA's timeouts.
+func newHTTPServer(h http.Handler, errLog *log.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ErrorLog:          errLog,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+	}
 }
 
 func serveErr(what string, err error) error {
@@ -315,6 +335,9 @@ func (s *Server) release() error {
 	s.releaseOnce.Do(func() {
 		if s.adminLn != nil {
 			_ = s.adminLn.Close() // also unlinks the socket
+		}
+		if s.statusLn != nil {
+			_ = s.statusLn.Close() // Serve closed it already when it ran
 		}
 		if s.auth != nil {
 			var closeDB func() error
