@@ -52,6 +52,11 @@ type Config struct {
 	// BundleVersion, when set, returns the version of the trust bundle the proxy holds;
 	// it is reported with each heartbeat. Default nil: not reported.
 	BundleVersion func() string
+	// Status, when set, returns this proxy's own state; it is reported with each
+	// heartbeat for the CA's fleet view. Identities past meshapi.MaxProxyStatusIdentities,
+	// and the last ones while the request would exceed meshapi.MaxRegisterBody, are left
+	// out. It is called on the heartbeat's goroutine. Default nil: not reported.
+	Status func() *meshapi.ProxyStatus
 	// Heartbeat is the interval between registrations (minus up to a tenth of jitter,
 	// so that proxies started together spread out), and the cap of the retry backoff.
 	// Keep it well under the CA's DirectoryTTL (30s by default). Default 10s.

@@ -4,19 +4,27 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math/rand/v2"
 	"net/http"
 	"sync/atomic"
+	"time"
 
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
+// kickDelay is how long a Kick waits before the heartbeat it asks for: the changes of
+// one event (a fleet rotation of every identity, a deny-list dropping several) then
+// share a heartbeat, and the CA's fleet view still shows them within a second.
+const kickDelay = 200 * time.Millisecond
+
 // Heartbeat keeps this proxy registered in the CA's mesh directory: it registers at
 // once, then again every Config.Heartbeat, so that the CA keeps its entry alive and
-// peers can reach it at Config.Addresses.
+// peers can reach it at Config.Addresses. Each registration carries Config.Status.
 type Heartbeat struct {
 	cfg     Config
 	conn    *conn
-	body    meshapi.RegisterRequest // the bundle version is per request
+	body    meshapi.RegisterRequest // the bundle version and status are per request
+	kick    chan struct{}           // buffer of one: kicks coalesce
 	running atomic.Bool
 }
 
@@ -35,7 +43,18 @@ func NewHeartbeat(cfg Config) (*Heartbeat, error) {
 	case len(body.Addresses) == 0:
 		return nil, fmt.Errorf("%w: Addresses are required to register", ErrInvalidConfig)
 	}
-	return &Heartbeat{cfg: cfg, conn: c, body: body}, nil
+	return &Heartbeat{cfg: cfg, conn: c, body: body, kick: make(chan struct{}, 1)}, nil
+}
+
+// Kick asks Run for a heartbeat within kickDelay instead of at the end of the interval,
+// so the CA sees a change of Config.Status (a rotation, a revocation) at once. Kicks
+// coalesce; a kick while a registration is being retried is served by that retry. It
+// never blocks and is safe for concurrent use.
+func (h *Heartbeat) Kick() {
+	select {
+	case h.kick <- struct{}{}:
+	default:
+	}
 }
 
 // Run registers at once and then every Config.Heartbeat (minus up to a tenth of
@@ -67,9 +86,32 @@ func (h *Heartbeat) Run(ctx context.Context) error {
 				keyTunnelPort, h.cfg.TunnelPort, keyVersion, version)
 		}
 		registered = true
-		if !pause(ctx, h.cfg.Heartbeat, true) {
+		if !h.wait(ctx) {
 			return nil
 		}
+	}
+}
+
+// wait waits for the next heartbeat: the interval (minus up to a tenth of jitter) or
+// kickDelay after a Kick, whichever comes first. It reports false once ctx is done.
+func (h *Heartbeat) wait(ctx context.Context) bool {
+	t := time.NewTimer(jittered(h.cfg.Heartbeat, rand.Float64())) //nolint:gosec // G404: jitter spreads heartbeats out; nothing secret
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	case <-h.kick:
+		if !pause(ctx, kickDelay, false) {
+			return false
+		}
+		// The heartbeat about to go reports what kicks during the delay asked for.
+		select {
+		case <-h.kick:
+		default:
+		}
+		return true
 	}
 }
 
@@ -80,7 +122,10 @@ func (h *Heartbeat) Register(ctx context.Context) (uint64, error) {
 	if h.cfg.BundleVersion != nil {
 		body.BundleVersion = h.cfg.BundleVersion()
 	}
-	b, err := json.Marshal(body)
+	if h.cfg.Status != nil {
+		body.Status = h.cfg.Status()
+	}
+	b, err := encodeRegister(body)
 	if err != nil {
 		return 0, fmt.Errorf("ca: register: %w", err)
 	}
@@ -95,4 +140,31 @@ func (h *Heartbeat) Register(ctx context.Context) (uint64, error) {
 		return 0, fmt.Errorf("ca: register: malformed answer: %w", err)
 	}
 	return resp.Version, nil
+}
+
+// encodeRegister marshals body within meshapi.MaxRegisterBody, which the CA enforces:
+// its status keeps at most meshapi.MaxProxyStatusIdentities identities, and the last
+// ones are left out while the request is too large (the status as a whole when even
+// none fit), so a proxy holding many identities still registers. body's status is
+// copied, never changed.
+func encodeRegister(body meshapi.RegisterRequest) ([]byte, error) {
+	if st := body.Status; st != nil && len(st.Identities) > meshapi.MaxProxyStatusIdentities {
+		trimmed := *st
+		trimmed.Identities = st.Identities[:meshapi.MaxProxyStatusIdentities]
+		body.Status = &trimmed
+	}
+	for {
+		b, err := json.Marshal(body)
+		if err != nil || len(b) <= meshapi.MaxRegisterBody || body.Status == nil {
+			return b, err
+		}
+		trimmed := *body.Status
+		if n := len(trimmed.Identities); n > 0 {
+			// The share that fits if identities are alike, and at least one fewer.
+			trimmed.Identities = trimmed.Identities[:min(n-1, n*meshapi.MaxRegisterBody/len(b))]
+			body.Status = &trimmed
+		} else {
+			body.Status = nil
+		}
+	}
 }

@@ -56,9 +56,8 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		_, _ = fmt.Fprintln(w, "ok") // a failed write is a client gone
 	})
-	readiness := func() error { return errors.Join(ready(), px.Ready()) }
 	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if err := readiness(); err != nil {
+		if err := proxyReadiness(ready, px); err != nil {
 			http.Error(w, err.Error(), http.StatusServiceUnavailable)
 			return
 		}
@@ -67,7 +66,7 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 	mux.HandleFunc("GET /status", func(w http.ResponseWriter, _ *http.Request) {
 		w.Header().Set("Content-Type", "application/json")
 		doc := StatusDocument{Ready: true, Identities: identities(), TicketKeys: px.TicketKeys()}
-		if err := readiness(); err != nil {
+		if err := proxyReadiness(ready, px); err != nil {
 			doc.Ready, doc.NotReady = false, err.Error()
 		}
 		_ = json.NewEncoder(w).Encode(doc)
@@ -81,6 +80,12 @@ func newAdmin(addr string, reg *prometheus.Registry, ready func() error, identit
 			ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 		},
 	}, nil
+}
+
+// proxyReadiness is /readyz's answer (nil: ready), which the heartbeat reports too: the
+// identities' readiness and the proxy's.
+func proxyReadiness(identities func() error, px proxyState) error {
+	return errors.Join(identities(), px.Ready())
 }
 
 func (a *admin) Addr() net.Addr { return a.ln.Addr() }

@@ -215,11 +215,14 @@ func (a *agents) ready() error {
 	return errors.Join(errs...)
 }
 
-// revoke hands a deny-list to every agent's rotator.
-func (a *agents) revoke(denied func(spiffeid.ID, string, time.Time) bool) {
+// revoke hands a deny-list to every agent's rotator and returns how many SVIDs they
+// dropped.
+func (a *agents) revoke(denied func(spiffeid.ID, string, time.Time) bool) int {
+	n := 0
 	for _, rot := range a.rotators() {
-		rot.Revoke(denied)
+		n += rot.Revoke(denied)
 	}
+	return n
 }
 
 // setBundle makes b the trust bundle of every running agent's rotator; agents started

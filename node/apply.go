@@ -44,6 +44,8 @@ type applier struct {
 	caAnchors anchorSetter
 	// anchor follows the steps of rotations of the CA's trust anchors.
 	anchor anchorFollower
+	// heartbeat reports this proxy's status to the CA; nil: none to kick.
+	heartbeat kicker
 }
 
 // onEntries takes the directory's registration entries: the agents' supervisor starts
@@ -53,8 +55,10 @@ func (a *applier) onEntries(entries []registration) { a.agents.update(entries) }
 // onDenyList applies a new deny-list: every rotator drops the credentials it denies, and
 // the proxy refuses them and closes their connections.
 func (a *applier) onDenyList(l proxy.Denier) int {
-	a.rot.Revoke(l.Denies)
-	a.agents.revoke(l.Denies)
+	if a.rot.Revoke(l.Denies)+a.agents.revoke(l.Denies) > 0 {
+		// The CA's fleet view shows the drop (and the re-enrolment's failure) now.
+		a.kickHeartbeat()
+	}
 	return a.live.SetDenyList(l)
 }
 

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -207,6 +208,7 @@ type fixture struct {
 	caAnchors *meshclient.Anchors
 	audit     *auditRecords
 	applier   *applier
+	kicks     kickCounter // the heartbeat's
 }
 
 // newFixture builds the fixture and runs the host's rotator and the agents' supervisor
@@ -227,6 +229,7 @@ func newFixture(t *testing.T) *fixture {
 		rotation: rotation{tickets: f.px, revoker: f.revoker, logger: logger}, started: time.Now(),
 		bundles: bundleSources{file: f.ca.Roots()}, anchor: newAnchorFollower(prometheus.NewRegistry())}
 	f.applier.anchor.acker = f.acker
+	f.applier.heartbeat = &f.kicks
 	f.caAnchors = meshclient.NewAnchors(f.ca.Roots())
 	f.applier.caAnchors = f.caAnchors
 	ctx, cancel := context.WithCancel(context.Background())
@@ -243,7 +246,7 @@ func (f *fixture) newRotator(t *testing.T, id spiffeid.ID, reg prometheus.Regist
 	t.Helper()
 	r, err := rotator.New(rotator.Config{ID: id, Issuer: f.issuer, Bundle: bundle, Policy: p, Keys: rotator.MemoryKeys{},
 		Audit: f.audit, Registerer: reg, Logger: slog.New(slog.DiscardHandler),
-		OnRotate: func() { f.applier.anchor.onRotate() },
+		OnRotate: func() { f.applier.onRotate() },
 		Drain:    func(context.Context, string, time.Duration) int { return 0 }})
 	if err != nil {
 		t.Fatal(err)
@@ -257,3 +260,11 @@ func (f *fixture) register(entries ...registration) {
 	f.applier.onEntries(entries)
 	synctest.Wait()
 }
+
+// kickCounter counts the heartbeats asked for.
+type kickCounter struct{ n atomic.Int64 }
+
+func (k *kickCounter) Kick() { k.n.Add(1) }
+
+// take returns the kicks since the last call.
+func (k *kickCounter) take() int64 { return k.n.Swap(0) }

@@ -37,6 +37,7 @@ type meshDirectory interface {
 	DenyList() proxy.Denier
 	AgentToken(ctx context.Context, id spiffeid.ID) (string, error)
 	anchorAcker
+	kicker
 }
 
 // lineageRevoker asks the CA to revoke every certificate of id's lineage but keep,
@@ -126,6 +127,7 @@ type directorySettings struct {
 	tunnelPort    uint16
 	transports    []string
 	bundleVersion func() string
+	status        func() *meshapi.ProxyStatus
 	heartbeat     time.Duration
 	poll          time.Duration
 	audit         *audit.Log
@@ -138,7 +140,7 @@ func (l caLink) directory(s directorySettings) (meshDirectory, error) {
 	m, err := meshclient.NewMember(meshclient.Config{
 		URL: l.url, Anchors: l.anchors, Control: l.control,
 		Certificate: s.certificate, Addresses: s.addresses, TunnelPort: s.tunnelPort, Transports: s.transports,
-		BundleVersion: s.bundleVersion, Heartbeat: s.heartbeat, PollInterval: s.poll,
+		BundleVersion: s.bundleVersion, Status: s.status, Heartbeat: s.heartbeat, PollInterval: s.poll,
 		Audit: s.audit, Registerer: s.registerer, Logger: s.logger,
 	})
 	if err != nil {
@@ -154,6 +156,13 @@ func (m member) PeerFor(a netip.Addr) (proxy.Peer, bool) {
 	st := m.Watch.State()
 	id, tunnel, ok := st.PeerFor(a)
 	return proxy.Peer{ID: id, Tunnel: tunnel, Transports: st.TransportsFor(a), Agents: st.AgentsAt(a)}, ok
+}
+
+// Kick asks for a heartbeat now; a proxy that does not register has none.
+func (m member) Kick() {
+	if m.Heartbeat != nil {
+		m.Heartbeat.Kick()
+	}
 }
 
 func (m member) Updated() <-chan struct{} { return m.Watch.Updated() }

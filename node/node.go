@@ -9,6 +9,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strconv"
 	"sync/atomic"
 	"time"
@@ -59,6 +60,7 @@ type node struct {
 	admin            *admin
 	control          *control
 	siem             *siem.Sink // nil without audit.siem
+	version          string     // the build, as the heartbeat reports it
 }
 
 // Run runs the proxy process cfg describes until ctx is done: the audit log, the host's
@@ -68,6 +70,7 @@ type node struct {
 func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	n := &node{cfg: cfg, logger: logger}
 	n.applier = applier{log: logger, fleetCtx: ctx, started: time.Now()}
+	n.version = buildVersion(debug.ReadBuildInfo())
 	closeKeys, err := n.build(ctx)
 	if err != nil {
 		return err
@@ -148,7 +151,7 @@ func (n *node) buildHost() error {
 	}
 	n.rot, err = rotator.New(rotator.Config{ID: n.cfg.id, Issuer: issuer, Bundle: n.bundle, Policy: n.cfg.Rotation,
 		Keys: n.keys, StateFile: n.svidFile, Drain: n.drain, Audit: n.audit, Registerer: n.reg,
-		OnRotate: n.anchor.onRotate, Logger: n.component("rotator")})
+		OnRotate: n.onRotate, Logger: n.component("rotator")})
 	if err != nil {
 		return err
 	}
@@ -171,6 +174,7 @@ func (n *node) buildMesh() error {
 		// did not withdraw, and the anchors the SVIDs held still need): its digest names
 		// its version, which follows every change of any.
 		s.bundleVersion = n.rot.BundleVersion
+		s.status = n.proxyStatus
 	}
 	var err error
 	if n.dir, err = n.link.directory(s); err != nil {
@@ -186,6 +190,7 @@ func (n *node) buildMesh() error {
 	// Every proxy acknowledges the steps of a rotation of the CA's anchors, advertising
 	// or not: the CA counts those that follow the directory as members too.
 	n.anchor.acker = n.dir
+	n.heartbeat = n.dir
 	return nil
 }
 
@@ -300,17 +305,17 @@ func (n *node) newAgentRotator(id spiffeid.ID, reg prometheus.Registerer, pol po
 		return nil, err
 	}
 	return rotator.New(rotator.Config{ID: id, Issuer: issuer, Bundle: bundle, Policy: pol, Keys: n.keys,
-		Drain: n.drain, Audit: n.audit, Registerer: reg, OnRotate: n.anchor.onRotate,
+		Drain: n.drain, Audit: n.audit, Registerer: reg, OnRotate: n.onRotate,
 		Logger: n.logger.With("component", "rotator", "agent", id.String())})
 }
 
 // identities is the state of every identity held: the host's first, then the agents'.
-func (n *node) identities() []rotator.Status {
-	return append([]rotator.Status{n.rot.Status()}, n.agents.statuses()...)
+func (a *applier) identities() []rotator.Status {
+	return append([]rotator.Status{a.rot.Status()}, a.agents.statuses()...)
 }
 
 // ready is the readiness of the identities: the host's and every registered agent's.
-func (n *node) ready() error { return errors.Join(n.rot.Ready(), n.agents.ready()) }
+func (a *applier) ready() error { return errors.Join(a.rot.Ready(), a.agents.ready()) }
 
 // staleness is how old a confirmed deny-list may be before new handshakes are refused:
 // the configured maximum, or else the lifetime of the current SVID (a credential revoked
