@@ -106,6 +106,16 @@ type Config struct {
 	// checkpoint interval. Default 30s; must be >= 0.
 	WitnessStaleAfter time.Duration
 
+	// AdminIDs are the SPIFFE IDs whose SVIDs may open the status page on the HTTPS
+	// port (/status/); anyone else gets 403, audited (audit.StatusAccess). Default
+	// none: nobody, on that port.
+	AdminIDs []spiffeid.ID
+
+	// StatusListen is a loopback TCP address serving the status page over plain HTTP
+	// without authentication, for an operator on the CA's host (ssh -L). New refuses a
+	// non-loopback address with ErrInvalidConfig. Default "": not served.
+	StatusListen string
+
 	// OpenAuditLog, when set, is called once by New with the CA's audit key (the ECDSA
 	// P-256 key agentmesh-audit in the token, generated there on first start) to open
 	// the CA's own audit log, which signs its checkpoints with it under
@@ -124,7 +134,8 @@ type Config struct {
 	// registration entry change and agent token request (mesh API), and an
 	// audit.AddressClaim for every address claim learnt, changed or refused, and an
 	// audit.CARotation for every event of a rotation of the trust anchors: done,
-	// refused or failed. A failing Append is logged at Error; the action stands. Default nil: no
+	// refused or failed, and an audit.StatusAccess for every refused request for the
+	// status page. A failing Append is logged at Error; the action stands. Default nil: no
 	// audit records.
 	Audit interface{ Append(audit.Event) error }
 
@@ -132,7 +143,9 @@ type Config struct {
 	// (renewals, rekeys and enrolments the lineage rules refused),
 	// agentmesh_ca_address_claims_*, and agentmesh_ca_rotation_* and
 	// agentmesh_ca_anchor_not_after_seconds{role,fingerprint} (anchormetrics.go), and
-	// agentmesh_ca_audit_* (witnessmetrics.go). Default nil: not registered.
+	// agentmesh_ca_audit_* (witnessmetrics.go), and
+	// agentmesh_ca_status_refused_total{reason} (statuspage.go). Default nil: not
+	// registered.
 	Registerer prometheus.Registerer
 }
 
@@ -171,6 +184,7 @@ func (c Config) withDefaults() Config {
 		}
 	}
 	c.DNSNames = slices.Clone(c.DNSNames)
+	c.AdminIDs = slices.Clone(c.AdminIDs)
 	return c
 }
 
@@ -198,6 +212,11 @@ func (c Config) validate() error {
 	}
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("%w: Listen %q: %w", ErrInvalidConfig, c.Listen, err)
+	}
+	for _, id := range c.AdminIDs {
+		if !id.MemberOf(c.TrustDomain) {
+			return fmt.Errorf("%w: AdminIDs: %s is not in trust domain %s", ErrInvalidConfig, id, c.TrustDomain.Name())
+		}
 	}
 	return nil
 }

@@ -113,6 +113,7 @@ func (s *Server) handleRegister(w http.ResponseWriter, r *http.Request) {
 		writeStepError(w, http.StatusServiceUnavailable, "address claim not recorded")
 		return
 	}
+	s.reportStatus(r, id, req.Status, now)
 	writeJSON(w, meshapi.RegisterResponse{Version: version, Peer: meshapi.DirectoryEntry{
 		SPIFFEID: reg.ID, Addresses: reg.Addresses, TunnelPort: reg.TunnelPort,
 		Transports: reg.Transports, LastHeartbeat: now.Round(0), BundleVersion: reg.BundleVersion,

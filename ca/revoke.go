@@ -99,6 +99,7 @@ func (s *Server) revokeVia(ctx context.Context, actor audit.Actor, via string, r
 	}
 	switch {
 	case err == nil:
+		s.status.revokedBy(req, actor.Initiator)
 		s.log.LogAttrs(ctx, slog.LevelInfo, "revoked", append(attrs,
 			slog.Uint64(keyListVersion, res.ListVersion), slog.Any(keySerials, res.Serials))...)
 	case revokeRefused(err):

@@ -16,7 +16,7 @@ import (
 )
 
 // apiHandler routes step-ca's API at / and /1.0 (as step-ca does), the mesh API at
-// /mesh/v1 and the witness's public API at /audit/v1, behind the client certificate
+// /mesh/v1, the witness's public API at /audit/v1 and the status page at /status/, behind the client certificate
 // check (which admits requests without one).
 func (s *Server) apiHandler() http.Handler {
 	mux := chi.NewRouter()
@@ -25,6 +25,10 @@ func (s *Server) apiHandler() http.Handler {
 	mux.Route(meshapi.Prefix, s.meshRoutes)
 	// Public, no client certificate: everything the witness serves is signed.
 	mux.Get(meshapi.WitnessPrefix+meshapi.WitnessCheckpointsPath, s.handleWitnessedLog)
+	// Admin SVIDs only (Config.AdminIDs); everyone else gets 403, audited.
+	status := s.requireAdmin(s.statusHandler())
+	mux.Handle("/status", status)
+	mux.Handle(statusPrefix+"*", status)
 	return s.accessLog(s.auth.AuditIssuance(s.auth.RequireValidClientCert(s.interceptStepRevoke(s.guardLineage(mux)))))
 }
 

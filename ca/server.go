@@ -16,6 +16,8 @@ import (
 
 	"golang.org/x/sync/errgroup"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/agentmesh/agentmesh/ca/authority"
 	"github.com/agentmesh/agentmesh/internal/metricreg"
 )
@@ -50,6 +52,12 @@ type Server struct {
 	entries entryStore
 	claims  claimStore
 	anchor  anchorStore // the rotation of the trust anchors
+
+	// The status page (statuspage*.go): what the proxies report of themselves, the
+	// refusals counted, and the loopback listener (nil: none).
+	status        *fleetStatus
+	statusRefused *prometheus.CounterVec
+	statusLn      net.Listener
 
 	mu          sync.Mutex
 	state       serverState // guarded by mu
@@ -89,7 +97,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
-	s := &Server{cfg: cfg, log: cfg.Logger}
+	s := &Server{cfg: cfg, log: cfg.Logger, status: newFleetStatus(), statusRefused: newStatusRefused()}
 	s.deny.wake = make(chan struct{}, 1)
 	defer func() {
 		if err != nil {
@@ -133,6 +141,11 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	if s.adminLn, err = listenAdmin(filepath.Join(cfg.StateDir, fileAdminSocket)); err != nil {
 		return nil, err
 	}
+	if cfg.StatusListen != "" {
+		if s.statusLn, err = listenStatus(cfg.StatusListen); err != nil {
+			return nil, err
+		}
+	}
 
 	s.dir = newRegistry(cfg.DirectoryTTL, s.log, time.Now())
 	s.dir.setBundle(s.Roots())
@@ -154,7 +167,7 @@ func New(ctx context.Context, cfg Config) (_ *Server, err error) {
 	}
 	// Registered last, so that a New that fails leaves the registry as it was.
 	if err := metricreg.Register(cfg.Registerer, append(s.anchor.metrics.collectors(),
-		append(s.wm.collectors(), s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt)...)...); err != nil {
+		append(s.wm.collectors(), s.db.lin.refusals, s.claims.metrics.refused, s.claims.metrics.learnt, s.statusRefused)...)...); err != nil {
 		return nil, err
 	}
 
@@ -265,9 +278,23 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		WriteTimeout:      30 * time.Second,
 	}
 
+	// The loopback status page; with no listener it is never started and its
+	// shutdown returns at once.
+	statusSrv := &http.Server{
+		Handler:           s.statusHandler(),
+		ErrorLog:          errLog,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+	}
+
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return serveErr("https api", s.auth.Serve(apiSrv)) })
 	g.Go(func() error { return serveErr("admin api", adminSrv.Serve(s.adminLn)) })
+	if s.statusLn != nil {
+		g.Go(func() error { return serveErr("status page", statusSrv.Serve(s.statusLn)) })
+	}
 	g.Go(func() error { s.auth.RenewServingCert(gctx); return nil })
 	g.Go(func() error { s.dir.run(gctx); return nil })
 	g.Go(func() error { s.pruneLoop(gctx); return nil })
@@ -278,7 +305,7 @@ func (s *Server) Run(ctx context.Context) (err error) {
 		s.dir.close()
 		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), shutdownTimeout)
 		defer cancel()
-		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv))
+		return errors.Join(shutdown(sctx, apiSrv), shutdown(sctx, adminSrv), shutdown(sctx, statusSrv))
 	})
 	s.log.Info("ca serving", keyURL, s.auth.URL(), keyAddr, s.auth.Addr().String(),
 		keyAdminSocket, s.adminLn.Addr().String())
@@ -313,6 +340,9 @@ func (s *Server) release() error {
 	s.releaseOnce.Do(func() {
 		if s.adminLn != nil {
 			_ = s.adminLn.Close() // also unlinks the socket
+		}
+		if s.statusLn != nil {
+			_ = s.statusLn.Close() // Serve closed it already when it ran
 		}
 		if s.auth != nil {
 			var closeDB func() error

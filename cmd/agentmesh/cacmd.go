@@ -21,6 +21,7 @@ func newCACmd() *cobra.Command {
 		logFormat   string
 	)
 	var siemFile string
+	var adminIDs []string
 	cmd := &cobra.Command{
 		Use:   "ca",
 		Short: "Run the embedded step-ca with its keys in a PKCS#11 token",
@@ -39,6 +40,13 @@ creates the token, keys, certificates and database in --state; later starts reus
 				return fmt.Errorf("--log-level: %w", err)
 			}
 			cfg.CA.TrustDomain = td
+			for _, a := range adminIDs {
+				id, err := argID("--admin-id", a)
+				if err != nil {
+					return err
+				}
+				cfg.CA.AdminIDs = append(cfg.CA.AdminIDs, id)
+			}
 			if siemFile != "" {
 				if cfg.SIEM, err = ca.LoadSIEMSettings(siemFile); err != nil {
 					return fmt.Errorf("--siem: %w", err)
@@ -54,6 +62,7 @@ creates the token, keys, certificates and database in --state; later starts reus
 	f.StringVar(&trustDomain, "trust-domain", "", "SPIFFE trust domain, e.g. example.org")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.StringVar(&logFormat, "log-format", "text", "text or json")
+	f.StringArrayVar(&adminIDs, "admin-id", nil, "SPIFFE ID whose SVID may open the status page on the HTTPS port at /status/ (repeatable; default: nobody)")
 	f.StringVar(&siemFile, "siem", "", "YAML file of the SIEM receiver the audit log is sent to, with the fields of a proxy's audit.siem (default: none)")
 	_ = cmd.MarkFlagRequired("state")
 	_ = cmd.MarkFlagRequired("trust-domain")
@@ -77,6 +86,7 @@ func addCAFlags(f *pflag.FlagSet, cfg *ca.ProcessConfig) {
 	f.DurationVar(&cfg.AuditLog.CheckpointInterval, "audit-checkpoint-interval", 0, "longest time between two signed checkpoints of a growing audit log (default 10s; at least 100ms)")
 	f.Int64Var(&cfg.AuditLog.MaxFileBytes, "audit-max-file-bytes", 0, "size past which the audit log's file becomes a segment (default 64 MiB; at least 64 KiB)")
 	f.DurationVar(&cfg.CA.WitnessStaleAfter, "witness-stale-after", 30*time.Second, "a witnessed audit log without a checkpoint for this long is stale (three of the proxies' checkpoint intervals)")
+	f.StringVar(&cfg.CA.StatusListen, "status-listen", "", "loopback address serving the status page over plain HTTP, without authentication, e.g. 127.0.0.1:9444 (default: none)")
 	f.StringVar(&cfg.MetricsAddr, "metrics", "", "address serving the CA's Prometheus metrics at /metrics (default: none)")
 }
 
