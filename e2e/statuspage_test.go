@@ -20,8 +20,10 @@ import (
 	cdplog "github.com/chromedp/cdproto/log"
 	"github.com/chromedp/cdproto/runtime"
 	"github.com/chromedp/chromedp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/agentmesh/agentmesh/internal/softhsmtest"
+	"github.com/agentmesh/agentmesh/meshapi"
 )
 
 // screenshotPath is the README's picture of the status page. The test writes it when
@@ -46,11 +48,13 @@ func TestStatusPage(t *testing.T) {
 	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
 	adminID := "spiffe://" + trustDomain + "/operator/alice"
 	authority := startCAOn(t, host{}, fmt.Sprintf("127.0.0.1:%d", freePort(t)), 10*time.Minute,
-		"--status-listen", statusAddr, "--admin-id", adminID, "--metrics", metrics)
-	proxies := []*meshProxy{
-		startProxy(t, authority, "a", nil, nil, ""),
-		startProxy(t, authority, "b", nil, nil, ""),
-		startProxy(t, authority, "c", nil, nil, ""),
+		"--status-listen", statusAddr, "--admin-id", adminID, "--metrics", metrics, "--audit-checkpoint-interval", "1s")
+	// Each advertises an address of its own, which the CA learns (from loopback) at its
+	// first heartbeat: a proxy advertising none sends no heartbeat, so no status.
+	var proxies []*meshProxy
+	for i, name := range []string{"a", "b", "c"} {
+		proxies = append(proxies, startProxy(t, authority, name, nil, nil,
+			fmt.Sprintf("directory:\n  advertise: [127.0.0.%d]\naudit:\n  checkpoint_interval: 1s\n", 11+i)))
 	}
 	a, b, c := proxies[0], proxies[1], proxies[2]
 	agent := "spiffe://" + trustDomain + "/agent/planner"
@@ -73,6 +77,15 @@ func TestStatusPage(t *testing.T) {
 	for id, px := range held {
 		p.waitSerial(id, currentSerial(t, px, id), 30*time.Second)
 	}
+	// Every log the CA witnesses: its own and each proxy's.
+	origins := []string{meshapi.CAAuditOrigin(spiffeid.RequireTrustDomainFromString(trustDomain))}
+	for _, px := range proxies {
+		origins = append(origins, meshapi.AuditOrigin(spiffeid.RequireFromString(px.id)))
+	}
+	for _, origin := range origins {
+		p.waitFor(origin+" witnessed in #witness", 30*time.Second,
+			`document.querySelector(args[0]) !== null`, "#witness tr"+attr("data-origin", origin)+attr("data-state", "ok"))
+	}
 	if n := evaluate[int](p, "proxies in #fleet", `document.querySelectorAll("#fleet tr[data-host]").length`); n != len(proxies) {
 		t.Errorf("#fleet lists %d proxies, want %d", n, len(proxies))
 	}
@@ -90,8 +103,9 @@ func TestStatusPage(t *testing.T) {
 		t.Fatalf("agentmesh rotate: %v\n%s%s", err, out, errOut)
 	}
 	newSerial := fmt.Sprint(awaitRotated(t, b, b.id, "operator", rotated, 30*time.Second)["new_serial"])
+	// Drawn: each has a width on the axis.
 	p.waitFor("b's previous key in overlap on the timeline", 10*time.Second,
-		`document.querySelector(args[0]) !== null && document.querySelector(args[1]) !== null`,
+		`args.every((s) => document.querySelector(s)?.getBoundingClientRect().width > 0)`,
 		bKeys+` span`+attr("data-version", before)+attr("data-state", "overlap"),
 		bKeys+` span[data-state="active"]:not(`+attr("data-version", before)+`)`)
 	p.waitSerial(b.id, newSerial, 10*time.Second)
@@ -146,8 +160,10 @@ func checkStatusAccess(t *testing.T, authority *meshCA, a *meshProxy, adminID, m
 		}
 	}
 	awaitRecordIn(t, "ca", authority.auditPath(), map[string]string{"type": "status_access", "result": "refused",
+		"reason":    "not_admin",
 		"initiator": a.id, "caller_serial": chain[0].SerialNumber.String(), "path": "/status/"}, 10*time.Second)
 	awaitRecordIn(t, "ca", authority.auditPath(), map[string]string{"type": "status_access", "result": "refused",
+		"reason":    "no_certificate",
 		"initiator": "unauthenticated", "path": "/status/api"}, 10*time.Second)
 	if n, err := scrapeMetric(metrics, "agentmesh_ca_status_refused_total"); err != nil || n < 4 {
 		t.Errorf("agentmesh_ca_status_refused_total = %v (%v), want at least the 4 refusals", n, err)
@@ -155,7 +171,7 @@ func checkStatusAccess(t *testing.T, authority *meshCA, a *meshProxy, adminID, m
 
 	adminSVID := clientCert(admin.svid.Certificates, admin.key)
 	code, header, body := statusGet(t, authority.url+"/status/", roots, &adminSVID)
-	if code != http.StatusOK || !strings.Contains(body, attr("data-host", a.id)) {
+	if code != http.StatusOK || !strings.Contains(body, `data-host="`+a.id+`"`) {
 		t.Fatalf("/status/ with the admin SVID: %d, want 200 listing %s:\n%.500s", code, a.id, body)
 	}
 	if csp := header.Get("Content-Security-Policy"); !strings.Contains(csp, "default-src 'self'") {
