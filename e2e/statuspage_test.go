@@ -33,91 +33,123 @@ const screenshotPath = "../docs/img/status.png"
 
 // TestStatusPage opens the CA's status page in a headless chromium, on the loopback
 // listener an operator reaches through ssh -L, with a CA and three proxies (one of them
-// holding an agent's identity): the page lists the proxies and every identity with its
-// current serial; a rotation on a proxy moves its previous key to overlap on the
-// timeline; an `agentmesh revoke` shows in the revocations within 2 s, without a
-// reload. Over the CA's HTTPS port the page is for admin SVIDs only: a proxy's SVID and
-// a client without a certificate get 403, each refusal audited and counted, the admin
-// SVID gets the page.
+// holding an agent's identity): the page lists the proxies, every identity with its
+// current serial and every witnessed audit log; a rotation on a proxy moves its
+// previous key to overlap on the timeline; an `agentmesh revoke` shows in the
+// revocations within 2 s, without a reload. Over the CA's HTTPS port the page is for
+// admin SVIDs only: a proxy's SVID and a client without a certificate get 403, each
+// refusal audited and counted, the admin SVID gets the page.
 func TestStatusPage(t *testing.T) {
 	requireE2E(t)
 	// Skipped on a developer's machine without it, failed on CI: make deps installs it.
 	chromium := softhsmtest.RequireTool(t, "chromium")
+	m := startStatusMesh(t)
+	p := openPage(t, chromium, "http://"+m.statusAddr+"/status/")
+	m.checkListed(t, p)
+	// A reload would lose this mark: the page must update in place.
+	evaluate[bool](p, "mark the window", `window.agentmeshLoaded = true`)
+	m.checkRotation(t, p, m.proxies[1])
+	m.checkRevocation(t, p)
+	m.checkAccess(t, m.proxies[0])
+	p.screenshot(screenshotPath)
+	p.checkClean()
+}
 
-	statusAddr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	metrics := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	adminID := "spiffe://" + trustDomain + "/operator/alice"
-	authority := startCAOn(t, host{}, fmt.Sprintf("127.0.0.1:%d", freePort(t)), 10*time.Minute,
-		"--status-listen", statusAddr, "--admin-id", adminID, "--metrics", metrics, "--audit-checkpoint-interval", "1s")
-	// Each advertises an address of its own, which the CA learns (from loopback) at its
-	// first heartbeat: a proxy advertising none sends no heartbeat, so no status.
-	var proxies []*meshProxy
+// statusMesh is a CA serving its status page and the proxies it shows.
+type statusMesh struct {
+	authority *meshCA
+	proxies   []*meshProxy
+	// agent is an agent's identity that the last proxy holds.
+	agent string
+	// statusAddr is the page's loopback listener, metrics the CA's /metrics page.
+	statusAddr, metrics string
+	adminID             string
+}
+
+func startStatusMesh(t *testing.T) *statusMesh {
+	t.Helper()
+	m := &statusMesh{
+		agent:      "spiffe://" + trustDomain + "/agent/planner",
+		statusAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		metrics:    fmt.Sprintf("127.0.0.1:%d", freePort(t)),
+		adminID:    "spiffe://" + trustDomain + "/operator/alice",
+	}
+	m.authority = startCAOn(t, host{}, fmt.Sprintf("127.0.0.1:%d", freePort(t)), 10*time.Minute,
+		"--status-listen", m.statusAddr, "--admin-id", m.adminID, "--metrics", m.metrics,
+		"--audit-checkpoint-interval", "1s")
+	// Each proxy advertises an address of its own, which the CA learns (from loopback) at
+	// its first heartbeat: a proxy that advertises none sends no heartbeat, so no status.
 	for i, name := range []string{"a", "b", "c"} {
-		proxies = append(proxies, startProxy(t, authority, name, nil, nil,
+		m.proxies = append(m.proxies, startProxy(t, m.authority, name, nil, nil,
 			fmt.Sprintf("directory:\n  advertise: [127.0.0.%d]\naudit:\n  checkpoint_interval: 1s\n", 11+i)))
 	}
-	a, b, c := proxies[0], proxies[1], proxies[2]
-	agent := "spiffe://" + trustDomain + "/agent/planner"
-	if _, errOut, err := runCmd(t.Context(), "register", agent, "--host", c.id, "--uid", "4343",
-		"--state", authority.state); err != nil {
-		t.Fatalf("register %s: %v\n%s", agent, err, errOut)
+	c := m.proxies[2]
+	if _, errOut, err := runCmd(t.Context(), "register", m.agent, "--host", c.id, "--uid", "4343",
+		"--state", m.authority.state); err != nil {
+		t.Fatalf("register %s: %v\n%s", m.agent, err, errOut)
 	}
 	awaitIdentities(t, c, time.Minute)
+	return m
+}
 
-	p := openPage(t, chromium, "http://"+statusAddr+"/status/")
-
-	// Fleet and identities: every proxy ready, every identity on its host with the serial
-	// the proxy last audited (the first heartbeats may still be on their way).
-	held := map[string]*meshProxy{agent: c}
-	for _, px := range proxies {
+// checkListed waits until the page shows every proxy ready, every identity on its
+// host with the serial the proxy last audited, and every audit log the CA witnesses
+// (the first heartbeats and checkpoints may still be on their way).
+func (m *statusMesh) checkListed(t *testing.T, p *page) {
+	t.Helper()
+	held := map[string]*meshProxy{m.agent: m.proxies[2]}
+	origins := []string{meshapi.CAAuditOrigin(spiffeid.RequireTrustDomainFromString(trustDomain))}
+	for _, px := range m.proxies {
 		held[px.id] = px
-		p.waitFor(px.name+" listed ready in #fleet", 30*time.Second,
-			`document.querySelector(args[0]) !== null`, "#fleet tr"+attr("data-host", px.id)+attr("data-ready", "true"))
+		origins = append(origins, meshapi.AuditOrigin(spiffeid.RequireFromString(px.id)))
+		p.waitPresent(px.name+" listed ready in #fleet", 30*time.Second,
+			"#fleet tr"+attr("data-host", px.id)+attr("data-ready", "true"))
 	}
 	for id, px := range held {
 		p.waitSerial(id, currentSerial(t, px, id), 30*time.Second)
 	}
-	// Every log the CA witnesses: its own and each proxy's.
-	origins := []string{meshapi.CAAuditOrigin(spiffeid.RequireTrustDomainFromString(trustDomain))}
-	for _, px := range proxies {
-		origins = append(origins, meshapi.AuditOrigin(spiffeid.RequireFromString(px.id)))
-	}
 	for _, origin := range origins {
-		p.waitFor(origin+" witnessed in #witness", 30*time.Second,
-			`document.querySelector(args[0]) !== null`, "#witness tr"+attr("data-origin", origin)+attr("data-state", "ok"))
+		p.waitPresent(origin+" witnessed in #witness", 30*time.Second,
+			"#witness tr"+attr("data-origin", origin)+attr("data-state", "ok"))
 	}
-	if n := evaluate[int](p, "proxies in #fleet", `document.querySelectorAll("#fleet tr[data-host]").length`); n != len(proxies) {
-		t.Errorf("#fleet lists %d proxies, want %d", n, len(proxies))
+	if n := evaluate[int](p, "proxies in #fleet", `document.querySelectorAll("#fleet tr[data-host]").length`); n != len(m.proxies) {
+		t.Errorf("#fleet lists %d proxies, want %d", n, len(m.proxies))
 	}
-	// A reload would lose this; the page must update in place.
-	evaluate[bool](p, "mark the window", `window.agentmeshLoaded = true`)
+}
 
-	// A rotation on b: its previous key is in overlap on the timeline, beside the new one.
-	bKeys := "#timeline div" + attr("data-id", b.id)
-	p.waitFor("b's active key on the timeline", 30*time.Second,
-		`document.querySelector(args[0]) !== null`, bKeys+` span[data-state="active"]`)
-	before := evaluate[string](p, "b's active key version",
-		fmt.Sprintf(`Array.from(document.querySelectorAll(%s)).pop().dataset.version`, strconv.Quote(bKeys+` span[data-state="active"]`)))
+// checkRotation rotates px's host identity: on the timeline its previous key turns to
+// overlap beside the new active one, both drawn on the axis, and #identities shows the
+// new serial.
+func (m *statusMesh) checkRotation(t *testing.T, p *page, px *meshProxy) {
+	t.Helper()
+	keys := "#timeline div" + attr("data-id", px.id)
+	active := keys + ` span[data-state="active"]`
+	p.waitPresent(px.name+"'s active key on the timeline", 30*time.Second, active)
+	before := evaluate[string](p, px.name+"'s active key version",
+		fmt.Sprintf(`document.querySelector(%s).dataset.version`, strconv.Quote(active)))
 	rotated := time.Now()
-	if out, errOut, err := runCmd(t.Context(), "rotate", "--state", b.dir, "--reason", "e2e status page"); err != nil {
+	if out, errOut, err := runCmd(t.Context(), "rotate", "--state", px.dir, "--reason", "e2e status page"); err != nil {
 		t.Fatalf("agentmesh rotate: %v\n%s%s", err, out, errOut)
 	}
-	newSerial := fmt.Sprint(awaitRotated(t, b, b.id, "operator", rotated, 30*time.Second)["new_serial"])
-	// Drawn: each has a width on the axis.
-	p.waitFor("b's previous key in overlap on the timeline", 10*time.Second,
+	newSerial := fmt.Sprint(awaitRotated(t, px, px.id, "operator", rotated, 30*time.Second)["new_serial"])
+	p.waitFor(px.name+"'s previous key in overlap on the timeline", 10*time.Second,
 		`args.every((s) => document.querySelector(s)?.getBoundingClientRect().width > 0)`,
-		bKeys+` span`+attr("data-version", before)+attr("data-state", "overlap"),
-		bKeys+` span[data-state="active"]:not(`+attr("data-version", before)+`)`)
-	p.waitSerial(b.id, newSerial, 10*time.Second)
+		keys+" span"+attr("data-version", before)+attr("data-state", "overlap"),
+		active+":not("+attr("data-version", before)+")")
+	p.waitSerial(px.id, newSerial, 10*time.Second)
+}
 
-	// A revocation shows within 2 s of the command, in place.
+// checkRevocation revokes the agent's identity: its row shows in #revocations within
+// 2 s of the command, naming who and why, in place (no reload, a new generation).
+func (m *statusMesh) checkRevocation(t *testing.T, p *page) {
+	t.Helper()
 	generation := evaluate[string](p, "the page's generation", `document.body.dataset.generation || ""`)
-	if _, errOut, err := runCmd(t.Context(), "revoke", "--state", authority.state, agent, "--reason", "e2e status page"); err != nil {
+	if _, errOut, err := runCmd(t.Context(), "revoke", "--state", m.authority.state, m.agent, "--reason", "e2e status page"); err != nil {
 		t.Fatalf("agentmesh revoke: %v\n%s", err, errOut)
 	}
 	revoked := time.Now()
-	row := "#revocations tr" + attr("data-id", agent)
-	p.do("the revocation of "+agent+" in #revocations", 2*time.Second,
+	row := "#revocations tr" + attr("data-id", m.agent)
+	p.do("the revocation of "+m.agent+" in #revocations", 2*time.Second,
 		chromedp.WaitVisible(chromedp.CSS(row), chromedp.RetryInterval(50*time.Millisecond)))
 	fmt.Printf("status_page_revocation_shown_ms=%d\n", time.Since(revoked).Milliseconds())
 	if !evaluate[bool](p, "the window's mark", `window.agentmeshLoaded === true`) {
@@ -132,20 +164,18 @@ func TestStatusPage(t *testing.T) {
 			t.Errorf("revocation row %q does not name %q", text, want)
 		}
 	}
-
-	checkStatusAccess(t, authority, a, adminID, "http://"+metrics+"/metrics")
-	p.screenshot(screenshotPath)
-	p.checkClean()
 }
 
-// checkStatusAccess: over the CA's HTTPS port, proxy a's SVID (a valid one, not an
-// admin's) and a client without a certificate get 403 on /status/, each refusal is
-// audited and counted; the admin SVID gets the page.
-func checkStatusAccess(t *testing.T, authority *meshCA, a *meshProxy, adminID, metrics string) {
+// checkAccess: over the CA's HTTPS port, px's SVID (a valid one, not an admin's) and a
+// client without a certificate get 403 on the page and its document, each refusal
+// audited and counted; the admin SVID, enrolled with a token as any identity is, gets
+// them.
+func (m *statusMesh) checkAccess(t *testing.T, px *meshProxy) {
 	t.Helper()
-	chain := presentedChain(t, a.tunnel)
-	proxySVID := clientCert(chain, tokenKey(t, a.dir, chain[0]))
-	admin := enrollAs(t, authority, adminID)
+	authority := m.authority
+	chain := presentedChain(t, px.tunnel)
+	proxySVID := clientCert(chain, tokenKey(t, px.dir, chain[0]))
+	admin := enrollAs(t, authority, m.adminID)
 	roots := x509.NewCertPool()
 	for _, r := range admin.roots {
 		roots.AddCert(r)
@@ -153,26 +183,24 @@ func checkStatusAccess(t *testing.T, authority *meshCA, a *meshProxy, adminID, m
 
 	for _, path := range []string{"/status/", "/status/api"} {
 		if code, _, body := statusGet(t, authority.url+path, roots, &proxySVID); code != http.StatusForbidden {
-			t.Errorf("%s with proxy a's SVID: %d %.200s, want 403", path, code, body)
+			t.Errorf("%s with proxy %s's SVID: %d %.200s, want 403", path, px.name, code, body)
 		}
 		if code, _, body := statusGet(t, authority.url+path, roots, nil); code != http.StatusForbidden {
 			t.Errorf("%s without a client certificate: %d %.200s, want 403", path, code, body)
 		}
 	}
 	awaitRecordIn(t, "ca", authority.auditPath(), map[string]string{"type": "status_access", "result": "refused",
-		"reason":    "not_admin",
-		"initiator": a.id, "caller_serial": chain[0].SerialNumber.String(), "path": "/status/"}, 10*time.Second)
+		"reason": "not_admin", "initiator": px.id, "caller_serial": chain[0].SerialNumber.String(), "path": "/status/"}, 10*time.Second)
 	awaitRecordIn(t, "ca", authority.auditPath(), map[string]string{"type": "status_access", "result": "refused",
-		"reason":    "no_certificate",
-		"initiator": "unauthenticated", "path": "/status/api"}, 10*time.Second)
-	if n, err := scrapeMetric(metrics, "agentmesh_ca_status_refused_total"); err != nil || n < 4 {
+		"reason": "no_certificate", "initiator": "unauthenticated", "path": "/status/api"}, 10*time.Second)
+	if n, err := scrapeMetric("http://"+m.metrics+"/metrics", "agentmesh_ca_status_refused_total"); err != nil || n < 4 {
 		t.Errorf("agentmesh_ca_status_refused_total = %v (%v), want at least the 4 refusals", n, err)
 	}
 
 	adminSVID := clientCert(admin.svid.Certificates, admin.key)
 	code, header, body := statusGet(t, authority.url+"/status/", roots, &adminSVID)
-	if code != http.StatusOK || !strings.Contains(body, `data-host="`+a.id+`"`) {
-		t.Fatalf("/status/ with the admin SVID: %d, want 200 listing %s:\n%.500s", code, a.id, body)
+	if code != http.StatusOK || !strings.Contains(body, `data-host="`+px.id+`"`) {
+		t.Fatalf("/status/ with the admin SVID: %d, want 200 listing %s:\n%.500s", code, px.id, body)
 	}
 	if csp := header.Get("Content-Security-Policy"); !strings.Contains(csp, "default-src 'self'") {
 		t.Errorf("Content-Security-Policy %q, want default-src 'self'", csp)
@@ -317,11 +345,17 @@ func (p *page) waitFor(what string, timeout time.Duration, predicate string, arg
 		chromedp.WithPollingMutation(), chromedp.WithPollingTimeout(timeout), chromedp.WithPollingArgs(fnArgs...)))
 }
 
+// waitPresent waits until an element matches the CSS selector sel.
+func (p *page) waitPresent(what string, timeout time.Duration, sel string) {
+	p.t.Helper()
+	p.waitFor(what, timeout, `document.querySelector(args[0]) !== null`, sel)
+}
+
 // waitSerial waits until #identities shows id with the current serial serial.
 func (p *page) waitSerial(id, serial string, timeout time.Duration) {
 	p.t.Helper()
-	p.waitFor(fmt.Sprintf("%s with serial %s in #identities", id, serial), timeout,
-		`document.querySelector(args[0]) !== null`, "#identities tr"+attr("data-id", id)+attr("data-serial", serial))
+	p.waitPresent(fmt.Sprintf("%s with serial %s in #identities", id, serial), timeout,
+		"#identities tr"+attr("data-id", id)+attr("data-serial", serial))
 }
 
 // text is the page's visible text, to show when a wait fails.
