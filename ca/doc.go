@@ -137,6 +137,18 @@
 // signed. Metrics: agentmesh_ca_audit_* (witnessmetrics.go); alert rules:
 // deploy/prometheus/alerts.yaml.
 //
+// # Status page
+//
+// Each registration may carry the proxy's own status (meshapi.ProxyStatus); the CA
+// validates and bounds it (fleetstatus.go), keeps the latest per host out of the
+// directory document, and accumulates a per-identity key timeline from successive
+// reports. GET /status/ renders the fleet, identities, key timeline, revocations,
+// rotation of the trust anchors and witness (statuspage.go, statuspagedoc.go, assets
+// in statuspage/ embedded); /status/api is the document its script polls. Only SVIDs
+// named by Config.AdminIDs open it on the HTTPS port (else 403, audit.StatusAccess,
+// agentmesh_ca_status_refused_total); Config.StatusListen serves it on loopback.
+// docs/status-page.md.
+//
 // Bootstrap tokens (Server.Token, RequestToken) and the SVID profile are
 // ca/authority's; step-ca's backdate is min(1m, lifetime/10). Token IDs are recorded as
 // used in the bbolt database (StateDir/db) by a hash, never in plain text.

@@ -33,6 +33,10 @@ const (
 	// newest); maxTimelineIdentities the identities (those reported least recently go).
 	maxTimelineKeys       = 16
 	maxTimelineIdentities = 4096
+	// maxStatusHosts bounds the hosts whose reports are kept between two views of the
+	// page (each view forgets the hosts gone from the directory); the least recently
+	// reported go first.
+	maxStatusHosts = 1 << 14
 )
 
 // errInvalidStatus marks a ProxyStatus out of bounds.
@@ -110,6 +114,7 @@ func encodableTime(t time.Time) bool { return t.IsZero() || (t.Year() >= 0 && t.
 type hostStatus struct {
 	status  *meshapi.ProxyStatus // validated; nil: none, or the last was invalid
 	invalid string               // why the last status was dropped ("" when it was not)
+	at      time.Time            // when it was reported
 }
 
 // stateSince is a key state and when the key entered it, as first reported.
@@ -164,12 +169,15 @@ func (f *fleetStatus) report(td spiffeid.TrustDomain, host spiffeid.ID, st *mesh
 			st = nil
 		}
 	}
-	hs := hostStatus{status: st}
+	hs := hostStatus{status: st, at: now}
 	if err != nil {
 		hs.invalid = err.Error()
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if _, known := f.hosts[host]; !known && len(f.hosts) >= maxStatusHosts {
+		delete(f.hosts, oldest(f.hosts, func(h hostStatus) time.Time { return h.at }))
+	}
 	f.hosts[host] = hs
 	if st != nil {
 		for _, is := range st.Identities {
@@ -187,7 +195,7 @@ func (f *fleetStatus) track(host spiffeid.ID, is meshapi.IdentityStatus, now tim
 	tl := f.ids[id]
 	if tl == nil {
 		if len(f.ids) >= maxTimelineIdentities {
-			f.evictOldest()
+			delete(f.ids, oldest(f.ids, func(tl *idTimeline) time.Time { return tl.updated }))
 		}
 		tl = &idTimeline{keys: map[uint64]*keyTrack{}}
 		f.ids[id] = tl
@@ -199,7 +207,11 @@ func (f *fleetStatus) track(host spiffeid.ID, is meshapi.IdentityStatus, now tim
 			kt = &keyTrack{}
 			tl.keys[k.Version] = kt
 		}
-		kt.serial, kt.notBefore, kt.notAfter = k.Serial, k.NotBefore.UTC(), k.NotAfter.UTC()
+		// The latest certificate of the key, but the pre-activation of its first.
+		kt.serial, kt.notAfter = k.Serial, k.NotAfter.UTC()
+		if kt.notBefore.IsZero() {
+			kt.notBefore = k.NotBefore.UTC()
+		}
 		if !slices.ContainsFunc(kt.states, func(s stateSince) bool { return s.state == audit.KeyPhase(k.State) }) {
 			kt.states = append(kt.states, stateSince{state: audit.KeyPhase(k.State), cause: k.Cause, since: k.Since.UTC()})
 		}
@@ -209,15 +221,17 @@ func (f *fleetStatus) track(host spiffeid.ID, is meshapi.IdentityStatus, now tim
 	}
 }
 
-func (f *fleetStatus) evictOldest() {
-	var oldest spiffeid.ID
-	var at time.Time
-	for id, tl := range f.ids {
-		if oldest.IsZero() || tl.updated.Before(at) {
-			oldest, at = id, tl.updated
+// oldest is the key of m whose value is the least recent by at. O(len(m)): called
+// only when a bound is reached.
+func oldest[V any](m map[spiffeid.ID]V, at func(V) time.Time) spiffeid.ID {
+	var id spiffeid.ID
+	var t time.Time
+	for k, v := range m {
+		if id.IsZero() || at(v).Before(t) {
+			id, t = k, at(v)
 		}
 	}
-	delete(f.ids, oldest)
+	return id
 }
 
 func mapKeys[K cmp.Ordered, V any](m map[K]V) []K {

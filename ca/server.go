@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -260,34 +261,13 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	s.resumeAnchorRotation(time.Now())
 
 	errLog := slog.NewLogLogger(s.log.Handler(), slog.LevelDebug)
-	apiSrv := &http.Server{
-		Handler:           s.apiHandler(),
-		ErrorLog:          errLog,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    64 << 10,
-	}
-	adminSrv := &http.Server{
-		Handler:           s.adminHandler(),
-		ConnContext:       withPeerCred,
-		ErrorLog:          errLog,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-	}
-
+	apiSrv := newHTTPServer(s.apiHandler(), errLog)
+	apiSrv.MaxHeaderBytes = 64 << 10
+	adminSrv := newHTTPServer(s.adminHandler(), errLog)
+	adminSrv.ConnContext, adminSrv.IdleTimeout = withPeerCred, 0
 	// The loopback status page; with no listener it is never started and its
 	// shutdown returns at once.
-	statusSrv := &http.Server{
-		Handler:           s.statusHandler(),
-		ErrorLog:          errLog,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		WriteTimeout:      30 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-	}
+	statusSrv := newHTTPServer(s.statusHandler(), errLog)
 
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return serveErr("https api", s.auth.Serve(apiSrv)) })
@@ -314,6 +294,18 @@ func (s *Server) Run(ctx context.Context) (err error) {
 	}
 	s.log.Info("ca stopped")
 	return nil
+}
+
+// newHTTPServer is a server of h with the CA's timeouts.
+func newHTTPServer(h http.Handler, errLog *log.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ErrorLog:          errLog,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+	}
 }
 
 func serveErr(what string, err error) error {

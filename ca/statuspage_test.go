@@ -218,3 +218,53 @@ func TestListenStatusLoopbackOnly(t *testing.T) {
 		_ = ln.Close()
 	}
 }
+
+// A rotation of the trust anchors and a witnessed host log, as the document and the
+// page show them.
+func TestStatusRotationAndWitness(t *testing.T) {
+	ca, _, _, _ := statusCA(t, nil)
+	if _, err := StartRotation(context.Background(), ca.cfg.StateDir,
+		meshapi.RotateRequest{Kind: meshapi.RotateIntermediate, Reason: "test"}); err != nil {
+		t.Fatal(err)
+	}
+	h := newWitnessHost(t, ca, "w1")
+	h.log.add(t, "a", 3)
+	h.log.sign(t)
+	h.accept(t, ca, h.log.request(t, 0))
+
+	doc := ca.statusDocument(time.Now())
+	if r := doc.Rotation; r.Phase != string(meshapi.PhaseDistribute) || r.Kind != string(meshapi.RotateIntermediate) ||
+		!slices.Equal(r.Missing, []string{"spiffe://mesh.test/host/a"}) || r.Started.IsZero() {
+		t.Errorf("rotation %+v", r)
+	}
+	if len(doc.Witness) != 1 || doc.Witness[0].Origin != h.log.origin || doc.Witness[0].Size != 3 ||
+		doc.Witness[0].State != string(witnessOK) {
+		t.Errorf("witness %+v", doc.Witness)
+	}
+	var page strings.Builder
+	if err := statusTemplate.Execute(&page, doc); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`id="rotation" data-phase="distribute"`, `data-origin="` + h.log.origin + `" data-state="ok"`,
+		`<li data-host="spiffe://mesh.test/host/a">`} {
+		if !strings.Contains(page.String(), want) {
+			t.Errorf("page lacks %s", want)
+		}
+	}
+}
+
+// What proxies report is text on the page, never markup.
+func TestStatusPageEscapes(t *testing.T) {
+	t.Parallel()
+	evil := `"><script>alert(1)</script>`
+	doc := statusDoc{Fleet: []fleetRow{{Host: "spiffe://mesh.test/host/a" + evil, Reported: true, NotReady: evil}},
+		Identities:  []identityRow{{SPIFFEID: "spiffe://mesh.test/x", State: evil, Error: evil}},
+		Revocations: []revocationRow{{SPIFFEID: "spiffe://mesh.test/x", Reason: evil}}}
+	var page strings.Builder
+	if err := statusTemplate.Execute(&page, doc); err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(page.String(), "<script>alert") || strings.Contains(page.String(), evil) {
+		t.Errorf("reported text rendered as markup:\n%s", page.String())
+	}
+}
