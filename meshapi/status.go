@@ -45,3 +45,11 @@ type KeyStatus struct {
 // MaxProxyStatusIdentities bounds the identities one heartbeat reports (the rest are
 // left out, and the page says so).
 const MaxProxyStatusIdentities = 256
+
+// Bounds of the fields of a ProxyStatus; texts are printable ASCII. The proxy cuts what
+// it reports to them: the CA drops a status beyond them whole.
+const (
+	MaxStatusVersion = 64  // ProxyStatus.Version
+	MaxStatusText    = 256 // ProxyStatus.NotReady, IdentityStatus.Error
+	MaxStatusKeys    = 16  // IdentityStatus.Keys: the first ones
+)

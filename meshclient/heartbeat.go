@@ -12,9 +12,10 @@ import (
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
-// kickDelay is how long a Kick waits before the heartbeat it asks for: the changes of
-// one event (a fleet rotation of every identity, a deny-list dropping several) then
-// share a heartbeat, and the CA's fleet view still shows them within a second.
+// kickDelay is the least time between two heartbeats, however often Kick is called: a
+// burst of changes (a fleet rotation of every identity, a deny-list dropping several)
+// costs the CA at most five registrations a second, and its fleet view still shows
+// each change within a second.
 const kickDelay = 200 * time.Millisecond
 
 // Heartbeat keeps this proxy registered in the CA's mesh directory: it registers at
@@ -46,10 +47,10 @@ func NewHeartbeat(cfg Config) (*Heartbeat, error) {
 	return &Heartbeat{cfg: cfg, conn: c, body: body, kick: make(chan struct{}, 1)}, nil
 }
 
-// Kick asks Run for a heartbeat within kickDelay instead of at the end of the interval,
-// so the CA sees a change of Config.Status (a rotation, a revocation) at once. Kicks
-// coalesce; a kick while a registration is being retried is served by that retry. It
-// never blocks and is safe for concurrent use.
+// Kick asks Run for a heartbeat now (or kickDelay after the last one) instead of at
+// the end of the interval, so the CA sees a change of Config.Status (a rotation, a
+// revocation) at once. Kicks coalesce; a kick while a registration is being retried is
+// served by that retry. It never blocks and is safe for concurrent use.
 func (h *Heartbeat) Kick() {
 	select {
 	case h.kick <- struct{}{}:
@@ -92,27 +93,11 @@ func (h *Heartbeat) Run(ctx context.Context) error {
 	}
 }
 
-// wait waits for the next heartbeat: the interval (minus up to a tenth of jitter) or
-// kickDelay after a Kick, whichever comes first. It reports false once ctx is done.
+// wait waits for the next heartbeat: the interval (minus up to a tenth of jitter), or
+// a Kick, but at least kickDelay after the last one. It reports false once ctx is done.
 func (h *Heartbeat) wait(ctx context.Context) bool {
-	t := time.NewTimer(jittered(h.cfg.Heartbeat, rand.Float64())) //nolint:gosec // G404: jitter spreads heartbeats out; nothing secret
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return false
-	case <-t.C:
-		return true
-	case <-h.kick:
-		if !pause(ctx, kickDelay, false) {
-			return false
-		}
-		// The heartbeat about to go reports what kicks during the delay asked for.
-		select {
-		case <-h.kick:
-		default:
-		}
-		return true
-	}
+	next := jittered(h.cfg.Heartbeat, rand.Float64()) //nolint:gosec // G404: jitter spreads heartbeats out; nothing secret
+	return pause(ctx, min(kickDelay, next), false) && pauseUntil(ctx, next-kickDelay, h.kick)
 }
 
 // Register sends one registration (a heartbeat) and returns the directory version

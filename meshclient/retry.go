@@ -58,12 +58,20 @@ func pause(ctx context.Context, d time.Duration, jitter bool) bool {
 	if jitter {
 		d = jittered(d, rand.Float64()) //nolint:gosec // G404: jitter spreads polls out; nothing secret
 	}
+	return pauseUntil(ctx, d, nil)
+}
+
+// pauseUntil waits for d, or for a receive on wake (nil: never), or until ctx is done;
+// it reports whether the wait ended otherwise than by ctx.
+func pauseUntil(ctx context.Context, d time.Duration, wake <-chan struct{}) bool {
 	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
 	case <-ctx.Done():
 		return false
 	case <-t.C:
+		return true
+	case <-wake:
 		return true
 	}
 }

@@ -8,11 +8,6 @@ import (
 	"github.com/agentmesh/agentmesh/rotator"
 )
 
-// maxStatusText bounds each free-text field of the status a heartbeat reports (why not
-// ready, an identity's last error): a join of every agent's error can grow without
-// bound, and the CA's fleet view shows a line, not a log.
-const maxStatusText = 1024
-
 // kicker asks the heartbeat to report this proxy's status at once.
 type kicker interface{ Kick() }
 
@@ -41,9 +36,9 @@ func (n *node) proxyStatus() *meshapi.ProxyStatus {
 // readiness (nil: ready) to what a heartbeat reports, keeping the first
 // meshapi.MaxProxyStatusIdentities identities.
 func newProxyStatus(version string, notReady error, ids []rotator.Status) *meshapi.ProxyStatus {
-	st := &meshapi.ProxyStatus{Version: version, Ready: notReady == nil}
+	st := &meshapi.ProxyStatus{Version: clip(version, meshapi.MaxStatusVersion), Ready: notReady == nil}
 	if notReady != nil {
-		st.NotReady = clip(notReady.Error())
+		st.NotReady = clip(notReady.Error(), meshapi.MaxStatusText)
 	}
 	ids = ids[:min(len(ids), meshapi.MaxProxyStatusIdentities)]
 	st.Identities = make([]meshapi.IdentityStatus, 0, len(ids))
@@ -53,33 +48,40 @@ func newProxyStatus(version string, notReady error, ids []rotator.Status) *mesha
 	return st
 }
 
-// identityStatus lists the keys of one identity in the order rotator.Status gives them:
-// the current one, those in overlap, then retired ones, newest first.
+// identityStatus lists the keys of one identity in the order rotator.Status gives them,
+// the first meshapi.MaxStatusKeys: the current one, those in overlap, then retired
+// ones, newest first.
 func identityStatus(s rotator.Status) meshapi.IdentityStatus {
-	out := meshapi.IdentityStatus{SPIFFEID: s.SPIFFEID, Ready: s.Ready, Error: clip(s.Error), RenewAt: s.RenewAt,
-		Keys: make([]meshapi.KeyStatus, 0, 1+len(s.Overlap)+len(s.Retired))}
+	var keys []rotator.CredentialStatus
 	if s.Current != nil {
-		out.Keys = append(out.Keys, keyStatus(*s.Current))
+		keys = append(keys, *s.Current)
 	}
-	for _, group := range [][]rotator.CredentialStatus{s.Overlap, s.Retired} {
-		for _, c := range group {
-			out.Keys = append(out.Keys, keyStatus(c))
-		}
+	keys = append(append(keys, s.Overlap...), s.Retired...)
+	keys = keys[:min(len(keys), meshapi.MaxStatusKeys)]
+	out := meshapi.IdentityStatus{SPIFFEID: s.SPIFFEID, Ready: s.Ready, Error: clip(s.Error, meshapi.MaxStatusText),
+		RenewAt: s.RenewAt, Keys: make([]meshapi.KeyStatus, 0, len(keys))}
+	for _, c := range keys {
+		out.Keys = append(out.Keys, meshapi.KeyStatus{Version: c.Version, Serial: c.Serial, State: string(c.State),
+			Cause: string(c.Cause), Since: c.Since, NotBefore: c.NotBefore, NotAfter: c.NotAfter})
 	}
 	return out
 }
 
-func keyStatus(c rotator.CredentialStatus) meshapi.KeyStatus {
-	return meshapi.KeyStatus{Version: c.Version, Serial: c.Serial, State: string(c.State), Cause: string(c.Cause),
-		Since: c.Since, NotBefore: c.NotBefore, NotAfter: c.NotAfter}
-}
-
-// clip cuts s to maxStatusText bytes, and a character cut in two with it.
-func clip(s string) string {
-	if len(s) > maxStatusText {
-		return strings.ToValidUTF8(s[:maxStatusText], "")
+// clip makes s printable ASCII of at most n bytes, as the CA keeps it: the lines of a
+// joined error become "; "-separated, other bytes outside printable ASCII "?".
+func clip(s string, n int) string {
+	var b strings.Builder
+	for i := 0; i < len(s) && b.Len() < n; i++ {
+		switch c := s[i]; {
+		case c == '\n':
+			b.WriteString("; ")
+		case c < 0x20 || c > 0x7e:
+			b.WriteByte('?')
+		default:
+			b.WriteByte(c)
+		}
 	}
-	return s
+	return b.String()[:min(b.Len(), n)]
 }
 
 // buildVersion names the build from its module information: the module's version (a

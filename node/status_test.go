@@ -8,7 +8,6 @@ import (
 	"testing"
 	"testing/synctest"
 	"time"
-	"unicode/utf8"
 
 	"github.com/agentmesh/agentmesh/audit"
 	"github.com/agentmesh/agentmesh/meshapi"
@@ -53,7 +52,7 @@ func TestProxyStatusAfterRotation(t *testing.T) {
 		}
 		for i, k := range host.Keys {
 			w := want[i]
-			if k.Version != w.Version || k.Serial != w.Serial || k.State != w.State || k.Cause != w.Cause ||
+			if k.Version != w.Version || k.Serial != w.Serial || !meshapi.CanonicalSerial(k.Serial) || k.State != w.State || k.Cause != w.Cause ||
 				!k.Since.Equal(time.Now()) || k.NotAfter.IsZero() || !k.NotBefore.Before(k.NotAfter) ||
 				(!w.NotAfter.IsZero() && (!k.NotBefore.Equal(w.NotBefore) || !k.NotAfter.Equal(w.NotAfter))) {
 				t.Errorf("key %d = %+v, want %+v since the rotation", i, k, w)
@@ -99,39 +98,46 @@ func TestProxyStatusAfterRevocation(t *testing.T) {
 	})
 }
 
-// TestNewProxyStatusBounds: at most meshapi.MaxProxyStatusIdentities identities, the
-// first ones, and free text clipped to whole characters.
+// TestNewProxyStatusBounds: what a heartbeat reports stays within the bounds the CA
+// keeps: the first meshapi.MaxProxyStatusIdentities identities, the first
+// meshapi.MaxStatusKeys keys of each, texts cut to printable ASCII.
 func TestNewProxyStatusBounds(t *testing.T) {
 	t.Parallel()
-	long := strings.Repeat("é", maxStatusText) // two bytes each: clipped in the middle of none
+	long := "a\nb" + strings.Repeat("é", meshapi.MaxStatusText)
+	retired := make([]rotator.CredentialStatus, meshapi.MaxStatusKeys)
+	for i := range retired {
+		retired[i] = rotator.CredentialStatus{Version: uint64(len(retired) - i), State: audit.PhaseDestroyed}
+	}
 	ids := make([]rotator.Status, meshapi.MaxProxyStatusIdentities+44)
 	for i := range ids {
-		ids[i] = rotator.Status{SPIFFEID: fmt.Sprintf("spiffe://example.org/agent/%d", i), Error: long}
+		ids[i] = rotator.Status{SPIFFEID: fmt.Sprintf("spiffe://example.org/agent/%d", i), Error: long,
+			Current: &rotator.CredentialStatus{Version: 99, State: audit.PhaseActive}, Retired: retired}
 	}
-	st := newProxyStatus("v1", errors.New(long), ids)
+	st := newProxyStatus(strings.Repeat("v", 100), errors.New(long), ids)
 	if len(st.Identities) != meshapi.MaxProxyStatusIdentities || st.Identities[0].SPIFFEID != ids[0].SPIFFEID {
 		t.Fatalf("%d identities starting with %s, want the first %d", len(st.Identities), st.Identities[0].SPIFFEID,
 			meshapi.MaxProxyStatusIdentities)
 	}
+	if keys := st.Identities[0].Keys; len(keys) != meshapi.MaxStatusKeys || keys[0].Version != 99 || keys[1].Version != uint64(len(retired)) {
+		t.Errorf("%d keys, the first %+v; want %d, the current one first", len(keys), keys[0], meshapi.MaxStatusKeys)
+	}
+	if len(st.Version) != meshapi.MaxStatusVersion {
+		t.Errorf("version of %d bytes, want %d", len(st.Version), meshapi.MaxStatusVersion)
+	}
 	for _, s := range []string{st.NotReady, st.Identities[0].Error} {
-		if len(s) > maxStatusText || len(s) < maxStatusText-1 || !utf8.ValidString(s) {
-			t.Errorf("text of %d bytes (valid UTF-8: %t), want clipped to %d", len(s), utf8.ValidString(s), maxStatusText)
+		if len(s) != meshapi.MaxStatusText || !meshapi.Printable(s) || !strings.HasPrefix(s, "a; b??") {
+			t.Errorf("text %q of %d bytes, want %d printable ASCII, its lines joined", s[:10], len(s), meshapi.MaxStatusText)
 		}
 	}
-	if st.Ready || st.Identities[0].Keys == nil {
-		t.Errorf("status = ready %t, keys %v; want not ready and an empty key list", st.Ready, st.Identities[0].Keys)
+	if st.Ready {
+		t.Error("status ready with an error")
 	}
 }
 
 func TestBuildVersion(t *testing.T) {
 	t.Parallel()
-	settings := func(kv ...string) []debug.BuildSetting {
-		var out []debug.BuildSetting
-		for i := 0; i < len(kv); i += 2 {
-			out = append(out, debug.BuildSetting{Key: kv[i], Value: kv[i+1]})
-		}
-		return out
-	}
+	rev := debug.BuildSetting{Key: "vcs.revision", Value: "0123456789abcdef0123"}
+	modified := func(m string) debug.BuildSetting { return debug.BuildSetting{Key: "vcs.modified", Value: m} }
 	for _, tc := range []struct {
 		name string
 		bi   *debug.BuildInfo
@@ -142,9 +148,9 @@ func TestBuildVersion(t *testing.T) {
 		{name: "tagged", bi: &debug.BuildInfo{Main: debug.Module{Version: "v1.4.0"}}, ok: true, want: "v1.4.0"},
 		{name: "checkout", ok: true, want: "(devel) 0123456789ab",
 			bi: &debug.BuildInfo{Main: debug.Module{Version: "(devel)"},
-				Settings: settings("GOOS", "linux", "vcs.revision", "0123456789abcdef0123", "vcs.modified", "false")}},
+				Settings: []debug.BuildSetting{{Key: "GOOS", Value: "linux"}, rev, modified("false")}}},
 		{name: "dirty checkout", ok: true, want: "(devel) 0123456789ab+dirty",
-			bi: &debug.BuildInfo{Settings: settings("vcs.revision", "0123456789abcdef0123", "vcs.modified", "true")}},
+			bi: &debug.BuildInfo{Settings: []debug.BuildSetting{rev, modified("true")}}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
