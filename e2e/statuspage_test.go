@@ -72,7 +72,7 @@ func startStatusMesh(t *testing.T) *statusMesh {
 		agent:      "spiffe://" + trustDomain + "/agent/planner",
 		statusAddr: fmt.Sprintf("127.0.0.1:%d", freePort(t)),
 		metrics:    fmt.Sprintf("127.0.0.1:%d", freePort(t)),
-		adminID:    "spiffe://" + trustDomain + "/operator/alice",
+		adminID:    "spiffe://" + trustDomain + "/admin/alice",
 	}
 	m.authority = startCAOn(t, host{}, fmt.Sprintf("127.0.0.1:%d", freePort(t)), 10*time.Minute,
 		"--status-listen", m.statusAddr, "--admin-id", m.adminID, "--metrics", m.metrics,
