@@ -25,10 +25,11 @@ import (
 // and count is bounded before it is kept, and a status out of bounds is dropped whole
 // (the registration stands; the page says why).
 const (
-	maxStatusVersion = 64
-	maxStatusText    = 256 // NotReady, an identity's Error
-	maxStatusCause   = 64
-	maxStatusKeys    = 16 // keys of one identity in one report
+	maxStatusVersion = meshapi.MaxStatusVersion
+	maxStatusText    = meshapi.MaxStatusText // NotReady, an identity's Error
+	maxStatusKeys    = meshapi.MaxStatusKeys // keys of one identity in one report
+	// maxStatusCause bounds a key's Cause (rotator.Cause: a trigger or a short word).
+	maxStatusCause = 64
 	// maxTimelineKeys bounds the key versions the timeline keeps per identity (the
 	// newest); maxTimelineIdentities the identities (those reported least recently go).
 	maxTimelineKeys       = 16

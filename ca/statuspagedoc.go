@@ -43,10 +43,13 @@ type fleetRow struct {
 	Version       string    `json:"version,omitempty"`
 	BundleVersion string    `json:"bundle_version,omitempty"`
 	// Reported: the proxy sent a valid status; Ready and NotReady are its /readyz.
-	Reported   bool     `json:"reported"`
-	Ready      bool     `json:"ready"`
-	NotReady   string   `json:"not_ready,omitempty"`
-	Invalid    string   `json:"invalid,omitempty"` // why its last status was dropped
+	Reported bool   `json:"reported"`
+	Ready    bool   `json:"ready"`
+	NotReady string `json:"not_ready,omitempty"`
+	Invalid  string `json:"invalid,omitempty"` // why its last status was dropped
+	// Truncated: the proxy reported as many identities as it may
+	// (meshapi.MaxProxyStatusIdentities), so it may hold more than the page shows.
+	Truncated  bool     `json:"truncated,omitempty"`
 	Addresses  []string `json:"addresses"`
 	TunnelPort uint16   `json:"tunnel_port"`
 	Transports []string `json:"transports"`
@@ -141,6 +144,7 @@ func fleetRowOf(p meshapi.DirectoryEntry, hs hostStatus) fleetRow {
 	}
 	if st := hs.status; st != nil {
 		row.Reported, row.Version, row.Ready, row.NotReady = true, st.Version, st.Ready, st.NotReady
+		row.Truncated = len(st.Identities) >= meshapi.MaxProxyStatusIdentities
 	}
 	return row
 }

@@ -30,7 +30,8 @@
   }
 
   function readiness(p) {
-    if (p.reported) return p.ready ? "ready" : "not ready: " + (p.not_ready || "");
+    const cut = p.truncated ? " · identities cut at the limit" : "";
+    if (p.reported) return (p.ready ? "ready" : "not ready: " + (p.not_ready || "")) + cut;
     return p.invalid ? "status refused: " + p.invalid : "not reported";
   }
 
