@@ -140,10 +140,12 @@ func (m *statusMesh) checkRotation(t *testing.T, p *page, px *meshProxy) {
 }
 
 // checkRevocation revokes the agent's identity: its row shows in #revocations within
-// 2 s of the command, naming who and why, in place (no reload, a new generation).
+// 2 s of the command's return, naming who and why, in place (no reload, a new
+// generation).
 func (m *statusMesh) checkRevocation(t *testing.T, p *page) {
 	t.Helper()
 	generation := evaluate[string](p, "the page's generation", `document.body.dataset.generation || ""`)
+	start := time.Now()
 	if _, errOut, err := runCmd(t.Context(), "revoke", "--state", m.authority.state, m.agent, "--reason", "e2e status page"); err != nil {
 		t.Fatalf("agentmesh revoke: %v\n%s", err, errOut)
 	}
@@ -151,7 +153,10 @@ func (m *statusMesh) checkRevocation(t *testing.T, p *page) {
 	row := "#revocations tr" + attr("data-id", m.agent)
 	p.do("the revocation of "+m.agent+" in #revocations", 2*time.Second,
 		chromedp.WaitVisible(chromedp.CSS(row), chromedp.RetryInterval(50*time.Millisecond)))
-	fmt.Printf("status_page_revocation_shown_ms=%d\n", time.Since(revoked).Milliseconds())
+	// The CA has the revocation before the command returns, so the page may show it
+	// sooner: both times are printed.
+	fmt.Printf("status_page_revocation_command_ms=%d shown_after_return_ms=%d\n",
+		revoked.Sub(start).Milliseconds(), time.Since(revoked).Milliseconds())
 	if !evaluate[bool](p, "the window's mark", `window.agentmeshLoaded === true`) {
 		t.Error("the page reloaded to show the revocation")
 	}
