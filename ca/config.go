@@ -213,6 +213,12 @@ func (c Config) validate() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return fmt.Errorf("%w: Listen %q: %w", ErrInvalidConfig, c.Listen, err)
 	}
+	// Before New creates anything: a page meant for loopback never serves elsewhere.
+	if c.StatusListen != "" {
+		if err := checkLoopback(c.StatusListen); err != nil {
+			return err
+		}
+	}
 	for _, id := range c.AdminIDs {
 		if !id.MemberOf(c.TrustDomain) {
 			return fmt.Errorf("%w: AdminIDs: %s is not in trust domain %s", ErrInvalidConfig, id, c.TrustDomain.Name())

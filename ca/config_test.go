@@ -33,6 +33,13 @@ func TestConfigValidate(t *testing.T) {
 		{"renew window below the lifetime", func(c *Config) { c.RotationRenewWindow = 59 * time.Minute }, true},
 		{"renew window at the lifetime", func(c *Config) { c.RotationRenewWindow = time.Hour }, false},
 		{"negative renew window", func(c *Config) { c.RotationRenewWindow = -time.Second }, false},
+		{"status on loopback", func(c *Config) { c.StatusListen = "127.0.0.1:9444" }, true},
+		{"status on every interface", func(c *Config) { c.StatusListen = ":9444" }, false},
+		{"status on a public address", func(c *Config) { c.StatusListen = "192.0.2.1:9444" }, false},
+		{"admin of the trust domain", func(c *Config) { c.AdminIDs = []spiffeid.ID{spiffeid.RequireFromPath(testTD, "/admin/a")} }, true},
+		{"admin of another trust domain", func(c *Config) {
+			c.AdminIDs = []spiffeid.ID{spiffeid.RequireFromString("spiffe://other.test/admin/a")}
+		}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()

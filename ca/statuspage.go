@@ -171,15 +171,24 @@ func (s *Server) refuseStatus(w http.ResponseWriter, r *http.Request, reason sta
 	})).ServeHTTP(w, r)
 }
 
+// checkLoopback refuses a StatusListen that does not name a loopback address
+// ("localhost", or a loopback IP). Pure.
+func checkLoopback(addr string) error {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%w: StatusListen %q: %w", ErrInvalidConfig, addr, err)
+	}
+	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+		return fmt.Errorf("%w: StatusListen %q is not a loopback address", ErrInvalidConfig, addr)
+	}
+	return nil
+}
+
 // listenStatus binds Config.StatusListen, which must be a loopback address: the page
 // is served there without authentication, to whoever is on the CA's host.
 func listenStatus(addr string) (net.Listener, error) {
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("%w: StatusListen %q: %w", ErrInvalidConfig, addr, err)
-	}
-	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-		return nil, fmt.Errorf("%w: StatusListen %q is not a loopback address", ErrInvalidConfig, addr)
+	if err := checkLoopback(addr); err != nil {
+		return nil, err
 	}
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {

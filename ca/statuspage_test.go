@@ -18,19 +18,6 @@ import (
 	"github.com/agentmesh/agentmesh/meshapi"
 )
 
-// statusAccesses are the status_access records rec holds.
-func (r *auditRecorder) statusAccesses() []audit.StatusAccess {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	var out []audit.StatusAccess
-	for _, e := range r.events {
-		if sa, ok := e.(audit.StatusAccess); ok {
-			out = append(out, sa)
-		}
-	}
-	return out
-}
-
 // statusCA starts an audited CA whose admin is /admin/ops, on a loopback status
 // listener too, with host /host/a registered and reporting status.
 func statusCA(t *testing.T, status *meshapi.ProxyStatus) (*runningCA, *auditRecorder, *prometheus.Registry, *http.Client) {
@@ -77,13 +64,13 @@ func TestStatusPageAccess(t *testing.T) {
 		{"no certificate", anon, "/status/static/status.js", audit.InitiatorUnauthenticated, refusedNoCertificate},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			before := len(rec.statusAccesses())
+			before := len(eventsOf[audit.StatusAccess](rec))
 			n := metrictest.Value(t, reg, metricStatusRefused, labelReason, string(tc.reason))
 			code, _ := do(t, tc.hc, http.MethodGet, ca.URL()+tc.path, nil)
 			if code != http.StatusForbidden {
 				t.Fatalf("GET %s = %d, want 403", tc.path, code)
 			}
-			recs := rec.statusAccesses()
+			recs := eventsOf[audit.StatusAccess](rec)
 			if len(recs) != before+1 {
 				t.Fatalf("%d status_access records, want %d", len(recs), before+1)
 			}
@@ -127,7 +114,7 @@ func TestStatusPageAccess(t *testing.T) {
 	if strings.Contains(string(page), "<script>") {
 		t.Error("page has an inline script")
 	}
-	if n := len(rec.statusAccesses()); n != 3 {
+	if n := len(eventsOf[audit.StatusAccess](rec)); n != 3 {
 		t.Errorf("%d status_access records after the admin's request, want 3", n)
 	}
 }
