@@ -20,6 +20,7 @@ have systemd-analyze || need+=(systemd)   # verifies deploy/systemd in the tests
 # The SIEM test's receiver: rsyslogd with its TLS stream driver (lmnsd_gtls).
 have rsyslogd || need+=(rsyslog)
 ls /usr/lib/*/rsyslog/lmnsd_gtls.so >/dev/null 2>&1 || need+=(rsyslog-gnutls)
+have chromium || need+=(chromium)   # the status page's browser test (chromedp)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "deps: all present"
