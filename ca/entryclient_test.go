@@ -77,6 +77,11 @@ func TestDirectoryEntries(t *testing.T) {
 	if got := dB.Watch.State().Entries(); !slices.Equal(got, want) {
 		t.Errorf("Entries = %+v", got)
 	}
+	// Agents by address need their host's entry too, and b's own registration may reach
+	// the directory after the entries did.
+	waitUntil(t, dB, "host b's own entry in the directory", func() bool {
+		return dB.Watch.State().AgentsAt(netip.MustParseAddr("10.0.9.2")) != nil
+	})
 	for _, tc := range []struct {
 		addr string
 		want map[uint16]spiffeid.ID
